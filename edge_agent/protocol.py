@@ -1,0 +1,511 @@
+"""The shopfleet wire protocol: every MQTT topic and message between shops and the controller.
+
+This is the one module the controller imports from the agent side (an import-linter contract
+enforces it), so the two can never disagree about a topic or a field. It is shaped by three
+decisions of ARCHITECTURE.md:
+
+* **Broker-agnostic.** Everything a message needs (schema version, correlation id, expiry,
+  sender identity, sequence number) lives in the JSON payload, so the protocol works on any
+  MQTT 3.1.1 broker; MQTT 5 properties are an optimisation, never a requirement.
+* **Nothing lost, nothing doubled.** Every uplink message that goes through the agent's outbox
+  carries the node's ``epoch`` (a random id fixed when the outbox database is created) and a
+  ``seq`` that increases by one per message within that epoch. The controller dedupes on
+  ``(shop, node, epoch, seq)`` and counts gaps.
+* **Honest presence.** Birth and Last Will carry a ``session`` number that increases with every
+  connection of a node, so a late Will of an older session never marks a newer session offline.
+
+Parsing is strict (``extra="forbid"``) and total: :func:`parse_message` either returns a typed,
+frozen message or raises :class:`ProtocolError` whose ``reason`` is a short, stable code that
+callers use as a Prometheus label.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import time
+import uuid
+from enum import StrEnum
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+
+SCHEMA_VERSION = 1
+"""Version of every payload defined here. A receiver refuses versions it does not know."""
+
+TOPIC_ROOT = "fleet/v1"
+CONTROLLER_SEGMENT = "_controller"
+"""Reserved second segment for the controller's own topics (shop ids cannot start with ``_``)."""
+
+MAX_PAYLOAD_BYTES = 256 * 1024
+"""Largest payload either side accepts. Big enough for a rendered desired state of a shop
+(a few dozen Kubernetes objects); small enough that a runaway sender cannot exhaust memory."""
+
+ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
+"""Shop and node ids: DNS-label shaped, so they are valid as MQTT topic levels, Kubernetes label
+values and usernames at the same time."""
+
+_ID_RE = re.compile(ID_PATTERN)
+
+
+class ProtocolError(ValueError):
+    """A payload or topic that does not follow the protocol.
+
+    ``reason`` is one of :data:`REJECT_REASONS` and is safe to use as a metric label;
+    ``detail`` says what exactly was wrong, for the log line.
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+REJECT_REASONS = (
+    "too_large",  # payload above MAX_PAYLOAD_BYTES
+    "bad_json",  # not UTF-8 JSON, or not a JSON object
+    "bad_topic",  # topic outside the fleet/v1 tree or with an invalid shop/node id
+    "version",  # schema version this side does not understand
+    "schema",  # fields missing, of the wrong type, or unexpected
+    "kind_mismatch",  # message kind not allowed on this topic
+    "identity_mismatch",  # shop/node in the payload differ from the topic
+)
+
+
+def validate_id(value: str, what: str = "id") -> str:
+    """Return ``value`` if it is a valid shop or node id, else raise ``ValueError`` naming the fix."""
+    if not isinstance(value, str) or not _ID_RE.match(value):
+        raise ValueError(
+            f"invalid {what} {value!r}: use 1-63 characters of lowercase letters, digits and '-', "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+ShopId = Annotated[str, Field(pattern=ID_PATTERN, description="Shop id (DNS label).")]
+NodeId = Annotated[str, Field(pattern=ID_PATTERN, description="Node id (DNS label), unique in its shop.")]
+
+
+# --------------------------------------------------------------------------------------------
+# Topics
+# --------------------------------------------------------------------------------------------
+
+
+class Channel(StrEnum):
+    """Per-node topic leaves, ``fleet/v1/{shop}/{node}/{channel}``."""
+
+    PRESENCE = "presence"  # node -> controller, retained: birth and Last Will
+    TELEMETRY = "telemetry"  # node -> controller: heartbeats, readings
+    EVENTS = "events"  # node -> controller: shop events and node alerts
+    COMMANDS = "commands"  # controller -> node: commands with correlation id and expiry
+    REPLIES = "replies"  # node -> controller: command results
+
+
+class Topics:
+    """Build and parse every topic of the protocol. All functions validate the ids they get."""
+
+    root = TOPIC_ROOT
+
+    @staticmethod
+    def node(shop: str, node: str, channel: Channel | str) -> str:
+        """Return ``fleet/v1/{shop}/{node}/{channel}``."""
+        return f"{TOPIC_ROOT}/{validate_id(shop, 'shop id')}/{validate_id(node, 'node id')}/{Channel(channel).value}"
+
+    @staticmethod
+    def desired(shop: str) -> str:
+        """Return the retained desired-state topic of a shop (controller -> shop)."""
+        return f"{TOPIC_ROOT}/{validate_id(shop, 'shop id')}/state/desired"
+
+    @staticmethod
+    def reported(shop: str) -> str:
+        """Return the retained reported-state topic of a shop (shop -> controller)."""
+        return f"{TOPIC_ROOT}/{validate_id(shop, 'shop id')}/state/reported"
+
+    controller_presence = f"{TOPIC_ROOT}/{CONTROLLER_SEGMENT}/presence"
+    """Retained presence of the controller (online/offline with its instance id)."""
+    controller_clock = f"{TOPIC_ROOT}/{CONTROLLER_SEGMENT}/clock"
+    """Periodic clock beacon; agents estimate their clock offset from it."""
+
+    # Subscriptions the controller needs (everything nodes and shops send).
+    controller_subscriptions = (
+        f"{TOPIC_ROOT}/+/+/{Channel.PRESENCE.value}",
+        f"{TOPIC_ROOT}/+/+/{Channel.TELEMETRY.value}",
+        f"{TOPIC_ROOT}/+/+/{Channel.EVENTS.value}",
+        f"{TOPIC_ROOT}/+/+/{Channel.REPLIES.value}",
+        f"{TOPIC_ROOT}/+/state/reported",
+    )
+
+    @staticmethod
+    def agent_subscriptions(shop: str, node: str) -> tuple[str, ...]:
+        """Topics an agent subscribes to: its commands, its shop's desired state, the controller clock."""
+        return (
+            Topics.node(shop, node, Channel.COMMANDS),
+            Topics.desired(shop),
+            Topics.controller_presence,
+            Topics.controller_clock,
+        )
+
+
+class TopicInfo(BaseModel):
+    """What a topic says about its sender: shop, node (``None`` for shop-wide) and leaf."""
+
+    model_config = ConfigDict(frozen=True)
+    shop: str | None
+    node: str | None
+    leaf: str  # a Channel value, "state/desired", "state/reported", or a controller leaf
+
+
+def parse_topic(topic: str) -> TopicInfo:
+    """Split a topic of the fleet/v1 tree into shop, node and leaf, or raise ``ProtocolError``."""
+    parts = topic.split("/")
+    if len(parts) < 4 or parts[0] != "fleet" or parts[1] != "v1":
+        raise ProtocolError("bad_topic", f"{topic!r} is not under {TOPIC_ROOT}/")
+    if parts[2] == CONTROLLER_SEGMENT:
+        if len(parts) == 4 and parts[3] in ("presence", "clock"):
+            return TopicInfo(shop=None, node=None, leaf=f"controller/{parts[3]}")
+        raise ProtocolError("bad_topic", f"unknown controller topic {topic!r}")
+    shop = parts[2]
+    if not _ID_RE.match(shop):
+        raise ProtocolError("bad_topic", f"invalid shop id {shop!r} in topic {topic!r}")
+    if len(parts) == 5 and parts[3] == "state" and parts[4] in ("desired", "reported"):
+        return TopicInfo(shop=shop, node=None, leaf=f"state/{parts[4]}")
+    if len(parts) == 5:
+        node, leaf = parts[3], parts[4]
+        if not _ID_RE.match(node):
+            raise ProtocolError("bad_topic", f"invalid node id {node!r} in topic {topic!r}")
+        if leaf in Channel._value2member_map_:
+            return TopicInfo(shop=shop, node=node, leaf=leaf)
+    raise ProtocolError("bad_topic", f"unknown topic {topic!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Messages
+# --------------------------------------------------------------------------------------------
+
+
+class _Msg(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    v: Literal[1] = Field(SCHEMA_VERSION, description="Schema version of the payload.")
+    ts: float = Field(default_factory=time.time, description="Sender's clock, Unix seconds.")
+
+
+class Uplink(_Msg):
+    """Fields every message sent through a node's outbox carries."""
+
+    shop: ShopId
+    node: NodeId
+    epoch: str = Field(
+        min_length=1,
+        max_length=64,
+        description="Random id of the node's outbox database; a new epoch restarts seq at 1.",
+    )
+    seq: int = Field(ge=1, description="Per-node sequence number, +1 per message within an epoch.")
+
+
+class Presence(_Msg):
+    """Birth (``online``) and Last Will (``offline``) of a node; retained."""
+
+    kind: Literal["presence"] = "presence"
+    shop: ShopId
+    node: NodeId
+    state: Literal["online", "offline"]
+    session: int = Field(ge=1, description="Increases with every connection of the node.")
+    agent_version: str = ""
+    reason: str = Field("", max_length=200, description="Why offline: 'will', 'shutdown', ...")
+
+
+class PipelineHealth(BaseModel):
+    """Health of one local pipeline (a camera, a sensor board) as the agent supervises it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: str = Field(max_length=32, description="'vision', 'hardware', ...")
+    state: Literal["starting", "running", "backoff", "failed", "stopped"]
+    restarts: int = Field(0, ge=0)
+    fps: float | None = Field(None, ge=0)
+    latency_ms: float | None = Field(None, ge=0)
+    dropped_frames: int | None = Field(None, ge=0)
+    last_frame_age_s: float | None = Field(None, ge=0)
+    errors: int = Field(0, ge=0, description="Errors since the pipeline started.")
+    detail: str = Field("", max_length=500)
+
+
+class NodeFacts(BaseModel):
+    """Facts about a node that the controller keeps as its latest known state."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    hostname: str = Field("", max_length=255)
+    arch: str = Field(max_length=32, description="'amd64', 'arm64', ... (Go/Kubernetes naming).")
+    os: str = Field("", max_length=200)
+    kernel: str = Field("", max_length=200)
+    node_class: str = Field("", max_length=64, description="'pi', 'gpu', ... as configured.")
+    cpu_count: int = Field(ge=1)
+    cpu_load_1m: float = Field(ge=0)
+    cpu_percent: float | None = Field(None, ge=0)
+    mem_total_bytes: int = Field(ge=0)
+    mem_available_bytes: int = Field(ge=0)
+    disk_total_bytes: int = Field(ge=0)
+    disk_free_bytes: int = Field(ge=0)
+    cpu_temp_c: float | None = None
+    onnx_providers: tuple[str, ...] = ()
+    gpu: str | None = Field(None, max_length=200)
+    clock_offset_s: float | None = Field(
+        None, description="Controller clock minus node clock, estimated from the clock beacon."
+    )
+    uptime_s: float = Field(0, ge=0)
+    agent_version: str = Field("", max_length=64)
+
+
+class Heartbeat(Uplink):
+    """Periodic node health: facts, pipelines, outbox depth and any numeric metric for gates."""
+
+    kind: Literal["heartbeat"] = "heartbeat"
+    interval_s: float = Field(gt=0, description="Seconds until the next heartbeat is due.")
+    facts: NodeFacts
+    pipelines: dict[str, PipelineHealth] = Field(default_factory=dict)
+    metrics: dict[str, float] = Field(
+        default_factory=dict, description="Numeric health metrics (e.g. cart_review_rate) for gates."
+    )
+    outbox_depth: int = Field(0, ge=0)
+    release: str | None = Field(None, max_length=128, description="Release the node runs.")
+
+
+class Reading(BaseModel):
+    """One sampled value: a shelf weight, a fridge temperature, occupancy..."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field(max_length=64, description="'shelf_weight_g', 'temperature_c', 'occupancy', ...")
+    value: float
+    unit: str = Field("", max_length=16)
+    source: str = Field("", max_length=128, description="Board/channel or camera it came from.")
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class Telemetry(Uplink):
+    """Downsampled readings of a node's pipelines."""
+
+    kind: Literal["telemetry"] = "telemetry"
+    readings: tuple[Reading, ...] = Field(min_length=1, max_length=1000)
+
+
+class Event(Uplink):
+    """Something that happened in the shop: a pick, a door opening, a shopper entering..."""
+
+    kind: Literal["event"] = "event"
+    type: str = Field(max_length=64, description="'shelf_change', 'door_opened', 'person_entered', ...")
+    source: str = Field("", max_length=128, description="Pipeline, camera or board that saw it.")
+    at: float | None = Field(None, description="When it happened (node clock), if not ts.")
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class Alert(Uplink):
+    """A condition a node raised itself (fridge warm, camera dark); cleared by ``state='resolved'``."""
+
+    kind: Literal["alert"] = "alert"
+    name: str = Field(max_length=64)
+    state: Literal["firing", "resolved"] = "firing"
+    severity: Literal["info", "warning", "critical"] = "warning"
+    source: str = Field("", max_length=128)
+    message: str = Field("", max_length=1000)
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class CommandResult(Uplink):
+    """A node's answer to a :class:`Command`, matched by ``correlation_id``."""
+
+    kind: Literal["command_result"] = "command_result"
+    correlation_id: str = Field(min_length=1, max_length=64)
+    ok: bool
+    result: dict[str, Any] = Field(default_factory=dict)
+    error: str = Field("", max_length=2000)
+
+
+class ObjectStatus(BaseModel):
+    """Apply status of one Kubernetes object of a desired state."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    api_version: str
+    kind: str
+    namespace: str | None = None
+    name: str
+    status: Literal["applied", "ready", "pending", "failed", "pruned"]
+    message: str = Field("", max_length=1000)
+
+
+class ReportedState(Uplink):
+    """What a shop runs: the revision it applied (or refused) and per-object status. Retained."""
+
+    kind: Literal["reported_state"] = "reported_state"
+    release: str | None = None
+    revision: int = Field(ge=0, description="Revision of the desired state this report is about.")
+    status: Literal["applying", "applied", "failed", "refused"]
+    error: str = Field("", max_length=2000)
+    objects: tuple[ObjectStatus, ...] = ()
+
+
+UplinkMessage = Annotated[
+    Union[Heartbeat, Telemetry, Event, Alert, CommandResult, ReportedState],
+    Field(discriminator="kind"),
+]
+
+# ----- controller -> node / shop ------------------------------------------------------------
+
+
+class Command(_Msg):
+    """A request to one node. ``expires_at`` is in the payload so any 3.1.1 broker works."""
+
+    kind: Literal["command"] = "command"
+    correlation_id: str = Field(default_factory=lambda: uuid.uuid4().hex, min_length=1, max_length=64)
+    name: str = Field(max_length=64, description="'ping', 'restart_pipeline', 'tare', ...")
+    args: dict[str, Any] = Field(default_factory=dict)
+    expires_at: float = Field(description="Unix seconds after which the node must ignore it.")
+
+    def expired(self, now: float | None = None) -> bool:
+        """Return whether the command is past its expiry."""
+        return (time.time() if now is None else now) > self.expires_at
+
+
+class Signature(BaseModel):
+    """Detached ed25519 signature over :func:`canonical_bytes` of the rest of the message."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    alg: Literal["ed25519"] = "ed25519"
+    key_id: str = Field(max_length=64, description="Fingerprint of the signing key.")
+    sig: str = Field(description="Base64 signature.")
+
+
+class DesiredState(_Msg):
+    """What a shop should run; retained per shop, signed by the controller."""
+
+    kind: Literal["desired_state"] = "desired_state"
+    shop: ShopId
+    release: str = Field(max_length=128)
+    revision: int = Field(ge=1, description="Increases with every new desired state of the shop.")
+    objects: tuple[dict[str, Any], ...] = Field(description="Rendered Kubernetes objects.")
+    model: dict[str, Any] | None = Field(None, description="Model package reference (name, sha256).")
+    signature: Signature | None = None
+
+    def signing_bytes(self) -> bytes:
+        """Return the canonical bytes the signature covers (everything but the signature)."""
+        return canonical_bytes(self.model_dump(mode="json", exclude={"signature"}))
+
+
+class ControllerPresence(_Msg):
+    """Retained presence of the controller; agents show whether it is reachable."""
+
+    kind: Literal["controller_presence"] = "controller_presence"
+    state: Literal["online", "offline"]
+    instance: str = Field(max_length=64)
+
+
+class ClockBeacon(_Msg):
+    """Controller time, published every few seconds; ``ts`` is the controller's clock."""
+
+    kind: Literal["clock"] = "clock"
+    instance: str = Field(max_length=64)
+
+
+# --------------------------------------------------------------------------------------------
+# Encoding and parsing
+# --------------------------------------------------------------------------------------------
+
+
+def canonical_bytes(obj: Any) -> bytes:
+    """Return a deterministic JSON encoding (sorted keys, no spaces) for signing and hashing."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def encode(msg: BaseModel) -> bytes:
+    """Serialise a message to its JSON payload, refusing one larger than MAX_PAYLOAD_BYTES."""
+    data = msg.model_dump_json(exclude_none=False).encode()
+    if len(data) > MAX_PAYLOAD_BYTES:
+        raise ProtocolError("too_large", f"{type(msg).__name__} is {len(data)} bytes > {MAX_PAYLOAD_BYTES}")
+    return data
+
+
+_UPLINK = TypeAdapter(UplinkMessage)
+_LEAF_KINDS: dict[str, tuple[str, ...]] = {
+    Channel.TELEMETRY.value: ("heartbeat", "telemetry"),
+    Channel.EVENTS.value: ("event", "alert"),
+    Channel.REPLIES.value: ("command_result",),
+    "state/reported": ("reported_state",),
+}
+
+
+def _load_json(payload: bytes) -> dict[str, Any]:
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise ProtocolError("too_large", f"payload is {len(payload)} bytes > {MAX_PAYLOAD_BYTES}")
+    try:
+        data = json.loads(payload)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError("bad_json", f"payload is not UTF-8 JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ProtocolError("bad_json", f"payload is JSON {type(data).__name__}, expected an object")
+    v = data.get("v")
+    if v != SCHEMA_VERSION:
+        raise ProtocolError("version", f"schema version {v!r} is not supported (this side speaks {SCHEMA_VERSION})")
+    return data
+
+
+def _validation_detail(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:3]:
+        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+        parts.append(f"{loc}: {err['msg']}")
+    more = f" (+{exc.error_count() - 3} more)" if exc.error_count() > 3 else ""
+    return "; ".join(parts) + more
+
+
+def parse_message(topic: str, payload: bytes) -> Presence | Heartbeat | Telemetry | Event | Alert | CommandResult | ReportedState:
+    """Parse an uplink (node -> controller) message and check it against its topic.
+
+    Raises ``ProtocolError`` with one of :data:`REJECT_REASONS`; never any other exception.
+    """
+    info = parse_topic(topic)
+    if info.leaf in ("state/desired", "controller/presence", "controller/clock", Channel.COMMANDS.value):
+        raise ProtocolError("kind_mismatch", f"{topic!r} is a downlink topic")
+    data = _load_json(payload)
+    try:
+        if info.leaf == Channel.PRESENCE.value:
+            msg: Any = Presence.model_validate(data)
+        else:
+            msg = _UPLINK.validate_python(data)
+    except ValidationError as exc:
+        raise ProtocolError("schema", _validation_detail(exc)) from None
+    if info.leaf != Channel.PRESENCE.value and msg.kind not in _LEAF_KINDS[info.leaf]:
+        raise ProtocolError("kind_mismatch", f"a {msg.kind!r} message cannot be sent on {topic!r}")
+    if msg.shop != info.shop or (info.node is not None and msg.node != info.node):
+        raise ProtocolError(
+            "identity_mismatch",
+            f"payload says {msg.shop}/{msg.node} but topic {topic!r} belongs to {info.shop}/{info.node}",
+        )
+    return msg
+
+
+_DOWNLINK: dict[str, type[_Msg]] = {
+    Channel.COMMANDS.value: Command,
+    "state/desired": DesiredState,
+    "controller/presence": ControllerPresence,
+    "controller/clock": ClockBeacon,
+}
+
+
+def parse_downlink(topic: str, payload: bytes) -> Command | DesiredState | ControllerPresence | ClockBeacon:
+    """Parse a controller -> node message; raises ``ProtocolError`` like :func:`parse_message`."""
+    info = parse_topic(topic)
+    model = _DOWNLINK.get(info.leaf)
+    if model is None:
+        raise ProtocolError("kind_mismatch", f"{topic!r} is an uplink topic")
+    data = _load_json(payload)
+    try:
+        msg = model.model_validate(data)
+    except ValidationError as exc:
+        raise ProtocolError("schema", _validation_detail(exc)) from None
+    if isinstance(msg, DesiredState) and msg.shop != info.shop:
+        raise ProtocolError("identity_mismatch", f"desired state for {msg.shop!r} on {topic!r}")
+    return msg  # type: ignore[return-value]
+
+
+def b64(data: bytes) -> str:
+    """Return standard base64 text of ``data`` (signatures, keys)."""
+    return base64.b64encode(data).decode()

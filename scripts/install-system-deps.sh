@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Install the Debian packages the test suite and the demo use, if they are missing.
+# Runs as root (CI, containers) or through sudo when available; otherwise prints what to install.
+set -euo pipefail
+PKGS=(
+  mosquitto                      # MQTT broker the tests start on free ports
+  chromium chromium-driver       # dashboard tests in headless Chromium (never a browser download)
+  gcc-avr avr-libc arduino-core-avr arduino-mk   # build the sensor-board firmware
+  simavr libsimavr-dev libsimavrparts1 libelf-dev pkg-config  # run it under emulation
+  opencv-doc                     # vtest.avi, a real video of walking people
+  socat                          # serial plumbing for manual experiments
+)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+SUDO=""
+if [ "$(id -u)" != 0 ]; then
+  if command -v sudo >/dev/null && sudo -n true 2>/dev/null; then SUDO=sudo; else
+    echo "system-deps: not root; tests needing these packages will be skipped: ${missing[*]}" >&2
+    echo "system-deps: install them with: sudo apt-get install -y ${missing[*]}" >&2
+    exit 0
+  fi
+fi
+echo "system-deps: installing ${missing[*]}" >&2
+$SUDO apt-get update -q >/dev/null
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null

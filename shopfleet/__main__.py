@@ -1,0 +1,7 @@
+"""Allow ``python -m shopfleet``."""
+
+import sys
+
+from shopfleet.cli import main
+
+sys.exit(main())
