@@ -1,0 +1,126 @@
+"""Check that a desired state comes from the controller and is newer than what was applied.
+
+The agent holds the controller's ed25519 public key(s) (several during a key rotation) and the
+revision it last applied, persisted in a small JSON file written atomically (write to a temp file,
+fsync, rename), so a replayed old message is refused even after a reboot. Verification is over
+``DesiredState.signing_bytes()``, the same canonical bytes the controller signed.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from edge_agent.apply.errors import ReplayRefused, SignatureInvalid, StateRefused
+from edge_agent.protocol import DesiredState
+
+
+def public_key_id(key: Ed25519PublicKey) -> str:
+    """Return a public key's fingerprint: 16 hex digits of SHA-256 of its raw bytes."""
+    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def load_public_key(data: bytes, source: str = "(key)") -> Ed25519PublicKey:
+    """Parse a PEM ed25519 public key, or raise ``ValueError`` naming the source and the fix."""
+    try:
+        key = serialization.load_pem_public_key(data)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{source} is not a PEM public key ({exc}): copy the controller's .pub file") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise ValueError(f"{source} holds a {type(key).__name__}, not an ed25519 key: copy the controller's .pub file")
+    return key
+
+
+class Verifier:
+    """Verify desired-state signatures against a set of trusted public keys."""
+
+    def __init__(self, keys: Iterable[Ed25519PublicKey]) -> None:
+        self._keys = {public_key_id(k): k for k in keys}
+        if not self._keys:
+            raise ValueError("no trusted public key: set apply.public_keys to the controller's .pub file(s)")
+
+    @classmethod
+    def from_files(cls, paths: Iterable[str | os.PathLike[str]]) -> "Verifier":
+        """Return a verifier trusting the PEM public keys in ``paths``."""
+        return cls(load_public_key(Path(p).read_bytes(), str(p)) for p in paths)
+
+    @property
+    def key_ids(self) -> tuple[str, ...]:
+        """Return the ids of the trusted keys."""
+        return tuple(self._keys)
+
+    def verify(self, state: DesiredState) -> None:
+        """Return if the signature is valid, else raise ``SignatureInvalid`` with the reason."""
+        sig = state.signature
+        if sig is None:
+            raise SignatureInvalid("unsigned", f"revision {state.revision} carries no signature")
+        key = self._keys.get(sig.key_id)
+        if key is None:
+            raise SignatureInvalid("unknown_key", f"signed by key {sig.key_id!r}, trusted keys are {sorted(self._keys)}")
+        try:
+            raw = base64.b64decode(sig.sig, validate=True)
+            key.verify(raw, state.signing_bytes())
+        except (InvalidSignature, binascii.Error, ValueError):
+            raise SignatureInvalid("forged", f"signature of revision {state.revision} does not match its content") from None
+
+
+@dataclass(frozen=True)
+class AppliedRecord:
+    """What the agent last applied: the revision, its release, and whether it succeeded."""
+
+    revision: int = 0
+    release: str | None = None
+    status: str = "none"  # "applied" | "failed" | "none"
+
+
+class RevisionStore:
+    """The last applied revision, persisted atomically in a JSON file."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def load(self) -> AppliedRecord:
+        """Return the stored record; a missing file means nothing applied yet."""
+        try:
+            data = json.loads(self.path.read_text())
+            return AppliedRecord(int(data["revision"]), data.get("release"), str(data.get("status", "applied")))
+        except FileNotFoundError:
+            return AppliedRecord()
+        except (ValueError, KeyError, TypeError) as exc:
+            # A corrupt file must not unlock replays: refuse until an operator looks at it.
+            raise RuntimeError(f"{self.path} is corrupt ({exc}): restore it or delete it to accept the next desired state") from None
+
+    def save(self, record: AppliedRecord) -> None:
+        """Persist ``record`` atomically (temp file, fsync, rename)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            json.dump({"revision": record.revision, "release": record.release, "status": record.status}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+
+def check_admissible(state: DesiredState, shop: str, last: AppliedRecord, verifier: Verifier) -> bool:
+    """Raise ``StateRefused`` if ``state`` must not be applied; return False if it is already applied.
+
+    Order matters: the signature is checked before the revision, so a forged message is reported
+    as forged and never updates anything.
+    """
+    if state.shop != shop:
+        raise StateRefused("wrong_shop", f"desired state is for shop {state.shop!r}, this is {shop!r}")
+    verifier.verify(state)
+    if state.revision < last.revision:
+        raise ReplayRefused(f"revision {state.revision} is older than the applied revision {last.revision}")
+    return not (state.revision == last.revision and last.status == "applied")

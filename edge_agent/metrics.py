@@ -1,0 +1,105 @@
+"""Prometheus metrics of the node agent, on a registry the caller passes in.
+
+Every agent object gets its own registry (client_python's ``registry=`` argument), so the demo
+can run many agents in one process and a test can read exactly one agent's counters. Names follow
+``shopfleet_agent_<thing>_total`` / ``_seconds`` / ``_bytes``; docs/agent.md lists them all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, start_http_server
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+from edge_agent.supervisor import PIPELINE_STATES
+
+
+class AgentMetrics:
+    """All metrics of one agent."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        r = registry
+        self.outbox_depth = Gauge(
+            "shopfleet_agent_outbox_depth", "Messages in the outbox waiting for a broker acknowledgement.", ["priority"], registry=r
+        )
+        self.outbox_bytes = Gauge("shopfleet_agent_outbox_bytes", "Payload bytes in the outbox.", registry=r)
+        self.enqueued = Counter("shopfleet_agent_messages_enqueued_total", "Uplink messages stored in the outbox.", ["kind"], registry=r)
+        self.sent = Counter(
+            "shopfleet_agent_messages_sent_total", "Uplink messages the broker acknowledged (QoS 1 PUBACK).", ["kind"], registry=r
+        )
+        self.evicted = Counter(
+            "shopfleet_agent_outbox_evicted_total", "Messages dropped from a full outbox, by priority.", ["priority"], registry=r
+        )
+        self.reconnects = Counter("shopfleet_agent_reconnects_total", "Connections to the broker after the first.", registry=r)
+        self.connect_failures = Counter(
+            "shopfleet_agent_connect_failures_total", "Failed connection attempts, by reason.", ["reason"], registry=r
+        )
+        self.connected = Gauge("shopfleet_agent_connected", "1 while connected to the broker.", registry=r)
+        self.last_ack_age = Gauge(
+            "shopfleet_agent_last_ack_age_seconds", "Seconds since the broker last acknowledged a message (-1: never).", registry=r
+        )
+        self.downlink_received = Counter(
+            "shopfleet_agent_downlink_received_total", "Valid messages received from the controller, by kind.", ["kind"], registry=r
+        )
+        self.downlink_rejected = Counter(
+            "shopfleet_agent_downlink_rejected_total", "Downlink messages dropped, by reason.", ["reason"], registry=r
+        )
+        self.commands = Counter("shopfleet_agent_commands_total", "Commands handled, by name and outcome.", ["name", "outcome"], registry=r)
+        self.desired_states = Counter(
+            "shopfleet_agent_desired_states_total", "Desired states passed to the handler, by outcome.", ["outcome"], registry=r
+        )
+        self.heartbeats = Counter("shopfleet_agent_heartbeats_total", "Heartbeats enqueued.", registry=r)
+        self.pipeline_restarts = Counter(
+            "shopfleet_agent_pipeline_restarts_total", "Restarts of a supervised pipeline.", ["pipeline"], registry=r
+        )
+        self.pipeline_state = Enum(
+            "shopfleet_agent_pipeline_state", "Supervisor state of a pipeline.", ["pipeline"], states=list(PIPELINE_STATES), registry=r
+        )
+        self.sink_rejected = Counter(
+            "shopfleet_agent_sink_rejected_total",
+            "Events, alerts or readings from a pipeline that were invalid and dropped, by reason.",
+            ["pipeline", "reason"],
+            registry=r,
+        )
+        self.clock_offset = Gauge(
+            "shopfleet_agent_clock_offset_seconds", "Controller clock minus node clock, estimated from beacons.", registry=r
+        )
+
+    def watch_pipeline_errors(self, health_by_pipeline: Callable[[], dict[str, dict[str, Any]]]) -> None:
+        """Export each pipeline's ``errors_by_reason`` as ``shopfleet_agent_pipeline_errors_total``."""
+        self.registry.register(_PipelineErrors(health_by_pipeline))
+
+
+class _PipelineErrors(Collector):
+    def __init__(self, health_by_pipeline: Callable[[], dict[str, dict[str, Any]]]) -> None:
+        self._health = health_by_pipeline
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "shopfleet_agent_pipeline_errors", "Errors a pipeline counted itself, by reason.", labels=["pipeline", "reason"]
+        )
+        for name, raw in self._health().items():
+            by_reason = raw.get("errors_by_reason") or {}
+            if isinstance(by_reason, dict):
+                for reason, count in by_reason.items():
+                    family.add_metric([name, str(reason)], float(count))
+        yield family
+
+
+class MetricsServer:
+    """The /metrics HTTP endpoint of one registry; ``port=0`` in config means none is started."""
+
+    def __init__(self, registry: CollectorRegistry, port: int, host: str = "0.0.0.0") -> None:
+        self._server, self._thread = start_http_server(port, addr=host, registry=registry)
+        self.port = self._server.server_port
+
+    def close(self) -> None:
+        """Stop serving."""
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
+

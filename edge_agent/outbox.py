@@ -1,0 +1,238 @@
+"""The durable outbox: every uplink message is stored here before it is sent.
+
+ARCHITECTURE.md decision 2, "nothing is lost on the way up", rests on this file. A message gets
+its ``epoch`` and ``seq`` when it is enqueued, is committed to SQLite (WAL mode, so readers never
+block the writer) before anyone may send it, and is deleted only when the broker acknowledged it
+(QoS 1 PUBACK). A broker outage, an agent restart or a SIGKILL therefore only delay messages;
+after it they are sent again in ``seq`` order. The controller dedupes on ``(node, epoch, seq)``
+so re-sending is safe.
+
+The outbox is bounded (messages and bytes) because a shop can be offline for a week. When it is
+full, the oldest *telemetry* (heartbeats, readings) goes first: a fresh heartbeat makes an old
+one worthless, while events, alerts, command results and reported state are evicted only when no
+telemetry is left. Evictions are counted by priority.
+
+The same database keeps the presence ``session`` counter, so it grows across restarts too.
+Deleting the file starts a new epoch (seq restarts at 1), which the controller treats as a new
+stream rather than a gap.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class Priority(IntEnum):
+    """Eviction class of a message: lower goes first when the outbox is full."""
+
+    TELEMETRY = 0
+    IMPORTANT = 1
+
+
+class OutboxError(RuntimeError):
+    """The outbox database cannot be used; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class OutboxMessage:
+    """A stored message, ready to publish with QoS 1."""
+
+    seq: int
+    priority: Priority
+    kind: str
+    topic: str
+    payload: bytes
+    retain: bool
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY,
+    priority INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    retain INTEGER NOT NULL,
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS outbox_priority_seq ON outbox (priority, seq);
+"""
+
+
+class Outbox:
+    """A bounded, durable FIFO of uplink messages in one SQLite file. Thread-safe."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        max_messages: int = 100_000,
+        max_bytes: int = 64 * 1024 * 1024,
+        synchronous: str = "full",
+        on_evict: Callable[[Priority, int], None] = lambda priority, n: None,
+    ) -> None:
+        if max_messages < 1 or max_bytes < 1:
+            raise ValueError("max_messages and max_bytes must be at least 1")
+        self.path = Path(path)
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self._on_evict = on_evict
+        self._lock = threading.Lock()
+        self.evicted: dict[Priority, int] = {p: 0 for p in Priority}
+        self._last_evict_log = -1e9
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
+            self._db.executescript(_SCHEMA)
+            self.epoch = self._init_meta()
+            rows = self._db.execute("SELECT priority, COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM outbox GROUP BY priority").fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise OutboxError(
+                f"outbox {self.path} cannot be opened ({exc}); fix: free disk space or permissions, or move the file "
+                "away (the agent then starts a new epoch; messages in the old file are not sent)"
+            ) from None
+        self._count = {p: 0 for p in Priority}
+        self._bytes = {p: 0 for p in Priority}
+        for prio, count, size in rows:
+            self._count[Priority(prio)] = count
+            self._bytes[Priority(prio)] = size
+
+    def _init_meta(self) -> str:
+        with self._tx():
+            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('epoch', ?)", (uuid.uuid4().hex,))
+            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('next_seq', '1')")
+            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('session', '0')")
+            return self._db.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()[0]
+
+    class _Tx:
+        def __init__(self, db: sqlite3.Connection) -> None:
+            self.db = db
+
+        def __enter__(self) -> None:
+            self.db.execute("BEGIN IMMEDIATE")
+
+        def __exit__(self, exc_type: object, *rest: object) -> None:
+            self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+    def _tx(self) -> "Outbox._Tx":
+        return Outbox._Tx(self._db)
+
+    def _meta_int(self, key: str) -> int:
+        return int(self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()[0])
+
+    def enqueue(self, kind: str, priority: Priority, topic: str, build: Callable[[str, int], bytes], *, retain: bool = False) -> int:
+        """Assign the next seq, store ``build(epoch, seq)`` durably, evict if full; return the seq.
+
+        ``build`` runs inside the transaction, so a payload that fails to build uses no seq.
+        """
+        with self._lock, self._tx():
+            seq = self._meta_int("next_seq")
+            payload = build(self.epoch, seq)
+            self._db.execute(
+                "INSERT INTO outbox (seq, priority, kind, topic, payload, retain, created) VALUES (?,?,?,?,?,?,?)",
+                (seq, int(priority), kind, topic, payload, int(retain), time.time()),
+            )
+            self._db.execute("UPDATE meta SET value=? WHERE key='next_seq'", (str(seq + 1),))
+            self._count[priority] += 1
+            self._bytes[priority] += len(payload)
+            evicted = self._evict()
+        for prio, n in evicted.items():
+            if n:
+                self._on_evict(prio, n)
+        return seq
+
+    def _evict(self) -> dict[Priority, int]:
+        """Delete oldest rows, lowest priority first, until within limits (inside the caller's tx)."""
+        evicted = {p: 0 for p in Priority}
+        while sum(self._count.values()) > self.max_messages or sum(self._bytes.values()) > self.max_bytes:
+            for prio in Priority:
+                row = self._db.execute(
+                    "SELECT seq, LENGTH(payload) FROM outbox WHERE priority=? ORDER BY seq LIMIT 1", (int(prio),)
+                ).fetchone()
+                if row is not None:
+                    break
+            else:
+                break
+            self._db.execute("DELETE FROM outbox WHERE seq=?", (row[0],))
+            self._count[prio] -= 1
+            self._bytes[prio] -= row[1]
+            evicted[prio] += 1
+            self.evicted[prio] += 1
+        now = time.monotonic()
+        if any(evicted.values()) and now - self._last_evict_log > 60:
+            self._last_evict_log = now
+            log.warning(
+                "outbox %s full (limits %d messages, %d bytes): evicting oldest telemetry first; %d telemetry and %d "
+                "important messages evicted so far. Raise outbox.max_messages/max_bytes to ride out longer outages.",
+                self.path,
+                self.max_messages,
+                self.max_bytes,
+                self.evicted[Priority.TELEMETRY],
+                self.evicted[Priority.IMPORTANT],
+            )
+        return evicted
+
+    def peek(self, after_seq: int = 0, limit: int = 100) -> list[OutboxMessage]:
+        """Return up to ``limit`` stored messages with seq > ``after_seq``, in seq order."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, priority, kind, topic, payload, retain FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
+                (after_seq, limit),
+            ).fetchall()
+        return [OutboxMessage(s, Priority(p), k, t, bytes(b), bool(r)) for s, p, k, t, b, r in rows]
+
+    def ack(self, seqs: Iterable[int]) -> list[str]:
+        """Delete acknowledged messages; return the kinds of those that were still stored."""
+        seqs = list(seqs)
+        if not seqs:
+            return []
+        kinds: list[str] = []
+        with self._lock, self._tx():
+            for seq in seqs:
+                row = self._db.execute("DELETE FROM outbox WHERE seq=? RETURNING priority, LENGTH(payload), kind", (seq,)).fetchone()
+                if row is not None:
+                    self._count[Priority(row[0])] -= 1
+                    self._bytes[Priority(row[0])] -= row[1]
+                    kinds.append(row[2])
+        return kinds
+
+    def depth(self) -> int:
+        """Return how many messages wait for an acknowledgement."""
+        with self._lock:
+            return sum(self._count.values())
+
+    def depth_by_priority(self) -> dict[Priority, int]:
+        """Return the number of stored messages per priority."""
+        with self._lock:
+            return dict(self._count)
+
+    def size_bytes(self) -> int:
+        """Return the payload bytes stored."""
+        with self._lock:
+            return sum(self._bytes.values())
+
+    def next_session(self) -> int:
+        """Increment and return the persisted presence session number."""
+        with self._lock, self._tx():
+            session = self._meta_int("session") + 1
+            self._db.execute("UPDATE meta SET value=? WHERE key='session'", (str(session),))
+        return session
+
+    def close(self) -> None:
+        """Close the database."""
+        with self._lock:
+            self._db.close()

@@ -1,0 +1,240 @@
+"""The uplink: one thread that owns the MQTT connection and drains the outbox into it.
+
+It connects with a Last Will (retained ``offline`` presence carrying a fresh session number),
+announces itself with a retained ``online`` birth of the same session, subscribes to the node's
+downlink topics, then loops: hand stored messages to the broker in ``seq`` order (at most
+``inflight`` unacknowledged at a time, so a week of backlog never sits in memory twice), delete
+each one when its PUBACK arrives, pass incoming messages to the agent. When the link drops it
+reconnects with exponential backoff and jitter; paho re-sends what was unacknowledged.
+
+One thread does all of it, so paho's callbacks never race with the outbox cursor, and the
+thread sleeps in ``select`` between messages (``poll_interval_s``), which keeps an idle agent's
+CPU share far below 1% of a Pi core.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from edge_agent.metrics import AgentMetrics
+from edge_agent.mqtt import (
+    ConnectFailed,
+    ConnectionLost,
+    ConnectRefused,
+    InMessage,
+    MqttLink,
+    MqttSettings,
+    OutMessage,
+    PermanentError,
+    TemporaryError,
+)
+from edge_agent.outbox import Outbox, Priority
+from edge_agent.protocol import Channel, Presence, Topics, encode
+
+log = logging.getLogger(__name__)
+
+
+def backoff_delay(attempt: int, minimum: float, maximum: float, rand: Callable[[], float] = random.random) -> float:
+    """Return the delay before reconnect ``attempt`` (0-based): doubling, capped, with ±25% jitter."""
+    base = min(minimum * (2**attempt), maximum)
+    return base * (0.75 + 0.5 * rand())
+
+
+class UplinkLoop:
+    """Own the broker connection of one agent; thread-safe ``wake``/``stop`` from outside."""
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        outbox: Outbox,
+        metrics: AgentMetrics,
+        *,
+        shop: str,
+        node: str,
+        on_downlink: Callable[[InMessage], None],
+        subscriptions: Sequence[str] | None = None,
+        agent_version: str = "",
+        reconnect_min_s: float = 0.5,
+        reconnect_max_s: float = 30.0,
+        inflight: int = 50,
+        poll_interval_s: float = 0.1,
+    ) -> None:
+        self.settings = settings
+        self.outbox = outbox
+        self.metrics = metrics
+        self.shop = shop
+        self.node = node
+        self.subscriptions = tuple(subscriptions if subscriptions is not None else Topics.agent_subscriptions(shop, node))
+        self.agent_version = agent_version
+        self.reconnect_min_s = reconnect_min_s
+        self.reconnect_max_s = reconnect_max_s
+        self.inflight_limit = inflight
+        self.poll_interval_s = poll_interval_s
+        self._presence_topic = Topics.node(shop, node, Channel.PRESENCE)
+        self._link = MqttLink(settings, on_message=on_downlink, on_ack=self._on_ack, max_inflight=inflight)
+        self._inflight: dict[int, int] = {}  # paho mid -> outbox seq
+        self._presence_mids: set[int] = set()
+        self._acked: list[int] = []
+        self._cursor = 0  # highest seq handed to paho in this process
+        self._dirty = threading.Event()
+        self._stop = threading.Event()
+        self._drain_deadline: float | None = None
+        self.connected = threading.Event()
+        self.session = 0
+        self.last_ack: float | None = None
+        self.ever_connected = False
+        self._thread: threading.Thread | None = None
+        self._connect_errors_logged: set[str] = set()
+
+    # control -----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the uplink thread."""
+        self._thread = threading.Thread(target=self._run, name=f"uplink-{self.shop}-{self.node}", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        """Tell the loop that the outbox has new messages."""
+        self._dirty.set()
+
+    def stop(self, drain_timeout: float) -> None:
+        """Drain the outbox for up to ``drain_timeout`` s, send offline presence, disconnect, join."""
+        self._drain_deadline = time.monotonic() + drain_timeout
+        self._dirty.set()
+        if self._thread is not None:
+            self._thread.join(drain_timeout + 15)
+
+    def kill(self) -> None:
+        """Stop at once without goodbye (tests use it to mimic a crash of the connection)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def _presence(self, state: str, reason: str = "") -> OutMessage:
+        msg = Presence(shop=self.shop, node=self.node, state=state, session=self.session, agent_version=self.agent_version, reason=reason)  # type: ignore[arg-type]
+        return OutMessage(self._presence_topic, encode(msg), qos=1, retain=True)
+
+    # loop --------------------------------------------------------------------------------------
+
+    def _draining_done(self) -> bool:
+        if self._drain_deadline is None:
+            return False
+        return time.monotonic() >= self._drain_deadline or (self.outbox.depth() == 0 and not self._inflight)
+
+    def _run(self) -> None:
+        attempt = 0
+        try:
+            while not self._stop.is_set():
+                if self._drain_deadline is not None and time.monotonic() >= self._drain_deadline:
+                    break
+                self.session = self.outbox.next_session()
+                try:
+                    self._link.connect(will=self._presence("offline", "will"))
+                except (ConnectFailed, ConnectRefused) as exc:
+                    reason = exc.reason if isinstance(exc, ConnectRefused) else "unreachable"
+                    self.metrics.connect_failures.labels(reason).inc()
+                    level = logging.WARNING if reason not in self._connect_errors_logged else logging.DEBUG
+                    self._connect_errors_logged.add(reason)
+                    delay = backoff_delay(attempt, self.reconnect_min_s, self.reconnect_max_s)
+                    log.log(level, "node %s/%s: %s; retrying in %.1fs", self.shop, self.node, exc, delay)
+                    attempt += 1
+                    self._wait(delay)
+                    continue
+                except PermanentError as exc:
+                    log.error("node %s/%s: %s; the uplink stops", self.shop, self.node, exc)
+                    return
+                attempt = 0
+                self._connect_errors_logged.clear()
+                if self.ever_connected:
+                    self.metrics.reconnects.inc()
+                self.ever_connected = True
+                log.info("node %s/%s connected to %s:%s (session %d)", self.shop, self.node, self.settings.host, self.settings.port, self.session)
+                try:
+                    self._presence_mids.add(self._link.publish(self._presence("online")))
+                    self._link.subscribe(self.subscriptions)
+                    self.connected.set()
+                    self.metrics.connected.set(1)
+                    self._dirty.set()
+                    if self._serve():
+                        self._goodbye()
+                        return
+                except TemporaryError as exc:
+                    log.warning("node %s/%s: %s; reconnecting", self.shop, self.node, exc)
+                finally:
+                    self.connected.clear()
+                    self.metrics.connected.set(0)
+                    self._commit_acks()
+                self._wait(backoff_delay(0, self.reconnect_min_s, self.reconnect_max_s))
+        finally:
+            self._commit_acks()
+
+    def _wait(self, delay: float) -> None:
+        end = time.monotonic() + delay
+        if self._drain_deadline is not None:
+            end = min(end, self._drain_deadline)
+        self._stop.wait(max(end - time.monotonic(), 0))
+
+    def _serve(self) -> bool:
+        """Pump and poll until the link drops (raises) or a drain finished (returns True)."""
+        while not self._stop.is_set():
+            self._pump()
+            self._link.poll(self.poll_interval_s)
+            self._commit_acks()
+            if self._draining_done():
+                return True
+        return False
+
+    def _pump(self) -> None:
+        room = self.inflight_limit - len(self._inflight)
+        if room <= 0 or not self._dirty.is_set():
+            return
+        self._dirty.clear()
+        for m in self.outbox.peek(after_seq=self._cursor, limit=room):
+            mid = self._link.publish(OutMessage(m.topic, m.payload, qos=1, retain=m.retain))
+            self._inflight[mid] = m.seq
+            self._cursor = m.seq
+            room -= 1
+        if room <= 0:
+            self._dirty.set()  # there may be more; continue after acknowledgements
+
+    def _on_ack(self, mid: int) -> None:
+        seq = self._inflight.pop(mid, None)
+        if seq is not None:
+            self._acked.append(seq)
+            self._dirty.set()
+        self._presence_mids.discard(mid)
+        self.last_ack = time.monotonic()
+
+    def _commit_acks(self) -> None:
+        if not self._acked:
+            return
+        acked, self._acked = self._acked, []
+        for kind in self.outbox.ack(acked):
+            self.metrics.sent.labels(kind).inc()
+
+    def _goodbye(self) -> None:
+        """Publish offline presence (reason 'shutdown'), wait briefly for its ack, disconnect."""
+        try:
+            mid = self._link.publish(self._presence("offline", "shutdown"))
+            self._presence_mids.add(mid)
+            deadline = time.monotonic() + 3.0
+            while mid in self._presence_mids and time.monotonic() < deadline:
+                self._link.poll(0.05)
+        except TemporaryError as exc:
+            log.warning("node %s/%s: could not say goodbye: %s", self.shop, self.node, exc)
+        finally:
+            self._link.disconnect()
+            log.info(
+                "node %s/%s disconnected; %d messages left in the outbox for the next start",
+                self.shop,
+                self.node,
+                self.outbox.depth(),
+            )
+
+    def depth_by_priority(self) -> dict[Priority, int]:
+        """Return the outbox depth by priority (for metrics)."""
+        return self.outbox.depth_by_priority()

@@ -1,0 +1,77 @@
+"""Roles as permission sets, and the permission every HTTP request needs.
+
+Deny by default: :func:`required_permission` maps any method and path to one permission, and a
+path it does not know needs ``admin`` to change anything. A route added later by anyone is
+therefore guarded without remembering to add a dependency; routers may still ask for a stricter
+permission with ``require(...)`` (see ``web``).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Permission(StrEnum):
+    """One thing a user may do."""
+
+    VIEW = "view"  # read every page and API
+    ALERTS_ACK = "alerts:ack"  # acknowledge alerts
+    ALERTS_SILENCE = "alerts:silence"  # silence alerts for a while
+    ROLLOUTS = "rollouts:write"  # create releases, start/pause/resume/abort/rollback rollouts
+    USERS = "users:admin"  # manage users and tokens
+    FLEET_ADMIN = "fleet:admin"  # enroll shops and nodes, anything else that changes the fleet
+
+
+class Role(StrEnum):
+    """The four roles of the issue, from least to most powerful."""
+
+    VIEWER = "viewer"
+    OPERATOR = "operator"
+    ML_ENGINEER = "ml-engineer"
+    ADMIN = "admin"
+
+
+ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
+    Role.VIEWER: frozenset({Permission.VIEW}),
+    Role.OPERATOR: frozenset({Permission.VIEW, Permission.ALERTS_ACK, Permission.ALERTS_SILENCE}),
+    Role.ML_ENGINEER: frozenset({Permission.VIEW, Permission.ROLLOUTS}),
+    Role.ADMIN: frozenset(Permission),
+}
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+# Path prefix -> permission needed to change something below it (longest prefix wins).
+WRITE_PERMISSIONS: tuple[tuple[str, Permission], ...] = (
+    ("/api/v1/releases", Permission.ROLLOUTS),
+    ("/api/v1/rollouts", Permission.ROLLOUTS),
+    ("/api/v1/alerts", Permission.ALERTS_ACK),
+    ("/api/v1/silences", Permission.ALERTS_SILENCE),
+    ("/api/v1/users", Permission.USERS),
+    ("/api/v1/tokens", Permission.USERS),
+    ("/logout", Permission.VIEW),
+    ("/account", Permission.VIEW),
+)
+
+
+def parse_role(value: str) -> Role:
+    """Return the role named ``value`` or raise ``ValueError`` listing the valid roles."""
+    try:
+        return Role(value)
+    except ValueError:
+        raise ValueError(f"unknown role {value!r}: use one of {', '.join(r.value for r in Role)}") from None
+
+
+def has_permission(role: Role | str, permission: Permission) -> bool:
+    """Return whether ``role`` grants ``permission``."""
+    return permission in ROLE_PERMISSIONS[Role(role)]
+
+
+def required_permission(method: str, path: str) -> Permission:
+    """Return the permission a request needs: VIEW to read, the prefix's permission to write."""
+    if method.upper() in SAFE_METHODS:
+        return Permission.VIEW
+    best: tuple[int, Permission] | None = None
+    for prefix, perm in WRITE_PERMISSIONS:
+        if (path == prefix or path.startswith(prefix + "/")) and (best is None or len(prefix) > best[0]):
+            best = (len(prefix), perm)
+    return best[1] if best else Permission.FLEET_ADMIN

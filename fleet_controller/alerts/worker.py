@@ -1,0 +1,131 @@
+"""The alert worker: read a snapshot of the registry, evaluate, store, notify; again and again.
+
+The decision is the pure :func:`~fleet_controller.alerts.evaluator.evaluate`; this module is
+the I/O around it. One evaluation runs in a thread (it is blocking SQL) and a failure of any
+kind is logged, counted in ``shopfleet_alerts_evaluation_errors_total{reason}`` and retried at
+the next tick, so the loop never dies. Webhook deliveries run as their own tasks so a slow
+receiver never delays evaluation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+from sqlalchemy import func, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from fleet_controller.alerts import store, webhook
+from fleet_controller.alerts.evaluator import FleetSnapshot, NodeRaised, NodeSnapshot, ReadingSnapshot, evaluate
+from fleet_controller.alerts.metrics import AlertMetrics
+from fleet_controller.alerts.rules import AlertRules
+from fleet_controller.alerts.store import Changes
+from fleet_controller.models import EventRecord, LatestReading, Node
+
+log = logging.getLogger(__name__)
+
+
+def load_snapshot(engine: Engine, reading_names: tuple[str, ...]) -> FleetSnapshot:
+    """Read nodes, the readings the rules use and the latest node-raised alerts from the registry."""
+    with engine.connect() as conn:
+        nodes = tuple(
+            NodeSnapshot(r.shop_id, r.node_id, r.presence, r.last_seen, r.facts or {}, r.pipelines or {})
+            for r in conn.execute(select(Node.shop_id, Node.node_id, Node.presence, Node.last_seen, Node.facts, Node.pipelines))
+        )
+        readings = tuple(
+            ReadingSnapshot(r.shop_id, r.node_id, r.source, r.name, r.value, r.ts, r.labels or {})
+            for r in conn.execute(select(LatestReading).where(LatestReading.name.in_(reading_names)))
+        )
+        latest = (
+            select(func.max(EventRecord.id))
+            .where(EventRecord.kind == "alert")
+            .group_by(EventRecord.shop_id, EventRecord.node_id, EventRecord.type, EventRecord.source)
+        )
+        raised = tuple(
+            NodeRaised(e.shop_id, e.node_id, e.type, e.source, e.state, e.severity, e.message)
+            for e in conn.execute(select(EventRecord).where(EventRecord.id.in_(latest)))
+        )
+    return FleetSnapshot(nodes, readings, raised)
+
+
+class AlertWorker:
+    """Evaluate the rules every ``rules.interval_s`` and keep the alert table, metrics and webhook in step."""
+
+    def __init__(self, engine: Engine, rules: AlertRules, metrics: AlertMetrics, *,
+                 publish: Callable[[str, dict[str, Any]], Any] | None = None, clock: Callable[[], float] = time.time,
+                 dashboard_url: str = "", webhook_base_delay_s: float = 0.5) -> None:
+        self.engine = engine
+        self.rules = rules
+        self.metrics = metrics
+        self.publish = publish
+        self.clock = clock
+        self.dashboard_url = dashboard_url
+        self.webhook_base_delay_s = webhook_base_delay_s
+        self._pending: dict[str, float] = {}
+        self._deliveries: set[asyncio.Task] = set()
+
+    def evaluate_once(self) -> Changes:
+        """Run one evaluation and store its result; return what opened and resolved."""
+        started = time.perf_counter()
+        now = self.clock()
+        snapshot = load_snapshot(self.engine, (self.rules.fridge_warm.reading,))
+        result = evaluate(snapshot, self.rules, now, store.active_keys(self.engine), self._pending)
+        changes = store.sync(self.engine, result.firing, now)
+        self._pending = result.pending
+        for a in changes.opened:
+            self.metrics.opened.labels(a.rule).inc()
+            log.info("alert %s opened: %s", a.key, a.summary)
+        for a in changes.resolved:
+            self.metrics.resolved.labels(a.rule).inc()
+            log.info("alert %s resolved", a.key)
+        self.metrics.set_firing(store.list_alerts(self.engine, now, state="firing", limit=100_000))
+        self.metrics.evaluation_seconds.observe(time.perf_counter() - started)
+        return changes
+
+    def _notify(self, client: httpx.AsyncClient, changes: Changes) -> None:
+        for a in changes.opened + changes.resolved:
+            if self.publish is not None:
+                try:
+                    self.publish("alert_changed", a.as_dict())
+                except Exception:  # noqa: BLE001 - a bus subscriber must not stop alerting
+                    log.exception("publishing alert %s on the bus failed", a.key)
+            wh = self.rules.webhook
+            if not wh.url or a.silenced_until or (a.state == "resolved" and not wh.send_resolved):
+                continue
+            task = asyncio.create_task(webhook.send(client, wh, a, self.metrics, self.dashboard_url, self.webhook_base_delay_s))
+            self._deliveries.add(task)
+            task.add_done_callback(self._deliveries.discard)
+
+    async def tick(self, client: httpx.AsyncClient) -> Changes | None:
+        """Evaluate once in a thread and notify; log and count any failure instead of raising."""
+        try:
+            changes = await asyncio.to_thread(self.evaluate_once)
+        except SQLAlchemyError as exc:
+            self.metrics.evaluation_errors.labels("database").inc()
+            log.warning("alert evaluation failed, retrying next tick: database: %s", exc)
+            return None
+        except Exception:  # noqa: BLE001 - the loop must survive anything a snapshot holds
+            self.metrics.evaluation_errors.labels("other").inc()
+            log.exception("alert evaluation failed, retrying next tick")
+            return None
+        self._notify(client, changes)
+        return changes
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Evaluate until ``stop`` is set (or the task is cancelled)."""
+        stop = stop or asyncio.Event()
+        async with httpx.AsyncClient() as client:
+            while not stop.is_set():
+                await self.tick(client)
+                try:
+                    await asyncio.wait_for(stop.wait(), self.rules.interval_s)
+                except TimeoutError:
+                    pass
+            if self._deliveries:
+                await asyncio.wait(self._deliveries, timeout=self.rules.webhook.timeout_s)
+

@@ -1,0 +1,103 @@
+"""Wire accounts, the dashboard and alerts into a controller: one call for the service, one for tests.
+
+:func:`attach` uses only the controller's documented extension points (``add_router``,
+``add_dependency``, ``add_worker``, ``bus``), so the controller core knows nothing of this
+package. :func:`build_app` does the same for a bare app (tests, the benchmark) without a service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from argon2 import PasswordHasher
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+
+from fleet_controller.accounts.store import AccountStore
+from fleet_controller.accounts.web import Auth, announce_initial_admin, build_auth
+from fleet_controller.alerts.metrics import AlertMetrics
+from fleet_controller.alerts.rules import AlertRules
+from fleet_controller.alerts.worker import AlertWorker
+from fleet_controller.app import create_app
+from fleet_controller.dashboard.live import LiveHub
+from fleet_controller.dashboard.router import dashboard_router
+from fleet_controller.registry import BusEvent, Registry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Dashboard:
+    """The parts :func:`attach` created, for callers that want to reach them (demo, tests)."""
+
+    store: AccountStore
+    hub: LiveHub
+    auth: Auth
+    alerts: AlertWorker
+
+
+def bus_event_data(ev: BusEvent) -> dict[str, Any]:
+    """Return what the browser gets for a bus event: the event's data plus shop, node and time."""
+    return {**ev.data, "shop": ev.shop, "node": ev.node, "at": ev.at}
+
+
+async def forward_bus(bus: Any, hub: LiveHub) -> None:
+    """Forward every event of the controller's bus to the dashboard's live streams, until cancelled."""
+    hub.bind(asyncio.get_running_loop())
+    async with bus.subscribe(None) as sub:
+        async for ev in sub:
+            hub.publish(ev.topic, bus_event_data(ev))
+
+
+def attach(service: Any, rules: AlertRules, *, hasher: PasswordHasher | None = None, open_metrics: bool = True,
+           secure_cookies: bool | None = None, announce: Callable[[str], None] | None = None,
+           dashboard_url: str = "") -> Dashboard:
+    """Add logins, the guard on every route, the dashboard and the alert worker to a ``ControllerService``.
+
+    Call before ``service.start()``. On start, if the database has no user, an admin is created
+    and its one-time password passed to ``announce`` (default: the log).
+    """
+    store = AccountStore(service.engine, hasher)
+    hub = LiveHub(service.metrics_registry)
+    auth = build_auth(store, service.metrics_registry, open_metrics=open_metrics, secure_cookies=secure_cookies)
+
+    def rollouts_api() -> bool:
+        app = service.app
+        return app is not None and any(getattr(r, "path", "").startswith("/api/v1/rollouts") for r in app.routes)
+
+    def publish(topic: str, data: dict[str, Any]) -> None:
+        service.bus.publish(BusEvent(topic, data.get("shop", ""), data.get("node"), data))
+
+    worker = AlertWorker(service.engine, rules, AlertMetrics(service.metrics_registry), publish=publish,
+                         dashboard_url=dashboard_url)
+
+    async def live() -> None:
+        # Runs after the migrations (workers start after them), so the users table exists.
+        await asyncio.to_thread(announce_initial_admin, store, announce)
+        await forward_bus(service.bus, hub)
+
+    service.add_router(auth.router)
+    service.add_router(dashboard_router(service.registry, hub, rules, rollouts_api=rollouts_api))
+    service.add_dependency(auth.dependency)
+    service.add_worker("dashboard-live", live)
+    service.add_worker("alerts", worker.run)
+    return Dashboard(store, hub, auth, worker)
+
+
+def build_app(registry: Registry, metrics_registry: CollectorRegistry, store: AccountStore, rules: AlertRules, *,
+              hub: LiveHub | None = None, open_metrics: bool = True) -> tuple[FastAPI, LiveHub]:
+    """Return the controller app with auth and the dashboard on ``registry``, without a service."""
+    hub = hub or LiveHub(metrics_registry)
+    auth = build_auth(store, metrics_registry, open_metrics=open_metrics)
+    app: FastAPI | None = None
+
+    def rollouts_api() -> bool:
+        return app is not None and any(getattr(r, "path", "").startswith("/api/v1/rollouts") for r in app.routes)
+
+    app = create_app(registry, metrics_registry, routers=[auth.router, dashboard_router(registry, hub, rules, rollouts_api=rollouts_api)],
+                     dependencies=[auth.dependency])
+    return app, hub

@@ -1,0 +1,297 @@
+"""The controller's intake: validate, dedupe and store every message nodes send, in batches.
+
+Shaped by three requirements:
+
+* **A loop never dies of bad input.** Every payload goes through
+  :func:`edge_agent.protocol.parse_message`; a bad one is counted in
+  ``shopfleet_controller_rejected_total{reason}``, logged at most once per reason per
+  ``log_every_s`` (a flood of garbage cannot flood the log), acknowledged and dropped.
+* **Nothing lost, nothing doubled.** Messages are acknowledged to the broker only after the
+  batch holding them is committed (paho's manual ack), so a controller crash redelivers them;
+  redeliveries and agent replays are then recognised by :func:`advance`, a pure function over a
+  per-node :class:`SeqCursor` (epoch, watermark, open gaps). A late message that fills a gap is
+  accepted; a replayed one is a duplicate; a new epoch (a new outbox database) restarts at 1.
+* **1,000+ msg/s on SQLite.** Messages are gathered into a batch until ``batch_max_messages`` or
+  ``batch_max_delay_s`` and written in one transaction on the registry's single writer thread.
+  While a batch is being written the broker keeps sending up to its in-flight window, so the
+  next batch is already waiting.
+
+The MQTT thread calls :meth:`Intake.submit`; :meth:`Intake.run` is the asyncio task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from enum import StrEnum
+
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+from edge_agent.protocol import Presence, ProtocolError, parse_message
+from fleet_controller.metrics import ControllerMetrics
+from fleet_controller.mqtt import InboundMessage
+from fleet_controller.registry import BusEvent, NodeKey, NodeUpdate, Registry, SeqCursor, WriteBatch
+from fleet_controller.settings import IntakeSettings
+
+log = logging.getLogger(__name__)
+
+MAX_GAP_RANGES = 1000
+"""Open gap ranges kept per node. More means a very late message can still be accepted after a
+long, patchy outage; fewer bounds memory. The oldest ranges beyond it are given up (they stay
+counted as missing)."""
+
+
+class Verdict(StrEnum):
+    """What the intake decides about one (epoch, seq) of a node."""
+
+    NEW = "new"  # above the watermark
+    FILLED = "filled"  # fills an open gap
+    NEW_EPOCH = "new_epoch"  # first message of a new outbox epoch
+    DUPLICATE = "duplicate"  # seen before: drop
+
+
+def advance(cursor: SeqCursor, epoch: str, seq: int) -> tuple[Verdict, SeqCursor, int]:
+    """Decide about ``(epoch, seq)``; return the verdict, the new cursor and how many seqs became missing."""
+    verdict = Verdict.NEW
+    if epoch != cursor.epoch:
+        verdict = Verdict.NEW_EPOCH
+        cursor = SeqCursor(epoch=epoch)
+    if seq > cursor.watermark:
+        missing = seq - cursor.watermark - 1
+        gaps = cursor.gaps + (((cursor.watermark + 1, seq - 1),) if missing else ())
+        if len(gaps) > MAX_GAP_RANGES:
+            gaps = gaps[-MAX_GAP_RANGES:]
+        return verdict, SeqCursor(epoch, seq, gaps), missing
+    for i, (lo, hi) in enumerate(cursor.gaps):
+        if lo <= seq <= hi:
+            pieces = tuple(r for r in ((lo, seq - 1), (seq + 1, hi)) if r[0] <= r[1])
+            gaps = cursor.gaps[:i] + pieces + cursor.gaps[i + 1:]
+            return Verdict.FILLED, SeqCursor(epoch, cursor.watermark, gaps), 0
+        if seq < lo:
+            break
+    return Verdict.DUPLICATE, cursor, 0
+
+
+@dataclass(frozen=True)
+class BatchOutcome:
+    """Counts of one processed batch, and the changes it made for the event bus."""
+
+    stored: int
+    rejected: int
+    duplicates: int
+    events: tuple[BusEvent, ...]
+
+
+class RateLimitedLog:
+    """Log a message of a given key at most once per ``every_s``, saying how many were suppressed."""
+
+    def __init__(self, logger: logging.Logger, every_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._log = logger
+        self._every = every_s
+        self._clock = clock
+        self._last: dict[str, float] = {}
+        self._suppressed: collections.Counter[str] = collections.Counter()
+
+    def warning(self, key: str, msg: str, *args: object) -> bool:
+        """Log ``msg % args`` as a warning unless ``key`` was logged recently; return whether it was logged."""
+        now = self._clock()
+        last = self._last.get(key)
+        if last is not None and now - last < self._every:
+            self._suppressed[key] += 1
+            return False
+        self._last[key] = now
+        n = self._suppressed.pop(key, 0)
+        suffix = f" ({n} more like it since the last report)" if n else ""
+        self._log.warning(msg + "%s", *args, suffix)
+        return True
+
+
+class Intake:
+    """Validate, dedupe and store messages from the MQTT adapter in batches."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        metrics: ControllerMetrics,
+        settings: IntakeSettings,
+        *,
+        writer: Executor,
+        ack: Callable[[InboundMessage], None] = lambda m: None,
+        on_events: Callable[[Sequence[BusEvent]], None] = lambda e: None,
+        retry_delay_s: float = 1.0,
+    ) -> None:
+        self.registry = registry
+        self.metrics = metrics
+        self.settings = settings
+        self._writer = writer
+        self._ack = ack
+        self._on_events = on_events
+        self._retry_delay = retry_delay_s
+        self._cursors: dict[NodeKey, SeqCursor] = {}
+        self._pending: collections.deque[InboundMessage] = collections.deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._waiting = threading.Event()
+        self._rlog = RateLimitedLog(log, settings.log_every_s)
+        self.stored_total = 0
+
+    # ----- producer side (MQTT thread) -------------------------------------------------------
+
+    def submit(self, message: InboundMessage) -> None:
+        """Queue one received message; safe to call from the MQTT network thread."""
+        self._pending.append(message)
+        self.metrics.intake_queue.set(len(self._pending))
+        loop = self._loop
+        if loop is not None and self._waiting.is_set():
+            self._waiting.clear()
+            loop.call_soon_threadsafe(self._wake.set)  # type: ignore[union-attr]
+
+    # ----- consumer side (asyncio) -------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Collect batches and write them until cancelled."""
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        while True:
+            batch = await self._collect()
+            if batch:
+                await self._write_with_retry(batch)
+
+    async def _collect(self) -> list[InboundMessage]:
+        assert self._wake is not None
+        limit = self.settings.batch_max_messages
+        while not self._pending:
+            self._wake.clear()
+            self._waiting.set()
+            if self._pending:  # raced with submit: do not sleep on a non-empty queue
+                self._waiting.clear()
+                break
+            await self._wake.wait()
+        deadline = time.monotonic() + self.settings.batch_max_delay_s
+        batch: list[InboundMessage] = []
+        while True:
+            while self._pending and len(batch) < limit:
+                batch.append(self._pending.popleft())
+            if len(batch) >= limit:
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            # Linger for more messages, but stop early when the stream pauses (the broker's
+            # in-flight window is full and waits for our acks).
+            self._wake.clear()
+            self._waiting.set()
+            if self._pending:
+                self._waiting.clear()
+                continue
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=min(remaining, 0.01))
+            except TimeoutError:
+                self._waiting.clear()
+                break
+        self.metrics.intake_queue.set(len(self._pending))
+        return batch
+
+    async def _write_with_retry(self, batch: list[InboundMessage]) -> None:
+        loop = asyncio.get_running_loop()
+        attempt = 0
+        while True:
+            try:
+                outcome = await loop.run_in_executor(self._writer, self.process_batch, batch)
+                break
+            except (OperationalError, InterfaceError) as exc:
+                # The database is unreachable or locked: keep the batch (unacknowledged) and retry.
+                attempt += 1
+                self.metrics.store_errors.labels(kind="temporary").inc()
+                delay = min(self._retry_delay * 2 ** min(attempt - 1, 5), 30.0)
+                self._rlog.warning("store", "cannot store a batch of %s messages (%s); retrying in %.1fs", len(batch), exc.__class__.__name__, delay)
+                await asyncio.sleep(delay)
+        for m in batch:
+            self._ack(m)
+        if outcome.events:
+            self._on_events(outcome.events)
+
+    def process_batch(self, batch: Sequence[InboundMessage], now: float | None = None) -> BatchOutcome:
+        """Parse, dedupe and store one batch (on the writer thread); fall back to one by one on a bad row."""
+        try:
+            return self._process(batch, now)
+        except (OperationalError, InterfaceError):
+            raise
+        except DBAPIError as exc:
+            if len(batch) == 1:
+                self.metrics.rejected.labels(reason="unstorable").inc()
+                self._rlog.warning("unstorable", "dropping a message on %r the database refuses: %s", batch[0].topic, str(exc.orig)[:300])
+                return BatchOutcome(0, 1, 0, ())
+        parts = [self.process_batch([m], now) for m in batch]
+        return BatchOutcome(
+            sum(p.stored for p in parts), sum(p.rejected for p in parts), sum(p.duplicates for p in parts),
+            tuple(e for p in parts for e in p.events),
+        )
+
+    def _process(self, batch: Sequence[InboundMessage], now: float | None) -> BatchOutcome:
+        now = time.time() if now is None else now
+        wb = WriteBatch()
+        rejected = 0
+        duplicates = 0
+        kinds: collections.Counter[str] = collections.Counter()
+        parsed = []
+        for m in batch:
+            try:
+                parsed.append((parse_message(m.topic, m.payload), m))
+            except ProtocolError as exc:
+                rejected += 1
+                self.metrics.rejected.labels(reason=exc.reason).inc()
+                self._rlog.warning(exc.reason, "rejected a message on %r: %s", m.topic[:200], exc.detail[:500])
+        # Cursors this batch moves, on top of the committed ones; merged only after the commit.
+        cursors: dict[NodeKey, SeqCursor] = {}
+        unknown = {(msg.shop, msg.node) for msg, _ in parsed if not isinstance(msg, Presence)} - self._cursors.keys()
+        if unknown:
+            cursors.update(self.registry.load_cursors(unknown))
+        updates: dict[NodeKey, NodeUpdate] = {}
+        gaps_new = 0
+        filled = 0
+        for msg, m in parsed:
+            key = (msg.shop, msg.node)
+            wb.seen[key] = max(wb.seen.get(key, 0.0), m.received_at)
+            if isinstance(msg, Presence):
+                wb.presences.append((msg, m.received_at))
+                kinds["presence"] += 1
+                continue
+            cur = cursors.get(key) or self._cursors.get(key) or SeqCursor()
+            verdict, new, missing = advance(cur, msg.epoch, msg.seq)
+            cursors[key] = new
+            u = updates.get(key, NodeUpdate(cur))
+            if verdict is Verdict.DUPLICATE:
+                duplicates += 1
+                updates[key] = NodeUpdate(new, u.messages, u.duplicates + 1, u.missing)
+                continue
+            if verdict is Verdict.FILLED:
+                filled += 1
+            gaps_new += missing
+            updates[key] = NodeUpdate(new, u.messages + 1, u.duplicates, u.missing + missing)
+            wb.uplinks.append((msg, m.received_at))
+            kinds[msg.kind] += 1
+        wb.nodes = updates
+        events = self.registry.write_batch(wb, now)
+        # Committed: only now does the in-memory cursor move on.
+        self._cursors.update(cursors)
+        done = time.time()
+        for kind, n in kinds.items():
+            self.metrics.ingested.labels(kind=kind).inc(n)
+        if duplicates:
+            self.metrics.duplicates.inc(duplicates)
+        if gaps_new:
+            self.metrics.gaps.inc(gaps_new)
+        if filled:
+            self.metrics.gaps_filled.inc(filled)
+        for _, m in parsed:
+            self.metrics.ingest_latency.observe(max(done - m.received_at, 0.0))
+        stored = sum(kinds.values())
+        self.stored_total += stored
+        return BatchOutcome(stored, rejected, duplicates, tuple(events))

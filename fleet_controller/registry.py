@@ -1,0 +1,616 @@
+"""The fleet registry: what the controller knows about every shop and node, in SQL.
+
+Two kinds of callers, two kinds of methods:
+
+* **One writer.** The intake, the presence sweeper and retention all write through
+  :meth:`Registry.write_batch`, :meth:`Registry.sweep_presence` and
+  :meth:`Registry.enforce_retention`, which the service runs on a single writer thread. One writer
+  means no write races on SQLite and no lost updates on presence, and lets a batch of hundreds of
+  messages go into one transaction (what makes 1,000+ msg/s fit on SQLite).
+* **Many readers.** The API and the dashboard call the ``list_*``/``get_*`` methods from any
+  thread; they return plain JSON-ready dicts.
+
+Presence follows ARCHITECTURE.md decision 3 and is decided by the pure function
+:func:`decide_presence`: a birth or Will carries a session number, and a message of an older
+session than the one the registry holds is ignored, so a late Will never marks a live node
+offline. Silence makes a node ``stale`` and then ``offline`` (reason ``timeout``); any message
+from it brings it back.
+
+Every change a writer makes is returned as :class:`BusEvent` values for the service's event bus
+(the dashboard's live feed subscribes to it), so readers never need to poll.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import bindparam, delete, func, insert, or_, select, tuple_, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Engine
+
+from edge_agent.protocol import Alert, CommandResult, Event, Heartbeat, Presence, ReportedState, Telemetry, validate_id
+from fleet_controller.models import (
+    CommandResultRecord,
+    EventRecord,
+    HeartbeatRecord,
+    LatestReading,
+    Node,
+    ReportedStateRecord,
+    Shop,
+)
+from fleet_controller.settings import PresenceSettings, RetentionSettings
+
+log = logging.getLogger(__name__)
+
+SHOPS = Shop.__table__
+NODES = Node.__table__
+HEARTBEATS = HeartbeatRecord.__table__
+EVENTS = EventRecord.__table__
+READINGS = LatestReading.__table__
+RESULTS = CommandResultRecord.__table__
+REPORTED = ReportedStateRecord.__table__
+
+NodeKey = tuple[str, str]
+
+
+class NotFound(LookupError):
+    """A shop or node the registry does not know."""
+
+
+# --------------------------------------------------------------------------------------------
+# Values
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BusEvent:
+    """A change in the registry, as published on the service's event bus.
+
+    ``topic`` is one of ``presence`` (data: old, new, reason, session), ``event`` and ``alert``
+    (data: the stored event row), ``node_added``, ``shop_added``, ``reported_state``.
+    """
+
+    topic: str
+    shop: str
+    node: str | None
+    data: dict[str, Any]
+    at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class SeqCursor:
+    """Where a node's message stream stands: epoch, highest seq seen, and missing ranges below it.
+
+    ``gaps`` are sorted, disjoint, inclusive ``(first, last)`` ranges of seqs not yet received.
+    """
+
+    epoch: str = ""
+    watermark: int = 0
+    gaps: tuple[tuple[int, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class NodeUpdate:
+    """What one batch changed about one node's stream: the new cursor and counter increments."""
+
+    cursor: SeqCursor
+    messages: int = 0
+    duplicates: int = 0
+    missing: int = 0
+
+
+@dataclass(frozen=True)
+class PresenceView:
+    """The presence fields of a node that :func:`decide_presence` looks at."""
+
+    session: int
+    presence: str
+    reason: str
+
+
+@dataclass
+class WriteBatch:
+    """Everything one intake batch stores, in one transaction. ``received`` maps message to arrival time."""
+
+    uplinks: list[tuple[Heartbeat | Telemetry | Event | Alert | CommandResult | ReportedState, float]] = field(default_factory=list)
+    presences: list[tuple[Presence, float]] = field(default_factory=list)
+    nodes: dict[NodeKey, NodeUpdate] = field(default_factory=dict)
+    seen: dict[NodeKey, float] = field(default_factory=dict)
+
+
+def decide_presence(current: PresenceView, msg: Presence) -> PresenceView | None:
+    """Return the node's presence after a birth or Will, or None when the message must be ignored.
+
+    A message of an older session is ignored (a late Will or a stale retained birth); within the
+    same session, a birth does not undo that session's Will.
+    """
+    if msg.session < current.session:
+        return None
+    if (
+        msg.session == current.session
+        and msg.state == "online"
+        and current.presence == "offline"
+        and current.reason != "timeout"
+    ):
+        return None
+    reason = msg.reason or ("birth" if msg.state == "online" else "will")
+    new = PresenceView(session=msg.session, presence=msg.state, reason=reason[:200])
+    return None if new == current else new
+
+
+def silence_presence(presence: str, silent_for: float, interval: float, settings: PresenceSettings) -> str:
+    """Return what presence silence implies: offline, stale, or the current value unchanged."""
+    if presence not in ("online", "stale"):
+        return presence
+    if silent_for > settings.offline_after_intervals * interval:
+        return "offline"
+    if silent_for > settings.stale_after_intervals * interval:
+        return "stale"
+    return presence
+
+
+def _clip(value: str | None, n: int) -> str | None:
+    return None if value is None else value[:n]
+
+
+def _gaps_json(gaps: tuple[tuple[int, int], ...]) -> list[list[int]]:
+    return [[a, b] for a, b in gaps]
+
+
+# --------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------
+
+
+class Registry:
+    """Read and write the fleet registry on one SQLAlchemy engine (SQLite or PostgreSQL)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._dialect = engine.dialect.name
+        self._known_nodes: set[NodeKey] = set()
+        self._known_shops: set[str] = set()
+
+    # ----- helpers ---------------------------------------------------------------------------
+
+    def _insert(self, table):
+        if self._dialect == "postgresql":
+            return postgresql.insert(table)
+        if self._dialect == "sqlite":
+            return sqlite.insert(table)
+        raise NotImplementedError(f"database {self._dialect!r} is not supported: use SQLite or PostgreSQL")
+
+    def _upsert(self, conn: Connection, table, rows: list[dict[str, Any]], keys: Sequence[str]) -> None:
+        if not rows:
+            return
+        stmt = self._insert(table)
+        cols = [c for c in rows[0] if c not in keys]
+        stmt = stmt.on_conflict_do_update(index_elements=list(keys), set_={c: stmt.excluded[c] for c in cols})
+        conn.execute(stmt, rows)
+
+    def _ensure(self, conn: Connection, keys: Iterable[NodeKey], now: float) -> tuple[list[BusEvent], list[NodeKey]]:
+        """Create missing shops and nodes; return the changes and the keys to mark known after commit."""
+        events: list[BusEvent] = []
+        new_nodes = [k for k in keys if k not in self._known_nodes]
+        if not new_nodes:
+            return events, new_nodes
+        new_shops = sorted({s for s, _ in new_nodes if s not in self._known_shops})
+        if new_shops:
+            existing = set(conn.scalars(select(SHOPS.c.id).where(SHOPS.c.id.in_(new_shops))))
+            missing = [s for s in new_shops if s not in existing]
+            if missing:
+                conn.execute(
+                    self._insert(SHOPS).on_conflict_do_nothing(),
+                    [{"id": s, "name": s, "region": "", "labels": {}, "timezone": "UTC", "created_at": now} for s in missing],
+                )
+                events += [BusEvent("shop_added", s, None, {"shop": s}, now) for s in missing]
+        existing_nodes = {
+            tuple(r) for r in conn.execute(select(NODES.c.shop_id, NODES.c.node_id).where(tuple_(NODES.c.shop_id, NODES.c.node_id).in_(new_nodes)))
+        }
+        missing_nodes = [k for k in new_nodes if k not in existing_nodes]
+        if missing_nodes:
+            conn.execute(
+                self._insert(NODES).on_conflict_do_nothing(),
+                [{"shop_id": s, "node_id": n, "first_seen": now, "gaps": [], "presence": "unknown"} for s, n in missing_nodes],
+            )
+            events += [BusEvent("node_added", s, n, {"shop": s, "node": n}, now) for s, n in missing_nodes]
+        return events, new_nodes
+
+    # ----- writer side -------------------------------------------------------------------------
+
+    def load_cursors(self, keys: Iterable[NodeKey]) -> dict[NodeKey, SeqCursor]:
+        """Return the stored sequence cursor of each known node among ``keys``."""
+        keys = list(keys)
+        out: dict[NodeKey, SeqCursor] = {}
+        if not keys:
+            return out
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(NODES.c.shop_id, NODES.c.node_id, NODES.c.epoch, NODES.c.watermark, NODES.c.gaps).where(
+                    tuple_(NODES.c.shop_id, NODES.c.node_id).in_(keys)
+                )
+            )
+            for shop, node, epoch, watermark, gaps in rows:
+                out[(shop, node)] = SeqCursor(epoch, int(watermark), tuple((int(a), int(b)) for a, b in (gaps or [])))
+        return out
+
+    def write_batch(self, batch: WriteBatch, now: float | None = None) -> list[BusEvent]:
+        """Store one intake batch in one transaction; return the changes for the event bus."""
+        now = time.time() if now is None else now
+        events: list[BusEvent] = []
+        keys = set(batch.nodes) | set(batch.seen) | {(p.shop, p.node) for p, _ in batch.presences}
+        with self.engine.begin() as conn:
+            created, known = self._ensure(conn, sorted(keys), now)
+            events += created
+            events += self._store_uplinks(conn, batch, now)
+            events += self._store_presences(conn, batch.presences, now)
+            events += self._touch_nodes(conn, batch, now)
+        # Only a committed row is known; a rolled-back batch must create it again.
+        self._known_nodes.update(known)
+        self._known_shops.update(s for s, _ in known)
+        return events
+
+    def _store_uplinks(self, conn: Connection, batch: WriteBatch, now: float) -> list[BusEvent]:
+        heartbeats: list[dict[str, Any]] = []
+        facts: dict[NodeKey, dict[str, Any]] = {}
+        readings: dict[tuple[str, str, str, str], dict[str, Any]] = {}
+        event_rows: list[dict[str, Any]] = []
+        results: dict[str, dict[str, Any]] = {}
+        reported: dict[str, dict[str, Any]] = {}
+        for msg, received in batch.uplinks:
+            key = (msg.shop, msg.node)
+            if isinstance(msg, Heartbeat):
+                f = msg.facts
+                heartbeats.append(
+                    {
+                        "shop_id": msg.shop, "node_id": msg.node, "epoch": msg.epoch, "seq": msg.seq, "ts": msg.ts,
+                        "received_at": received, "cpu_load_1m": f.cpu_load_1m, "cpu_temp_c": f.cpu_temp_c,
+                        "mem_available_bytes": f.mem_available_bytes, "disk_free_bytes": f.disk_free_bytes,
+                        "outbox_depth": msg.outbox_depth, "metrics": dict(msg.metrics),
+                        "pipelines": {k: p.model_dump(mode="json") for k, p in msg.pipelines.items()},
+                    }
+                )
+                prev = facts.get(key)
+                if prev is None or prev["facts_at"] <= msg.ts:
+                    facts[key] = {
+                        "b_shop": msg.shop, "b_node": msg.node, "facts": f.model_dump(mode="json"),
+                        "arch": f.arch, "node_class": f.node_class, "agent_version": f.agent_version,
+                        "release": msg.release, "pipelines": heartbeats[-1]["pipelines"], "metrics": dict(msg.metrics),
+                        "facts_at": msg.ts, "heartbeat_interval_s": msg.interval_s,
+                    }
+            elif isinstance(msg, Telemetry):
+                for r in msg.readings:
+                    rk = (msg.shop, msg.node, r.source, r.name)
+                    prev_r = readings.get(rk)
+                    if prev_r is None or prev_r["ts"] <= msg.ts:
+                        readings[rk] = {
+                            "shop_id": msg.shop, "node_id": msg.node, "source": r.source, "name": r.name,
+                            "value": r.value, "unit": r.unit, "labels": dict(r.labels), "ts": msg.ts, "received_at": received,
+                        }
+            elif isinstance(msg, Event):
+                event_rows.append(
+                    {
+                        "shop_id": msg.shop, "node_id": msg.node, "kind": "event", "type": msg.type, "state": "",
+                        "severity": "", "source": msg.source, "message": "", "data": dict(msg.data),
+                        "at": msg.at if msg.at is not None else msg.ts, "received_at": received, "epoch": msg.epoch, "seq": msg.seq,
+                    }
+                )
+            elif isinstance(msg, Alert):
+                event_rows.append(
+                    {
+                        "shop_id": msg.shop, "node_id": msg.node, "kind": "alert", "type": msg.name, "state": msg.state,
+                        "severity": msg.severity, "source": msg.source, "message": msg.message, "data": dict(msg.data),
+                        "at": msg.ts, "received_at": received, "epoch": msg.epoch, "seq": msg.seq,
+                    }
+                )
+            elif isinstance(msg, CommandResult):
+                results[msg.correlation_id] = {
+                    "correlation_id": msg.correlation_id, "shop_id": msg.shop, "node_id": msg.node, "ok": msg.ok,
+                    "result": dict(msg.result), "error": msg.error, "ts": msg.ts, "received_at": received,
+                }
+            elif isinstance(msg, ReportedState):
+                reported[msg.shop] = {
+                    "shop_id": msg.shop, "node_id": msg.node, "release": msg.release, "revision": msg.revision,
+                    "status": msg.status, "error": msg.error, "objects": [o.model_dump(mode="json") for o in msg.objects],
+                    "ts": msg.ts, "received_at": received,
+                }
+        if heartbeats:
+            conn.execute(insert(HEARTBEATS), heartbeats)
+        if facts:
+            conn.execute(
+                update(NODES)
+                .where(NODES.c.shop_id == bindparam("b_shop"), NODES.c.node_id == bindparam("b_node"))
+                .values({c: bindparam(c) for c in next(iter(facts.values())) if not c.startswith("b_")}),
+                list(facts.values()),
+            )
+        self._upsert(conn, READINGS, list(readings.values()), ("shop_id", "node_id", "source", "name"))
+        self._upsert(conn, RESULTS, list(results.values()), ("correlation_id",))
+        self._upsert(conn, REPORTED, list(reported.values()), ("shop_id",))
+        out: list[BusEvent] = []
+        if event_rows:
+            ids = conn.execute(insert(EVENTS).returning(EVENTS.c.id, sort_by_parameter_order=True), event_rows).scalars().all()
+            for row_id, row in zip(ids, event_rows):
+                out.append(BusEvent(row["kind"], row["shop_id"], row["node_id"], {"id": row_id, **row}, now))
+        out += [BusEvent("reported_state", s, r["node_id"], r, now) for s, r in reported.items()]
+        return out
+
+    def _presence_rows(self, conn: Connection, keys: list[NodeKey]) -> dict[NodeKey, Any]:
+        if not keys:
+            return {}
+        rows = conn.execute(
+            select(NODES.c.shop_id, NODES.c.node_id, NODES.c.session, NODES.c.presence, NODES.c.presence_reason).where(
+                tuple_(NODES.c.shop_id, NODES.c.node_id).in_(keys)
+            )
+        )
+        return {(r.shop_id, r.node_id): r for r in rows}
+
+    def _set_presence(
+        self, conn: Connection, key: NodeKey, old: str, new: PresenceView, now: float, seen: float | None
+    ) -> BusEvent:
+        values: dict[str, Any] = {"session": new.session, "presence": new.presence, "presence_reason": new.reason}
+        if new.presence != old:
+            values["presence_changed_at"] = now
+        if seen is not None:
+            values["last_seen"] = seen
+        conn.execute(update(NODES).where(NODES.c.shop_id == key[0], NODES.c.node_id == key[1]).values(values))
+        data = {"old": old, "new": new.presence, "reason": new.reason, "session": new.session}
+        conn.execute(
+            insert(EVENTS),
+            [{"shop_id": key[0], "node_id": key[1], "kind": "presence", "type": new.presence, "state": old,
+              "severity": "", "source": "controller", "message": new.reason, "data": data, "at": now, "received_at": now}],
+        )
+        return BusEvent("presence", key[0], key[1], data, now)
+
+    def _store_presences(self, conn: Connection, presences: list[tuple[Presence, float]], now: float) -> list[BusEvent]:
+        if not presences:
+            return []
+        rows = self._presence_rows(conn, sorted({(p.shop, p.node) for p, _ in presences}))
+        state = {k: PresenceView(r.session, r.presence, r.presence_reason) for k, r in rows.items()}
+        out: list[BusEvent] = []
+        for msg, received in presences:
+            key = (msg.shop, msg.node)
+            current = state[key]
+            new = decide_presence(current, msg)
+            if new is None:
+                log.info(
+                    "ignoring %s presence of %s/%s session %s: registry holds session %s (%s)",
+                    msg.state, msg.shop, msg.node, msg.session, current.session, current.presence,
+                )
+                continue
+            out.append(self._set_presence(conn, key, current.presence, new, now, received if msg.state == "online" else None))
+            state[key] = new
+        return out
+
+    def _touch_nodes(self, conn: Connection, batch: WriteBatch, now: float) -> list[BusEvent]:
+        out: list[BusEvent] = []
+        if batch.nodes:
+            conn.execute(
+                update(NODES)
+                .where(NODES.c.shop_id == bindparam("b_shop"), NODES.c.node_id == bindparam("b_node"))
+                .values(
+                    epoch=bindparam("b_epoch"),
+                    watermark=bindparam("b_watermark"),
+                    gaps=bindparam("b_gaps", type_=NODES.c.gaps.type),
+                    messages_total=NODES.c.messages_total + bindparam("b_messages"),
+                    duplicates_total=NODES.c.duplicates_total + bindparam("b_duplicates"),
+                    missing_total=NODES.c.missing_total + bindparam("b_missing"),
+                ),
+                [
+                    {"b_shop": s, "b_node": n, "b_epoch": u.cursor.epoch, "b_watermark": u.cursor.watermark,
+                     "b_gaps": _gaps_json(u.cursor.gaps), "b_messages": u.messages, "b_duplicates": u.duplicates,
+                     "b_missing": u.missing}
+                    for (s, n), u in batch.nodes.items()
+                ],
+            )
+        if batch.seen:
+            conn.execute(
+                update(NODES)
+                .where(NODES.c.shop_id == bindparam("b_shop"), NODES.c.node_id == bindparam("b_node"))
+                .values(last_seen=func.max(func.coalesce(NODES.c.last_seen, 0), bindparam("b_seen")) if self._dialect == "sqlite"
+                        else func.greatest(func.coalesce(NODES.c.last_seen, 0), bindparam("b_seen"))),
+                [{"b_shop": s, "b_node": n, "b_seen": t} for (s, n), t in batch.seen.items()],
+            )
+            # Any message brings back a node that silence made stale or offline, or one never seen.
+            revive = self._presence_rows(conn, sorted(batch.seen))
+            for key, r in revive.items():
+                if r.presence in ("stale", "unknown") or (r.presence == "offline" and r.presence_reason == "timeout"):
+                    new = PresenceView(r.session, "online", "message")
+                    out.append(self._set_presence(conn, key, r.presence, new, now, None))
+        return out
+
+    def sweep_presence(self, settings: PresenceSettings, now: float | None = None) -> list[BusEvent]:
+        """Mark silent nodes stale, then offline (reason ``timeout``); return the changes."""
+        now = time.time() if now is None else now
+        interval = func.coalesce(NODES.c.heartbeat_interval_s, settings.default_interval_s)
+        out: list[BusEvent] = []
+        with self.engine.begin() as conn:
+            rows = conn.execute(
+                select(NODES.c.shop_id, NODES.c.node_id, NODES.c.session, NODES.c.presence, NODES.c.last_seen,
+                       NODES.c.heartbeat_interval_s).where(
+                    NODES.c.presence.in_(("online", "stale")),
+                    NODES.c.last_seen < now - interval * settings.stale_after_intervals,
+                )
+            ).all()
+            for r in rows:
+                iv = r.heartbeat_interval_s or settings.default_interval_s
+                new = silence_presence(r.presence, now - r.last_seen, iv, settings)
+                if new != r.presence:
+                    reason = "timeout" if new == "offline" else "silent"
+                    out.append(self._set_presence(conn, (r.shop_id, r.node_id), r.presence, PresenceView(r.session, new, reason), now, None))
+        return out
+
+    def enforce_retention(self, settings: RetentionSettings, now: float | None = None) -> dict[str, int]:
+        """Delete heartbeats and events beyond their count and age bounds; return rows deleted per table."""
+        now = time.time() if now is None else now
+        deleted: dict[str, int] = {}
+        with self.engine.begin() as conn:
+            for table, part, keep, max_age in (
+                (HEARTBEATS, (HEARTBEATS.c.shop_id, HEARTBEATS.c.node_id), settings.heartbeats_per_node, settings.heartbeat_max_age_s),
+                (EVENTS, (EVENTS.c.shop_id,), settings.events_per_shop, settings.event_max_age_s),
+            ):
+                n = conn.execute(delete(table).where(table.c.received_at < now - max_age)).rowcount
+                ranked = select(
+                    table.c.id, func.row_number().over(partition_by=part, order_by=table.c.id.desc()).label("rn")
+                ).subquery()
+                over = select(ranked.c.id).where(ranked.c.rn > keep)
+                n += conn.execute(delete(table).where(table.c.id.in_(over))).rowcount
+                deleted[table.name] = n
+        return deleted
+
+    def register_shop(
+        self, shop: str, *, name: str | None = None, region: str | None = None,
+        labels: dict[str, str] | None = None, timezone: str | None = None, now: float | None = None,
+    ) -> dict[str, Any]:
+        """Create a shop or update its name, region, labels and timezone; return it."""
+        validate_id(shop, "shop id")
+        now = time.time() if now is None else now
+        values = {k: v for k, v in {"name": name, "region": region, "labels": labels, "timezone": timezone}.items() if v is not None}
+        with self.engine.begin() as conn:
+            stmt = self._insert(SHOPS).values(
+                id=shop, name=name or shop, region=region or "", labels=labels or {}, timezone=timezone or "UTC", created_at=now
+            )
+            if values:
+                stmt = stmt.on_conflict_do_update(index_elements=["id"], set_=values)
+            else:
+                stmt = stmt.on_conflict_do_nothing()
+            conn.execute(stmt)
+        self._known_shops.add(shop)
+        return self.get_shop(shop, with_nodes=False)
+
+    # ----- reader side ---------------------------------------------------------------------
+
+    @staticmethod
+    def _shop_dict(r: Any) -> dict[str, Any]:
+        return {"id": r.id, "name": r.name, "region": r.region, "labels": r.labels or {}, "timezone": r.timezone, "created_at": r.created_at}
+
+    @staticmethod
+    def _node_dict(r: Any) -> dict[str, Any]:
+        return {
+            "shop": r.shop_id, "node": r.node_id, "node_class": r.node_class, "arch": r.arch,
+            "agent_version": r.agent_version, "release": r.release, "presence": r.presence,
+            "presence_reason": r.presence_reason, "presence_changed_at": r.presence_changed_at,
+            "session": r.session, "last_seen": r.last_seen, "first_seen": r.first_seen,
+            "heartbeat_interval_s": r.heartbeat_interval_s, "epoch": r.epoch, "watermark": r.watermark,
+            "open_gaps": sum(b - a + 1 for a, b in (r.gaps or [])), "messages_total": r.messages_total,
+            "duplicates_total": r.duplicates_total, "missing_total": r.missing_total,
+        }
+
+    def list_shops(
+        self, *, region: str | None = None, labels: dict[str, str] | None = None, presence: str | None = None,
+        q: str | None = None, limit: int = 100, offset: int = 0,
+    ) -> tuple[list[dict[str, Any]], int]:
+        """Return one page of shops (with node counts by presence) matching the filters, and the total."""
+        conds = []
+        if region:
+            conds.append(SHOPS.c.region == region)
+        if q:
+            like = f"%{q.lower()}%"
+            conds.append(or_(func.lower(SHOPS.c.id).like(like), func.lower(SHOPS.c.name).like(like)))
+        if presence:
+            conds.append(SHOPS.c.id.in_(select(NODES.c.shop_id).where(NODES.c.presence == presence)))
+        with self.engine.connect() as conn:
+            rows = [self._shop_dict(r) for r in conn.execute(select(SHOPS).where(*conds).order_by(SHOPS.c.id))]
+            if labels:
+                rows = [r for r in rows if all(r["labels"].get(k) == v for k, v in labels.items())]
+            total = len(rows)
+            page = rows[offset: offset + limit]
+            ids = [r["id"] for r in page]
+            counts: dict[str, dict[str, int]] = {i: {} for i in ids}
+            if ids:
+                for shop, pres, n in conn.execute(
+                    select(NODES.c.shop_id, NODES.c.presence, func.count()).where(NODES.c.shop_id.in_(ids)).group_by(NODES.c.shop_id, NODES.c.presence)
+                ):
+                    counts[shop][pres] = n
+        for r in page:
+            r["nodes_by_presence"] = counts[r["id"]]
+            r["nodes"] = sum(counts[r["id"]].values())
+        return page, total
+
+    def get_shop(self, shop: str, *, with_nodes: bool = True) -> dict[str, Any]:
+        """Return a shop with its nodes, latest readings and reported state; raise ``NotFound``."""
+        with self.engine.connect() as conn:
+            r = conn.execute(select(SHOPS).where(SHOPS.c.id == shop)).first()
+            if r is None:
+                raise NotFound(f"shop {shop!r} is not in the registry")
+            out = self._shop_dict(r)
+            if with_nodes:
+                out["nodes"] = [self._node_dict(n) for n in conn.execute(select(NODES).where(NODES.c.shop_id == shop).order_by(NODES.c.node_id))]
+                out["readings"] = [
+                    {"node": x.node_id, "source": x.source, "name": x.name, "value": x.value, "unit": x.unit,
+                     "labels": x.labels or {}, "ts": x.ts, "received_at": x.received_at}
+                    for x in conn.execute(select(READINGS).where(READINGS.c.shop_id == shop).order_by(READINGS.c.node_id, READINGS.c.source, READINGS.c.name))
+                ]
+                rep = conn.execute(select(REPORTED).where(REPORTED.c.shop_id == shop)).first()
+                out["reported_state"] = None if rep is None else {
+                    "node": rep.node_id, "release": rep.release, "revision": rep.revision, "status": rep.status,
+                    "error": rep.error, "objects": rep.objects or [], "ts": rep.ts, "received_at": rep.received_at,
+                }
+        return out
+
+    def get_node(self, shop: str, node: str, *, history: int = 60) -> dict[str, Any]:
+        """Return a node with its latest facts and its most recent heartbeats; raise ``NotFound``."""
+        with self.engine.connect() as conn:
+            r = conn.execute(select(NODES).where(NODES.c.shop_id == shop, NODES.c.node_id == node)).first()
+            if r is None:
+                raise NotFound(f"node {shop}/{node} is not in the registry")
+            out = self._node_dict(r)
+            out.update(facts=r.facts, facts_at=r.facts_at, pipelines=r.pipelines or {}, metrics=r.metrics or {},
+                       gaps=[list(g) for g in (r.gaps or [])])
+            hb = conn.execute(
+                select(HEARTBEATS).where(HEARTBEATS.c.shop_id == shop, HEARTBEATS.c.node_id == node).order_by(HEARTBEATS.c.id.desc()).limit(history)
+            )
+            out["history"] = [
+                {"seq": h.seq, "epoch": h.epoch, "ts": h.ts, "received_at": h.received_at, "cpu_load_1m": h.cpu_load_1m,
+                 "cpu_temp_c": h.cpu_temp_c, "mem_available_bytes": h.mem_available_bytes, "disk_free_bytes": h.disk_free_bytes,
+                 "outbox_depth": h.outbox_depth, "metrics": h.metrics or {}}
+                for h in hb
+            ]
+        return out
+
+    def list_events(
+        self, shop: str | None = None, *, kind: str | None = None, after_id: int = 0, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        """Return events (newest first; or oldest first after ``after_id`` for a live feed)."""
+        conds = []
+        if shop:
+            conds.append(EVENTS.c.shop_id == shop)
+        if kind:
+            conds.append(EVENTS.c.kind == kind)
+        order = EVENTS.c.id.desc()
+        if after_id:
+            conds.append(EVENTS.c.id > after_id)
+            order = EVENTS.c.id.asc()
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(EVENTS).where(*conds).order_by(order).limit(limit))
+            return [
+                {"id": e.id, "shop": e.shop_id, "node": e.node_id, "kind": e.kind, "type": e.type, "state": e.state,
+                 "severity": e.severity, "source": e.source, "message": e.message, "data": e.data or {}, "at": e.at,
+                 "received_at": e.received_at, "seq": e.seq}
+                for e in rows
+            ]
+
+    def command_result(self, correlation_id: str) -> dict[str, Any] | None:
+        """Return the stored answer to a command, or None while there is none."""
+        with self.engine.connect() as conn:
+            r = conn.execute(select(RESULTS).where(RESULTS.c.correlation_id == correlation_id)).first()
+        if r is None:
+            return None
+        return {"correlation_id": r.correlation_id, "shop": r.shop_id, "node": r.node_id, "ok": r.ok,
+                "result": r.result or {}, "error": r.error, "ts": r.ts, "received_at": r.received_at}
+
+    def presence_counts(self) -> dict[str, int]:
+        """Return the number of nodes in each presence state (every state present, zero if none)."""
+        counts = {p: 0 for p in ("online", "stale", "offline", "unknown")}
+        with self.engine.connect() as conn:
+            for pres, n in conn.execute(select(NODES.c.presence, func.count()).group_by(NODES.c.presence)):
+                counts[pres] = n
+        return counts
+
+    def node_keys(self) -> list[NodeKey]:
+        """Return every (shop, node) the registry knows."""
+        with self.engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(select(NODES.c.shop_id, NODES.c.node_id).order_by(NODES.c.shop_id, NODES.c.node_id))]

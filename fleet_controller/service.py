@@ -1,0 +1,419 @@
+"""The controller process: intake, presence sweeper, retention, clock beacon, presence and API in one asyncio loop.
+
+:class:`ControllerService` owns every long-running part and is what ``shopfleet controller``
+runs and what tests start in-process (``await service.start()`` / ``await service.stop()``; the
+API port comes from the settings, 0 picks a free one, :attr:`ControllerService.api_url` says which).
+
+Extension points (other parts of the controller plug in here, before ``start()``):
+
+1. ``service.add_worker(name, coro_fn)``: a background task, supervised with a restart budget
+   (the rollout executor and the alert evaluator run this way). ``coro_fn()`` is called with no
+   arguments (use ``functools.partial`` to bind the service) and must run until cancelled.
+2. ``service.bus``: an in-process :class:`EventBus` of registry changes
+   (:class:`fleet_controller.registry.BusEvent`: ``presence``, ``event``, ``alert``,
+   ``node_added``, ``shop_added``, ``reported_state``, plus whatever workers publish, e.g.
+   ``alert_changed``). ``async with service.bus.subscribe({"presence"}) as sub: async for ev in
+   sub: ...`` is what the dashboard's server-sent events do.
+3. ``service.mqtt.publish(topic, payload, retain=..., qos=...)``: awaitable publish that returns
+   once the broker acknowledged it (the rollout executor publishes signed desired state with it).
+4. ``service.add_router(router)`` and ``service.add_dependency(Depends(...))``: included in the
+   app :func:`fleet_controller.app.create_app` builds; a dependency guards every route
+   (authentication). ``service.app_state`` entries become ``app.state`` attributes.
+
+All database writes go through one writer thread (``service.writer``), so the intake's batches,
+the sweeper and retention never race; workers that write their own tables use their own sessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+from fastapi import APIRouter
+from fastapi.params import Depends
+from prometheus_client import CollectorRegistry
+
+from edge_agent.protocol import ClockBeacon, ControllerPresence, Topics, encode
+from fleet_controller import migrations
+from fleet_controller.app import create_app
+from fleet_controller.db import create_engine
+from fleet_controller.intake import Intake
+from fleet_controller.metrics import ControllerMetrics
+from fleet_controller.mqtt import MqttAdapter, MqttConfig, Will
+from fleet_controller.registry import BusEvent, Registry
+from fleet_controller.settings import ControllerSettings
+
+log = logging.getLogger(__name__)
+
+WORKER_RESTART_BUDGET = 5
+"""Crashes a worker may have within WORKER_RESTART_WINDOW_S before it is given up (health turns
+degraded). Higher keeps a flaky worker alive longer; lower surfaces a broken one sooner."""
+WORKER_RESTART_WINDOW_S = 300.0
+
+
+# --------------------------------------------------------------------------------------------
+# Event bus
+# --------------------------------------------------------------------------------------------
+
+
+class Subscription:
+    """One subscriber's bounded queue of bus events; iterate it with ``async for``."""
+
+    def __init__(self, bus: "EventBus", topics: frozenset[str] | None, maxsize: int) -> None:
+        self._bus = bus
+        self.topics = topics
+        self.queue: asyncio.Queue[BusEvent] = asyncio.Queue(maxsize)
+        self.dropped = 0
+
+    def wants(self, event: BusEvent) -> bool:
+        """Return whether this subscriber asked for the event's topic."""
+        return self.topics is None or event.topic in self.topics
+
+    async def get(self) -> BusEvent:
+        """Return the next event, waiting for one."""
+        return await self.queue.get()
+
+    def __aiter__(self) -> "Subscription":
+        return self
+
+    async def __anext__(self) -> BusEvent:
+        return await self.queue.get()
+
+    def close(self) -> None:
+        """Stop receiving events."""
+        self._bus._subs.discard(self)
+
+
+class EventBus:
+    """In-process async pub/sub of registry changes; a slow subscriber loses events, never blocks the intake."""
+
+    def __init__(self, metrics: ControllerMetrics | None = None) -> None:
+        self._subs: set[Subscription] = set()
+        self._metrics = metrics
+
+    def publish(self, event: BusEvent) -> None:
+        """Deliver ``event`` to every interested subscriber (call on the event loop's thread)."""
+        for sub in list(self._subs):
+            if not sub.wants(event):
+                continue
+            try:
+                sub.queue.put_nowait(event)
+            except asyncio.QueueFull:
+                sub.dropped += 1
+                if self._metrics is not None:
+                    self._metrics.bus_dropped.inc()
+
+    def publish_many(self, events: Iterable[BusEvent]) -> None:
+        """Publish each of ``events`` in order."""
+        for e in events:
+            self.publish(e)
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self, topics: Iterable[str] | None = None, maxsize: int = 1000) -> AsyncIterator[Subscription]:
+        """Subscribe to ``topics`` (all when None) for the duration of the ``async with`` block."""
+        sub = Subscription(self, frozenset(topics) if topics is not None else None, maxsize)
+        self._subs.add(sub)
+        try:
+            yield sub
+        finally:
+            sub.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Workers
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Worker:
+    name: str
+    coro_fn: Callable[[], Awaitable[None]]
+    task: asyncio.Task | None = None
+    state: str = "pending"  # pending, running, backoff, failed, stopped
+    crashes: list[float] = field(default_factory=list)
+
+
+class _QuietServer(uvicorn.Server):
+    """uvicorn without its own signal handling: the service decides when to stop."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):  # type: ignore[override]
+        yield
+
+
+def mqtt_config(settings: ControllerSettings) -> MqttConfig:
+    """Return the adapter config for the controller's settings (subscriptions, Will, session)."""
+    b = settings.broker
+    will = ControllerPresence(state="offline", instance=settings.instance)
+    return MqttConfig(
+        host=b.host, port=b.port, client_id=b.client_id, subscriptions=tuple(Topics.controller_subscriptions),
+        username=b.username, password=b.password, keepalive_s=b.keepalive_s, protocol=b.protocol,
+        shared_group=b.shared_group, tls=b.tls, tls_ca_file=str(b.tls_ca_file) if b.tls_ca_file else None,
+        will=Will(Topics.controller_presence, encode(will), qos=1, retain=True),
+    )
+
+
+class ControllerService:
+    """The whole controller in one asyncio process; see the module docstring for its extension points."""
+
+    def __init__(
+        self,
+        settings: ControllerSettings,
+        *,
+        metrics_registry: CollectorRegistry | None = None,
+        migrate: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.metrics_registry = metrics_registry or CollectorRegistry()
+        self.metrics = ControllerMetrics(self.metrics_registry)
+        self.bus = EventBus(self.metrics)
+        if settings.db_url is None:
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.engine = create_engine(settings.database_url())
+        self.registry = Registry(self.engine)
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="registry-writer")
+        self.intake = Intake(
+            self.registry, self.metrics, settings.intake, writer=self.writer,
+            ack=self._ack, on_events=self._publish_events,
+        )
+        self.mqtt = MqttAdapter(
+            mqtt_config(settings), self.intake.submit, on_connect=[self._announce], on_state=self._mqtt_state
+        )
+        self.app_state: dict[str, Any] = {"service": self, "bus": self.bus}
+        self._migrate = migrate
+        self._routers: list[APIRouter] = []
+        self._dependencies: list[Depends] = []
+        self._workers: dict[str, _Worker] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._server: uvicorn.Server | None = None
+        self._server_task: asyncio.Task | None = None
+        self._sock: socket.socket | None = None
+        self._connections = 0
+        self._started = False
+        self.app = None
+
+    # ----- extension points ----------------------------------------------------------------------
+
+    def add_worker(self, name: str, coro_fn: Callable[[], Awaitable[None]]) -> None:
+        """Run ``coro_fn()`` as a supervised background task named ``name`` (restarted with backoff if it crashes)."""
+        if name in self._workers:
+            raise ValueError(f"a worker named {name!r} is already registered; pick another name")
+        w = _Worker(name, coro_fn)
+        self._workers[name] = w
+        if self._started:
+            self._tasks.append(asyncio.create_task(self._supervise(w), name=f"worker:{name}"))
+
+    def add_router(self, router: APIRouter) -> None:
+        """Include ``router`` in the API (call before ``start``)."""
+        self._check_not_started("add_router")
+        self._routers.append(router)
+
+    def add_dependency(self, dependency: Depends) -> None:
+        """Guard every API route with ``dependency`` (a ``Depends(...)``; call before ``start``)."""
+        self._check_not_started("add_dependency")
+        self._dependencies.append(dependency)
+
+    def _check_not_started(self, what: str) -> None:
+        if self._started:
+            raise RuntimeError(f"{what} must be called before ControllerService.start()")
+
+    # ----- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def api_port(self) -> int:
+        """Return the port the API listens on (the real one when the settings said 0)."""
+        if self._sock is None:
+            raise RuntimeError("the API is not listening yet: await start() first")
+        return self._sock.getsockname()[1]
+
+    @property
+    def api_url(self) -> str:
+        """Return ``http://host:port`` of the API."""
+        return f"http://{self.settings.api.host}:{self.api_port}"
+
+    async def start(self, *, connect_timeout: float = 30.0) -> None:
+        """Migrate the database, start the API, connect to the broker, start every task."""
+        loop = asyncio.get_running_loop()
+        if self._migrate:
+            await loop.run_in_executor(self.writer, migrations.upgrade, self.engine)
+        else:
+            behind = await loop.run_in_executor(self.writer, migrations.pending, self.engine)
+            if behind:
+                raise RuntimeError(
+                    f"database {self.engine.url.render_as_string()} lacks revisions {sorted(behind)}: "
+                    "run without --no-migrate to upgrade it"
+                )
+        self.metrics.watch_presence(self.registry.presence_counts)
+        self.app = create_app(
+            self.registry, self.metrics_registry, routers=self._routers, dependencies=self._dependencies,
+            health=self.health, state=self.app_state,
+        )
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((self.settings.api.host, self.settings.api.port))
+        self._sock.listen(128)
+        self._sock.setblocking(False)
+        self._server = _QuietServer(uvicorn.Config(self.app, log_level="warning", lifespan="off", access_log=False))
+        self._server_task = asyncio.create_task(self._server.serve(sockets=[self._sock]), name="api")
+        self._started = True
+        self._tasks += [
+            asyncio.create_task(self.intake.run(), name="intake"),
+            asyncio.create_task(self._every(self.settings.presence.sweep_interval_s, self._sweep), name="presence-sweeper"),
+            asyncio.create_task(self._every(self.settings.retention.interval_s, self._retention), name="retention"),
+            asyncio.create_task(self._every(self.settings.clock_interval_s, self._beacon), name="clock-beacon"),
+        ]
+        for w in self._workers.values():
+            self._tasks.append(asyncio.create_task(self._supervise(w), name=f"worker:{w.name}"))
+        self.mqtt.start()
+        await asyncio.to_thread(self.mqtt.wait_connected, connect_timeout)
+        deadline = time.monotonic() + 10
+        while not self._server.started and time.monotonic() < deadline:
+            if self._server_task.done():
+                self._server_task.result()
+            await asyncio.sleep(0.02)
+        log.info("controller %s: API on %s, broker %s:%s, database %s", self.settings.instance, self.api_url,
+                 self.settings.broker.host, self.settings.broker.port, self.engine.url.render_as_string())
+
+    async def stop(self) -> None:
+        """Say goodbye on MQTT (retained offline presence), stop every task and the API, close the database."""
+        if not self._started:
+            return
+        self._started = False
+        if self.mqtt.connected:
+            try:
+                await self.mqtt.publish(
+                    Topics.controller_presence, encode(ControllerPresence(state="offline", instance=self.settings.instance)),
+                    retain=True, timeout=5,
+                )
+            except Exception as exc:  # noqa: BLE001 - shutting down anyway; the Will covers it
+                log.warning("could not publish offline presence: %s", exc)
+        await asyncio.to_thread(self.mqtt.stop)
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self._server is not None:
+            self._server.should_exit = True
+            await asyncio.gather(self._server_task, return_exceptions=True)
+        if self._sock is not None:
+            self._sock.close()
+        await asyncio.to_thread(self.writer.shutdown, True)
+        self.engine.dispose()
+
+    def health(self) -> dict[str, Any]:
+        """Return the health report of /healthz: ``ok`` when connected and no worker has failed."""
+        workers = {w.name: w.state for w in self._workers.values()}
+        ok = self.mqtt.connected and "failed" not in workers.values()
+        return {
+            "status": "ok" if ok else "degraded",
+            "instance": self.settings.instance,
+            "mqtt_connected": self.mqtt.connected,
+            "workers": workers,
+            "messages_stored": self.intake.stored_total,
+        }
+
+    # ----- internals ---------------------------------------------------------------------------
+
+    def _ack(self, message) -> None:
+        self.mqtt.ack(message)
+
+    def _publish_events(self, events: Iterable[BusEvent]) -> None:
+        for e in events:
+            if e.topic == "presence":
+                self.metrics.presence_changes.labels(presence=e.data["new"]).inc()
+            self.bus.publish(e)
+
+    def _mqtt_state(self, connected: bool) -> None:
+        self.metrics.mqtt_connected.set(1 if connected else 0)
+        if connected:
+            self._connections += 1
+            if self._connections > 1:
+                self.metrics.mqtt_reconnects.inc()
+
+    def _announce(self, session_present: bool) -> None:
+        """Publish the retained online presence after every (re)connection (network thread)."""
+        msg = ControllerPresence(state="online", instance=self.settings.instance)
+        self.mqtt.publish_nowait(Topics.controller_presence, encode(msg), retain=True, qos=1)
+
+    async def _every(self, period: float, job: Callable[[], Awaitable[None]]) -> None:
+        while True:
+            try:
+                await job()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a periodic job must not die of one failure
+                log.exception("periodic job %s failed; it runs again in %.1fs", getattr(job, "__name__", job), period)
+            await asyncio.sleep(period)
+
+    async def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        events = await loop.run_in_executor(self.writer, self.registry.sweep_presence, self.settings.presence)
+        self._publish_events(events)
+
+    async def _retention(self) -> None:
+        loop = asyncio.get_running_loop()
+        deleted = await loop.run_in_executor(self.writer, self.registry.enforce_retention, self.settings.retention)
+        for table, n in deleted.items():
+            if n:
+                self.metrics.retention_deleted.labels(table=table).inc(n)
+
+    async def _beacon(self) -> None:
+        if self.mqtt.connected:
+            self.mqtt.publish_nowait(Topics.controller_clock, encode(ClockBeacon(instance=self.settings.instance)), qos=0)
+
+    async def _supervise(self, w: _Worker) -> None:
+        while True:
+            w.state = "running"
+            try:
+                await w.coro_fn()
+                w.state = "stopped"
+                log.info("worker %s finished", w.name)
+                return
+            except asyncio.CancelledError:
+                w.state = "stopped"
+                raise
+            except Exception:
+                now = time.monotonic()
+                w.crashes = [t for t in w.crashes if now - t < WORKER_RESTART_WINDOW_S] + [now]
+                if len(w.crashes) > WORKER_RESTART_BUDGET:
+                    w.state = "failed"
+                    log.exception("worker %s crashed %s times in %.0fs; giving up", w.name, len(w.crashes), WORKER_RESTART_WINDOW_S)
+                    return
+                delay = min(2 ** (len(w.crashes) - 1), 60)
+                w.state = "backoff"
+                self.metrics.worker_restarts.labels(worker=w.name).inc()
+                log.exception("worker %s crashed; restarting in %ss", w.name, delay)
+                await asyncio.sleep(delay)
+
+
+def run_controller(settings: ControllerSettings, *, migrate: bool = True) -> int:
+    """Run the controller until SIGINT or SIGTERM; return the exit code."""
+
+    async def main() -> int:
+        service = ControllerService(settings, migrate=migrate)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await service.start()
+        except Exception as exc:
+            log.error("controller failed to start: %s", exc)
+            await service.stop()
+            return 1
+        print(f"controller {settings.instance}: API {service.api_url} (docs at {service.api_url}/docs)", flush=True)
+        await stop.wait()
+        log.info("stopping")
+        await service.stop()
+        return 0
+
+    return asyncio.run(main())

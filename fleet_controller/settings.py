@@ -1,0 +1,255 @@
+"""Settings of the fleet controller: one pydantic model, loaded from YAML, environment and flags.
+
+Precedence is file < environment < flags, the usual order for a daemon that runs under
+systemd or Kubernetes (file in a ConfigMap, secrets in the environment, one-off overrides on the
+command line). Every field has a description (``docs/controller.md`` lists them) and unknown keys
+are refused, so a typo in a config file is an error naming the file, the key and the fix rather
+than a silently ignored setting.
+
+Environment variables are ``SHOPFLEET_CONTROLLER_<SECTION>__<KEY>`` (double underscore between
+levels), e.g. ``SHOPFLEET_CONTROLLER_BROKER__PASSWORD``; top-level keys drop the section, e.g.
+``SHOPFLEET_CONTROLLER_DB_URL``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ENV_PREFIX = "SHOPFLEET_CONTROLLER_"
+_TOPIC_GROUP_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class SettingsError(ValueError):
+    """Settings that cannot be used; the message names the source, the key and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BrokerSettings(_Section):
+    """How the controller reaches the MQTT broker."""
+
+    host: str = Field("127.0.0.1", description="Broker host name or address.")
+    port: int = Field(1883, ge=1, le=65535, description="Broker TCP port (8883 is usual with TLS).")
+    username: str | None = Field(None, description="MQTT username of the controller; None connects anonymously.")
+    password: str | None = Field(None, description="MQTT password; prefer the environment or a password file over the YAML file.")
+    client_id: str = Field(
+        "shopfleet-controller",
+        min_length=1,
+        max_length=64,
+        description="Stable client id: the broker keeps the persistent session (queued QoS 1 messages) under it, "
+        "so it must stay the same across restarts and differ between controller replicas.",
+    )
+    keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive; lower notices a dead link sooner but costs more pings.")
+    tls: bool = Field(False, description="Connect with TLS.")
+    tls_ca_file: Path | None = Field(None, description="CA bundle to verify the broker with (system CAs when unset).")
+    protocol: Literal["3.1.1", "5"] = Field("3.1.1", description="MQTT version; '5' is needed for shared_group.")
+    shared_group: str | None = Field(
+        None,
+        description="MQTT 5 shared-subscription group ($share/<group>/...), so several controller replicas split one "
+        "stream. Unset: every controller gets every message.",
+    )
+
+    @field_validator("shared_group")
+    @classmethod
+    def _group_ok(cls, v: str | None) -> str | None:
+        if v is not None and not _TOPIC_GROUP_RE.match(v):
+            raise ValueError("use 1-64 letters, digits, '_' or '-' (no '/', '+' or '#')")
+        return v
+
+    @model_validator(mode="after")
+    def _shared_needs_v5(self) -> "BrokerSettings":
+        if self.shared_group and self.protocol != "5":
+            raise ValueError("shared_group needs protocol: '5' (shared subscriptions are an MQTT 5 feature)")
+        return self
+
+
+class ApiSettings(_Section):
+    """Where the REST API listens."""
+
+    host: str = Field("127.0.0.1", description="Bind address; 0.0.0.0 to serve other machines.")
+    port: int = Field(8080, ge=0, le=65535, description="TCP port; 0 picks a free one (tests, demo).")
+
+
+class PresenceSettings(_Section):
+    """How long silence may last before a node counts as stale, then offline."""
+
+    stale_after_intervals: float = Field(
+        2.5,
+        gt=1,
+        description="A node is stale after this many heartbeat intervals without a message. Lower flags trouble "
+        "sooner but turns one lost heartbeat into a false alarm.",
+    )
+    offline_after_intervals: float = Field(
+        6.0, gt=1, description="A node without a Will is offline after this many silent intervals."
+    )
+    default_interval_s: float = Field(10.0, gt=0, description="Heartbeat interval assumed before a node's first heartbeat says its own.")
+    sweep_interval_s: float = Field(1.0, gt=0, description="How often presence is recomputed; lower is more exact but costs a query each time.")
+
+    @model_validator(mode="after")
+    def _order(self) -> "PresenceSettings":
+        if self.offline_after_intervals <= self.stale_after_intervals:
+            raise ValueError("offline_after_intervals must be larger than stale_after_intervals")
+        return self
+
+
+class RetentionSettings(_Section):
+    """Bounds on history, so the registry stays small on a fleet that runs for years."""
+
+    heartbeats_per_node: int = Field(360, ge=1, description="Heartbeats kept per node (360 = one hour at 10 s).")
+    heartbeat_max_age_s: float = Field(86400.0, gt=0, description="Heartbeats older than this are deleted.")
+    events_per_shop: int = Field(5000, ge=1, description="Events and alerts kept per shop.")
+    event_max_age_s: float = Field(30 * 86400.0, gt=0, description="Events older than this are deleted.")
+    interval_s: float = Field(60.0, gt=0, description="How often retention runs.")
+
+
+class IntakeSettings(_Section):
+    """Batching of the intake: one transaction per batch."""
+
+    batch_max_messages: int = Field(
+        500, ge=1, le=100_000, description="Largest batch; larger is faster on SQLite but holds more unacknowledged messages."
+    )
+    batch_max_delay_s: float = Field(
+        0.1, gt=0, le=10, description="Longest a message waits for its batch to be written; lower cuts latency, costs throughput."
+    )
+    log_every_s: float = Field(60.0, gt=0, description="A rejected message of a given reason is logged at most once per this many seconds.")
+
+
+class ControllerSettings(_Section):
+    """Everything ``shopfleet controller`` needs."""
+
+    data_dir: Path = Field(
+        default_factory=lambda: Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local/share")) / "shopfleet",
+        description="Directory for the default SQLite database.",
+    )
+    db_url: str | None = Field(None, description="SQLAlchemy URL; unset means SQLite at <data_dir>/controller.db.")
+    instance: str = Field(
+        default_factory=lambda: f"controller-{uuid.uuid4().hex[:8]}",
+        max_length=64,
+        description="Name of this controller instance in its presence and clock messages.",
+    )
+    clock_interval_s: float = Field(5.0, gt=0, description="Period of the clock beacon agents estimate their offset from.")
+    broker: BrokerSettings = Field(default_factory=BrokerSettings, description="MQTT broker connection.")
+    api: ApiSettings = Field(default_factory=ApiSettings, description="REST API listener.")
+    presence: PresenceSettings = Field(default_factory=PresenceSettings, description="Presence timing.")
+    retention: RetentionSettings = Field(default_factory=RetentionSettings, description="History bounds.")
+    intake: IntakeSettings = Field(default_factory=IntakeSettings, description="Intake batching.")
+
+    def database_url(self) -> str:
+        """Return the registry URL, defaulting to SQLite in ``data_dir``."""
+        return self.db_url or f"sqlite:///{self.data_dir / 'controller.db'}"
+
+
+def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Return the settings given by ``SHOPFLEET_CONTROLLER_*`` variables as a nested dict."""
+    out: dict[str, Any] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX):].split("__")]
+        cur = out
+        for p in path[:-1]:
+            cur = cur.setdefault(p, {})
+        cur[path[-1]] = value
+    return out
+
+
+def _split_hostport(value: str, flag: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise SettingsError(f"{flag} {value!r}: use HOST:PORT, e.g. 127.0.0.1:1883")
+    return host, int(port)
+
+
+def overrides_from_args(args: Any) -> dict[str, Any]:
+    """Return the settings given by the ``shopfleet controller`` flags as a nested dict."""
+    out: dict[str, Any] = {}
+    broker: dict[str, Any] = {}
+    if getattr(args, "data_dir", None):
+        out["data_dir"] = args.data_dir
+    if getattr(args, "db_url", None):
+        out["db_url"] = args.db_url
+    if getattr(args, "broker", None):
+        broker["host"], broker["port"] = _split_hostport(args.broker, "--broker")
+    if getattr(args, "mqtt_username", None):
+        broker["username"] = args.mqtt_username
+    if getattr(args, "mqtt_password_file", None):
+        try:
+            broker["password"] = Path(args.mqtt_password_file).read_text().splitlines()[0]
+        except (OSError, IndexError) as exc:
+            raise SettingsError(f"--mqtt-password-file {args.mqtt_password_file}: cannot read a password from it ({exc})") from None
+    if getattr(args, "client_id", None):
+        broker["client_id"] = args.client_id
+    if getattr(args, "shared_group", None):
+        broker["shared_group"] = args.shared_group
+        broker["protocol"] = "5"
+    if broker:
+        out["broker"] = broker
+    if getattr(args, "api", None):
+        host, port = _split_hostport(args.api, "--api")
+        out["api"] = {"host": host, "port": port}
+    return out
+
+
+def _describe(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid controller settings ({source}):"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(root)"
+        if err["type"] == "extra_forbidden":
+            fix = "remove it or check its spelling against docs/controller.md"
+        else:
+            fix = "fix the value"
+        lines.append(f"  {key}: {err['msg']} ({fix})")
+    return "\n".join(lines)
+
+
+def load_settings(
+    path: str | os.PathLike | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> ControllerSettings:
+    """Load settings from a YAML file, the environment and overrides; raise ``SettingsError`` naming the problem."""
+    data: dict[str, Any] = {}
+    sources = []
+    if path is not None:
+        p = Path(path)
+        sources.append(f"file {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except OSError as exc:
+            raise SettingsError(f"cannot read settings file {p}: {exc.strerror}; pass an existing file to --config") from None
+        except yaml.YAMLError as exc:
+            raise SettingsError(f"settings file {p} is not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise SettingsError(f"settings file {p} must hold a mapping of keys (e.g. 'broker:'), not {type(loaded).__name__}")
+        data = loaded
+    env = env_overrides(os.environ if environ is None else environ)
+    if env:
+        sources.append(f"environment {ENV_PREFIX}*")
+        data = _deep_merge(data, env)
+    if overrides:
+        sources.append("command-line flags")
+        data = _deep_merge(data, overrides)
+    try:
+        return ControllerSettings.model_validate(data)
+    except ValidationError as exc:
+        raise SettingsError(_describe(exc, ", ".join(sources) or "defaults")) from None

@@ -1,0 +1,480 @@
+"""The host side of a sensor board: find it, keep talking to it, turn its frames into events.
+
+Shaped by what goes wrong with USB serial boards in a shop:
+
+* **Ports move.** A board is found by an explicit path (a ``/dev/serial/by-id/...`` link, which
+  udev re-points when the board comes back) or by USB VID:PID, and is only trusted once it
+  says HELLO with its id and sensor inventory.
+* **Cables get pulled.** Any read or write failure closes the port; the driver re-resolves the
+  path and reopens it with exponential backoff, counting reconnects.
+* **Lines carry garbage.** Bytes are cut into frames at the COBS delimiter; a bad frame is
+  counted by reason (Prometheus) and dropped, and the next delimiter resynchronises.
+* **Boards reboot and lose frames.** Sequence numbers reveal lost frames (counted); a HELLO with
+  sequence 0 or an uptime that went backwards is a reboot (counted, not a loss).
+
+:class:`BoardConnection` is one open port used from one thread; :class:`Driver` is the loop
+that owns connections, reconnects and feeds :class:`~hardware.events.BoardProcessor`. Its
+output goes to a callback, so the CLI prints JSON lines and the edge agent's pipeline forwards
+to its outbox with the same code. Metrics live on a registry passed in (STYLE.md 9).
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Literal
+
+import serial
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import GaugeMetricFamily
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from hardware.events import BoardProcessor, Event, Reading, TemperatureSettings
+from hardware.frames import (
+    UNIT_NAME,
+    UNIT_SCALE,
+    Ack,
+    AckStatus,
+    ChannelKind,
+    Command,
+    FrameError,
+    FrameSplitter,
+    FrameType,
+    Hello,
+    Readings,
+    SensorFrame,
+    ValueStatus,
+    decode_message,
+    encode_message,
+)
+from hardware.planogram import Planogram
+from hardware.stability import StabilitySettings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_USB_IDS = ("2341:0043", "2341:0001", "2341:0243", "2a03:0043", "1a86:7523", "0403:6001")
+"""VID:PID of Arduino Uno/Nano boards and their common USB-serial chips (CH340, FT232)."""
+
+DRIVER_REJECT_REASONS = ("no_hello", "channel_mismatch", "unexpected_type")
+"""Reasons a valid frame is dropped, besides the codec's (hardware.frames.REJECT_REASONS)."""
+
+_KIND_NAME = {ChannelKind.LOAD_CELL: "load_cell", ChannelKind.DOOR: "door", ChannelKind.TEMPERATURE: "temperature"}
+
+
+class BoardError(Exception):
+    """Base of driver errors."""
+
+
+class TemporaryBoardError(BoardError):
+    """Retry after a delay: the port vanished, the board did not answer in time."""
+
+
+class PortNotFound(TemporaryBoardError):
+    """No port matches the configured path or USB ids (the board is unplugged)."""
+
+
+class SensorTimeout(TemporaryBoardError):
+    """The board did not send HELLO or an ACK in time."""
+
+
+class CommandRejected(BoardError):
+    """The board answered a command with an error status; do not retry unchanged."""
+
+    def __init__(self, cmd: Command, ack: Ack) -> None:
+        super().__init__(f"board rejected {cmd.type.name} on channel {cmd.channel}: {ack.status.name}")
+        self.ack = ack
+
+
+class DriverSettings(BaseModel):
+    """How to find a board and judge its readings."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    port: str | None = Field(
+        None,
+        description="Serial device or link to open, e.g. /dev/serial/by-id/usb-Arduino...-if00 (preferred: "
+        "stable across replugs). Unset: discover by usb_ids.",
+    )
+    usb_ids: tuple[str, ...] = Field(DEFAULT_USB_IDS, description="USB VID:PID pairs (hex) tried when port is unset.")
+    baudrate: int = Field(115200, description="Line speed; the firmware uses 115200.")
+    hello_timeout_s: float = Field(
+        5.0, gt=0, le=120, description="How long to wait for HELLO after opening. An Uno resets on open and boots in ~2 s; "
+        "raise it for emulated boards.",
+    )
+    command_timeout_s: float = Field(2.0, gt=0, le=60, description="How long to wait for a command's ACK.")
+    reconnect_min_s: float = Field(0.2, gt=0, le=60, description="First delay before reopening a lost port.")
+    reconnect_max_s: float = Field(
+        10.0, gt=0, le=600, description="Longest delay between reopen attempts. Lower recovers sooner; higher spares the log."
+    )
+    noise_g: float = Field(2.0, ge=0, description="Load-cell noise (1 sigma, grams); widens the quantity confidence.")
+    stability: StabilitySettings = Field(default_factory=StabilitySettings, description="Stability detector tuning.")
+    temperature: TemperatureSettings = Field(default_factory=TemperatureSettings, description="Temperature alert limits.")
+
+    @field_validator("usb_ids")
+    @classmethod
+    def _ids(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for item in v:
+            parts = item.split(":")
+            if len(parts) != 2 or not all(len(p) == 4 and all(c in "0123456789abcdefABCDEF" for c in p) for p in parts):
+                raise ValueError(f"usb id {item!r} must be VID:PID in hex, e.g. '2341:0043'")
+        return v
+
+
+class DriverMetrics:
+    """Prometheus metrics of the serial driver, on a registry the caller owns."""
+
+    def __init__(self, registry: CollectorRegistry, clock: Callable[[], float] = time.monotonic) -> None:
+        self.frames = Counter("shopfleet_hardware_frames", "Valid frames received, by board.", ["board"], registry=registry)
+        self.rejected = Counter(
+            "shopfleet_hardware_frames_rejected", "Frames dropped, by reason (crc, cobs, too_long, no_hello...).", ["reason"], registry=registry
+        )
+        self.lost = Counter("shopfleet_hardware_frames_lost", "Frames missing from the sequence, by board.", ["board"], registry=registry)
+        self.reconnects = Counter("shopfleet_hardware_reconnects", "Times a port was reopened after a failure.", ["port"], registry=registry)
+        self.reboots = Counter("shopfleet_hardware_board_reboots", "Board reboots seen (sequence restart).", ["board"], registry=registry)
+        self.events = Counter("shopfleet_hardware_events", "Events emitted, by type.", ["type"], registry=registry)
+        self.sensor_errors = Counter(
+            "shopfleet_hardware_sensor_errors", "Readings with a non-OK status, by board, channel and status.", ["board", "channel", "status"], registry=registry
+        )
+        self._clock = clock
+        self._last: dict[tuple[str, str], float] = {}
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def reading_seen(self, board: str, channel: int) -> None:
+        """Note that a channel just delivered a reading."""
+        with self._lock:
+            self._last[(board, str(channel))] = self._clock()
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """Yield the age of each channel's last reading (grows while a board is silent)."""
+        g = GaugeMetricFamily(
+            "shopfleet_hardware_last_reading_age_seconds", "Seconds since each channel's last reading.", labels=["board", "channel"]
+        )
+        now = self._clock()
+        with self._lock:
+            for (board, ch), t in sorted(self._last.items()):
+                g.add_metric([board, ch], now - t)
+        yield g
+
+    def describe(self) -> list:
+        """Return nothing, so registering does not call collect() early."""
+        return []
+
+
+@dataclass(frozen=True)
+class BoardStatus:
+    """A board came online (with its HELLO) or went away."""
+
+    port: str
+    state: Literal["connected", "disconnected"]
+    board: str = ""
+    firmware: str = ""
+    channels: tuple[str, ...] = ()
+    detail: str = ""
+    at: float = 0.0
+
+    @property
+    def type(self) -> str:
+        """Return the event type used in JSON output."""
+        return "board_" + self.state
+
+    def to_json(self) -> dict:
+        """Return a JSON-ready dict with a 'type' key."""
+        return {"type": self.type, "port": self.port, "board": self.board, "firmware": self.firmware,
+                "channels": list(self.channels), "detail": self.detail, "at": self.at}
+
+
+Output = Reading | Event | BoardStatus
+
+
+def discover_ports(usb_ids: tuple[str, ...] = DEFAULT_USB_IDS, by_id_dir: str = "/dev/serial/by-id") -> list[str]:
+    """Return serial devices whose USB VID:PID is in usb_ids, by-id links first."""
+    from serial.tools import list_ports
+
+    wanted = {tuple(int(p, 16) for p in i.split(":")) for i in usb_ids}
+    devices = [p.device for p in list_ports.comports() if p.vid is not None and (p.vid, p.pid) in wanted]
+    links = [link for link in sorted(glob.glob(os.path.join(by_id_dir, "*"))) if os.path.realpath(link) in devices]
+    return links + [d for d in devices if d not in {os.path.realpath(x) for x in links}]
+
+
+def resolve_port(settings: DriverSettings) -> str:
+    """Return the port to open now, or raise PortNotFound saying what to check."""
+    if settings.port:
+        if os.path.exists(settings.port):  # follows links: a dangling by-id link means unplugged
+            return settings.port
+        raise PortNotFound(f"{settings.port} does not exist: is the board plugged in? (check 'ls -l /dev/serial/by-id')")
+    found = discover_ports(settings.usb_ids)
+    if not found:
+        raise PortNotFound(f"no serial device with USB id {', '.join(settings.usb_ids)}: plug a board in or set 'port'")
+    return found[0]
+
+
+class BoardConnection:
+    """One open serial port to one board; use from one thread at a time."""
+
+    def __init__(self, port: str, metrics: DriverMetrics, settings: DriverSettings) -> None:
+        self.port = port
+        self.metrics = metrics
+        self.settings = settings
+        self.hello: Hello | None = None
+        self._serial = serial.Serial(port, settings.baudrate, timeout=0.05, write_timeout=1.0)
+        self._splitter = FrameSplitter()
+        self._pending: list[tuple[SensorFrame, Hello | Readings | Ack]] = []
+        self._cmd_seq = 0
+        self._last_seq: int | None = None
+        self._last_uptime: int | None = None
+        self.rebooted = False
+
+    def close(self) -> None:
+        """Close the port (never raises)."""
+        try:
+            self._serial.close()
+        except (OSError, serial.SerialException):
+            pass
+
+    def _reject(self, reason: str, detail: str) -> None:
+        self.metrics.rejected.labels(reason).inc()
+        log.debug("port %s: dropped a frame (%s): %s", self.port, reason, detail)
+
+    def poll(self) -> list[tuple[SensorFrame, Hello | Readings | Ack]]:
+        """Read what arrived (waiting up to ~50 ms) and return the valid messages, in order."""
+        out, self._pending = self._pending, []
+        try:
+            data = self._serial.read(max(1, self._serial.in_waiting))
+        except (OSError, serial.SerialException) as exc:
+            raise TemporaryBoardError(f"read from {self.port} failed: {exc}") from exc
+        for item in self._splitter.feed(data):
+            if isinstance(item, FrameError):
+                self._reject(item.reason, item.detail)
+                continue
+            try:
+                frame = SensorFrame.parse(item)
+                msg = decode_message(frame)
+            except FrameError as exc:
+                self._reject(exc.reason, exc.detail)
+                continue
+            if isinstance(msg, Command):
+                self._reject("unexpected_type", f"command {msg.type.name} sent by the board")
+                continue
+            self._track_sequence(frame, msg)
+            if isinstance(msg, Hello):
+                self.hello = msg
+            out.append((frame, msg))
+        return out
+
+    def _track_sequence(self, frame: SensorFrame, msg: Hello | Readings | Ack) -> None:
+        board = self.hello.board_id if self.hello else (msg.board_id if isinstance(msg, Hello) else "unknown")
+        self.metrics.frames.labels(board).inc()
+        reboot = isinstance(msg, Hello) and frame.seq == 0 and self._last_seq is not None
+        if isinstance(msg, Readings):
+            if self._last_uptime is not None and msg.uptime_ms < self._last_uptime:
+                reboot = True
+            self._last_uptime = msg.uptime_ms
+        if reboot:
+            self.metrics.reboots.labels(board).inc()
+            self.rebooted = True
+            log.warning("board %s on %s rebooted (sequence restarted at %d)", board, self.port, frame.seq)
+        elif self._last_seq is not None:
+            gap = (frame.seq - self._last_seq - 1) & 0xFFFF
+            if gap:
+                self.metrics.lost.labels(board).inc(gap)
+                log.warning("board %s on %s: %d frame(s) lost before seq %d", board, self.port, gap, frame.seq)
+        if isinstance(msg, Hello) and frame.seq == 0:
+            self._last_uptime = None
+        self._last_seq = frame.seq
+
+    def send(self, cmd: Command) -> int:
+        """Send a command; return its sequence number (the ACK refers to it)."""
+        seq = self._cmd_seq
+        self._cmd_seq = (self._cmd_seq + 1) & 0xFFFF
+        try:
+            self._serial.write(encode_message(cmd, seq))
+        except (OSError, serial.SerialException) as exc:
+            raise TemporaryBoardError(f"write to {self.port} failed: {exc}") from exc
+        return seq
+
+    def wait_hello(self, timeout: float) -> Hello:
+        """Ask for HELLO and wait for it; keep later messages for poll()."""
+        self.send(Command(FrameType.HELLO_REQUEST))
+        deadline = time.monotonic() + timeout
+        kept: list[tuple[SensorFrame, Hello | Readings | Ack]] = []
+        while time.monotonic() < deadline:
+            for frame, msg in self.poll():
+                if isinstance(msg, Hello):
+                    kept = []
+                elif self.hello is None:
+                    self._reject("no_hello", f"{type(msg).__name__} before HELLO")
+                    continue
+                else:
+                    kept.append((frame, msg))
+            if self.hello is not None:
+                self._pending = kept + self._pending
+                return self.hello
+        raise SensorTimeout(f"no HELLO from {self.port} within {timeout:.1f}s: is it a shopfleet board at {self.settings.baudrate} baud?")
+
+    def command(self, cmd: Command, timeout: float) -> Ack:
+        """Send a command and return its ACK (raising CommandRejected if not OK); keep other messages."""
+        seq = self.send(cmd)
+        deadline = time.monotonic() + timeout
+        kept: list[tuple[SensorFrame, Hello | Readings | Ack]] = []
+        while time.monotonic() < deadline:
+            for frame, msg in self.poll():
+                if isinstance(msg, Ack) and msg.cmd_seq == seq:
+                    self._pending = kept + self._pending
+                    if msg.status != AckStatus.OK:
+                        raise CommandRejected(cmd, msg)
+                    return msg
+                kept.append((frame, msg))
+        self._pending = kept + self._pending
+        raise SensorTimeout(f"no ACK for {cmd.type.name} from {self.port} within {timeout:.1f}s")
+
+
+def readings_from(hello: Hello, msg: Readings, at: float) -> list[Reading]:
+    """Return one Reading per channel of a READINGS message, in physical units."""
+    if len(msg.values) != len(hello.channels):
+        raise FrameError("channel_mismatch", f"{len(msg.values)} values but HELLO announced {len(hello.channels)} channels")
+    board_time = msg.uptime_ms / 1000
+    return [
+        Reading(
+            board=hello.board_id,
+            channel=ch.index,
+            kind=_KIND_NAME[ch.kind],  # type: ignore[arg-type]
+            value=v.value * UNIT_SCALE[ch.unit],
+            unit=UNIT_NAME[ch.unit],
+            at=at,
+            board_time=board_time,
+            ok=v.status == ValueStatus.OK,
+        )
+        for ch, v in zip(hello.channels, msg.values, strict=True)
+    ]
+
+
+class Driver:
+    """Keep one board connected and turn its frames into readings and events."""
+
+    def __init__(
+        self,
+        settings: DriverSettings,
+        registry: CollectorRegistry,
+        planogram: Planogram | None = None,
+        *,
+        metrics: DriverMetrics | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.planogram = planogram or Planogram()
+        self.metrics = metrics or DriverMetrics(registry)
+        self._wall = wall_clock
+        self._commands: queue.Queue[tuple[Command, Future[Ack]]] = queue.Queue()
+        self._processors: dict[str, BoardProcessor] = {}
+        self.connected: BoardStatus | None = None
+        self.last_reading_at: float | None = None
+
+    def request(self, cmd: Command) -> Future[Ack]:
+        """Queue a command for the connected board; the future resolves with its ACK."""
+        fut: Future[Ack] = Future()
+        self._commands.put((cmd, fut))
+        return fut
+
+    def run(self, stop: threading.Event, emit: Callable[[Output], None]) -> None:
+        """Connect, read and emit until stop is set, reconnecting with backoff after failures."""
+        delay = self.settings.reconnect_min_s
+        lost = False
+        while not stop.is_set():
+            port = ""
+            try:
+                port = resolve_port(self.settings)
+                conn = BoardConnection(port, self.metrics, self.settings)
+                if lost:
+                    self.metrics.reconnects.labels(port).inc()
+                    lost = False
+            except (TemporaryBoardError, OSError, serial.SerialException) as exc:
+                log.info("board not available (%s); retrying in %.1fs", exc, delay)
+                stop.wait(delay)
+                delay = min(delay * 2, self.settings.reconnect_max_s)
+                continue
+            try:
+                self._serve(conn, stop, emit)
+                delay = self.settings.reconnect_min_s
+            except TemporaryBoardError as exc:
+                lost = True
+                log.warning("board on %s lost: %s; reopening in %.1fs", port, exc, delay)
+                if self.connected is not None:
+                    emit(BoardStatus(port, "disconnected", self.connected.board, self.connected.firmware, detail=str(exc), at=self._wall()))
+                    delay = self.settings.reconnect_min_s
+                self.connected = None
+                stop.wait(delay)
+                delay = min(delay * 2, self.settings.reconnect_max_s)
+            finally:
+                conn.close()
+        self.connected = None
+
+    def _serve(self, conn: BoardConnection, stop: threading.Event, emit: Callable[[Output], None]) -> None:
+        hello = conn.wait_hello(self.settings.hello_timeout_s)
+        self._announce(conn, hello, emit)
+        while not stop.is_set():
+            self._run_commands(conn)
+            for _frame, msg in conn.poll():
+                if isinstance(msg, Hello):  # the board rebooted, or re-announced itself
+                    hello = msg
+                    self._announce(conn, msg, emit)
+                elif isinstance(msg, Readings):
+                    self._readings(hello, msg, emit)
+                # unsolicited ACKs (a command whose caller gave up) are ignored
+
+    def _announce(self, conn: BoardConnection, hello: Hello, emit: Callable[[Output], None]) -> None:
+        processor = self._processors.get(hello.board_id)
+        if processor is None:
+            processor = BoardProcessor(hello.board_id, self.planogram, self.settings.stability, self.settings.temperature, self.settings.noise_g)
+            self._processors[hello.board_id] = processor
+        else:
+            processor.reset()  # after a reconnect the shelf must settle again before a change counts
+        self.connected = BoardStatus(
+            conn.port, "connected", hello.board_id, hello.firmware, tuple(_KIND_NAME[c.kind] for c in hello.channels), at=self._wall()
+        )
+        log.info("board %s (firmware %s, %d channels) on %s", hello.board_id, hello.firmware, len(hello.channels), conn.port)
+        emit(self.connected)
+
+    def _readings(self, hello: Hello, msg: Readings, emit: Callable[[Output], None]) -> None:
+        try:
+            readings = readings_from(hello, msg, self._wall())
+        except FrameError as exc:
+            self.metrics.rejected.labels(exc.reason).inc()
+            log.warning("board %s: %s", hello.board_id, exc.detail)
+            return
+        processor = self._processors[hello.board_id]
+        for r in readings:
+            self.metrics.reading_seen(r.board, r.channel)
+            if not r.ok:
+                self.metrics.sensor_errors.labels(r.board, str(r.channel), ValueStatus(msg.values[r.channel].status).name.lower()).inc()
+            emit(r)
+            for event in processor.feed(r):
+                self.metrics.events.labels(event.type).inc()
+                emit(event)
+        self.last_reading_at = self._wall()
+
+    def _run_commands(self, conn: BoardConnection) -> None:
+        while True:
+            try:
+                cmd, fut = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                ack = conn.command(cmd, self.settings.command_timeout_s)
+            except TemporaryBoardError as exc:
+                fut.set_exception(exc)
+                raise
+            except CommandRejected as exc:
+                fut.set_exception(exc)
+                continue
+            if cmd.type in (FrameType.TARE, FrameType.CALIBRATE) and conn.hello is not None:
+                self._processors[conn.hello.board_id].reset_channel(cmd.channel)
+            fut.set_result(ack)

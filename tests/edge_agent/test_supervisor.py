@@ -1,0 +1,153 @@
+"""Supervision: the restart policy as a pure function, and runners with real threads."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from edge_agent.protocol import PipelineHealth, Reading
+from edge_agent.supervisor import (
+    EventSink,
+    Pipeline,
+    PipelineConfigBase,
+    PipelineRunner,
+    Supervisor,
+    health_to_model,
+    next_restart,
+)
+
+from .helpers import wait_for
+
+POLICY = PipelineConfigBase(name="p", restart_backoff_s=1, restart_backoff_max_s=8, restart_budget=3, restart_window_s=60)
+
+
+@pytest.mark.parametrize(
+    ("failures", "consecutive", "now", "give_up", "delay"),
+    [
+        pytest.param([100.0], 1, 100.0, False, 1.0, id="first-failure-initial-backoff"),
+        pytest.param([98.0, 99.0, 100.0], 3, 100.0, False, 4.0, id="doubles-per-consecutive-failure"),
+        pytest.param([100.0], 10, 100.0, False, 8.0, id="capped-at-max"),
+        pytest.param([97.0, 98.0, 99.0, 100.0], 4, 100.0, True, 0.0, id="budget-exceeded-gives-up"),
+        pytest.param([10.0, 20.0, 99.0, 100.0], 2, 100.0, False, 2.0, id="failures-outside-window-forgotten"),
+    ],
+)
+def test_next_restart(failures, consecutive, now, give_up, delay) -> None:
+    d = next_restart(POLICY, failures, consecutive, now)
+    assert (d.give_up, d.delay_s) == (give_up, delay)
+
+
+class RecordingSink:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, dict]] = []
+        self.alerts: list[tuple] = []
+        self.read: list[Reading] = []
+        self.lock = threading.Lock()
+
+    def event(self, type: str, source: str, data: dict[str, Any], at: float | None = None) -> None:
+        with self.lock:
+            self.events.append((type, source, data))
+
+    def alert(self, name, state, severity, source, message="", data=None) -> None:
+        with self.lock:
+            self.alerts.append((name, state, severity, source, message))
+
+    def readings(self, readings: list[Reading]) -> None:
+        with self.lock:
+            self.read.extend(readings)
+
+
+class Crashing:
+    kind = "test"
+
+    def __init__(self, name: str = "crash") -> None:
+        self.name = name
+        self.runs = 0
+
+    def run(self, stop: threading.Event, sink: EventSink) -> None:
+        self.runs += 1
+        raise OSError("camera unplugged")
+
+    def health(self) -> dict[str, Any]:
+        return {"errors": self.runs}
+
+
+class Steady:
+    kind = "test"
+    name = "steady"
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+
+    def run(self, stop: threading.Event, sink: EventSink) -> None:
+        self.started.set()
+        sink.event("tick", self.name, {})
+        stop.wait()
+
+    def health(self) -> dict[str, Any]:
+        raise RuntimeError("broken health")
+
+
+def test_protocols_are_satisfied_by_adapters() -> None:
+    assert isinstance(Steady(), Pipeline)
+    assert isinstance(RecordingSink(), EventSink)
+
+
+def test_crashing_pipeline_restarts_then_fails_within_budget() -> None:
+    states: list[str] = []
+    restarts: list[str] = []
+    policy = PipelineConfigBase(name="crash", restart_backoff_s=0.01, restart_backoff_max_s=0.02, restart_budget=2)
+    p = Crashing()
+    runner = PipelineRunner(p, policy, RecordingSink(), on_state=lambda n, s: states.append(s), on_restart=restarts.append)
+    runner.start()
+    wait_for(lambda: runner.state == "failed", 10, "the runner to give up")
+    assert p.runs == 3 and runner.restarts == 2 and restarts == ["crash", "crash"]
+    assert states[0] == "starting" and states[-1] == "failed" and "backoff" in states
+    h = runner.health()
+    assert h.state == "failed" and h.restarts == 2 and "camera unplugged" in h.detail and h.errors == 3
+
+
+def test_steady_pipeline_runs_and_stops_and_survives_broken_health() -> None:
+    sink = RecordingSink()
+    p = Steady()
+    sup = Supervisor()
+    sup.add(PipelineRunner(p, PipelineConfigBase(name="steady"), sink))
+    sup.start()
+    wait_for(p.started.is_set, 5, "the pipeline to start")
+    assert sup.health()["steady"].state == "running"
+    assert "broken health" in sup.health()["steady"].detail
+    sup.stop(timeout=5)
+    assert sup.health()["steady"].state == "stopped"
+    assert sink.events == [("tick", "steady", {})]
+
+
+def test_returning_early_is_a_failure() -> None:
+    class Quitter(Steady):
+        def run(self, stop, sink) -> None:
+            self.started.set()
+
+    runner = PipelineRunner(Quitter(), PipelineConfigBase(name="steady", restart_budget=0, restart_backoff_s=0.01), RecordingSink())
+    runner.start()
+    wait_for(lambda: runner.state == "failed", 5, "failed state")
+    assert "returned before stop" in runner.last_error
+
+
+def test_duplicate_names_refused() -> None:
+    sup = Supervisor()
+    sup.add(PipelineRunner(Crashing("a"), POLICY, RecordingSink()))
+    with pytest.raises(ValueError, match="unique name"):
+        sup.add(PipelineRunner(Crashing("a"), POLICY, RecordingSink()))
+
+
+values = st.one_of(st.none(), st.integers(-5, 10**6), st.floats(allow_nan=True), st.text(max_size=600), st.booleans())
+
+
+@given(raw=st.dictionaries(st.sampled_from(["fps", "latency_ms", "dropped_frames", "last_frame_age_s", "errors", "detail", "other"]), values))
+def test_health_to_model_accepts_any_raw_health(raw: dict) -> None:
+    h = health_to_model("vision", "running", 1, raw)
+    assert isinstance(h, PipelineHealth)
+    assert h.fps is None or h.fps >= 0
+    assert len(h.detail) <= 500

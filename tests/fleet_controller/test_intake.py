@@ -1,0 +1,140 @@
+"""The intake over a real registry (both engines): dedupe across batches and restarts, bad input, bad rows."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from edge_agent.protocol import MAX_PAYLOAD_BYTES, Topics, encode
+from fleet_controller.intake import Intake
+from fleet_controller.mqtt import InboundMessage
+from fleet_controller.settings import IntakeSettings
+
+from .conftest import event, heartbeat, presence, telemetry
+
+TOPIC = Topics.node("shop-a", "pi-1", "telemetry")
+EVENTS_TOPIC = Topics.node("shop-a", "pi-1", "events")
+
+
+def inbound(msg, topic: str | None = None) -> InboundMessage:
+    if topic is None:
+        channel = {"heartbeat": "telemetry", "telemetry": "telemetry", "event": "events", "alert": "events", "presence": "presence"}[msg.kind]
+        topic = Topics.node(msg.shop, msg.node, channel)
+    return InboundMessage(topic=topic, payload=encode(msg) if not isinstance(msg, bytes) else msg)
+
+
+@pytest.fixture
+def make_intake(registry, metrics):
+    pool = ThreadPoolExecutor(1)
+
+    def make() -> Intake:
+        return Intake(registry, metrics, IntakeSettings(), writer=pool)
+
+    yield make
+    pool.shutdown()
+
+
+def value(metrics, name: str, **labels) -> float:
+    return metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def test_dedupe_survives_a_controller_restart(make_intake, registry, metrics):
+    first = make_intake()
+    out = first.process_batch([inbound(heartbeat(seq=s)) for s in (1, 2, 4)])
+    assert (out.stored, out.duplicates) == (3, 0)
+    restarted = make_intake()  # a new process: cursors come from the database
+    out = restarted.process_batch([inbound(heartbeat(seq=s)) for s in (2, 3, 4, 5, 5)])
+    assert (out.stored, out.duplicates) == (2, 3)  # 3 fills the gap, 5 is new; 2, 4 and the second 5 are replays
+    node = registry.get_node("shop-a", "pi-1", history=100)
+    assert sorted(h["seq"] for h in node["history"]) == [1, 2, 3, 4, 5]
+    assert (node["watermark"], node["open_gaps"], node["missing_total"], node["duplicates_total"]) == (5, 0, 1, 3)
+    assert value(metrics, "shopfleet_controller_duplicates_total") == 3
+    assert value(metrics, "shopfleet_controller_gaps_total") == 1
+    assert value(metrics, "shopfleet_controller_gaps_filled_total") == 1
+    assert value(metrics, "shopfleet_controller_ingested_total", kind="heartbeat") == 5
+
+
+def test_new_epoch_restarts_the_stream(make_intake, registry):
+    intake = make_intake()
+    intake.process_batch([inbound(heartbeat(seq=s)) for s in range(1, 8)])
+    out = intake.process_batch([inbound(heartbeat(seq=s, epoch="ep2")) for s in (1, 2)])
+    assert out.stored == 2
+    node = registry.get_node("shop-a", "pi-1")
+    assert (node["epoch"], node["watermark"], node["open_gaps"]) == ("ep2", 2, 0)
+
+
+def _bad_payloads() -> list:
+    good = json.loads(encode(heartbeat(seq=9)))
+    wrong_type = dict(good, seq="nine")
+    huge = dict(good, metrics={f"m{i}": 1.0 for i in range(20000)})
+    return [
+        pytest.param(TOPIC, b"{not json", "bad_json", id="bad-json"),
+        pytest.param(TOPIC, b"\xff\xfe\x00", "bad_json", id="not-utf8"),
+        pytest.param(TOPIC, b"[1, 2, 3]", "bad_json", id="json-array"),
+        pytest.param(TOPIC, json.dumps(wrong_type).encode(), "schema", id="wrong-type"),
+        pytest.param(TOPIC, json.dumps(dict(good, surprise=1)).encode(), "schema", id="unknown-field"),
+        pytest.param(TOPIC, json.dumps(dict(good, v=2)).encode(), "version", id="wrong-version"),
+        pytest.param(TOPIC, json.dumps(huge).encode(), "too_large", id="huge"),
+        pytest.param(Topics.node("shop-b", "pi-1", "telemetry"), encode(heartbeat(seq=9)), "identity_mismatch", id="topic-other-shop"),
+        pytest.param(Topics.node("shop-a", "pi-9", "telemetry"), encode(heartbeat(seq=9)), "identity_mismatch", id="topic-other-node"),
+        pytest.param(EVENTS_TOPIC, encode(heartbeat(seq=9)), "kind_mismatch", id="heartbeat-on-events"),
+        pytest.param("fleet/v1/Shop_A/pi-1/telemetry", encode(heartbeat(seq=9)), "bad_topic", id="bad-topic-id"),
+        pytest.param(Topics.desired("shop-a"), encode(heartbeat(seq=9)), "kind_mismatch", id="downlink-topic"),
+    ]
+
+
+@pytest.mark.parametrize(("topic", "payload", "reason"), _bad_payloads())
+def test_bad_input_is_counted_and_the_good_rest_stored(make_intake, registry, metrics, topic, payload, reason):
+    assert len(payload) > MAX_PAYLOAD_BYTES or reason != "too_large"
+    intake = make_intake()
+    out = intake.process_batch([inbound(heartbeat(seq=1)), InboundMessage(topic, payload), inbound(heartbeat(seq=2))])
+    assert (out.stored, out.rejected) == (2, 1)
+    assert value(metrics, "shopfleet_controller_rejected_total", reason=reason) == 1
+    assert registry.get_node("shop-a", "pi-1")["watermark"] == 2
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    topic=st.one_of(
+        st.just(TOPIC), st.just(EVENTS_TOPIC), st.just(Topics.node("shop-a", "pi-1", "presence")),
+        st.text(max_size=40).map(lambda t: "fleet/v1/" + t),
+    ),
+    payload=st.one_of(
+        st.binary(max_size=300),
+        st.dictionaries(st.sampled_from(["v", "kind", "shop", "node", "seq", "epoch", "ts", "facts", "state", "session"]),
+                        st.one_of(st.none(), st.integers(), st.text(max_size=10), st.floats(allow_nan=True)), max_size=8)
+        .map(lambda d: json.dumps(d).encode()),
+    ),
+)
+def test_any_garbage_is_rejected_and_the_intake_goes_on(make_intake, registry, metrics, topic, payload):
+    intake = make_intake()
+    before = registry.get_node("shop-a", "pi-1")["watermark"] if registry.node_keys() else 0
+    out = intake.process_batch([InboundMessage(topic, payload)])
+    assert out.stored + out.rejected == 1
+    out = intake.process_batch([inbound(heartbeat(seq=before + 1))])
+    assert out.stored == 1
+    assert registry.get_node("shop-a", "pi-1")["watermark"] == before + 1
+
+
+def test_a_row_the_database_refuses_is_dropped_alone(make_intake, registry, metrics):
+    """PostgreSQL refuses NUL in text; the batch falls back to one by one and keeps the good ones."""
+    nul = event(seq=2, type="door\x00opened")
+    out = make_intake().process_batch([inbound(telemetry(seq=1)), inbound(nul), inbound(event(seq=3))])
+    if registry.engine.dialect.name == "postgresql":
+        assert (out.stored, out.rejected) == (2, 1)
+        assert value(metrics, "shopfleet_controller_rejected_total", reason="unstorable") == 1
+        assert [e["seq"] for e in registry.list_events("shop-a", kind="event")] == [3]
+    else:  # SQLite stores it
+        assert (out.stored, out.rejected) == (3, 0)
+    assert registry.get_node("shop-a", "pi-1")["watermark"] == 3
+
+
+def test_presence_messages_bypass_dedupe(make_intake, registry):
+    intake = make_intake()
+    intake.process_batch([inbound(presence(session=1)), inbound(presence(state="offline", session=1)), inbound(presence(session=2))])
+    node = registry.get_node("shop-a", "pi-1")
+    assert (node["presence"], node["session"], node["watermark"]) == ("online", 2, 0)

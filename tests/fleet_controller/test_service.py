@@ -1,0 +1,216 @@
+"""The controller process end to end over a real Mosquitto: intake, presence, bad input, persistence, extension points."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import uuid
+
+import httpx
+import paho.mqtt.client as paho
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from edge_agent.protocol import ClockBeacon, ControllerPresence, Topics, encode, parse_downlink
+
+from .conftest import Node, RunningController, controller_settings, event, heartbeat, presence, telemetry, wait_for
+
+
+def node_row(rc: RunningController, shop: str = "shop-a", node: str = "pi-1") -> dict:
+    try:
+        return rc.service.registry.get_node(shop, node, history=1000)
+    except LookupError:
+        return {}
+
+
+def test_messages_flow_to_the_api(controller, broker):
+    n = Node(broker)
+    n.send(presence(), retain=True)
+    for s in range(1, 4):
+        n.send(heartbeat(seq=s))
+    n.send(telemetry(seq=4, value=6.5))
+    n.send(event(seq=5))
+    wait_for(lambda: node_row(controller).get("watermark") == 5, what="5 messages stored")
+    with httpx.Client(base_url=controller.service.api_url) as http:
+        shop = http.get("/api/v1/shops/shop-a").json()
+        assert [(x["node"], x["presence"]) for x in shop["nodes"]] == [("pi-1", "online")]
+        assert [(r["name"], r["value"]) for r in shop["readings"]] == [("temperature_c", 6.5)]
+        assert [h["seq"] for h in http.get("/api/v1/shops/shop-a/nodes/pi-1").json()["history"]] == [3, 2, 1]
+        assert http.get("/healthz").json()["status"] == "ok"
+        text = http.get("/metrics").text
+    assert 'shopfleet_controller_ingested_total{kind="heartbeat"} 3.0' in text
+    assert 'shopfleet_controller_nodes{presence="online"} 1.0' in text
+    n.close()
+
+
+def test_controller_presence_and_clock_beacon(controller, broker):
+    got: queue.Queue = queue.Queue()
+    c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="watcher")
+    c.on_message = lambda cl, u, m: got.put(parse_downlink(m.topic, m.payload))
+    c.connect("127.0.0.1", broker.port)
+    c.subscribe([(Topics.controller_presence, 1), (Topics.controller_clock, 0)])
+    c.loop_start()
+    seen = [got.get(timeout=10), got.get(timeout=10)]
+    kinds = {type(m) for m in seen}
+    assert kinds == {ControllerPresence, ClockBeacon}
+    pres = next(m for m in seen if isinstance(m, ControllerPresence))
+    assert (pres.state, pres.instance) == ("online", controller.settings.instance)
+    controller.stop()
+    last = wait_for(lambda: next((m for m in iter(lambda: got.get(timeout=5), None) if isinstance(m, ControllerPresence)), None),
+                    what="offline presence")
+    assert last.state == "offline"
+    c.loop_stop()
+    controller.stop = lambda: None  # already stopped; the fixture must not stop it twice
+
+
+def test_will_marks_offline_and_a_late_will_of_an_old_session_does_not(controller, broker):
+    first = Node(broker, session=1)
+    first.send(presence(session=1), retain=True)
+    first.send(heartbeat(seq=1))
+    wait_for(lambda: node_row(controller).get("presence") == "online", what="online")
+    first.kill()  # the broker publishes the session-1 Will after the keepalive lapses or at once on socket close
+    wait_for(lambda: node_row(controller).get("presence") == "offline", timeout=20, what="offline via the Will")
+    assert node_row(controller)["presence_reason"] == "will"
+    second = Node(broker, session=2)
+    second.send(presence(session=2), retain=True)
+    wait_for(lambda: node_row(controller).get("session") == 2 and node_row(controller)["presence"] == "online", what="online again")
+    second.send(presence(state="offline", session=1))  # the old Will, arriving late
+    second.send(heartbeat(seq=2))
+    wait_for(lambda: node_row(controller).get("watermark") == 2, what="message after the late Will")
+    assert (node_row(controller)["presence"], node_row(controller)["session"]) == ("online", 2)
+    second.close()
+
+
+def test_silence_makes_a_node_stale_then_offline(broker, tmp_path):
+    rc = RunningController(controller_settings(broker, tmp_path, presence={"stale_after_intervals": 2, "offline_after_intervals": 4, "sweep_interval_s": 0.1}))
+    try:
+        n = Node(broker, will=False)
+        n.send(heartbeat(seq=1, interval=0.3))
+        wait_for(lambda: node_row(rc).get("presence") == "online", what="online")
+        wait_for(lambda: node_row(rc).get("presence") == "stale", what="stale")
+        wait_for(lambda: node_row(rc).get("presence") == "offline", what="offline")
+        assert node_row(rc)["presence_reason"] == "timeout"
+        n.send(heartbeat(seq=2, interval=10))
+        wait_for(lambda: node_row(rc).get("presence") == "online", what="back online")
+        n.close()
+    finally:
+        rc.stop()
+
+
+HAND_PICKED = [
+    pytest.param("telemetry", b"{oops", "bad_json", id="bad-json"),
+    pytest.param("telemetry", json.dumps({**json.loads(encode(heartbeat(seq=1))), "seq": "x"}).encode(), "schema", id="wrong-type"),
+    pytest.param("telemetry", json.dumps({**json.loads(encode(heartbeat(seq=1))), "v": 99}).encode(), "version", id="wrong-version"),
+    pytest.param("telemetry", b'{"v": 1, "pad": "' + b"x" * 300_000 + b'"}', "too_large", id="huge"),
+    pytest.param("telemetry", encode(heartbeat(shop="shop-b", seq=1)), "identity_mismatch", id="topic-payload-mismatch"),
+    pytest.param("events", encode(heartbeat(seq=1)), "kind_mismatch", id="kind-on-wrong-topic"),
+]
+
+
+@pytest.mark.parametrize(("channel", "payload", "reason"), HAND_PICKED)
+def test_bad_input_over_the_broker(controller, broker, channel, payload, reason):
+    n = Node(broker, will=False)
+    n.send(payload, Topics.node("shop-a", "pi-1", channel))
+    n.send(heartbeat(seq=1))
+    wait_for(lambda: node_row(controller).get("watermark") == 1, what="the valid message after the bad one")
+    assert controller.metric("shopfleet_controller_rejected_total", reason=reason) == 1
+    n.close()
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    channel=st.sampled_from(["telemetry", "events", "presence", "replies"]),
+    payload=st.one_of(
+        st.binary(max_size=200),
+        st.builds(lambda d: json.dumps(d).encode(), st.dictionaries(st.text(max_size=8), st.one_of(st.integers(), st.text(max_size=8), st.none()), max_size=6)),
+        st.builds(lambda s: json.dumps({**json.loads(encode(heartbeat(seq=1))), "seq": s}).encode(), st.one_of(st.integers(max_value=0), st.text(max_size=5), st.floats())),
+    ),
+)
+def test_generated_garbage_over_the_broker(controller, broker, channel, payload):
+    n = getattr(test_generated_garbage_over_the_broker, "node", None)
+    if n is None or n.c._host != "127.0.0.1" or n.port != broker.port:
+        n = Node(broker, will=False)
+        n.port = broker.port
+        test_generated_garbage_over_the_broker.node = n
+    seq = (node_row(controller).get("watermark") or 0) + 1
+    before = controller.metric("shopfleet_controller_rejected_total", reason="schema") + controller.metric("shopfleet_controller_rejected_total", reason="bad_json")
+    n.send(payload, Topics.node("shop-a", "pi-1", channel))
+    n.send(heartbeat(seq=seq))
+    wait_for(lambda: node_row(controller).get("watermark") == seq, what=f"valid seq {seq} after garbage")
+    assert controller.service.health()["status"] == "ok"
+    del before
+
+
+def test_persistent_session_gets_what_was_sent_while_down(broker, tmp_path):
+    settings_ = controller_settings(broker, tmp_path, broker={"client_id": "ctl-persist"})
+    rc = RunningController(settings_)
+    n = Node(broker, will=False)
+    n.send(heartbeat(seq=1))
+    wait_for(lambda: node_row(rc).get("watermark") == 1, what="first message")
+    rc.stop()
+    for s in range(2, 22):
+        n.send(heartbeat(seq=s))
+    rc = RunningController(settings_)
+    try:
+        wait_for(lambda: node_row(rc).get("watermark") == 21, what="messages queued while the controller was down")
+        row = node_row(rc)
+        assert (row["messages_total"], row["open_gaps"], row["duplicates_total"]) == (21, 0, 0)
+        assert sorted(h["seq"] for h in row["history"]) == list(range(1, 22))
+    finally:
+        n.close()
+        rc.stop()
+
+
+async def test_extension_points_in_process(broker, tmp_path):
+    from fastapi import APIRouter, HTTPException, Request
+    from fastapi.params import Depends
+
+    from fleet_controller.service import ControllerService
+
+    svc = ControllerService(controller_settings(broker, tmp_path))
+    runs: list[int] = []
+
+    async def flaky() -> None:
+        runs.append(1)
+        if len(runs) < 2:
+            raise RuntimeError("first run fails")
+        await asyncio.Event().wait()
+
+    svc.add_worker("flaky", flaky)
+    router = APIRouter()
+
+    @router.get("/api/v1/extra")
+    def extra(request: Request) -> dict:
+        return {"has_bus": request.app.state.bus is svc.bus}
+
+    def guard(request: Request) -> None:
+        if request.headers.get("x-token") != "t0k":
+            raise HTTPException(401, "missing token")
+
+    svc.add_router(router)
+    svc.add_dependency(Depends(guard))
+    await svc.start()
+    try:
+        with pytest.raises(RuntimeError, match="before"):
+            svc.add_router(APIRouter())
+        async with svc.bus.subscribe({"node_added", "presence"}) as sub:
+            n = Node(broker, will=False)
+            await asyncio.to_thread(n.send, heartbeat(seq=1))
+            got = [await asyncio.wait_for(sub.get(), 10), await asyncio.wait_for(sub.get(), 10)]
+            assert {(e.topic, e.node) for e in got} == {("node_added", "pi-1"), ("presence", "pi-1")}
+            n.close()
+        await svc.mqtt.publish(Topics.desired("shop-a"), b"{}", retain=True, qos=1)
+        async with httpx.AsyncClient(base_url=svc.api_url) as http:
+            assert (await http.get("/api/v1/extra")).status_code == 401
+            assert (await http.get("/api/v1/extra", headers={"x-token": "t0k"})).json() == {"has_bus": True}
+            assert (await http.get("/api/v1/shops", headers={"x-token": "t0k"})).status_code == 200
+        deadline = asyncio.get_running_loop().time() + 10
+        while len(runs) < 2 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        assert len(runs) == 2 and svc.health()["workers"] == {"flaky": "running"}
+        assert svc.metrics_registry.get_sample_value("shopfleet_controller_worker_restarts_total", {"worker": "flaky"}) == 1
+    finally:
+        await svc.stop()
+    del uuid

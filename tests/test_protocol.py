@@ -1,0 +1,131 @@
+"""The wire protocol: topics, message models, strict and total parsing."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edge_agent import protocol as p
+
+FACTS = p.NodeFacts(
+    arch="arm64", cpu_count=4, cpu_load_1m=0.3, mem_total_bytes=4 << 30, mem_available_bytes=2 << 30,
+    disk_total_bytes=32 << 30, disk_free_bytes=20 << 30,
+)
+
+
+def hb(**kw):
+    base = dict(shop="box-1", node="pi-1", epoch="e1", seq=1, interval_s=10, facts=FACTS)
+    base.update(kw)
+    return p.Heartbeat(**base)
+
+
+def test_round_trip_every_uplink_kind():
+    msgs = [
+        hb(),
+        p.Telemetry(shop="box-1", node="pi-1", epoch="e1", seq=2, readings=(p.Reading(name="shelf_weight_g", value=412.5, unit="g", source="b1/3"),)),
+        p.Event(shop="box-1", node="pi-1", epoch="e1", seq=3, type="shelf_change", data={"slot": "A3", "delta_g": -330}),
+        p.Alert(shop="box-1", node="pi-1", epoch="e1", seq=4, name="fridge_warm", severity="critical"),
+        p.CommandResult(shop="box-1", node="pi-1", epoch="e1", seq=5, correlation_id="c1", ok=True),
+        p.ReportedState(shop="box-1", node="pi-1", epoch="e1", seq=6, revision=3, status="applied"),
+    ]
+    topics = ["telemetry", "telemetry", "events", "events", "replies"]
+    for msg, leaf in zip(msgs, topics + [None]):
+        topic = p.Topics.node("box-1", "pi-1", leaf) if leaf else p.Topics.reported("box-1")
+        assert p.parse_message(topic, p.encode(msg)) == msg
+
+
+def test_presence_round_trip_and_downlinks():
+    pres = p.Presence(shop="box-1", node="gpu-1", state="offline", session=7, reason="will")
+    assert p.parse_message(p.Topics.node("box-1", "gpu-1", "presence"), p.encode(pres)) == pres
+    cmd = p.Command(name="ping", expires_at=time.time() + 30)
+    assert p.parse_downlink(p.Topics.node("box-1", "gpu-1", "commands"), p.encode(cmd)) == cmd
+    ds = p.DesiredState(shop="box-1", release="r1", revision=1, objects=({"kind": "Namespace"},))
+    assert p.parse_downlink(p.Topics.desired("box-1"), p.encode(ds)) == ds
+    assert p.parse_downlink(p.Topics.controller_clock, p.encode(p.ClockBeacon(instance="c"))).kind == "clock"
+
+
+def test_signing_bytes_exclude_signature_and_are_stable():
+    ds = p.DesiredState(shop="s1", release="r", revision=2, objects=({"b": 1, "a": 2},), ts=1.0)
+    signed = ds.model_copy(update={"signature": p.Signature(key_id="k", sig="AAAA")})
+    assert ds.signing_bytes() == signed.signing_bytes()
+    assert b'{"a":2,"b":1}' in ds.signing_bytes()
+
+
+@pytest.mark.parametrize(
+    "topic,payload,reason",
+    [
+        ("other/v1/s/n/telemetry", b"{}", "bad_topic"),
+        ("fleet/v1/Shop/n/telemetry", b"{}", "bad_topic"),
+        ("fleet/v1/s/n/unknown", b"{}", "bad_topic"),
+        ("fleet/v1/s/n/telemetry", b"\xff\xfe", "bad_json"),
+        ("fleet/v1/s/n/telemetry", b"[1,2]", "bad_json"),
+        ("fleet/v1/s/n/telemetry", b'{"v": 2, "kind": "heartbeat"}', "version"),
+        ("fleet/v1/s/n/telemetry", b'{"v": 1, "kind": "heartbeat"}', "schema"),
+        ("fleet/v1/s/n/telemetry", b"x" * (p.MAX_PAYLOAD_BYTES + 1), "too_large"),
+        ("fleet/v1/s/n/commands", b"{}", "kind_mismatch"),
+    ],
+    ids=["foreign-root", "uppercase-shop", "unknown-leaf", "not-utf8", "json-array", "future-version",
+         "missing-fields", "huge", "downlink-topic"],
+)
+def test_bad_input_is_a_typed_error(topic, payload, reason):
+    with pytest.raises(p.ProtocolError) as err:
+        p.parse_message(topic, payload)
+    assert err.value.reason == reason
+    assert err.value.reason in p.REJECT_REASONS
+
+
+def test_identity_and_kind_mismatch():
+    data = p.encode(hb())
+    with pytest.raises(p.ProtocolError) as err:
+        p.parse_message(p.Topics.node("box-1", "pi-2", "telemetry"), data)
+    assert err.value.reason == "identity_mismatch"
+    with pytest.raises(p.ProtocolError) as err:
+        p.parse_message(p.Topics.node("box-1", "pi-1", "events"), data)
+    assert err.value.reason == "kind_mismatch"
+
+
+def test_unknown_field_is_refused():
+    data = json.loads(p.encode(hb()))
+    data["surprise"] = 1
+    with pytest.raises(p.ProtocolError) as err:
+        p.parse_message(p.Topics.node("box-1", "pi-1", "telemetry"), json.dumps(data).encode())
+    assert err.value.reason == "schema" and "surprise" in err.value.detail
+
+
+def test_topic_builders_validate_ids():
+    with pytest.raises(ValueError, match="invalid shop id"):
+        p.Topics.node("Bad Shop", "n", "telemetry")
+    assert p.parse_topic(p.Topics.desired("s-1")).leaf == "state/desired"
+    assert p.parse_topic(p.Topics.controller_presence).leaf == "controller/presence"
+
+
+@settings(max_examples=300, deadline=None)
+@given(topic=st.sampled_from([p.Topics.node("s", "n", c) for c in p.Channel] + [p.Topics.reported("s"), "x/y"]),
+       payload=st.binary(max_size=2048))
+def test_any_bytes_parse_or_raise_protocol_error(topic, payload):
+    try:
+        p.parse_message(topic, payload)
+    except p.ProtocolError as exc:
+        assert exc.reason in p.REJECT_REASONS
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(obj=st.dictionaries(st.sampled_from(["v", "kind", "shop", "node", "epoch", "seq", "ts", "facts", "interval_s", "readings", "type", "state", "session"]), json_values))
+def test_any_json_object_parses_or_raises_protocol_error(obj):
+    obj.setdefault("v", 1)
+    for topic in (p.Topics.node("s", "n", "telemetry"), p.Topics.node("s", "n", "presence"), p.Topics.node("s", "n", "events")):
+        try:
+            p.parse_message(topic, json.dumps(obj).encode())
+        except p.ProtocolError as exc:
+            assert exc.reason in p.REJECT_REASONS
