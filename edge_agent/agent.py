@@ -192,7 +192,7 @@ class Agent:
         facts_provider: FactsProvider | None = None,
         desired_state_handler: DesiredStateHandler | None = None,
         extra_pipelines: Sequence[tuple[Pipeline, PipelineConfigBase]] = (),
-        poll_interval_s: float = 0.1,
+        poll_interval_s: float = 1.0,
     ) -> None:
         self.config = config
         self.shop: str = config.shop

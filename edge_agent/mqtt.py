@@ -224,8 +224,10 @@ class MqttLink:
             info = self._client.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain)
         except ValueError as exc:
             raise PermanentError(f"cannot publish on {msg.topic!r}: {exc}") from None
-        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-            raise ConnectionLost(f"publish failed: {paho.error_string(info.rc)}")
+        if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+            raise TemporaryError("paho's outgoing queue is full; publish again after acknowledgements")
+        # Any other code (even CONN_LOST) leaves a QoS 1 message in paho's queue, re-sent after
+        # the reconnect; the next poll reports the lost connection.
         return info.mid
 
     def poll(self, timeout: float) -> None:
@@ -244,6 +246,15 @@ class MqttLink:
                     break
         self._connected = False
 
-    def unacked(self) -> int:
-        """Return how many QoS 1 messages paho holds without an acknowledgement."""
-        return len(self._client._out_messages)  # noqa: SLF001 - paho exposes no public count
+    def interrupt(self) -> None:
+        """Wake a :meth:`poll` blocked in ``select`` from another thread (thread-safe).
+
+        paho wakes its own loop this way when ``publish`` is called from another thread; the
+        uplink uses it so new outbox messages leave at once while an idle poll sleeps long.
+        """
+        pair = getattr(self._client, "_sockpairW", None)
+        if pair is not None:
+            try:
+                pair.send(b"0")
+            except (BlockingIOError, OSError):
+                pass

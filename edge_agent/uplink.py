@@ -8,8 +8,9 @@ each one when its PUBACK arrives, pass incoming messages to the agent. When the 
 reconnects with exponential backoff and jitter; paho re-sends what was unacknowledged.
 
 One thread does all of it, so paho's callbacks never race with the outbox cursor, and the
-thread sleeps in ``select`` between messages (``poll_interval_s``), which keeps an idle agent's
-CPU share far below 1% of a Pi core.
+thread sleeps in ``select`` until the socket has data, a new message is enqueued (``wake``
+interrupts the select) or ``poll_interval_s`` passes, which keeps an idle agent's CPU share far
+below 1% of a Pi core.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from edge_agent.mqtt import (
     PermanentError,
     TemporaryError,
 )
-from edge_agent.outbox import Outbox, Priority
+from edge_agent.outbox import Outbox
 from edge_agent.protocol import Channel, Presence, Topics, encode
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ class UplinkLoop:
         reconnect_min_s: float = 0.5,
         reconnect_max_s: float = 30.0,
         inflight: int = 50,
-        poll_interval_s: float = 0.1,
+        poll_interval_s: float = 1.0,
     ) -> None:
         self.settings = settings
         self.outbox = outbox
@@ -81,7 +82,7 @@ class UplinkLoop:
         self._acked: list[int] = []
         self._cursor = 0  # highest seq handed to paho in this process
         self._dirty = threading.Event()
-        self._stop = threading.Event()
+        self._interrupted = threading.Event()  # cuts a reconnect backoff short on stop
         self._drain_deadline: float | None = None
         self.connected = threading.Event()
         self.session = 0
@@ -100,19 +101,16 @@ class UplinkLoop:
     def wake(self) -> None:
         """Tell the loop that the outbox has new messages."""
         self._dirty.set()
+        self._link.interrupt()
 
     def stop(self, drain_timeout: float) -> None:
         """Drain the outbox for up to ``drain_timeout`` s, send offline presence, disconnect, join."""
         self._drain_deadline = time.monotonic() + drain_timeout
         self._dirty.set()
+        self._interrupted.set()
+        self._link.interrupt()
         if self._thread is not None:
             self._thread.join(drain_timeout + 15)
-
-    def kill(self) -> None:
-        """Stop at once without goodbye (tests use it to mimic a crash of the connection)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(10)
 
     def _presence(self, state: str, reason: str = "") -> OutMessage:
         msg = Presence(shop=self.shop, node=self.node, state=state, session=self.session, agent_version=self.agent_version, reason=reason)  # type: ignore[arg-type]
@@ -128,11 +126,11 @@ class UplinkLoop:
     def _run(self) -> None:
         attempt = 0
         try:
-            while not self._stop.is_set():
+            while True:
                 if self._drain_deadline is not None and time.monotonic() >= self._drain_deadline:
                     break
-                self.session = self.outbox.next_session()
                 try:
+                    self.session = self.outbox.next_session()
                     self._link.connect(will=self._presence("offline", "will"))
                 except (ConnectFailed, ConnectRefused) as exc:
                     reason = exc.reason if isinstance(exc, ConnectRefused) else "unreachable"
@@ -147,6 +145,11 @@ class UplinkLoop:
                 except PermanentError as exc:
                     log.error("node %s/%s: %s; the uplink stops", self.shop, self.node, exc)
                     return
+                except Exception:  # noqa: BLE001 - the loop never dies; retry with backoff
+                    log.exception("node %s/%s: cannot connect", self.shop, self.node)
+                    attempt += 1
+                    self._wait(backoff_delay(attempt, self.reconnect_min_s, self.reconnect_max_s))
+                    continue
                 attempt = 0
                 self._connect_errors_logged.clear()
                 if self.ever_connected:
@@ -159,11 +162,14 @@ class UplinkLoop:
                     self.connected.set()
                     self.metrics.connected.set(1)
                     self._dirty.set()
-                    if self._serve():
-                        self._goodbye()
-                        return
+                    self._serve()
+                    self._goodbye()
+                    return
                 except TemporaryError as exc:
                     log.warning("node %s/%s: %s; reconnecting", self.shop, self.node, exc)
+                except Exception:  # noqa: BLE001 - e.g. a full disk under the outbox; the loop goes on
+                    log.exception("node %s/%s: uplink error; reconnecting", self.shop, self.node)
+                    self._link.disconnect()
                 finally:
                     self.connected.clear()
                     self.metrics.connected.set(0)
@@ -173,20 +179,20 @@ class UplinkLoop:
             self._commit_acks()
 
     def _wait(self, delay: float) -> None:
-        end = time.monotonic() + delay
         if self._drain_deadline is not None:
-            end = min(end, self._drain_deadline)
-        self._stop.wait(max(end - time.monotonic(), 0))
+            # Stopping while disconnected: keep trying until the drain deadline, never past it.
+            time.sleep(max(min(delay, self._drain_deadline - time.monotonic()), 0))
+        else:
+            self._interrupted.wait(delay)
 
-    def _serve(self) -> bool:
-        """Pump and poll until the link drops (raises) or a drain finished (returns True)."""
-        while not self._stop.is_set():
+    def _serve(self) -> None:
+        """Pump and poll until the link drops (raises TemporaryError) or a drain finished."""
+        while True:
             self._pump()
             self._link.poll(self.poll_interval_s)
             self._commit_acks()
             if self._draining_done():
-                return True
-        return False
+                return
 
     def _pump(self) -> None:
         room = self.inflight_limit - len(self._inflight)
@@ -234,7 +240,3 @@ class UplinkLoop:
                 self.node,
                 self.outbox.depth(),
             )
-
-    def depth_by_priority(self) -> dict[Priority, int]:
-        """Return the outbox depth by priority (for metrics)."""
-        return self.outbox.depth_by_priority()

@@ -31,7 +31,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from enum import StrEnum
 
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from edge_agent.protocol import Presence, ProtocolError, parse_message
 from fleet_controller.metrics import ControllerMetrics
@@ -45,6 +45,12 @@ MAX_GAP_RANGES = 1000
 """Open gap ranges kept per node. More means a very late message can still be accepted after a
 long, patchy outage; fewer bounds memory. The oldest ranges beyond it are given up (they stay
 counted as missing)."""
+
+
+PAUSE_S = 0.002
+"""A stream silent this long ends the batch early: the broker has filled its in-flight window and
+waits for our acks. Longer gathers more per transaction on a trickling stream; shorter loses
+less time per window when the backlog is large."""
 
 
 class Verdict(StrEnum):
@@ -146,7 +152,6 @@ class Intake:
     def submit(self, message: InboundMessage) -> None:
         """Queue one received message; safe to call from the MQTT network thread."""
         self._pending.append(message)
-        self.metrics.intake_queue.set(len(self._pending))
         loop = self._loop
         if loop is not None and self._waiting.is_set():
             self._waiting.clear()
@@ -191,7 +196,7 @@ class Intake:
                 self._waiting.clear()
                 continue
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=min(remaining, 0.01))
+                await asyncio.wait_for(self._wake.wait(), timeout=min(remaining, PAUSE_S))
             except TimeoutError:
                 self._waiting.clear()
                 break
@@ -203,7 +208,10 @@ class Intake:
         attempt = 0
         while True:
             try:
+                t0 = time.perf_counter()
                 outcome = await loop.run_in_executor(self._writer, self.process_batch, batch)
+                self.metrics.batch_seconds.observe(time.perf_counter() - t0)
+                self.metrics.batch_size.observe(len(batch))
                 break
             except (OperationalError, InterfaceError) as exc:
                 # The database is unreachable or locked: keep the batch (unacknowledged) and retry.
@@ -218,15 +226,21 @@ class Intake:
             self._on_events(outcome.events)
 
     def process_batch(self, batch: Sequence[InboundMessage], now: float | None = None) -> BatchOutcome:
-        """Parse, dedupe and store one batch (on the writer thread); fall back to one by one on a bad row."""
+        """Parse, dedupe and store one batch (on the writer thread); fall back to one by one on a bad row.
+
+        Raises only when the database is unreachable (``OperationalError``/``InterfaceError``): the
+        caller keeps the batch and retries. A message the database refuses (or that breaks storing
+        in any other way) is dropped alone and counted as ``unstorable``.
+        """
         try:
             return self._process(batch, now)
         except (OperationalError, InterfaceError):
             raise
-        except DBAPIError as exc:
+        except Exception as exc:  # noqa: BLE001 - a loop never dies of bad input
             if len(batch) == 1:
                 self.metrics.rejected.labels(reason="unstorable").inc()
-                self._rlog.warning("unstorable", "dropping a message on %r the database refuses: %s", batch[0].topic, str(exc.orig)[:300])
+                detail = str(getattr(exc, "orig", exc))[:300]
+                self._rlog.warning("unstorable", "dropping a message on %r that cannot be stored: %s: %s", batch[0].topic[:200], type(exc).__name__, detail)
                 return BatchOutcome(0, 1, 0, ())
         parts = [self.process_batch([m], now) for m in batch]
         return BatchOutcome(

@@ -64,6 +64,18 @@ class ControllerMetrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=registry,
         )
+        self.batch_size = Histogram(
+            "shopfleet_controller_batch_messages",
+            "Messages per stored batch (one transaction each).",
+            buckets=(1, 10, 50, 100, 200, 500, 1000, 5000),
+            registry=registry,
+        )
+        self.batch_seconds = Histogram(
+            "shopfleet_controller_batch_seconds",
+            "Time to parse, dedupe and store one batch.",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5),
+            registry=registry,
+        )
         self.intake_queue = Gauge(
             "shopfleet_controller_intake_queue_messages", "Messages received and waiting for a batch.", registry=registry
         )

@@ -82,7 +82,7 @@ class MqttConfig:
     clean_session: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class InboundMessage:
     """One message from the broker, as the rest of the controller sees it."""
 

@@ -22,13 +22,14 @@ Every change a writer makes is returned as :class:`BusEvent` values for the serv
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import bindparam, delete, func, insert, or_, select, tuple_, update
+from sqlalchemy import JSON, bindparam, delete, func, insert, or_, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
@@ -55,6 +56,10 @@ RESULTS = CommandResultRecord.__table__
 REPORTED = ReportedStateRecord.__table__
 
 NodeKey = tuple[str, str]
+
+# Node columns a heartbeat updates, in the order _update_nodes binds them; the JSON ones among them.
+_FACT_COLUMNS = ("facts", "arch", "node_class", "agent_version", "release", "pipelines", "metrics", "facts_at", "heartbeat_interval_s")
+_NODE_JSON = frozenset({"facts", "pipelines", "metrics"})
 
 
 class NotFound(LookupError):
@@ -174,6 +179,10 @@ class Registry:
         self._dialect = engine.dialect.name
         self._known_nodes: set[NodeKey] = set()
         self._known_shops: set[str] = set()
+        # Writer-side cache of every node's presence (only the writer thread changes presence);
+        # changes of a transaction are staged in _pending_presence until it commits.
+        self._presence: dict[NodeKey, PresenceView] = {}
+        self._pending_presence: dict[NodeKey, PresenceView] = {}
 
     # ----- helpers ---------------------------------------------------------------------------
 
@@ -243,18 +252,22 @@ class Registry:
         now = time.time() if now is None else now
         events: list[BusEvent] = []
         keys = set(batch.nodes) | set(batch.seen) | {(p.shop, p.node) for p, _ in batch.presences}
+        self._pending_presence = {}
         with self.engine.begin() as conn:
             created, known = self._ensure(conn, sorted(keys), now)
             events += created
-            events += self._store_uplinks(conn, batch, now)
+            facts = self._store_uplinks(conn, batch, now, events)
             events += self._store_presences(conn, batch.presences, now)
-            events += self._touch_nodes(conn, batch, now)
-        # Only a committed row is known; a rolled-back batch must create it again.
+            self._update_nodes(conn, batch, facts)
+            events += self._revive(conn, batch, now)
+        # Only committed rows are known; a rolled-back batch must create them again.
         self._known_nodes.update(known)
         self._known_shops.update(s for s, _ in known)
+        self._presence.update(self._pending_presence)
         return events
 
-    def _store_uplinks(self, conn: Connection, batch: WriteBatch, now: float) -> list[BusEvent]:
+    def _store_uplinks(self, conn: Connection, batch: WriteBatch, now: float, out: list[BusEvent]) -> dict[NodeKey, dict[str, Any]]:
+        """Insert history, upsert latest values; append bus events to ``out``; return the facts per node."""
         heartbeats: list[dict[str, Any]] = []
         facts: dict[NodeKey, dict[str, Any]] = {}
         readings: dict[tuple[str, str, str, str], dict[str, Any]] = {}
@@ -271,13 +284,14 @@ class Registry:
                         "received_at": received, "cpu_load_1m": f.cpu_load_1m, "cpu_temp_c": f.cpu_temp_c,
                         "mem_available_bytes": f.mem_available_bytes, "disk_free_bytes": f.disk_free_bytes,
                         "outbox_depth": msg.outbox_depth, "metrics": dict(msg.metrics),
-                        "pipelines": {k: p.model_dump(mode="json") for k, p in msg.pipelines.items()},
+                        # dict() of these flat models is JSON-ready and far cheaper than model_dump().
+                        "pipelines": {k: dict(p) for k, p in msg.pipelines.items()},
                     }
                 )
                 prev = facts.get(key)
                 if prev is None or prev["facts_at"] <= msg.ts:
                     facts[key] = {
-                        "b_shop": msg.shop, "b_node": msg.node, "facts": f.model_dump(mode="json"),
+                        "facts": dict(f),
                         "arch": f.arch, "node_class": f.node_class, "agent_version": f.agent_version,
                         "release": msg.release, "pipelines": heartbeats[-1]["pipelines"], "metrics": dict(msg.metrics),
                         "facts_at": msg.ts, "heartbeat_interval_s": msg.interval_s,
@@ -319,23 +333,29 @@ class Registry:
                     "ts": msg.ts, "received_at": received,
                 }
         if heartbeats:
-            conn.execute(insert(HEARTBEATS), heartbeats)
-        if facts:
-            conn.execute(
-                update(NODES)
-                .where(NODES.c.shop_id == bindparam("b_shop"), NODES.c.node_id == bindparam("b_node"))
-                .values({c: bindparam(c) for c in next(iter(facts.values())) if not c.startswith("b_")}),
-                list(facts.values()),
-            )
+            self._insert_many(conn, HEARTBEATS, heartbeats)
         self._upsert(conn, READINGS, list(readings.values()), ("shop_id", "node_id", "source", "name"))
         self._upsert(conn, RESULTS, list(results.values()), ("correlation_id",))
         self._upsert(conn, REPORTED, list(reported.values()), ("shop_id",))
-        out: list[BusEvent] = []
         if event_rows:
             ids = conn.execute(insert(EVENTS).returning(EVENTS.c.id, sort_by_parameter_order=True), event_rows).scalars().all()
             for row_id, row in zip(ids, event_rows):
                 out.append(BusEvent(row["kind"], row["shop_id"], row["node_id"], {"id": row_id, **row}, now))
         out += [BusEvent("reported_state", s, r["node_id"], r, now) for s, r in reported.items()]
+        return facts
+
+    def _presence_of(self, conn: Connection, keys: Iterable[NodeKey]) -> dict[NodeKey, PresenceView]:
+        """Return the presence of ``keys``, from the writer's cache or the database."""
+        out: dict[NodeKey, PresenceView] = {}
+        missing = []
+        for k in keys:
+            v = self._pending_presence.get(k) or self._presence.get(k)
+            if v is None:
+                missing.append(k)
+            else:
+                out[k] = v
+        for k, r in self._presence_rows(conn, missing).items():
+            out[k] = self._presence[k] = PresenceView(r.session, r.presence, r.presence_reason)
         return out
 
     def _presence_rows(self, conn: Connection, keys: list[NodeKey]) -> dict[NodeKey, Any]:
@@ -348,29 +368,46 @@ class Registry:
         )
         return {(r.shop_id, r.node_id): r for r in rows}
 
-    def _set_presence(
-        self, conn: Connection, key: NodeKey, old: str, new: PresenceView, now: float, seen: float | None
-    ) -> BusEvent:
-        values: dict[str, Any] = {"session": new.session, "presence": new.presence, "presence_reason": new.reason}
-        if new.presence != old:
-            values["presence_changed_at"] = now
-        if seen is not None:
-            values["last_seen"] = seen
-        conn.execute(update(NODES).where(NODES.c.shop_id == key[0], NODES.c.node_id == key[1]).values(values))
-        data = {"old": old, "new": new.presence, "reason": new.reason, "session": new.session}
-        conn.execute(
-            insert(EVENTS),
-            [{"shop_id": key[0], "node_id": key[1], "kind": "presence", "type": new.presence, "state": old,
-              "severity": "", "source": "controller", "message": new.reason, "data": data, "at": now, "received_at": now}],
-        )
-        return BusEvent("presence", key[0], key[1], data, now)
+    def _set_presences(self, conn: Connection, changes: list[tuple[NodeKey, str, PresenceView, float | None]], now: float) -> list[BusEvent]:
+        """Store presence changes ``(key, old, new, seen)`` with one update per row shape and one event insert."""
+        if not changes:
+            return []
+        final: dict[NodeKey, dict[str, Any]] = {}  # several changes of one node in a batch: the last one counts
+        events: list[dict[str, Any]] = []
+        out: list[BusEvent] = []
+        for key, old, new, seen in changes:
+            prev = final.get(key, {})
+            row = {**prev, "b_shop": key[0], "b_node": key[1], "b_session": new.session, "b_presence": new.presence,
+                   "b_reason": new.reason, "b_changed": now if new.presence != old else prev.get("b_changed")}
+            if seen is not None:
+                row["b_seen"] = seen
+            final[key] = row
+            self._pending_presence[key] = new
+            data = {"old": old, "new": new.presence, "reason": new.reason, "session": new.session}
+            events.append({"shop_id": key[0], "node_id": key[1], "kind": "presence", "type": new.presence, "state": old,
+                           "severity": "", "source": "controller", "message": new.reason, "data": data, "at": now, "received_at": now})
+            out.append(BusEvent("presence", key[0], key[1], data, now))
+        groups: dict[bool, list[dict[str, Any]]] = {}
+        for row in final.values():
+            groups.setdefault("b_seen" in row, []).append(row)
+        for has_seen, rows in groups.items():
+            values: dict[str, Any] = {
+                "session": bindparam("b_session"), "presence": bindparam("b_presence"), "presence_reason": bindparam("b_reason"),
+                "presence_changed_at": func.coalesce(bindparam("b_changed", type_=NODES.c.presence_changed_at.type), NODES.c.presence_changed_at),
+            }
+            if has_seen:
+                values["last_seen"] = bindparam("b_seen")
+            conn.execute(
+                update(NODES).where(NODES.c.shop_id == bindparam("b_shop"), NODES.c.node_id == bindparam("b_node")).values(values), rows
+            )
+        conn.execute(insert(EVENTS), events)
+        return out
 
     def _store_presences(self, conn: Connection, presences: list[tuple[Presence, float]], now: float) -> list[BusEvent]:
         if not presences:
             return []
-        rows = self._presence_rows(conn, sorted({(p.shop, p.node) for p, _ in presences}))
-        state = {k: PresenceView(r.session, r.presence, r.presence_reason) for k, r in rows.items()}
-        out: list[BusEvent] = []
+        state = self._presence_of(conn, sorted({(p.shop, p.node) for p, _ in presences}))
+        changes: list[tuple[NodeKey, str, PresenceView, float | None]] = []
         for msg, received in presences:
             key = (msg.shop, msg.node)
             current = state[key]
@@ -381,52 +418,63 @@ class Registry:
                     msg.state, msg.shop, msg.node, msg.session, current.session, current.presence,
                 )
                 continue
-            out.append(self._set_presence(conn, key, current.presence, new, now, received if msg.state == "online" else None))
+            changes.append((key, current.presence, new, received if msg.state == "online" else None))
             state[key] = new
-        return out
+        return self._set_presences(conn, changes, now)
 
-    def _touch_nodes(self, conn: Connection, batch: WriteBatch, now: float) -> list[BusEvent]:
-        out: list[BusEvent] = []
-        if batch.nodes:
-            conn.execute(
-                update(NODES)
-                .where(NODES.c.shop_id == bindparam("b_shop"), NODES.c.node_id == bindparam("b_node"))
-                .values(
-                    epoch=bindparam("b_epoch"),
-                    watermark=bindparam("b_watermark"),
-                    gaps=bindparam("b_gaps", type_=NODES.c.gaps.type),
-                    messages_total=NODES.c.messages_total + bindparam("b_messages"),
-                    duplicates_total=NODES.c.duplicates_total + bindparam("b_duplicates"),
-                    missing_total=NODES.c.missing_total + bindparam("b_missing"),
-                ),
-                [
-                    {"b_shop": s, "b_node": n, "b_epoch": u.cursor.epoch, "b_watermark": u.cursor.watermark,
-                     "b_gaps": _gaps_json(u.cursor.gaps), "b_messages": u.messages, "b_duplicates": u.duplicates,
-                     "b_missing": u.missing}
-                    for (s, n), u in batch.nodes.items()
-                ],
-            )
-        if batch.seen:
-            conn.execute(
-                update(NODES)
-                .where(NODES.c.shop_id == bindparam("b_shop"), NODES.c.node_id == bindparam("b_node"))
-                .values(last_seen=func.max(func.coalesce(NODES.c.last_seen, 0), bindparam("b_seen")) if self._dialect == "sqlite"
-                        else func.greatest(func.coalesce(NODES.c.last_seen, 0), bindparam("b_seen"))),
-                [{"b_shop": s, "b_node": n, "b_seen": t} for (s, n), t in batch.seen.items()],
-            )
-            # Any message brings back a node that silence made stale or offline, or one never seen.
-            revive = self._presence_rows(conn, sorted(batch.seen))
-            for key, r in revive.items():
-                if r.presence in ("stale", "unknown") or (r.presence == "offline" and r.presence_reason == "timeout"):
-                    new = PresenceView(r.session, "online", "message")
-                    out.append(self._set_presence(conn, key, r.presence, new, now, None))
-        return out
+    def _update_nodes(self, conn: Connection, batch: WriteBatch, facts: dict[NodeKey, dict[str, Any]]) -> None:
+        """Update facts, sequence cursor, counters and last_seen of every node in the batch, one statement per row shape."""
+        groups: dict[tuple[bool, bool], list[tuple[Any, ...]]] = {}
+        for key, seen in batch.seen.items():
+            u = batch.nodes.get(key)
+            f = facts.get(key)
+            row: tuple[Any, ...] = (seen,)
+            if u is not None:
+                row += (u.cursor.epoch, u.cursor.watermark, json.dumps(_gaps_json(u.cursor.gaps)), u.messages, u.duplicates, u.missing)
+            if f is not None:
+                row += tuple(json.dumps(f[c]) if c in _NODE_JSON else f[c] for c in _FACT_COLUMNS)
+            groups.setdefault((u is not None, f is not None), []).append(row + key)
+        ph = self._placeholder
+        greatest = "MAX" if self._dialect == "sqlite" else "GREATEST"
+        for (has_cursor, has_facts), rows in groups.items():
+            sets = [f"last_seen = {greatest}(COALESCE(last_seen, 0), {ph()})"]
+            if has_cursor:
+                sets += [f"epoch = {ph()}", f"watermark = {ph()}", f"gaps = {ph(True)}", f"messages_total = messages_total + {ph()}",
+                         f"duplicates_total = duplicates_total + {ph()}", f"missing_total = missing_total + {ph()}"]
+            if has_facts:
+                sets += [f'"{c}" = {ph(c in _NODE_JSON)}' for c in _FACT_COLUMNS]
+            sql = f"UPDATE nodes SET {', '.join(sets)} WHERE shop_id = {ph()} AND node_id = {ph()}"
+            conn.exec_driver_sql(sql, rows)
+
+    def _placeholder(self, json_value: bool = False) -> str:
+        if self._dialect == "sqlite":
+            return "?"
+        return "%s::json" if json_value else "%s"
+
+    def _insert_many(self, conn: Connection, table, rows: list[dict[str, Any]]) -> None:
+        """Insert ``rows`` with the driver's executemany: on the hot path SQLAlchemy's per-row parameter
+        processing costs more than the database's own insert."""
+        cols = list(rows[0])
+        json_cols = {c.name for c in table.columns if isinstance(c.type, JSON)}
+        names = ", ".join(f'"{c}"' for c in cols)
+        values = ", ".join(self._placeholder(c in json_cols) for c in cols)
+        sql = f"INSERT INTO {table.name} ({names}) VALUES ({values})"
+        conn.exec_driver_sql(sql, [tuple(json.dumps(r[c]) if c in json_cols else r[c] for c in cols) for r in rows])
+
+    def _revive(self, conn: Connection, batch: WriteBatch, now: float) -> list[BusEvent]:
+        """Bring back nodes that silence made stale or offline, or never seen online: any message means alive."""
+        changes = [
+            (key, p.presence, PresenceView(p.session, "online", "message"), None)
+            for key, p in self._presence_of(conn, sorted(batch.seen)).items()
+            if p.presence in ("stale", "unknown") or (p.presence == "offline" and p.reason == "timeout")
+        ]
+        return self._set_presences(conn, changes, now)
 
     def sweep_presence(self, settings: PresenceSettings, now: float | None = None) -> list[BusEvent]:
         """Mark silent nodes stale, then offline (reason ``timeout``); return the changes."""
         now = time.time() if now is None else now
         interval = func.coalesce(NODES.c.heartbeat_interval_s, settings.default_interval_s)
-        out: list[BusEvent] = []
+        self._pending_presence = {}
         with self.engine.begin() as conn:
             rows = conn.execute(
                 select(NODES.c.shop_id, NODES.c.node_id, NODES.c.session, NODES.c.presence, NODES.c.last_seen,
@@ -435,12 +483,15 @@ class Registry:
                     NODES.c.last_seen < now - interval * settings.stale_after_intervals,
                 )
             ).all()
+            changes = []
             for r in rows:
                 iv = r.heartbeat_interval_s or settings.default_interval_s
                 new = silence_presence(r.presence, now - r.last_seen, iv, settings)
                 if new != r.presence:
                     reason = "timeout" if new == "offline" else "silent"
-                    out.append(self._set_presence(conn, (r.shop_id, r.node_id), r.presence, PresenceView(r.session, new, reason), now, None))
+                    changes.append(((r.shop_id, r.node_id), r.presence, PresenceView(r.session, new, reason), None))
+            out = self._set_presences(conn, changes, now)
+        self._presence.update(self._pending_presence)
         return out
 
     def enforce_retention(self, settings: RetentionSettings, now: float | None = None) -> dict[str, int]:

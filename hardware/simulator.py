@@ -145,7 +145,11 @@ class SimulatedBoard:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
-        self.unplug()
+        with self._lock:
+            pty = self._path
+            self.unplug()
+            if self.link is not None and self.link.is_symlink() and os.readlink(self.link) == pty:
+                self.link.unlink()  # like udev removing the by-id link of a vanished device
 
     def unplug(self) -> None:
         """Pull the cable: close the pty, so the host's reads fail."""
@@ -158,6 +162,8 @@ class SimulatedBoard:
     def replug(self) -> str:
         """Plug the cable back in: a new pty (and re-pointed link); the board boots again."""
         with self._lock:
+            if self._stop.is_set():
+                return self.path  # stopped meanwhile (a scheduled replug): stay unplugged
             self.unplug()
             self._plug()
         return self.path
@@ -226,6 +232,13 @@ class SimulatedBoard:
         with self._lock:
             self._drop_next += frames
 
+    def flood(self, frames: int) -> None:
+        """Send frames READINGS frames back to back, as a board stuck in a tight loop would."""
+        with self._lock:
+            now = self.clock()
+            for _ in range(frames):
+                self._send(encode_message(self._sample(now, 0.0), self._next_seq()))
+
     def inject(self, garbage: bytes) -> None:
         """Put raw bytes on the line before the next frame (noise, a half frame)."""
         with self._lock:
@@ -241,8 +254,10 @@ class SimulatedBoard:
         if self._master is None:
             return
         try:
-            os.write(self._master, data)
-            self.frames_sent += 1
+            if os.write(self._master, data) < len(data):
+                self.frames_dropped += 1  # truncated by a full buffer: the host sees a damaged frame
+            else:
+                self.frames_sent += 1
         except BlockingIOError:
             self.frames_dropped += 1  # the host is not reading: like a full USB buffer
         except OSError as exc:
@@ -295,7 +310,8 @@ class SimulatedBoard:
             if cmd.channel >= len(self._ch) or self._ch[cmd.channel].kind != "load_cell":
                 status = AckStatus.BAD_ARGUMENT
             else:
-                raw = self._true(self._ch[cmd.channel], self.clock()) * COUNTS_PER_G + RAW_ZERO
+                # The firmware averages 8 conversions; model that as the settled weight.
+                raw = self.weight(cmd.channel) * COUNTS_PER_G + RAW_ZERO
                 cal = self.eeprom.setdefault(cmd.channel, _Calibration())
                 if cmd.type == FrameType.TARE:
                     cal.offset = raw

@@ -17,6 +17,8 @@ COMMAND_MODULES = (
     "shopfleet.demo",  # demo
     "edge_agent.cli",  # agent
     "fleet_controller.cli",  # controller, broker-config
+    "fleet_controller.rollout.cli",  # release, rollout, manifests
+    "hardware.cli",  # hw simulate, read, calibrate
     "fleet_controller.accounts.cli",  # users, tokens
     "vision.cli",  # vision fetch-model, quantize, run, eval-tracker
 )

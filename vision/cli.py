@@ -136,9 +136,19 @@ def _non_negative(text: str) -> float:
     return v
 
 
+class _Help(argparse.HelpFormatter):
+    """Show an option's default in --help when it has a meaningful one (not None or a flag)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is not None and action.default is not False and action.default != argparse.SUPPRESS and action.option_strings and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``vision`` command and its subcommands."""
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _Help
     p = subparsers.add_parser("vision", help="camera pipeline: models, running a camera, tracker evaluation", description="Turn camera frames into shop events: fetch/convert/quantize the detector model, run a camera through detect -> track -> zones, and measure the tracker. See docs/vision.md.")
     sub = p.add_subparsers(dest="vision_command", metavar="SUBCOMMAND", required=True)
 

@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 
+from vision.boxes import box_iou
 from vision.model import ModelPackage
 from vision.types import Detections, Frame
 
@@ -132,21 +133,6 @@ def decode_heads(raw: Sequence[np.ndarray], heads: Sequence[HeadSpec], score_thr
     return np.concatenate(boxes).astype(np.float32), np.concatenate(scores).astype(np.float32), np.concatenate(classes).astype(np.int64)
 
 
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Return the (len(a), len(b)) IoU matrix of two xyxy box arrays."""
-    if len(a) == 0 or len(b) == 0:
-        return np.zeros((len(a), len(b)), np.float64)
-    a = a.astype(np.float64)
-    b = b.astype(np.float64)
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
-    area_a = np.prod(a[:, 2:] - a[:, :2], axis=1)
-    area_b = np.prod(b[:, 2:] - b[:, :2], axis=1)
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
-
-
 def nms(xyxy: np.ndarray, scores: np.ndarray, class_ids: np.ndarray, iou_threshold: float, max_det: int = 300) -> np.ndarray:
     """Return indices kept by class-aware greedy NMS, highest score first."""
     if len(scores) == 0:
@@ -192,6 +178,9 @@ class OnnxDetector:
         # threads=0 lets ONNX Runtime use every core; on a shared node set it to the cores the pipeline owns.
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+        # Idle ONNX Runtime workers spin by default; that saves a little latency per run but burns
+        # the cores the capture thread (decoding) and the tracker need between runs.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.providers = choose_providers(ort.get_available_providers(), providers)
         self.session = ort.InferenceSession(str(package.onnx_path), sess_options=opts, providers=self.providers)

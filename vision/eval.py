@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vision.detector import box_iou
+from vision.boxes import box_iou
 from vision.tracker import ByteTracker, TrackerConfig
 from vision.types import Detections
 

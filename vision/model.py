@@ -161,7 +161,9 @@ def load_package(path: str | os.PathLike[str]) -> ModelPackage:
         raise ModelPackageInvalid("bad-manifest", f"{mpath}: key '{key}': {first['msg']}; {fix}") from None
     actual = sha256_file(opath)
     if actual != manifest.sha256:
-        raise ModelPackageInvalid("sha256-mismatch", f"{opath}: sha256 is {actual} but model.json says {manifest.sha256}; the file is corrupt or was replaced; {fix}")
+        raise ModelPackageInvalid(
+            "sha256-mismatch", f"{opath}: the file is corrupt or was replaced (sha256 {actual[:16]}..., model.json says {manifest.sha256[:16]}...); {fix}"
+        )
     try:
         model = onnx.load(str(opath), load_external_data=False)
     except Exception as exc:  # noqa: BLE001 - onnx raises several types for a broken protobuf

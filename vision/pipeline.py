@@ -177,18 +177,22 @@ class Pipeline:
         max_frames: int | None = None,
         on_events: Callable[[list[ShopEvent]], None] | None = None,
         on_frames: Callable[[list[Frame]], None] | None = None,
+        on_tick: Callable[[], None] | None = None,
         poll: float = 0.5,
     ) -> None:
         """Process frames until ``stop`` is set, ``max_frames`` per camera are done, or every source has ended.
 
         ``on_events`` gets each round's events; ``on_frames`` gets each processed round's frames
-        (after it, ``self.cams[camera].last_tracks`` holds their tracks).
+        (after it, ``self.cams[camera].last_tracks`` holds their tracks); ``on_tick`` is called
+        at least every ``poll`` seconds, frames or not (to notice a dark camera).
         """
         self.started = time.perf_counter()
         try:
             while not stop.is_set():
                 if max_frames is not None and all(st.frames >= max_frames for st in self.cams.values()):
                     break
+                if on_tick:
+                    on_tick()
                 t = time.perf_counter()
                 frames = self._gather(poll)
                 if max_frames is not None:

@@ -24,7 +24,8 @@ import onnx
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from vision.detector import OnnxDetector, box_iou
+from vision.boxes import box_iou
+from vision.detector import OnnxDetector
 from vision.errors import SourceUnavailable
 from vision.model import ModelPackage, write_package
 from vision.types import Detections, Frame

@@ -21,9 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
-from scipy.optimize import linear_sum_assignment
 
-from vision.detector import box_iou
+from vision.boxes import box_iou
 from vision.types import Detections, Tracks
 
 
@@ -91,6 +90,10 @@ def _match(tracks: list[_Track], boxes: np.ndarray, min_iou: float) -> tuple[lis
     """Return (track index, box index) matches and the unmatched indices of each side."""
     if not tracks or len(boxes) == 0:
         return [], list(range(len(tracks))), list(range(len(boxes)))
+    # Imported here: scipy.optimize costs ~0.7 s to import, and agent configs import this module
+    # (for TrackerConfig) on nodes that may run no camera at all.
+    from scipy.optimize import linear_sum_assignment
+
     iou = box_iou(np.stack([t.xyxy() for t in tracks]), boxes)
     rows, cols = linear_sum_assignment(-iou)
     pairs = [(r, c) for r, c in zip(rows, cols, strict=True) if iou[r, c] >= min_iou]

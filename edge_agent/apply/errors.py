@@ -8,7 +8,7 @@ retry after a delay.
 
 from __future__ import annotations
 
-REFUSE_REASONS = ("unsigned", "unknown_key", "forged", "replay", "wrong_shop")
+REFUSE_REASONS = ("unsigned", "unknown_key", "forged", "replay", "wrong_shop", "state_store")
 
 
 class StateRefused(Exception):
@@ -37,3 +37,7 @@ class ApplyFailed(Exception):
 
 class ClusterUnavailable(Exception):
     """The cluster API did not answer; retry after a delay."""
+
+
+class StateStoreCorrupt(RuntimeError):
+    """The file holding the last applied revision cannot be read; nothing is applied until it is fixed."""

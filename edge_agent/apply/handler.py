@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from edge_agent.apply.cluster import ClusterClient
 from edge_agent.apply.diff import ObjectRef, diff, workload_ready
-from edge_agent.apply.errors import ApplyFailed, ClusterUnavailable, StateRefused
+from edge_agent.apply.errors import ApplyFailed, ClusterUnavailable, StateRefused, StateStoreCorrupt
 from edge_agent.apply.verify import AppliedRecord, RevisionStore, Verifier, check_admissible
 from edge_agent.protocol import DesiredState, ObjectStatus, ReportedState
 
@@ -99,7 +99,10 @@ class DesiredStateHandler:
         self._sleep = sleep
         self._clock = clock
         self._lock = threading.Lock()
-        last = store.load()
+        try:
+            last = store.load()
+        except StateStoreCorrupt:
+            last = AppliedRecord()  # handle() reports the problem on the first message
         if last.status == "applied":
             metrics.revision.set(last.revision)
 
@@ -113,6 +116,13 @@ class DesiredStateHandler:
                     final = ApplyReport(state.release, state.revision, "applied", "already applied")
                     self._report(final)
                     return final
+            except StateStoreCorrupt as exc:  # refuse everything until an operator fixes the file
+                log.error("cannot check desired state revision %s: %s", state.revision, exc)
+                self._metrics.refused.labels("state_store").inc()
+                self._metrics.outcomes.labels("refused").inc()
+                final = ApplyReport(state.release, state.revision, "refused", f"state_store: {exc}")
+                self._report(final)
+                return final
             except StateRefused as exc:
                 log.warning("refusing desired state revision %s for shop %s: %s", state.revision, state.shop, exc)
                 self._metrics.refused.labels(exc.reason).inc()

@@ -21,7 +21,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from edge_agent.apply.errors import ReplayRefused, SignatureInvalid, StateRefused
+from edge_agent.apply.errors import ReplayRefused, SignatureInvalid, StateRefused, StateStoreCorrupt
 from edge_agent.protocol import DesiredState
 
 
@@ -99,7 +99,7 @@ class RevisionStore:
             return AppliedRecord()
         except (ValueError, KeyError, TypeError) as exc:
             # A corrupt file must not unlock replays: refuse until an operator looks at it.
-            raise RuntimeError(f"{self.path} is corrupt ({exc}): restore it or delete it to accept the next desired state") from None
+            raise StateStoreCorrupt(f"{self.path} is corrupt ({exc}): restore it or delete it to accept the next desired state") from None
 
     def save(self, record: AppliedRecord) -> None:
         """Persist ``record`` atomically (temp file, fsync, rename)."""

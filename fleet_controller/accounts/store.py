@@ -309,3 +309,8 @@ class AccountStore:
             if tok.last_used_at is None or now - tok.last_used_at > 60:  # one write a minute at most
                 tok.last_used_at = now
             return Principal(user.id, user.username, Role(user.role), "token")
+
+
+def ensure_demo_users(engine: Engine) -> dict[str, str]:
+    """Create or reset one demo user per role on ``engine``; return ``{username: password}`` to print."""
+    return AccountStore(engine).ensure_demo_users()

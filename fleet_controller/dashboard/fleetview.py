@@ -1,18 +1,24 @@
 """The fleet table: one row per shop with state, alerts, occupancy, release and last seen.
 
-Filtering, sorting and pagination happen in one SQL statement over aggregates of nodes,
-readings and alerts, so a page of 50 out of 5,000 shops costs one scan of the nodes table and
-no Python loop over the fleet. :class:`FleetQuery` is the parsed, validated query string;
-parsing is pure and shared by the page and the JSON API, so both accept the same parameters.
+Two steps. :func:`load_summaries` reads one summary per shop with five small grouped queries
+(shops, nodes by presence, occupancy, firing alerts, reported release); :func:`select_page`
+filters, sorts and paginates them in Python, as a pure function. Measured at 5,000 shops this is
+several times faster than one SQL statement joining the aggregates (SQLite cannot index the
+joined subqueries, and the state counts and facets need the whole filtered set anyway), and it
+keeps the rules for "state" and "needs someone first" in one readable place.
+:class:`FleetQuery` is the parsed, validated query string shared by the page and the JSON API.
 """
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import and_, case, func, literal, or_, select
+from sqlalchemy import case, func, select
 from sqlalchemy.engine import Engine
 
 from fleet_controller.alerts.models import AlertRecord
@@ -60,88 +66,117 @@ class FleetPage:
                 "pages": self.pages, "state_counts": self.state_counts, "regions": self.regions, "releases": self.releases}
 
 
-def _base():
-    """Return the per-shop aggregate as a subquery with one row per shop."""
-    n = (
-        select(
-            Node.shop_id.label("shop_id"),
-            func.count().label("nodes"),
-            func.sum(case((Node.presence == "online", 1), else_=0)).label("online"),
-            func.sum(case((Node.presence == "stale", 1), else_=0)).label("stale"),
-            func.max(Node.last_seen).label("last_seen"),
-            func.max(Node.release).label("node_release"),
-        ).group_by(Node.shop_id).subquery("n")
+def shop_state(nodes: int, online: int, stale: int) -> str:
+    """Return a shop's state from its node counts: online (all), offline (none up), stale (some), unknown (no nodes)."""
+    if nodes == 0:
+        return "unknown"
+    if online == nodes:
+        return "online"
+    if online == 0 and stale == 0:
+        return "offline"
+    return "stale"
+
+
+_RANK = {"offline": 0, "stale": 1, "unknown": 2, "online": 3}
+
+
+def load_summaries(engine: Engine) -> list[dict[str, Any]]:
+    """Read one summary row per shop with five grouped queries (each one index or table scan)."""
+    with engine.connect() as conn:
+        shops = conn.execute(select(Shop.id, Shop.name, Shop.region)).all()
+        nodes = {
+            r.shop_id: r for r in conn.execute(
+                select(Node.shop_id, func.count().label("nodes"),
+                       func.sum(case((Node.presence == "online", 1), else_=0)).label("online"),
+                       func.sum(case((Node.presence == "stale", 1), else_=0)).label("stale"),
+                       func.max(Node.last_seen).label("last_seen"), func.max(Node.release).label("release"))
+                .group_by(Node.shop_id))
+        }
+        occupancy = dict(conn.execute(
+            select(LatestReading.shop_id, func.max(LatestReading.value))
+            .where(LatestReading.name == "occupancy").group_by(LatestReading.shop_id)).all())
+        alerts = dict(conn.execute(
+            select(AlertRecord.shop_id, func.count()).where(AlertRecord.state == "firing").group_by(AlertRecord.shop_id)).all())
+        reported = dict(conn.execute(
+            select(ReportedStateRecord.shop_id, ReportedStateRecord.release).where(ReportedStateRecord.release.is_not(None))).all())
+    rows = []
+    for shop_id, name, region in shops:
+        n = nodes.get(shop_id)
+        total, online, stale = (int(n.nodes), int(n.online), int(n.stale)) if n else (0, 0, 0)
+        rows.append({
+            "id": shop_id, "name": name, "region": region, "state": shop_state(total, online, stale),
+            "nodes": total, "online": online, "stale": stale, "alerts": int(alerts.get(shop_id, 0)),
+            "occupancy": occupancy.get(shop_id), "release": reported.get(shop_id) or (n.release if n else None) or "",
+            "last_seen": n.last_seen if n else None,
+        })
+    return rows
+
+
+def select_page(rows: list[dict[str, Any]], query: FleetQuery) -> FleetPage:
+    """Filter, sort and cut one page out of the shop summaries (pure)."""
+    q = query.q.lower()
+    base = [
+        r for r in rows
+        if (not q or q in r["id"].lower() or q in (r["name"] or "").lower())
+        and (not query.region or r["region"] == query.region)
+        and (not query.release or r["release"] == query.release)
+        and (not query.alerting or r["alerts"] > 0)
+    ]
+    counts = {s: 0 for s in SHOP_STATES}
+    for r in base:
+        counts[r["state"]] += 1
+    matched = [r for r in base if r["state"] == query.state] if query.state else base
+    matched.sort(key=lambda r: r["id"])  # final tie-break; sorts below are stable
+    if query.sort == "state":
+        matched.sort(key=lambda r: (_RANK[r["state"]], -r["alerts"]), reverse=query.desc)
+    elif query.sort in ("last_seen", "occupancy"):
+        present = [r for r in matched if r[query.sort] is not None]
+        present.sort(key=lambda r: r[query.sort], reverse=query.desc)
+        matched = present + [r for r in matched if r[query.sort] is None]  # unknown last, either way
+    elif query.sort != "id" or query.desc:
+        matched.sort(key=lambda r: r[query.sort] or "" if query.sort != "alerts" else r["alerts"], reverse=query.desc)
+    start = (query.page - 1) * query.per_page
+    return FleetPage(
+        [dict(r) for r in matched[start:start + query.per_page]], len(matched), query, counts,
+        sorted({r["region"] for r in rows if r["region"]}), sorted({r["release"] for r in rows if r["release"]}),
     )
-    o = (
-        select(LatestReading.shop_id.label("shop_id"), func.max(LatestReading.value).label("occupancy"))
-        .where(LatestReading.name == "occupancy").group_by(LatestReading.shop_id).subquery("o")
-    )
-    a = (
-        select(AlertRecord.shop_id.label("shop_id"), func.count().label("alerts"))
-        .where(AlertRecord.state == "firing").group_by(AlertRecord.shop_id).subquery("a")
-    )
-    nodes = func.coalesce(n.c.nodes, 0)
-    online = func.coalesce(n.c.online, 0)
-    stale = func.coalesce(n.c.stale, 0)
-    state = case(
-        (nodes == 0, literal("unknown")),
-        (online == nodes, literal("online")),
-        (and_(online == 0, stale == 0), literal("offline")),
-        else_=literal("stale"),
-    )
-    # Sort rank: shops that need someone first.
-    rank = case((state == "offline", 0), (state == "stale", 1), (state == "unknown", 2), else_=3)
-    release = func.coalesce(ReportedStateRecord.release, n.c.node_release, literal(""))
-    return (
-        select(
-            Shop.id.label("id"), Shop.name.label("name"), Shop.region.label("region"),
-            state.label("state"), rank.label("rank"), nodes.label("nodes"), online.label("online"), stale.label("stale"),
-            func.coalesce(a.c.alerts, 0).label("alerts"), o.c.occupancy.label("occupancy"),
-            release.label("release"), n.c.last_seen.label("last_seen"),
-        )
-        .select_from(Shop)
-        .outerjoin(n, n.c.shop_id == Shop.id)
-        .outerjoin(o, o.c.shop_id == Shop.id)
-        .outerjoin(a, a.c.shop_id == Shop.id)
-        .outerjoin(ReportedStateRecord, ReportedStateRecord.shop_id == Shop.id)
-    ).subquery("fleet")
 
 
 def fleet_page(engine: Engine, query: FleetQuery) -> FleetPage:
-    """Return the page of the fleet table that ``query`` asks for."""
-    f = _base()
-    conds = []
-    if query.q:
-        like = f"%{query.q.lower()}%"
-        conds.append(or_(func.lower(f.c.id).like(like), func.lower(f.c.name).like(like)))
-    if query.region:
-        conds.append(f.c.region == query.region)
-    if query.release:
-        conds.append(f.c.release == query.release)
-    if query.alerting:
-        conds.append(f.c.alerts > 0)
-    unfiltered_state = list(conds)
-    if query.state:
-        conds.append(f.c.state == query.state)
-    col = {"state": f.c.rank, "last_seen": f.c.last_seen, "occupancy": f.c.occupancy}.get(query.sort, f.c[query.sort])
-    primary = col.desc() if query.desc else col.asc()
-    order = [primary.nulls_last() if query.sort in ("last_seen", "occupancy") else primary]
-    if query.sort == "state":
-        order.append(f.c.alerts.desc())
-    order.append(f.c.id.asc())
-    with engine.connect() as conn:
-        total = conn.execute(select(func.count()).select_from(f).where(*conds)).scalar_one()
-        rows = [dict(r._mapping) for r in conn.execute(
-            select(f).where(*conds).order_by(*order).limit(query.per_page).offset((query.page - 1) * query.per_page)
-        )]
-        counts = {s: 0 for s in SHOP_STATES}
-        for state, cnt in conn.execute(select(f.c.state, func.count()).where(*unfiltered_state).group_by(f.c.state)):
-            counts[state] = cnt
-        regions = [r for (r,) in conn.execute(select(Shop.region).distinct().where(Shop.region != "").order_by(Shop.region))]
-        releases = [r for (r,) in conn.execute(select(f.c.release).distinct().where(f.c.release != "").order_by(f.c.release))]
-    for r in rows:
-        r.pop("rank", None)
-        r["alerts"] = int(r["alerts"])
-        r["nodes"], r["online"], r["stale"] = int(r["nodes"]), int(r["online"]), int(r["stale"])
-    return FleetPage(rows, int(total), query, counts, regions, releases)
+    """Return the page of the fleet table that ``query`` asks for, read fresh from the database."""
+    return select_page(load_summaries(engine), query)
 
+
+class SummaryCache:
+    """The shop summaries, re-read at most every ``max_age_s`` or when told they changed.
+
+    At 5,000 shops reading the summaries costs ~100 ms on a busy 2-core machine while cutting a
+    page out of them costs a few; operators paging, sorting and filtering (and every open tab
+    refreshing on a live event) share one read. Raising ``max_age_s`` lowers database load but
+    shows ``last seen`` and occupancy that much older; presence and alert changes invalidate it
+    at once (the live feed calls :meth:`invalidate`), so states are never stale.
+    """
+
+    def __init__(self, engine: Engine, max_age_s: float = 2.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.engine = engine
+        self.max_age_s = max_age_s
+        self.clock = clock
+        self._rows: list[dict[str, Any]] | None = None
+        self._at = 0.0
+        self._lock = threading.Lock()
+
+    def invalidate(self) -> None:
+        """Forget the cached summaries; the next request reads them again."""
+        self._rows = None
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Return the summaries, reading them if the cache is empty or older than ``max_age_s``."""
+        with self._lock:  # one reader refreshes, concurrent requests wait for its result
+            if self._rows is None or self.clock() - self._at > self.max_age_s:
+                self._at = self.clock()
+                self._rows = load_summaries(self.engine)
+            return self._rows
+
+    def page(self, query: FleetQuery) -> FleetPage:
+        """Return the page ``query`` asks for."""
+        return select_page(self.rows(), query)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -30,6 +30,7 @@ class LiveHub:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self._subs: set[asyncio.Queue[tuple[str, dict[str, Any]]]] = set()
+        self._listeners: list[Callable[[str, dict[str, Any]], None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self.subscribers = Gauge("shopfleet_dashboard_live_subscribers", "Open live-update streams.", registry=registry)
         self.published = Counter("shopfleet_dashboard_live_published_total", "Messages published to live streams.", registry=registry)
@@ -37,8 +38,14 @@ class LiveHub:
             "shopfleet_dashboard_live_dropped_total", "Messages dropped because a stream's queue was full.", registry=registry
         )
 
+    def listen(self, fn: Callable[[str, dict[str, Any]], None]) -> None:
+        """Call ``fn(topic, data)`` for every message, before it is queued (e.g. to invalidate a cache)."""
+        self._listeners.append(fn)
+
     def publish(self, topic: str, data: dict[str, Any]) -> None:
         """Queue a message for every subscriber; callable from the loop or (thread-safe) from other threads."""
+        for fn in self._listeners:
+            fn(topic, data)
         loop = self._loop
         if loop is None:
             return

@@ -26,7 +26,7 @@ from fleet_controller.accounts.store import Principal
 from fleet_controller.accounts.web import current_principal, require
 from fleet_controller.alerts import store as alert_store
 from fleet_controller.alerts.rules import AlertRules
-from fleet_controller.dashboard.fleetview import FleetQuery, fleet_page
+from fleet_controller.dashboard.fleetview import FleetQuery, SummaryCache
 from fleet_controller.dashboard.live import LiveHub
 from fleet_controller.dashboard.shopview import shape_shop
 from fleet_controller.registry import NotFound, Registry
@@ -94,11 +94,37 @@ def _errors(exc: ValidationError) -> str:
     return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
 
 
+def route_paths(app: Any) -> list[str]:
+    """Return the path of every route of ``app``, including those of included routers."""
+    paths: list[str] = []
+    for r in app.routes:
+        if hasattr(r, "effective_route_contexts"):  # FastAPI >= 0.16x keeps included routers lazily
+            paths.extend(c.path for c in r.effective_route_contexts())
+        elif getattr(r, "path", None):
+            paths.append(r.path)
+    return paths
+
+
+CHANGES_STATE = frozenset({"presence", "node_added", "shop_added", "reported_state", "alert_changed"})
+"""Live topics after which the fleet table's cached shop summaries are re-read."""
+
+
 def dashboard_router(registry: Registry, hub: LiveHub, rules: AlertRules, *, clock: Callable[[], float] = time.time,
-                     rollouts_api: Callable[[], bool] = lambda: False) -> APIRouter:
-    """Return the dashboard's router; ``rollouts_api()`` says whether the rollout API is installed."""
+                     summary_max_age_s: float = 2.0) -> APIRouter:
+    """Return the dashboard's router (pages, fleet and alert API, live stream, static files).
+
+    ``summary_max_age_s`` bounds how old the fleet table's ``last seen`` and occupancy may be
+    (see :class:`~fleet_controller.dashboard.fleetview.SummaryCache`).
+    """
     router = APIRouter()
     engine = registry.engine
+    summaries = SummaryCache(engine, summary_max_age_s)
+
+    def on_live(topic: str, _data: dict[str, Any]) -> None:
+        if topic in CHANGES_STATE:
+            summaries.invalidate()
+
+    hub.listen(on_live)
 
     def page(request: Request, name: str, status: int = 200, **ctx: Any) -> HTMLResponse:
         p: Principal | None = current_principal(request)
@@ -122,7 +148,7 @@ def dashboard_router(registry: Registry, hub: LiveHub, rules: AlertRules, *, clo
         except ValidationError as exc:
             return page(request, "error.html", 400, title="Bad filter",
                         message=f"{_errors(exc)}. Clear the filters and try again.")
-        data = await run_in_threadpool(fleet_page, engine, query)
+        data = await run_in_threadpool(summaries.page, query)
         return page(request, "fleet.html", fleet=data, query=query,
                     qs=lambda **kw: query_string(query, **kw))
 
@@ -152,7 +178,8 @@ def dashboard_router(registry: Registry, hub: LiveHub, rules: AlertRules, *, clo
 
     @router.get("/rollouts", include_in_schema=False)
     async def rollouts(request: Request) -> HTMLResponse:
-        return page(request, "rollouts.html", rollouts_api=rollouts_api())
+        installed = any(p.startswith("/api/v1/rollouts") for p in route_paths(request.app))
+        return page(request, "rollouts.html", rollouts_api=installed)
 
     @router.get("/static/{name}", include_in_schema=False)
     async def static(name: str) -> FileResponse:
@@ -167,7 +194,7 @@ def dashboard_router(registry: Registry, hub: LiveHub, rules: AlertRules, *, clo
             query = parse_fleet_query(dict(request.query_params))
         except ValidationError as exc:
             raise HTTPException(422, f"bad query: {_errors(exc)}") from None
-        return (await run_in_threadpool(fleet_page, engine, query)).as_dict()
+        return (await run_in_threadpool(summaries.page, query)).as_dict()
 
     @router.get("/api/v1/alerts", tags=["alerts"], summary="Alerts, firing or resolved")
     async def list_alerts(state: str = "firing", shop: str | None = None, limit: int = 500) -> list[dict[str, Any]]:

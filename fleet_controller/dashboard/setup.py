@@ -65,10 +65,6 @@ def attach(service: Any, rules: AlertRules, *, hasher: PasswordHasher | None = N
     hub = LiveHub(service.metrics_registry)
     auth = build_auth(store, service.metrics_registry, open_metrics=open_metrics, secure_cookies=secure_cookies)
 
-    def rollouts_api() -> bool:
-        app = service.app
-        return app is not None and any(getattr(r, "path", "").startswith("/api/v1/rollouts") for r in app.routes)
-
     def publish(topic: str, data: dict[str, Any]) -> None:
         service.bus.publish(BusEvent(topic, data.get("shop", ""), data.get("node"), data))
 
@@ -81,7 +77,7 @@ def attach(service: Any, rules: AlertRules, *, hasher: PasswordHasher | None = N
         await forward_bus(service.bus, hub)
 
     service.add_router(auth.router)
-    service.add_router(dashboard_router(service.registry, hub, rules, rollouts_api=rollouts_api))
+    service.add_router(dashboard_router(service.registry, hub, rules))
     service.add_dependency(auth.dependency)
     service.add_worker("dashboard-live", live)
     service.add_worker("alerts", worker.run)
@@ -93,11 +89,6 @@ def build_app(registry: Registry, metrics_registry: CollectorRegistry, store: Ac
     """Return the controller app with auth and the dashboard on ``registry``, without a service."""
     hub = hub or LiveHub(metrics_registry)
     auth = build_auth(store, metrics_registry, open_metrics=open_metrics)
-    app: FastAPI | None = None
-
-    def rollouts_api() -> bool:
-        return app is not None and any(getattr(r, "path", "").startswith("/api/v1/rollouts") for r in app.routes)
-
-    app = create_app(registry, metrics_registry, routers=[auth.router, dashboard_router(registry, hub, rules, rollouts_api=rollouts_api)],
+    app = create_app(registry, metrics_registry, routers=[auth.router, dashboard_router(registry, hub, rules)],
                      dependencies=[auth.dependency])
     return app, hub

@@ -60,11 +60,14 @@ class Recorder:
         with self._lock:
             self.messages.append((msg.topic, bytes(msg.payload), bool(msg.retain)))
 
-    def payloads(self, suffix: str = "") -> list[dict[str, Any]]:
-        """Return the decoded payloads of messages whose topic ends with ``suffix``."""
+    def payloads(self, suffix: str = "", *, live_only: bool = False) -> list[dict[str, Any]]:
+        """Return the decoded payloads of messages whose topic ends with ``suffix``.
+
+        ``live_only`` leaves out retained copies the broker hands out on (re)subscribe.
+        """
         with self._lock:
             msgs = list(self.messages)
-        return [json.loads(p) for t, p, _ in msgs if t.endswith(suffix) and p]
+        return [json.loads(p) for t, p, r in msgs if t.endswith(suffix) and p and not (live_only and r)]
 
     def seqs(self) -> set[tuple[str, int]]:
         """Return the (epoch, seq) pairs received."""

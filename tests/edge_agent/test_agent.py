@@ -57,7 +57,7 @@ def make_agent(broker: BrokerProcess, tmp_path: Path) -> Iterator[Callable[..., 
                 data[key] = {**data[key], **value}
             else:
                 data[key] = value
-        agent = Agent(validate_config(data), facts_provider=SystemFacts(probe=False, disk_path=tmp_path), poll_interval_s=0.02, **kwargs)
+        agent = Agent(validate_config(data), facts_provider=SystemFacts(probe=False, disk_path=tmp_path), **kwargs)
         agents.append(agent)
         if start:
             agent.start()
@@ -107,6 +107,7 @@ def test_birth_and_heartbeat_follow_the_protocol(make_agent, recorder: Recorder)
 
 def test_send_fills_identity_and_routes_reported_state_retained(make_agent, broker: BrokerProcess, recorder: Recorder) -> None:
     agent = make_agent()
+    wait_for(lambda: agent.heartbeats_sent == 1, 10, "the start-up heartbeat (the next is 30 s away)")
     seq = agent.send(ReportedState, release="r-7", revision=7, status="applied")
     got = wait_for(lambda: uplinks(recorder, "state/reported"), 10, "reported state")
     assert got[0].seq == seq and got[0].revision == 7 and got[0].shop == SHOP and got[0].node == NODE
@@ -278,10 +279,17 @@ def test_outage_fills_outbox_evicts_telemetry_first_then_drains_in_order(make_ag
     broker.start()
     wait_for(lambda: agent.outbox.depth() == 0, 20, "the outbox to drain after the outage")
     assert sample(agent, "shopfleet_agent_reconnects_total") >= 1
-    got = [m.seq for m in uplinks(recorder, "state/reported")]
-    assert set(important) <= set(got)
-    after = [m.seq for m in uplinks(recorder, Channel.TELEMETRY) + uplinks(recorder, "state/reported") if m.seq > 2]
-    assert after == sorted(after), "replay after the outage is in seq order"
+    wait_for(lambda: set(important) <= {m.seq for m in uplinks(recorder, "state/reported")}, 20, "the events kept through the outage")
+    kept = set(important) | set(range(11, 18))  # heartbeats 6..10 were the oldest telemetry, evicted
+
+    def replayed() -> list[int] | None:
+        # every uplink in arrival order, without the retained reported state re-sent on resubscribe
+        arrival = [p["seq"] for p in recorder.payloads(live_only=True) if p.get("seq", 0) > 2]
+        return arrival if set(arrival) >= kept else None
+
+    arrival = wait_for(replayed, 10, "every kept message to arrive")
+    assert set(arrival) == kept
+    assert arrival == sorted(arrival), "replay after the outage is in seq order"
     recorder.close()
 
 

@@ -131,16 +131,18 @@ class RunningController:
         return self.service.metrics_registry.get_sample_value(name, labels) or 0.0
 
     def stop(self) -> None:
-        """Stop the service and its loop thread."""
+        """Stop the service and its loop thread (again is a no-op)."""
+        if self.loop.is_closed():
+            return
         self.call(self.service.stop())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         self.loop.close()
 
 
-def controller_settings(broker, tmp_path, **over) -> ControllerSettings:
-    """Return settings for a controller on ``broker`` with SQLite under ``tmp_path`` and a free API port."""
-    base = {"data_dir": str(tmp_path / "ctl"), "broker": {"port": broker.port}, "api": {"port": 0},
+def controller_settings(mqtt_broker, tmp_path, **over) -> ControllerSettings:
+    """Return settings for a controller on ``mqtt_broker`` with SQLite under ``tmp_path`` and a free API port."""
+    base = {"data_dir": str(tmp_path / "ctl"), "broker": {"port": mqtt_broker.port}, "api": {"port": 0},
             "presence": {"sweep_interval_s": 0.2}, "clock_interval_s": 0.5}
     for k, v in over.items():
         base[k] = {**base.get(k, {}), **v} if isinstance(v, dict) else v

@@ -133,6 +133,13 @@ def test_a_row_the_database_refuses_is_dropped_alone(make_intake, registry, metr
     assert registry.get_node("shop-a", "pi-1")["watermark"] == 3
 
 
+def test_a_seq_too_big_for_the_database_is_dropped_alone(make_intake, registry, metrics):
+    out = make_intake().process_batch([inbound(heartbeat(seq=1)), inbound(heartbeat(seq=2**70)), inbound(heartbeat(seq=2))])
+    assert (out.stored, out.rejected) == (2, 1)
+    assert value(metrics, "shopfleet_controller_rejected_total", reason="unstorable") == 1
+    assert registry.get_node("shop-a", "pi-1")["watermark"] == 2
+
+
 def test_presence_messages_bypass_dedupe(make_intake, registry):
     intake = make_intake()
     intake.process_batch([inbound(presence(session=1)), inbound(presence(state="offline", session=1)), inbound(presence(session=2))])

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from fleet_controller import manifests as m
-from fleet_controller.rollout.cli import main_for_tests as cli
+from fleet_controller.rollout.cli import main as cli
 
 DIGEST = "sha256:" + "ab" * 32
 

@@ -5,15 +5,19 @@ from __future__ import annotations
 import asyncio
 import json
 import queue
-import uuid
 
 import httpx
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.params import Depends
 import paho.mqtt.client as paho
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from edge_agent.protocol import REJECT_REASONS as REASONS
 from edge_agent.protocol import ClockBeacon, ControllerPresence, Topics, encode, parse_downlink
+
+from fleet_controller.service import ControllerService
 
 from .conftest import Node, RunningController, controller_settings, event, heartbeat, presence, telemetry, wait_for
 
@@ -58,11 +62,10 @@ def test_controller_presence_and_clock_beacon(controller, broker):
     pres = next(m for m in seen if isinstance(m, ControllerPresence))
     assert (pres.state, pres.instance) == ("online", controller.settings.instance)
     controller.stop()
-    last = wait_for(lambda: next((m for m in iter(lambda: got.get(timeout=5), None) if isinstance(m, ControllerPresence)), None),
-                    what="offline presence")
-    assert last.state == "offline"
+    while not isinstance(last := got.get(timeout=10), ControllerPresence):
+        pass  # clock beacons still in flight
+    assert (last.state, last.instance) == ("offline", controller.settings.instance)
     c.loop_stop()
-    controller.stop = lambda: None  # already stopped; the fixture must not stop it twice
 
 
 def test_will_marks_offline_and_a_late_will_of_an_old_session_does_not(controller, broker):
@@ -129,18 +132,15 @@ def test_bad_input_over_the_broker(controller, broker, channel, payload, reason)
     ),
 )
 def test_generated_garbage_over_the_broker(controller, broker, channel, payload):
-    n = getattr(test_generated_garbage_over_the_broker, "node", None)
-    if n is None or n.c._host != "127.0.0.1" or n.port != broker.port:
-        n = Node(broker, will=False)
-        n.port = broker.port
-        test_generated_garbage_over_the_broker.node = n
+    n = Node(broker, will=False)
     seq = (node_row(controller).get("watermark") or 0) + 1
-    before = controller.metric("shopfleet_controller_rejected_total", reason="schema") + controller.metric("shopfleet_controller_rejected_total", reason="bad_json")
+    rejected_before = sum(controller.metric("shopfleet_controller_rejected_total", reason=r) for r in REASONS)
     n.send(payload, Topics.node("shop-a", "pi-1", channel))
     n.send(heartbeat(seq=seq))
     wait_for(lambda: node_row(controller).get("watermark") == seq, what=f"valid seq {seq} after garbage")
+    assert sum(controller.metric("shopfleet_controller_rejected_total", reason=r) for r in REASONS) == rejected_before + 1
     assert controller.service.health()["status"] == "ok"
-    del before
+    n.close()
 
 
 def test_persistent_session_gets_what_was_sent_while_down(broker, tmp_path):
@@ -164,11 +164,6 @@ def test_persistent_session_gets_what_was_sent_while_down(broker, tmp_path):
 
 
 async def test_extension_points_in_process(broker, tmp_path):
-    from fastapi import APIRouter, HTTPException, Request
-    from fastapi.params import Depends
-
-    from fleet_controller.service import ControllerService
-
     svc = ControllerService(controller_settings(broker, tmp_path))
     runs: list[int] = []
 
@@ -213,4 +208,3 @@ async def test_extension_points_in_process(broker, tmp_path):
         assert svc.metrics_registry.get_sample_value("shopfleet_controller_worker_restarts_total", {"worker": "flaky"}) == 1
     finally:
         await svc.stop()
-    del uuid

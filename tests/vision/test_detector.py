@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from vision.detector import HeadSpec, Letterbox, box_iou, choose_providers, decode_heads, letterbox, nms, unletterbox
+from vision.boxes import box_iou
+from vision.detector import HeadSpec, Letterbox, choose_providers, decode_heads, letterbox, nms, unletterbox
 from vision.types import Detections, Frame
 
 PERSON, BUS = 0, 5

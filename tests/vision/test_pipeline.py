@@ -118,7 +118,7 @@ def test_run_command_writes_events_video_and_summary(model_pkg, media, tmp_path,
 @pytest.mark.parametrize(
     "case,words",
     [
-        pytest.param("corrupt-model", "sha256 is", id="corrupt-model"),
+        pytest.param("corrupt-model", "corrupt or was replaced", id="corrupt-model"),
         pytest.param("missing-source", "does not exist; check --source", id="missing-source"),
         pytest.param("not-a-video", "delivered no frames", id="not-a-video"),
         pytest.param("bad-zones", "key 'door.enter_from'", id="bad-zones"),

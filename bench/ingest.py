@@ -1,0 +1,173 @@
+"""Ingest benchmark: the controller's sustained validated-and-stored rate vs a bare paho subscriber.
+
+N simulated nodes' heartbeats are published through a real Mosquitto into two persistent sessions
+(QoS 1) while both consumers are away, so each consumer then drains the very same backlog as
+fast as it can; the publisher's speed does not enter either figure. The bare subscriber only
+counts messages (paho's own ceiling); the controller validates each with the wire protocol,
+dedupes it, stores it in its registry (SQLite by default) and acknowledges it after the commit.
+
+Goal (issue 2): ratio >= 0.5, and a rate that keeps up with 10,000 nodes heartbeating every 10 s
+(1,000 msg/s). Last line: a JSON summary.
+
+    .venv/bin/python bench/ingest.py [--nodes 10000] [--per-node 3] [--db-url URL]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import paho.mqtt.client as paho  # noqa: E402
+from sqlalchemy import func, select  # noqa: E402
+
+from edge_agent.protocol import Heartbeat, NodeFacts, Topics, encode  # noqa: E402
+from fleet_controller.db import create_engine  # noqa: E402
+from fleet_controller.migrations import upgrade  # noqa: E402
+from fleet_controller.models import HeartbeatRecord  # noqa: E402
+from fleet_controller.service import ControllerService  # noqa: E402
+from fleet_controller.settings import load_settings  # noqa: E402
+from shopfleet.broker import BrokerProcess  # noqa: E402
+
+FACTS = NodeFacts(hostname="pi", arch="arm64", os="Debian 12", kernel="6.6", node_class="pi", cpu_count=4, cpu_load_1m=0.4,
+                  mem_total_bytes=4 << 30, mem_available_bytes=3 << 30, disk_total_bytes=32 << 30, disk_free_bytes=20 << 30,
+                  cpu_temp_c=51.2, onnx_providers=("CPUExecutionProvider",), agent_version="0.1.0")
+
+
+def make_session(port: int, client_id: str) -> None:
+    """Create a persistent session with the controller's subscriptions, then leave it."""
+    done = threading.Event()
+    c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
+    c.on_subscribe = lambda *a: done.set()
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    c.subscribe([(t, 1) for t in Topics.controller_subscriptions])
+    if not done.wait(10):
+        raise RuntimeError("no SUBACK from the broker")
+    c.disconnect()
+    c.loop_stop()
+
+
+def publish_stream(port: int, nodes: int, per_node: int) -> int:
+    """Publish ``per_node`` heartbeats from each of ``nodes`` nodes (QoS 1); return the count."""
+    c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="bench-publisher")
+    c.max_inflight_messages_set(1000)
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    infos = []
+    for seq in range(1, per_node + 1):
+        for i in range(nodes):
+            shop, node = f"shop-{i // 3:05d}", f"node-{i % 3}"
+            hb = Heartbeat(shop=shop, node=node, epoch="bench", seq=seq, interval_s=10, facts=FACTS, metrics={"fps": 14.5})
+            infos.append(c.publish(Topics.node(shop, node, "telemetry"), encode(hb), qos=1))
+            if len(infos) % 5000 == 0:
+                infos[-1].wait_for_publish(60)
+                print(f"  published {len(infos)}/{nodes * per_node}", file=sys.stderr, flush=True)
+    for info in infos:
+        info.wait_for_publish(60)
+    c.disconnect()
+    c.loop_stop()
+    return len(infos)
+
+
+def drain_bare(port: int, client_id: str, expected: int, timeout: float) -> float:
+    """Connect the bare subscriber to its session and return its rate draining ``expected`` messages."""
+    got = 0
+    done = threading.Event()
+
+    def on_message(client, userdata, msg):
+        nonlocal got
+        got += 1
+        if got >= expected:
+            done.set()
+
+    c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
+    c.on_message = on_message
+    t0 = time.perf_counter()
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    if not done.wait(timeout):
+        raise RuntimeError(f"bare subscriber got {got}/{expected} messages in {timeout}s")
+    elapsed = time.perf_counter() - t0
+    c.disconnect()
+    c.loop_stop()
+    return expected / elapsed
+
+
+async def drain_controller(port: int, client_id: str, db_url: str, expected: int, timeout: float) -> tuple[float, int]:
+    """Start the controller on its session; return its rate storing ``expected`` messages and the rows stored."""
+    settings = load_settings(None, {"db_url": db_url, "broker": {"port": port, "client_id": client_id}, "api": {"port": 0},
+                                    "retention": {"interval_s": 3600}}, environ={})
+    svc = ControllerService(settings, migrate=False)
+    t0 = time.perf_counter()
+    await svc.start()
+    deadline = t0 + timeout
+    last_report = t0
+    while svc.intake.stored_total < expected:
+        if time.perf_counter() > deadline:
+            raise RuntimeError(f"controller stored {svc.intake.stored_total}/{expected} in {timeout}s")
+        await asyncio.sleep(0.01)
+        if time.perf_counter() - last_report > 2:
+            last_report = time.perf_counter()
+            print(f"  controller stored {svc.intake.stored_total}/{expected}", file=sys.stderr, flush=True)
+    elapsed = time.perf_counter() - t0
+    m = svc.metrics_registry
+    n = m.get_sample_value("shopfleet_controller_batch_messages_count")
+    print(f"  {n:.0f} batches, {m.get_sample_value('shopfleet_controller_batch_messages_sum') / n:.0f} messages and "
+          f"{1000 * m.get_sample_value('shopfleet_controller_batch_seconds_sum') / n:.1f} ms each on average", file=sys.stderr)
+    await svc.stop()
+    with create_engine(db_url).connect() as conn:
+        rows = conn.scalar(select(func.count()).select_from(HeartbeatRecord.__table__))
+    return expected / elapsed, rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nodes", type=int, default=10_000, help="simulated nodes (default: %(default)s)")
+    p.add_argument("--per-node", type=int, default=3, help="heartbeats per node in the stream (default: %(default)s)")
+    p.add_argument("--db-url", help="registry URL (default: a fresh SQLite file)")
+    p.add_argument("--timeout", type=float, default=120, help="give up a drain after this many seconds")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
+    db_url = args.db_url or f"sqlite:///{work / 'controller.db'}"
+    (work / "broker").mkdir()
+    broker = BrokerProcess(workdir=work / "broker").start()
+    try:
+        upgrade(create_engine(db_url))
+        make_session(broker.port, "bench-bare")
+        make_session(broker.port, "bench-controller")
+        t0 = time.perf_counter()
+        total = publish_stream(broker.port, args.nodes, args.per_node)
+        print(f"published {total} heartbeats of {args.nodes} nodes in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+        bare = drain_bare(broker.port, "bench-bare", total, args.timeout)
+        ctl, rows = asyncio.run(drain_controller(broker.port, "bench-controller", db_url, total, args.timeout))
+    finally:
+        broker.cleanup()
+    if rows != total:
+        print(f"ERROR: {rows} heartbeat rows stored, expected {total}", file=sys.stderr)
+        return 1
+    ratio = ctl / bare
+    machine = f"{os.cpu_count()} cores {platform.machine()}"
+    print(f"controller (validate + dedupe + store on {db_url.split(':')[0]}): {ctl:,.0f} msg/s")
+    print(f"bare paho subscriber on the same backlog:            {bare:,.0f} msg/s")
+    print(f"ratio: {ratio:.2f} (goal >= 0.5); keeps up with {ctl * 10:,.0f} nodes at one heartbeat per 10 s (goal 10,000)")
+    print(json.dumps({
+        "nodes": args.nodes, "messages": total, "controller_msgs_per_s": round(ctl, 1), "bare_msgs_per_s": round(bare, 1),
+        "ratio": round(ratio, 3), "nodes_at_10s_capacity": int(ctl * 10), "db": db_url.split(":")[0], "machine": machine,
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

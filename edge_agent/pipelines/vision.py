@@ -1,0 +1,183 @@
+"""``type: vision``: one camera through the vision library (detect -> track -> zone events).
+
+The adapter between the agent's supervisor contract and ``vision.pipeline``: shop events
+(``person_entered``, ``person_exited``, ``zone_enter``, ``zone_exit``, ``dwell``) go through the
+agent's outbox as events; occupancy goes out as a ``Reading`` (on every change and every
+``occupancy_interval_s``, so telemetry has a continuous series); a camera that delivers nothing
+for ``dark_after_s`` raises a ``camera_dark`` alert, resolved when frames flow again. Health
+(fps, latency, dropped frames, age of the last frame, errors by reason) goes into heartbeats and,
+through the agent, ``/metrics``.
+
+Heavy libraries (OpenCV, ONNX Runtime) are imported in ``run``, not at module import, because
+every node loads the list of pipeline types, and a Pi without a camera should not pay for them.
+Model, zones and source problems raise from ``run``: the supervisor restarts with backoff and,
+past the budget, reports the pipeline 'failed' with the error (which names the fix) as detail.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Literal
+
+from pydantic import Field
+
+from edge_agent.protocol import Reading
+from edge_agent.supervisor import EventSink, PipelineConfigBase
+from vision.tracker import TrackerConfig
+
+log = logging.getLogger(__name__)
+
+
+class Config(PipelineConfigBase):
+    """A camera processed on this node."""
+
+    type: Literal["vision"] = Field(description="Pipeline type: a camera through detect, track and zone events.")
+    source: str = Field(min_length=1, description="Video file, rtsp:// or http:// URL, or V4L2 device (/dev/video0 or an index).")
+    model: str = Field(min_length=1, description="Model package directory (model.onnx + model.json), e.g. from 'shopfleet vision fetch-model'.")
+    zones: str = Field(min_length=1, description="Zones YAML of this camera (door line, shelf polygons); see docs/vision.md.")
+    camera: str | None = Field(None, description="Camera name in events and readings (default: 'camera' from the zones file).")
+    threads: int = Field(0, ge=0, le=64, description="ONNX Runtime threads (0 = all cores). On a node with several cameras, split the cores.")
+    providers: list[str] | None = Field(
+        None, description="Allowed execution providers, best first: tensorrt, cuda, openvino, coreml, cpu (default: all present; CPU always last)."
+    )
+    score_threshold: float | None = Field(None, gt=0, lt=1, description="Detection score threshold (default: the model package's).")
+    live: bool | None = Field(
+        None, description="Newest-frame mode with reconnects (default: true for cameras and streams, false for files)."
+    )
+    reconnect_initial_s: float = Field(0.5, gt=0, le=60, description="First wait before reopening a failed stream; doubles per failure.")
+    reconnect_max_s: float = Field(10.0, gt=0, le=600, description="Longest wait between reopen attempts.")
+    occupancy_interval_s: float = Field(
+        5.0, gt=0, le=3600, description="Send the occupancy reading at least this often. Shorter gives smoother charts, longer less telemetry."
+    )
+    dark_after_s: float = Field(
+        10.0, gt=0, le=3600, description="Raise the camera_dark alert when no frame arrived for this long. Lower alerts sooner, but on brief stream hiccups too."
+    )
+    tracker: TrackerConfig = Field(default_factory=TrackerConfig, description="Tracker tuning (see docs/vision.md).")
+
+
+class VisionPipeline:
+    """Run one camera under the agent's supervisor."""
+
+    kind = "vision"
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.name = config.name
+        self._lock = threading.Lock()
+        self._pipe: Any = None  # vision.pipeline.Pipeline while running
+        self._errors: dict[str, int] = {}
+        self._detail = "not started"
+        self._dark = False
+
+    def _count(self, reason: str, n: int = 1) -> None:
+        with self._lock:
+            self._errors[reason] = self._errors.get(reason, 0) + n
+
+    def run(self, stop: threading.Event, sink: EventSink) -> None:
+        """Load model and zones, open the camera and relay its events until ``stop`` is set."""
+        from vision.capture import Capture
+        from vision.detector import OnnxDetector
+        from vision.errors import VisionError
+        from vision.model import load_package
+        from vision.pipeline import Pipeline
+        from vision.zones import load_zones
+
+        cfg = self.config
+        try:
+            pkg = load_package(cfg.model)
+            zones = load_zones(cfg.zones)
+        except VisionError as exc:
+            self._count(exc.reason)
+            self._detail = str(exc)
+            raise RuntimeError(f"pipelines[{cfg.name}]: {exc}") from None
+        camera = cfg.camera or zones.camera
+        detector = OnnxDetector(pkg, providers=cfg.providers, threads=cfg.threads, score_threshold=cfg.score_threshold, classes=["person"])
+        cap = Capture(cfg.source, camera=camera, live=cfg.live, backoff_initial=cfg.reconnect_initial_s, backoff_max=cfg.reconnect_max_s)
+        pipe = Pipeline(detector, [(cap, zones)], tracker_config=cfg.tracker)
+        with self._lock:
+            self._pipe = pipe
+        self._detail = f"{camera}: {pkg.manifest.name} {pkg.manifest.precision} on {detector.session.get_providers()[0]}"
+        last_occupancy = [0.0]
+        started = time.monotonic()
+
+        def occupancy(value: int) -> None:
+            sink.readings([Reading(name="occupancy", value=float(value), unit="people", source=camera)])
+            last_occupancy[0] = time.monotonic()
+
+        def on_events(events: list) -> None:
+            for e in events:
+                if e.kind == "occupancy":
+                    occupancy(int(e.value))
+                    continue
+                data = {"camera": e.camera, "track_id": e.track_id, "zone": e.zone, **({"seconds": e.value} if e.value is not None else {}), **e.detail}
+                sink.event(e.kind, camera, data, at=e.ts if cap.live else None)
+
+        def on_tick() -> None:
+            now = time.monotonic()
+            if now - last_occupancy[0] >= cfg.occupancy_interval_s:
+                occupancy(pipe.cams[camera].events.occupancy)
+            last = cap.stats().last_frame_monotonic
+            dark = now - (last if last is not None else started) > cfg.dark_after_s
+            if dark != self._dark:
+                self._dark = dark
+                state = "firing" if dark else "resolved"
+                message = f"camera {camera} delivered no frame for {cfg.dark_after_s:g}s ({cap.stats().last_error or 'no error'})" if dark else f"camera {camera} delivers frames again"
+                sink.alert("camera_dark", state, "warning", camera, message, {"source": cfg.source})
+
+        try:
+            pipe.run(stop, on_events=on_events, on_tick=on_tick)
+        except VisionError as exc:
+            self._count(exc.reason)
+            self._detail = str(exc)
+            raise RuntimeError(f"pipelines[{cfg.name}]: {exc}") from None
+        finally:
+            cap.close()
+            with self._lock:  # fold this run's counts in, so errors_by_reason never decreases
+                for reason, n in _counts(pipe).items():
+                    self._errors[reason] = self._errors.get(reason, 0) + n
+                self._pipe = None
+        if not stop.is_set():
+            self._detail = f"source {cfg.source} ended after {pipe.frames} frames"
+            raise RuntimeError(self._detail)
+
+    def health(self) -> dict[str, Any]:
+        """Return fps, latency, dropped frames, age of the last frame and errors by reason."""
+        with self._lock:
+            pipe = self._pipe
+            errors = dict(self._errors)
+        out: dict[str, Any] = {"detail": self._detail}
+        if pipe is None:
+            out.update(errors=sum(errors.values()), errors_by_reason=errors)
+            return out
+        h = pipe.health()
+        for reason, n in _counts(pipe).items():
+            errors[reason] = errors.get(reason, 0) + n
+        out.update(
+            fps=h.fps,
+            latency_ms=h.latency_ms_p50,
+            dropped_frames=h.dropped_frames,
+            last_frame_age_s=h.last_frame_age_s,
+            errors=sum(errors.values()),
+            errors_by_reason=errors,
+        )
+        out["detail"] = f"{self._detail}; {h.frames} frames, occupancy {h.occupancy}"
+        return out
+
+
+def _counts(pipe: Any) -> dict[str, int]:
+    """Return a running pipeline's error counts by reason: bad frames, reconnects, failed frames."""
+    out: dict[str, int] = dict(pipe.errors)
+    for st in pipe.cams.values():
+        s = st.capture.stats()
+        for reason, n in s.bad_frames.items():
+            out[f"frame_{reason}"] = out.get(f"frame_{reason}", 0) + n
+        if s.reconnects:
+            out["reconnect"] = out.get("reconnect", 0) + s.reconnects
+    return out
+
+
+def build(config: Config) -> VisionPipeline:
+    """Return the pipeline for a ``type: vision`` config entry."""
+    return VisionPipeline(config)

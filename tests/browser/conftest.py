@@ -1,0 +1,110 @@
+"""A real controller (service, dashboard, alerts) on a real broker, simulated shops, and Debian's Chromium.
+
+The controller runs in-process on its own loop thread with the dashboard attached exactly as
+production attaches it; shops are plain paho clients speaking the wire protocol (with a Will, so
+killing one is a real crash the broker reports). Chromium is the system binary
+(``/usr/bin/chromium``), never a downloaded browser.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import threading
+from collections.abc import Iterator
+
+import pytest
+from fastapi import APIRouter
+
+from edge_agent.protocol import NodeFacts, PipelineHealth, Reading, Telemetry
+from fleet_controller.alerts.rules import parse_rules
+from fleet_controller.dashboard.setup import Dashboard, attach
+from fleet_controller.service import ControllerService
+from tests.fleet_controller.conftest import Node, controller_settings, heartbeat, presence
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+SHOPS = {"shop-a": "Harbour Street", "shop-b": "Station Square", "shop-c": "Airport Gate 4"}
+
+
+def stand_in_rollouts() -> APIRouter:
+    """Rollout routes under /api/v1/rollouts as the rollout API will serve them (its router was not in the tree yet)."""
+    r = APIRouter(prefix="/api/v1/rollouts")
+    state = {"state": "running"}
+
+    @r.get("")
+    def list_rollouts() -> list:
+        return [{"id": 1, "release": "2026.11-r2", "state": state["state"], "waves": [
+            {"index": 0, "state": "done", "done": 1, "total": 1, "gates": [{"name": "fps", "ok": True, "detail": "12.0 >= 8"}]},
+            {"index": 1, "state": "running", "done": 1, "total": 2, "gates": []}]}]
+
+    @r.post("/{rid}/{action}")
+    def act(rid: int, action: str) -> dict:
+        state["state"] = {"pause": "paused", "resume": "running", "abort": "aborted", "rollback": "rolling_back"}.get(action, "?")
+        return {"id": rid, "state": state["state"]}
+
+    return r
+
+
+class Controller:
+    """The service plus the dashboard parts, on a loop thread."""
+
+    def __init__(self, settings) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.service = ControllerService(settings)
+        rules = parse_rules("interval_s: 0.5\ndisk_low: {min_free_percent: 10}\nnode_offline: {after_s: 1}\n")
+        self.dashboard: Dashboard = attach(self.service, rules)
+        self.service.add_router(stand_in_rollouts())
+        self.call(self.service.start())
+        self.creds = self.dashboard.store.ensure_demo_users()
+        self.url = self.service.api_url
+
+    def call(self, coro, timeout: float = 60):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self.call(self.service.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def facts(disk_free_gib: float, hostname: str) -> NodeFacts:
+    return NodeFacts(hostname=hostname, arch="arm64", os="Debian 12", node_class="pi", cpu_count=4, cpu_load_1m=0.4,
+                     mem_total_bytes=8 << 30, mem_available_bytes=5 << 30, disk_total_bytes=64 << 30,
+                     disk_free_bytes=int(disk_free_gib * (1 << 30)), clock_offset_s=0.02, agent_version="0.1.0")
+
+
+@pytest.fixture(scope="module")
+def fleet(shared_broker, tmp_path_factory) -> Iterator[tuple[Controller, dict[str, Node]]]:
+    """A controller with three shops reporting; shop-c's disk is nearly full (an alert to acknowledge)."""
+    if not shutil.which(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} is not installed: apt-get install chromium (scripts/install-system-deps.sh)")
+    tmp = tmp_path_factory.mktemp("ctl")
+    settings = controller_settings(shared_broker, tmp, presence={"stale_after_intervals": 3, "offline_after_intervals": 6,
+                                                                  "sweep_interval_s": 0.2})
+    ctl = Controller(settings)
+    nodes: dict[str, Node] = {}
+    for i, (shop, name) in enumerate(SHOPS.items()):
+        ctl.service.registry.register_shop(shop, name=name, region="north" if i < 2 else "south")
+        n = Node(shared_broker, shop, "pi-1")
+        n.send(presence(shop, "pi-1"), retain=True)
+        pipes = {"cam-entrance": PipelineHealth(kind="vision", state="running", fps=14.8, last_frame_age_s=0.07),
+                 "arduino-shelf": PipelineHealth(kind="hardware", state="running")}
+        for seq in range(1, 6):
+            n.send(heartbeat(shop, "pi-1", seq=seq, interval=30, facts=facts(2.0 if shop == "shop-c" else 40.0 - seq, f"{shop}-pi"),
+                             pipelines=pipes, release="2026.11-r1"))
+        n.send(Telemetry(shop=shop, node="pi-1", epoch="ep1", seq=6, readings=(
+            Reading(name="occupancy", value=2 + i), Reading(name="temperature_c", value=4.1 + i, unit="C", source="fridge-1"),
+            Reading(name="shelf_weight_g", value=1520.0 - 35 * i, unit="g", source="shelf-1/slot-1"),
+            Reading(name="door_open", value=0, source="door"))))
+        nodes[shop] = n
+    yield ctl, nodes
+    for n in nodes.values():
+        try:
+            n.close()
+        except Exception:  # noqa: BLE001 - a killed node has no connection left to close
+            pass
+    ctl.stop()

@@ -1,0 +1,161 @@
+"""The dashboard in Debian's Chromium against a running controller: login, live badges, acks, roles, phone width."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from tests.fleet_controller.conftest import wait_for
+
+from .conftest import CHROMIUM, CHROMIUM_ARGS, SHOPS
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+DOCS_IMG = Path(__file__).resolve().parents[2] / "docs" / "img"
+
+
+@pytest.fixture(scope="module")
+def browser(fleet) -> Iterator[Browser]:
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+class Session:
+    """A logged-in page that records console errors and uncaught exceptions."""
+
+    def __init__(self, browser: Browser, base: str, user: str, password: str, **ctx) -> None:
+        self.context = browser.new_context(base_url=base, **ctx)
+        self.page: Page = self.context.new_page()
+        self.errors: list[str] = []
+        self.expected_failures: set[str] = set()
+        self.page.on("console", self._console)
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.page.on("response", lambda r: self.errors.append(f"{r.status} {r.url}") if r.status >= 400 and not self.expected(r) else None)
+        self.expected_failures: set[str] = set()
+        self.page.goto("/fleet")
+        expect(self.page).to_have_url(f"{base}/login?next=%2Ffleet")
+        self.page.fill("input[name=username]", user)
+        self.page.fill("input[name=password]", password)
+        self.page.click("button[type=submit]")
+        expect(self.page).to_have_url(f"{base}/fleet")
+
+    def _console(self, m) -> None:
+        if m.type == "error" and not ("Failed to load resource" in m.text and self._expected_url(m.location.get("url", ""))):
+            self.errors.append(m.text)
+
+    def _expected_url(self, url: str) -> bool:
+        return any(url.endswith(p) for p in self.expected_failures)
+
+    def expected(self, response) -> bool:
+        return self._expected_url(response.url)
+
+    def close(self) -> None:
+        self.context.close()
+
+
+@pytest.fixture
+def login(browser, fleet):
+    ctl, _ = fleet
+    opened: list[Session] = []
+
+    def _login(user: str, **ctx) -> Session:
+        s = Session(browser, ctl.url, user, ctl.creds[user], **ctx)
+        opened.append(s)
+        return s
+
+    yield _login
+    for s in opened:
+        assert s.errors == [], f"console errors: {s.errors}"
+        s.close()
+
+
+def test_login_lists_the_shops_and_screenshots(login, fleet):
+    ctl, _ = fleet
+    wait_for(lambda: ctl.dashboard.alerts and ctl.service.registry.list_shops()[1] == 3, what="shops registered")
+    s = login("viewer", viewport={"width": 1280, "height": 800})
+    rows = s.page.locator("#fleet-table tbody tr[data-shop]")
+    expect(rows).to_have_count(3)
+    for name in SHOPS.values():
+        expect(s.page.locator("#fleet-table")).to_contain_text(name)
+    expect(s.page.locator('tr[data-shop="shop-a"] [data-field=state]')).to_have_text("online")
+    expect(s.page.locator("#live")).to_have_class("live on")
+    DOCS_IMG.mkdir(parents=True, exist_ok=True)
+    s.page.screenshot(path=str(DOCS_IMG / "fleet.png"), full_page=True)
+    s.page.click("text=Harbour Street")
+    expect(s.page.locator('[data-node-badge="shop-a/pi-1"]')).to_have_text("online")
+    expect(s.page.locator("body")).to_contain_text("fridge-1")
+    s.page.screenshot(path=str(DOCS_IMG / "shop.png"), full_page=True)
+
+
+def test_offline_node_changes_its_badge_without_a_reload(login, fleet):
+    ctl, nodes = fleet
+    shop_page = login("viewer")
+    shop_page.page.goto("/shops/shop-b")
+    badge = shop_page.page.locator('[data-node-badge="shop-b/pi-1"]')
+    expect(badge).to_have_text("online")
+    fleet_page = login("viewer")
+    expect(fleet_page.page.locator('tr[data-shop="shop-b"] [data-field=state]')).to_have_text("online")
+    expect(fleet_page.page.locator("#live")).to_have_class("live on")
+    expect(shop_page.page.locator("#live")).to_have_class("live on")
+    for s in (shop_page, fleet_page):
+        s.page.evaluate("window.__notReloaded = true")
+    nodes["shop-b"].kill()  # the broker publishes its Will: presence offline
+    expect(badge).to_have_text("offline", timeout=20_000)
+    expect(fleet_page.page.locator('tr[data-shop="shop-b"] [data-field=state]')).to_have_text("offline", timeout=20_000)
+    expect(shop_page.page.locator("#feed")).to_contain_text("offline")
+    for s in (shop_page, fleet_page):
+        assert s.page.evaluate("window.__notReloaded") is True
+
+
+def test_operator_acknowledges_an_alert(login, fleet):
+    ctl, _ = fleet
+    s = login("operator")
+    s.page.goto("/alerts")
+    row = s.page.locator("tr[data-alert]", has_text="disk_low").first
+    expect(row).to_contain_text("shop-c", timeout=20_000)
+    row.locator("button[data-action=ack]").click()
+    expect(s.page.locator("tr[data-alert]", has_text="disk_low").first.locator("[data-field=status]")).to_contain_text(
+        "acknowledged by operator")
+    assert any(a.acked_by == "operator" for a in __import__("fleet_controller.alerts.store", fromlist=["x"]).list_alerts(
+        ctl.service.engine, 0) if a.rule == "disk_low")
+
+
+def test_viewer_has_no_alert_buttons(login):
+    s = login("viewer")
+    s.page.goto("/alerts")
+    expect(s.page.locator("tr[data-alert]").first).to_be_visible(timeout=20_000)
+    expect(s.page.locator("button[data-action]")).to_have_count(0)
+
+
+def test_operator_neither_sees_nor_reaches_rollout_controls(login):
+    op = login("operator")
+    op.page.goto("/rollouts")
+    expect(op.page.locator("#rollouts article.rollout")).to_have_count(1)
+    expect(op.page.locator("#rollouts-readonly")).to_be_visible()
+    expect(op.page.locator("button[data-action^=rollout-]")).to_have_count(0)
+    op.expected_failures.add("/api/v1/rollouts/1/pause")
+    status = op.page.evaluate("""async () => {
+        const csrf = document.querySelector('meta[name=csrf-token]').content;
+        const r = await fetch('/api/v1/rollouts/1/pause', {method: 'POST', headers: {'X-CSRF-Token': csrf}});
+        return r.status; }""")
+    assert status == 403
+    ml = login("mlops")
+    ml.page.goto("/rollouts")
+    expect(ml.page.locator("button[data-action=rollout-pause]")).to_have_count(1)
+    ml.page.click("button[data-action=rollout-pause]")
+    expect(ml.page.locator("#rollouts")).to_contain_text("state: paused")
+
+
+def test_phone_width(login):
+    s = login("operator", viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    for path in ("/fleet", "/shops/shop-a", "/alerts", "/rollouts"):
+        s.page.goto(path)
+        width = s.page.evaluate("document.documentElement.scrollWidth")
+        assert width <= 390, f"{path} is {width}px wide at phone width"
+    s.page.goto("/fleet")
+    expect(s.page.locator('tr[data-shop="shop-a"] td[data-label=Shop]')).to_be_visible()
+    s.page.screenshot(path=str(DOCS_IMG / "fleet-phone.png"), full_page=True)

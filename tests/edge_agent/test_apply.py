@@ -1,0 +1,339 @@
+"""Apply path: signature and replay checks, the pure diff, the handler against an in-memory cluster.
+
+Every object the handler sends is validated with the same strict Kubernetes schemas and policy as
+``shopfleet manifests validate``: that is what a real API server would have been given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
+
+from edge_agent.apply.cluster import InMemoryClusterClient
+from edge_agent.apply.diff import HASH_ANNOTATION, ObjectRef, diff, workload_ready
+from edge_agent.apply.errors import ApplyFailed, StateStoreCorrupt
+from edge_agent.apply.handler import ApplyMetrics, ApplyReport, DesiredStateHandler
+from edge_agent.apply.simulated import DEGRADED_FPS, SimulatedApplier
+from edge_agent.apply.verify import AppliedRecord, RevisionStore, Verifier, load_public_key
+from edge_agent.protocol import DesiredState, Signature, Topics, encode, parse_downlink, parse_message
+from fleet_controller import manifests
+from fleet_controller.releases import ReleaseSpec, desired_state_for
+from fleet_controller.signing import Signer, generate_keypair, load_private_key
+
+SHOP = "berlin-01"
+DIGEST = "@sha256:" + "12" * 32
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> tuple[Signer, Verifier]:
+    generate_keypair(tmp_path / "k.pem")
+    signer = Signer.from_file(tmp_path / "k.pem")
+    return signer, Verifier.from_files([tmp_path / "k.pub"])
+
+
+def _release(name: str = "r1", **labels: str) -> ReleaseSpec:
+    return ReleaseSpec(name=name, version="1", images={"vision": f"reg.example/vision{DIGEST}"}, labels=labels)
+
+
+def _state(signer: Signer, revision: int, release: str = "r1", classes=frozenset({"pi", "gpu"}), shop: str = SHOP, **labels: str) -> DesiredState:
+    return desired_state_for(shop, _release(release, **labels), revision, signer, node_classes=classes)
+
+
+class Rig:
+    def __init__(self, tmp_path: Path, verifier: Verifier, client=None, **kw) -> None:
+        self.reports: list[ApplyReport] = []
+        self.registry = CollectorRegistry()
+        self.client = client or InMemoryClusterClient()
+        self.store = RevisionStore(tmp_path / "state" / "applied.json")
+        self.handler = DesiredStateHandler(SHOP, verifier, self.store, self.client, self.reports.append, metrics=ApplyMetrics(self.registry), **kw)
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.registry.get_sample_value(name, labels) or 0.0
+
+
+def _validate_sent(client: InMemoryClusterClient) -> None:
+    findings = manifests.validate([manifests.Sourced({k: v for k, v in o.items() if k != "status"}, "sent") for o in client.sent])
+    assert findings == [], [f.describe() for f in findings]
+
+
+# ----- signing and verification ---------------------------------------------------------------
+
+
+def test_signed_state_survives_the_wire_and_verifies(keys):
+    signer, verifier = keys
+    state = _state(signer, 1)
+    parsed = parse_downlink(Topics.desired(SHOP), encode(state))
+    assert isinstance(parsed, DesiredState) and parsed.signature is not None
+    verifier.verify(parsed)
+    assert parsed.signature.key_id == signer.key_id == verifier.key_ids[0]
+
+
+def _forge(state: DesiredState) -> DesiredState:
+    objs = [dict(o) for o in state.objects]
+    objs[0] = {**objs[0], "metadata": {**objs[0]["metadata"], "name": "evil"}}
+    return state.model_copy(update={"objects": tuple(objs)})
+
+
+def _other_key(state: DesiredState, tmp_path: Path) -> DesiredState:
+    generate_keypair(tmp_path / "other.pem")
+    return Signer.from_file(tmp_path / "other.pem").sign(state)
+
+
+def _bad_b64(state: DesiredState) -> DesiredState:
+    return state.model_copy(update={"signature": Signature(key_id=state.signature.key_id, sig="!!not base64!!")})
+
+
+REFUSALS = [
+    pytest.param(lambda s, p: s.model_copy(update={"signature": None}), "unsigned", id="unsigned"),
+    pytest.param(lambda s, p: _forge(s), "forged", id="content-changed-after-signing"),
+    pytest.param(lambda s, p: _bad_b64(s), "forged", id="signature-not-base64"),
+    pytest.param(lambda s, p: s.model_copy(update={"revision": s.revision + 1}), "forged", id="revision-bumped-after-signing"),
+    pytest.param(_other_key, "unknown_key", id="signed-by-another-key"),
+]
+
+
+@pytest.mark.parametrize("tamper, reason", REFUSALS)
+def test_handler_refuses_and_reports_without_touching_the_cluster(tmp_path, keys, tamper, reason):
+    signer, verifier = keys
+    rig = Rig(tmp_path, verifier)
+    report = rig.handler.handle(tamper(_state(signer, 5), tmp_path))
+    assert report.status == "refused" and report.error.startswith(reason)
+    assert rig.reports == [report]
+    assert rig.client.sent == [] and not rig.store.path.exists()
+    assert rig.metric("shopfleet_agent_apply_refused_total", reason=reason) == 1
+
+
+def test_wrong_shop_is_refused(tmp_path, keys):
+    signer, verifier = keys
+    rig = Rig(tmp_path, verifier)
+    report = rig.handler.handle(_state(signer, 1, shop="oslo-2"))
+    assert report.status == "refused" and report.error.startswith("wrong_shop")
+
+
+def test_replay_is_refused_even_after_a_restart(tmp_path, keys):
+    signer, verifier = keys
+    old, new = _state(signer, 3, "r1"), _state(signer, 4, "r2")
+    rig = Rig(tmp_path, verifier)
+    assert rig.handler.handle(new).status == "applied"
+    rig2 = Rig(tmp_path, verifier, client=rig.client)  # a new agent process, same state file
+    report = rig2.handler.handle(old)
+    assert report.status == "refused" and report.error.startswith("replay")
+    assert rig2.metric("shopfleet_agent_apply_refused_total", reason="replay") == 1
+    assert rig2.store.load() == AppliedRecord(4, "r2", "applied")
+    assert {o["metadata"]["labels"]["shopfleet.io/release"] for o in rig.client.objects.values()} == {"r2"}
+
+
+def test_same_revision_again_is_not_reapplied(tmp_path, keys):
+    signer, verifier = keys
+    rig = Rig(tmp_path, verifier)
+    state = _state(signer, 2)
+    rig.handler.handle(state)
+    sent = len(rig.client.sent)
+    again = rig.handler.handle(signer.sign(state))  # re-published after a controller restart
+    assert again.status == "applied" and again.error == "already applied" and len(rig.client.sent) == sent
+    assert rig.metric("shopfleet_agent_apply_total", outcome="unchanged") == 1
+
+
+def test_corrupt_state_file_refuses_instead_of_unlocking_replays(tmp_path, keys):
+    signer, verifier = keys
+    rig = Rig(tmp_path, verifier)
+    rig.store.path.parent.mkdir(parents=True)
+    rig.store.path.write_text("{not json")
+    report = rig.handler.handle(_state(signer, 1))
+    assert report.status == "refused" and "state_store" in report.error and rig.client.sent == []
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.binary(max_size=200))
+def test_revision_store_parses_garbage_totally(tmp_path_factory, data):
+    p = tmp_path_factory.mktemp("store") / "applied.json"
+    p.write_bytes(data)
+    try:
+        rec = RevisionStore(p).load()
+    except StateStoreCorrupt as exc:
+        assert str(p) in str(exc)
+    else:
+        assert isinstance(rec.revision, int)
+
+
+def test_public_key_loader_names_the_fix(tmp_path):
+    with pytest.raises(ValueError, match="copy the controller's .pub"):
+        load_public_key(b"garbage", "keys/controller.pub")
+    generate_keypair(tmp_path / "k.pem")
+    with pytest.raises(ValueError, match="copy the controller's .pub"):
+        load_public_key((tmp_path / "k.pem").read_bytes(), "k.pem")  # a private key is not a public key
+    assert load_private_key(tmp_path / "k.pem")
+    assert oct(os.stat(tmp_path / "k.pem").st_mode & 0o777) == "0o600"
+
+
+# ----- diff -----------------------------------------------------------------------------------
+
+
+def _obj(kind: str, name: str, managed: bool = True, **extra) -> dict:
+    labels = {"app.kubernetes.io/managed-by": "shopfleet", "shopfleet.io/shop": SHOP} if managed else {}
+    api = "apps/v1" if kind in ("DaemonSet", "Deployment") else "v1"
+    return {"apiVersion": api, "kind": kind, "metadata": {"name": name, "namespace": "shopfleet", "labels": labels}, **extra}
+
+
+def _live(o: dict) -> dict:
+    """``o`` as the cluster holds it after our apply (with our hash annotation)."""
+    return diff([o], []).apply[0]
+
+
+DIFFS = [
+    pytest.param([_obj("ConfigMap", "a")], [], ["ConfigMap/shopfleet/a"], [], [], id="new-object-applied"),
+    pytest.param([_obj("ConfigMap", "a")], [_live(_obj("ConfigMap", "a"))], [], ["ConfigMap/shopfleet/a"], [], id="same-hash-unchanged"),
+    pytest.param([_obj("ConfigMap", "a", data={"x": "2"})], [_live(_obj("ConfigMap", "a", data={"x": "1"}))], ["ConfigMap/shopfleet/a"], [], [], id="changed-applied"),
+    pytest.param([], [_live(_obj("DaemonSet", "old"))], [], [], ["DaemonSet/shopfleet/old"], id="managed-leftover-pruned"),
+    pytest.param([], [_obj("DaemonSet", "theirs", managed=False)], [], [], [], id="unmanaged-never-pruned"),
+    pytest.param(
+        [_obj("DaemonSet", "d"), _obj("ConfigMap", "c"), {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shopfleet"}}],
+        [], ["Namespace/shopfleet", "ConfigMap/shopfleet/c", "DaemonSet/shopfleet/d"], [], [], id="dependency-order",
+    ),
+    pytest.param([], [_live(_obj("ConfigMap", "c")), _live(_obj("DaemonSet", "d"))], [], [], ["DaemonSet/shopfleet/d", "ConfigMap/shopfleet/c"], id="prune-reverse-order"),
+]
+
+
+@pytest.mark.parametrize("desired, live, apply, unchanged, prune", DIFFS)
+def test_diff_table(desired, live, apply, unchanged, prune):
+    plan = diff(desired, live)
+    assert [str(ObjectRef.of(o)) for o in plan.apply] == apply
+    assert [str(r) for r in plan.unchanged] == unchanged
+    assert [str(r) for r in plan.prune] == prune
+    assert all(HASH_ANNOTATION in o["metadata"]["annotations"] for o in plan.apply)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["ConfigMap", "DaemonSet", "Service"]), st.sampled_from("abcdef")), max_size=8, unique=True),
+       st.lists(st.tuples(st.sampled_from(["ConfigMap", "DaemonSet", "Service"]), st.sampled_from("abcdef")), max_size=8, unique=True))
+def test_diff_partitions_every_object(desired_keys, live_keys):
+    desired = [_obj(k, n) for k, n in desired_keys]
+    live = [_live(_obj(k, n)) for k, n in live_keys]
+    plan = diff(desired, live)
+    applied = {ObjectRef.of(o) for o in plan.apply}
+    assert applied | set(plan.unchanged) == {ObjectRef.of(o) for o in desired}
+    assert not applied & set(plan.unchanged)
+    assert set(plan.prune) == {ObjectRef.of(o) for o in live} - {ObjectRef.of(o) for o in desired}
+
+
+READY = [
+    pytest.param({"kind": "ConfigMap"}, True, id="configmap"),
+    pytest.param({"kind": "DaemonSet", "metadata": {"generation": 2}, "status": {"observedGeneration": 1, "desiredNumberScheduled": 3, "updatedNumberScheduled": 3, "numberReady": 3}}, False, id="ds-old-generation"),
+    pytest.param({"kind": "DaemonSet", "metadata": {"generation": 2}, "status": {"observedGeneration": 2, "desiredNumberScheduled": 3, "updatedNumberScheduled": 2, "numberReady": 3}}, False, id="ds-not-all-updated"),
+    pytest.param({"kind": "DaemonSet", "metadata": {"generation": 2}, "status": {"observedGeneration": 2, "desiredNumberScheduled": 3, "updatedNumberScheduled": 3, "numberReady": 2}}, False, id="ds-not-all-ready"),
+    pytest.param({"kind": "DaemonSet", "metadata": {"generation": 2}, "status": {"observedGeneration": 2, "desiredNumberScheduled": 3, "updatedNumberScheduled": 3, "numberReady": 3}}, True, id="ds-ready"),
+    pytest.param({"kind": "Deployment", "metadata": {"generation": 1}, "spec": {"replicas": 2}, "status": {"observedGeneration": 1, "updatedReplicas": 2, "availableReplicas": 1}}, False, id="deploy-unavailable"),
+    pytest.param({"kind": "Deployment", "metadata": {"generation": 1}, "spec": {"replicas": 2}, "status": {"observedGeneration": 1, "updatedReplicas": 2, "availableReplicas": 2}}, True, id="deploy-ready"),
+]
+
+
+@pytest.mark.parametrize("obj, ready", READY)
+def test_workload_ready_table(obj, ready):
+    assert workload_ready(obj)[0] is ready
+
+
+# ----- handler against the in-memory cluster -------------------------------------------------
+
+
+def test_apply_then_upgrade_prunes_and_every_sent_object_is_valid(tmp_path, keys):
+    signer, verifier = keys
+    rig = Rig(tmp_path, verifier)
+    first = rig.handler.handle(_state(signer, 1, "r1", classes=frozenset({"pi", "gpu"})))
+    assert first.status == "applied", first.error
+    assert [r.status for r in rig.reports] == ["applying", "applied"]
+    assert {o.status for o in first.objects} == {"applied", "ready"}
+    assert any(r.name == "vision-gpu" for r in rig.client.objects)
+    # The GPU node left the shop: the next revision has no vision-gpu; it is pruned.
+    second = rig.handler.handle(_state(signer, 2, "r2", classes=frozenset({"pi"})))
+    assert second.status == "applied", second.error
+    assert not any(r.name == "vision-gpu" for r in rig.client.objects)
+    assert any(o.name == "vision-gpu" and o.status == "pruned" for o in second.objects)
+    assert {o["metadata"]["labels"]["shopfleet.io/revision"] for o in rig.client.objects.values()} == {"2"}
+    _validate_sent(rig.client)
+    assert rig.metric("shopfleet_agent_applied_revision") == 2
+    # The report fits the wire protocol.
+    msg = second.to_message(SHOP, "gpu-1", "e1", 7)
+    assert parse_message(Topics.reported(SHOP), encode(msg)).revision == 2
+
+
+def test_rejected_object_fails_and_keeps_what_runs(tmp_path, keys):
+    signer, verifier = keys
+    rig = Rig(tmp_path, verifier)
+    rig.handler.handle(_state(signer, 1, "r1"))
+    before = dict(rig.client.objects)
+    rig.client._reject = lambda o: "admission webhook denied" if o["kind"] == "DaemonSet" and o["metadata"]["name"] == "vision-arm64" else None
+    report = rig.handler.handle(_state(signer, 2, "r2", classes=frozenset({"pi"})))
+    assert report.status == "failed" and "vision-arm64" in report.error
+    failed = [o for o in report.objects if o.status == "failed"]
+    assert [o.name for o in failed] == ["vision-arm64"] and "webhook" in failed[0].message
+    assert ObjectRef("apps/v1", "DaemonSet", "shopfleet", "vision-gpu") in rig.client.objects  # no prune after a failure
+    assert set(before) <= set(rig.client.objects)
+    assert rig.store.load().status == "failed"
+    # The same revision, delivered again, is retried (it failed), not skipped.
+    rig.client._reject = None
+    assert rig.handler.handle(_state(signer, 2, "r2", classes=frozenset({"pi"}))).status == "applied"
+
+
+def test_workload_never_ready_fails_after_timeout(tmp_path, keys):
+    signer, verifier = keys
+    clock = [0.0]
+    rig = Rig(tmp_path, verifier, ready_timeout_s=30, poll_interval_s=5, clock=lambda: clock[0], sleep=lambda s: clock.__setitem__(0, clock[0] + s))
+    rig.client.hold.add("vision-arm64")
+    report = rig.handler.handle(_state(signer, 1))
+    assert report.status == "failed" and "not ready" in report.error and "vision-arm64" in report.error
+    pending = [o for o in report.objects if o.status == "pending"]
+    assert [o.name for o in pending] == ["vision-arm64"] and "0 of 3" in pending[0].message
+    assert clock[0] >= 30
+
+
+def test_apply_failed_error_type_from_client():
+    c = InMemoryClusterClient(reject=lambda o: "nope")
+    with pytest.raises(ApplyFailed, match="nope"):
+        c.apply(_obj("ConfigMap", "x"))
+
+
+@pytest.mark.parametrize(
+    "label, status, fps_low",
+    [
+        pytest.param(None, "applied", False, id="good-release"),
+        pytest.param("degraded", "applied", True, id="degraded-release-applies-but-runs-slow"),
+        pytest.param("crash", "failed", None, id="crash-release-never-ready"),
+    ],
+)
+def test_simulated_applier_modes(tmp_path, keys, label, status, fps_low):
+    signer, verifier = keys
+    sim = SimulatedApplier(seed=1)
+    rig = Rig(tmp_path, verifier, client=sim, ready_timeout_s=0, poll_interval_s=0)
+    labels = {"simulate": label} if label else {}
+    report = rig.handler.handle(_state(signer, 1, "r-x", **labels))
+    assert report.status == status
+    pipelines, metrics = sim.health()
+    if fps_low is None:
+        assert {p.state for p in pipelines.values()} == {"backoff"}
+    else:
+        fps = [p.fps for p in pipelines.values()]
+        assert (max(fps) <= DEGRADED_FPS + 0.5) is fps_low
+        assert (metrics["cart_review_rate"] > 0.1) is fps_low
+    assert sim.release() == "r-x"
+
+
+@pytest.mark.skipif(not os.environ.get("KUBECONFIG"), reason="real-cluster tier: set KUBECONFIG to a disposable K3s/Kubernetes cluster to run it")
+def test_real_cluster_apply_and_prune(tmp_path, keys):
+    from edge_agent.apply.kube import KubernetesClusterClient
+
+    signer, verifier = keys
+    client = KubernetesClusterClient(kubeconfig=os.environ["KUBECONFIG"])
+    rig = Rig(tmp_path, verifier, client=client, ready_timeout_s=600, poll_interval_s=5)
+    report = rig.handler.handle(_state(signer, 1, "r1", classes=frozenset({"pi"})))
+    assert report.status in ("applied", "failed"), report.error  # images are placeholders; objects must be accepted
+    assert not [o for o in report.objects if o.status == "failed"], report.objects
+    live = client.list_managed(SHOP)
+    assert {o["metadata"]["name"] for o in live} >= {"shopfleet-agent", "vision-arm64"}
+    for o in live:
+        client.delete(ObjectRef.of(o))

@@ -1,0 +1,190 @@
+"""The serial driver against simulated boards on real pseudo-terminals."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from hardware.driver import (
+    BoardConnection,
+    CommandRejected,
+    DriverMetrics,
+    DriverSettings,
+    PortNotFound,
+    SensorTimeout,
+    resolve_port,
+)
+from hardware.frames import AckStatus, Command, FrameType
+from hardware.simulator import SimulatedBoard
+from tests.hardware.conftest import metric, wait_for
+
+FAST = {"reconnect_min_s": 0.05, "reconnect_max_s": 0.5}
+
+
+def settled(rd, board_time: float = 2.0) -> None:
+    """Wait until the board has run long enough since its last boot for the shelf to have a settled baseline."""
+    def ok() -> bool:
+        readings = rd.of_type("reading")
+        return bool(readings) and readings[-1].board_time >= board_time
+    wait_for(ok, what=f"{board_time}s of board time")
+
+
+@pytest.fixture
+def board(tmp_path: Path) -> Iterator[SimulatedBoard]:
+    b = SimulatedBoard("shelf-a", link=tmp_path / "by-id" / "usb-shopfleet-shelf-a", seed=7)
+    b.link.parent.mkdir()
+    b.set_value(0, 10 * 345)
+    b.set_value(1, 20 * 50)
+    b.start()
+    yield b
+    b.stop()
+
+
+def test_readings_and_events_flow_with_metrics(board: SimulatedBoard, running_driver) -> None:
+    rd = running_driver(DriverSettings(port=board.path, **FAST))
+    wait_for(lambda: rd.of_type("board_connected"), what="HELLO")
+    settled(rd)
+    board.pick(0, 1, 345)
+    wait_for(lambda: rd.of_type("shelf_change"), what="the pick")
+    board.put_back(0, 3, 345)
+    wait_for(lambda: len(rd.of_type("shelf_change")) == 2, what="the put-back")
+    board.set_door(True)
+    wait_for(lambda: rd.of_type("door_opened"), what="door event")
+    changes = rd.of_type("shelf_change")
+    assert [(e.slot, e.quantity) for e in changes] == [("A1", -1), ("A1", 3)]
+    r = rd.registry
+    assert metric(r, "shopfleet_hardware_frames_total", board="shelf-a") >= 20
+    assert metric(r, "shopfleet_hardware_events_total", type="shelf_change") == 2
+    assert metric(r, "shopfleet_hardware_frames_lost_total", board="shelf-a") == 0
+    age = metric(r, "shopfleet_hardware_last_reading_age_seconds", board="shelf-a", channel="0")
+    assert 0 <= age < 2
+
+
+@pytest.mark.parametrize(
+    ("garbage", "reason"),
+    [
+        pytest.param(b"\x55" * 600, "too_long", id="line-noise-without-delimiter"),
+        pytest.param(b"\x05\x01\x00", "cobs", id="half-a-frame"),
+        pytest.param(b"\x07\x01\x02\x03\x04\x05\x06\x00", "crc", id="bit-flips"),
+    ],
+)
+def test_garbage_is_counted_by_reason_and_the_stream_resyncs(board: SimulatedBoard, running_driver, garbage: bytes, reason: str) -> None:
+    rd = running_driver(DriverSettings(port=board.path, **FAST))
+    wait_for(lambda: len(rd.of_type("reading")) >= 8, what="readings")
+    board.inject(garbage)
+    wait_for(lambda: metric(rd.registry, "shopfleet_hardware_frames_rejected_total", reason=reason) >= 1, what=f"a '{reason}' rejection")
+    before = len(rd.of_type("reading"))
+    wait_for(lambda: len(rd.of_type("reading")) >= before + 8, what="readings after the garbage")
+    assert rd.of_type("board_disconnected") == []
+
+
+def test_lost_frames_are_counted_from_sequence_gaps(board: SimulatedBoard, running_driver) -> None:
+    rd = running_driver(DriverSettings(port=board.path, **FAST))
+    wait_for(lambda: len(rd.of_type("reading")) >= 8, what="readings")
+    board.drop_next(5)
+    wait_for(lambda: metric(rd.registry, "shopfleet_hardware_frames_lost_total", board="shelf-a") >= 5, what="the gap")
+    wait_for(lambda: len(rd.of_type("reading")) >= 40, what="more readings")
+    assert metric(rd.registry, "shopfleet_hardware_frames_lost_total", board="shelf-a") == 5
+
+
+def test_a_flooding_board_overflows_the_pty_and_the_loss_is_seen(board: SimulatedBoard) -> None:
+    registry = CollectorRegistry()
+    conn = BoardConnection(board.path, DriverMetrics(registry), DriverSettings(port=board.path))
+    try:
+        conn.wait_hello(5)
+        board.flood(3000)  # ~120 KB while nobody reads: about half fits in the pty buffer
+        assert board.frames_dropped > 0
+        after_flood = board._seq  # the first sequence number sent after the flood
+        seen: list[int] = []
+        wait_for(lambda: seen.extend(f.seq for f, _ in conn.poll()) or any(s >= after_flood for s in seen), timeout=20, what="a frame after the flood")
+        lost = metric(registry, "shopfleet_hardware_frames_lost_total", board="shelf-a")
+        # a frame truncated by the full buffer swallows the next whole frame: at most one more
+        assert board.frames_dropped <= lost <= board.frames_dropped + 1
+    finally:
+        conn.close()
+
+
+def test_board_reboot_restarts_the_sequence_without_counting_loss(board: SimulatedBoard, running_driver) -> None:
+    rd = running_driver(DriverSettings(port=board.path, **FAST))
+    wait_for(lambda: len(rd.of_type("reading")) >= 10, what="readings")
+    board.reboot()
+    wait_for(lambda: metric(rd.registry, "shopfleet_hardware_board_reboots_total", board="shelf-a") == 1, what="the reboot")
+    before = len(rd.of_type("reading"))
+    wait_for(lambda: len(rd.of_type("reading")) >= before + 8, what="readings after the reboot")
+    assert metric(rd.registry, "shopfleet_hardware_frames_lost_total", board="shelf-a") == 0
+    assert len(rd.of_type("board_connected")) == 2  # the boot HELLO is announced again
+
+
+def test_unplug_and_replug_reconnects_with_backoff_and_events_continue(board: SimulatedBoard, running_driver) -> None:
+    rd = running_driver(DriverSettings(port=board.path, **FAST))
+    wait_for(lambda: len(rd.of_type("reading")) >= 10, what="readings")
+    old_pty = board.pty_path
+    board.unplug()
+    wait_for(lambda: rd.of_type("board_disconnected"), what="the disconnect")
+    assert not os.path.exists(board.path)  # the by-id link dangles while unplugged
+    new_path = board.replug()  # the kernel may hand out the same pts number again
+    assert new_path == board.path and os.path.realpath(new_path) == board.pty_path and old_pty
+    wait_for(lambda: len(rd.of_type("board_connected")) == 2, what="the reconnect")
+    wait_for(lambda: rd.of_type("reading")[-1].board_time < 1.0, what="readings of the new boot")
+    settled(rd)
+    board.pick(1, 3, 50)
+    wait_for(lambda: rd.of_type("shelf_change"), what="a pick after the replug")
+    assert [(e.slot, e.quantity) for e in rd.of_type("shelf_change")] == [("A2", -3)]
+    assert sum(
+        s.value for m in rd.registry.collect() if m.name == "shopfleet_hardware_reconnects" for s in m.samples if s.name.endswith("_total")
+    ) == 1
+
+
+def test_tare_and_calibrate_through_the_driver(board: SimulatedBoard, running_driver) -> None:
+    rd = running_driver(DriverSettings(port=board.path, **FAST))
+    wait_for(lambda: rd.of_type("board_connected"), what="HELLO")
+    board.set_value(0, 0)
+    assert rd.driver.request(Command(FrameType.TARE, 0)).result(5).status == AckStatus.OK
+    assert rd.driver.request(Command(FrameType.PING)).result(5).status == AckStatus.OK
+    board.set_value(0, 1000)
+    ack = rd.driver.request(Command(FrameType.CALIBRATE, 0, 10000)).result(5)
+    assert ack.status == AckStatus.OK
+    t = rd.of_type("reading")[-1].board_time
+    wait_for(lambda: rd.of_type("reading")[-1].board_time > t + 1.0, what="settled readings after calibration")
+    last = [r for r in rd.of_type("reading") if r.channel == 0][-1]
+    assert abs(last.value - 1000) < 10
+    with pytest.raises(CommandRejected, match="BAD_ARGUMENT"):
+        rd.driver.request(Command(FrameType.CALIBRATE, 2, 10000)).result(5)
+
+
+def test_a_port_that_never_says_hello_times_out_with_a_hint() -> None:
+    master, slave = os.openpty()
+    try:
+        path = os.ttyname(slave)
+        conn = BoardConnection(path, DriverMetrics(CollectorRegistry()), DriverSettings(port=path))
+        with pytest.raises(SensorTimeout, match="no HELLO .* shopfleet board"):
+            conn.wait_hello(0.5)
+        conn.close()
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_missing_port_names_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(PortNotFound, match="plugged in"):
+        resolve_port(DriverSettings(port=str(tmp_path / "nope")))
+    with pytest.raises(PortNotFound, match="2341:0043"):
+        resolve_port(DriverSettings(usb_ids=("2341:0043",)))  # no USB boards on a test machine
+
+
+@pytest.mark.parametrize("bad", ["2341", "zzzz:0001", "2341:43"], ids=["no-pid", "not-hex", "short-pid"])
+def test_usb_ids_are_validated(bad: str) -> None:
+    with pytest.raises(ValueError, match="VID:PID"):
+        DriverSettings(usb_ids=(bad,))
+
+
+def test_metrics_use_conventional_names(board: SimulatedBoard, running_driver) -> None:
+    rd = running_driver(DriverSettings(port=board.path, **FAST))
+    wait_for(lambda: len(rd.of_type("reading")) >= 4, what="readings")
+    text = generate_latest(rd.registry).decode()
+    for name in ("shopfleet_hardware_frames_total", "shopfleet_hardware_last_reading_age_seconds"):
+        assert name in text

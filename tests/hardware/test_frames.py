@@ -1,0 +1,203 @@
+"""The frame codec: known vectors, round trips, and totality on arbitrary bytes."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hardware.frames import (
+    MAX_ENCODED,
+    REJECT_REASONS,
+    Ack,
+    AckStatus,
+    ChannelInfo,
+    ChannelKind,
+    ChannelValue,
+    Command,
+    FrameError,
+    FrameSplitter,
+    FrameType,
+    Hello,
+    Readings,
+    SensorFrame,
+    Unit,
+    ValueStatus,
+    cobs_decode,
+    cobs_encode,
+    crc16_ccitt_false,
+    decode_message,
+    encode_message,
+)
+
+
+@pytest.mark.parametrize(
+    ("data", "crc"),
+    [
+        pytest.param(b"123456789", 0x29B1, id="standard-check-value"),
+        pytest.param(b"", 0xFFFF, id="empty-is-init"),
+        pytest.param(b"\x00", 0xE1F0, id="one-zero-byte"),
+    ],
+)
+def test_crc16_ccitt_false_vectors(data: bytes, crc: int) -> None:
+    assert crc16_ccitt_false(data) == crc
+
+
+@pytest.mark.parametrize(
+    ("raw", "encoded"),
+    [
+        pytest.param(b"", b"\x01", id="empty"),
+        pytest.param(b"\x00", b"\x01\x01", id="one-zero"),
+        pytest.param(b"\x11\x22\x00\x33", b"\x03\x11\x22\x02\x33", id="zero-inside"),
+        pytest.param(bytes(range(1, 255)), b"\xff" + bytes(range(1, 255)) + b"\x01", id="254-nonzero"),
+    ],
+)
+def test_cobs_vectors(raw: bytes, encoded: bytes) -> None:
+    assert cobs_encode(raw) == encoded
+    assert cobs_decode(encoded) == raw
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        pytest.param(b"", "empty", id="empty"),
+        pytest.param(b"\x00", "empty", id="just-delimiter"),
+        pytest.param(b"\x05\x01\x02", "cobs", id="code-past-end"),
+        pytest.param(b"\x02\x01", "too_short", id="too-short"),
+        pytest.param(b"\x07" + b"\x01\x02\x03\x04\x05\x06", "crc", id="bad-crc"),
+        pytest.param(b"\x41" * (MAX_ENCODED + 1), "too_long", id="too-long"),
+    ],
+)
+def test_parse_rejects_with_reason(raw: bytes, reason: str) -> None:
+    with pytest.raises(FrameError) as info:
+        SensorFrame.parse(raw)
+    assert info.value.reason == reason
+
+
+def _frame_with_header(version: int, ftype: int) -> bytes:
+    payload = bytes([version, ftype, 0, 0])
+    return cobs_encode(payload + crc16_ccitt_false(payload).to_bytes(2, "big"))
+
+
+@pytest.mark.parametrize(
+    ("version", "ftype", "reason"),
+    [
+        pytest.param(2, FrameType.PING, "version", id="newer-version"),
+        pytest.param(0, FrameType.PING, "version", id="version-zero"),
+        pytest.param(1, 0x7F, "unknown_type", id="unknown-type"),
+    ],
+)
+def test_header_checks(version: int, ftype: int, reason: str) -> None:
+    with pytest.raises(FrameError) as info:
+        SensorFrame.parse(_frame_with_header(version, ftype))
+    assert info.value.reason == reason
+
+
+hellos = st.builds(
+    Hello,
+    st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=32),
+    st.integers(0, 255),
+    st.integers(0, 255),
+    st.lists(st.tuples(st.sampled_from(ChannelKind), st.sampled_from(Unit)), max_size=16).map(
+        lambda cs: tuple(ChannelInfo(i, k, u) for i, (k, u) in enumerate(cs))
+    ),
+)
+readings = st.builds(
+    Readings,
+    st.integers(0, 0xFFFFFFFF),
+    st.lists(st.builds(ChannelValue, st.integers(-(2**31), 2**31 - 1), st.sampled_from(ValueStatus)), max_size=16).map(tuple),
+)
+acks = st.builds(Ack, st.integers(0, 0xFFFF), st.sampled_from(AckStatus), st.integers(-(2**31), 2**31 - 1))
+commands = st.one_of(
+    st.builds(Command, st.sampled_from([FrameType.PING, FrameType.HELLO_REQUEST])),
+    st.builds(Command, st.sampled_from([FrameType.TARE, FrameType.CALIBRATE, FrameType.SIM_SET]), st.integers(0, 255), st.integers(-(2**31), 2**31 - 1)),
+    st.builds(Command, st.just(FrameType.SET_RATE), st.just(0), st.integers(10, 60000)),
+)
+
+
+@given(msg=st.one_of(hellos, readings, acks, commands), seq=st.integers(0, 0xFFFF))
+def test_encode_decode_round_trip(msg, seq: int) -> None:
+    wire = encode_message(msg, seq)
+    assert wire.endswith(b"\x00") and b"\x00" not in wire[:-1]
+    frame = SensorFrame.parse(wire)
+    assert frame.seq == seq
+    assert decode_message(frame) == msg
+
+
+@settings(max_examples=500)
+@given(st.binary(max_size=600))
+def test_any_bytes_give_a_frame_or_a_frame_error(raw: bytes) -> None:
+    try:
+        frame = SensorFrame.parse(raw)
+    except FrameError as exc:
+        assert exc.reason in REJECT_REASONS
+        return
+    try:
+        decode_message(frame)
+    except FrameError as exc:
+        assert exc.reason in REJECT_REASONS
+
+
+@settings(max_examples=300)
+@given(ftype=st.sampled_from(FrameType), body=st.binary(max_size=120))
+def test_any_body_of_a_known_type_gives_a_message_or_bad_body(ftype: FrameType, body: bytes) -> None:
+    frame = SensorFrame.parse(SensorFrame(ftype, 1, body).encode())
+    try:
+        decode_message(frame)
+    except FrameError as exc:
+        assert exc.reason == "bad_body"
+
+
+@given(
+    msgs=st.lists(st.one_of(readings, acks), min_size=1, max_size=8),
+    garbage=st.lists(st.binary(max_size=40), min_size=1, max_size=8),
+    cut=st.integers(1, 50),
+)
+def test_splitter_resyncs_after_garbage_in_any_chunking(msgs, garbage, cut: int) -> None:
+    """Valid frames between garbage all come through, however the stream is chunked."""
+    stream = b""
+    for i, m in enumerate(msgs):
+        stream += garbage[i % len(garbage)] + b"\x00" + encode_message(m, i)
+    splitter = FrameSplitter()
+    decoded = []
+    for start in range(0, len(stream), cut):
+        for item in splitter.feed(stream[start : start + cut]):
+            if isinstance(item, bytes):
+                try:
+                    decoded.append(decode_message(SensorFrame.parse(item)))
+                except FrameError:
+                    pass
+    assert decoded == msgs
+
+
+def test_splitter_drops_an_overlong_run_and_recovers() -> None:
+    splitter = FrameSplitter()
+    out = list(splitter.feed(b"\x55" * (MAX_ENCODED * 3)))
+    assert [type(o) for o in out] == [FrameError] and out[0].reason == "too_long"
+    frame = encode_message(Ack(7, AckStatus.OK), 3)
+    out = list(splitter.feed(b"\x55\x00" + frame))
+    assert out == [frame[:-1]]
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        pytest.param(lambda: Hello("", 1, 0, ()), "bad_body", id="empty-board-id"),
+        pytest.param(lambda: Hello("bad id\n", 1, 0, ()), "bad_body", id="unprintable-board-id"),
+        pytest.param(lambda: Command(FrameType.SET_RATE, 0, 5), "bad_body", id="rate-too-fast"),
+        pytest.param(lambda: Command(FrameType.HELLO), "unknown_type", id="hello-is-no-command"),
+        pytest.param(lambda: SensorFrame(FrameType.PING, 70000), "bad_body", id="seq-overflow"),
+    ],
+)
+def test_typed_values_are_checked_on_construction(make, reason: str) -> None:
+    with pytest.raises(FrameError) as info:
+        make()
+    assert info.value.reason == reason
+
+
+def test_newer_board_with_appended_fields_still_decodes() -> None:
+    """Versioning rule: decoders ignore trailing bytes, so fields appended in a minor revision are harmless."""
+    base = encode_message(Ack(9, AckStatus.OK, 42), 1)
+    frame = SensorFrame.parse(base)
+    longer = SensorFrame(frame.type, frame.seq, frame.body + b"\x01\x02\x03")
+    assert decode_message(SensorFrame.parse(longer.encode())) == Ack(9, AckStatus.OK, 42)
