@@ -282,7 +282,7 @@ class RolloutExecutor:
                 self._fail(r.id, s.shop_id, "baking", now, v.gate, f"gate {v.gate}: {v.reason}")
                 continue
             baked = now - (s.applied_at or now) >= policy.bake_time_s
-            if v.state == "pass" and baked and s.baseline:
+            if v.state == "pass" and baked and "errors" in (s.baseline or {}):
                 if self._move(r.id, s.shop_id, "baking", now, state="done", done_at=now, reason="healthy through bake time"):
                     self.metrics.shops.labels("done").inc()
             elif v.state == "wait" and now - (s.applied_at or now) > policy.bake_time_s + policy.apply_timeout_s:

@@ -63,7 +63,12 @@ def evaluate_gates(gates: Gates, nodes: Sequence[NodeHealth], applied_at: float,
         return Verdict("wait", reason="no node of this shop is known yet")
     online = [n for n in nodes if n.presence == "online"]
     if len(online) / len(nodes) < gates.min_nodes_online:
-        return Verdict("fail", "nodes_online", f"{len(online)} of {len(nodes)} nodes online, need {gates.min_nodes_online:.0%}")
+        why = f"{len(online)} of {len(nodes)} nodes online, need {gates.min_nodes_online:.0%}"
+        since = baseline.get("offline_since", now)
+        if now - since >= gates.offline_grace_s:
+            return Verdict("fail", "nodes_online", f"{why} for {now - since:.0f}s")
+        return Verdict("wait", reason=why, baseline={**baseline, "offline_since": since})
+    baseline = {k: v for k, v in baseline.items() if k != "offline_since"}
     fresh = [n for n in online if n.facts_at is not None and n.facts_at >= applied_at]
     if len(fresh) < len(online):
         return Verdict("wait", reason=f"{len(fresh)} of {len(online)} online nodes sent a heartbeat since the apply", baseline=baseline)
@@ -83,7 +88,7 @@ def evaluate_gates(gates: Gates, nodes: Sequence[NodeHealth], applied_at: float,
             if g.min is not None and value < g.min:
                 return Verdict("fail", "metric", f"{n.node} reports {g.metric}={value:g}, below {g.min:g}")
     errors = _errors(fresh)
-    if not baseline:
+    if "errors" not in baseline:
         return Verdict("pass", baseline={"errors": errors, "at": now})
     if gates.max_errors_per_minute is not None:
         minutes = max((now - baseline["at"]) / 60.0, 1e-9)

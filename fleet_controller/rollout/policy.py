@@ -73,6 +73,9 @@ class Gates(_Model):
     """Health a shop must show during its bake time, on heartbeats sent after it applied."""
 
     min_nodes_online: float = Field(1.0, ge=0, le=1, description="Share of the shop's nodes that must be online (1.0 = all).")
+    offline_grace_s: float = Field(
+        60.0, ge=0, description="Seconds the online share may stay below min_nodes_online before the gate fails; rides out a flaky link or a controller restart, but delays catching a node the release crashed."
+    )
     min_fps: float | None = Field(5.0, ge=0, description="Every running vision pipeline must report at least this fps; null disables.")
     max_errors_per_minute: float | None = Field(
         10.0, ge=0, description="Pipeline errors (summed over the shop) per minute of bake time must stay below this; null disables."

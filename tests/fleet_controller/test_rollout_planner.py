@@ -124,14 +124,15 @@ def node(presence="online", facts_at=100.0, fps=15.0, errors=0, state="running",
     return NodeHealth("n1", presence, facts_at, {"cam-0": {"kind": "vision", "state": state, "fps": fps, "errors": errors}}, metrics)
 
 
-G = Gates(min_fps=5, max_errors_per_minute=10, metrics=({"metric": "cart_review_rate", "max": 0.1},))
+G = Gates(offline_grace_s=60, min_fps=5, max_errors_per_minute=10, metrics=({"metric": "cart_review_rate", "max": 0.1},))
 BASE = {"errors": 0.0, "at": 100.0}
 
 GATES = [
     pytest.param([], {}, "wait", "", id="no-nodes-yet"),
     pytest.param([node(facts_at=50)], {}, "wait", "", id="heartbeat-from-before-apply"),
     pytest.param([node()], {}, "pass", "", id="first-fresh-sets-baseline"),
-    pytest.param([node(), node(presence="offline")], BASE, "fail", "nodes_online", id="node-offline"),
+    pytest.param([node(), node(presence="offline")], BASE, "wait", "", id="node-offline-within-grace"),
+    pytest.param([node(), node(presence="offline")], {**BASE, "offline_since": 10.0}, "fail", "nodes_online", id="node-offline-past-grace"),
     pytest.param([node(fps=2.0)], BASE, "fail", "fps", id="fps-low"),
     pytest.param([node(state="backoff")], BASE, "fail", "pipeline_state", id="pipeline-backoff"),
     pytest.param([node(errors=30)], BASE, "fail", "error_rate", id="errors-per-minute"),

@@ -158,3 +158,24 @@ def test_zone_enter_dwell_exit() -> None:
 def test_a_track_that_ends_inside_a_zone_exits_it() -> None:
     evs = _run(GOOD, [_tracks(0, {3: (250, 100)}), _tracks(1, {3: (250, 100)}), _tracks(2, {}, ended=(3,))])
     assert [(e.kind, e.detail) for e in evs] == [("zone_enter", {}), ("zone_exit", {"reason": "track-lost"})]
+
+
+_value = st.one_of(st.none(), st.integers(-5, 900), st.floats(allow_nan=True), st.text(max_size=5), st.lists(st.lists(st.integers(-5, 900), max_size=3), max_size=5))
+_zones_doc = st.dictionaries(
+    st.sampled_from(["camera", "anchor", "door", "shelves", "extra"]),
+    st.one_of(_value, st.dictionaries(st.sampled_from(["a", "b", "enter_from", "x"]), _value, max_size=4), st.lists(st.dictionaries(st.sampled_from(["name", "polygon", "dwell_seconds"]), _value, max_size=3), max_size=2)),
+    max_size=5,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(doc=_zones_doc)
+def test_zones_loader_raises_only_zones_invalid(tmp_path_factory, doc) -> None:
+    path = tmp_path_factory.mktemp("z") / "zones.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    try:
+        z = load_zones(path)
+    except ZonesInvalid as exc:
+        assert str(path) in str(exc)
+        return
+    z.check_fits(10_000, 10_000) if all(0 <= c <= 10_000 for s in z.shelves for p in s.polygon for c in p) else None
