@@ -124,6 +124,10 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     agent = Agent(config)
+    if config.apply.enabled:
+        from edge_agent.apply.plugin import attach
+
+        attach(agent, config.apply)
     agent.start()
     try:
         while not stop.wait(1.0):

@@ -1,7 +1,7 @@
 """Configuration of the node agent: one YAML file, flags overriding single keys.
 
 Shaped for the person who writes the file on a Pi at 2 a.m.: every key has a description
-(docs/agent.md is generated from the same words), unknown keys are refused (``extra="forbid"``,
+(docs/agent.md lists the same words, and a test checks it names every key), unknown keys are refused (``extra="forbid"``,
 so a typo never silently falls back to a default), cross-field rules are checked at load time,
 and every error names the file, the dotted key and what to write instead. Topics are derived
 from shop and node, so validating those ids here means every topic the agent uses is valid.
@@ -26,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from edge_agent.apply.plugin import ApplyConfig
 from edge_agent.pipelines import config_union
 from edge_agent.protocol import NodeFacts, validate_id
 
@@ -133,12 +134,12 @@ class AgentConfigBase(_Model):
     )
     outbox: OutboxConfig = Field(default_factory=OutboxConfig, description="Durable outbox.")
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus metrics endpoint.")
+    apply: ApplyConfig = Field(default_factory=ApplyConfig, description="Whether and how this node applies the shop's desired state; see docs/rollouts.md.")
     facts_override: dict[str, Any] = Field(
         default_factory=dict,
         description="Node facts to report instead of the measured ones (keys of NodeFacts), e.g. {arch: arm64} to simulate a Pi.",
     )
     shutdown_timeout_s: float = Field(10.0, ge=0, le=600, description="On SIGTERM: longest wait for the outbox to drain.")
-    command_timeout_s: float = Field(60.0, gt=0, description="Longest a command handler may take before its result is an error.")
 
     @field_validator("shop", "node")
     @classmethod

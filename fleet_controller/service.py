@@ -240,8 +240,8 @@ class ControllerService:
         """Return ``http://host:port`` of the API."""
         return f"http://{self.settings.api.host}:{self.api_port}"
 
-    async def start(self, *, connect_timeout: float = 30.0) -> None:
-        """Migrate the database, start the API, connect to the broker, start every task."""
+    async def start(self, *, connect_timeout: float | None = None) -> None:
+        """Migrate the database, start the API, connect to the broker, start every task; raise ``MqttConnectError`` if the broker stays unreachable."""
         loop = asyncio.get_running_loop()
         if self._migrate:
             await loop.run_in_executor(self.writer, migrations.upgrade, self.engine)
@@ -274,7 +274,7 @@ class ControllerService:
         for w in self._workers.values():
             self._tasks.append(asyncio.create_task(self._supervise(w), name=f"worker:{w.name}"))
         self.mqtt.start()
-        await asyncio.to_thread(self.mqtt.wait_connected, connect_timeout)
+        await asyncio.to_thread(self.mqtt.wait_connected, connect_timeout or self.settings.broker.connect_timeout_s)
         deadline = time.monotonic() + 10
         while not self._server.started and time.monotonic() < deadline:
             if self._server_task.done():

@@ -49,6 +49,9 @@ class BrokerSettings(_Section):
         description="Stable client id: the broker keeps the persistent session (queued QoS 1 messages) under it, "
         "so it must stay the same across restarts and differ between controller replicas.",
     )
+    connect_timeout_s: float = Field(
+        30.0, gt=0, description="How long start-up waits for the first connection before giving up with an error."
+    )
     keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive; lower notices a dead link sooner but costs more pings.")
     tls: bool = Field(False, description="Connect with TLS.")
     tls_ca_file: Path | None = Field(None, description="CA bundle to verify the broker with (system CAs when unset).")

@@ -1,13 +1,470 @@
-"""``shopfleet demo``: a whole fleet on one machine (being built; see README)."""
+"""``shopfleet demo``: a whole fleet on one machine, with nothing to set up.
+
+What runs is the real thing wherever this machine can run it, and a simulation only where a shop
+has hardware this machine lacks:
+
+* a real MQTT broker (Mosquitto as a child process, or the embedded amqtt broker);
+* the real controller (intake, SQLite registry, REST API, dashboard, alerts, rollout executor);
+* three real agents per shop (one amd64 GPU box, two arm64 Pis) with durable outboxes; their
+  node facts are overridden to look like the shop's machines;
+* on each shop's first Pi, a simulated sensor board on a real pseudo-terminal, read by the real
+  hardware pipeline (serial protocol, driver, stability detector, shelf events), when
+  ``hardware`` provides it;
+* on each GPU box, a simulated camera (shoppers entering and leaving; occupancy) whose health
+  follows the release the shop runs, and the real desired-state handler (signature check,
+  replay protection, diff, apply) on a simulated cluster, so rollouts can be shown: a good release
+  rolls through every shop; a deliberately bad one fails its canary and is rolled back.
+
+It prints progress, the dashboard address and demo logins, and with ``--duration`` a one-line
+JSON summary as its last line; it exits 0 only if every simulated node was seen online.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
+import logging
+import random
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("shopfleet.demo")
+
+REGIONS = ("eu-west", "eu-north", "us-east")
+NODES = (
+    # node id, class, facts that make it look like the shop's machine
+    ("gpu-1", "gpu", {"arch": "amd64", "node_class": "gpu", "cpu_count": 8, "gpu": "NVIDIA RTX A2000 12GB",
+                      "onnx_providers": ("CUDAExecutionProvider", "CPUExecutionProvider"), "mem_total_bytes": 32 << 30}),
+    ("pi-1", "pi", {"arch": "arm64", "node_class": "pi", "cpu_count": 4, "gpu": None, "cpu_temp_c": 52.0,
+                    "onnx_providers": ("CPUExecutionProvider",), "mem_total_bytes": 8 << 30}),
+    ("pi-2", "pi", {"arch": "arm64", "node_class": "pi", "cpu_count": 4, "gpu": None, "cpu_temp_c": 49.5,
+                    "onnx_providers": ("CPUExecutionProvider",), "mem_total_bytes": 8 << 30}),
+)
+GOOD_IMAGES = {
+    "agent": "ghcr.io/shopfleet/agent@sha256:" + "a1" * 32,
+    "vision": "ghcr.io/shopfleet/vision@sha256:" + "b2" * 32,
+    "hardware": "ghcr.io/shopfleet/hardware@sha256:" + "c3" * 32,
+}
+BAD_IMAGES = {**GOOD_IMAGES, "vision": "ghcr.io/shopfleet/vision@sha256:" + "d4" * 32}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``demo`` subcommand."""
-    p = sub.add_parser("demo", help="run a broker, a controller and simulated shops on this machine")
-    p.add_argument("--shops", type=int, default=3, help="number of simulated shops (default: %(default)s)")
-    p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
-    p.set_defaults(func=lambda args: 1)
+    p = sub.add_parser(
+        "demo",
+        help="run a broker, the controller and simulated shops on this machine",
+        description=(
+            "Run a whole shopfleet on this machine: an MQTT broker, the controller with its "
+            "dashboard, and N shops of three agents each (an amd64 GPU box and two arm64 Pis) "
+            "with simulated sensor boards and cameras. Shows two rollouts: a good release that "
+            "rolls through every shop and a bad one that fails its canary and is rolled back. "
+            "Open the printed address in a browser and log in with a printed demo user."
+        ),
+        epilog="With --duration the last line is a JSON summary; the exit code is 0 only if every node came online.",
+    )
+    p.add_argument("--shops", type=int, default=3, metavar="N", help="number of simulated shops, 1-200 (default: %(default)s)")
+    p.add_argument("--duration", type=float, default=None, metavar="S",
+                   help="stop after S seconds and print a JSON summary (default: run until Ctrl-C)")
+    p.add_argument("--port", type=int, default=8080,
+                   help="dashboard/API port; a busy port falls back to a free one (default: %(default)s)")
+    p.add_argument("--broker", choices=("auto", "mosquitto", "amqtt"), default="auto",
+                   help="broker to start: Mosquitto if installed, else amqtt (default: %(default)s)")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="keep the database, outboxes and keys here (default: a temporary directory, deleted at exit)")
+    p.add_argument("--heartbeat", type=float, default=2.0, metavar="S",
+                   help="agents' heartbeat interval in seconds (default: %(default)s)")
+    p.add_argument("--no-rollouts", action="store_true", help="do not run the good/bad release rollouts")
+    p.set_defaults(func=main)
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+# --------------------------------------------------------------------------------------------
+# A simulated camera on a GPU box
+# --------------------------------------------------------------------------------------------
+
+
+class SimulatedCamera:
+    """A door camera that sees shoppers come and go; health follows the release applied.
+
+    Shoppers arrive as a Poisson process and stay a random while, so occupancy (and with it the
+    rollout's "no open shopper session" window) behaves like a quiet shop.
+    """
+
+    kind = "vision"
+
+    def __init__(self, name: str, applier: Any, agent: Any, seed: int, mean_gap_s: float = 25.0) -> None:
+        self.name = name
+        self.applier = applier
+        self.agent = agent
+        self.rng = random.Random(seed)
+        self.mean_gap_s = mean_gap_s
+        self.inside: dict[int, float] = {}  # track id -> leaves at
+        self.next_id = 1
+        self._last_frame = time.time()
+
+    def health(self) -> dict[str, Any]:
+        pipelines, _ = self.applier.health()
+        mine = next(iter(pipelines.values()), None) if pipelines else None
+        out: dict[str, Any] = {"last_frame_age_s": max(time.time() - self._last_frame, 0.0)}
+        if mine is not None:
+            out.update(fps=mine.fps, latency_ms=mine.latency_ms, errors=mine.errors, dropped_frames=mine.dropped_frames or 0)
+        else:
+            out.update(fps=0.0, detail="no release applied yet")
+        return out
+
+    def run(self, stop: threading.Event, sink: Any) -> None:
+        from edge_agent.protocol import Reading
+
+        next_arrival = time.time() + self.rng.expovariate(1 / self.mean_gap_s)
+        while not stop.wait(0.5):
+            now = time.time()
+            self._last_frame = now
+            _, metrics = self.applier.health()
+            self.agent.gate_metrics = dict(metrics)
+            self.agent.release = self.applier.release()
+            if now >= next_arrival:
+                tid = self.next_id
+                self.next_id += 1
+                self.inside[tid] = now + self.rng.uniform(8, 30)
+                sink.event("person_entered", self.name, {"track_id": tid, "zone": "door", "direction": "in"})
+                next_arrival = now + self.rng.expovariate(1 / self.mean_gap_s)
+            for tid, leaves in list(self.inside.items()):
+                if now >= leaves:
+                    del self.inside[tid]
+                    sink.event("person_exited", self.name, {"track_id": tid, "zone": "door", "direction": "out"})
+            sink.readings([Reading(name="occupancy", value=float(len(self.inside)), source=self.name)])
+
+
+# --------------------------------------------------------------------------------------------
+# The fleet
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DemoShop:
+    shop: str
+    agents: list[Any] = field(default_factory=list)
+    boards: list[Any] = field(default_factory=list)
+
+
+def _apply_handler(shop: str, agent: Any, applier: Any, verifier: Any, state_dir: Path) -> Any:
+    """Return the desired-state callback of a shop's GPU box: verify, apply (simulated), report."""
+    from prometheus_client import CollectorRegistry
+
+    from edge_agent.apply.handler import ApplyMetrics, DesiredStateHandler
+    from edge_agent.apply.verify import RevisionStore
+    from edge_agent.protocol import ReportedState
+
+    def report(r: Any) -> None:
+        agent.send(ReportedState, release=r.release, revision=r.revision, status=r.status, error=r.error[:2000], objects=r.objects)
+
+    handler = DesiredStateHandler(shop, verifier, RevisionStore(state_dir / f"{shop}-applied.json"), applier, report,
+                                  metrics=ApplyMetrics(CollectorRegistry()), ready_timeout_s=5.0, poll_interval_s=0.1)
+    return handler.handle
+
+
+def _hardware_pipeline(shop: str, data_dir: Path, seed: int) -> tuple[Any, Any] | None:
+    """Return (simulated board, hardware pipeline config) for a shop's first Pi, if hardware has an agent pipeline."""
+    try:
+        from edge_agent.pipelines import pipeline_types
+    except ImportError:
+        return None
+    if "hardware" not in pipeline_types():
+        return None
+    try:
+        from hardware.simulator import demo_board
+    except ImportError:
+        return None
+
+    board, config = demo_board(shop, data_dir / "hardware" / shop, seed=seed)
+    return board, config
+
+
+def build_shops(n: int, broker_port: int, data_dir: Path, heartbeat_s: float, verifier: Any) -> list[DemoShop]:
+    """Create the agents (not started) of ``n`` shops."""
+    from edge_agent.agent import Agent
+    from edge_agent.apply.simulated import SimulatedApplier
+    from edge_agent.config import validate_config
+    from edge_agent.supervisor import PipelineConfigBase
+
+    shops = []
+    for i in range(1, n + 1):
+        shop = DemoShop(f"demo-{i:02d}")
+        for node, node_class, facts in NODES:
+            pipelines: list[dict[str, Any]] = []
+            if node == "pi-1":
+                hw = _hardware_pipeline(shop.shop, data_dir, seed=i)
+                if hw is not None:
+                    board, pipeline_config = hw
+                    shop.boards.append(board)
+                    pipelines.append(pipeline_config)
+            config = validate_config({
+                "shop": shop.shop, "node": node, "node_class": node_class,
+                "broker": {"port": broker_port, "reconnect_min_s": 0.2, "reconnect_max_s": 5.0},
+                "heartbeat_interval_s": heartbeat_s,
+                "outbox": {"path": str(data_dir / "outbox" / f"{shop.shop}-{node}.db")},
+                "facts_override": {**facts, "hostname": f"{shop.shop}-{node}"},
+                "pipelines": pipelines,
+            }, source=f"demo config of {shop.shop}/{node}")
+            if node != "gpu-1":
+                shop.agents.append(Agent(config))
+                continue
+            applier = SimulatedApplier(nodes=3, cameras=2, seed=i)
+            cam = SimulatedCamera("door-cam", applier, None, seed=i)
+            cam_policy = PipelineConfigBase(name="door-cam", telemetry_interval_s=max(heartbeat_s, 1.0), telemetry_reduce="max")
+            agent = Agent(config, extra_pipelines=[(cam, cam_policy)])
+            cam.agent = agent
+            agent.register_desired_state_handler(_apply_handler(shop.shop, agent, applier, verifier, data_dir))
+            shop.agents.append(agent)
+        shops.append(shop)
+    return shops
+
+
+# --------------------------------------------------------------------------------------------
+# Rollouts shown by the demo
+# --------------------------------------------------------------------------------------------
+
+
+def demo_policy(shops: list[str], bake_s: float) -> Any:
+    """Return the demo's rollout policy: the first shop as canary, then everyone, gated on health."""
+    from fleet_controller.rollout.policy import policy_from_dict
+
+    return policy_from_dict({
+        "waves": [{"name": "canary", "shops": shops[:1]}, {"name": "fleet", "percent": 100}],
+        "max_in_flight": 10,
+        "bake_time_s": bake_s,
+        "apply_timeout_s": 60,
+        "gates": {"min_fps": 5.0, "metrics": [{"metric": "cart_review_rate", "max": 0.1}]},
+    }, source="demo policy")
+
+
+class RolloutShow:
+    """Drives the demo's two rollouts: the good release first, then the bad one."""
+
+    TERMINAL = ("completed", "rolled_back", "aborted", "failed", "halted")
+
+    def __init__(self, engine: Any, shops: list[str], bake_s: float) -> None:
+        self.engine = engine
+        self.shops = shops
+        self.bake_s = bake_s
+        self.phase = "waiting for the fleet"
+        self.current: dict[str, Any] | None = None
+        self.results: dict[str, str] = {}
+
+    def create_releases(self) -> None:
+        from fleet_controller.releases import ReleaseSpec, ReleaseStore
+
+        store = ReleaseStore(self.engine)
+        store.create(ReleaseSpec(name="2026.11.1", version="2026.11.1", images=GOOD_IMAGES))
+        store.create(ReleaseSpec(name="2026.11.2-bad", version="2026.11.2", images=BAD_IMAGES,
+                                 labels={"simulate": "degraded"}))
+
+    def step(self) -> None:
+        """Advance: start the next rollout when the previous one ended; record outcomes."""
+        from fleet_controller.rollout.store import rollout_status, start_rollout
+
+        if self.current is not None:
+            status = rollout_status(self.engine, self.current["id"], events=0)
+            self.current = status
+            if status["status"] not in self.TERMINAL:
+                done = sum(w["done"] for w in status["waves"])
+                total = sum(w["shops"] for w in status["waves"])
+                self.phase = f"rollout {status['release']}: {status['status']}, {done}/{total} shops done"
+                return
+            self.results[status["release"]] = status["status"]
+            self.phase = f"rollout {status['release']}: {status['status']} {status['reason']}".strip()
+            self.current = None
+        for release in ("2026.11.1", "2026.11.2-bad"):
+            if release not in self.results:
+                self.current = start_rollout(self.engine, release, demo_policy(self.shops, self.bake_s))
+                self.phase = f"rollout {release}: started"
+                return
+
+
+# --------------------------------------------------------------------------------------------
+# Running it
+# --------------------------------------------------------------------------------------------
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the demo; return 0 only if every simulated node was seen online."""
+    if not 1 <= args.shops <= 200:
+        print(f"shopfleet demo: --shops {args.shops} is out of range: use 1 to 200", file=sys.stderr)
+        return 2
+    if args.duration is not None and args.duration <= 0:
+        print("shopfleet demo: --duration must be a positive number of seconds", file=sys.stderr)
+        return 2
+    if not 0.2 <= args.heartbeat <= 60:
+        print("shopfleet demo: --heartbeat must be between 0.2 and 60 seconds", file=sys.stderr)
+        return 2
+    if logging.getLogger().level > logging.DEBUG:
+        # Dozens of agents connecting and disconnecting say nothing an operator needs here.
+        logging.getLogger("edge_agent.uplink").setLevel(logging.WARNING)
+    return asyncio.run(_run(args))
+
+
+def _say(started: float, text: str) -> None:
+    print(f"[{time.monotonic() - started:5.0f}s] {text}", flush=True)
+
+
+async def _run(args: argparse.Namespace) -> int:
+    import sqlalchemy as sa
+
+    from edge_agent.apply.verify import Verifier, load_public_key
+    from fleet_controller import rollout
+    from fleet_controller.accounts.store import ensure_demo_users
+    from fleet_controller.alerts.rules import AlertRules
+    from fleet_controller.dashboard.setup import attach
+    from fleet_controller.rollout.executor import ExecutorSettings
+    from fleet_controller.service import ControllerService
+    from fleet_controller.settings import ControllerSettings
+    from fleet_controller.signing import generate_keypair
+    from shopfleet.broker import BrokerProcess
+
+    started = time.monotonic()
+    own_dir = args.data_dir is None
+    data_dir = Path(tempfile.mkdtemp(prefix="shopfleet-demo-")) if own_dir else args.data_dir
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / "broker").mkdir(exist_ok=True)
+    broker = BrokerProcess(engine=args.broker, workdir=data_dir / "broker")
+    service = None
+    shops: list[DemoShop] = []
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    seen_online: set[tuple[str, str]] = set()
+    summary: dict[str, Any] = {"shops": args.shops, "nodes": args.shops * len(NODES)}
+    try:
+        broker.start()
+        _say(started, f"broker: {broker.engine} on {broker.host}:{broker.port}")
+        port = args.port if _port_free(args.port) else 0
+        settings = ControllerSettings.model_validate({
+            "data_dir": str(data_dir / "controller"),
+            "broker": {"port": broker.port},
+            "api": {"port": port},
+            "presence": {"default_interval_s": args.heartbeat, "sweep_interval_s": 1.0},
+        })
+        service = ControllerService(settings)
+        attach(service, AlertRules.model_validate({"interval_s": 5}), announce=lambda line: None)
+        key = data_dir / "keys" / "signing.pem"
+        if not key.exists():
+            generate_keypair(key, key.with_suffix(".pub"))
+        rollout.install(service, ExecutorSettings(signing_key=key, tick_interval_s=1.0, republish_after_s=10.0))
+        await service.start()
+        _say(started, f"controller: API and dashboard at {service.api_url}  (OpenAPI docs at {service.api_url}/docs)")
+        users = await asyncio.to_thread(ensure_demo_users, service.engine)
+        _say(started, "demo logins: " + ", ".join(f"{u} / {p}" for u, p in users.items()))
+
+        shop_ids = [f"demo-{i:02d}" for i in range(1, args.shops + 1)]
+        for i, shop in enumerate(shop_ids):
+            service.registry.register_shop(
+                shop, name=f"Demo shop {i + 1}", region=REGIONS[i % len(REGIONS)],
+                labels={"tier": "canary" if i == 0 else "standard"}, timezone="Europe/Paris",
+            )
+        verifier = Verifier([load_public_key(key.with_suffix(".pub").read_bytes(), str(key.with_suffix(".pub")))])
+        shops = await asyncio.to_thread(build_shops, args.shops, broker.port, data_dir, args.heartbeat, verifier)
+        for s in shops:
+            for b in s.boards:
+                await asyncio.to_thread(b.start)
+            for a in s.agents:
+                await asyncio.to_thread(a.start)
+        _say(started, f"started {len(shops)} shops x {len(NODES)} agents"
+                      + (f", {sum(len(s.boards) for s in shops)} sensor boards" if any(s.boards for s in shops) else ""))
+
+        show = None if args.no_rollouts else RolloutShow(service.engine, shop_ids, bake_s=max(3 * args.heartbeat, 4.0))
+        deadline = None if args.duration is None else time.monotonic() + args.duration
+        next_report = 0.0
+        while not stop.is_set():
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            with service.engine.connect() as conn:
+                rows = conn.execute(sa.text("select shop_id, node_id, presence from nodes")).all()
+            for shop_id, node_id, presence in rows:
+                if presence == "online":
+                    seen_online.add((shop_id, node_id))
+            online = sum(1 for r in rows if r.presence == "online")
+            if show is not None:
+                try:
+                    if show.phase == "waiting for the fleet" and online == summary["nodes"]:
+                        await asyncio.to_thread(show.create_releases)
+                        show.phase = "releases created"
+                    if show.phase != "waiting for the fleet":
+                        await asyncio.to_thread(show.step)
+                except Exception as exc:  # noqa: BLE001 - the demo goes on without rollouts
+                    log.error("demo rollouts stopped: %s", exc)
+                    show.phase = f"rollouts stopped: {exc}"
+                    show = None
+            if time.monotonic() >= next_report:
+                ingested = _ingested(service)
+                extra = f" | {show.phase}" if show is not None else ""
+                _say(started, f"nodes online {online}/{summary['nodes']} | messages ingested {ingested}{extra}")
+                next_report = time.monotonic() + 5.0
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=1.0)
+            except asyncio.TimeoutError:
+                pass
+        summary.update(_summary(service, seen_online, show))
+        summary["api"] = service.api_url
+    finally:
+        for s in shops:
+            for a in s.agents:
+                await asyncio.to_thread(a.stop, 5.0)
+            for b in s.boards:
+                await asyncio.to_thread(b.stop)
+        if service is not None:
+            await service.stop()
+        broker.cleanup()
+        if own_dir:
+            shutil.rmtree(data_dir, ignore_errors=True)
+    summary["duration_s"] = round(time.monotonic() - started, 1)
+    print(json.dumps(summary), flush=True)
+    return 0 if summary.get("nodes_seen_online") == summary["nodes"] else 1
+
+
+def _ingested(service: Any) -> int:
+    import sqlalchemy as sa
+
+    with service.engine.connect() as conn:
+        return int(conn.execute(sa.text("select coalesce(sum(messages_total), 0) from nodes")).scalar() or 0)
+
+
+def _summary(service: Any, seen_online: set[tuple[str, str]], show: RolloutShow | None) -> dict[str, Any]:
+    import sqlalchemy as sa
+
+    with service.engine.connect() as conn:
+        online = conn.execute(sa.text("select count(*) from nodes where presence = 'online'")).scalar()
+        events = conn.execute(sa.text("select count(*) from events where kind = 'event'")).scalar()
+        dups = conn.execute(sa.text("select coalesce(sum(duplicates_total), 0), coalesce(sum(missing_total), 0) from nodes")).one()
+    rejected = sum(
+        s.value for m in service.metrics_registry.collect() if m.name == "shopfleet_controller_rejected"
+        for s in m.samples if s.name.endswith("_total")
+    )
+    return {
+        "nodes_online": int(online or 0),
+        "nodes_seen_online": len(seen_online),
+        "messages_ingested": _ingested(service),
+        "messages_rejected": int(rejected),
+        "duplicates": int(dups[0]),
+        "missing": int(dups[1]),
+        "events": int(events or 0),
+        "rollouts": dict(show.results) if show is not None else {},
+    }

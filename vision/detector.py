@@ -23,6 +23,7 @@ import numpy as np
 import onnxruntime as ort
 
 from vision.boxes import box_iou
+from vision.model import Manifest as ModelManifest
 from vision.model import ModelPackage
 from vision.types import Detections, Frame
 
@@ -43,6 +44,24 @@ class Detector(Protocol):
 
     def detect(self, frames: Sequence[Frame]) -> list[Detections]:
         """Return the detections of each frame, in order."""
+        ...
+
+
+class StagedDetector(Detector, Protocol):
+    """A detector whose stages can be timed apart; what ``vision.pipeline`` runs."""
+
+    manifest: ModelManifest
+
+    def preprocess(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, list[Letterbox]]:
+        """Return the input batch for BGR images and each image's letterbox mapping."""
+        ...
+
+    def infer(self, batch: np.ndarray) -> list[np.ndarray]:
+        """Run the network on a prepared batch and return its raw outputs."""
+        ...
+
+    def postprocess(self, raw: list[np.ndarray], index: int, lb: Letterbox, width: int, height: int) -> Detections:
+        """Turn one image's raw outputs into Detections in its own pixels."""
         ...
 
 

@@ -36,9 +36,9 @@ class _State:
 class ZoneEvents:
     """Per-camera event state machine fed one Tracks value per frame."""
 
-    def __init__(self, zones: ZonesConfig) -> None:
+    def __init__(self, zones: ZonesConfig, camera: str | None = None) -> None:
         self.zones = zones
-        self.camera = zones.camera
+        self.camera = camera or zones.camera
         self._polys = [(s.name, np.array(s.polygon, np.float64), s.dwell_seconds) for s in zones.shelves]
         self._state: dict[int, _State] = {}
         self.occupancy = 0

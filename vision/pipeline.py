@@ -24,7 +24,7 @@ import numpy as np
 
 from vision.annotate import Annotator
 from vision.capture import Capture
-from vision.detector import OnnxDetector
+from vision.detector import StagedDetector
 from vision.errors import PermanentError
 from vision.events import ZoneEvents
 from vision.metrics import VisionMetrics
@@ -69,7 +69,7 @@ class Pipeline:
 
     def __init__(
         self,
-        detector: OnnxDetector,
+        detector: StagedDetector,
         cameras: Sequence[tuple[Capture, ZonesConfig]],
         *,
         tracker_config: TrackerConfig | None = None,
@@ -82,7 +82,7 @@ class Pipeline:
         self.cams: dict[str, CameraState] = {}
         for cap, zones in cameras:
             ann = Annotator(annotate_out[cap.camera], zones, detector.manifest.labels) if annotate_out and cap.camera in annotate_out else None
-            self.cams[cap.camera] = CameraState(cap, zones, ByteTracker(tracker_config), ZoneEvents(zones), ann)
+            self.cams[cap.camera] = CameraState(cap, zones, ByteTracker(tracker_config), ZoneEvents(zones, camera=cap.camera), ann)
         self.stage_ms: dict[str, deque[float]] = {s: deque(maxlen=window) for s in STAGES}
         self.latency_ms: deque[float] = deque(maxlen=window)
         self.event_counts: Counter[str] = Counter()
@@ -129,7 +129,7 @@ class Pipeline:
         t = self._time("postprocess", t)
         out: list[ShopEvent] = []
         per_cam: list[tuple[CameraState, Frame, Tracks, list[ShopEvent]]] = []
-        track_ms = event_ms = 0.0
+        track_s = event_s = 0.0
         for f, d in zip(frames, dets, strict=True):
             st = self.cams[f.camera]
             t0 = time.perf_counter()
@@ -137,15 +137,17 @@ class Pipeline:
             t1 = time.perf_counter()
             evs = st.events.update(tracks)
             t2 = time.perf_counter()
-            track_ms += t1 - t0
-            event_ms += t2 - t1
+            track_s += t1 - t0
+            event_s += t2 - t1
             st.frames += 1
             st.last_tracks = tracks
             st.track_ids.update(tracks.ids.tolist())
             per_cam.append((st, f, tracks, evs))
             out += evs
-        self.stage_ms["track"].append(track_ms * 1000)
-        self.stage_ms["events"].append(event_ms * 1000)
+        for stage, seconds in (("track", track_s), ("events", event_s)):
+            self.stage_ms[stage].append(seconds * 1000)
+            if self.metrics:
+                self.metrics.stage.labels(stage).observe(seconds)
         t = time.perf_counter()
         for st, f, tracks, evs in per_cam:
             if st.annotator:

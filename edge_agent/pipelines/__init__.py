@@ -26,6 +26,7 @@ from edge_agent.supervisor import Pipeline, PipelineConfigBase
 PIPELINE_MODULES: tuple[str, ...] = (
     "edge_agent.pipelines.process",  # type: process - supervise an external command
     "edge_agent.pipelines.vision",  # type: vision - a camera: detect, track, zone events
+    "edge_agent.pipelines.hardware",  # type: hardware - a shelf sensor board over USB serial
 )
 
 

@@ -2,16 +2,18 @@
 
 It is one dependency on the whole app (``create_app(dependencies=...)`` or
 ``service.add_dependency``) rather than one each route declares, so a route added later (by
-anyone, in any router) is guarded without remembering to ask: only the paths in ``open_paths`` (the login page, ``/healthz``, optionally ``/metrics``)
-and static assets are served to a stranger. The permission a request needs comes from the pure
+anyone, in any router) is guarded without remembering to ask: only the paths in ``open_paths``
+(the login page, ``/healthz``, optionally ``/metrics``) and static assets are served to a
+stranger. FastAPI's own ``/docs``, ``/redoc`` and ``/openapi.json`` sit outside the dependency
+system and stay open; they describe the API and hold no fleet data. The permission a request needs comes from the pure
 :func:`~fleet_controller.accounts.roles.required_permission` (read = ``view``; writing needs the
 permission of its path prefix, unknown prefixes need ``fleet:admin``). Routers that want a
 stricter check declare ``Depends(require(Permission.X))``.
 
 Credentials: a browser session cookie (HttpOnly, SameSite=Lax, Secure under TLS) whose
-state-changing requests must echo the session's CSRF token in ``X-CSRF-Token`` (or, for a plain HTML form, its ``csrf_token`` field); or an API token
-in ``Authorization: Bearer sft_...`` for the CLI and automation (no CSRF: a browser never sends
-it by itself). Logins are rate-limited per user name and per client address.
+state-changing requests must echo the session's CSRF token in ``X-CSRF-Token`` (or, for a
+plain HTML form, its ``csrf_token`` field); or an API token in ``Authorization: Bearer sft_...``
+for the CLI and automation (no CSRF: a browser never sends it by itself). Logins are rate-limited per user name and per client address.
 """
 
 from __future__ import annotations
@@ -149,9 +151,14 @@ class Guard:
             sent = request.headers.get(CSRF_HEADER, "")
             if not sent and request.headers.get("content-type", "").startswith(FORM_TYPE):
                 sent = (await _form(request)).get("csrf_token", "")
-            if not (principal.csrf_token and hmac.compare_digest(sent, principal.csrf_token)):
+            if not (principal.csrf_token and _same(sent, principal.csrf_token)):
                 raise self._refuse(request, 403, "csrf", f"missing or wrong {CSRF_HEADER} header: reload the page and try again")
         request.state.principal = principal
+
+
+def _same(sent: str, expected: str) -> bool:
+    """Compare a token in constant time; any text (not only ASCII) is a mismatch, never an error."""
+    return bool(expected) and hmac.compare_digest(sent.encode("utf-8", "replace"), expected.encode())
 
 
 def _render(name: str, status: int = 200, **ctx) -> HTMLResponse:
@@ -189,7 +196,7 @@ def auth_router(store: AccountStore, metrics: AuthMetrics, *, secure_cookies: bo
         form = await _form(request)
         username, password = form.get("username", ""), form.get("password", "")
         next_url = safe_next(form.get("next"))
-        if not hmac.compare_digest(form.get("csrf_token", ""), request.cookies.get(LOGIN_CSRF_COOKIE, "") or "\x00"):
+        if not _same(form.get("csrf_token", ""), request.cookies.get(LOGIN_CSRF_COOKIE, "")):
             metrics.logins.labels("csrf").inc()
             return login_page(request, 403, "The form expired: please log in again.", next_url, username)
         addr = request.client.host if request.client else "?"

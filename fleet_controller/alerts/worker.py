@@ -126,6 +126,10 @@ class AlertWorker:
                     await asyncio.wait_for(stop.wait(), self.rules.interval_s)
                 except TimeoutError:
                     pass
-            if self._deliveries:
-                await asyncio.wait(self._deliveries, timeout=self.rules.webhook.timeout_s)
+            await self.flush(self.rules.webhook.timeout_s * (self.rules.webhook.retries + 1))
+
+    async def flush(self, timeout: float | None = None) -> None:
+        """Wait for the webhook deliveries in flight (at most ``timeout`` seconds)."""
+        if self._deliveries:
+            await asyncio.wait(set(self._deliveries), timeout=timeout)
 

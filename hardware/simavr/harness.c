@@ -61,6 +61,29 @@ struct hx711 {
 };
 static struct hx711 cells[N_CELLS];
 
+/* Pins the outside world drives (reed contact, 1-wire pull-up). simavr re-applies the internal
+ * pull-up to every input pin of a port whenever the firmware writes that port (pinMode,
+ * digitalWrite on another pin), which would override the contact; the hook notices and the
+ * main loop re-asserts the external level before the next instruction. */
+struct driven_pin {
+  avr_irq_t *irq;
+  uint32_t level;
+  int stale;
+};
+static struct driven_pin reed, onewire;
+
+static void driven_hook(avr_irq_t *irq, uint32_t value, void *param) {
+  (void)irq;
+  struct driven_pin *d = param;
+  if (value != d->level) d->stale = 1;
+}
+
+static void drive(struct driven_pin *d, uint32_t level) {
+  d->level = level;
+  d->stale = 0;
+  avr_raise_irq(d->irq, level);
+}
+
 static void uart_out_hook(avr_irq_t *irq, uint32_t value, void *param) {
   (void)irq;
   (void)param;
@@ -141,7 +164,7 @@ static int control(char *buf, size_t *len) {
     if (n == 3 && strcmp(cmd, "hx") == 0 && atoi(a) >= 0 && atoi(a) < N_CELLS) {
       set_cell(atoi(a), b);
     } else if (n == 2 && strcmp(cmd, "door") == 0) {
-      avr_raise_irq(avr_io_getirq(avr, AVR_IOCTL_IOPORT_GETIRQ('D'), REED_BIT), atoi(a) ? 1 : 0);
+      drive(&reed, atoi(a) ? 1 : 0);
     } else if (n >= 1) {
       fprintf(stderr, "harness: unknown control line '%s' (use: hx CH VALUE|none, door 0|1, quit)\n", buf);
     }
@@ -200,8 +223,12 @@ int main(int argc, char **argv) {
     avr_irq_register_notify(avr_io_getirq(avr, AVR_IOCTL_IOPORT_GETIRQ('D'), SCK_BIT[i]), sck_hook, &cells[i]);
     avr_raise_irq(cells[i].dout, 1); /* missing until the test sets a value */
   }
-  avr_raise_irq(avr_io_getirq(avr, AVR_IOCTL_IOPORT_GETIRQ('D'), REED_BIT), 0);
-  avr_raise_irq(avr_io_getirq(avr, AVR_IOCTL_IOPORT_GETIRQ('D'), ONEWIRE_BIT), 1);
+  reed.irq = avr_io_getirq(avr, AVR_IOCTL_IOPORT_GETIRQ('D'), REED_BIT);
+  onewire.irq = avr_io_getirq(avr, AVR_IOCTL_IOPORT_GETIRQ('D'), ONEWIRE_BIT);
+  avr_irq_register_notify(reed.irq, driven_hook, &reed);
+  avr_irq_register_notify(onewire.irq, driven_hook, &onewire);
+  drive(&reed, 0); /* door closed */
+  drive(&onewire, 1); /* 4.7k pull-up, no device answers */
 
   printf("pty %s\n", name);
   fflush(stdout);
@@ -213,6 +240,8 @@ int main(int argc, char **argv) {
   while (running) {
     for (int i = 0; i < 20000; i++) {
       int state = avr_run(avr);
+      if (reed.stale) drive(&reed, reed.level);
+      if (onewire.stale) drive(&onewire, onewire.level);
       if (state == cpu_Done || state == cpu_Crashed) { fprintf(stderr, "harness: cpu stopped (%d)\n", state); running = 0; break; }
     }
     /* host -> board bytes, one at a time while the UART's input fifo has room */

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from fastapi import APIRouter
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
@@ -218,3 +220,13 @@ def test_logout_ends_the_session(app_and_store):
     r = client.post("/logout", data={"csrf_token": csrf}, follow_redirects=False)
     assert r.status_code == 303 and r.headers["location"] == "/login"
     assert client.get("/api/v1/fleet").status_code == 401
+
+
+@given(token=st.binary(max_size=40).filter(lambda b: not set(b) & {0, 10, 13}).map(lambda b: b.strip(b" \t")))
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_any_csrf_header_is_refused_cleanly(app_and_store, token):
+    app, _, creds, _ = app_and_store
+    client = TestClient(app)
+    login(client, "operator", creds["operator"])
+    r = client.post("/api/v1/alerts/1/ack", headers={"X-CSRF-Token": token})
+    assert r.status_code == 403

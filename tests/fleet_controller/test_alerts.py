@@ -288,3 +288,23 @@ async def test_webhook_failure_is_counted_not_raised(registry):
     async with httpx.AsyncClient() as client:
         assert not await send(client, cfg, a, AlertMetrics(mreg), base_delay_s=0.01)
     assert mreg.get_sample_value("shopfleet_alerts_webhook_failures_total", {"reason": "connect"}) == 1
+
+
+async def test_worker_sends_opened_and_resolved_to_the_webhook_but_not_silenced(receiver, registry):
+    registry.write_batch(batch(presence(shop="s1", node="n1"), heartbeat(shop="s1", node="n1", seq=1, facts=heartbeat().facts.model_copy(
+        update={"disk_free_bytes": 1 << 20})), at=NOW), NOW)
+    clock = [NOW]
+    rules = parse_rules(f"webhook: {{url: 'http://127.0.0.1:{receiver.server_port}/h'}}\nnode_alerts: {{enabled: false}}")
+    w = AlertWorker(registry.engine, rules, AlertMetrics(CollectorRegistry()), clock=lambda: clock[0], webhook_base_delay_s=0.01)
+    async with httpx.AsyncClient() as client:
+        ch = await w.tick(client)
+        assert [a.rule for a in ch.opened] == ["disk_low"]
+        await w.flush()
+        assert [b["status"] for _, b in receiver.received] == ["firing"]
+        store.silence(registry.engine, ch.opened[0].id, "olga", 3600, NOW)
+        registry.write_batch(batch(heartbeat(shop="s1", node="n1", seq=2), at=NOW + 1), NOW + 1)  # disk freed
+        clock[0] = NOW + 2
+        ch = await w.tick(client)
+        assert [a.rule for a in ch.resolved] == ["disk_low"] and ch.resolved[0].silenced_until
+        await w.flush()
+    assert [b["status"] for _, b in receiver.received] == ["firing"]  # the silenced resolution was not sent

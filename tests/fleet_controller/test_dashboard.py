@@ -200,3 +200,59 @@ async def test_hub_streams_bus_events_as_sse_and_drops_when_full():
     fwd.cancel()
     await stream.aclose()
     assert mreg.get_sample_value("shopfleet_dashboard_live_subscribers") == 0
+
+
+def test_summary_cache_rereads_after_max_age_or_a_state_change(registry):
+    from fleet_controller.dashboard.fleetview import SummaryCache
+
+    registry.register_shop("s1")
+    t = [0.0]
+    cache = SummaryCache(registry.engine, max_age_s=2.0, clock=lambda: t[0])
+    assert [r["id"] for r in cache.rows()] == ["s1"]
+    registry.register_shop("s2")
+    assert len(cache.rows()) == 1  # still fresh enough
+    t[0] = 2.5
+    assert len(cache.rows()) == 2
+    registry.register_shop("s3")
+    cache.invalidate()
+    assert len(cache.rows()) == 3
+
+
+
+def test_a_live_state_change_refreshes_the_fleet_table_at_once(web, registry):
+    app, creds, hub = web
+    c = TestClient(app)
+    login(c, "viewer", creds["viewer"])
+    registry.register_shop("s1")
+    assert c.get("/api/v1/fleet").json()["total"] == 1
+    registry.register_shop("s2")
+    hub.publish("shop_added", {"shop": "s2"})
+    assert c.get("/api/v1/fleet").json()["total"] == 2
+
+
+@pytest.mark.parametrize(
+    ("query", "ids"),
+    [
+        pytest.param(FleetQuery(), ["c", "b", "d", "a"], id="needs-someone-first"),
+        pytest.param(FleetQuery(sort="last_seen", desc=True), ["a", "b", "c", "d"], id="last-seen-desc-unknown-last"),
+        pytest.param(FleetQuery(sort="last_seen"), ["c", "b", "a", "d"], id="last-seen-asc-unknown-last"),
+        pytest.param(FleetQuery(sort="alerts", desc=True), ["b", "a", "c", "d"], id="alerts-desc-ties-by-id"),
+        pytest.param(FleetQuery(sort="name", desc=True), ["d", "c", "b", "a"], id="name-desc"),
+        pytest.param(FleetQuery(state="online"), ["a"], id="filter-state"),
+        pytest.param(FleetQuery(q="B"), ["b"], id="search-case-insensitive"),
+        pytest.param(FleetQuery(per_page=1, page=2), ["b"], id="second-page"),
+        pytest.param(FleetQuery(per_page=1, page=9), [], id="past-the-end"),
+    ],
+)
+def test_select_page_table(query, ids):
+    from fleet_controller.dashboard.fleetview import select_page, shop_state
+
+    def row(i, nodes, online, stale, alerts, seen):
+        return {"id": i, "name": i.upper(), "region": "r", "state": shop_state(nodes, online, stale), "nodes": nodes,
+                "online": online, "stale": stale, "alerts": alerts, "occupancy": None, "release": "", "last_seen": seen}
+
+    rows = [row("a", 1, 1, 0, 0, 30.0), row("b", 2, 1, 1, 2, 20.0), row("c", 1, 0, 0, 0, 10.0), row("d", 0, 0, 0, 0, None)]
+    page = select_page(rows, query)
+    assert [r["id"] for r in page.rows] == ids
+    assert page.state_counts == ({"online": 1, "stale": 1, "offline": 1, "unknown": 1} if not query.q else
+                                 {"online": 0, "stale": 1, "offline": 0, "unknown": 0})

@@ -199,7 +199,6 @@ def test_driver_reports_a_pick_and_the_door_from_the_real_firmware(emulate, runn
     board.set(f"hx 0 {10 * 345 * COUNTS_PER_G}")
     planogram = Planogram(slots=(Slot(board="shelf-board", channel=0, slot="A1", product="cola-330", unit_weight_g=345),))
     rd = running_driver(DriverSettings(port=board.path, **SLOW), planogram)
-    # The firmware's INPUT_PULLUP reads the reed as open until the harness drives it after setup().
     board.set("door 0")
     wait_for(lambda: [r for r in rd.of_type("reading") if r.board_time > 1.5 and r.channel == 2 and r.value == 0],
              timeout=60, what="a settled shelf and a closed door")

