@@ -14,8 +14,9 @@ Runs, side by side on one Mosquitto for ``--duration`` seconds:
   interval, the least any Python MQTT reporter can cost on this machine.
 
 A subscriber counts the heartbeats that arrive, so an agent that did nothing cannot look cheap.
-RSS is sampled every 0.25 s (peak reported); CPU share is user+system CPU seconds of the process
-over the steady window (after ``--warmup`` seconds of start-up) divided by wall time. The agent's
+RSS is sampled every 0.25 s (peak reported, start-up included); CPU share is user+system CPU
+seconds of the process over the steady window (from ``--warmup`` seconds after its first
+heartbeat arrived to the end) divided by wall time, so import and start-up cost is excluded. The agent's
 one-off ONNX Runtime probe runs in a child process and is reported separately (``children_cpu_s``).
 
 Usage: .venv/bin/python bench/agent_footprint.py [--duration 60] [--interval 1] [--warmup 5]
@@ -33,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -73,9 +75,11 @@ while True:
 class Sampler:
     """Sample a process's RSS and CPU times until stopped."""
 
-    def __init__(self, pid: int, warmup: float) -> None:
+    def __init__(self, pid: int, warmup: float, ready: Callable[[], bool]) -> None:
         self.proc = psutil.Process(pid)
         self.warmup = warmup
+        self.ready = ready
+        self.ready_at: float | None = None
         self.peak_rss = 0
         self.start = time.monotonic()
         self.steady_cpu0: float | None = None
@@ -98,7 +102,9 @@ class Sampler:
             self.peak_rss = max(self.peak_rss, rss)
             own = t.user + t.system
             self.children_cpu = t.children_user + t.children_system
-            if self.steady_t0 is None and now - self.start >= self.warmup:
+            if self.ready_at is None and self.ready():
+                self.ready_at = now
+            if self.steady_t0 is None and self.ready_at is not None and now - self.ready_at >= self.warmup:
                 self.steady_cpu0, self.steady_t0 = own, now
             self.cpu, self.t_end = own, now
 
@@ -120,7 +126,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=60.0, help="seconds to measure (default: %(default)s)")
     ap.add_argument("--interval", type=float, default=1.0, help="heartbeat interval, seconds; production uses 10 (default: %(default)s)")
-    ap.add_argument("--warmup", type=float, default=5.0, help="seconds of start-up excluded from the CPU share (default: %(default)s)")
+    ap.add_argument("--warmup", type=float, default=5.0, help="seconds after the first heartbeat before the CPU window starts (default: %(default)s)")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="shopfleet-footprint-"))
@@ -173,8 +179,8 @@ def main() -> int:
             agents[name] = subprocess.Popen(cmd, stderr=open(work / f"{name}.log", "wb"))
         bare = subprocess.Popen([sys.executable, "-c", BARE, str(broker.port), str(args.interval)])
         procs += [*agents.values(), bare]
-        samplers = {name: Sampler(p.pid, args.warmup) for name, p in agents.items()}
-        samplers["bare"] = Sampler(bare.pid, args.warmup)
+        samplers = {name: Sampler(p.pid, args.warmup, lambda name=name: counts[name] > 0) for name, p in agents.items()}
+        samplers["bare"] = Sampler(bare.pid, args.warmup, lambda: counts["bare"] > 0)
         end = time.monotonic() + args.duration
         next_report = time.monotonic() + 10
         while time.monotonic() < end:

@@ -46,7 +46,6 @@ from edge_agent.protocol import (
     Heartbeat,
     ProtocolError,
     Reading,
-    ReportedState,
     Telemetry,
     Topics,
     Uplink,
@@ -129,7 +128,7 @@ class AgentSink:
         self._logged: set[str] = set()
 
     def _reject(self, what: str, exc: Exception) -> None:
-        reason = "invalid" if isinstance(exc, (ValidationError, ValueError)) else type(exc).__name__
+        reason = "invalid" if isinstance(exc, (ValidationError, ValueError, TypeError)) else "outbox_error"
         self.agent.metrics.sink_rejected.labels(self.pipeline, f"{what}_{reason}").inc()
         if what not in self._logged:
             self._logged.add(what)
@@ -139,14 +138,14 @@ class AgentSink:
         """Send a shop event through the outbox."""
         try:
             self.agent.send(Event, type=type, source=source or self.pipeline, data=data or {}, at=at)
-        except (ValidationError, ValueError, TypeError) as exc:
+        except Exception as exc:  # noqa: BLE001 - the sink never raises into a pipeline
             self._reject("event", exc)
 
     def alert(self, name: str, state: str, severity: str, source: str, message: str = "", data: dict[str, Any] | None = None) -> None:
         """Send an alert through the outbox."""
         try:
             self.agent.send(Alert, name=name, state=state, severity=severity, source=source or self.pipeline, message=message, data=data or {})
-        except (ValidationError, ValueError, TypeError) as exc:
+        except Exception as exc:  # noqa: BLE001 - the sink never raises into a pipeline
             self._reject("alert", exc)
 
     def readings(self, readings: list[Reading]) -> None:
@@ -192,7 +191,6 @@ class Agent:
         facts_provider: FactsProvider | None = None,
         desired_state_handler: DesiredStateHandler | None = None,
         extra_pipelines: Sequence[tuple[Pipeline, PipelineConfigBase]] = (),
-        poll_interval_s: float = 1.0,
     ) -> None:
         self.config = config
         self.shop: str = config.shop
@@ -204,6 +202,7 @@ class Agent:
         self.gate_metrics: dict[str, float] = {}
         """Numeric health figures for rollout gates (e.g. cart_review_rate), sent in heartbeats."""
         self.controller_online: bool | None = None
+        """Whether the controller's retained presence says online (None before it arrived)."""
         self.clock = ClockOffsetEstimator()
         self.outbox = Outbox(
             config.outbox.path,
@@ -218,7 +217,10 @@ class Agent:
         self.metrics.last_ack_age.set_function(self._last_ack_age)
         self.metrics.clock_offset.set_function(lambda: self.clock.offset() or 0.0)
         base = facts_provider or SystemFacts(
-            node_class=config.node_class, disk_path=Path(config.outbox.path).resolve().parent, agent_version=AGENT_VERSION
+            node_class=config.node_class,
+            disk_path=Path(config.outbox.path).resolve().parent,
+            agent_version=AGENT_VERSION,
+            probe=not {"onnx_providers", "gpu"} <= set(config.facts_override),
         )
         self.facts: FactsProvider = OverriddenFacts(base, config.facts_override) if config.facts_override else base
         self.uplink = UplinkLoop(
@@ -232,7 +234,6 @@ class Agent:
             reconnect_min_s=config.broker.reconnect_min_s,
             reconnect_max_s=config.broker.reconnect_max_s,
             inflight=config.outbox.inflight,
-            poll_interval_s=poll_interval_s,
         )
         self.commands: dict[str, CommandHandler] = {"ping": self._ping}
         self._desired_handler = desired_state_handler
@@ -387,6 +388,7 @@ class Agent:
             self.clock.add(parsed.ts, time.time())
         elif isinstance(parsed, ControllerPresence):
             self.controller_online = parsed.state == "online"
+            self.metrics.controller_online.set(1 if self.controller_online else 0)
         elif isinstance(parsed, Command):
             now = time.time() + (self.clock.offset() or 0.0)  # expiry is in controller time
             if parsed.expired(now):
@@ -420,23 +422,29 @@ class Agent:
                 cmd = self._command_queue.get(timeout=0.5)
             except queue.Empty:
                 continue
-            handler = self.commands.get(cmd.name)
-            ok, result, error = False, {}, ""
-            if handler is None:
-                error = f"unknown command {cmd.name!r}; this agent knows: {', '.join(sorted(self.commands))}"
-                outcome = "unknown"
-            else:
-                try:
-                    result = dict(handler(cmd) or {})
-                    ok, outcome = True, "ok"
-                except Exception as exc:  # noqa: BLE001 - a handler's failure is the command's result
-                    error, outcome = f"{type(exc).__name__}: {exc}"[:2000], "error"
-                    log.warning("node %s/%s: command %s failed: %s", self.shop, self.node, cmd.name, error)
-            self.metrics.commands.labels(self._command_label(cmd.name), outcome).inc()
             try:
-                self.send(CommandResult, correlation_id=cmd.correlation_id, ok=ok, result=result, error=error)
-            except (ValidationError, ValueError) as exc:
-                self.send(CommandResult, correlation_id=cmd.correlation_id, ok=False, error=f"result not sendable: {exc}"[:2000])
+                self._run_command(cmd)
+            except Exception:  # noqa: BLE001 - e.g. the outbox cannot store the reply; next command
+                log.exception("node %s/%s: could not answer command %s (%s)", self.shop, self.node, cmd.name, cmd.correlation_id)
+
+    def _run_command(self, cmd: Command) -> None:
+        handler = self.commands.get(cmd.name)
+        ok, result, error = False, {}, ""
+        if handler is None:
+            error = f"unknown command {cmd.name!r}; this agent knows: {', '.join(sorted(self.commands))}"
+            outcome = "unknown"
+        else:
+            try:
+                result = dict(handler(cmd) or {})
+                ok, outcome = True, "ok"
+            except Exception as exc:  # noqa: BLE001 - a handler's failure is the command's result
+                error, outcome = f"{type(exc).__name__}: {exc}"[:2000], "error"
+                log.warning("node %s/%s: command %s failed: %s", self.shop, self.node, cmd.name, error)
+        self.metrics.commands.labels(self._command_label(cmd.name), outcome).inc()
+        try:
+            self.send(CommandResult, correlation_id=cmd.correlation_id, ok=ok, result=result, error=error)
+        except (ValidationError, ValueError) as exc:
+            self.send(CommandResult, correlation_id=cmd.correlation_id, ok=False, error=f"result not sendable: {exc}"[:2000])
 
     def _desired_worker(self) -> None:
         while not self._stop.is_set():
@@ -474,5 +482,3 @@ def _flush_quietly(sink: AgentSink) -> None:
     except Exception:  # noqa: BLE001 - a bad batch must not stop the ticker
         log.exception("pipeline %s: could not send telemetry", sink.pipeline)
 
-
-__all__ = ["Agent", "AgentSink", "ReadingBatcher", "ReportedState", "route"]

@@ -9,6 +9,7 @@ stays fast.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import signal
 import sys
@@ -114,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     from edge_agent.agent import Agent
+    from edge_agent.outbox import OutboxError
 
     stop = threading.Event()
 
@@ -123,12 +125,29 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    agent = Agent(config)
+    try:
+        agent = Agent(config)
+    except OutboxError as exc:
+        print(f"shopfleet agent: {exc}", file=sys.stderr)
+        return 1
     if config.apply.enabled:
         from edge_agent.apply.plugin import attach
 
         attach(agent, config.apply)
-    agent.start()
+    # Everything imported so far lives as long as the process: move it out of the garbage
+    # collector's reach, so a full collection walks only what heartbeats allocate (a measured
+    # CPU saving on a Pi; see docs/benchmarks.md).
+    gc.freeze()
+    try:
+        agent.start()
+    except OSError as exc:
+        print(
+            f"shopfleet agent: cannot serve metrics on {config.metrics.host}:{config.metrics.port} ({exc.strerror}); "
+            "fix: choose another metrics.port, or 0 to turn the endpoint off",
+            file=sys.stderr,
+        )
+        agent.stop(timeout=0)
+        return 1
     try:
         while not stop.wait(1.0):
             pass

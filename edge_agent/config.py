@@ -10,6 +10,7 @@ from shop and node, so validating those ids here means every topic the agent use
 from __future__ import annotations
 
 import os
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,7 +28,7 @@ from pydantic import (
 )
 
 from edge_agent.apply.plugin import ApplyConfig
-from edge_agent.pipelines import config_union
+from edge_agent.pipelines import PIPELINE_MODULES, config_union
 from edge_agent.protocol import NodeFacts, validate_id
 
 
@@ -154,8 +155,10 @@ class AgentConfigBase(_Model):
         return self
 
 
-def _agent_config_model() -> type[AgentConfigBase]:
-    union = config_union()
+@lru_cache(maxsize=None)
+def agent_config_model(pipeline_types: frozenset[str] | None = None) -> type[AgentConfigBase]:
+    """Return the AgentConfig model whose ``pipelines`` accept the given types (default: all)."""
+    union = config_union(None if pipeline_types is None else sorted(pipeline_types))
     return create_model(  # type: ignore[call-overload,no-any-return]
         "AgentConfig",
         __base__=AgentConfigBase,
@@ -164,7 +167,19 @@ def _agent_config_model() -> type[AgentConfigBase]:
     )
 
 
-AgentConfig = _agent_config_model()
+def __getattr__(name: str) -> Any:
+    # ``AgentConfig`` (every pipeline type) is built on first use: building it imports every
+    # pipeline module, which validating a config that names only some of them does not need.
+    if name == "AgentConfig":
+        return agent_config_model()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _used_types(data: Any) -> frozenset[str]:
+    entries = data.get("pipelines") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        return frozenset()
+    return frozenset(e["type"] for e in entries if isinstance(e, dict) and isinstance(e.get("type"), str))
 
 
 def _with_pipeline_names_unique(config: AgentConfigBase) -> None:
@@ -193,9 +208,7 @@ def _fix_for(err: dict[str, Any], model_doc: str | None) -> str:
     if kind == "missing":
         return f"add it{': ' + model_doc if model_doc else ''}"
     if kind in ("union_tag_invalid", "union_tag_not_found"):
-        from edge_agent.pipelines import pipeline_types
-
-        return f"set type to one of: {', '.join(sorted(pipeline_types()))}"
+        return f"set type to one of: {', '.join(sorted(PIPELINE_MODULES))}"
     if kind in ("value_error", "assertion_error"):
         return "change the value as the message says"
     if model_doc:
@@ -207,7 +220,7 @@ def _describe(loc: tuple[Any, ...]) -> str | None:
     """Return the description of the field at ``loc`` in AgentConfig, if one is found."""
     from edge_agent.pipelines import pipeline_types
 
-    models: list[Any] = [AgentConfig]
+    models: list[Any] = [agent_config_model()]
     desc = None
     for part in loc:
         if isinstance(part, int):
@@ -216,7 +229,7 @@ def _describe(loc: tuple[Any, ...]) -> str | None:
         if info is None:
             return None
         desc = info.description
-        if part == "pipelines" and models == [AgentConfig]:
+        if part == "pipelines" and models == [agent_config_model()]:
             models = [m.Config for m in pipeline_types().values()]
             continue
         ann = info.annotation
@@ -226,11 +239,9 @@ def _describe(loc: tuple[Any, ...]) -> str | None:
 
 def _strip_tags(loc: tuple[Any, ...]) -> tuple[Any, ...]:
     """Drop the union tag pydantic puts after a pipeline's index (``pipelines.0.process.x``)."""
-    from edge_agent.pipelines import pipeline_types
-
     out: list[Any] = []
     for i, part in enumerate(loc):
-        if i >= 2 and loc[0] == "pipelines" and isinstance(loc[i - 1], int) and part in pipeline_types():
+        if i >= 2 and loc[0] == "pipelines" and isinstance(loc[i - 1], int) and part in PIPELINE_MODULES:
             continue
         out.append(part)
     return tuple(out)
@@ -273,7 +284,7 @@ def load_config(path: str | os.PathLike[str] | None, overrides: dict[str, Any] |
 def validate_config(data: dict[str, Any], source: str = "(config)") -> AgentConfigBase:
     """Validate a config mapping, or raise ConfigError naming source, key and fix."""
     try:
-        config = AgentConfig.model_validate(data)
+        config = agent_config_model(_used_types(data) & set(PIPELINE_MODULES)).model_validate(data)
         _with_pipeline_names_unique(config)
     except ValidationError as exc:
         raise ConfigError(format_errors(source, exc)) from None

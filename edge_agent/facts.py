@@ -125,6 +125,34 @@ def os_name() -> str:
         return f"{platform.system()} {platform.release()}"
 
 
+_PROBED: dict[str, Any] = {}
+"""Results of the one-off probes, shared by every SystemFacts of the process (the demo runs dozens)."""
+_PROBE_LOCK = threading.Lock()
+_PROBE_DONE = threading.Event()
+
+
+def _start_probes() -> None:
+    """Run the GPU and ONNX Runtime probes once per process, in the background."""
+    with _PROBE_LOCK:
+        if _PROBED.get("started"):
+            return
+        _PROBED["started"] = True
+
+    def run() -> None:
+        try:
+            _PROBED["gpu"] = probe_gpu()
+            _PROBED["onnx"] = probe_onnx_providers()
+        finally:
+            _PROBE_DONE.set()
+
+    threading.Thread(target=run, name="facts-probe", daemon=True).start()
+
+
+def wait_for_probes(timeout: float) -> bool:
+    """Block until the one-off probes finished (tests, or a first heartbeat that must be complete)."""
+    return _PROBE_DONE.wait(timeout)
+
+
 class FactsProvider(Protocol):
     """Anything that can tell the facts of a node."""
 
@@ -146,8 +174,6 @@ class SystemFacts:
         self.node_class = node_class
         self.disk_path = str(disk_path)
         self.agent_version = agent_version
-        self._onnx: tuple[str, ...] = ()
-        self._gpu: str | None = None
         self._static = {
             "hostname": socket.gethostname()[:255],
             "arch": go_arch(platform.machine()),
@@ -157,18 +183,9 @@ class SystemFacts:
         }
         self._boot = psutil.boot_time()
         psutil.cpu_percent(interval=None)  # prime: the next call measures since now
-        self.probed = threading.Event()
+        self.probe = probe
         if probe:
-            threading.Thread(target=self._probe, name="facts-probe", daemon=True).start()
-        else:
-            self.probed.set()
-
-    def _probe(self) -> None:
-        try:
-            self._gpu = probe_gpu()
-            self._onnx = probe_onnx_providers()
-        finally:
-            self.probed.set()
+            _start_probes()
 
     def collect(self) -> NodeFacts:
         """Return facts measured now."""
@@ -188,8 +205,8 @@ class SystemFacts:
             disk_total_bytes=disk_total,
             disk_free_bytes=disk_free,
             cpu_temp_c=cpu_temperature(),
-            onnx_providers=self._onnx,
-            gpu=self._gpu,
+            onnx_providers=_PROBED.get("onnx", ()) if self.probe else (),
+            gpu=_PROBED.get("gpu") if self.probe else None,
             uptime_s=max(time.time() - self._boot, 0.0),
             agent_version=self.agent_version[:64],
         )

@@ -65,6 +65,10 @@ class AgentMetrics:
             ["pipeline", "reason"],
             registry=r,
         )
+        self.controller_online = Gauge(
+            "shopfleet_agent_controller_online", "1 if the controller's retained presence says online, 0 if offline, -1 unknown.", registry=r
+        )
+        self.controller_online.set(-1)
         self.clock_offset = Gauge(
             "shopfleet_agent_clock_offset_seconds", "Controller clock minus node clock, estimated from beacons.", registry=r
         )

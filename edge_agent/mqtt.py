@@ -42,7 +42,11 @@ class PermanentError(MqttError):
 
 
 class ConnectFailed(TemporaryError):
-    """No MQTT connection could be made (TCP, TLS handshake or timeout)."""
+    """No MQTT connection could be made; ``reason`` (``unreachable``, ``tls``, ``timeout``) is a metric label."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
 
 
 class ConnectRefused(TemporaryError):
@@ -192,16 +196,20 @@ class MqttLink:
         self._connected = False
         try:
             c.connect(s.host, s.port, keepalive=s.keepalive_s)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConnectFailed(f"cannot reach {s.host}:{s.port}: {exc}") from None
+        except ssl.SSLError as exc:
+            raise ConnectFailed(
+                "tls", f"TLS handshake with {s.host}:{s.port} failed: {exc}; check broker.tls.ca_file and the broker's certificate"
+            ) from None
+        except OSError as exc:
+            raise ConnectFailed("unreachable", f"cannot reach {s.host}:{s.port}: {exc}") from None
         deadline = time.monotonic() + s.connect_timeout_s
         while self._connack is None:
             if time.monotonic() > deadline:
                 c.disconnect()
-                raise ConnectFailed(f"no CONNACK from {s.host}:{s.port} within {s.connect_timeout_s:.0f}s")
+                raise ConnectFailed("timeout", f"no CONNACK from {s.host}:{s.port} within {s.connect_timeout_s:.0f}s")
             rc = c.loop(0.05)
             if rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS,) and self._connack is None:
-                raise ConnectFailed(f"connection to {s.host}:{s.port} closed during handshake ({paho.error_string(rc)})")
+                raise ConnectFailed("unreachable", f"connection to {s.host}:{s.port} closed during handshake ({paho.error_string(rc)})")
         if self._connack.is_failure:
             text = str(self._connack)
             label, fix = _REFUSALS.get(text, ("refused", "check the broker's log"))

@@ -24,7 +24,6 @@ from collections.abc import Callable, Sequence
 from edge_agent.metrics import AgentMetrics
 from edge_agent.mqtt import (
     ConnectFailed,
-    ConnectionLost,
     ConnectRefused,
     InMessage,
     MqttLink,
@@ -133,7 +132,7 @@ class UplinkLoop:
                     self.session = self.outbox.next_session()
                     self._link.connect(will=self._presence("offline", "will"))
                 except (ConnectFailed, ConnectRefused) as exc:
-                    reason = exc.reason if isinstance(exc, ConnectRefused) else "unreachable"
+                    reason = exc.reason
                     self.metrics.connect_failures.labels(reason).inc()
                     level = logging.WARNING if reason not in self._connect_errors_logged else logging.DEBUG
                     self._connect_errors_logged.add(reason)

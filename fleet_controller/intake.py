@@ -24,16 +24,21 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import multiprocessing
+import os
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import BrokenExecutor, Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from edge_agent.protocol import Presence, ProtocolError, parse_message
+from fleet_controller.db import create_engine
 from fleet_controller.metrics import ControllerMetrics
 from fleet_controller.mqtt import InboundMessage
 from fleet_controller.registry import BusEvent, NodeKey, NodeUpdate, Registry, SeqCursor, WriteBatch
@@ -86,12 +91,48 @@ def advance(cursor: SeqCursor, epoch: str, seq: int) -> tuple[Verdict, SeqCursor
 
 @dataclass(frozen=True)
 class BatchOutcome:
-    """Counts of one processed batch, and the changes it made for the event bus."""
+    """What storing one batch did: counts for the metrics, and the changes for the event bus."""
 
-    stored: int
-    rejected: int
-    duplicates: int
-    events: tuple[BusEvent, ...]
+    stored: int = 0
+    rejected: int = 0
+    duplicates: int = 0
+    events: tuple[BusEvent, ...] = ()
+    kinds: tuple[tuple[str, int], ...] = ()  # stored messages per kind
+    reasons: tuple[tuple[str, int], ...] = ()  # rejected messages per reason
+    missing: int = 0  # seqs that became missing (gaps)
+    filled: int = 0  # late messages that filled a gap
+
+    @staticmethod
+    def combine(parts: Sequence["BatchOutcome"]) -> "BatchOutcome":
+        """Return the sum of several outcomes."""
+        kinds: collections.Counter[str] = collections.Counter()
+        reasons: collections.Counter[str] = collections.Counter()
+        for p in parts:
+            kinds.update(dict(p.kinds))
+            reasons.update(dict(p.reasons))
+        return BatchOutcome(
+            sum(p.stored for p in parts), sum(p.rejected for p in parts), sum(p.duplicates for p in parts),
+            tuple(e for p in parts for e in p.events), tuple(kinds.items()), tuple(reasons.items()),
+            sum(p.missing for p in parts), sum(p.filled for p in parts),
+        )
+
+
+def record(metrics: ControllerMetrics, outcome: BatchOutcome) -> None:
+    """Add a batch outcome to the controller's metrics."""
+    for kind, n in outcome.kinds:
+        metrics.ingested.labels(kind=kind).inc(n)
+    for reason, n in outcome.reasons:
+        metrics.rejected.labels(reason=reason).inc(n)
+    if outcome.duplicates:
+        metrics.duplicates.inc(outcome.duplicates)
+    if outcome.missing:
+        metrics.gaps.inc(outcome.missing)
+    if outcome.filled:
+        metrics.gaps_filled.inc(outcome.filled)
+
+
+class TemporaryStoreError(RuntimeError):
+    """The database cannot be reached or is locked: keep the batch and retry later."""
 
 
 class RateLimitedLog:
@@ -118,35 +159,194 @@ class RateLimitedLog:
         return True
 
 
+class IntakeCore:
+    """Parse, dedupe and store batches into the registry; the part of the intake that runs on the writer.
+
+    Holds the per-node sequence cursors in memory (loaded from the database on first sight of a
+    node), so it must be the only writer of the registry's nodes.
+    """
+
+    def __init__(self, registry: Registry, log_every_s: float = 60.0) -> None:
+        self.registry = registry
+        self._cursors: dict[NodeKey, SeqCursor] = {}
+        self._rlog = RateLimitedLog(log, log_every_s)
+
+    def process_batch(self, batch: Sequence[InboundMessage], now: float | None = None) -> BatchOutcome:
+        """Parse, dedupe and store one batch; fall back to one by one on a bad row.
+
+        Raises only when the database is unreachable (``OperationalError``/``InterfaceError``): the
+        caller keeps the batch and retries. A message the database refuses (or that breaks storing
+        in any other way) is dropped alone and counted as ``unstorable``.
+        """
+        try:
+            return self._process(batch, now)
+        except (OperationalError, InterfaceError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a loop never dies of bad input
+            if len(batch) == 1:
+                detail = str(getattr(exc, "orig", exc))[:300]
+                self._rlog.warning("unstorable", "dropping a message on %r that cannot be stored: %s: %s", batch[0].topic[:200], type(exc).__name__, detail)
+                return BatchOutcome(rejected=1, reasons=(("unstorable", 1),))
+        return BatchOutcome.combine([self.process_batch([m], now) for m in batch])
+
+    def _process(self, batch: Sequence[InboundMessage], now: float | None) -> BatchOutcome:
+        now = time.time() if now is None else now
+        wb = WriteBatch()
+        reasons: collections.Counter[str] = collections.Counter()
+        kinds: collections.Counter[str] = collections.Counter()
+        parsed = []
+        for m in batch:
+            try:
+                parsed.append((parse_message(m.topic, m.payload), m))
+            except ProtocolError as exc:
+                reasons[exc.reason] += 1
+                self._rlog.warning(exc.reason, "rejected a message on %r: %s", m.topic[:200], exc.detail[:500])
+        # Cursors this batch moves, on top of the committed ones; merged only after the commit.
+        cursors: dict[NodeKey, SeqCursor] = {}
+        unknown = {(msg.shop, msg.node) for msg, _ in parsed if not isinstance(msg, Presence)} - self._cursors.keys()
+        if unknown:
+            cursors.update(self.registry.load_cursors(unknown))
+        updates: dict[NodeKey, NodeUpdate] = {}
+        duplicates = missing_total = filled = 0
+        for msg, m in parsed:
+            key = (msg.shop, msg.node)
+            wb.seen[key] = max(wb.seen.get(key, 0.0), m.received_at)
+            if isinstance(msg, Presence):
+                wb.presences.append((msg, m.received_at))
+                kinds["presence"] += 1
+                continue
+            cur = cursors.get(key) or self._cursors.get(key) or SeqCursor()
+            verdict, new, missing = advance(cur, msg.epoch, msg.seq)
+            cursors[key] = new
+            u = updates.get(key, NodeUpdate(cur))
+            if verdict is Verdict.DUPLICATE:
+                duplicates += 1
+                updates[key] = NodeUpdate(new, u.messages, u.duplicates + 1, u.missing)
+                continue
+            if verdict is Verdict.FILLED:
+                filled += 1
+            missing_total += missing
+            updates[key] = NodeUpdate(new, u.messages + 1, u.duplicates, u.missing + missing)
+            wb.uplinks.append((msg, m.received_at))
+            kinds[msg.kind] += 1
+        wb.nodes = updates
+        events = self.registry.write_batch(wb, now)
+        # Committed: only now does the in-memory cursor move on.
+        self._cursors.update(cursors)
+        return BatchOutcome(
+            stored=sum(kinds.values()), rejected=sum(reasons.values()), duplicates=duplicates, events=tuple(events),
+            kinds=tuple(kinds.items()), reasons=tuple(reasons.items()), missing=missing_total, filled=filled,
+        )
+
+
+# ----- the single writer, on a thread or in a child process ------------------------------------
+
+_CORES: dict[str, IntakeCore] = {}
+"""Writer state by writer key, in whichever process hosts the writer."""
+
+
+def _init_writer(key: str, db_url: str, log_every_s: float, log_level: int | None) -> None:
+    """Set up the writer's own engine, registry and intake core (runs on the writer)."""
+    if log_level is not None:  # a spawned child starts with no logging set up
+        logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s[writer]: %(message)s")
+    _CORES[key] = IntakeCore(Registry(create_engine(db_url)), log_every_s)
+
+
+def _run_on_writer(key: str, op: str, *args: Any) -> Any:
+    core = _CORES[key]
+    try:
+        if op == "batch":
+            return core.process_batch(*args)
+        if op == "sweep":
+            return core.registry.sweep_presence(*args)
+        if op == "retention":
+            return core.registry.enforce_retention(*args)
+        if op == "ping":
+            return os.getpid()
+        if op == "close":
+            core.registry.engine.dispose()
+            del _CORES[key]
+            return None
+    except (OperationalError, InterfaceError) as exc:
+        # Plain exception across the process boundary; the caller retries.
+        raise TemporaryStoreError(f"{type(exc).__name__}: {str(exc.orig if hasattr(exc, 'orig') else exc)[:300]}") from None
+    raise ValueError(f"unknown writer operation {op!r}")
+
+
+class RegistryWriter:
+    """The one writer of the registry: intake batches, presence sweeps and retention, in order.
+
+    ``mode="process"`` (the default of the service) runs it in a child process, so parsing and
+    storing use the second core instead of competing for the GIL with the MQTT network thread;
+    ``mode="thread"`` keeps it in this process (simpler to debug, one core).
+    """
+
+    def __init__(self, db_url: str, *, mode: str = "process", log_every_s: float = 60.0) -> None:
+        if mode not in ("process", "thread"):
+            raise ValueError(f"writer mode {mode!r}: use 'process' or 'thread'")
+        self.db_url = db_url
+        self.mode = mode
+        self._key = uuid.uuid4().hex
+        self._log_every_s = log_every_s
+        self._executor: Executor | None = None
+
+    def _make_executor(self) -> Executor:
+        if self.mode == "thread":
+            return ThreadPoolExecutor(1, "registry-writer", initializer=_init_writer,
+                                      initargs=(self._key, self.db_url, self._log_every_s, None))
+        level = logging.getLogger().getEffectiveLevel()
+        return ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_init_writer,
+                                   initargs=(self._key, self.db_url, self._log_every_s, level))
+
+    async def call(self, op: str, *args: Any) -> Any:
+        """Run ``op`` ('batch', 'sweep', 'retention', 'ping') on the writer; raise ``TemporaryStoreError`` to retry."""
+        if self._executor is None:
+            self._executor = self._make_executor()
+        try:
+            return await asyncio.wrap_future(self._executor.submit(_run_on_writer, self._key, op, *args))
+        except BrokenExecutor as exc:
+            log.error("registry writer died (%s); starting a new one", exc)
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+            raise TemporaryStoreError(f"registry writer died: {exc}") from None
+
+    def close(self) -> None:
+        """Stop the writer after the work already submitted."""
+        if self._executor is None:
+            return
+        try:
+            self._executor.submit(_run_on_writer, self._key, "close").result(30)
+        except Exception as exc:  # noqa: BLE001 - closing anyway
+            log.warning("registry writer did not close cleanly: %s", exc)
+        self._executor.shutdown(wait=True)
+        self._executor = None
+
+
 class Intake:
-    """Validate, dedupe and store messages from the MQTT adapter in batches."""
+    """Gather messages from the MQTT adapter into batches and have the registry writer store them."""
 
     def __init__(
         self,
-        registry: Registry,
+        writer: RegistryWriter,
         metrics: ControllerMetrics,
         settings: IntakeSettings,
         *,
-        writer: Executor,
         ack: Callable[[InboundMessage], None] = lambda m: None,
         on_events: Callable[[Sequence[BusEvent]], None] = lambda e: None,
         retry_delay_s: float = 1.0,
     ) -> None:
-        self.registry = registry
+        self.writer = writer
         self.metrics = metrics
         self.settings = settings
-        self._writer = writer
         self._ack = ack
         self._on_events = on_events
         self._retry_delay = retry_delay_s
-        self._cursors: dict[NodeKey, SeqCursor] = {}
         self._pending: collections.deque[InboundMessage] = collections.deque()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._waiting = threading.Event()
         self._rlog = RateLimitedLog(log, settings.log_every_s)
         self.stored_total = 0
-
     # ----- producer side (MQTT thread) -------------------------------------------------------
 
     def submit(self, message: InboundMessage) -> None:
@@ -204,108 +404,26 @@ class Intake:
         return batch
 
     async def _write_with_retry(self, batch: list[InboundMessage]) -> None:
-        loop = asyncio.get_running_loop()
         attempt = 0
         while True:
             try:
                 t0 = time.perf_counter()
-                outcome = await loop.run_in_executor(self._writer, self.process_batch, batch)
-                self.metrics.batch_seconds.observe(time.perf_counter() - t0)
-                self.metrics.batch_size.observe(len(batch))
+                outcome: BatchOutcome = await self.writer.call("batch", batch)
                 break
-            except (OperationalError, InterfaceError) as exc:
+            except TemporaryStoreError as exc:
                 # The database is unreachable or locked: keep the batch (unacknowledged) and retry.
                 attempt += 1
                 self.metrics.store_errors.labels(kind="temporary").inc()
                 delay = min(self._retry_delay * 2 ** min(attempt - 1, 5), 30.0)
-                self._rlog.warning("store", "cannot store a batch of %s messages (%s); retrying in %.1fs", len(batch), exc.__class__.__name__, delay)
+                self._rlog.warning("store", "cannot store a batch of %s messages (%s); retrying in %.1fs", len(batch), exc, delay)
                 await asyncio.sleep(delay)
+        done = time.time()
+        self.metrics.batch_seconds.observe(time.perf_counter() - t0)
+        self.metrics.batch_size.observe(len(batch))
+        record(self.metrics, outcome)
         for m in batch:
+            self.metrics.ingest_latency.observe(max(done - m.received_at, 0.0))
             self._ack(m)
+        self.stored_total += outcome.stored
         if outcome.events:
             self._on_events(outcome.events)
-
-    def process_batch(self, batch: Sequence[InboundMessage], now: float | None = None) -> BatchOutcome:
-        """Parse, dedupe and store one batch (on the writer thread); fall back to one by one on a bad row.
-
-        Raises only when the database is unreachable (``OperationalError``/``InterfaceError``): the
-        caller keeps the batch and retries. A message the database refuses (or that breaks storing
-        in any other way) is dropped alone and counted as ``unstorable``.
-        """
-        try:
-            return self._process(batch, now)
-        except (OperationalError, InterfaceError):
-            raise
-        except Exception as exc:  # noqa: BLE001 - a loop never dies of bad input
-            if len(batch) == 1:
-                self.metrics.rejected.labels(reason="unstorable").inc()
-                detail = str(getattr(exc, "orig", exc))[:300]
-                self._rlog.warning("unstorable", "dropping a message on %r that cannot be stored: %s: %s", batch[0].topic[:200], type(exc).__name__, detail)
-                return BatchOutcome(0, 1, 0, ())
-        parts = [self.process_batch([m], now) for m in batch]
-        return BatchOutcome(
-            sum(p.stored for p in parts), sum(p.rejected for p in parts), sum(p.duplicates for p in parts),
-            tuple(e for p in parts for e in p.events),
-        )
-
-    def _process(self, batch: Sequence[InboundMessage], now: float | None) -> BatchOutcome:
-        now = time.time() if now is None else now
-        wb = WriteBatch()
-        rejected = 0
-        duplicates = 0
-        kinds: collections.Counter[str] = collections.Counter()
-        parsed = []
-        for m in batch:
-            try:
-                parsed.append((parse_message(m.topic, m.payload), m))
-            except ProtocolError as exc:
-                rejected += 1
-                self.metrics.rejected.labels(reason=exc.reason).inc()
-                self._rlog.warning(exc.reason, "rejected a message on %r: %s", m.topic[:200], exc.detail[:500])
-        # Cursors this batch moves, on top of the committed ones; merged only after the commit.
-        cursors: dict[NodeKey, SeqCursor] = {}
-        unknown = {(msg.shop, msg.node) for msg, _ in parsed if not isinstance(msg, Presence)} - self._cursors.keys()
-        if unknown:
-            cursors.update(self.registry.load_cursors(unknown))
-        updates: dict[NodeKey, NodeUpdate] = {}
-        gaps_new = 0
-        filled = 0
-        for msg, m in parsed:
-            key = (msg.shop, msg.node)
-            wb.seen[key] = max(wb.seen.get(key, 0.0), m.received_at)
-            if isinstance(msg, Presence):
-                wb.presences.append((msg, m.received_at))
-                kinds["presence"] += 1
-                continue
-            cur = cursors.get(key) or self._cursors.get(key) or SeqCursor()
-            verdict, new, missing = advance(cur, msg.epoch, msg.seq)
-            cursors[key] = new
-            u = updates.get(key, NodeUpdate(cur))
-            if verdict is Verdict.DUPLICATE:
-                duplicates += 1
-                updates[key] = NodeUpdate(new, u.messages, u.duplicates + 1, u.missing)
-                continue
-            if verdict is Verdict.FILLED:
-                filled += 1
-            gaps_new += missing
-            updates[key] = NodeUpdate(new, u.messages + 1, u.duplicates, u.missing + missing)
-            wb.uplinks.append((msg, m.received_at))
-            kinds[msg.kind] += 1
-        wb.nodes = updates
-        events = self.registry.write_batch(wb, now)
-        # Committed: only now does the in-memory cursor move on.
-        self._cursors.update(cursors)
-        done = time.time()
-        for kind, n in kinds.items():
-            self.metrics.ingested.labels(kind=kind).inc(n)
-        if duplicates:
-            self.metrics.duplicates.inc(duplicates)
-        if gaps_new:
-            self.metrics.gaps.inc(gaps_new)
-        if filled:
-            self.metrics.gaps_filled.inc(filled)
-        for _, m in parsed:
-            self.metrics.ingest_latency.observe(max(done - m.received_at, 0.0))
-        stored = sum(kinds.values())
-        self.stored_total += stored
-        return BatchOutcome(stored, rejected, duplicates, tuple(events))

@@ -19,9 +19,6 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from fleet_controller.db import Base
 
-PRESENCE_STATES = ("online", "stale", "offline", "unknown")
-
-
 class Shop(Base):
     """A shop; created on its first message, or by ``register_shop`` with name/region/labels."""
 

@@ -179,15 +179,20 @@ class MqttAdapter:
         )
 
     def stop(self, *, graceful: bool = True) -> None:
-        """Disconnect (the broker then keeps the session) and stop the network thread."""
+        """Disconnect (the broker keeps the session) and stop the network thread.
+
+        ``graceful=False`` drops the TCP connection without DISCONNECT, as a crash would, so the
+        broker publishes the Will (for tests and for a supervisor that must fail fast).
+        """
         self._stopping = True
         if graceful:
             self._client.disconnect()
+            self._client.loop_stop()
         else:
+            self._client.loop_stop()
             sock = self._client.socket()
             if sock is not None:
-                sock.close()  # like a crash: the broker publishes our Will
-        self._client.loop_stop()
+                sock.close()
         self._connected.clear()
 
     # ----- outgoing ----------------------------------------------------------------------------

@@ -158,10 +158,6 @@ def silence_presence(presence: str, silent_for: float, interval: float, settings
     return presence
 
 
-def _clip(value: str | None, n: int) -> str | None:
-    return None if value is None else value[:n]
-
-
 def _gaps_json(gaps: tuple[tuple[int, int], ...]) -> list[list[int]]:
     return [[a, b] for a, b in gaps]
 

@@ -20,8 +20,10 @@ Extension points (other parts of the controller plug in here, before ``start()``
    app :func:`fleet_controller.app.create_app` builds; a dependency guards every route
    (authentication). ``service.app_state`` entries become ``app.state`` attributes.
 
-All database writes go through one writer thread (``service.writer``), so the intake's batches,
-the sweeper and retention never race; workers that write their own tables use their own sessions.
+All registry writes go through one writer (``service.writer``, a child process by default, see
+:class:`fleet_controller.intake.RegistryWriter`), so the intake's batches, the sweeper and
+retention never race; ``service.registry`` in this process serves reads (API, dashboard).
+Workers that write their own tables use their own sessions.
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ import signal
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,7 +47,7 @@ from edge_agent.protocol import ClockBeacon, ControllerPresence, Topics, encode
 from fleet_controller import migrations
 from fleet_controller.app import create_app
 from fleet_controller.db import create_engine
-from fleet_controller.intake import Intake
+from fleet_controller.intake import Intake, RegistryWriter
 from fleet_controller.metrics import ControllerMetrics
 from fleet_controller.mqtt import MqttAdapter, MqttConfig, Will
 from fleet_controller.registry import BusEvent, Registry
@@ -180,11 +181,8 @@ class ControllerService:
             settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.engine = create_engine(settings.database_url())
         self.registry = Registry(self.engine)
-        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="registry-writer")
-        self.intake = Intake(
-            self.registry, self.metrics, settings.intake, writer=self.writer,
-            ack=self._ack, on_events=self._publish_events,
-        )
+        self.writer = RegistryWriter(settings.database_url(), mode=settings.intake.writer, log_every_s=settings.intake.log_every_s)
+        self.intake = Intake(self.writer, self.metrics, settings.intake, ack=self._ack, on_events=self._publish_events)
         self.mqtt = MqttAdapter(
             mqtt_config(settings), self.intake.submit, on_connect=[self._announce], on_state=self._mqtt_state
         )
@@ -242,16 +240,18 @@ class ControllerService:
 
     async def start(self, *, connect_timeout: float | None = None) -> None:
         """Migrate the database, start the API, connect to the broker, start every task; raise ``MqttConnectError`` if the broker stays unreachable."""
-        loop = asyncio.get_running_loop()
         if self._migrate:
-            await loop.run_in_executor(self.writer, migrations.upgrade, self.engine)
+            await asyncio.to_thread(migrations.upgrade, self.engine)
         else:
-            behind = await loop.run_in_executor(self.writer, migrations.pending, self.engine)
+            behind = await asyncio.to_thread(migrations.pending, self.engine)
             if behind:
                 raise RuntimeError(
                     f"database {self.engine.url.render_as_string()} lacks revisions {sorted(behind)}: "
                     "run without --no-migrate to upgrade it"
                 )
+        # Start the writer (a child process takes a second or two to import) before messages arrive.
+        writer_pid = await self.writer.call("ping")
+        log.info("registry writer running (%s, pid %s)", self.writer.mode, writer_pid)
         self.metrics.watch_presence(self.registry.presence_counts)
         self.app = create_app(
             self.registry, self.metrics_registry, routers=self._routers, dependencies=self._dependencies,
@@ -306,7 +306,7 @@ class ControllerService:
             await asyncio.gather(self._server_task, return_exceptions=True)
         if self._sock is not None:
             self._sock.close()
-        await asyncio.to_thread(self.writer.shutdown, True)
+        await asyncio.to_thread(self.writer.close)
         self.engine.dispose()
 
     def health(self) -> dict[str, Any]:
@@ -355,13 +355,10 @@ class ControllerService:
             await asyncio.sleep(period)
 
     async def _sweep(self) -> None:
-        loop = asyncio.get_running_loop()
-        events = await loop.run_in_executor(self.writer, self.registry.sweep_presence, self.settings.presence)
-        self._publish_events(events)
+        self._publish_events(await self.writer.call("sweep", self.settings.presence))
 
     async def _retention(self) -> None:
-        loop = asyncio.get_running_loop()
-        deleted = await loop.run_in_executor(self.writer, self.registry.enforce_retention, self.settings.retention)
+        deleted = await self.writer.call("retention", self.settings.retention)
         for table, n in deleted.items():
             if n:
                 self.metrics.retention_deleted.labels(table=table).inc(n)

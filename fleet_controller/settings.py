@@ -124,6 +124,11 @@ class IntakeSettings(_Section):
     batch_max_delay_s: float = Field(
         0.1, gt=0, le=10, description="Longest a message waits for its batch to be written; lower cuts latency, costs throughput."
     )
+    writer: Literal["process", "thread"] = Field(
+        "process",
+        description="Where parsing and storing run: 'process' (a child process, uses a second core; the default) or "
+        "'thread' (in the controller process; simpler to debug, shares one core with the MQTT thread).",
+    )
     log_every_s: float = Field(60.0, gt=0, description="A rejected message of a given reason is logged at most once per this many seconds.")
 
 

@@ -128,6 +128,11 @@ class SimulatedBoard:
         return str(self.link) if self.link else self._path
 
     @property
+    def next_seq(self) -> int:
+        """Return the sequence number of the board's next frame."""
+        return self._seq
+
+    @property
     def pty_path(self) -> str:
         """Return the current pty's own path (changes on every replug)."""
         return self._path

@@ -179,21 +179,47 @@ def _apply_handler(shop: str, agent: Any, applier: Any, verifier: Any, state_dir
     return handler.handle
 
 
-def _hardware_pipeline(shop: str, data_dir: Path, seed: int) -> tuple[Any, Any] | None:
-    """Return (simulated board, hardware pipeline config) for a shop's first Pi, if hardware has an agent pipeline."""
-    try:
-        from edge_agent.pipelines import pipeline_types
-    except ImportError:
-        return None
-    if "hardware" not in pipeline_types():
-        return None
-    try:
-        from hardware.simulator import demo_board
-    except ImportError:
-        return None
+PLANOGRAM = """slots:
+  - {board: shelf-1, channel: 0, slot: A1, product: cola-330, unit_weight_g: 345, unit_weight_sd_g: 3}
+  - {board: shelf-1, channel: 1, slot: A2, product: choc-50, unit_weight_g: 50, unit_weight_sd_g: 1}
+"""
 
-    board, config = demo_board(shop, data_dir / "hardware" / shop, seed=seed)
-    return board, config
+
+class ShelfBoard:
+    """A simulated sensor board on a real pseudo-terminal, playing the built-in shelf scenario."""
+
+    def __init__(self, shop: str, workdir: Path, seed: int) -> None:
+        from hardware.scenario import build_boards, default_scenario
+
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.scenario = default_scenario(1)
+        self.board = build_boards(self.scenario, link_dir=workdir, seed=seed)["shelf-1"]
+        self.link = workdir / "shelf-1"
+        self.planogram = workdir / "planogram.yaml"
+        self.planogram.write_text(PLANOGRAM)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.shop = shop
+
+    def pipeline_config(self, heartbeat_s: float) -> dict[str, Any]:
+        """Return the agent's ``type: hardware`` pipeline entry that reads this board."""
+        return {"type": "hardware", "name": "shelf-board", "planogram": str(self.planogram),
+                "telemetry_interval_s": max(heartbeat_s, 1.0), "telemetry_reduce": "last",
+                "serial": {"port": str(self.link), "hello_timeout_s": 10}}
+
+    def start(self) -> None:
+        from hardware.scenario import play
+
+        self.board.start()
+        self._thread = threading.Thread(target=play, args=(self.scenario, {"shelf-1": self.board}, self._stop),
+                                        name=f"shelf-scenario-{self.shop}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        self.board.stop()
 
 
 def build_shops(n: int, broker_port: int, data_dir: Path, heartbeat_s: float, verifier: Any) -> list[DemoShop]:
@@ -209,11 +235,9 @@ def build_shops(n: int, broker_port: int, data_dir: Path, heartbeat_s: float, ve
         for node, node_class, facts in NODES:
             pipelines: list[dict[str, Any]] = []
             if node == "pi-1":
-                hw = _hardware_pipeline(shop.shop, data_dir, seed=i)
-                if hw is not None:
-                    board, pipeline_config = hw
-                    shop.boards.append(board)
-                    pipelines.append(pipeline_config)
+                board = ShelfBoard(shop.shop, data_dir / "hardware" / shop.shop, seed=i)
+                shop.boards.append(board)
+                pipelines.append(board.pipeline_config(heartbeat_s))
             config = validate_config({
                 "shop": shop.shop, "node": node, "node_class": node_class,
                 "broker": {"port": broker_port, "reconnect_min_s": 0.2, "reconnect_max_s": 5.0},
@@ -316,6 +340,7 @@ def main(args: argparse.Namespace) -> int:
     if logging.getLogger().level > logging.DEBUG:
         # Dozens of agents connecting and disconnecting say nothing an operator needs here.
         logging.getLogger("edge_agent.uplink").setLevel(logging.WARNING)
+        logging.getLogger("hardware").setLevel(logging.WARNING)  # the scenario pulls a cable every loop
     return asyncio.run(_run(args))
 
 

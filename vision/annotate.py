@@ -37,10 +37,10 @@ class Annotator:
         self._recent: list[tuple[int, str]] = []
         self.frames_written = 0
 
-    def _open(self, frame: Frame) -> cv2.VideoWriter:
+    def _open(self, frame: Frame, fps: float) -> cv2.VideoWriter:
         fourcc = cv2.VideoWriter_fourcc(*("mp4v" if self.path.suffix.lower() == ".mp4" else "MJPG"))
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        w = cv2.VideoWriter(str(self.path), fourcc, 10.0, (frame.width, frame.height))
+        w = cv2.VideoWriter(str(self.path), fourcc, fps if fps > 0 else 10.0, (frame.width, frame.height))
         if not w.isOpened():
             raise OSError(f"cannot write annotated video {self.path}; use a .avi or .mp4 path in a writable directory")
         return w
@@ -69,10 +69,10 @@ class Annotator:
             cv2.putText(img, text, (8, 44 + 20 * i), cv2.FONT_HERSHEY_SIMPLEX, 0.55, (0, 255, 0), 2, cv2.LINE_AA)
         return img
 
-    def write(self, frame: Frame, tracks: Tracks, events: list[ShopEvent], occupancy: int) -> None:
-        """Draw the frame and append it to the video."""
+    def write(self, frame: Frame, tracks: Tracks, events: list[ShopEvent], occupancy: int, fps: float = 10.0) -> None:
+        """Draw the frame and append it to the video (played back at ``fps``, the source's rate)."""
         if self._writer is None:
-            self._writer = self._open(frame)
+            self._writer = self._open(frame, fps)
         self._writer.write(self.draw(frame, tracks, events, occupancy))
         self.frames_written += 1
 

@@ -118,7 +118,11 @@ def _eval(args: argparse.Namespace) -> int:
         gt = load_gt(args.gt)
     except (OSError, MotFormatError) as exc:
         return _fail(exc)
-    print(json.dumps({"gt": str(args.gt), "drop": args.drop, "jitter": args.jitter, "false_positives": args.false_positives, "seed": args.seed, **evaluate(gt, drop=args.drop, jitter=args.jitter, false_positives=args.false_positives, seed=args.seed)}))
+    try:
+        result = evaluate(gt, drop=args.drop, jitter=args.jitter, false_positives=args.false_positives, seed=args.seed)
+    except ImportError:
+        return _fail(RuntimeError("eval-tracker needs motmetrics: pip install -e '.[dev]' (or pip install motmetrics)"))
+    print(json.dumps({"gt": str(args.gt), "drop": args.drop, "jitter": args.jitter, "false_positives": args.false_positives, "seed": args.seed, **result}))
     return 0
 
 

@@ -186,7 +186,12 @@ def write_package(dest: Path, model: onnx.ModelProto, manifest_fields: dict) -> 
         for f in dest.iterdir():
             f.unlink()
         dest.rmdir()
-    tmp.rename(dest)
+    try:
+        tmp.rename(dest)
+    except OSError:  # another process finished the same package first: keep theirs if it is good
+        for f in tmp.iterdir():
+            f.unlink()
+        tmp.rmdir()
     return load_package(dest)
 
 

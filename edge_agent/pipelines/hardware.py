@@ -9,6 +9,9 @@ The adapter between the agent's supervisor contract and ``hardware.driver.Driver
   ``sensor_board_disconnected``, resolved when it says HELLO again;
 * readings are downsampled here to one per channel per ``readings_interval_s`` (a board sends
   10 per second) and the agent reduces them further per telemetry window;
+* the driver's metrics (frames, rejections by reason, lost frames, reconnects, reboots, age of
+  the last reading per channel) live on the pipeline's own registry; the pipeline is itself a
+  Prometheus collector of them (``registry.register(pipeline)`` puts them on the agent's /metrics);
 * health carries the frame rate, the age of the newest reading, lost frames and every rejected
   frame, reconnect and reboot by reason (``errors_by_reason``), which the agent exports as
   ``shopfleet_agent_pipeline_errors_total{pipeline,reason}``.
@@ -24,6 +27,7 @@ import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, Literal
 
 from pydantic import Field
@@ -176,6 +180,18 @@ class HardwarePipeline:
         if ages:
             out["last_frame_age_s"] = max(ages)
         return out
+
+
+    def collect(self) -> Iterator[Any]:
+        """Yield the driver's own metrics (shopfleet_hardware_*), so an agent can register this pipeline as a collector."""
+        with self._lock:
+            registry = self._registry
+        if registry is not None:
+            yield from registry.collect()
+
+    def describe(self) -> list[Any]:
+        """Return nothing, so registering does not collect early."""
+        return []
 
 
 def build(config: Config) -> HardwarePipeline:

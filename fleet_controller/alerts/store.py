@@ -124,26 +124,6 @@ def list_alerts(engine: Engine, now: float, *, state: str = "firing", shop: str 
         return [_view(r, sil.get(r.key)) for r in rows]
 
 
-def firing_counts(engine: Engine, shops: Iterable[str]) -> dict[str, int]:
-    """Return how many alerts fire per shop for ``shops``."""
-    shops = list(shops)
-    if not shops:
-        return {}
-    with Session(engine) as s:
-        q = (select(AlertRecord.shop_id, func.count()).where(AlertRecord.state == "firing", AlertRecord.shop_id.in_(shops))
-             .group_by(AlertRecord.shop_id))
-        return {shop: n for shop, n in s.execute(q).all()}
-
-
-def get_alert(engine: Engine, alert_id: int, now: float) -> AlertView:
-    """Return one alert or raise ``AlertNotFound``."""
-    with Session(engine) as s:
-        row = s.get(AlertRecord, alert_id)
-        if row is None:
-            raise AlertNotFound(f"no alert {alert_id}")
-        return _view(row, _silences(s, now, [row.key]).get(row.key))
-
-
 def acknowledge(engine: Engine, alert_id: int, username: str, now: float) -> AlertView:
     """Mark an alert acknowledged by ``username`` (idempotent: the first acknowledgement stays)."""
     with Session(engine) as s, s.begin():
@@ -164,9 +144,3 @@ def silence(engine: Engine, alert_id: int, username: str, duration_s: float, now
         s.add(Silence(key=row.key, until=now + duration_s, created_by=username, created_at=now, comment=comment))
         s.flush()
         return _view(row, _silences(s, now, [row.key]).get(row.key))
-
-
-def is_silenced(engine: Engine, key: str, now: float) -> bool:
-    """Return whether ``key`` is muted at ``now``."""
-    with Session(engine) as s:
-        return key in _silences(s, now, [key])

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -30,8 +30,15 @@ from fleet_controller.models import EventRecord, LatestReading, Node
 log = logging.getLogger(__name__)
 
 
-def load_snapshot(engine: Engine, reading_names: tuple[str, ...]) -> FleetSnapshot:
-    """Read nodes, the readings the rules use and the latest node-raised alerts from the registry."""
+def load_snapshot(engine: Engine, reading_names: tuple[str, ...], raised: dict[tuple[str, str, str, str], NodeRaised],
+                  after_event_id: int) -> tuple[FleetSnapshot, int]:
+    """Read nodes and the readings the rules use; fold node-raised alerts newer than ``after_event_id`` into ``raised``.
+
+    Node alerts are read incrementally (by event id, on the primary key), so the events table,
+    which holds thousands of rows per shop, is scanned once per process and never again. This
+    relies on event ids being committed in order, which the registry's single writer guarantees.
+    Returns the snapshot and the highest event id seen.
+    """
     with engine.connect() as conn:
         nodes = tuple(
             NodeSnapshot(r.shop_id, r.node_id, r.presence, r.last_seen, r.facts or {}, r.pipelines or {})
@@ -41,16 +48,14 @@ def load_snapshot(engine: Engine, reading_names: tuple[str, ...]) -> FleetSnapsh
             ReadingSnapshot(r.shop_id, r.node_id, r.source, r.name, r.value, r.ts, r.labels or {})
             for r in conn.execute(select(LatestReading).where(LatestReading.name.in_(reading_names)))
         )
-        latest = (
-            select(func.max(EventRecord.id))
-            .where(EventRecord.kind == "alert")
-            .group_by(EventRecord.shop_id, EventRecord.node_id, EventRecord.type, EventRecord.source)
-        )
-        raised = tuple(
-            NodeRaised(e.shop_id, e.node_id, e.type, e.source, e.state, e.severity, e.message)
-            for e in conn.execute(select(EventRecord).where(EventRecord.id.in_(latest)))
-        )
-    return FleetSnapshot(nodes, readings, raised)
+        for e in conn.execute(
+            select(EventRecord.id, EventRecord.shop_id, EventRecord.node_id, EventRecord.type, EventRecord.source,
+                   EventRecord.state, EventRecord.severity, EventRecord.message)
+            .where(EventRecord.id > after_event_id, EventRecord.kind == "alert").order_by(EventRecord.id)
+        ):
+            raised[(e.shop_id, e.node_id, e.type, e.source)] = NodeRaised(e.shop_id, e.node_id, e.type, e.source, e.state, e.severity, e.message)
+            after_event_id = e.id
+    return FleetSnapshot(nodes, readings, tuple(raised.values())), after_event_id
 
 
 class AlertWorker:
@@ -67,13 +72,16 @@ class AlertWorker:
         self.dashboard_url = dashboard_url
         self.webhook_base_delay_s = webhook_base_delay_s
         self._pending: dict[str, float] = {}
+        self._raised: dict[tuple[str, str, str, str], NodeRaised] = {}
+        self._after_event_id = 0
         self._deliveries: set[asyncio.Task] = set()
 
     def evaluate_once(self) -> Changes:
         """Run one evaluation and store its result; return what opened and resolved."""
         started = time.perf_counter()
         now = self.clock()
-        snapshot = load_snapshot(self.engine, (self.rules.fridge_warm.reading,))
+        snapshot, self._after_event_id = load_snapshot(
+            self.engine, (self.rules.fridge_warm.reading,), self._raised, self._after_event_id)
         result = evaluate(snapshot, self.rules, now, store.active_keys(self.engine), self._pending)
         changes = store.sync(self.engine, result.firing, now)
         self._pending = result.pending

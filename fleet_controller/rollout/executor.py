@@ -31,12 +31,13 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import insert, or_, select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
@@ -48,15 +49,13 @@ from fleet_controller.rollout.gates import NodeHealth, ReadingValue, evaluate_ga
 from fleet_controller.rollout.models import ACTIVE_ROLLOUT_STATES, ExecutorLease
 from fleet_controller.rollout.planner import FleetShop, RolloutPlan
 from fleet_controller.rollout.policy import RolloutPolicy
-from fleet_controller.rollout.store import DESIRED, ROLLOUTS, RSHOPS, load_fleet, log_event
+from fleet_controller.rollout.store import DESIRED, OVERLAY_LABEL, ROLLOUTS, RSHOPS, load_fleet, log_event
 from fleet_controller.signing import Signer
 
 log = logging.getLogger(__name__)
 
 LEASE_NAME = "rollout-executor"
 LEASES = ExecutorLease.__table__
-OVERLAY_LABEL = "manifests-overlay"
-"""Shop label that picks the edge overlay its desired state is rendered from."""
 
 Publish = Callable[[str, bytes, bool, int], None]
 """``publish(topic, payload, retain, qos)``: blocks until the broker acknowledged it, raises on failure."""
@@ -70,6 +69,9 @@ class ExecutorSettings(BaseModel):
     tick_interval_s: float = Field(2.0, gt=0, le=60, description="Seconds between executor steps; lower reacts faster, costs more queries.")
     lease_ttl_s: float = Field(15.0, gt=0, description="Seconds a controller stays executor without renewing; another takes over after it.")
     republish_after_s: float = Field(30.0, gt=0, description="Re-publish a shop's desired state if it has not reported on it after this long.")
+    publish_concurrency: int = Field(
+        16, ge=1, le=256, description="Desired states published at once, each waiting for its broker acknowledgement; higher starts a large wave sooner, costs threads."
+    )
 
 
 class RolloutMetrics:
@@ -106,6 +108,7 @@ class RolloutExecutor:
         republish_after_s: float = 30.0,
         manifests_root: Path = manifests.MANIFESTS_ROOT,
         clock: Callable[[], float] = time.time,
+        publish_concurrency: int = 16,
     ) -> None:
         self.engine = engine
         self.signer = signer
@@ -119,6 +122,7 @@ class RolloutExecutor:
         self.clock = clock
         self.releases = ReleaseStore(engine)
         self.is_leader = False
+        self._pool = ThreadPoolExecutor(max_workers=publish_concurrency, thread_name_prefix="rollout-publish")
 
     @classmethod
     def from_settings(cls, engine: Engine, settings: ExecutorSettings, publish: Publish, *, instance: str, metrics_registry: CollectorRegistry) -> "RolloutExecutor":
@@ -126,6 +130,7 @@ class RolloutExecutor:
         return cls(
             engine, Signer.from_file(settings.signing_key), publish, instance=instance, metrics_registry=metrics_registry,
             tick_interval_s=settings.tick_interval_s, lease_ttl_s=settings.lease_ttl_s, republish_after_s=settings.republish_after_s,
+            publish_concurrency=settings.publish_concurrency,
         )
 
     # ----- leadership -----------------------------------------------------------------------
@@ -318,9 +323,10 @@ class RolloutExecutor:
         missing = {s.shop_id for s in rolling} - set(fleet)
         if missing:
             fleet = {**fleet, **self._fleet_for(missing)}
+        jobs: list[tuple[str, ReleaseSpec, int, FleetShop | None, str]] = []
         for s in rolling:
             if s.rollback_revision is None:
-                self._publish_rollback(r, s, fleet.get(s.shop_id), now)
+                self._publish_rollback(r, s, fleet.get(s.shop_id), now, jobs)
                 continue
             rep = reports.get(s.shop_id)
             if rep is not None and rep.revision == s.rollback_revision and rep.status == "applied":
@@ -330,8 +336,9 @@ class RolloutExecutor:
                 self._move(r.id, s.shop_id, "rolling_back", now, state="failed", done_at=now, reason=f"rollback {rep.status}: {rep.error}")
             elif now - (s.done_at or s.started_at or now) > policy.apply_timeout_s:
                 self._move(r.id, s.shop_id, "rolling_back", now, state="failed", done_at=now, reason="rollback not confirmed in time")
+        self._send_all(jobs)
 
-    def _publish_rollback(self, r: Any, s: Any, shop: FleetShop | None, now: float) -> None:
+    def _publish_rollback(self, r: Any, s: Any, shop: FleetShop | None, now: float, jobs: list[tuple[str, ReleaseSpec, int, FleetShop | None, str]]) -> None:
         if not s.from_release:
             self._move(r.id, s.shop_id, "rolling_back", now, state="failed", done_at=now, reason=f"no previous release to return to; still on {r.release}")
             return
@@ -341,7 +348,7 @@ class RolloutExecutor:
             self._move(r.id, s.shop_id, "rolling_back", now, state="failed", done_at=now, reason=str(exc))
             return
         self._publish_shop(r.id, s.shop_id, spec, shop, now, expect="rolling_back", purpose="rollback",
-                           values={"rollback_revision": None, "done_at": now}, revision_column="rollback_revision")
+                           values={"rollback_revision": None, "done_at": now}, revision_column="rollback_revision", defer=jobs)
 
     def _advance(self, r: Any, policy: RolloutPolicy, plan: RolloutPlan, spec: ReleaseSpec, shops: list[Any], fleet: dict[str, FleetShop], now: float) -> None:
         wave = [s for s in shops if s.wave == r.current_wave]
@@ -365,6 +372,7 @@ class RolloutExecutor:
         order = {shop: i for i, shop in enumerate(plan.waves[r.current_wave].shops)}
         pending.sort(key=lambda s: order.get(s.shop_id, 0))
         readings = self._readings([s.shop_id for s in pending]) if policy.windows.idle is not None else {}
+        jobs: list[tuple[str, ReleaseSpec, int, FleetShop | None, str]] = []
         for s in pending:
             if in_flight >= policy.max_in_flight:
                 break
@@ -373,8 +381,9 @@ class RolloutExecutor:
             if not ok:
                 continue
             if self._publish_shop(r.id, s.shop_id, spec, shop, now, expect="pending", purpose="rollout",
-                                  values={"state": "applying", "started_at": now, "reason": f"window: {why}"}):
+                                  values={"state": "applying", "started_at": now, "reason": f"window: {why}"}, defer=jobs):
                 in_flight += 1
+        self._send_all(jobs)
 
     def _readings(self, shop_ids: list[str]) -> dict[str, list[ReadingValue]]:
         out: dict[str, list[ReadingValue]] = defaultdict(list)
@@ -405,6 +414,7 @@ class RolloutExecutor:
     def _publish_shop(
         self, rollout_id: int, shop_id: str, spec: ReleaseSpec, shop: FleetShop | None, now: float, *,
         expect: str, purpose: str, values: dict[str, Any], revision_column: str = "revision",
+        defer: list[tuple[str, ReleaseSpec, int, FleetShop | None, str]] | None = None,
     ) -> bool:
         """Bump the shop's revision and move its row in one transaction, then publish; return whether it moved."""
         with self.engine.begin() as conn:
@@ -421,13 +431,30 @@ class RolloutExecutor:
             stmt = _insert(conn, DESIRED).values(**row)
             conn.execute(stmt.on_conflict_do_update(index_elements=["shop_id"], set_={k: v for k, v in row.items() if k != "shop_id"}))
             log_event(conn, rollout_id, purpose, f"revision {revision}: {spec.name}", shop=shop_id, now=now)
-        self._send(shop_id, spec, revision, shop, purpose)
+        job = (shop_id, spec, revision, shop, purpose)
+        if defer is None:
+            self._send(*job)
+        else:
+            defer.append(job)
         return True
+
+    def _send_all(self, jobs: list[tuple[str, ReleaseSpec, int, FleetShop | None, str]]) -> None:
+        """Send deferred desired states concurrently: each publish waits for its broker acknowledgement."""
+        if len(jobs) <= 1:
+            for job in jobs:
+                self._send(*job)
+            return
+        list(self._pool.map(lambda job: self._send(*job), jobs))
 
     def _send(self, shop_id: str, spec: ReleaseSpec, revision: int, shop: FleetShop | None, purpose: str) -> None:
         overlay = (shop.labels.get(OVERLAY_LABEL) if shop else None) or manifests.DEFAULT_EDGE_OVERLAY
-        base = manifests.load_overlay(manifests.edge_overlay_dir(overlay, self.manifests_root))
-        state = desired_state_for(shop_id, spec, revision, self.signer, node_classes=shop.node_classes if shop else frozenset(), base=base)
+        try:
+            base = manifests.load_overlay(manifests.edge_overlay_dir(overlay, self.manifests_root))
+            state = desired_state_for(shop_id, spec, revision, self.signer, node_classes=shop.node_classes if shop else frozenset(), base=base)
+        except ValueError as exc:  # unknown overlay or invalid manifests: the apply timeout fails the shop with this in the log
+            self.metrics.errors.labels("render").inc()
+            log.error("cannot render revision %s for shop %s: %s", revision, shop_id, exc)
+            return
         try:
             self.publish(Topics.desired(shop_id), encode(state), True, 1)
         except Exception as exc:  # noqa: BLE001 - the re-publish step retries; the row already says what is due

@@ -16,7 +16,8 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.engine import Connection, Engine
 
 from fleet_controller.models import Node, ReportedStateRecord, Shop
-from fleet_controller.releases import ReleaseStore
+from fleet_controller import manifests
+from fleet_controller.releases import ReleaseSpec, ReleaseStore
 from fleet_controller.rollout.models import (
     ACTIVE_ROLLOUT_STATES,
     RolloutEvent,
@@ -33,6 +34,8 @@ REVENTS = RolloutEvent.__table__
 DESIRED = ShopDesired.__table__
 
 ACTIONS = ("pause", "resume", "abort", "rollback")
+OVERLAY_LABEL = "manifests-overlay"
+"""Shop label that picks the edge overlay its desired state is rendered from (default: production)."""
 
 
 class RolloutError(ValueError):
@@ -64,6 +67,23 @@ def load_fleet(conn: Connection) -> list[FleetShop]:
     ]
 
 
+def check_renders(spec: ReleaseSpec, shops: list[FleetShop]) -> None:
+    """Render one shop per overlay and node-class set and validate it; raise ``RolloutError`` naming the problem."""
+    seen: set[tuple[str, frozenset[str]]] = set()
+    for shop in shops:
+        overlay = shop.labels.get(OVERLAY_LABEL) or manifests.DEFAULT_EDGE_OVERLAY
+        if (overlay, shop.node_classes) in seen:
+            continue
+        seen.add((overlay, shop.node_classes))
+        try:
+            objs = manifests.render_shop(manifests.ShopTarget(shop.id, shop.node_classes, overlay), spec.render_input(), 1)
+        except ValueError as exc:
+            raise RolloutError(f"shop {shop.id} (label {OVERLAY_LABEL}={overlay}): {exc}") from None
+        findings = manifests.validate([manifests.Sourced(o, f"render:{shop.id}") for o in objs])
+        if findings:
+            raise RolloutError(f"release {spec.name} renders invalid objects for shop {shop.id}: " + "; ".join(f.describe() for f in findings[:3]))
+
+
 def log_event(conn: Connection, rollout_id: int, kind: str, message: str, shop: str | None = None, now: float | None = None) -> None:
     """Append one entry to a rollout's event log."""
     conn.execute(insert(REVENTS).values(rollout_id=rollout_id, at=time.time() if now is None else now, kind=kind, shop_id=shop, message=message[:2000]))
@@ -72,7 +92,7 @@ def log_event(conn: Connection, rollout_id: int, kind: str, message: str, shop: 
 def start_rollout(engine: Engine, release: str, policy: RolloutPolicy, now: float | None = None) -> dict[str, Any]:
     """Plan and store a rollout of ``release``; refuse if another rollout is active or nothing is targeted."""
     now = time.time() if now is None else now
-    ReleaseStore(engine).get(release)  # raises ReleaseError naming the fix
+    spec = ReleaseStore(engine).get(release)  # raises ReleaseError naming the fix
     with engine.begin() as conn:
         active = conn.execute(select(ROLLOUTS.c.id, ROLLOUTS.c.release).where(ROLLOUTS.c.status.in_(ACTIVE_ROLLOUT_STATES))).first()
         if active is not None:
@@ -82,6 +102,7 @@ def start_rollout(engine: Engine, release: str, policy: RolloutPolicy, now: floa
         if not plan.shops:
             why = "; ".join(f"{s}: {r}" for s, r in plan.skipped[:5]) or "the fleet has no shops"
             raise RolloutError(f"release {release} targets no shop ({why}): check the policy's target and waves")
+        check_renders(spec, [s for s in fleet if s.id in set(plan.shops)])
         from_release = {s.id: s.release for s in fleet}
         rid = conn.execute(
             insert(ROLLOUTS).values(

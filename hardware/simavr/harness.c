@@ -12,10 +12,13 @@
  *     the test set is put on DOUT (24 bits MSB first; the 25th pulse selects gain 128); DOUT
  *     is low (data ready) between reads, high while a value is "none" (amplifier missing);
  *   - the reed contact (D6): the pin level the test sets (1 = door open);
- *   - the DS18B20 line (D7) is held high (pull-up, no device): the firmware reports the
- *     temperature channel as MISSING. Emulating the 1-wire slave is not done.
+ *   - a DS18B20 on the 1-wire line (D7, pulled up): presence pulse after a reset, Skip ROM
+ *     (0xCC), Convert T (0x44, instant) and Read Scratchpad (0xBE, 9 bytes with CRC8), timed
+ *     on the emulated clock from the firmware's own line edges. "temp none" removes it (no
+ *     presence pulse: the firmware reports the channel MISSING, which is also the default).
  *
- * Control lines on stdin: "hx CH VALUE", "hx CH none", "door 0|1", "quit". EOF = quit.
+ * Control lines on stdin: "hx CH VALUE", "hx CH none", "door 0|1", "temp DEGC", "temp none",
+ * "quit". EOF = quit.
  * With "-e FILE" the EEPROM is loaded from FILE at start (if it exists) and saved on quit, so
  * a test can power-cycle a board and see its calibration survive.
  *
@@ -39,6 +42,7 @@
 #include <sim_avr.h>
 #include <sim_elf.h>
 #include <sim_irq.h>
+#include <sim_time.h>
 
 #define N_CELLS 2
 static const int SCK_BIT[N_CELLS] = {2, 4};
@@ -61,7 +65,7 @@ struct hx711 {
 };
 static struct hx711 cells[N_CELLS];
 
-/* Pins the outside world drives (reed contact, 1-wire pull-up). simavr re-applies the internal
+/* Pins the outside world drives (the reed contact). simavr re-applies the internal
  * pull-up to every input pin of a port whenever the firmware writes that port (pinMode,
  * digitalWrite on another pin), which would override the contact; the hook notices and the
  * main loop re-asserts the external level before the next instruction. */
@@ -70,7 +74,90 @@ struct driven_pin {
   uint32_t level;
   int stale;
 };
-static struct driven_pin reed, onewire;
+static struct driven_pin reed;
+
+/* DS18B20 slave, advanced from the main loop after every instruction (see ow_step). */
+#define DDRD_ADDR 0x2A
+#define PORTD_ADDR 0x2B
+struct ds18b20 {
+  int present;
+  int16_t raw;              /* temperature * 16 */
+  int mcu_low;              /* the MCU is driving the line low */
+  avr_cycle_count_t fall;   /* when it started */
+  avr_cycle_count_t low_from, low_until; /* the slave pulls low in [from, until) */
+  enum { OW_IDLE, OW_ROM, OW_FUNC, OW_TX } state;
+  uint8_t rx, rx_bits;
+  uint8_t tx[9];
+  int tx_bit;
+  avr_irq_t *irq;
+  uint32_t level;
+};
+static struct ds18b20 ow;
+
+static uint8_t crc8(const uint8_t *p, int n) {
+  uint8_t crc = 0;
+  while (n--) {
+    uint8_t in = *p++;
+    for (int i = 0; i < 8; i++) {
+      uint8_t mix = (crc ^ in) & 1;
+      crc >>= 1;
+      if (mix) crc ^= 0x8C;
+      in >>= 1;
+    }
+  }
+  return crc;
+}
+
+static void ow_byte(uint8_t b) {
+  if (ow.state == OW_ROM) {
+    ow.state = b == 0xCC ? OW_FUNC : OW_IDLE; /* only Skip ROM: one device on the bus */
+  } else if (ow.state == OW_FUNC) {
+    if (b == 0xBE) {
+      uint8_t sp[9] = {(uint8_t)(ow.raw & 0xFF), (uint8_t)(ow.raw >> 8), 0x4B, 0x46, 0x7F, 0xFF, 0x0C, 0x10, 0};
+      sp[8] = crc8(sp, 8);
+      memcpy(ow.tx, sp, 9);
+      ow.tx_bit = 0;
+      ow.state = OW_TX;
+    } else {
+      ow.state = OW_IDLE; /* 0x44 Convert T: the value is ready at once */
+    }
+  }
+}
+
+static void ow_step(void) {
+  uint8_t bit = 1 << ONEWIRE_BIT;
+  int mcu_low = (avr->data[DDRD_ADDR] & bit) && !(avr->data[PORTD_ADDR] & bit);
+  avr_cycle_count_t now = avr->cycle;
+  if (mcu_low && !ow.mcu_low) { /* falling edge: a slot or a reset starts */
+    ow.fall = now;
+    if (ow.present && ow.state == OW_TX && ow.tx_bit < 72) {
+      int b = (ow.tx[ow.tx_bit / 8] >> (ow.tx_bit % 8)) & 1;
+      ow.tx_bit++;
+      if (!b) { ow.low_from = now; ow.low_until = now + avr_usec_to_cycles(avr, 45); }
+      if (ow.tx_bit == 72) ow.state = OW_IDLE;
+    }
+  } else if (!mcu_low && ow.mcu_low && ow.present) { /* released: how long was it low? */
+    avr_cycle_count_t d = now - ow.fall;
+    if (d >= avr_usec_to_cycles(avr, 400)) { /* reset: answer with a presence pulse */
+      ow.low_from = now + avr_usec_to_cycles(avr, 20);
+      ow.low_until = now + avr_usec_to_cycles(avr, 160);
+      ow.state = OW_ROM;
+      ow.rx = ow.rx_bits = 0;
+    } else if (ow.state == OW_ROM || ow.state == OW_FUNC) { /* write slot: short low = 1 */
+      ow.rx |= (d < avr_usec_to_cycles(avr, 15) ? 1 : 0) << ow.rx_bits;
+      if (++ow.rx_bits == 8) {
+        ow_byte(ow.rx);
+        ow.rx = ow.rx_bits = 0;
+      }
+    }
+  }
+  ow.mcu_low = mcu_low;
+  uint32_t level = (ow.present && now >= ow.low_from && now < ow.low_until) ? 0 : 1;
+  if (!mcu_low && (level != ow.level || ow.irq->value != level)) {
+    ow.level = level;
+    avr_raise_irq(ow.irq, level);
+  }
+}
 
 static void driven_hook(avr_irq_t *irq, uint32_t value, void *param) {
   (void)irq;
@@ -163,6 +250,9 @@ static int control(char *buf, size_t *len) {
     if (n >= 1 && strcmp(cmd, "quit") == 0) return 0;
     if (n == 3 && strcmp(cmd, "hx") == 0 && atoi(a) >= 0 && atoi(a) < N_CELLS) {
       set_cell(atoi(a), b);
+    } else if (n == 2 && strcmp(cmd, "temp") == 0) {
+      ow.present = strcmp(a, "none") != 0;
+      if (ow.present) ow.raw = (int16_t)(atof(a) * 16.0);
     } else if (n == 2 && strcmp(cmd, "door") == 0) {
       drive(&reed, atoi(a) ? 1 : 0);
     } else if (n >= 1) {
@@ -224,11 +314,11 @@ int main(int argc, char **argv) {
     avr_raise_irq(cells[i].dout, 1); /* missing until the test sets a value */
   }
   reed.irq = avr_io_getirq(avr, AVR_IOCTL_IOPORT_GETIRQ('D'), REED_BIT);
-  onewire.irq = avr_io_getirq(avr, AVR_IOCTL_IOPORT_GETIRQ('D'), ONEWIRE_BIT);
+  ow.irq = avr_io_getirq(avr, AVR_IOCTL_IOPORT_GETIRQ('D'), ONEWIRE_BIT);
   avr_irq_register_notify(reed.irq, driven_hook, &reed);
-  avr_irq_register_notify(onewire.irq, driven_hook, &onewire);
   drive(&reed, 0); /* door closed */
-  drive(&onewire, 1); /* 4.7k pull-up, no device answers */
+  ow.level = 1;
+  avr_raise_irq(ow.irq, 1); /* 4.7k pull-up; no DS18B20 until "temp DEGC" */
 
   printf("pty %s\n", name);
   fflush(stdout);
@@ -241,7 +331,7 @@ int main(int argc, char **argv) {
     for (int i = 0; i < 20000; i++) {
       int state = avr_run(avr);
       if (reed.stale) drive(&reed, reed.level);
-      if (onewire.stale) drive(&onewire, onewire.level);
+      ow_step();
       if (state == cpu_Done || state == cpu_Crashed) { fprintf(stderr, "harness: cpu stopped (%d)\n", state); running = 0; break; }
     }
     /* host -> board bytes, one at a time while the UART's input fifo has room */

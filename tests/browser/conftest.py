@@ -14,37 +14,21 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-from fastapi import APIRouter
 
 from edge_agent.protocol import NodeFacts, PipelineHealth, Reading, Telemetry
 from fleet_controller.alerts.rules import parse_rules
 from fleet_controller.dashboard.setup import Dashboard, attach
+from fleet_controller.releases import ReleaseSpec, ReleaseStore
+from fleet_controller.rollout.api import build_router as rollout_router
+from fleet_controller.rollout.policy import policy_from_dict
+from fleet_controller.rollout.store import start_rollout
 from fleet_controller.service import ControllerService
-from tests.fleet_controller.conftest import Node, controller_settings, heartbeat, presence
+from tests.fleet_controller.conftest import Node, controller_settings, heartbeat, presence, wait_for
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SHOPS = {"shop-a": "Harbour Street", "shop-b": "Station Square", "shop-c": "Airport Gate 4"}
-
-
-def stand_in_rollouts() -> APIRouter:
-    """Rollout routes under /api/v1/rollouts as the rollout API will serve them (its router was not in the tree yet)."""
-    r = APIRouter(prefix="/api/v1/rollouts")
-    state = {"state": "running"}
-
-    @r.get("")
-    def list_rollouts() -> list:
-        return [{"id": 1, "release": "2026.11-r2", "state": state["state"], "waves": [
-            {"index": 0, "state": "done", "done": 1, "total": 1, "gates": [{"name": "fps", "ok": True, "detail": "12.0 >= 8"}]},
-            {"index": 1, "state": "running", "done": 1, "total": 2, "gates": []}]}]
-
-    @r.post("/{rid}/{action}")
-    def act(rid: int, action: str) -> dict:
-        state["state"] = {"pause": "paused", "resume": "running", "abort": "aborted", "rollback": "rolling_back"}.get(action, "?")
-        return {"id": rid, "state": state["state"]}
-
-    return r
 
 
 class Controller:
@@ -57,10 +41,17 @@ class Controller:
         self.service = ControllerService(settings)
         rules = parse_rules("interval_s: 0.5\ndisk_low: {min_free_percent: 10}\nnode_offline: {after_s: 1}\n")
         self.dashboard: Dashboard = attach(self.service, rules)
-        self.service.add_router(stand_in_rollouts())
+        self.service.add_router(rollout_router(self.service.engine))
         self.call(self.service.start())
         self.creds = self.dashboard.store.ensure_demo_users()
         self.url = self.service.api_url
+
+    def start_rollout(self) -> int:
+        """Create a release and start its rollout (no executor runs here: it stays at the canary)."""
+        ReleaseStore(self.service.engine).create(
+            ReleaseSpec(name="2026.11-r2", version="2", images={"vision": "reg.example/vision@sha256:" + "5e" * 32}))
+        policy = policy_from_dict({"waves": [{"name": "canary", "shops": ["shop-a"]}, {"name": "all", "percent": 100}]})
+        return start_rollout(self.service.engine, "2026.11-r2", policy)["id"]
 
     def call(self, coro, timeout: float = 60):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -101,6 +92,9 @@ def fleet(shared_broker, tmp_path_factory) -> Iterator[tuple[Controller, dict[st
             Reading(name="shelf_weight_g", value=1520.0 - 35 * i, unit="g", source="shelf-1/slot-1"),
             Reading(name="door_open", value=0, source="door"))))
         nodes[shop] = n
+    wait_for(lambda: ctl.service.registry.list_shops()[1] == 3 and all(
+        n["presence"] == "online" for s in SHOPS for n in ctl.service.registry.get_shop(s)["nodes"]), what="three shops online")
+    ctl.start_rollout()
     yield ctl, nodes
     for n in nodes.values():
         try:

@@ -3,6 +3,7 @@ desired state, clock beacons, pipelines' events and readings, outage and evictio
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import urllib.request
@@ -11,15 +12,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from edge_agent.agent import Agent, ReadingBatcher
 from edge_agent.config import validate_config
 from edge_agent.facts import SystemFacts
+from edge_agent.mqtt import InMessage
 from edge_agent.protocol import (
     MAX_PAYLOAD_BYTES,
     Channel,
     ClockBeacon,
     Command,
+    ControllerPresence,
     CommandResult,
     DesiredState,
     Heartbeat,
@@ -200,6 +205,9 @@ def test_retained_desired_state_reaches_a_handler_passed_at_construction(make_ag
 
 def test_clock_beacon_sets_offset_in_next_heartbeat(make_agent, broker: BrokerProcess, recorder: Recorder) -> None:
     agent = make_agent()
+    assert sample(agent, "shopfleet_agent_controller_online") == -1
+    publish(broker.port, Topics.controller_presence, encode(ControllerPresence(state="online", instance="c1")), retain=True)
+    wait_for(lambda: sample(agent, "shopfleet_agent_controller_online") == 1, 10, "the controller's presence")
     publish(broker.port, Topics.controller_clock, encode(ClockBeacon(instance="c1", ts=time.time() + 100)))
     wait_for(lambda: agent.clock.offset() is not None, 10, "the beacon")
     agent.heartbeat()
@@ -312,3 +320,37 @@ def test_graceful_stop_sends_offline_and_flushes(make_agent, broker: BrokerProce
     offline = [p for p in uplinks(recorder, Channel.PRESENCE) if p.state == "offline"][0]
     assert offline.reason == "shutdown" and offline.session == 1
     assert len(uplinks(recorder, "state/reported")) == 20  # all flushed before the goodbye
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    leaf=st.sampled_from(["commands", "state/desired", "_controller/clock", "_controller/presence", "telemetry"]),
+    payload=st.one_of(
+        st.binary(max_size=200),
+        st.dictionaries(
+            st.sampled_from(["v", "kind", "name", "expires_at", "shop", "revision", "objects", "ts", "instance", "state", "x"]),
+            st.one_of(st.integers(-2, 3), st.text(max_size=5), st.none(), st.floats(allow_nan=False), st.lists(st.integers(), max_size=2)),
+        ).map(lambda d: json.dumps(d).encode()),
+    ),
+)
+def test_any_downlink_payload_is_handled_or_counted_never_raised(idle_agent: Agent, leaf: str, payload: bytes) -> None:
+    topic = f"fleet/v1/{SHOP}/{NODE}/commands" if leaf == "commands" else (
+        f"fleet/v1/{SHOP}/{leaf}" if leaf.startswith("state") else (f"fleet/v1/{leaf}" if leaf.startswith("_") else f"fleet/v1/{SHOP}/{NODE}/{leaf}")
+    )
+    before = family_total(idle_agent, "shopfleet_agent_downlink_rejected") + family_total(idle_agent, "shopfleet_agent_downlink_received")
+    idle_agent._on_downlink(InMessage(topic=topic, payload=payload, retain=False))  # noqa: SLF001 - never raises
+    after = family_total(idle_agent, "shopfleet_agent_downlink_rejected") + family_total(idle_agent, "shopfleet_agent_downlink_received")
+    assert after == before + 1, "every message is either accepted or counted as rejected"
+
+
+def family_total(agent: Agent, family: str) -> float:
+    return sum(s.value for m in agent.registry.collect() if m.name == family for s in m.samples if s.name.endswith("_total"))
+
+
+@pytest.fixture
+def idle_agent(tmp_path: Path) -> Iterator[Agent]:
+    """An agent that is built but not started: its downlink handler is called directly."""
+    cfg = validate_config({"shop": SHOP, "node": NODE, "outbox": {"path": str(tmp_path / "idle.db"), "synchronous": "normal"}})
+    agent = Agent(cfg, facts_provider=SystemFacts(probe=False, disk_path=tmp_path))
+    yield agent
+    agent.outbox.close()

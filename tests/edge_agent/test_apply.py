@@ -6,7 +6,6 @@ Every object the handler sends is validated with the same strict Kubernetes sche
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 

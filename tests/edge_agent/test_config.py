@@ -74,7 +74,7 @@ def test_password_file(tmp_path: Path) -> None:
         pytest.param("shop: s\nnode: n\nbroker: {password: x}\n", ["key 'broker'", "set broker.username"], id="password-without-user"),
         pytest.param("shop: s\nnode: n\nbroker: {tls: {cert_file: /nope.pem}}\n", ["key 'broker.tls'", "key_file go together"], id="tls-cert-without-key"),
         pytest.param("shop: s\nnode: n\nbroker: {tls: {ca_file: /nope/ca.pem}}\n", ["ca_file '/nope/ca.pem' does not exist"], id="tls-missing-file"),
-        pytest.param("shop: s\nnode: n\npipelines: [{type: camera, name: c}]\n", ["key 'pipelines.0'", "set type to one of: process"], id="unknown-pipeline-type"),
+        pytest.param("shop: s\nnode: n\npipelines: [{type: camera, name: c}]\n", ["key 'pipelines.0'", "set type to one of:", "process"], id="unknown-pipeline-type"),
         pytest.param("shop: s\nnode: n\npipelines: [{type: process, name: c}]\n", ["key 'pipelines.0.command'", "add it"], id="process-without-command"),
         pytest.param("shop: s\nnode: n\npipelines: [{type: process, name: c, command: [a], colour: red}]\n", ["key 'pipelines.0.colour'"], id="pipeline-extra-key"),
         pytest.param(
@@ -123,3 +123,39 @@ def test_help_explains_every_option() -> None:
     agent = parser._subparsers._group_actions[0].choices["agent"]  # noqa: SLF001
     for action in agent._actions:  # noqa: SLF001
         assert action.help, f"option {action.option_strings} has no help"
+
+
+def test_loading_a_config_imports_only_the_pipeline_types_it_names(tmp_path: Path) -> None:
+    import subprocess
+
+    probe = (
+        "import sys\n"
+        "from edge_agent.config import load_config\n"
+        f"load_config({str(write(tmp_path, GOOD))!r})\n"
+        "print(sorted(m for m in sys.modules if m.startswith('edge_agent.pipelines.') or m in ('vision', 'cv2', 'hardware')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['edge_agent.pipelines.process']"
+
+
+def test_cli_refuses_a_corrupt_outbox_and_a_busy_metrics_port(tmp_path: Path) -> None:
+    import socket
+    import subprocess
+
+    corrupt = tmp_path / "corrupt.db"
+    corrupt.write_bytes(b"not sqlite" * 200)
+    base = [sys.executable, "-m", "shopfleet", "agent", "--shop", "s", "--node", "n", "--broker-port", "1"]
+    out = subprocess.run([*base, "--outbox", str(corrupt)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "cannot be opened" in out.stderr and "move the file away" in out.stderr
+    assert corrupt.read_bytes().startswith(b"not sqlite"), "the agent never deletes an outbox"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = subprocess.run(
+            [*base, "--outbox", str(tmp_path / "o.db"), "--metrics-port", str(port), "--metrics-host", "127.0.0.1"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert out.returncode == 1 and f"cannot serve metrics on 127.0.0.1:{port}" in out.stderr and "metrics.port" in out.stderr

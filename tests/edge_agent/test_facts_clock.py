@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import platform
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from edge_agent.clock import ClockOffsetEstimator, estimate_offset
-from edge_agent.facts import OverriddenFacts, SystemFacts, go_arch, probe_gpu, probe_onnx_providers, thermal_zone_temp
+from edge_agent.facts import (
+    OverriddenFacts,
+    SystemFacts,
+    go_arch,
+    probe_gpu,
+    probe_onnx_providers,
+    thermal_zone_temp,
+    wait_for_probes,
+)
 from edge_agent.protocol import NodeFacts
 
 
@@ -43,6 +50,14 @@ def test_onnx_providers_probed_in_a_child_process() -> None:
     providers = probe_onnx_providers()
     assert "CPUExecutionProvider" in providers  # onnxruntime is a project dependency
     assert probe_onnx_providers(python="/nonexistent/python") == ()
+
+
+def test_system_facts_report_probed_providers_once_per_process(tmp_path: Path) -> None:
+    first, second = SystemFacts(disk_path=tmp_path), SystemFacts(disk_path=tmp_path)
+    assert wait_for_probes(120)
+    assert "CPUExecutionProvider" in first.collect().onnx_providers
+    assert first.collect().onnx_providers == second.collect().onnx_providers
+    assert SystemFacts(disk_path=tmp_path, probe=False).collect().onnx_providers == ()
 
 
 def test_thermal_zone_reading(tmp_path: Path) -> None:

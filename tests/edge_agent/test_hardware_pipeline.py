@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 from edge_agent.config import validate_config
@@ -78,7 +79,10 @@ def test_pick_door_and_temperature_reach_the_sink_and_readings_are_downsampled(b
         assert health["fps"] > 1 and health["last_frame_age_s"] < 2 and "shelf-a" in health["detail"]
         with sink.lock:
             weights = [r for r in sink.read if r.name == "shelf_weight_g" and r.labels["channel"] == "0"]
-        frames = pipe._registry.get_sample_value("shopfleet_hardware_frames_total", {"board": "shelf-a"})
+        exported = CollectorRegistry()
+        exported.register(pipe)  # the pipeline is a collector of the driver's metrics
+        frames = exported.get_sample_value("shopfleet_hardware_frames_total", {"board": "shelf-a"})
+        assert exported.get_sample_value("shopfleet_hardware_last_reading_age_seconds", {"board": "shelf-a", "channel": "0"}) < 2
         # the board sends 10 readings/s per channel; the pipeline forwards at most 2/s
         assert 0 < len(weights) * 3 < frames
     finally:

@@ -118,8 +118,9 @@ def test_corrupt_model_fails_with_the_fix_and_a_counted_reason(assets, tmp_path)
     assert pipe.health()["errors_by_reason"] == {"sha256-mismatch": 1}
 
 
-def test_dark_camera_raises_an_alert_and_counts_reconnects(assets) -> None:
-    cfg = _config(assets, source="rtsp://127.0.0.1:9/none", dark_after_s=0.3, reconnect_initial_s=0.05, reconnect_max_s=0.1, restart_budget=5)
+def test_dark_camera_alert_fires_and_resolves_when_frames_return(assets, tmp_path) -> None:
+    late = tmp_path / "cam.avi"  # the camera is down at start: nothing at this path yet
+    cfg = _config(assets, source=str(late), live=True, dark_after_s=0.3, reconnect_initial_s=0.05, reconnect_max_s=0.1, restart_budget=5)
     pipe = build_pipeline(cfg)
     sink = RecordingSink()
     runner = PipelineRunner(pipe, cfg, sink)
@@ -129,6 +130,9 @@ def test_dark_camera_raises_an_alert_and_counts_reconnects(assets) -> None:
         assert alert[:4] == ("camera_dark", "firing", "warning", "plaza") and "no frame for 0.3s" in alert[4]
         wait_for(lambda: pipe.health().get("errors_by_reason", {}).get("reconnect", 0) >= 2, 30, "reconnects counted")
         assert runner.state == "running"  # a dark camera is retried by the capture, not a pipeline failure
+        shutil.copy(assets["clip"], late)  # the camera comes back
+        wait_for(lambda: len(sink.alerts) >= 2, 30, "the alert to resolve")
+        assert sink.alerts[1][:2] == ("camera_dark", "resolved")
     finally:
         runner.stop()
 

@@ -243,3 +243,17 @@ def test_set_password_ends_sessions_and_clears_flag(store):
     assert store.session_principal(sid) is None
     assert not store.list_users()[0].must_change_password
     assert store.verify_password("ana", "a brand new password")
+
+
+def test_migration_0003_matches_the_models(registry):
+    from sqlalchemy import inspect
+
+    from fleet_controller.accounts.models import ACCOUNT_TABLES
+    from fleet_controller.alerts.models import AlertRecord, Silence
+
+    insp = inspect(registry.engine)
+    for table in (*ACCOUNT_TABLES, AlertRecord.__table__, Silence.__table__):
+        live = {c["name"]: c["nullable"] for c in insp.get_columns(table.name)}
+        assert live == {c.name: c.nullable for c in table.columns}, table.name
+        live_ix = {i["name"] for i in insp.get_indexes(table.name)}
+        assert {i.name for i in table.indexes} <= live_ix, table.name

@@ -7,7 +7,6 @@ import re
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from fastapi import APIRouter
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
@@ -17,6 +16,7 @@ from fleet_controller.alerts.rules import AlertRules
 from fleet_controller.app import create_app
 from fleet_controller.dashboard.live import LiveHub
 from fleet_controller.dashboard.router import dashboard_router
+from fleet_controller.rollout.api import build_router as rollout_router
 
 from .test_accounts import FAST
 
@@ -36,21 +36,6 @@ def all_routes(app):
             yield r.path, getattr(r, "methods", None) or {"GET"}
 
 
-def stand_in_rollouts() -> APIRouter:
-    """A router added 'later' by another part (here: where the rollout API lives); it declares no auth."""
-    r = APIRouter(prefix="/api/v1/rollouts")
-
-    @r.get("")
-    def list_rollouts() -> list:
-        return [{"id": 1, "release": "r2", "state": "running", "waves": []}]
-
-    @r.post("/{rid}/pause")
-    def pause(rid: int) -> dict:
-        return {"id": rid, "state": "paused"}
-
-    return r
-
-
 @pytest.fixture
 def app_and_store(registry):
     store = AccountStore(registry.engine, FAST)
@@ -58,7 +43,7 @@ def app_and_store(registry):
     mreg = CollectorRegistry()
     auth = build_auth(store, mreg)
     app = create_app(registry, mreg, routers=[auth.router, dashboard_router(registry, LiveHub(mreg), AlertRules()),
-                                              stand_in_rollouts()], dependencies=[auth.dependency])
+                                              rollout_router(registry.engine)], dependencies=[auth.dependency])
     return app, store, creds, mreg
 
 
@@ -89,7 +74,7 @@ def test_every_route_refuses_a_logged_out_request(app_and_store):
             assert r.status_code == 401, f"{method} {path} answered {r.status_code} to a stranger"
             assert "log in" in r.json()["detail"]
             checked += 1
-    assert checked >= 15  # registry API, dashboard pages and API, the stand-in router
+    assert checked >= 20  # registry API, dashboard pages and API, the rollout API
 
 
 def test_a_page_redirects_a_browser_to_login_and_back(app_and_store):
@@ -159,7 +144,9 @@ def test_state_changing_requests_need_the_csrf_token(app_and_store):
     [
         pytest.param("viewer", "GET", "/api/v1/rollouts", 200, id="viewer-reads-rollouts"),
         pytest.param("operator", "POST", "/api/v1/rollouts/1/pause", 403, id="operator-cannot-pause-rollout"),
-        pytest.param("mlops", "POST", "/api/v1/rollouts/1/pause", 200, id="ml-engineer-pauses-rollout"),
+        pytest.param("mlops", "POST", "/api/v1/rollouts/1/pause", 404, id="ml-engineer-past-the-guard-no-such-rollout"),
+        pytest.param("viewer", "GET", "/api/v1/releases", 200, id="viewer-reads-releases"),
+        pytest.param("operator", "POST", "/api/v1/releases", 403, id="operator-cannot-create-release"),
         pytest.param("viewer", "POST", "/api/v1/alerts/1/ack", 403, id="viewer-cannot-ack"),
         pytest.param("mlops", "POST", "/api/v1/alerts/1/ack", 403, id="ml-engineer-cannot-ack"),
         pytest.param("operator", "PUT", "/api/v1/shops/shop-z", 403, id="operator-cannot-enroll"),
@@ -223,7 +210,7 @@ def test_logout_ends_the_session(app_and_store):
 
 
 @given(token=st.binary(max_size=40).filter(lambda b: not set(b) & {0, 10, 13}).map(lambda b: b.strip(b" \t")))
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_any_csrf_header_is_refused_cleanly(app_and_store, token):
     app, _, creds, _ = app_and_store
     client = TestClient(app)

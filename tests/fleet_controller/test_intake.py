@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
-
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edge_agent.protocol import MAX_PAYLOAD_BYTES, Topics, encode
-from fleet_controller.intake import Intake
+from fleet_controller.intake import IntakeCore, record
 from fleet_controller.mqtt import InboundMessage
-from fleet_controller.settings import IntakeSettings
 
 from .conftest import event, heartbeat, presence, telemetry
 
@@ -29,13 +26,18 @@ def inbound(msg, topic: str | None = None) -> InboundMessage:
 
 @pytest.fixture
 def make_intake(registry, metrics):
-    pool = ThreadPoolExecutor(1)
+    def make():
+        core = IntakeCore(registry)
 
-    def make() -> Intake:
-        return Intake(registry, metrics, IntakeSettings(), writer=pool)
+        class Recorded:
+            def process_batch(self, batch, now=None):
+                outcome = core.process_batch(batch, now)
+                record(metrics, outcome)
+                return outcome
 
-    yield make
-    pool.shutdown()
+        return Recorded()
+
+    return make
 
 
 def value(metrics, name: str, **labels) -> float:

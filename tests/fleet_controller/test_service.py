@@ -68,6 +68,20 @@ def test_controller_presence_and_clock_beacon(controller, broker):
     c.loop_stop()
 
 
+def test_controller_crash_publishes_its_will(controller, broker):
+    got: queue.Queue = queue.Queue()
+    c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="will-watcher")
+    c.on_message = lambda cl, u, m: got.put(parse_downlink(m.topic, m.payload))
+    c.connect("127.0.0.1", broker.port)
+    c.subscribe(Topics.controller_presence, qos=1)
+    c.loop_start()
+    assert got.get(timeout=10).state == "online"  # the retained birth
+    controller.service.mqtt.stop(graceful=False)
+    will = got.get(timeout=30)
+    assert (will.state, will.instance) == ("offline", controller.settings.instance)
+    c.loop_stop()
+
+
 def test_will_marks_offline_and_a_late_will_of_an_old_session_does_not(controller, broker):
     first = Node(broker, session=1)
     first.send(presence(session=1), retain=True)

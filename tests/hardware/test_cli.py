@@ -10,7 +10,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from hardware.planogram import PlanogramError, load_planogram
 from hardware.scenario import ScenarioError, build_boards, load_scenario, play
 from hardware.simulator import SimulatedBoard
 from shopfleet.cli import main
@@ -27,8 +30,8 @@ SCENARIO = {
         }
     ],
     "steps": [
-        {"at": 3.0, "action": "pick", "channel": 0, "count": 2},
-        {"at": 3.5, "action": "door", "channel": 1, "open": True},
+        {"at": 5.0, "action": "pick", "channel": 0, "count": 2},
+        {"at": 7.5, "action": "door", "channel": 1, "open": True},  # after the pick has settled
     ],
 }
 
@@ -54,22 +57,25 @@ def test_simulate_and_read_end_to_end(tmp_path: Path) -> None:
     planogram = tmp_path / "planogram.yaml"
     planogram.write_text(yaml.safe_dump({"slots": [{"board": "shelf-x", "channel": 0, "slot": "C3", "product": "cola", "unit_weight_g": 345}]}))
     links = tmp_path / "by-id"
+    link = links / "shelf-x"
+    # The reader starts first and waits for the board's by-id link to appear, as on a shop node at boot.
+    read = subprocess.Popen(
+        [*SHOPFLEET, "hw", "read", "--port", str(link), "--events-only", "--count", "3", "--planogram", str(planogram)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
     sim = subprocess.Popen(
         [*SHOPFLEET, "hw", "simulate", "--scenario", str(scenario), "--link-dir", str(links), "--duration", "30"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        first = sim.stdout.readline().split()
-        assert first[0] == "shelf-x" and first[1] == str(links / "shelf-x")
-        read = subprocess.run(
-            [*SHOPFLEET, "hw", "read", "--port", first[1], "--events-only", "--count", "3", "--planogram", str(planogram)],
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-        assert read.returncode == 0, read.stderr
-        lines = [json.loads(line) for line in read.stdout.splitlines()]
+        assert sim.stdout.readline().split() == ["shelf-x", str(link)]
+        out, err = read.communicate(timeout=60)
+        assert read.returncode == 0, err
+        lines = [json.loads(line) for line in out.splitlines()]
         assert [line["type"] for line in lines] == ["board_connected", "shelf_change", "door_opened"]
         assert (lines[1]["slot"], lines[1]["quantity"], lines[1]["product"]) == ("C3", -2, "cola")
     finally:
+        read.kill()
         sim.terminate()
         sim.wait(10)
 
@@ -144,6 +150,26 @@ def test_bad_scenarios_name_the_key_and_the_fix(tmp_path: Path, data: dict, matc
         load_scenario(path)
     assert main(["hw", "simulate", "--scenario", str(path), "--duration", "1"]) == 2
     assert str(path) in capsys.readouterr().err
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=st.one_of(
+    st.text(max_size=300),
+    st.recursive(
+        st.one_of(st.none(), st.booleans(), st.integers(-5, 50), st.floats(allow_nan=False), st.sampled_from(["pick", "door", "load_cell", "a"])),
+        lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.sampled_from(["boards", "steps", "id", "at", "action", "channels", "kind", "loop_s", "slots", "board", "channel", "slot", "product", "unit_weight_g"]), inner, max_size=5)),
+        max_leaves=20,
+    ).map(yaml.safe_dump),
+))
+def test_scenario_and_planogram_loaders_are_total(tmp_path_factory, text: str) -> None:
+    """Any file content gives a valid object or the loader's own error naming the file, never another exception."""
+    path = tmp_path_factory.mktemp("prop") / "f.yaml"
+    path.write_text(text)
+    for load, error in ((load_scenario, ScenarioError), (load_planogram, PlanogramError)):
+        try:
+            load(path)
+        except error as exc:
+            assert str(path) in str(exc)
 
 
 def test_scenario_player_drives_the_boards(tmp_path: Path) -> None:

@@ -98,7 +98,7 @@ def test_a_flooding_board_overflows_the_pty_and_the_loss_is_seen(board: Simulate
         conn.wait_hello(5)
         board.flood(3000)  # ~120 KB while nobody reads: about half fits in the pty buffer
         assert board.frames_dropped > 0
-        after_flood = board._seq  # the first sequence number sent after the flood
+        after_flood = board.next_seq  # the first sequence number sent after the flood
         seen: list[int] = []
         wait_for(lambda: seen.extend(f.seq for f, _ in conn.poll()) or any(s >= after_flood for s in seen), timeout=20, what="a frame after the flood")
         lost = metric(registry, "shopfleet_hardware_frames_lost_total", board="shelf-a")

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-from prometheus_client import CollectorRegistry
 from sqlalchemy import select
 
 from edge_agent.apply.simfleet import SimulatedFleet

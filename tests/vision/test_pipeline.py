@@ -112,7 +112,14 @@ def test_run_command_writes_events_video_and_summary(model_pkg, media, tmp_path,
     assert sum(summary["events"].values()) == len(lines) and all(e["camera"] == "plaza" for e in lines)
     v = cv2.VideoCapture(str(video))
     assert int(v.get(cv2.CAP_PROP_FRAME_COUNT)) == 25 and (v.get(3), v.get(4)) == (768, 576)
+    drawn = v.read()[1]
     v.release()
+    src = cv2.VideoCapture(str(media["vtest.avi"]))
+    plain = src.read()[1]
+    src.release()
+    door = (slice(270, 500), slice(DOOR_X - 1, DOOR_X + 2))
+    assert np.abs(drawn[door].astype(int) - plain[door].astype(int)).mean() > 40  # the door arrow is drawn
+    assert np.abs(drawn[400:560, 20:300].astype(int) - plain[400:560, 20:300].astype(int)).mean() < 10  # lawn untouched
 
 
 @pytest.mark.parametrize(

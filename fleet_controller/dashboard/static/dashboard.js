@@ -134,39 +134,60 @@
     }
   });
 
-  // ----- rollouts page: rendered from the rollout API, buttons only for roles that may use them
+  // ----- rollouts page: filled from the rollout API (/api/v1/rollouts, /api/v1/releases);
+  // the buttons exist only for roles that may use them (the server refuses the others anyway).
+  const ALLOWED = { pause: ["running"], resume: ["paused"], abort: ["running", "paused"],
+                    rollback: ["running", "paused", "completed", "failed", "aborted", "expired"] };
   function text(tag, s, cls) { const el = document.createElement(tag); el.textContent = s; if (cls) el.className = cls; return el; }
+  function rolloutCard(r, canAct) {
+    const art = document.createElement("article"); art.className = "rollout"; art.dataset.rollout = r.id;
+    art.append(text("h3", `#${r.id} ${r.release}`),
+               text("p", `state: ${r.status}${r.reason ? " (" + r.reason + ")" : ""}`, "muted"));
+    for (const w of (r.waves || [])) {
+      const div = document.createElement("div"); div.className = "wave";
+      const states = Object.entries(w.states || {}).map(([k, v]) => `${v} ${k}`).join(", ");
+      div.append(text("span", `wave ${w.index} ${w.name || ""}${w.index === r.current_wave ? " (current)" : ""}: ${w.done}/${w.shops} done${states ? " · " + states : ""}`));
+      const bar = document.createElement("div"); bar.className = "bar"; const fill = document.createElement("span");
+      fill.style.width = (w.shops ? Math.round(100 * w.done / w.shops) : 0) + "%"; bar.append(fill); div.append(bar);
+      art.append(div);
+    }
+    if ((r.problem_shops || []).length) {
+      art.append(text("h4", "Gate failures"));
+      const ul = document.createElement("ul");
+      for (const p of r.problem_shops) ul.append(text("li", `${p.shop}: ${p.reason}`, "bad"));
+      art.append(ul);
+    }
+    if ((r.events || []).length) {
+      const ol = document.createElement("ol"); ol.className = "feed";
+      for (const e of r.events.slice(-8).reverse()) ol.append(text("li", `${new Date(e.at * 1000).toISOString().slice(11, 19)} ${e.kind}${e.shop ? " " + e.shop : ""}: ${e.message}`));
+      art.append(ol);
+    }
+    if (canAct) {
+      const actions = document.createElement("p"); actions.className = "actions";
+      for (const a of Object.keys(ALLOWED)) {
+        if (!ALLOWED[a].includes(r.status)) continue;
+        const b = text("button", a[0].toUpperCase() + a.slice(1), a === "abort" || a === "rollback" ? "secondary" : "");
+        b.type = "button"; b.dataset.action = "rollout-" + a; b.dataset.id = r.id; actions.append(b);
+      }
+      art.append(actions);
+    }
+    return art;
+  }
   async function loadRollouts() {
     const box = document.getElementById("rollouts");
     if (!box) return;
     const canAct = document.body.dataset.canRollout === "yes";
-    let data;
-    try { data = await api("GET", "/api/v1/rollouts"); } catch (e) { box.replaceChildren(text("p", "Cannot load rollouts: " + e.message, "error")); return; }
-    const list = Array.isArray(data) ? data : (data.rollouts || data.items || []);
-    if (!list.length) { box.replaceChildren(text("p", "No rollout yet.", "empty")); return; }
-    const nodes = list.map(r => {
-      const art = document.createElement("article"); art.className = "rollout"; art.dataset.rollout = r.id;
-      art.append(text("h3", `${r.release || r.release_name || "?"} `), text("p", `state: ${r.state || r.status || "?"}`, "muted"));
-      for (const w of (r.waves || [])) {
-        const done = w.done ?? w.completed ?? (w.shops_done || 0), total = w.total ?? w.size ?? ((w.shops || []).length || 0);
-        const div = document.createElement("div"); div.className = "wave";
-        div.append(text("span", `wave ${w.index ?? w.name ?? ""}: ${w.state || w.status || ""} ${done}/${total}`));
-        const bar = document.createElement("div"); bar.className = "bar"; const fill = document.createElement("span");
-        fill.style.width = (total ? Math.round(100 * done / total) : 0) + "%"; bar.append(fill); div.append(bar);
-        for (const g of (w.gates || w.gate_results || [])) div.append(text("div", `gate ${g.name || g.gate || ""}: ${g.ok === false || g.passed === false ? "failed" : "ok"} ${g.detail || g.message || ""}`, "muted"));
-        art.append(div);
+    try {
+      const list = await api("GET", "/api/v1/rollouts?limit=10");
+      const details = await Promise.all(list.map(r => api("GET", `/api/v1/rollouts/${r.id}`)));
+      const cards = details.map(r => rolloutCard(r, canAct));
+      box.replaceChildren(...(cards.length ? cards : [text("p", "No rollout yet.", "empty")]));
+      const rel = document.getElementById("releases");
+      if (rel) {
+        const releases = await api("GET", "/api/v1/releases");
+        rel.replaceChildren(...(releases.length ? releases.slice(0, 20).map(x => text("li", `${x.name} (version ${x.version})`)) : [text("li", "No release yet.", "empty")]));
       }
-      if (canAct) {
-        const actions = document.createElement("p"); actions.className = "actions";
-        for (const a of ["pause", "resume", "abort", "rollback"]) {
-          const b = text("button", a[0].toUpperCase() + a.slice(1), a === "abort" || a === "rollback" ? "secondary" : "");
-          b.type = "button"; b.dataset.action = "rollout-" + a; b.dataset.id = r.id; actions.append(b);
-        }
-        art.append(actions);
-      }
-      return art;
-    });
-    box.replaceChildren(...nodes);
+    } catch (e) { box.replaceChildren(text("p", "Cannot load rollouts: " + e.message, "error")); }
   }
 
   tickAges();

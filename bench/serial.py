@@ -1,0 +1,169 @@
+"""Benchmark: frames per second the serial codec and the driver sustain, against the line rate.
+
+Two figures:
+
+* codec: encode + parse + decode of a 4-channel READINGS frame in a loop (pure CPU);
+* driver: the whole host path (pyserial read from a real pty, COBS split, CRC, decode,
+  sequence tracking, readings in physical units, stability detector and events) while a child
+  process writes frames into the pty as fast as the pty accepts them.
+
+The reference is the line rate: how many such frames a 115200-baud line carries per second
+(10 bits per byte on the wire). The ratio says how much faster than the line the host is; the
+CPU share is the driver's CPU seconds per frame times the line rate, i.e. the fraction of one
+core a board sending at full line rate costs. Last line: a JSON summary.
+
+Usage: .venv/bin/python bench/serial.py [--frames N] [--seconds S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import subprocess
+import sys
+import threading
+import time
+import tty
+from pathlib import Path
+
+# This file is named serial.py, so its own directory must not shadow pyserial's ``serial``.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
+
+from prometheus_client import CollectorRegistry  # noqa: E402
+
+from hardware.driver import Driver, DriverSettings  # noqa: E402
+from hardware.frames import (  # noqa: E402
+    ChannelInfo,
+    ChannelKind,
+    ChannelValue,
+    Hello,
+    Readings,
+    SensorFrame,
+    Unit,
+    decode_message,
+    encode_message,
+)
+from hardware.planogram import Planogram, Slot  # noqa: E402
+
+BAUD = 115200
+BITS_PER_BYTE = 10  # start + 8 data + stop
+HELLO = Hello(
+    "bench-board",
+    1,
+    0,
+    (
+        ChannelInfo(0, ChannelKind.LOAD_CELL, Unit.DECIGRAM),
+        ChannelInfo(1, ChannelKind.LOAD_CELL, Unit.DECIGRAM),
+        ChannelInfo(2, ChannelKind.DOOR, Unit.STATE),
+        ChannelInfo(3, ChannelKind.TEMPERATURE, Unit.CENTI_CELSIUS),
+    ),
+)
+
+WRITER = r"""
+import os, sys
+fd = int(sys.argv[1]); data = sys.stdin.buffer.read()
+os.set_blocking(fd, True)
+view = memoryview(data)
+while view:
+    n = os.write(fd, view[:4096])
+    view = view[n:]
+"""
+
+
+def sample(i: int) -> Readings:
+    """Return the i-th reading: a noisy shelf with a pick or put-back every 2 s of board time, so the detector works."""
+    grams_dg = 34500 - 3450 * ((i // 200) % 3) + (i * 7919) % 31 - 15
+    return Readings(i * 10, (ChannelValue(grams_dg), ChannelValue(10000), ChannelValue((i // 400) % 2), ChannelValue(412)))
+
+
+def bench_codec(seconds: float) -> float:
+    """Return frames/s of encode + parse + decode."""
+    msgs = [sample(i) for i in range(256)]
+    n = 0
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for i, m in enumerate(msgs):
+            decode_message(SensorFrame.parse(encode_message(m, i)))
+        n += len(msgs)
+    return n / (time.perf_counter() - start)
+
+
+def bench_driver(frames: int) -> tuple[float, float, int]:
+    """Return (frames/s, CPU seconds per frame, events) of the driver reading a flooded pty."""
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    path = os.ttyname(slave)
+    stream = encode_message(HELLO, 0) + b"".join(encode_message(sample(i), (i + 1) & 0xFFFF) for i in range(frames))
+    planogram = Planogram(slots=(Slot(board="bench-board", channel=0, slot="A1", product="cola", unit_weight_g=345),))
+    registry = CollectorRegistry()
+    driver = Driver(DriverSettings(port=path, hello_timeout_s=10), registry, planogram)
+    stop = threading.Event()
+    counts = {"readings": 0, "events": 0}
+
+    def emit(item) -> None:  # noqa: ANN001
+        t = item.to_json()["type"]
+        if t == "reading":
+            counts["readings"] += 1
+            if counts["readings"] >= frames * 4:
+                stop.set()
+        elif t not in ("board_connected", "board_disconnected"):
+            counts["events"] += 1
+
+    thread = threading.Thread(target=driver.run, args=(stop, emit), daemon=True)
+    thread.start()
+    # Wait until the driver has opened the port (which flushes it) and asked for HELLO.
+    ready, _, _ = select.select([master], [], [], 10)
+    if not ready:
+        raise SystemExit("the driver did not open the pty within 10 s")
+    os.read(master, 64)
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(master)], stdin=subprocess.PIPE, pass_fds=(master,))
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    writer.stdin.write(stream)
+    writer.stdin.close()
+    if not stop.wait(300):
+        raise SystemExit(f"driver got only {counts['readings']} of {frames * 4} readings in 300 s")
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    thread.join(5)
+    writer.wait(10)
+    os.close(master)
+    os.close(slave)
+    lost = registry.get_sample_value("shopfleet_hardware_frames_lost_total", {"board": "bench-board"}) or 0
+    if lost:
+        raise SystemExit(f"{lost} frames lost: the pty writer should block, not drop")
+    return frames / elapsed, cpu / frames, counts["events"]
+
+
+def main() -> None:
+    """Run both benchmarks and print figures and the JSON summary."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=20000, help="frames pushed through the driver (default: %(default)s)")
+    parser.add_argument("--seconds", type=float, default=3.0, help="duration of the codec loop (default: %(default)s)")
+    args = parser.parse_args()
+
+    frame_bytes = len(encode_message(sample(0), 1))
+    line_rate = BAUD / BITS_PER_BYTE / frame_bytes
+    print(f"frame: 4-channel READINGS, {frame_bytes} bytes on the wire; 115200-baud line rate: {line_rate:.0f} frames/s")
+    codec = bench_codec(args.seconds)
+    print(f"codec (encode+parse+decode): {codec:,.0f} frames/s = {codec / line_rate:.1f}x the line rate")
+    print(f"driver: pushing {args.frames} frames through a pty ...", flush=True)
+    fps, cpu_per_frame, events = bench_driver(args.frames)
+    share = cpu_per_frame * line_rate
+    print(f"driver (pty -> readings -> events): {fps:,.0f} frames/s = {fps / line_rate:.1f}x the line rate; {events} events")
+    print(f"driver CPU per frame: {cpu_per_frame * 1e6:.0f} us; CPU share at line rate: {share:.1%} of one core")
+    print(json.dumps({
+        "frames_per_s": round(fps, 1),
+        "codec_frames_per_s": round(codec, 1),
+        "line_rate_frames_per_s": round(line_rate, 1),
+        "ratio": round(fps / line_rate, 2),
+        "cpu_share_at_line_rate": round(share, 4),
+        "frame_bytes": frame_bytes,
+        "machine": f"{os.cpu_count()} cores {os.uname().machine}",
+    }))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
