@@ -280,14 +280,14 @@ class Registry:
                         "received_at": received, "cpu_load_1m": f.cpu_load_1m, "cpu_temp_c": f.cpu_temp_c,
                         "mem_available_bytes": f.mem_available_bytes, "disk_free_bytes": f.disk_free_bytes,
                         "outbox_depth": msg.outbox_depth, "metrics": dict(msg.metrics),
-                        # dict() of these flat models is JSON-ready and far cheaper than model_dump().
-                        "pipelines": {k: dict(p) for k, p in msg.pipelines.items()},
+                        # The fields of these flat models are JSON-ready; copying __dict__ is far cheaper than model_dump().
+                        "pipelines": {k: dict(p.__dict__) for k, p in msg.pipelines.items()},
                     }
                 )
                 prev = facts.get(key)
                 if prev is None or prev["facts_at"] <= msg.ts:
                     facts[key] = {
-                        "facts": dict(f),
+                        "facts": dict(f.__dict__),
                         "arch": f.arch, "node_class": f.node_class, "agent_version": f.agent_version,
                         "release": msg.release, "pipelines": heartbeats[-1]["pipelines"], "metrics": dict(msg.metrics),
                         "facts_at": msg.ts, "heartbeat_interval_s": msg.interval_s,
