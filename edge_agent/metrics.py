@@ -7,14 +7,17 @@ can run many agents in one process and a test can read exactly one agent's count
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, start_http_server
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from edge_agent.supervisor import PIPELINE_STATES
+
+log = logging.getLogger(__name__)
 
 
 class AgentMetrics:
@@ -74,24 +77,82 @@ class AgentMetrics:
         )
 
     def watch_pipeline_errors(self, health_by_pipeline: Callable[[], dict[str, dict[str, Any]]]) -> None:
-        """Export each pipeline's ``errors_by_reason`` as ``shopfleet_agent_pipeline_errors_total``."""
-        self.registry.register(_PipelineErrors(health_by_pipeline))
+        """Export each pipeline's health: ``errors_by_reason`` as ``shopfleet_agent_pipeline_errors_total``,
+        and fps, latency, dropped frames and last-frame age as gauges."""
+        self.registry.register(_PipelineHealth(health_by_pipeline))
 
 
-class _PipelineErrors(Collector):
+# health key -> (metric name, help); gauges read from each pipeline's health() at scrape time
+HEALTH_GAUGES = {
+    "fps": ("shopfleet_agent_pipeline_fps", "Frames (or sensor frames) per second a pipeline processes."),
+    "latency_ms": ("shopfleet_agent_pipeline_latency_seconds", "Processing latency of a pipeline's latest frame."),
+    "last_frame_age_s": ("shopfleet_agent_pipeline_last_frame_age_seconds", "Seconds since a pipeline's newest frame or reading."),
+}
+
+
+class _PipelineHealth(Collector):
     def __init__(self, health_by_pipeline: Callable[[], dict[str, dict[str, Any]]]) -> None:
         self._health = health_by_pipeline
 
-    def collect(self) -> Iterator[CounterMetricFamily]:
-        family = CounterMetricFamily(
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        health = self._health()
+        errors = CounterMetricFamily(
             "shopfleet_agent_pipeline_errors", "Errors a pipeline counted itself, by reason.", labels=["pipeline", "reason"]
         )
-        for name, raw in self._health().items():
+        dropped = CounterMetricFamily(
+            "shopfleet_agent_pipeline_dropped_frames", "Frames a pipeline dropped (stale or lost) since it last started.", labels=["pipeline"]
+        )
+        gauges = {key: GaugeMetricFamily(name, doc, labels=["pipeline"]) for key, (name, doc) in HEALTH_GAUGES.items()}
+        for name, raw in health.items():
             by_reason = raw.get("errors_by_reason") or {}
             if isinstance(by_reason, dict):
                 for reason, count in by_reason.items():
-                    family.add_metric([name, str(reason)], float(count))
-        yield family
+                    errors.add_metric([name, str(reason)], float(count))
+            for key, family in gauges.items():
+                value = raw.get(key)
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    family.add_metric([name], float(value) / 1000.0 if key == "latency_ms" else float(value))
+            value = raw.get("dropped_frames")
+            if isinstance(value, int) and not isinstance(value, bool):
+                dropped.add_metric([name], float(value))
+        yield errors
+        yield dropped
+        yield from gauges.values()
+
+
+class PipelineCollectors(Collector):
+    """Re-export the metrics pipelines collect themselves (``shopfleet_hardware_*``, ``shopfleet_vision_*``).
+
+    A pipeline object that has a ``collect()`` method is a Prometheus collector. Each of its
+    samples gets a ``pipeline`` label, so two sensor boards on one node never produce the same
+    series, and families of the same name from several pipelines are merged into one.
+    """
+
+    def __init__(self, pipelines: Callable[[], dict[str, Any]]) -> None:
+        self._pipelines = pipelines
+
+    def collect(self) -> Iterator[Metric]:
+        merged: dict[str, Metric] = {}
+        for name, pipeline in self._pipelines().items():
+            collect = getattr(pipeline, "collect", None)
+            if not callable(collect):
+                continue
+            try:
+                families = list(collect())
+            except Exception:  # noqa: BLE001 - a broken pipeline must not break /metrics
+                log.exception("pipeline %s: collecting its metrics failed", name)
+                continue
+            for fam in families:
+                out = merged.get(fam.name)
+                if out is None:
+                    out = merged[fam.name] = Metric(fam.name, fam.documentation, fam.type, fam.unit)
+                for sample in fam.samples:
+                    labels = {**sample.labels, "pipeline": name}
+                    out.add_sample(sample.name, labels, sample.value, sample.timestamp, sample.exemplar)
+        yield from merged.values()
+
+    def describe(self) -> list[Metric]:
+        return []
 
 
 class MetricsServer:

@@ -12,11 +12,14 @@ Shaped by three requirements:
   per-node :class:`SeqCursor` (epoch, watermark, open gaps). A late message that fills a gap is
   accepted; a replayed one is a duplicate; a new epoch (a new outbox database) restarts at 1.
 * **1,000+ msg/s on SQLite.** Messages are gathered into a batch until ``batch_max_messages`` or
-  ``batch_max_delay_s`` and written in one transaction on the registry's single writer thread.
-  While a batch is being written the broker keeps sending up to its in-flight window, so the
-  next batch is already waiting.
+  ``batch_max_delay_s`` and written in one transaction by the registry's single writer
+  (:class:`RegistryWriter`), by default a child process so that parsing and storing use a second
+  core instead of fighting the MQTT network thread for the GIL. While a batch is being written
+  the broker keeps sending up to its in-flight window, so the next batch is already waiting.
 
-The MQTT thread calls :meth:`Intake.submit`; :meth:`Intake.run` is the asyncio task.
+Three parts: the MQTT thread calls :meth:`Intake.submit`; :meth:`Intake.run` is the asyncio task
+that gathers batches, hands them to the writer and acknowledges them; :class:`IntakeCore` is what
+runs on the writer (parse, dedupe, store) and returns a :class:`BatchOutcome` for the metrics.
 """
 
 from __future__ import annotations
@@ -302,12 +305,14 @@ class RegistryWriter:
         """Run ``op`` ('batch', 'sweep', 'retention', 'ping') on the writer; raise ``TemporaryStoreError`` to retry."""
         if self._executor is None:
             self._executor = self._make_executor()
+        executor = self._executor
         try:
-            return await asyncio.wrap_future(self._executor.submit(_run_on_writer, self._key, op, *args))
+            return await asyncio.wrap_future(executor.submit(_run_on_writer, self._key, op, *args))
         except BrokenExecutor as exc:
-            log.error("registry writer died (%s); starting a new one", exc)
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
+            if self._executor is executor:  # the first caller to notice replaces it
+                log.error("registry writer died (%s); starting a new one", exc)
+                executor.shutdown(wait=False, cancel_futures=True)
+                self._executor = None
             raise TemporaryStoreError(f"registry writer died: {exc}") from None
 
     def close(self) -> None:

@@ -4,9 +4,11 @@ Two kinds of callers, two kinds of methods:
 
 * **One writer.** The intake, the presence sweeper and retention all write through
   :meth:`Registry.write_batch`, :meth:`Registry.sweep_presence` and
-  :meth:`Registry.enforce_retention`, which the service runs on a single writer thread. One writer
-  means no write races on SQLite and no lost updates on presence, and lets a batch of hundreds of
-  messages go into one transaction (what makes 1,000+ msg/s fit on SQLite).
+  :meth:`Registry.enforce_retention`, which the service runs in its single registry writer (a
+  child process, see :class:`fleet_controller.intake.RegistryWriter`). One writer means no write
+  races on SQLite and no lost updates on presence, lets the writer cache every node's presence,
+  and lets a batch of hundreds of messages go into one transaction (what makes 1,000+ msg/s fit
+  on SQLite). The hottest statements go through the driver's ``executemany`` directly.
 * **Many readers.** The API and the dashboard call the ``list_*``/``get_*`` methods from any
   thread; they return plain JSON-ready dicts.
 

@@ -99,6 +99,11 @@ class BrokerProcess:
                 "log_type error",
                 "log_type warning",
             ]
+            if hasattr(os, "geteuid") and os.geteuid() == 0:
+                # Started as root, Mosquitto drops to the 'mosquitto' user, which cannot write its
+                # persistence file in our private directory: a restart would then lose retained
+                # messages and queued sessions, which is exactly what outage tests exercise.
+                lines.append("user root")
             if self.password_file:
                 lines += ["allow_anonymous false", f"password_file {self.password_file}"]
             else:

@@ -7,19 +7,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 
-def install(service: Any, settings: Any | None) -> None:
-    """Add the releases/rollouts API to a ``ControllerService``, and the executor when ``settings`` names a signing key.
+def install(service: Any, settings: Any | None, *, dependencies: Sequence[Any] = ()) -> None:
+    """Add the releases/rollouts API to a ``ControllerService``, and the executor when ``settings`` is given.
 
     ``settings`` is an :class:`~fleet_controller.rollout.executor.ExecutorSettings` (or None: API
-    only, e.g. a read-only replica without the signing key).
+    only, e.g. a replica without the signing key). ``dependencies`` (``Depends(...)`` values, e.g.
+    requiring the ml-engineer role) guard every route of the router.
     """
     from fleet_controller.rollout.api import build_router
     from fleet_controller.rollout.executor import RolloutExecutor
 
-    service.add_router(build_router(service.engine))
+    service.add_router(build_router(service.engine, dependencies=dependencies))
     if settings is None:
         return
     executor = RolloutExecutor.from_settings(

@@ -135,3 +135,8 @@ def test_agent_sends_shelf_events_through_the_outbox(make_agent, recorder, board
     board.put_back(0, 1, 345)
     events = wait_for(lambda: [m for m in uplinks(recorder, Channel.EVENTS) if isinstance(m, Event) and m.type == "shelf_change"], 30, "shelf_change")
     assert events[0].data["quantity"] == 1 and events[0].data["slot"] == "A1" and events[0].source == "shelf-a"
+    # the agent's own registry (its /metrics) carries the driver's metrics per pipeline, and the health gauges
+    reg = agent.registry
+    assert reg.get_sample_value("shopfleet_hardware_frames_total", {"board": "shelf-a", "pipeline": "shelf-board"}) > 0
+    assert reg.get_sample_value("shopfleet_agent_pipeline_fps", {"pipeline": "shelf-board"}) > 0
+    assert reg.get_sample_value("shopfleet_agent_pipeline_last_frame_age_seconds", {"pipeline": "shelf-board"}) < 5

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import queue
 import stat
 import subprocess
@@ -115,12 +114,7 @@ def secured(tmp_path):
     files = write_broker_config(PAIRS, tmp_path / "cfg")
     creds = json.loads(files.credentials_file.read_text())
     (tmp_path / "broker").mkdir()
-    # As root, Mosquitto drops to the 'mosquitto' user, which cannot enter pytest's 0700 temp
-    # directories; keep it root here (production: chown the files to the broker's user).
-    b = BrokerProcess(
-        workdir=tmp_path / "broker", engine="mosquitto", password_file=files.password_file, acl_file=files.acl_file,
-        extra_config="user root" if os.geteuid() == 0 else "",
-    )
+    b = BrokerProcess(workdir=tmp_path / "broker", engine="mosquitto", password_file=files.password_file, acl_file=files.acl_file)
     b.start()
     yield b, creds
     b.cleanup()

@@ -325,3 +325,36 @@ def test_start_refuses_a_shop_whose_overlay_does_not_exist(h: Harness):
     with pytest.raises(RolloutError, match="s-b .label manifests-overlay=nope.: unknown edge overlay 'nope'"):
         h.start("r1")
     assert h.published == []
+
+
+def test_two_executors_ticking_at_once_publish_each_shop_once(h: Harness):
+    """Both controllers tick concurrently, and the lease changes hands mid-rollout: still one revision per shop."""
+    import threading
+
+    h.executors.append(h.executor("ctl-b"))
+    h.start("r1", waves=[{"name": "all", "percent": 100}], max_in_flight=4)
+    errors: list[BaseException] = []
+    leaders: list[str] = []
+
+    def loop(i: int) -> None:
+        try:
+            for _ in range(15):
+                if h.executors[i].tick():
+                    leaders.append(h.executors[i].instance)
+        except BaseException as exc:  # noqa: BLE001 - surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=loop, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    h.now += 11  # the leader "dies"; whoever ticks next takes over
+    for i in (1, 0):
+        h.executors[i].tick()
+    revisions: dict[str, set[int]] = {}
+    for _, state, _ in h.published:
+        revisions.setdefault(state.shop, set()).add(state.revision)
+    assert sorted(revisions) == SHOPS and all(r == {1} for r in revisions.values())
+    assert len(set(leaders)) == 1  # while the lease was valid, one instance only

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import queue
 
 import httpx
@@ -224,3 +226,38 @@ async def test_extension_points_in_process(broker, tmp_path):
         assert svc.metrics_registry.get_sample_value("shopfleet_controller_worker_restarts_total", {"worker": "flaky"}) == 1
     finally:
         await svc.stop()
+
+
+def test_mqtt5_shared_subscription_and_session_expiry(broker, tmp_path):
+    """With protocol 5 and a shared group the controller subscribes as $share/<group>/... and keeps its session."""
+    settings_ = controller_settings(broker, tmp_path, broker={"protocol": "5", "shared_group": "controllers", "client_id": "ctl-v5"})
+    rc = RunningController(settings_)
+    n = Node(broker, will=False)
+    try:
+        n.send(heartbeat(seq=1))
+        wait_for(lambda: node_row(rc).get("watermark") == 1, what="message via the shared subscription")
+        rc.stop()
+        for s in (2, 3):
+            n.send(heartbeat(seq=s))
+        rc = RunningController(settings_)
+        wait_for(lambda: node_row(rc).get("watermark") == 3, what="messages queued in the MQTT 5 session")
+        assert node_row(rc)["open_gaps"] == 0
+    finally:
+        n.close()
+        rc.stop()
+
+
+def test_a_killed_registry_writer_is_replaced_and_nothing_is_lost(controller, broker):
+    n = Node(broker, will=False)
+    n.send(heartbeat(seq=1))
+    wait_for(lambda: node_row(controller).get("watermark") == 1, what="first message")
+    pid = controller.call(controller.service.writer.call("ping"))
+    os.kill(pid, signal.SIGKILL)
+    for s in (2, 3, 4):
+        n.send(heartbeat(seq=s))
+    wait_for(lambda: node_row(controller).get("watermark") == 4, timeout=30, what="messages stored by a new writer")
+    row = node_row(controller)
+    assert (row["messages_total"], row["open_gaps"], row["duplicates_total"]) == (4, 0, 0)
+    assert controller.call(controller.service.writer.call("ping")) != pid
+    assert controller.metric("shopfleet_controller_store_errors_total", kind="temporary") >= 1
+    n.close()

@@ -55,7 +55,9 @@ def test_every_seq_exactly_once_in_the_registry(tmp_path: Path, broker: BrokerPr
         agent.start()
         wait_for(lambda: agent.stored() < 50, 60, "the replay of the backlog")
         agent.kill()  # killed while connected and streaming
+        session = node_row(controller)["session"]
         agent.start()
+        wait_for(lambda: node_row(controller)["session"] > session, 60, "the restarted agent's birth")
         before = node_row(controller)["watermark"]
         wait_for(lambda: node_row(controller)["watermark"] >= before + 50, 60, "new messages after the restart")
         assert agent.terminate() == 0
