@@ -61,6 +61,11 @@ waits for our acks. Longer gathers more per transaction on a trickling stream; s
 less time per window when the backlog is large."""
 
 
+PIPELINE_DEPTH = 2
+"""Batches handed to the writer before the oldest is acknowledged (at least 2). 2 keeps the writer busy while
+this process acknowledges; more only holds more messages unacknowledged."""
+
+
 class Verdict(StrEnum):
     """What the intake decides about one (epoch, seq) of a node."""
 
@@ -352,6 +357,7 @@ class Intake:
         self._waiting = threading.Event()
         self._rlog = RateLimitedLog(log, settings.log_every_s)
         self.stored_total = 0
+        self.failing_since: float | None = None  # when storing started failing, while it does
     # ----- producer side (MQTT thread) -------------------------------------------------------
 
     def submit(self, message: InboundMessage) -> None:
@@ -365,13 +371,30 @@ class Intake:
     # ----- consumer side (asyncio) -------------------------------------------------------------
 
     async def run(self) -> None:
-        """Collect batches and write them until cancelled."""
+        """Collect batches and write them until cancelled.
+
+        Up to ``PIPELINE_DEPTH`` batches are handed to the writer at once, so it starts on the
+        next batch while this process acknowledges the previous one; results are taken (and
+        messages acknowledged) strictly in the order the batches were formed.
+        """
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
+        submitted: asyncio.Queue[tuple[list[InboundMessage], asyncio.Task, float]] = asyncio.Queue(PIPELINE_DEPTH - 1)
+        completer = asyncio.create_task(self._complete_in_order(submitted), name="intake-completer")
+        try:
+            while True:
+                batch = await self._collect()
+                if batch:
+                    await submitted.put((batch, asyncio.create_task(self.writer.call("batch", batch)), time.perf_counter()))
+        finally:
+            completer.cancel()
+            while not submitted.empty():
+                submitted.get_nowait()[1].cancel()
+
+    async def _complete_in_order(self, submitted: asyncio.Queue) -> None:
         while True:
-            batch = await self._collect()
-            if batch:
-                await self._write_with_retry(batch)
+            batch, task, t0 = await submitted.get()
+            await self._finish(batch, task, t0)
 
     async def _collect(self) -> list[InboundMessage]:
         assert self._wake is not None
@@ -408,20 +431,29 @@ class Intake:
         self.metrics.intake_queue.set(len(self._pending))
         return batch
 
-    async def _write_with_retry(self, batch: list[InboundMessage]) -> None:
+    async def _finish(self, batch: list[InboundMessage], task: asyncio.Task, t0: float) -> None:
+        """Wait for a submitted batch (retrying it while storing fails), then record and acknowledge it."""
         attempt = 0
         while True:
             try:
-                t0 = time.perf_counter()
-                outcome: BatchOutcome = await self.writer.call("batch", batch)
+                outcome: BatchOutcome = await task
                 break
-            except TemporaryStoreError as exc:
-                # The database is unreachable or locked: keep the batch (unacknowledged) and retry.
+            except Exception as exc:  # noqa: BLE001 - the intake loop never dies; the batch stays unacknowledged
+                # TemporaryStoreError: the database is unreachable or locked, or the writer died.
+                # Anything else is a bug, logged with its traceback; retrying keeps the messages.
                 attempt += 1
-                self.metrics.store_errors.labels(kind="temporary").inc()
+                if self.failing_since is None:
+                    self.failing_since = time.time()
+                kind = "temporary" if isinstance(exc, TemporaryStoreError) else "unexpected"
+                self.metrics.store_errors.labels(kind=kind).inc()
                 delay = min(self._retry_delay * 2 ** min(attempt - 1, 5), 30.0)
-                self._rlog.warning("store", "cannot store a batch of %s messages (%s); retrying in %.1fs", len(batch), exc, delay)
+                if kind == "unexpected":
+                    log.exception("storing a batch of %s messages failed unexpectedly; retrying in %.1fs", len(batch), delay)
+                else:
+                    self._rlog.warning("store", "cannot store a batch of %s messages (%s); retrying in %.1fs", len(batch), exc, delay)
                 await asyncio.sleep(delay)
+                task = asyncio.create_task(self.writer.call("batch", batch))
+        self.failing_since = None
         done = time.time()
         self.metrics.batch_seconds.observe(time.perf_counter() - t0)
         self.metrics.batch_size.observe(len(batch))

@@ -33,6 +33,7 @@ import contextlib
 import logging
 import signal
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -310,15 +311,17 @@ class ControllerService:
         self.engine.dispose()
 
     def health(self) -> dict[str, Any]:
-        """Return the health report of /healthz: ``ok`` when connected and no worker has failed."""
+        """Return the health report of /healthz: ``ok`` when connected, storing, and no worker has failed."""
         workers = {w.name: w.state for w in self._workers.values()}
-        ok = self.mqtt.connected and "failed" not in workers.values()
+        failing = self.intake.failing_since
+        ok = self.mqtt.connected and "failed" not in workers.values() and failing is None
         return {
             "status": "ok" if ok else "degraded",
             "instance": self.settings.instance,
             "mqtt_connected": self.mqtt.connected,
             "workers": workers,
             "messages_stored": self.intake.stored_total,
+            "store_failing_for_s": None if failing is None else round(time.time() - failing, 1),
         }
 
     # ----- internals ---------------------------------------------------------------------------
@@ -392,11 +395,39 @@ class ControllerService:
                 await asyncio.sleep(delay)
 
 
+def build_service(
+    settings: ControllerSettings, *, migrate: bool = True, announce: Callable[[str], None] | None = None
+) -> ControllerService:
+    """Return the whole controller: the core service plus logins and dashboard, alerts, releases and rollouts.
+
+    This is the one place the parts are put together (``shopfleet controller`` and the demo both
+    use it); each part plugs in through the extension points above. Raises ``ValueError``
+    subclasses naming the file and the fix for a bad alert-rules file or signing key.
+    """
+    from fleet_controller import rollout
+    from fleet_controller.alerts.rules import load_rules
+    from fleet_controller.dashboard.setup import attach
+    from fleet_controller.signing import load_private_key
+
+    rules = load_rules(settings.alert_rules)
+    if settings.rollout is not None:
+        load_private_key(settings.rollout.signing_key)  # refuse a missing or bad key now, not at the first rollout
+    service = ControllerService(settings, migrate=migrate)
+    attach(service, rules, open_metrics=settings.dashboard.public_metrics, secure_cookies=settings.dashboard.secure_cookies,
+           announce=announce, dashboard_url=settings.dashboard.url)
+    rollout.install(service, settings.rollout)
+    return service
+
+
 def run_controller(settings: ControllerSettings, *, migrate: bool = True) -> int:
     """Run the controller until SIGINT or SIGTERM; return the exit code."""
 
     async def main() -> int:
-        service = ControllerService(settings, migrate=migrate)
+        try:
+            service = build_service(settings, migrate=migrate, announce=lambda line: print(line, flush=True))
+        except ValueError as exc:
+            print(f"shopfleet controller: {exc}", file=sys.stderr)
+            return 2
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

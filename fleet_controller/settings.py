@@ -23,6 +23,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from fleet_controller.rollout.settings import ExecutorSettings
+
 ENV_PREFIX = "SHOPFLEET_CONTROLLER_"
 _TOPIC_GROUP_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -132,6 +134,18 @@ class IntakeSettings(_Section):
     log_every_s: float = Field(60.0, gt=0, description="A rejected message of a given reason is logged at most once per this many seconds.")
 
 
+class DashboardSettings(_Section):
+    """Dashboard, logins and what stays open without one."""
+
+    public_metrics: bool = Field(
+        True, description="Serve /metrics without a login (Prometheus scrapers carry no cookie); false requires a token."
+    )
+    secure_cookies: bool | None = Field(
+        None, description="Mark session cookies Secure; unset: only when the request came over https."
+    )
+    url: str = Field("", description="External address of the dashboard, used in alert webhooks' links.")
+
+
 class ControllerSettings(_Section):
     """Everything ``shopfleet controller`` needs."""
 
@@ -151,6 +165,15 @@ class ControllerSettings(_Section):
     presence: PresenceSettings = Field(default_factory=PresenceSettings, description="Presence timing.")
     retention: RetentionSettings = Field(default_factory=RetentionSettings, description="History bounds.")
     intake: IntakeSettings = Field(default_factory=IntakeSettings, description="Intake batching.")
+    alert_rules: Path | None = Field(
+        None, description="Alert rules YAML (docs/alerts.md); unset: the built-in defaults an operator would want."
+    )
+    rollout: ExecutorSettings | None = Field(
+        None,
+        description="Rollout executor (docs/rollouts.md); unset: the releases/rollouts API is served but no rollout "
+        "advances (a replica without the signing key).",
+    )
+    dashboard: DashboardSettings = Field(default_factory=DashboardSettings, description="Dashboard and logins.")
 
     def database_url(self) -> str:
         """Return the registry URL, defaulting to SQLite in ``data_dir``."""

@@ -99,7 +99,7 @@ class BrokerProcess:
                 "log_type error",
                 "log_type warning",
             ]
-            if hasattr(os, "geteuid") and os.geteuid() == 0:
+            if hasattr(os, "geteuid") and os.geteuid() == 0 and "user " not in self.extra_config:
                 # Started as root, Mosquitto drops to the 'mosquitto' user, which cannot write its
                 # persistence file in our private directory: a restart would then lose retained
                 # messages and queued sessions, which is exactly what outage tests exercise.

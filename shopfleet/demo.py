@@ -352,12 +352,8 @@ async def _run(args: argparse.Namespace) -> int:
     import sqlalchemy as sa
 
     from edge_agent.apply.verify import Verifier, load_public_key
-    from fleet_controller import rollout
     from fleet_controller.accounts.store import ensure_demo_users
-    from fleet_controller.alerts.rules import AlertRules
-    from fleet_controller.dashboard.setup import attach
-    from fleet_controller.rollout.executor import ExecutorSettings
-    from fleet_controller.service import ControllerService
+    from fleet_controller.service import build_service
     from fleet_controller.settings import ControllerSettings
     from fleet_controller.signing import generate_keypair
     from shopfleet.broker import BrokerProcess
@@ -382,18 +378,18 @@ async def _run(args: argparse.Namespace) -> int:
         broker.start()
         _say(started, f"broker: {broker.engine} on {broker.host}:{broker.port}")
         port = args.port if _port_free(args.port) else 0
+        key = data_dir / "keys" / "signing.pem"
+        if not key.exists():
+            generate_keypair(key, key.with_suffix(".pub"))
         settings = ControllerSettings.model_validate({
             "data_dir": str(data_dir / "controller"),
             "broker": {"port": broker.port},
             "api": {"port": port},
             "presence": {"default_interval_s": args.heartbeat, "sweep_interval_s": 1.0},
+            "rollout": {"signing_key": str(key), "tick_interval_s": 1.0, "republish_after_s": 10.0},
         })
-        service = ControllerService(settings)
-        attach(service, AlertRules.model_validate({"interval_s": 5}), announce=lambda line: None)
-        key = data_dir / "keys" / "signing.pem"
-        if not key.exists():
-            generate_keypair(key, key.with_suffix(".pub"))
-        rollout.install(service, ExecutorSettings(signing_key=key, tick_interval_s=1.0, republish_after_s=10.0))
+        # The demo prints its own logins, so the first-start admin password is not announced.
+        service = build_service(settings, announce=lambda line: None)
         await service.start()
         _say(started, f"controller: API and dashboard at {service.api_url}  (OpenAPI docs at {service.api_url}/docs)")
         users = await asyncio.to_thread(ensure_demo_users, service.engine)

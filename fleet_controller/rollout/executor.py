@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from pydantic import BaseModel, ConfigDict, Field
+
 from sqlalchemy import or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
@@ -49,6 +49,7 @@ from fleet_controller.rollout.gates import NodeHealth, ReadingValue, evaluate_ga
 from fleet_controller.rollout.models import ACTIVE_ROLLOUT_STATES, ExecutorLease
 from fleet_controller.rollout.planner import FleetShop, RolloutPlan
 from fleet_controller.rollout.policy import RolloutPolicy
+from fleet_controller.rollout.settings import ExecutorSettings
 from fleet_controller.rollout.store import DESIRED, OVERLAY_LABEL, ROLLOUTS, RSHOPS, load_fleet, log_event
 from fleet_controller.signing import Signer
 
@@ -59,19 +60,6 @@ LEASES = ExecutorLease.__table__
 
 Publish = Callable[[str, bytes, bool, int], None]
 """``publish(topic, payload, retain, qos)``: blocks until the broker acknowledged it, raises on failure."""
-
-
-class ExecutorSettings(BaseModel):
-    """Settings of the rollout executor (the ``rollout:`` section of the controller config)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    signing_key: Path = Field(description="PEM ed25519 private key that signs desired states ('shopfleet release keygen' makes one).")
-    tick_interval_s: float = Field(2.0, gt=0, le=60, description="Seconds between executor steps; lower reacts faster, costs more queries.")
-    lease_ttl_s: float = Field(15.0, gt=0, description="Seconds a controller stays executor without renewing; another takes over after it.")
-    republish_after_s: float = Field(30.0, gt=0, description="Re-publish a shop's desired state if it has not reported on it after this long.")
-    publish_concurrency: int = Field(
-        16, ge=1, le=256, description="Desired states published at once, each waiting for its broker acknowledgement; higher starts a large wave sooner, costs threads."
-    )
 
 
 class RolloutMetrics:

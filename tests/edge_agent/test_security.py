@@ -24,8 +24,6 @@ from shopfleet.broker import BrokerProcess, free_port
 
 from .helpers import wait_for
 
-ROOT = "user root" if hasattr(os, "geteuid") and os.geteuid() == 0 else ""
-
 
 def make_agent(tmp_path: Path, broker: dict[str, Any]) -> Agent:
     config = validate_config(
@@ -53,7 +51,7 @@ def auth_broker(tmp_path: Path) -> Iterator[BrokerProcess]:
     pw = tmp_path / "passwd"
     subprocess.run([tool, "-b", "-c", str(pw), "sec-1-pi-1", "right-password"], check=True)
     (tmp_path / "broker").mkdir()
-    b = BrokerProcess(workdir=tmp_path / "broker", password_file=pw, extra_config=ROOT)
+    b = BrokerProcess(workdir=tmp_path / "broker", password_file=pw, extra_config="")
     b.start()
     yield b
     b.cleanup()
@@ -124,7 +122,7 @@ def tls_broker(tmp_path: Path) -> Iterator[tuple[BrokerProcess, int, str, str]]:
     os.chmod(key, 0o644)
     tls_port = free_port()
     (tmp_path / "broker").mkdir()
-    extra = "\n".join(filter(None, [ROOT, f"listener {tls_port} 127.0.0.1", f"cafile {ca}", f"certfile {cert}", f"keyfile {key}"]))
+    extra = "\n".join(filter(None, [f"listener {tls_port} 127.0.0.1", f"cafile {ca}", f"certfile {cert}", f"keyfile {key}"]))
     b = BrokerProcess(workdir=tmp_path / "broker", extra_config=extra)
     b.start()
     wait_for(lambda: _listening(tls_port), 10, "the TLS listener")

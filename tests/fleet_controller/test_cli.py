@@ -23,8 +23,12 @@ def test_controller_process_serves_and_stops_on_sigterm(broker, tmp_path):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
-        line = proc.stdout.readline()  # blocks until the controller says where its API is
-        m = re.search(r"API (http://[\d.:]+)", line)
+        m = None
+        for _ in range(5):  # the first-start admin announcement may come first
+            line = proc.stdout.readline()  # blocks until the controller says something
+            m = re.search(r"API (http://[\d.:]+)", line)
+            if m:
+                break
         assert m, line + proc.stderr.read() if proc.poll() is not None else line
         r = httpx.get(f"{m.group(1)}/healthz", timeout=10)
         assert r.status_code == 200 and r.json()["mqtt_connected"] is True
