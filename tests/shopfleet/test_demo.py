@@ -1,0 +1,36 @@
+"""``shopfleet demo`` as a newcomer runs it: the whole fleet comes up, both rollouts play out, nothing is left behind."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_runs_the_fleet_and_both_rollouts_then_cleans_up() -> None:
+    before = {p.pid for p in psutil.process_iter()}
+    proc = subprocess.run(
+        [sys.executable, "-m", "shopfleet", "--log-level", "WARNING", "demo", "--shops", "2", "--duration", "70", "--port", "0"],
+        capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    summary = json.loads(lines[-1])
+    assert summary["shops"] == 2 and summary["nodes"] == 6
+    assert summary["nodes_seen_online"] == 6 and summary["nodes_online"] == 6
+    assert summary["messages_ingested"] > 50 and summary["messages_rejected"] == 0 and summary["missing"] == 0
+    assert summary["events"] > 0  # shelf picks and door events from the simulated boards, shoppers from the cameras
+    assert summary["rollouts"] == {"2026.11.1": "completed", "2026.11.2-bad": "failed"}, lines[-8:]
+    assert any("demo logins:" in line and "operator / operator-demo-pass" in line for line in lines)
+    leftovers = [p for p in psutil.process_iter(["pid", "name"]) if p.pid not in before and p.info["name"] in ("mosquitto", "amqtt")]
+    assert not leftovers, leftovers
+
+
+def test_demo_refuses_bad_arguments() -> None:
+    proc = subprocess.run([sys.executable, "-m", "shopfleet", "demo", "--shops", "0"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--shops 0 is out of range" in proc.stderr
