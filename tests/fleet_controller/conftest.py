@@ -6,8 +6,7 @@ the app only this fixture has to learn to log in.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
@@ -48,17 +47,6 @@ def alert(shop: str = "shop-a", node: str = "pi-1", seq: int = 1, epoch: str = "
 def presence(shop: str = "shop-a", node: str = "pi-1", state: str = "online", session: int = 1) -> Presence:
     """Return a birth or Will."""
     return Presence(shop=shop, node=node, state=state, session=session)
-
-
-def wait_for(cond: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> object:
-    """Poll ``cond`` until it returns something truthy; fail the test naming ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 @pytest.fixture
@@ -189,3 +177,4 @@ class Node:
 
 
 from edge_agent.protocol import Topics as Topic  # noqa: E402
+from tests.support.wait import wait_for  # noqa: F401 - re-exported for the tests of this package

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -11,17 +10,7 @@ from prometheus_client import CollectorRegistry
 
 from hardware.driver import Driver, DriverSettings
 from hardware.planogram import Planogram, Slot
-
-
-def wait_for(cond: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> object:
-    """Poll cond until it returns a truthy value; fail the test after timeout seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.02)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}")
+from tests.support.wait import wait_for  # noqa: F401 - re-exported for the tests of this package
 
 
 def metric(registry: CollectorRegistry, name: str, **labels: str) -> float:

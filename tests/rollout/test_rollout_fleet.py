@@ -30,22 +30,13 @@ from fleet_controller.rollout.policy import policy_from_dict
 from fleet_controller.rollout.store import rollout_status, start_rollout
 from fleet_controller.signing import Signer, generate_keypair
 from shopfleet.broker import BrokerProcess
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.slow
 
 N_SHOPS = 200
 ROOT = Path(__file__).resolve().parents[2]
 DIGEST = "@sha256:" + "ef" * 32
-
-
-def wait_for(cond, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 class ControllerProc:
