@@ -70,6 +70,8 @@ class VisionPipeline:
         self._errors: dict[str, int] = {}
         self._detail = "not started"
         self._dark = False
+        self._registry: Any = None  # the pipeline's own metrics (shopfleet_vision_*), kept across restarts
+        self._metrics: Any = None
 
     def _count(self, reason: str, n: int = 1) -> None:
         with self._lock:
@@ -95,7 +97,14 @@ class VisionPipeline:
         camera = cfg.camera or zones.camera
         detector = OnnxDetector(pkg, providers=cfg.providers, threads=cfg.threads, score_threshold=cfg.score_threshold, classes=["person"])
         cap = Capture(cfg.source, camera=camera, live=cfg.live, backoff_initial=cfg.reconnect_initial_s, backoff_max=cfg.reconnect_max_s)
-        pipe = Pipeline(detector, [(cap, zones)], tracker_config=cfg.tracker)
+        if self._registry is None:
+            from prometheus_client import CollectorRegistry
+
+            from vision.metrics import VisionMetrics
+
+            self._registry = CollectorRegistry()
+            self._metrics = VisionMetrics(self._registry)
+        pipe = Pipeline(detector, [(cap, zones)], tracker_config=cfg.tracker, metrics=self._metrics)
         with self._lock:
             self._pipe = pipe
         self._detail = f"{camera}: {pkg.manifest.name} {pkg.manifest.precision} on {detector.session.get_providers()[0]}"
@@ -141,6 +150,15 @@ class VisionPipeline:
         if not stop.is_set():
             self._detail = f"source {cfg.source} ended after {pipe.frames} frames"
             raise RuntimeError(self._detail)
+
+    def collect(self) -> Any:
+        """Yield the pipeline's own metrics (``shopfleet_vision_*``); the agent re-exports them on /metrics."""
+        if self._registry is not None:
+            yield from self._registry.collect()
+
+    def describe(self) -> list[Any]:
+        """Return nothing, so registering does not collect early."""
+        return []
 
     def health(self) -> dict[str, Any]:
         """Return fps, latency, dropped frames, age of the last frame and errors by reason."""

@@ -153,3 +153,8 @@ def test_agent_sends_camera_events_through_the_outbox(make_agent, recorder, asse
     agent.heartbeat()
     hb = wait_for(lambda: [m for m in uplinks(recorder, Channel.TELEMETRY) if isinstance(m, Heartbeat) and "cam-1" in m.pipelines], 30, "a heartbeat")
     assert hb[-1].pipelines["cam-1"].kind == "vision"
+    # the agent's /metrics carries the pipeline's own counters (labelled by pipeline) and the health gauges
+    reg = agent.registry
+    assert reg.get_sample_value("shopfleet_vision_frames_total", {"camera": "plaza", "pipeline": "cam-1"}) > 0
+    assert reg.get_sample_value("shopfleet_vision_events_total", {"camera": "plaza", "kind": "person_entered", "pipeline": "cam-1"}) >= 1
+    assert reg.get_sample_value("shopfleet_agent_pipeline_last_frame_age_seconds", {"pipeline": "cam-1"}) is not None
