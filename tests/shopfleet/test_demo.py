@@ -34,3 +34,17 @@ def test_demo_runs_the_fleet_and_both_rollouts_then_cleans_up() -> None:
 def test_demo_refuses_bad_arguments() -> None:
     proc = subprocess.run([sys.executable, "-m", "shopfleet", "demo", "--shops", "0"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--shops 0 is out of range" in proc.stderr
+
+
+def test_demo_with_the_real_camera_pipeline() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "shopfleet", "--log-level", "WARNING", "demo", "--shops", "1", "--duration", "40", "--port", "0",
+         "--camera", "--no-rollouts"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    cam = summary["cameras"]["demo-01/gpu-1/plaza-cam"]
+    assert cam["state"] == "running" and cam["fps"] > 1
+    # zone events come only from the real pipeline (YOLOv4-tiny + tracker + shelf zone on vtest.avi)
+    assert summary["events_by_type"].get("zone_enter", 0) > 0
