@@ -9,7 +9,7 @@ DEVSTAMP := $(VENV)/.installed-dev
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv dev system-deps fixtures lint bench clean
+.PHONY: demo test venv dev system-deps fixtures lint bench screenshots clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ lint: $(DEVSTAMP)
 
 bench: $(DEVSTAMP)
 	for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+# The README's dashboard screenshots, taken of the running demo in Debian's Chromium.
+screenshots: $(DEVSTAMP)
+	$(PY) scripts/screenshots.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

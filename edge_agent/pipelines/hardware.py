@@ -78,6 +78,7 @@ class HardwarePipeline:
         self._last_sent: dict[tuple[str, int], float] = {}
         self._frames_window: list[float] = []
         self._disconnected = False
+        self._planogram: Any = None
 
     def run(self, stop: threading.Event, sink: EventSink) -> None:
         """Load the planogram, then keep the board connected and relay its events until stop is set."""
@@ -87,6 +88,7 @@ class HardwarePipeline:
         from hardware.planogram import load_planogram
 
         planogram = load_planogram(Path(self.config.planogram)) if self.config.planogram else None
+        self._planogram = planogram
         with self._lock:
             if self._registry is None:  # keep counters across restarts, so errors_by_reason never decreases
                 self._registry = CollectorRegistry()
@@ -144,6 +146,11 @@ class HardwarePipeline:
                 return
             self._last_sent[key] = now
         labels = {"board": r.board, "channel": str(r.channel)}
+        slot = self._planogram.slot_for(r.board, r.channel) if self._planogram is not None else None
+        if slot is not None:  # the dashboard shows the slot and product, not the wiring
+            labels.update(slot=slot.slot, product=slot.product)
+        if r.kind == "temperature":  # a board's thermometers sit in the fridges (alert rule 'fridge_warm')
+            labels["sensor"] = "fridge-thermometer"
         sink.readings([Reading(name=READING_NAMES[r.kind], value=r.value, unit=r.unit, source=f"{r.board}/{r.channel}", labels=labels)])
 
     def health(self) -> dict[str, Any]:

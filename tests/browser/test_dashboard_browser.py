@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +13,10 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 from .conftest import CHROMIUM, CHROMIUM_ARGS, SHOPS
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
-DOCS_IMG = Path(__file__).resolve().parents[2] / "docs" / "img"
+# Screenshots go to a temporary directory; SHOPFLEET_UPDATE_SCREENSHOTS=1 writes them to docs/img
+# instead (the README shows the ones `make screenshots` takes of the demo).
+DOCS_IMG = (Path(__file__).resolve().parents[2] / "docs" / "img" if os.environ.get("SHOPFLEET_UPDATE_SCREENSHOTS") == "1"
+            else Path(tempfile.gettempdir()) / "shopfleet-screenshots")
 
 
 @pytest.fixture(scope="module")

@@ -79,6 +79,10 @@ def test_pick_door_and_temperature_reach_the_sink_and_readings_are_downsampled(b
         assert health["fps"] > 1 and health["last_frame_age_s"] < 2 and "shelf-a" in health["detail"]
         with sink.lock:
             weights = [r for r in sink.read if r.name == "shelf_weight_g" and r.labels["channel"] == "0"]
+        assert weights[0].labels["slot"] == "A1" and weights[0].labels["product"] == "cola-330"
+        with sink.lock:
+            temps = [r for r in sink.read if r.name == "temperature_c"]
+        assert temps and temps[0].labels["sensor"] == "fridge-thermometer"  # what the fridge_warm rule and page key on
         exported = CollectorRegistry()
         exported.register(pipe)  # the pipeline is a collector of the driver's metrics
         frames = exported.get_sample_value("shopfleet_hardware_frames_total", {"board": "shelf-a"})
