@@ -62,6 +62,9 @@ NodeKey = tuple[str, str]
 # Node columns a heartbeat updates, in the order _update_nodes binds them; the JSON ones among them.
 _FACT_COLUMNS = ("facts", "arch", "node_class", "agent_version", "release", "pipelines", "metrics", "facts_at", "heartbeat_interval_s")
 _NODE_JSON = frozenset({"facts", "pipelines", "metrics"})
+# Heartbeat columns in the order _store_uplinks builds its rows; metrics and pipelines are JSON.
+_HEARTBEAT_COLUMNS = ("shop_id", "node_id", "epoch", "seq", "ts", "received_at", "cpu_load_1m", "cpu_temp_c",
+                      "mem_available_bytes", "disk_free_bytes", "outbox_depth", "metrics", "pipelines")
 
 
 class NotFound(LookupError):
@@ -164,6 +167,11 @@ def _gaps_json(gaps: tuple[tuple[int, int], ...]) -> list[list[int]]:
     return [[a, b] for a, b in gaps]
 
 
+def _gaps_text(gaps: tuple[tuple[int, int], ...]) -> str:
+    """Return the JSON text of ``gaps`` ("[]" without calling the encoder: nearly every node has none)."""
+    return json.dumps(_gaps_json(gaps)) if gaps else "[]"
+
+
 # --------------------------------------------------------------------------------------------
 # Registry
 # --------------------------------------------------------------------------------------------
@@ -264,10 +272,16 @@ class Registry:
         self._presence.update(self._pending_presence)
         return events
 
-    def _store_uplinks(self, conn: Connection, batch: WriteBatch, now: float, out: list[BusEvent]) -> dict[NodeKey, dict[str, Any]]:
-        """Insert history, upsert latest values; append bus events to ``out``; return the facts per node."""
-        heartbeats: list[dict[str, Any]] = []
-        facts: dict[NodeKey, dict[str, Any]] = {}
+    def _store_uplinks(
+        self, conn: Connection, batch: WriteBatch, now: float, out: list[BusEvent]
+    ) -> dict[NodeKey, tuple[Heartbeat, str, str]]:
+        """Insert history, upsert latest values; append bus events to ``out``.
+
+        Return the latest heartbeat of each node with the JSON text of its metrics and pipelines
+        (encoded once, for its history row and for the node's row).
+        """
+        heartbeats: list[tuple[Any, ...]] = []
+        facts: dict[NodeKey, tuple[Heartbeat, str, str]] = {}
         readings: dict[tuple[str, str, str, str], dict[str, Any]] = {}
         event_rows: list[dict[str, Any]] = []
         results: dict[str, dict[str, Any]] = {}
@@ -276,24 +290,16 @@ class Registry:
             key = (msg.shop, msg.node)
             if isinstance(msg, Heartbeat):
                 f = msg.facts
-                heartbeats.append(
-                    {
-                        "shop_id": msg.shop, "node_id": msg.node, "epoch": msg.epoch, "seq": msg.seq, "ts": msg.ts,
-                        "received_at": received, "cpu_load_1m": f.cpu_load_1m, "cpu_temp_c": f.cpu_temp_c,
-                        "mem_available_bytes": f.mem_available_bytes, "disk_free_bytes": f.disk_free_bytes,
-                        "outbox_depth": msg.outbox_depth, "metrics": dict(msg.metrics),
-                        # The fields of these flat models are JSON-ready; copying __dict__ is far cheaper than model_dump().
-                        "pipelines": {k: dict(p.__dict__) for k, p in msg.pipelines.items()},
-                    }
-                )
+                metrics = json.dumps(msg.metrics)
+                # The fields of these flat models are JSON-ready; their __dict__ is far cheaper than model_dump().
+                pipelines = json.dumps({k: p.__dict__ for k, p in msg.pipelines.items()})
+                heartbeats.append((
+                    msg.shop, msg.node, msg.epoch, msg.seq, msg.ts, received, f.cpu_load_1m, f.cpu_temp_c,
+                    f.mem_available_bytes, f.disk_free_bytes, msg.outbox_depth, metrics, pipelines,
+                ))
                 prev = facts.get(key)
-                if prev is None or prev["facts_at"] <= msg.ts:
-                    facts[key] = {
-                        "facts": dict(f.__dict__),
-                        "arch": f.arch, "node_class": f.node_class, "agent_version": f.agent_version,
-                        "release": msg.release, "pipelines": heartbeats[-1]["pipelines"], "metrics": dict(msg.metrics),
-                        "facts_at": msg.ts, "heartbeat_interval_s": msg.interval_s,
-                    }
+                if prev is None or prev[0].ts <= msg.ts:
+                    facts[key] = (msg, metrics, pipelines)
             elif isinstance(msg, Telemetry):
                 for r in msg.readings:
                     rk = (msg.shop, msg.node, r.source, r.name)
@@ -331,7 +337,7 @@ class Registry:
                     "ts": msg.ts, "received_at": received,
                 }
         if heartbeats:
-            self._insert_many(conn, HEARTBEATS, heartbeats)
+            self._insert_many(conn, HEARTBEATS, _HEARTBEAT_COLUMNS, heartbeats)
         self._upsert(conn, READINGS, list(readings.values()), ("shop_id", "node_id", "source", "name"))
         self._upsert(conn, RESULTS, list(results.values()), ("correlation_id",))
         self._upsert(conn, REPORTED, list(reported.values()), ("shop_id",))
@@ -420,18 +426,22 @@ class Registry:
             state[key] = new
         return self._set_presences(conn, changes, now)
 
-    def _update_nodes(self, conn: Connection, batch: WriteBatch, facts: dict[NodeKey, dict[str, Any]]) -> None:
+    def _update_nodes(self, conn: Connection, batch: WriteBatch, facts: dict[NodeKey, tuple[Heartbeat, str, str]]) -> None:
         """Update facts, sequence cursor, counters and last_seen of every node in the batch, one statement per row shape."""
         groups: dict[tuple[bool, bool], list[tuple[Any, ...]]] = {}
         for key, seen in batch.seen.items():
             u = batch.nodes.get(key)
-            f = facts.get(key)
+            latest = facts.get(key)
             row: tuple[Any, ...] = (seen,)
             if u is not None:
-                row += (u.cursor.epoch, u.cursor.watermark, json.dumps(_gaps_json(u.cursor.gaps)), u.messages, u.duplicates, u.missing)
-            if f is not None:
-                row += tuple(json.dumps(f[c]) if c in _NODE_JSON else f[c] for c in _FACT_COLUMNS)
-            groups.setdefault((u is not None, f is not None), []).append(row + key)
+                c = u.cursor
+                row += (c.epoch, c.watermark, _gaps_text(c.gaps), u.messages, u.duplicates, u.missing)
+            if latest is not None:  # in _FACT_COLUMNS order
+                hb, metrics, pipelines = latest
+                f = hb.facts
+                row += (json.dumps(f.__dict__), f.arch, f.node_class, f.agent_version, hb.release, pipelines, metrics,
+                        hb.ts, hb.interval_s)
+            groups.setdefault((u is not None, latest is not None), []).append(row + key)
         ph = self._placeholder
         greatest = "MAX" if self._dialect == "sqlite" else "GREATEST"
         for (has_cursor, has_facts), rows in groups.items():
@@ -449,15 +459,13 @@ class Registry:
             return "?"
         return "%s::json" if json_value else "%s"
 
-    def _insert_many(self, conn: Connection, table, rows: list[dict[str, Any]]) -> None:
-        """Insert ``rows`` with the driver's executemany: on the hot path SQLAlchemy's per-row parameter
-        processing costs more than the database's own insert."""
-        cols = list(rows[0])
+    def _insert_many(self, conn: Connection, table, cols: Sequence[str], rows: list[tuple[Any, ...]]) -> None:
+        """Insert ``rows`` (tuples in ``cols`` order, JSON columns already encoded) with the driver's executemany:
+        on the hot path SQLAlchemy's per-row parameter processing costs more than the database's own insert."""
         json_cols = {c.name for c in table.columns if isinstance(c.type, JSON)}
         names = ", ".join(f'"{c}"' for c in cols)
         values = ", ".join(self._placeholder(c in json_cols) for c in cols)
-        sql = f"INSERT INTO {table.name} ({names}) VALUES ({values})"
-        conn.exec_driver_sql(sql, [tuple(json.dumps(r[c]) if c in json_cols else r[c] for c in cols) for r in rows])
+        conn.exec_driver_sql(f"INSERT INTO {table.name} ({names}) VALUES ({values})", rows)
 
     def _revive(self, conn: Connection, batch: WriteBatch, now: float) -> list[BusEvent]:
         """Bring back nodes that silence made stale or offline, or never seen online: any message means alive."""

@@ -42,11 +42,14 @@ REGIONS = ("eu-west", "eu-north", "us-east")
 NODES = (
     # node id, class, facts that make it look like the shop's machine
     ("gpu-1", "gpu", {"arch": "amd64", "node_class": "gpu", "cpu_count": 8, "gpu": "NVIDIA RTX A2000 12GB",
-                      "onnx_providers": ("CUDAExecutionProvider", "CPUExecutionProvider"), "mem_total_bytes": 32 << 30}),
+                      "onnx_providers": ("CUDAExecutionProvider", "CPUExecutionProvider"), "mem_total_bytes": 32 << 30,
+                      "mem_available_bytes": 21 << 30, "disk_total_bytes": 512 << 30, "disk_free_bytes": 390 << 30}),
     ("pi-1", "pi", {"arch": "arm64", "node_class": "pi", "cpu_count": 4, "gpu": None, "cpu_temp_c": 52.0,
-                    "onnx_providers": ("CPUExecutionProvider",), "mem_total_bytes": 8 << 30}),
+                    "onnx_providers": ("CPUExecutionProvider",), "mem_total_bytes": 8 << 30, "mem_available_bytes": 5 << 30,
+                    "disk_total_bytes": 64 << 30, "disk_free_bytes": 41 << 30}),
     ("pi-2", "pi", {"arch": "arm64", "node_class": "pi", "cpu_count": 4, "gpu": None, "cpu_temp_c": 49.5,
-                    "onnx_providers": ("CPUExecutionProvider",), "mem_total_bytes": 8 << 30}),
+                    "onnx_providers": ("CPUExecutionProvider",), "mem_total_bytes": 8 << 30, "mem_available_bytes": 6 << 30,
+                    "disk_total_bytes": 64 << 30, "disk_free_bytes": 47 << 30}),
 )
 GOOD_IMAGES = {
     "agent": "ghcr.io/shopfleet/agent@sha256:" + "a1" * 32,
