@@ -226,7 +226,9 @@ class IntakeCore:
                 self._rlog.warning(exc.reason, "rejected a message on %r: %s", topic[:200], exc.detail[:500])
         # Cursors this batch moves, on top of the committed ones; merged only after the commit.
         cursors: dict[NodeKey, SeqCursor] = {}
-        unknown = {(msg.shop, msg.node) for msg, _ in parsed if not isinstance(msg, Presence)} - self._cursors.keys()
+        known = self._cursors
+        unknown = {(msg.shop, msg.node) for msg, _ in parsed if not isinstance(msg, Presence)}
+        unknown = {k for k in unknown if k not in known}  # not "- known.keys()": that walks every known node
         if unknown:
             cursors.update(self.registry.load_cursors(unknown))
         counts: dict[NodeKey, list[int]] = {}  # per node: [stored, duplicates, missing]
