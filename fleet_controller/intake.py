@@ -278,8 +278,8 @@ def _init_writer(key: str, db_url: str, log_every_s: float, log_level: int | Non
     if log_level is not None:  # a spawned child starts with no logging set up
         logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s[writer]: %(message)s")
     _CORES[key] = IntakeCore(Registry(create_engine(db_url)), log_every_s)
-    if log_level is not None:
-        # The child's own process: move everything imported so far out of the collector's sight.
+    if multiprocessing.parent_process() is not None:
+        # The writer's own process: move everything imported so far out of the collector's sight.
         # Parsing allocates heavily, and each full collection otherwise rescans the whole heap of
         # imported modules (a quarter of the writer's time in a profile).
         gc.freeze()
