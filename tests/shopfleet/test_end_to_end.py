@@ -7,42 +7,36 @@ must follow the Will and the next birth.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from fleet_controller.registry import NotFound
-from fleet_controller.settings import ControllerSettings
 from shopfleet.broker import BrokerProcess
 from tests.edge_agent.helpers import wait_for
 from tests.edge_agent.test_subprocess import NODE, SHOP, AgentProcess
-from tests.support.controller import ControllerThread
+from tests.fleet_controller.conftest import RunningController, controller_settings
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def controller(tmp_path: Path, broker: BrokerProcess):
-    settings = ControllerSettings.model_validate({
-        "data_dir": str(tmp_path / "controller"),
-        "broker": {"port": broker.port},
-        "api": {"port": 0},
-        "presence": {"sweep_interval_s": 0.2},
-        "retention": {"heartbeats_per_node": 100000},
-    })
-    c = ControllerThread(settings).start()
-    yield c
-    c.stop()
+def controller(tmp_path: Path, broker: BrokerProcess) -> Iterator[RunningController]:
+    # keep every heartbeat, so retention never trims what the test counts
+    rc = RunningController(controller_settings(broker, tmp_path, retention={"heartbeats_per_node": 100000}))
+    yield rc
+    rc.stop()
 
 
-def node_row(c: ControllerThread) -> dict:
+def node_row(rc: RunningController) -> dict:
     try:
-        return c.service.registry.get_node(SHOP, NODE, history=0)
+        return rc.service.registry.get_node(SHOP, NODE, history=0)
     except NotFound:  # not registered yet
         return {}
 
 
-def test_every_seq_exactly_once_in_the_registry(tmp_path: Path, broker: BrokerProcess, controller: ControllerThread) -> None:
+def test_every_seq_exactly_once_in_the_registry(tmp_path: Path, broker: BrokerProcess, controller: RunningController) -> None:
     agent = AgentProcess(tmp_path, broker, ticker=True)
     try:
         agent.start()
