@@ -16,18 +16,7 @@ import importlib
 import logging
 import sys
 
-# Modules that add subcommands, in the order ``shopfleet --help`` lists them.
-COMMAND_MODULES = (
-    "shopfleet.demo",  # demo
-    "edge_agent.cli",  # agent
-    "fleet_controller.cli",  # controller, broker-config
-    "fleet_controller.rollout.cli",  # release, rollout, manifests
-    "hardware.cli",  # hw simulate, read, calibrate
-    "fleet_controller.accounts.cli",  # users, tokens
-    "vision.cli",  # vision fetch-model, quantize, run, eval-tracker
-)
-
-# Which module registers each command (keep in step with COMMAND_MODULES).
+# Which module registers each command, in the order ``shopfleet --help`` lists them.
 COMMANDS: dict[str, str] = {
     "demo": "shopfleet.demo",
     "agent": "edge_agent.cli",
@@ -41,6 +30,8 @@ COMMANDS: dict[str, str] = {
     "tokens": "fleet_controller.accounts.cli",
     "vision": "vision.cli",
 }
+COMMAND_MODULES = tuple(dict.fromkeys(COMMANDS.values()))
+"""Every module that registers commands (all of them are imported for ``--help``)."""
 
 
 def _command_of(argv: list[str]) -> str | None:
