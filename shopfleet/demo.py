@@ -27,6 +27,7 @@ import json
 import logging
 import random
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -57,6 +58,7 @@ GOOD_IMAGES = {
     "hardware": "ghcr.io/shopfleet/hardware@sha256:" + "c3" * 32,
 }
 BAD_IMAGES = {**GOOD_IMAGES, "vision": "ghcr.io/shopfleet/vision@sha256:" + "d4" * 32}
+GOOD_RELEASE, BAD_RELEASE = "2026.11.1", "2026.11.2-bad"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -330,8 +332,8 @@ class RolloutShow:
         from fleet_controller.releases import ReleaseSpec, ReleaseStore
 
         store = ReleaseStore(self.engine)
-        store.create(ReleaseSpec(name="2026.11.1", version="2026.11.1", images=GOOD_IMAGES))
-        store.create(ReleaseSpec(name="2026.11.2-bad", version="2026.11.2", images=BAD_IMAGES,
+        store.create(ReleaseSpec(name=GOOD_RELEASE, version="2026.11.1", images=GOOD_IMAGES))
+        store.create(ReleaseSpec(name=BAD_RELEASE, version="2026.11.2", images=BAD_IMAGES,
                                  labels={"simulate": "degraded"}))
 
     def step(self) -> None:
@@ -349,7 +351,7 @@ class RolloutShow:
             self.results[status["release"]] = status["status"]
             self.phase = f"rollout {status['release']}: {status['status']} {status['reason']}".strip()
             self.current = None
-        for release in ("2026.11.1", "2026.11.2-bad"):
+        for release in (GOOD_RELEASE, BAD_RELEASE):
             if release not in self.results:
                 self.current = start_rollout(self.engine, release, demo_policy(self.shops, self.bake_s))
                 self.phase = f"rollout {release}: started"
@@ -403,8 +405,6 @@ async def _run(args: argparse.Namespace) -> int:
     shops: list[DemoShop] = []
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    import signal
-
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     seen_online: set[tuple[str, str]] = set()
