@@ -30,7 +30,7 @@ from pydantic import ValidationError
 
 from edge_agent.clock import ClockOffsetEstimator
 from edge_agent.facts import FactsProvider, OverriddenFacts, SystemFacts
-from edge_agent.metrics import AgentMetrics, MetricsServer, PipelineCollectors
+from edge_agent.metrics import AgentMetrics, MetricsServer
 from edge_agent.mqtt import InMessage, MqttSettings, TlsSettings
 from edge_agent.outbox import Outbox, Priority
 from edge_agent.pipelines import build_pipeline
@@ -260,10 +260,7 @@ class Agent:
                     on_restart=lambda name: self.metrics.pipeline_restarts.labels(name).inc(),
                 )
             )
-        self.metrics.watch_pipeline_errors(
-            lambda: {name: _safe_health(r.pipeline) for name, r in self.supervisor.runners.items()}
-        )
-        self.registry.register(PipelineCollectors(lambda: {name: r.pipeline for name, r in self.supervisor.runners.items()}))
+        self.metrics.watch_pipelines(lambda: {name: r.pipeline for name, r in self.supervisor.runners.items()}, _safe_health)
         self.metrics_server: MetricsServer | None = None
         self.heartbeats_sent = 0
 

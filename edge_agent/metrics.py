@@ -76,10 +76,14 @@ class AgentMetrics:
             "shopfleet_agent_clock_offset_seconds", "Controller clock minus node clock, estimated from beacons.", registry=r
         )
 
-    def watch_pipeline_errors(self, health_by_pipeline: Callable[[], dict[str, dict[str, Any]]]) -> None:
-        """Export each pipeline's health: ``errors_by_reason`` as ``shopfleet_agent_pipeline_errors_total``,
-        and fps, latency, dropped frames and last-frame age as gauges."""
-        self.registry.register(_PipelineHealth(health_by_pipeline))
+    def watch_pipelines(self, pipelines: Callable[[], dict[str, Any]], health: Callable[[Any], dict[str, Any]]) -> None:
+        """Export the supervised pipelines at scrape time: their health (errors by reason, fps, latency,
+        dropped frames, last-frame age) and the metrics pipelines collect themselves.
+
+        ``pipelines()`` returns the pipeline objects by name; ``health(pipeline)`` one's health dict.
+        """
+        self.registry.register(_PipelineHealth(lambda: {name: health(p) for name, p in pipelines().items()}))
+        self.registry.register(PipelineCollectors(pipelines))
 
 
 # health key -> (metric name, help); gauges read from each pipeline's health() at scrape time

@@ -38,7 +38,7 @@ def test_every_flag_documented(flag: str) -> None:
 
 def test_every_metric_documented() -> None:
     registry = CollectorRegistry()
-    AgentMetrics(registry).watch_pipeline_errors(lambda: {})
+    AgentMetrics(registry).watch_pipelines(lambda: {}, lambda p: {})
     names = {m.name for m in registry.collect()}
     assert names
     for name in names:
