@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +21,8 @@ from fleet_controller.releases import ReleaseError, ReleaseSpec, ReleaseStore, m
 from fleet_controller.rollout.api import build_router
 from fleet_controller.rollout.cli import main as cli
 from fleet_controller.signing import Signer, SigningKeyError, generate_keypair, load_private_key
+from shopfleet.broker import free_port
+from tests.support.wait import wait_for
 
 DIG = "sha256:" + "9f" * 32
 
@@ -204,15 +204,11 @@ def test_api_routes_and_router_level_dependency(engine):
 
 def test_cli_over_the_api(engine, capsys):
     _fleet(engine)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(_guarded_app(engine, "tok"), host="127.0.0.1", port=port, log_level="warning"))
     t = threading.Thread(target=server.run, daemon=True)
     t.start()
-    deadline = time.monotonic() + 10
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_for(lambda: server.started, 10, "the API server to start")
     try:
         api = ["--api", f"http://127.0.0.1:{port}", "--token", "tok"]
         assert cli(["release", "create", "--name", "r1", "--version", "1", "--image", f"vision=reg/vision@{DIG}", *api]) == 0
