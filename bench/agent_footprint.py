@@ -42,7 +42,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shopfleet.broker import BrokerProcess  # noqa: E402
+from shopfleet.broker import BrokerProcess
 
 TARGET_RSS_MB = 60.0
 TARGET_CPU_PERCENT = 1.0
@@ -176,7 +176,7 @@ def main() -> int:
             (work / f"{name}.yaml").write_text(yaml.safe_dump(config))
             argv = ["agent", "--config", str(work / f"{name}.yaml")]
             cmd = [sys.executable, "-m", "shopfleet", "--log-level", "WARNING", *argv] if name == "agent" else [sys.executable, "-c", AGENT_ONLY, *argv]
-            agents[name] = subprocess.Popen(cmd, stderr=open(work / f"{name}.log", "wb"))
+            agents[name] = subprocess.Popen(cmd, stderr=open(work / f"{name}.log", "wb"))  # noqa: SIM115 - held by the child
         bare = subprocess.Popen([sys.executable, "-c", BARE, str(broker.port), str(args.interval)])
         procs += [*agents.values(), bare]
         samplers = {name: Sampler(p.pid, args.warmup, lambda name=name: counts[name] > 0) for name, p in agents.items()}

@@ -30,16 +30,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import paho.mqtt.client as paho  # noqa: E402
-from sqlalchemy import func, select  # noqa: E402
+import paho.mqtt.client as paho
+from sqlalchemy import func, select
 
-from edge_agent.protocol import Heartbeat, NodeFacts, Topics, encode  # noqa: E402
-from fleet_controller.db import create_engine  # noqa: E402
-from fleet_controller.migrations import upgrade  # noqa: E402
-from fleet_controller.models import HeartbeatRecord  # noqa: E402
-from fleet_controller.service import ControllerService  # noqa: E402
-from fleet_controller.settings import load_settings  # noqa: E402
-from shopfleet.broker import BrokerProcess  # noqa: E402
+from edge_agent.protocol import Heartbeat, NodeFacts, Topics, encode
+from fleet_controller.db import create_engine
+from fleet_controller.migrations import upgrade
+from fleet_controller.models import HeartbeatRecord
+from fleet_controller.service import ControllerService
+from fleet_controller.settings import load_settings
+from shopfleet.broker import BrokerProcess
 
 FACTS = NodeFacts(hostname="pi", arch="arm64", os="Debian 12", kernel="6.6", node_class="pi", cpu_count=4, cpu_load_1m=0.4,
                   mem_total_bytes=4 << 30, mem_available_bytes=3 << 30, disk_total_bytes=32 << 30, disk_free_bytes=20 << 30,

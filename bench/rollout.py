@@ -102,7 +102,7 @@ def bench_rollout(n: int, heartbeat_s: float, bake_s: float) -> dict:
         "executor": {"signing_key": str(tmp / "k.pem"), "tick_interval_s": 0.5, "lease_ttl_s": 10},
     }
     ctl = subprocess.Popen([sys.executable, __file__, "--controller-process", json.dumps(config)], stdout=subprocess.PIPE,
-                           stderr=open(tmp / "controller.log", "wb"), cwd=ROOT)
+                           stderr=open(tmp / "controller.log", "wb"), cwd=ROOT)  # noqa: SIM115 - held by the child
     assert ctl.stdout.readline().startswith(b"READY"), f"controller did not start; see {tmp / 'controller.log'}"
     proc = psutil.Process(ctl.pid)
     peak = [proc.memory_info().rss]
@@ -136,7 +136,7 @@ def bench_rollout(n: int, heartbeat_s: float, bake_s: float) -> dict:
         policy = policy_from_dict({**POLICY, "max_in_flight": 500, "bake_time_s": bake_s, "apply_timeout_s": 120,
                                    "gates": {"min_fps": 5}})
         in_before = fleet.messages_in
-        out_before = sum(s._seq for s in fleet.shops.values())  # noqa: SLF001 - bench reads the sim's counters
+        out_before = sum(s._seq for s in fleet.shops.values())
         t0 = time.perf_counter()
         rid = start_rollout(engine, "r1", policy)["id"]
         last = ""
@@ -157,7 +157,7 @@ def bench_rollout(n: int, heartbeat_s: float, bake_s: float) -> dict:
         return {
             "seconds": elapsed,
             "desired_in": fleet.messages_in - in_before,
-            "uplinks_out": sum(s._seq for s in fleet.shops.values()) - out_before,  # noqa: SLF001
+            "uplinks_out": sum(s._seq for s in fleet.shops.values()) - out_before,
             "peak_rss_mb": peak[0] / 2**20,
             "floor_s": len(policy.waves) * (bake_s + heartbeat_s),
         }

@@ -104,7 +104,7 @@ def bench_driver(frames: int) -> tuple[float, float, int]:
     stop = threading.Event()
     counts = {"readings": 0, "events": 0}
 
-    def emit(item) -> None:  # noqa: ANN001
+    def emit(item) -> None:
         t = item.to_json()["type"]
         if t == "reading":
             counts["readings"] += 1

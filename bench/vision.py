@@ -25,14 +25,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import cv2  # noqa: E402
+import cv2
 
-from vision.capture import Capture  # noqa: E402
-from vision.detector import OnnxDetector  # noqa: E402
-from vision.fixtures import fetch_fixture  # noqa: E402
-from vision.model import cache_root, fetch_model, load_package  # noqa: E402
-from vision.pipeline import Pipeline  # noqa: E402
-from vision.zones import ZonesConfig  # noqa: E402
+from vision.capture import Capture
+from vision.detector import OnnxDetector
+from vision.fixtures import fetch_fixture
+from vision.model import cache_root, fetch_model, load_package
+from vision.pipeline import Pipeline
+from vision.zones import ZonesConfig
 
 ZONES = {
     "camera": "bench",

@@ -119,7 +119,7 @@ class ReadingBatcher:
 class AgentSink:
     """The EventSink a pipeline gets: events and alerts go to the outbox, readings are batched."""
 
-    def __init__(self, agent: "Agent", pipeline: str, policy: PipelineConfigBase) -> None:
+    def __init__(self, agent: Agent, pipeline: str, policy: PipelineConfigBase) -> None:
         self.agent = agent
         self.pipeline = pipeline
         self.batcher = ReadingBatcher(policy.telemetry_reduce)
@@ -138,14 +138,14 @@ class AgentSink:
         """Send a shop event through the outbox."""
         try:
             self.agent.send(Event, type=type, source=source or self.pipeline, data=data or {}, at=at)
-        except Exception as exc:  # noqa: BLE001 - the sink never raises into a pipeline
+        except Exception as exc:
             self._reject("event", exc)
 
     def alert(self, name: str, state: str, severity: str, source: str, message: str = "", data: dict[str, Any] | None = None) -> None:
         """Send an alert through the outbox."""
         try:
             self.agent.send(Alert, name=name, state=state, severity=severity, source=source or self.pipeline, message=message, data=data or {})
-        except Exception as exc:  # noqa: BLE001 - the sink never raises into a pipeline
+        except Exception as exc:
             self._reject("alert", exc)
 
     def readings(self, readings: list[Reading]) -> None:
@@ -359,7 +359,7 @@ class Agent:
             if now >= next_beat:
                 try:
                     self.heartbeat()
-                except Exception:  # noqa: BLE001 - a failing fact source must not end heartbeats
+                except Exception:
                     log.exception("node %s/%s: heartbeat failed; trying again next interval", self.shop, self.node)
                 next_beat = max(next_beat + interval, now)
             for sink in self.sinks.values():
@@ -377,7 +377,7 @@ class Agent:
         except ProtocolError as exc:
             self._reject_downlink(exc.reason, f"{msg.topic}: {exc.detail}")
             return
-        except Exception as exc:  # noqa: BLE001 - the network loop must survive anything
+        except Exception as exc:
             self._reject_downlink("internal", f"{msg.topic}: {exc!r}")
             return
         kind = parsed.kind
@@ -422,7 +422,7 @@ class Agent:
                 continue
             try:
                 self._run_command(cmd)
-            except Exception:  # noqa: BLE001 - e.g. the outbox cannot store the reply; next command
+            except Exception:
                 log.exception("node %s/%s: could not answer command %s (%s)", self.shop, self.node, cmd.name, cmd.correlation_id)
 
     def _run_command(self, cmd: Command) -> None:
@@ -435,7 +435,7 @@ class Agent:
             try:
                 result = dict(handler(cmd) or {})
                 ok, outcome = True, "ok"
-            except Exception as exc:  # noqa: BLE001 - a handler's failure is the command's result
+            except Exception as exc:
                 error, outcome = f"{type(exc).__name__}: {exc}"[:2000], "error"
                 log.warning("node %s/%s: command %s failed: %s", self.shop, self.node, cmd.name, error)
         self.metrics.commands.labels(self._command_label(cmd.name), outcome).inc()
@@ -462,7 +462,7 @@ class Agent:
                 handler(desired)
                 self._desired_last_handled = fingerprint
                 self.metrics.desired_states.labels("handled").inc()
-            except Exception:  # noqa: BLE001 - the worker survives a failing handler
+            except Exception:
                 self.metrics.desired_states.labels("error").inc()
                 log.exception("node %s/%s: desired state handler failed for revision %d", self.shop, self.node, desired.revision)
 
@@ -470,13 +470,13 @@ class Agent:
 def _safe_health(pipeline: Pipeline) -> dict[str, Any]:
     try:
         return pipeline.health() or {}
-    except Exception:  # noqa: BLE001 - metrics collection must not fail on a pipeline
+    except Exception:
         return {}
 
 
 def _flush_quietly(sink: AgentSink) -> None:
     try:
         sink.flush()
-    except Exception:  # noqa: BLE001 - a bad batch must not stop the ticker
+    except Exception:
         log.exception("pipeline %s: could not send telemetry", sink.pipeline)
 

@@ -10,7 +10,7 @@ from shop and node, so validating those ids here means every topic the agent use
 from __future__ import annotations
 
 import os
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,7 +49,7 @@ class TLSConfig(_Model):
     insecure: bool = Field(False, description="Skip the host name check of the broker certificate. Testing only.")
 
     @model_validator(mode="after")
-    def _pair(self) -> "TLSConfig":
+    def _pair(self) -> TLSConfig:
         if bool(self.cert_file) != bool(self.key_file):
             raise ValueError("cert_file and key_file go together: set both for mutual TLS, or neither")
         for key in ("ca_file", "cert_file", "key_file"):
@@ -75,7 +75,7 @@ class BrokerConfig(_Model):
     reconnect_max_s: float = Field(30.0, gt=0, le=3600, description="Longest delay between reconnect attempts.")
 
     @model_validator(mode="after")
-    def _checks(self) -> "BrokerConfig":
+    def _checks(self) -> BrokerConfig:
         if self.password is not None and self.password_file:
             raise ValueError("set either password or password_file, not both")
         if self.password_file and not os.path.isfile(self.password_file):
@@ -148,14 +148,14 @@ class AgentConfigBase(_Model):
         return validate_id(value, f"{info.field_name} id")
 
     @model_validator(mode="after")
-    def _facts(self) -> "AgentConfigBase":
+    def _facts(self) -> AgentConfigBase:
         unknown = sorted(set(self.facts_override) - set(NodeFacts.model_fields))
         if unknown:
             raise ValueError(f"facts_override has unknown keys {unknown}: use keys of NodeFacts ({', '.join(NodeFacts.model_fields)})")
         return self
 
 
-@lru_cache(maxsize=None)
+@cache
 def agent_config_model(pipeline_types: frozenset[str] | None = None) -> type[AgentConfigBase]:
     """Return the AgentConfig model whose ``pipelines`` accept the given types (default: all)."""
     union = config_union(None if pipeline_types is None else sorted(pipeline_types))

@@ -143,7 +143,7 @@ class PipelineCollectors(Collector):
                 continue
             try:
                 families = list(collect())
-            except Exception:  # noqa: BLE001 - a broken pipeline must not break /metrics
+            except Exception:
                 log.exception("pipeline %s: collecting its metrics failed", name)
                 continue
             for fam in families:

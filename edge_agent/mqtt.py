@@ -16,6 +16,7 @@ presence) is retained.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
 import time
@@ -262,7 +263,5 @@ class MqttLink:
         """
         pair = getattr(self._client, "_sockpairW", None)
         if pair is not None:
-            try:
+            with contextlib.suppress(BlockingIOError, OSError):
                 pair.send(b"0")
-            except (BlockingIOError, OSError):
-                pass

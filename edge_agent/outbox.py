@@ -128,7 +128,7 @@ class Outbox:
         def __exit__(self, exc_type: object, *rest: object) -> None:
             self.db.execute("ROLLBACK" if exc_type else "COMMIT")
 
-    def _tx(self) -> "Outbox._Tx":
+    def _tx(self) -> Outbox._Tx:
         return Outbox._Tx(self._db)
 
     def _meta_int(self, key: str) -> int:

@@ -27,9 +27,9 @@ import re
 import time
 import uuid
 from enum import StrEnum
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 SCHEMA_VERSION = 1
 """Version of every payload defined here. A receiver refuses versions it does not know."""
@@ -344,7 +344,7 @@ class ReportedState(Uplink):
 
 
 UplinkMessage = Annotated[
-    Union[Heartbeat, Telemetry, Event, Alert, CommandResult, ReportedState],
+    Heartbeat | Telemetry | Event | Alert | CommandResult | ReportedState,
     Field(discriminator="kind"),
 ]
 

@@ -202,7 +202,7 @@ class PipelineRunner:
                 if self._stop.is_set():
                     break
                 raise RuntimeError("run() returned before stop was set")
-            except Exception as exc:  # noqa: BLE001 - any failure of a pipeline is supervised
+            except Exception as exc:
                 if self._stop.is_set():
                     break
                 self.last_error = f"{type(exc).__name__}: {exc}"[:300]
@@ -234,7 +234,7 @@ class PipelineRunner:
         """Return the pipeline's health as sent in heartbeats."""
         try:
             raw = self.pipeline.health() or {}
-        except Exception as exc:  # noqa: BLE001 - a broken health() must not break heartbeats
+        except Exception as exc:
             raw = {"detail": f"health() failed: {exc}"}
         if self._state in ("backoff", "failed") and not raw.get("detail"):
             raw = {**raw, "detail": self.last_error}

@@ -144,7 +144,7 @@ class UplinkLoop:
                 except PermanentError as exc:
                     log.error("node %s/%s: %s; the uplink stops", self.shop, self.node, exc)
                     return
-                except Exception:  # noqa: BLE001 - the loop never dies; retry with backoff
+                except Exception:
                     log.exception("node %s/%s: cannot connect", self.shop, self.node)
                     attempt += 1
                     self._wait(backoff_delay(attempt, self.reconnect_min_s, self.reconnect_max_s))
@@ -166,7 +166,7 @@ class UplinkLoop:
                     return
                 except TemporaryError as exc:
                     log.warning("node %s/%s: %s; reconnecting", self.shop, self.node, exc)
-                except Exception:  # noqa: BLE001 - e.g. a full disk under the outbox; the loop goes on
+                except Exception:
                     log.exception("node %s/%s: uplink error; reconnecting", self.shop, self.node)
                     self._link.disconnect()
                 finally:

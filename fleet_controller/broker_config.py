@@ -99,7 +99,7 @@ def render_acl(pairs: Sequence[tuple[str, str]], controller_user: str = "control
         "",
     ]
     for shop, node in pairs:
-        out += node_acl(shop, node) + [""]
+        out += [*node_acl(shop, node), ""]
     return "\n".join(out)
 
 

@@ -93,7 +93,11 @@ def _run_controller(args: argparse.Namespace) -> int:
 
 
 def _run_broker_config(args: argparse.Namespace) -> int:
-    from fleet_controller.broker_config import BrokerConfigError, parse_node_file, write_broker_config
+    from fleet_controller.broker_config import (
+        BrokerConfigError,
+        parse_node_file,
+        write_broker_config,
+    )
 
     try:
         pairs = list(args.pairs)

@@ -9,9 +9,9 @@ as Alembic revisions under ``fleet_controller/migrations/versions``.
 from __future__ import annotations
 
 from sqlalchemy import MetaData, event
+from sqlalchemy import create_engine as _create_engine
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase
-from sqlalchemy import create_engine as _create_engine
 
 # Stable constraint names, so migrations can refer to them on every engine.
 NAMING_CONVENTION = {

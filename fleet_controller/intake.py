@@ -124,7 +124,7 @@ class BatchOutcome:
     filled: int = 0  # late messages that filled a gap
 
     @staticmethod
-    def combine(parts: Sequence["BatchOutcome"]) -> "BatchOutcome":
+    def combine(parts: Sequence[BatchOutcome]) -> BatchOutcome:
         """Return the sum of several outcomes."""
         kinds: collections.Counter[str] = collections.Counter()
         reasons: collections.Counter[str] = collections.Counter()
@@ -205,7 +205,7 @@ class IntakeCore:
             return self._process(raw, now)
         except (OperationalError, InterfaceError):
             raise
-        except Exception as exc:  # noqa: BLE001 - a loop never dies of bad input
+        except Exception as exc:
             if len(raw) == 1:
                 detail = str(getattr(exc, "orig", exc))[:300]
                 self._rlog.warning("unstorable", "dropping a message on %r that cannot be stored: %s: %s", raw[0][0][:200], type(exc).__name__, detail)
@@ -351,7 +351,7 @@ class RegistryWriter:
             return
         try:
             self._executor.submit(_run_on_writer, self._key, "close").result(30)
-        except Exception as exc:  # noqa: BLE001 - closing anyway
+        except Exception as exc:
             log.warning("registry writer did not close cleanly: %s", exc)
         self._executor.shutdown(wait=True)
         self._executor = None
@@ -463,7 +463,7 @@ class Intake:
             try:
                 outcome: BatchOutcome = await task
                 break
-            except Exception as exc:  # noqa: BLE001 - the intake loop never dies; the batch stays unacknowledged
+            except Exception as exc:
                 # TemporaryStoreError: the database is unreachable or locked, or the writer died.
                 # Anything else is a bug, logged with its traceback; retrying keeps the messages.
                 attempt += 1

@@ -82,7 +82,7 @@ FINDING_RULES = (
 class ManifestInvalid(ValueError):
     """Manifests that fail schema or policy checks; permanent until the YAML is fixed."""
 
-    def __init__(self, findings: Sequence["Finding"]) -> None:
+    def __init__(self, findings: Sequence[Finding]) -> None:
         self.findings = tuple(findings)
         head = "; ".join(f.describe() for f in self.findings[:5])
         more = f" (+{len(self.findings) - 5} more)" if len(self.findings) > 5 else ""

@@ -260,7 +260,7 @@ class MqttAdapter:
             self._on_state(False)
 
     def _handle_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
-        for topic, rc in zip(subscription_filters(self.config), reason_codes):
+        for topic, rc in zip(subscription_filters(self.config), reason_codes, strict=False):
             if rc.is_failure:
                 log.error("broker refused the subscription to %r: %s (check the controller user's ACL)", topic, rc)
 

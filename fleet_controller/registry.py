@@ -35,7 +35,16 @@ from sqlalchemy import JSON, bindparam, delete, func, insert, or_, select, tuple
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
-from edge_agent.protocol import Alert, CommandResult, Event, Heartbeat, Presence, ReportedState, Telemetry, validate_id
+from edge_agent.protocol import (
+    Alert,
+    CommandResult,
+    Event,
+    Heartbeat,
+    Presence,
+    ReportedState,
+    Telemetry,
+    validate_id,
+)
 from fleet_controller.models import (
     CommandResultRecord,
     EventRecord,
@@ -343,7 +352,7 @@ class Registry:
         self._upsert(conn, REPORTED, list(reported.values()), ("shop_id",))
         if event_rows:
             ids = conn.execute(insert(EVENTS).returning(EVENTS.c.id, sort_by_parameter_order=True), event_rows).scalars().all()
-            for row_id, row in zip(ids, event_rows):
+            for row_id, row in zip(ids, event_rows, strict=False):
                 out.append(BusEvent(row["kind"], row["shop_id"], row["node_id"], {"id": row_id, **row}, now))
         out += [BusEvent("reported_state", s, r["node_id"], r, now) for s, r in reported.items()]
         return facts

@@ -70,7 +70,7 @@ WORKER_RESTART_WINDOW_S = 300.0
 class Subscription:
     """One subscriber's bounded queue of bus events; iterate it with ``async for``."""
 
-    def __init__(self, bus: "EventBus", topics: frozenset[str] | None, maxsize: int) -> None:
+    def __init__(self, bus: EventBus, topics: frozenset[str] | None, maxsize: int) -> None:
         self._bus = bus
         self.topics = topics
         self.queue: asyncio.Queue[BusEvent] = asyncio.Queue(maxsize)
@@ -84,7 +84,7 @@ class Subscription:
         """Return the next event, waiting for one."""
         return await self.queue.get()
 
-    def __aiter__(self) -> "Subscription":
+    def __aiter__(self) -> Subscription:
         return self
 
     async def __anext__(self) -> BusEvent:
@@ -295,7 +295,7 @@ class ControllerService:
                     Topics.controller_presence, encode(ControllerPresence(state="offline", instance=self.settings.instance)),
                     retain=True, timeout=5,
                 )
-            except Exception as exc:  # noqa: BLE001 - shutting down anyway; the Will covers it
+            except Exception as exc:
                 log.warning("could not publish offline presence: %s", exc)
         await asyncio.to_thread(self.mqtt.stop)
         for t in self._tasks:

@@ -72,7 +72,7 @@ class BrokerSettings(_Section):
         return v
 
     @model_validator(mode="after")
-    def _shared_needs_v5(self) -> "BrokerSettings":
+    def _shared_needs_v5(self) -> BrokerSettings:
         if self.shared_group and self.protocol != "5":
             raise ValueError("shared_group needs protocol: '5' (shared subscriptions are an MQTT 5 feature)")
         return self
@@ -101,7 +101,7 @@ class PresenceSettings(_Section):
     sweep_interval_s: float = Field(1.0, gt=0, description="How often presence is recomputed; lower is more exact but costs a query each time.")
 
     @model_validator(mode="after")
-    def _order(self) -> "PresenceSettings":
+    def _order(self) -> PresenceSettings:
         if self.offline_after_intervals <= self.stale_after_intervals:
             raise ValueError("offline_after_intervals must be larger than stale_after_intervals")
         return self

@@ -75,7 +75,7 @@ class Signer:
         self.key_id = key_id(key.public_key())
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike[str]) -> "Signer":
+    def from_file(cls, path: str | os.PathLike[str]) -> Signer:
         """Return a signer for the PEM private key at ``path``."""
         return cls(load_private_key(path))
 

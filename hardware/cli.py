@@ -131,7 +131,7 @@ def cmd_read(args: argparse.Namespace) -> int:
     stop = threading.Event()
     printed = 0
 
-    def emit(item) -> None:  # noqa: ANN001 - any driver output
+    def emit(item) -> None:
         nonlocal printed
         data = item.to_json()
         if args.events_only and data["type"] == "reading":

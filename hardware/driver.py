@@ -20,6 +20,7 @@ to its outbox with the same code. Metrics live on a registry passed in (STYLE.md
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
@@ -233,10 +234,8 @@ class BoardConnection:
 
     def close(self) -> None:
         """Close the port (never raises)."""
-        try:
+        with contextlib.suppress(OSError, serial.SerialException):
             self._serial.close()
-        except (OSError, serial.SerialException):
-            pass
 
     def _reject(self, reason: str, detail: str) -> None:
         self.metrics.rejected.labels(reason).inc()

@@ -126,18 +126,18 @@ class BrokerProcess:
         cmd = [str(amqtt)] if amqtt.exists() else [sys.executable, "-m", "amqtt.scripts.broker_script"]
         return [*cmd, "-c", str(conf)]
 
-    def start(self, timeout: float = 15.0) -> "BrokerProcess":
+    def start(self, timeout: float = 15.0) -> BrokerProcess:
         """Start the broker and wait until it accepts connections."""
         if self.proc is not None and self.proc.poll() is None:
             return self
         cmd = self._write_config()
-        self._log = open(self.workdir / "broker.log", "ab")
+        self._log = open(self.workdir / "broker.log", "ab")  # noqa: SIM115 - the child writes to it until stop()
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             wait_for_port(self.host, self.port, timeout, self.proc)
-        except Exception:
+        except Exception as exc:
             self.stop()
-            raise RuntimeError(f"{self.engine} failed to start; its log: {(self.workdir / 'broker.log').read_text()[-2000:]}")
+            raise RuntimeError(f"{self.engine} failed to start; its log: {(self.workdir / 'broker.log').read_text()[-2000:]}") from exc
         log.info("%s broker listening on %s:%s", self.engine, self.host, self.port)
         return self
 
@@ -168,7 +168,7 @@ class BrokerProcess:
         if self._own_dir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def __enter__(self) -> "BrokerProcess":
+    def __enter__(self) -> BrokerProcess:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -469,7 +470,7 @@ async def _run(args: argparse.Namespace) -> int:
                         show.phase = "releases created"
                     if show.phase != "waiting for the fleet":
                         await asyncio.to_thread(show.step)
-                except Exception as exc:  # noqa: BLE001 - the demo goes on without rollouts
+                except Exception as exc:
                     log.error("demo rollouts stopped: %s", exc)
                     show.phase = f"rollouts stopped: {exc}"
                     show = None
@@ -478,10 +479,8 @@ async def _run(args: argparse.Namespace) -> int:
                 extra = f" | {show.phase}" if show is not None else ""
                 _say(started, f"nodes online {online}/{summary['nodes']} | messages ingested {ingested}{extra}")
                 next_report = time.monotonic() + 5.0
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=1.0)
-            except asyncio.TimeoutError:
-                pass
         summary.update(_summary(service, seen_online, show))
         summary["api"] = service.api_url
     finally:

@@ -33,7 +33,7 @@ def test_round_trip_every_uplink_kind():
         p.ReportedState(shop="box-1", node="pi-1", epoch="e1", seq=6, revision=3, status="applied"),
     ]
     topics = ["telemetry", "telemetry", "events", "events", "replies"]
-    for msg, leaf in zip(msgs, topics + [None]):
+    for msg, leaf in zip(msgs, [*topics, None], strict=False):
         topic = p.Topics.node("box-1", "pi-1", leaf) if leaf else p.Topics.reported("box-1")
         assert p.parse_message(topic, p.encode(msg)) == msg
 

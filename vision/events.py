@@ -22,7 +22,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from vision.types import ShopEvent, Tracks
-from vision.zones import ZonesConfig, anchor_points, points_in_polygon, segments_intersect, side_of_line
+from vision.zones import (
+    ZonesConfig,
+    anchor_points,
+    points_in_polygon,
+    segments_intersect,
+    side_of_line,
+)
 
 
 @dataclass

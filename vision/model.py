@@ -166,7 +166,7 @@ def load_package(path: str | os.PathLike[str]) -> ModelPackage:
         )
     try:
         model = onnx.load(str(opath), load_external_data=False)
-    except Exception as exc:  # noqa: BLE001 - onnx raises several types for a broken protobuf
+    except Exception as exc:
         raise ModelPackageInvalid("bad-onnx", f"{opath}: not a readable ONNX model ({exc.__class__.__name__}); {fix}") from None
     outputs = {o.name for o in model.graph.output}
     missing = [h.output for h in manifest.heads if h.output not in outputs]

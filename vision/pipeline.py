@@ -154,7 +154,7 @@ class Pipeline:
                 st.annotator.write(f, tracks, evs, st.events.occupancy, st.capture.fps)
         self._time("annotate", t)
         now = time.time()
-        for st, f, _, evs in per_cam:
+        for st, f, _, _evs in per_cam:
             if not st.capture.live:
                 continue
             self.latency_ms.append((now - f.ts) * 1000)
@@ -209,7 +209,7 @@ class Pipeline:
                     events = self.step(frames)
                 except PermanentError:
                     raise
-                except Exception as exc:  # noqa: BLE001 - a loop never dies of one bad frame (STYLE.md 7)
+                except Exception as exc:
                     reason = exc.__class__.__name__
                     self.errors[reason] += 1
                     if self.metrics:

@@ -138,7 +138,7 @@ class ByteTracker:
         for ti, bi in pairs:
             hit(pool[ti], hb[bi], hs[bi])
         rest = [pool[i] for i in un_t if pool[i].lost == 0]  # only tracks seen last frame get the low round
-        pairs2, un_r, _ = _match(rest, lb, cfg.low_match_iou)
+        pairs2, _un_r, _ = _match(rest, lb, cfg.low_match_iou)
         for ti, bi in pairs2:
             hit(rest[ti], lb[bi], ls[bi])
         matched_ids = {pool[ti].id for ti, _ in pairs} | {rest[ti].id for ti, _ in pairs2}
@@ -148,7 +148,7 @@ class ByteTracker:
 
         left = hb[un_h]
         left_s = hs[un_h]
-        pairs3, un_tent, un_left = _match(self._tentative, left, cfg.match_iou)
+        pairs3, _un_tent, un_left = _match(self._tentative, left, cfg.match_iou)
         promoted = []
         for ti, bi in pairs3:
             t = self._tentative[ti]

@@ -51,7 +51,7 @@ class ObjectRef:
     name: str
 
     @classmethod
-    def of(cls, obj: Mapping[str, Any]) -> "ObjectRef":
+    def of(cls, obj: Mapping[str, Any]) -> ObjectRef:
         """Return the identity of ``obj``."""
         meta = obj.get("metadata") or {}
         return cls(str(obj.get("apiVersion")), str(obj.get("kind")), meta.get("namespace"), str(meta.get("name")))

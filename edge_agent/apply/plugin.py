@@ -34,7 +34,7 @@ class ApplyConfig(BaseModel):
     poll_interval_s: float = Field(2.0, gt=0, description="Seconds between readiness checks; lower reports sooner, costs API calls.")
 
     @model_validator(mode="after")
-    def _keys(self) -> "ApplyConfig":
+    def _keys(self) -> ApplyConfig:
         if self.enabled and not self.public_keys:
             raise ValueError("apply.enabled needs apply.public_keys: copy the controller's .pub file (shopfleet release keygen) to the node")
         return self

@@ -51,7 +51,7 @@ class Verifier:
             raise ValueError("no trusted public key: set apply.public_keys to the controller's .pub file(s)")
 
     @classmethod
-    def from_files(cls, paths: Iterable[str | os.PathLike[str]]) -> "Verifier":
+    def from_files(cls, paths: Iterable[str | os.PathLike[str]]) -> Verifier:
         """Return a verifier trusting the PEM public keys in ``paths``."""
         return cls(load_public_key(Path(p).read_bytes(), str(p)) for p in paths)
 

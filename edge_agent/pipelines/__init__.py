@@ -14,10 +14,10 @@ is imported only when a config names it, and its ``build`` may import heavier li
 from __future__ import annotations
 
 import importlib
-from functools import lru_cache
-from types import ModuleType
 from collections.abc import Iterable
-from typing import Annotated, Any, Union
+from functools import cache
+from types import ModuleType
+from typing import Annotated, Any
 
 from pydantic import Field
 
@@ -32,7 +32,7 @@ PIPELINE_MODULES: dict[str, str] = {
 imported, so a node without a camera never loads the vision stack."""
 
 
-@lru_cache(maxsize=None)
+@cache
 def pipeline_module(type_name: str) -> ModuleType:
     """Import and return the module of one pipeline type, checking that it fits the contract."""
     if type_name not in PIPELINE_MODULES:
@@ -56,7 +56,7 @@ def config_union(types: Iterable[str] | None = None) -> Any:
     """Return the discriminated union of the Config of ``types`` (default: every known type)."""
     wanted = [t for t in (PIPELINE_MODULES if types is None else types) if t in PIPELINE_MODULES] or ["process"]
     configs = tuple(dict.fromkeys(pipeline_module(t).Config for t in wanted))
-    return Annotated[Union[configs], Field(discriminator="type")]  # type: ignore[valid-type]
+    return Annotated[configs, Field(discriminator="type")]  # type: ignore[valid-type]
 
 
 def build_pipeline(config: PipelineConfigBase) -> Pipeline:

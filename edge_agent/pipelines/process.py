@@ -27,7 +27,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import IO, Annotated, Any, Literal, Union
+from typing import IO, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -107,7 +107,7 @@ class ReadingsLine(_Line):
     readings: list[Reading] = Field(min_length=1, max_length=1000)
 
 
-ProcessLine = Annotated[Union[EventLine, AlertLine, ReadingsLine], Field(discriminator="kind")]
+ProcessLine = Annotated[EventLine | AlertLine | ReadingsLine, Field(discriminator="kind")]
 _LINE = TypeAdapter(ProcessLine)
 
 

@@ -35,7 +35,12 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
 from fleet_controller.accounts.ratelimit import LoginRateLimiter
-from fleet_controller.accounts.roles import SAFE_METHODS, Permission, has_permission, required_permission
+from fleet_controller.accounts.roles import (
+    SAFE_METHODS,
+    Permission,
+    has_permission,
+    required_permission,
+)
 from fleet_controller.accounts.store import AccountError, AccountStore, Principal
 
 log = logging.getLogger(__name__)
@@ -188,7 +193,7 @@ def auth_router(store: AccountStore, metrics: AuthMetrics, *, secure_cookies: bo
         return resp
 
     @router.get("/login")
-    async def get_login(request: Request, next: str = "/") -> HTMLResponse:  # noqa: A002 - the query name
+    async def get_login(request: Request, next: str = "/") -> HTMLResponse:
         return login_page(request, next_url=safe_next(next))
 
     @router.post("/login")

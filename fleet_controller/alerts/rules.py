@@ -52,7 +52,7 @@ class FridgeWarm(_Rule):
     severity: Severity = Field("critical", description="Severity of the alert.")
 
     @model_validator(mode="after")
-    def _hysteresis(self) -> "FridgeWarm":
+    def _hysteresis(self) -> FridgeWarm:
         if self.clear_below_c > self.max_c:
             raise ValueError("clear_below_c must be at most max_c (it is the lower edge of the hysteresis band)")
         return self
@@ -87,7 +87,7 @@ class Webhook(BaseModel):
     headers: dict[str, str] = Field(default_factory=dict, description="Extra headers, e.g. Authorization.")
 
     @model_validator(mode="after")
-    def _scheme(self) -> "Webhook":
+    def _scheme(self) -> Webhook:
         if self.url and not self.url.startswith(("http://", "https://")):
             raise ValueError("url must start with http:// or https://")
         return self

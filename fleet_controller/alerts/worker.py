@@ -10,6 +10,7 @@ receiver never delays evaluation.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -21,7 +22,13 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from fleet_controller.alerts import store, webhook
-from fleet_controller.alerts.evaluator import FleetSnapshot, NodeRaised, NodeSnapshot, ReadingSnapshot, evaluate
+from fleet_controller.alerts.evaluator import (
+    FleetSnapshot,
+    NodeRaised,
+    NodeSnapshot,
+    ReadingSnapshot,
+    evaluate,
+)
 from fleet_controller.alerts.metrics import AlertMetrics
 from fleet_controller.alerts.rules import AlertRules
 from fleet_controller.alerts.store import Changes
@@ -100,7 +107,7 @@ class AlertWorker:
             if self.publish is not None:
                 try:
                     self.publish("alert_changed", a.as_dict())
-                except Exception:  # noqa: BLE001 - a bus subscriber must not stop alerting
+                except Exception:
                     log.exception("publishing alert %s on the bus failed", a.key)
             wh = self.rules.webhook
             if not wh.url or a.silenced_until or (a.state == "resolved" and not wh.send_resolved):
@@ -117,7 +124,7 @@ class AlertWorker:
             self.metrics.evaluation_errors.labels("database").inc()
             log.warning("alert evaluation failed, retrying next tick: database: %s", exc)
             return None
-        except Exception:  # noqa: BLE001 - the loop must survive anything a snapshot holds
+        except Exception:
             self.metrics.evaluation_errors.labels("other").inc()
             log.exception("alert evaluation failed, retrying next tick")
             return None
@@ -130,10 +137,8 @@ class AlertWorker:
         async with httpx.AsyncClient() as client:
             while not stop.is_set():
                 await self.tick(client)
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.rules.interval_s)
-                except TimeoutError:
-                    pass
             await self.flush(self.rules.webhook.timeout_s * (self.rules.webhook.retries + 1))
 
     async def flush(self, timeout: float | None = None) -> None:

@@ -50,7 +50,7 @@ def _ago(ts: float | None, now: float | None = None) -> str:
 
 def _bytes(v: float | None) -> str:
     if v is None:
-        return "–"
+        return "\u2013"
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(v) < 1024 or unit == "TiB":
             return f"{v:.0f} {unit}" if unit == "B" else f"{v:.1f} {unit}"
@@ -59,7 +59,7 @@ def _bytes(v: float | None) -> str:
 
 
 def _num(v: float | None, digits: int = 1) -> str:
-    return "–" if v is None else f"{v:.{digits}f}"
+    return "\u2013" if v is None else f"{v:.{digits}f}"
 
 
 def _iso(ts: float | None) -> str:

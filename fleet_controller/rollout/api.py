@@ -19,7 +19,15 @@ from sqlalchemy.engine import Engine
 
 from fleet_controller.releases import ReleaseError, ReleaseSpec, ReleaseStore
 from fleet_controller.rollout.policy import PolicyError, policy_from_dict
-from fleet_controller.rollout.store import ACTIONS, RolloutError, RolloutNotFound, list_rollouts, request_action, rollout_status, start_rollout
+from fleet_controller.rollout.store import (
+    ACTIONS,
+    RolloutError,
+    RolloutNotFound,
+    list_rollouts,
+    request_action,
+    rollout_status,
+    start_rollout,
+)
 
 
 class StartRollout(BaseModel):

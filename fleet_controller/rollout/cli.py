@@ -180,7 +180,12 @@ def _release_create(args: argparse.Namespace) -> int:
     """Create a release from flags."""
     from pydantic import ValidationError
 
-    from fleet_controller.releases import ReleaseSpec, ReleaseStore, model_package_digest, parse_image_args
+    from fleet_controller.releases import (
+        ReleaseSpec,
+        ReleaseStore,
+        model_package_digest,
+        parse_image_args,
+    )
 
     labels = {}
     for item in args.label:

@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
 from sqlalchemy import or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
@@ -50,7 +49,14 @@ from fleet_controller.rollout.models import ACTIVE_ROLLOUT_STATES, ExecutorLease
 from fleet_controller.rollout.planner import FleetShop, RolloutPlan
 from fleet_controller.rollout.policy import RolloutPolicy
 from fleet_controller.rollout.settings import ExecutorSettings
-from fleet_controller.rollout.store import DESIRED, OVERLAY_LABEL, ROLLOUTS, RSHOPS, load_fleet, log_event
+from fleet_controller.rollout.store import (
+    DESIRED,
+    OVERLAY_LABEL,
+    ROLLOUTS,
+    RSHOPS,
+    load_fleet,
+    log_event,
+)
 from fleet_controller.signing import Signer
 
 log = logging.getLogger(__name__)
@@ -113,7 +119,7 @@ class RolloutExecutor:
         self._pool = ThreadPoolExecutor(max_workers=publish_concurrency, thread_name_prefix="rollout-publish")
 
     @classmethod
-    def from_settings(cls, engine: Engine, settings: ExecutorSettings, publish: Publish, *, instance: str, metrics_registry: CollectorRegistry) -> "RolloutExecutor":
+    def from_settings(cls, engine: Engine, settings: ExecutorSettings, publish: Publish, *, instance: str, metrics_registry: CollectorRegistry) -> RolloutExecutor:
         """Return an executor configured by ``settings`` (loads the signing key)."""
         return cls(
             engine, Signer.from_file(settings.signing_key), publish, instance=instance, metrics_registry=metrics_registry,
@@ -149,7 +155,7 @@ class RolloutExecutor:
             while True:
                 try:
                     await asyncio.to_thread(self.tick)
-                except Exception as exc:  # noqa: BLE001 - the loop must outlive a bad step
+                except Exception as exc:
                     self.metrics.errors.labels(type(exc).__name__).inc()
                     log.exception("rollout executor step failed: %s", exc)
                 await asyncio.sleep(self.tick_interval_s)
@@ -445,7 +451,7 @@ class RolloutExecutor:
             return
         try:
             self.publish(Topics.desired(shop_id), encode(state), True, 1)
-        except Exception as exc:  # noqa: BLE001 - the re-publish step retries; the row already says what is due
+        except Exception as exc:
             self.metrics.errors.labels("publish").inc()
             log.warning("publishing revision %s to shop %s failed (will retry): %s", revision, shop_id, exc)
             return

@@ -61,7 +61,7 @@ class RolloutPlan:
         }
 
     @classmethod
-    def from_json(cls, data: dict) -> "RolloutPlan":
+    def from_json(cls, data: dict) -> RolloutPlan:
         """Return the plan stored by :meth:`to_json`."""
         return cls(
             data["release"],

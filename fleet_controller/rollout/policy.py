@@ -49,7 +49,7 @@ class Wave(_Model):
     )
 
     @model_validator(mode="after")
-    def _something(self) -> "Wave":
+    def _something(self) -> Wave:
         if not self.shops and not self.labels and self.percent is None:
             raise ValueError(f"wave {self.name!r} selects no shop: give it shops, labels or percent")
         return self
@@ -63,7 +63,7 @@ class MetricGate(_Model):
     min: float | None = Field(None, description="Gate fails if any node reports less than this.")
 
     @model_validator(mode="after")
-    def _bound(self) -> "MetricGate":
+    def _bound(self) -> MetricGate:
         if self.max is None and self.min is None:
             raise ValueError(f"metric gate {self.metric!r} has no bound: set max and/or min")
         return self
@@ -134,7 +134,7 @@ class RolloutPolicy(_Model):
     windows: Windows = Field(default_factory=Windows, description="Per-shop maintenance windows.")
 
     @model_validator(mode="after")
-    def _waves(self) -> "RolloutPolicy":
+    def _waves(self) -> RolloutPolicy:
         names = [w.name for w in self.waves]
         if len(set(names)) != len(names):
             raise ValueError(f"wave names {names} repeat: give each wave its own name")

@@ -15,8 +15,8 @@ from typing import Any
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.engine import Connection, Engine
 
-from fleet_controller.models import Node, ReportedStateRecord, Shop
 from fleet_controller import manifests
+from fleet_controller.models import Node, ReportedStateRecord, Shop
 from fleet_controller.releases import ReleaseSpec, ReleaseStore
 from fleet_controller.rollout.models import (
     ACTIVE_ROLLOUT_STATES,

@@ -9,6 +9,7 @@ killing one is a real crash the broker reports). Chromium is the system binary
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import threading
 from collections.abc import Iterator
@@ -97,8 +98,6 @@ def fleet(shared_broker, tmp_path_factory) -> Iterator[tuple[Controller, dict[st
     ctl.start_rollout()
     yield ctl, nodes
     for n in nodes.values():
-        try:
+        with contextlib.suppress(Exception):
             n.close()
-        except Exception:  # noqa: BLE001 - a killed node has no connection left to close
-            pass
     ctl.stop()

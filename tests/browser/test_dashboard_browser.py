@@ -77,7 +77,7 @@ def login(browser, fleet):
 
 
 def test_login_lists_the_shops_and_screenshots(login, fleet):
-    ctl, _ = fleet
+    _ctl, _ = fleet
     s = login("viewer", viewport={"width": 1280, "height": 800})
     rows = s.page.locator("#fleet-table tbody tr[data-shop]")
     expect(rows).to_have_count(3)
@@ -94,7 +94,7 @@ def test_login_lists_the_shops_and_screenshots(login, fleet):
 
 
 def test_offline_node_changes_its_badge_without_a_reload(login, fleet):
-    ctl, nodes = fleet
+    _ctl, nodes = fleet
     shop_page = login("viewer")
     shop_page.page.goto("/shops/shop-b")
     badge = shop_page.page.locator('[data-node-badge="shop-b/pi-1"]')

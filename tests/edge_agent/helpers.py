@@ -10,7 +10,8 @@ from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
-from tests.support.wait import wait_for  # noqa: F401 - re-exported for the tests of this package
+
+from tests.support.wait import wait_for
 
 
 class Recorder:

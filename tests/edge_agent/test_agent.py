@@ -24,8 +24,8 @@ from edge_agent.protocol import (
     Channel,
     ClockBeacon,
     Command,
-    ControllerPresence,
     CommandResult,
+    ControllerPresence,
     DesiredState,
     Heartbeat,
     Reading,
@@ -71,7 +71,7 @@ def make_agent(broker: BrokerProcess, tmp_path: Path) -> Iterator[Callable[..., 
 
     yield make
     for a in agents:
-        if a.uplink._thread is not None and a.uplink._thread.is_alive():  # noqa: SLF001
+        if a.uplink._thread is not None and a.uplink._thread.is_alive():
             a.stop(timeout=2)
 
 
@@ -88,7 +88,7 @@ def sample(agent: Agent, metric: str, **labels: str) -> float:
 
 def uplinks(rec: Recorder, channel: str) -> list[Any]:
     topic = Topics.node(SHOP, NODE, channel) if channel != "state/reported" else Topics.reported(SHOP)
-    with rec._lock:  # noqa: SLF001
+    with rec._lock:
         msgs = [(t, p) for t, p, _ in rec.messages if t == topic]
     return [parse_message(t, p) for t, p in msgs]  # validated exactly as the controller does
 
@@ -266,7 +266,7 @@ def test_pipeline_events_readings_health_and_metrics(make_agent, recorder: Recor
         'shopfleet_agent_pipeline_errors_total{pipeline="chatty",reason="crc"} 2.0',
     ):
         assert name in body, name
-    age = [line for line in body.splitlines() if line.startswith("shopfleet_agent_last_ack_age_seconds ")][0]
+    age = next(line for line in body.splitlines() if line.startswith("shopfleet_agent_last_ack_age_seconds "))
     assert 0 <= float(age.split()[1]) < 30
 
 
@@ -317,7 +317,7 @@ def test_graceful_stop_sends_offline_and_flushes(make_agent, broker: BrokerProce
         agent.send(ReportedState, revision=i, status="applied")
     agent.stop(timeout=10)
     wait_for(lambda: [p for p in uplinks(recorder, Channel.PRESENCE) if p.state == "offline"], 10, "offline presence")
-    offline = [p for p in uplinks(recorder, Channel.PRESENCE) if p.state == "offline"][0]
+    offline = next(p for p in uplinks(recorder, Channel.PRESENCE) if p.state == "offline")
     assert offline.reason == "shutdown" and offline.session == 1
     assert len(uplinks(recorder, "state/reported")) == 20  # all flushed before the goodbye
 
@@ -338,7 +338,7 @@ def test_any_downlink_payload_is_handled_or_counted_never_raised(idle_agent: Age
         f"fleet/v1/{SHOP}/{leaf}" if leaf.startswith("state") else (f"fleet/v1/{leaf}" if leaf.startswith("_") else f"fleet/v1/{SHOP}/{NODE}/{leaf}")
     )
     before = family_total(idle_agent, "shopfleet_agent_downlink_rejected") + family_total(idle_agent, "shopfleet_agent_downlink_received")
-    idle_agent._on_downlink(InMessage(topic=topic, payload=payload, retain=False))  # noqa: SLF001 - never raises
+    idle_agent._on_downlink(InMessage(topic=topic, payload=payload, retain=False))
     after = family_total(idle_agent, "shopfleet_agent_downlink_rejected") + family_total(idle_agent, "shopfleet_agent_downlink_received")
     assert after == before + 1, "every message is either accepted or counted as rejected"
 

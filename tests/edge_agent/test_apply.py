@@ -20,7 +20,14 @@ from edge_agent.apply.errors import ApplyFailed, StateStoreCorrupt
 from edge_agent.apply.handler import ApplyMetrics, ApplyReport, DesiredStateHandler
 from edge_agent.apply.simulated import DEGRADED_FPS, SimulatedApplier
 from edge_agent.apply.verify import AppliedRecord, RevisionStore, Verifier, load_public_key
-from edge_agent.protocol import DesiredState, Signature, Topics, encode, parse_downlink, parse_message
+from edge_agent.protocol import (
+    DesiredState,
+    Signature,
+    Topics,
+    encode,
+    parse_downlink,
+    parse_message,
+)
 from fleet_controller import manifests
 from fleet_controller.releases import ReleaseSpec, desired_state_for
 from fleet_controller.signing import Signer, generate_keypair, load_private_key

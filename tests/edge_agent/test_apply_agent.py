@@ -40,7 +40,7 @@ def test_agent_applies_signed_state_and_refuses_a_replay(broker: BrokerProcess, 
         spec = ReleaseSpec(name="r7", version="7", images={"vision": "reg.example/vision@sha256:" + "0a" * 32})
 
         def reports():
-            with rec._lock:  # noqa: SLF001
+            with rec._lock:
                 return [parse_message(t, p) for t, p, _ in rec.messages]
 
         publish(broker.port, Topics.desired(SHOP), encode(desired_state_for(SHOP, spec, 3, signer)), retain=True)

@@ -120,8 +120,8 @@ def test_check_config_exit_codes(tmp_path: Path) -> None:
 
 def test_help_explains_every_option() -> None:
     parser = build_parser()
-    agent = parser._subparsers._group_actions[0].choices["agent"]  # noqa: SLF001
-    for action in agent._actions:  # noqa: SLF001
+    agent = parser._subparsers._group_actions[0].choices["agent"]
+    for action in agent._actions:
         assert action.help, f"option {action.option_strings} has no help"
 
 

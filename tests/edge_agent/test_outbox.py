@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from edge_agent.outbox import Outbox, OutboxError, Priority
 
-T, I = Priority.TELEMETRY, Priority.IMPORTANT
+T, I = Priority.TELEMETRY, Priority.IMPORTANT  # noqa: E741 - short names keep the priority tables readable
 
 
 def put(box: Outbox, prio: Priority, size: int = 10, kind: str = "event") -> int:

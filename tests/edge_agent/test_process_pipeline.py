@@ -12,7 +12,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from edge_agent.pipelines import build_pipeline, config_union, pipeline_types
-from edge_agent.pipelines.process import AlertLine, Config, EventLine, LineError, ReadingsLine, parse_line
+from edge_agent.pipelines.process import (
+    AlertLine,
+    Config,
+    EventLine,
+    LineError,
+    ReadingsLine,
+    parse_line,
+)
 from edge_agent.supervisor import PipelineRunner
 
 from .helpers import wait_for

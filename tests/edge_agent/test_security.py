@@ -80,7 +80,7 @@ def test_refused_credentials_are_counted_and_retried(tmp_path: Path, auth_broker
     try:
         wait_for(lambda: failures(agent, "not_authorized") + failures(agent, "bad_credentials") >= 3, 10, "repeated refusals")
         assert not agent.uplink.connected.is_set()
-        assert agent.uplink._thread.is_alive()  # noqa: SLF001 - the loop keeps retrying
+        assert agent.uplink._thread.is_alive()
         assert any("refused the connection" in r.getMessage() and "broker" in r.getMessage() for r in caplog.records)
         assert agent.outbox.depth() >= 1, "the heartbeat waits in the outbox"
     finally:
@@ -88,7 +88,7 @@ def test_refused_credentials_are_counted_and_retried(tmp_path: Path, auth_broker
 
 
 def _cert(subject: str, key: ec.EllipticCurvePrivateKey, issuer_key: ec.EllipticCurvePrivateKey, issuer: str, ca: bool) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
@@ -157,6 +157,6 @@ def test_tls_with_a_foreign_ca_never_connects_and_keeps_trying(tmp_path: Path, t
     agent.start()
     try:
         wait_for(lambda: failures(agent, "tls") >= 3, 10, "repeated TLS failures")
-        assert not agent.uplink.connected.is_set() and agent.uplink._thread.is_alive()  # noqa: SLF001
+        assert not agent.uplink.connected.is_set() and agent.uplink._thread.is_alive()
     finally:
         agent.stop(timeout=0.5)

@@ -12,12 +12,23 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
-from edge_agent.protocol import Alert, Event, Heartbeat, NodeFacts, Presence, Reading, Telemetry, encode
+from edge_agent.protocol import (
+    Alert,
+    Event,
+    Heartbeat,
+    NodeFacts,
+    Presence,
+    Reading,
+    Telemetry,
+    encode,
+)
+from edge_agent.protocol import Topics as Topic
 from fleet_controller.app import create_app
 from fleet_controller.db import create_engine
 from fleet_controller.metrics import ControllerMetrics
 from fleet_controller.migrations import upgrade
 from fleet_controller.registry import Registry
+from tests.support.wait import wait_for
 
 FACTS = NodeFacts(arch="arm64", node_class="pi", cpu_count=4, cpu_load_1m=0.2, mem_total_bytes=4 << 30,
                   mem_available_bytes=3 << 30, disk_total_bytes=32 << 30, disk_free_bytes=20 << 30, agent_version="0.1.0")
@@ -175,6 +186,3 @@ class Node:
         self.c.disconnect()
         self.c.loop_stop()
 
-
-from edge_agent.protocol import Topics as Topic  # noqa: E402
-from tests.support.wait import wait_for  # noqa: F401 - re-exported for the tests of this package

@@ -8,7 +8,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fleet_controller.accounts.ratelimit import LoginRateLimiter
-from fleet_controller.accounts.roles import Permission, Role, has_permission, parse_role, required_permission
+from fleet_controller.accounts.roles import (
+    Permission,
+    Role,
+    has_permission,
+    parse_role,
+    required_permission,
+)
 from fleet_controller.accounts.store import AccountError, AccountStore, sha256_hex
 from fleet_controller.accounts.web import safe_next
 

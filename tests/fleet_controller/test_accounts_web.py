@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 
 import pytest
+from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
 from fleet_controller.accounts.store import AccountStore

@@ -15,7 +15,7 @@ T0 = 1_800_000_000.0
 @pytest.fixture
 def fleet(registry):
     """Three shops, shop-a with two nodes and some history."""
-    for i, (shop, node) in enumerate([("shop-a", "pi-1"), ("shop-a", "gpu-1"), ("shop-b", "pi-1"), ("shop-c", "pi-1")]):
+    for _i, (shop, node) in enumerate([("shop-a", "pi-1"), ("shop-a", "gpu-1"), ("shop-b", "pi-1"), ("shop-c", "pi-1")]):
         wb = WriteBatch()
         for seq in range(1, 4):
             wb.uplinks.append((heartbeat(shop=shop, node=node, seq=seq), T0 + seq))

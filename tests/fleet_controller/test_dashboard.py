@@ -160,7 +160,7 @@ def test_shop_page_shows_nodes_cameras_fridges_shelves_door(web, registry):
 
 def test_alert_actions_for_operator_not_viewer(web, registry):
     [a] = alert_store.sync(registry.engine, [Firing("disk_low/s1/pi-1/", "disk_low", "s1", "pi-1", "", "warning", "disk 3%", 3.0)], NOW).opened
-    app, creds, hub = web
+    app, creds, _hub = web
     viewer = TestClient(app)
     login(viewer, "viewer", creds["viewer"])
     assert "data-action=\"ack\"" not in viewer.get("/alerts").text

@@ -15,7 +15,15 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy import select
 
 from edge_agent.apply.verify import Verifier
-from edge_agent.protocol import DesiredState, Heartbeat, NodeFacts, PipelineHealth, Presence, ReportedState, parse_downlink
+from edge_agent.protocol import (
+    DesiredState,
+    Heartbeat,
+    NodeFacts,
+    PipelineHealth,
+    Presence,
+    ReportedState,
+    parse_downlink,
+)
 from fleet_controller.db import create_engine
 from fleet_controller.migrations import upgrade
 from fleet_controller.registry import NodeUpdate, Registry, SeqCursor, WriteBatch
@@ -23,7 +31,12 @@ from fleet_controller.releases import ReleaseSpec, ReleaseStore
 from fleet_controller.rollout.executor import RolloutExecutor
 from fleet_controller.rollout.models import RolloutShop
 from fleet_controller.rollout.policy import policy_from_dict
-from fleet_controller.rollout.store import RolloutError, request_action, rollout_status, start_rollout
+from fleet_controller.rollout.store import (
+    RolloutError,
+    request_action,
+    rollout_status,
+    start_rollout,
+)
 from fleet_controller.signing import Signer, generate_keypair
 
 FACTS = NodeFacts(arch="arm64", node_class="pi", cpu_count=4, cpu_load_1m=0.1, mem_total_bytes=1, mem_available_bytes=1, disk_total_bytes=1, disk_free_bytes=1)
@@ -341,7 +354,7 @@ def test_two_executors_ticking_at_once_publish_each_shop_once(h: Harness):
             for _ in range(15):
                 if h.executors[i].tick():
                     leaders.append(h.executors[i].instance)
-        except BaseException as exc:  # noqa: BLE001 - surfaced below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=loop, args=(i,)) for i in (0, 1)]

@@ -5,23 +5,31 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import queue
+import signal
 
 import httpx
-from fastapi import APIRouter, HTTPException, Request
-from fastapi.params import Depends
 import paho.mqtt.client as paho
 import pytest
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.params import Depends
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edge_agent.protocol import REJECT_REASONS as REASONS
 from edge_agent.protocol import ClockBeacon, ControllerPresence, Topics, encode, parse_downlink
-
 from fleet_controller.service import ControllerService
 
-from .conftest import Node, RunningController, controller_settings, event, heartbeat, presence, telemetry, wait_for
+from .conftest import (
+    Node,
+    RunningController,
+    controller_settings,
+    event,
+    heartbeat,
+    presence,
+    telemetry,
+    wait_for,
+)
 
 
 def node_row(rc: RunningController, shop: str = "shop-a", node: str = "pi-1") -> dict:

@@ -7,7 +7,12 @@ import argparse
 import pytest
 
 from fleet_controller import cli
-from fleet_controller.settings import SettingsError, env_overrides, load_settings, overrides_from_args
+from fleet_controller.settings import (
+    SettingsError,
+    env_overrides,
+    load_settings,
+    overrides_from_args,
+)
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

@@ -37,7 +37,7 @@ class RunningDriver:
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.driver.run, args=(self.stop, self._emit), daemon=True)
 
-    def _emit(self, item) -> None:  # noqa: ANN001
+    def _emit(self, item) -> None:
         with self._lock:
             self.out.append(item)
 

@@ -10,7 +10,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hardware.events import BoardProcessor, DoorEvent, Reading, ShelfEvent, TemperatureAlert, TemperatureSettings
+from hardware.events import (
+    BoardProcessor,
+    DoorEvent,
+    Reading,
+    ShelfEvent,
+    TemperatureAlert,
+    TemperatureSettings,
+)
 from hardware.planogram import Planogram, PlanogramError, Slot, estimate_quantity, load_planogram
 from hardware.stability import StabilitySettings
 
@@ -73,7 +80,7 @@ def test_picks_and_put_backs_on_a_noisy_channel_give_exactly_the_right_events(se
     events = run(processor(), shelf_signal(20 * unit, changes, 4.0 + 2.5 * len(counts), seed), channel)
     assert [e.quantity for e in events] == counts
     slot = PLANOGRAM.slot_for("b1", channel)
-    for e, c in zip(events, counts):
+    for e, c in zip(events, counts, strict=False):
         assert isinstance(e, ShelfEvent) and e.slot == slot.slot and e.product == slot.product
         assert abs(e.delta_g - c * unit) < 5
         assert e.confidence > 0.9

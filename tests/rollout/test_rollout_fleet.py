@@ -43,7 +43,7 @@ class ControllerProc:
     """The controller child process; ``kill()`` is SIGKILL."""
 
     def __init__(self, config: dict, log_path: Path) -> None:
-        self.log = open(log_path, "ab")
+        self.log = open(log_path, "ab")  # noqa: SIM115 - the child writes to it until close()
         self.proc = subprocess.Popen([sys.executable, "-m", "tests.rollout.controller_proc", json.dumps(config)], cwd=ROOT,
                                      stdout=subprocess.PIPE, stderr=self.log, env={**os.environ, "PYTHONPATH": str(ROOT)})
         line = self.proc.stdout.readline().decode()

@@ -10,7 +10,15 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from vision.boxes import box_iou
-from vision.detector import HeadSpec, Letterbox, choose_providers, decode_heads, letterbox, nms, unletterbox
+from vision.detector import (
+    HeadSpec,
+    Letterbox,
+    choose_providers,
+    decode_heads,
+    letterbox,
+    nms,
+    unletterbox,
+)
 from vision.types import Detections, Frame
 
 PERSON, BUS = 0, 5

@@ -12,7 +12,13 @@ from hypothesis import strategies as st
 from vision.errors import ZonesInvalid
 from vision.events import ZoneEvents
 from vision.types import Tracks
-from vision.zones import ZonesConfig, load_zones, points_in_polygon, segments_intersect, side_of_line
+from vision.zones import (
+    ZonesConfig,
+    load_zones,
+    points_in_polygon,
+    segments_intersect,
+    side_of_line,
+)
 
 GOOD = {
     "camera": "cam-1",
