@@ -17,7 +17,7 @@ import importlib
 from collections.abc import Iterable
 from functools import cache
 from types import ModuleType
-from typing import Annotated, Any
+from typing import Annotated, Any, Union
 
 from pydantic import Field
 
@@ -56,7 +56,7 @@ def config_union(types: Iterable[str] | None = None) -> Any:
     """Return the discriminated union of the Config of ``types`` (default: every known type)."""
     wanted = [t for t in (PIPELINE_MODULES if types is None else types) if t in PIPELINE_MODULES] or ["process"]
     configs = tuple(dict.fromkeys(pipeline_module(t).Config for t in wanted))
-    return Annotated[configs, Field(discriminator="type")]  # type: ignore[valid-type]
+    return Annotated[Union[configs], Field(discriminator="type")]  # type: ignore[valid-type]  # noqa: UP007 - a union built from a tuple at run time
 
 
 def build_pipeline(config: PipelineConfigBase) -> Pipeline:
