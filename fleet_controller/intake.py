@@ -50,6 +50,7 @@ from fleet_controller.metrics import ControllerMetrics
 from fleet_controller.mqtt import InboundMessage
 from fleet_controller.registry import BusEvent, NodeKey, NodeUpdate, Registry, SeqCursor, WriteBatch
 from fleet_controller.settings import IntakeSettings
+from shopfleet.errors import TemporaryError
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +153,10 @@ def record(metrics: ControllerMetrics, outcome: BatchOutcome) -> None:
         metrics.gaps_filled.inc(outcome.filled)
 
 
-class TemporaryStoreError(RuntimeError):
+class TemporaryStoreError(TemporaryError):
     """The database cannot be reached or is locked: keep the batch and retry later."""
+
+    default_reason = "store"
 
 
 class RateLimitedLog:

@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from shopfleet.errors import PermanentError
 from vision.annotate import Annotator
 from vision.capture import Capture
 from vision.detector import StagedDetector
-from vision.errors import PermanentError
 from vision.events import ZoneEvents
 from vision.metrics import VisionMetrics
 from vision.tracker import ByteTracker, TrackerConfig
