@@ -27,11 +27,11 @@ import re
 import time
 import uuid
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Final = 1
 """Version of every payload defined here. A receiver refuses versions it does not know."""
 
 TOPIC_ROOT = "fleet/v1"
@@ -423,7 +423,7 @@ def encode(msg: BaseModel) -> bytes:
     return data
 
 
-_UPLINK = TypeAdapter(UplinkMessage)
+_UPLINK: TypeAdapter[Heartbeat | Telemetry | Event | Alert | CommandResult | ReportedState] = TypeAdapter(UplinkMessage)
 _LEAF_KINDS: dict[str, tuple[str, ...]] = {
     Channel.TELEMETRY.value: ("heartbeat", "telemetry"),
     Channel.EVENTS.value: ("event", "alert"),
@@ -467,7 +467,7 @@ def parse_message(topic: str, payload: bytes) -> Presence | Heartbeat | Telemetr
     data = _load_json(payload)
     try:
         if info.leaf == Channel.PRESENCE.value:
-            msg: Any = Presence.model_validate(data)
+            msg: Presence | Heartbeat | Telemetry | Event | Alert | CommandResult | ReportedState = Presence.model_validate(data)
         else:
             msg = _UPLINK.validate_python(data)
     except ValidationError as exc:

@@ -19,6 +19,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -254,7 +255,7 @@ class Pipeline:
             occupancy=sum(st.events.occupancy for st in self.cams.values()),
         )
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, Any]:
         """Return the run's JSON summary: frames, fps, inference ms p50/p95, events by kind, stages."""
         wall = max(1e-9, (self.finished or time.perf_counter()) - self.started)
         infer = np.array(self.stage_ms["infer"]) if self.stage_ms["infer"] else np.zeros(1)
