@@ -11,9 +11,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``pki`` subcommand to the CLI root (``broker-config`` is added by :mod:`fleet_controller.cli`)."""
     register_pki(sub)
 
@@ -21,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 # ----- broker-config ------------------------------------------------------------------------
 
 
-def register_broker_config(sub: argparse._SubParsersAction) -> None:
+def register_broker_config(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``broker-config``."""
     b = sub.add_parser(
         "broker-config",
@@ -85,14 +86,14 @@ def register_broker_config(sub: argparse._SubParsersAction) -> None:
 class _ShopAction(argparse.Action):
     """``--shop S``: remember S so the ``--node`` flags after it belong to it."""
 
-    def __call__(self, parser, namespace, values, option_string=None) -> None:
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option_string: str | None = None) -> None:
         namespace.current_shop = values
 
 
 class _NodeAction(argparse.Action):
     """``--node N``: add (current shop, N), or fail when no ``--shop`` came before."""
 
-    def __call__(self, parser, namespace, values, option_string=None) -> None:
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option_string: str | None = None) -> None:
         if namespace.current_shop is None:
             parser.error(f"--node {values} needs a --shop before it (e.g. --shop shop-a --node pi-1)")
         namespace.pairs = [*namespace.pairs, (namespace.current_shop, values)]
@@ -159,7 +160,7 @@ def _run_broker_config(args: argparse.Namespace) -> int:
 # ----- pki ----------------------------------------------------------------------------------
 
 
-def register_pki(sub: argparse._SubParsersAction) -> None:
+def register_pki(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``pki`` with its ``init``, ``issue``, ``revoke``, ``crl`` and ``list`` subcommands."""
     p = sub.add_parser(
         "pki",

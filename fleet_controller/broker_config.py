@@ -47,6 +47,7 @@ import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from edge_agent.protocol import MAX_PAYLOAD_BYTES, TOPIC_ROOT, Channel, Topics, validate_id
 from shopfleet.errors import PermanentError
@@ -529,7 +530,7 @@ def write_broker_config(
         return known[user]
 
     ctl_creds = [{"username": u, "password": password_for(u)} for u in controllers]
-    creds = {
+    creds: dict[str, Any] = {
         "controller": ctl_creds[0],
         "controllers": ctl_creds,
         "nodes": {f"{s}/{n}": {"username": node_username(s, n), "password": password_for(node_username(s, n))} for s, n in pairs},

@@ -163,7 +163,7 @@ def _sans(names: Iterable[str]) -> list[x509.GeneralName]:
 class Pki:
     """A fleet CA in a directory (see the module docstring for the layout)."""
 
-    def __init__(self, root: str | os.PathLike) -> None:
+    def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
         self.ca_cert_path = self.root / "ca.crt"
         self.ca_key_path = self.root / "private" / "ca.key"
@@ -174,7 +174,7 @@ class Pki:
     # ----- creation -----------------------------------------------------------------------
 
     @classmethod
-    def init(cls, root: str | os.PathLike, *, ca_name: str = "shopfleet fleet CA", days: int = CA_DAYS, crl_days: int = CRL_DAYS) -> Pki:
+    def init(cls, root: str | os.PathLike[str], *, ca_name: str = "shopfleet fleet CA", days: int = CA_DAYS, crl_days: int = CRL_DAYS) -> Pki:
         """Create a new CA in ``root`` (refused when one is there: a new CA would orphan every certificate)."""
         pki = cls(root)
         if pki.ca_key_path.exists() or pki.ca_cert_path.exists():
