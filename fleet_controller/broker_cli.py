@@ -10,8 +10,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
+
+
+def _wrap(text: str) -> str:
+    """Wrap each paragraph of a description to 90 columns, leaving indented (example) lines as they are."""
+    paras = text.split("\n\n")
+    return "\n\n".join(p if p.startswith("  ") else textwrap.fill(p, 90) for p in paras)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -27,7 +34,7 @@ def register_broker_config(sub: argparse._SubParsersAction[argparse.ArgumentPars
     b = sub.add_parser(
         "broker-config",
         help="write the Mosquitto config, passwords and ACL for the fleet (and each shop's broker)",
-        description=(
+        description=_wrap(
             "Write the central Mosquitto's files into --out: 'passwd' (PBKDF2-SHA512, the '$7$' "
             "format of mosquitto_passwd), 'acl' (each node user '<shop>.<node>' may publish only its "
             "own topics and its shop's state/reported, and read only its own commands, its shop's "
@@ -37,7 +44,7 @@ def register_broker_config(sub: argparse._SubParsersAction[argparse.ArgumentPars
             "Every listener replaces the client id with the username, so one node's credentials "
             "cannot take over another node's or the controller's session. With --pki, a mutual-TLS "
             "listener (--tls-port) is added: the client certificate's CN is the username, revoked "
-            "certificates are refused (after a broker restart). Persistence and the queue limits are "
+            "certificates are refused (after a broker restart or reload). Persistence and the queue limits are "
             "sized so that nothing is dropped while the controller is away for --outage seconds.\n\n"
             "--shop-broker SHOP also writes OUT/shops/SHOP/: the config of that shop's local broker "
             "(per-node users and ACL at the edge, no anonymous clients, a TLS bridge to --central "
@@ -165,7 +172,7 @@ def register_pki(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p = sub.add_parser(
         "pki",
         help="the fleet's certificate authority: init, issue (and rotate), revoke, list",
-        description=(
+        description=_wrap(
             "Keep the fleet CA whose certificates the broker's TLS listener requires. Each "
             "certificate's CN is the MQTT username: '<shop>.<node>' for a node, the controller "
             "replica's username, '<shop>._bridge' for a shop broker's bridge, a host name for a "
@@ -210,8 +217,8 @@ def register_pki(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
     q = psub.add_parser(
         "revoke",
-        help="revoke a certificate (takes effect when the broker restarts)",
-        description="Mark every certificate of CN (or the one --serial) revoked and rewrite DIR/crl.pem. Mosquitto reads the CRL at start: restart it.",
+        help="revoke a certificate (takes effect when the broker restarts or reloads)",
+        description="Mark every certificate of CN (or the one --serial) revoked and rewrite DIR/crl.pem. Mosquitto reads the CRL at start and on reload (SIGHUP): restart it to also end a connection the revoked client has open.",
     )
     dir_arg(q)
     q.add_argument("cn", nargs="?", help="the CN to revoke, e.g. shop-a.pi-1 ('shopfleet pki list' shows them)")
@@ -250,7 +257,7 @@ def _run_pki(args: argparse.Namespace) -> int:
             done = pki.revoke(args.cn, serial=args.serial)
             for rec in done:
                 print(f"revoked CN={rec.cn} serial={rec.serial}")
-            print(f"wrote {pki.crl_path}; restart the broker(s) using it for the revocation to take effect")
+            print(f"wrote {pki.crl_path}; restart the broker(s) using it (a reload refuses new handshakes; a restart also ends open connections)")
             return 0
         if cmd == "crl":
             nu = pki.write_crl(args.days)

@@ -323,7 +323,7 @@ def render_central_conf(
         lines += [
             "# Mutual-TLS listener (use this one): a client certificate from the fleet CA is required, its",
             "# CN is the username the ACL names and the client id; revoked certificates are in the CRL,",
-            "# which Mosquitto reads at start: restart the broker after 'shopfleet pki revoke'.",
+            "# which Mosquitto reads at start and on reload: restart the broker after 'shopfleet pki revoke'.",
             _listener(options.tls_port, options.bind),
             f"cafile {cafile}",
             f"certfile {certfile}",

@@ -33,8 +33,9 @@ Layout of the PKI directory::
 **Rotation** is re-issuing: a new key and certificate replace the files of that CN; the old
 serial stays valid until it expires or is revoked (``revoke_previous=True`` revokes it at once,
 for a suspected compromise; otherwise revoke it once the new files are deployed). **Revocation**
-rewrites ``crl.pem``; Mosquitto reads its ``crlfile`` when it starts, so a revocation takes
-effect when the broker restarts. A CRL also expires (its nextUpdate, ``crl_days`` ahead, one
+rewrites ``crl.pem``; Mosquitto reads its ``crlfile`` when it starts and when it reloads
+(SIGHUP), so a revocation refuses new handshakes after a reload and, after a restart, also ends
+the connection the revoked client had open. A CRL also expires (its nextUpdate, ``crl_days`` ahead, one
 year by default): OpenSSL then refuses every client, so refresh it (``shopfleet pki crl``)
 before then; ``shopfleet pki list`` prints its expiry.
 """
