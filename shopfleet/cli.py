@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "agent": "edge_agent.cli",
     "controller": "fleet_controller.cli",
     "broker-config": "fleet_controller.cli",
+    "pki": "fleet_controller.broker_cli",
     "release": "fleet_controller.rollout.cli",
     "rollout": "fleet_controller.rollout.cli",
     "manifests": "fleet_controller.rollout.cli",
