@@ -81,8 +81,18 @@ def site_packages(venv: Path) -> Path:
     return sp
 
 
+VENV_OWN = ("pip", "setuptools", "pkg_resources", "_distutils_hack", "distutils-precedence.pth")
+"""What ``python -m venv`` itself puts in site-packages (Python 3.11 seeds pip and setuptools)."""
+
+
+def is_venv_own(name: str) -> bool:
+    """Return True for a site-packages entry that every venv has, whatever it installs."""
+    return name.startswith(VENV_OWN)
+
+
 def role_bytes(venv: Path) -> dict[str, int]:
-    """Return the venv's installed size: ``venv`` (all of it) and ``packages`` (site-packages without pip)."""
+    """Return the venv's installed size: ``venv`` (all of it) and ``packages`` (site-packages without
+    what every fresh venv has, i.e. what the role installs)."""
     sp = site_packages(venv)
-    base = sum(tree_bytes(p) for p in sp.glob("pip*"))
+    base = sum(tree_bytes(p) if p.is_dir() else p.stat().st_size for p in sp.iterdir() if is_venv_own(p.name))
     return {"venv": tree_bytes(venv), "packages": tree_bytes(sp) - base}
