@@ -175,7 +175,7 @@ def classify_connect_error(exc: BaseException, settings: MqttSettings) -> Connec
         )
     if isinstance(exc, TimeoutError | socket.timeout):
         return ConnectFailed(f"no answer from {where} within {settings.connect_timeout_s:.0f}s", reason="timeout")
-    return ConnectFailed(f"cannot reach {where}: {exc}", reason="unreachable")
+    return ConnectFailed(f"cannot reach {where}: {exc}; is the broker running there?", reason="unreachable")
 
 
 # --------------------------------------------------------------------------------------------
@@ -663,7 +663,7 @@ class ThreadedLink:
                 log.exception("connect hook %r failed", hook)
 
     def _handle_connect_fail(self, client: paho.Client, userdata: Any) -> None:
-        self._failed = ConnectFailed(f"cannot reach {self.settings.where}", reason="unreachable")
+        self._failed = ConnectFailed(f"cannot reach {self.settings.where}: is the broker running there?", reason="unreachable")
 
     def _handle_disconnect(self, client: paho.Client, userdata: Any, flags: paho.DisconnectFlags, reason_code: ReasonCode, properties: Properties | None) -> None:
         was = self._connected.is_set()

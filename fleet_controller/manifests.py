@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import functools
 import importlib.resources
+import importlib.util
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -39,8 +40,23 @@ from prometheus_client import CollectorRegistry, Counter
 SUPPORTED_K8S_VERSIONS: tuple[str, ...] = ("1.32", "1.33", "1.34")
 """Kubernetes minor versions of the K3s releases shops run; every object must validate on all."""
 
-MANIFESTS_ROOT = Path(__file__).resolve().parent.parent / "manifests"
-"""The repository's manifest tree (``manifests/edge``, ``manifests/central``)."""
+
+
+def _manifests_root() -> Path:
+    """Return the manifest tree that ships inside the ``shopfleet`` package (``shopfleet/manifests``).
+
+    The YAML is package data of the same distribution, so a wheel renders releases. The folder is
+    located with ``find_spec``, which only searches the path and runs none of ``shopfleet``'s code,
+    so the controller still imports nothing of the CLI layer (the import-linter contract holds).
+    """
+    spec = importlib.util.find_spec("shopfleet")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the shopfleet package is not installed: its manifests/ tree cannot be found")
+    return Path(next(iter(spec.submodule_search_locations))) / "manifests"
+
+
+MANIFESTS_ROOT = _manifests_root()
+"""The packaged manifest tree (``shopfleet/manifests/edge``, ``.../central``; ``manifests/`` in a checkout links to it)."""
 
 DEFAULT_EDGE_OVERLAY = "production"
 """Edge overlay a shop gets unless its ``manifests-overlay`` label names another."""

@@ -14,9 +14,9 @@ import pytest
 
 from fleet_controller.registry import NotFound
 from shopfleet.broker import BrokerProcess
-from tests.edge_agent.helpers import wait_for
-from tests.edge_agent.test_subprocess import NODE, SHOP, AgentProcess
 from tests.fleet_controller.conftest import RunningController, controller_settings
+from tests.support.agent import NODE, SHOP, AgentProcess
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.slow
 
