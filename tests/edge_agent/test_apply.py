@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from edge_agent.apply.cluster import InMemoryClusterClient
-from edge_agent.apply.diff import HASH_ANNOTATION, ObjectRef, diff, workload_ready
+from edge_agent.apply.diff import HASH_ANNOTATION, ObjectRef, contains, diff, readiness
 from edge_agent.apply.errors import ApplyFailed, StateStoreCorrupt
 from edge_agent.apply.handler import ApplyMetrics, ApplyReport, DesiredStateHandler
 from edge_agent.apply.simulated import DEGRADED_FPS, SimulatedApplier
@@ -228,20 +228,61 @@ def test_diff_partitions_every_object(desired_keys, live_keys):
     assert set(plan.prune) == {ObjectRef.of(o) for o in live} - {ObjectRef.of(o) for o in desired}
 
 
+def _ds(gen=2, observed=2, desired=3, updated=3, available=3):
+    return {"kind": "DaemonSet", "metadata": {"generation": gen},
+            "status": {"observedGeneration": observed, "desiredNumberScheduled": desired, "updatedNumberScheduled": updated, "numberAvailable": available}}
+
+
+def _deploy(replicas=2, observed=1, updated=2, total=2, available=2, conditions=()):
+    return {"kind": "Deployment", "metadata": {"generation": 1}, "spec": {"replicas": replicas},
+            "status": {"observedGeneration": observed, "replicas": total, "updatedReplicas": updated, "availableReplicas": available,
+                       "conditions": list(conditions)}}
+
+
+PDE = {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded", "message": "ReplicaSet x has timed out progressing."}
+
 READY = [
-    pytest.param({"kind": "ConfigMap"}, True, id="configmap"),
-    pytest.param({"kind": "DaemonSet", "metadata": {"generation": 2}, "status": {"observedGeneration": 1, "desiredNumberScheduled": 3, "updatedNumberScheduled": 3, "numberReady": 3}}, False, id="ds-old-generation"),
-    pytest.param({"kind": "DaemonSet", "metadata": {"generation": 2}, "status": {"observedGeneration": 2, "desiredNumberScheduled": 3, "updatedNumberScheduled": 2, "numberReady": 3}}, False, id="ds-not-all-updated"),
-    pytest.param({"kind": "DaemonSet", "metadata": {"generation": 2}, "status": {"observedGeneration": 2, "desiredNumberScheduled": 3, "updatedNumberScheduled": 3, "numberReady": 2}}, False, id="ds-not-all-ready"),
-    pytest.param({"kind": "DaemonSet", "metadata": {"generation": 2}, "status": {"observedGeneration": 2, "desiredNumberScheduled": 3, "updatedNumberScheduled": 3, "numberReady": 3}}, True, id="ds-ready"),
-    pytest.param({"kind": "Deployment", "metadata": {"generation": 1}, "spec": {"replicas": 2}, "status": {"observedGeneration": 1, "updatedReplicas": 2, "availableReplicas": 1}}, False, id="deploy-unavailable"),
-    pytest.param({"kind": "Deployment", "metadata": {"generation": 1}, "spec": {"replicas": 2}, "status": {"observedGeneration": 1, "updatedReplicas": 2, "availableReplicas": 2}}, True, id="deploy-ready"),
+    pytest.param({"kind": "ConfigMap"}, "ready", id="configmap"),
+    pytest.param(_ds(observed=1), "pending", id="ds-old-generation"),
+    pytest.param(_ds(updated=2), "pending", id="ds-not-all-updated"),
+    pytest.param(_ds(available=2), "pending", id="ds-not-all-available"),
+    pytest.param(_ds(), "ready", id="ds-ready"),
+    pytest.param(_deploy(observed=0), "pending", id="deploy-old-generation"),
+    pytest.param(_deploy(available=1), "pending", id="deploy-unavailable"),
+    pytest.param(_deploy(total=3), "pending", id="deploy-old-replica-still-running"),
+    pytest.param(_deploy(updated=1, available=1, conditions=[PDE]), "failed", id="deploy-progress-deadline-exceeded"),
+    pytest.param(_deploy(), "ready", id="deploy-ready"),
+    pytest.param({"kind": "CustomResourceDefinition", "status": {"conditions": [{"type": "Established", "status": "False"}]}}, "pending", id="crd-not-established"),
+    pytest.param({"kind": "CustomResourceDefinition", "status": {"conditions": [{"type": "Established", "status": "True"}]}}, "ready", id="crd-established"),
 ]
 
 
-@pytest.mark.parametrize("obj, ready", READY)
-def test_workload_ready_table(obj, ready):
-    assert workload_ready(obj)[0] is ready
+@pytest.mark.parametrize("obj, state", READY)
+def test_readiness_table(obj, state):
+    assert readiness(obj).state == state
+
+
+def test_prune_never_touches_namespaces_crds_or_the_protected_agent():
+    ns = _live({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shopfleet", "labels": _obj("ConfigMap", "x")["metadata"]["labels"]}})
+    crd = _live({"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+                 "metadata": {"name": "things.shopfleet.io", "labels": _obj("ConfigMap", "x")["metadata"]["labels"]}})
+    agent, other = _live(_obj("DaemonSet", "shopfleet-agent")), _live(_obj("DaemonSet", "old"))
+    plan = diff([], [ns, crd, agent, other], protect=[ObjectRef.of(agent)])
+    assert [str(r) for r in plan.prune] == ["DaemonSet/shopfleet/old"]
+
+
+CONTAINS = [
+    pytest.param({"a": 1, "b": {"c": [1, 2]}, "extra": 3}, {"a": 1, "b": {"c": [1, 2]}}, True, id="server-added-fields-ignored"),
+    pytest.param({"a": 2}, {"a": 1}, False, id="changed-value"),
+    pytest.param({"b": {}}, {"b": {"c": 1}}, False, id="missing-field"),
+    pytest.param({"l": [{"x": 1, "d": 0}]}, {"l": [{"x": 1}]}, True, id="defaulted-field-in-list-item"),
+    pytest.param({"l": [{"x": 1}, {"x": 2}]}, {"l": [{"x": 1}]}, False, id="extra-list-item"),
+]
+
+
+@pytest.mark.parametrize("live, want, expected", CONTAINS)
+def test_drift_check_contains(live, want, expected):
+    assert contains(live, want) is expected
 
 
 # ----- handler against the in-memory cluster -------------------------------------------------
