@@ -368,19 +368,3 @@ def test_simulated_applier_modes(tmp_path, keys, label, status, fps_low):
         assert (max(fps) <= DEGRADED_FPS + 0.5) is fps_low
         assert (metrics["cart_review_rate"] > 0.1) is fps_low
     assert sim.release() == "r-x"
-
-
-@pytest.mark.skipif(not os.environ.get("KUBECONFIG"), reason="real-cluster tier: set KUBECONFIG to a disposable K3s/Kubernetes cluster to run it")
-def test_real_cluster_apply_and_prune(tmp_path, keys):
-    from edge_agent.apply.kube import KubernetesClusterClient
-
-    signer, verifier = keys
-    client = KubernetesClusterClient(kubeconfig=os.environ["KUBECONFIG"])
-    rig = Rig(tmp_path, verifier, client=client, ready_timeout_s=600, poll_interval_s=5)
-    report = rig.handler.handle(_state(signer, 1, "r1", classes=frozenset({"pi"})))
-    assert report.status in ("applied", "failed"), report.error  # images are placeholders; objects must be accepted
-    assert not [o for o in report.objects if o.status == "failed"], report.objects
-    live = client.list_managed(SHOP)
-    assert {o["metadata"]["name"] for o in live} >= {"shopfleet-agent", "vision-arm64"}
-    for o in live:
-        client.delete(ObjectRef.of(o))
