@@ -152,7 +152,8 @@ class Readiness:
 
 
 def _condition(status: Mapping[str, Any], kind: str) -> Mapping[str, Any] | None:
-    for c in status.get("conditions") or []:
+    conditions: list[Mapping[str, Any]] = status.get("conditions") or []
+    for c in conditions:
         if c.get("type") == kind:
             return c
     return None

@@ -87,7 +87,7 @@ class ApplyReport:
             seq=seq,
             release=self.release,
             revision=self.revision,
-            status=self.status,  # type: ignore[arg-type]
+            status=self.status,
             error=self.error[:2000],
             objects=self.objects,
         )
@@ -126,7 +126,7 @@ class RetryDeadlineExceeded(ClusterUnavailable):
 
 
 def _status(ref: ObjectRef, status: str, message: str = "") -> ObjectStatus:
-    return ObjectStatus(api_version=ref.api_version, kind=ref.kind, namespace=ref.namespace, name=ref.name, status=status, message=message[:1000])  # type: ignore[arg-type]
+    return ObjectStatus(api_version=ref.api_version, kind=ref.kind, namespace=ref.namespace, name=ref.name, status=status, message=message[:1000])
 
 
 def _crd_kind(obj: dict[str, Any]) -> tuple[str, str]:

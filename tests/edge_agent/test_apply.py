@@ -18,10 +18,12 @@ from edge_agent.apply.cluster import InMemoryClusterClient
 from edge_agent.apply.diff import HASH_ANNOTATION, ObjectRef, contains, diff, readiness
 from edge_agent.apply.errors import ApplyFailed, StateStoreCorrupt
 from edge_agent.apply.handler import ApplyMetrics, ApplyReport, DesiredStateHandler
+from edge_agent.apply.plugin import ApplyConfig
 from edge_agent.apply.simulated import DEGRADED_FPS, SimulatedApplier
 from edge_agent.apply.verify import AppliedRecord, RevisionStore, Verifier, load_public_key
 from edge_agent.protocol import (
     DesiredState,
+    ReportedState,
     Signature,
     Topics,
     encode,
@@ -368,3 +370,23 @@ def test_simulated_applier_modes(tmp_path, keys, label, status, fps_low):
         assert (max(fps) <= DEGRADED_FPS + 0.5) is fps_low
         assert (metrics["cart_review_rate"] > 0.1) is fps_low
     assert sim.release() == "r-x"
+
+
+# ----- docs -----------------------------------------------------------------------------------
+
+APPLY_DOC = (Path(__file__).resolve().parents[2] / "docs" / "apply.md").read_text()
+
+
+@pytest.mark.parametrize("key", sorted(ApplyConfig.model_fields))
+def test_every_apply_config_key_documented(key):
+    assert f"`apply.{key}`" in APPLY_DOC
+
+
+def test_every_apply_metric_and_status_documented():
+    registry = CollectorRegistry()
+    ApplyMetrics(registry)
+    for metric in registry.collect():
+        name = metric.name if f"`{metric.name}`" in APPLY_DOC else f"{metric.name}_total"
+        assert f"`{name}`" in APPLY_DOC, metric.name
+    for status in ReportedState.model_fields["status"].annotation.__args__:
+        assert f"| `{status}` |" in APPLY_DOC, status
