@@ -33,6 +33,7 @@ from edge_agent.protocol import (
 from fleet_controller import manifests
 from fleet_controller.releases import ReleaseSpec, desired_state_for
 from fleet_controller.signing import Signer, generate_keypair, load_private_key
+from tests.support.wait import wait_for
 
 SHOP = "berlin-01"
 DIGEST = "@sha256:" + "12" * 32
@@ -390,3 +391,52 @@ def test_every_apply_metric_and_status_documented():
         assert f"`{name}`" in APPLY_DOC, metric.name
     for status in ReportedState.model_fields["status"].annotation.__args__:
         assert f"| `{status}` |" in APPLY_DOC, status
+
+
+class _FakeAgent:
+    """The three things plugin.attach uses from an Agent."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry as _Registry
+
+        self.shop, self.registry, self.release = SHOP, _Registry(), None
+        self.sent: list[dict] = []
+        self.handler = None
+
+    def send(self, _model, **fields) -> int:
+        self.sent.append(fields)
+        return len(self.sent)
+
+    def register_desired_state_handler(self, handler) -> None:
+        self.handler = handler
+
+
+def test_attach_starts_a_reconciler_that_resumes_an_unfinished_apply(tmp_path, keys):
+    import threading
+
+    from edge_agent.apply.plugin import attach
+
+    signer, _ = keys
+    pub = tmp_path / "k.pub"
+    store = RevisionStore(tmp_path / "applied.json")
+    state = _state(signer, 4, "r4")
+    store.save_state(state)  # what an agent that replaced its own pod left behind
+    store.save(AppliedRecord(4, "r4", "applying"))
+    agent, client, stop = _FakeAgent(), InMemoryClusterClient(), threading.Event()
+    config = ApplyConfig(enabled=True, public_keys=(pub,), state_path=store.path, cluster="simulated", drift_interval_s=0.05,
+                         ready_timeout_s=1, poll_interval_s=0.01)
+    try:
+        handler = attach(agent, config, client=client, stop=stop)
+        assert handler is not None and agent.handler == handler.handle
+        wait_for(lambda: store.load().status == "applied", 10, "the reconciler to finish revision 4")
+        assert agent.release == "r4" and agent.sent[-1]["status"] == "applied"
+        assert ObjectRef("apps/v1", "DaemonSet", "shopfleet", "shopfleet-agent") in client.objects
+    finally:
+        stop.set()
+
+
+def test_apply_config_names_the_fix():
+    with pytest.raises(ValueError, match="lower retry_min_s"):
+        ApplyConfig(retry_min_s=10, retry_max_s=1)
+    with pytest.raises(ValueError, match="self_daemonset"):
+        ApplyConfig(self_daemonset="no-slash")

@@ -269,6 +269,19 @@ def test_progress_deadline_exceeded_fails_at_once_and_prunes_nothing(emu, tmp_pa
     assert emu.find("DaemonSet", "vision-gpu", "shopfleet") is None
 
 
+def test_old_status_is_not_taken_for_the_new_generation(emu, tmp_path, signer):
+    rig = Rig(tmp_path, emu, ready_timeout_s=0.3)
+    assert rig.handler.handle(_state(signer, 1, "r1")).status == "applied"
+    emu.paused = True  # the counts still say "all updated and available", for generation 1
+    report = rig.handler.handle(_state(signer, 2, "r2", classes=frozenset({"pi"})))
+    assert report.status == "failed" and "not ready" in report.error
+    assert any("has not observed generation 2" in o.message for o in report.objects if o.status == "pending")
+    assert emu.find("DaemonSet", "vision-gpu", "shopfleet") is not None  # nothing pruned
+    emu.paused = False
+    assert rig.handler.handle(_state(signer, 2, "r2", classes=frozenset({"pi"}))).status == "applied"
+    assert emu.find("DaemonSet", "vision-gpu", "shopfleet") is None
+
+
 def test_daemonset_not_available_times_out_with_its_counts(emu, tmp_path, signer):
     rig = Rig(tmp_path, emu, ready_timeout_s=0.5)
     emu.stuck.add("sensor-driver")

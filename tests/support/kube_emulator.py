@@ -21,7 +21,7 @@ It serves exactly the calls the ``kubernetes`` dynamic client makes for
   step per ``tick_s``: observe the generation, then replace pods one by one (updated and available
   counts, old replicas terminating), conditions included. ``stuck`` names workloads whose new pods
   never become available; a stuck Deployment reports ``ProgressDeadlineExceeded`` after
-  ``progress_deadline_s``;
+  ``progress_deadline_s``; ``paused`` stops the controllers altogether;
 * **failures on demand**: :meth:`KubeEmulator.fail` answers matching requests with a status (429
   with ``Retry-After``, 500, 409, ...) or holds them past the client's timeout, a given number of
   times; :attr:`KubeEmulator.admission` refuses objects like an admission webhook (422).
@@ -200,6 +200,7 @@ class KubeEmulator:
         self.crd_ticks = crd_ticks
         self.progress_deadline_s = progress_deadline_s
         self.stuck: set[str] = set()
+        self.paused = False  # True: the controllers do nothing (a busy or restarting controller-manager)
         self.admission: Callable[[Obj], str | None] | None = None
         self.requests: list[Request] = []
         self._failures: list[Failure] = []
@@ -508,7 +509,7 @@ class KubeEmulator:
 
     def _controllers(self) -> None:
         while not self._stop.wait(self.tick_s):
-            with self._lock:
+            if not self.paused:
                 self.step()
 
     def step(self) -> None:
