@@ -107,7 +107,16 @@ class KubernetesClusterClient:
         # Built on first use, and through _call: building it runs discovery (GET /version, /apis),
         # which may fail like any other request and must be retried like one.
         if self._dyn_client is None:
-            self._dyn_client = self._call(lambda **_: self._dynamic.DynamicClient(self._api, cache_file=self._cache_file), what="discovery")
+            dynamic, timeout = self._dynamic, self._timeout
+
+            class TimedDynamicClient(dynamic.DynamicClient):  # type: ignore[misc]
+                """The dynamic client, with our timeout on the requests it makes itself (discovery)."""
+
+                def request(self, method: str, path: str, body: Any = None, **params: Any) -> Any:
+                    params.setdefault("_request_timeout", timeout)
+                    return super().request(method, path, body, **params)
+
+            self._dyn_client = self._call(lambda **_: TimedDynamicClient(self._api, cache_file=self._cache_file), what="discovery")
         return self._dyn_client
 
     def _resource(self, api_version: str, kind: str) -> Any:

@@ -227,6 +227,13 @@ def test_discovery_failure_is_temporary_too(emu, tmp_path, signer):
     assert rig.metric("shopfleet_agent_apply_retries_total", reason="server_error") == 2
 
 
+def test_a_hanging_discovery_request_times_out_and_is_retried(emu, tmp_path, signer):
+    rule = emu.fail(None, delay_s=1.0, times=1, discovery=True)
+    rig = Rig(tmp_path, emu, request_timeout_s=0.3)
+    assert rig.handler.handle(_state(signer, 1, "r1")).status == "applied"
+    assert rule.hits == 1 and rig.metric("shopfleet_agent_apply_retries_total", reason="connection") == 1
+
+
 def test_crd_applied_first_waited_established_then_its_objects(emu, tmp_path, signer):
     emu.crd_ticks = 15  # established a little later than applied, as on a real server
     rig = Rig(tmp_path, emu)
