@@ -91,7 +91,7 @@ class KubernetesClusterClient:
         self, api_client: Any = None, *, kubeconfig: str | None = None, request_timeout_s: float = 30.0,
         kinds: tuple[tuple[str, str], ...] = MANAGED_KINDS, discovery_cache: str | None = None,
     ) -> None:
-        from kubernetes import client, dynamic
+        from kubernetes import client
 
         if api_client is None:
             api_client = client.ApiClient(load_configuration(kubeconfig))
@@ -100,23 +100,24 @@ class KubernetesClusterClient:
         self._kinds = kinds
         self._cache_file = discovery_cache
         self._dyn_client: Any = None
-        self._dynamic = dynamic
 
     @property
     def _dyn(self) -> Any:
         # Built on first use, and through _call: building it runs discovery (GET /version, /apis),
         # which may fail like any other request and must be retried like one.
         if self._dyn_client is None:
-            dynamic, timeout = self._dynamic, self._timeout
+            from kubernetes.dynamic import DynamicClient
 
-            class TimedDynamicClient(dynamic.DynamicClient):  # type: ignore[misc]
+            timeout = self._timeout
+
+            class TimedDynamicClient(DynamicClient):
                 """The dynamic client, with our timeout on the requests it makes itself (discovery)."""
 
                 def request(self, method: str, path: str, body: Any = None, **params: Any) -> Any:
                     params.setdefault("_request_timeout", timeout)
                     return super().request(method, path, body, **params)
 
-            self._dyn_client = self._call(lambda **_: TimedDynamicClient(self._api, cache_file=self._cache_file), what="discovery")
+            self._dyn_client = self._call(lambda **_: TimedDynamicClient(self._api, cache_file=self._cache_file), what="discovery")  # type: ignore[no-untyped-call]
         return self._dyn_client
 
     def _resource(self, api_version: str, kind: str) -> Any:
