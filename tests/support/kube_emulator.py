@@ -39,7 +39,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -655,8 +655,3 @@ class KubeEmulator:
 
         return Handler
 
-
-def iter_leaves(obj: Obj) -> Iterator[tuple[str, Any]]:
-    """Yield (dotted path, value) of an object's user fields: what field ownership is tracked on."""
-    for p, v in _leaves(obj).items():
-        yield ".".join(p), v
