@@ -338,7 +338,9 @@ class ReportedState(Uplink):
     kind: Literal["reported_state"] = "reported_state"
     release: str | None = None
     revision: int = Field(ge=0, description="Revision of the desired state this report is about.")
-    status: Literal["applying", "applied", "failed", "refused"]
+    status: Literal["applying", "retrying", "applied", "failed", "refused"] = Field(
+        description="'retrying': the cluster API is unavailable (429, 5xx, timeouts); the agent keeps retrying, nothing failed."
+    )
     error: str = Field("", max_length=2000)
     objects: tuple[ObjectStatus, ...] = ()
 
