@@ -30,16 +30,16 @@ from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
 from edge_agent.protocol import Heartbeat, NodeFacts, Presence, Reading, Telemetry
-from fleet_controller.accounts.store import AccountStore
 from fleet_controller.alerts import store as alert_store
 from fleet_controller.alerts.evaluator import Firing
 from fleet_controller.alerts.rules import AlertRules
-from fleet_controller.dashboard.fleetview import fleet_page
-from fleet_controller.dashboard.router import parse_fleet_query
-from fleet_controller.dashboard.setup import build_app
-from fleet_controller.db import create_engine
-from fleet_controller.migrations import upgrade
-from fleet_controller.registry import NodeUpdate, Registry, SeqCursor, WriteBatch
+from fleet_controller.registry.db import create_engine
+from fleet_controller.registry.migrations import upgrade
+from fleet_controller.registry.store import NodeUpdate, Registry, SeqCursor, WriteBatch
+from fleet_controller.web.accounts.store import AccountStore
+from fleet_controller.web.dashboard.fleetview import fleet_page
+from fleet_controller.web.dashboard.router import parse_fleet_query
+from fleet_controller.web.dashboard.setup import build_app
 
 FACTS = NodeFacts(arch="arm64", node_class="pi", cpu_count=4, cpu_load_1m=0.3, mem_total_bytes=4 << 30,
                   mem_available_bytes=2 << 30, disk_total_bytes=32 << 30, disk_free_bytes=16 << 30)

@@ -10,18 +10,18 @@ Extension points (other parts of the controller plug in here, before ``start()``
    (the rollout executor and the alert evaluator run this way). ``coro_fn()`` is called with no
    arguments (use ``functools.partial`` to bind the service) and must run until cancelled.
 2. ``service.bus``: an in-process :class:`EventBus` of registry changes
-   (:class:`fleet_controller.registry.BusEvent`: ``presence``, ``event``, ``alert``,
+   (:class:`fleet_controller.registry.store.BusEvent`: ``presence``, ``event``, ``alert``,
    ``node_added``, ``shop_added``, ``reported_state``, plus whatever workers publish, e.g.
    ``alert_changed``). ``async with service.bus.subscribe({"presence"}) as sub: async for ev in
    sub: ...`` is what the dashboard's server-sent events do.
 3. ``service.mqtt.publish(topic, payload, retain=..., qos=...)``: awaitable publish that returns
    once the broker acknowledged it (the rollout executor publishes signed desired state with it).
 4. ``service.add_router(router)`` and ``service.add_dependency(Depends(...))``: included in the
-   app :func:`fleet_controller.app.create_app` builds; a dependency guards every route
+   app :func:`fleet_controller.web.app.create_app` builds; a dependency guards every route
    (authentication). ``service.app_state`` entries become ``app.state`` attributes.
 
 All registry writes go through one writer (``service.writer``, a child process by default, see
-:class:`fleet_controller.intake.RegistryWriter`), so the intake's batches, the sweeper and
+:class:`fleet_controller.intake.core.RegistryWriter`), so the intake's batches, the sweeper and
 retention never race; ``service.registry`` in this process serves reads (API, dashboard).
 Workers that write their own tables use their own sessions.
 """
@@ -45,14 +45,14 @@ from fastapi.params import Depends
 from prometheus_client import CollectorRegistry
 
 from edge_agent.protocol import ClockBeacon, ControllerPresence, Topics, encode
-from fleet_controller import migrations
-from fleet_controller.app import create_app
-from fleet_controller.db import create_engine
-from fleet_controller.intake import Intake, RegistryWriter
+from fleet_controller.intake.core import Intake, RegistryWriter
+from fleet_controller.intake.mqtt import MqttAdapter, MqttConfig, Will
 from fleet_controller.metrics import ControllerMetrics
-from fleet_controller.mqtt import MqttAdapter, MqttConfig, Will
-from fleet_controller.registry import BusEvent, Registry
+from fleet_controller.registry import migrations
+from fleet_controller.registry.db import create_engine
+from fleet_controller.registry.store import BusEvent, Registry
 from fleet_controller.settings import ControllerSettings
+from fleet_controller.web.app import create_app
 
 log = logging.getLogger(__name__)
 
@@ -406,8 +406,8 @@ def build_service(
     """
     from fleet_controller import rollout
     from fleet_controller.alerts.rules import load_rules
-    from fleet_controller.dashboard.setup import attach
-    from fleet_controller.signing import load_private_key
+    from fleet_controller.rollout.signing import load_private_key
+    from fleet_controller.web.dashboard.setup import attach
 
     rules = load_rules(settings.alert_rules)
     if settings.rollout is not None:

@@ -26,8 +26,8 @@ COMMANDS: dict[str, str] = {
     "rollout": "fleet_controller.rollout.cli",
     "manifests": "fleet_controller.rollout.cli",
     "hw": "hardware.cli",
-    "users": "fleet_controller.accounts.cli",
-    "tokens": "fleet_controller.accounts.cli",
+    "users": "fleet_controller.web.accounts.cli",
+    "tokens": "fleet_controller.web.accounts.cli",
     "vision": "vision.cli",
 }
 COMMAND_MODULES = tuple(dict.fromkeys(COMMANDS.values()))

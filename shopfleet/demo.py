@@ -330,7 +330,7 @@ class RolloutShow:
         self.results: dict[str, str] = {}
 
     def create_releases(self) -> None:
-        from fleet_controller.releases import ReleaseSpec, ReleaseStore
+        from fleet_controller.rollout.releases import ReleaseSpec, ReleaseStore
 
         store = ReleaseStore(self.engine)
         store.create(ReleaseSpec(name=GOOD_RELEASE, version="2026.11.1", images=GOOD_IMAGES))
@@ -390,10 +390,10 @@ async def _run(args: argparse.Namespace) -> int:
     import sqlalchemy as sa
 
     from edge_agent.apply.verify import Verifier, load_public_key
-    from fleet_controller.accounts.store import ensure_demo_users
+    from fleet_controller.rollout.signing import generate_keypair
     from fleet_controller.service import build_service
     from fleet_controller.settings import ControllerSettings
-    from fleet_controller.signing import generate_keypair
+    from fleet_controller.web.accounts.store import ensure_demo_users
     from shopfleet.broker import BrokerProcess
 
     started = time.monotonic()
@@ -510,7 +510,7 @@ def _cameras(service: Any) -> dict[str, Any]:
     """Return the latest reported health of every camera pipeline, by ``shop/node/pipeline``."""
     import sqlalchemy as sa
 
-    from fleet_controller.models import Node
+    from fleet_controller.registry.models import Node
 
     out: dict[str, Any] = {}
     with service.engine.connect() as conn:

@@ -32,7 +32,7 @@ from fleet_controller.alerts.evaluator import (
 from fleet_controller.alerts.metrics import AlertMetrics
 from fleet_controller.alerts.rules import AlertRules
 from fleet_controller.alerts.store import Changes
-from fleet_controller.models import EventRecord, LatestReading, Node
+from fleet_controller.registry.models import EventRecord, LatestReading, Node
 
 log = logging.getLogger(__name__)
 

@@ -138,8 +138,8 @@ class CliError(Exception):
 
 def _backend(args: argparse.Namespace) -> tuple[str, Any]:
     if args.db:
-        from fleet_controller.db import create_engine
-        from fleet_controller.migrations import pending
+        from fleet_controller.registry.db import create_engine
+        from fleet_controller.registry.migrations import pending
 
         engine = create_engine(args.db)
         behind = pending(engine)
@@ -157,10 +157,10 @@ def _print(args: argparse.Namespace, data: Any, text: str) -> None:
 
 def _guard(fn):
     def wrapper(args: argparse.Namespace) -> int:
-        from fleet_controller.releases import ReleaseError
         from fleet_controller.rollout.policy import PolicyError
+        from fleet_controller.rollout.releases import ReleaseError
+        from fleet_controller.rollout.signing import SigningKeyError
         from fleet_controller.rollout.store import RolloutError
-        from fleet_controller.signing import SigningKeyError
 
         try:
             return fn(args)
@@ -180,7 +180,7 @@ def _release_create(args: argparse.Namespace) -> int:
     """Create a release from flags."""
     from pydantic import ValidationError
 
-    from fleet_controller.releases import (
+    from fleet_controller.rollout.releases import (
         ReleaseSpec,
         ReleaseStore,
         model_package_digest,
@@ -208,7 +208,7 @@ def _release_create(args: argparse.Namespace) -> int:
 @_guard
 def _release_list(args: argparse.Namespace) -> int:
     """List releases."""
-    from fleet_controller.releases import ReleaseStore
+    from fleet_controller.rollout.releases import ReleaseStore
 
     kind, be = _backend(args)
     rows = ReleaseStore(be).list() if kind == "db" else be.call("GET", "/releases")
@@ -220,7 +220,7 @@ def _release_list(args: argparse.Namespace) -> int:
 @_guard
 def _release_keygen(args: argparse.Namespace) -> int:
     """Write a signing key pair."""
-    from fleet_controller.signing import generate_keypair
+    from fleet_controller.rollout.signing import generate_keypair
 
     kid = generate_keypair(args.out, overwrite=args.overwrite)
     print(f"wrote {args.out} (private, mode 0600) and {Path(args.out).with_suffix('.pub')} (give it to every agent); key id {kid}")
@@ -292,7 +292,7 @@ def _rollout_action(args: argparse.Namespace) -> int:
 @_guard
 def _manifests_validate(args: argparse.Namespace) -> int:
     """Validate manifests."""
-    from fleet_controller import manifests
+    from fleet_controller.rollout import manifests
 
     versions = tuple(args.k8s_version or manifests.SUPPORTED_K8S_VERSIONS)
     path = Path(args.path) if args.path else manifests.MANIFESTS_ROOT
@@ -308,13 +308,13 @@ def _manifests_validate(args: argparse.Namespace) -> int:
 @_guard
 def _manifests_render(args: argparse.Namespace) -> int:
     """Render a shop's objects."""
-    from fleet_controller import manifests
-    from fleet_controller.releases import ReleaseSpec, ReleaseStore, parse_image_args
+    from fleet_controller.rollout import manifests
+    from fleet_controller.rollout.releases import ReleaseSpec, ReleaseStore, parse_image_args
 
     if args.release:
         if not args.db:
             raise CliError("--release reads the release from the database: pass --db URL too (or use --image flags)")
-        from fleet_controller.db import create_engine
+        from fleet_controller.registry.db import create_engine
 
         spec = ReleaseStore(create_engine(args.db)).get(args.release)
     else:

@@ -41,14 +41,19 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from edge_agent.protocol import Topics, encode
-from fleet_controller import manifests
-from fleet_controller.models import LatestReading, Node, ReportedStateRecord
-from fleet_controller.releases import ReleaseError, ReleaseSpec, ReleaseStore, desired_state_for
+from fleet_controller.registry.models import LatestReading, Node, ReportedStateRecord
+from fleet_controller.rollout import manifests
 from fleet_controller.rollout.gates import NodeHealth, ReadingValue, evaluate_gates, window_open
 from fleet_controller.rollout.models import ACTIVE_ROLLOUT_STATES, ExecutorLease
 from fleet_controller.rollout.planner import FleetShop, RolloutPlan
 from fleet_controller.rollout.policy import RolloutPolicy
-from fleet_controller.rollout.settings import ExecutorSettings
+from fleet_controller.rollout.releases import (
+    ReleaseError,
+    ReleaseSpec,
+    ReleaseStore,
+    desired_state_for,
+)
+from fleet_controller.rollout.signing import Signer
 from fleet_controller.rollout.store import (
     DESIRED,
     OVERLAY_LABEL,
@@ -57,7 +62,7 @@ from fleet_controller.rollout.store import (
     load_fleet,
     log_event,
 )
-from fleet_controller.signing import Signer
+from fleet_controller.settings import ExecutorSettings
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import JSON, BigInteger, Float, ForeignKeyConstraint, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from fleet_controller.db import Base
+from fleet_controller.registry.db import Base
 
 ROLLOUT_STATES = ("running", "paused", "rolling_back", "completed", "failed", "aborted", "rolled_back", "expired")
 """``running``, ``paused`` and ``rolling_back`` are active; the rest are final."""

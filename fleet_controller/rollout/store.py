@@ -15,9 +15,8 @@ from typing import Any
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.engine import Connection, Engine
 
-from fleet_controller import manifests
-from fleet_controller.models import Node, ReportedStateRecord, Shop
-from fleet_controller.releases import ReleaseSpec, ReleaseStore
+from fleet_controller.registry.models import Node, ReportedStateRecord, Shop
+from fleet_controller.rollout import manifests
 from fleet_controller.rollout.models import (
     ACTIVE_ROLLOUT_STATES,
     RolloutEvent,
@@ -27,6 +26,7 @@ from fleet_controller.rollout.models import (
 )
 from fleet_controller.rollout.planner import FleetShop, RolloutPlan, plan_rollout
 from fleet_controller.rollout.policy import RolloutPolicy
+from fleet_controller.rollout.releases import ReleaseSpec, ReleaseStore
 
 ROLLOUTS = RolloutRecord.__table__
 RSHOPS = RolloutShop.__table__

@@ -18,12 +18,12 @@ import pytest
 
 from edge_agent.protocol import NodeFacts, PipelineHealth, Reading, Telemetry
 from fleet_controller.alerts.rules import parse_rules
-from fleet_controller.dashboard.setup import Dashboard, attach
-from fleet_controller.releases import ReleaseSpec, ReleaseStore
 from fleet_controller.rollout.api import build_router as rollout_router
 from fleet_controller.rollout.policy import policy_from_dict
+from fleet_controller.rollout.releases import ReleaseSpec, ReleaseStore
 from fleet_controller.rollout.store import start_rollout
 from fleet_controller.service import ControllerService
+from fleet_controller.web.dashboard.setup import Dashboard, attach
 from tests.fleet_controller.conftest import Node, controller_settings, heartbeat, presence, wait_for
 
 CHROMIUM = "/usr/bin/chromium"

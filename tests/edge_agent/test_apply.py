@@ -28,9 +28,9 @@ from edge_agent.protocol import (
     parse_downlink,
     parse_message,
 )
-from fleet_controller import manifests
-from fleet_controller.releases import ReleaseSpec, desired_state_for
-from fleet_controller.signing import Signer, generate_keypair, load_private_key
+from fleet_controller.rollout import manifests
+from fleet_controller.rollout.releases import ReleaseSpec, desired_state_for
+from fleet_controller.rollout.signing import Signer, generate_keypair, load_private_key
 
 SHOP = "berlin-01"
 DIGEST = "@sha256:" + "12" * 32

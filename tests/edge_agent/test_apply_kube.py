@@ -22,8 +22,8 @@ from edge_agent.apply.diff import ObjectRef
 from edge_agent.apply.handler import ApplyMetrics, DesiredStateHandler
 from edge_agent.apply.kube import MANAGED_KINDS, KubernetesClusterClient
 from edge_agent.apply.verify import RevisionStore, Verifier
-from fleet_controller.releases import ReleaseSpec, desired_state_for
-from fleet_controller.signing import Signer, generate_keypair
+from fleet_controller.rollout.releases import ReleaseSpec, desired_state_for
+from fleet_controller.rollout.signing import Signer, generate_keypair
 
 SHOP = "kmock-01"
 RESOURCES = {

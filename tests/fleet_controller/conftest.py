@@ -23,11 +23,11 @@ from edge_agent.protocol import (
     encode,
 )
 from edge_agent.protocol import Topics as Topic
-from fleet_controller.app import create_app
-from fleet_controller.db import create_engine
 from fleet_controller.metrics import ControllerMetrics
-from fleet_controller.migrations import upgrade
-from fleet_controller.registry import Registry
+from fleet_controller.registry.db import create_engine
+from fleet_controller.registry.migrations import upgrade
+from fleet_controller.registry.store import Registry
+from fleet_controller.web.app import create_app
 from tests.support.wait import wait_for
 
 FACTS = NodeFacts(arch="arm64", node_class="pi", cpu_count=4, cpu_load_1m=0.2, mem_total_bytes=4 << 30,
@@ -79,11 +79,11 @@ def metrics() -> ControllerMetrics:
 def api_client(registry, metrics) -> Iterator[TestClient]:
     """An HTTP client of the API app over the real registry (the single place to add auth later)."""
     metrics.watch_presence(registry.presence_counts)
-    # Every route is guarded (fleet_controller.accounts.web): the client acts as an admin via an API token.
+    # Every route is guarded (fleet_controller.web.accounts.web): the client acts as an admin via an API token.
     from argon2 import PasswordHasher
 
-    from fleet_controller.accounts.store import AccountStore
-    from fleet_controller.accounts.web import build_auth
+    from fleet_controller.web.accounts.store import AccountStore
+    from fleet_controller.web.accounts.web import build_auth
 
     store = AccountStore(registry.engine, PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1))
     store.add_user("test-admin", "test-admin-password", "admin")

@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from fleet_controller.accounts.store import AccountStore
-from fleet_controller.db import create_engine
+from fleet_controller.registry.db import create_engine
+from fleet_controller.web.accounts.store import AccountStore
 from shopfleet.cli import main
 
 

@@ -10,13 +10,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from fleet_controller.accounts.store import AccountStore
-from fleet_controller.accounts.web import build_auth
 from fleet_controller.alerts.rules import AlertRules
-from fleet_controller.app import create_app
-from fleet_controller.dashboard.live import LiveHub
-from fleet_controller.dashboard.router import dashboard_router
 from fleet_controller.rollout.api import build_router as rollout_router
+from fleet_controller.web.accounts.store import AccountStore
+from fleet_controller.web.accounts.web import build_auth
+from fleet_controller.web.app import create_app
+from fleet_controller.web.dashboard.live import LiveHub
+from fleet_controller.web.dashboard.router import dashboard_router
 
 from .test_accounts import FAST
 

@@ -232,7 +232,7 @@ def test_worker_opens_and_resolves_from_registry_state(registry):
 
 
 async def test_worker_survives_a_broken_database(tmp_path):
-    from fleet_controller.db import create_engine
+    from fleet_controller.registry.db import create_engine
 
     engine = create_engine(f"sqlite:///{tmp_path / 'empty.db'}")  # no tables: every query fails
     mreg = CollectorRegistry()

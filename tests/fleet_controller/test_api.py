@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fleet_controller.registry import NodeUpdate, SeqCursor, WriteBatch
+from fleet_controller.registry.store import NodeUpdate, SeqCursor, WriteBatch
 from fleet_controller.settings import PresenceSettings
 
 from .conftest import alert, event, heartbeat

@@ -14,17 +14,17 @@ from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 from edge_agent.protocol import NodeFacts, PipelineHealth, Reading, Telemetry
-from fleet_controller.accounts.store import AccountStore
 from fleet_controller.alerts import store as alert_store
 from fleet_controller.alerts.evaluator import Firing
 from fleet_controller.alerts.rules import AlertRules
-from fleet_controller.dashboard.charts import sparkline
-from fleet_controller.dashboard.fleetview import FleetQuery, fleet_page
-from fleet_controller.dashboard.live import LiveHub
-from fleet_controller.dashboard.router import parse_fleet_query, query_string
-from fleet_controller.dashboard.setup import build_app, forward_bus
-from fleet_controller.registry import BusEvent
+from fleet_controller.registry.store import BusEvent
 from fleet_controller.service import EventBus
+from fleet_controller.web.accounts.store import AccountStore
+from fleet_controller.web.dashboard.charts import sparkline
+from fleet_controller.web.dashboard.fleetview import FleetQuery, fleet_page
+from fleet_controller.web.dashboard.live import LiveHub
+from fleet_controller.web.dashboard.router import parse_fleet_query, query_string
+from fleet_controller.web.dashboard.setup import build_app, forward_bus
 
 from .conftest import heartbeat, presence
 from .test_accounts import FAST
@@ -203,7 +203,7 @@ async def test_hub_streams_bus_events_as_sse_and_drops_when_full():
 
 
 def test_summary_cache_rereads_after_max_age_or_a_state_change(registry):
-    from fleet_controller.dashboard.fleetview import SummaryCache
+    from fleet_controller.web.dashboard.fleetview import SummaryCache
 
     registry.register_shop("s1")
     t = [0.0]
@@ -245,7 +245,7 @@ def test_a_live_state_change_refreshes_the_fleet_table_at_once(web, registry):
     ],
 )
 def test_select_page_table(query, ids):
-    from fleet_controller.dashboard.fleetview import select_page, shop_state
+    from fleet_controller.web.dashboard.fleetview import select_page, shop_state
 
     def row(i, nodes, online, stale, alerts, seen):
         return {"id": i, "name": i.upper(), "region": "r", "state": shop_state(nodes, online, stale), "nodes": nodes,

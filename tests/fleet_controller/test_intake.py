@@ -9,8 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edge_agent.protocol import MAX_PAYLOAD_BYTES, Topics, encode
-from fleet_controller.intake import IntakeCore, record
-from fleet_controller.mqtt import InboundMessage
+from fleet_controller.intake.core import IntakeCore, record
+from fleet_controller.intake.mqtt import InboundMessage
 
 from .conftest import event, heartbeat, presence, telemetry
 

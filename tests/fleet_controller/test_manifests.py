@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from fleet_controller import manifests as m
+from fleet_controller.rollout import manifests as m
 from fleet_controller.rollout.cli import main as cli
 
 DIGEST = "sha256:" + "ab" * 32

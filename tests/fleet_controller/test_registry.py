@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import inspect
 
-from fleet_controller.db import Base
-from fleet_controller.migrations import alembic_config, pending
-from fleet_controller.registry import (
+from fleet_controller.registry.db import Base
+from fleet_controller.registry.migrations import alembic_config, pending
+from fleet_controller.registry.store import (
     NodeUpdate,
     NotFound,
     PresenceView,

@@ -22,13 +22,13 @@ from sqlalchemy import select
 from edge_agent.apply.simfleet import SimulatedFleet
 from edge_agent.apply.verify import Verifier
 from edge_agent.protocol import Topics, encode
-from fleet_controller.db import create_engine
-from fleet_controller.registry import Registry
-from fleet_controller.releases import ReleaseSpec, ReleaseStore, desired_state_for
+from fleet_controller.registry.db import create_engine
+from fleet_controller.registry.store import Registry
 from fleet_controller.rollout.models import RolloutShop
 from fleet_controller.rollout.policy import policy_from_dict
+from fleet_controller.rollout.releases import ReleaseSpec, ReleaseStore, desired_state_for
+from fleet_controller.rollout.signing import Signer, generate_keypair
 from fleet_controller.rollout.store import rollout_status, start_rollout
-from fleet_controller.signing import Signer, generate_keypair
 from shopfleet.broker import BrokerProcess
 from tests.support.wait import wait_for
 
@@ -90,7 +90,7 @@ class World:
         self.releases = ReleaseStore(self.engine)
 
     def _count_shops(self) -> int:
-        from fleet_controller.models import Shop
+        from fleet_controller.registry.models import Shop
 
         with self.engine.connect() as c:
             return len(c.execute(select(Shop.id)).all())
@@ -231,7 +231,7 @@ def test_forged_unsigned_and_replayed_states_are_refused_and_reported(world: Wor
         msg = genuine.model_copy(update={"objects": tuple(objs)})
     world.fleet.clients[1].publish(Topics.desired(shop.shop), encode(msg), qos=1).wait_for_publish(5)
     reason = {"unsigned": "unsigned", "forged": "forged", "replayed": "replay"}[attack]
-    from fleet_controller.models import ReportedStateRecord
+    from fleet_controller.registry.models import ReportedStateRecord
 
     def reported():
         with world.engine.connect() as c:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet_controller.registry import NotFound
+from fleet_controller.registry.store import NotFound
 from shopfleet.broker import BrokerProcess
 from tests.edge_agent.helpers import wait_for
 from tests.edge_agent.test_subprocess import NODE, SHOP, AgentProcess

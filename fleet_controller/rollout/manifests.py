@@ -39,7 +39,7 @@ from prometheus_client import CollectorRegistry, Counter
 SUPPORTED_K8S_VERSIONS: tuple[str, ...] = ("1.32", "1.33", "1.34")
 """Kubernetes minor versions of the K3s releases shops run; every object must validate on all."""
 
-MANIFESTS_ROOT = Path(__file__).resolve().parent.parent / "manifests"
+MANIFESTS_ROOT = Path(__file__).resolve().parents[2] / "manifests"
 """The repository's manifest tree (``manifests/edge``, ``manifests/central``)."""
 
 DEFAULT_EDGE_OVERLAY = "production"

@@ -17,15 +17,15 @@ from argon2 import PasswordHasher
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
-from fleet_controller.accounts.store import AccountStore
-from fleet_controller.accounts.web import Auth, announce_initial_admin, build_auth
 from fleet_controller.alerts.metrics import AlertMetrics
 from fleet_controller.alerts.rules import AlertRules
 from fleet_controller.alerts.worker import AlertWorker
-from fleet_controller.app import create_app
-from fleet_controller.dashboard.live import LiveHub
-from fleet_controller.dashboard.router import dashboard_router
-from fleet_controller.registry import BusEvent, Registry
+from fleet_controller.registry.store import BusEvent, Registry
+from fleet_controller.web.accounts.store import AccountStore
+from fleet_controller.web.accounts.web import Auth, announce_initial_admin, build_auth
+from fleet_controller.web.app import create_app
+from fleet_controller.web.dashboard.live import LiveHub
+from fleet_controller.web.dashboard.router import dashboard_router
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 SQLite by default (one process, zero setup), PostgreSQL when the fleet outgrows one machine
 (ARCHITECTURE.md, decision 8). Each area of the controller (registry, releases and rollouts,
 accounts and alerts) declares its tables in its own module on this Base, and its schema changes
-as Alembic revisions under ``fleet_controller/migrations/versions``.
+as Alembic revisions under ``fleet_controller/registry/migrations/versions``.
 """
 
 from __future__ import annotations

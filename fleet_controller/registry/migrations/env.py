@@ -5,7 +5,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy.engine import Engine
 
-from fleet_controller.db import Base, create_engine
+from fleet_controller.registry.db import Base, create_engine
 
 config = context.config
 target_metadata = Base.metadata

@@ -45,10 +45,17 @@ from typing import Any
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from edge_agent.protocol import Presence, ProtocolError, parse_message
-from fleet_controller.db import create_engine
+from fleet_controller.intake.mqtt import InboundMessage
 from fleet_controller.metrics import ControllerMetrics
-from fleet_controller.mqtt import InboundMessage
-from fleet_controller.registry import BusEvent, NodeKey, NodeUpdate, Registry, SeqCursor, WriteBatch
+from fleet_controller.registry.db import create_engine
+from fleet_controller.registry.store import (
+    BusEvent,
+    NodeKey,
+    NodeUpdate,
+    Registry,
+    SeqCursor,
+    WriteBatch,
+)
 from fleet_controller.settings import IntakeSettings
 
 log = logging.getLogger(__name__)

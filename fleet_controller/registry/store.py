@@ -5,7 +5,7 @@ Two kinds of callers, two kinds of methods:
 * **One writer.** The intake, the presence sweeper and retention all write through
   :meth:`Registry.write_batch`, :meth:`Registry.sweep_presence` and
   :meth:`Registry.enforce_retention`, which the service runs in its single registry writer (a
-  child process, see :class:`fleet_controller.intake.RegistryWriter`). One writer means no write
+  child process, see :class:`fleet_controller.intake.core.RegistryWriter`). One writer means no write
   races on SQLite and no lost updates on presence, lets the writer cache every node's presence,
   and lets a batch of hundreds of messages go into one transaction (what makes 1,000+ msg/s fit
   on SQLite). The hottest statements go through the driver's ``executemany`` directly.
@@ -45,7 +45,7 @@ from edge_agent.protocol import (
     Telemetry,
     validate_id,
 )
-from fleet_controller.models import (
+from fleet_controller.registry.models import (
     CommandResultRecord,
     EventRecord,
     HeartbeatRecord,

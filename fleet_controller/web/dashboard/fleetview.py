@@ -22,7 +22,7 @@ from sqlalchemy import case, func, select
 from sqlalchemy.engine import Engine
 
 from fleet_controller.alerts.models import AlertRecord
-from fleet_controller.models import LatestReading, Node, ReportedStateRecord, Shop
+from fleet_controller.registry.models import LatestReading, Node, ReportedStateRecord, Shop
 
 SHOP_STATES = ("online", "stale", "offline", "unknown")
 SORT_KEYS = ("id", "name", "region", "state", "alerts", "occupancy", "release", "last_seen")

@@ -6,7 +6,7 @@ anyone, in any router) is guarded without remembering to ask: only the paths in 
 (the login page, ``/healthz``, optionally ``/metrics``) and static assets are served to a
 stranger. FastAPI's own ``/docs``, ``/redoc`` and ``/openapi.json`` sit outside the dependency
 system and stay open; they describe the API and hold no fleet data. The permission a request needs comes from the pure
-:func:`~fleet_controller.accounts.roles.required_permission` (read = ``view``; writing needs the
+:func:`~fleet_controller.web.accounts.roles.required_permission` (read = ``view``; writing needs the
 permission of its path prefix, unknown prefixes need ``fleet:admin``). Routers that want a
 stricter check declare ``Depends(require(Permission.X))``.
 
@@ -34,14 +34,14 @@ from prometheus_client import CollectorRegistry, Counter
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
-from fleet_controller.accounts.ratelimit import LoginRateLimiter
-from fleet_controller.accounts.roles import (
+from fleet_controller.web.accounts.ratelimit import LoginRateLimiter
+from fleet_controller.web.accounts.roles import (
     SAFE_METHODS,
     Permission,
     has_permission,
     required_permission,
 )
-from fleet_controller.accounts.store import AccountError, AccountStore, Principal
+from fleet_controller.web.accounts.store import AccountError, AccountStore, Principal
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from fleet_controller.alerts.rules import AlertRules
-from fleet_controller.dashboard.charts import sparkline
+from fleet_controller.web.dashboard.charts import sparkline
 
 CHARTS = (
     ("cpu_load_1m", "CPU load", ""),

@@ -18,8 +18,8 @@ from fastapi.params import Depends
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from fleet_controller.api import build_router
-from fleet_controller.registry import Registry
+from fleet_controller.registry.store import Registry
+from fleet_controller.web.api import build_router
 
 API_TITLE = "shopfleet fleet controller"
 

@@ -13,11 +13,11 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from fleet_controller import migrations
-from fleet_controller.accounts.roles import Role
-from fleet_controller.accounts.store import AccountError, AccountStore, generate_password
-from fleet_controller.db import create_engine
+from fleet_controller.registry import migrations
+from fleet_controller.registry.db import create_engine
 from fleet_controller.settings import SettingsError, load_settings
+from fleet_controller.web.accounts.roles import Role
+from fleet_controller.web.accounts.store import AccountError, AccountStore, generate_password
 
 ROLES = [r.value for r in Role]
 

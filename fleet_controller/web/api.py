@@ -15,7 +15,7 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from edge_agent.protocol import ID_PATTERN
-from fleet_controller.registry import NotFound, Registry
+from fleet_controller.registry.store import NotFound, Registry
 
 PRESENCE_PATTERN = "^(online|stale|offline|unknown)$"
 

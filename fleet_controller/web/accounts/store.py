@@ -20,8 +20,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session as OrmSession
 
-from fleet_controller.accounts.models import ApiToken, Session, User
-from fleet_controller.accounts.roles import Role, parse_role
+from fleet_controller.web.accounts.models import ApiToken, Session, User
+from fleet_controller.web.accounts.roles import Role, parse_role
 
 log = logging.getLogger(__name__)
 

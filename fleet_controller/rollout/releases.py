@@ -25,9 +25,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from edge_agent.protocol import DesiredState
-from fleet_controller import manifests
+from fleet_controller.rollout import manifests
 from fleet_controller.rollout.models import ReleaseRecord
-from fleet_controller.signing import Signer
+from fleet_controller.rollout.signing import Signer
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9.-]{0,127}$"
 COMPONENT_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
