@@ -112,6 +112,15 @@ def active_keys(engine: Engine) -> frozenset[str]:
         return frozenset(s.scalars(select(AlertRecord.key).where(AlertRecord.state == "firing")))
 
 
+def firing_counts(engine: Engine) -> dict[str, int]:
+    """Return how many alerts are firing in each shop that has any."""
+    with Session(engine) as s:
+        rows = s.execute(
+            select(AlertRecord.shop_id, func.count()).where(AlertRecord.state == "firing").group_by(AlertRecord.shop_id)
+        ).all()
+    return {shop: int(n) for shop, n in rows}
+
+
 def list_alerts(engine: Engine, now: float, *, state: str = "firing", shop: str | None = None, limit: int = 500) -> list[AlertView]:
     """Return alerts in ``state`` (firing or resolved), newest first, with their silences."""
     with Session(engine) as s:

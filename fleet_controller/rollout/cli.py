@@ -46,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="image of one component (container name: agent, vision, vision-gpu, sensor-driver, mosquitto, fluent-bit, device-plugin); repeat per component")
     p.add_argument("--model", metavar="DIR", help="model package directory; its sha256 over every file is pinned in the release")
     p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
-                   help="release label; simulate=degraded|crash makes the demo's simulated shops misbehave on it")
+                   help="free-form release label, stored and shown with the release (repeat for several)")
     _add_backend(p)
     p.set_defaults(func=_release_create)
     p = rsub.add_parser("list", help="list releases", description="List releases, newest first.")

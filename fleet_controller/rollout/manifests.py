@@ -130,8 +130,6 @@ class RenderInput:
     release: str
     images: Mapping[str, str] = field(default_factory=dict)
     model_sha256: str | None = None
-    vision_annotations: Mapping[str, str] = field(default_factory=dict)
-    """Extra pod-template annotations of the vision workloads (e.g. ``shopfleet.io/simulate``)."""
 
 
 def object_name(obj: Mapping[str, Any]) -> str:
@@ -338,10 +336,8 @@ def render_objects(base: Sequence[Mapping[str, Any]], target: ShopTarget, releas
             tmeta = obj["spec"]["template"].setdefault("metadata", {}) if obj["kind"] != "Pod" else meta
             ann = tmeta.setdefault("annotations", {})
             ann[LABEL_RELEASE] = release.release
-            if (meta.get("labels") or {}).get("app.kubernetes.io/component") == "vision":
-                if release.model_sha256:
-                    ann[ANNOTATION_MODEL] = release.model_sha256
-                ann.update(release.vision_annotations)
+            if (meta.get("labels") or {}).get("app.kubernetes.io/component") == "vision" and release.model_sha256:
+                ann[ANNOTATION_MODEL] = release.model_sha256
         out.append(obj)
     return out
 

@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.engine import Connection, Engine
 
-from fleet_controller.registry.models import Node, ReportedStateRecord, Shop
+from fleet_controller.registry.read import RegistryReader
 from fleet_controller.rollout import manifests
 from fleet_controller.rollout.models import (
     ACTIVE_ROLLOUT_STATES,
@@ -46,24 +46,25 @@ class RolloutNotFound(RolloutError, LookupError):
     """No rollout with that id."""
 
 
-def load_fleet(conn: Connection) -> list[FleetShop]:
-    """Return every known shop with region, labels, node classes, time zone and current release."""
-    classes: dict[str, set[str]] = defaultdict(set)
-    for shop, cls in conn.execute(select(Node.shop_id, Node.node_class).distinct()):
-        if cls:
-            classes[shop].add(cls)
+def load_fleet(reader: RegistryReader, conn: Connection) -> list[FleetShop]:
+    """Return every known shop with region, labels, node classes, time zone and current release.
+
+    The shops, their nodes and reports come from the registry's read models; the desired release
+    from this package's own table, on ``conn``.
+    """
+    classes = reader.node_classes()
     desired = dict(conn.execute(select(DESIRED.c.shop_id, DESIRED.c.release)).all())
-    reported = dict(conn.execute(select(ReportedStateRecord.shop_id, ReportedStateRecord.release).where(ReportedStateRecord.status == "applied")).all())
+    reported = reader.reported_releases(applied_only=True)
     return [
         FleetShop(
-            id=r.id,
-            region=r.region or "",
-            labels=dict(r.labels or {}),
-            node_classes=frozenset(classes.get(r.id, ())),
-            timezone=r.timezone or "UTC",
-            release=desired.get(r.id) or reported.get(r.id),
+            id=s.id,
+            region=s.region or "",
+            labels=dict(s.labels),
+            node_classes=classes.get(s.id, frozenset()),
+            timezone=s.timezone or "UTC",
+            release=desired.get(s.id) or reported.get(s.id),
         )
-        for r in conn.execute(select(Shop.__table__).order_by(Shop.id))
+        for s in reader.shops()
     ]
 
 
@@ -97,7 +98,7 @@ def start_rollout(engine: Engine, release: str, policy: RolloutPolicy, now: floa
         active = conn.execute(select(ROLLOUTS.c.id, ROLLOUTS.c.release).where(ROLLOUTS.c.status.in_(ACTIVE_ROLLOUT_STATES))).first()
         if active is not None:
             raise RolloutError(f"rollout {active.id} of {active.release} is still active: wait for it, or abort it first")
-        fleet = load_fleet(conn)
+        fleet = load_fleet(RegistryReader(engine), conn)
         plan = plan_rollout(fleet, release, policy)
         if not plan.shops:
             why = "; ".join(f"{s}: {r}" for s, r in plan.skipped[:5]) or "the fleet has no shops"

@@ -232,14 +232,17 @@ def test_first_start_admin_is_created_once_and_must_change_password(store):
     assert store.ensure_initial_admin() is None
 
 
-def test_demo_users_one_per_role_and_idempotent(store):
-    first = store.ensure_demo_users()
-    again = store.ensure_demo_users()
-    assert first == again
-    roles = {u.username: u.role for u in store.list_users()}
-    assert set(roles.values()) == set(Role)
-    for user, password in first.items():
-        assert store.verify_password(user, password)
+def test_put_user_creates_then_resets_password_and_role(store):
+    store.put_user("olga", "first-password-1", "viewer")
+    assert store.verify_password("olga", "first-password-1")
+    store.put_user("olga", "second-password-2", Role.OPERATOR)
+    assert not store.verify_password("olga", "first-password-1") and store.verify_password("olga", "second-password-2")
+    assert [(u.username, u.role) for u in store.list_users()] == [("olga", Role.OPERATOR)]
+    with pytest.raises(AccountError):
+        store.put_user("olga", "short", "viewer")
+    with pytest.raises(ValueError, match="unknown role"):
+        store.put_user("bob", "long-enough-password", "wizard")
+    assert [(u.username, u.role) for u in store.list_users()] == [("olga", Role.OPERATOR)]  # refused requests changed nothing
 
 
 def test_set_password_ends_sessions_and_clears_flag(store):

@@ -16,7 +16,7 @@ from sqlalchemy import inspect
 
 from fleet_controller.registry.db import Base, create_engine
 from fleet_controller.registry.migrations import upgrade
-from fleet_controller.registry.store import Registry
+from fleet_controller.registry.store import RegistryStore
 from fleet_controller.rollout.api import build_router
 from fleet_controller.rollout.cli import main as cli
 from fleet_controller.rollout.releases import (
@@ -133,7 +133,7 @@ def test_keygen_refuses_overwrite_and_loader_names_the_fix(tmp_path: Path):
 
 
 def _fleet(engine, n: int = 3) -> None:
-    reg = Registry(engine)
+    reg = RegistryStore(engine)
     for i in range(n):
         reg.register_shop(f"shop-{i}", region="north")
 

@@ -26,7 +26,7 @@ from edge_agent.protocol import (
 )
 from fleet_controller.registry.db import create_engine
 from fleet_controller.registry.migrations import upgrade
-from fleet_controller.registry.store import NodeUpdate, Registry, SeqCursor, WriteBatch
+from fleet_controller.registry.store import NodeUpdate, RegistryStore, SeqCursor, WriteBatch
 from fleet_controller.rollout.executor import RolloutExecutor
 from fleet_controller.rollout.models import RolloutShop
 from fleet_controller.rollout.policy import policy_from_dict
@@ -52,7 +52,7 @@ class Harness:
     def __init__(self, db_url: str, tmp: Path) -> None:
         self.engine = create_engine(db_url)
         upgrade(self.engine)
-        self.registry = Registry(self.engine)
+        self.registry = RegistryStore(self.engine)
         generate_keypair(tmp / "k.pem")
         self.signer = Signer.from_file(tmp / "k.pem")
         self.verifier = Verifier.from_files([tmp / "k.pub"])
