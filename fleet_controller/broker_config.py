@@ -1,4 +1,4 @@
-"""Mosquitto password and ACL files that enforce shop isolation (ARCHITECTURE.md, decision 5).
+"""Mosquitto password and ACL files that enforce shop isolation: a node reaches only its own shop's topics.
 
 Each node gets its own user ``<shop>.<node>`` (ids cannot contain ``.``, so this never collides
 with another node or with the controller user, which has no dot). The ACL is rendered by the pure
@@ -174,12 +174,11 @@ def write_broker_config(pairs: Sequence[tuple[str, str]], out: Path, *, controll
             generated += 1
         return known[user]
 
-    creds = {
-        "controller": {"username": controller_user, "password": password_for(controller_user)},
-        "nodes": {f"{s}/{n}": {"username": node_username(s, n), "password": password_for(node_username(s, n))} for s, n in pairs},
-    }
-    users = {creds["controller"]["username"]: creds["controller"]["password"]}
-    users.update({e["username"]: e["password"] for e in creds["nodes"].values()})
+    controller_creds = {"username": controller_user, "password": password_for(controller_user)}
+    node_creds = {f"{s}/{n}": {"username": node_username(s, n), "password": password_for(node_username(s, n))} for s, n in pairs}
+    creds = {"controller": controller_creds, "nodes": node_creds}
+    users = {controller_creds["username"]: controller_creds["password"]}
+    users.update({e["username"]: e["password"] for e in node_creds.values()})
     _write_private(creds_path, json.dumps(creds, indent=2) + "\n")
     passwd = out / "passwd"
     _write_private(passwd, render_password_file(users))

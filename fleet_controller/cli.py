@@ -12,11 +12,12 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``controller`` and ``broker-config`` subcommands to the CLI root."""
     p = sub.add_parser(
         "controller",
@@ -67,14 +68,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 class _ShopAction(argparse.Action):
     """``--shop S``: remember S so the ``--node`` flags after it belong to it."""
 
-    def __call__(self, parser, namespace, values, option_string=None) -> None:
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
         namespace.current_shop = values
 
 
 class _NodeAction(argparse.Action):
     """``--node N``: add (current shop, N), or fail when no ``--shop`` came before."""
 
-    def __call__(self, parser, namespace, values, option_string=None) -> None:
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
         if namespace.current_shop is None:
             parser.error(f"--node {values} needs a --shop before it (e.g. --shop shop-a --node pi-1)")
         namespace.pairs = [*namespace.pairs, (namespace.current_shop, values)]

@@ -38,18 +38,18 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import uvicorn
-from fastapi import APIRouter
+from fastapi import APIRouter, FastAPI
 from fastapi.params import Depends
 from prometheus_client import CollectorRegistry
 
 from edge_agent.protocol import ClockBeacon, ControllerPresence, Topics, encode
 from fleet_controller.intake.core import Intake, RegistryWriter
-from fleet_controller.intake.mqtt import MqttAdapter, MqttConfig, Will
+from fleet_controller.intake.mqtt import InboundMessage, MqttAdapter, MqttConfig, Will
 from fleet_controller.metrics import ControllerMetrics
 from fleet_controller.registry import migrations
 from fleet_controller.registry.bus import BusEvent, EventBus
@@ -75,7 +75,7 @@ WORKER_RESTART_WINDOW_S = 300.0
 class _Worker:
     name: str
     coro_fn: Callable[[], Awaitable[None]]
-    task: asyncio.Task | None = None
+    task: asyncio.Task[None] | None = None
     state: str = "pending"  # pending, running, backoff, failed, stopped
     crashes: list[float] = field(default_factory=list)
 
@@ -84,7 +84,7 @@ class _QuietServer(uvicorn.Server):
     """uvicorn without its own signal handling: the service decides when to stop."""
 
     @contextlib.contextmanager
-    def capture_signals(self):  # type: ignore[override]
+    def capture_signals(self) -> Iterator[None]:
         yield
 
 
@@ -128,13 +128,13 @@ class ControllerService:
         self._routers: list[APIRouter] = []
         self._dependencies: list[Depends] = []
         self._workers: dict[str, _Worker] = {}
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: list[asyncio.Task[Any]] = []
         self._server: uvicorn.Server | None = None
-        self._server_task: asyncio.Task | None = None
+        self._server_task: asyncio.Task[None] | None = None
         self._sock: socket.socket | None = None
         self._connections = 0
         self._started = False
-        self.app = None
+        self.app: FastAPI | None = None
 
     # ----- extension points ----------------------------------------------------------------------
 
@@ -168,7 +168,8 @@ class ControllerService:
         """Return the port the API listens on (the real one when the settings said 0)."""
         if self._sock is None:
             raise RuntimeError("the API is not listening yet: await start() first")
-        return self._sock.getsockname()[1]
+        port: int = self._sock.getsockname()[1]
+        return port
 
     @property
     def api_url(self) -> str:
@@ -190,7 +191,7 @@ class ControllerService:
         writer_pid = await self.writer.call("ping")
         log.info("registry writer running (%s, pid %s)", self.writer.mode, writer_pid)
         self.metrics.watch_presence(self.reader.presence_counts)
-        self.app = create_app(
+        self.app = app = create_app(
             self.reader, self.metrics_registry, writer=self.writer, routers=self._routers, dependencies=self._dependencies,
             health=self.health, state=self.app_state,
         )
@@ -199,7 +200,7 @@ class ControllerService:
         self._sock.bind((self.settings.api.host, self.settings.api.port))
         self._sock.listen(128)
         self._sock.setblocking(False)
-        self._server = _QuietServer(uvicorn.Config(self.app, log_level="warning", lifespan="off", access_log=False))
+        self._server = _QuietServer(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False))
         self._server_task = asyncio.create_task(self._server.serve(sockets=[self._sock]), name="api")
         self._started = True
         self._tasks += [
@@ -240,7 +241,8 @@ class ControllerService:
         self._tasks.clear()
         if self._server is not None:
             self._server.should_exit = True
-            await asyncio.gather(self._server_task, return_exceptions=True)
+            if self._server_task is not None:
+                await asyncio.gather(self._server_task, return_exceptions=True)
         if self._sock is not None:
             self._sock.close()
         await asyncio.to_thread(self.writer.close)
@@ -262,7 +264,7 @@ class ControllerService:
 
     # ----- internals ---------------------------------------------------------------------------
 
-    def _ack(self, message) -> None:
+    def _ack(self, message: InboundMessage) -> None:
         self.mqtt.ack(message)
 
     def _publish_events(self, events: Iterable[BusEvent]) -> None:

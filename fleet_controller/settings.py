@@ -265,7 +265,7 @@ def _describe(exc: ValidationError, source: str) -> str:
 
 
 def load_settings(
-    path: str | os.PathLike | None = None,
+    path: str | os.PathLike[str] | None = None,
     overrides: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> ControllerSettings:

@@ -71,7 +71,7 @@ class AlertWorker:
         self._pending: dict[str, float] = {}
         self._raised: dict[tuple[str, str, str, str], NodeRaised] = {}
         self._after_event_id = 0
-        self._deliveries: set[asyncio.Task] = set()
+        self._deliveries: set[asyncio.Task[bool]] = set()
 
     def evaluate_once(self) -> Changes:
         """Run one evaluation and store its result; return what opened and resolved."""

@@ -374,6 +374,10 @@ class RegistryWriter:
         self._executor = None
 
 
+_Submitted = tuple[list[InboundMessage], "asyncio.Task[Any]", float]
+"""A batch handed to the writer: its messages, the writer call's task, when it was handed over."""
+
+
 class Intake:
     """Gather messages from the MQTT adapter into batches and have the registry writer store them."""
 
@@ -421,7 +425,7 @@ class Intake:
         """
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
-        submitted: asyncio.Queue[tuple[list[InboundMessage], asyncio.Task, float]] = asyncio.Queue(PIPELINE_DEPTH - 1)
+        submitted: asyncio.Queue[_Submitted] = asyncio.Queue(PIPELINE_DEPTH - 1)
         completer = asyncio.create_task(self._complete_in_order(submitted), name="intake-completer")
         try:
             while True:
@@ -433,7 +437,7 @@ class Intake:
             while not submitted.empty():
                 submitted.get_nowait()[1].cancel()
 
-    async def _complete_in_order(self, submitted: asyncio.Queue) -> None:
+    async def _complete_in_order(self, submitted: asyncio.Queue[_Submitted]) -> None:
         while True:
             batch, task, t0 = await submitted.get()
             await self._finish(batch, task, t0)
@@ -473,7 +477,7 @@ class Intake:
         self.metrics.intake_queue.set(len(self._pending))
         return batch
 
-    async def _finish(self, batch: list[InboundMessage], task: asyncio.Task, t0: float) -> None:
+    async def _finish(self, batch: list[InboundMessage], task: asyncio.Task[Any], t0: float) -> None:
         """Wait for a submitted batch (retrying it while storing fails), then record and acknowledge it."""
         attempt = 0
         while True:

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import case, func, or_, select
 from sqlalchemy.engine import Engine, Row
 
+from fleet_controller.registry.db import table_of
 from fleet_controller.registry.models import (
     CommandResultRecord,
     EventRecord,
@@ -31,13 +32,13 @@ from fleet_controller.registry.models import (
     Shop,
 )
 
-SHOPS = Shop.__table__
-NODES = Node.__table__
-HEARTBEATS = HeartbeatRecord.__table__
-EVENTS = EventRecord.__table__
-READINGS = LatestReading.__table__
-RESULTS = CommandResultRecord.__table__
-REPORTED = ReportedStateRecord.__table__
+SHOPS = table_of(Shop)
+NODES = table_of(Node)
+HEARTBEATS = table_of(HeartbeatRecord)
+EVENTS = table_of(EventRecord)
+READINGS = table_of(LatestReading)
+RESULTS = table_of(CommandResultRecord)
+REPORTED = table_of(ReportedStateRecord)
 
 NodeKey = tuple[str, str]
 PRESENCE_STATES = ("online", "stale", "offline", "unknown")

@@ -29,7 +29,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import JSON, bindparam, delete, func, insert, select, tuple_, update
+from sqlalchemy import JSON, Table, bindparam, delete, func, insert, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
@@ -44,6 +44,7 @@ from edge_agent.protocol import (
     validate_id,
 )
 from fleet_controller.registry.bus import BusEvent
+from fleet_controller.registry.db import table_of
 from fleet_controller.registry.models import (
     CommandResultRecord,
     EventRecord,
@@ -57,15 +58,17 @@ from fleet_controller.settings import PresenceSettings, RetentionSettings
 
 log = logging.getLogger(__name__)
 
-SHOPS = Shop.__table__
-NODES = Node.__table__
-HEARTBEATS = HeartbeatRecord.__table__
-EVENTS = EventRecord.__table__
-READINGS = LatestReading.__table__
-RESULTS = CommandResultRecord.__table__
-REPORTED = ReportedStateRecord.__table__
+SHOPS = table_of(Shop)
+NODES = table_of(Node)
+HEARTBEATS = table_of(HeartbeatRecord)
+EVENTS = table_of(EventRecord)
+READINGS = table_of(LatestReading)
+RESULTS = table_of(CommandResultRecord)
+REPORTED = table_of(ReportedStateRecord)
 
 NodeKey = tuple[str, str]
+PresenceChange = tuple[NodeKey, str, "PresenceView", float | None]
+"""One presence change to store: the node, its old presence, the new one, when it was last seen (or None)."""
 
 # Node columns a heartbeat updates, in the order _update_nodes binds them; the JSON ones among them.
 _FACT_COLUMNS = ("facts", "arch", "node_class", "agent_version", "release", "pipelines", "metrics", "facts_at", "heartbeat_interval_s")
@@ -181,14 +184,14 @@ class RegistryStore:
 
     # ----- helpers ---------------------------------------------------------------------------
 
-    def _insert(self, table):
+    def _insert(self, table: Table) -> postgresql.Insert | sqlite.Insert:
         if self._dialect == "postgresql":
             return postgresql.insert(table)
         if self._dialect == "sqlite":
             return sqlite.insert(table)
         raise NotImplementedError(f"database {self._dialect!r} is not supported: use SQLite or PostgreSQL")
 
-    def _upsert(self, conn: Connection, table, rows: list[dict[str, Any]], keys: Sequence[str]) -> None:
+    def _upsert(self, conn: Connection, table: Table, rows: list[dict[str, Any]], keys: Sequence[str]) -> None:
         if not rows:
             return
         stmt = self._insert(table)
@@ -361,7 +364,7 @@ class RegistryStore:
         )
         return {(r.shop_id, r.node_id): r for r in rows}
 
-    def _set_presences(self, conn: Connection, changes: list[tuple[NodeKey, str, PresenceView, float | None]], now: float) -> list[BusEvent]:
+    def _set_presences(self, conn: Connection, changes: list[PresenceChange], now: float) -> list[BusEvent]:
         """Store presence changes ``(key, old, new, seen)`` with one update per row shape and one event insert."""
         if not changes:
             return []
@@ -400,7 +403,7 @@ class RegistryStore:
         if not presences:
             return []
         state = self._presence_of(conn, sorted({(p.shop, p.node) for p, _ in presences}))
-        changes: list[tuple[NodeKey, str, PresenceView, float | None]] = []
+        changes: list[PresenceChange] = []
         for msg, received in presences:
             key = (msg.shop, msg.node)
             current = state[key]
@@ -448,7 +451,7 @@ class RegistryStore:
             return "?"
         return "%s::json" if json_value else "%s"
 
-    def _insert_many(self, conn: Connection, table, cols: Sequence[str], rows: list[tuple[Any, ...]]) -> None:
+    def _insert_many(self, conn: Connection, table: Table, cols: Sequence[str], rows: list[tuple[Any, ...]]) -> None:
         """Insert ``rows`` (tuples in ``cols`` order, JSON columns already encoded) with the driver's executemany:
         on the hot path SQLAlchemy's per-row parameter processing costs more than the database's own insert."""
         json_cols = {c.name for c in table.columns if isinstance(c.type, JSON)}
@@ -458,7 +461,7 @@ class RegistryStore:
 
     def _revive(self, conn: Connection, batch: WriteBatch, now: float) -> list[BusEvent]:
         """Bring back nodes that silence made stale or offline, or never seen online: any message means alive."""
-        changes = [
+        changes: list[PresenceChange] = [
             (key, p.presence, PresenceView(p.session, "online", "message"), None)
             for key, p in self._presence_of(conn, sorted(batch.seen)).items()
             if p.presence in ("stale", "unknown") or (p.presence == "offline" and p.reason == "timeout")
@@ -478,7 +481,7 @@ class RegistryStore:
                     NODES.c.last_seen < now - interval * settings.stale_after_intervals,
                 )
             ).all()
-            changes = []
+            changes: list[PresenceChange] = []
             for r in rows:
                 iv = r.heartbeat_interval_s or settings.default_interval_s
                 new = silence_presence(r.presence, now - r.last_seen, iv, settings)

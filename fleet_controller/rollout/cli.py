@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ def _add_backend(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of text")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``release``, ``rollout`` and ``manifests`` subcommands."""
     fmt = argparse.RawDescriptionHelpFormatter
     # ---- release
@@ -155,7 +156,12 @@ def _print(args: argparse.Namespace, data: Any, text: str) -> None:
     print(json.dumps(data, indent=2, default=str) if args.json else text)
 
 
-def _guard(fn):
+Command = Callable[[argparse.Namespace], int]
+
+
+def _guard(fn: Command) -> Command:
+    """Turn a command's expected errors into their message on stderr and exit code 2."""
+
     def wrapper(args: argparse.Namespace) -> int:
         from fleet_controller.rollout.policy import PolicyError
         from fleet_controller.rollout.releases import ReleaseError

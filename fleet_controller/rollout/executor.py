@@ -42,6 +42,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from edge_agent.protocol import Topics, encode
+from fleet_controller.registry.db import table_of
 from fleet_controller.registry.read import RegistryReader
 from fleet_controller.rollout import manifests
 from fleet_controller.rollout.gates import NodeHealth, ReadingValue
@@ -81,7 +82,7 @@ from fleet_controller.settings import ExecutorSettings
 log = logging.getLogger(__name__)
 
 LEASE_NAME = "rollout-executor"
-LEASES = ExecutorLease.__table__
+LEASES = table_of(ExecutorLease)
 
 Publish = Callable[[str, bytes, bool, int], None]
 """``publish(topic, payload, retain, qos)``: blocks until the broker acknowledged it, raises on failure."""

@@ -1,6 +1,6 @@
 """Kubernetes manifests: load the kustomize tree, render one shop's objects, validate them.
 
-ARCHITECTURE.md decision 7: ``manifests/`` is plain YAML a platform engineer can read and
+``manifests/`` is plain YAML a platform engineer can read and
 ``kubectl apply -k``; the controller only fills in per-shop values. So this module is a small,
 honest subset of kustomize (``resources``, ``namespace``, ``labels``, ``images``, strategic-merge
 ``patches`` by path), enough for our tree and no more, followed by :func:`render_shop`, which
@@ -33,6 +33,7 @@ from typing import Any
 
 import jsonschema
 import referencing
+import referencing.jsonschema
 import yaml
 from prometheus_client import CollectorRegistry, Counter
 
@@ -422,7 +423,7 @@ def _annotations(obj: Mapping[str, Any]) -> dict[str, str]:
 
 def policy_findings(s: Sourced) -> list[Finding]:
     """Return our policy violations of one object (pure)."""
-    obj, out = s.obj, []
+    obj, out = s.obj, list[Finding]()
     spec = _pod_spec(obj)
     if spec is None:
         return out

@@ -14,7 +14,7 @@ import hashlib
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -156,7 +156,7 @@ def desired_state_for(
     node_classes: frozenset[str] = frozenset(),
     overlay: str = manifests.DEFAULT_EDGE_OVERLAY,
     root: Path = manifests.MANIFESTS_ROOT,
-    base: list[Mapping[str, Any]] | None = None,
+    base: Sequence[Mapping[str, Any]] | None = None,
 ) -> DesiredState:
     """Render and sign ``shop``'s desired state for ``spec`` at ``revision``.
 

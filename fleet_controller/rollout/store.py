@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.engine import Connection, Engine
 
+from fleet_controller.registry.db import table_of
 from fleet_controller.registry.read import RegistryReader
 from fleet_controller.rollout import manifests
 from fleet_controller.rollout.models import (
@@ -28,10 +29,10 @@ from fleet_controller.rollout.planner import FleetShop, RolloutPlan, plan_rollou
 from fleet_controller.rollout.policy import RolloutPolicy
 from fleet_controller.rollout.releases import ReleaseSpec, ReleaseStore
 
-ROLLOUTS = RolloutRecord.__table__
-RSHOPS = RolloutShop.__table__
-REVENTS = RolloutEvent.__table__
-DESIRED = ShopDesired.__table__
+ROLLOUTS = table_of(RolloutRecord)
+RSHOPS = table_of(RolloutShop)
+REVENTS = table_of(RolloutEvent)
+DESIRED = table_of(ShopDesired)
 
 ACTIONS = ("pause", "resume", "abort", "rollback")
 OVERLAY_LABEL = "manifests-overlay"
@@ -105,7 +106,7 @@ def start_rollout(engine: Engine, release: str, policy: RolloutPolicy, now: floa
             raise RolloutError(f"release {release} targets no shop ({why}): check the policy's target and waves")
         check_renders(spec, [s for s in fleet if s.id in set(plan.shops)])
         from_release = {s.id: s.release for s in fleet}
-        rid = conn.execute(
+        key = conn.execute(
             insert(ROLLOUTS).values(
                 release=release,
                 policy=policy.model_dump(mode="json"),
@@ -117,8 +118,11 @@ def start_rollout(engine: Engine, release: str, policy: RolloutPolicy, now: floa
                 updated_at=now,
                 deadline_at=now + policy.deadline_s if policy.deadline_s else None,
             )
-        ).inserted_primary_key[0]
-        rows = [
+        ).inserted_primary_key
+        if key is None:
+            raise RuntimeError("the database returned no id for the new rollout")
+        rid = int(key[0])
+        rows: list[dict[str, Any]] = [
             {"rollout_id": rid, "shop_id": s, "wave": i, "state": "pending", "from_release": from_release.get(s), "reason": "", "baseline": {}}
             for i, w in enumerate(plan.waves)
             for s in w.shops

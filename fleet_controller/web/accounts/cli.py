@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -55,7 +56,12 @@ def _ts(v: float | None) -> str:
     return "-" if v is None else datetime.fromtimestamp(v, UTC).strftime("%Y-%m-%d %H:%M")
 
 
-def _run(fn):
+Command = Callable[[argparse.Namespace], int]
+
+
+def _run(fn: Command) -> Command:
+    """Turn a command's ``AccountError``/``SettingsError`` into its message on stderr and exit code 2."""
+
     def handler(args: argparse.Namespace) -> int:
         from fleet_controller.settings import SettingsError
         from fleet_controller.web.accounts.store import AccountError
@@ -144,7 +150,7 @@ def tokens_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``users`` and ``tokens`` subcommands."""
     u = sub.add_parser("users", help="manage dashboard and API users (roles: " + ", ".join(ROLES) + ")",
                        description="Manage the users of the controller. Roles: viewer (read), operator (acknowledge and "

@@ -11,12 +11,13 @@ import hashlib
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import delete, select, update
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import CursorResult, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session as OrmSession
 
@@ -105,7 +106,7 @@ def validate_password(password: str) -> str:
 class AccountStore:
     """Accounts in one database; the only code that reads or writes the account tables."""
 
-    def __init__(self, engine: Engine, hasher: PasswordHasher | None = None, clock=time.time) -> None:
+    def __init__(self, engine: Engine, hasher: PasswordHasher | None = None, clock: Callable[[], float] = time.time) -> None:
         self.engine = engine
         self.hasher = hasher or default_hasher()
         self.clock = clock
@@ -285,9 +286,10 @@ class AccountStore:
         if key.startswith(TOKEN_PREFIX):
             key = key[len(TOKEN_PREFIX):].split("_", 1)[0]
         with OrmSession(self.engine) as s, s.begin():
-            n = s.execute(
+            result = s.execute(
                 update(ApiToken).where(ApiToken.prefix == key, ApiToken.revoked_at.is_(None)).values(revoked_at=self.clock())
-            ).rowcount
+            )
+            n = result.rowcount if isinstance(result, CursorResult) else 0
         if not n:
             raise AccountError(f"no active token with prefix {key!r}: see 'shopfleet tokens list'")
 

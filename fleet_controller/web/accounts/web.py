@@ -166,7 +166,7 @@ def _same(sent: str, expected: str) -> bool:
     return bool(expected) and hmac.compare_digest(sent.encode("utf-8", "replace"), expected.encode())
 
 
-def _render(name: str, status: int = 200, **ctx) -> HTMLResponse:
+def _render(name: str, status: int = 200, **ctx: Any) -> HTMLResponse:
     return HTMLResponse(_templates.get_template(name).render(**ctx), status_code=status)
 
 
@@ -210,7 +210,7 @@ def auth_router(store: AccountStore, metrics: AuthMetrics, *, secure_cookies: bo
         if wait > 0:
             metrics.logins.labels("rate_limited").inc()
             log.warning("login for %r from %s refused: too many failures, retry in %.0f s", username, addr, wait)
-            resp = login_page(request, 429, f"Too many failed logins: try again in {int(wait) + 1} seconds.", next_url, username)
+            resp: Response = login_page(request, 429, f"Too many failed logins: try again in {int(wait) + 1} seconds.", next_url, username)
             resp.headers["Retry-After"] = str(int(wait) + 1)
             return resp
         ok = await run_in_threadpool(store.verify_password, username, password)
