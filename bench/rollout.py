@@ -84,11 +84,11 @@ def bench_rollout(n: int, heartbeat_s: float, bake_s: float) -> dict:
 
     from edge_agent.apply.simfleet import SimulatedFleet
     from edge_agent.apply.verify import Verifier
-    from fleet_controller.db import create_engine
-    from fleet_controller.models import Shop
-    from fleet_controller.releases import ReleaseSpec, ReleaseStore
+    from fleet_controller.registry.db import create_engine
+    from fleet_controller.registry.models import Shop
+    from fleet_controller.rollout.releases import ReleaseSpec, ReleaseStore
+    from fleet_controller.rollout.signing import generate_keypair
     from fleet_controller.rollout.store import rollout_status, start_rollout
-    from fleet_controller.signing import generate_keypair
     from shopfleet.broker import BrokerProcess
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-rollout-"))

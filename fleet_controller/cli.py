@@ -18,7 +18,7 @@ from fleet_controller.broker_cli import register_broker_config
 log = logging.getLogger(__name__)
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``controller`` and ``broker-config`` subcommands to the CLI root."""
     p = sub.add_parser(
         "controller",

@@ -23,8 +23,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from fleet_controller.rollout.settings import ExecutorSettings
-
 ENV_PREFIX = "SHOPFLEET_CONTROLLER_"
 _TOPIC_GROUP_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -132,6 +130,19 @@ class IntakeSettings(_Section):
         "'thread' (in the controller process; simpler to debug, shares one core with the MQTT thread).",
     )
     log_every_s: float = Field(60.0, gt=0, description="A rejected message of a given reason is logged at most once per this many seconds.")
+
+
+class ExecutorSettings(BaseModel):
+    """Settings of the rollout executor (the ``rollout:`` section of the controller config)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    signing_key: Path = Field(description="PEM ed25519 private key that signs desired states ('shopfleet release keygen' makes one).")
+    tick_interval_s: float = Field(2.0, gt=0, le=60, description="Seconds between executor steps; lower reacts faster, costs more queries.")
+    lease_ttl_s: float = Field(15.0, gt=0, description="Seconds a controller stays executor without renewing; another takes over after it.")
+    republish_after_s: float = Field(30.0, gt=0, description="Re-publish a shop's desired state if it has not reported on it after this long.")
+    publish_concurrency: int = Field(
+        16, ge=1, le=256, description="Desired states published at once, each waiting for its broker acknowledgement; higher starts a large wave sooner, costs threads."
+    )
 
 
 class DashboardSettings(_Section):
@@ -254,7 +265,7 @@ def _describe(exc: ValidationError, source: str) -> str:
 
 
 def load_settings(
-    path: str | os.PathLike | None = None,
+    path: str | os.PathLike[str] | None = None,
     overrides: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> ControllerSettings:

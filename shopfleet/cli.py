@@ -53,8 +53,8 @@ _TABLE = (
             "fleet_controller.rollout.cli", "controller"),
     Command("manifests", "validate and render the Kubernetes manifests", "fleet_controller.rollout.cli", "controller"),
     Command("hw", "sensor boards over serial: simulate, read, calibrate", "hardware.cli", "agent"),
-    Command("users", "manage dashboard and API users", "fleet_controller.accounts.cli", "controller"),
-    Command("tokens", "manage API tokens for the CLI and automation", "fleet_controller.accounts.cli", "controller"),
+    Command("users", "manage dashboard and API users", "fleet_controller.web.accounts.cli", "controller"),
+    Command("tokens", "manage API tokens for the CLI and automation", "fleet_controller.web.accounts.cli", "controller"),
     Command("vision", "camera pipeline: models, running a camera, tracker evaluation", "vision.cli", "vision"),
 )
 COMMANDS: dict[str, Command] = {c.name: c for c in _TABLE}

@@ -330,7 +330,7 @@ class RolloutShow:
         self.results: dict[str, str] = {}
 
     def create_releases(self) -> None:
-        from fleet_controller.releases import ReleaseSpec, ReleaseStore
+        from fleet_controller.rollout.releases import ReleaseSpec, ReleaseStore
 
         store = ReleaseStore(self.engine)
         store.create(ReleaseSpec(name=GOOD_RELEASE, version="2026.11.1", images=GOOD_IMAGES))
@@ -387,13 +387,11 @@ def _say(started: float, text: str) -> None:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    import sqlalchemy as sa
 
     from edge_agent.apply.verify import Verifier, load_public_key
-    from fleet_controller.accounts.store import ensure_demo_users
+    from fleet_controller.rollout.signing import generate_keypair
     from fleet_controller.service import build_service
     from fleet_controller.settings import ControllerSettings
-    from fleet_controller.signing import generate_keypair
     from shopfleet.broker import BrokerProcess
 
     started = time.monotonic()
@@ -428,12 +426,12 @@ async def _run(args: argparse.Namespace) -> int:
         service = build_service(settings, announce=lambda line: None)
         await service.start()
         _say(started, f"controller: API and dashboard at {service.api_url}  (OpenAPI docs at {service.api_url}/docs)")
-        users = await asyncio.to_thread(ensure_demo_users, service.engine)
+        users = await asyncio.to_thread(_demo_users, service.engine)
         _say(started, "demo logins: " + ", ".join(f"{u} / {p}" for u, p in users.items()))
 
         shop_ids = [f"demo-{i:02d}" for i in range(1, args.shops + 1)]
         for i, shop in enumerate(shop_ids):
-            service.registry.register_shop(
+            await service.writer.register_shop(
                 shop, name=f"Demo shop {i + 1}", region=REGIONS[i % len(REGIONS)],
                 labels={"tier": "canary" if i == 0 else "standard"}, timezone="Europe/Paris",
             )
@@ -457,12 +455,11 @@ async def _run(args: argparse.Namespace) -> int:
         while not stop.is_set():
             if deadline is not None and time.monotonic() >= deadline:
                 break
-            with service.engine.connect() as conn:
-                rows = conn.execute(sa.text("select shop_id, node_id, presence from nodes")).all()
-            for shop_id, node_id, presence in rows:
-                if presence == "online":
-                    seen_online.add((shop_id, node_id))
-            online = sum(1 for r in rows if r.presence == "online")
+            nodes = await asyncio.to_thread(service.reader.node_states)
+            for n in nodes:
+                if n.presence == "online":
+                    seen_online.add((n.shop, n.node))
+            online = sum(1 for n in nodes if n.presence == "online")
             if show is not None:
                 try:
                     if show.phase == "waiting for the fleet" and online == summary["nodes"]:
@@ -499,36 +496,39 @@ async def _run(args: argparse.Namespace) -> int:
     return 0 if summary.get("nodes_seen_online") == summary["nodes"] else 1
 
 
-def _ingested(service: Any) -> int:
-    import sqlalchemy as sa
+DEMO_USERS = {"viewer": "viewer", "operator": "operator", "mlops": "ml-engineer", "admin": "admin"}
+"""The demo's logins, one per role (username -> role); each password is ``<username>-demo-pass``."""
 
-    with service.engine.connect() as conn:
-        return int(conn.execute(sa.text("select coalesce(sum(messages_total), 0) from nodes")).scalar() or 0)
+
+def _demo_users(engine: Any) -> dict[str, str]:
+    """Create (or reset) the demo's logins; return ``{username: password}`` to print."""
+    from fleet_controller.web.accounts.store import AccountStore
+
+    store = AccountStore(engine)
+    creds = {user: f"{user}-demo-pass" for user in DEMO_USERS}
+    for user, role in DEMO_USERS.items():
+        store.put_user(user, creds[user], role)
+    return creds
+
+
+def _ingested(service: Any) -> int:
+    return service.reader.totals().messages
 
 
 def _cameras(service: Any) -> dict[str, Any]:
     """Return the latest reported health of every camera pipeline, by ``shop/node/pipeline``."""
-    import sqlalchemy as sa
-
-    from fleet_controller.models import Node
-
     out: dict[str, Any] = {}
-    with service.engine.connect() as conn:
-        for shop, node, pipelines in conn.execute(sa.select(Node.shop_id, Node.node_id, Node.pipelines)):
-            for name, health in (pipelines or {}).items():
-                if health.get("kind") == "vision":
-                    out[f"{shop}/{node}/{name}"] = {"state": health.get("state"), "fps": health.get("fps")}
+    for n in service.reader.node_states():
+        for name, health in n.pipelines.items():
+            if health.get("kind") == "vision":
+                out[f"{n.shop}/{n.node}/{name}"] = {"state": health.get("state"), "fps": health.get("fps")}
     return out
 
 
 def _summary(service: Any, seen_online: set[tuple[str, str]], show: RolloutShow | None) -> dict[str, Any]:
-    import sqlalchemy as sa
-
-    with service.engine.connect() as conn:
-        online = conn.execute(sa.text("select count(*) from nodes where presence = 'online'")).scalar()
-        events = conn.execute(sa.text("select count(*) from events where kind = 'event'")).scalar()
-        dups = conn.execute(sa.text("select coalesce(sum(duplicates_total), 0), coalesce(sum(missing_total), 0) from nodes")).one()
-        by_type = dict(conn.execute(sa.text("select type, count(*) from events where kind = 'event' group by type")).all())
+    online = service.reader.presence_counts()["online"]
+    totals = service.reader.totals()
+    by_type = service.reader.event_counts("event")
     rejected = sum(
         s.value for m in service.metrics_registry.collect() if m.name == "shopfleet_controller_rejected"
         for s in m.samples if s.name.endswith("_total")
@@ -538,9 +538,9 @@ def _summary(service: Any, seen_online: set[tuple[str, str]], show: RolloutShow 
         "nodes_seen_online": len(seen_online),
         "messages_ingested": _ingested(service),
         "messages_rejected": int(rejected),
-        "duplicates": int(dups[0]),
-        "missing": int(dups[1]),
-        "events": int(events or 0),
+        "duplicates": totals.duplicates,
+        "missing": totals.missing,
+        "events": sum(by_type.values()),
         "events_by_type": {k: int(v) for k, v in sorted(by_type.items())},
         "cameras": _cameras(service),
         "rollouts": dict(show.results) if show is not None else {},

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
+from edge_agent.apply import simulated
 from edge_agent.apply.cluster import InMemoryClusterClient
 from edge_agent.apply.diff import HASH_ANNOTATION, ObjectRef, contains, diff, readiness
 from edge_agent.apply.errors import ApplyFailed, StateStoreCorrupt
@@ -30,9 +31,9 @@ from edge_agent.protocol import (
     parse_downlink,
     parse_message,
 )
-from fleet_controller import manifests
-from fleet_controller.releases import ReleaseSpec, desired_state_for
-from fleet_controller.signing import Signer, generate_keypair, load_private_key
+from fleet_controller.rollout import manifests
+from fleet_controller.rollout.releases import ReleaseSpec, desired_state_for
+from fleet_controller.rollout.signing import Signer, generate_keypair, load_private_key
 from tests.support.wait import wait_for
 
 SHOP = "berlin-01"
@@ -356,12 +357,13 @@ def test_apply_failed_error_type_from_client():
         pytest.param("crash", "failed", None, id="crash-release-never-ready"),
     ],
 )
-def test_simulated_applier_modes(tmp_path, keys, label, status, fps_low):
+def test_simulated_applier_modes(tmp_path, keys, label, status, fps_low, monkeypatch):
     signer, verifier = keys
     sim = SimulatedApplier(seed=1)
     rig = Rig(tmp_path, verifier, client=sim, ready_timeout_s=0, poll_interval_s=0)
-    labels = {"simulate": label} if label else {}
-    report = rig.handler.handle(_state(signer, 1, "r-x", **labels))
+    # The controller renders nothing for the simulator: the simulated shop is told its mode here.
+    monkeypatch.setattr(simulated, "simulate_mode", lambda obj: label or "ok")
+    report = rig.handler.handle(_state(signer, 1, "r-x"))
     assert report.status == status
     pipelines, metrics = sim.health()
     if fps_low is None:

@@ -10,8 +10,8 @@ from edge_agent.apply.simulated import SimulatedApplier
 from edge_agent.config import validate_config
 from edge_agent.facts import SystemFacts
 from edge_agent.protocol import Topics, encode, parse_message
-from fleet_controller.releases import ReleaseSpec, desired_state_for
-from fleet_controller.signing import Signer, generate_keypair
+from fleet_controller.rollout.releases import ReleaseSpec, desired_state_for
+from fleet_controller.rollout.signing import Signer, generate_keypair
 from shopfleet.broker import BrokerProcess
 
 from .helpers import Recorder, publish, wait_for

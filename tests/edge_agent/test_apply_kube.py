@@ -21,8 +21,8 @@ from edge_agent.apply.handler import ApplyMetrics, ApplyReport, DesiredStateHand
 from edge_agent.apply.kube import KubernetesClusterClient
 from edge_agent.apply.verify import AppliedRecord, RevisionStore, Verifier
 from edge_agent.protocol import DesiredState
-from fleet_controller.releases import ReleaseSpec, desired_state_for
-from fleet_controller.signing import Signer, generate_keypair
+from fleet_controller.rollout.releases import ReleaseSpec, desired_state_for
+from fleet_controller.rollout.signing import Signer, generate_keypair
 from tests.support.kube_emulator import ApiError, KubeEmulator
 from tests.support.wait import wait_for
 

@@ -23,11 +23,13 @@ from edge_agent.protocol import (
     encode,
 )
 from edge_agent.protocol import Topics as Topic
-from fleet_controller.app import create_app
-from fleet_controller.db import create_engine
+from fleet_controller.intake.core import RegistryWriter
 from fleet_controller.metrics import ControllerMetrics
-from fleet_controller.migrations import upgrade
-from fleet_controller.registry import Registry
+from fleet_controller.registry.db import create_engine
+from fleet_controller.registry.migrations import upgrade
+from fleet_controller.registry.read import RegistryReader
+from fleet_controller.registry.store import RegistryStore
+from fleet_controller.web.app import create_app
 from tests.support.wait import wait_for
 
 FACTS = NodeFacts(arch="arm64", node_class="pi", cpu_count=4, cpu_load_1m=0.2, mem_total_bytes=4 << 30,
@@ -61,12 +63,30 @@ def presence(shop: str = "shop-a", node: str = "pi-1", state: str = "online", se
 
 
 @pytest.fixture
-def registry(db_url) -> Iterator[Registry]:
-    """A registry on a freshly migrated database of each engine."""
+def registry(db_url) -> Iterator[RegistryStore]:
+    """The registry's write side on a freshly migrated database of each engine (tests write directly, as the writer)."""
     engine = create_engine(db_url)
     upgrade(engine)
-    yield Registry(engine)
+    yield RegistryStore(engine)
     engine.dispose()
+
+
+@pytest.fixture
+def reader(registry) -> RegistryReader:
+    """The typed read side of the same registry."""
+    return RegistryReader(registry.engine)
+
+
+ROLE_USERS = {"viewer": "viewer", "operator": "operator", "mlops": "ml-engineer", "admin": "admin"}
+"""One test user per role: username -> role."""
+
+
+def role_users(store) -> dict[str, str]:
+    """Create (or reset) one user per role in an ``AccountStore``; return ``{username: password}``."""
+    creds = {user: f"{user}-test-pass" for user in ROLE_USERS}
+    for user, role in ROLE_USERS.items():
+        store.put_user(user, creds[user], role)
+    return creds
 
 
 @pytest.fixture
@@ -76,26 +96,28 @@ def metrics() -> ControllerMetrics:
 
 
 @pytest.fixture
-def api_client(registry, metrics) -> Iterator[TestClient]:
-    """An HTTP client of the API app over the real registry (the single place to add auth later)."""
-    metrics.watch_presence(registry.presence_counts)
-    # Every route is guarded (fleet_controller.accounts.web): the client acts as an admin via an API token.
+def api_client(registry, reader, metrics, db_url) -> Iterator[TestClient]:
+    """An HTTP client of the API app over the real registry and a writer on it (the single place to add auth later)."""
+    metrics.watch_presence(reader.presence_counts)
+    # Every route is guarded (fleet_controller.web.accounts.web): the client acts as an admin via an API token.
     from argon2 import PasswordHasher
 
-    from fleet_controller.accounts.store import AccountStore
-    from fleet_controller.accounts.web import build_auth
+    from fleet_controller.web.accounts.store import AccountStore
+    from fleet_controller.web.accounts.web import build_auth
 
     store = AccountStore(registry.engine, PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1))
     store.add_user("test-admin", "test-admin-password", "admin")
     auth = build_auth(store, metrics.registry)
-    app = create_app(registry, metrics.registry, health=lambda: {"status": "ok"}, routers=[auth.router],
+    writer = RegistryWriter(db_url, mode="thread")
+    app = create_app(reader, metrics.registry, writer=writer, health=lambda: {"status": "ok"}, routers=[auth.router],
                      dependencies=[auth.dependency])
     with TestClient(app) as client:
         client.headers["Authorization"] = f"Bearer {store.create_token('test-admin', 'api-tests')}"
         yield client
+    writer.close()
 
 
-__all__ = ["alert", "encode", "event", "heartbeat", "presence", "telemetry", "wait_for"]
+__all__ = ["ROLE_USERS", "alert", "encode", "event", "heartbeat", "presence", "role_users", "telemetry", "wait_for"]
 
 
 # ----- a controller running in a background thread (for sync tests and hypothesis) -----------------

@@ -5,7 +5,8 @@ dependencies, so the rollout and dashboard code include their routers without th
 knowing them, and authentication can be added to every route at once through
 ``dependencies`` (``Depends(...)`` values FastAPI applies to every route, ``/healthz`` and
 ``/metrics`` included; a dependency that must let probes through checks ``request.url.path``).
-Nothing here touches MQTT: the app reads the registry and asks ``health()`` how the process is.
+Nothing here touches MQTT: the app reads the registry through its read models, writes shop
+registrations through the single writer, and asks ``health()`` how the process is.
 """
 
 from __future__ import annotations
@@ -18,16 +19,18 @@ from fastapi.params import Depends
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from fleet_controller.api import build_router
-from fleet_controller.registry import Registry
+from fleet_controller.host import ShopWriter
+from fleet_controller.registry.read import RegistryReader
+from fleet_controller.web.api import build_router
 
 API_TITLE = "shopfleet fleet controller"
 
 
 def create_app(
-    registry: Registry,
+    reader: RegistryReader,
     metrics_registry: CollectorRegistry,
     *,
+    writer: ShopWriter | None = None,
     routers: Sequence[APIRouter] = (),
     dependencies: Sequence[Depends] = (),
     health: Callable[[], dict[str, Any]] = lambda: {"status": "ok"},
@@ -36,7 +39,8 @@ def create_app(
     """Return the API app: registry routes, /healthz, /metrics, plus ``routers``; ``dependencies`` guard every route.
 
     ``state`` entries become attributes of ``app.state`` (e.g. the service, the event bus) for
-    routers that need them.
+    routers that need them. ``writer`` (the single registry writer) serves ``PUT /api/v1/shops/{shop}``;
+    without it that route answers 503.
     """
     app = FastAPI(
         title=API_TITLE,
@@ -44,7 +48,8 @@ def create_app(
         description="Registry of shops and nodes, their presence, facts, history and events. See docs/controller.md.",
         dependencies=list(dependencies),
     )
-    app.state.registry = registry
+    app.state.reader = reader
+    app.state.writer = writer
     app.state.metrics_registry = metrics_registry
     for key, value in (state or {}).items():
         setattr(app.state, key, value)

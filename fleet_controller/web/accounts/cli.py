@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from fleet_controller import migrations
-from fleet_controller.accounts.roles import Role
-from fleet_controller.accounts.store import AccountError, AccountStore, generate_password
-from fleet_controller.db import create_engine
-from fleet_controller.settings import SettingsError, load_settings
+from fleet_controller.web.accounts.roles import Role
+
+if TYPE_CHECKING:
+    from fleet_controller.web.accounts.store import AccountStore
 
 ROLES = [r.value for r in Role]
 
@@ -29,6 +30,13 @@ def _db_args(p: argparse.ArgumentParser) -> None:
 
 
 def _store(args: argparse.Namespace) -> AccountStore:
+    # The database layer is imported here, not at the top: ``shopfleet --help`` builds this
+    # module's parsers on machines that run only the agent (no SQLAlchemy, no Alembic).
+    from fleet_controller.registry import migrations
+    from fleet_controller.registry.db import create_engine
+    from fleet_controller.settings import load_settings
+    from fleet_controller.web.accounts.store import AccountStore
+
     overrides = {k: v for k, v in {"db_url": args.db_url, "data_dir": args.data_dir}.items() if v is not None}
     settings = load_settings(args.config, overrides)
     if settings.db_url is None:
@@ -38,12 +46,26 @@ def _store(args: argparse.Namespace) -> AccountStore:
     return AccountStore(engine)
 
 
+def _generate_password() -> str:
+    from fleet_controller.web.accounts.store import generate_password
+
+    return generate_password()
+
+
 def _ts(v: float | None) -> str:
     return "-" if v is None else datetime.fromtimestamp(v, UTC).strftime("%Y-%m-%d %H:%M")
 
 
-def _run(fn):
+Command = Callable[[argparse.Namespace], int]
+
+
+def _run(fn: Command) -> Command:
+    """Turn a command's ``AccountError``/``SettingsError`` into its message on stderr and exit code 2."""
+
     def handler(args: argparse.Namespace) -> int:
+        from fleet_controller.settings import SettingsError
+        from fleet_controller.web.accounts.store import AccountError
+
         try:
             return fn(args)
         except (AccountError, SettingsError) as exc:
@@ -57,7 +79,7 @@ def _run(fn):
 def users_add(args: argparse.Namespace) -> int:
     """Create a user; print a generated password unless one comes on stdin."""
     store = _store(args)
-    password = sys.stdin.readline().rstrip("\n") if args.password_stdin else generate_password()
+    password = sys.stdin.readline().rstrip("\n") if args.password_stdin else _generate_password()
     store.add_user(args.username, password, args.role, must_change_password=not args.password_stdin)
     print(f"created {args.username} ({args.role})")
     if not args.password_stdin:
@@ -95,7 +117,7 @@ def users_set_role(args: argparse.Namespace) -> int:
 def users_reset_password(args: argparse.Namespace) -> int:
     """Give a user a new one-time password."""
     store = _store(args)
-    password = generate_password()
+    password = _generate_password()
     store.set_password(args.username, password)
     store.require_password_change(args.username)
     print(f"one-time password for {args.username}: {password}  (shown once)")
@@ -128,7 +150,7 @@ def tokens_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``users`` and ``tokens`` subcommands."""
     u = sub.add_parser("users", help="manage dashboard and API users (roles: " + ", ".join(ROLES) + ")",
                        description="Manage the users of the controller. Roles: viewer (read), operator (acknowledge and "

@@ -1,6 +1,6 @@
 """Kubernetes manifests: load the kustomize tree, render one shop's objects, validate them.
 
-ARCHITECTURE.md decision 7: ``manifests/`` is plain YAML a platform engineer can read and
+``manifests/`` is plain YAML a platform engineer can read and
 ``kubectl apply -k``; the controller only fills in per-shop values. So this module is a small,
 honest subset of kustomize (``resources``, ``namespace``, ``labels``, ``images``, strategic-merge
 ``patches`` by path), enough for our tree and no more, followed by :func:`render_shop`, which
@@ -34,6 +34,7 @@ from typing import Any
 
 import jsonschema
 import referencing
+import referencing.jsonschema
 import yaml
 from prometheus_client import CollectorRegistry, Counter
 
@@ -146,8 +147,6 @@ class RenderInput:
     release: str
     images: Mapping[str, str] = field(default_factory=dict)
     model_sha256: str | None = None
-    vision_annotations: Mapping[str, str] = field(default_factory=dict)
-    """Extra pod-template annotations of the vision workloads (e.g. ``shopfleet.io/simulate``)."""
 
 
 def object_name(obj: Mapping[str, Any]) -> str:
@@ -354,10 +353,8 @@ def render_objects(base: Sequence[Mapping[str, Any]], target: ShopTarget, releas
             tmeta = obj["spec"]["template"].setdefault("metadata", {}) if obj["kind"] != "Pod" else meta
             ann = tmeta.setdefault("annotations", {})
             ann[LABEL_RELEASE] = release.release
-            if (meta.get("labels") or {}).get("app.kubernetes.io/component") == "vision":
-                if release.model_sha256:
-                    ann[ANNOTATION_MODEL] = release.model_sha256
-                ann.update(release.vision_annotations)
+            if (meta.get("labels") or {}).get("app.kubernetes.io/component") == "vision" and release.model_sha256:
+                ann[ANNOTATION_MODEL] = release.model_sha256
         out.append(obj)
     return out
 
@@ -442,7 +439,7 @@ def _annotations(obj: Mapping[str, Any]) -> dict[str, str]:
 
 def policy_findings(s: Sourced) -> list[Finding]:
     """Return our policy violations of one object (pure)."""
-    obj, out = s.obj, []
+    obj, out = s.obj, list[Finding]()
     spec = _pod_spec(obj)
     if spec is None:
         return out

@@ -1,18 +1,16 @@
 """The fleet registry: what the controller knows about every shop and node, in SQL.
 
-Two kinds of callers, two kinds of methods:
-
-* **One writer.** The intake, the presence sweeper and retention all write through
-  :meth:`Registry.write_batch`, :meth:`Registry.sweep_presence` and
-  :meth:`Registry.enforce_retention`, which the service runs in its single registry writer (a
-  child process, see :class:`fleet_controller.intake.RegistryWriter`). One writer means no write
+The write side of the registry, and only that: the intake, the presence sweeper, retention and
+shop registration all write through :meth:`RegistryStore.write_batch`,
+:meth:`RegistryStore.sweep_presence`, :meth:`RegistryStore.enforce_retention` and
+:meth:`RegistryStore.register_shop`, which the service runs in its single registry writer (a
+child process, see :class:`fleet_controller.intake.core.RegistryWriter`). One writer means no write
   races on SQLite and no lost updates on presence, lets the writer cache every node's presence,
   and lets a batch of hundreds of messages go into one transaction (what makes 1,000+ msg/s fit
   on SQLite). The hottest statements go through the driver's ``executemany`` directly.
-* **Many readers.** The API and the dashboard call the ``list_*``/``get_*`` methods from any
-  thread; they return plain JSON-ready dicts.
+Everything else reads through the typed read models of :mod:`fleet_controller.registry.read`.
 
-Presence follows ARCHITECTURE.md decision 3 and is decided by the pure function
+Presence is decided by the pure function
 :func:`decide_presence`: a birth or Will carries a session number, and a message of an older
 session than the one the registry holds is ignored, so a late Will never marks a live node
 offline. Silence makes a node ``stale`` and then ``offline`` (reason ``timeout``); any message
@@ -31,7 +29,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import JSON, bindparam, delete, func, insert, or_, select, tuple_, update
+from sqlalchemy import JSON, Table, bindparam, delete, func, insert, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
@@ -45,7 +43,9 @@ from edge_agent.protocol import (
     Telemetry,
     validate_id,
 )
-from fleet_controller.models import (
+from fleet_controller.registry.bus import BusEvent
+from fleet_controller.registry.db import table_of
+from fleet_controller.registry.models import (
     CommandResultRecord,
     EventRecord,
     HeartbeatRecord,
@@ -58,15 +58,17 @@ from fleet_controller.settings import PresenceSettings, RetentionSettings
 
 log = logging.getLogger(__name__)
 
-SHOPS = Shop.__table__
-NODES = Node.__table__
-HEARTBEATS = HeartbeatRecord.__table__
-EVENTS = EventRecord.__table__
-READINGS = LatestReading.__table__
-RESULTS = CommandResultRecord.__table__
-REPORTED = ReportedStateRecord.__table__
+SHOPS = table_of(Shop)
+NODES = table_of(Node)
+HEARTBEATS = table_of(HeartbeatRecord)
+EVENTS = table_of(EventRecord)
+READINGS = table_of(LatestReading)
+RESULTS = table_of(CommandResultRecord)
+REPORTED = table_of(ReportedStateRecord)
 
 NodeKey = tuple[str, str]
+PresenceChange = tuple[NodeKey, str, "PresenceView", float | None]
+"""One presence change to store: the node, its old presence, the new one, when it was last seen (or None)."""
 
 # Node columns a heartbeat updates, in the order _update_nodes binds them; the JSON ones among them.
 _FACT_COLUMNS = ("facts", "arch", "node_class", "agent_version", "release", "pipelines", "metrics", "facts_at", "heartbeat_interval_s")
@@ -76,28 +78,9 @@ _HEARTBEAT_COLUMNS = ("shop_id", "node_id", "epoch", "seq", "ts", "received_at",
                       "mem_available_bytes", "disk_free_bytes", "outbox_depth", "metrics", "pipelines")
 
 
-class NotFound(LookupError):
-    """A shop or node the registry does not know."""
-
-
 # --------------------------------------------------------------------------------------------
 # Values
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BusEvent:
-    """A change in the registry, as published on the service's event bus.
-
-    ``topic`` is one of ``presence`` (data: old, new, reason, session), ``event`` and ``alert``
-    (data: the stored event row), ``node_added``, ``shop_added``, ``reported_state``.
-    """
-
-    topic: str
-    shop: str
-    node: str | None
-    data: dict[str, Any]
-    at: float = field(default_factory=time.time)
 
 
 @dataclass(frozen=True)
@@ -186,8 +169,8 @@ def _gaps_text(gaps: tuple[tuple[int, int], ...]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-class Registry:
-    """Read and write the fleet registry on one SQLAlchemy engine (SQLite or PostgreSQL)."""
+class RegistryStore:
+    """Write the fleet registry on one SQLAlchemy engine (SQLite or PostgreSQL); only the single writer holds one."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -201,14 +184,14 @@ class Registry:
 
     # ----- helpers ---------------------------------------------------------------------------
 
-    def _insert(self, table):
+    def _insert(self, table: Table) -> postgresql.Insert | sqlite.Insert:
         if self._dialect == "postgresql":
             return postgresql.insert(table)
         if self._dialect == "sqlite":
             return sqlite.insert(table)
         raise NotImplementedError(f"database {self._dialect!r} is not supported: use SQLite or PostgreSQL")
 
-    def _upsert(self, conn: Connection, table, rows: list[dict[str, Any]], keys: Sequence[str]) -> None:
+    def _upsert(self, conn: Connection, table: Table, rows: list[dict[str, Any]], keys: Sequence[str]) -> None:
         if not rows:
             return
         stmt = self._insert(table)
@@ -381,7 +364,7 @@ class Registry:
         )
         return {(r.shop_id, r.node_id): r for r in rows}
 
-    def _set_presences(self, conn: Connection, changes: list[tuple[NodeKey, str, PresenceView, float | None]], now: float) -> list[BusEvent]:
+    def _set_presences(self, conn: Connection, changes: list[PresenceChange], now: float) -> list[BusEvent]:
         """Store presence changes ``(key, old, new, seen)`` with one update per row shape and one event insert."""
         if not changes:
             return []
@@ -420,7 +403,7 @@ class Registry:
         if not presences:
             return []
         state = self._presence_of(conn, sorted({(p.shop, p.node) for p, _ in presences}))
-        changes: list[tuple[NodeKey, str, PresenceView, float | None]] = []
+        changes: list[PresenceChange] = []
         for msg, received in presences:
             key = (msg.shop, msg.node)
             current = state[key]
@@ -468,7 +451,7 @@ class Registry:
             return "?"
         return "%s::json" if json_value else "%s"
 
-    def _insert_many(self, conn: Connection, table, cols: Sequence[str], rows: list[tuple[Any, ...]]) -> None:
+    def _insert_many(self, conn: Connection, table: Table, cols: Sequence[str], rows: list[tuple[Any, ...]]) -> None:
         """Insert ``rows`` (tuples in ``cols`` order, JSON columns already encoded) with the driver's executemany:
         on the hot path SQLAlchemy's per-row parameter processing costs more than the database's own insert."""
         json_cols = {c.name for c in table.columns if isinstance(c.type, JSON)}
@@ -478,7 +461,7 @@ class Registry:
 
     def _revive(self, conn: Connection, batch: WriteBatch, now: float) -> list[BusEvent]:
         """Bring back nodes that silence made stale or offline, or never seen online: any message means alive."""
-        changes = [
+        changes: list[PresenceChange] = [
             (key, p.presence, PresenceView(p.session, "online", "message"), None)
             for key, p in self._presence_of(conn, sorted(batch.seen)).items()
             if p.presence in ("stale", "unknown") or (p.presence == "offline" and p.reason == "timeout")
@@ -498,7 +481,7 @@ class Registry:
                     NODES.c.last_seen < now - interval * settings.stale_after_intervals,
                 )
             ).all()
-            changes = []
+            changes: list[PresenceChange] = []
             for r in rows:
                 iv = r.heartbeat_interval_s or settings.default_interval_s
                 new = silence_presence(r.presence, now - r.last_seen, iv, settings)
@@ -530,8 +513,8 @@ class Registry:
     def register_shop(
         self, shop: str, *, name: str | None = None, region: str | None = None,
         labels: dict[str, str] | None = None, timezone: str | None = None, now: float | None = None,
-    ) -> dict[str, Any]:
-        """Create a shop or update its name, region, labels and timezone; return it."""
+    ) -> None:
+        """Create a shop or update its name, region, labels and timezone."""
         validate_id(shop, "shop id")
         now = time.time() if now is None else now
         values = {k: v for k, v in {"name": name, "region": region, "labels": labels, "timezone": timezone}.items() if v is not None}
@@ -545,138 +528,3 @@ class Registry:
                 stmt = stmt.on_conflict_do_nothing()
             conn.execute(stmt)
         self._known_shops.add(shop)
-        return self.get_shop(shop, with_nodes=False)
-
-    # ----- reader side ---------------------------------------------------------------------
-
-    @staticmethod
-    def _shop_dict(r: Any) -> dict[str, Any]:
-        return {"id": r.id, "name": r.name, "region": r.region, "labels": r.labels or {}, "timezone": r.timezone, "created_at": r.created_at}
-
-    @staticmethod
-    def _node_dict(r: Any) -> dict[str, Any]:
-        return {
-            "shop": r.shop_id, "node": r.node_id, "node_class": r.node_class, "arch": r.arch,
-            "agent_version": r.agent_version, "release": r.release, "presence": r.presence,
-            "presence_reason": r.presence_reason, "presence_changed_at": r.presence_changed_at,
-            "session": r.session, "last_seen": r.last_seen, "first_seen": r.first_seen,
-            "heartbeat_interval_s": r.heartbeat_interval_s, "epoch": r.epoch, "watermark": r.watermark,
-            "open_gaps": sum(b - a + 1 for a, b in (r.gaps or [])), "messages_total": r.messages_total,
-            "duplicates_total": r.duplicates_total, "missing_total": r.missing_total,
-        }
-
-    def list_shops(
-        self, *, region: str | None = None, labels: dict[str, str] | None = None, presence: str | None = None,
-        q: str | None = None, limit: int = 100, offset: int = 0,
-    ) -> tuple[list[dict[str, Any]], int]:
-        """Return one page of shops (with node counts by presence) matching the filters, and the total."""
-        conds = []
-        if region:
-            conds.append(SHOPS.c.region == region)
-        if q:
-            like = f"%{q.lower()}%"
-            conds.append(or_(func.lower(SHOPS.c.id).like(like), func.lower(SHOPS.c.name).like(like)))
-        if presence:
-            conds.append(SHOPS.c.id.in_(select(NODES.c.shop_id).where(NODES.c.presence == presence)))
-        with self.engine.connect() as conn:
-            rows = [self._shop_dict(r) for r in conn.execute(select(SHOPS).where(*conds).order_by(SHOPS.c.id))]
-            if labels:
-                rows = [r for r in rows if all(r["labels"].get(k) == v for k, v in labels.items())]
-            total = len(rows)
-            page = rows[offset: offset + limit]
-            ids = [r["id"] for r in page]
-            counts: dict[str, dict[str, int]] = {i: {} for i in ids}
-            if ids:
-                for shop, pres, n in conn.execute(
-                    select(NODES.c.shop_id, NODES.c.presence, func.count()).where(NODES.c.shop_id.in_(ids)).group_by(NODES.c.shop_id, NODES.c.presence)
-                ):
-                    counts[shop][pres] = n
-        for r in page:
-            r["nodes_by_presence"] = counts[r["id"]]
-            r["nodes"] = sum(counts[r["id"]].values())
-        return page, total
-
-    def get_shop(self, shop: str, *, with_nodes: bool = True) -> dict[str, Any]:
-        """Return a shop with its nodes, latest readings and reported state; raise ``NotFound``."""
-        with self.engine.connect() as conn:
-            r = conn.execute(select(SHOPS).where(SHOPS.c.id == shop)).first()
-            if r is None:
-                raise NotFound(f"shop {shop!r} is not in the registry")
-            out = self._shop_dict(r)
-            if with_nodes:
-                out["nodes"] = [self._node_dict(n) for n in conn.execute(select(NODES).where(NODES.c.shop_id == shop).order_by(NODES.c.node_id))]
-                out["readings"] = [
-                    {"node": x.node_id, "source": x.source, "name": x.name, "value": x.value, "unit": x.unit,
-                     "labels": x.labels or {}, "ts": x.ts, "received_at": x.received_at}
-                    for x in conn.execute(select(READINGS).where(READINGS.c.shop_id == shop).order_by(READINGS.c.node_id, READINGS.c.source, READINGS.c.name))
-                ]
-                rep = conn.execute(select(REPORTED).where(REPORTED.c.shop_id == shop)).first()
-                out["reported_state"] = None if rep is None else {
-                    "node": rep.node_id, "release": rep.release, "revision": rep.revision, "status": rep.status,
-                    "error": rep.error, "objects": rep.objects or [], "ts": rep.ts, "received_at": rep.received_at,
-                }
-        return out
-
-    def get_node(self, shop: str, node: str, *, history: int = 60) -> dict[str, Any]:
-        """Return a node with its latest facts and its most recent heartbeats; raise ``NotFound``."""
-        with self.engine.connect() as conn:
-            r = conn.execute(select(NODES).where(NODES.c.shop_id == shop, NODES.c.node_id == node)).first()
-            if r is None:
-                raise NotFound(f"node {shop}/{node} is not in the registry")
-            out = self._node_dict(r)
-            out.update(facts=r.facts, facts_at=r.facts_at, pipelines=r.pipelines or {}, metrics=r.metrics or {},
-                       gaps=[list(g) for g in (r.gaps or [])])
-            hb = conn.execute(
-                select(HEARTBEATS).where(HEARTBEATS.c.shop_id == shop, HEARTBEATS.c.node_id == node).order_by(HEARTBEATS.c.id.desc()).limit(history)
-            )
-            out["history"] = [
-                {"seq": h.seq, "epoch": h.epoch, "ts": h.ts, "received_at": h.received_at, "cpu_load_1m": h.cpu_load_1m,
-                 "cpu_temp_c": h.cpu_temp_c, "mem_available_bytes": h.mem_available_bytes, "disk_free_bytes": h.disk_free_bytes,
-                 "outbox_depth": h.outbox_depth, "metrics": h.metrics or {}}
-                for h in hb
-            ]
-        return out
-
-    def list_events(
-        self, shop: str | None = None, *, kind: str | None = None, after_id: int = 0, limit: int = 100
-    ) -> list[dict[str, Any]]:
-        """Return events (newest first; or oldest first after ``after_id`` for a live feed)."""
-        conds = []
-        if shop:
-            conds.append(EVENTS.c.shop_id == shop)
-        if kind:
-            conds.append(EVENTS.c.kind == kind)
-        order = EVENTS.c.id.desc()
-        if after_id:
-            conds.append(EVENTS.c.id > after_id)
-            order = EVENTS.c.id.asc()
-        with self.engine.connect() as conn:
-            rows = conn.execute(select(EVENTS).where(*conds).order_by(order).limit(limit))
-            return [
-                {"id": e.id, "shop": e.shop_id, "node": e.node_id, "kind": e.kind, "type": e.type, "state": e.state,
-                 "severity": e.severity, "source": e.source, "message": e.message, "data": e.data or {}, "at": e.at,
-                 "received_at": e.received_at, "seq": e.seq}
-                for e in rows
-            ]
-
-    def command_result(self, correlation_id: str) -> dict[str, Any] | None:
-        """Return the stored answer to a command, or None while there is none."""
-        with self.engine.connect() as conn:
-            r = conn.execute(select(RESULTS).where(RESULTS.c.correlation_id == correlation_id)).first()
-        if r is None:
-            return None
-        return {"correlation_id": r.correlation_id, "shop": r.shop_id, "node": r.node_id, "ok": r.ok,
-                "result": r.result or {}, "error": r.error, "ts": r.ts, "received_at": r.received_at}
-
-    def presence_counts(self) -> dict[str, int]:
-        """Return the number of nodes in each presence state (every state present, zero if none)."""
-        counts = {p: 0 for p in ("online", "stale", "offline", "unknown")}
-        with self.engine.connect() as conn:
-            for pres, n in conn.execute(select(NODES.c.presence, func.count()).group_by(NODES.c.presence)):
-                counts[pres] = n
-        return counts
-
-    def node_keys(self) -> list[NodeKey]:
-        """Return every (shop, node) the registry knows."""
-        with self.engine.connect() as conn:
-            return [tuple(r) for r in conn.execute(select(NODES.c.shop_id, NODES.c.node_id).order_by(NODES.c.shop_id, NODES.c.node_id))]

@@ -27,7 +27,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
-from fleet_controller.db import Base
+from fleet_controller.registry.db import Base
 
 
 class Shop(Base):

@@ -14,7 +14,7 @@ import hashlib
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +25,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from edge_agent.protocol import DesiredState
-from fleet_controller import manifests
+from fleet_controller.rollout import manifests
 from fleet_controller.rollout.models import ReleaseRecord
-from fleet_controller.signing import Signer
+from fleet_controller.rollout.signing import Signer
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9.-]{0,127}$"
 COMPONENT_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-SIMULATE_LABEL = "simulate"
-"""Release label that the demo's simulated shops act on (``degraded``, ``crash``); see docs/rollouts.md."""
 
 
 class ReleaseError(ValueError):
@@ -56,7 +54,7 @@ class ReleaseSpec(BaseModel):
     version: str = Field(min_length=1, max_length=64, description="Version shown to people, e.g. 2026.11.2.")
     images: dict[str, str] = Field(default_factory=dict, description="Component (container name) -> REPO@sha256:<64 hex>.")
     model: ModelRef | None = Field(None, description="Model package the vision pipelines load.")
-    labels: dict[str, str] = Field(default_factory=dict, description="Free-form labels; 'simulate' drives the demo's simulated shops.")
+    labels: dict[str, str] = Field(default_factory=dict, description="Free-form labels, e.g. {'channel': 'beta'}; stored and shown, never rendered.")
 
     @field_validator("images")
     @classmethod
@@ -70,8 +68,7 @@ class ReleaseSpec(BaseModel):
 
     def render_input(self) -> manifests.RenderInput:
         """Return what manifest rendering needs from this release."""
-        ann = {"shopfleet.io/simulate": self.labels[SIMULATE_LABEL]} if SIMULATE_LABEL in self.labels else {}
-        return manifests.RenderInput(self.name, dict(self.images), self.model.sha256 if self.model else None, ann)
+        return manifests.RenderInput(self.name, dict(self.images), self.model.sha256 if self.model else None)
 
 
 def parse_image_args(values: list[str]) -> dict[str, str]:
@@ -159,7 +156,7 @@ def desired_state_for(
     node_classes: frozenset[str] = frozenset(),
     overlay: str = manifests.DEFAULT_EDGE_OVERLAY,
     root: Path = manifests.MANIFESTS_ROOT,
-    base: list[Mapping[str, Any]] | None = None,
+    base: Sequence[Mapping[str, Any]] | None = None,
 ) -> DesiredState:
     """Render and sign ``shop``'s desired state for ``spec`` at ``revision``.
 

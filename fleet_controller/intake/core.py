@@ -45,10 +45,17 @@ from typing import Any
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from edge_agent.protocol import Presence, ProtocolError, parse_message
-from fleet_controller.db import create_engine
+from fleet_controller.intake.mqtt import InboundMessage
 from fleet_controller.metrics import ControllerMetrics
-from fleet_controller.mqtt import InboundMessage
-from fleet_controller.registry import BusEvent, NodeKey, NodeUpdate, Registry, SeqCursor, WriteBatch
+from fleet_controller.registry.bus import BusEvent
+from fleet_controller.registry.db import create_engine
+from fleet_controller.registry.store import (
+    NodeKey,
+    NodeUpdate,
+    RegistryStore,
+    SeqCursor,
+    WriteBatch,
+)
 from fleet_controller.settings import IntakeSettings
 from shopfleet.errors import TemporaryError
 
@@ -190,7 +197,7 @@ class IntakeCore:
     node), so it must be the only writer of the registry's nodes.
     """
 
-    def __init__(self, registry: Registry, log_every_s: float = 60.0) -> None:
+    def __init__(self, registry: RegistryStore, log_every_s: float = 60.0) -> None:
         self.registry = registry
         self._cursors: dict[NodeKey, SeqCursor] = {}
         self._rlog = RateLimitedLog(log, log_every_s)
@@ -280,7 +287,7 @@ def _init_writer(key: str, db_url: str, log_every_s: float, log_level: int | Non
     """Set up the writer's own engine, registry and intake core (runs on the writer)."""
     if log_level is not None:  # a spawned child starts with no logging set up
         logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s[writer]: %(message)s")
-    _CORES[key] = IntakeCore(Registry(create_engine(db_url)), log_every_s)
+    _CORES[key] = IntakeCore(RegistryStore(create_engine(db_url)), log_every_s)
     if multiprocessing.parent_process() is not None:
         # The writer's own process: move everything imported so far out of the collector's sight.
         # Parsing allocates heavily, and each full collection otherwise rescans the whole heap of
@@ -297,6 +304,9 @@ def _run_on_writer(key: str, op: str, *args: Any) -> Any:
             return core.registry.sweep_presence(*args)
         if op == "retention":
             return core.registry.enforce_retention(*args)
+        if op == "register_shop":
+            shop, name, region, labels, timezone = args
+            return core.registry.register_shop(shop, name=name, region=region, labels=labels, timezone=timezone)
         if op == "ping":
             return os.getpid()
         if op == "close":
@@ -335,7 +345,7 @@ class RegistryWriter:
                                    initargs=(self._key, self.db_url, self._log_every_s, level))
 
     async def call(self, op: str, *args: Any) -> Any:
-        """Run ``op`` ('batch', 'sweep', 'retention', 'ping') on the writer; raise ``TemporaryStoreError`` to retry."""
+        """Run ``op`` ('batch', 'sweep', 'retention', 'register_shop', 'ping') on the writer; raise ``TemporaryStoreError`` to retry."""
         if self._executor is None:
             self._executor = self._make_executor()
         executor = self._executor
@@ -348,6 +358,13 @@ class RegistryWriter:
                 self._executor = None
             raise TemporaryStoreError(f"registry writer died: {exc}") from None
 
+    async def register_shop(
+        self, shop: str, *, name: str | None = None, region: str | None = None,
+        labels: dict[str, str] | None = None, timezone: str | None = None,
+    ) -> None:
+        """Create a shop or update its name, region, labels and time zone, on the writer (in order with the intake)."""
+        await self.call("register_shop", shop, name, region, labels, timezone)
+
     def close(self) -> None:
         """Stop the writer after the work already submitted."""
         if self._executor is None:
@@ -358,6 +375,10 @@ class RegistryWriter:
             log.warning("registry writer did not close cleanly: %s", exc)
         self._executor.shutdown(wait=True)
         self._executor = None
+
+
+_Submitted = tuple[list[InboundMessage], "asyncio.Task[Any]", float]
+"""A batch handed to the writer: its messages, the writer call's task, when it was handed over."""
 
 
 class Intake:
@@ -407,7 +428,7 @@ class Intake:
         """
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
-        submitted: asyncio.Queue[tuple[list[InboundMessage], asyncio.Task, float]] = asyncio.Queue(PIPELINE_DEPTH - 1)
+        submitted: asyncio.Queue[_Submitted] = asyncio.Queue(PIPELINE_DEPTH - 1)
         completer = asyncio.create_task(self._complete_in_order(submitted), name="intake-completer")
         try:
             while True:
@@ -419,7 +440,7 @@ class Intake:
             while not submitted.empty():
                 submitted.get_nowait()[1].cancel()
 
-    async def _complete_in_order(self, submitted: asyncio.Queue) -> None:
+    async def _complete_in_order(self, submitted: asyncio.Queue[_Submitted]) -> None:
         while True:
             batch, task, t0 = await submitted.get()
             await self._finish(batch, task, t0)
@@ -459,7 +480,7 @@ class Intake:
         self.metrics.intake_queue.set(len(self._pending))
         return batch
 
-    async def _finish(self, batch: list[InboundMessage], task: asyncio.Task, t0: float) -> None:
+    async def _finish(self, batch: list[InboundMessage], task: asyncio.Task[Any], t0: float) -> None:
         """Wait for a submitted batch (retrying it while storing fails), then record and acknowledge it."""
         attempt = 0
         while True:

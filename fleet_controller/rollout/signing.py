@@ -1,8 +1,8 @@
 """The controller's ed25519 signing key: generate it, load it, sign each shop's desired state.
 
 A shop applies whatever its desired state says to its own cluster, so the message must prove it
-came from the controller (ARCHITECTURE.md decision 1: the shop pulls a retained message from a
-broker that other parties can reach). The controller signs ``DesiredState.signing_bytes()`` (the
+came from the controller (the shop pulls a retained message from a broker that other parties
+can reach). The controller signs ``DesiredState.signing_bytes()`` (the
 canonical JSON of everything but the signature) with its private key; the agent holds only the
 public key (``edge_agent.apply.verify``). ed25519 because signatures are small (64 bytes), fast
 on a Raspberry Pi, and have no parameters to get wrong.

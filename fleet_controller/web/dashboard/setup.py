@@ -1,8 +1,10 @@
-"""Wire accounts, the dashboard and alerts into a controller: one call for the service, one for tests.
+"""Wire accounts and the dashboard into a controller: one call for the service, one for tests.
 
-:func:`attach` uses only the controller's documented extension points (``add_router``,
-``add_dependency``, ``add_worker``, ``bus``), so the controller core knows nothing of this
-package. :func:`build_app` does the same for a bare app (tests, the benchmark) without a service.
+:func:`attach` uses only the controller's documented extension points
+(:class:`fleet_controller.host.ControllerHost`: ``add_router``, ``add_dependency``,
+``add_worker``, ``bus``), so the controller core knows nothing of this package. The alert worker
+is wired by the service itself (:func:`fleet_controller.alerts.install`); the dashboard only
+shows its alerts. :func:`build_app` does the same for a bare app (tests, the benchmark) without a service.
 """
 
 from __future__ import annotations
@@ -17,15 +19,15 @@ from argon2 import PasswordHasher
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
-from fleet_controller.accounts.store import AccountStore
-from fleet_controller.accounts.web import Auth, announce_initial_admin, build_auth
-from fleet_controller.alerts.metrics import AlertMetrics
 from fleet_controller.alerts.rules import AlertRules
-from fleet_controller.alerts.worker import AlertWorker
-from fleet_controller.app import create_app
-from fleet_controller.dashboard.live import LiveHub
-from fleet_controller.dashboard.router import dashboard_router
-from fleet_controller.registry import BusEvent, Registry
+from fleet_controller.host import ControllerHost
+from fleet_controller.registry.bus import BusEvent, EventBus
+from fleet_controller.registry.read import RegistryReader
+from fleet_controller.web.accounts.store import AccountStore
+from fleet_controller.web.accounts.web import Auth, announce_initial_admin, build_auth
+from fleet_controller.web.app import create_app
+from fleet_controller.web.dashboard.live import LiveHub
+from fleet_controller.web.dashboard.router import dashboard_router
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,6 @@ class Dashboard:
     store: AccountStore
     hub: LiveHub
     auth: Auth
-    alerts: AlertWorker
 
 
 def bus_event_data(ev: BusEvent) -> dict[str, Any]:
@@ -45,7 +46,7 @@ def bus_event_data(ev: BusEvent) -> dict[str, Any]:
     return {**ev.data, "shop": ev.shop, "node": ev.node, "at": ev.at}
 
 
-async def forward_bus(bus: Any, hub: LiveHub) -> None:
+async def forward_bus(bus: EventBus, hub: LiveHub) -> None:
     """Forward every event of the controller's bus to the dashboard's live streams, until cancelled."""
     hub.bind(asyncio.get_running_loop())
     async with bus.subscribe(None) as sub:
@@ -53,10 +54,9 @@ async def forward_bus(bus: Any, hub: LiveHub) -> None:
             hub.publish(ev.topic, bus_event_data(ev))
 
 
-def attach(service: Any, rules: AlertRules, *, hasher: PasswordHasher | None = None, open_metrics: bool = True,
-           secure_cookies: bool | None = None, announce: Callable[[str], None] | None = None,
-           dashboard_url: str = "") -> Dashboard:
-    """Add logins, the guard on every route, the dashboard and the alert worker to a ``ControllerService``.
+def attach(service: ControllerHost, rules: AlertRules, *, hasher: PasswordHasher | None = None, open_metrics: bool = True,
+           secure_cookies: bool | None = None, announce: Callable[[str], None] | None = None) -> Dashboard:
+    """Add logins, the guard on every route and the dashboard to a controller service.
 
     Call before ``service.start()``. On start, if the database has no user, an admin is created
     and its one-time password passed to ``announce`` (default: the log).
@@ -65,30 +65,23 @@ def attach(service: Any, rules: AlertRules, *, hasher: PasswordHasher | None = N
     hub = LiveHub(service.metrics_registry)
     auth = build_auth(store, service.metrics_registry, open_metrics=open_metrics, secure_cookies=secure_cookies)
 
-    def publish(topic: str, data: dict[str, Any]) -> None:
-        service.bus.publish(BusEvent(topic, data.get("shop", ""), data.get("node"), data))
-
-    worker = AlertWorker(service.engine, rules, AlertMetrics(service.metrics_registry), publish=publish,
-                         dashboard_url=dashboard_url)
-
     async def live() -> None:
         # Runs after the migrations (workers start after them), so the users table exists.
         await asyncio.to_thread(announce_initial_admin, store, announce)
         await forward_bus(service.bus, hub)
 
     service.add_router(auth.router)
-    service.add_router(dashboard_router(service.registry, hub, rules))
+    service.add_router(dashboard_router(service.reader, hub, rules))
     service.add_dependency(auth.dependency)
     service.add_worker("dashboard-live", live)
-    service.add_worker("alerts", worker.run)
-    return Dashboard(store, hub, auth, worker)
+    return Dashboard(store, hub, auth)
 
 
-def build_app(registry: Registry, metrics_registry: CollectorRegistry, store: AccountStore, rules: AlertRules, *,
+def build_app(reader: RegistryReader, metrics_registry: CollectorRegistry, store: AccountStore, rules: AlertRules, *,
               hub: LiveHub | None = None, open_metrics: bool = True) -> tuple[FastAPI, LiveHub]:
-    """Return the controller app with auth and the dashboard on ``registry``, without a service."""
+    """Return the controller app with auth and the dashboard on ``reader``, without a service."""
     hub = hub or LiveHub(metrics_registry)
     auth = build_auth(store, metrics_registry, open_metrics=open_metrics)
-    app = create_app(registry, metrics_registry, routers=[auth.router, dashboard_router(registry, hub, rules)],
+    app = create_app(reader, metrics_registry, routers=[auth.router, dashboard_router(reader, hub, rules)],
                      dependencies=[auth.dependency])
     return app, hub

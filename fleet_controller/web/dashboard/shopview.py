@@ -1,7 +1,7 @@
 """Shape one shop for its page: nodes with health charts, cameras, shelves, door, fridges.
 
-Pure: it takes what the registry returns (``get_shop``, ``get_node`` per node) and the alert
-rules, and sorts readings into the panels by their names (conventions in docs/dashboard.md):
+Pure: it takes the registry's read models (``get_shop``, ``get_node`` per node) and the alert
+rules, returns the template's context (plain values for Jinja), and sorts readings into the panels by their names (conventions in docs/dashboard.md):
 ``*weight*`` is a shelf slot, ``door*`` the door contact (1 = open), the fridge rule's reading
 from a fridge source a fridge, ``occupancy`` the shopper count.
 """
@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from fleet_controller.alerts.rules import AlertRules
-from fleet_controller.dashboard.charts import sparkline
+from fleet_controller.registry.read import NodeDetail, ShopDetail
+from fleet_controller.web.dashboard.charts import sparkline
 
 CHARTS = (
     ("cpu_load_1m", "CPU load", ""),
@@ -26,10 +27,13 @@ def _is_fridge(r: dict[str, Any], rules: AlertRules) -> bool:
     return r["name"] == f.reading and (f.source_contains in r["source"] or any(f.source_contains in v for v in r["labels"].values()))
 
 
-def shape_shop(shop: dict[str, Any], nodes: list[dict[str, Any]], rules: AlertRules, now: float) -> dict[str, Any]:
+def shape_shop(detail: ShopDetail, node_details: list[NodeDetail], rules: AlertRules, now: float) -> dict[str, Any]:
     """Return the template context of a shop page."""
     f = rules.fridge_warm
-    out_nodes, cameras = [], []
+    shop = detail.model_dump()
+    nodes = [n.model_dump() for n in node_details]
+    out_nodes: list[dict[str, Any]] = []
+    cameras: list[dict[str, Any]] = []
     for n in nodes:
         history = list(reversed(n.get("history", [])))  # oldest first
         charts = []

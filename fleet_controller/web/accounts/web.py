@@ -6,7 +6,7 @@ anyone, in any router) is guarded without remembering to ask: only the paths in 
 (the login page, ``/healthz``, optionally ``/metrics``) and static assets are served to a
 stranger. FastAPI's own ``/docs``, ``/redoc`` and ``/openapi.json`` sit outside the dependency
 system and stay open; they describe the API and hold no fleet data. The permission a request needs comes from the pure
-:func:`~fleet_controller.accounts.roles.required_permission` (read = ``view``; writing needs the
+:func:`~fleet_controller.web.accounts.roles.required_permission` (read = ``view``; writing needs the
 permission of its path prefix, unknown prefixes need ``fleet:admin``). Routers that want a
 stricter check declare ``Depends(require(Permission.X))``.
 
@@ -34,14 +34,14 @@ from prometheus_client import CollectorRegistry, Counter
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
-from fleet_controller.accounts.ratelimit import LoginRateLimiter
-from fleet_controller.accounts.roles import (
+from fleet_controller.web.accounts.ratelimit import LoginRateLimiter
+from fleet_controller.web.accounts.roles import (
     SAFE_METHODS,
     Permission,
     has_permission,
     required_permission,
 )
-from fleet_controller.accounts.store import AccountError, AccountStore, Principal
+from fleet_controller.web.accounts.store import AccountError, AccountStore, Principal
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ def _same(sent: str, expected: str) -> bool:
     return bool(expected) and hmac.compare_digest(sent.encode("utf-8", "replace"), expected.encode())
 
 
-def _render(name: str, status: int = 200, **ctx) -> HTMLResponse:
+def _render(name: str, status: int = 200, **ctx: Any) -> HTMLResponse:
     return HTMLResponse(_templates.get_template(name).render(**ctx), status_code=status)
 
 
@@ -210,7 +210,7 @@ def auth_router(store: AccountStore, metrics: AuthMetrics, *, secure_cookies: bo
         if wait > 0:
             metrics.logins.labels("rate_limited").inc()
             log.warning("login for %r from %s refused: too many failures, retry in %.0f s", username, addr, wait)
-            resp = login_page(request, 429, f"Too many failed logins: try again in {int(wait) + 1} seconds.", next_url, username)
+            resp: Response = login_page(request, 429, f"Too many failed logins: try again in {int(wait) + 1} seconds.", next_url, username)
             resp.headers["Retry-After"] = str(int(wait) + 1)
             return resp
         ok = await run_in_threadpool(store.verify_password, username, password)

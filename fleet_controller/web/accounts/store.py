@@ -11,17 +11,18 @@ import hashlib
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import delete, select, update
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import CursorResult, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session as OrmSession
 
-from fleet_controller.accounts.models import ApiToken, Session, User
-from fleet_controller.accounts.roles import Role, parse_role
+from fleet_controller.web.accounts.models import ApiToken, Session, User
+from fleet_controller.web.accounts.roles import Role, parse_role
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +32,6 @@ SESSION_TTL_S = 12 * 3600.0
 """How long a browser session lasts. Longer saves operators logins; shorter limits what a stolen
 cookie is worth."""
 TOKEN_PREFIX = "sft_"
-DEMO_USERS: dict[str, Role] = {
-    "viewer": Role.VIEWER,
-    "operator": Role.OPERATOR,
-    "mlops": Role.ML_ENGINEER,
-    "admin": Role.ADMIN,
-}
 
 
 class AccountError(ValueError):
@@ -111,7 +106,7 @@ def validate_password(password: str) -> str:
 class AccountStore:
     """Accounts in one database; the only code that reads or writes the account tables."""
 
-    def __init__(self, engine: Engine, hasher: PasswordHasher | None = None, clock=time.time) -> None:
+    def __init__(self, engine: Engine, hasher: PasswordHasher | None = None, clock: Callable[[], float] = time.time) -> None:
         self.engine = engine
         self.hasher = hasher or default_hasher()
         self.clock = clock
@@ -139,6 +134,24 @@ class AccountStore:
                 )
         except IntegrityError:
             raise AccountError(f"user {username!r} exists: pick another name or use 'users set-role'") from None
+
+    def put_user(self, username: str, password: str, role: Role | str) -> None:
+        """Create a user with ``password`` and ``role``, or give an existing one that password and role.
+
+        For setups that provision known accounts (the demo, test fixtures); operators use
+        ``shopfleet users add`` and ``passwd``. Raise ``AccountError`` for an invalid name or
+        password and ``ValueError`` for an unknown role, before changing anything.
+        """
+        validate_username(username)
+        validate_password(password)
+        r = parse_role(str(role)) if not isinstance(role, Role) else role
+        with OrmSession(self.engine) as s:
+            exists = s.scalars(select(User.id).where(User.username == username)).first() is not None
+        if exists:
+            self.set_role(username, r)
+            self.set_password(username, password)
+        else:
+            self.add_user(username, password, r)
 
     def list_users(self) -> list[UserInfo]:
         """Return every user, by name."""
@@ -219,21 +232,6 @@ class AccountStore:
             return None
         return password
 
-    def ensure_demo_users(self) -> dict[str, str]:
-        """Create (or reset) one demo user per role; return ``{username: password}``."""
-        creds: dict[str, str] = {}
-        for username, role in DEMO_USERS.items():
-            password = f"{username}-demo-pass"
-            with OrmSession(self.engine) as s:
-                exists = s.scalars(select(User.id).where(User.username == username)).first() is not None
-            if exists:
-                self.set_role(username, role)
-                self.set_password(username, password)
-            else:
-                self.add_user(username, password, role)
-            creds[username] = password
-        return creds
-
     # ----- sessions ---------------------------------------------------------------------------
 
     def create_session(self, username: str, ttl_s: float = SESSION_TTL_S) -> tuple[str, str]:
@@ -288,9 +286,10 @@ class AccountStore:
         if key.startswith(TOKEN_PREFIX):
             key = key[len(TOKEN_PREFIX):].split("_", 1)[0]
         with OrmSession(self.engine) as s, s.begin():
-            n = s.execute(
+            result = s.execute(
                 update(ApiToken).where(ApiToken.prefix == key, ApiToken.revoked_at.is_(None)).values(revoked_at=self.clock())
-            ).rowcount
+            )
+            n = result.rowcount if isinstance(result, CursorResult) else 0
         if not n:
             raise AccountError(f"no active token with prefix {key!r}: see 'shopfleet tokens list'")
 
@@ -309,8 +308,3 @@ class AccountStore:
             if tok.last_used_at is None or now - tok.last_used_at > 60:  # one write a minute at most
                 tok.last_used_at = now
             return Principal(user.id, user.username, Role(user.role), "token")
-
-
-def ensure_demo_users(engine: Engine) -> dict[str, str]:
-    """Create or reset one demo user per role on ``engine``; return ``{username: password}`` to print."""
-    return AccountStore(engine).ensure_demo_users()

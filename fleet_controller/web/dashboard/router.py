@@ -3,7 +3,7 @@
 Pages render on the server from the same functions as the JSON API (``/api/v1/fleet``,
 ``/api/v1/alerts``), so the browser script can refresh a table with the exact data a reload
 would show. Authentication and the role check come from the guard around the whole app
-(``fleet_controller.accounts.web``); the alert actions also declare their permission here.
+(``fleet_controller.web.accounts.web``); the alert actions also declare their permission here.
 """
 
 from __future__ import annotations
@@ -21,15 +21,15 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from fleet_controller.accounts.roles import Permission, has_permission
-from fleet_controller.accounts.store import Principal
-from fleet_controller.accounts.web import current_principal, require
 from fleet_controller.alerts import store as alert_store
 from fleet_controller.alerts.rules import AlertRules
-from fleet_controller.dashboard.fleetview import FleetQuery, SummaryCache
-from fleet_controller.dashboard.live import LiveHub
-from fleet_controller.dashboard.shopview import shape_shop
-from fleet_controller.registry import NotFound, Registry
+from fleet_controller.registry.read import NotFound, RegistryReader
+from fleet_controller.web.accounts.roles import Permission, has_permission
+from fleet_controller.web.accounts.store import Principal
+from fleet_controller.web.accounts.web import current_principal, require
+from fleet_controller.web.dashboard.fleetview import FleetQuery, SummaryCache
+from fleet_controller.web.dashboard.live import LiveHub
+from fleet_controller.web.dashboard.shopview import shape_shop
 
 HERE = Path(__file__).resolve().parent
 STATIC_DIR = HERE / "static"
@@ -109,16 +109,16 @@ CHANGES_STATE = frozenset({"presence", "node_added", "shop_added", "reported_sta
 """Live topics after which the fleet table's cached shop summaries are re-read."""
 
 
-def dashboard_router(registry: Registry, hub: LiveHub, rules: AlertRules, *, clock: Callable[[], float] = time.time,
+def dashboard_router(reader: RegistryReader, hub: LiveHub, rules: AlertRules, *, clock: Callable[[], float] = time.time,
                      summary_max_age_s: float = 2.0) -> APIRouter:
     """Return the dashboard's router (pages, fleet and alert API, live stream, static files).
 
     ``summary_max_age_s`` bounds how old the fleet table's ``last seen`` and occupancy may be
-    (see :class:`~fleet_controller.dashboard.fleetview.SummaryCache`).
+    (see :class:`~fleet_controller.web.dashboard.fleetview.SummaryCache`).
     """
     router = APIRouter()
-    engine = registry.engine
-    summaries = SummaryCache(engine, summary_max_age_s)
+    engine = reader.engine
+    summaries = SummaryCache(reader, summary_max_age_s)
 
     def on_live(topic: str, _data: dict[str, Any]) -> None:
         if topic in CHANGES_STATE:
@@ -155,10 +155,10 @@ def dashboard_router(registry: Registry, hub: LiveHub, rules: AlertRules, *, clo
     @router.get("/shops/{shop}", include_in_schema=False)
     async def shop(request: Request, shop: str) -> HTMLResponse:
         def load() -> dict[str, Any]:
-            s = registry.get_shop(shop)
-            nodes = [registry.get_node(shop, n["node"], history=60) for n in s["nodes"]]
+            s = reader.get_shop(shop)
+            nodes = [reader.get_node(shop, n.node, history=60) for n in s.nodes]
             ctx = shape_shop(s, nodes, rules, clock())
-            ctx["events"] = registry.list_events(shop, limit=50)
+            ctx["events"] = [e.model_dump() for e in reader.list_events(shop, limit=50)]
             ctx["alerts"] = alert_store.list_alerts(engine, clock(), shop=shop)
             return ctx
 

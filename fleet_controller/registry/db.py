@@ -1,14 +1,16 @@
 """The controller's SQL store: one declarative Base for every table, and the engine factory.
 
-SQLite by default (one process, zero setup), PostgreSQL when the fleet outgrows one machine
-(ARCHITECTURE.md, decision 8). Each area of the controller (registry, releases and rollouts,
+SQLite by default (one process, zero setup), PostgreSQL when the fleet outgrows one machine.
+Each area of the controller (registry, releases and rollouts,
 accounts and alerts) declares its tables in its own module on this Base, and its schema changes
-as Alembic revisions under ``fleet_controller/migrations/versions``.
+as Alembic revisions under ``fleet_controller/registry/migrations/versions``.
 """
 
 from __future__ import annotations
 
-from sqlalchemy import MetaData, event
+from typing import Any
+
+from sqlalchemy import MetaData, Table, event
 from sqlalchemy import create_engine as _create_engine
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase
@@ -29,7 +31,15 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
-def create_engine(url: str, **kwargs) -> Engine:
+def table_of(model: type[Base]) -> Table:
+    """Return the ``Table`` of a mapped class (typed as such, for Core inserts, updates and deletes)."""
+    table = model.__table__
+    if not isinstance(table, Table):
+        raise TypeError(f"{model.__name__} is not mapped to a single table")
+    return table
+
+
+def create_engine(url: str, **kwargs: Any) -> Engine:
     """Return an engine for ``url``; SQLite gets WAL, a busy timeout and foreign keys."""
     u = make_url(url)
     if u.get_backend_name() == "sqlite":
@@ -37,7 +47,7 @@ def create_engine(url: str, **kwargs) -> Engine:
         engine = _create_engine(url, **kwargs)
 
         @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn, _record):  # pragma: no cover - trivial
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:  # pragma: no cover - trivial
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")

@@ -1,7 +1,8 @@
 """The fleet table: one row per shop with state, alerts, occupancy, release and last seen.
 
-Two steps. :func:`load_summaries` reads one summary per shop with five small grouped queries
-(shops, nodes by presence, occupancy, firing alerts, reported release); :func:`select_page`
+Two steps. :func:`load_summaries` reads one summary per shop with five small grouped reads
+(shops, nodes by presence, occupancy and reported release from the registry's read models, firing
+alerts from the alert store); :func:`select_page`
 filters, sorts and paginates them in Python, as a pure function. Measured at 5,000 shops this is
 several times faster than one SQL statement joining the aggregates (SQLite cannot index the
 joined subqueries, and the state counts and facets need the whole filtered set anyway), and it
@@ -18,11 +19,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import case, func, select
-from sqlalchemy.engine import Engine
 
-from fleet_controller.alerts.models import AlertRecord
-from fleet_controller.models import LatestReading, Node, ReportedStateRecord, Shop
+from fleet_controller.alerts import store as alert_store
+from fleet_controller.registry.read import RegistryReader
 
 SHOP_STATES = ("online", "stale", "offline", "unknown")
 SORT_KEYS = ("id", "name", "region", "state", "alerts", "occupancy", "release", "last_seen")
@@ -80,33 +79,21 @@ def shop_state(nodes: int, online: int, stale: int) -> str:
 _RANK = {"offline": 0, "stale": 1, "unknown": 2, "online": 3}
 
 
-def load_summaries(engine: Engine) -> list[dict[str, Any]]:
-    """Read one summary row per shop with five grouped queries (each one index or table scan)."""
-    with engine.connect() as conn:
-        shops = conn.execute(select(Shop.id, Shop.name, Shop.region)).all()
-        nodes = {
-            r.shop_id: r for r in conn.execute(
-                select(Node.shop_id, func.count().label("nodes"),
-                       func.sum(case((Node.presence == "online", 1), else_=0)).label("online"),
-                       func.sum(case((Node.presence == "stale", 1), else_=0)).label("stale"),
-                       func.max(Node.last_seen).label("last_seen"), func.max(Node.release).label("release"))
-                .group_by(Node.shop_id))
-        }
-        occupancy = dict(conn.execute(
-            select(LatestReading.shop_id, func.max(LatestReading.value))
-            .where(LatestReading.name == "occupancy").group_by(LatestReading.shop_id)).all())
-        alerts = dict(conn.execute(
-            select(AlertRecord.shop_id, func.count()).where(AlertRecord.state == "firing").group_by(AlertRecord.shop_id)).all())
-        reported = dict(conn.execute(
-            select(ReportedStateRecord.shop_id, ReportedStateRecord.release).where(ReportedStateRecord.release.is_not(None))).all())
+def load_summaries(reader: RegistryReader) -> list[dict[str, Any]]:
+    """Read one summary row per shop with five grouped reads (each one index or table scan)."""
+    shops = reader.shops()
+    nodes = reader.shop_node_counts()
+    occupancy = reader.max_reading_by_shop("occupancy")
+    alerts = alert_store.firing_counts(reader.engine)
+    reported = reader.reported_releases()
     rows = []
-    for shop_id, name, region in shops:
-        n = nodes.get(shop_id)
-        total, online, stale = (int(n.nodes), int(n.online), int(n.stale)) if n else (0, 0, 0)
+    for shop in shops:
+        n = nodes.get(shop.id)
+        total, online, stale = (n.nodes, n.online, n.stale) if n else (0, 0, 0)
         rows.append({
-            "id": shop_id, "name": name, "region": region, "state": shop_state(total, online, stale),
-            "nodes": total, "online": online, "stale": stale, "alerts": int(alerts.get(shop_id, 0)),
-            "occupancy": occupancy.get(shop_id), "release": reported.get(shop_id) or (n.release if n else None) or "",
+            "id": shop.id, "name": shop.name, "region": shop.region, "state": shop_state(total, online, stale),
+            "nodes": total, "online": online, "stale": stale, "alerts": alerts.get(shop.id, 0),
+            "occupancy": occupancy.get(shop.id), "release": reported.get(shop.id) or (n.release if n else None) or "",
             "last_seen": n.last_seen if n else None,
         })
     return rows
@@ -142,9 +129,9 @@ def select_page(rows: list[dict[str, Any]], query: FleetQuery) -> FleetPage:
     )
 
 
-def fleet_page(engine: Engine, query: FleetQuery) -> FleetPage:
+def fleet_page(reader: RegistryReader, query: FleetQuery) -> FleetPage:
     """Return the page of the fleet table that ``query`` asks for, read fresh from the database."""
-    return select_page(load_summaries(engine), query)
+    return select_page(load_summaries(reader), query)
 
 
 class SummaryCache:
@@ -157,8 +144,8 @@ class SummaryCache:
     at once (the live feed calls :meth:`invalidate`), so states are never stale.
     """
 
-    def __init__(self, engine: Engine, max_age_s: float = 2.0, clock: Callable[[], float] = time.monotonic) -> None:
-        self.engine = engine
+    def __init__(self, reader: RegistryReader, max_age_s: float = 2.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.reader = reader
         self.max_age_s = max_age_s
         self.clock = clock
         self._rows: list[dict[str, Any]] | None = None
@@ -174,7 +161,7 @@ class SummaryCache:
         with self._lock:  # one reader refreshes, concurrent requests wait for its result
             if self._rows is None or self.clock() - self._at > self.max_age_s:
                 self._at = self.clock()
-                self._rows = load_summaries(self.engine)
+                self._rows = load_summaries(self.reader)
             return self._rows
 
     def page(self, query: FleetQuery) -> FleetPage:

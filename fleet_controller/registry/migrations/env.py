@@ -5,7 +5,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy.engine import Engine
 
-from fleet_controller.db import Base, create_engine
+from fleet_controller.registry.db import Base, create_engine
 
 config = context.config
 target_metadata = Base.metadata
@@ -13,9 +13,12 @@ target_metadata = Base.metadata
 
 def _engine() -> Engine:
     engine = config.attributes.get("engine")
-    if engine is not None:
+    if isinstance(engine, Engine):
         return engine
-    return create_engine(config.get_main_option("sqlalchemy.url"))
+    url = config.get_main_option("sqlalchemy.url")
+    if url is None:
+        raise RuntimeError("no database to migrate: pass an engine (fleet_controller.registry.migrations.upgrade) or set sqlalchemy.url")
+    return create_engine(url)
 
 
 def run_migrations_offline() -> None:
