@@ -115,7 +115,7 @@ class VisionPipeline:
             sink.readings([Reading(name="occupancy", value=float(value), unit="people", source=camera)])
             last_occupancy[0] = time.monotonic()
 
-        def on_events(events: list) -> None:
+        def on_events(events: list[Any]) -> None:
             for e in events:
                 if e.kind == "occupancy":
                     occupancy(int(e.value))

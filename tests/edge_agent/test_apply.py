@@ -18,7 +18,6 @@ from edge_agent.apply.cluster import InMemoryClusterClient
 from edge_agent.apply.diff import HASH_ANNOTATION, ObjectRef, diff, workload_ready
 from edge_agent.apply.errors import ApplyFailed, StateStoreCorrupt
 from edge_agent.apply.handler import ApplyMetrics, ApplyReport, DesiredStateHandler
-from edge_agent.apply.simulated import DEGRADED_FPS, SimulatedApplier
 from edge_agent.apply.verify import AppliedRecord, RevisionStore, Verifier, load_public_key
 from edge_agent.protocol import (
     DesiredState,
@@ -302,31 +301,6 @@ def test_apply_failed_error_type_from_client():
     c = InMemoryClusterClient(reject=lambda o: "nope")
     with pytest.raises(ApplyFailed, match="nope"):
         c.apply(_obj("ConfigMap", "x"))
-
-
-@pytest.mark.parametrize(
-    "label, status, fps_low",
-    [
-        pytest.param(None, "applied", False, id="good-release"),
-        pytest.param("degraded", "applied", True, id="degraded-release-applies-but-runs-slow"),
-        pytest.param("crash", "failed", None, id="crash-release-never-ready"),
-    ],
-)
-def test_simulated_applier_modes(tmp_path, keys, label, status, fps_low):
-    signer, verifier = keys
-    sim = SimulatedApplier(seed=1)
-    rig = Rig(tmp_path, verifier, client=sim, ready_timeout_s=0, poll_interval_s=0)
-    labels = {"simulate": label} if label else {}
-    report = rig.handler.handle(_state(signer, 1, "r-x", **labels))
-    assert report.status == status
-    pipelines, metrics = sim.health()
-    if fps_low is None:
-        assert {p.state for p in pipelines.values()} == {"backoff"}
-    else:
-        fps = [p.fps for p in pipelines.values()]
-        assert (max(fps) <= DEGRADED_FPS + 0.5) is fps_low
-        assert (metrics["cart_review_rate"] > 0.1) is fps_low
-    assert sim.release() == "r-x"
 
 
 @pytest.mark.skipif(not os.environ.get("KUBECONFIG"), reason="real-cluster tier: set KUBECONFIG to a disposable K3s/Kubernetes cluster to run it")

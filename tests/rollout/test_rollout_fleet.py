@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from edge_agent.apply.simfleet import SimulatedFleet
 from edge_agent.apply.verify import Verifier
 from edge_agent.protocol import Topics, encode
 from fleet_controller.db import create_engine
@@ -30,6 +29,7 @@ from fleet_controller.rollout.policy import policy_from_dict
 from fleet_controller.rollout.store import rollout_status, start_rollout
 from fleet_controller.signing import Signer, generate_keypair
 from shopfleet.broker import BrokerProcess
+from shopfleet.sim.fleet import SimulatedFleet
 from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.slow
@@ -81,7 +81,8 @@ class World:
         self.engine = create_engine(self.db_url)
         self.shop_ids = [f"shop-{i:03d}" for i in range(N_SHOPS)]
         self.fleet = SimulatedFleet(self.shop_ids, Verifier.from_files([tmp / "signing.pub"]), tmp / "agents",
-                                    host="127.0.0.1", port=self.broker.port, connections=4, heartbeat_interval_s=1.0)
+                                    host="127.0.0.1", port=self.broker.port, connections=4, heartbeat_interval_s=1.0,
+                                    faults={"r2-bad": "degraded"})
         self.fleet.start()
         wait_for(lambda: self._count_shops() == N_SHOPS, 60, "every shop to reach the registry")
         reg = Registry(self.engine)
@@ -156,7 +157,7 @@ def test_good_release_completes_every_wave_inside_the_windows(world: World):
 
 
 def test_bad_release_fails_its_canary_is_rolled_back_and_touches_nobody_else(world: World):
-    world.release("r2-bad", simulate="degraded")
+    world.release("r2-bad")  # the simulated fleet is told (faults) that r2-bad runs degraded
     before = {s: len(sh.history) for s, sh in world.fleet.shops.items()}
     canary = ["shop-042", "shop-043", "shop-044"]
     policy = policy_from_dict({
