@@ -137,7 +137,7 @@ class AgentConfig(_Model):
     apply: ApplyConfig = Field(default_factory=ApplyConfig, description="Whether and how this node applies the shop's desired state; see docs/rollouts.md.")
     facts_override: dict[str, Any] = Field(
         default_factory=dict,
-        description="Node facts to report instead of the measured ones (keys of NodeFacts), e.g. {arch: arm64} to simulate a Pi.",
+        description="Node facts to report instead of the measured ones (keys of NodeFacts), e.g. {arch: arm64} to look like a Pi.",
     )
     shutdown_timeout_s: float = Field(10.0, ge=0, le=600, description="On SIGTERM: longest wait for the outbox to drain.")
     pipelines: list[PipelineEntry] = Field(

@@ -3,8 +3,8 @@
 Only one node per shop applies (the one whose config says ``apply.enabled: true``, usually the K3s
 server node); every other node ignores desired states. :func:`attach` builds the verifier from the
 trusted public keys, the revision store and the cluster client (Kubernetes, or any
-:class:`~edge_agent.apply.cluster.ClusterClient` the caller passes in: tests and the demo's
-simulated cluster come in through that seam, not through the config) and registers the handler
+:class:`~edge_agent.apply.cluster.ClusterClient` the caller passes in: in-memory clusters in tests
+and other clients come in through that seam, not through the config) and registers the handler
 on the agent, whose outbox carries each ``ReportedState`` (retained) to the controller.
 
 The config model is all the agent's config loader imports from here; the handler, the verifier
@@ -54,7 +54,7 @@ def make_client(config: ApplyConfig) -> ClusterClient:
 def attach(agent: AgentHost, config: ApplyConfig, client: ClusterClient | None = None) -> DesiredStateHandler | None:
     """Register a desired-state handler on ``agent`` if ``config.enabled``; return it (None when disabled).
 
-    ``client`` replaces the Kubernetes client ``config`` names (an in-memory or simulated cluster).
+    ``client`` replaces the Kubernetes client ``config`` names (e.g. an in-memory cluster).
     """
     if not config.enabled:
         return None
