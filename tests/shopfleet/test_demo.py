@@ -31,7 +31,12 @@ def test_demo_runs_the_fleet_and_both_rollouts_then_cleans_up() -> None:
     passwords = dict(re.findall(r"(\w+) / (\S+?)(?:,|$)", logins.split("demo logins:")[1]))
     assert set(passwords) == {"viewer", "operator", "mlops", "admin"}  # one per role, each a fresh random password
     assert all(len(p) >= 10 and "demo" not in p for p in passwords.values())
-    leftovers = [p for p in psutil.process_iter(["pid", "name"]) if p.pid not in before and p.info["name"] in ("mosquitto", "amqtt")]
+    # the demo's broker runs in its data directory (shopfleet-demo-*); brokers of tests running
+    # in parallel on this machine are not the demo's to clean up
+    leftovers = [
+        p for p in psutil.process_iter(["pid", "name", "cmdline"])
+        if p.pid not in before and p.info["name"] in ("mosquitto", "amqtt") and "shopfleet-demo-" in " ".join(p.info["cmdline"] or ())
+    ]
     assert not leftovers, leftovers
 
 
