@@ -9,8 +9,8 @@ into cluster changes, in four steps that are separate on purpose:
 2. :func:`.diff.diff` decides, as a pure function of desired and live objects, what to apply and
    what to prune, and :func:`.diff.readiness` when an applied object is ready;
 3. a :class:`.cluster.ClusterClient` does the I/O: :class:`.kube.KubernetesClusterClient` on a
-   real cluster, :class:`.cluster.InMemoryClusterClient` in tests, and
-   :class:`.simulated.SimulatedApplier` for the demo and the fleet-scale tests;
+   real cluster, :class:`.cluster.InMemoryClusterClient` in tests, or any client passed to
+   :func:`.plugin.attach`;
 4. :class:`.handler.DesiredStateHandler` runs the steps (dry run of the whole set, foundations,
    the rest, wait, prune; retries while the cluster is unavailable; resume and drift correction)
    and reports a :class:`~edge_agent.protocol.ReportedState` with per-object status through the

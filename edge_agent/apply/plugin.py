@@ -2,28 +2,33 @@
 
 Only one node per shop applies (the one whose config says ``apply.enabled: true``, usually the K3s
 server node); every other node ignores desired states. :func:`attach` builds the verifier from the
-trusted public keys, the revision store, the cluster client chosen by ``apply.cluster`` (a
-plug-in behind the ``ClusterClient`` Protocol, chosen by a config field), registers the handler on
+trusted public keys, the revision store and the cluster client (Kubernetes, or any
+:class:`~edge_agent.apply.cluster.ClusterClient` the caller passes in: in-memory clusters in tests
+and other clients come in through that seam, not through the config), registers the handler on
 the agent, whose outbox carries each ``ReportedState`` (retained) to the controller, and starts
 the reconciler thread: it resumes an apply a previous process left unfinished (the agent replaced
 its own pod, or restarted) and, every ``drift_interval_s``, corrects drift. docs/apply.md
 describes every key.
+
+The config model is all the agent's config loader imports from here; the handler, the verifier
+and with them ``cryptography`` are imported by :func:`attach` only, so an agent with apply
+disabled never loads them.
 """
 
 from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from edge_agent.apply.cluster import ClusterClient
 from edge_agent.apply.diff import ObjectRef
-from edge_agent.apply.handler import ApplyMetrics, ApplyReport, DesiredStateHandler
-from edge_agent.apply.simulated import SimulatedApplier
-from edge_agent.apply.verify import RevisionStore, Verifier
-from edge_agent.protocol import ReportedState
+
+if TYPE_CHECKING:
+    from edge_agent.apply.cluster import ClusterClient
+    from edge_agent.apply.handler import ApplyReport, DesiredStateHandler
+    from edge_agent.host import AgentHost
 
 
 class ApplyConfig(BaseModel):
@@ -33,7 +38,7 @@ class ApplyConfig(BaseModel):
     enabled: bool = Field(False, description="Apply the shop's desired state from this node (one node per shop, usually the K3s server).")
     public_keys: tuple[Path, ...] = Field((), description="PEM ed25519 public key file(s) of the controller; several during a key rotation.")
     state_path: Path = Field(Path("/var/lib/shopfleet/applied.json"), description="File keeping the last applied revision (replay protection).")
-    cluster: Literal["kubernetes", "simulated"] = Field("kubernetes", description="'kubernetes' applies to the shop's K3s; 'simulated' is for the demo.")
+    cluster: Literal["kubernetes"] = Field("kubernetes", description="'kubernetes' applies to the shop's K3s (the only cluster a config can name).")
     kubeconfig: Path | None = Field(None, description="kubeconfig file; when set it wins over the in-cluster service account (unset: in-cluster, then $KUBECONFIG or ~/.kube/config).")
     ready_timeout_s: float = Field(300.0, gt=0, description="Longest wait for DaemonSets/Deployments to be updated and ready before reporting failed.")
     poll_interval_s: float = Field(2.0, gt=0, description="Seconds between readiness checks; lower reports sooner, costs API calls.")
@@ -62,27 +67,30 @@ class ApplyConfig(BaseModel):
 
 def make_client(config: ApplyConfig) -> ClusterClient:
     """Return the cluster client ``config.cluster`` names."""
-    if config.cluster == "simulated":
-        return SimulatedApplier()
     from edge_agent.apply.kube import KubernetesClusterClient
 
     return KubernetesClusterClient(kubeconfig=str(config.kubeconfig) if config.kubeconfig else None, request_timeout_s=config.request_timeout_s)
 
 
 def attach(
-    agent: Any, config: ApplyConfig, client: ClusterClient | None = None, stop: threading.Event | None = None
+    agent: AgentHost, config: ApplyConfig, client: ClusterClient | None = None, stop: threading.Event | None = None
 ) -> DesiredStateHandler | None:
     """Register a desired-state handler on ``agent`` if ``config.enabled``; return it (None when disabled).
 
-    Unless ``drift_interval_s`` is 0, a daemon thread runs the handler's reconciler until ``stop``
-    is set (the process's lifetime when None).
+    ``client`` replaces the Kubernetes client ``config`` names (e.g. an in-memory cluster). Unless
+    ``drift_interval_s`` is 0, a daemon thread runs the handler's reconciler until ``stop`` is set
+    (the process's lifetime when None).
     """
     if not config.enabled:
         return None
+    from edge_agent.apply.handler import ApplyMetrics, DesiredStateHandler
+    from edge_agent.apply.verify import RevisionStore, Verifier
+    from edge_agent.protocol import ERROR_MAX_CHARS, ReportedState
+
     cluster = client if client is not None else make_client(config)
 
     def report(rep: ApplyReport) -> None:
-        agent.send(ReportedState, release=rep.release, revision=rep.revision, status=rep.status, error=rep.error[:2000], objects=rep.objects)
+        agent.send(ReportedState, release=rep.release, revision=rep.revision, status=rep.status, error=rep.error[:ERROR_MAX_CHARS], objects=rep.objects)
         if rep.status == "applied":
             agent.release = rep.release
 

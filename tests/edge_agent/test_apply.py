@@ -14,13 +14,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from edge_agent.apply import simulated
 from edge_agent.apply.cluster import InMemoryClusterClient
 from edge_agent.apply.diff import HASH_ANNOTATION, ObjectRef, contains, diff, readiness
 from edge_agent.apply.errors import ApplyFailed, StateStoreCorrupt
 from edge_agent.apply.handler import ApplyMetrics, ApplyReport, DesiredStateHandler
 from edge_agent.apply.plugin import ApplyConfig
-from edge_agent.apply.simulated import DEGRADED_FPS, SimulatedApplier
 from edge_agent.apply.verify import AppliedRecord, RevisionStore, Verifier, load_public_key
 from edge_agent.protocol import (
     DesiredState,
@@ -347,32 +345,6 @@ def test_apply_failed_error_type_from_client():
     c = InMemoryClusterClient(reject=lambda o: "nope")
     with pytest.raises(ApplyFailed, match="nope"):
         c.apply(_obj("ConfigMap", "x"))
-
-
-@pytest.mark.parametrize(
-    "label, status, fps_low",
-    [
-        pytest.param(None, "applied", False, id="good-release"),
-        pytest.param("degraded", "applied", True, id="degraded-release-applies-but-runs-slow"),
-        pytest.param("crash", "failed", None, id="crash-release-never-ready"),
-    ],
-)
-def test_simulated_applier_modes(tmp_path, keys, label, status, fps_low, monkeypatch):
-    signer, verifier = keys
-    sim = SimulatedApplier(seed=1)
-    rig = Rig(tmp_path, verifier, client=sim, ready_timeout_s=0, poll_interval_s=0)
-    # The controller renders nothing for the simulator: the simulated shop is told its mode here.
-    monkeypatch.setattr(simulated, "simulate_mode", lambda obj: label or "ok")
-    report = rig.handler.handle(_state(signer, 1, "r-x"))
-    assert report.status == status
-    pipelines, metrics = sim.health()
-    if fps_low is None:
-        assert {p.state for p in pipelines.values()} == {"backoff"}
-    else:
-        fps = [p.fps for p in pipelines.values()]
-        assert (max(fps) <= DEGRADED_FPS + 0.5) is fps_low
-        assert (metrics["cart_review_rate"] > 0.1) is fps_low
-    assert sim.release() == "r-x"
 
 
 # ----- docs -----------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ class RecordingSink:
         self.events: list[tuple[str, str, dict]] = []
         self.alerts: list[tuple] = []
         self.read: list[Reading] = []
+        self.gates: dict[str, tuple[float, str]] = {}
         self.lock = threading.Lock()
 
     def event(self, type: str, source: str, data: dict[str, Any], at: float | None = None) -> None:
@@ -58,6 +59,10 @@ class RecordingSink:
     def readings(self, readings: list[Reading]) -> None:
         with self.lock:
             self.read.extend(readings)
+
+    def gate_metric(self, name: str, value: float, worse: str = "higher") -> None:
+        with self.lock:
+            self.gates[name] = (value, worse)
 
 
 class Crashing:

@@ -2,11 +2,12 @@
 
 Each :class:`SimulatedShop` is what a shop's applying agent does, minus Kubernetes: it verifies the
 signed desired state with the real :class:`~edge_agent.apply.handler.DesiredStateHandler` (replay
-protection included), applies it to a :class:`~edge_agent.apply.simulated.SimulatedApplier`, and
+protection included), applies it to a :class:`~shopfleet.sim.cluster.SimulatedCluster`, and
 sends ``ReportedState``, heartbeats (pipeline fps and errors, ``cart_review_rate``) and telemetry
 (``occupancy``, ``door_open``) like a real node. :class:`SimulatedFleet` multiplexes hundreds of
 shops over a few paho clients (one per shop would be hundreds of network threads on a 2-core
 machine) and applies desired states on one worker thread, so each shop sees its messages in order.
+Which releases misbehave is the fleet's own ``faults`` (see :mod:`shopfleet.sim.cluster`).
 """
 
 from __future__ import annotations
@@ -16,14 +17,14 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client import CollectorRegistry
 
 from edge_agent.apply.handler import ApplyMetrics, ApplyReport, DesiredStateHandler
-from edge_agent.apply.simulated import SimulatedApplier
 from edge_agent.apply.verify import RevisionStore, Verifier
 from edge_agent.protocol import (
     Channel,
@@ -38,6 +39,7 @@ from edge_agent.protocol import (
     encode,
     parse_downlink,
 )
+from shopfleet.sim.cluster import FaultMode, SimulatedCluster
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +51,11 @@ FACTS = NodeFacts(arch="arm64", node_class="pi", cpu_count=4, cpu_load_1m=0.3, m
 class SimulatedShop:
     """One shop with one node: verifies, applies (simulated), reports, heartbeats."""
 
-    def __init__(self, shop: str, verifier: Verifier, state_dir: Path, client: paho.Client, *, seed: int = 0) -> None:
+    def __init__(self, shop: str, verifier: Verifier, state_dir: Path, client: paho.Client, *, seed: int = 0,
+                 faults: Mapping[str, FaultMode] | None = None) -> None:
         self.shop = shop
         self.client = client
-        self.applier = SimulatedApplier(nodes=1, cameras=2, seed=seed)
+        self.applier = SimulatedCluster(nodes=1, cameras=2, seed=seed, faults=faults)
         self.metrics_registry = CollectorRegistry()
         self.handler = DesiredStateHandler(
             shop, verifier, RevisionStore(state_dir / f"{shop}.json"), self.applier, self._report,
@@ -106,16 +109,20 @@ class SimulatedShop:
 
 
 class SimulatedFleet:
-    """Hundreds of :class:`SimulatedShop` on a few MQTT connections; ``start()``/``stop()``."""
+    """Hundreds of :class:`SimulatedShop` on a few MQTT connections; ``start()``/``stop()``.
+
+    ``faults`` (release name or image reference -> fault mode) is what every shop's simulated
+    cluster treats as a bad release.
+    """
 
     def __init__(self, shops: Iterable[str], verifier: Verifier, state_dir: Path, *, host: str, port: int,
-                 connections: int = 4, heartbeat_interval_s: float = 1.0) -> None:
+                 connections: int = 4, heartbeat_interval_s: float = 1.0, faults: Mapping[str, FaultMode] | None = None) -> None:
         self.host, self.port = host, port
         self.heartbeat_interval_s = heartbeat_interval_s
         state_dir.mkdir(parents=True, exist_ok=True)
-        self.clients = [paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"simfleet-{uuid.uuid4().hex[:8]}-{i}") for i in range(connections)]
+        self.clients = [paho.Client(CallbackAPIVersion.VERSION2, client_id=f"simfleet-{uuid.uuid4().hex[:8]}-{i}") for i in range(connections)]
         names = list(shops)
-        self.shops = {s: SimulatedShop(s, verifier, state_dir, self.clients[i % connections], seed=i) for i, s in enumerate(names)}
+        self.shops = {s: SimulatedShop(s, verifier, state_dir, self.clients[i % connections], seed=i, faults=faults) for i, s in enumerate(names)}
         self._queue: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -123,7 +130,7 @@ class SimulatedFleet:
         self.bad_messages = 0
         listener = self.clients[0]
         listener.on_connect = lambda c, u, f, rc, p: c.subscribe(f"{Topics.root}/+/state/desired", qos=1)
-        listener.on_message = lambda c, u, m: self._queue.put((m.topic, m.payload))
+        listener.on_message = lambda c, u, m: self._queue.put((m.topic, bytes(m.payload)))
 
     def start(self, timeout: float = 15.0) -> None:
         """Connect, announce every node, subscribe to desired states, start heartbeats."""
@@ -156,7 +163,9 @@ class SimulatedFleet:
                 self.bad_messages += 1
                 log.warning("simulated fleet: bad desired state on %s: %s", topic, exc)
                 continue
-            shop = self.shops.get(state.shop) if isinstance(state, DesiredState) else None
+            if not isinstance(state, DesiredState):
+                continue
+            shop = self.shops.get(state.shop)
             if shop is not None:
                 shop.on_desired(state)
 
