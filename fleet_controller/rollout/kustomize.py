@@ -111,63 +111,182 @@ def _merge_map(base: dict[str, Any], patch: dict[str, Any], schema: SchemaNode |
 
 
 def _list_directive(patch: list[Any]) -> str:
+    """kyaml reads a list directive from the first element carrying ``$patch``, if that is all it carries."""
     for item in patch:
-        if isinstance(item, dict) and set(item) == {DIRECTIVE}:
-            return _directive(item)
+        if isinstance(item, dict) and DIRECTIVE in item:
+            return _directive(item) if len(item) == 1 else "merge"
     return "merge"
 
 
-def _key_values(item: Mapping[str, Any], keys: list[str]) -> list[str]:
-    return ["" if item.get(k) is None else str(item.get(k)) for k in keys]
+def _scalar(value: Any) -> str:
+    """The YAML text of a scalar, as kyaml compares merge key values."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
 
 
-def _same_element(a: list[str], b: list[str]) -> bool:
-    """kyaml's match: one key value in common, and the others equal or missing on one side."""
-    common = False
-    for x, y in zip(a, b, strict=True):
-        if x == y and x != "":
+def _same(values1: list[str], values2: list[str]) -> tuple[bool, list[str]]:
+    """kyaml's ``match``: one value in common, the others equal or missing on one side."""
+    if len(values1) != len(values2):
+        return False, []
+    common, res = False, []
+    for x, y in zip(values1, values2, strict=True):
+        if x == y:
             common = True
-        elif x and y and x != y:
-            return False
-    return common
+            res.append(x)
+        elif x and y:
+            return False, []
+        else:
+            res.append(x or y)
+    return common, res
+
+
+def _valid_keys(values_list: list[list[str]], values: list[str], keys: list[str]) -> tuple[list[str], list[str]]:
+    """kyaml's ``validateKeys``: drop secondary keys no element sets."""
+    valid = {keys[i] for vs in values_list for i, v in enumerate(vs) if v != ""}
+    if not valid:
+        return keys, values
+    return [k for k in keys if k in valid], [v for i, v in enumerate(values) if v != "" or keys[i] in valid]
+
+
+def _find(items: list[Any], keys: list[str], values: list[str]) -> Any:
+    """kyaml's ``ElementList``: the first map whose every key is present with exactly that value."""
+    for item in items:
+        if isinstance(item, dict) and all(k in item and _scalar(item[k]) == v for k, v in zip(keys, values, strict=True)):
+            return item
+    return None
+
+
+def _set_element(items: list[Any], element: Any, keys: list[str], values: list[str]) -> None:
+    """kyaml's ``ElementSetter``: replace the matching element(s) by ``element``, delete them (None), or append."""
+    mapping = bool(keys) and keys[0] != ""
+    out, found_any = [], False
+    for item in items:
+        if item is None or item == {}:
+            continue  # kyaml drops empty elements
+        if mapping and not isinstance(item, dict):
+            out.append(item)
+            continue
+        found, val = True, None
+        for j, key in enumerate(keys):
+            if j < len(values):
+                if key == "":
+                    val = item if _scalar(item) == values[j] else None
+                elif values[j] == "":
+                    val = item if key in item else None
+                else:
+                    val = item if key in item and _scalar(item[key]) == values[j] else None
+            if val is None:
+                found = False
+                break
+        if not found:
+            if values:
+                out.append(item)
+            continue
+        found_any = True
+        if element is not None:
+            out.append(element)
+    items[:] = out
+    if element is not None and not found_any:
+        items.append(element)
+
+
+def _append_list(dst: list[Any], src: list[Any], keys: list[str]) -> list[Any]:
+    """kyaml's ``appendListNode``: put each element of ``src`` into ``dst`` by key."""
+    for elem in src:
+        if keys[0] == "":
+            _set_element(dst, elem, [""], [_scalar(elem)])
+            continue
+        values = []
+        for key in keys:
+            if not isinstance(elem, dict) or key not in elem:
+                dst.append(elem)  # no key: kyaml appends it as it is
+                continue
+            values.append(_scalar(elem[key]))
+        if len(keys) > 1:
+            _set_element(dst, None, keys, values)
+        _set_element(dst, elem, keys, values)
+    return dst
+
+
+def _merge_element(dest: Any, origin: Any, schema: SchemaNode | None) -> Any:
+    if origin is None:
+        return dest
+    if dest is None:
+        return strategic_merge({} if isinstance(origin, dict) else None, origin, schema)
+    return strategic_merge(dest, origin, schema)
 
 
 def _merge_list(base: list[Any], patch: list[Any], schema: SchemaNode | None) -> Any:
+    """Merge two lists exactly as kustomize's kyaml does (patch elements first, then the base's).
+
+    kustomize merges with ``ListIncreaseDirection: Prepend``: the result lists the patch's
+    elements in the patch's order, then the base elements the patch does not name, each merged
+    element in place. The steps below follow kyaml's ``setAssociativeSequenceElements`` closely,
+    quirks included (secondary keys such as a port's ``protocol`` change the order), so the
+    comparison with real kustomize holds for any YAML.
+    """
     directive = _list_directive(patch)
     if directive == "delete":
         return DELETE
     keys = schema.merge_keys() if schema else None
     if directive == "replace" or keys is None:  # atomic lists (and custom resources' lists) are replaced
         return strip_directives(patch)
-    items = [p for p in patch if not (isinstance(p, dict) and set(p) == {DIRECTIVE})]
-    if not keys:  # a merged list of scalars (finalizers): union, base order first
-        out_scalars: list[Any] = []
-        for v in [*base, *items]:
-            if v not in out_scalars:
-                out_scalars.append(copy.deepcopy(v))
-        return out_scalars
+    first = next((i for i, p in enumerate(patch) if isinstance(p, dict) and DIRECTIVE in p), None)
+    if first is not None and len(patch[first]) == 1:
+        patch = patch[:first] + patch[first + 1 :]
+    origin = patch
+    dest = copy.deepcopy(base) if base else copy.deepcopy(patch)
     elem_schema = schema.items() if schema else None
-    out: list[Any] = copy.deepcopy(base)
-    for item in items:
-        if not isinstance(item, dict):
-            out.append(copy.deepcopy(item))
-            continue
-        values = _key_values(item, keys)
-        index = next(
-            (i for i, b in enumerate(out) if isinstance(b, dict) and _same_element(_key_values(b, keys), values)),
-            None,
-        )
-        if index is None:
-            added = _merge_map({}, item, elem_schema)
-            if added is not DELETE:
-                out.append(added)
-            continue
-        merged = _merge_map(out[index], item, elem_schema)
-        if merged is DELETE:
-            del out[index]
+    values_list: list[list[str]] = []
+    if keys:
+        for src in (origin, dest):
+            for item in src:
+                vs = [_scalar(item.get(k)) if isinstance(item, dict) else "" for k in keys]
+                if vs not in values_list:
+                    values_list.append(vs)
+    else:
+        keys = [""]
+        for src in (origin, dest):
+            for item in src:
+                if [_scalar(item)] not in values_list:
+                    values_list.append([_scalar(item)])
+    if len(keys) > 1:
+        for i in range(len(values_list)):
+            v1 = values_list[i]
+            for j in range(len(values_list)):
+                matched, merged_values = _same(v1, values_list[j])
+                if matched:
+                    values_list[i] = merged_values
+                    values_list[j] = merged_values
+    items: list[Any] = []
+    valid_keys, valid_values = keys, [""] * len(keys)
+    for values in values_list:
+        valid_keys, valid_values = _valid_keys(values_list, values, keys)
+        k2, v2 = _valid_keys([valid_values], valid_values, valid_keys)
+        if k2 == [""]:
+            d_elem = next((x for x in dest if _scalar(x) == v2[0]), None)
+            o_elem = next((x for x in origin if _scalar(x) == v2[0]), None)
+            val = copy.deepcopy(o_elem if o_elem is not None else d_elem)
         else:
-            out[index] = merged
-    return out
+            found = _find(dest, k2, v2)
+            val = _merge_element(found, _find(origin, k2, v2), elem_schema)
+            if found is not None and val is not DELETE and val is not None:
+                # kyaml merges into the base element itself, so the base list holds the result too
+                dest[next(i for i, x in enumerate(dest) if x is found)] = val
+        if val is DELETE or val is None or val == {}:
+            _set_element(dest, None, valid_keys, valid_values)
+            continue
+        if isinstance(val, dict):
+            for key, value in zip(valid_keys, valid_values, strict=True):
+                if key not in val and value != "":
+                    val[key] = value
+        _set_element(items, val, valid_keys, valid_values)
+    if values_list:
+        dest = _append_list(items, dest, valid_keys)
+    return dest
 
 
 # --------------------------------------------------------------------------------------------
