@@ -210,9 +210,13 @@ class Fusion:
         """End of the run: close every open session ('never-left') and every cart."""
         end = self.now if now is None else max(now, self.now)
         out = self.advance(end)
+        door = self.layout.door.midpoint()
         for s in list(self._sessions.values()):
             if s.closed_at is None:
-                self._carts[s.cart].flag("never-left", f"session {s.id} was still inside at {end:.1f}s")
+                if end - s.last_ts > self.config.visible_gap_s and math.dist((s.x, s.y), door) <= self.config.door_near_m:
+                    self._carts[s.cart].flag("exit-unseen", f"session {s.id} lost near the door at {s.last_ts:.1f}s")
+                else:
+                    self._carts[s.cart].flag("never-left", f"session {s.id} was still inside at {end:.1f}s")
                 self._close_session(s, end)
         for c in list(self._carts.values()):
             c.closing_at = end
@@ -256,6 +260,8 @@ class Fusion:
         if t.session is None:
             if t.obs <= 3 or t.obs % 5 == 0:
                 self._try_rejoin(t)
+            if t.session is None and t.obs == 2:
+                self._exit_by_continuity(t)
             return
         s = self._sessions[t.session]
         if s.closed_at is None:
@@ -303,6 +309,32 @@ class Fusion:
             s.tracks.append(t.id)
             s.last_ts, s.x, s.y = t.last_ts, t.x, t.y
             self.stats["rejoined"] += 1
+
+    def _exit_by_continuity(self, t: _Track) -> None:
+        """Close a session lost at the door when a track that looks like it appears just outside.
+
+        At low frame rates the tracker can lose a shopper on the door line and start a new id on
+        the street, so no crossing is ever reported; the new track's place and looks show the
+        shopper left.
+        """
+        cfg = self.config
+        door = self.layout.door
+        if door.is_inside((t.x, t.y)) or math.dist((t.x, t.y), door.midpoint()) > cfg.door_near_m + 1.0:
+            return
+        for s in self._sessions.values():
+            gap = t.first_ts - s.last_ts
+            if s.closed_at is not None or not cfg.visible_gap_s <= gap <= 4.0 or math.dist((s.x, s.y), door.midpoint()) > cfg.door_near_m:
+                continue
+            sim = self._sim(t.app, s.proto)
+            if sim is not None and sim < cfg.rejoin_similarity:
+                continue
+            if sim is None:
+                self._carts[s.cart].flag("exit-unseen", f"session {s.id} lost at the door, an unknown track {t.id} appeared outside")
+            s.tracks.append(t.id)
+            t.session = s.id
+            self.stats["exits_by_continuity"] += 1
+            self._close_session(s, t.first_ts)
+            return
 
     def _check_swap(self, t: _Track, s: _Session) -> None:
         """Move a track to another open session when it keeps looking like that shopper instead."""
@@ -440,26 +472,43 @@ class Fusion:
         return s.opened_at <= ts + 1.0 and (s.closed_at is None or s.closed_at >= ts - 1.0) and s.cart in self._carts
 
     def _scores(self, slot: str, t_act: float) -> dict[str, tuple[float, float, bool]]:
-        """Return session -> (score, nearest distance, seen in the window) for a change at t_act."""
+        """Return session -> (score, nearest distance, seen in the window) for a change at t_act.
+
+        The score is the time-weighted *geometric* mean of the place weight over the session's
+        positions around t_act, times the share of that time the session was seen. A hand on the
+        shelf means standing there for a while: someone walking past scores low for the moments
+        they were away, and someone who only arrives after the change scores low for not being
+        seen when it happened.
+        """
         cfg = self.config
         lo, hi = t_act - cfg.window_s, t_act + cfg.window_s
-        out: dict[str, tuple[float, float, bool]] = {}
+        full = cfg.time_sigma_s * math.sqrt(2 * math.pi)
+        acc: dict[str, list[float]] = {}  # session -> [sum w*log L, sum w, sum w*dt, nearest]
         for t in self._tracks.values():
             if t.session is None or t.last_ts < lo or not t.hist or t.hist[0][0] > hi:
                 continue
-            best, dist = 0.0, math.inf
+            a = acc.setdefault(t.session, [0.0, 0.0, 0.0, math.inf])
+            prev = None
             for ts, x, y in reversed(t.hist):
                 if ts > hi:
                     continue
                 if ts < lo:
                     break
                 w, d = self._place_weight(slot, x, y)
-                dt = (ts - t_act) / cfg.time_sigma_s
-                best = max(best, w * math.exp(-0.5 * dt * dt))
-                dist = min(dist, d)
-            prev = out.get(t.session)
-            if prev is None or best > prev[0]:
-                out[t.session] = (best, min(dist, prev[1]) if prev else dist, True)
+                z = (ts - t_act) / cfg.time_sigma_s
+                wt = math.exp(-0.5 * z * z)
+                dt = min(0.5, prev - ts) if prev is not None else 0.1
+                prev = ts
+                a[0] += wt * math.log(max(w, 1e-4))
+                a[1] += wt
+                a[2] += wt * dt
+                a[3] = min(a[3], d)
+        out: dict[str, tuple[float, float, bool]] = {}
+        for sid, (wlog, wsum, wdt, near) in acc.items():
+            if wsum <= 1e-9:
+                continue
+            coverage = min(1.0, wdt / full)
+            out[sid] = (math.exp(wlog / wsum) * coverage, near, coverage > 0.5)
         for s in self._sessions.values():
             if s.id in out or not self._open_at(s, t_act) or s.last_ts >= lo:
                 continue
@@ -522,22 +571,23 @@ class Fusion:
         reasons = []
         q = ch.quantity
         conf = p * ch.confidence
-        if q == 0 or ch.confidence < cfg.quantity_bar:
-            reasons.append(Reason("quantity-uncertain", f"{spec.slot}: {ch.delta_g:+.0f} g is {ch.delta_g / spec.unit_weight_g:+.2f} units of {spec.product} (confidence {ch.confidence:.2f})"))
-        if q == 0:
-            cart.confidence = min(cart.confidence, conf)
-            return reasons
         product = spec.product
+        uncertain = q == 0 or ch.confidence < cfg.quantity_bar
         if q > 0 and cart.holdings[product] < q:
             other = self._match_put_back(cart, ch.delta_g, exclude=product)
-            if other is not None:
-                product, q = other
-                reasons.append(Reason("wrong-slot", f"{q} x {product} put back on {spec.slot} ({spec.product}), matched by {ch.delta_g:+.0f} g"))
-                conf = p  # the weight matched another product exactly; the slot's own quantity estimate does not apply
-            else:
-                reasons.append(Reason("unexplained-put-back", f"{q} x {spec.product} put back on {spec.slot} but the cart holds {cart.holdings[product]}"))
+            if other is None:
+                code = "quantity-uncertain" if uncertain else "unexplained-put-back"
+                reasons.append(Reason(code, f"{ch.delta_g:+.0f} g put back on {spec.slot} ({spec.product}) matches nothing the cart holds"))
                 cart.confidence = min(cart.confidence, conf)
                 return reasons
+            product, q = other
+            reasons.append(Reason("wrong-slot", f"{q} x {product} put back on {spec.slot} ({spec.product}), matched by {ch.delta_g:+.0f} g"))
+            conf = p  # the weight matched another product of the cart; the slot's own estimate does not apply
+        elif uncertain:
+            reasons.append(Reason("quantity-uncertain", f"{spec.slot}: {ch.delta_g:+.0f} g is {ch.delta_g / spec.unit_weight_g:+.2f} units of {spec.product} (confidence {ch.confidence:.2f})"))
+            if q == 0:
+                cart.confidence = min(cart.confidence, conf)
+                return reasons  # no whole unit to put on the cart; the reviewer sees the grams
         cart.holdings[product] -= q  # q < 0 is a pick: holdings grow
         if cart.holdings[product] <= 0:
             del cart.holdings[product]

@@ -218,6 +218,14 @@ class _Boards:
             if k == "load_cell":
                 self.detectors[(board, ch)] = StabilityDetector(stability)
 
+    def replugged(self, board: str, now: float) -> None:
+        """Forget the unsettled watch of a board that was away: its silence was not instability."""
+        for (b, ch), det in self.detectors.items():
+            if b == board:
+                det.reset()
+                self.stable_since[(b, ch)] = now
+                self.unsettled_sent.discard((b, ch))
+
     def sample(self, board: str, now: float, dt: float) -> list[FusionInput]:
         """Sample one board and pass its frame through the real wire and event code."""
         msg = self.boards[board]._sample(now, dt)
@@ -339,6 +347,7 @@ def run(scenario: Scenario, seed: int | None = None, config: FusionConfig | None
                 elif not is_pulled and bid in pulled:
                     pulled.discard(bid)
                     boards.processors[bid].reset()  # as the driver does after a reconnect
+                    boards.replugged(bid, now)
                     items.append(BoardLink(bid, True, now))
                 if is_pulled:
                     boards.boards[bid]._sample(now, now - prev_hw)  # the board runs on; nothing reaches the host
