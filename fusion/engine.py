@@ -292,8 +292,8 @@ class Fusion:
         cfg = self.config
         best: tuple[float, _Session] | None = None
         for s in self._sessions.values():
-            if s.closed_at is not None or s.last_ts > t.first_ts - cfg.visible_gap_s:
-                continue  # left, or still visible when this track appeared: not the same person
+            if s.closed_at is not None or s.last_ts >= t.first_ts:
+                continue  # left, or seen at the same time as this track: not the same person
             gap = t.first_ts - s.last_ts
             if math.dist((s.x, s.y), (t.hist[0][1], t.hist[0][2])) > cfg.rejoin_speed_mps * gap + 1.0:
                 continue
@@ -430,7 +430,7 @@ class Fusion:
     def _try_rejoin_at_exit(self, t: _Track) -> None:
         """An unknown track leaving is most likely a lost shopper: join the lost session it looks like."""
         cfg = self.config
-        cands = [s for s in self._sessions.values() if s.closed_at is None and s.last_ts < t.first_ts - cfg.visible_gap_s]
+        cands = [s for s in self._sessions.values() if s.closed_at is None and s.last_ts < t.first_ts]
         scored = [(self._sim(t.app, s.proto), s) for s in cands]
         ok = [(sim, s) for sim, s in scored if sim is not None and sim >= cfg.rejoin_similarity]
         if ok:
@@ -514,10 +514,10 @@ class Fusion:
                 continue
             # Lost during the window: judge by where it was last seen, blurred by how long ago.
             gap = t_act - s.last_ts
-            if gap > 15.0:
+            if gap > 10.0:
                 continue
             w, d = self._place_weight(slot, s.x, s.y, extra_m=min(1.0, 0.3 * gap))
-            out[s.id] = (0.5 * w, d, False)
+            out[s.id] = (0.5 * w * math.exp(-gap / 3.0), d, False)
         return out
 
     def _shelf_change(self, ch: ShelfChange) -> None:

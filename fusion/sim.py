@@ -177,6 +177,8 @@ class RunResult:
     shelf_changes: int
     true_visits: int
     inputs: Counter[str] = field(default_factory=Counter)
+    track_votes: dict[int, Counter[str]] = field(default_factory=dict)
+    fusion: Fusion | None = None
 
 
 class _Boards:
@@ -399,7 +401,7 @@ def run(scenario: Scenario, seed: int | None = None, config: FusionConfig | None
                 tally[visit_cart[visit]] += n
         cart_truth[c.cart_id] = tally.most_common(1)[0][0] if tally else None
     minutes = sum((v.crossings[-1] - v.crossings[0]) / 60 for v in visits if len(v.crossings) >= 2)
-    return RunResult(scenario, results, truth, cart_truth, fusion.errors, fusion.stats, fusion_s, tracker_s, minutes, frames, changes, len(visits), inputs)
+    return RunResult(scenario, results, truth, cart_truth, fusion.errors, fusion.stats, fusion_s, tracker_s, minutes, frames, changes, len(visits), inputs, dict(votes), fusion)
 
 
 def _door_edges(crossings: list[float]) -> list[tuple[float, bool]]:
