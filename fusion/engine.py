@@ -71,6 +71,7 @@ class FusionConfig(BaseModel):
     quantity_bar: float = Field(0.7, ge=0, le=1, description="below this quantity confidence a change is 'quantity-uncertain'")
     confidence_bar: float = Field(0.85, ge=0, le=1, description="a cart below this confidence goes to review")
     door_grace_s: float = Field(2.0, ge=0, description="an entry this long after the door closed still counts (contact and camera clocks differ)")
+    group_window_s: float = Field(4.0, ge=0, description="people entering within this long of each other, in one opening of the door, share a cart")
     require_door_contact: bool = Field(True, description="refuse entries while the door contact is closed (or never reported)")
     rejoin_speed_mps: float = Field(2.0, gt=0, description="fastest walking speed assumed when re-joining a found track to a lost session")
     rejoin_similarity: float = Field(0.5, ge=-1, le=1, description="least appearance similarity (cosine) to re-join a found track")
@@ -262,6 +263,8 @@ class Fusion:
                 self._try_rejoin(t)
             if t.session is None and t.obs == 2:
                 self._exit_by_continuity(t)
+                if t.session is None:
+                    self._entry_by_continuity(t)
             return
         s = self._sessions[t.session]
         if s.closed_at is None:
@@ -309,6 +312,21 @@ class Fusion:
             s.tracks.append(t.id)
             s.last_ts, s.x, s.y = t.last_ts, t.x, t.y
             self.stats["rejoined"] += 1
+
+    def _entry_by_continuity(self, t: _Track) -> None:
+        """Open a session for a new track just inside the open door that is nobody lost.
+
+        Someone occluded by the person in front of them crosses the door unseen and is first
+        tracked a step inside; with the door open and no lost shopper to re-join, they came in.
+        """
+        cfg = self.config
+        door = self.layout.door
+        if not door.is_inside((t.x, t.y)) or math.dist((t.x, t.y), door.midpoint()) > cfg.door_near_m + 0.5:
+            return
+        if not self._door_known or not self._door_allows_entry(t.first_ts):
+            return
+        self.stats["entries_by_continuity"] += 1
+        self._enter(t, t.first_ts)
 
     def _exit_by_continuity(self, t: _Track) -> None:
         """Close a session lost at the door when a track that looks like it appears just outside.
@@ -405,7 +423,10 @@ class Fusion:
             return
         self._n_sessions += 1
         sid = f"s{self._n_sessions}"
-        cart = next((c for c in self._carts.values() if c.door_opening == self._door_opening and c.closing_at is None and self._door_open), None)
+        cart = next(
+            (c for c in self._carts.values() if c.door_opening == self._door_opening and c.closing_at is None and self._door_open and ts - c.opened_at <= self.config.group_window_s),
+            None,
+        )
         if cart is None:
             self._n_carts += 1
             cart = _Cart(f"{self.layout.name}-c{self._n_carts}", self._door_opening, ts)
@@ -629,7 +650,7 @@ class Fusion:
                 if lo <= ts <= hi and any(self._place_weight(s.slot, x, y)[0] > 0.2 for s in slots):
                     near = True
                     break
-            if near or not covered and self._sessions[t.session].opened_at < lo:
+            if near or (not covered and self._sessions[t.session].opened_at < lo):
                 sess = self._sessions[t.session]
                 if sess.cart in self._carts:
                     self._carts[sess.cart].flag(code, detail)

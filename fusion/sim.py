@@ -40,10 +40,30 @@ import numpy as np
 
 from fusion.engine import Fusion, FusionConfig
 from fusion.scenario import Scenario, Shopper, true_carts
-from fusion.types import BoardLink, CartResult, DoorContact, DoorCrossing, FusionInput, ShelfChange, ShelfUnsettled, TrackLost, TrackObservation, ZoneVisit
+from fusion.types import (
+    BoardLink,
+    CartResult,
+    DoorContact,
+    DoorCrossing,
+    FusionInput,
+    ShelfChange,
+    ShelfUnsettled,
+    TrackLost,
+    TrackObservation,
+    ZoneVisit,
+)
 from hardware.driver import readings_from
 from hardware.events import BoardProcessor, DoorEvent, ShelfEvent, TemperatureSettings
-from hardware.frames import ChannelInfo, ChannelKind, FrameSplitter, Hello, SensorFrame, Unit, decode_message, encode_message
+from hardware.frames import (
+    ChannelInfo,
+    ChannelKind,
+    FrameSplitter,
+    Hello,
+    SensorFrame,
+    Unit,
+    decode_message,
+    encode_message,
+)
 from hardware.planogram import Planogram, Slot
 from hardware.simulator import SimulatedBoard
 from hardware.stability import StabilityDetector, StabilitySettings

@@ -29,6 +29,7 @@ COMMANDS: dict[str, str] = {
     "users": "fleet_controller.accounts.cli",
     "tokens": "fleet_controller.accounts.cli",
     "vision": "vision.cli",
+    "fusion": "fusion.cli",
 }
 COMMAND_MODULES = tuple(dict.fromkeys(COMMANDS.values()))
 """Every module that registers commands (all of them are imported for ``--help``)."""
