@@ -169,6 +169,8 @@ class Fusion:
     # -- public API --------------------------------------------------------------------------
     def feed(self, item: FusionInput) -> list[CartResult]:
         """Take one input; return the carts it (or the time it carries) closed."""
+        if not isinstance(item, TrackObservation | ShelfChange | DoorCrossing | TrackLost | DoorContact | BoardLink | ShelfUnsettled | ZoneVisit):
+            raise TypeError(f"Fusion.feed: {type(item).__name__} is not a fusion input")
         ts = item.ts
         if isinstance(item, TrackObservation):
             self._observe(item)
@@ -186,11 +188,8 @@ class Fusion:
             self._board_link(item)
         elif isinstance(item, ShelfUnsettled):
             self._unsettled(item)
-        elif isinstance(item, ZoneVisit):
-            if item.zone not in self._shelves:
-                self.errors["unknown-zone"] += 1
-        else:
-            raise TypeError(f"Fusion.feed: {type(item).__name__} is not a fusion input")
+        elif item.zone not in self._shelves:  # a ZoneVisit: the vision zones and the layout must agree
+            self.errors["unknown-zone"] += 1
         return self.advance(ts)
 
     def advance(self, now: float) -> list[CartResult]:

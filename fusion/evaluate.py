@@ -70,8 +70,8 @@ def summarize(scores: list[CartScore]) -> dict[str, Any]:
     true = sum(sum(s.true.values()) for s in scores)
     reasons: Counter[str] = Counter(r for s in review for r in set(s.reasons))
 
-    def ratio(a: float, b: float) -> float:
-        return round(a / b, 4) if b else 1.0
+    def ratio(a: float, b: float) -> float | None:
+        return round(a / b, 4) if b else None  # nothing to measure: null, not a flattering 1.0
 
     return {
         "carts": carts,
@@ -81,9 +81,9 @@ def summarize(scores: list[CartScore]) -> dict[str, Any]:
         "exact_cart_rate": ratio(sum(s.exact for s in accepted), len(accepted)),
         "line_precision": ratio(tp, pred),
         "line_recall": ratio(tp, true),
-        "review_rate": ratio(len(review), carts) if carts else 0.0,
+        "review_rate": ratio(len(review), carts),
         "wrong_accepted": len(wrong_accepted),
-        "wrong_accepted_rate": ratio(len(wrong_accepted), carts) if carts else 0.0,
+        "wrong_accepted_rate": ratio(len(wrong_accepted), carts),
         "reviewed_exact": sum(s.exact for s in review),
         "review_reasons": dict(sorted(reasons.items())),
     }
