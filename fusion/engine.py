@@ -65,7 +65,8 @@ class FusionConfig(BaseModel):
     depth_sigma_m: float = Field(0.25, gt=0, description="how fast the place weight falls beyond arm's reach")
     settle_delay_s: float = Field(1.25, ge=0, description="time from the hand on the shelf to the settled shelf_change (hardware transient + stability window)")
     time_sigma_s: float = Field(0.6, gt=0, description="spread of that delay; smaller tells apart shoppers taking turns at one slot")
-    window_s: float = Field(2.5, gt=0, description="look this far either side of the estimated moment of the pick")
+    window_s: float = Field(1.5, gt=0, description="look this far either side of the estimated moment of the pick")
+    place_floor: float = Field(0.02, gt=0, lt=1, description="least place weight of one position in the mean: how much one moment far from the slot counts against a shopper")
     nobody_score: float = Field(0.05, gt=0, lt=1, description="score of 'nobody did it'; a change whose best score is below it is nobody's")
     attribution_bar: float = Field(0.9, gt=0.5, le=1, description="a line whose runner-up has more than 1 - this probability is 'contested'")
     quantity_bar: float = Field(0.7, ge=0, le=1, description="below this quantity confidence a change is 'quantity-uncertain'")
@@ -502,7 +503,7 @@ class Fusion:
         """
         cfg = self.config
         lo, hi = t_act - cfg.window_s, t_act + cfg.window_s
-        full = cfg.time_sigma_s * math.sqrt(2 * math.pi)
+        full = cfg.time_sigma_s * math.sqrt(2 * math.pi) * math.erf(cfg.window_s / cfg.time_sigma_s / math.sqrt(2))
         acc: dict[str, list[float]] = {}  # session -> [sum w*log L, sum w, sum w*dt, nearest]
         for t in self._tracks.values():
             if t.session is None or t.last_ts < lo or not t.hist or t.hist[0][0] > hi:
@@ -519,7 +520,7 @@ class Fusion:
                 wt = math.exp(-0.5 * z * z)
                 dt = min(0.5, prev - ts) if prev is not None else 0.1
                 prev = ts
-                a[0] += wt * math.log(max(w, 1e-4))
+                a[0] += wt * math.log(max(w, cfg.place_floor))
                 a[1] += wt
                 a[2] += wt * dt
                 a[3] = min(a[3], d)
@@ -528,7 +529,14 @@ class Fusion:
             if wsum <= 1e-9:
                 continue
             coverage = min(1.0, wdt / full)
-            out[sid] = (math.exp(wlog / wsum) * coverage, near, coverage > 0.5)
+            # Time not seen (an occlusion at the shelf) counts at half the weight of where it was last seen.
+            s = self._sessions[sid]
+            unseen = 0.5 * self._place_weight(slot, s.x, s.y, extra_m=0.2)[0] if coverage < 1.0 else 0.0
+            if near > cfg.reach_m + 1.0:
+                continue  # never within a step of the slot's zone: not a candidate at all
+            # Squared: one moment in front of the slot while walking past must not look like standing there.
+            seen = math.exp(2.0 * wlog / wsum)
+            out[sid] = (seen * coverage + unseen * (1.0 - coverage), near, coverage > 0.5)
         for s in self._sessions.values():
             if s.id in out or not self._open_at(s, t_act) or s.last_ts >= lo:
                 continue

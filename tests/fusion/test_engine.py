@@ -8,7 +8,16 @@ import pytest
 
 from fusion.engine import Fusion, FusionConfig
 from fusion.layout import DoorSpec, ShopLayout, SlotSpec, planogram_mismatches
-from fusion.types import BoardLink, DoorContact, DoorCrossing, ShelfChange, ShelfUnsettled, TrackLost, TrackObservation, ZoneVisit
+from fusion.types import (
+    BoardLink,
+    DoorContact,
+    DoorCrossing,
+    ShelfChange,
+    ShelfUnsettled,
+    TrackLost,
+    TrackObservation,
+    ZoneVisit,
+)
 
 COLA = dict(product="cola", unit_weight_g=345.0, unit_weight_sd_g=3.0, price_cents=150)
 CHIPS = dict(product="chips", unit_weight_g=160.0, unit_weight_sd_g=4.0, price_cents=220)
@@ -42,7 +51,7 @@ class Shop:
         self.t = 0.0
         self.person: dict[int, int] = {}  # track -> who it is (its appearance)
 
-    def feed(self, item) -> None:  # noqa: ANN001 - any fusion input
+    def feed(self, item) -> None:
         self.carts += self.f.feed(item)
 
     def door(self, is_open: bool) -> None:
@@ -162,7 +171,7 @@ def test_two_shoppers_at_neighbouring_slots_each_get_their_own_pick() -> None:
     assert carts["s1"].items() == {"cola": 1} and carts["s1"].status == "accepted"
     assert carts["s2"].items() == {"chips": 1} and carts["s2"].status == "accepted"
     a = carts["s1"].attributions[0]
-    assert a.probability > 0.9 and [c[0] for c in a.candidates][0] == "s1"
+    assert a.probability > 0.9 and next(c[0] for c in a.candidates) == "s1"
 
 
 def test_two_shoppers_at_the_same_slot_make_the_pick_contested() -> None:
@@ -212,7 +221,7 @@ def test_a_put_back_on_the_wrong_slot_takes_the_item_off_by_its_weight() -> None
 
 def test_a_weight_change_nobody_was_near_is_an_orphan_and_flags_a_lost_shopper_nearby() -> None:
     s = shop_with(1, 2)
-    s.stand(1.0, (1, 2.0, 3.3), (2, 5.0, 1.5))
+    s.stand(1.0, (1, 1.0, 2.5), (2, 5.0, 1.5))
     s.feed(TrackLost(1, s.t))
     s.stand(3.0, (2, 5.0, 1.5))
     s.change(A2, -1, -160.0)

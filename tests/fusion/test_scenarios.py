@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from collections import Counter
@@ -13,7 +14,15 @@ from hypothesis import strategies as st
 
 from fusion.errors import ScenarioInvalid
 from fusion.generate import GENERATORS, default_layout, generate
-from fusion.scenario import Action, Scenario, Shopper, dump_scenario, load_scenario, parse_scenario, true_carts
+from fusion.scenario import (
+    Action,
+    Scenario,
+    Shopper,
+    dump_scenario,
+    load_scenario,
+    parse_scenario,
+    true_carts,
+)
 from fusion.sim import plan, run
 from shopfleet.cli import main
 
@@ -79,7 +88,7 @@ def test_shoppers_take_turns_at_a_busy_slot_and_a_person_is_in_one_place_at_a_ti
             by_slot.setdefault(slot, []).append(t)
     for times in by_slot.values():
         times.sort()
-        assert all(b - a >= 2.0 for a, b in zip(times, times[1:], strict=False))
+        assert all(b - a >= 2.0 for a, b in itertools.pairwise(times))
     re = plan(generate("reenter", seed=2), random.Random(2))
     first, second = (v for v in re if v.shopper.person_id == "p1")
     assert second.start > first.end
