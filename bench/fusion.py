@@ -22,7 +22,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# Replace this script's directory on the path with the repository: bench/ holds fusion.py and
+# serial.py, which would shadow the fusion package and pyserial.
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from fusion.evaluate import score_run, summarize
 from fusion.generate import generate

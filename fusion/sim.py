@@ -119,7 +119,7 @@ def plan(scenario: Scenario, rng: random.Random) -> list[Visit]:
     """Turn the shoppers of a scenario into timed trajectories and hand actions."""
     shop = scenario.shop
     dx = shop.door.midpoint()[0]
-    reserved: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    reserved: dict[str, list[tuple[float, float, str]]] = defaultdict(list)  # slot -> (from, to, visit)
     busy_until: dict[str, float] = {}
     appearances: dict[str, np.ndarray] = {}
     arng = np.random.default_rng(rng.randrange(2**32))
@@ -154,15 +154,16 @@ def plan(scenario: Scenario, rng: random.Random) -> list[Visit]:
             sx, sy = sx - fy * lat, sy + fx * lat
             arrive = keys[-1][0] + math.dist(keys[-1][1:], (sx, sy)) / speed
             begin = arrive
-            while any(begin - 1.0 < e and s < begin + a.dwell_s + 1.0 for s, e in reserved[a.slot]):
-                begin = max(e for s, e in reserved[a.slot] if begin - 1.0 < e and s < begin + a.dwell_s + 1.0) + 1.0
+            others = [(s, e) for s, e, who in reserved[a.slot] if who != sh.id]  # one's own turn is no queue
+            while clash := [e for s, e in others if begin - 1.0 < e and s < begin + a.dwell_s + 1.0]:
+                begin = max(clash) + 1.001
             if begin > arrive:  # wait behind whoever is at the slot
                 qx, qy = sx + fx * 0.9, sy + fy * 0.9
                 walk(qx, qy)
                 keys.append((max(keys[-1][0], begin - 0.9 / speed), qx, qy))
             begin = walk(sx, sy)
             keys.append((begin + a.dwell_s, sx, sy))
-            reserved[a.slot].append((begin, begin + a.dwell_s))
+            reserved[a.slot].append((begin, begin + a.dwell_s, sh.id))
             at = begin + rng.uniform(1.0, a.dwell_s - 1.0)
             product = a.product or slot.product
             actions.append((at, a.slot, -a.take if a.take else a.put_back, product))
