@@ -26,9 +26,9 @@ from pathlib import Path
 # serial.py, which would shadow the fusion package and pyserial.
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from fusion.evaluate import score_run, summarize
-from fusion.generate import generate
-from fusion.sim import run
+from fusion.evaluate import score_run, summarize  # noqa: E402 - after the path fix above
+from fusion.generate import generate  # noqa: E402
+from fusion.sim import run  # noqa: E402
 
 # name -> (seeds, shoppers). Seeds are fixed so runs compare; crowd runs with 4 shoppers.
 SET: dict[str, tuple[range, int]] = {

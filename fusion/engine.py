@@ -160,6 +160,7 @@ class Fusion:
         self._door_open = False
         self._door_known = False
         self._door_closed_at = -math.inf
+        self._door_opened_at = -math.inf
         self._door_opening = 0
         self._offline: dict[str, float] = {}
         self._n_sessions = 0
@@ -321,9 +322,11 @@ class Fusion:
         """
         cfg = self.config
         door = self.layout.door
-        if not door.is_inside((t.x, t.y)) or math.dist((t.x, t.y), door.midpoint()) > cfg.door_near_m + 0.5:
+        if not door.is_inside((t.x, t.y)) or not self._door_known or not self._door_allows_entry(t.first_ts):
             return
-        if not self._door_known or not self._door_allows_entry(t.first_ts):
+        # As far in as someone could have walked since the door opened (at most 4 m).
+        reach = min(4.0, cfg.door_near_m + 0.5 + 1.2 * max(0.0, t.first_ts - self._door_opened_at))
+        if math.dist((t.x, t.y), door.midpoint()) > reach:
             return
         self.stats["entries_by_continuity"] += 1
         self._enter(t, t.first_ts)
@@ -390,6 +393,7 @@ class Fusion:
         self._door_known = True
         if d.open and not self._door_open:
             self._door_opening += 1
+            self._door_opened_at = d.ts
         elif not d.open and self._door_open:
             self._door_closed_at = d.ts
         self._door_open = d.open
@@ -424,7 +428,7 @@ class Fusion:
         self._n_sessions += 1
         sid = f"s{self._n_sessions}"
         cart = next(
-            (c for c in self._carts.values() if c.door_opening == self._door_opening and c.closing_at is None and self._door_open and ts - c.opened_at <= self.config.group_window_s),
+            (c for c in self._carts.values() if c.door_opening == self._door_opening and c.closing_at is None and self._door_allows_entry(ts) and ts - c.opened_at <= self.config.group_window_s),
             None,
         )
         if cart is None:
