@@ -314,11 +314,14 @@ class _Checker:
             if v.get("name") in seen_volumes:
                 self.add("volume", f"{base}.volumes[{i}].name", v.get("name"), "is a duplicate volume name", "give every volume its own name")
             seen_volumes.add(v.get("name"))
+        # A StatefulSet's volumeClaimTemplates are volumes of its pods too.
+        claims = (self.s.obj.get("spec") or {}).get("volumeClaimTemplates") if self.s.obj.get("kind") == "StatefulSet" else None
+        mountable = seen_volumes | {(t.get("metadata") or {}).get("name") for t in claims or [] if isinstance(t, dict)}
         seen_containers: dict[Any, str] = {}
         for group in ("initContainers", "containers", "ephemeralContainers"):
             for i, c in enumerate(spec.get(group) or []):
                 if isinstance(c, dict):
-                    self.container(c, f"{base}.{group}[{i}]", seen_containers, seen_volumes)
+                    self.container(c, f"{base}.{group}[{i}]", seen_containers, mountable)
 
     def container(self, c: dict[str, Any], path: str, seen: dict[Any, str], volumes: set[Any]) -> None:
         cname = c.get("name")

@@ -201,6 +201,18 @@ def test_more_api_server_rules():
     assert "restartPolicy: 'Never' is not allowed in a DaemonSet" in text
 
 
+def test_a_statefulsets_claim_templates_are_mountable():
+    obj = _daemonset()
+    obj["kind"] = "StatefulSet"
+    obj["spec"].pop("updateStrategy")
+    obj["spec"]["serviceName"] = "vision"
+    obj["spec"]["volumeClaimTemplates"] = [{"metadata": {"name": "data"}, "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}]
+    _c(obj)["volumeMounts"].append({"name": "data", "mountPath": "/data"})
+    assert [f.describe() for f in _findings(obj)] == []
+    obj["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] = "1GB"
+    assert [f.path for f in _findings(obj)] == ["spec.volumeClaimTemplates[0].spec.resources.requests.storage"]
+
+
 def test_custom_resources_get_the_generic_metadata_checks():
     monitor = {
         "apiVersion": "monitoring.coreos.com/v1",
