@@ -1,6 +1,7 @@
 # Two entry points for a fresh Debian/Ubuntu machine with Python 3.11+ (see README.md):
-#   make demo   - create .venv, install shopfleet, run the demo on embedded defaults
-#   make test   - create .venv with the dev extras, install the system packages the tests use, run the suite
+#   make demo   - create .venv, install shopfleet with the demo extra, run the demo on embedded defaults
+#   make test   - create .venv with the dev extra, install the system packages the tests use, lint, run the suite
+# Installs use constraints.txt, the versions CI tests with ('make constraints' regenerates it).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -9,18 +10,18 @@ DEVSTAMP := $(VENV)/.installed-dev
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv dev system-deps fixtures lint bench screenshots clean
+.PHONY: demo test venv dev system-deps fixtures lint bench screenshots clean constraints packaging role-sizes
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e .
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[demo]'
 	touch $@
 
-$(DEVSTAMP): pyproject.toml
+$(DEVSTAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP) $@
 
 venv: $(STAMP)
@@ -34,11 +35,26 @@ system-deps:
 demo: $(STAMP)
 	$(VENV)/bin/shopfleet demo $(DEMO_ARGS)
 
-test: $(DEVSTAMP) system-deps
+test: $(DEVSTAMP) system-deps lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Import contracts (the layering of docs/architecture.md), ruff, and mypy (strict where pyproject says).
 lint: $(DEVSTAMP)
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+# Pin what the extras pull, as installed in $(VENV), into constraints.txt (after changing a dependency).
+constraints: $(DEVSTAMP)
+	$(PY) scripts/freeze_constraints.py
+
+# Build the wheel and install it per role into fresh venvs (tests/packaging, a few minutes).
+packaging: $(DEVSTAMP)
+	$(PY) -m pytest tests/packaging $(PYTEST_ARGS)
+
+# Installed size of each role's venv (docs/benchmarks.md).
+role-sizes: $(DEVSTAMP)
+	$(PY) bench/role_sizes.py
 
 bench: $(DEVSTAMP)
 	for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -30,22 +30,23 @@ from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
 from edge_agent.protocol import Heartbeat, NodeFacts, Presence, Reading, Telemetry
-from fleet_controller.accounts.store import AccountStore
 from fleet_controller.alerts import store as alert_store
 from fleet_controller.alerts.evaluator import Firing
 from fleet_controller.alerts.rules import AlertRules
-from fleet_controller.dashboard.fleetview import fleet_page
-from fleet_controller.dashboard.router import parse_fleet_query
-from fleet_controller.dashboard.setup import build_app
-from fleet_controller.db import create_engine
-from fleet_controller.migrations import upgrade
-from fleet_controller.registry import NodeUpdate, Registry, SeqCursor, WriteBatch
+from fleet_controller.registry.db import create_engine
+from fleet_controller.registry.migrations import upgrade
+from fleet_controller.registry.read import RegistryReader
+from fleet_controller.registry.store import NodeUpdate, RegistryStore, SeqCursor, WriteBatch
+from fleet_controller.web.accounts.store import AccountStore
+from fleet_controller.web.dashboard.fleetview import fleet_page
+from fleet_controller.web.dashboard.router import parse_fleet_query
+from fleet_controller.web.dashboard.setup import build_app
 
 FACTS = NodeFacts(arch="arm64", node_class="pi", cpu_count=4, cpu_load_1m=0.3, mem_total_bytes=4 << 30,
                   mem_available_bytes=2 << 30, disk_total_bytes=32 << 30, disk_free_bytes=16 << 30)
 
 
-def populate(registry: Registry, shops: int, now: float) -> None:
+def populate(registry: RegistryStore, shops: int, now: float) -> None:
     """Write ``shops`` shops of two nodes each through the registry's own batch writer."""
     regions = ["north", "south", "east", "west", "centre"]
     step = 250
@@ -105,7 +106,8 @@ def main() -> int:
     url = args.db_url or f"sqlite:///{tempfile.mkdtemp(prefix='bench-dash-')}/controller.db"
     engine = create_engine(url)
     upgrade(engine)
-    registry = Registry(engine)
+    registry = RegistryStore(engine)
+    reader = RegistryReader(engine)
     now = time.time()
     t0 = time.perf_counter()
     print(f"populating {args.shops} shops ({2 * args.shops} nodes) on {engine.url.get_backend_name()}...", file=sys.stderr)
@@ -115,7 +117,7 @@ def main() -> int:
     store.add_user("bench", "bench-password-1", "viewer")
     token = store.create_token("bench", "bench")
     sid, _ = store.create_session("bench")
-    app, _ = build_app(registry, CollectorRegistry(), store, AlertRules())
+    app, _ = build_app(reader, CollectorRegistry(), store, AlertRules())
     rng = random.Random(6)
     params = [queries(rng, args.shops) for _ in range(args.requests)]
     with TestClient(app) as c:
@@ -130,7 +132,7 @@ def main() -> int:
     cold = []
     for p in params[: max(20, args.requests // 5)]:  # the summaries read from the database every time
         t1 = time.perf_counter()
-        fleet_page(engine, parse_fleet_query(p))
+        fleet_page(reader, parse_fleet_query(p))
         cold.append((time.perf_counter() - t1) * 1000)
     rows = [("fleet page  GET /fleet", page), ("fleet API   GET /api/v1/fleet", api),
             ("cold        fleet_page() without the summary cache (no HTTP)", cold),

@@ -34,9 +34,9 @@ import paho.mqtt.client as paho
 from sqlalchemy import func, select
 
 from edge_agent.protocol import Heartbeat, NodeFacts, Topics, encode
-from fleet_controller.db import create_engine
-from fleet_controller.migrations import upgrade
-from fleet_controller.models import HeartbeatRecord
+from fleet_controller.registry.db import create_engine
+from fleet_controller.registry.migrations import upgrade
+from fleet_controller.registry.models import HeartbeatRecord
 from fleet_controller.service import ControllerService
 from fleet_controller.settings import load_settings
 from shopfleet.broker import BrokerProcess

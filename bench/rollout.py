@@ -4,7 +4,7 @@
    reference measured in the same run is the least work any stable spread order needs: hashing and
    sorting the 10,000 shop ids.
 2. A real controller (child process: intake, registry on SQLite, rollout executor) rolls a release
-   out to 1,000 simulated shops over a real Mosquitto (``edge_agent.apply.simfleet``: signature
+   out to 1,000 simulated shops over a real Mosquitto (``shopfleet.sim.fleet``: signature
    checked, applied to the simulated cluster, reported, heartbeats). Figures: wall time from start
    to ``completed``, messages (desired states in, uplinks out), the controller process's peak RSS.
    The reference is the floor the policy itself imposes (one bake time per wave, plus one
@@ -82,14 +82,14 @@ def bench_rollout(n: int, heartbeat_s: float, bake_s: float) -> dict:
     import psutil
     from sqlalchemy import func, select
 
-    from edge_agent.apply.simfleet import SimulatedFleet
     from edge_agent.apply.verify import Verifier
-    from fleet_controller.db import create_engine
-    from fleet_controller.models import Shop
-    from fleet_controller.releases import ReleaseSpec, ReleaseStore
+    from fleet_controller.registry.db import create_engine
+    from fleet_controller.registry.models import Shop
+    from fleet_controller.rollout.releases import ReleaseSpec, ReleaseStore
+    from fleet_controller.rollout.signing import generate_keypair
     from fleet_controller.rollout.store import rollout_status, start_rollout
-    from fleet_controller.signing import generate_keypair
     from shopfleet.broker import BrokerProcess
+    from shopfleet.sim.fleet import SimulatedFleet
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-rollout-"))
     (tmp / "broker").mkdir()

@@ -17,11 +17,14 @@ and time, so the rollout code reports with ``agent.send(ReportedState, revision=
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import queue
+import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,12 +32,15 @@ from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 from edge_agent.clock import ClockOffsetEstimator
+from edge_agent.config import AgentConfig
 from edge_agent.facts import FactsProvider, OverriddenFacts, SystemFacts
+from edge_agent.host import CommandHandler, DesiredStateHandler
 from edge_agent.metrics import AgentMetrics, MetricsServer
 from edge_agent.mqtt import InMessage, MqttSettings, TlsSettings
 from edge_agent.outbox import Outbox, Priority
 from edge_agent.pipelines import build_pipeline
 from edge_agent.protocol import (
+    ERROR_MAX_CHARS,
     Alert,
     Channel,
     ClockBeacon,
@@ -52,7 +58,14 @@ from edge_agent.protocol import (
     encode,
     parse_downlink,
 )
-from edge_agent.supervisor import Pipeline, PipelineConfigBase, PipelineRunner, Supervisor
+from edge_agent.supervisor import (
+    GATE_METRIC_PATTERN,
+    Pipeline,
+    PipelineConfigBase,
+    PipelineRunner,
+    Supervisor,
+    Worse,
+)
 from edge_agent.uplink import UplinkLoop
 
 log = logging.getLogger(__name__)
@@ -60,10 +73,11 @@ log = logging.getLogger(__name__)
 AGENT_VERSION = "0.1.0"
 
 U = TypeVar("U", bound=Uplink)
-CommandHandler = Callable[[Command], dict[str, Any]]
-"""Runs a command and returns its result; raising makes the reply ``ok: false`` with the error."""
-DesiredStateHandler = Callable[[DesiredState], None]
-"""Receives each new desired state of the shop; reports through ``agent.send(ReportedState, ...)``."""
+__all__ = ["Agent", "AgentSink", "CommandHandler", "DesiredStateHandler", "ReadingBatcher", "mqtt_settings", "route"]
+
+MAX_GATE_METRICS = 64
+"""Most gate metric names one pipeline may report; more are counted and dropped."""
+_GATE_NAME = re.compile(GATE_METRIC_PATTERN)
 
 
 def route(kind: str, shop: str, node: str) -> tuple[str, Priority, bool]:
@@ -117,7 +131,8 @@ class ReadingBatcher:
 
 
 class AgentSink:
-    """The EventSink a pipeline gets: events and alerts go to the outbox, readings are batched."""
+    """The EventSink a pipeline gets: events and alerts go to the outbox, readings are batched,
+    gate metrics are kept for the next heartbeat."""
 
     def __init__(self, agent: Agent, pipeline: str, policy: PipelineConfigBase) -> None:
         self.agent = agent
@@ -126,6 +141,8 @@ class AgentSink:
         self.interval_s = policy.telemetry_interval_s
         self.next_flush = time.monotonic() + self.interval_s
         self._logged: set[str] = set()
+        self._gate_lock = threading.Lock()
+        self._gates: dict[str, tuple[float, Worse]] = {}
 
     def _reject(self, what: str, exc: Exception) -> None:
         reason = "invalid" if isinstance(exc, (ValidationError, ValueError, TypeError)) else "outbox_error"
@@ -155,6 +172,32 @@ class AgentSink:
             self._reject("reading", TypeError("not a protocol.Reading"))
         self.batcher.add(good)
 
+    def gate_metric(self, name: str, value: float, worse: Worse = "higher") -> None:
+        """Keep ``value`` as this pipeline's current ``name`` for heartbeats (see EventSink.gate_metric)."""
+        try:
+            if not isinstance(name, str) or not _GATE_NAME.match(name):
+                raise ValueError(f"gate metric name {name!r} does not match {GATE_METRIC_PATTERN}: use snake_case such as 'vision_fps'")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"gate metric {name} = {value!r} is not a finite number")
+            if worse not in ("higher", "lower"):
+                raise ValueError(f"gate metric {name}: worse={worse!r}, use 'higher' or 'lower'")
+            with self._gate_lock:
+                if name not in self._gates and len(self._gates) >= MAX_GATE_METRICS:
+                    raise ValueError(f"more than {MAX_GATE_METRICS} gate metric names: report fewer")
+                self._gates[name] = (float(value), worse)
+        except ValueError as exc:
+            self._reject("gate_metric", exc)
+
+    def gate_metrics(self) -> dict[str, tuple[float, Worse]]:
+        """Return this pipeline's current gate metrics: name -> (value, which direction is worse)."""
+        with self._gate_lock:
+            return dict(self._gates)
+
+    def clear_gate_metrics(self) -> None:
+        """Forget the gate metrics (the pipeline stopped running; its last figures no longer hold)."""
+        with self._gate_lock:
+            self._gates.clear()
+
     def flush(self) -> None:
         """Send the reduced readings of the window that ended, in chunks the protocol accepts."""
         self.next_flush = time.monotonic() + self.interval_s
@@ -163,7 +206,7 @@ class AgentSink:
             self.agent.send(Telemetry, readings=tuple(batch[i : i + 1000]))
 
 
-def mqtt_settings(config: Any) -> MqttSettings:
+def mqtt_settings(config: AgentConfig) -> MqttSettings:
     """Turn the broker section of an AgentConfig into MqttSettings."""
     b = config.broker
     tls = None
@@ -185,7 +228,7 @@ class Agent:
 
     def __init__(
         self,
-        config: Any,
+        config: AgentConfig,
         *,
         registry: CollectorRegistry | None = None,
         facts_provider: FactsProvider | None = None,
@@ -199,8 +242,6 @@ class Agent:
         self.metrics = AgentMetrics(self.registry)
         self.release: str | None = None
         """Release this node runs; set by the rollout code, reported in heartbeats."""
-        self.gate_metrics: dict[str, float] = {}
-        """Numeric health figures for rollout gates (e.g. cart_review_rate), sent in heartbeats."""
         self.controller_online: bool | None = None
         """Whether the controller's retained presence says online (None before it arrived)."""
         self.clock = ClockOffsetEstimator()
@@ -212,7 +253,7 @@ class Agent:
             on_evict=lambda prio, n: self.metrics.evicted.labels(prio.name.lower()).inc(n),
         )
         for prio in Priority:
-            self.metrics.outbox_depth.labels(prio.name.lower()).set_function(lambda p=prio: self.outbox.depth_by_priority()[p])
+            self.metrics.outbox_depth.labels(prio.name.lower()).set_function(functools.partial(self._depth, prio))
         self.metrics.outbox_bytes.set_function(self.outbox.size_bytes)
         self.metrics.last_ack_age.set_function(self._last_ack_age)
         self.metrics.clock_offset.set_function(lambda: self.clock.offset() or 0.0)
@@ -256,7 +297,7 @@ class Agent:
                     pipeline,
                     policy,
                     sink,
-                    on_state=lambda name, state: self.metrics.pipeline_state.labels(name).state(state),
+                    on_state=self._on_pipeline_state,
                     on_restart=lambda name: self.metrics.pipeline_restarts.labels(name).inc(),
                 )
             )
@@ -328,9 +369,27 @@ class Agent:
 
     # heartbeats and telemetry ------------------------------------------------------------------
 
+    def _depth(self, priority: Priority) -> int:
+        return self.outbox.depth_by_priority()[priority]
+
     def _last_ack_age(self) -> float:
         last = self.uplink.last_ack
         return -1.0 if last is None else time.monotonic() - last
+
+    def gate_metrics(self) -> dict[str, float]:
+        """Return the gate metrics the pipelines reported, the worst value per name across pipelines."""
+        out: dict[str, float] = {}
+        for sink in self.sinks.values():
+            for name, (value, worse) in sink.gate_metrics().items():
+                old = out.get(name)
+                if old is None or (value > old if worse == "higher" else value < old):
+                    out[name] = value
+        return out
+
+    def _on_pipeline_state(self, name: str, state: str) -> None:
+        self.metrics.pipeline_state.labels(name).state(state)
+        if state != "running" and name in self.sinks:
+            self.sinks[name].clear_gate_metrics()
 
     def heartbeat(self) -> int:
         """Collect facts and health and enqueue a heartbeat now; return its seq."""
@@ -343,7 +402,7 @@ class Agent:
             interval_s=self.config.heartbeat_interval_s,
             facts=facts,
             pipelines=self.supervisor.health(),
-            metrics=dict(self.gate_metrics),
+            metrics=self.gate_metrics(),
             outbox_depth=self.outbox.depth(),
             release=self.release,
         )
@@ -436,13 +495,13 @@ class Agent:
                 result = dict(handler(cmd) or {})
                 ok, outcome = True, "ok"
             except Exception as exc:
-                error, outcome = f"{type(exc).__name__}: {exc}"[:2000], "error"
+                error, outcome = f"{type(exc).__name__}: {exc}"[:ERROR_MAX_CHARS], "error"
                 log.warning("node %s/%s: command %s failed: %s", self.shop, self.node, cmd.name, error)
         self.metrics.commands.labels(self._command_label(cmd.name), outcome).inc()
         try:
             self.send(CommandResult, correlation_id=cmd.correlation_id, ok=ok, result=result, error=error)
         except (ValidationError, ValueError) as exc:
-            self.send(CommandResult, correlation_id=cmd.correlation_id, ok=False, error=f"result not sendable: {exc}"[:2000])
+            self.send(CommandResult, correlation_id=cmd.correlation_id, ok=False, error=f"result not sendable: {exc}"[:ERROR_MAX_CHARS])
 
     def _desired_worker(self) -> None:
         while not self._stop.is_set():

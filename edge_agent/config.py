@@ -10,7 +10,7 @@ from shop and node, so validating those ids here means every topic the agent use
 from __future__ import annotations
 
 import os
-from functools import cache
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,13 +22,12 @@ from pydantic import (
     SecretStr,
     ValidationError,
     ValidationInfo,
-    create_model,
     field_validator,
     model_validator,
 )
 
 from edge_agent.apply.plugin import ApplyConfig
-from edge_agent.pipelines import PIPELINE_MODULES, config_union
+from edge_agent.pipelines import PIPELINE_MODULES, PipelineEntry
 from edge_agent.protocol import NodeFacts, validate_id
 
 
@@ -123,8 +122,8 @@ class MetricsConfig(_Model):
     host: str = Field("0.0.0.0", description="Address the endpoint binds to.")
 
 
-class AgentConfigBase(_Model):
-    """Keys of the agent config except ``pipelines`` (added from the pipeline modules)."""
+class AgentConfig(_Model):
+    """Configuration of the node agent (one YAML file)."""
 
     shop: str = Field(description="Shop id (DNS label such as 'berlin-01') this node belongs to.")
     node: str = Field(description="Node id (DNS label such as 'pi-2'), unique in its shop.")
@@ -138,9 +137,13 @@ class AgentConfigBase(_Model):
     apply: ApplyConfig = Field(default_factory=ApplyConfig, description="Whether and how this node applies the shop's desired state; see docs/rollouts.md.")
     facts_override: dict[str, Any] = Field(
         default_factory=dict,
-        description="Node facts to report instead of the measured ones (keys of NodeFacts), e.g. {arch: arm64} to simulate a Pi.",
+        description="Node facts to report instead of the measured ones (keys of NodeFacts), e.g. {arch: arm64} to look like a Pi.",
     )
     shutdown_timeout_s: float = Field(10.0, ge=0, le=600, description="On SIGTERM: longest wait for the outbox to drain.")
+    pipelines: list[PipelineEntry] = Field(
+        default_factory=list,
+        description="Local pipelines the agent supervises, each chosen by its 'type' key; see docs/agent.md.",
+    )
 
     @field_validator("shop", "node")
     @classmethod
@@ -148,45 +151,19 @@ class AgentConfigBase(_Model):
         return validate_id(value, f"{info.field_name} id")
 
     @model_validator(mode="after")
-    def _facts(self) -> AgentConfigBase:
+    def _facts(self) -> AgentConfig:
         unknown = sorted(set(self.facts_override) - set(NodeFacts.model_fields))
         if unknown:
             raise ValueError(f"facts_override has unknown keys {unknown}: use keys of NodeFacts ({', '.join(NodeFacts.model_fields)})")
         return self
 
-
-@cache
-def agent_config_model(pipeline_types: frozenset[str] | None = None) -> type[AgentConfigBase]:
-    """Return the AgentConfig model whose ``pipelines`` accept the given types (default: all)."""
-    union = config_union(None if pipeline_types is None else sorted(pipeline_types))
-    return create_model(  # type: ignore[call-overload,no-any-return]
-        "AgentConfig",
-        __base__=AgentConfigBase,
-        __doc__="Configuration of the node agent (one YAML file).",
-        pipelines=(list[union], Field(default_factory=list, description="Local pipelines the agent supervises; see docs/agent.md.")),
-    )
-
-
-def __getattr__(name: str) -> Any:
-    # ``AgentConfig`` (every pipeline type) is built on first use: building it imports every
-    # pipeline module, which validating a config that names only some of them does not need.
-    if name == "AgentConfig":
-        return agent_config_model()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _used_types(data: Any) -> frozenset[str]:
-    entries = data.get("pipelines") if isinstance(data, dict) else None
-    if not isinstance(entries, list):
-        return frozenset()
-    return frozenset(e["type"] for e in entries if isinstance(e, dict) and isinstance(e.get("type"), str))
-
-
-def _with_pipeline_names_unique(config: AgentConfigBase) -> None:
-    names = [p.name for p in config.pipelines]  # type: ignore[attr-defined]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise ValueError(f"pipelines: names {dupes} are used twice: give each pipeline a unique name")
+    @model_validator(mode="after")
+    def _pipeline_names_unique(self) -> AgentConfig:
+        names = [p.name for p in self.pipelines]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"pipelines: names {dupes} are used twice: give each pipeline a unique name")
+        return self
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
@@ -201,7 +178,7 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _fix_for(err: dict[str, Any], model_doc: str | None) -> str:
+def _fix_for(err: Mapping[str, Any], model_doc: str | None) -> str:
     kind = err["type"]
     if kind == "extra_forbidden":
         return "remove it or correct its spelling (docs/agent.md lists every key)"
@@ -220,7 +197,7 @@ def _describe(loc: tuple[Any, ...]) -> str | None:
     """Return the description of the field at ``loc`` in AgentConfig, if one is found."""
     from edge_agent.pipelines import pipeline_types
 
-    models: list[Any] = [agent_config_model()]
+    models: list[Any] = [AgentConfig]
     desc = None
     for part in loc:
         if isinstance(part, int):
@@ -229,7 +206,7 @@ def _describe(loc: tuple[Any, ...]) -> str | None:
         if info is None:
             return None
         desc = info.description
-        if part == "pipelines" and models == [agent_config_model()]:
+        if part == "pipelines" and models == [AgentConfig]:
             models = [m.Config for m in pipeline_types().values()]
             continue
         ann = info.annotation
@@ -258,7 +235,7 @@ def format_errors(source: str, exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def load_config(path: str | os.PathLike[str] | None, overrides: dict[str, Any] | None = None) -> AgentConfigBase:
+def load_config(path: str | os.PathLike[str] | None, overrides: dict[str, Any] | None = None) -> AgentConfig:
     """Read the YAML file (if any), apply dotted-key overrides and validate; raise ConfigError."""
     source = str(path) if path else "(flags)"
     data: Any = {}
@@ -281,11 +258,10 @@ def load_config(path: str | os.PathLike[str] | None, overrides: dict[str, Any] |
     return validate_config(data, source)
 
 
-def validate_config(data: dict[str, Any], source: str = "(config)") -> AgentConfigBase:
+def validate_config(data: dict[str, Any], source: str = "(config)") -> AgentConfig:
     """Validate a config mapping, or raise ConfigError naming source, key and fix."""
     try:
-        config = agent_config_model(_used_types(data) & set(PIPELINE_MODULES)).model_validate(data)
-        _with_pipeline_names_unique(config)
+        config = AgentConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_errors(source, exc)) from None
     except ValueError as exc:

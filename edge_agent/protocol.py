@@ -2,7 +2,7 @@
 
 This is the one module the controller imports from the agent side (an import-linter contract
 enforces it), so the two can never disagree about a topic or a field. It is shaped by three
-decisions of ARCHITECTURE.md:
+decisions of the architecture (docs/architecture.md):
 
 * **Broker-agnostic.** Everything a message needs (schema version, correlation id, expiry,
   sender identity, sequence number) lives in the JSON payload, so the protocol works on any
@@ -27,11 +27,11 @@ import re
 import time
 import uuid
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Final = 1
 """Version of every payload defined here. A receiver refuses versions it does not know."""
 
 TOPIC_ROOT = "fleet/v1"
@@ -41,6 +41,15 @@ CONTROLLER_SEGMENT = "_controller"
 MAX_PAYLOAD_BYTES = 256 * 1024
 """Largest payload either side accepts. Big enough for a rendered desired state of a shop
 (a few dozen Kubernetes objects); small enough that a runaway sender cannot exhaust memory."""
+
+ERROR_MAX_CHARS = 2000
+"""Longest ``error`` of a CommandResult or ReportedState; senders cut longer texts to this."""
+
+DETAIL_MAX_CHARS = 500
+"""Longest ``detail`` of a PipelineHealth; senders cut longer texts to this."""
+
+PipelineState = Literal["starting", "running", "backoff", "failed", "stopped"]
+"""Supervisor state of a local pipeline (``edge_agent.supervisor``), as heartbeats report it."""
 
 ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 """Shop and node ids: DNS-label shaped, so they are valid as MQTT topic levels, Kubernetes label
@@ -220,14 +229,14 @@ class PipelineHealth(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     kind: str = Field(max_length=32, description="'vision', 'hardware', ...")
-    state: Literal["starting", "running", "backoff", "failed", "stopped"]
+    state: PipelineState
     restarts: int = Field(0, ge=0)
     fps: float | None = Field(None, ge=0)
     latency_ms: float | None = Field(None, ge=0)
     dropped_frames: int | None = Field(None, ge=0)
     last_frame_age_s: float | None = Field(None, ge=0)
     errors: int = Field(0, ge=0, description="Errors since the pipeline started.")
-    detail: str = Field("", max_length=500)
+    detail: str = Field("", max_length=DETAIL_MAX_CHARS)
 
 
 class NodeFacts(BaseModel):
@@ -288,26 +297,42 @@ class Telemetry(Uplink):
     readings: tuple[Reading, ...] = Field(min_length=1, max_length=1000)
 
 
-class Event(Uplink):
-    """Something that happened in the shop: a pick, a door opening, a shopper entering..."""
+class EventFields(BaseModel):
+    """The payload of an :class:`Event`, without the envelope; what a pipeline says about one.
 
-    kind: Literal["event"] = "event"
+    Defined once: the wire message adds the envelope, and the ``process`` pipeline's stdout line
+    (``edge_agent.pipelines.process.EventLine``) adds its ``kind`` tag.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
     type: str = Field(max_length=64, description="'shelf_change', 'door_opened', 'person_entered', ...")
     source: str = Field("", max_length=128, description="Pipeline, camera or board that saw it.")
     at: float | None = Field(None, description="When it happened (node clock), if not ts.")
     data: dict[str, Any] = Field(default_factory=dict)
 
 
-class Alert(Uplink):
-    """A condition a node raised itself (fridge warm, camera dark); cleared by ``state='resolved'``."""
+class AlertFields(BaseModel):
+    """The payload of an :class:`Alert`, without the envelope (see :class:`EventFields`)."""
 
-    kind: Literal["alert"] = "alert"
+    model_config = ConfigDict(extra="forbid", frozen=True)
     name: str = Field(max_length=64)
     state: Literal["firing", "resolved"] = "firing"
     severity: Literal["info", "warning", "critical"] = "warning"
     source: str = Field("", max_length=128)
     message: str = Field("", max_length=1000)
     data: dict[str, Any] = Field(default_factory=dict)
+
+
+class Event(EventFields, Uplink):
+    """Something that happened in the shop: a pick, a door opening, a shopper entering..."""
+
+    kind: Literal["event"] = "event"
+
+
+class Alert(AlertFields, Uplink):
+    """A condition a node raised itself (fridge warm, camera dark); cleared by ``state='resolved'``."""
+
+    kind: Literal["alert"] = "alert"
 
 
 class CommandResult(Uplink):
@@ -317,7 +342,7 @@ class CommandResult(Uplink):
     correlation_id: str = Field(min_length=1, max_length=64)
     ok: bool
     result: dict[str, Any] = Field(default_factory=dict)
-    error: str = Field("", max_length=2000)
+    error: str = Field("", max_length=ERROR_MAX_CHARS)
 
 
 class ObjectStatus(BaseModel):
@@ -338,8 +363,10 @@ class ReportedState(Uplink):
     kind: Literal["reported_state"] = "reported_state"
     release: str | None = None
     revision: int = Field(ge=0, description="Revision of the desired state this report is about.")
-    status: Literal["applying", "applied", "failed", "refused"]
-    error: str = Field("", max_length=2000)
+    status: Literal["applying", "retrying", "applied", "failed", "refused"] = Field(
+        description="'retrying': the cluster API is unavailable (429, 5xx, timeouts); the agent keeps retrying, nothing failed."
+    )
+    error: str = Field("", max_length=ERROR_MAX_CHARS)
     objects: tuple[ObjectStatus, ...] = ()
 
 
@@ -423,7 +450,7 @@ def encode(msg: BaseModel) -> bytes:
     return data
 
 
-_UPLINK = TypeAdapter(UplinkMessage)
+_UPLINK: TypeAdapter[Heartbeat | Telemetry | Event | Alert | CommandResult | ReportedState] = TypeAdapter(UplinkMessage)
 _LEAF_KINDS: dict[str, tuple[str, ...]] = {
     Channel.TELEMETRY.value: ("heartbeat", "telemetry"),
     Channel.EVENTS.value: ("event", "alert"),
@@ -467,7 +494,7 @@ def parse_message(topic: str, payload: bytes) -> Presence | Heartbeat | Telemetr
     data = _load_json(payload)
     try:
         if info.leaf == Channel.PRESENCE.value:
-            msg: Any = Presence.model_validate(data)
+            msg: Presence | Heartbeat | Telemetry | Event | Alert | CommandResult | ReportedState = Presence.model_validate(data)
         else:
             msg = _UPLINK.validate_python(data)
     except ValidationError as exc:

@@ -11,8 +11,9 @@ The contract, kept deliberately small because vision and hardware adapters imple
   ``stop`` is set. Returning while ``stop`` is not set, or raising, is a failure.
   ``health()`` returns a dict with any of the keys of :data:`HEALTH_KEYS`, cheap to call from
   another thread at any time.
-* :class:`EventSink` takes events, alerts and readings; it never raises into the pipeline for a
-  bad value (the agent counts and drops it), so a pipeline's loop never dies of its own output.
+* :class:`EventSink` takes events, alerts, readings and gate metrics; it never raises into the
+  pipeline for a bad value (the agent counts and drops it), so a pipeline's loop never dies of
+  its own output.
 * A pipeline type is a module listed in ``edge_agent/pipelines/__init__.py`` with a ``Config``
   model (a subclass of :class:`PipelineConfigBase` with ``type: Literal[...]``) and
   ``build(config) -> Pipeline``.
@@ -29,11 +30,11 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, get_args, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from edge_agent.protocol import ID_PATTERN, PipelineHealth, Reading
+from edge_agent.protocol import DETAIL_MAX_CHARS, ID_PATTERN, PipelineHealth, PipelineState, Reading
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,14 @@ HEALTH_KEYS = ("fps", "latency_ms", "dropped_frames", "last_frame_age_s", "error
 """Keys a pipeline's ``health()`` may return. ``errors_by_reason`` (dict reason -> count, never
 decreasing) is exported as ``shopfleet_agent_pipeline_errors_total{pipeline,reason}``."""
 
-PipelineState = Literal["starting", "running", "backoff", "failed", "stopped"]
-PIPELINE_STATES: tuple[str, ...] = ("starting", "running", "backoff", "failed", "stopped")
+PIPELINE_STATES: tuple[str, ...] = get_args(PipelineState)
+"""Every supervisor state, in the order of :data:`edge_agent.protocol.PipelineState` (its one spelling)."""
+
+Worse = Literal["higher", "lower"]
+"""Which direction of a gate metric is worse; decides how a node's pipelines are combined."""
+
+GATE_METRIC_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
+"""Names of gate metrics: lower-case snake case, as rollout policies spell them."""
 
 
 @runtime_checkable
@@ -65,6 +72,16 @@ class EventSink(Protocol):
 
     def readings(self, readings: list[Reading]) -> None:
         """Hand over sampled values; the agent downsamples and batches them into telemetry."""
+
+    def gate_metric(self, name: str, value: float, worse: Worse = "higher") -> None:
+        """Report the current value of a figure rollout gates judge (``vision_fps``, ``cart_review_rate``).
+
+        The newest value per name is sent in every heartbeat's ``metrics`` until the pipeline
+        reports it again or leaves the ``running`` state. Where several pipelines of a node report
+        the same name, the heartbeat carries the worst value: the highest if ``worse`` is
+        ``"higher"`` (error rates), the lowest if ``"lower"`` (frame rates). ``name`` matches
+        :data:`GATE_METRIC_PATTERN` and ``value`` is finite, or the value is counted and dropped.
+        """
 
 
 @runtime_checkable
@@ -125,7 +142,7 @@ def next_restart(policy: PipelineConfigBase, failures: list[float], consecutive:
     return RestartDecision(give_up=False, delay_s=delay)
 
 
-def health_to_model(kind: str, state: str, restarts: int, raw: dict[str, Any]) -> PipelineHealth:
+def health_to_model(kind: str, state: PipelineState, restarts: int, raw: dict[str, Any]) -> PipelineHealth:
     """Turn a pipeline's raw health dict plus supervisor state into a PipelineHealth."""
     fields: dict[str, Any] = {}
     for key in ("fps", "latency_ms", "last_frame_age_s"):
@@ -138,8 +155,8 @@ def health_to_model(kind: str, state: str, restarts: int, raw: dict[str, Any]) -
             fields[key] = v
     detail = raw.get("detail")
     if detail:
-        fields["detail"] = str(detail)[:500]
-    return PipelineHealth(kind=str(kind)[:32], state=state, restarts=restarts, **fields)  # type: ignore[arg-type]
+        fields["detail"] = str(detail)[:DETAIL_MAX_CHARS]
+    return PipelineHealth(kind=str(kind)[:32], state=state, restarts=restarts, **fields)
 
 
 class PipelineRunner:
@@ -162,18 +179,18 @@ class PipelineRunner:
         self._on_restart = on_restart
         self._clock = clock
         self._stop = threading.Event()
-        self._state: str = "stopped"
+        self._state: PipelineState = "stopped"
         self.restarts = 0
         self.last_error = ""
         self._failures: deque[float] = deque(maxlen=max(policy.restart_budget + 1, 1))
         self._thread: threading.Thread | None = None
 
     @property
-    def state(self) -> str:
+    def state(self) -> PipelineState:
         """Return the supervisor's view: starting, running, backoff, failed or stopped."""
         return self._state
 
-    def _set_state(self, state: str) -> None:
+    def _set_state(self, state: PipelineState) -> None:
         self._state = state
         self._on_state(self.pipeline.name, state)
 

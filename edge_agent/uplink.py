@@ -29,11 +29,10 @@ from edge_agent.mqtt import (
     MqttLink,
     MqttSettings,
     OutMessage,
-    PermanentError,
-    TemporaryError,
 )
 from edge_agent.outbox import Outbox
 from edge_agent.protocol import Channel, Presence, Topics, encode
+from shopfleet.errors import PermanentError, TemporaryError
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +175,7 @@ class UplinkLoop:
                 self._wait(backoff_delay(0, self.reconnect_min_s, self.reconnect_max_s))
         finally:
             self._commit_acks()
+            self._link.close()  # the wake-up socket pair; a late wake() is then a no-op
 
     def _wait(self, delay: float) -> None:
         if self._drain_deadline is not None:

@@ -10,10 +10,10 @@ gaps and duplicates are in the registry and the API instead.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from edge_agent.protocol import REJECT_REASONS
@@ -28,7 +28,7 @@ class _PresenceCollector(Collector):
     def __init__(self, counts: Callable[[], dict[str, int]]) -> None:
         self._counts = counts
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         g = GaugeMetricFamily("shopfleet_controller_nodes", "Nodes in the registry by presence.", labels=["presence"])
         counts = self._counts()
         for state in PRESENCE_STATES:

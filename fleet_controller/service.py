@@ -9,20 +9,23 @@ Extension points (other parts of the controller plug in here, before ``start()``
 1. ``service.add_worker(name, coro_fn)``: a background task, supervised with a restart budget
    (the rollout executor and the alert evaluator run this way). ``coro_fn()`` is called with no
    arguments (use ``functools.partial`` to bind the service) and must run until cancelled.
-2. ``service.bus``: an in-process :class:`EventBus` of registry changes
-   (:class:`fleet_controller.registry.BusEvent`: ``presence``, ``event``, ``alert``,
+2. ``service.bus``: an in-process :class:`~fleet_controller.registry.bus.EventBus` of registry changes
+   (:class:`fleet_controller.registry.bus.BusEvent`: ``presence``, ``event``, ``alert``,
    ``node_added``, ``shop_added``, ``reported_state``, plus whatever workers publish, e.g.
    ``alert_changed``). ``async with service.bus.subscribe({"presence"}) as sub: async for ev in
    sub: ...`` is what the dashboard's server-sent events do.
 3. ``service.mqtt.publish(topic, payload, retain=..., qos=...)``: awaitable publish that returns
    once the broker acknowledged it (the rollout executor publishes signed desired state with it).
 4. ``service.add_router(router)`` and ``service.add_dependency(Depends(...))``: included in the
-   app :func:`fleet_controller.app.create_app` builds; a dependency guards every route
+   app :func:`fleet_controller.web.app.create_app` builds; a dependency guards every route
    (authentication). ``service.app_state`` entries become ``app.state`` attributes.
 
 All registry writes go through one writer (``service.writer``, a child process by default, see
-:class:`fleet_controller.intake.RegistryWriter`), so the intake's batches, the sweeper and
-retention never race; ``service.registry`` in this process serves reads (API, dashboard).
+:class:`fleet_controller.intake.core.RegistryWriter`), so the intake's batches, the sweeper and
+retention never race, and so does shop registration (``service.writer.register_shop``);
+``service.reader`` (:class:`fleet_controller.registry.read.RegistryReader`) serves typed reads in
+this process (API, dashboard, alerts, rollouts). Plug-ins see the service as a
+:class:`fleet_controller.host.ControllerHost`.
 Workers that write their own tables use their own sessions.
 """
 
@@ -35,24 +38,25 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import uvicorn
-from fastapi import APIRouter
+from fastapi import APIRouter, FastAPI
 from fastapi.params import Depends
 from prometheus_client import CollectorRegistry
 
 from edge_agent.protocol import ClockBeacon, ControllerPresence, Topics, encode
-from fleet_controller import migrations
-from fleet_controller.app import create_app
-from fleet_controller.db import create_engine
-from fleet_controller.intake import Intake, RegistryWriter
+from fleet_controller.intake.core import Intake, RegistryWriter
+from fleet_controller.intake.mqtt import InboundMessage, MqttAdapter, MqttConfig, Will
 from fleet_controller.metrics import ControllerMetrics
-from fleet_controller.mqtt import MqttAdapter, MqttConfig, Will
-from fleet_controller.registry import BusEvent, Registry
+from fleet_controller.registry import migrations
+from fleet_controller.registry.bus import BusEvent, EventBus
+from fleet_controller.registry.db import create_engine
+from fleet_controller.registry.read import RegistryReader
 from fleet_controller.settings import ControllerSettings
+from fleet_controller.web.app import create_app
 
 log = logging.getLogger(__name__)
 
@@ -60,74 +64,6 @@ WORKER_RESTART_BUDGET = 5
 """Crashes a worker may have within WORKER_RESTART_WINDOW_S before it is given up (health turns
 degraded). Higher keeps a flaky worker alive longer; lower surfaces a broken one sooner."""
 WORKER_RESTART_WINDOW_S = 300.0
-
-
-# --------------------------------------------------------------------------------------------
-# Event bus
-# --------------------------------------------------------------------------------------------
-
-
-class Subscription:
-    """One subscriber's bounded queue of bus events; iterate it with ``async for``."""
-
-    def __init__(self, bus: EventBus, topics: frozenset[str] | None, maxsize: int) -> None:
-        self._bus = bus
-        self.topics = topics
-        self.queue: asyncio.Queue[BusEvent] = asyncio.Queue(maxsize)
-        self.dropped = 0
-
-    def wants(self, event: BusEvent) -> bool:
-        """Return whether this subscriber asked for the event's topic."""
-        return self.topics is None or event.topic in self.topics
-
-    async def get(self) -> BusEvent:
-        """Return the next event, waiting for one."""
-        return await self.queue.get()
-
-    def __aiter__(self) -> Subscription:
-        return self
-
-    async def __anext__(self) -> BusEvent:
-        return await self.queue.get()
-
-    def close(self) -> None:
-        """Stop receiving events."""
-        self._bus._subs.discard(self)
-
-
-class EventBus:
-    """In-process async pub/sub of registry changes; a slow subscriber loses events, never blocks the intake."""
-
-    def __init__(self, metrics: ControllerMetrics | None = None) -> None:
-        self._subs: set[Subscription] = set()
-        self._metrics = metrics
-
-    def publish(self, event: BusEvent) -> None:
-        """Deliver ``event`` to every interested subscriber (call on the event loop's thread)."""
-        for sub in list(self._subs):
-            if not sub.wants(event):
-                continue
-            try:
-                sub.queue.put_nowait(event)
-            except asyncio.QueueFull:
-                sub.dropped += 1
-                if self._metrics is not None:
-                    self._metrics.bus_dropped.inc()
-
-    def publish_many(self, events: Iterable[BusEvent]) -> None:
-        """Publish each of ``events`` in order."""
-        for e in events:
-            self.publish(e)
-
-    @contextlib.asynccontextmanager
-    async def subscribe(self, topics: Iterable[str] | None = None, maxsize: int = 1000) -> AsyncIterator[Subscription]:
-        """Subscribe to ``topics`` (all when None) for the duration of the ``async with`` block."""
-        sub = Subscription(self, frozenset(topics) if topics is not None else None, maxsize)
-        self._subs.add(sub)
-        try:
-            yield sub
-        finally:
-            sub.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,7 +75,7 @@ class EventBus:
 class _Worker:
     name: str
     coro_fn: Callable[[], Awaitable[None]]
-    task: asyncio.Task | None = None
+    task: asyncio.Task[None] | None = None
     state: str = "pending"  # pending, running, backoff, failed, stopped
     crashes: list[float] = field(default_factory=list)
 
@@ -148,7 +84,7 @@ class _QuietServer(uvicorn.Server):
     """uvicorn without its own signal handling: the service decides when to stop."""
 
     @contextlib.contextmanager
-    def capture_signals(self):  # type: ignore[override]
+    def capture_signals(self) -> Iterator[None]:
         yield
 
 
@@ -160,6 +96,7 @@ def mqtt_config(settings: ControllerSettings) -> MqttConfig:
         host=b.host, port=b.port, client_id=b.client_id, subscriptions=tuple(Topics.controller_subscriptions),
         username=b.username, password=b.password, keepalive_s=b.keepalive_s, protocol=b.protocol,
         shared_group=b.shared_group, tls=b.tls, tls_ca_file=str(b.tls_ca_file) if b.tls_ca_file else None,
+        tls_cert_file=str(b.tls_cert_file) if b.tls_cert_file else None, tls_key_file=str(b.tls_key_file) if b.tls_key_file else None,
         will=Will(Topics.controller_presence, encode(will), qos=1, retain=True),
     )
 
@@ -177,11 +114,11 @@ class ControllerService:
         self.settings = settings
         self.metrics_registry = metrics_registry or CollectorRegistry()
         self.metrics = ControllerMetrics(self.metrics_registry)
-        self.bus = EventBus(self.metrics)
+        self.bus = EventBus(on_drop=self.metrics.bus_dropped.inc)
         if settings.db_url is None:
             settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.engine = create_engine(settings.database_url())
-        self.registry = Registry(self.engine)
+        self.reader = RegistryReader(self.engine)
         self.writer = RegistryWriter(settings.database_url(), mode=settings.intake.writer, log_every_s=settings.intake.log_every_s)
         self.intake = Intake(self.writer, self.metrics, settings.intake, ack=self._ack, on_events=self._publish_events)
         self.mqtt = MqttAdapter(
@@ -192,13 +129,13 @@ class ControllerService:
         self._routers: list[APIRouter] = []
         self._dependencies: list[Depends] = []
         self._workers: dict[str, _Worker] = {}
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: list[asyncio.Task[Any]] = []
         self._server: uvicorn.Server | None = None
-        self._server_task: asyncio.Task | None = None
+        self._server_task: asyncio.Task[None] | None = None
         self._sock: socket.socket | None = None
         self._connections = 0
         self._started = False
-        self.app = None
+        self.app: FastAPI | None = None
 
     # ----- extension points ----------------------------------------------------------------------
 
@@ -232,7 +169,8 @@ class ControllerService:
         """Return the port the API listens on (the real one when the settings said 0)."""
         if self._sock is None:
             raise RuntimeError("the API is not listening yet: await start() first")
-        return self._sock.getsockname()[1]
+        port: int = self._sock.getsockname()[1]
+        return port
 
     @property
     def api_url(self) -> str:
@@ -240,7 +178,7 @@ class ControllerService:
         return f"http://{self.settings.api.host}:{self.api_port}"
 
     async def start(self, *, connect_timeout: float | None = None) -> None:
-        """Migrate the database, start the API, connect to the broker, start every task; raise ``MqttConnectError`` if the broker stays unreachable."""
+        """Migrate the database, start the API, connect to the broker, start every task; raise ``ConnectRefused``/``ConnectFailed`` if the broker refuses or stays unreachable."""
         if self._migrate:
             await asyncio.to_thread(migrations.upgrade, self.engine)
         else:
@@ -253,9 +191,9 @@ class ControllerService:
         # Start the writer (a child process takes a second or two to import) before messages arrive.
         writer_pid = await self.writer.call("ping")
         log.info("registry writer running (%s, pid %s)", self.writer.mode, writer_pid)
-        self.metrics.watch_presence(self.registry.presence_counts)
-        self.app = create_app(
-            self.registry, self.metrics_registry, routers=self._routers, dependencies=self._dependencies,
+        self.metrics.watch_presence(self.reader.presence_counts)
+        self.app = app = create_app(
+            self.reader, self.metrics_registry, writer=self.writer, routers=self._routers, dependencies=self._dependencies,
             health=self.health, state=self.app_state,
         )
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -263,7 +201,7 @@ class ControllerService:
         self._sock.bind((self.settings.api.host, self.settings.api.port))
         self._sock.listen(128)
         self._sock.setblocking(False)
-        self._server = _QuietServer(uvicorn.Config(self.app, log_level="warning", lifespan="off", access_log=False))
+        self._server = _QuietServer(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False))
         self._server_task = asyncio.create_task(self._server.serve(sockets=[self._sock]), name="api")
         self._started = True
         self._tasks += [
@@ -304,7 +242,8 @@ class ControllerService:
         self._tasks.clear()
         if self._server is not None:
             self._server.should_exit = True
-            await asyncio.gather(self._server_task, return_exceptions=True)
+            if self._server_task is not None:
+                await asyncio.gather(self._server_task, return_exceptions=True)
         if self._sock is not None:
             self._sock.close()
         await asyncio.to_thread(self.writer.close)
@@ -326,7 +265,7 @@ class ControllerService:
 
     # ----- internals ---------------------------------------------------------------------------
 
-    def _ack(self, message) -> None:
+    def _ack(self, message: InboundMessage) -> None:
         self.mqtt.ack(message)
 
     def _publish_events(self, events: Iterable[BusEvent]) -> None:
@@ -400,21 +339,22 @@ def build_service(
 ) -> ControllerService:
     """Return the whole controller: the core service plus logins and dashboard, alerts, releases and rollouts.
 
-    This is the one place the parts are put together (``shopfleet controller`` and the demo both
+    This is the one composition root: the one place the parts are put together (``shopfleet controller`` and the demo both
     use it); each part plugs in through the extension points above. Raises ``ValueError``
     subclasses naming the file and the fix for a bad alert-rules file or signing key.
     """
-    from fleet_controller import rollout
+    from fleet_controller import alerts, rollout
     from fleet_controller.alerts.rules import load_rules
-    from fleet_controller.dashboard.setup import attach
-    from fleet_controller.signing import load_private_key
+    from fleet_controller.rollout.signing import load_private_key
+    from fleet_controller.web.dashboard.setup import attach
 
     rules = load_rules(settings.alert_rules)
     if settings.rollout is not None:
         load_private_key(settings.rollout.signing_key)  # refuse a missing or bad key now, not at the first rollout
     service = ControllerService(settings, migrate=migrate)
     attach(service, rules, open_metrics=settings.dashboard.public_metrics, secure_cookies=settings.dashboard.secure_cookies,
-           announce=announce, dashboard_url=settings.dashboard.url)
+           announce=announce)
+    alerts.install(service, rules, dashboard_url=settings.dashboard.url)
     rollout.install(service, settings.rollout)
     return service
 

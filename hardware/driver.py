@@ -15,7 +15,7 @@ Shaped by what goes wrong with USB serial boards in a shop:
 :class:`BoardConnection` is one open port used from one thread; :class:`Driver` is the loop
 that owns connections, reconnects and feeds :class:`~hardware.events.BoardProcessor`. Its
 output goes to a callback, so the CLI prints JSON lines and the edge agent's pipeline forwards
-to its outbox with the same code. Metrics live on a registry passed in (STYLE.md 9).
+to its outbox with the same code. Metrics live on a registry passed in (so tests pass a private one).
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ from hardware.frames import (
 )
 from hardware.planogram import Planogram
 from hardware.stability import StabilitySettings
+from shopfleet.errors import PermanentError, ShopfleetError, TemporaryError
 
 log = logging.getLogger(__name__)
 
@@ -69,24 +70,34 @@ DRIVER_REJECT_REASONS = ("no_hello", "channel_mismatch", "unexpected_type")
 _KIND_NAME = {ChannelKind.LOAD_CELL: "load_cell", ChannelKind.DOOR: "door", ChannelKind.TEMPERATURE: "temperature"}
 
 
-class BoardError(Exception):
-    """Base of driver errors."""
+class BoardError(ShopfleetError):
+    """Base of driver errors; retry semantics come from the shared classes in :mod:`shopfleet.errors`."""
+
+    default_reason = "board"
 
 
-class TemporaryBoardError(BoardError):
+class TemporaryBoardError(BoardError, TemporaryError):
     """Retry after a delay: the port vanished, the board did not answer in time."""
+
+    default_reason = "io"
 
 
 class PortNotFound(TemporaryBoardError):
     """No port matches the configured path or USB ids (the board is unplugged)."""
 
+    default_reason = "port_not_found"
+
 
 class SensorTimeout(TemporaryBoardError):
     """The board did not send HELLO or an ACK in time."""
 
+    default_reason = "timeout"
 
-class CommandRejected(BoardError):
+
+class CommandRejected(BoardError, PermanentError):
     """The board answered a command with an error status; do not retry unchanged."""
+
+    default_reason = "rejected"
 
     def __init__(self, cmd: Command, ack: Ack) -> None:
         super().__init__(f"board rejected {cmd.type.name} on channel {cmd.channel}: {ack.status.name}")

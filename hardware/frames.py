@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 
+from shopfleet.errors import ShopfleetError
+
 PROTOCOL_VERSION = 1
 """Highest payload version this host understands; boards send the version they speak."""
 
@@ -43,12 +45,15 @@ REJECT_REASONS = (
 )
 
 
-class FrameError(ValueError):
-    """Bytes that are not a valid frame; ``reason`` is one of :data:`REJECT_REASONS`."""
+class FrameError(ShopfleetError, ValueError):
+    """Bytes that are not a valid frame; ``reason`` is one of :data:`REJECT_REASONS`.
+
+    Neither temporary nor permanent: the frame is dropped and counted, and reading goes on.
+    It stays a ``ValueError`` because it is a parse failure of untrusted input.
+    """
 
     def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
+        super().__init__(f"{reason}: {detail}", reason=reason)
         self.detail = detail
 
 

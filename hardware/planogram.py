@@ -16,9 +16,13 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from shopfleet.errors import PermanentError
 
-class PlanogramError(ValueError):
+
+class PlanogramError(PermanentError, ValueError):
     """A planogram file that cannot be used; the message names the file, the key and the fix."""
+
+    default_reason = "planogram_invalid"
 
 
 class Slot(BaseModel):

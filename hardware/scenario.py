@@ -20,12 +20,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from hardware.simulator import SimulatedBoard
+from shopfleet.errors import PermanentError
 
 log = logging.getLogger(__name__)
 
 
-class ScenarioError(ValueError):
+class ScenarioError(PermanentError, ValueError):
     """A scenario file that cannot be used; the message names the file, the key and the fix."""
+
+    default_reason = "scenario_invalid"
 
 
 class ChannelSpec(BaseModel):

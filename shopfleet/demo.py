@@ -11,9 +11,12 @@ has hardware this machine lacks:
   hardware pipeline (serial protocol, driver, stability detector, shelf events), when
   ``hardware`` provides it;
 * on each GPU box, a simulated camera (shoppers entering and leaving; occupancy) whose health
-  follows the release the shop runs, and the real desired-state handler (signature check,
-  replay protection, diff, apply) on a simulated cluster, so rollouts can be shown: a good release
-  rolls through every shop; a deliberately bad one fails its canary and is rolled back.
+  follows the release the shop runs, and the agent's real apply plug-in (signature check,
+  replay protection, diff, apply) on a simulated cluster passed in through its ``client`` seam,
+  so rollouts can be shown: a good release rolls through every shop; the bad one (its vision
+  image is the one the simulated clusters are told is degraded) fails its canary and is rolled back.
+
+The simulated parts live in :mod:`shopfleet.sim`; nothing in the production packages knows them.
 
 It prints progress, the dashboard address and demo logins, and with ``--duration`` a one-line
 JSON summary as its last line; it exits 0 only if every simulated node was seen online.
@@ -26,17 +29,15 @@ import asyncio
 import contextlib
 import json
 import logging
-import random
 import shutil
 import signal
 import socket
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 log = logging.getLogger("shopfleet.demo")
 
@@ -59,10 +60,12 @@ GOOD_IMAGES = {
     "hardware": "ghcr.io/shopfleet/hardware@sha256:" + "c3" * 32,
 }
 BAD_IMAGES = {**GOOD_IMAGES, "vision": "ghcr.io/shopfleet/vision@sha256:" + "d4" * 32}
+FAULTS: dict[str, Literal["degraded", "crash"]] = {BAD_IMAGES["vision"]: "degraded"}
+"""What the demo's simulated clusters treat as a bad release: its vision image runs degraded."""
 GOOD_RELEASE, BAD_RELEASE = "2026.11.1", "2026.11.2-bad"
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``demo`` subcommand."""
     p = sub.add_parser(
         "demo",
@@ -105,63 +108,6 @@ def _port_free(port: int) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# A simulated camera on a GPU box
-# --------------------------------------------------------------------------------------------
-
-
-class SimulatedCamera:
-    """A door camera that sees shoppers come and go; health follows the release applied.
-
-    Shoppers arrive as a Poisson process and stay a random while, so occupancy (and with it the
-    rollout's "no open shopper session" window) behaves like a quiet shop.
-    """
-
-    kind = "vision"
-
-    def __init__(self, name: str, applier: Any, agent: Any, seed: int, mean_gap_s: float = 25.0) -> None:
-        self.name = name
-        self.applier = applier
-        self.agent = agent
-        self.rng = random.Random(seed)
-        self.mean_gap_s = mean_gap_s
-        self.inside: dict[int, float] = {}  # track id -> leaves at
-        self.next_id = 1
-        self._last_frame = time.time()
-
-    def health(self) -> dict[str, Any]:
-        pipelines, _ = self.applier.health()
-        mine = next(iter(pipelines.values()), None) if pipelines else None
-        out: dict[str, Any] = {"last_frame_age_s": max(time.time() - self._last_frame, 0.0)}
-        if mine is not None:
-            out.update(fps=mine.fps, latency_ms=mine.latency_ms, errors=mine.errors, dropped_frames=mine.dropped_frames or 0)
-        else:
-            out.update(fps=0.0, detail="no release applied yet")
-        return out
-
-    def run(self, stop: threading.Event, sink: Any) -> None:
-        from edge_agent.protocol import Reading
-
-        next_arrival = time.time() + self.rng.expovariate(1 / self.mean_gap_s)
-        while not stop.wait(0.5):
-            now = time.time()
-            self._last_frame = now
-            _, metrics = self.applier.health()
-            self.agent.gate_metrics = dict(metrics)
-            self.agent.release = self.applier.release()
-            if now >= next_arrival:
-                tid = self.next_id
-                self.next_id += 1
-                self.inside[tid] = now + self.rng.uniform(8, 30)
-                sink.event("person_entered", self.name, {"track_id": tid, "zone": "door", "direction": "in"})
-                next_arrival = now + self.rng.expovariate(1 / self.mean_gap_s)
-            for tid, leaves in list(self.inside.items()):
-                if now >= leaves:
-                    del self.inside[tid]
-                    sink.event("person_exited", self.name, {"track_id": tid, "zone": "door", "direction": "out"})
-            sink.readings([Reading(name="occupancy", value=float(len(self.inside)), source=self.name)])
-
-
-# --------------------------------------------------------------------------------------------
 # The fleet
 # --------------------------------------------------------------------------------------------
 
@@ -171,65 +117,6 @@ class DemoShop:
     shop: str
     agents: list[Any] = field(default_factory=list)
     boards: list[Any] = field(default_factory=list)
-
-
-def _apply_handler(shop: str, agent: Any, applier: Any, verifier: Any, state_dir: Path) -> Any:
-    """Return the desired-state callback of a shop's GPU box: verify, apply (simulated), report."""
-    from prometheus_client import CollectorRegistry
-
-    from edge_agent.apply.handler import ApplyMetrics, DesiredStateHandler
-    from edge_agent.apply.verify import RevisionStore
-    from edge_agent.protocol import ReportedState
-
-    def report(r: Any) -> None:
-        agent.send(ReportedState, release=r.release, revision=r.revision, status=r.status, error=r.error[:2000], objects=r.objects)
-
-    handler = DesiredStateHandler(shop, verifier, RevisionStore(state_dir / f"{shop}-applied.json"), applier, report,
-                                  metrics=ApplyMetrics(CollectorRegistry()), ready_timeout_s=5.0, poll_interval_s=0.1)
-    return handler.handle
-
-
-PLANOGRAM = """slots:
-  - {board: shelf-1, channel: 0, slot: A1, product: cola-330, unit_weight_g: 345, unit_weight_sd_g: 3}
-  - {board: shelf-1, channel: 1, slot: A2, product: choc-50, unit_weight_g: 50, unit_weight_sd_g: 1}
-"""
-
-
-class ShelfBoard:
-    """A simulated sensor board on a real pseudo-terminal, playing the built-in shelf scenario."""
-
-    def __init__(self, shop: str, workdir: Path, seed: int) -> None:
-        from hardware.scenario import build_boards, default_scenario
-
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.scenario = default_scenario(1)
-        self.board = build_boards(self.scenario, link_dir=workdir, seed=seed)["shelf-1"]
-        self.link = workdir / "shelf-1"
-        self.planogram = workdir / "planogram.yaml"
-        self.planogram.write_text(PLANOGRAM)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.shop = shop
-
-    def pipeline_config(self, heartbeat_s: float) -> dict[str, Any]:
-        """Return the agent's ``type: hardware`` pipeline entry that reads this board."""
-        return {"type": "hardware", "name": "shelf-board", "planogram": str(self.planogram),
-                "telemetry_interval_s": max(heartbeat_s, 1.0), "telemetry_reduce": "last",
-                "serial": {"port": str(self.link), "hello_timeout_s": 10}}
-
-    def start(self) -> None:
-        from hardware.scenario import play
-
-        self.board.start()
-        self._thread = threading.Thread(target=play, args=(self.scenario, {"shelf-1": self.board}, self._stop),
-                                        name=f"shelf-scenario-{self.shop}", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5)
-        self.board.stop()
 
 
 # Hand-drawn for vtest.avi (768x576): people arriving from the road cross x=650 right to left.
@@ -257,13 +144,16 @@ def real_camera_pipeline(data_dir: Path) -> dict[str, Any]:
             "threads": 1, "live": True, "occupancy_interval_s": 2.0, "telemetry_interval_s": 2.0, "telemetry_reduce": "last"}
 
 
-def build_shops(n: int, broker_port: int, data_dir: Path, heartbeat_s: float, verifier: Any,
+def build_shops(n: int, broker_port: int, data_dir: Path, heartbeat_s: float, public_key: Path,
                 camera: dict[str, Any] | None = None) -> list[DemoShop]:
     """Create the agents (not started) of ``n`` shops."""
     from edge_agent.agent import Agent
-    from edge_agent.apply.simulated import SimulatedApplier
+    from edge_agent.apply.plugin import attach
     from edge_agent.config import validate_config
     from edge_agent.supervisor import PipelineConfigBase
+    from shopfleet.sim.camera import SimulatedCamera
+    from shopfleet.sim.cluster import SimulatedCluster
+    from shopfleet.sim.shelf import ShelfBoard
 
     shops = []
     for i in range(1, n + 1):
@@ -283,16 +173,18 @@ def build_shops(n: int, broker_port: int, data_dir: Path, heartbeat_s: float, ve
                 "outbox": {"path": str(data_dir / "outbox" / f"{shop.shop}-{node}.db")},
                 "facts_override": {**facts, "hostname": f"{shop.shop}-{node}"},
                 "pipelines": pipelines,
+                # the GPU box applies the shop's desired state, to the simulated cluster below
+                "apply": {"enabled": True, "public_keys": [str(public_key)], "state_path": str(data_dir / f"{shop.shop}-applied.json"),
+                          "ready_timeout_s": 5.0, "poll_interval_s": 0.1} if node == "gpu-1" else {},
             }, source=f"demo config of {shop.shop}/{node}")
             if node != "gpu-1":
                 shop.agents.append(Agent(config))
                 continue
-            applier = SimulatedApplier(nodes=3, cameras=2, seed=i)
-            cam = SimulatedCamera("door-cam", applier, None, seed=i)
+            cluster = SimulatedCluster(nodes=3, cameras=2, seed=i, faults=FAULTS)
+            cam = SimulatedCamera("door-cam", cluster, seed=i)
             cam_policy = PipelineConfigBase(name="door-cam", telemetry_interval_s=max(heartbeat_s, 1.0), telemetry_reduce="max")
             agent = Agent(config, extra_pipelines=[(cam, cam_policy)])
-            cam.agent = agent
-            agent.register_desired_state_handler(_apply_handler(shop.shop, agent, applier, verifier, data_dir))
+            attach(agent, config.apply, client=cluster)
             shop.agents.append(agent)
         shops.append(shop)
     return shops
@@ -330,12 +222,11 @@ class RolloutShow:
         self.results: dict[str, str] = {}
 
     def create_releases(self) -> None:
-        from fleet_controller.releases import ReleaseSpec, ReleaseStore
+        from fleet_controller.rollout.releases import ReleaseSpec, ReleaseStore
 
         store = ReleaseStore(self.engine)
         store.create(ReleaseSpec(name=GOOD_RELEASE, version="2026.11.1", images=GOOD_IMAGES))
-        store.create(ReleaseSpec(name=BAD_RELEASE, version="2026.11.2", images=BAD_IMAGES,
-                                 labels={"simulate": "degraded"}))
+        store.create(ReleaseSpec(name=BAD_RELEASE, version="2026.11.2", images=BAD_IMAGES))
 
     def step(self) -> None:
         """Advance: start the next rollout when the previous one ended; record outcomes."""
@@ -387,14 +278,12 @@ def _say(started: float, text: str) -> None:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    import sqlalchemy as sa
 
-    from edge_agent.apply.verify import Verifier, load_public_key
-    from fleet_controller.accounts.store import ensure_demo_users
+    from fleet_controller.rollout.signing import generate_keypair
     from fleet_controller.service import build_service
     from fleet_controller.settings import ControllerSettings
-    from fleet_controller.signing import generate_keypair
     from shopfleet.broker import BrokerProcess
+    from shopfleet.sim.users import create_demo_users
 
     started = time.monotonic()
     own_dir = args.data_dir is None
@@ -428,21 +317,20 @@ async def _run(args: argparse.Namespace) -> int:
         service = build_service(settings, announce=lambda line: None)
         await service.start()
         _say(started, f"controller: API and dashboard at {service.api_url}  (OpenAPI docs at {service.api_url}/docs)")
-        users = await asyncio.to_thread(ensure_demo_users, service.engine)
+        users = await asyncio.to_thread(create_demo_users, service.engine)
         _say(started, "demo logins: " + ", ".join(f"{u} / {p}" for u, p in users.items()))
 
         shop_ids = [f"demo-{i:02d}" for i in range(1, args.shops + 1)]
         for i, shop in enumerate(shop_ids):
-            service.registry.register_shop(
+            await service.writer.register_shop(
                 shop, name=f"Demo shop {i + 1}", region=REGIONS[i % len(REGIONS)],
                 labels={"tier": "canary" if i == 0 else "standard"}, timezone="Europe/Paris",
             )
-        verifier = Verifier([load_public_key(key.with_suffix(".pub").read_bytes(), str(key.with_suffix(".pub")))])
         camera = None
         if args.camera:
             _say(started, "camera: preparing YOLOv4-tiny and vtest.avi (the first time converts the model, ~1 min)")
             camera = await asyncio.to_thread(real_camera_pipeline, data_dir)
-        shops = await asyncio.to_thread(build_shops, args.shops, broker.port, data_dir, args.heartbeat, verifier, camera)
+        shops = await asyncio.to_thread(build_shops, args.shops, broker.port, data_dir, args.heartbeat, key.with_suffix(".pub"), camera)
         for s in shops:
             for b in s.boards:
                 await asyncio.to_thread(b.start)
@@ -457,12 +345,11 @@ async def _run(args: argparse.Namespace) -> int:
         while not stop.is_set():
             if deadline is not None and time.monotonic() >= deadline:
                 break
-            with service.engine.connect() as conn:
-                rows = conn.execute(sa.text("select shop_id, node_id, presence from nodes")).all()
-            for shop_id, node_id, presence in rows:
-                if presence == "online":
-                    seen_online.add((shop_id, node_id))
-            online = sum(1 for r in rows if r.presence == "online")
+            nodes = await asyncio.to_thread(service.reader.node_states)
+            for n in nodes:
+                if n.presence == "online":
+                    seen_online.add((n.shop, n.node))
+            online = sum(1 for n in nodes if n.presence == "online")
             if show is not None:
                 try:
                     if show.phase == "waiting for the fleet" and online == summary["nodes"]:
@@ -500,35 +387,23 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 def _ingested(service: Any) -> int:
-    import sqlalchemy as sa
-
-    with service.engine.connect() as conn:
-        return int(conn.execute(sa.text("select coalesce(sum(messages_total), 0) from nodes")).scalar() or 0)
+    return service.reader.totals().messages
 
 
 def _cameras(service: Any) -> dict[str, Any]:
     """Return the latest reported health of every camera pipeline, by ``shop/node/pipeline``."""
-    import sqlalchemy as sa
-
-    from fleet_controller.models import Node
-
     out: dict[str, Any] = {}
-    with service.engine.connect() as conn:
-        for shop, node, pipelines in conn.execute(sa.select(Node.shop_id, Node.node_id, Node.pipelines)):
-            for name, health in (pipelines or {}).items():
-                if health.get("kind") == "vision":
-                    out[f"{shop}/{node}/{name}"] = {"state": health.get("state"), "fps": health.get("fps")}
+    for n in service.reader.node_states():
+        for name, health in n.pipelines.items():
+            if health.get("kind") == "vision":
+                out[f"{n.shop}/{n.node}/{name}"] = {"state": health.get("state"), "fps": health.get("fps")}
     return out
 
 
 def _summary(service: Any, seen_online: set[tuple[str, str]], show: RolloutShow | None) -> dict[str, Any]:
-    import sqlalchemy as sa
-
-    with service.engine.connect() as conn:
-        online = conn.execute(sa.text("select count(*) from nodes where presence = 'online'")).scalar()
-        events = conn.execute(sa.text("select count(*) from events where kind = 'event'")).scalar()
-        dups = conn.execute(sa.text("select coalesce(sum(duplicates_total), 0), coalesce(sum(missing_total), 0) from nodes")).one()
-        by_type = dict(conn.execute(sa.text("select type, count(*) from events where kind = 'event' group by type")).all())
+    online = service.reader.presence_counts()["online"]
+    totals = service.reader.totals()
+    by_type = service.reader.event_counts("event")
     rejected = sum(
         s.value for m in service.metrics_registry.collect() if m.name == "shopfleet_controller_rejected"
         for s in m.samples if s.name.endswith("_total")
@@ -538,9 +413,9 @@ def _summary(service: Any, seen_online: set[tuple[str, str]], show: RolloutShow 
         "nodes_seen_online": len(seen_online),
         "messages_ingested": _ingested(service),
         "messages_rejected": int(rejected),
-        "duplicates": int(dups[0]),
-        "missing": int(dups[1]),
-        "events": int(events or 0),
+        "duplicates": totals.duplicates,
+        "missing": totals.missing,
+        "events": sum(by_type.values()),
         "events_by_type": {k: int(v) for k, v in sorted(by_type.items())},
         "cameras": _cameras(service),
         "rollouts": dict(show.results) if show is not None else {},

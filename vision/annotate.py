@@ -38,7 +38,7 @@ class Annotator:
         self.frames_written = 0
 
     def _open(self, frame: Frame, fps: float) -> cv2.VideoWriter:
-        fourcc = cv2.VideoWriter_fourcc(*("mp4v" if self.path.suffix.lower() == ".mp4" else "MJPG"))
+        fourcc = cv2.VideoWriter.fourcc(*("mp4v" if self.path.suffix.lower() == ".mp4" else "MJPG"))
         self.path.parent.mkdir(parents=True, exist_ok=True)
         w = cv2.VideoWriter(str(self.path), fourcc, fps if fps > 0 else 10.0, (frame.width, frame.height))
         if not w.isOpened():

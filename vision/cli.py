@@ -15,8 +15,12 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vision.errors import VisionError
+
+if TYPE_CHECKING:  # the CLI imports the heavy modules lazily, inside each command
+    from vision.types import ShopEvent
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +84,7 @@ def _run(args: argparse.Namespace) -> int:
         events_file = open(args.events_out, "w") if args.events_out else None  # noqa: SIM115 - closed in finally
         last = [time.monotonic()]
 
-        def on_events(evs: list) -> None:
+        def on_events(evs: list[ShopEvent]) -> None:
             for e in evs:
                 line = json.dumps(e.to_dict())
                 if events_file:
@@ -150,7 +154,7 @@ class _Help(argparse.HelpFormatter):
         return text
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``vision`` command and its subcommands."""
     fmt = _Help
     p = subparsers.add_parser("vision", help="camera pipeline: models, running a camera, tracker evaluation", description="Turn camera frames into shop events: fetch/convert/quantize the detector model, run a camera through detect -> track -> zones, and measure the tracker. See docs/vision.md.")

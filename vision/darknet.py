@@ -16,6 +16,7 @@ Choices that matter for correctness (they mirror darknet's own code):
 
 from __future__ import annotations
 
+import builtins
 import re
 from dataclasses import dataclass, field
 
@@ -50,7 +51,7 @@ class Section:
         except ValueError:
             raise ConversionError("cfg-bad-value", f"cfg line {self.line}: [{self.type}] {key}={raw!r} is not an integer") from None
 
-    def ints(self, key: str) -> list[int]:
+    def ints(self, key: str) -> list[builtins.int]:
         """Return a comma-separated integer option as a list."""
         raw = self.options.get(key, "")
         try:
@@ -195,8 +196,8 @@ def build_onnx(cfg_text: str, weights: bytes, *, opset: int = 13) -> tuple[onnx.
             cur = _Tensor(name, prev.channels, (prev.height + total - size) // stride + 1, (prev.width + total - size) // stride + 1)
         elif sec.type == "upsample":
             stride = sec.int("stride", 2)
-            scales = const(f"{name}.scales", np.array([1, 1, stride, stride], dtype=np.float32))
-            nodes.append(helper.make_node("Resize", [prev.name, "", scales], [name], mode="nearest", name=name))
+            scales_name = const(f"{name}.scales", np.array([1, 1, stride, stride], dtype=np.float32))
+            nodes.append(helper.make_node("Resize", [prev.name, "", scales_name], [name], mode="nearest", name=name))
             cur = _Tensor(name, prev.channels, prev.height * stride, prev.width * stride)
         elif sec.type == "route":
             refs = [r if r >= 0 else idx + r for r in sec.ints("layers")]

@@ -107,7 +107,8 @@ def unletterbox(xyxy: np.ndarray, lb: Letterbox, width: int, height: int) -> np.
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
+    out: np.ndarray = 1.0 / (1.0 + np.exp(-x))
+    return out
 
 
 @dataclass(frozen=True)
@@ -224,7 +225,8 @@ class OnnxDetector:
 
     def infer(self, batch: np.ndarray) -> list[np.ndarray]:
         """Run the network on a prepared batch and return its raw head outputs."""
-        return self.session.run(self.output_names, {self.manifest.input_name: batch})
+        outputs: list[np.ndarray] = self.session.run(self.output_names, {self.manifest.input_name: batch})
+        return outputs
 
     def postprocess(self, raw: list[np.ndarray], index: int, lb: Letterbox, width: int, height: int) -> Detections:
         """Decode, filter by class, run NMS and map one image's outputs to Detections."""

@@ -18,6 +18,7 @@ shop's occupancy count, and returns the ``ShopEvent`` values the frame caused.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
@@ -56,7 +57,7 @@ class ZoneEvents:
         if not segments_intersect(st.point, pt, door.a, door.b):
             return []
         from_side = "left" if st.side > 0 else "right"
-        kind = "person_entered" if from_side == door.enter_from else "person_exited"
+        kind: Literal["person_entered", "person_exited"] = "person_entered" if from_side == door.enter_from else "person_exited"
         before = self.occupancy
         self.occupancy = self.occupancy + 1 if kind == "person_entered" else max(0, self.occupancy - 1)
         out = [ShopEvent(kind, self.camera, ts, track_id=tid, zone="door")]

@@ -71,6 +71,8 @@ def fetch_fixture(name: str, dest: Path, cache: Path | None = None) -> Path:
             mod = __import__(pkg)
         except ImportError:
             raise FixtureError("missing", f"{name} comes from the Python package {pkg}; install the dev extras (pip install -e '.[dev]')") from None
+        if mod.__file__ is None:  # a namespace package has no files to pin
+            raise FixtureError("missing", f"{name}: the Python package {pkg} has no files; reinstall it (pip install -e '.[dev]')")
         src = Path(mod.__file__).parent / rel
         if not src.is_file() or _digest(src) != pin:
             raise FixtureError("sha256-mismatch", f"{src} is missing or does not match the pinned sha256 of {name}; install motmetrics 1.4.0")

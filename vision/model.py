@@ -23,7 +23,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import onnx
 import platformdirs
@@ -175,7 +175,7 @@ def load_package(path: str | os.PathLike[str]) -> ModelPackage:
     return ModelPackage(p, manifest)
 
 
-def write_package(dest: Path, model: onnx.ModelProto, manifest_fields: dict) -> ModelPackage:
+def write_package(dest: Path, model: onnx.ModelProto, manifest_fields: dict[str, Any]) -> ModelPackage:
     """Write model.onnx and model.json atomically into ``dest`` and return the verified package."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))

@@ -3,7 +3,7 @@
 ``Pipeline`` owns one detector and a ``CameraState`` (tracker, event state machine, zones) per
 camera. Each round it takes the newest frame of every camera that has one, runs them through
 the detector as one batch (one inference call for N cameras on a GPU node), then tracks and
-derives events per camera. It runs on the caller's thread with a stop event (STYLE.md 11);
+derives events per camera. It runs on the caller's thread with a stop event;
 capture threads keep decoding meanwhile.
 
 Timing of every stage is kept (ring buffers of the last ``window`` frames) for the JSON summary,
@@ -19,13 +19,14 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from shopfleet.errors import PermanentError
 from vision.annotate import Annotator
 from vision.capture import Capture
 from vision.detector import StagedDetector
-from vision.errors import PermanentError
 from vision.events import ZoneEvents
 from vision.metrics import VisionMetrics
 from vision.tracker import ByteTracker, TrackerConfig
@@ -254,7 +255,7 @@ class Pipeline:
             occupancy=sum(st.events.occupancy for st in self.cams.values()),
         )
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, Any]:
         """Return the run's JSON summary: frames, fps, inference ms p50/p95, events by kind, stages."""
         wall = max(1e-9, (self.finished or time.perf_counter()) - self.started)
         infer = np.array(self.stage_ms["infer"]) if self.stage_ms["infer"] else np.zeros(1)

@@ -38,7 +38,8 @@ def read_frames(video: str | Path, count: int, step: int = 1) -> list[np.ndarray
     cap = cv2.VideoCapture(str(video))
     if not cap.isOpened():
         raise SourceUnavailable("open-failed", f"cannot open calibration video {video}; pass --calibration with a readable video")
-    frames, i = [], 0
+    frames: list[np.ndarray] = []
+    i = 0
     while len(frames) < count:
         ok, img = cap.read()
         if not ok:
@@ -52,7 +53,7 @@ def read_frames(video: str | Path, count: int, step: int = 1) -> list[np.ndarray
     return frames
 
 
-class _Reader(CalibrationDataReader):
+class _Reader(CalibrationDataReader):  # type: ignore[misc]  # onnxruntime ships no type hints
     def __init__(self, detector: OnnxDetector, frames: list[np.ndarray]) -> None:
         self._it: Iterator[dict[str, np.ndarray]] = iter({detector.manifest.input_name: detector.preprocess([f])[0]} for f in frames)
 

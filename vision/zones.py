@@ -122,7 +122,8 @@ def points_in_polygon(points: np.ndarray, poly: np.ndarray) -> np.ndarray:
     crosses = (y1 > y) != (y2 > y)
     with np.errstate(divide="ignore", invalid="ignore"):
         xint = x1 + (y - y1) * (x2 - x1) / (y2 - y1)
-    return ((crosses & (x < xint)).sum(axis=1) % 2) == 1
+    inside: np.ndarray = ((crosses & (x < xint)).sum(axis=1) % 2) == 1
+    return inside
 
 
 def side_of_line(points: np.ndarray, a: Point, b: Point) -> np.ndarray:

@@ -1,11 +1,14 @@
 """The small cluster interface the apply path needs, and an in-memory implementation of it.
 
-``ClusterClient`` is a Protocol (STYLE.md rule 4) with four calls: list our managed objects,
-get one, server-side apply one, delete one. :class:`~edge_agent.apply.kube.KubernetesClusterClient`
+``ClusterClient`` is a Protocol with five calls: list our managed objects, get one, server-side
+apply one, validate one with a server-side dry run (nothing stored), delete one. :class:`~edge_agent.apply.kube.KubernetesClusterClient`
 implements it with the ``kubernetes`` client; :class:`InMemoryClusterClient` keeps objects in a
 dict and plays the DaemonSet/Deployment controllers (status follows spec at once, unless a test
-holds a workload back), so the apply logic is tested without an API server, which cannot run on
-these machines.
+holds a workload back), so the apply logic's decisions are tested fast; the HTTP path is tested
+against the Kubernetes API emulator in ``tests/support/kube_emulator.py``.
+
+Errors: ``ApplyFailed`` (and subclasses) when the API server refuses, ``ClusterUnavailable`` when
+it does not answer usefully; the handler retries only the latter.
 """
 
 from __future__ import annotations
@@ -32,6 +35,10 @@ class ClusterClient(Protocol):
 
     def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
         """Server-side apply ``obj`` with field manager ``shopfleet``; raise ``ApplyFailed`` if rejected."""
+        ...
+
+    def dry_run(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Server-side apply ``obj`` with ``dryRun=All``: validated and admitted, nothing stored."""
         ...
 
     def delete(self, ref: ObjectRef) -> None:
@@ -72,12 +79,20 @@ class InMemoryClusterClient:
             o = self.objects.get(ref)
             return copy.deepcopy(o) if o is not None else None
 
-    def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
-        """Store ``obj`` (bumping generation) unless ``reject`` refuses it."""
+    def _check(self, obj: dict[str, Any]) -> None:
         if self._reject is not None:
             why = self._reject(obj)
             if why:
-                raise ApplyFailed(f"{ObjectRef.of(obj)}: {why}")
+                raise ApplyFailed(f"{ObjectRef.of(obj)}: {why}", status=422)
+
+    def dry_run(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Return ``obj`` as it would be stored, or raise ``ApplyFailed`` as ``apply`` would; store nothing."""
+        self._check(obj)
+        return copy.deepcopy(obj)
+
+    def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Store ``obj`` (bumping generation) unless ``reject`` refuses it."""
+        self._check(obj)
         ref = ObjectRef.of(obj)
         with self._lock:
             self.sent.append(copy.deepcopy(obj))
@@ -98,10 +113,13 @@ class InMemoryClusterClient:
                 "desiredNumberScheduled": self.nodes,
                 "updatedNumberScheduled": 0 if held else self.nodes,
                 "numberReady": 0 if held else self.nodes,
+                "numberAvailable": 0 if held else self.nodes,
             }
         if obj["kind"] == "Deployment":
             n = (obj.get("spec") or {}).get("replicas", 1)
-            return {"observedGeneration": gen, "updatedReplicas": 0 if held else n, "availableReplicas": 0 if held else n}
+            return {"observedGeneration": gen, "replicas": n, "updatedReplicas": 0 if held else n, "availableReplicas": 0 if held else n}
+        if obj["kind"] == "CustomResourceDefinition":
+            return {"conditions": [{"type": "Established", "status": "True"}]}
         return {}
 
     def delete(self, ref: ObjectRef) -> None:

@@ -2,7 +2,10 @@
 
 The agent holds the controller's ed25519 public key(s) (several during a key rotation) and the
 revision it last applied, persisted in a small JSON file written atomically (write to a temp file,
-fsync, rename), so a replayed old message is refused even after a reboot. Verification is over
+fsync, rename), so a replayed old message is refused even after a reboot. Beside it the store
+keeps the signed desired state being applied (``<state>.desired.json``): an agent that replaced
+its own pod, or restarted mid-apply, resumes from it, and drift correction re-applies it; it is
+verified again when loaded, so the file grants no trust of its own. Verification is over
 ``DesiredState.signing_bytes()``, the same canonical bytes the controller signed.
 """
 
@@ -81,7 +84,12 @@ class AppliedRecord:
 
     revision: int = 0
     release: str | None = None
-    status: str = "none"  # "applied" | "failed" | "none"
+    status: str = "none"  # "applying" | "retrying" | "applied" | "failed" | "none"
+
+    @property
+    def unfinished(self) -> bool:
+        """Return True when an apply of ``revision`` started and has not reached applied or failed."""
+        return self.status in ("applying", "retrying")
 
 
 class RevisionStore:
@@ -101,15 +109,37 @@ class RevisionStore:
             # A corrupt file must not unlock replays: refuse until an operator looks at it.
             raise StateStoreCorrupt(f"{self.path} is corrupt ({exc}): restore it or delete it to accept the next desired state") from None
 
+    @property
+    def state_path(self) -> Path:
+        """Return the file holding the signed desired state being (or last) applied."""
+        return self.path.with_name(self.path.name + ".desired.json")
+
     def save(self, record: AppliedRecord) -> None:
         """Persist ``record`` atomically (temp file, fsync, rename)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump({"revision": record.revision, "release": record.release, "status": record.status}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        _write_atomic(self.path, json.dumps({"revision": record.revision, "release": record.release, "status": record.status}).encode())
+
+    def save_state(self, state: DesiredState) -> None:
+        """Persist the signed desired state atomically, before the first write to the cluster."""
+        _write_atomic(self.state_path, state.model_dump_json().encode())
+
+    def load_state(self) -> DesiredState | None:
+        """Return the persisted desired state, None if there is none or it does not parse (it is only a cache)."""
+        try:
+            return DesiredState.model_validate_json(self.state_path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return None
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def check_admissible(state: DesiredState, shop: str, last: AppliedRecord, verifier: Verifier) -> bool:

@@ -6,20 +6,21 @@ Each module named in :data:`PIPELINE_MODULES` provides
   ``type: Literal["..."]`` naming the type; and
 * ``build(config) -> Pipeline``: make the pipeline object (see ``edge_agent.supervisor``).
 
-The config's ``pipelines:`` list is a pydantic union discriminated on ``type`` (Frigate picks its
-detector so), built from the modules of the types the config actually uses: the module of a type
-is imported only when a config names it, and its ``build`` may import heavier libraries still.
+The config's ``pipelines:`` list (``AgentConfig.pipelines``, a list of :data:`PipelineEntry`) is
+a union discriminated on ``type`` (Frigate picks its detector so): each entry is validated by the
+``Config`` of the type it names, and that type's module is imported only then, so a node without
+a camera never loads the vision stack; a module's ``build`` may import heavier libraries still.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterable
 from functools import cache
 from types import ModuleType
-from typing import Annotated, Any, Union
+from typing import Annotated, Any
 
-from pydantic import Field
+from pydantic import PlainValidator
+from pydantic_core import PydanticCustomError
 
 from edge_agent.supervisor import Pipeline, PipelineConfigBase
 
@@ -52,13 +53,43 @@ def pipeline_types() -> dict[str, ModuleType]:
     return {t: pipeline_module(t) for t in PIPELINE_MODULES}
 
 
-def config_union(types: Iterable[str] | None = None) -> Any:
-    """Return the discriminated union of the Config of ``types`` (default: every known type)."""
-    wanted = [t for t in (PIPELINE_MODULES if types is None else types) if t in PIPELINE_MODULES] or ["process"]
-    configs = tuple(dict.fromkeys(pipeline_module(t).Config for t in wanted))
-    return Annotated[Union[configs], Field(discriminator="type")]  # type: ignore[valid-type]  # noqa: UP007 - a union built from a tuple at run time
+def pipeline_config(type_name: str) -> type[PipelineConfigBase]:
+    """Return the ``Config`` model of one pipeline type (importing its module)."""
+    config: type[PipelineConfigBase] = pipeline_module(type_name).Config
+    return config
+
+
+def validate_pipeline_entry(value: Any) -> PipelineConfigBase:
+    """Validate one ``pipelines:`` entry with the Config of the type its ``type`` key names.
+
+    Errors are pydantic's own: a missing or unknown ``type`` gives ``union_tag_not_found`` /
+    ``union_tag_invalid`` (as a discriminated union does), a bad key the Config's error under
+    the entry's location.
+    """
+    if isinstance(value, PipelineConfigBase):
+        return value
+    if not isinstance(value, dict):
+        raise PydanticCustomError("model_type", "Input should be a mapping of pipeline keys such as 'type' and 'name'")
+    tag = value.get("type")
+    if tag is None:
+        raise PydanticCustomError(
+            "union_tag_not_found", "Unable to extract tag using discriminator {discriminator}", {"discriminator": "'type'"}
+        )
+    if not isinstance(tag, str) or tag not in PIPELINE_MODULES:
+        expected = ", ".join(repr(t) for t in PIPELINE_MODULES)
+        raise PydanticCustomError(
+            "union_tag_invalid",
+            "Input tag {tag} found using {discriminator} does not match any of the expected tags: {expected_tags}",
+            {"tag": repr(tag), "discriminator": "'type'", "expected_tags": expected},
+        )
+    return pipeline_config(tag).model_validate(value)
+
+
+PipelineEntry = Annotated[PipelineConfigBase, PlainValidator(validate_pipeline_entry)]
+"""One entry of the config's ``pipelines:`` list: the ``Config`` of the type it names."""
 
 
 def build_pipeline(config: PipelineConfigBase) -> Pipeline:
     """Build the pipeline a validated config entry describes."""
-    return pipeline_module(config.type).build(config)  # type: ignore[attr-defined]
+    pipeline: Pipeline = pipeline_module(config.type).build(config)  # type: ignore[attr-defined]
+    return pipeline

@@ -14,7 +14,9 @@ The adapter between the agent's supervisor contract and ``hardware.driver.Driver
   Prometheus collector of them (``registry.register(pipeline)`` puts them on the agent's /metrics);
 * health carries the frame rate, the age of the newest reading, lost frames and every rejected
   frame, reconnect and reboot by reason (``errors_by_reason``), which the agent exports as
-  ``shopfleet_agent_pipeline_errors_total{pipeline,reason}``.
+  ``shopfleet_agent_pipeline_errors_total{pipeline,reason}``;
+* every ``gate_interval_s`` (and at once when the board goes away) the figures rollout gates judge
+  go out through ``sink.gate_metric`` (:data:`GATE_METRICS`).
 
 The driver reconnects on its own after an unplug, so ``run`` only returns when ``stop`` is set;
 a bad planogram raises from ``run`` and the supervisor reports it with the file and key to fix.
@@ -40,6 +42,15 @@ log = logging.getLogger(__name__)
 
 READING_NAMES = {"load_cell": "shelf_weight_g", "door": "door_open", "temperature": "temperature_c"}
 
+GATE_METRICS = {
+    "hardware_fps": "sensor frames per second from the board (10 s window); 0 while the board is away",
+    "hardware_bad_frame_ratio": "rejected and lost frames / all frames since the pipeline started",
+}
+"""Gate metrics this pipeline reports (name -> meaning); docs/agent.md lists them for policies."""
+
+FPS_WINDOW_S = 10.0
+"""Window over which the board's frame rate is counted."""
+
 
 class Config(PipelineConfigBase):
     """A sensor board on this node's USB serial."""
@@ -61,6 +72,9 @@ class Config(PipelineConfigBase):
     temperature_severity: Literal["info", "warning", "critical"] = Field(
         "critical", description="Severity of temperature alerts (a warm fridge spoils stock)."
     )
+    gate_interval_s: float = Field(
+        2.0, gt=0, le=3600, description="Report gate metrics (hardware_fps, ...) this often; the heartbeat sends the newest."
+    )
 
 
 class HardwarePipeline:
@@ -79,6 +93,7 @@ class HardwarePipeline:
         self._frames_window: list[float] = []
         self._disconnected = False
         self._planogram: Any = None
+        self._last_gates = 0.0
 
     def run(self, stop: threading.Event, sink: EventSink) -> None:
         """Load the planogram, then keep the board connected and relay its events until stop is set."""
@@ -118,6 +133,32 @@ class HardwarePipeline:
             self._status(item, sink)
         else:
             self._reading(item, sink)
+        now = time.monotonic()
+        if now - self._last_gates >= self.config.gate_interval_s:
+            self._last_gates = now
+            self.report_gates(sink)
+
+    def report_gates(self, sink: EventSink) -> None:
+        """Report :data:`GATE_METRICS` through ``sink``."""
+        health = self.health()
+        sink.gate_metric("hardware_fps", float(health["fps"]), "lower")
+        frames, bad = self._frame_counts()
+        if frames + bad:
+            sink.gate_metric("hardware_bad_frame_ratio", bad / (frames + bad), "higher")
+
+    def _frame_counts(self) -> tuple[int, int]:
+        """Return (valid frames, rejected + lost frames) since the pipeline started."""
+        with self._lock:
+            registry = self._registry
+        valid = bad = 0
+        if registry is not None:
+            for metric in registry.collect():
+                for s in metric.samples:
+                    if s.name == "shopfleet_hardware_frames_total":
+                        valid += int(s.value)
+                    elif s.name in ("shopfleet_hardware_frames_rejected_total", "shopfleet_hardware_frames_lost_total"):
+                        bad += int(s.value)
+        return valid, bad
 
     def _status(self, status: Any, sink: EventSink) -> None:
         source = status.board or status.port
@@ -131,6 +172,8 @@ class HardwarePipeline:
             with self._lock:
                 self._detail = f"board {status.board} lost: {status.detail}"
                 self._disconnected = True
+                self._frames_window.clear()
+            self._last_gates = 0.0  # report the board's absence (fps 0) now, not at the next interval
             sink.alert(
                 "sensor_board_disconnected", "firing", "warning", source,
                 f"{source} on {status.port} stopped answering ({status.detail}); check its USB cable",
@@ -158,8 +201,8 @@ class HardwarePipeline:
         with self._lock:
             registry, detail = self._registry, self._detail
             now = time.monotonic()
-            self._frames_window = [t for t in self._frames_window if now - t <= 10.0]
-            fps = len(self._frames_window) / 10.0
+            self._frames_window = [t for t in self._frames_window if now - t <= FPS_WINDOW_S]
+            fps = len(self._frames_window) / FPS_WINDOW_S
         out: dict[str, Any] = {"fps": fps, "detail": detail}
         if registry is None:
             return out

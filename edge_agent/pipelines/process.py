@@ -29,9 +29,9 @@ import threading
 import time
 from typing import IO, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
-from edge_agent.protocol import Reading
+from edge_agent.protocol import AlertFields, EventFields, Reading
 from edge_agent.supervisor import EventSink, PipelineConfigBase
 
 log = logging.getLogger(__name__)
@@ -73,35 +73,34 @@ class LineError(ValueError):
 
 LINE_REJECT_REASONS = ("too_long", "bad_json", "schema")
 
+STDERR_LOG_CHARS = 500
+"""Longest piece of one stderr line the agent logs; a runaway command cannot flood the log."""
 
-class _Line(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+
+def _named(value: str) -> str:
+    if not value:
+        raise ValueError("must not be empty")
+    return value
 
 
-class EventLine(_Line):
-    """An event printed by the command."""
+class EventLine(EventFields):
+    """An event printed by the command: the protocol's event payload plus ``kind``."""
 
     kind: Literal["event"]
-    type: str = Field(min_length=1, max_length=64)
-    source: str = Field("", max_length=128)
-    at: float | None = None
-    data: dict[str, Any] = Field(default_factory=dict)
+    _type_given = field_validator("type")(_named)
 
 
-class AlertLine(_Line):
-    """An alert printed by the command."""
+class AlertLine(AlertFields):
+    """An alert printed by the command: the protocol's alert payload plus ``kind``."""
 
     kind: Literal["alert"]
-    name: str = Field(min_length=1, max_length=64)
-    state: Literal["firing", "resolved"] = "firing"
-    severity: Literal["info", "warning", "critical"] = "warning"
-    source: str = Field("", max_length=128)
-    message: str = Field("", max_length=1000)
-    data: dict[str, Any] = Field(default_factory=dict)
+    _name_given = field_validator("name")(_named)
 
 
-class ReadingsLine(_Line):
+class ReadingsLine(BaseModel):
     """Readings printed by the command."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     kind: Literal["readings"]
     readings: list[Reading] = Field(min_length=1, max_length=1000)
@@ -233,7 +232,7 @@ class ProcessPipeline:
         for raw in iter(stream.readline, b""):
             text = raw.decode(errors="replace").rstrip()
             if text:
-                log.info("pipeline %s stderr: %s", self.name, text[:500])
+                log.info("pipeline %s stderr: %s", self.name, text[:STDERR_LOG_CHARS])
 
     def health(self) -> dict[str, Any]:
         """Return lines relayed, bad lines by reason, age of the last line and process state."""

@@ -6,7 +6,9 @@ agent's outbox as events; occupancy goes out as a ``Reading`` (on every change a
 ``occupancy_interval_s``, so telemetry has a continuous series); a camera that delivers nothing
 for ``dark_after_s`` raises a ``camera_dark`` alert, resolved when frames flow again. Health
 (fps, latency, dropped frames, age of the last frame, errors by reason) goes into heartbeats and,
-through the agent, ``/metrics``.
+through the agent, ``/metrics``. Every ``gate_interval_s`` the pipeline reports the figures rollout
+gates judge through ``sink.gate_metric`` (:data:`GATE_METRICS`), so a canary running a new
+model or image is judged on what its cameras actually do.
 
 Heavy libraries (OpenCV, ONNX Runtime) are imported in ``run``, not at module import, because
 every node loads the list of pipeline types, and a Pi without a camera should not pay for them.
@@ -28,6 +30,13 @@ from edge_agent.supervisor import EventSink, PipelineConfigBase
 from vision.tracker import TrackerConfig
 
 log = logging.getLogger(__name__)
+
+GATE_METRICS = {
+    "vision_fps": "frames per second processed (recent frames); a node with several cameras reports its slowest",
+    "vision_dropped_ratio": "frames dropped / frames seen since the pipeline started (live sources drop stale frames)",
+    "vision_error_ratio": "errors (bad frames, reconnects, failed frames) per processed frame since the pipeline started",
+}
+"""Gate metrics this pipeline reports (name -> meaning); docs/agent.md lists them for policies."""
 
 
 class Config(PipelineConfigBase):
@@ -55,6 +64,9 @@ class Config(PipelineConfigBase):
         10.0, gt=0, le=3600, description="Raise the camera_dark alert when no frame arrived for this long. Lower alerts sooner, but on brief stream hiccups too."
     )
     tracker: TrackerConfig = Field(default_factory=TrackerConfig, description="Tracker tuning (see docs/vision.md).")
+    gate_interval_s: float = Field(
+        2.0, gt=0, le=3600, description="Report gate metrics (vision_fps, ...) this often; the heartbeat sends the newest."
+    )
 
 
 class VisionPipeline:
@@ -109,13 +121,14 @@ class VisionPipeline:
             self._pipe = pipe
         self._detail = f"{camera}: {pkg.manifest.name} {pkg.manifest.precision} on {detector.session.get_providers()[0]}"
         last_occupancy = [0.0]
+        last_gates = [0.0]
         started = time.monotonic()
 
         def occupancy(value: int) -> None:
             sink.readings([Reading(name="occupancy", value=float(value), unit="people", source=camera)])
             last_occupancy[0] = time.monotonic()
 
-        def on_events(events: list) -> None:
+        def on_events(events: list[Any]) -> None:
             for e in events:
                 if e.kind == "occupancy":
                     occupancy(int(e.value))
@@ -127,6 +140,9 @@ class VisionPipeline:
             now = time.monotonic()
             if now - last_occupancy[0] >= cfg.occupancy_interval_s:
                 occupancy(pipe.cams[camera].events.occupancy)
+            if now - last_gates[0] >= cfg.gate_interval_s and pipe.frames > 0:
+                last_gates[0] = now
+                report_gates(pipe, sink)
             last = cap.stats().last_frame_monotonic
             dark = now - (last if last is not None else started) > cfg.dark_after_s
             if dark != self._dark:
@@ -182,6 +198,17 @@ class VisionPipeline:
         )
         out["detail"] = f"{self._detail}; {h.frames} frames, occupancy {h.occupancy}"
         return out
+
+
+def report_gates(pipe: Any, sink: EventSink) -> None:
+    """Report :data:`GATE_METRICS` of a running ``vision.pipeline.Pipeline`` through ``sink``."""
+    h = pipe.health()
+    sink.gate_metric("vision_fps", float(h.fps), "lower")
+    seen = h.frames + h.dropped_frames
+    if seen:
+        sink.gate_metric("vision_dropped_ratio", h.dropped_frames / seen, "higher")
+    if h.frames:
+        sink.gate_metric("vision_error_ratio", sum(_counts(pipe).values()) / h.frames, "higher")
 
 
 def _counts(pipe: Any) -> dict[str, int]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from sqlalchemy import Float, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from fleet_controller.db import Base
+from fleet_controller.registry.db import Base
 
 
 class AlertRecord(Base):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
@@ -53,7 +54,7 @@ class AlertView:
             return "silenced"
         return "acknowledged" if self.acked_by else "firing"
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dict (with ``status``)."""
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
         d["status"] = self.status
@@ -83,8 +84,8 @@ def _silences(s: Session, now: float, keys: Iterable[str] | None = None) -> dict
 def sync(engine: Engine, firing: Iterable[Firing], now: float) -> Changes:
     """Make the firing alerts in the database match ``firing``; return what opened and resolved."""
     by_key = {f.key: f for f in firing}
-    opened: list[AlertView] = []
-    resolved: list[AlertView] = []
+    opened: list[AlertRecord] = []
+    resolved: list[AlertRecord] = []
     with Session(engine) as s, s.begin():
         current = {r.key: r for r in s.scalars(select(AlertRecord).where(AlertRecord.state == "firing"))}
         for key, f in by_key.items():
@@ -110,6 +111,15 @@ def active_keys(engine: Engine) -> frozenset[str]:
     """Return the keys of firing alerts (the evaluator's hysteresis input)."""
     with Session(engine) as s:
         return frozenset(s.scalars(select(AlertRecord.key).where(AlertRecord.state == "firing")))
+
+
+def firing_counts(engine: Engine) -> dict[str, int]:
+    """Return how many alerts are firing in each shop that has any."""
+    with Session(engine) as s:
+        rows = s.execute(
+            select(AlertRecord.shop_id, func.count()).where(AlertRecord.state == "firing").group_by(AlertRecord.shop_id)
+        ).all()
+    return {shop: int(n) for shop, n in rows}
 
 
 def list_alerts(engine: Engine, now: float, *, state: str = "firing", shop: str | None = None, limit: int = 500) -> list[AlertView]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import UTC, datetime
+from typing import Any
 
 import httpx
 
@@ -24,7 +25,7 @@ def _iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat() if ts else None
 
 
-def payload(alert: AlertView, dashboard_url: str = "") -> dict:
+def payload(alert: AlertView, dashboard_url: str = "") -> dict[str, Any]:
     """Return the JSON body sent for ``alert``."""
     return {
         "version": 1,

@@ -17,8 +17,6 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
-from sqlalchemy import select
-from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from fleet_controller.alerts import store, webhook
@@ -32,12 +30,12 @@ from fleet_controller.alerts.evaluator import (
 from fleet_controller.alerts.metrics import AlertMetrics
 from fleet_controller.alerts.rules import AlertRules
 from fleet_controller.alerts.store import Changes
-from fleet_controller.models import EventRecord, LatestReading, Node
+from fleet_controller.registry.read import RegistryReader
 
 log = logging.getLogger(__name__)
 
 
-def load_snapshot(engine: Engine, reading_names: tuple[str, ...], raised: dict[tuple[str, str, str, str], NodeRaised],
+def load_snapshot(reader: RegistryReader, reading_names: tuple[str, ...], raised: dict[tuple[str, str, str, str], NodeRaised],
                   after_event_id: int) -> tuple[FleetSnapshot, int]:
     """Read nodes and the readings the rules use; fold node-raised alerts newer than ``after_event_id`` into ``raised``.
 
@@ -46,32 +44,24 @@ def load_snapshot(engine: Engine, reading_names: tuple[str, ...], raised: dict[t
     relies on event ids being committed in order, which the registry's single writer guarantees.
     Returns the snapshot and the highest event id seen.
     """
-    with engine.connect() as conn:
-        nodes = tuple(
-            NodeSnapshot(r.shop_id, r.node_id, r.presence, r.last_seen, r.facts or {}, r.pipelines or {})
-            for r in conn.execute(select(Node.shop_id, Node.node_id, Node.presence, Node.last_seen, Node.facts, Node.pipelines))
-        )
-        readings = tuple(
-            ReadingSnapshot(r.shop_id, r.node_id, r.source, r.name, r.value, r.ts, r.labels or {})
-            for r in conn.execute(select(LatestReading).where(LatestReading.name.in_(reading_names)))
-        )
-        for e in conn.execute(
-            select(EventRecord.id, EventRecord.shop_id, EventRecord.node_id, EventRecord.type, EventRecord.source,
-                   EventRecord.state, EventRecord.severity, EventRecord.message)
-            .where(EventRecord.id > after_event_id, EventRecord.kind == "alert").order_by(EventRecord.id)
-        ):
-            raised[(e.shop_id, e.node_id, e.type, e.source)] = NodeRaised(e.shop_id, e.node_id, e.type, e.source, e.state, e.severity, e.message)
-            after_event_id = e.id
+    nodes = tuple(NodeSnapshot(n.shop, n.node, n.presence, n.last_seen, n.facts, n.pipelines) for n in reader.node_states())
+    readings = tuple(
+        ReadingSnapshot(r.shop, r.node, r.source, r.name, r.value, r.ts, r.labels) for r in reader.readings(names=reading_names)
+    )
+    for e in reader.node_alerts_after(after_event_id):
+        raised[(e.shop, e.node, e.type, e.source)] = NodeRaised(e.shop, e.node, e.type, e.source, e.state, e.severity, e.message)
+        after_event_id = e.id
     return FleetSnapshot(nodes, readings, tuple(raised.values())), after_event_id
 
 
 class AlertWorker:
     """Evaluate the rules every ``rules.interval_s`` and keep the alert table, metrics and webhook in step."""
 
-    def __init__(self, engine: Engine, rules: AlertRules, metrics: AlertMetrics, *,
+    def __init__(self, reader: RegistryReader, rules: AlertRules, metrics: AlertMetrics, *,
                  publish: Callable[[str, dict[str, Any]], Any] | None = None, clock: Callable[[], float] = time.time,
                  dashboard_url: str = "", webhook_base_delay_s: float = 0.5) -> None:
-        self.engine = engine
+        self.reader = reader
+        self.engine = reader.engine  # the alert tables
         self.rules = rules
         self.metrics = metrics
         self.publish = publish
@@ -81,14 +71,14 @@ class AlertWorker:
         self._pending: dict[str, float] = {}
         self._raised: dict[tuple[str, str, str, str], NodeRaised] = {}
         self._after_event_id = 0
-        self._deliveries: set[asyncio.Task] = set()
+        self._deliveries: set[asyncio.Task[bool]] = set()
 
     def evaluate_once(self) -> Changes:
         """Run one evaluation and store its result; return what opened and resolved."""
         started = time.perf_counter()
         now = self.clock()
         snapshot, self._after_event_id = load_snapshot(
-            self.engine, (self.rules.fridge_warm.reading,), self._raised, self._after_event_id)
+            self.reader, (self.rules.fridge_warm.reading,), self._raised, self._after_event_id)
         result = evaluate(snapshot, self.rules, now, store.active_keys(self.engine), self._pending)
         changes = store.sync(self.engine, result.firing, now)
         self._pending = result.pending

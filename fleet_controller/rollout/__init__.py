@@ -1,20 +1,27 @@
-"""Staged rollouts of releases to the fleet: policy, pure planner, persistent executor, API and CLI.
+"""Releases and staged rollouts: releases, manifest rendering, signing, policy, planner, gates, executor.
 
-``policy`` (what the ML engineer asks for) and ``planner`` (``plan_rollout``, pure) decide;
-``executor`` does the I/O (database, signed MQTT desired state) and is the only stateful part;
-``api`` and ``cli`` expose the same actions. See docs/rollouts.md.
+``releases`` stores what to ship, ``manifests`` renders it per shop and ``signing`` signs the
+desired state; ``policy`` (what the ML engineer asks for), ``planner`` (``plan_rollout``) and
+``gates`` decide, all pure; ``executor`` applies the pure step of :mod:`.step` to the database
+and MQTT; ``api`` and ``cli`` expose the same actions. See docs/rollouts.md.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fastapi.params import Depends
+
+    from fleet_controller.host import ControllerHost
+    from fleet_controller.settings import ExecutorSettings
 
 
-def install(service: Any, settings: Any | None, *, dependencies: Sequence[Any] = ()) -> None:
-    """Add the releases/rollouts API to a ``ControllerService``, and the executor when ``settings`` is given.
+def install(service: ControllerHost, settings: ExecutorSettings | None, *, dependencies: Sequence[Depends] = ()) -> None:
+    """Add the releases/rollouts API to a controller service, and the executor when ``settings`` is given.
 
-    ``settings`` is an :class:`~fleet_controller.rollout.executor.ExecutorSettings` (or None: API
+    ``settings`` is an :class:`~fleet_controller.settings.ExecutorSettings` (or None: API
     only, e.g. a replica without the signing key). ``dependencies`` (``Depends(...)`` values, e.g.
     requiring the ml-engineer role) guard every route of the router.
     """

@@ -17,8 +17,8 @@ from fastapi.params import Depends
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.engine import Engine
 
-from fleet_controller.releases import ReleaseError, ReleaseSpec, ReleaseStore
 from fleet_controller.rollout.policy import PolicyError, policy_from_dict
+from fleet_controller.rollout.releases import ReleaseError, ReleaseSpec, ReleaseStore
 from fleet_controller.rollout.store import (
     ACTIONS,
     RolloutError,

@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ def _add_backend(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of text")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``release``, ``rollout`` and ``manifests`` subcommands."""
     fmt = argparse.RawDescriptionHelpFormatter
     # ---- release
@@ -46,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="image of one component (container name: agent, vision, vision-gpu, sensor-driver, mosquitto, fluent-bit, device-plugin); repeat per component")
     p.add_argument("--model", metavar="DIR", help="model package directory; its sha256 over every file is pinned in the release")
     p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
-                   help="release label; simulate=degraded|crash makes the demo's simulated shops misbehave on it")
+                   help="free-form release label, stored and shown with the release (repeat for several)")
     _add_backend(p)
     p.set_defaults(func=_release_create)
     p = rsub.add_parser("list", help="list releases", description="List releases, newest first.")
@@ -138,8 +139,8 @@ class CliError(Exception):
 
 def _backend(args: argparse.Namespace) -> tuple[str, Any]:
     if args.db:
-        from fleet_controller.db import create_engine
-        from fleet_controller.migrations import pending
+        from fleet_controller.registry.db import create_engine
+        from fleet_controller.registry.migrations import pending
 
         engine = create_engine(args.db)
         behind = pending(engine)
@@ -155,12 +156,17 @@ def _print(args: argparse.Namespace, data: Any, text: str) -> None:
     print(json.dumps(data, indent=2, default=str) if args.json else text)
 
 
-def _guard(fn):
+Command = Callable[[argparse.Namespace], int]
+
+
+def _guard(fn: Command) -> Command:
+    """Turn a command's expected errors into their message on stderr and exit code 2."""
+
     def wrapper(args: argparse.Namespace) -> int:
-        from fleet_controller.releases import ReleaseError
         from fleet_controller.rollout.policy import PolicyError
+        from fleet_controller.rollout.releases import ReleaseError
+        from fleet_controller.rollout.signing import SigningKeyError
         from fleet_controller.rollout.store import RolloutError
-        from fleet_controller.signing import SigningKeyError
 
         try:
             return fn(args)
@@ -180,7 +186,7 @@ def _release_create(args: argparse.Namespace) -> int:
     """Create a release from flags."""
     from pydantic import ValidationError
 
-    from fleet_controller.releases import (
+    from fleet_controller.rollout.releases import (
         ReleaseSpec,
         ReleaseStore,
         model_package_digest,
@@ -208,7 +214,7 @@ def _release_create(args: argparse.Namespace) -> int:
 @_guard
 def _release_list(args: argparse.Namespace) -> int:
     """List releases."""
-    from fleet_controller.releases import ReleaseStore
+    from fleet_controller.rollout.releases import ReleaseStore
 
     kind, be = _backend(args)
     rows = ReleaseStore(be).list() if kind == "db" else be.call("GET", "/releases")
@@ -220,7 +226,7 @@ def _release_list(args: argparse.Namespace) -> int:
 @_guard
 def _release_keygen(args: argparse.Namespace) -> int:
     """Write a signing key pair."""
-    from fleet_controller.signing import generate_keypair
+    from fleet_controller.rollout.signing import generate_keypair
 
     kid = generate_keypair(args.out, overwrite=args.overwrite)
     print(f"wrote {args.out} (private, mode 0600) and {Path(args.out).with_suffix('.pub')} (give it to every agent); key id {kid}")
@@ -292,7 +298,7 @@ def _rollout_action(args: argparse.Namespace) -> int:
 @_guard
 def _manifests_validate(args: argparse.Namespace) -> int:
     """Validate manifests."""
-    from fleet_controller import manifests
+    from fleet_controller.rollout import manifests
 
     versions = tuple(args.k8s_version or manifests.SUPPORTED_K8S_VERSIONS)
     path = Path(args.path) if args.path else manifests.MANIFESTS_ROOT
@@ -308,13 +314,13 @@ def _manifests_validate(args: argparse.Namespace) -> int:
 @_guard
 def _manifests_render(args: argparse.Namespace) -> int:
     """Render a shop's objects."""
-    from fleet_controller import manifests
-    from fleet_controller.releases import ReleaseSpec, ReleaseStore, parse_image_args
+    from fleet_controller.rollout import manifests
+    from fleet_controller.rollout.releases import ReleaseSpec, ReleaseStore, parse_image_args
 
     if args.release:
         if not args.db:
             raise CliError("--release reads the release from the database: pass --db URL too (or use --image flags)")
-        from fleet_controller.db import create_engine
+        from fleet_controller.registry.db import create_engine
 
         spec = ReleaseStore(create_engine(args.db)).get(args.release)
     else:

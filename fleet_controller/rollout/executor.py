@@ -32,6 +32,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -41,14 +42,33 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from edge_agent.protocol import Topics, encode
-from fleet_controller import manifests
-from fleet_controller.models import LatestReading, Node, ReportedStateRecord
-from fleet_controller.releases import ReleaseError, ReleaseSpec, ReleaseStore, desired_state_for
-from fleet_controller.rollout.gates import NodeHealth, ReadingValue, evaluate_gates, window_open
+from fleet_controller.registry.db import table_of
+from fleet_controller.registry.read import RegistryReader
+from fleet_controller.rollout import manifests
+from fleet_controller.rollout.gates import NodeHealth, ReadingValue
 from fleet_controller.rollout.models import ACTIVE_ROLLOUT_STATES, ExecutorLease
 from fleet_controller.rollout.planner import FleetShop, RolloutPlan
 from fleet_controller.rollout.policy import RolloutPolicy
-from fleet_controller.rollout.settings import ExecutorSettings
+from fleet_controller.rollout.releases import (
+    ReleaseError,
+    ReleaseSpec,
+    ReleaseStore,
+    desired_state_for,
+)
+from fleet_controller.rollout.signing import Signer
+from fleet_controller.rollout.step import (
+    Action,
+    HaltWave,
+    MoveShop,
+    PublishDesired,
+    Republish,
+    RolloutRow,
+    ShopRow,
+    SkipPending,
+    StepInput,
+    UpdateRollout,
+    step,
+)
 from fleet_controller.rollout.store import (
     DESIRED,
     OVERLAY_LABEL,
@@ -57,12 +77,12 @@ from fleet_controller.rollout.store import (
     load_fleet,
     log_event,
 )
-from fleet_controller.signing import Signer
+from fleet_controller.settings import ExecutorSettings
 
 log = logging.getLogger(__name__)
 
 LEASE_NAME = "rollout-executor"
-LEASES = ExecutorLease.__table__
+LEASES = table_of(ExecutorLease)
 
 Publish = Callable[[str, bytes, bool, int], None]
 """``publish(topic, payload, retain, qos)``: blocks until the broker acknowledged it, raises on failure."""
@@ -115,6 +135,7 @@ class RolloutExecutor:
         self.manifests_root = manifests_root
         self.clock = clock
         self.releases = ReleaseStore(engine)
+        self.reader = RegistryReader(engine)
         self.is_leader = False
         self._pool = ThreadPoolExecutor(max_workers=publish_concurrency, thread_name_prefix="rollout-publish")
 
@@ -182,10 +203,6 @@ class RolloutExecutor:
 
     # ----- one rollout ----------------------------------------------------------------------
 
-    def _shops(self, rollout_id: int) -> list[Any]:
-        with self.engine.connect() as conn:
-            return conn.execute(select(RSHOPS).where(RSHOPS.c.rollout_id == rollout_id)).all()
-
     def _move(self, rollout_id: int, shop: str, expect: str, now: float, **values: Any) -> bool:
         """Change one shop's row if it is still in state ``expect``; log the step; return whether it moved."""
         with self.engine.begin() as conn:
@@ -203,207 +220,106 @@ class RolloutExecutor:
         log.info("rollout %s: %s: %s", rollout_id, kind, message)
 
     def _step(self, r: Any, now: float, *, resume: bool) -> None:
+        """Read the rollout's state, decide with the pure :func:`~.step.step`, apply the actions."""
+        state = self._load(r, now, resume=resume)
+        self._apply(r.id, state, step(state))
+
+    def _load(self, r: Any, now: float, *, resume: bool) -> StepInput:
+        """Read everything one step of rollout ``r`` decides on (shop rows, specs, reports, health, readings)."""
         policy = RolloutPolicy.model_validate(r.policy)
-        plan = RolloutPlan.from_json(r.plan)
-        try:
-            spec = self.releases.get(r.release)
-        except ReleaseError as exc:
-            self._set_rollout(r.id, now, "failed", str(exc), status="failed", reason=str(exc))
-            return
-        shops = self._shops(r.id)
-        fleet = self._fleet_for({s.shop_id for s in shops if s.state in ("pending", "applying", "rolling_back")})
-        if resume:
-            self._republish(r, spec, shops, fleet, now, force=True)
-        self._track_apply(r, policy, shops, now)
-        self._track_bake(r, policy, self._shops(r.id), now)
-        self._track_rollback(r, policy, self._shops(r.id), fleet, now)
-        shops = self._shops(r.id)
-        if r.status in ("running", "paused") and self._wave_failed(r, shops, now):
-            shops = self._shops(r.id)
-            self._track_rollback(r, policy, shops, fleet, now)
-            return
-        if r.status == "running":
-            self._republish(r, spec, shops, fleet, now, force=False)
-            self._advance(r, policy, plan, spec, shops, fleet, now)
-        elif r.status == "rolling_back" and not any(s.state == "rolling_back" for s in shops):
-            final = r.final_status or "failed"
-            self._set_rollout(r.id, now, final, f"rollback finished; rollout {final}", status=final)
-
-    def _fleet_for(self, shop_ids: set[str]) -> dict[str, FleetShop]:
-        if not shop_ids:
-            return {}
+        rollout = RolloutRow(r.id, r.release, r.status, r.current_wave, r.deadline_at, r.final_status)
         with self.engine.connect() as conn:
-            return {s.id: s for s in load_fleet(conn) if s.id in shop_ids}
+            rows = conn.execute(select(RSHOPS).where(RSHOPS.c.rollout_id == r.id)).all()
+        shops = tuple(
+            ShopRow(x.shop_id, x.wave, x.state, x.from_release, x.revision, x.rollback_revision, x.started_at,
+                    x.applied_at, x.done_at, x.reason or "", x.baseline or {})
+            for x in rows
+        )
+        specs: dict[str, ReleaseSpec | str] = {}
+        for name in {r.release} | {x.from_release for x in shops if x.from_release}:
+            try:
+                specs[name] = self.releases.get(name)
+            except ReleaseError as exc:
+                specs[name] = str(exc)
+        state = StepInput(rollout, policy, RolloutPlan.from_json(r.plan), shops, specs, now, self.republish_after_s, resume)
+        if not isinstance(specs[r.release], ReleaseSpec):
+            return state  # the step fails the rollout; nothing else is needed
+        live = [x.shop_id for x in shops if x.state not in ("pending", "done", "skipped", "rolled_back")]
+        pending = [x.shop_id for x in shops if x.state == "pending" and x.wave == r.current_wave]
+        fleet: dict[str, FleetShop] = {}
+        if any(x.state not in ("done", "skipped", "rolled_back") for x in shops):  # a shop that may be published to
+            with self.engine.connect() as conn:
+                fleet = {f.id: f for f in load_fleet(self.reader, conn)}
+        published: dict[str, float] = {}
+        applying = [x.shop_id for x in shops if x.state == "applying"]
+        if applying:
+            with self.engine.connect() as conn:
+                published = dict(conn.execute(select(DESIRED.c.shop_id, DESIRED.c.published_at).where(DESIRED.c.shop_id.in_(applying))).all())
+        return replace(
+            state,
+            fleet=fleet,
+            reports=self.reader.reported_states(live),
+            health=self._node_health([x.shop_id for x in shops if x.state in ("applying", "baking")]),
+            readings=self._readings(pending) if policy.windows.idle is not None and pending else {},
+            published_at=published,
+        )
 
-    def _reports(self, shop_ids: list[str]) -> dict[str, Any]:
-        if not shop_ids:
-            return {}
-        with self.engine.connect() as conn:
-            rows = conn.execute(select(ReportedStateRecord.__table__).where(ReportedStateRecord.shop_id.in_(shop_ids))).all()
-        return {row.shop_id: row for row in rows}
+    def _apply(self, rollout_id: int, state: StepInput, actions: list[Action]) -> None:
+        """Apply the step's actions in order: conditional updates, then the desired states to publish."""
+        now = state.now
+        jobs: list[tuple[str, ReleaseSpec, int, FleetShop | None, str]] = []
+        for a in actions:
+            if isinstance(a, MoveShop):
+                if self._move(rollout_id, a.shop, a.expect, now, **a.values):
+                    if a.gate is not None:
+                        self.metrics.gate_failures.labels(a.gate).inc()
+                        log.warning("rollout %s: shop %s failed (%s): %s", rollout_id, a.shop, a.gate, a.values.get("reason", ""))
+                    if a.outcome is not None:
+                        self.metrics.shops.labels(a.outcome).inc()
+            elif isinstance(a, PublishDesired):
+                spec = state.specs[a.release]
+                assert isinstance(spec, ReleaseSpec)  # the step publishes only releases that loaded
+                self._publish_shop(rollout_id, a.shop, spec, state.fleet.get(a.shop), now, expect=a.expect, purpose=a.purpose,
+                                   values=dict(a.values), revision_column=a.revision_column, defer=jobs)
+            elif isinstance(a, Republish):
+                spec = state.specs[a.release]
+                assert isinstance(spec, ReleaseSpec)
+                self._send(a.shop, spec, a.revision, state.fleet.get(a.shop), "republish")
+                with self.engine.begin() as conn:
+                    conn.execute(update(DESIRED).where(DESIRED.c.shop_id == a.shop).values(published_at=now))
+            elif isinstance(a, UpdateRollout):
+                self._set_rollout(rollout_id, now, a.kind, a.message, **a.values)
+            elif isinstance(a, HaltWave):
+                self._halt_wave(rollout_id, a, now)
+            elif isinstance(a, SkipPending):
+                with self.engine.begin() as conn:
+                    conn.execute(update(RSHOPS).where(RSHOPS.c.rollout_id == rollout_id, RSHOPS.c.state == "pending")
+                                 .values(state="skipped", reason=a.reason))
+        self._send_all(jobs)
 
-    def _track_apply(self, r: Any, policy: RolloutPolicy, shops: list[Any], now: float) -> None:
-        applying = [s for s in shops if s.state == "applying" and s.revision is not None]
-        reports = self._reports([s.shop_id for s in applying])
-        for s in applying:
-            rep = reports.get(s.shop_id)
-            if rep is not None and rep.revision == s.revision and rep.status in ("applied", "failed", "refused"):
-                if rep.status == "applied":
-                    self._move(r.id, s.shop_id, "applying", now, state="baking", applied_at=now, reason="applied; baking")
-                else:
-                    self._fail(r.id, s.shop_id, "applying", now, "apply", f"shop reported {rep.status}: {rep.error}")
-            elif now - (s.started_at or now) > policy.apply_timeout_s:
-                self._fail(r.id, s.shop_id, "applying", now, "apply_timeout", f"no apply report within {policy.apply_timeout_s:.0f}s")
-
-    def _fail(self, rollout_id: int, shop: str, expect: str, now: float, gate: str, reason: str) -> None:
-        if self._move(rollout_id, shop, expect, now, state="failed", done_at=now, reason=reason):
-            self.metrics.gate_failures.labels(gate).inc()
-            self.metrics.shops.labels("failed").inc()
-            log.warning("rollout %s: shop %s failed (%s): %s", rollout_id, shop, gate, reason)
-
-    def _node_health(self, shop_ids: list[str]) -> dict[str, list[NodeHealth]]:
-        out: dict[str, list[NodeHealth]] = defaultdict(list)
-        if not shop_ids:
-            return out
-        with self.engine.connect() as conn:
-            for n in conn.execute(
-                select(Node.shop_id, Node.node_id, Node.presence, Node.facts_at, Node.pipelines, Node.metrics).where(Node.shop_id.in_(shop_ids))
-            ):
-                out[n.shop_id].append(NodeHealth(n.node_id, n.presence, n.facts_at, n.pipelines or {}, n.metrics or {}))
-        return out
-
-    def _track_bake(self, r: Any, policy: RolloutPolicy, shops: list[Any], now: float) -> None:
-        baking = [s for s in shops if s.state == "baking"]
-        health = self._node_health([s.shop_id for s in baking])
-        for s in baking:
-            v = evaluate_gates(policy.gates, health.get(s.shop_id, []), s.applied_at or now, s.baseline or {}, now)
-            if v.state == "fail":
-                self._fail(r.id, s.shop_id, "baking", now, v.gate, f"gate {v.gate}: {v.reason}")
-                continue
-            baked = now - (s.applied_at or now) >= policy.bake_time_s
-            if v.state == "pass" and baked and "errors" in (s.baseline or {}):
-                if self._move(r.id, s.shop_id, "baking", now, state="done", done_at=now, reason="healthy through bake time"):
-                    self.metrics.shops.labels("done").inc()
-            elif v.state == "wait" and now - (s.applied_at or now) > policy.bake_time_s + policy.apply_timeout_s:
-                self._fail(r.id, s.shop_id, "baking", now, "no_health", f"no fresh health: {v.reason}")
-            elif dict(v.baseline) != dict(s.baseline or {}):
-                self._move(r.id, s.shop_id, "baking", now, baseline=dict(v.baseline))
-
-    def _wave_failed(self, r: Any, shops: list[Any], now: float) -> bool:
-        """If a shop of the current wave failed, start rolling the wave back and halt; return whether it did."""
-        wave = [s for s in shops if s.wave == r.current_wave]
-        failed = [s for s in wave if s.state == "failed" and s.revision is not None]
-        if not failed:
-            return False
-        first = failed[0]
-        reason = f"wave {r.current_wave} failed: {first.shop_id}: {first.reason}"
+    def _halt_wave(self, rollout_id: int, a: HaltWave, now: float) -> None:
         with self.engine.begin() as conn:
             conn.execute(
                 update(RSHOPS)
-                .where(RSHOPS.c.rollout_id == r.id, RSHOPS.c.wave == r.current_wave, RSHOPS.c.state.in_(("applying", "baking", "done", "failed")))
+                .where(RSHOPS.c.rollout_id == rollout_id, RSHOPS.c.wave == a.wave, RSHOPS.c.state.in_(("applying", "baking", "done", "failed")))
                 .values(state="rolling_back", rollback_revision=None)
             )
-            conn.execute(update(RSHOPS).where(RSHOPS.c.rollout_id == r.id, RSHOPS.c.state == "pending").values(state="skipped", reason="rollout halted"))
-            conn.execute(update(ROLLOUTS).where(ROLLOUTS.c.id == r.id).values(status="rolling_back", final_status="failed", reason=reason, updated_at=now))
-            log_event(conn, r.id, "halted", f"{reason}; rolling the wave back", now=now)
-        log.warning("rollout %s halted: %s", r.id, reason)
-        return True
+            conn.execute(update(RSHOPS).where(RSHOPS.c.rollout_id == rollout_id, RSHOPS.c.state == "pending").values(state="skipped", reason="rollout halted"))
+            conn.execute(update(ROLLOUTS).where(ROLLOUTS.c.id == rollout_id).values(status="rolling_back", final_status="failed", reason=a.reason, updated_at=now))
+            log_event(conn, rollout_id, "halted", f"{a.reason}; rolling the wave back", now=now)
+        log.warning("rollout %s halted: %s", rollout_id, a.reason)
 
-    def _track_rollback(self, r: Any, policy: RolloutPolicy, shops: list[Any], fleet: dict[str, FleetShop], now: float) -> None:
-        rolling = [s for s in shops if s.state == "rolling_back"]
-        if not rolling:
-            return
-        reports = self._reports([s.shop_id for s in rolling if s.rollback_revision is not None])
-        missing = {s.shop_id for s in rolling} - set(fleet)
-        if missing:
-            fleet = {**fleet, **self._fleet_for(missing)}
-        jobs: list[tuple[str, ReleaseSpec, int, FleetShop | None, str]] = []
-        for s in rolling:
-            if s.rollback_revision is None:
-                self._publish_rollback(r, s, fleet.get(s.shop_id), now, jobs)
-                continue
-            rep = reports.get(s.shop_id)
-            if rep is not None and rep.revision == s.rollback_revision and rep.status == "applied":
-                if self._move(r.id, s.shop_id, "rolling_back", now, state="rolled_back", done_at=now, reason=f"back on {s.from_release}"):
-                    self.metrics.shops.labels("rolled_back").inc()
-            elif rep is not None and rep.revision == s.rollback_revision and rep.status in ("failed", "refused"):
-                self._move(r.id, s.shop_id, "rolling_back", now, state="failed", done_at=now, reason=f"rollback {rep.status}: {rep.error}")
-            elif now - (s.done_at or s.started_at or now) > policy.apply_timeout_s:
-                self._move(r.id, s.shop_id, "rolling_back", now, state="failed", done_at=now, reason="rollback not confirmed in time")
-        self._send_all(jobs)
-
-    def _publish_rollback(self, r: Any, s: Any, shop: FleetShop | None, now: float, jobs: list[tuple[str, ReleaseSpec, int, FleetShop | None, str]]) -> None:
-        if not s.from_release:
-            self._move(r.id, s.shop_id, "rolling_back", now, state="failed", done_at=now, reason=f"no previous release to return to; still on {r.release}")
-            return
-        try:
-            spec = self.releases.get(s.from_release)
-        except ReleaseError as exc:
-            self._move(r.id, s.shop_id, "rolling_back", now, state="failed", done_at=now, reason=str(exc))
-            return
-        self._publish_shop(r.id, s.shop_id, spec, shop, now, expect="rolling_back", purpose="rollback",
-                           values={"rollback_revision": None, "done_at": now}, revision_column="rollback_revision", defer=jobs)
-
-    def _advance(self, r: Any, policy: RolloutPolicy, plan: RolloutPlan, spec: ReleaseSpec, shops: list[Any], fleet: dict[str, FleetShop], now: float) -> None:
-        wave = [s for s in shops if s.wave == r.current_wave]
-        if wave and all(s.state in ("done", "skipped") for s in wave):
-            nxt = r.current_wave + 1
-            if nxt >= len(plan.waves):
-                self._set_rollout(r.id, now, "completed", f"all {len(plan.waves)} waves done", status="completed", current_wave=nxt)
-            else:
-                self._set_rollout(r.id, now, "wave", f"wave {plan.waves[r.current_wave].name} done; starting {plan.waves[nxt].name}", current_wave=nxt)
-            return
-        in_flight = sum(1 for s in shops if s.state in ("applying", "baking"))
-        pending = [s for s in wave if s.state == "pending"]
-        if not pending:
-            return
-        if r.deadline_at is not None and now > r.deadline_at:
-            with self.engine.begin() as conn:
-                conn.execute(update(RSHOPS).where(RSHOPS.c.rollout_id == r.id, RSHOPS.c.state == "pending").values(state="skipped", reason="deadline passed"))
-            if in_flight == 0:
-                self._set_rollout(r.id, now, "expired", "deadline passed before every shop was started", status="expired", reason="deadline passed")
-            return
-        order = {shop: i for i, shop in enumerate(plan.waves[r.current_wave].shops)}
-        pending.sort(key=lambda s: order.get(s.shop_id, 0))
-        readings = self._readings([s.shop_id for s in pending]) if policy.windows.idle is not None else {}
-        jobs: list[tuple[str, ReleaseSpec, int, FleetShop | None, str]] = []
-        for s in pending:
-            if in_flight >= policy.max_in_flight:
-                break
-            shop = fleet.get(s.shop_id)
-            ok, why = window_open(policy.windows, shop.timezone if shop else "UTC", readings.get(s.shop_id, []), now)
-            if not ok:
-                continue
-            if self._publish_shop(r.id, s.shop_id, spec, shop, now, expect="pending", purpose="rollout",
-                                  values={"state": "applying", "started_at": now, "reason": f"window: {why}"}, defer=jobs):
-                in_flight += 1
-        self._send_all(jobs)
+    def _node_health(self, shop_ids: list[str]) -> dict[str, list[NodeHealth]]:
+        out: dict[str, list[NodeHealth]] = defaultdict(list)
+        for n in self.reader.node_states(shop_ids):
+            out[n.shop].append(NodeHealth(n.node, n.presence, n.facts_at, n.pipelines, n.metrics))
+        return out
 
     def _readings(self, shop_ids: list[str]) -> dict[str, list[ReadingValue]]:
         out: dict[str, list[ReadingValue]] = defaultdict(list)
-        with self.engine.connect() as conn:
-            for row in conn.execute(
-                select(LatestReading.shop_id, LatestReading.name, LatestReading.value, LatestReading.received_at).where(LatestReading.shop_id.in_(shop_ids))
-            ):
-                out[row.shop_id].append(ReadingValue(row.name, row.value, row.received_at))
+        for r in self.reader.readings(shops=shop_ids):
+            out[r.shop].append(ReadingValue(r.name, r.value, r.received_at))
         return out
-
-    def _republish(self, r: Any, spec: ReleaseSpec, shops: list[Any], fleet: dict[str, FleetShop], now: float, *, force: bool) -> None:
-        """Publish again the desired state of shops that have not reported on it (or all, after taking over)."""
-        stale = [s for s in shops if s.state == "applying" and s.revision is not None]
-        if not stale:
-            return
-        with self.engine.connect() as conn:
-            published = dict(conn.execute(select(DESIRED.c.shop_id, DESIRED.c.published_at).where(DESIRED.c.shop_id.in_([s.shop_id for s in stale]))).all())
-        reports = self._reports([s.shop_id for s in stale])
-        for s in stale:
-            rep = reports.get(s.shop_id)
-            if rep is not None and rep.revision == s.revision:
-                continue
-            if force or now - published.get(s.shop_id, 0.0) > self.republish_after_s:
-                self._send(s.shop_id, spec, s.revision, fleet.get(s.shop_id), "republish")
-                with self.engine.begin() as conn:
-                    conn.execute(update(DESIRED).where(DESIRED.c.shop_id == s.shop_id).values(published_at=now))
 
     def _publish_shop(
         self, rollout_id: int, shop_id: str, spec: ReleaseSpec, shop: FleetShop | None, now: float, *,

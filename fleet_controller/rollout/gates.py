@@ -44,7 +44,7 @@ class ReadingValue:
 
 
 @dataclass(frozen=True)
-class Verdict:
+class GateVerdict:
     """Outcome of the gates: ``state`` pass/fail/wait, the failing ``gate`` and a human ``reason``."""
 
     state: Literal["pass", "fail", "wait"]
@@ -57,45 +57,45 @@ def _errors(nodes: Sequence[NodeHealth]) -> float:
     return float(sum(int(p.get("errors") or 0) for n in nodes for p in n.pipelines.values()))
 
 
-def evaluate_gates(gates: Gates, nodes: Sequence[NodeHealth], applied_at: float, baseline: Mapping[str, float], now: float) -> Verdict:
+def evaluate_gates(gates: Gates, nodes: Sequence[NodeHealth], applied_at: float, baseline: Mapping[str, float], now: float) -> GateVerdict:
     """Judge a shop's health since ``applied_at``; ``baseline`` carries the error count of its first fresh heartbeat."""
     if not nodes:
-        return Verdict("wait", reason="no node of this shop is known yet")
+        return GateVerdict("wait", reason="no node of this shop is known yet")
     online = [n for n in nodes if n.presence == "online"]
     if len(online) / len(nodes) < gates.min_nodes_online:
         why = f"{len(online)} of {len(nodes)} nodes online, need {gates.min_nodes_online:.0%}"
         since = baseline.get("offline_since", now)
         if now - since >= gates.offline_grace_s:
-            return Verdict("fail", "nodes_online", f"{why} for {now - since:.0f}s")
-        return Verdict("wait", reason=why, baseline={**baseline, "offline_since": since})
+            return GateVerdict("fail", "nodes_online", f"{why} for {now - since:.0f}s")
+        return GateVerdict("wait", reason=why, baseline={**baseline, "offline_since": since})
     baseline = {k: v for k, v in baseline.items() if k != "offline_since"}
     fresh = [n for n in online if n.facts_at is not None and n.facts_at >= applied_at]
     if len(fresh) < len(online):
-        return Verdict("wait", reason=f"{len(fresh)} of {len(online)} online nodes sent a heartbeat since the apply", baseline=baseline)
+        return GateVerdict("wait", reason=f"{len(fresh)} of {len(online)} online nodes sent a heartbeat since the apply", baseline=baseline)
     for n in fresh:
         for name, p in n.pipelines.items():
             if p.get("state") in ("failed", "backoff"):
-                return Verdict("fail", "pipeline_state", f"{n.node}/{name} is {p.get('state')}: {p.get('detail', '')}".rstrip(": "))
+                return GateVerdict("fail", "pipeline_state", f"{n.node}/{name} is {p.get('state')}: {p.get('detail', '')}".rstrip(": "))
             fps = p.get("fps")
             if gates.min_fps is not None and p.get("kind") == "vision" and p.get("state") == "running" and fps is not None and fps < gates.min_fps:
-                return Verdict("fail", "fps", f"{n.node}/{name} runs at {fps:.1f} fps, below {gates.min_fps}")
+                return GateVerdict("fail", "fps", f"{n.node}/{name} runs at {fps:.1f} fps, below {gates.min_fps}")
         for g in gates.metrics:
             value = n.metrics.get(g.metric)
             if value is None:
                 continue
             if g.max is not None and value > g.max:
-                return Verdict("fail", "metric", f"{n.node} reports {g.metric}={value:g}, above {g.max:g}")
+                return GateVerdict("fail", "metric", f"{n.node} reports {g.metric}={value:g}, above {g.max:g}")
             if g.min is not None and value < g.min:
-                return Verdict("fail", "metric", f"{n.node} reports {g.metric}={value:g}, below {g.min:g}")
+                return GateVerdict("fail", "metric", f"{n.node} reports {g.metric}={value:g}, below {g.min:g}")
     errors = _errors(fresh)
     if "errors" not in baseline:
-        return Verdict("pass", baseline={"errors": errors, "at": now})
+        return GateVerdict("pass", baseline={"errors": errors, "at": now})
     if gates.max_errors_per_minute is not None:
         minutes = max((now - baseline["at"]) / 60.0, 1e-9)
         added = errors - baseline["errors"]
         if added > 0 and now > baseline["at"] and added / minutes > gates.max_errors_per_minute:
-            return Verdict("fail", "error_rate", f"{added:g} pipeline errors in {minutes * 60:.0f}s ({added / minutes:.1f}/min), limit {gates.max_errors_per_minute:g}/min", baseline)
-    return Verdict("pass", baseline=baseline)
+            return GateVerdict("fail", "error_rate", f"{added:g} pipeline errors in {minutes * 60:.0f}s ({added / minutes:.1f}/min), limit {gates.max_errors_per_minute:g}/min", baseline)
+    return GateVerdict("pass", baseline=baseline)
 
 
 def local_time(now: float, tz: str) -> datetime:

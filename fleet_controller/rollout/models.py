@@ -1,6 +1,6 @@
 """Tables of releases and rollouts, on the controller's one declarative Base.
 
-Every step the executor takes is a row change here (ARCHITECTURE.md decision 6): a rollout's
+Every step the executor takes is a row change here: a rollout's
 status and plan, each shop's state in it, and an append-only event log. That is what lets a
 restarted controller resume where it stopped, and what the CLI's ``status`` reads. The schema is
 created by the Alembic revision ``0002_releases``; these classes must stay in step with it (a test
@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import JSON, BigInteger, Float, ForeignKeyConstraint, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from fleet_controller.db import Base
+from fleet_controller.registry.db import Base
 
 ROLLOUT_STATES = ("running", "paused", "rolling_back", "completed", "failed", "aborted", "rolled_back", "expired")
 """``running``, ``paused`` and ``rolling_back`` are active; the rest are final."""

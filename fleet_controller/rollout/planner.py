@@ -15,6 +15,7 @@ import hashlib
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from fleet_controller.rollout.policy import RolloutPolicy, Target
 
@@ -52,7 +53,7 @@ class RolloutPlan:
         """Return every planned shop in order."""
         return tuple(s for w in self.waves for s in w.shops)
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         """Return a JSON-ready dict (stored with the rollout)."""
         return {
             "release": self.release,
@@ -61,7 +62,7 @@ class RolloutPlan:
         }
 
     @classmethod
-    def from_json(cls, data: dict) -> RolloutPlan:
+    def from_json(cls, data: dict[str, Any]) -> RolloutPlan:
         """Return the plan stored by :meth:`to_json`."""
         return cls(
             data["release"],

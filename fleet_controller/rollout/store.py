@@ -15,9 +15,9 @@ from typing import Any
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.engine import Connection, Engine
 
-from fleet_controller import manifests
-from fleet_controller.models import Node, ReportedStateRecord, Shop
-from fleet_controller.releases import ReleaseSpec, ReleaseStore
+from fleet_controller.registry.db import table_of
+from fleet_controller.registry.read import RegistryReader
+from fleet_controller.rollout import manifests
 from fleet_controller.rollout.models import (
     ACTIVE_ROLLOUT_STATES,
     RolloutEvent,
@@ -27,11 +27,12 @@ from fleet_controller.rollout.models import (
 )
 from fleet_controller.rollout.planner import FleetShop, RolloutPlan, plan_rollout
 from fleet_controller.rollout.policy import RolloutPolicy
+from fleet_controller.rollout.releases import ReleaseSpec, ReleaseStore
 
-ROLLOUTS = RolloutRecord.__table__
-RSHOPS = RolloutShop.__table__
-REVENTS = RolloutEvent.__table__
-DESIRED = ShopDesired.__table__
+ROLLOUTS = table_of(RolloutRecord)
+RSHOPS = table_of(RolloutShop)
+REVENTS = table_of(RolloutEvent)
+DESIRED = table_of(ShopDesired)
 
 ACTIONS = ("pause", "resume", "abort", "rollback")
 OVERLAY_LABEL = "manifests-overlay"
@@ -46,24 +47,25 @@ class RolloutNotFound(RolloutError, LookupError):
     """No rollout with that id."""
 
 
-def load_fleet(conn: Connection) -> list[FleetShop]:
-    """Return every known shop with region, labels, node classes, time zone and current release."""
-    classes: dict[str, set[str]] = defaultdict(set)
-    for shop, cls in conn.execute(select(Node.shop_id, Node.node_class).distinct()):
-        if cls:
-            classes[shop].add(cls)
+def load_fleet(reader: RegistryReader, conn: Connection) -> list[FleetShop]:
+    """Return every known shop with region, labels, node classes, time zone and current release.
+
+    The shops, their nodes and reports come from the registry's read models; the desired release
+    from this package's own table, on ``conn``.
+    """
+    classes = reader.node_classes()
     desired = dict(conn.execute(select(DESIRED.c.shop_id, DESIRED.c.release)).all())
-    reported = dict(conn.execute(select(ReportedStateRecord.shop_id, ReportedStateRecord.release).where(ReportedStateRecord.status == "applied")).all())
+    reported = reader.reported_releases(applied_only=True)
     return [
         FleetShop(
-            id=r.id,
-            region=r.region or "",
-            labels=dict(r.labels or {}),
-            node_classes=frozenset(classes.get(r.id, ())),
-            timezone=r.timezone or "UTC",
-            release=desired.get(r.id) or reported.get(r.id),
+            id=s.id,
+            region=s.region or "",
+            labels=dict(s.labels),
+            node_classes=classes.get(s.id, frozenset()),
+            timezone=s.timezone or "UTC",
+            release=desired.get(s.id) or reported.get(s.id),
         )
-        for r in conn.execute(select(Shop.__table__).order_by(Shop.id))
+        for s in reader.shops()
     ]
 
 
@@ -97,14 +99,14 @@ def start_rollout(engine: Engine, release: str, policy: RolloutPolicy, now: floa
         active = conn.execute(select(ROLLOUTS.c.id, ROLLOUTS.c.release).where(ROLLOUTS.c.status.in_(ACTIVE_ROLLOUT_STATES))).first()
         if active is not None:
             raise RolloutError(f"rollout {active.id} of {active.release} is still active: wait for it, or abort it first")
-        fleet = load_fleet(conn)
+        fleet = load_fleet(RegistryReader(engine), conn)
         plan = plan_rollout(fleet, release, policy)
         if not plan.shops:
             why = "; ".join(f"{s}: {r}" for s, r in plan.skipped[:5]) or "the fleet has no shops"
             raise RolloutError(f"release {release} targets no shop ({why}): check the policy's target and waves")
         check_renders(spec, [s for s in fleet if s.id in set(plan.shops)])
         from_release = {s.id: s.release for s in fleet}
-        rid = conn.execute(
+        key = conn.execute(
             insert(ROLLOUTS).values(
                 release=release,
                 policy=policy.model_dump(mode="json"),
@@ -116,8 +118,11 @@ def start_rollout(engine: Engine, release: str, policy: RolloutPolicy, now: floa
                 updated_at=now,
                 deadline_at=now + policy.deadline_s if policy.deadline_s else None,
             )
-        ).inserted_primary_key[0]
-        rows = [
+        ).inserted_primary_key
+        if key is None:
+            raise RuntimeError("the database returned no id for the new rollout")
+        rid = int(key[0])
+        rows: list[dict[str, Any]] = [
             {"rollout_id": rid, "shop_id": s, "wave": i, "state": "pending", "from_release": from_release.get(s), "reason": "", "baseline": {}}
             for i, w in enumerate(plan.waves)
             for s in w.shops

@@ -17,14 +17,22 @@ from collections.abc import Iterator
 import pytest
 
 from edge_agent.protocol import NodeFacts, PipelineHealth, Reading, Telemetry
+from fleet_controller.alerts import install as install_alerts
 from fleet_controller.alerts.rules import parse_rules
-from fleet_controller.dashboard.setup import Dashboard, attach
-from fleet_controller.releases import ReleaseSpec, ReleaseStore
 from fleet_controller.rollout.api import build_router as rollout_router
 from fleet_controller.rollout.policy import policy_from_dict
+from fleet_controller.rollout.releases import ReleaseSpec, ReleaseStore
 from fleet_controller.rollout.store import start_rollout
 from fleet_controller.service import ControllerService
-from tests.fleet_controller.conftest import Node, controller_settings, heartbeat, presence, wait_for
+from fleet_controller.web.dashboard.setup import Dashboard, attach
+from tests.support.controller import (
+    Node,
+    controller_settings,
+    heartbeat,
+    presence,
+    role_users,
+)
+from tests.support.wait import wait_for
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -42,9 +50,10 @@ class Controller:
         self.service = ControllerService(settings)
         rules = parse_rules("interval_s: 0.5\ndisk_low: {min_free_percent: 10}\nnode_offline: {after_s: 1}\n")
         self.dashboard: Dashboard = attach(self.service, rules)
+        install_alerts(self.service, rules)
         self.service.add_router(rollout_router(self.service.engine))
         self.call(self.service.start())
-        self.creds = self.dashboard.store.ensure_demo_users()
+        self.creds = role_users(self.dashboard.store)
         self.url = self.service.api_url
 
     def start_rollout(self) -> int:
@@ -80,7 +89,7 @@ def fleet(shared_broker, tmp_path_factory) -> Iterator[tuple[Controller, dict[st
     ctl = Controller(settings)
     nodes: dict[str, Node] = {}
     for i, (shop, name) in enumerate(SHOPS.items()):
-        ctl.service.registry.register_shop(shop, name=name, region="north" if i < 2 else "south")
+        ctl.call(ctl.service.writer.register_shop(shop, name=name, region="north" if i < 2 else "south"))
         n = Node(shared_broker, shop, "pi-1")
         n.send(presence(shop, "pi-1"), retain=True)
         pipes = {"cam-entrance": PipelineHealth(kind="vision", state="running", fps=14.8, last_frame_age_s=0.07),
@@ -93,8 +102,8 @@ def fleet(shared_broker, tmp_path_factory) -> Iterator[tuple[Controller, dict[st
             Reading(name="shelf_weight_g", value=1520.0 - 35 * i, unit="g", source="shelf-1/slot-1"),
             Reading(name="door_open", value=0, source="door"))))
         nodes[shop] = n
-    wait_for(lambda: ctl.service.registry.list_shops()[1] == 3 and all(
-        n["presence"] == "online" for s in SHOPS for n in ctl.service.registry.get_shop(s)["nodes"]), what="three shops online")
+    wait_for(lambda: ctl.service.reader.list_shops()[1] == 3 and all(
+        n.presence == "online" for s in SHOPS for n in ctl.service.reader.get_shop(s).nodes), what="three shops online")
     ctl.start_rollout()
     yield ctl, nodes
     for n in nodes.values():

@@ -105,7 +105,8 @@ def test_birth_and_heartbeat_follow_the_protocol(make_agent, recorder: Recorder)
     hb = uplinks(recorder, Channel.TELEMETRY)[0]
     assert isinstance(hb, Heartbeat) and hb.seq == 1 and hb.epoch == agent.outbox.epoch
     assert hb.facts.cpu_count >= 1 and hb.interval_s == 30
-    assert sample(agent, "shopfleet_agent_heartbeats_total") >= 1
+    # counted right after it is enqueued; the uplink thread may have sent it a moment before
+    wait_for(lambda: sample(agent, "shopfleet_agent_heartbeats_total") >= 1, 10, "the heartbeat counted")
     wait_for(lambda: sample(agent, "shopfleet_agent_messages_sent_total", kind="heartbeat") >= 1, 10, "the PUBACK")
     wait_for(lambda: agent.outbox.depth() == 0, 10, "the outbox to drain")
 
@@ -354,3 +355,40 @@ def idle_agent(tmp_path: Path) -> Iterator[Agent]:
     agent = Agent(cfg, facts_provider=SystemFacts(probe=False, disk_path=tmp_path))
     yield agent
     agent.outbox.close()
+
+
+class Gauging:
+    """A pipeline that reports gate metrics (good and bad ones), then fails when told to."""
+
+    kind = "test"
+
+    def __init__(self, name: str, fps: float, error_ratio: float) -> None:
+        self.name, self.fps, self.error_ratio = name, fps, error_ratio
+        self.fail = threading.Event()
+
+    def run(self, stop: threading.Event, sink: EventSink) -> None:
+        sink.gate_metric("fps", self.fps, "lower")
+        sink.gate_metric("error_ratio", self.error_ratio)  # higher is worse by default
+        sink.gate_metric("Bad Name", 1.0)
+        sink.gate_metric("nan_metric", float("nan"))
+        while not stop.wait(0.05):
+            if self.fail.is_set():
+                raise RuntimeError("told to fail")
+
+    def health(self) -> dict[str, Any]:
+        return {}
+
+
+def test_gate_metrics_from_pipelines_reach_the_heartbeat_worst_value_per_name(make_agent, recorder: Recorder) -> None:
+    fast, slow = Gauging("fast", 15.0, 0.01), Gauging("slow", 4.0, 0.002)
+    policy = {"restart_backoff_s": 30.0, "restart_backoff_max_s": 60.0}
+    agent = make_agent(extra_pipelines=[(p, PipelineConfigBase(name=p.name, **policy)) for p in (fast, slow)])
+    # the slowest camera's fps, the highest error ratio
+    wait_for(lambda: agent.gate_metrics() == {"fps": 4.0, "error_ratio": 0.01}, 10, "both pipelines' gate metrics, worst per name")
+    wait_for(lambda: sample(agent, "shopfleet_agent_sink_rejected_total", pipeline="fast", reason="gate_metric_invalid") == 2, 10,
+             "the bad name and the NaN counted and dropped")
+    agent.heartbeat()
+    hb = wait_for(lambda: [m for m in uplinks(recorder, Channel.TELEMETRY) if isinstance(m, Heartbeat) and m.metrics], 10, "the heartbeat")
+    assert hb[-1].metrics == {"fps": 4.0, "error_ratio": 0.01}
+    slow.fail.set()  # a pipeline that stops running no longer speaks for the node
+    wait_for(lambda: agent.gate_metrics() == {"fps": 15.0, "error_ratio": 0.01}, 10, "the failed pipeline's figures dropped")

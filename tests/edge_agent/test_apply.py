@@ -15,22 +15,24 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from edge_agent.apply.cluster import InMemoryClusterClient
-from edge_agent.apply.diff import HASH_ANNOTATION, ObjectRef, diff, workload_ready
+from edge_agent.apply.diff import HASH_ANNOTATION, ObjectRef, contains, diff, readiness
 from edge_agent.apply.errors import ApplyFailed, StateStoreCorrupt
 from edge_agent.apply.handler import ApplyMetrics, ApplyReport, DesiredStateHandler
-from edge_agent.apply.simulated import DEGRADED_FPS, SimulatedApplier
+from edge_agent.apply.plugin import ApplyConfig
 from edge_agent.apply.verify import AppliedRecord, RevisionStore, Verifier, load_public_key
 from edge_agent.protocol import (
     DesiredState,
+    ReportedState,
     Signature,
     Topics,
     encode,
     parse_downlink,
     parse_message,
 )
-from fleet_controller import manifests
-from fleet_controller.releases import ReleaseSpec, desired_state_for
-from fleet_controller.signing import Signer, generate_keypair, load_private_key
+from fleet_controller.rollout import manifests
+from fleet_controller.rollout.releases import ReleaseSpec, desired_state_for
+from fleet_controller.rollout.signing import Signer, generate_keypair, load_private_key
+from tests.support.wait import wait_for
 
 SHOP = "berlin-01"
 DIGEST = "@sha256:" + "12" * 32
@@ -228,20 +230,61 @@ def test_diff_partitions_every_object(desired_keys, live_keys):
     assert set(plan.prune) == {ObjectRef.of(o) for o in live} - {ObjectRef.of(o) for o in desired}
 
 
+def _ds(gen=2, observed=2, desired=3, updated=3, available=3):
+    return {"kind": "DaemonSet", "metadata": {"generation": gen},
+            "status": {"observedGeneration": observed, "desiredNumberScheduled": desired, "updatedNumberScheduled": updated, "numberAvailable": available}}
+
+
+def _deploy(replicas=2, observed=1, updated=2, total=2, available=2, conditions=()):
+    return {"kind": "Deployment", "metadata": {"generation": 1}, "spec": {"replicas": replicas},
+            "status": {"observedGeneration": observed, "replicas": total, "updatedReplicas": updated, "availableReplicas": available,
+                       "conditions": list(conditions)}}
+
+
+PDE = {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded", "message": "ReplicaSet x has timed out progressing."}
+
 READY = [
-    pytest.param({"kind": "ConfigMap"}, True, id="configmap"),
-    pytest.param({"kind": "DaemonSet", "metadata": {"generation": 2}, "status": {"observedGeneration": 1, "desiredNumberScheduled": 3, "updatedNumberScheduled": 3, "numberReady": 3}}, False, id="ds-old-generation"),
-    pytest.param({"kind": "DaemonSet", "metadata": {"generation": 2}, "status": {"observedGeneration": 2, "desiredNumberScheduled": 3, "updatedNumberScheduled": 2, "numberReady": 3}}, False, id="ds-not-all-updated"),
-    pytest.param({"kind": "DaemonSet", "metadata": {"generation": 2}, "status": {"observedGeneration": 2, "desiredNumberScheduled": 3, "updatedNumberScheduled": 3, "numberReady": 2}}, False, id="ds-not-all-ready"),
-    pytest.param({"kind": "DaemonSet", "metadata": {"generation": 2}, "status": {"observedGeneration": 2, "desiredNumberScheduled": 3, "updatedNumberScheduled": 3, "numberReady": 3}}, True, id="ds-ready"),
-    pytest.param({"kind": "Deployment", "metadata": {"generation": 1}, "spec": {"replicas": 2}, "status": {"observedGeneration": 1, "updatedReplicas": 2, "availableReplicas": 1}}, False, id="deploy-unavailable"),
-    pytest.param({"kind": "Deployment", "metadata": {"generation": 1}, "spec": {"replicas": 2}, "status": {"observedGeneration": 1, "updatedReplicas": 2, "availableReplicas": 2}}, True, id="deploy-ready"),
+    pytest.param({"kind": "ConfigMap"}, "ready", id="configmap"),
+    pytest.param(_ds(observed=1), "pending", id="ds-old-generation"),
+    pytest.param(_ds(updated=2), "pending", id="ds-not-all-updated"),
+    pytest.param(_ds(available=2), "pending", id="ds-not-all-available"),
+    pytest.param(_ds(), "ready", id="ds-ready"),
+    pytest.param(_deploy(observed=0), "pending", id="deploy-old-generation"),
+    pytest.param(_deploy(available=1), "pending", id="deploy-unavailable"),
+    pytest.param(_deploy(total=3), "pending", id="deploy-old-replica-still-running"),
+    pytest.param(_deploy(updated=1, available=1, conditions=[PDE]), "failed", id="deploy-progress-deadline-exceeded"),
+    pytest.param(_deploy(), "ready", id="deploy-ready"),
+    pytest.param({"kind": "CustomResourceDefinition", "status": {"conditions": [{"type": "Established", "status": "False"}]}}, "pending", id="crd-not-established"),
+    pytest.param({"kind": "CustomResourceDefinition", "status": {"conditions": [{"type": "Established", "status": "True"}]}}, "ready", id="crd-established"),
 ]
 
 
-@pytest.mark.parametrize("obj, ready", READY)
-def test_workload_ready_table(obj, ready):
-    assert workload_ready(obj)[0] is ready
+@pytest.mark.parametrize("obj, state", READY)
+def test_readiness_table(obj, state):
+    assert readiness(obj).state == state
+
+
+def test_prune_never_touches_namespaces_crds_or_the_protected_agent():
+    ns = _live({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shopfleet", "labels": _obj("ConfigMap", "x")["metadata"]["labels"]}})
+    crd = _live({"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+                 "metadata": {"name": "things.shopfleet.io", "labels": _obj("ConfigMap", "x")["metadata"]["labels"]}})
+    agent, other = _live(_obj("DaemonSet", "shopfleet-agent")), _live(_obj("DaemonSet", "old"))
+    plan = diff([], [ns, crd, agent, other], protect=[ObjectRef.of(agent)])
+    assert [str(r) for r in plan.prune] == ["DaemonSet/shopfleet/old"]
+
+
+CONTAINS = [
+    pytest.param({"a": 1, "b": {"c": [1, 2]}, "extra": 3}, {"a": 1, "b": {"c": [1, 2]}}, True, id="server-added-fields-ignored"),
+    pytest.param({"a": 2}, {"a": 1}, False, id="changed-value"),
+    pytest.param({"b": {}}, {"b": {"c": 1}}, False, id="missing-field"),
+    pytest.param({"l": [{"x": 1, "d": 0}]}, {"l": [{"x": 1}]}, True, id="defaulted-field-in-list-item"),
+    pytest.param({"l": [{"x": 1}, {"x": 2}]}, {"l": [{"x": 1}]}, False, id="extra-list-item"),
+]
+
+
+@pytest.mark.parametrize("live, want, expected", CONTAINS)
+def test_drift_check_contains(live, want, expected):
+    assert contains(live, want) is expected
 
 
 # ----- handler against the in-memory cluster -------------------------------------------------
@@ -304,42 +347,70 @@ def test_apply_failed_error_type_from_client():
         c.apply(_obj("ConfigMap", "x"))
 
 
-@pytest.mark.parametrize(
-    "label, status, fps_low",
-    [
-        pytest.param(None, "applied", False, id="good-release"),
-        pytest.param("degraded", "applied", True, id="degraded-release-applies-but-runs-slow"),
-        pytest.param("crash", "failed", None, id="crash-release-never-ready"),
-    ],
-)
-def test_simulated_applier_modes(tmp_path, keys, label, status, fps_low):
-    signer, verifier = keys
-    sim = SimulatedApplier(seed=1)
-    rig = Rig(tmp_path, verifier, client=sim, ready_timeout_s=0, poll_interval_s=0)
-    labels = {"simulate": label} if label else {}
-    report = rig.handler.handle(_state(signer, 1, "r-x", **labels))
-    assert report.status == status
-    pipelines, metrics = sim.health()
-    if fps_low is None:
-        assert {p.state for p in pipelines.values()} == {"backoff"}
-    else:
-        fps = [p.fps for p in pipelines.values()]
-        assert (max(fps) <= DEGRADED_FPS + 0.5) is fps_low
-        assert (metrics["cart_review_rate"] > 0.1) is fps_low
-    assert sim.release() == "r-x"
+# ----- docs -----------------------------------------------------------------------------------
+
+APPLY_DOC = (Path(__file__).resolve().parents[2] / "docs" / "apply.md").read_text()
 
 
-@pytest.mark.skipif(not os.environ.get("KUBECONFIG"), reason="real-cluster tier: set KUBECONFIG to a disposable K3s/Kubernetes cluster to run it")
-def test_real_cluster_apply_and_prune(tmp_path, keys):
-    from edge_agent.apply.kube import KubernetesClusterClient
+@pytest.mark.parametrize("key", sorted(ApplyConfig.model_fields))
+def test_every_apply_config_key_documented(key):
+    assert f"`apply.{key}`" in APPLY_DOC
 
-    signer, verifier = keys
-    client = KubernetesClusterClient(kubeconfig=os.environ["KUBECONFIG"])
-    rig = Rig(tmp_path, verifier, client=client, ready_timeout_s=600, poll_interval_s=5)
-    report = rig.handler.handle(_state(signer, 1, "r1", classes=frozenset({"pi"})))
-    assert report.status in ("applied", "failed"), report.error  # images are placeholders; objects must be accepted
-    assert not [o for o in report.objects if o.status == "failed"], report.objects
-    live = client.list_managed(SHOP)
-    assert {o["metadata"]["name"] for o in live} >= {"shopfleet-agent", "vision-arm64"}
-    for o in live:
-        client.delete(ObjectRef.of(o))
+
+def test_every_apply_metric_and_status_documented():
+    registry = CollectorRegistry()
+    ApplyMetrics(registry)
+    for metric in registry.collect():
+        name = metric.name if f"`{metric.name}`" in APPLY_DOC else f"{metric.name}_total"
+        assert f"`{name}`" in APPLY_DOC, metric.name
+    for status in ReportedState.model_fields["status"].annotation.__args__:
+        assert f"| `{status}` |" in APPLY_DOC, status
+
+
+class _FakeAgent:
+    """The three things plugin.attach uses from an Agent."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry as _Registry
+
+        self.shop, self.registry, self.release = SHOP, _Registry(), None
+        self.sent: list[dict] = []
+        self.handler = None
+
+    def send(self, _model, **fields) -> int:
+        self.sent.append(fields)
+        return len(self.sent)
+
+    def register_desired_state_handler(self, handler) -> None:
+        self.handler = handler
+
+
+def test_attach_starts_a_reconciler_that_resumes_an_unfinished_apply(tmp_path, keys):
+    import threading
+
+    from edge_agent.apply.plugin import attach
+
+    signer, _ = keys
+    pub = tmp_path / "k.pub"
+    store = RevisionStore(tmp_path / "applied.json")
+    state = _state(signer, 4, "r4")
+    store.save_state(state)  # what an agent that replaced its own pod left behind
+    store.save(AppliedRecord(4, "r4", "applying"))
+    agent, client, stop = _FakeAgent(), InMemoryClusterClient(), threading.Event()
+    config = ApplyConfig(enabled=True, public_keys=(pub,), state_path=store.path, drift_interval_s=0.05,
+                         ready_timeout_s=1, poll_interval_s=0.01)
+    try:
+        handler = attach(agent, config, client=client, stop=stop)
+        assert handler is not None and agent.handler == handler.handle
+        wait_for(lambda: store.load().status == "applied", 10, "the reconciler to finish revision 4")
+        assert agent.release == "r4" and agent.sent[-1]["status"] == "applied"
+        assert ObjectRef("apps/v1", "DaemonSet", "shopfleet", "shopfleet-agent") in client.objects
+    finally:
+        stop.set()
+
+
+def test_apply_config_names_the_fix():
+    with pytest.raises(ValueError, match="lower retry_min_s"):
+        ApplyConfig(retry_min_s=10, retry_max_s=1)
+    with pytest.raises(ValueError, match="self_daemonset"):
+        ApplyConfig(self_daemonset="no-slash")

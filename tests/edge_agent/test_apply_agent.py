@@ -6,13 +6,13 @@ from pathlib import Path
 
 from edge_agent.agent import Agent
 from edge_agent.apply.plugin import attach
-from edge_agent.apply.simulated import SimulatedApplier
 from edge_agent.config import validate_config
 from edge_agent.facts import SystemFacts
 from edge_agent.protocol import Topics, encode, parse_message
-from fleet_controller.releases import ReleaseSpec, desired_state_for
-from fleet_controller.signing import Signer, generate_keypair
+from fleet_controller.rollout.releases import ReleaseSpec, desired_state_for
+from fleet_controller.rollout.signing import Signer, generate_keypair
 from shopfleet.broker import BrokerProcess
+from shopfleet.sim.cluster import SimulatedCluster
 
 from .helpers import Recorder, publish, wait_for
 
@@ -27,10 +27,10 @@ def test_agent_applies_signed_state_and_refuses_a_replay(broker: BrokerProcess, 
         "broker": {"port": broker.port, "reconnect_min_s": 0.05, "reconnect_max_s": 0.3},
         "outbox": {"path": str(tmp_path / "outbox.db"), "synchronous": "normal"},
         "apply": {"enabled": True, "public_keys": [str(tmp_path / "ctl.pub")], "state_path": str(tmp_path / "applied.json"),
-                  "cluster": "simulated", "ready_timeout_s": 1, "poll_interval_s": 0.05},
+                  "ready_timeout_s": 1, "poll_interval_s": 0.05},
     })
     agent = Agent(config, facts_provider=SystemFacts(probe=False, disk_path=tmp_path))
-    sim = SimulatedApplier()
+    sim = SimulatedCluster()
     handler = attach(agent, config.apply, client=sim)
     assert handler is not None
     rec = Recorder(broker.port, (Topics.reported(SHOP),))

@@ -159,3 +159,26 @@ def test_cli_refuses_a_corrupt_outbox_and_a_busy_metrics_port(tmp_path: Path) ->
             timeout=60,
         )
     assert out.returncode == 1 and f"cannot serve metrics on 127.0.0.1:{port}" in out.stderr and "metrics.port" in out.stderr
+
+
+@pytest.mark.parametrize("apply_enabled", [False, True], ids=["apply-disabled", "apply-enabled"])
+def test_cryptography_is_loaded_only_by_an_agent_that_applies(tmp_path: Path, apply_enabled: bool) -> None:
+    import subprocess
+
+    from fleet_controller.rollout.signing import generate_keypair
+
+    generate_keypair(tmp_path / "k.pem")
+    apply = {"enabled": apply_enabled, "public_keys": [str(tmp_path / "k.pub")], "state_path": str(tmp_path / "applied.json")}
+    probe = (
+        "import sys\n"
+        "from edge_agent.agent import Agent\n"
+        "from edge_agent.apply.plugin import attach\n"
+        "import edge_agent.cli\n"
+        "from edge_agent.config import validate_config\n"
+        f"config = validate_config({{'shop': 's', 'node': 'n', 'outbox': {{'path': {str(tmp_path / 'o.db')!r}}}, 'apply': {apply!r}}})\n"
+        "agent = Agent(config)\n"
+        "attach(agent, config.apply, client=object() if config.apply.enabled else None)\n"
+        "print('cryptography' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(apply_enabled)

@@ -16,10 +16,10 @@ from edge_agent.pipelines.hardware import Config
 from edge_agent.protocol import Channel, Event, Telemetry
 from edge_agent.supervisor import PipelineRunner
 from hardware.simulator import SimulatedBoard
+from tests.support.sink import RecordingSink
 
 from .helpers import wait_for
 from .test_agent import make_agent, recorder, uplinks  # noqa: F401 - fixtures used by the end-to-end test
-from .test_supervisor import RecordingSink
 
 PLANOGRAM = {"slots": [{"board": "shelf-a", "channel": 0, "slot": "A1", "product": "cola-330", "unit_weight_g": 345}]}
 
@@ -94,19 +94,25 @@ def test_pick_door_and_temperature_reach_the_sink_and_readings_are_downsampled(b
 
 
 def test_unplug_raises_and_resolves_an_alert_and_counts_errors(board: SimulatedBoard, planogram: str) -> None:
-    pipe = build_pipeline(_config(board.path, planogram))
+    pipe = build_pipeline(_config(board.path, planogram, gate_interval_s=0.2))
     sink = RecordingSink()
     runner = PipelineRunner(pipe, pipe.config, sink)
     runner.start()
     try:
         wait_for(lambda: _settled(sink), 20, "readings")
+        # the gate metrics rollouts judge: the board's frame rate and its share of bad frames
+        wait_for(lambda: sink.gates.get("hardware_fps", (0.0, ""))[0] > 1, 20, "hardware_fps as a gate metric")
+        assert sink.gates["hardware_fps"][1] == "lower" and sink.gates["hardware_bad_frame_ratio"] == (0.0, "higher")
         board.inject(b"\x07\x01\x02\x03\x04\x05\x06\x00")
         board.unplug()
         wait_for(lambda: [a for a in sink.alerts if a[0] == "sensor_board_disconnected" and a[1] == "firing"], 20, "the disconnect alert")
+        assert sink.gates["hardware_fps"][0] == 0.0  # reported at once: a board that went away delivers nothing
         board.replug()
         wait_for(lambda: [a for a in sink.alerts if a[0] == "sensor_board_disconnected" and a[1] == "resolved"], 20, "the resolve")
         errors = wait_for(lambda: pipe.health()["errors_by_reason"].get("reconnect"), 20, "the reconnect counted")
         assert errors == 1
+        wait_for(lambda: sink.gates["hardware_fps"][0] > 0, 20, "hardware_fps back above 0")
+        assert 0 <= sink.gates["hardware_bad_frame_ratio"][0] < 0.5
         assert runner.state == "running"  # an unplug is handled by the driver, not a pipeline failure
     finally:
         runner.stop()

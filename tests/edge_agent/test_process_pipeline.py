@@ -11,7 +11,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edge_agent.pipelines import build_pipeline, config_union, pipeline_types
+from edge_agent.pipelines import (
+    build_pipeline,
+    pipeline_config,
+    pipeline_types,
+    validate_pipeline_entry,
+)
 from edge_agent.pipelines.process import (
     AlertLine,
     Config,
@@ -21,9 +26,9 @@ from edge_agent.pipelines.process import (
     parse_line,
 )
 from edge_agent.supervisor import PipelineRunner
+from tests.support.sink import RecordingSink
 
 from .helpers import wait_for
-from .test_supervisor import RecordingSink
 
 
 @pytest.mark.parametrize(
@@ -83,7 +88,9 @@ def test_parse_line_json_objects_are_total(obj: dict) -> None:
 
 def test_registry_lists_process_type_and_builds_it() -> None:
     assert "process" in pipeline_types()
-    assert config_union() is not None
+    assert pipeline_config("process") is Config
+    entry = validate_pipeline_entry({"type": "process", "name": "x", "command": ["true"]})
+    assert isinstance(entry, Config) and entry.command == ["true"]
     p = build_pipeline(Config(type="process", name="x", command=["true"]))
     assert p.name == "x" and p.kind == "process"
 

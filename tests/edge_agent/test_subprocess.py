@@ -4,95 +4,19 @@ witness; it may see duplicates (the controller dedupes) but must see every seq."
 
 from __future__ import annotations
 
-import os
-import signal
-import sqlite3
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 
 from edge_agent.protocol import Channel, Topics, parse_message
 from shopfleet.broker import BrokerProcess
+from tests.support.agent import NODE, SHOP, AgentProcess
+from tests.support.wait import wait_for
 
-from .helpers import Recorder, wait_for
+from .helpers import Recorder
 
 pytestmark = pytest.mark.slow
-
-SHOP, NODE = "shop-z", "gpu-1"
-TICKER = (
-    "import itertools, json, time\n"
-    "for i in itertools.count():\n"
-    "    print(json.dumps({'kind': 'event', 'type': 'tick', 'data': {'n': i}}), flush=True)\n"
-    "    time.sleep(0.01)\n"
-)
-
-
-class AgentProcess:
-    """One ``python -m shopfleet agent`` child with a config file in ``workdir``."""
-
-    def __init__(self, workdir: Path, broker: BrokerProcess, *, ticker: bool) -> None:
-        self.outbox = workdir / "outbox.db"
-        config = {
-            "shop": SHOP,
-            "node": NODE,
-            "broker": {"port": broker.port, "reconnect_min_s": 0.05, "reconnect_max_s": 0.5, "keepalive_s": 5},
-            "heartbeat_interval_s": 0.05 if ticker else 30,
-            "outbox": {"path": str(self.outbox)},
-            "shutdown_timeout_s": 20,
-            "pipelines": [{"type": "process", "name": "ticker", "command": [sys.executable, "-c", TICKER]}] if ticker else [],
-        }
-        self.config = workdir / "agent.yaml"
-        self.config.write_text(yaml.safe_dump(config))
-        self.log = workdir / "agent.log"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "shopfleet", "agent", "--config", str(self.config)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-
-    def kill(self) -> None:
-        assert self.proc is not None and self.proc.poll() is None, self.log.read_text()[-3000:]
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def terminate(self, timeout: float = 40) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
-
-    def stored(self) -> int:
-        """Return the messages in the outbox now (read by a second SQLite connection)."""
-        if not self.outbox.exists():
-            return 0
-        db = sqlite3.connect(f"file:{self.outbox}?mode=ro", uri=True, timeout=10)
-        try:
-            return db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
-        except sqlite3.OperationalError:
-            return 0
-        finally:
-            db.close()
-
-    def meta(self) -> tuple[str, int]:
-        db = sqlite3.connect(f"file:{self.outbox}?mode=ro", uri=True, timeout=10)
-        try:
-            rows = dict(db.execute("SELECT key, value FROM meta").fetchall())
-        finally:
-            db.close()
-        return rows["epoch"], int(rows["next_seq"]) - 1
-
-    def cleanup(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
 
 
 @pytest.fixture

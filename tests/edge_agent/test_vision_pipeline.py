@@ -19,12 +19,12 @@ from edge_agent.pipelines import build_pipeline, pipeline_types
 from edge_agent.pipelines.vision import Config
 from edge_agent.protocol import Channel, Event, Heartbeat, Telemetry
 from edge_agent.supervisor import PipelineRunner
+from tests.support.sink import RecordingSink
 from vision.fixtures import fetch_fixture
 from vision.model import cache_root, fetch_model
 
 from .helpers import wait_for
 from .test_agent import make_agent, recorder, uplinks  # noqa: F401 - fixtures used by the end-to-end test
-from .test_supervisor import RecordingSink
 
 ZONES = {
     "camera": "plaza",
@@ -158,3 +158,19 @@ def test_agent_sends_camera_events_through_the_outbox(make_agent, recorder, asse
     assert reg.get_sample_value("shopfleet_vision_frames_total", {"camera": "plaza", "pipeline": "cam-1"}) > 0
     assert reg.get_sample_value("shopfleet_vision_events_total", {"camera": "plaza", "kind": "person_entered", "pipeline": "cam-1"}) >= 1
     assert reg.get_sample_value("shopfleet_agent_pipeline_last_frame_age_seconds", {"pipeline": "cam-1"}) is not None
+
+
+def test_real_vision_fps_reaches_the_heartbeat_gate_metrics(make_agent, recorder, assets) -> None:  # noqa: F811
+    pipelines = [
+        {"type": "vision", "name": "cam-1", "source": assets["clip"], "model": assets["model"], "zones": assets["zones"], "threads": 2,
+         "live": True, "gate_interval_s": 0.3}
+    ]  # fmt: skip
+    agent = make_agent(config={"pipelines": pipelines})
+    gates = wait_for(lambda: (g := agent.gate_metrics()).get("vision_fps", 0) > 0 and g, 60, "vision_fps among the gate metrics")
+    assert 0 < gates["vision_fps"] <= 20  # the clip plays live at 10 fps
+    assert 0 <= gates["vision_dropped_ratio"] <= 1 and gates["vision_error_ratio"] >= 0
+    agent.heartbeat()
+    hb = wait_for(
+        lambda: [m for m in uplinks(recorder, Channel.TELEMETRY) if isinstance(m, Heartbeat) and "vision_fps" in m.metrics], 30, "a heartbeat with vision_fps"
+    )
+    assert hb[-1].metrics["vision_fps"] > 0 and hb[-1].pipelines["cam-1"].state == "running"

@@ -7,16 +7,16 @@ from argon2 import PasswordHasher
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fleet_controller.accounts.ratelimit import LoginRateLimiter
-from fleet_controller.accounts.roles import (
+from fleet_controller.web.accounts.ratelimit import LoginRateLimiter
+from fleet_controller.web.accounts.roles import (
     Permission,
     Role,
     has_permission,
     parse_role,
     required_permission,
 )
-from fleet_controller.accounts.store import AccountError, AccountStore, sha256_hex
-from fleet_controller.accounts.web import safe_next
+from fleet_controller.web.accounts.store import AccountError, AccountStore, sha256_hex
+from fleet_controller.web.accounts.web import safe_next
 
 FAST = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
 
@@ -181,7 +181,7 @@ def test_passwords_are_hashed_with_argon2_and_verified(store):
     from sqlalchemy import select
     from sqlalchemy.orm import Session
 
-    from fleet_controller.accounts.models import User
+    from fleet_controller.web.accounts.models import User
 
     with Session(store.engine) as s:
         stored = s.scalars(select(User.password_hash)).one()
@@ -210,7 +210,7 @@ def test_tokens_store_only_a_hash_and_can_be_revoked(store):
     from sqlalchemy import select
     from sqlalchemy.orm import Session
 
-    from fleet_controller.accounts.models import ApiToken
+    from fleet_controller.web.accounts.models import ApiToken
 
     with Session(store.engine) as s:
         row = s.scalars(select(ApiToken)).one()
@@ -232,14 +232,17 @@ def test_first_start_admin_is_created_once_and_must_change_password(store):
     assert store.ensure_initial_admin() is None
 
 
-def test_demo_users_one_per_role_and_idempotent(store):
-    first = store.ensure_demo_users()
-    again = store.ensure_demo_users()
-    assert first == again
-    roles = {u.username: u.role for u in store.list_users()}
-    assert set(roles.values()) == set(Role)
-    for user, password in first.items():
-        assert store.verify_password(user, password)
+def test_put_user_creates_then_resets_password_and_role(store):
+    store.put_user("olga", "first-password-1", "viewer")
+    assert store.verify_password("olga", "first-password-1")
+    store.put_user("olga", "second-password-2", Role.OPERATOR)
+    assert not store.verify_password("olga", "first-password-1") and store.verify_password("olga", "second-password-2")
+    assert [(u.username, u.role) for u in store.list_users()] == [("olga", Role.OPERATOR)]
+    with pytest.raises(AccountError):
+        store.put_user("olga", "short", "viewer")
+    with pytest.raises(ValueError, match="unknown role"):
+        store.put_user("bob", "long-enough-password", "wizard")
+    assert [(u.username, u.role) for u in store.list_users()] == [("olga", Role.OPERATOR)]  # refused requests changed nothing
 
 
 def test_set_password_ends_sessions_and_clears_flag(store):
@@ -254,8 +257,8 @@ def test_set_password_ends_sessions_and_clears_flag(store):
 def test_migration_0003_matches_the_models(registry):
     from sqlalchemy import inspect
 
-    from fleet_controller.accounts.models import ACCOUNT_TABLES
     from fleet_controller.alerts.models import AlertRecord, Silence
+    from fleet_controller.web.accounts.models import ACCOUNT_TABLES
 
     insp = inspect(registry.engine)
     for table in (*ACCOUNT_TABLES, AlertRecord.__table__, Silence.__table__):

@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from fleet_controller.accounts.store import AccountStore
-from fleet_controller.db import create_engine
+from fleet_controller.registry.db import create_engine
+from fleet_controller.web.accounts.store import AccountStore
 from shopfleet.cli import main
 
 
@@ -77,3 +77,22 @@ def test_help_explains_every_option(capsys):
     with pytest.raises(SystemExit):
         main(["tokens", "create", "--help"])
     assert "--user" in capsys.readouterr().out
+
+
+def test_help_works_without_the_database_packages():
+    """``shopfleet --help`` on an agent-only machine: SQLAlchemy, Alembic and argon2 are not installed there."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = (
+        "import sys\n"
+        "for m in ('sqlalchemy', 'alembic', 'argon2'): sys.modules[m] = None  # importing them now fails\n"
+        "from shopfleet.cli import main\n"
+        "sys.exit(main(['--help']))\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=60,
+                          env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    assert "users" in proc.stdout and "ModuleNotFoundError" not in proc.stderr

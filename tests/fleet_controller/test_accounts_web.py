@@ -10,14 +10,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from fleet_controller.accounts.store import AccountStore
-from fleet_controller.accounts.web import build_auth
 from fleet_controller.alerts.rules import AlertRules
-from fleet_controller.app import create_app
-from fleet_controller.dashboard.live import LiveHub
-from fleet_controller.dashboard.router import dashboard_router
+from fleet_controller.intake.core import RegistryWriter
+from fleet_controller.registry.read import RegistryReader
 from fleet_controller.rollout.api import build_router as rollout_router
+from fleet_controller.web.accounts.store import AccountStore
+from fleet_controller.web.accounts.web import build_auth
+from fleet_controller.web.app import create_app
+from fleet_controller.web.dashboard.live import LiveHub
+from fleet_controller.web.dashboard.router import dashboard_router
 
+from .conftest import role_users
 from .test_accounts import FAST
 
 OPEN = {"/login", "/healthz", "/metrics", "/static/{name}"}
@@ -37,14 +40,17 @@ def all_routes(app):
 
 
 @pytest.fixture
-def app_and_store(registry):
+def app_and_store(registry, db_url):
     store = AccountStore(registry.engine, FAST)
-    creds = store.ensure_demo_users()
+    creds = role_users(store)
     mreg = CollectorRegistry()
     auth = build_auth(store, mreg)
-    app = create_app(registry, mreg, routers=[auth.router, dashboard_router(registry, LiveHub(mreg), AlertRules()),
-                                              rollout_router(registry.engine)], dependencies=[auth.dependency])
-    return app, store, creds, mreg
+    reader = RegistryReader(registry.engine)
+    writer = RegistryWriter(db_url, mode="thread")
+    app = create_app(reader, mreg, writer=writer, routers=[auth.router, dashboard_router(reader, LiveHub(mreg), AlertRules()),
+                                                           rollout_router(registry.engine)], dependencies=[auth.dependency])
+    yield app, store, creds, mreg
+    writer.close()
 
 
 def login(client: TestClient, username: str, password: str, next_url: str = "/fleet"):

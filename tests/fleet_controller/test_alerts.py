@@ -26,6 +26,7 @@ from fleet_controller.alerts.metrics import AlertMetrics
 from fleet_controller.alerts.rules import AlertRules, RulesError, Webhook, load_rules, parse_rules
 from fleet_controller.alerts.webhook import send
 from fleet_controller.alerts.worker import AlertWorker
+from fleet_controller.registry.read import RegistryReader
 
 from .conftest import alert as node_alert
 from .conftest import heartbeat, presence, telemetry
@@ -215,7 +216,7 @@ def test_worker_opens_and_resolves_from_registry_state(registry):
     clock = [NOW]
     published = []
     rules = parse_rules("fridge_warm: {for_s: 60}")
-    w = AlertWorker(registry.engine, rules, AlertMetrics(mreg), clock=lambda: clock[0], publish=lambda t, d: published.append((t, d)))
+    w = AlertWorker(RegistryReader(registry.engine), rules, AlertMetrics(mreg), clock=lambda: clock[0], publish=lambda t, d: published.append((t, d)))
     ch = w.evaluate_once()
     assert [a.rule for a in ch.opened] == ["node:fridge_warm"]  # raised by the node itself; ours waits for_s
     clock[0] = NOW + 61
@@ -232,11 +233,11 @@ def test_worker_opens_and_resolves_from_registry_state(registry):
 
 
 async def test_worker_survives_a_broken_database(tmp_path):
-    from fleet_controller.db import create_engine
+    from fleet_controller.registry.db import create_engine
 
     engine = create_engine(f"sqlite:///{tmp_path / 'empty.db'}")  # no tables: every query fails
     mreg = CollectorRegistry()
-    w = AlertWorker(engine, AlertRules(), AlertMetrics(mreg))
+    w = AlertWorker(RegistryReader(engine), AlertRules(), AlertMetrics(mreg))
     async with httpx.AsyncClient() as client:
         assert await w.tick(client) is None
         assert await w.tick(client) is None
@@ -300,7 +301,7 @@ async def test_worker_sends_opened_and_resolved_to_the_webhook_but_not_silenced(
         update={"disk_free_bytes": 1 << 20})), at=NOW), NOW)
     clock = [NOW]
     rules = parse_rules(f"webhook: {{url: 'http://127.0.0.1:{receiver.server_port}/h'}}\nnode_alerts: {{enabled: false}}")
-    w = AlertWorker(registry.engine, rules, AlertMetrics(CollectorRegistry()), clock=lambda: clock[0], webhook_base_delay_s=0.01)
+    w = AlertWorker(RegistryReader(registry.engine), rules, AlertMetrics(CollectorRegistry()), clock=lambda: clock[0], webhook_base_delay_s=0.01)
     async with httpx.AsyncClient() as client:
         ch = await w.tick(client)
         assert [a.rule for a in ch.opened] == ["disk_low"]

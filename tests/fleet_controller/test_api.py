@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fleet_controller.registry import NodeUpdate, SeqCursor, WriteBatch
+from fleet_controller.registry.store import NodeUpdate, SeqCursor, WriteBatch
 from fleet_controller.settings import PresenceSettings
 
 from .conftest import alert, event, heartbeat
@@ -85,13 +85,13 @@ def test_events_of_a_shop(api_client, fleet):
     assert kinds == {"event", "alert", "presence"}
 
 
-def test_register_shop_over_http(api_client, registry):
+def test_register_shop_over_http(api_client, reader):
     r = api_client.put("/api/v1/shops/shop-x", json={"name": "Hbf", "region": "eu", "labels": {"a": "b"}, "timezone": "Europe/Berlin"})
     assert r.status_code == 200, r.text
     assert (r.json()["name"], r.json()["nodes"]) == ("Hbf", 0)
     assert api_client.put("/api/v1/shops/shop-x", json={"colour": "red"}).status_code == 422
     assert api_client.put("/api/v1/shops/Bad_Id", json={}).status_code == 422
-    assert registry.get_shop("shop-x")["timezone"] == "Europe/Berlin"
+    assert reader.shop("shop-x").timezone == "Europe/Berlin"
 
 
 def test_healthz_metrics_and_docs(api_client, fleet):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import queue
 import stat
 import subprocess
@@ -211,3 +212,136 @@ def test_node_cannot_read_another_shops_desired_state(secured):
     assert got == [(Topics.desired("shop-a"), b"desired-a"), (Topics.controller_clock, b"tick")]
     for c in (node_a, node_b, ctl):
         c.close()
+
+
+# ----- identity binding, TLS, zero-loss sizing, ownership, shop brokers -----------------------
+# (tests/security/ runs these generated files on real Mosquitto.)
+
+
+def _conf_lines(path) -> list[str]:
+    return [ln for ln in path.read_text().splitlines() if ln and not ln.startswith("#")]
+
+
+def test_every_listener_binds_client_id_to_username_and_tls_requires_a_certificate(tmp_path):
+    from fleet_controller.broker_config import BrokerOptions
+    from fleet_controller.pki import Pki
+
+    Pki.init(tmp_path / "pki")
+    opts = BrokerOptions(pki_dir=tmp_path / "pki", server_names=("mqtt.example",), persistence_dir=tmp_path / "data")
+    files = write_broker_config(PAIRS, tmp_path / "out", options=opts)
+    lines = _conf_lines(files.conf_file)
+    listeners = [i for i, ln in enumerate(lines) if ln.startswith("listener ")]
+    assert [lines[i] for i in listeners] == ["listener 1883", "listener 8883"]
+    for start, end in zip(listeners, [*listeners[1:], len(lines)], strict=True):
+        assert "use_username_as_clientid true" in lines[start:end]
+    tls = lines[listeners[1]:]
+    for want in ("require_certificate true", "use_identity_as_username true", f"crlfile {(tmp_path / 'pki' / 'crl.pem').resolve()}",
+                 f"keyfile {(tmp_path / 'pki' / 'certs' / 'mqtt.example.key').resolve()}"):
+        assert want in tls
+    assert "allow_anonymous false" in lines and "queue_qos0_messages false" in lines and "persistence true" in lines
+    assert files.certificates_issued == 1 + 1 + len(PAIRS)  # server, controller, nodes
+    assert write_broker_config(PAIRS, tmp_path / "out", options=opts).certificates_issued == 0  # kept
+
+
+def test_port_zero_drops_the_password_listener(tmp_path):
+    from fleet_controller.broker_config import BrokerOptions
+
+    files = write_broker_config(PAIRS, tmp_path / "out", options=BrokerOptions(port=0, persistence_dir=tmp_path / "d"))
+    assert not [ln for ln in _conf_lines(files.conf_file) if ln.startswith("listener")]
+
+
+@pytest.mark.parametrize(
+    ("nodes", "rate", "outage", "size", "messages"),
+    [(3, 1.0, 3600, 1024, 10800), (1000, 0.5, 1800, 800, 900_000), (2, 0.1, 10, 1024, 1000)],  # last: Mosquitto's floor
+)
+def test_queue_sized_from_the_fleet(nodes, rate, outage, size, messages):
+    from fleet_controller.broker_config import QueueSizing
+
+    s = QueueSizing(nodes, rate, outage, size)
+    assert s.messages == messages and s.bytes == messages * size
+
+
+def test_sizing_and_packet_limits_are_written(tmp_path):
+    from edge_agent.protocol import MAX_PAYLOAD_BYTES
+    from fleet_controller.broker_config import BrokerOptions
+
+    opts = BrokerOptions(rate_per_node=2, outage_s=600, message_bytes=500, persistence_dir=tmp_path / "d", autosave_interval=5)
+    lines = _conf_lines(write_broker_config(PAIRS, tmp_path / "out", options=opts).conf_file)
+    assert {"max_queued_messages 3600", "max_queued_bytes 1800000", "autosave_interval 5",
+            f"persistence_location {tmp_path / 'd'}/", f"max_packet_size {MAX_PAYLOAD_BYTES + 4096}"} <= set(lines)
+    assert (tmp_path / "d").is_dir()
+
+
+def test_controller_users_are_unguessable_kept_and_one_per_replica(tmp_path):
+    from fleet_controller.broker_config import BrokerOptions
+
+    first = write_broker_config(PAIRS, tmp_path / "out", options=BrokerOptions(controller_replicas=2, persistence_dir=tmp_path / "d"))
+    assert len(first.controllers) == 2 and len(set(first.controllers)) == 2
+    assert all(u.startswith("controller-") and len(u) == len("controller-") + 12 for u in first.controllers)
+    again = write_broker_config(PAIRS, tmp_path / "out", options=BrokerOptions(controller_replicas=2, persistence_dir=tmp_path / "d"))
+    assert again.controllers == first.controllers and again.generated == 0
+    creds = json.loads(again.credentials_file.read_text())
+    assert creds["controller"]["username"] == first.controllers[0]
+    assert [c["username"] for c in creds["controllers"]] == list(first.controllers)
+    acl = again.acl_file.read_text()
+    for user in first.controllers:
+        assert f"user {user}\ntopic readwrite fleet/v1/#" in acl
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"shop_brokers": ("shop-a",)}, "needs --central"),
+        ({"shop_brokers": ("shop-z",), "central": "c:8883"}, "no node of that shop"),
+        ({"shop_brokers": ("shop-a",), "central": "c:8883"}, "needs --pki"),
+        ({"owner": "no-such-user-h8"}, "no such user"),
+        ({"max_packet_size": 1000}, "below what the protocol allows"),
+        ({"outage_s": 0}, "positive numbers"),
+        ({"controller_users": ("a.b",)}, "no '.'"),
+    ],
+)
+def test_bad_options_name_the_fix_and_write_nothing(tmp_path, kwargs, error):
+    from fleet_controller.broker_config import BrokerOptions
+
+    with pytest.raises(BrokerConfigError, match=error):
+        write_broker_config(PAIRS, tmp_path / "out", options=BrokerOptions(persistence_dir=tmp_path / "d", **kwargs))
+    assert not (tmp_path / "out" / "credentials.json").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
+def test_owner_makes_the_broker_files_readable_by_mosquitto_and_keeps_credentials_private(tmp_path):
+    import pwd
+
+    from fleet_controller.broker_config import BrokerOptions
+    from fleet_controller.pki import Pki
+
+    uid = pwd.getpwnam("mosquitto").pw_uid
+    Pki.init(tmp_path / "pki")
+    opts = BrokerOptions(owner="mosquitto", pki_dir=tmp_path / "pki", server_names=("localhost",), persistence_dir=tmp_path / "d")
+    files = write_broker_config(PAIRS, tmp_path / "out", options=opts)
+    for p in (files.password_file, files.acl_file, files.conf_file, tmp_path / "d", tmp_path / "pki" / "certs" / "localhost.key"):
+        assert p.stat().st_uid == uid, p
+    assert files.credentials_file.stat().st_uid == 0 and stat.S_IMODE(files.credentials_file.stat().st_mode) == 0o600
+    assert (tmp_path / "pki" / "private" / "ca.key").stat().st_uid == 0
+
+
+def test_shop_broker_files(tmp_path):
+    from fleet_controller.broker_config import BrokerOptions
+    from fleet_controller.pki import Pki
+
+    Pki.init(tmp_path / "pki")
+    opts = BrokerOptions(pki_dir=tmp_path / "pki", persistence_dir=tmp_path / "d", shop_brokers=("shop-a",), central="mqtt.example",
+                         shop_install_dir="/etc/shopfleet/{shop}")
+    files = write_broker_config(PAIRS, tmp_path / "out", options=opts)
+    d = files.shop_dirs["shop-a"]
+    lines = _conf_lines(d / "mosquitto.conf")
+    assert "address mqtt.example:8883" in lines and "bridge_certfile /etc/shopfleet/shop-a/bridge.crt" in lines
+    assert "allow_anonymous false" in lines and "use_username_as_clientid true" in lines and "max_queued_messages 7200" in lines
+    topics = [ln for ln in lines if ln.startswith("topic ")]
+    assert topics and all("shop-a/" in t or "_controller/" in t for t in topics)
+    assert "topic fleet/v1/shop-a/state/desired in 1" in topics and "topic fleet/v1/shop-a/pi-2/telemetry out 1" in topics
+    assert [ln.split(":")[0] for ln in (d / "passwd").read_text().splitlines()] == ["shop-a.pi-1", "shop-a.pi-2"]
+    assert "fleet/v1/shop-b" not in (d / "acl").read_text() and "user shop-b" not in (d / "acl").read_text()
+    assert stat.S_IMODE((d / "bridge.key").stat().st_mode) == 0o600
+    central_acl = files.acl_file.read_text().split("user shop-a._bridge\n")[1].split("\n\n")[0]
+    assert "fleet/v1/shop-b" not in central_acl and "topic write fleet/v1/shop-a/pi-1/telemetry" in central_acl

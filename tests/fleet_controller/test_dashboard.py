@@ -14,19 +14,19 @@ from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 from edge_agent.protocol import NodeFacts, PipelineHealth, Reading, Telemetry
-from fleet_controller.accounts.store import AccountStore
 from fleet_controller.alerts import store as alert_store
 from fleet_controller.alerts.evaluator import Firing
 from fleet_controller.alerts.rules import AlertRules
-from fleet_controller.dashboard.charts import sparkline
-from fleet_controller.dashboard.fleetview import FleetQuery, fleet_page
-from fleet_controller.dashboard.live import LiveHub
-from fleet_controller.dashboard.router import parse_fleet_query, query_string
-from fleet_controller.dashboard.setup import build_app, forward_bus
-from fleet_controller.registry import BusEvent
-from fleet_controller.service import EventBus
+from fleet_controller.registry.bus import BusEvent, EventBus
+from fleet_controller.registry.read import RegistryReader
+from fleet_controller.web.accounts.store import AccountStore
+from fleet_controller.web.dashboard.charts import sparkline
+from fleet_controller.web.dashboard.fleetview import FleetQuery, fleet_page
+from fleet_controller.web.dashboard.live import LiveHub
+from fleet_controller.web.dashboard.router import parse_fleet_query, query_string
+from fleet_controller.web.dashboard.setup import build_app, forward_bus
 
-from .conftest import heartbeat, presence
+from .conftest import heartbeat, presence, role_users
 from .test_accounts import FAST
 from .test_accounts_web import csrf_of, login
 from .test_registry import batch
@@ -54,7 +54,7 @@ def populate(registry, shops: int = 30) -> None:
 
 def test_fleet_page_states_filters_sort_and_pages(registry):
     populate(registry)
-    e = registry.engine
+    e = RegistryReader(registry.engine)
     p = fleet_page(e, FleetQuery(per_page=10))
     assert p.total == 30 and p.pages == 3 and len(p.rows) == 10
     # pi-1 offline when i % 3 == 0; a gpu-1 when i % 5 == 0, offline unless pi-1 is: a shop with
@@ -112,9 +112,9 @@ def test_sparkline(values, points):
 @pytest.fixture
 def web(registry):
     store = AccountStore(registry.engine, FAST)
-    creds = store.ensure_demo_users()
+    creds = role_users(store)
     mreg = CollectorRegistry()
-    app, hub = build_app(registry, mreg, store, AlertRules())
+    app, hub = build_app(RegistryReader(registry.engine), mreg, store, AlertRules())
     return app, creds, hub
 
 
@@ -187,9 +187,12 @@ async def test_hub_streams_bus_events_as_sse_and_drops_when_full():
     stream = hub.stream(keepalive_s=0.05)
     assert await anext(stream) == "retry: 3000\n\n"
     nxt = asyncio.create_task(anext(stream))
-    await asyncio.sleep(0)  # let the subscriber register before publishing
-    while not bus._subs:
-        await asyncio.sleep(0.01)
+
+    async def subscribed() -> None:
+        while bus.subscribers == 0:
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(subscribed(), 5)  # the forwarder subscribed: publishing now reaches the stream
     bus.publish(BusEvent("presence", "s1", "pi-1", {"old": "online", "new": "offline", "reason": "will"}, at=NOW))
     frame = await asyncio.wait_for(nxt, 5)
     assert frame.startswith("event: presence\ndata: ") and '"new":"offline"' in frame and '"shop":"s1"' in frame
@@ -203,11 +206,11 @@ async def test_hub_streams_bus_events_as_sse_and_drops_when_full():
 
 
 def test_summary_cache_rereads_after_max_age_or_a_state_change(registry):
-    from fleet_controller.dashboard.fleetview import SummaryCache
+    from fleet_controller.web.dashboard.fleetview import SummaryCache
 
     registry.register_shop("s1")
     t = [0.0]
-    cache = SummaryCache(registry.engine, max_age_s=2.0, clock=lambda: t[0])
+    cache = SummaryCache(RegistryReader(registry.engine), max_age_s=2.0, clock=lambda: t[0])
     assert [r["id"] for r in cache.rows()] == ["s1"]
     registry.register_shop("s2")
     assert len(cache.rows()) == 1  # still fresh enough
@@ -245,7 +248,7 @@ def test_a_live_state_change_refreshes_the_fleet_table_at_once(web, registry):
     ],
 )
 def test_select_page_table(query, ids):
-    from fleet_controller.dashboard.fleetview import select_page, shop_state
+    from fleet_controller.web.dashboard.fleetview import select_page, shop_state
 
     def row(i, nodes, online, stale, alerts, seen):
         return {"id": i, "name": i.upper(), "region": "r", "state": shop_state(nodes, online, stale), "nodes": nodes,

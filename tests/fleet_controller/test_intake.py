@@ -9,8 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edge_agent.protocol import MAX_PAYLOAD_BYTES, Topics, encode
-from fleet_controller.intake import IntakeCore, record
-from fleet_controller.mqtt import InboundMessage
+from fleet_controller.intake.core import IntakeCore, record
+from fleet_controller.intake.mqtt import InboundMessage
 
 from .conftest import event, heartbeat, presence, telemetry
 
@@ -45,29 +45,29 @@ def value(metrics, name: str, **labels) -> float:
     return metrics.registry.get_sample_value(name, labels) or 0.0
 
 
-def test_dedupe_survives_a_controller_restart(make_intake, registry, metrics):
+def test_dedupe_survives_a_controller_restart(make_intake, registry, metrics, reader):
     first = make_intake()
     out = first.process_batch([inbound(heartbeat(seq=s)) for s in (1, 2, 4)])
     assert (out.stored, out.duplicates) == (3, 0)
     restarted = make_intake()  # a new process: cursors come from the database
     out = restarted.process_batch([inbound(heartbeat(seq=s)) for s in (2, 3, 4, 5, 5)])
     assert (out.stored, out.duplicates) == (2, 3)  # 3 fills the gap, 5 is new; 2, 4 and the second 5 are replays
-    node = registry.get_node("shop-a", "pi-1", history=100)
-    assert sorted(h["seq"] for h in node["history"]) == [1, 2, 3, 4, 5]
-    assert (node["watermark"], node["open_gaps"], node["missing_total"], node["duplicates_total"]) == (5, 0, 1, 3)
+    node = reader.get_node("shop-a", "pi-1", history=100)
+    assert sorted(h.seq for h in node.history) == [1, 2, 3, 4, 5]
+    assert (node.watermark, node.open_gaps, node.missing_total, node.duplicates_total) == (5, 0, 1, 3)
     assert value(metrics, "shopfleet_controller_duplicates_total") == 3
     assert value(metrics, "shopfleet_controller_gaps_total") == 1
     assert value(metrics, "shopfleet_controller_gaps_filled_total") == 1
     assert value(metrics, "shopfleet_controller_ingested_total", kind="heartbeat") == 5
 
 
-def test_new_epoch_restarts_the_stream(make_intake, registry):
+def test_new_epoch_restarts_the_stream(make_intake, registry, reader):
     intake = make_intake()
     intake.process_batch([inbound(heartbeat(seq=s)) for s in range(1, 8)])
     out = intake.process_batch([inbound(heartbeat(seq=s, epoch="ep2")) for s in (1, 2)])
     assert out.stored == 2
-    node = registry.get_node("shop-a", "pi-1")
-    assert (node["epoch"], node["watermark"], node["open_gaps"]) == ("ep2", 2, 0)
+    node = reader.get_node("shop-a", "pi-1")
+    assert (node.epoch, node.watermark, node.open_gaps) == ("ep2", 2, 0)
 
 
 def _bad_payloads() -> list:
@@ -91,13 +91,13 @@ def _bad_payloads() -> list:
 
 
 @pytest.mark.parametrize(("topic", "payload", "reason"), _bad_payloads())
-def test_bad_input_is_counted_and_the_good_rest_stored(make_intake, registry, metrics, topic, payload, reason):
+def test_bad_input_is_counted_and_the_good_rest_stored(make_intake, registry, metrics, topic, payload, reason, reader):
     assert len(payload) > MAX_PAYLOAD_BYTES or reason != "too_large"
     intake = make_intake()
     out = intake.process_batch([inbound(heartbeat(seq=1)), InboundMessage(topic, payload), inbound(heartbeat(seq=2))])
     assert (out.stored, out.rejected) == (2, 1)
     assert value(metrics, "shopfleet_controller_rejected_total", reason=reason) == 1
-    assert registry.get_node("shop-a", "pi-1")["watermark"] == 2
+    assert reader.get_node("shop-a", "pi-1").watermark == 2
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -113,38 +113,38 @@ def test_bad_input_is_counted_and_the_good_rest_stored(make_intake, registry, me
         .map(lambda d: json.dumps(d).encode()),
     ),
 )
-def test_any_garbage_is_rejected_and_the_intake_goes_on(make_intake, registry, metrics, topic, payload):
+def test_any_garbage_is_rejected_and_the_intake_goes_on(make_intake, registry, metrics, topic, payload, reader):
     intake = make_intake()
-    before = registry.get_node("shop-a", "pi-1")["watermark"] if registry.node_keys() else 0
+    before = reader.get_node("shop-a", "pi-1").watermark if reader.node_keys() else 0
     out = intake.process_batch([InboundMessage(topic, payload)])
     assert out.stored + out.rejected == 1
     out = intake.process_batch([inbound(heartbeat(seq=before + 1))])
     assert out.stored == 1
-    assert registry.get_node("shop-a", "pi-1")["watermark"] == before + 1
+    assert reader.get_node("shop-a", "pi-1").watermark == before + 1
 
 
-def test_a_row_the_database_refuses_is_dropped_alone(make_intake, registry, metrics):
+def test_a_row_the_database_refuses_is_dropped_alone(make_intake, registry, metrics, reader):
     """PostgreSQL refuses NUL in text; the batch falls back to one by one and keeps the good ones."""
     nul = event(seq=2, type="door\x00opened")
     out = make_intake().process_batch([inbound(telemetry(seq=1)), inbound(nul), inbound(event(seq=3))])
     if registry.engine.dialect.name == "postgresql":
         assert (out.stored, out.rejected) == (2, 1)
         assert value(metrics, "shopfleet_controller_rejected_total", reason="unstorable") == 1
-        assert [e["seq"] for e in registry.list_events("shop-a", kind="event")] == [3]
+        assert [e.seq for e in reader.list_events("shop-a", kind="event")] == [3]
     else:  # SQLite stores it
         assert (out.stored, out.rejected) == (3, 0)
-    assert registry.get_node("shop-a", "pi-1")["watermark"] == 3
+    assert reader.get_node("shop-a", "pi-1").watermark == 3
 
 
-def test_a_seq_too_big_for_the_database_is_dropped_alone(make_intake, registry, metrics):
+def test_a_seq_too_big_for_the_database_is_dropped_alone(make_intake, registry, metrics, reader):
     out = make_intake().process_batch([inbound(heartbeat(seq=1)), inbound(heartbeat(seq=2**70)), inbound(heartbeat(seq=2))])
     assert (out.stored, out.rejected) == (2, 1)
     assert value(metrics, "shopfleet_controller_rejected_total", reason="unstorable") == 1
-    assert registry.get_node("shop-a", "pi-1")["watermark"] == 2
+    assert reader.get_node("shop-a", "pi-1").watermark == 2
 
 
-def test_presence_messages_bypass_dedupe(make_intake, registry):
+def test_presence_messages_bypass_dedupe(make_intake, registry, reader):
     intake = make_intake()
     intake.process_batch([inbound(presence(session=1)), inbound(presence(state="offline", session=1)), inbound(presence(session=2))])
-    node = registry.get_node("shop-a", "pi-1")
-    assert (node["presence"], node["session"], node["watermark"]) == ("online", 2, 0)
+    node = reader.get_node("shop-a", "pi-1")
+    assert (node.presence, node.session, node.watermark) == ("online", 2, 0)

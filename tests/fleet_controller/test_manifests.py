@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from fleet_controller import manifests as m
+from fleet_controller.rollout import manifests as m
 from fleet_controller.rollout.cli import main as cli
 
 DIGEST = "sha256:" + "ab" * 32
@@ -86,12 +86,12 @@ def test_render_keeps_only_the_shops_node_classes(classes, expect_gpu, expect_ar
 
 def test_render_pins_release_images_and_stamps_labels_then_validates():
     image = f"registry.example/vision@{DIGEST}"
-    rel = m.RenderInput("v2", {"vision": image}, model_sha256="cd" * 32, vision_annotations={"shopfleet.io/simulate": "degraded"})
+    rel = m.RenderInput("v2", {"vision": image}, model_sha256="cd" * 32)
     objs = m.render_shop(m.ShopTarget("oslo-3", frozenset({"pi", "gpu"})), rel, 12)
     arm = _find(objs, "DaemonSet", "vision-arm64")
     assert arm["spec"]["template"]["spec"]["containers"][0]["image"] == image
     ann = arm["spec"]["template"]["metadata"]["annotations"]
-    assert ann[m.ANNOTATION_MODEL] == "cd" * 32 and ann["shopfleet.io/simulate"] == "degraded"
+    assert ann[m.ANNOTATION_MODEL] == "cd" * 32 and ann[m.LABEL_RELEASE] == "v2"
     for o in objs:
         labels = o["metadata"]["labels"]
         assert labels[m.LABEL_SHOP] == "oslo-3" and labels[m.LABEL_REVISION] == "12" and labels[m.LABEL_MANAGED] == "shopfleet"

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import inspect
 
-from fleet_controller.db import Base
-from fleet_controller.migrations import alembic_config, pending
-from fleet_controller.registry import (
+from fleet_controller.registry.db import Base
+from fleet_controller.registry.migrations import alembic_config, pending
+from fleet_controller.registry.read import NotFound
+from fleet_controller.registry.store import (
     NodeUpdate,
-    NotFound,
     PresenceView,
     SeqCursor,
     WriteBatch,
@@ -89,65 +89,65 @@ def test_migration_matches_models(registry):
     assert "0001_registry" in {r.revision for r in ScriptDirectory.from_config(alembic_config()).walk_revisions()}
 
 
-def test_first_message_creates_shop_and_node_with_facts(registry):
+def test_first_message_creates_shop_and_node_with_facts(registry, reader):
     events = registry.write_batch(batch(heartbeat(seq=1)), T0)
     assert {e.topic for e in events} >= {"shop_added", "node_added", "presence"}
-    node = registry.get_node("shop-a", "pi-1")
-    assert node["arch"] == "arm64" and node["node_class"] == "pi" and node["presence"] == "online"
-    assert node["facts"]["cpu_count"] == 4 and node["heartbeat_interval_s"] == 10
-    assert node["last_seen"] == T0 and [h["seq"] for h in node["history"]] == [1]
-    assert node["watermark"] == 1 and node["messages_total"] == 1
+    node = reader.get_node("shop-a", "pi-1")
+    assert node.arch == "arm64" and node.node_class == "pi" and node.presence == "online"
+    assert node.facts["cpu_count"] == 4 and node.heartbeat_interval_s == 10
+    assert node.last_seen == T0 and [h.seq for h in node.history] == [1]
+    assert node.watermark == 1 and node.messages_total == 1
 
 
-def test_readings_keep_latest_per_key_and_reported_state(registry):
+def test_readings_keep_latest_per_key_and_reported_state(registry, reader):
     registry.write_batch(batch(telemetry(seq=1, value=4.0, ts=T0), telemetry(seq=2, value=9.5, ts=T0 + 1)), T0)
     registry.write_batch(batch(telemetry(seq=3, value=5.5, ts=T0 + 2)), T0 + 2)
-    shop = registry.get_shop("shop-a")
-    assert [(r["name"], r["value"]) for r in shop["readings"]] == [("temperature_c", 5.5)]
-    assert shop["reported_state"] is None
+    shop = reader.get_shop("shop-a")
+    assert [(r.name, r.value) for r in shop.readings] == [("temperature_c", 5.5)]
+    assert shop.reported_state is None
 
 
-def test_events_and_alerts_are_stored_newest_first(registry):
+def test_events_and_alerts_are_stored_newest_first(registry, reader):
     registry.write_batch(batch(event(seq=1), alert(seq=2), event(seq=3, type="person_entered")), T0)
-    evs = registry.list_events("shop-a", kind=None)
-    assert [(e["kind"], e["type"]) for e in evs if e["kind"] != "presence"] == [
+    evs = reader.list_events("shop-a", kind=None)
+    assert [(e.kind, e.type) for e in evs if e.kind != "presence"] == [
         ("event", "person_entered"), ("alert", "fridge_warm"), ("event", "door_opened")]
-    first = min(e["id"] for e in evs)
-    assert [e["seq"] for e in registry.list_events("shop-a", after_id=first, kind="event")] == [3]
+    first = min(e.id for e in evs)
+    assert [e.seq for e in reader.list_events("shop-a", after_id=first, kind="event")] == [3]
 
 
-def test_late_will_of_older_session_never_marks_newer_session_offline(registry):
+def test_late_will_of_older_session_never_marks_newer_session_offline(registry, reader):
     registry.write_batch(batch(presence(session=1)), T0)
     registry.write_batch(batch(presence(session=2)), T0 + 1)  # reconnected before the old Will arrived
     events = registry.write_batch(batch(presence(state="offline", session=1)), T0 + 2)
     assert [e for e in events if e.topic == "presence"] == []
-    node = registry.get_node("shop-a", "pi-1")
-    assert (node["presence"], node["session"]) == ("online", 2)
+    node = reader.get_node("shop-a", "pi-1")
+    assert (node.presence, node.session) == ("online", 2)
     registry.write_batch(batch(presence(state="offline", session=2)), T0 + 3)
-    assert registry.get_node("shop-a", "pi-1")["presence"] == "offline"
+    assert reader.get_node("shop-a", "pi-1").presence == "offline"
 
 
-def test_sweep_marks_stale_then_offline_and_a_message_revives(registry):
+def test_sweep_marks_stale_then_offline_and_a_message_revives(registry, reader):
     registry.write_batch(batch(heartbeat(seq=1, interval=10)), T0)
     assert registry.sweep_presence(PS, T0 + 20) == []
     ev = registry.sweep_presence(PS, T0 + 26)
     assert [(e.data["old"], e.data["new"]) for e in ev] == [("online", "stale")]
     ev = registry.sweep_presence(PS, T0 + 61)
     assert [(e.data["old"], e.data["new"], e.data["reason"]) for e in ev] == [("stale", "offline", "timeout")]
-    assert registry.presence_counts()["offline"] == 1
+    assert reader.presence_counts()["offline"] == 1
     ev = registry.write_batch(batch(heartbeat(seq=2), at=T0 + 70), T0 + 70)
     assert [(e.data["old"], e.data["new"]) for e in ev if e.topic == "presence"] == [("offline", "online")]
 
 
-def test_heartbeat_does_not_undo_a_will(registry):
+def test_heartbeat_does_not_undo_a_will(registry, reader):
     """After a Will only a birth brings the node back (outbox replays may arrive first)."""
     registry.write_batch(batch(presence(session=1)), T0)
     registry.write_batch(batch(presence(state="offline", session=1)), T0 + 1)
     registry.write_batch(batch(heartbeat(seq=5), at=T0 + 2), T0 + 2)
-    assert registry.get_node("shop-a", "pi-1")["presence"] == "offline"
+    assert reader.get_node("shop-a", "pi-1").presence == "offline"
 
 
-def test_retention_bounds_history_by_count_and_age(registry):
+def test_retention_bounds_history_by_count_and_age(registry, reader):
     for i in range(1, 11):
         registry.write_batch(batch(heartbeat(seq=i), event(seq=100 + i), at=T0 + i), T0 + i)
     registry.write_batch(batch(heartbeat(node="pi-2", seq=1), at=T0 + 100), T0 + 100)
@@ -155,43 +155,43 @@ def test_retention_bounds_history_by_count_and_age(registry):
         RetentionSettings(heartbeats_per_node=3, heartbeat_max_age_s=1000, events_per_shop=4, event_max_age_s=1000), T0 + 100
     )
     assert deleted["heartbeats"] == 7
-    assert [h["seq"] for h in registry.get_node("shop-a", "pi-1")["history"]] == [10, 9, 8]
-    assert [h["seq"] for h in registry.get_node("shop-a", "pi-2")["history"]] == [1]
-    assert len(registry.list_events("shop-a")) == 4
+    assert [h.seq for h in reader.get_node("shop-a", "pi-1").history] == [10, 9, 8]
+    assert [h.seq for h in reader.get_node("shop-a", "pi-2").history] == [1]
+    assert len(reader.list_events("shop-a")) == 4
     deleted = registry.enforce_retention(
         RetentionSettings(heartbeats_per_node=3, heartbeat_max_age_s=50, events_per_shop=4, event_max_age_s=50), T0 + 100
     )
-    assert [h["seq"] for h in registry.get_node("shop-a", "pi-1")["history"]] == []
-    assert [h["seq"] for h in registry.get_node("shop-a", "pi-2")["history"]] == [1]
+    assert [h.seq for h in reader.get_node("shop-a", "pi-1").history] == []
+    assert [h.seq for h in reader.get_node("shop-a", "pi-2").history] == [1]
 
 
-def test_register_shop_and_filters(registry):
+def test_register_shop_and_filters(registry, reader):
     registry.write_batch(batch(heartbeat(shop="shop-b"), heartbeat(shop="shop-a"), heartbeat(shop="shop-c")), T0)
     registry.register_shop("shop-a", name="Alexanderplatz", region="eu-central", labels={"tier": "pilot"}, timezone="Europe/Berlin")
     registry.register_shop("shop-b", region="eu-central")
     registry.register_shop("shop-new", name="Planned")
-    items, total = registry.list_shops(region="eu-central")
-    assert [i["id"] for i in items] == ["shop-a", "shop-b"] and total == 2
-    items, _ = registry.list_shops(labels={"tier": "pilot"})
-    assert [(i["id"], i["name"], i["timezone"]) for i in items] == [("shop-a", "Alexanderplatz", "Europe/Berlin")]
-    items, total = registry.list_shops(limit=2, offset=1)
-    assert [i["id"] for i in items] == ["shop-b", "shop-c"] and total == 4
-    items, _ = registry.list_shops(q="planned")
-    assert [(i["id"], i["nodes"]) for i in items] == [("shop-new", 0)]
-    items, _ = registry.list_shops(presence="online")
-    assert [i["id"] for i in items] == ["shop-a", "shop-b", "shop-c"]
+    items, total = reader.list_shops(region="eu-central")
+    assert [i.id for i in items] == ["shop-a", "shop-b"] and total == 2
+    items, _ = reader.list_shops(labels={"tier": "pilot"})
+    assert [(i.id, i.name, i.timezone) for i in items] == [("shop-a", "Alexanderplatz", "Europe/Berlin")]
+    items, total = reader.list_shops(limit=2, offset=1)
+    assert [i.id for i in items] == ["shop-b", "shop-c"] and total == 4
+    items, _ = reader.list_shops(q="planned")
+    assert [(i.id, i.nodes) for i in items] == [("shop-new", 0)]
+    items, _ = reader.list_shops(presence="online")
+    assert [i.id for i in items] == ["shop-a", "shop-b", "shop-c"]
     with pytest.raises(NotFound):
-        registry.get_shop("nope")
+        reader.get_shop("nope")
     with pytest.raises(NotFound):
-        registry.get_node("shop-a", "nope")
+        reader.get_node("shop-a", "nope")
     with pytest.raises(ValueError, match="invalid shop id"):
         registry.register_shop("Bad/Id")
 
 
-def test_rolled_back_batch_recreates_its_node(registry):
+def test_rolled_back_batch_recreates_its_node(registry, reader):
     """A batch that fails after creating a node must not leave the node 'known' but absent."""
     bad = batch(heartbeat(shop="shop-z", seq=2**70))  # too big for a BIGINT: the insert fails after the node was created
     with pytest.raises(Exception):  # noqa: B017 - SQLite and PostgreSQL raise different overflow errors
         registry.write_batch(bad, T0)
     registry.write_batch(batch(heartbeat(shop="shop-z", seq=1)), T0)
-    assert registry.get_node("shop-z", "pi-1")["messages_total"] == 1
+    assert reader.get_node("shop-z", "pi-1").messages_total == 1

@@ -14,19 +14,24 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy import inspect
 
-from fleet_controller.db import Base, create_engine
-from fleet_controller.migrations import upgrade
-from fleet_controller.registry import Registry
-from fleet_controller.releases import (
+from fleet_controller.registry.db import Base, create_engine
+from fleet_controller.registry.migrations import upgrade
+from fleet_controller.registry.store import RegistryStore
+from fleet_controller.rollout.api import build_router
+from fleet_controller.rollout.cli import main as cli
+from fleet_controller.rollout.releases import (
     ReleaseError,
     ReleaseSpec,
     ReleaseStore,
     model_package_digest,
     parse_image_args,
 )
-from fleet_controller.rollout.api import build_router
-from fleet_controller.rollout.cli import main as cli
-from fleet_controller.signing import Signer, SigningKeyError, generate_keypair, load_private_key
+from fleet_controller.rollout.signing import (
+    Signer,
+    SigningKeyError,
+    generate_keypair,
+    load_private_key,
+)
 from shopfleet.broker import free_port
 from tests.support.wait import wait_for
 
@@ -128,7 +133,7 @@ def test_keygen_refuses_overwrite_and_loader_names_the_fix(tmp_path: Path):
 
 
 def _fleet(engine, n: int = 3) -> None:
-    reg = Registry(engine)
+    reg = RegistryStore(engine)
     for i in range(n):
         reg.register_shop(f"shop-{i}", region="north")
 

@@ -24,20 +24,20 @@ from edge_agent.protocol import (
     ReportedState,
     parse_downlink,
 )
-from fleet_controller.db import create_engine
-from fleet_controller.migrations import upgrade
-from fleet_controller.registry import NodeUpdate, Registry, SeqCursor, WriteBatch
-from fleet_controller.releases import ReleaseSpec, ReleaseStore
+from fleet_controller.registry.db import create_engine
+from fleet_controller.registry.migrations import upgrade
+from fleet_controller.registry.store import NodeUpdate, RegistryStore, SeqCursor, WriteBatch
 from fleet_controller.rollout.executor import RolloutExecutor
 from fleet_controller.rollout.models import RolloutShop
 from fleet_controller.rollout.policy import policy_from_dict
+from fleet_controller.rollout.releases import ReleaseSpec, ReleaseStore
+from fleet_controller.rollout.signing import Signer, generate_keypair
 from fleet_controller.rollout.store import (
     RolloutError,
     request_action,
     rollout_status,
     start_rollout,
 )
-from fleet_controller.signing import Signer, generate_keypair
 
 FACTS = NodeFacts(arch="arm64", node_class="pi", cpu_count=4, cpu_load_1m=0.1, mem_total_bytes=1, mem_available_bytes=1, disk_total_bytes=1, disk_free_bytes=1)
 T0 = 1_790_000_000.0  # a Friday, 2026-09-21 ~ 13:33 UTC
@@ -52,7 +52,7 @@ class Harness:
     def __init__(self, db_url: str, tmp: Path) -> None:
         self.engine = create_engine(db_url)
         upgrade(self.engine)
-        self.registry = Registry(self.engine)
+        self.registry = RegistryStore(self.engine)
         generate_keypair(tmp / "k.pem")
         self.signer = Signer.from_file(tmp / "k.pem")
         self.verifier = Verifier.from_files([tmp / "k.pub"])

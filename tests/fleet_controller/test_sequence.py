@@ -1,4 +1,4 @@
-"""The intake's dedupe and gap logic (:func:`fleet_controller.intake.advance`): tables and properties."""
+"""The intake's dedupe and gap logic (:func:`fleet_controller.intake.core.advance`): tables and properties."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fleet_controller.intake import MAX_GAP_RANGES, RateLimitedLog, Verdict, advance
-from fleet_controller.registry import SeqCursor
+from fleet_controller.intake.core import MAX_GAP_RANGES, RateLimitedLog, Verdict, advance
+from fleet_controller.registry.store import SeqCursor
 
 C = SeqCursor
 

@@ -34,7 +34,7 @@ from .conftest import (
 
 def node_row(rc: RunningController, shop: str = "shop-a", node: str = "pi-1") -> dict:
     try:
-        return rc.service.registry.get_node(shop, node, history=1000)
+        return rc.service.reader.get_node(shop, node, history=1000).model_dump()
     except LookupError:
         return {}
 

@@ -20,7 +20,9 @@ from hardware.driver import (
 )
 from hardware.frames import AckStatus, Command, FrameType
 from hardware.simulator import SimulatedBoard
-from tests.hardware.conftest import metric, wait_for
+from shopfleet.errors import PermanentError, TemporaryError
+from tests.support.metrics import metric
+from tests.support.wait import wait_for
 
 FAST = {"reconnect_min_s": 0.05, "reconnect_max_s": 0.5}
 
@@ -152,8 +154,10 @@ def test_tare_and_calibrate_through_the_driver(board: SimulatedBoard, running_dr
     wait_for(lambda: rd.of_type("reading")[-1].board_time > t + 1.0, what="settled readings after calibration")
     last = [r for r in rd.of_type("reading") if r.channel == 0][-1]
     assert abs(last.value - 1000) < 10
-    with pytest.raises(CommandRejected, match="BAD_ARGUMENT"):
+    with pytest.raises(CommandRejected, match="BAD_ARGUMENT") as caught:
         rd.driver.request(Command(FrameType.CALIBRATE, 2, 10000)).result(5)
+    # Sending the same command again would be rejected the same way.
+    assert isinstance(caught.value, PermanentError) and not isinstance(caught.value, TemporaryError)
 
 
 def test_a_port_that_never_says_hello_times_out_with_a_hint() -> None:
@@ -161,8 +165,11 @@ def test_a_port_that_never_says_hello_times_out_with_a_hint() -> None:
     try:
         path = os.ttyname(slave)
         conn = BoardConnection(path, DriverMetrics(CollectorRegistry()), DriverSettings(port=path))
-        with pytest.raises(SensorTimeout, match="no HELLO .* shopfleet board"):
+        with pytest.raises(SensorTimeout, match="no HELLO .* shopfleet board") as caught:
             conn.wait_hello(0.5)
+        # A silent board is worth retrying: the shared retry class says so, with a metric label.
+        assert isinstance(caught.value, TemporaryError)
+        assert caught.value.reason == "timeout"
         conn.close()
     finally:
         os.close(master)
@@ -170,8 +177,9 @@ def test_a_port_that_never_says_hello_times_out_with_a_hint() -> None:
 
 
 def test_missing_port_names_the_fix(tmp_path: Path) -> None:
-    with pytest.raises(PortNotFound, match="plugged in"):
+    with pytest.raises(PortNotFound, match="plugged in") as caught:
         resolve_port(DriverSettings(port=str(tmp_path / "nope")))
+    assert isinstance(caught.value, TemporaryError) and caught.value.reason == "port_not_found"
     with pytest.raises(PortNotFound, match="2341:0043"):
         resolve_port(DriverSettings(usb_ids=("2341:0043",)))  # no USB boards on a test machine
 

@@ -19,17 +19,17 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from edge_agent.apply.simfleet import SimulatedFleet
 from edge_agent.apply.verify import Verifier
 from edge_agent.protocol import Topics, encode
-from fleet_controller.db import create_engine
-from fleet_controller.registry import Registry
-from fleet_controller.releases import ReleaseSpec, ReleaseStore, desired_state_for
+from fleet_controller.registry.db import create_engine
+from fleet_controller.registry.store import RegistryStore
 from fleet_controller.rollout.models import RolloutShop
 from fleet_controller.rollout.policy import policy_from_dict
+from fleet_controller.rollout.releases import ReleaseSpec, ReleaseStore, desired_state_for
+from fleet_controller.rollout.signing import Signer, generate_keypair
 from fleet_controller.rollout.store import rollout_status, start_rollout
-from fleet_controller.signing import Signer, generate_keypair
 from shopfleet.broker import BrokerProcess
+from shopfleet.sim.fleet import SimulatedFleet
 from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.slow
@@ -81,16 +81,17 @@ class World:
         self.engine = create_engine(self.db_url)
         self.shop_ids = [f"shop-{i:03d}" for i in range(N_SHOPS)]
         self.fleet = SimulatedFleet(self.shop_ids, Verifier.from_files([tmp / "signing.pub"]), tmp / "agents",
-                                    host="127.0.0.1", port=self.broker.port, connections=4, heartbeat_interval_s=1.0)
+                                    host="127.0.0.1", port=self.broker.port, connections=4, heartbeat_interval_s=1.0,
+                                    faults={"r2-bad": "degraded"})
         self.fleet.start()
         wait_for(lambda: self._count_shops() == N_SHOPS, 60, "every shop to reach the registry")
-        reg = Registry(self.engine)
+        reg = RegistryStore(self.engine)
         for i, s in enumerate(self.shop_ids):
             reg.register_shop(s, region=("north", "south")[i % 2], labels={"tier": "flagship" if i < 5 else "standard"})
         self.releases = ReleaseStore(self.engine)
 
     def _count_shops(self) -> int:
-        from fleet_controller.models import Shop
+        from fleet_controller.registry.models import Shop
 
         with self.engine.connect() as c:
             return len(c.execute(select(Shop.id)).all())
@@ -156,7 +157,7 @@ def test_good_release_completes_every_wave_inside_the_windows(world: World):
 
 
 def test_bad_release_fails_its_canary_is_rolled_back_and_touches_nobody_else(world: World):
-    world.release("r2-bad", simulate="degraded")
+    world.release("r2-bad")  # the simulated fleet is told (faults) that r2-bad runs degraded
     before = {s: len(sh.history) for s, sh in world.fleet.shops.items()}
     canary = ["shop-042", "shop-043", "shop-044"]
     policy = policy_from_dict({
@@ -214,7 +215,7 @@ def test_forged_unsigned_and_replayed_states_are_refused_and_reported(world: Wor
         if "r1" not in {r["name"] for r in world.releases.list()}:
             world.release("r1")
         genuine = desired_state_for(shop.shop, world.releases.get("r1"), 2, world.signer)
-        world.fleet.clients[1].publish(Topics.desired(shop.shop), encode(genuine), qos=1).wait_for_publish(5)
+        world.fleet.links[1].publish_sync(Topics.desired(shop.shop), encode(genuine))
         wait_for(lambda: any(h[3] == "applied" for h in shop.history), 20, "the genuine state to apply")
     release_now = shop.applier.release()
     current = max(h[1] for h in shop.history if h[3] == "applied")
@@ -229,9 +230,9 @@ def test_forged_unsigned_and_replayed_states_are_refused_and_reported(world: Wor
         objs = list(genuine.objects)
         objs[0] = {**objs[0], "metadata": {**objs[0]["metadata"], "labels": {"owned": "yes"}}}
         msg = genuine.model_copy(update={"objects": tuple(objs)})
-    world.fleet.clients[1].publish(Topics.desired(shop.shop), encode(msg), qos=1).wait_for_publish(5)
+    world.fleet.links[1].publish_sync(Topics.desired(shop.shop), encode(msg))
     reason = {"unsigned": "unsigned", "forged": "forged", "replayed": "replay"}[attack]
-    from fleet_controller.models import ReportedStateRecord
+    from fleet_controller.registry.models import ReportedStateRecord
 
     def reported():
         with world.engine.connect() as c:

@@ -16,7 +16,7 @@ import httpx
 import pytest
 import yaml
 
-from fleet_controller.signing import generate_keypair
+from fleet_controller.rollout.signing import generate_keypair
 from shopfleet.broker import BrokerProcess
 
 pytestmark = pytest.mark.slow

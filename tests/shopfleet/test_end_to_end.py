@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from fleet_controller.registry import NotFound
+from fleet_controller.registry.read import NotFound
 from shopfleet.broker import BrokerProcess
-from tests.edge_agent.helpers import wait_for
-from tests.edge_agent.test_subprocess import NODE, SHOP, AgentProcess
-from tests.fleet_controller.conftest import RunningController, controller_settings
+from tests.support.agent import NODE, SHOP, AgentProcess
+from tests.support.controller import RunningController, controller_settings
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +31,7 @@ def controller(tmp_path: Path, broker: BrokerProcess) -> Iterator[RunningControl
 
 def node_row(rc: RunningController) -> dict:
     try:
-        return rc.service.registry.get_node(SHOP, NODE, history=0)
+        return rc.service.reader.get_node(SHOP, NODE, history=0).model_dump()
     except NotFound:  # not registered yet
         return {}
 

@@ -9,17 +9,9 @@ import time
 import numpy as np
 import pytest
 
+from tests.support.wait import wait_for
 from vision.capture import Capture, classify_source
 from vision.errors import SourceUnavailable
-
-
-def _wait_for(cond, timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.mark.parametrize(
@@ -72,7 +64,7 @@ def test_unreachable_stream_is_retried_with_backoff_not_fatal() -> None:
     cap = Capture("rtsp://127.0.0.1:9/none", camera="door", backoff_initial=0.05, backoff_max=0.2)
     try:
         assert cap.read(0.5) is None
-        _wait_for(lambda: cap.stats().reconnects >= 2, what="two reconnect attempts")
+        wait_for(lambda: cap.stats().reconnects >= 2, what="two reconnect attempts")
         s = cap.stats()
         assert not s.connected and "cannot open stream source" in s.last_error
     finally:
@@ -84,7 +76,7 @@ def test_source_that_appears_later_is_picked_up(short_clip, tmp_path) -> None:
     path = tmp_path / "cam.avi"
     cap = Capture(str(path), camera="c", live=True, pace=False, backoff_initial=0.05, backoff_max=0.1)
     try:
-        _wait_for(lambda: cap.stats().reconnects >= 1, what="a failed open")
+        wait_for(lambda: cap.stats().reconnects >= 1, what="a failed open")
         shutil.copy(short_clip, path)
         frame = cap.read(10.0)
         assert frame is not None and cap.stats().connected

@@ -1,0 +1,515 @@
+"""The controller's intake: validate, dedupe and store every message nodes send, in batches.
+
+Shaped by three requirements:
+
+* **A loop never dies of bad input.** Every payload goes through
+  :func:`edge_agent.protocol.parse_message`; a bad one is counted in
+  ``shopfleet_controller_rejected_total{reason}``, logged at most once per reason per
+  ``log_every_s`` (a flood of garbage cannot flood the log), acknowledged and dropped.
+* **Nothing lost, nothing doubled.** Messages are acknowledged to the broker only after the
+  batch holding them is committed (paho's manual ack), so a controller crash redelivers them;
+  redeliveries and agent replays are then recognised by :func:`advance`, a pure function over a
+  per-node :class:`SeqCursor` (epoch, watermark, open gaps). A late message that fills a gap is
+  accepted; a replayed one is a duplicate; a new epoch (a new outbox database) restarts at 1.
+* **1,000+ msg/s on SQLite.** Messages are gathered into a batch until ``batch_max_messages`` or
+  ``batch_max_delay_s`` and written in one transaction by the registry's single writer
+  (:class:`RegistryWriter`), by default a child process so that parsing and storing use a second
+  core instead of fighting the MQTT network thread for the GIL. While a batch is being written
+  the broker keeps sending up to its in-flight window, so the next batch is already waiting.
+
+Three parts: the MQTT thread calls :meth:`Intake.submit`; :meth:`Intake.run` is the asyncio task
+that gathers batches, hands them to the writer and acknowledges them; :class:`IntakeCore` is what
+runs on the writer (parse, dedupe, store) and returns a :class:`BatchOutcome` for the metrics.
+The writer gets each message as a plain ``(topic, payload, received_at)`` tuple (:data:`RawMessage`):
+pickling 500 :class:`InboundMessage` dataclasses and unpickling them again took ~6 ms per batch,
+the tuples take 0.15 ms, and the writer needs nothing else (ack ids stay in this process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import gc
+import logging
+import multiprocessing
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import BrokenExecutor, Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy.exc import InterfaceError, OperationalError
+
+from edge_agent.protocol import Presence, ProtocolError, parse_message
+from fleet_controller.intake.mqtt import InboundMessage
+from fleet_controller.metrics import ControllerMetrics
+from fleet_controller.registry.bus import BusEvent
+from fleet_controller.registry.db import create_engine
+from fleet_controller.registry.store import (
+    NodeKey,
+    NodeUpdate,
+    RegistryStore,
+    SeqCursor,
+    WriteBatch,
+)
+from fleet_controller.settings import IntakeSettings
+from shopfleet.errors import TemporaryError
+
+log = logging.getLogger(__name__)
+
+MAX_GAP_RANGES = 1000
+"""Open gap ranges kept per node. More means a very late message can still be accepted after a
+long, patchy outage; fewer bounds memory. The oldest ranges beyond it are given up (they stay
+counted as missing)."""
+
+
+PAUSE_S = 0.002
+"""A stream silent this long ends the batch early: the broker has filled its in-flight window and
+waits for our acks. Longer gathers more per transaction on a trickling stream; shorter loses
+less time per window when the backlog is large."""
+
+
+RawMessage = tuple[str, bytes, float]
+"""A message as the writer receives it: topic, payload, received_at."""
+
+
+def raw_messages(batch: Sequence[InboundMessage]) -> list[RawMessage]:
+    """Return the batch as the writer needs it: plain tuples, cheap to pickle to the writer process."""
+    return [(m.topic, m.payload, m.received_at) for m in batch]
+
+
+PIPELINE_DEPTH = 2
+"""Batches handed to the writer before the oldest is acknowledged (at least 2). 2 keeps the writer busy while
+this process acknowledges; more only holds more messages unacknowledged."""
+
+
+class Verdict(StrEnum):
+    """What the intake decides about one (epoch, seq) of a node."""
+
+    NEW = "new"  # above the watermark
+    FILLED = "filled"  # fills an open gap
+    NEW_EPOCH = "new_epoch"  # first message of a new outbox epoch
+    DUPLICATE = "duplicate"  # seen before: drop
+
+
+def advance(cursor: SeqCursor, epoch: str, seq: int) -> tuple[Verdict, SeqCursor, int]:
+    """Decide about ``(epoch, seq)``; return the verdict, the new cursor and how many seqs became missing."""
+    verdict = Verdict.NEW
+    if epoch != cursor.epoch:
+        verdict = Verdict.NEW_EPOCH
+        cursor = SeqCursor(epoch=epoch)
+    if seq > cursor.watermark:
+        missing = seq - cursor.watermark - 1
+        gaps = cursor.gaps + (((cursor.watermark + 1, seq - 1),) if missing else ())
+        if len(gaps) > MAX_GAP_RANGES:
+            gaps = gaps[-MAX_GAP_RANGES:]
+        return verdict, SeqCursor(epoch, seq, gaps), missing
+    for i, (lo, hi) in enumerate(cursor.gaps):
+        if lo <= seq <= hi:
+            pieces = tuple(r for r in ((lo, seq - 1), (seq + 1, hi)) if r[0] <= r[1])
+            gaps = cursor.gaps[:i] + pieces + cursor.gaps[i + 1:]
+            return Verdict.FILLED, SeqCursor(epoch, cursor.watermark, gaps), 0
+        if seq < lo:
+            break
+    return Verdict.DUPLICATE, cursor, 0
+
+
+@dataclass(frozen=True)
+class BatchOutcome:
+    """What storing one batch did: counts for the metrics, and the changes for the event bus."""
+
+    stored: int = 0
+    rejected: int = 0
+    duplicates: int = 0
+    events: tuple[BusEvent, ...] = ()
+    kinds: tuple[tuple[str, int], ...] = ()  # stored messages per kind
+    reasons: tuple[tuple[str, int], ...] = ()  # rejected messages per reason
+    missing: int = 0  # seqs that became missing (gaps)
+    filled: int = 0  # late messages that filled a gap
+
+    @staticmethod
+    def combine(parts: Sequence[BatchOutcome]) -> BatchOutcome:
+        """Return the sum of several outcomes."""
+        kinds: collections.Counter[str] = collections.Counter()
+        reasons: collections.Counter[str] = collections.Counter()
+        for p in parts:
+            kinds.update(dict(p.kinds))
+            reasons.update(dict(p.reasons))
+        return BatchOutcome(
+            sum(p.stored for p in parts), sum(p.rejected for p in parts), sum(p.duplicates for p in parts),
+            tuple(e for p in parts for e in p.events), tuple(kinds.items()), tuple(reasons.items()),
+            sum(p.missing for p in parts), sum(p.filled for p in parts),
+        )
+
+
+def record(metrics: ControllerMetrics, outcome: BatchOutcome) -> None:
+    """Add a batch outcome to the controller's metrics."""
+    for kind, n in outcome.kinds:
+        metrics.ingested.labels(kind=kind).inc(n)
+    for reason, n in outcome.reasons:
+        metrics.rejected.labels(reason=reason).inc(n)
+    if outcome.duplicates:
+        metrics.duplicates.inc(outcome.duplicates)
+    if outcome.missing:
+        metrics.gaps.inc(outcome.missing)
+    if outcome.filled:
+        metrics.gaps_filled.inc(outcome.filled)
+
+
+class TemporaryStoreError(TemporaryError):
+    """The database cannot be reached or is locked: keep the batch and retry later."""
+
+    default_reason = "store"
+
+
+class RateLimitedLog:
+    """Log a message of a given key at most once per ``every_s``, saying how many were suppressed."""
+
+    def __init__(self, logger: logging.Logger, every_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._log = logger
+        self._every = every_s
+        self._clock = clock
+        self._last: dict[str, float] = {}
+        self._suppressed: collections.Counter[str] = collections.Counter()
+
+    def warning(self, key: str, msg: str, *args: object) -> bool:
+        """Log ``msg % args`` as a warning unless ``key`` was logged recently; return whether it was logged."""
+        now = self._clock()
+        last = self._last.get(key)
+        if last is not None and now - last < self._every:
+            self._suppressed[key] += 1
+            return False
+        self._last[key] = now
+        n = self._suppressed.pop(key, 0)
+        suffix = f" ({n} more like it since the last report)" if n else ""
+        self._log.warning(msg + "%s", *args, suffix)
+        return True
+
+
+class IntakeCore:
+    """Parse, dedupe and store batches into the registry; the part of the intake that runs on the writer.
+
+    Holds the per-node sequence cursors in memory (loaded from the database on first sight of a
+    node), so it must be the only writer of the registry's nodes.
+    """
+
+    def __init__(self, registry: RegistryStore, log_every_s: float = 60.0) -> None:
+        self.registry = registry
+        self._cursors: dict[NodeKey, SeqCursor] = {}
+        self._rlog = RateLimitedLog(log, log_every_s)
+
+    def process_batch(self, batch: Sequence[RawMessage | InboundMessage], now: float | None = None) -> BatchOutcome:
+        """Parse, dedupe and store one batch; fall back to one by one on a bad row.
+
+        ``batch`` holds :data:`RawMessage` tuples (what the writer receives) or :class:`InboundMessage` values.
+        Raises only when the database is unreachable (``OperationalError``/``InterfaceError``): the
+        caller keeps the batch and retries. A message the database refuses (or that breaks storing
+        in any other way) is dropped alone and counted as ``unstorable``.
+        """
+        raw = [m if isinstance(m, tuple) else (m.topic, m.payload, m.received_at) for m in batch]
+        try:
+            return self._process(raw, now)
+        except (OperationalError, InterfaceError):
+            raise
+        except Exception as exc:
+            if len(raw) == 1:
+                detail = str(getattr(exc, "orig", exc))[:300]
+                self._rlog.warning("unstorable", "dropping a message on %r that cannot be stored: %s: %s", raw[0][0][:200], type(exc).__name__, detail)
+                return BatchOutcome(rejected=1, reasons=(("unstorable", 1),))
+        return BatchOutcome.combine([self.process_batch([m], now) for m in raw])
+
+    def _process(self, batch: list[RawMessage], now: float | None) -> BatchOutcome:
+        now = time.time() if now is None else now
+        wb = WriteBatch()
+        reasons: collections.Counter[str] = collections.Counter()
+        kinds: collections.Counter[str] = collections.Counter()
+        parsed = []
+        for topic, payload, received in batch:
+            try:
+                parsed.append((parse_message(topic, payload), received))
+            except ProtocolError as exc:
+                reasons[exc.reason] += 1
+                self._rlog.warning(exc.reason, "rejected a message on %r: %s", topic[:200], exc.detail[:500])
+        # Cursors this batch moves, on top of the committed ones; merged only after the commit.
+        cursors: dict[NodeKey, SeqCursor] = {}
+        known = self._cursors
+        unknown = {(msg.shop, msg.node) for msg, _ in parsed if not isinstance(msg, Presence)}
+        unknown = {k for k in unknown if k not in known}  # not "- known.keys()": that walks every known node
+        if unknown:
+            cursors.update(self.registry.load_cursors(unknown))
+        counts: dict[NodeKey, list[int]] = {}  # per node: [stored, duplicates, missing]
+        seen = wb.seen
+        duplicates = missing_total = filled = 0
+        for msg, received in parsed:
+            key = (msg.shop, msg.node)
+            seen[key] = max(seen.get(key, 0.0), received)
+            if isinstance(msg, Presence):
+                wb.presences.append((msg, received))
+                kinds["presence"] += 1
+                continue
+            cur = cursors.get(key) or self._cursors.get(key) or SeqCursor()
+            verdict, cursors[key], missing = advance(cur, msg.epoch, msg.seq)
+            c = counts.get(key)
+            if c is None:
+                c = counts[key] = [0, 0, 0]
+            if verdict is Verdict.DUPLICATE:
+                duplicates += 1
+                c[1] += 1
+                continue
+            if verdict is Verdict.FILLED:
+                filled += 1
+            missing_total += missing
+            c[0] += 1
+            c[2] += missing
+            wb.uplinks.append((msg, received))
+            kinds[msg.kind] += 1
+        wb.nodes = {key: NodeUpdate(cursors[key], *c) for key, c in counts.items()}
+        events = self.registry.write_batch(wb, now)
+        # Committed: only now does the in-memory cursor move on.
+        self._cursors.update(cursors)
+        return BatchOutcome(
+            stored=sum(kinds.values()), rejected=sum(reasons.values()), duplicates=duplicates, events=tuple(events),
+            kinds=tuple(kinds.items()), reasons=tuple(reasons.items()), missing=missing_total, filled=filled,
+        )
+
+
+# ----- the single writer, on a thread or in a child process ------------------------------------
+
+_CORES: dict[str, IntakeCore] = {}
+"""Writer state by writer key, in whichever process hosts the writer."""
+
+
+def _init_writer(key: str, db_url: str, log_every_s: float, log_level: int | None) -> None:
+    """Set up the writer's own engine, registry and intake core (runs on the writer)."""
+    if log_level is not None:  # a spawned child starts with no logging set up
+        logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s[writer]: %(message)s")
+    _CORES[key] = IntakeCore(RegistryStore(create_engine(db_url)), log_every_s)
+    if multiprocessing.parent_process() is not None:
+        # The writer's own process: move everything imported so far out of the collector's sight.
+        # Parsing allocates heavily, and each full collection otherwise rescans the whole heap of
+        # imported modules (a quarter of the writer's time in a profile).
+        gc.freeze()
+
+
+def _run_on_writer(key: str, op: str, *args: Any) -> Any:
+    core = _CORES[key]
+    try:
+        if op == "batch":
+            return core.process_batch(*args)
+        if op == "sweep":
+            return core.registry.sweep_presence(*args)
+        if op == "retention":
+            return core.registry.enforce_retention(*args)
+        if op == "register_shop":
+            shop, name, region, labels, timezone = args
+            return core.registry.register_shop(shop, name=name, region=region, labels=labels, timezone=timezone)
+        if op == "ping":
+            return os.getpid()
+        if op == "close":
+            core.registry.engine.dispose()
+            del _CORES[key]
+            return None
+    except (OperationalError, InterfaceError) as exc:
+        # Plain exception across the process boundary; the caller retries.
+        raise TemporaryStoreError(f"{type(exc).__name__}: {str(exc.orig if hasattr(exc, 'orig') else exc)[:300]}") from None
+    raise ValueError(f"unknown writer operation {op!r}")
+
+
+class RegistryWriter:
+    """The one writer of the registry: intake batches, presence sweeps and retention, in order.
+
+    ``mode="process"`` (the default of the service) runs it in a child process, so parsing and
+    storing use the second core instead of competing for the GIL with the MQTT network thread;
+    ``mode="thread"`` keeps it in this process (simpler to debug, one core).
+    """
+
+    def __init__(self, db_url: str, *, mode: str = "process", log_every_s: float = 60.0) -> None:
+        if mode not in ("process", "thread"):
+            raise ValueError(f"writer mode {mode!r}: use 'process' or 'thread'")
+        self.db_url = db_url
+        self.mode = mode
+        self._key = uuid.uuid4().hex
+        self._log_every_s = log_every_s
+        self._executor: Executor | None = None
+
+    def _make_executor(self) -> Executor:
+        if self.mode == "thread":
+            return ThreadPoolExecutor(1, "registry-writer", initializer=_init_writer,
+                                      initargs=(self._key, self.db_url, self._log_every_s, None))
+        level = logging.getLogger().getEffectiveLevel()
+        return ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_init_writer,
+                                   initargs=(self._key, self.db_url, self._log_every_s, level))
+
+    async def call(self, op: str, *args: Any) -> Any:
+        """Run ``op`` ('batch', 'sweep', 'retention', 'register_shop', 'ping') on the writer; raise ``TemporaryStoreError`` to retry."""
+        if self._executor is None:
+            self._executor = self._make_executor()
+        executor = self._executor
+        try:
+            return await asyncio.wrap_future(executor.submit(_run_on_writer, self._key, op, *args))
+        except BrokenExecutor as exc:
+            if self._executor is executor:  # the first caller to notice replaces it
+                log.error("registry writer died (%s); starting a new one", exc)
+                executor.shutdown(wait=False, cancel_futures=True)
+                self._executor = None
+            raise TemporaryStoreError(f"registry writer died: {exc}") from None
+
+    async def register_shop(
+        self, shop: str, *, name: str | None = None, region: str | None = None,
+        labels: dict[str, str] | None = None, timezone: str | None = None,
+    ) -> None:
+        """Create a shop or update its name, region, labels and time zone, on the writer (in order with the intake)."""
+        await self.call("register_shop", shop, name, region, labels, timezone)
+
+    def close(self) -> None:
+        """Stop the writer after the work already submitted."""
+        if self._executor is None:
+            return
+        try:
+            self._executor.submit(_run_on_writer, self._key, "close").result(30)
+        except Exception as exc:
+            log.warning("registry writer did not close cleanly: %s", exc)
+        self._executor.shutdown(wait=True)
+        self._executor = None
+
+
+_Submitted = tuple[list[InboundMessage], "asyncio.Task[Any]", float]
+"""A batch handed to the writer: its messages, the writer call's task, when it was handed over."""
+
+
+class Intake:
+    """Gather messages from the MQTT adapter into batches and have the registry writer store them."""
+
+    def __init__(
+        self,
+        writer: RegistryWriter,
+        metrics: ControllerMetrics,
+        settings: IntakeSettings,
+        *,
+        ack: Callable[[InboundMessage], None] = lambda m: None,
+        on_events: Callable[[Sequence[BusEvent]], None] = lambda e: None,
+        retry_delay_s: float = 1.0,
+    ) -> None:
+        self.writer = writer
+        self.metrics = metrics
+        self.settings = settings
+        self._ack = ack
+        self._on_events = on_events
+        self._retry_delay = retry_delay_s
+        self._pending: collections.deque[InboundMessage] = collections.deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._waiting = threading.Event()
+        self._rlog = RateLimitedLog(log, settings.log_every_s)
+        self.stored_total = 0
+        self.failing_since: float | None = None  # when storing started failing, while it does
+    # ----- producer side (MQTT thread) -------------------------------------------------------
+
+    def submit(self, message: InboundMessage) -> None:
+        """Queue one received message; safe to call from the MQTT network thread."""
+        self._pending.append(message)
+        loop = self._loop
+        if loop is not None and self._waiting.is_set():
+            self._waiting.clear()
+            loop.call_soon_threadsafe(self._wake.set)  # type: ignore[union-attr]
+
+    # ----- consumer side (asyncio) -------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Collect batches and write them until cancelled.
+
+        Up to ``PIPELINE_DEPTH`` batches are handed to the writer at once, so it starts on the
+        next batch while this process acknowledges the previous one; results are taken (and
+        messages acknowledged) strictly in the order the batches were formed.
+        """
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        submitted: asyncio.Queue[_Submitted] = asyncio.Queue(PIPELINE_DEPTH - 1)
+        completer = asyncio.create_task(self._complete_in_order(submitted), name="intake-completer")
+        try:
+            while True:
+                batch = await self._collect()
+                if batch:
+                    await submitted.put((batch, asyncio.create_task(self.writer.call("batch", raw_messages(batch))), time.perf_counter()))
+        finally:
+            completer.cancel()
+            while not submitted.empty():
+                submitted.get_nowait()[1].cancel()
+
+    async def _complete_in_order(self, submitted: asyncio.Queue[_Submitted]) -> None:
+        while True:
+            batch, task, t0 = await submitted.get()
+            await self._finish(batch, task, t0)
+
+    async def _collect(self) -> list[InboundMessage]:
+        assert self._wake is not None
+        limit = self.settings.batch_max_messages
+        while not self._pending:
+            self._wake.clear()
+            self._waiting.set()
+            if self._pending:  # raced with submit: do not sleep on a non-empty queue
+                self._waiting.clear()
+                break
+            await self._wake.wait()
+        deadline = time.monotonic() + self.settings.batch_max_delay_s
+        batch: list[InboundMessage] = []
+        while True:
+            while self._pending and len(batch) < limit:
+                batch.append(self._pending.popleft())
+            if len(batch) >= limit:
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            # Linger for more messages, but stop early when the stream pauses (the broker's
+            # in-flight window is full and waits for our acks).
+            self._wake.clear()
+            self._waiting.set()
+            if self._pending:
+                self._waiting.clear()
+                continue
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=min(remaining, PAUSE_S))
+            except TimeoutError:
+                self._waiting.clear()
+                break
+        self.metrics.intake_queue.set(len(self._pending))
+        return batch
+
+    async def _finish(self, batch: list[InboundMessage], task: asyncio.Task[Any], t0: float) -> None:
+        """Wait for a submitted batch (retrying it while storing fails), then record and acknowledge it."""
+        attempt = 0
+        while True:
+            try:
+                outcome: BatchOutcome = await task
+                break
+            except Exception as exc:
+                # TemporaryStoreError: the database is unreachable or locked, or the writer died.
+                # Anything else is a bug, logged with its traceback; retrying keeps the messages.
+                attempt += 1
+                if self.failing_since is None:
+                    self.failing_since = time.time()
+                kind = "temporary" if isinstance(exc, TemporaryStoreError) else "unexpected"
+                self.metrics.store_errors.labels(kind=kind).inc()
+                delay = min(self._retry_delay * 2 ** min(attempt - 1, 5), 30.0)
+                if kind == "unexpected":
+                    log.exception("storing a batch of %s messages failed unexpectedly; retrying in %.1fs", len(batch), delay)
+                else:
+                    self._rlog.warning("store", "cannot store a batch of %s messages (%s); retrying in %.1fs", len(batch), exc, delay)
+                await asyncio.sleep(delay)
+                task = asyncio.create_task(self.writer.call("batch", raw_messages(batch)))
+        self.failing_since = None
+        done = time.time()
+        self.metrics.batch_seconds.observe(time.perf_counter() - t0)
+        self.metrics.batch_size.observe(len(batch))
+        record(self.metrics, outcome)
+        for m in batch:
+            self.metrics.ingest_latency.observe(max(done - m.received_at, 0.0))
+            self._ack(m)
+        self.stored_total += outcome.stored
+        if outcome.events:
+            self._on_events(outcome.events)

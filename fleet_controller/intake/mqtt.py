@@ -1,0 +1,141 @@
+"""The controller's MQTT adapter: the shared core's threaded link with the controller's policy.
+
+Connecting, TLS, CONNACK refusal classification, the error classes and the frozen message
+values live in :mod:`edge_agent.mqtt_core` (the one MQTT core; the controller may import it, an
+import-linter contract says so). Everything else in the controller sees frozen
+:class:`InboundMessage` values and the core's exceptions (:class:`ConnectRefused`,
+:class:`ConnectFailed`, :class:`PublishFailed`, all :class:`MqttError`), never paho objects or
+integer return codes.
+
+What this adapter adds, and why:
+
+* **Persistent session.** ``clean_session=False`` (MQTT 5: ``clean_start=False`` and an unlimited
+  session expiry) under a stable client id, with QoS 1 subscriptions: while the controller is down
+  the broker queues everything for it.
+* **Acknowledge after storing.** paho runs with ``manual_ack``; :meth:`MqttAdapter.ack` sends the
+  PUBACK once the intake has committed the message. A crash before that makes the broker deliver it
+  again, and the intake's dedupe drops what was already stored. An ack for a message of an earlier
+  connection is skipped (packet ids are per connection; the broker redelivers those anyway).
+* **Scale-out.** With ``shared_group`` (MQTT 5) the subscriptions become
+  ``$share/<group>/<filter>``, so several controller replicas split one stream.
+
+paho runs its network loop on its own thread; ``on_message`` hands each message to the callback
+given at construction (the intake's thread-safe ``submit``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from edge_agent.mqtt_core import (
+    ConnectFailed,
+    ConnectRefused,
+    InMessage,
+    MqttError,
+    MqttSettings,
+    OutMessage,
+    PublishFailed,
+    ThreadedLink,
+    TlsSettings,
+)
+
+__all__ = [
+    "ConnectFailed",
+    "ConnectRefused",
+    "InboundMessage",
+    "MqttAdapter",
+    "MqttConfig",
+    "MqttError",
+    "PublishFailed",
+    "Will",
+    "subscription_filters",
+]
+
+InboundMessage = InMessage
+"""One message from the broker, as the rest of the controller sees it (the core's frozen value)."""
+
+SESSION_EXPIRY_NEVER = 0xFFFFFFFF
+"""MQTT 5 session expiry meaning "keep the session until the client comes back"."""
+
+
+@dataclass(frozen=True)
+class Will:
+    """Last Will the broker publishes if the controller's connection dies."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    """Connection parameters; built from :class:`fleet_controller.settings.BrokerSettings`."""
+
+    host: str
+    port: int
+    client_id: str
+    subscriptions: tuple[str, ...]
+    username: str | None = None
+    password: str | None = None
+    keepalive_s: int = 30
+    protocol: str = "3.1.1"
+    shared_group: str | None = None
+    tls: bool = False
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    will: Will | None = None
+    clean_session: bool = False
+
+    def settings(self) -> MqttSettings:
+        """Return the core's connection settings for this config."""
+        tls = TlsSettings(ca_file=self.tls_ca_file, cert_file=self.tls_cert_file, key_file=self.tls_key_file) if self.tls else None
+        return MqttSettings(
+            host=self.host, port=self.port, client_id=self.client_id, username=self.username, password=self.password,
+            tls=tls, keepalive_s=self.keepalive_s, protocol="5" if self.protocol == "5" else "3.1.1",
+        )
+
+
+def subscription_filters(config: MqttConfig) -> list[str]:
+    """Return the topic filters to subscribe to, prefixed ``$share/<group>/`` when sharing."""
+    if config.shared_group:
+        return [f"$share/{config.shared_group}/{t}" for t in config.subscriptions]
+    return list(config.subscriptions)
+
+
+class MqttAdapter(ThreadedLink):
+    """A persistent-session, manual-ack MQTT client that delivers :class:`InboundMessage` values.
+
+    :meth:`wait_connected` raises :class:`ConnectRefused` (its ``reason`` says why, from the
+    CONNACK reason code: ``bad_credentials``, ``not_authorized``, ...) or :class:`ConnectFailed`.
+    """
+
+    def __init__(
+        self,
+        config: MqttConfig,
+        on_message: Callable[[InboundMessage], None],
+        *,
+        on_connect: Sequence[Callable[[bool], None]] = (),
+        on_state: Callable[[bool], None] = lambda connected: None,
+    ) -> None:
+        self.config = config
+        w = config.will
+        super().__init__(
+            config.settings(),
+            on_message,
+            subscriptions=subscription_filters(config),
+            qos=1,
+            clean=config.clean_session,
+            session_expiry_s=SESSION_EXPIRY_NEVER,
+            manual_ack=True,
+            will=OutMessage(w.topic, w.payload, qos=w.qos, retain=w.retain) if w is not None else None,
+            on_connect=on_connect,
+            on_state=on_state,
+        )
+
+    async def publish(self, topic: str, payload: bytes, retain: bool = False, qos: int = 1, timeout: float = 10.0) -> None:
+        """Publish and wait (without blocking the loop) until the broker acknowledged it."""
+        await asyncio.to_thread(self.publish_sync, topic, payload, retain=retain, qos=qos, timeout=timeout)

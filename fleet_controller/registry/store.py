@@ -1,0 +1,530 @@
+"""The fleet registry: what the controller knows about every shop and node, in SQL.
+
+The write side of the registry, and only that: the intake, the presence sweeper, retention and
+shop registration all write through :meth:`RegistryStore.write_batch`,
+:meth:`RegistryStore.sweep_presence`, :meth:`RegistryStore.enforce_retention` and
+:meth:`RegistryStore.register_shop`, which the service runs in its single registry writer (a
+child process, see :class:`fleet_controller.intake.core.RegistryWriter`). One writer means no write
+  races on SQLite and no lost updates on presence, lets the writer cache every node's presence,
+  and lets a batch of hundreds of messages go into one transaction (what makes 1,000+ msg/s fit
+  on SQLite). The hottest statements go through the driver's ``executemany`` directly.
+Everything else reads through the typed read models of :mod:`fleet_controller.registry.read`.
+
+Presence is decided by the pure function
+:func:`decide_presence`: a birth or Will carries a session number, and a message of an older
+session than the one the registry holds is ignored, so a late Will never marks a live node
+offline. Silence makes a node ``stale`` and then ``offline`` (reason ``timeout``); any message
+from it brings it back.
+
+Every change a writer makes is returned as :class:`BusEvent` values for the service's event bus
+(the dashboard's live feed subscribes to it), so readers never need to poll.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import JSON, Table, bindparam, delete, func, insert, select, tuple_, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Engine
+
+from edge_agent.protocol import (
+    Alert,
+    CommandResult,
+    Event,
+    Heartbeat,
+    Presence,
+    ReportedState,
+    Telemetry,
+    validate_id,
+)
+from fleet_controller.registry.bus import BusEvent
+from fleet_controller.registry.db import table_of
+from fleet_controller.registry.models import (
+    CommandResultRecord,
+    EventRecord,
+    HeartbeatRecord,
+    LatestReading,
+    Node,
+    ReportedStateRecord,
+    Shop,
+)
+from fleet_controller.settings import PresenceSettings, RetentionSettings
+
+log = logging.getLogger(__name__)
+
+SHOPS = table_of(Shop)
+NODES = table_of(Node)
+HEARTBEATS = table_of(HeartbeatRecord)
+EVENTS = table_of(EventRecord)
+READINGS = table_of(LatestReading)
+RESULTS = table_of(CommandResultRecord)
+REPORTED = table_of(ReportedStateRecord)
+
+NodeKey = tuple[str, str]
+PresenceChange = tuple[NodeKey, str, "PresenceView", float | None]
+"""One presence change to store: the node, its old presence, the new one, when it was last seen (or None)."""
+
+# Node columns a heartbeat updates, in the order _update_nodes binds them; the JSON ones among them.
+_FACT_COLUMNS = ("facts", "arch", "node_class", "agent_version", "release", "pipelines", "metrics", "facts_at", "heartbeat_interval_s")
+_NODE_JSON = frozenset({"facts", "pipelines", "metrics"})
+# Heartbeat columns in the order _store_uplinks builds its rows; metrics and pipelines are JSON.
+_HEARTBEAT_COLUMNS = ("shop_id", "node_id", "epoch", "seq", "ts", "received_at", "cpu_load_1m", "cpu_temp_c",
+                      "mem_available_bytes", "disk_free_bytes", "outbox_depth", "metrics", "pipelines")
+
+
+# --------------------------------------------------------------------------------------------
+# Values
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SeqCursor:
+    """Where a node's message stream stands: epoch, highest seq seen, and missing ranges below it.
+
+    ``gaps`` are sorted, disjoint, inclusive ``(first, last)`` ranges of seqs not yet received.
+    """
+
+    epoch: str = ""
+    watermark: int = 0
+    gaps: tuple[tuple[int, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class NodeUpdate:
+    """What one batch changed about one node's stream: the new cursor and counter increments."""
+
+    cursor: SeqCursor
+    messages: int = 0
+    duplicates: int = 0
+    missing: int = 0
+
+
+@dataclass(frozen=True)
+class PresenceView:
+    """The presence fields of a node that :func:`decide_presence` looks at."""
+
+    session: int
+    presence: str
+    reason: str
+
+
+@dataclass
+class WriteBatch:
+    """Everything one intake batch stores, in one transaction. ``received`` maps message to arrival time."""
+
+    uplinks: list[tuple[Heartbeat | Telemetry | Event | Alert | CommandResult | ReportedState, float]] = field(default_factory=list)
+    presences: list[tuple[Presence, float]] = field(default_factory=list)
+    nodes: dict[NodeKey, NodeUpdate] = field(default_factory=dict)
+    seen: dict[NodeKey, float] = field(default_factory=dict)
+
+
+def decide_presence(current: PresenceView, msg: Presence) -> PresenceView | None:
+    """Return the node's presence after a birth or Will, or None when the message must be ignored.
+
+    A message of an older session is ignored (a late Will or a stale retained birth); within the
+    same session, a birth does not undo that session's Will.
+    """
+    if msg.session < current.session:
+        return None
+    if (
+        msg.session == current.session
+        and msg.state == "online"
+        and current.presence == "offline"
+        and current.reason != "timeout"
+    ):
+        return None
+    reason = msg.reason or ("birth" if msg.state == "online" else "will")
+    new = PresenceView(session=msg.session, presence=msg.state, reason=reason[:200])
+    return None if new == current else new
+
+
+def silence_presence(presence: str, silent_for: float, interval: float, settings: PresenceSettings) -> str:
+    """Return what presence silence implies: offline, stale, or the current value unchanged."""
+    if presence not in ("online", "stale"):
+        return presence
+    if silent_for > settings.offline_after_intervals * interval:
+        return "offline"
+    if silent_for > settings.stale_after_intervals * interval:
+        return "stale"
+    return presence
+
+
+def _gaps_json(gaps: tuple[tuple[int, int], ...]) -> list[list[int]]:
+    return [[a, b] for a, b in gaps]
+
+
+def _gaps_text(gaps: tuple[tuple[int, int], ...]) -> str:
+    """Return the JSON text of ``gaps`` ("[]" without calling the encoder: nearly every node has none)."""
+    return json.dumps(_gaps_json(gaps)) if gaps else "[]"
+
+
+# --------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------
+
+
+class RegistryStore:
+    """Write the fleet registry on one SQLAlchemy engine (SQLite or PostgreSQL); only the single writer holds one."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._dialect = engine.dialect.name
+        self._known_nodes: set[NodeKey] = set()
+        self._known_shops: set[str] = set()
+        # Writer-side cache of every node's presence (only the writer thread changes presence);
+        # changes of a transaction are staged in _pending_presence until it commits.
+        self._presence: dict[NodeKey, PresenceView] = {}
+        self._pending_presence: dict[NodeKey, PresenceView] = {}
+
+    # ----- helpers ---------------------------------------------------------------------------
+
+    def _insert(self, table: Table) -> postgresql.Insert | sqlite.Insert:
+        if self._dialect == "postgresql":
+            return postgresql.insert(table)
+        if self._dialect == "sqlite":
+            return sqlite.insert(table)
+        raise NotImplementedError(f"database {self._dialect!r} is not supported: use SQLite or PostgreSQL")
+
+    def _upsert(self, conn: Connection, table: Table, rows: list[dict[str, Any]], keys: Sequence[str]) -> None:
+        if not rows:
+            return
+        stmt = self._insert(table)
+        cols = [c for c in rows[0] if c not in keys]
+        stmt = stmt.on_conflict_do_update(index_elements=list(keys), set_={c: stmt.excluded[c] for c in cols})
+        conn.execute(stmt, rows)
+
+    def _ensure(self, conn: Connection, keys: Iterable[NodeKey], now: float) -> tuple[list[BusEvent], list[NodeKey]]:
+        """Create missing shops and nodes; return the changes and the keys to mark known after commit."""
+        events: list[BusEvent] = []
+        new_nodes = [k for k in keys if k not in self._known_nodes]
+        if not new_nodes:
+            return events, new_nodes
+        new_shops = sorted({s for s, _ in new_nodes if s not in self._known_shops})
+        if new_shops:
+            existing = set(conn.scalars(select(SHOPS.c.id).where(SHOPS.c.id.in_(new_shops))))
+            missing = [s for s in new_shops if s not in existing]
+            if missing:
+                conn.execute(
+                    self._insert(SHOPS).on_conflict_do_nothing(),
+                    [{"id": s, "name": s, "region": "", "labels": {}, "timezone": "UTC", "created_at": now} for s in missing],
+                )
+                events += [BusEvent("shop_added", s, None, {"shop": s}, now) for s in missing]
+        existing_nodes = {
+            tuple(r) for r in conn.execute(select(NODES.c.shop_id, NODES.c.node_id).where(tuple_(NODES.c.shop_id, NODES.c.node_id).in_(new_nodes)))
+        }
+        missing_nodes = [k for k in new_nodes if k not in existing_nodes]
+        if missing_nodes:
+            conn.execute(
+                self._insert(NODES).on_conflict_do_nothing(),
+                [{"shop_id": s, "node_id": n, "first_seen": now, "gaps": [], "presence": "unknown"} for s, n in missing_nodes],
+            )
+            events += [BusEvent("node_added", s, n, {"shop": s, "node": n}, now) for s, n in missing_nodes]
+        return events, new_nodes
+
+    # ----- writer side -------------------------------------------------------------------------
+
+    def load_cursors(self, keys: Iterable[NodeKey]) -> dict[NodeKey, SeqCursor]:
+        """Return the stored sequence cursor of each known node among ``keys``."""
+        keys = list(keys)
+        out: dict[NodeKey, SeqCursor] = {}
+        if not keys:
+            return out
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(NODES.c.shop_id, NODES.c.node_id, NODES.c.epoch, NODES.c.watermark, NODES.c.gaps).where(
+                    tuple_(NODES.c.shop_id, NODES.c.node_id).in_(keys)
+                )
+            )
+            for shop, node, epoch, watermark, gaps in rows:
+                out[(shop, node)] = SeqCursor(epoch, int(watermark), tuple((int(a), int(b)) for a, b in (gaps or [])))
+        return out
+
+    def write_batch(self, batch: WriteBatch, now: float | None = None) -> list[BusEvent]:
+        """Store one intake batch in one transaction; return the changes for the event bus."""
+        now = time.time() if now is None else now
+        events: list[BusEvent] = []
+        keys = set(batch.nodes) | set(batch.seen) | {(p.shop, p.node) for p, _ in batch.presences}
+        self._pending_presence = {}
+        with self.engine.begin() as conn:
+            created, known = self._ensure(conn, sorted(keys), now)
+            events += created
+            facts = self._store_uplinks(conn, batch, now, events)
+            events += self._store_presences(conn, batch.presences, now)
+            self._update_nodes(conn, batch, facts)
+            events += self._revive(conn, batch, now)
+        # Only committed rows are known; a rolled-back batch must create them again.
+        self._known_nodes.update(known)
+        self._known_shops.update(s for s, _ in known)
+        self._presence.update(self._pending_presence)
+        return events
+
+    def _store_uplinks(
+        self, conn: Connection, batch: WriteBatch, now: float, out: list[BusEvent]
+    ) -> dict[NodeKey, tuple[Heartbeat, str, str]]:
+        """Insert history, upsert latest values; append bus events to ``out``.
+
+        Return the latest heartbeat of each node with the JSON text of its metrics and pipelines
+        (encoded once, for its history row and for the node's row).
+        """
+        heartbeats: list[tuple[Any, ...]] = []
+        facts: dict[NodeKey, tuple[Heartbeat, str, str]] = {}
+        readings: dict[tuple[str, str, str, str], dict[str, Any]] = {}
+        event_rows: list[dict[str, Any]] = []
+        results: dict[str, dict[str, Any]] = {}
+        reported: dict[str, dict[str, Any]] = {}
+        for msg, received in batch.uplinks:
+            key = (msg.shop, msg.node)
+            if isinstance(msg, Heartbeat):
+                f = msg.facts
+                metrics = json.dumps(msg.metrics)
+                # The fields of these flat models are JSON-ready; their __dict__ is far cheaper than model_dump().
+                pipelines = json.dumps({k: p.__dict__ for k, p in msg.pipelines.items()})
+                heartbeats.append((
+                    msg.shop, msg.node, msg.epoch, msg.seq, msg.ts, received, f.cpu_load_1m, f.cpu_temp_c,
+                    f.mem_available_bytes, f.disk_free_bytes, msg.outbox_depth, metrics, pipelines,
+                ))
+                prev = facts.get(key)
+                if prev is None or prev[0].ts <= msg.ts:
+                    facts[key] = (msg, metrics, pipelines)
+            elif isinstance(msg, Telemetry):
+                for r in msg.readings:
+                    rk = (msg.shop, msg.node, r.source, r.name)
+                    prev_r = readings.get(rk)
+                    if prev_r is None or prev_r["ts"] <= msg.ts:
+                        readings[rk] = {
+                            "shop_id": msg.shop, "node_id": msg.node, "source": r.source, "name": r.name,
+                            "value": r.value, "unit": r.unit, "labels": dict(r.labels), "ts": msg.ts, "received_at": received,
+                        }
+            elif isinstance(msg, Event):
+                event_rows.append(
+                    {
+                        "shop_id": msg.shop, "node_id": msg.node, "kind": "event", "type": msg.type, "state": "",
+                        "severity": "", "source": msg.source, "message": "", "data": dict(msg.data),
+                        "at": msg.at if msg.at is not None else msg.ts, "received_at": received, "epoch": msg.epoch, "seq": msg.seq,
+                    }
+                )
+            elif isinstance(msg, Alert):
+                event_rows.append(
+                    {
+                        "shop_id": msg.shop, "node_id": msg.node, "kind": "alert", "type": msg.name, "state": msg.state,
+                        "severity": msg.severity, "source": msg.source, "message": msg.message, "data": dict(msg.data),
+                        "at": msg.ts, "received_at": received, "epoch": msg.epoch, "seq": msg.seq,
+                    }
+                )
+            elif isinstance(msg, CommandResult):
+                results[msg.correlation_id] = {
+                    "correlation_id": msg.correlation_id, "shop_id": msg.shop, "node_id": msg.node, "ok": msg.ok,
+                    "result": dict(msg.result), "error": msg.error, "ts": msg.ts, "received_at": received,
+                }
+            elif isinstance(msg, ReportedState):
+                reported[msg.shop] = {
+                    "shop_id": msg.shop, "node_id": msg.node, "release": msg.release, "revision": msg.revision,
+                    "status": msg.status, "error": msg.error, "objects": [o.model_dump(mode="json") for o in msg.objects],
+                    "ts": msg.ts, "received_at": received,
+                }
+        if heartbeats:
+            self._insert_many(conn, HEARTBEATS, _HEARTBEAT_COLUMNS, heartbeats)
+        self._upsert(conn, READINGS, list(readings.values()), ("shop_id", "node_id", "source", "name"))
+        self._upsert(conn, RESULTS, list(results.values()), ("correlation_id",))
+        self._upsert(conn, REPORTED, list(reported.values()), ("shop_id",))
+        if event_rows:
+            ids = conn.execute(insert(EVENTS).returning(EVENTS.c.id, sort_by_parameter_order=True), event_rows).scalars().all()
+            for row_id, row in zip(ids, event_rows, strict=False):
+                out.append(BusEvent(row["kind"], row["shop_id"], row["node_id"], {"id": row_id, **row}, now))
+        out += [BusEvent("reported_state", s, r["node_id"], r, now) for s, r in reported.items()]
+        return facts
+
+    def _presence_of(self, conn: Connection, keys: Iterable[NodeKey]) -> dict[NodeKey, PresenceView]:
+        """Return the presence of ``keys``, from the writer's cache or the database."""
+        out: dict[NodeKey, PresenceView] = {}
+        missing = []
+        for k in keys:
+            v = self._pending_presence.get(k) or self._presence.get(k)
+            if v is None:
+                missing.append(k)
+            else:
+                out[k] = v
+        for k, r in self._presence_rows(conn, missing).items():
+            out[k] = self._presence[k] = PresenceView(r.session, r.presence, r.presence_reason)
+        return out
+
+    def _presence_rows(self, conn: Connection, keys: list[NodeKey]) -> dict[NodeKey, Any]:
+        if not keys:
+            return {}
+        rows = conn.execute(
+            select(NODES.c.shop_id, NODES.c.node_id, NODES.c.session, NODES.c.presence, NODES.c.presence_reason).where(
+                tuple_(NODES.c.shop_id, NODES.c.node_id).in_(keys)
+            )
+        )
+        return {(r.shop_id, r.node_id): r for r in rows}
+
+    def _set_presences(self, conn: Connection, changes: list[PresenceChange], now: float) -> list[BusEvent]:
+        """Store presence changes ``(key, old, new, seen)`` with one update per row shape and one event insert."""
+        if not changes:
+            return []
+        final: dict[NodeKey, dict[str, Any]] = {}  # several changes of one node in a batch: the last one counts
+        events: list[dict[str, Any]] = []
+        out: list[BusEvent] = []
+        for key, old, new, seen in changes:
+            prev = final.get(key, {})
+            row = {**prev, "b_shop": key[0], "b_node": key[1], "b_session": new.session, "b_presence": new.presence,
+                   "b_reason": new.reason, "b_changed": now if new.presence != old else prev.get("b_changed")}
+            if seen is not None:
+                row["b_seen"] = seen
+            final[key] = row
+            self._pending_presence[key] = new
+            data = {"old": old, "new": new.presence, "reason": new.reason, "session": new.session}
+            events.append({"shop_id": key[0], "node_id": key[1], "kind": "presence", "type": new.presence, "state": old,
+                           "severity": "", "source": "controller", "message": new.reason, "data": data, "at": now, "received_at": now})
+            out.append(BusEvent("presence", key[0], key[1], data, now))
+        groups: dict[bool, list[dict[str, Any]]] = {}
+        for row in final.values():
+            groups.setdefault("b_seen" in row, []).append(row)
+        for has_seen, rows in groups.items():
+            values: dict[str, Any] = {
+                "session": bindparam("b_session"), "presence": bindparam("b_presence"), "presence_reason": bindparam("b_reason"),
+                "presence_changed_at": func.coalesce(bindparam("b_changed", type_=NODES.c.presence_changed_at.type), NODES.c.presence_changed_at),
+            }
+            if has_seen:
+                values["last_seen"] = bindparam("b_seen")
+            conn.execute(
+                update(NODES).where(NODES.c.shop_id == bindparam("b_shop"), NODES.c.node_id == bindparam("b_node")).values(values), rows
+            )
+        conn.execute(insert(EVENTS), events)
+        return out
+
+    def _store_presences(self, conn: Connection, presences: list[tuple[Presence, float]], now: float) -> list[BusEvent]:
+        if not presences:
+            return []
+        state = self._presence_of(conn, sorted({(p.shop, p.node) for p, _ in presences}))
+        changes: list[PresenceChange] = []
+        for msg, received in presences:
+            key = (msg.shop, msg.node)
+            current = state[key]
+            new = decide_presence(current, msg)
+            if new is None:
+                log.info(
+                    "ignoring %s presence of %s/%s session %s: registry holds session %s (%s)",
+                    msg.state, msg.shop, msg.node, msg.session, current.session, current.presence,
+                )
+                continue
+            changes.append((key, current.presence, new, received if msg.state == "online" else None))
+            state[key] = new
+        return self._set_presences(conn, changes, now)
+
+    def _update_nodes(self, conn: Connection, batch: WriteBatch, facts: dict[NodeKey, tuple[Heartbeat, str, str]]) -> None:
+        """Update facts, sequence cursor, counters and last_seen of every node in the batch, one statement per row shape."""
+        groups: dict[tuple[bool, bool], list[tuple[Any, ...]]] = {}
+        for key, seen in batch.seen.items():
+            u = batch.nodes.get(key)
+            latest = facts.get(key)
+            row: tuple[Any, ...] = (seen,)
+            if u is not None:
+                c = u.cursor
+                row += (c.epoch, c.watermark, _gaps_text(c.gaps), u.messages, u.duplicates, u.missing)
+            if latest is not None:  # in _FACT_COLUMNS order
+                hb, metrics, pipelines = latest
+                f = hb.facts
+                row += (json.dumps(f.__dict__), f.arch, f.node_class, f.agent_version, hb.release, pipelines, metrics,
+                        hb.ts, hb.interval_s)
+            groups.setdefault((u is not None, latest is not None), []).append(row + key)
+        ph = self._placeholder
+        greatest = "MAX" if self._dialect == "sqlite" else "GREATEST"
+        for (has_cursor, has_facts), rows in groups.items():
+            sets = [f"last_seen = {greatest}(COALESCE(last_seen, 0), {ph()})"]
+            if has_cursor:
+                sets += [f"epoch = {ph()}", f"watermark = {ph()}", f"gaps = {ph(True)}", f"messages_total = messages_total + {ph()}",
+                         f"duplicates_total = duplicates_total + {ph()}", f"missing_total = missing_total + {ph()}"]
+            if has_facts:
+                sets += [f'"{c}" = {ph(c in _NODE_JSON)}' for c in _FACT_COLUMNS]
+            sql = f"UPDATE nodes SET {', '.join(sets)} WHERE shop_id = {ph()} AND node_id = {ph()}"
+            conn.exec_driver_sql(sql, rows)
+
+    def _placeholder(self, json_value: bool = False) -> str:
+        if self._dialect == "sqlite":
+            return "?"
+        return "%s::json" if json_value else "%s"
+
+    def _insert_many(self, conn: Connection, table: Table, cols: Sequence[str], rows: list[tuple[Any, ...]]) -> None:
+        """Insert ``rows`` (tuples in ``cols`` order, JSON columns already encoded) with the driver's executemany:
+        on the hot path SQLAlchemy's per-row parameter processing costs more than the database's own insert."""
+        json_cols = {c.name for c in table.columns if isinstance(c.type, JSON)}
+        names = ", ".join(f'"{c}"' for c in cols)
+        values = ", ".join(self._placeholder(c in json_cols) for c in cols)
+        conn.exec_driver_sql(f"INSERT INTO {table.name} ({names}) VALUES ({values})", rows)
+
+    def _revive(self, conn: Connection, batch: WriteBatch, now: float) -> list[BusEvent]:
+        """Bring back nodes that silence made stale or offline, or never seen online: any message means alive."""
+        changes: list[PresenceChange] = [
+            (key, p.presence, PresenceView(p.session, "online", "message"), None)
+            for key, p in self._presence_of(conn, sorted(batch.seen)).items()
+            if p.presence in ("stale", "unknown") or (p.presence == "offline" and p.reason == "timeout")
+        ]
+        return self._set_presences(conn, changes, now)
+
+    def sweep_presence(self, settings: PresenceSettings, now: float | None = None) -> list[BusEvent]:
+        """Mark silent nodes stale, then offline (reason ``timeout``); return the changes."""
+        now = time.time() if now is None else now
+        interval = func.coalesce(NODES.c.heartbeat_interval_s, settings.default_interval_s)
+        self._pending_presence = {}
+        with self.engine.begin() as conn:
+            rows = conn.execute(
+                select(NODES.c.shop_id, NODES.c.node_id, NODES.c.session, NODES.c.presence, NODES.c.last_seen,
+                       NODES.c.heartbeat_interval_s).where(
+                    NODES.c.presence.in_(("online", "stale")),
+                    NODES.c.last_seen < now - interval * settings.stale_after_intervals,
+                )
+            ).all()
+            changes: list[PresenceChange] = []
+            for r in rows:
+                iv = r.heartbeat_interval_s or settings.default_interval_s
+                new = silence_presence(r.presence, now - r.last_seen, iv, settings)
+                if new != r.presence:
+                    reason = "timeout" if new == "offline" else "silent"
+                    changes.append(((r.shop_id, r.node_id), r.presence, PresenceView(r.session, new, reason), None))
+            out = self._set_presences(conn, changes, now)
+        self._presence.update(self._pending_presence)
+        return out
+
+    def enforce_retention(self, settings: RetentionSettings, now: float | None = None) -> dict[str, int]:
+        """Delete heartbeats and events beyond their count and age bounds; return rows deleted per table."""
+        now = time.time() if now is None else now
+        deleted: dict[str, int] = {}
+        with self.engine.begin() as conn:
+            for table, part, keep, max_age in (
+                (HEARTBEATS, (HEARTBEATS.c.shop_id, HEARTBEATS.c.node_id), settings.heartbeats_per_node, settings.heartbeat_max_age_s),
+                (EVENTS, (EVENTS.c.shop_id,), settings.events_per_shop, settings.event_max_age_s),
+            ):
+                n = conn.execute(delete(table).where(table.c.received_at < now - max_age)).rowcount
+                ranked = select(
+                    table.c.id, func.row_number().over(partition_by=part, order_by=table.c.id.desc()).label("rn")
+                ).subquery()
+                over = select(ranked.c.id).where(ranked.c.rn > keep)
+                n += conn.execute(delete(table).where(table.c.id.in_(over))).rowcount
+                deleted[table.name] = n
+        return deleted
+
+    def register_shop(
+        self, shop: str, *, name: str | None = None, region: str | None = None,
+        labels: dict[str, str] | None = None, timezone: str | None = None, now: float | None = None,
+    ) -> None:
+        """Create a shop or update its name, region, labels and timezone."""
+        validate_id(shop, "shop id")
+        now = time.time() if now is None else now
+        values = {k: v for k, v in {"name": name, "region": region, "labels": labels, "timezone": timezone}.items() if v is not None}
+        with self.engine.begin() as conn:
+            stmt = self._insert(SHOPS).values(
+                id=shop, name=name or shop, region=region or "", labels=labels or {}, timezone=timezone or "UTC", created_at=now
+            )
+            if values:
+                stmt = stmt.on_conflict_do_update(index_elements=["id"], set_=values)
+            else:
+                stmt = stmt.on_conflict_do_nothing()
+            conn.execute(stmt)
+        self._known_shops.add(shop)

@@ -1,0 +1,1 @@
+"""What people and tools see of the controller: the REST API, the app factory, logins and the dashboard."""

@@ -1,0 +1,132 @@
+"""The REST API over the fleet registry (``/api/v1``): shops, nodes, events.
+
+Read-only views for operators and tools, plus ``PUT /api/v1/shops/{shop}`` to register a shop's
+name, region, labels and time zone (shops otherwise appear on their first message). Response
+models are the registry's read models (:mod:`fleet_controller.registry.read`), so ``/docs`` shows
+every field and a node has one shape everywhere. The reader and the writer are taken from
+``request.app.state``, so the router is independent of how the app was assembled; a shop
+registration goes through the single registry writer like every other write.
+"""
+
+from __future__ import annotations
+
+import re
+
+from fastapi import APIRouter, HTTPException, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from edge_agent.protocol import ID_PATTERN
+from fleet_controller.host import ShopWriter
+from fleet_controller.registry.read import (
+    EventView,
+    NodeDetail,
+    NotFound,
+    RegistryReader,
+    ShopDetail,
+    ShopSummary,
+)
+
+PRESENCE_PATTERN = "^(online|stale|offline|unknown)$"
+
+
+class ShopPage(BaseModel):
+    """One page of shops."""
+
+    items: list[ShopSummary]
+    total: int
+    limit: int
+    offset: int
+
+
+class ShopRegistration(BaseModel):
+    """Fields an operator sets on a shop; omitted ones stay as they are."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = Field(None, max_length=200, description="Display name.")
+    region: str | None = Field(None, max_length=100, description="Region, for filtering and rollout waves.")
+    labels: dict[str, str] | None = Field(None, description="Free labels, e.g. {'tier': 'pilot'}.")
+    timezone: str | None = Field(None, max_length=64, description="IANA time zone, e.g. Europe/Berlin (maintenance windows).")
+
+
+def _reader(request: Request) -> RegistryReader:
+    reader: RegistryReader = request.app.state.reader
+    return reader
+
+
+def _writer(request: Request) -> ShopWriter:
+    writer: ShopWriter | None = request.app.state.writer
+    if writer is None:
+        raise HTTPException(503, "this app has no registry writer: shops can be registered through a running controller only")
+    return writer
+
+
+def _parse_labels(values: list[str]) -> dict[str, str]:
+    out = {}
+    for v in values:
+        key, sep, val = v.partition("=")
+        if not sep or not key:
+            raise HTTPException(422, f"label filter {v!r}: use key=value, e.g. label=tier=pilot")
+        out[key] = val
+    return out
+
+
+def build_router() -> APIRouter:
+    """Return the ``/api/v1`` router over the registry."""
+    r = APIRouter(prefix="/api/v1", tags=["registry"])
+
+    @r.get("/shops", response_model=ShopPage, summary="List shops")
+    def list_shops(
+        request: Request,
+        region: str | None = Query(None, description="Only shops of this region."),
+        label: list[str] = Query([], description="Only shops with this label, as key=value; repeat for several."),
+        presence: str | None = Query(None, pattern=PRESENCE_PATTERN, description="Only shops with a node in this presence state."),
+        q: str | None = Query(None, max_length=100, description="Substring of the shop id or name."),
+        limit: int = Query(100, ge=1, le=1000, description="Page size."),
+        offset: int = Query(0, ge=0, description="Shops to skip."),
+    ) -> ShopPage:
+        items, total = _reader(request).list_shops(
+            region=region, labels=_parse_labels(label), presence=presence, q=q, limit=limit, offset=offset
+        )
+        return ShopPage(items=items, total=total, limit=limit, offset=offset)
+
+    @r.get("/shops/{shop}", response_model=ShopDetail, summary="One shop with its nodes")
+    def get_shop(request: Request, shop: str) -> ShopDetail:
+        try:
+            return _reader(request).get_shop(shop)
+        except NotFound as exc:
+            raise HTTPException(404, str(exc)) from None
+
+    @r.put("/shops/{shop}", response_model=ShopSummary, summary="Register a shop or update its name, region, labels, time zone")
+    async def put_shop(request: Request, shop: str, body: ShopRegistration) -> ShopSummary:
+        if not re.match(ID_PATTERN, shop):
+            raise HTTPException(422, f"invalid shop id {shop!r}: use lowercase letters, digits and '-'")
+        await _writer(request).register_shop(shop, name=body.name, region=body.region, labels=body.labels, timezone=body.timezone)
+        items, _ = await run_in_threadpool(_reader(request).list_shops, q=shop, limit=1000)
+        return next(i for i in items if i.id == shop)
+
+    @r.get("/shops/{shop}/nodes/{node}", response_model=NodeDetail, summary="One node with facts and recent heartbeats")
+    def get_node(
+        request: Request, shop: str, node: str,
+        history: int = Query(60, ge=0, le=1000, description="How many recent heartbeats to include."),
+    ) -> NodeDetail:
+        try:
+            return _reader(request).get_node(shop, node, history=history)
+        except NotFound as exc:
+            raise HTTPException(404, str(exc)) from None
+
+    @r.get("/shops/{shop}/events", response_model=list[EventView], summary="Events, alerts and presence changes of a shop")
+    def shop_events(
+        request: Request, shop: str,
+        kind: str | None = Query(None, pattern="^(event|alert|presence)$", description="Only this kind."),
+        after_id: int = Query(0, ge=0, description="Only events after this id, oldest first (for polling a feed)."),
+        limit: int = Query(100, ge=1, le=1000, description="Most events to return."),
+    ) -> list[EventView]:
+        reader = _reader(request)
+        try:
+            reader.shop(shop)
+        except NotFound as exc:
+            raise HTTPException(404, str(exc)) from None
+        return reader.list_events(shop, kind=kind, after_id=after_id, limit=limit)
+
+    return r
