@@ -164,7 +164,7 @@ def _assert_writable_and_owned(spec: dict[str, Any], c: dict[str, Any], path: st
 def test_every_hostpath_state_directory_is_owned_by_its_pod():
     for obj, spec in s.workloads(EDGE):
         for c in spec["containers"]:
-            for mp, (vm, vol) in s.mounts(spec, c).items():
+            for mp, (_vm, vol) in s.mounts(spec, c).items():
                 if "hostPath" in vol and vol["hostPath"].get("type") == "DirectoryOrCreate":
                     assert vol["hostPath"]["path"].startswith("/var/lib/shopfleet/"), f"{obj['metadata']['name']}: one node-local state path"
                     _assert_writable_and_owned(spec, c, mp + "/x")
@@ -196,14 +196,14 @@ def test_controller_settings_are_the_ones_the_code_reads(tmp_path):
     assert settings.broker.shared_group and settings.broker.protocol == "5"
     # The signing key: a Secret the controller's group can read (fsGroup + 0440).
     assert settings.rollout is not None
-    _, vm, vol = s.mount_for(spec, c, str(settings.rollout.signing_key))
+    _, _vm, vol = s.mount_for(spec, c, str(settings.rollout.signing_key))
     assert vol["secret"]["defaultMode"] & 0o040 and spec["securityContext"]["fsGroup"] == spec["securityContext"]["runAsUser"]
     assert settings.api.host == "0.0.0.0" and settings.api.port == c["ports"][0]["containerPort"]
     assert c["readinessProbe"]["httpGet"]["path"] == "/healthz"
 
 
 def test_controller_env_var_names_map_to_settings_keys():
-    (obj, spec, c), = [p.values for p in ALL_SHOPFLEET if p.values[0]["metadata"]["name"] == "shopfleet-controller"]
+    (_obj, _spec, c), = [p.values for p in ALL_SHOPFLEET if p.values[0]["metadata"]["name"] == "shopfleet-controller"]
     names = [e["name"] for e in c["env"] if e["name"].startswith("SHOPFLEET")]
     assert "SHOPFLEET_CONTROLLER_DB_URL" in names
     assert not [n for n in names if not n.startswith(ENV_PREFIX)], "settings.py reads SHOPFLEET_CONTROLLER_* only"
