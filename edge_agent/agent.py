@@ -89,7 +89,7 @@ def route(kind: str, shop: str, node: str) -> tuple[str, Priority, bool]:
     if kind == "command_result":
         return Topics.node(shop, node, Channel.REPLIES), Priority.IMPORTANT, False
     if kind == "reported_state":
-        return Topics.reported(shop), Priority.IMPORTANT, True
+        return Topics.reported(shop, node), Priority.IMPORTANT, True
     raise ValueError(f"no route for uplink kind {kind!r}")
 
 

@@ -308,7 +308,7 @@ def test_apply_then_upgrade_prunes_and_every_sent_object_is_valid(tmp_path, keys
     assert rig.metric("shopfleet_agent_applied_revision") == 2
     # The report fits the wire protocol.
     msg = second.to_message(SHOP, "gpu-1", "e1", 7)
-    assert parse_message(Topics.reported(SHOP), encode(msg)).revision == 2
+    assert parse_message(Topics.reported(SHOP, "gpu-1"), encode(msg)).revision == 2
 
 
 def test_rejected_object_fails_and_keeps_what_runs(tmp_path, keys):
