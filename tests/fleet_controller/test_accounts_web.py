@@ -125,7 +125,7 @@ def test_wrong_password_and_rate_limit(app_and_store):
 
 
 def test_a_guesser_elsewhere_cannot_lock_the_real_user_out(app_and_store):
-    app, _, creds, mreg = app_and_store
+    app, _, creds, _ = app_and_store
     attacker = TestClient(app, client=("203.0.113.7", 40000))
     for _ in range(6):
         login(attacker, "operator", "guess")
