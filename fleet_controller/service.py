@@ -178,7 +178,7 @@ class ControllerService:
         return f"{scheme}://{self.settings.api.host}:{self.api_port}"
 
     async def start(self, *, connect_timeout: float | None = None) -> None:
-        """Migrate the database, start the API, connect to the broker, start every task; raise ``MqttConnectError`` if the broker stays unreachable."""
+        """Migrate the database, start the API, connect to the broker, start every task; raise ``ConnectRefused``/``ConnectFailed`` if the broker refuses or stays unreachable."""
         if self._migrate:
             await asyncio.to_thread(migrations.upgrade, self.engine)
         else:
