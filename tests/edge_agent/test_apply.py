@@ -381,8 +381,8 @@ class _FakeAgent:
         self.sent.append(fields)
         return len(self.sent)
 
-    def register_desired_state_handler(self, handler) -> None:
-        self.handler = handler
+    def register_desired_state_handler(self, handler, observe=None) -> None:
+        self.handler, self.observe = handler, observe
 
 
 def test_attach_starts_a_reconciler_that_resumes_an_unfinished_apply(tmp_path, keys):
