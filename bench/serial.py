@@ -38,9 +38,8 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
 
-from prometheus_client import CollectorRegistry  # noqa: E402
-
 import serial  # noqa: E402
+from prometheus_client import CollectorRegistry  # noqa: E402
 
 from hardware.driver import Driver, DriverSettings  # noqa: E402
 from hardware.events import Reading  # noqa: E402
@@ -105,7 +104,7 @@ def bench_stream(frames: int) -> bytes:
     return encode_message(HELLO, 0) + b"".join(encode_message(sample(i), (i + 1) & 0xFFFF) for i in range(frames))
 
 
-def start_writer(master: int, stream: bytes) -> subprocess.Popen:
+def start_writer(master: int, stream: bytes) -> subprocess.Popen[bytes]:
     """Start the child that pushes stream into the pty master as fast as it is read."""
     writer = subprocess.Popen([sys.executable, "-c", WRITER, str(master)], stdin=subprocess.PIPE, pass_fds=(master,))
     assert writer.stdin is not None
