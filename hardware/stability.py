@@ -77,27 +77,33 @@ class StabilityDetector:
 
     def __init__(self, settings: StabilitySettings) -> None:
         self.settings = settings
-        self._window: deque[tuple[float, float]] = deque()
+        # Times and grams in two parallel deques, so max/min/sum over the window run in C
+        # (a per-reading list of the window's grams was most of the serial driver's CPU).
+        self._times: deque[float] = deque()
+        self._grams: deque[float] = deque()
         self.baseline: float | None = None
         self.stable = False
 
     def reset(self) -> None:
         """Forget the history (after a reconnect or a tare): the next settled value is the new baseline."""
-        self._window.clear()
+        self._times.clear()
+        self._grams.clear()
         self.baseline = None
         self.stable = False
 
     def update(self, at: float, grams: float) -> StableChange | None:
         """Add one reading; return a change if the channel just settled at a new level."""
         s = self.settings
-        w = self._window
-        if w and at < w[-1][0]:
-            w.clear()  # the clock went backwards (board reboot): start over, keep the baseline
-        w.append((at, grams))
-        while len(w) > 1 and at - w[1][0] >= s.window_s:
-            w.popleft()
-        values = [g for _, g in w]
-        settled = len(w) >= s.min_samples and at - w[0][0] >= s.window_s and max(values) - min(values) <= s.tolerance_g
+        times, values = self._times, self._grams
+        if times and at < times[-1]:
+            times.clear()  # the clock went backwards (board reboot): start over, keep the baseline
+            values.clear()
+        times.append(at)
+        values.append(grams)
+        while len(times) > 1 and at - times[1] >= s.window_s:
+            times.popleft()
+            values.popleft()
+        settled = len(times) >= s.min_samples and at - times[0] >= s.window_s and max(values) - min(values) <= s.tolerance_g
         self.stable = settled
         if not settled:
             return None
