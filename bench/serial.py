@@ -14,7 +14,9 @@ Three figures:
 The scale is the line rate: how many such frames a 115200-baud line carries per second (10
 bits per byte on the wire); ``ratio`` is the driver's multiple of it (the target is 100x). The
 driver's CPU per frame (process CPU time over frames, this process only: the writer is a
-child) times the line rate is the share of one core a board sending at full line rate costs.
+child) times the line rate is the share of one core a board sending at full line rate costs;
+its inverse, ``cpu_capacity_ratio``, is the multiple of the line rate one free core would
+sustain, which varies less than the wall-clock rate on a machine shared with other work.
 Last line: a JSON summary.
 
 Usage: .venv/bin/python bench/serial.py [--frames N] [--seconds S]
@@ -197,7 +199,8 @@ def main() -> None:
     fps, cpu_per_frame, events = bench_driver(args.frames)
     share = cpu_per_frame * line_rate
     print(f"driver (pty -> readings -> events): {fps:,.0f} frames/s = {fps / line_rate:.1f}x the line rate; {events} events")
-    print(f"driver CPU per frame: {cpu_per_frame * 1e6:.1f} us; CPU share at line rate: {share:.1%} of one core")
+    print(f"driver CPU per frame: {cpu_per_frame * 1e6:.1f} us; CPU share at line rate: {share:.1%} of one core"
+          f" (one free core: {1 / share:.0f}x the line rate)")
     print(f"driver / bare read: {fps / bare:.2f}; driver / codec: {fps / codec:.2f}")
     print(json.dumps({
         "frames_per_s": round(fps, 1),
@@ -209,6 +212,7 @@ def main() -> None:
         "ratio_to_bare_read": round(fps / bare, 3),
         "cpu_us_per_frame": round(cpu_per_frame * 1e6, 1),
         "cpu_share_at_line_rate": round(share, 4),
+        "cpu_capacity_ratio": round(1 / share, 1),
         "frame_bytes": frame_bytes,
         "machine": f"{os.cpu_count()} cores {os.uname().machine}",
     }))  # fmt: skip

@@ -76,6 +76,15 @@ def test_parse_rejects_with_reason(raw: bytes, reason: str) -> None:
     assert info.value.reason == reason
 
 
+def test_the_protocol_docs_example_frame() -> None:
+    """docs/serial-protocol.md's example, byte for byte, both ways."""
+    wire = bytes.fromhex("04 01 02 07 02 05 01 01 06 01 fd ff ff ff 03 4e 45 00")
+    msg = Readings(5, (ChannelValue(-3),))
+    assert encode_message(msg, 7) == wire
+    frame = SensorFrame.parse(wire)
+    assert (frame.seq, decode_message(frame)) == (7, msg)
+
+
 def _frame_with_header(version: int, ftype: int) -> bytes:
     payload = bytes([version, ftype, 0, 0])
     return cobs_encode(payload + crc16_ccitt_false(payload).to_bytes(2, "big"))
