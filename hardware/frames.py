@@ -107,7 +107,7 @@ def crc16_ccitt_false(data: bytes) -> int:
     """Return CRC-16/CCITT-FALSE (poly 0x1021, init 0xFFFF, no reflection, no xorout) of data.
 
     ``binascii.crc_hqx`` is exactly this CRC (the non-reflected CCITT polynomial) when started
-    from 0xFFFF, and runs in C: a table-driven Python loop cost about 5 us per frame.
+    from 0xFFFF, and runs in C instead of a Python loop over every byte.
     """
     return crc_hqx(data, 0xFFFF)
 
