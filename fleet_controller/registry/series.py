@@ -61,6 +61,11 @@ NODE_SERIES: dict[str, tuple[str, str]] = {
 }
 """Series the writer derives from heartbeats: name -> (label, unit). ``fps`` is per pipeline (source)."""
 
+EDGE_SLACK_S = 300.0
+"""A range starting up to this long before a tier's age still reads that tier (its oldest minutes
+may be blank): a "last 7 days" chart whose 'now' is a moment older than the server's must not
+fall to hourly buckets."""
+
 SERIES_NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
 
 
@@ -261,14 +266,14 @@ def choose_tier(start: float, end: float, now: float, settings: SeriesSettings, 
 
     The tier is the coarsest one whose step is at most the wanted bucket width and that still
     holds ``start`` (fewest rows to read); when none does, the finest tier that holds ``start``;
-    when none holds it, the hourly one. The answer's bucket width is a multiple of the tier's
+    when none holds it, the hourly one. A tier holds ``start`` up to ``EDGE_SLACK_S`` past its age. The answer's bucket width is a multiple of the tier's
     step giving at most ``settings.max_points`` buckets, and at least ``step`` when asked.
     """
     if end <= start:
         raise SeriesRangeError(f"the range ends ({end}) before it starts ({start}): pass from < to")
     wanted = max(step or 0.0, (end - start) / settings.max_points, 1.0)
     tiers = (("raw", 0, settings.raw_max_age_s), ("1m", MINUTE, settings.minute_max_age_s), ("1h", HOUR, settings.hour_max_age_s))
-    holding = [t for t in tiers if start >= now - t[2]]
+    holding = [t for t in tiers if start >= now - t[2] - EDGE_SLACK_S]
     fitting = [t for t in holding if t[1] <= wanted]
     name, tier_step, _ = fitting[-1] if fitting else holding[0] if holding else tiers[-1]
     answer = float(math.ceil(wanted / tier_step) * tier_step) if tier_step else float(math.ceil(wanted))

@@ -88,6 +88,8 @@ def test_choose_tier_from_range(span, step, expected):
 
 def test_choose_tier_old_hour_reads_minutes_and_empty_range_is_refused():
     now = T0
+    assert choose_tier(now - 7 * 86400 - 2, now, now, S)[0] == "1m"  # a browser's "7 d" a moment ago still reads minutes
+    assert choose_tier(now - 8 * 86400, now, now, S)[0] == "1h"
     assert choose_tier(now - 3 * 86400, now - 3 * 86400 + 3600, now, S)[0] == "1m"  # raw no longer holds it
     with pytest.raises(SeriesRangeError, match="from < to"):
         choose_tier(now, now - 1, now, S)
