@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
 import pytest
+import yaml
 from sqlalchemy import func, inspect, select
 
 from edge_agent.protocol import NodeFacts, PipelineHealth, Reading, Telemetry
 from fleet_controller.registry.db import Base
 from fleet_controller.registry.series import (
+    NODE_SERIES,
     RAW,
     ROLLUP,
     SeriesRangeError,
@@ -194,3 +202,74 @@ def test_vendored_uplot_is_served_without_login(api_client):
     assert api_client.get("/static/vendor/uplot/LICENSE").text.startswith("The MIT License")
     assert api_client.get("/static/vendor/uplot/..%2Fseries_api.py").status_code == 404
     assert api_client.get("/api/v1/shops/shop-a/series", params={"name": "fps"}).status_code == 401
+
+
+# ----- Grafana dashboard and Prometheus recording rules ----------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+RULES = ROOT / "docs" / "prometheus" / "recording-rules.yaml"
+GRAFANA = ROOT / "docs" / "grafana" / "shopfleet.json"
+METRIC_RE = re.compile(r"\bshopfleet_[a-z0-9_]+\b")
+SUFFIXES = ("_total", "_bucket", "_sum", "_count", "_created")
+
+
+def exported_names() -> set[str]:
+    """Every metric name the code declares (the first argument of a Counter, Gauge, Histogram or collector family)."""
+    names: set[str] = set()
+    for pkg in ("fleet_controller", "edge_agent", "vision", "hardware", "shopfleet"):
+        for path in (ROOT / pkg).rglob("*.py"):
+            names.update(re.findall(r"[\"'](shopfleet_[a-z0-9_]+)[\"']", path.read_text()))
+    return names
+
+
+def unknown(used: set[str], exported: set[str]) -> set[str]:
+    """Return the names in ``used`` that no metric exports (a counter ``x`` is scraped as ``x_total``, a histogram as ``x_bucket``...)."""
+    def known(name: str) -> bool:
+        return name in exported or any(name.endswith(s) and name[: -len(s)] in exported for s in SUFFIXES)
+    return {n for n in used if not known(n)}
+
+
+def rule_exprs() -> tuple[set[str], list[str]]:
+    doc = yaml.safe_load(RULES.read_text())
+    rules = [r for g in doc["groups"] for r in g["rules"]]
+    return {r["record"] for r in rules}, [r["expr"] for r in rules]
+
+
+def grafana_targets() -> list[dict]:
+    doc = json.loads(GRAFANA.read_text())
+    return [t for p in doc["panels"] for t in p.get("targets", [])]
+
+
+def test_every_metric_the_rules_and_dashboard_use_is_exported():
+    exported = exported_names()
+    assert {"shopfleet_controller_ingested", "shopfleet_vision_fps", "shopfleet_controller_nodes"} <= exported
+    assert unknown({"shopfleet_vision_fps", "shopfleet_controller_ingested_total", "shopfleet_nope_total"}, exported) == {"shopfleet_nope_total"}
+    recorded, exprs = rule_exprs()
+    prom = [t["expr"] for t in grafana_targets() if "expr" in t]
+    used = {m for e in exprs + prom for m in METRIC_RE.findall(e)}
+    assert len(used) >= 15 and unknown(used, exported) == set()
+    # The dashboard's recording-rule series (level:metric:operation) are all recorded by the rules file.
+    used_rules = {m for e in prom for m in re.findall(r"\b[a-z_]+:[a-z0-9_]+:[a-z0-9_]+\b", e)}
+    assert used_rules and used_rules <= recorded, used_rules - recorded
+
+
+def test_dashboard_sql_panels_read_existing_series_columns():
+    from fleet_controller.registry import series  # noqa: F401  (declares the series tables on Base)
+
+    sqls = [t["rawSql"] for t in grafana_targets() if "rawSql" in t]
+    assert len(sqls) >= 5
+    cols = {c.name for c in Base.metadata.tables["series_rollup"].columns}
+    for q in sqls:
+        assert set(re.findall(r"\bFROM (\w+)", q)) == {"series_rollup"}, q
+        assert {"bucket", "total", "n", "step", "shop_id", "name"} <= cols
+        names = re.findall(r"name = '(\w+)'", q)
+        assert names and all(n in NODE_SERIES or n in ("temperature_c", "shelf_weight_g") for n in names), q
+
+
+def test_recording_rules_pass_promtool():
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (Debian package 'prometheus')")
+    out = subprocess.run([promtool, "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "SUCCESS" in out.stdout

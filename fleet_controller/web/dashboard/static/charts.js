@@ -97,7 +97,7 @@
         { ...axis, label: unit, size: 56, values: (u, ticks) => ticks.map((t) => fmt(t)) },
       ],
       legend: { live: true },
-      cursor: { drag: { x: true, y: false } },
+      cursor: { drag: { x: false, y: false } }, // the range buttons choose the span; no zoom to undo
     };
     const values = [data.times, ...data.lines.map((l) => l.mean)];
     const old = plots.get(fig);
