@@ -3,8 +3,13 @@
 Three tiers, so a fleet that runs for years keeps a bounded table and a 90-day chart still reads
 few rows:
 
-* ``series_raw``: one row per sample, as it arrived (heartbeats every ~10 s, readings as sent),
-  kept ``retention.series.raw_max_age_s`` (24 h by default);
+* ``series_raw``: the samples of one message in one row (a heartbeat's five node values and
+  its cameras' fps; a telemetry message's readings), as ``[[name, source, value], ...]`` JSON
+  text, kept ``retention.series.raw_max_age_s`` (24 h by default). One row per message rather
+  than per sample keeps the intake's hot path cheap: storing 10,000 heartbeats through
+  ``write_batch`` on SQLite (2 shared cores), a row per sample cut the rate from 20,000-36,000/s
+  to ~10,000/s, one packed row per message measured 13,000-19,500/s; folding 10,500 such rows
+  into the rollups takes ~0.26 s of the writer's time;
 * ``series_rollup`` with ``step`` 60: count, sum, min and max per 1-minute bucket, kept
   ``minute_max_age_s`` (7 days);
 * ``series_rollup`` with ``step`` 3600: the same per hour, kept ``hour_max_age_s`` (90 days).
@@ -15,7 +20,7 @@ node's CPU, memory, disk and temperature (``node`` set, ``source`` empty) and ea
 (``source`` = pipeline, i.e. camera); from every telemetry reading its own name and source
 (``occupancy`` per camera, ``temperature_c`` per fridge, ``shelf_weight_g`` per slot...).
 
-Rollup is incremental by row id, not by time: each tier remembers the last raw id it has
+Rollup (in Python, on the writer) is incremental by row id, not by time: each tier remembers the last raw id it has
 folded in (``series_cursors``), and folds in every newer row whatever its timestamp. A node that
 replays an hour of outbox after an outage therefore still lands in the right (old) buckets,
 which a "roll up the last complete minute" scheme would miss. Buckets are merged with an upsert
@@ -23,21 +28,22 @@ which a "roll up the last complete minute" scheme would miss. Buckets are merged
 :func:`maintain` runs in the writer's periodic retention, rollup first, then deletion, in one
 transaction; the single writer means no raw row can arrive between the two.
 
-Reads (:func:`read_series`) choose the tier from the range asked for: the finest tier that still
-covers the start of the range and does not need more than ``max_points`` buckets, then
-re-bucket it in SQL to at most ``max_points`` points per line, aligned on one time axis (what a
-chart library wants), with the bucket's mean, min and max.
+Reads (:func:`read_series`) choose the tier from the range asked for (:func:`choose_tier`) and
+re-bucket it to at most ``max_points`` points per line, aligned on one time axis (what a chart
+library wants), with the bucket's mean, min and max: in SQL for the rollups, in Python for raw
+rows (read for short ranges only, a shop's few thousand rows).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import BigInteger, Float, Index, Integer, String, cast, delete, func, select
+from sqlalchemy import BigInteger, Float, Index, Integer, String, Text, cast, delete, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Mapped, mapped_column
@@ -69,18 +75,16 @@ fall to hourly buckets."""
 SERIES_NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
 
 
-class SeriesPoint(Base):
-    """One raw sample of one series (shop, node, name, source)."""
+class SeriesSamples(Base):
+    """The raw samples of one message: ``samples`` is JSON text ``[[name, source, value], ...]``."""
 
     __tablename__ = "series_raw"
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
     shop_id: Mapped[str] = mapped_column(String(63))
     node_id: Mapped[str] = mapped_column(String(63))
-    name: Mapped[str] = mapped_column(String(64))
-    source: Mapped[str] = mapped_column(String(128), default="")
     ts: Mapped[float] = mapped_column(Float)
-    value: Mapped[float] = mapped_column(Float)
-    __table_args__ = (Index("ix_series_raw_shop_name_ts", "shop_id", "name", "ts"),)
+    samples: Mapped[str] = mapped_column(Text)
+    __table_args__ = (Index("ix_series_raw_shop_ts", "shop_id", "ts"),)
 
 
 class SeriesRollup(Base):
@@ -100,17 +104,19 @@ class SeriesRollup(Base):
 
 
 class SeriesCursor(Base):
-    """The last raw id each rollup step has folded in."""
+    """The last raw id folded into the rollups (one row, ``step`` 0: every step is folded together)."""
 
     __tablename__ = "series_cursors"
     step: Mapped[int] = mapped_column(Integer, primary_key=True)
     last_id: Mapped[int] = mapped_column(BigInteger)
 
 
-RAW = table_of(SeriesPoint)
+RAW = table_of(SeriesSamples)
 ROLLUP = table_of(SeriesRollup)
 CURSORS = table_of(SeriesCursor)
-_RAW_COLUMNS = ("shop_id", "node_id", "name", "source", "ts", "value")
+_RAW_COLUMNS = ("shop_id", "node_id", "ts", "samples")
+ROLLUP_CHUNK = 20_000
+"""Raw rows folded per query: bounds the writer's memory when it catches up on a long backlog."""
 
 Uplink = Heartbeat | Telemetry | Event | Alert | CommandResult | ReportedState
 
@@ -124,8 +130,8 @@ def _percent_used(available: int, total: int) -> float | None:
     return None if total <= 0 else round(100.0 * (1.0 - available / total), 3)
 
 
-def points_from(msg: Uplink) -> list[tuple[str, str, str, str, float, float]]:
-    """Return the series samples ``(shop, node, name, source, ts, value)`` one message carries."""
+def points_from(msg: Uplink) -> list[tuple[str, str, float]]:
+    """Return the series samples ``(name, source, value)`` one message carries."""
     if isinstance(msg, Heartbeat):
         f = msg.facts
         node_values: dict[str, float | None] = {
@@ -135,18 +141,22 @@ def points_from(msg: Uplink) -> list[tuple[str, str, str, str, float, float]]:
             "disk_used_percent": _percent_used(f.disk_free_bytes, f.disk_total_bytes),
             "cpu_temp_c": f.cpu_temp_c,
         }
-        out = [(msg.shop, msg.node, k, "", msg.ts, float(v)) for k, v in node_values.items() if v is not None]
-        out += [(msg.shop, msg.node, "fps", name, msg.ts, float(p.fps)) for name, p in msg.pipelines.items() if p.fps is not None]
+        out = [(k, "", float(v)) for k, v in node_values.items() if v is not None]
+        out += [("fps", name, float(p.fps)) for name, p in msg.pipelines.items() if p.fps is not None]
         return out
     if isinstance(msg, Telemetry):
         # NaN and infinities cannot be charted or averaged; the latest-readings table still shows them.
-        return [(msg.shop, msg.node, r.name, r.source, msg.ts, r.value) for r in msg.readings if math.isfinite(r.value)]
+        return [(r.name, r.source, r.value) for r in msg.readings if math.isfinite(r.value)]
     return []
 
 
 def store_points(conn: Connection, uplinks: Iterable[tuple[Uplink, float]]) -> int:
-    """Insert the samples of a batch's uplinks (in the batch's transaction); return how many."""
-    rows = [p for msg, _received in uplinks for p in points_from(msg)]
+    """Insert the samples of a batch's uplinks (in the batch's transaction), a row per message; return how many rows."""
+    rows = []
+    for msg, _received in uplinks:
+        points = points_from(msg)
+        if points:
+            rows.append((msg.shop, msg.node, msg.ts, json.dumps(points, separators=(",", ":"))))
     if rows:
         marks = ", ".join("?" if conn.dialect.name == "sqlite" else "%s" for _ in _RAW_COLUMNS)
         conn.exec_driver_sql(f"INSERT INTO series_raw ({', '.join(_RAW_COLUMNS)}) VALUES ({marks})", rows)
@@ -169,37 +179,59 @@ def _insert(dialect: str) -> postgresql.Insert | sqlite.Insert:
     raise NotImplementedError(f"database {dialect!r} is not supported: use SQLite or PostgreSQL")
 
 
-def rollup(conn: Connection, upto_id: int) -> dict[int, int]:
-    """Fold raw rows up to ``upto_id`` into every rollup step past its cursor; return buckets written per step."""
+def _fold(rows: Iterable[Any], acc: dict[tuple[int, str, str, float, str, str], list[float]]) -> None:
+    """Add raw rows ``(shop, node, ts, samples)`` to per-bucket ``[n, total, lo, hi]`` of every rollup step."""
+    for shop, node, ts, samples in rows:
+        buckets = [(step, float(math.floor(ts / step) * step)) for step in ROLLUP_STEPS]
+        for name, source, value in json.loads(samples):
+            for step, bucket in buckets:
+                key = (step, shop, name, bucket, node, source)
+                a = acc.get(key)
+                if a is None:
+                    acc[key] = [1, value, value, value]
+                else:
+                    a[0] += 1
+                    a[1] += value
+                    if value < a[2]:
+                        a[2] = value
+                    if value > a[3]:
+                        a[3] = value
+
+
+def rollup(conn: Connection, upto_id: int) -> int:
+    """Fold raw rows past the cursor up to ``upto_id`` into the 1-minute and 1-hour buckets; return buckets written.
+
+    Every step shares one cursor (they are always folded together). Buckets merge with what is
+    there: count and sum add, min and max combine, so a bucket can be fed over several runs.
+    """
     dialect = conn.dialect.name
-    cursors = {int(s): int(i) for s, i in conn.execute(select(CURSORS.c.step, CURSORS.c.last_id))}
+    start = conn.execute(select(CURSORS.c.last_id).where(CURSORS.c.step == 0)).scalar()
     least, greatest = (func.min, func.max) if dialect == "sqlite" else (func.least, func.greatest)
-    written: dict[int, int] = {}
-    for step in ROLLUP_STEPS:
-        start = int(cursors.get(step, 0))
-        if upto_id <= start:
-            written[step] = 0
-            continue
-        bucket = _bucket(dialect, RAW.c.ts, step).label("bucket")
-        rows = conn.execute(
-            select(RAW.c.shop_id, RAW.c.name, bucket, RAW.c.node_id, RAW.c.source, func.count().label("n"),
-                   func.sum(RAW.c.value).label("total"), func.min(RAW.c.value).label("lo"), func.max(RAW.c.value).label("hi"))
-            .where(RAW.c.id > start, RAW.c.id <= upto_id)
-            .group_by(RAW.c.shop_id, RAW.c.name, bucket, RAW.c.node_id, RAW.c.source)
-        ).mappings().all()
-        if rows:
-            stmt = _insert(dialect)
-            stmt = stmt.on_conflict_do_update(
-                index_elements=["step", "shop_id", "name", "bucket", "node_id", "source"],
-                set_={"n": ROLLUP.c.n + stmt.excluded.n, "total": ROLLUP.c.total + stmt.excluded.total,
-                      "lo": least(ROLLUP.c.lo, stmt.excluded.lo), "hi": greatest(ROLLUP.c.hi, stmt.excluded.hi)},
-            )
-            conn.execute(stmt, [{**r, "step": step, "bucket": float(r["bucket"])} for r in rows])
-        if step in cursors:
-            conn.execute(CURSORS.update().where(CURSORS.c.step == step).values(last_id=upto_id))
-        else:
-            conn.execute(CURSORS.insert().values(step=step, last_id=upto_id))
-        written[step] = len(rows)
+    stmt = _insert(dialect)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["step", "shop_id", "name", "bucket", "node_id", "source"],
+        set_={"n": ROLLUP.c.n + stmt.excluded.n, "total": ROLLUP.c.total + stmt.excluded.total,
+              "lo": least(ROLLUP.c.lo, stmt.excluded.lo), "hi": greatest(ROLLUP.c.hi, stmt.excluded.hi)},
+    )
+    written = 0
+    done = int(start or 0)
+    while done < upto_id:
+        stop = min(done + ROLLUP_CHUNK, upto_id)
+        acc: dict[tuple[int, str, str, float, str, str], list[float]] = {}
+        _fold(conn.execute(select(RAW.c.shop_id, RAW.c.node_id, RAW.c.ts, RAW.c.samples)
+                           .where(RAW.c.id > done, RAW.c.id <= stop)), acc)
+        if acc:
+            conn.execute(stmt, [
+                {"step": k[0], "shop_id": k[1], "name": k[2], "bucket": k[3], "node_id": k[4], "source": k[5],
+                 "n": int(v[0]), "total": v[1], "lo": v[2], "hi": v[3]}
+                for k, v in acc.items()
+            ])
+        written += len(acc)
+        done = stop
+    if start is None:
+        conn.execute(CURSORS.insert().values(step=0, last_id=upto_id))
+    elif upto_id > start:
+        conn.execute(CURSORS.update().where(CURSORS.c.step == 0).values(last_id=upto_id))
     return written
 
 
@@ -305,28 +337,57 @@ def read_series(
     settings = settings or SeriesSettings()
     now = time.time() if now is None else now
     resolution, tier_step, answer = choose_tier(start, end, now, settings, step)
+    rows: Sequence[Any]
     with engine.connect() as conn:
-        dialect = conn.dialect.name
-        cols: list[ColumnElement[Any]]
         if tier_step == 0:
-            t, bucket = RAW, _bucket(dialect, RAW.c.ts - start, answer) + start
-            cols = [func.avg(RAW.c.value), func.min(RAW.c.value), func.max(RAW.c.value)]
-            where = [RAW.c.ts >= start, RAW.c.ts <= end]
+            rows = _raw_buckets(conn, shop, name, start, end, answer, node, source)
         else:
-            t, bucket = ROLLUP, _bucket(dialect, ROLLUP.c.bucket - _aligned(start, tier_step), answer) + _aligned(start, tier_step)
-            cols = [func.sum(ROLLUP.c.total) / func.sum(ROLLUP.c.n), func.min(ROLLUP.c.lo), func.max(ROLLUP.c.hi)]
-            where = [ROLLUP.c.step == tier_step, ROLLUP.c.bucket >= _aligned(start, tier_step), ROLLUP.c.bucket <= end]
-        where += [t.c.shop_id == shop, t.c.name == name]
-        if node is not None:
-            where.append(t.c.node_id == node)
-        if source is not None:
-            where.append(t.c.source == source)
-        b = bucket.label("b")
-        rows = conn.execute(
-            select(t.c.node_id, t.c.source, b, *cols).where(*where).group_by(t.c.node_id, t.c.source, b).order_by(b)
-        ).all()
+            rows = _rollup_buckets(conn, shop, name, start, end, answer, tier_step, node, source)
         unit = _unit(conn, shop, name)
     return _shape(shop, name, unit, start, end, answer, resolution, rows, total)
+
+
+def _raw_buckets(conn: Connection, shop: str, name: str, start: float, end: float, step: float,
+                 node: str | None, source: str | None) -> list[tuple[str, str, float, float, float, float]]:
+    """Return ``(node, source, bucket, mean, min, max)`` of raw samples, bucketed from ``start`` in Python."""
+    where = [RAW.c.shop_id == shop, RAW.c.ts >= start, RAW.c.ts <= end]
+    if node is not None:
+        where.append(RAW.c.node_id == node)
+    acc: dict[tuple[str, str, float], list[float]] = {}
+    for node_id, ts, samples in conn.execute(select(RAW.c.node_id, RAW.c.ts, RAW.c.samples).where(*where)):
+        if f'"{name}"' not in samples:  # cheap test before parsing: most messages carry other series
+            continue
+        bucket = start + math.floor((ts - start) / step) * step
+        for n, src, value in json.loads(samples):
+            if n != name or (source is not None and src != source):
+                continue
+            a = acc.get((node_id, src, bucket))
+            if a is None:
+                acc[(node_id, src, bucket)] = [1, value, value, value]
+            else:
+                a[0] += 1
+                a[1] += value
+                a[2] = min(a[2], value)
+                a[3] = max(a[3], value)
+    return [(k[0], k[1], k[2], v[1] / v[0], v[2], v[3]) for k, v in acc.items()]
+
+
+def _rollup_buckets(conn: Connection, shop: str, name: str, start: float, end: float, step: float, tier_step: int,
+                    node: str | None, source: str | None) -> Sequence[Any]:
+    """Return ``(node, source, bucket, mean, min, max)`` of a rollup tier, re-bucketed in SQL."""
+    first = _aligned(start, tier_step)
+    bucket = (_bucket(conn.dialect.name, ROLLUP.c.bucket - first, step) + first).label("b")
+    where = [ROLLUP.c.step == tier_step, ROLLUP.c.shop_id == shop, ROLLUP.c.name == name,
+             ROLLUP.c.bucket >= first, ROLLUP.c.bucket <= end]
+    if node is not None:
+        where.append(ROLLUP.c.node_id == node)
+    if source is not None:
+        where.append(ROLLUP.c.source == source)
+    return conn.execute(
+        select(ROLLUP.c.node_id, ROLLUP.c.source, bucket, func.sum(ROLLUP.c.total) / func.sum(ROLLUP.c.n),
+               func.min(ROLLUP.c.lo), func.max(ROLLUP.c.hi))
+        .where(*where).group_by(ROLLUP.c.node_id, ROLLUP.c.source, bucket)
+    ).all()
 
 
 def _aligned(ts: float, step: int) -> float:
@@ -359,11 +420,3 @@ def _r(v: Any) -> float | None:
 def _sum(values: Iterable[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return round(sum(present), 4) if present else None
-
-
-def series_names(engine: Engine, shop: str, *, since: float) -> list[str]:
-    """Return the names of the series ``shop`` has samples of since ``since`` (any tier)."""
-    with engine.connect() as conn:
-        raw = set(conn.scalars(select(RAW.c.name).where(RAW.c.shop_id == shop, RAW.c.ts >= since).distinct()))
-        rolled = set(conn.scalars(select(ROLLUP.c.name).where(ROLLUP.c.shop_id == shop, ROLLUP.c.bucket >= since).distinct()))
-    return sorted(raw | rolled)

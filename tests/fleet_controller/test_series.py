@@ -62,7 +62,7 @@ def count(engine, table, **where) -> int:
 
 def test_points_from_heartbeat_derive_node_series_and_camera_fps():
     hb = heartbeat(seq=1, ts=T0, facts=FACTS, pipelines=CAM)
-    pts = {(p[2], p[3]): p[5] for p in points_from(hb)}
+    pts = {(p[0], p[1]): p[2] for p in points_from(hb)}
     assert pts == {("cpu_percent", ""): 25.0, ("cpu_load_1m", ""): 0.5, ("mem_used_percent", ""): 75.0,
                    ("disk_used_percent", ""): 25.0, ("cpu_temp_c", ""): 51.5, ("fps", "cam-1"): 9.5}
 
@@ -70,10 +70,10 @@ def test_points_from_heartbeat_derive_node_series_and_camera_fps():
 def test_points_skip_what_cannot_be_charted():
     """A pipeline without fps, a node without temperature and a NaN reading give no sample (not a zero)."""
     facts = FACTS.model_copy(update={"cpu_temp_c": None, "cpu_percent": None})
-    names = {p[2] for p in points_from(heartbeat(seq=1, facts=facts, pipelines={"shelf": CAM["shelf"]}))}
+    names = {p[0] for p in points_from(heartbeat(seq=1, facts=facts, pipelines={"shelf": CAM["shelf"]}))}
     assert names == {"cpu_load_1m", "mem_used_percent", "disk_used_percent"}
     tel = Telemetry(shop="s", node="n", seq=1, epoch="e", readings=(Reading(name="x", value=float("nan")), Reading(name="y", value=2)))
-    assert [p[2] for p in points_from(tel)] == ["y"]
+    assert points_from(tel) == [("y", "", 2.0)]
 
 
 S = SeriesSettings()
@@ -122,7 +122,7 @@ def test_migration_matches_models(registry):
 def test_batches_store_samples_and_reads_align_lines(registry):
     write(registry, heartbeat(seq=1, ts=T0 + 10, facts=FACTS, pipelines=CAM), fridge(2, T0 + 10, 4.0), at=T0 + 10)
     write(registry, fridge(3, T0 + 20, 6.0), fridge(4, T0 + 20, 3.0, source="fridge-2"), at=T0 + 20)
-    assert count(registry.engine, RAW) == 6 + 3
+    assert count(registry.engine, RAW) == 4  # one row per message
     data = read_series(registry.engine, "shop-a", "temperature_c", start=T0, end=T0 + 3600, now=T0 + 3600)
     assert data.resolution == "raw" and data.unit == "C" and data.step == 6.0
     assert data.times == [T0 + 6, T0 + 18]

@@ -1,4 +1,4 @@
-"""Time series for charts: series_raw, series_rollup (1-minute and 1-hour buckets), series_cursors.
+"""Time series for charts: series_raw (samples per message), series_rollup (1-minute and 1-hour buckets), series_cursors.
 
 Revision ID: 0007_series
 Revises: 0001_registry
@@ -27,13 +27,11 @@ def upgrade() -> None:
         sa.Column("id", _ID, autoincrement=True, nullable=False),
         sa.Column("shop_id", sa.String(63), nullable=False),
         sa.Column("node_id", sa.String(63), nullable=False),
-        sa.Column("name", sa.String(64), nullable=False),
-        sa.Column("source", sa.String(128), nullable=False, server_default=""),
         sa.Column("ts", sa.Float(), nullable=False),
-        sa.Column("value", sa.Float(), nullable=False),
+        sa.Column("samples", sa.Text(), nullable=False),
         sa.PrimaryKeyConstraint("id", name="pk_series_raw"),
     )
-    op.create_index("ix_series_raw_shop_name_ts", "series_raw", ["shop_id", "name", "ts"])
+    op.create_index("ix_series_raw_shop_ts", "series_raw", ["shop_id", "ts"])
     op.create_table(
         "series_rollup",
         sa.Column("step", sa.Integer(), nullable=False),
@@ -59,5 +57,5 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table("series_cursors")
     op.drop_table("series_rollup")
-    op.drop_index("ix_series_raw_shop_name_ts", table_name="series_raw")
+    op.drop_index("ix_series_raw_shop_ts", table_name="series_raw")
     op.drop_table("series_raw")
