@@ -43,6 +43,7 @@ from edge_agent.protocol import (
     Telemetry,
     validate_id,
 )
+from fleet_controller.registry import series
 from fleet_controller.registry.bus import BusEvent
 from fleet_controller.registry.db import table_of
 from fleet_controller.registry.models import (
@@ -263,6 +264,7 @@ class RegistryStore:
             created, known = self._ensure(conn, sorted(keys - unknown), now)
             events += created
             facts = self._store_uplinks(conn, batch, now, events, unknown)
+            series.store_points(conn, batch.uplinks)
             events += self._store_presences(conn, batch.presences, now)
             self._update_nodes(conn, batch, facts)
             events += self._revive(conn, batch, now)
@@ -549,6 +551,7 @@ class RegistryStore:
                 over = select(ranked.c.id).where(ranked.c.rn > keep)
                 n += conn.execute(delete(table).where(table.c.id.in_(over))).rowcount
                 deleted[table.name] = n
+            deleted.update(series.maintain(conn, settings.series, now))
         return deleted
 
     def register_shop(

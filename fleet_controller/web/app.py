@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from fleet_controller.host import ShopWriter
 from fleet_controller.registry.read import RegistryReader
 from fleet_controller.web.api import build_router
+from fleet_controller.web.series_api import series_router
 
 API_TITLE = "shopfleet fleet controller"
 
@@ -54,6 +55,7 @@ def create_app(
     for key, value in (state or {}).items():
         setattr(app.state, key, value)
     app.include_router(build_router())
+    app.include_router(series_router())
     for router in routers:
         app.include_router(router)
 
