@@ -397,3 +397,18 @@ def failures(conn: Connection, rollout_id: int) -> list[dict[str, Any]]:
     """Return the stored failures of a rollout, first first: shop, gate, value, threshold, reason, at."""
     rows = conn.execute(select(FAILURES).where(FAILURES.c.rollout_id == rollout_id).order_by(FAILURES.c.at, FAILURES.c.shop_id)).all()
     return [{"shop": x.shop_id, "gate": x.gate, "value": x.value, "threshold": x.threshold, "reason": x.reason, "at": x.at} for x in rows]
+
+
+def latest_rollout_shops(engine: Engine) -> dict[str, dict[str, Any]]:
+    """Return each shop's place in the newest rollout: rollout id, release, rollout status, shop state, failure.
+
+    For the fleet table: a shop whose last rollout failed it shows the failed check until a newer
+    rollout starts. Shops outside the newest rollout are absent.
+    """
+    with engine.connect() as conn:
+        r = conn.execute(select(ROLLOUTS.c.id, ROLLOUTS.c.release, ROLLOUTS.c.status).order_by(ROLLOUTS.c.id.desc()).limit(1)).first()
+        if r is None:
+            return {}
+        rows = conn.execute(select(RSHOPS.c.shop_id, RSHOPS.c.state).where(RSHOPS.c.rollout_id == r.id)).all()
+        failed = {f["shop"]: f for f in failures(conn, r.id)}
+    return {s: {"rollout": r.id, "release": r.release, "status": r.status, "state": state, "failure": failed.get(s)} for s, state in rows}

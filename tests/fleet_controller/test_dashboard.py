@@ -184,8 +184,9 @@ async def test_hub_streams_bus_events_as_sse_and_drops_when_full():
     hub = LiveHub(mreg)
     bus = EventBus()
     fwd = asyncio.create_task(forward_bus(bus, hub))
-    stream = hub.stream(keepalive_s=0.05)
+    stream = hub.stream(ping_s=0.05, clock=lambda: NOW)
     assert await anext(stream) == "retry: 3000\n\n"
+    assert await anext(stream) == f"event: ping\ndata: {{\"at\":{NOW:.3f}}}\n\n"  # at once: the browser knows it is live
     nxt = asyncio.create_task(anext(stream))
 
     async def subscribed() -> None:
@@ -196,7 +197,7 @@ async def test_hub_streams_bus_events_as_sse_and_drops_when_full():
     bus.publish(BusEvent("presence", "s1", "pi-1", {"old": "online", "new": "offline", "reason": "will"}, at=NOW))
     frame = await asyncio.wait_for(nxt, 5)
     assert frame.startswith("event: presence\ndata: ") and '"new":"offline"' in frame and '"shop":"s1"' in frame
-    assert await asyncio.wait_for(anext(stream), 5) == ": keepalive\n\n"
+    assert (await asyncio.wait_for(anext(stream), 5)).startswith("event: ping\n")  # idle: a ping for the watchdog
     for i in range(300):  # nobody reads: the queue (256) fills and the rest is dropped, the publisher never blocks
         hub.publish("alert_changed", {"i": i})
     assert mreg.get_sample_value("shopfleet_dashboard_live_dropped_total") == 300 - 256
