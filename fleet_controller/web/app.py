@@ -68,7 +68,7 @@ SECURITY_HEADERS = {
 
 DOCS_HTML = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{title}</title>{head}</head>
+<title>{title}</title><link rel="icon" href="data:,">{head}</head>
 <body data-openapi="{openapi}">{body}</body></html>
 """
 
