@@ -87,7 +87,7 @@ def sample(agent: Agent, metric: str, **labels: str) -> float:
 
 
 def uplinks(rec: Recorder, channel: str) -> list[Any]:
-    topic = Topics.node(SHOP, NODE, channel) if channel != "state/reported" else Topics.reported(SHOP)
+    topic = Topics.node(SHOP, NODE, channel) if channel != "state/reported" else Topics.reported(SHOP, NODE)
     with rec._lock:
         msgs = [(t, p) for t, p, _ in rec.messages if t == topic]
     return [parse_message(t, p) for t, p in msgs]  # validated exactly as the controller does
@@ -105,7 +105,8 @@ def test_birth_and_heartbeat_follow_the_protocol(make_agent, recorder: Recorder)
     hb = uplinks(recorder, Channel.TELEMETRY)[0]
     assert isinstance(hb, Heartbeat) and hb.seq == 1 and hb.epoch == agent.outbox.epoch
     assert hb.facts.cpu_count >= 1 and hb.interval_s == 30
-    assert sample(agent, "shopfleet_agent_heartbeats_total") >= 1
+    # counted right after it is enqueued; the uplink thread may have sent it a moment before
+    wait_for(lambda: sample(agent, "shopfleet_agent_heartbeats_total") >= 1, 10, "the heartbeat counted")
     wait_for(lambda: sample(agent, "shopfleet_agent_messages_sent_total", kind="heartbeat") >= 1, 10, "the PUBACK")
     wait_for(lambda: agent.outbox.depth() == 0, 10, "the outbox to drain")
 
@@ -116,7 +117,7 @@ def test_send_fills_identity_and_routes_reported_state_retained(make_agent, brok
     seq = agent.send(ReportedState, release="r-7", revision=7, status="applied")
     got = wait_for(lambda: uplinks(recorder, "state/reported"), 10, "reported state")
     assert got[0].seq == seq and got[0].revision == 7 and got[0].shop == SHOP and got[0].node == NODE
-    late = Recorder(broker.port, (Topics.reported(SHOP),))  # retained: a late subscriber gets it
+    late = Recorder(broker.port, (Topics.reported(SHOP, NODE),))  # retained: a late subscriber gets it
     try:
         wait_for(lambda: late.messages and late.messages[0][2], 10, "the retained reported state")
     finally:
