@@ -75,13 +75,22 @@ def test_every_seq_accepted_exactly_once_whatever_the_order(stream):
 
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["a", "b"]), st.integers(1, 20)), min_size=1, max_size=60))
-def test_epoch_switch_starts_a_fresh_stream(stream):
+def test_an_epoch_switch_starts_a_fresh_stream_and_never_goes_back(stream):
     cur = C()
+    left: set[str] = set()
+    stored: set[tuple[str, int]] = set()
     for epoch, seq in stream:
         verdict, new, _ = advance(cur, epoch, seq)
-        if epoch != cur.epoch:
+        if epoch in left:
+            assert verdict is Verdict.STALE_EPOCH and new == cur
+        elif epoch != cur.epoch:
             assert verdict is Verdict.NEW_EPOCH
             assert new.watermark == seq and new.epoch == epoch
+            if cur.epoch:
+                left.add(cur.epoch)
+        if verdict not in (Verdict.DUPLICATE, Verdict.STALE_EPOCH):
+            assert (epoch, seq) not in stored  # nothing is ever stored twice
+            stored.add((epoch, seq))
         cur = new
 
 
