@@ -495,7 +495,12 @@ class RegistryWriter:
             self._executor = self._make_executor()
         executor = self._executor
         try:
-            return await asyncio.wrap_future(executor.submit(_run_on_writer, self._key, op, *args))
+            future = executor.submit(_run_on_writer, self._key, op, *args)
+        except RuntimeError as exc:
+            # Shut down (the process is exiting): no fault of the messages, so hold them, never quarantine.
+            raise TemporaryStoreError(f"registry writer is shut down: {exc}") from None
+        try:
+            return await asyncio.wrap_future(future)
         except BrokenExecutor as exc:
             if self._executor is executor:  # the first caller to notice replaces it
                 log.error("registry writer died (%s); starting a new one", exc)
