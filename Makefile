@@ -1,6 +1,6 @@
 # Two entry points for a fresh Debian/Ubuntu machine with Python 3.11+ (see README.md):
 #   make demo   - create .venv, install shopfleet with the demo extra, run the demo on embedded defaults
-#   make test   - create .venv with the dev extra, install the system packages the tests use, run the suite
+#   make test   - create .venv with the dev extra, install the system packages the tests use, lint, run the suite
 # Installs use constraints.txt, the versions CI tests with ('make constraints' regenerates it).
 PYTHON ?= python3
 VENV   ?= .venv
@@ -35,11 +35,14 @@ system-deps:
 demo: $(STAMP)
 	$(VENV)/bin/shopfleet demo $(DEMO_ARGS)
 
-test: $(DEVSTAMP) system-deps
+test: $(DEVSTAMP) system-deps lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Import contracts (the layering of docs/architecture.md), ruff, and mypy (strict where pyproject says).
 lint: $(DEVSTAMP)
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 # Pin what the extras pull, as installed in $(VENV), into constraints.txt (after changing a dependency).
 constraints: $(DEVSTAMP)

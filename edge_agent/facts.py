@@ -5,8 +5,9 @@ and does not change while the agent runs (ONNX Runtime providers, the GPU model)
 in a background thread, in a child process: importing onnxruntime costs tens of megabytes that
 a Pi beside a vision pipeline should not pay for the agent's whole life.
 
-Facts are behind the small :class:`FactsProvider` protocol so the demo can simulate an arm64 Pi
-or an amd64 GPU box on one laptop (:class:`OverriddenFacts`), and tests can pin values.
+Facts are behind the small :class:`FactsProvider` protocol so a node's config can replace a
+measured fact (``facts_override``, :class:`OverriddenFacts`: a node class the hardware cannot
+report, or an arm64 Pi stood in for by a laptop) and tests can pin values.
 """
 
 from __future__ import annotations
@@ -213,7 +214,7 @@ class SystemFacts:
 
 
 class OverriddenFacts:
-    """Facts of another provider with some keys replaced (the demo's simulated Pi or GPU box)."""
+    """Facts of another provider with some keys replaced (``facts_override`` in the agent config)."""
 
     def __init__(self, base: FactsProvider, overrides: Mapping[str, Any]) -> None:
         unknown = set(overrides) - set(NodeFacts.model_fields)

@@ -212,6 +212,10 @@ class MqttSettings:
     keepalive_s: int = 30
     connect_timeout_s: float = 10.0
     protocol: Protocol = "3.1.1"
+    max_inflight: int = 20
+    """QoS 1 messages in flight (sent, not yet acknowledged) per connection: paho's default. Raising
+    it lets a busy publisher keep the link full; the broker has its own cap (Mosquitto's
+    ``max_inflight_messages``)."""
 
     def __post_init__(self) -> None:
         if self.protocol not in ("3.1.1", "5"):
@@ -282,6 +286,7 @@ def new_client(
         reconnect_on_failure=reconnect_on_failure,
     )
     c.connect_timeout = settings.connect_timeout_s
+    c.max_inflight_messages_set(settings.max_inflight)
     if settings.username:
         c.username_pw_set(settings.username, settings.password)
     if settings.tls is not None:

@@ -1,6 +1,6 @@
 """The durable outbox: every uplink message is stored here before it is sent.
 
-ARCHITECTURE.md decision 2, "nothing is lost on the way up", rests on this file. A message gets
+The promise that nothing is lost on the way up (docs/architecture.md, decision 2) rests on this file. A message gets
 its ``epoch`` and ``seq`` when it is enqueued, is committed to SQLite (WAL mode, so readers never
 block the writer) before anyone may send it, and is deleted only when the broker acknowledged it
 (QoS 1 PUBACK). A broker outage, an agent restart or a SIGKILL therefore only delay messages;

@@ -2,7 +2,7 @@
 
 This is the one module the controller imports from the agent side (an import-linter contract
 enforces it), so the two can never disagree about a topic or a field. It is shaped by three
-decisions of ARCHITECTURE.md:
+decisions of the architecture (docs/architecture.md):
 
 * **Broker-agnostic.** Everything a message needs (schema version, correlation id, expiry,
   sender identity, sequence number) lives in the JSON payload, so the protocol works on any

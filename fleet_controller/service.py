@@ -96,6 +96,7 @@ def mqtt_config(settings: ControllerSettings) -> MqttConfig:
         host=b.host, port=b.port, client_id=b.client_id, subscriptions=tuple(Topics.controller_subscriptions),
         username=b.username, password=b.password, keepalive_s=b.keepalive_s, protocol=b.protocol,
         shared_group=b.shared_group, tls=b.tls, tls_ca_file=str(b.tls_ca_file) if b.tls_ca_file else None,
+        tls_cert_file=str(b.tls_cert_file) if b.tls_cert_file else None, tls_key_file=str(b.tls_key_file) if b.tls_key_file else None,
         will=Will(Topics.controller_presence, encode(will), qos=1, retain=True),
     )
 
@@ -177,7 +178,7 @@ class ControllerService:
         return f"http://{self.settings.api.host}:{self.api_port}"
 
     async def start(self, *, connect_timeout: float | None = None) -> None:
-        """Migrate the database, start the API, connect to the broker, start every task; raise ``MqttConnectError`` if the broker stays unreachable."""
+        """Migrate the database, start the API, connect to the broker, start every task; raise ``ConnectRefused``/``ConnectFailed`` if the broker refuses or stays unreachable."""
         if self._migrate:
             await asyncio.to_thread(migrations.upgrade, self.engine)
         else:

@@ -47,7 +47,9 @@ class BrokerSettings(_Section):
         min_length=1,
         max_length=64,
         description="Stable client id: the broker keeps the persistent session (queued QoS 1 messages) under it, "
-        "so it must stay the same across restarts and differ between controller replicas.",
+        "so it must stay the same across restarts and differ between controller replicas. A broker written by "
+        "'shopfleet broker-config' replaces it with the username (use_username_as_clientid), so each replica "
+        "needs its own username there.",
     )
     connect_timeout_s: float = Field(
         30.0, gt=0, description="How long start-up waits for the first connection before giving up with an error."
@@ -55,6 +57,10 @@ class BrokerSettings(_Section):
     keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive; lower notices a dead link sooner but costs more pings.")
     tls: bool = Field(False, description="Connect with TLS.")
     tls_ca_file: Path | None = Field(None, description="CA bundle to verify the broker with (system CAs when unset).")
+    tls_cert_file: Path | None = Field(
+        None, description="Client certificate (PEM) for a broker listener with require_certificate, e.g. one issued by 'shopfleet pki issue controller NAME'."
+    )
+    tls_key_file: Path | None = Field(None, description="Private key (PEM) of tls_cert_file.")
     protocol: Literal["3.1.1", "5"] = Field("3.1.1", description="MQTT version; '5' is needed for shared_group.")
     shared_group: str | None = Field(
         None,
@@ -73,6 +79,10 @@ class BrokerSettings(_Section):
     def _shared_needs_v5(self) -> BrokerSettings:
         if self.shared_group and self.protocol != "5":
             raise ValueError("shared_group needs protocol: '5' (shared subscriptions are an MQTT 5 feature)")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together: set both (a client certificate and its key), or neither")
+        if self.tls_cert_file is not None and not self.tls:
+            raise ValueError("tls_cert_file is set but tls is false: set tls: true to connect to the TLS listener")
         return self
 
 

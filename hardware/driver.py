@@ -15,7 +15,7 @@ Shaped by what goes wrong with USB serial boards in a shop:
 :class:`BoardConnection` is one open port used from one thread; :class:`Driver` is the loop
 that owns connections, reconnects and feeds :class:`~hardware.events.BoardProcessor`. Its
 output goes to a callback, so the CLI prints JSON lines and the edge agent's pipeline forwards
-to its outbox with the same code. Metrics live on a registry passed in (STYLE.md 9).
+to its outbox with the same code. Metrics live on a registry passed in (so tests pass a private one).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 The driver turns frames into :class:`Reading` values (one per channel per sample, in physical
 units); :class:`BoardProcessor` turns a board's readings into :class:`ShelfEvent`,
 :class:`DoorEvent` and :class:`TemperatureAlert` values. Each is a frozen dataclass checked on
-construction (STYLE.md 3), and the processor does no I/O, so picks, put-backs, door edges and
+construction, and the processor does no I/O, so picks, put-backs, door edges and
 alert hysteresis are all tested by feeding readings.
 """
 

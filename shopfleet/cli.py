@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from shopfleet.errors import PermanentError
 
-FIRST_PARTY = frozenset({"shopfleet", "edge_agent", "vision", "hardware", "fleet_controller"})
+FIRST_PARTY = frozenset({"shopfleet", "edge_agent", "vision", "hardware", "fleet_controller", "fusion"})
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,7 @@ _TABLE = (
     Command("users", "manage dashboard and API users", "fleet_controller.web.accounts.cli", "controller"),
     Command("tokens", "manage API tokens for the CLI and automation", "fleet_controller.web.accounts.cli", "controller"),
     Command("vision", "camera pipeline: models, running a camera, tracker evaluation", "vision.cli", "vision"),
+    Command("fusion", "carts from tracks and shelf weights: evaluate on scenarios", "fusion.cli", "vision"),
 )
 COMMANDS: dict[str, Command] = {c.name: c for c in _TABLE}
 COMMAND_MODULES = tuple(dict.fromkeys(c.module for c in _TABLE))

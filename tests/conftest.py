@@ -1,6 +1,6 @@
 """Fixtures shared by the whole suite: real brokers on free ports and real databases.
 
-Tests talk to real services on loopback (ARCHITECTURE.md, "What is real in tests"): each test
+Tests talk to real services on loopback (docs/architecture.md, "What is real in tests"): each test
 that needs to restart or configure a broker gets its own Mosquitto child process; registry tests
 run once on SQLite and once on the PostgreSQL server at 127.0.0.1:5432.
 """

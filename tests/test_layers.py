@@ -1,4 +1,4 @@
-"""The layering of ARCHITECTURE.md, checked by import-linter on every test run."""
+"""The layering of docs/architecture.md, checked by import-linter on every test run."""
 
 import subprocess
 import sys

@@ -3,7 +3,7 @@
 ``Pipeline`` owns one detector and a ``CameraState`` (tracker, event state machine, zones) per
 camera. Each round it takes the newest frame of every camera that has one, runs them through
 the detector as one batch (one inference call for N cameras on a GPU node), then tracks and
-derives events per camera. It runs on the caller's thread with a stop event (STYLE.md 11);
+derives events per camera. It runs on the caller's thread with a stop event;
 capture threads keep decoding meanwhile.
 
 Timing of every stage is kept (ring buffers of the last ``window`` frames) for the JSON summary,

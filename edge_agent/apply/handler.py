@@ -61,7 +61,7 @@ from edge_agent.apply.errors import (
     UnknownKind,
 )
 from edge_agent.apply.verify import AppliedRecord, RevisionStore, Verifier, check_admissible
-from edge_agent.protocol import DesiredState, ObjectStatus, ReportedState
+from edge_agent.protocol import ERROR_MAX_CHARS, DesiredState, ObjectStatus, ReportedState
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class ApplyReport:
             release=self.release,
             revision=self.revision,
             status=self.status,
-            error=self.error[:2000],
+            error=self.error[:ERROR_MAX_CHARS],
             objects=self.objects,
         )
 

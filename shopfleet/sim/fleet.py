@@ -5,8 +5,8 @@ signed desired state with the real :class:`~edge_agent.apply.handler.DesiredStat
 protection included), applies it to a :class:`~shopfleet.sim.cluster.SimulatedCluster`, and
 sends ``ReportedState``, heartbeats (pipeline fps and errors, ``cart_review_rate``) and telemetry
 (``occupancy``, ``door_open``) like a real node. :class:`SimulatedFleet` multiplexes hundreds of
-shops over a few paho clients (one per shop would be hundreds of network threads on a 2-core
-machine) and applies desired states on one worker thread, so each shop sees its messages in order.
+shops over a few MQTT connections of the project's MQTT core (one per shop would be hundreds of
+network threads on a 2-core machine) and applies desired states on one worker thread, so each shop sees its messages in order.
 Which releases misbehave is the fleet's own ``faults`` (see :mod:`shopfleet.sim.cluster`).
 """
 
@@ -17,15 +17,14 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
-import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client import CollectorRegistry
 
 from edge_agent.apply.handler import ApplyMetrics, ApplyReport, DesiredStateHandler
 from edge_agent.apply.verify import RevisionStore, Verifier
+from edge_agent.mqtt_core import InMessage, MqttSettings, ThreadedLink
 from edge_agent.protocol import (
     Channel,
     DesiredState,
@@ -51,10 +50,10 @@ FACTS = NodeFacts(arch="arm64", node_class="pi", cpu_count=4, cpu_load_1m=0.3, m
 class SimulatedShop:
     """One shop with one node: verifies, applies (simulated), reports, heartbeats."""
 
-    def __init__(self, shop: str, verifier: Verifier, state_dir: Path, client: paho.Client, *, seed: int = 0,
+    def __init__(self, shop: str, verifier: Verifier, state_dir: Path, publish: Callable[..., object], *, seed: int = 0,
                  faults: Mapping[str, FaultMode] | None = None) -> None:
         self.shop = shop
-        self.client = client
+        self._publish = publish  # a link's publish_nowait(topic, payload, retain=...)
         self.applier = SimulatedCluster(nodes=1, cameras=2, seed=seed, faults=faults)
         self.metrics_registry = CollectorRegistry()
         self.handler = DesiredStateHandler(
@@ -75,7 +74,7 @@ class SimulatedShop:
             return self._seq
 
     def _send(self, topic: str, payload: bytes, retain: bool = False) -> None:
-        self.client.publish(topic, payload, qos=1, retain=retain)
+        self._publish(topic, payload, retain=retain)
 
     def _report(self, report: ApplyReport) -> None:
         self._send(Topics.reported(self.shop), encode(report.to_message(self.shop, NODE, self.epoch, self._next())), retain=True)
@@ -120,29 +119,32 @@ class SimulatedFleet:
         self.host, self.port = host, port
         self.heartbeat_interval_s = heartbeat_interval_s
         state_dir.mkdir(parents=True, exist_ok=True)
-        self.clients = [paho.Client(CallbackAPIVersion.VERSION2, client_id=f"simfleet-{uuid.uuid4().hex[:8]}-{i}") for i in range(connections)]
-        names = list(shops)
-        self.shops = {s: SimulatedShop(s, verifier, state_dir, self.clients[i % connections], seed=i, faults=faults) for i, s in enumerate(names)}
         self._queue: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
+        tag = uuid.uuid4().hex[:8]
+        # The first connection also listens for every shop's desired state; the others only publish.
+        self.links = [
+            ThreadedLink(MqttSettings(host=host, port=port, client_id=f"simfleet-{tag}-{i}", max_inflight=200),
+                         self._received, subscriptions=(f"{Topics.root}/+/state/desired",) if i == 0 else ())
+            for i in range(connections)
+        ]
+        names = list(shops)
+        self.shops = {s: SimulatedShop(s, verifier, state_dir, self.links[i % connections].publish_nowait, seed=i, faults=faults)
+                      for i, s in enumerate(names)}
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.messages_in = 0
         self.bad_messages = 0
-        listener = self.clients[0]
-        listener.on_connect = lambda c, u, f, rc, p: c.subscribe(f"{Topics.root}/+/state/desired", qos=1)
-        listener.on_message = lambda c, u, m: self._queue.put((m.topic, bytes(m.payload)))
+
+    def _received(self, message: InMessage) -> None:
+        self._queue.put((message.topic, message.payload))
 
     def start(self, timeout: float = 15.0) -> None:
         """Connect, announce every node, subscribe to desired states, start heartbeats."""
-        for c in self.clients:
-            c.max_inflight_messages_set(200)
-            c.connect(self.host, self.port, keepalive=30)
-            c.loop_start()
+        for link in self.links:
+            link.start()
         deadline = time.monotonic() + timeout
-        while not all(c.is_connected() for c in self.clients):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"simulated fleet could not connect to {self.host}:{self.port}")
-            time.sleep(0.02)
+        for link in self.links:  # raises ConnectRefused / ConnectFailed with the reason
+            link.wait_connected(max(0.1, deadline - time.monotonic()))
         for s in self.shops.values():
             s.birth()
         self._threads = [threading.Thread(target=self._work, name="simfleet-apply", daemon=True),
@@ -180,6 +182,5 @@ class SimulatedFleet:
         self._queue.put(None)
         for t in self._threads:
             t.join(10)
-        for c in self.clients:
-            c.disconnect()
-            c.loop_stop()
+        for link in self.links:
+            link.stop()

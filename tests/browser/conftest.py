@@ -25,14 +25,14 @@ from fleet_controller.rollout.releases import ReleaseSpec, ReleaseStore
 from fleet_controller.rollout.store import start_rollout
 from fleet_controller.service import ControllerService
 from fleet_controller.web.dashboard.setup import Dashboard, attach
-from tests.fleet_controller.conftest import (
+from tests.support.controller import (
     Node,
     controller_settings,
     heartbeat,
     presence,
     role_users,
-    wait_for,
 )
+from tests.support.wait import wait_for
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

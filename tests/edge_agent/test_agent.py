@@ -105,7 +105,8 @@ def test_birth_and_heartbeat_follow_the_protocol(make_agent, recorder: Recorder)
     hb = uplinks(recorder, Channel.TELEMETRY)[0]
     assert isinstance(hb, Heartbeat) and hb.seq == 1 and hb.epoch == agent.outbox.epoch
     assert hb.facts.cpu_count >= 1 and hb.interval_s == 30
-    assert sample(agent, "shopfleet_agent_heartbeats_total") >= 1
+    # counted right after it is enqueued; the uplink thread may have sent it a moment before
+    wait_for(lambda: sample(agent, "shopfleet_agent_heartbeats_total") >= 1, 10, "the heartbeat counted")
     wait_for(lambda: sample(agent, "shopfleet_agent_messages_sent_total", kind="heartbeat") >= 1, 10, "the PUBACK")
     wait_for(lambda: agent.outbox.depth() == 0, 10, "the outbox to drain")
 

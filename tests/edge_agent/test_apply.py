@@ -397,7 +397,7 @@ def test_attach_starts_a_reconciler_that_resumes_an_unfinished_apply(tmp_path, k
     store.save_state(state)  # what an agent that replaced its own pod left behind
     store.save(AppliedRecord(4, "r4", "applying"))
     agent, client, stop = _FakeAgent(), InMemoryClusterClient(), threading.Event()
-    config = ApplyConfig(enabled=True, public_keys=(pub,), state_path=store.path, cluster="simulated", drift_interval_s=0.05,
+    config = ApplyConfig(enabled=True, public_keys=(pub,), state_path=store.path, drift_interval_s=0.05,
                          ready_timeout_s=1, poll_interval_s=0.01)
     try:
         handler = attach(agent, config, client=client, stop=stop)

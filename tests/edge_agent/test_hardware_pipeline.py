@@ -16,10 +16,10 @@ from edge_agent.pipelines.hardware import Config
 from edge_agent.protocol import Channel, Event, Telemetry
 from edge_agent.supervisor import PipelineRunner
 from hardware.simulator import SimulatedBoard
+from tests.support.sink import RecordingSink
 
 from .helpers import wait_for
 from .test_agent import make_agent, recorder, uplinks  # noqa: F401 - fixtures used by the end-to-end test
-from .test_supervisor import RecordingSink
 
 PLANOGRAM = {"slots": [{"board": "shelf-a", "channel": 0, "slot": "A1", "product": "cola-330", "unit_weight_g": 345}]}
 

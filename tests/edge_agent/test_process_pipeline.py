@@ -26,9 +26,9 @@ from edge_agent.pipelines.process import (
     parse_line,
 )
 from edge_agent.supervisor import PipelineRunner
+from tests.support.sink import RecordingSink
 
 from .helpers import wait_for
-from .test_supervisor import RecordingSink
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edge_agent.protocol import PipelineHealth, Reading
+from edge_agent.protocol import PipelineHealth
 from edge_agent.supervisor import (
     EventSink,
     Pipeline,
@@ -19,6 +19,7 @@ from edge_agent.supervisor import (
     health_to_model,
     next_restart,
 )
+from tests.support.sink import RecordingSink
 
 from .helpers import wait_for
 
@@ -38,31 +39,6 @@ POLICY = PipelineConfigBase(name="p", restart_backoff_s=1, restart_backoff_max_s
 def test_next_restart(failures, consecutive, now, give_up, delay) -> None:
     d = next_restart(POLICY, failures, consecutive, now)
     assert (d.give_up, d.delay_s) == (give_up, delay)
-
-
-class RecordingSink:
-    def __init__(self) -> None:
-        self.events: list[tuple[str, str, dict]] = []
-        self.alerts: list[tuple] = []
-        self.read: list[Reading] = []
-        self.gates: dict[str, tuple[float, str]] = {}
-        self.lock = threading.Lock()
-
-    def event(self, type: str, source: str, data: dict[str, Any], at: float | None = None) -> None:
-        with self.lock:
-            self.events.append((type, source, data))
-
-    def alert(self, name, state, severity, source, message="", data=None) -> None:
-        with self.lock:
-            self.alerts.append((name, state, severity, source, message))
-
-    def readings(self, readings: list[Reading]) -> None:
-        with self.lock:
-            self.read.extend(readings)
-
-    def gate_metric(self, name: str, value: float, worse: str = "higher") -> None:
-        with self.lock:
-            self.gates[name] = (value, worse)
 
 
 class Crashing:

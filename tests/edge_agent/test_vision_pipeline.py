@@ -19,12 +19,12 @@ from edge_agent.pipelines import build_pipeline, pipeline_types
 from edge_agent.pipelines.vision import Config
 from edge_agent.protocol import Channel, Event, Heartbeat, Telemetry
 from edge_agent.supervisor import PipelineRunner
+from tests.support.sink import RecordingSink
 from vision.fixtures import fetch_fixture
 from vision.model import cache_root, fetch_model
 
 from .helpers import wait_for
 from .test_agent import make_agent, recorder, uplinks  # noqa: F401 - fixtures used by the end-to-end test
-from .test_supervisor import RecordingSink
 
 ZONES = {
     "camera": "plaza",

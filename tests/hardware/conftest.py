@@ -1,4 +1,4 @@
-"""Helpers for hardware tests: waiting on conditions, reading metrics, a driver in a thread."""
+"""Fixtures of the hardware tests: a driver running in a thread with everything it emitted."""
 
 from __future__ import annotations
 
@@ -10,13 +10,6 @@ from prometheus_client import CollectorRegistry
 
 from hardware.driver import Driver, DriverSettings
 from hardware.planogram import Planogram, Slot
-from tests.support.wait import wait_for  # noqa: F401 - re-exported for the tests of this package
-
-
-def metric(registry: CollectorRegistry, name: str, **labels: str) -> float:
-    """Return a sample's value (0 when absent)."""
-    return registry.get_sample_value(name, labels) or 0.0
-
 
 PLANOGRAM = Planogram(
     slots=(

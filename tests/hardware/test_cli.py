@@ -17,7 +17,7 @@ from hardware.planogram import PlanogramError, load_planogram
 from hardware.scenario import ScenarioError, build_boards, load_scenario, play
 from hardware.simulator import SimulatedBoard
 from shopfleet.cli import main
-from tests.hardware.conftest import wait_for
+from tests.support.wait import wait_for
 
 SHOPFLEET = [sys.executable, "-m", "shopfleet.cli"]
 

@@ -21,7 +21,8 @@ from hardware.driver import (
 from hardware.frames import AckStatus, Command, FrameType
 from hardware.simulator import SimulatedBoard
 from shopfleet.errors import PermanentError, TemporaryError
-from tests.hardware.conftest import metric, wait_for
+from tests.support.metrics import metric
+from tests.support.wait import wait_for
 
 FAST = {"reconnect_min_s": 0.05, "reconnect_max_s": 0.5}
 

@@ -25,7 +25,8 @@ from prometheus_client import CollectorRegistry
 from hardware.driver import BoardConnection, CommandRejected, DriverMetrics, DriverSettings
 from hardware.frames import AckStatus, ChannelKind, Command, FrameType, Readings, ValueStatus
 from hardware.planogram import Planogram, Slot
-from tests.hardware.conftest import metric, wait_for
+from tests.support.metrics import metric
+from tests.support.wait import wait_for
 
 pytestmark = [pytest.mark.firmware, pytest.mark.slow]
 

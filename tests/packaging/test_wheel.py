@@ -76,10 +76,6 @@ def test_agent_role_runs_help_and_checks_a_config(agent_bin: Path, tmp_path: Pat
     assert "config OK: shop=s1 node=pi-1" in ok.stdout and "pipelines=['shelf']" in ok.stdout
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "edge_agent/config.py describes validation errors with the model of every pipeline type "
-    "(_describe -> agent_config_model()), which imports the vision pipeline and numpy: on an agent-only "
-    "install a bad config reports the missing vision extra instead of the bad key"))
 def test_agent_role_reports_a_bad_config(agent_bin: Path, tmp_path: Path) -> None:
     config = tmp_path / "agent.yaml"
     config.write_text(yaml.safe_dump({"shop": "s1", "node": "pi-1", "broker": {"port": "nope"}}))

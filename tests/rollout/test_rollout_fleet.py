@@ -215,7 +215,7 @@ def test_forged_unsigned_and_replayed_states_are_refused_and_reported(world: Wor
         if "r1" not in {r["name"] for r in world.releases.list()}:
             world.release("r1")
         genuine = desired_state_for(shop.shop, world.releases.get("r1"), 2, world.signer)
-        world.fleet.clients[1].publish(Topics.desired(shop.shop), encode(genuine), qos=1).wait_for_publish(5)
+        world.fleet.links[1].publish_sync(Topics.desired(shop.shop), encode(genuine))
         wait_for(lambda: any(h[3] == "applied" for h in shop.history), 20, "the genuine state to apply")
     release_now = shop.applier.release()
     current = max(h[1] for h in shop.history if h[3] == "applied")
@@ -230,7 +230,7 @@ def test_forged_unsigned_and_replayed_states_are_refused_and_reported(world: Wor
         objs = list(genuine.objects)
         objs[0] = {**objs[0], "metadata": {**objs[0]["metadata"], "labels": {"owned": "yes"}}}
         msg = genuine.model_copy(update={"objects": tuple(objs)})
-    world.fleet.clients[1].publish(Topics.desired(shop.shop), encode(msg), qos=1).wait_for_publish(5)
+    world.fleet.links[1].publish_sync(Topics.desired(shop.shop), encode(msg))
     reason = {"unsigned": "unsigned", "forged": "forged", "replayed": "replay"}[attack]
     from fleet_controller.registry.models import ReportedStateRecord
 

@@ -14,8 +14,8 @@ import pytest
 
 from fleet_controller.registry.read import NotFound
 from shopfleet.broker import BrokerProcess
-from tests.fleet_controller.conftest import RunningController, controller_settings
 from tests.support.agent import NODE, SHOP, AgentProcess
+from tests.support.controller import RunningController, controller_settings
 from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.slow

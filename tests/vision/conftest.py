@@ -15,6 +15,7 @@ import cv2
 import pytest
 from prometheus_client import CollectorRegistry
 
+from tests.support.vision import CLIP_FRAMES, PLAZA_ZONES
 from vision.capture import Capture
 from vision.detector import OnnxDetector
 from vision.fixtures import fetch_fixture
@@ -22,16 +23,6 @@ from vision.metrics import VisionMetrics
 from vision.model import ModelPackage, cache_root, fetch_model
 from vision.pipeline import Pipeline
 from vision.zones import ZonesConfig
-
-CLIP_FRAMES = 80  # 8 s of vtest.avi: four people walk in from the right, one lingers mid-plaza
-
-# Hand-drawn for vtest.avi (768x576): a vertical door line at x=650 walked across right-to-left
-# by people arriving from the road, and a "shelf" rectangle in the middle of the plaza.
-PLAZA_ZONES = {
-    "camera": "plaza",
-    "door": {"a": [650, 250], "b": [650, 520], "enter_from": "left"},
-    "shelves": [{"name": "shelf-1", "polygon": [[350, 200], [560, 200], [560, 330], [350, 330]], "dwell_seconds": 2.0}],
-}
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from shopfleet.cli import main as shopfleet_main
-from tests.vision.conftest import CLIP_FRAMES, PLAZA_ZONES
+from tests.support.vision import CLIP_FRAMES, PLAZA_ZONES
 from vision.capture import Capture
 from vision.errors import ZonesInvalid
 from vision.pipeline import Pipeline

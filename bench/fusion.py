@@ -1,0 +1,96 @@
+"""Benchmark: cart accuracy, review rate and CPU cost of fusion over a fixed set of seeded scenarios.
+
+Every named scenario over fixed seeds (about 260 shopper visits in all), each played through the
+real vision tracker and the real board event code (see fusion/sim.py). Figures per scenario and
+over the whole set: carts, exact-cart rate of accepted carts, line precision and recall, review
+rate, wrong carts accepted (plus missed carts) over all carts. CPU: fusion's own time (every
+``Fusion.feed``) per shopper-minute inside, and as a share of one core per shopper inside;
+reference measured in the same run: the vision tracker plus zone events on the same frames.
+
+    .venv/bin/python bench/fusion.py [--quick]
+
+Last line: JSON summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+# Replace this script's directory on the path with the repository: bench/ holds fusion.py and
+# serial.py, which would shadow the fusion package and pyserial.
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+from fusion.evaluate import score_run, summarize  # noqa: E402 - after the path fix above
+from fusion.generate import generate  # noqa: E402
+from fusion.sim import run  # noqa: E402
+
+# name -> (seeds, shoppers). Seeds are fixed so runs compare; crowd runs with 4 shoppers.
+SET: dict[str, tuple[range, int]] = {
+    "single": (range(40), 1),
+    "crowd": (range(15), 4),
+    "family": (range(15), 4),
+    "wrong-slot": (range(10), 2),
+    "reenter": (range(10), 4),
+    "board-pulled": (range(10), 2),
+    "slow-camera": (range(10), 3),
+}
+
+
+def main() -> int:
+    """Run the set and print per-scenario figures, the totals and a JSON summary."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="a fifth of the seeds (for a smoke run, not for docs/benchmarks.md)")
+    args = p.parse_args()
+    print(f"{platform.machine()} x{os.cpu_count()} cores, Python {platform.python_version()}", file=sys.stderr)
+    all_scores = []
+    fusion_s = tracker_s = minutes = 0.0
+    visits = 0
+    per: dict[str, dict] = {}
+    t0 = time.perf_counter()
+    for name, (seeds, shoppers) in SET.items():
+        if args.quick:
+            seeds = range(max(1, len(seeds) // 5))
+        scores = []
+        f_s = m = 0.0
+        for seed in seeds:
+            r = run(generate(name, seed, shoppers), seed=seed)
+            scores += score_run(r)
+            f_s += r.fusion_cpu_s
+            fusion_s += r.fusion_cpu_s
+            tracker_s += r.tracker_cpu_s
+            m += r.shopper_minutes
+            visits += r.true_visits
+        minutes += m
+        s = summarize(scores)
+        s["fusion_ms_per_shopper_minute"] = round(f_s * 1000 / m, 2) if m else None
+        per[name] = s
+        all_scores += scores
+        print(f"{name:<13} carts {s['carts']:>3}  exact(accepted) {s['exact_cart_rate']}  precision {s['line_precision']}  recall {s['line_recall']}  review {s['review_rate']}  wrong-accepted {s['wrong_accepted_rate']}  reasons {s['review_reasons']}", flush=True)
+    total = summarize(all_scores)
+    per_min = fusion_s / minutes if minutes else 0.0
+    ref_min = tracker_s / minutes if minutes else 0.0
+    summary = {
+        "visits": visits,
+        **{k: total[k] for k in ("carts", "exact_cart_rate", "line_precision", "line_recall", "review_rate", "wrong_accepted_rate", "wrong_accepted", "missed")},
+        "crowd_review_rate": per["crowd"]["review_rate"],
+        "shopper_minutes": round(minutes, 1),
+        "fusion_ms_per_shopper_minute": round(per_min * 1000, 2),
+        "fusion_core_share_per_shopper": round(per_min / 60, 6),
+        "reference_tracker_ms_per_shopper_minute": round(ref_min * 1000, 2),
+        "ratio_fusion_vs_tracker": round(per_min / ref_min, 3) if ref_min else None,
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
+    print(f"all: {visits} visits, {total['carts']} carts; fusion {summary['fusion_ms_per_shopper_minute']} ms CPU per shopper-minute "
+          f"({summary['fusion_core_share_per_shopper'] * 100:.4f}% of one core per shopper), tracker reference {summary['reference_tracker_ms_per_shopper_minute']} ms")
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

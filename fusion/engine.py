@@ -1,0 +1,720 @@
+"""Sessions, attribution and carts: the fusion state machine, fed one input at a time.
+
+``Fusion.feed(value)`` takes any of the inputs of :mod:`fusion.types`, in time order (per source;
+a shelf change naturally arrives a second or so after the hand left), and returns the carts that
+closed. It does no I/O, so every rule is tested by feeding values.
+
+**Sessions.** A session opens when a track crosses the door line inward while the door contact is
+open (or closed less than ``door_grace_s`` ago). People entering during the same opening of the
+door share one cart (a family, a couple with one basket); a session closes when its track crosses
+outward, and the cart closes ``close_delay_s`` after its last member left, so a shelf change still
+settling is counted. A track that appears inside the shop without crossing the door is a lost
+shopper found again (an occlusion, an id switch): it joins the open session whose track is not
+visible, is reachable from where it was last seen at walking speed, and (when appearance vectors
+are given) looks most alike; otherwise it is ignored (a ghost).
+
+**Attribution.** A shelf change at ``ts`` happened about ``settle_delay_s`` earlier. Each session
+scores how likely it is that its shopper's hand was at that slot then: the best, over its track
+positions in a window around that moment, of a time weight times a place weight (Gaussian across
+the shelf, flat within arm's reach in front of it). Scores are normalised with a "nobody" term
+into probabilities; the change goes to the likeliest cart.
+
+**Hard cases**, each with its own reason (see ``fusion.types.REASONS``): ``contested`` (another
+shopper was nearly as likely), ``wrong-slot`` (a put-back whose weight matches another product in
+the cart, not the slot's), ``nobody-near`` (no shopper was near; the carts of shoppers whose track
+was lost nearby are flagged), ``quantity-uncertain`` (the weight is not a clear number of units).
+A cart with any reason, or with a confidence below ``confidence_bar``, goes to review.
+
+**Bad input** never makes a silent line: it is counted in ``errors`` by reason and, when it can
+change a cart, named on that cart.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from fusion.layout import ShopLayout, SlotSpec
+from fusion.types import (
+    Attribution,
+    BoardLink,
+    CartResult,
+    DoorContact,
+    DoorCrossing,
+    FusionInput,
+    Line,
+    Reason,
+    ShelfChange,
+    ShelfUnsettled,
+    TrackLost,
+    TrackObservation,
+    ZoneVisit,
+)
+
+
+class FusionConfig(BaseModel):
+    """Tuning of fusion; each value trades review rate against the risk of a wrong receipt."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    reach_m: float = Field(0.9, gt=0, description="depth of a slot's zone: how far in front of the shelf a hand reaches")
+    lateral_sigma_m: float = Field(0.22, gt=0, description="spread across the shelf of where a shopper stands for a slot; smaller separates neighbours better but needs accurate tracks")
+    depth_sigma_m: float = Field(0.25, gt=0, description="how fast the place weight falls beyond arm's reach")
+    settle_delay_s: float = Field(1.25, ge=0, description="time from the hand on the shelf to the settled shelf_change (hardware transient + stability window)")
+    time_sigma_s: float = Field(0.6, gt=0, description="spread of that delay; smaller tells apart shoppers taking turns at one slot")
+    window_s: float = Field(1.5, gt=0, description="look this far either side of the estimated moment of the pick")
+    place_floor: float = Field(0.02, gt=0, lt=1, description="least place weight of one position in the mean: how much one moment far from the slot counts against a shopper")
+    nobody_score: float = Field(0.05, gt=0, lt=1, description="score of 'nobody did it'; a change whose best score is below it is nobody's")
+    attribution_bar: float = Field(0.9, gt=0.5, le=1, description="a line whose runner-up has more than 1 - this probability is 'contested'")
+    quantity_bar: float = Field(0.7, ge=0, le=1, description="below this quantity confidence a change is 'quantity-uncertain'")
+    confidence_bar: float = Field(0.85, ge=0, le=1, description="a cart below this confidence goes to review")
+    door_grace_s: float = Field(2.0, ge=0, description="an entry this long after the door closed still counts (contact and camera clocks differ)")
+    group_window_s: float = Field(4.0, ge=0, description="people entering within this long of each other, in one opening of the door, share a cart")
+    require_door_contact: bool = Field(True, description="refuse entries while the door contact is closed (or never reported)")
+    rejoin_speed_mps: float = Field(2.0, gt=0, description="fastest walking speed assumed when re-joining a found track to a lost session")
+    rejoin_similarity: float = Field(0.5, ge=-1, le=1, description="least appearance similarity (cosine) to re-join a found track")
+    visible_gap_s: float = Field(0.35, gt=0, description="a session not seen for this long counts as lost (its track may come back under a new id)")
+    close_delay_s: float = Field(3.0, ge=0, description="wait after the last member left before closing a cart, for late shelf changes")
+    lost_exit_s: float = Field(20.0, gt=0, description="a session lost this long near the door is closed as 'exit-unseen'")
+    door_near_m: float = Field(1.5, gt=0, description="how near the door 'near the door' is")
+    history_s: float = Field(30.0, gt=0, description="track positions kept per track; a shelf change older than this is 'stale-change'")
+    out_of_order_s: float = Field(0.5, ge=0, description="an input older than the newest seen by more than this is dropped and counted")
+    weight_noise_g: float = Field(4.0, ge=0, description="noise of a settled weight change, for matching a put-back to another product")
+    swap_margin: float = Field(0.35, gt=0, le=2, description="a track looking this much more like another session than its own is a suspected id swap")
+    swap_checks: int = Field(3, ge=1, description="consecutive suspicious checks before a track is moved to the other session")
+    appearance_alpha: float = Field(0.3, gt=0, le=1, description="weight of a new appearance vector in a track's running average")
+
+
+@dataclass
+class _Track:
+    id: int
+    hist: deque[tuple[float, float, float]]
+    first_ts: float
+    last_ts: float
+    x: float
+    y: float
+    session: str | None = None
+    app: np.ndarray | None = None
+    obs: int = 0
+    mismatch: int = 0
+    mismatch_since: float = 0.0
+    ended: bool = False
+
+
+@dataclass
+class _Session:
+    id: str
+    cart: str
+    opened_at: float
+    tracks: list[int]
+    last_ts: float
+    x: float
+    y: float
+    closed_at: float | None = None
+    proto: np.ndarray | None = None
+    proto_n: int = 0
+
+
+@dataclass
+class _Cart:
+    id: str
+    door_opening: int
+    opened_at: float
+    sessions: list[str] = field(default_factory=list)
+    holdings: Counter[str] = field(default_factory=Counter)
+    evidence: dict[str, list[str]] = field(default_factory=dict)
+    line_conf: dict[str, float] = field(default_factory=dict)
+    confidence: float = 1.0
+    reasons: list[Reason] = field(default_factory=list)
+    attributions: list[Attribution] = field(default_factory=list)
+    closing_at: float | None = None
+
+    def flag(self, code: str, detail: str) -> None:
+        r = Reason(code, detail)
+        if r not in self.reasons:
+            self.reasons.append(r)
+
+
+def _unit(v: tuple[float, ...] | np.ndarray) -> np.ndarray:
+    a = np.asarray(v, dtype=np.float64)
+    n = float(np.linalg.norm(a))
+    return a / n if n > 0 else a
+
+
+class Fusion:
+    """One shop's fusion state: feed inputs in time order, collect closed carts."""
+
+    def __init__(self, layout: ShopLayout, config: FusionConfig | None = None) -> None:
+        self.layout = layout
+        self.config = config or FusionConfig()
+        self.errors: Counter[str] = Counter()
+        self.stats: Counter[str] = Counter()
+        self.orphans: list[Attribution] = []
+        self.now = -math.inf
+        self._tracks: dict[int, _Track] = {}
+        self._sessions: dict[str, _Session] = {}
+        self._carts: dict[str, _Cart] = {}
+        self._door_open = False
+        self._door_known = False
+        self._door_closed_at = -math.inf
+        self._door_opened_at = -math.inf
+        self._door_opening = 0
+        self._offline: dict[str, float] = {}
+        self._n_sessions = 0
+        self._n_carts = 0
+        self._shelves = set(layout.shelves())
+        self._geom = {s.slot: self._slot_geometry(s) for s in layout.slots}
+
+    # -- public API --------------------------------------------------------------------------
+    def feed(self, item: FusionInput) -> list[CartResult]:
+        """Take one input; return the carts it (or the time it carries) closed."""
+        if not isinstance(item, TrackObservation | ShelfChange | DoorCrossing | TrackLost | DoorContact | BoardLink | ShelfUnsettled | ZoneVisit):
+            raise TypeError(f"Fusion.feed: {type(item).__name__} is not a fusion input")
+        ts = item.ts
+        if isinstance(item, TrackObservation):
+            self._observe(item)
+        elif isinstance(item, ShelfChange):
+            self._shelf_change(item)
+        elif isinstance(item, DoorCrossing):
+            self._crossing(item)
+        elif isinstance(item, TrackLost):
+            t = self._tracks.get(item.track_id)
+            if t is not None:
+                t.ended = True
+        elif isinstance(item, DoorContact):
+            self._door(item)
+        elif isinstance(item, BoardLink):
+            self._board_link(item)
+        elif isinstance(item, ShelfUnsettled):
+            self._unsettled(item)
+        elif item.zone not in self._shelves:  # a ZoneVisit: the vision zones and the layout must agree
+            self.errors["unknown-zone"] += 1
+        return self.advance(ts)
+
+    def advance(self, now: float) -> list[CartResult]:
+        """Move the clock to ``now``: close lost-at-the-door sessions and carts whose delay ran out."""
+        if now > self.now:
+            self.now = now
+        now = self.now
+        cfg = self.config
+        door = self.layout.door.midpoint()
+        for s in list(self._sessions.values()):
+            if s.closed_at is None and now - s.last_ts > cfg.lost_exit_s and math.dist((s.x, s.y), door) <= cfg.door_near_m:
+                self._carts[s.cart].flag("exit-unseen", f"session {s.id} lost near the door at {s.last_ts:.1f}s")
+                self._close_session(s, s.last_ts)
+        done = [c for c in self._carts.values() if c.closing_at is not None and c.closing_at <= now]
+        return [self._finalize(c) for c in sorted(done, key=lambda c: c.closing_at or 0.0)]
+
+    def finish(self, now: float | None = None) -> list[CartResult]:
+        """End of the run: close every open session ('never-left') and every cart."""
+        end = self.now if now is None else max(now, self.now)
+        out = self.advance(end)
+        door = self.layout.door.midpoint()
+        for s in list(self._sessions.values()):
+            if s.closed_at is None:
+                if end - s.last_ts > self.config.visible_gap_s and math.dist((s.x, s.y), door) <= self.config.door_near_m:
+                    self._carts[s.cart].flag("exit-unseen", f"session {s.id} lost near the door at {s.last_ts:.1f}s")
+                else:
+                    self._carts[s.cart].flag("never-left", f"session {s.id} was still inside at {end:.1f}s")
+                self._close_session(s, end)
+        for c in list(self._carts.values()):
+            c.closing_at = end
+        return out + [self._finalize(c) for c in list(self._carts.values())]
+
+    def open_sessions(self) -> list[str]:
+        """Return the ids of sessions whose shopper is inside."""
+        return [s.id for s in self._sessions.values() if s.closed_at is None]
+
+    def session_of(self, track_id: int) -> str | None:
+        """Return the session a track belongs to, if any."""
+        t = self._tracks.get(track_id)
+        return t.session if t else None
+
+    def cart_of(self, session_id: str) -> str | None:
+        """Return the cart a session shops for."""
+        s = self._sessions.get(session_id)
+        return s.cart if s else None
+
+    # -- tracks and sessions -----------------------------------------------------------------
+    def _observe(self, o: TrackObservation) -> None:
+        cfg = self.config
+        if o.ts < self.now - cfg.out_of_order_s:
+            self.errors["out-of-order"] += 1
+            return
+        t = self._tracks.get(o.track_id)
+        if t is None:
+            t = _Track(o.track_id, deque(), o.ts, o.ts, o.x, o.y)
+            self._tracks[o.track_id] = t
+        elif o.ts < t.last_ts:
+            self.errors["out-of-order"] += 1
+            return
+        t.hist.append((o.ts, o.x, o.y))
+        while t.hist and t.hist[0][0] < o.ts - cfg.history_s:
+            t.hist.popleft()
+        t.last_ts, t.x, t.y = o.ts, o.x, o.y
+        t.obs += 1
+        if o.appearance is not None:
+            a = _unit(o.appearance)
+            t.app = a if t.app is None else _unit((1 - cfg.appearance_alpha) * t.app + cfg.appearance_alpha * a)
+        if t.session is None:
+            if t.obs <= 3 or t.obs % 5 == 0:
+                self._try_rejoin(t)
+            if t.session is None and t.obs == 2:
+                self._exit_by_continuity(t)
+                if t.session is None:
+                    self._entry_by_continuity(t)
+            return
+        s = self._sessions[t.session]
+        if s.closed_at is None:
+            s.last_ts, s.x, s.y = o.ts, o.x, o.y
+            if o.appearance is not None and s.proto_n < 15:
+                a = _unit(o.appearance)
+                s.proto = a if s.proto is None else s.proto + a
+                s.proto_n += 1
+            if t.app is not None and t.obs % 5 == 0:
+                self._check_swap(t, s)
+        self._tracks_gc(o.ts)
+
+    def _tracks_gc(self, now: float) -> None:
+        if len(self._tracks) < 64:
+            return
+        for tid in [tid for tid, t in self._tracks.items() if t.ended and t.last_ts < now - self.config.history_s]:
+            del self._tracks[tid]
+
+    def _sim(self, a: np.ndarray | None, b: np.ndarray | None) -> float | None:
+        if a is None or b is None:
+            return None
+        return float(np.dot(a, _unit(b)))
+
+    def _try_rejoin(self, t: _Track) -> None:
+        """Join a track found inside (no door crossing) to the lost session it most likely is."""
+        if not self.layout.door.is_inside((t.x, t.y)):
+            return
+        cfg = self.config
+        best: tuple[float, _Session] | None = None
+        for s in self._sessions.values():
+            if s.closed_at is not None or s.last_ts >= t.first_ts:
+                continue  # left, or seen at the same time as this track: not the same person
+            gap = t.first_ts - s.last_ts
+            if math.dist((s.x, s.y), (t.hist[0][1], t.hist[0][2])) > cfg.rejoin_speed_mps * gap + 1.0:
+                continue
+            sim = self._sim(t.app, s.proto)
+            if sim is not None and sim < cfg.rejoin_similarity:
+                continue
+            score = sim if sim is not None else -math.dist((s.x, s.y), (t.x, t.y))
+            if best is None or score > best[0]:
+                best = (score, s)
+        if best is not None:
+            s = best[1]
+            t.session = s.id
+            s.tracks.append(t.id)
+            s.last_ts, s.x, s.y = t.last_ts, t.x, t.y
+            self.stats["rejoined"] += 1
+
+    def _entry_by_continuity(self, t: _Track) -> None:
+        """Open a session for a new track just inside the open door that is nobody lost.
+
+        Someone occluded by the person in front of them crosses the door unseen and is first
+        tracked a step inside; with the door open and no lost shopper to re-join, they came in.
+        """
+        cfg = self.config
+        door = self.layout.door
+        if not door.is_inside((t.x, t.y)) or not self._door_known or not self._door_allows_entry(t.first_ts):
+            return
+        # As far in as someone could have walked since the door opened (at most 4 m).
+        reach = min(4.0, cfg.door_near_m + 0.5 + 1.2 * max(0.0, t.first_ts - self._door_opened_at))
+        if math.dist((t.x, t.y), door.midpoint()) > reach:
+            return
+        self.stats["entries_by_continuity"] += 1
+        self._enter(t, t.first_ts)
+
+    def _exit_by_continuity(self, t: _Track) -> None:
+        """Close a session lost at the door when a track that looks like it appears just outside.
+
+        At low frame rates the tracker can lose a shopper on the door line and start a new id on
+        the street, so no crossing is ever reported; the new track's place and looks show the
+        shopper left.
+        """
+        cfg = self.config
+        door = self.layout.door
+        if door.is_inside((t.x, t.y)) or math.dist((t.x, t.y), door.midpoint()) > cfg.door_near_m + 1.0:
+            return
+        for s in self._sessions.values():
+            gap = t.first_ts - s.last_ts
+            if s.closed_at is not None or not cfg.visible_gap_s <= gap <= 4.0 or math.dist((s.x, s.y), door.midpoint()) > cfg.door_near_m:
+                continue
+            sim = self._sim(t.app, s.proto)
+            if sim is not None and sim < cfg.rejoin_similarity:
+                continue
+            if sim is None:
+                self._carts[s.cart].flag("exit-unseen", f"session {s.id} lost at the door, an unknown track {t.id} appeared outside")
+            s.tracks.append(t.id)
+            t.session = s.id
+            self.stats["exits_by_continuity"] += 1
+            self._close_session(s, t.first_ts)
+            return
+
+    def _check_swap(self, t: _Track, s: _Session) -> None:
+        """Move a track to another open session when it keeps looking like that shopper instead."""
+        cfg = self.config
+        own = self._sim(t.app, s.proto)
+        if own is None or s.proto_n < 5:
+            return
+        best: tuple[float, _Session] | None = None
+        for o in self._sessions.values():
+            if o is s or o.closed_at is not None or o.proto_n < 5:
+                continue
+            sim = self._sim(t.app, o.proto)
+            if sim is not None and (best is None or sim > best[0]):
+                best = (sim, o)
+        if best is None or best[0] - own < cfg.swap_margin:
+            t.mismatch = 0
+            return
+        if t.mismatch == 0:
+            t.mismatch_since = t.last_ts - 5 * 0.1
+        t.mismatch += 1
+        if t.mismatch < cfg.swap_checks:
+            return
+        other = best[1]
+        s.tracks.remove(t.id)
+        other.tracks.append(t.id)
+        t.session, t.mismatch = other.id, 0
+        other.last_ts, other.x, other.y = t.last_ts, t.x, t.y
+        self.stats["swaps"] += 1
+        for sess in (s, other):
+            cart = self._carts[sess.cart]
+            if any(a.ts >= t.mismatch_since - 10.0 for a in cart.attributions):
+                cart.flag("track-swap", f"track {t.id} moved from session {s.id} to {other.id} at {t.last_ts:.1f}s")
+
+    def _door(self, d: DoorContact) -> None:
+        self._door_known = True
+        if d.open and not self._door_open:
+            self._door_opening += 1
+            self._door_opened_at = d.ts
+        elif not d.open and self._door_open:
+            self._door_closed_at = d.ts
+        self._door_open = d.open
+
+    def _door_allows_entry(self, ts: float) -> bool:
+        if not self.config.require_door_contact:
+            return True
+        return self._door_open or ts - self._door_closed_at <= self.config.door_grace_s
+
+    def _crossing(self, c: DoorCrossing) -> None:
+        t = self._tracks.get(c.track_id)
+        if t is None:
+            self.errors["crossing-unknown-track"] += 1
+            return
+        if c.direction == "in":
+            self._enter(t, c.ts)
+        else:
+            self._exit(t, c.ts)
+
+    def _enter(self, t: _Track, ts: float) -> None:
+        if t.session is not None:
+            s = self._sessions[t.session]
+            if s.closed_at is not None and self._carts.get(s.cart) is not None and s.closed_at >= ts - self.config.close_delay_s:
+                s.closed_at = None  # stepped out and straight back in (jitter on the line): same visit
+                self._carts[s.cart].closing_at = None
+                return
+            if s.closed_at is None:
+                return
+        if not self._door_allows_entry(ts):
+            self.errors["entry-door-closed"] += 1
+            return
+        self._n_sessions += 1
+        sid = f"s{self._n_sessions}"
+        cart = next(
+            (c for c in self._carts.values() if c.door_opening == self._door_opening and c.closing_at is None and self._door_allows_entry(ts) and ts - c.opened_at <= self.config.group_window_s),
+            None,
+        )
+        if cart is None:
+            self._n_carts += 1
+            cart = _Cart(f"{self.layout.name}-c{self._n_carts}", self._door_opening, ts)
+            self._carts[cart.id] = cart
+        cart.sessions.append(sid)
+        self._sessions[sid] = _Session(sid, cart.id, ts, [t.id], ts, t.x, t.y)
+        if t.app is not None:
+            self._sessions[sid].proto, self._sessions[sid].proto_n = t.app.copy(), 1
+        t.session = sid
+        self.stats["sessions"] += 1
+
+    def _exit(self, t: _Track, ts: float) -> None:
+        if t.session is None:
+            self._try_rejoin_at_exit(t)
+        if t.session is None:
+            self.errors["exit-unknown-track"] += 1
+            return
+        s = self._sessions[t.session]
+        if s.closed_at is None:
+            self._close_session(s, ts)
+
+    def _try_rejoin_at_exit(self, t: _Track) -> None:
+        """An unknown track leaving is most likely a lost shopper: join the lost session it looks like."""
+        cfg = self.config
+        cands = [s for s in self._sessions.values() if s.closed_at is None and s.last_ts < t.first_ts]
+        scored = [(self._sim(t.app, s.proto), s) for s in cands]
+        ok = [(sim, s) for sim, s in scored if sim is not None and sim >= cfg.rejoin_similarity]
+        if ok:
+            s = max(ok, key=lambda p: p[0])[1]
+        elif len(cands) == 1 and scored[0][0] is None:
+            s = cands[0]
+        else:
+            return
+        t.session = s.id
+        s.tracks.append(t.id)
+        self.stats["rejoined"] += 1
+
+    def _close_session(self, s: _Session, ts: float) -> None:
+        s.closed_at = ts
+        cart = self._carts[s.cart]
+        if all(self._sessions[m].closed_at is not None for m in cart.sessions):
+            cart.closing_at = ts + self.config.close_delay_s
+
+    # -- attribution -------------------------------------------------------------------------
+    @staticmethod
+    def _slot_geometry(s: SlotSpec) -> tuple[float, float, float, float, float]:
+        nx, ny = s.unit_facing()
+        return (s.front[0], s.front[1], nx, ny, s.width_m)
+
+    def _place_weight(self, slot: str, x: float, y: float, extra_m: float = 0.0) -> tuple[float, float]:
+        """Return (weight 0..1, distance m) of a position for a slot: across the shelf, and within reach."""
+        fx, fy, nx, ny, _ = self._geom[slot]
+        dx, dy = x - fx, y - fy
+        depth = dx * nx + dy * ny
+        lat = -dx * ny + dy * nx
+        cfg = self.config
+        sl = cfg.lateral_sigma_m + extra_m
+        over = max(0.0, depth - cfg.reach_m, -depth)
+        sd = cfg.depth_sigma_m + extra_m
+        w = math.exp(-(lat * lat) / (2 * sl * sl) - (over * over) / (2 * sd * sd))
+        return w, math.hypot(dx, dy)
+
+    def _open_at(self, s: _Session, ts: float) -> bool:
+        return s.opened_at <= ts + 1.0 and (s.closed_at is None or s.closed_at >= ts - 1.0) and s.cart in self._carts
+
+    def _scores(self, slot: str, t_act: float) -> dict[str, tuple[float, float, bool]]:
+        """Return session -> (score, nearest distance, seen in the window) for a change at t_act.
+
+        The score is the time-weighted *geometric* mean of the place weight over the session's
+        positions around t_act, times the share of that time the session was seen. A hand on the
+        shelf means standing there for a while: someone walking past scores low for the moments
+        they were away, and someone who only arrives after the change scores low for not being
+        seen when it happened.
+        """
+        cfg = self.config
+        lo, hi = t_act - cfg.window_s, t_act + cfg.window_s
+        full = cfg.time_sigma_s * math.sqrt(2 * math.pi) * math.erf(cfg.window_s / cfg.time_sigma_s / math.sqrt(2))
+        acc: dict[str, list[float]] = {}  # session -> [sum w*log L, sum w, sum w*dt, nearest]
+        for t in self._tracks.values():
+            if t.session is None or t.last_ts < lo or not t.hist or t.hist[0][0] > hi:
+                continue
+            a = acc.setdefault(t.session, [0.0, 0.0, 0.0, math.inf])
+            prev = None
+            for ts, x, y in reversed(t.hist):
+                if ts > hi:
+                    continue
+                if ts < lo:
+                    break
+                w, d = self._place_weight(slot, x, y)
+                z = (ts - t_act) / cfg.time_sigma_s
+                wt = math.exp(-0.5 * z * z)
+                dt = min(0.5, prev - ts) if prev is not None else 0.1
+                prev = ts
+                a[0] += wt * math.log(max(w, cfg.place_floor))
+                a[1] += wt
+                a[2] += wt * dt
+                a[3] = min(a[3], d)
+        out: dict[str, tuple[float, float, bool]] = {}
+        for sid, (wlog, wsum, wdt, near) in acc.items():
+            if wsum <= 1e-9:
+                continue
+            coverage = min(1.0, wdt / full)
+            # Time not seen (an occlusion at the shelf) counts at half the weight of where it was last seen.
+            s = self._sessions[sid]
+            unseen = 0.5 * self._place_weight(slot, s.x, s.y, extra_m=0.2)[0] if coverage < 1.0 else 0.0
+            if near > cfg.reach_m + 1.0:
+                continue  # never within a step of the slot's zone: not a candidate at all
+            # Squared: one moment in front of the slot while walking past must not look like standing there.
+            seen = math.exp(2.0 * wlog / wsum)
+            out[sid] = (seen * coverage + unseen * (1.0 - coverage), near, coverage > 0.5)
+        for s in self._sessions.values():
+            if s.id in out or not self._open_at(s, t_act) or s.last_ts >= lo:
+                continue
+            # Lost during the window: judge by where it was last seen, blurred by how long ago.
+            gap = t_act - s.last_ts
+            if gap > 10.0:
+                continue
+            w, d = self._place_weight(slot, s.x, s.y, extra_m=min(1.0, 0.3 * gap))
+            out[s.id] = (0.5 * w * math.exp(-gap / 3.0), d, False)
+        return out
+
+    def _shelf_change(self, ch: ShelfChange) -> None:
+        cfg = self.config
+        self.stats["changes"] += 1
+        t_act = ch.ts - cfg.settle_delay_s
+        spec = self.layout.slot_at(ch.board, ch.channel) or self.layout.slot(ch.slot)
+        if spec is None:
+            self.errors["unknown-slot"] += 1
+            self._flag_open(t_act, "unknown-slot", f"change {ch.id} on {ch.board}/{ch.channel} ({ch.slot or 'no slot'}) is not in the layout")
+            return
+        mismatch = spec.slot != ch.slot or spec.product != ch.product
+        if mismatch:
+            self.errors["planogram-mismatch"] += 1
+        if t_act < self.now - cfg.history_s:
+            self.errors["stale-change"] += 1
+            self._flag_open(t_act, "stale-change", f"change {ch.id} on {spec.slot} at {ch.ts:.1f}s arrived after {self.now:.1f}s")
+            return
+        scores = self._scores(spec.slot, t_act)
+        total = sum(v[0] for v in scores.values()) + cfg.nobody_score
+        ranked = sorted(((sid, v[0] / total, v[1], v[2]) for sid, v in scores.items()), key=lambda r: -r[1])
+        candidates = tuple((sid, p, d) for sid, p, d, _ in ranked if p >= 0.01)
+        if not ranked or max(v[0] for v in scores.values()) < cfg.nobody_score:
+            self.errors["nobody-near"] += 1
+            a = Attribution(ch.id, spec.slot, spec.product, ch.quantity, ch.ts, None, 0.0, candidates, (Reason("nobody-near", f"{spec.slot} at {t_act:.1f}s"),))
+            self.orphans.append(a)
+            for sid, _, d, seen in ranked:
+                if not seen and d < 3.0:
+                    self._carts[self._sessions[sid].cart].flag("nobody-near", f"change {ch.id} on {spec.slot} at {t_act:.1f}s while the track was lost {d:.1f} m away")
+            return
+        sid, p, _, _ = ranked[0]
+        cart = self._carts[self._sessions[sid].cart]
+        reasons: list[Reason] = []
+        others = [r for r in ranked[1:] if self._sessions[r[0]].cart != cart.id]
+        runner = others[0][1] if others else 0.0
+        if runner > 1 - cfg.attribution_bar:
+            reasons.append(Reason("contested", f"{spec.slot} at {t_act:.1f}s: {sid} p={p:.2f}, {others[0][0]} p={runner:.2f}"))
+        if mismatch:
+            reasons.append(Reason("planogram-mismatch", f"board {ch.board}/{ch.channel} reports {ch.slot}:{ch.product}, layout has {spec.slot}:{spec.product}"))
+        # Members of the same cart near each other are not a doubt: the line is theirs either way.
+        p_cart = p + sum(r[1] for r in ranked[1:] if self._sessions[r[0]].cart == cart.id)
+        reasons += self._apply(cart, spec, ch, p_cart)
+        for r in reasons:
+            cart.flag(r.code, r.detail)
+        cart.attributions.append(Attribution(ch.id, spec.slot, spec.product, ch.quantity, ch.ts, cart.id, p_cart, candidates, tuple(reasons)))
+        self.stats["attributed"] += 1
+
+    def _apply(self, cart: _Cart, spec: SlotSpec, ch: ShelfChange, p: float) -> list[Reason]:
+        """Put a change on a cart; return the hard-case reasons it raised."""
+        cfg = self.config
+        reasons = []
+        q = ch.quantity
+        conf = p * ch.confidence
+        product = spec.product
+        uncertain = q == 0 or ch.confidence < cfg.quantity_bar
+        if q > 0 and cart.holdings[product] < q:
+            other = self._match_put_back(cart, ch.delta_g, exclude=product)
+            if other is None:
+                code = "quantity-uncertain" if uncertain else "unexplained-put-back"
+                reasons.append(Reason(code, f"{ch.delta_g:+.0f} g put back on {spec.slot} ({spec.product}) matches nothing the cart holds"))
+                cart.confidence = min(cart.confidence, conf)
+                return reasons
+            product, q = other
+            reasons.append(Reason("wrong-slot", f"{q} x {product} put back on {spec.slot} ({spec.product}), matched by {ch.delta_g:+.0f} g"))
+            conf = p  # the weight matched another product of the cart; the slot's own estimate does not apply
+        elif uncertain:
+            reasons.append(Reason("quantity-uncertain", f"{spec.slot}: {ch.delta_g:+.0f} g is {ch.delta_g / spec.unit_weight_g:+.2f} units of {spec.product} (confidence {ch.confidence:.2f})"))
+            if q == 0:
+                cart.confidence = min(cart.confidence, conf)
+                return reasons  # no whole unit to put on the cart; the reviewer sees the grams
+        cart.holdings[product] -= q  # q < 0 is a pick: holdings grow
+        if cart.holdings[product] <= 0:
+            del cart.holdings[product]
+        cart.evidence.setdefault(product, []).append(ch.id)
+        cart.line_conf[product] = min(cart.line_conf.get(product, 1.0), conf)
+        cart.confidence = min(cart.confidence, conf)
+        return reasons
+
+    def _match_put_back(self, cart: _Cart, delta_g: float, exclude: str) -> tuple[str, int] | None:
+        """Return (product, units) of a product in the cart whose weight explains a put-back."""
+        products = self.layout.products()
+        best: tuple[float, str, int] | None = None
+        for product, held in cart.holdings.items():
+            if product == exclude or held <= 0 or product not in products:
+                continue
+            spec = products[product]
+            k = round(delta_g / spec.unit_weight_g)
+            if not 1 <= k <= held:
+                continue
+            resid = abs(delta_g - k * spec.unit_weight_g)
+            tol = 3.0 * math.sqrt(k * spec.unit_weight_sd_g**2 + self.config.weight_noise_g**2)
+            if resid <= tol and (best is None or resid < best[0]):
+                best = (resid, product, k)
+        return (best[1], best[2]) if best else None
+
+    def _flag_open(self, ts: float, code: str, detail: str) -> None:
+        for s in self._sessions.values():
+            if self._open_at(s, ts):
+                self._carts[s.cart].flag(code, detail)
+
+    def _near_slots(self, slots: list[SlotSpec], lo: float, hi: float, code: str, detail: str) -> None:
+        """Flag carts of sessions whose tracks came within reach of any of ``slots`` in [lo, hi]."""
+        for t in self._tracks.values():
+            if t.session is None or t.last_ts < lo or (t.hist and t.hist[0][0] > hi):
+                continue
+            covered = bool(t.hist) and t.hist[0][0] <= lo
+            near = False
+            for ts, x, y in t.hist:
+                if lo <= ts <= hi and any(self._place_weight(s.slot, x, y)[0] > 0.2 for s in slots):
+                    near = True
+                    break
+            if near or (not covered and self._sessions[t.session].opened_at < lo):
+                sess = self._sessions[t.session]
+                if sess.cart in self._carts:
+                    self._carts[sess.cart].flag(code, detail)
+
+    def _board_link(self, b: BoardLink) -> None:
+        if not b.connected:
+            self._offline.setdefault(b.board, b.ts)
+            self.errors["board-offline"] += 1
+            return
+        since = self._offline.pop(b.board, None)
+        if since is not None:
+            slots = [s for s in self.layout.slots if s.board == b.board]
+            self._near_slots(slots, since, b.ts, "board-offline", f"board {b.board} offline {since:.1f}-{b.ts:.1f}s")
+
+    def _unsettled(self, u: ShelfUnsettled) -> None:
+        self.errors["weight-unsettled"] += 1
+        spec = self.layout.slot_at(u.board, u.channel)
+        if spec is None:
+            self.errors["unknown-slot"] += 1
+            return
+        self._near_slots([spec], u.since, u.ts, "weight-unsettled", f"{spec.slot} unsettled {u.since:.1f}-{u.ts:.1f}s")
+
+    # -- closing -----------------------------------------------------------------------------
+    def _finalize(self, cart: _Cart) -> CartResult:
+        for board, since in self._offline.items():
+            slots = [s for s in self.layout.slots if s.board == board]
+            self._near_slots(slots, since, self.now, "board-offline", f"board {board} offline since {since:.1f}s")
+        del self._carts[cart.id]
+        products = self.layout.products()
+        lines = tuple(
+            Line(p, q, products[p].price_cents if p in products else 0, cart.line_conf.get(p, 1.0), tuple(cart.evidence.get(p, ())))
+            for p, q in sorted(cart.holdings.items())
+            if q > 0
+        )
+        if cart.confidence < self.config.confidence_bar:
+            cart.flag("low-confidence", f"{cart.confidence:.2f} < {self.config.confidence_bar}")
+        sessions = [self._sessions.pop(sid) for sid in cart.sessions if sid in self._sessions]
+        tracks = tuple(tid for s in sessions for tid in s.tracks)
+        for tid in tracks:
+            if tid in self._tracks:
+                self._tracks[tid].session = None  # a track still seen outside is nobody's until it enters again
+        status = "review" if cart.reasons else "accepted"
+        self.stats[f"carts_{status}"] += 1
+        return CartResult(
+            cart_id=cart.id,
+            shop=self.layout.name,
+            sessions=tuple(cart.sessions),
+            tracks=tracks,
+            opened_at=cart.opened_at,
+            closed_at=max((s.closed_at or cart.closing_at or 0.0) for s in sessions) if sessions else cart.closing_at or 0.0,
+            lines=lines,
+            confidence=cart.confidence,
+            reasons=tuple(cart.reasons),
+            status=status,
+            attributions=tuple(cart.attributions),
+        )

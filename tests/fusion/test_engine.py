@@ -1,0 +1,360 @@
+"""The fusion engine fed by hand: sessions, attribution, each hard case with its reason, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fusion.engine import Fusion, FusionConfig
+from fusion.layout import DoorSpec, ShopLayout, SlotSpec, planogram_mismatches
+from fusion.types import (
+    BoardLink,
+    DoorContact,
+    DoorCrossing,
+    ShelfChange,
+    ShelfUnsettled,
+    TrackLost,
+    TrackObservation,
+    ZoneVisit,
+)
+
+COLA = dict(product="cola", unit_weight_g=345.0, unit_weight_sd_g=3.0, price_cents=150)
+CHIPS = dict(product="chips", unit_weight_g=160.0, unit_weight_sd_g=4.0, price_cents=220)
+WATER = dict(product="water", unit_weight_g=520.0, unit_weight_sd_g=4.0, price_cents=90)
+
+
+def layout() -> ShopLayout:
+    # A1 and A2 side by side on the back wall (0.6 m apart), B1 on the left wall.
+    return ShopLayout(
+        name="t",
+        width_m=6,
+        depth_m=5,
+        door=DoorSpec(a=(2.5, 0), b=(3.5, 0), inside=(3, 1)),
+        slots=(
+            SlotSpec(slot="A1", shelf="shelf-1", board="b1", channel=0, front=(2.0, 4.6), facing=(0, -1), **COLA),
+            SlotSpec(slot="A2", shelf="shelf-1", board="b1", channel=1, front=(2.6, 4.6), facing=(0, -1), **CHIPS),
+            SlotSpec(slot="B1", shelf="shelf-2", board="b2", channel=0, front=(0.4, 2.0), facing=(1, 0), **WATER),
+        ),
+    )
+
+
+APP = {1: (1.0, 0.0, 0.0, 0.0), 2: (0.0, 1.0, 0.0, 0.0), 3: (0.0, 0.0, 1.0, 0.0)}
+
+
+class Shop:
+    """A driver for the engine: people walk, stand, pick; the test says where and when."""
+
+    def __init__(self, config: FusionConfig | None = None) -> None:
+        self.f = Fusion(layout(), config)
+        self.carts: list = []
+        self.t = 0.0
+        self.person: dict[int, int] = {}  # track -> who it is (its appearance)
+
+    def feed(self, item) -> None:
+        self.carts += self.f.feed(item)
+
+    def door(self, is_open: bool) -> None:
+        self.feed(DoorContact(self.t, is_open))
+
+    def see(self, track: int, x: float, y: float, person: int | None = None) -> None:
+        if person is not None:
+            self.person[track] = person
+        self.feed(TrackObservation(track, self.t, x, y, APP[self.person.get(track, track)]))
+
+    def tick(self, dt: float = 0.1) -> None:
+        self.t = round(self.t + dt, 3)
+
+    def enter(self, track: int, person: int | None = None, x: float = 3.0) -> None:
+        """Walk a track from the street through the door (open) to 1 m inside."""
+        for y in (-1.0, -0.5, -0.1):
+            self.see(track, x, y, person)
+            self.tick()
+        self.see(track, x, 0.2, person)
+        self.feed(DoorCrossing(track, self.t, "in"))
+        self.tick()
+        self.see(track, x, 1.0, person)
+
+    def leave(self, track: int, person: int | None = None) -> None:
+        self.see(track, 3.0, 0.3, person)
+        self.tick()
+        self.see(track, 3.0, -0.2, person)
+        self.feed(DoorCrossing(track, self.t, "out"))
+
+    def stand(self, seconds: float, *where: tuple[int, float, float]) -> None:
+        """Several tracks stand still at (x, y) for a while, seen every 0.1 s."""
+        for _ in range(round(seconds / 0.1)):
+            for track, x, y in where:
+                self.see(track, x, y)
+            self.tick()
+
+    def change(self, slot_ch: tuple[str, int, str, str], quantity: int, delta_g: float, confidence: float = 1.0, cid: str | None = None) -> None:
+        board, ch, slot, product = slot_ch
+        self.feed(ShelfChange(cid or f"{board}/{ch}@{self.t}", board, ch, slot, product, quantity, delta_g, confidence, self.t))
+
+    def close(self, seconds: float = 5.0) -> list:
+        self.tick(seconds)
+        self.carts += self.f.advance(self.t)
+        return self.carts
+
+
+A1 = ("b1", 0, "A1", "cola")
+A2 = ("b1", 1, "A2", "chips")
+B1 = ("b2", 0, "B1", "water")
+AT_A1 = (2.0, 4.15)
+AT_A2 = (2.6, 4.15)
+
+
+def shop_with(*tracks: int) -> Shop:
+    s = Shop()
+    for t in tracks:
+        s.door(True)
+        s.enter(t)
+        s.tick(0.5)
+        s.door(False)
+        s.tick(3.0)  # separate door openings: separate carts
+    return s
+
+
+def test_a_shopper_who_takes_two_colas_leaves_with_a_priced_receipt() -> None:
+    s = shop_with(1)
+    assert s.f.open_sessions() == ["s1"]
+    s.stand(2.0, (1, *AT_A1))
+    s.change(A1, -2, -690.0, 0.99, cid="ev-1")
+    s.stand(1.0, (1, *AT_A1))
+    s.door(True)
+    s.leave(1)
+    assert s.f.open_sessions() == []
+    (cart,) = s.close()
+    assert cart.status == "accepted" and cart.reasons == ()
+    assert cart.items() == {"cola": 2}
+    assert cart.total_cents == 300 and cart.evidence == ("ev-1",)
+    event = cart.to_event()
+    assert event["type"] == "cart_receipt" and event["total_cents"] == 300
+    assert json.loads(json.dumps(event)) == event  # plain JSON for the outbox
+
+
+def test_an_entry_while_the_door_contact_is_closed_opens_no_session() -> None:
+    s = Shop()
+    s.door(False)
+    s.tick(5)
+    s.enter(1)
+    assert s.f.open_sessions() == []
+    assert s.f.errors["entry-door-closed"] == 1
+
+
+def test_people_entering_in_one_door_opening_share_a_cart_and_others_do_not() -> None:
+    s = Shop()
+    s.door(True)
+    s.enter(1)
+    s.enter(2, x=2.8)
+    s.tick(1)
+    s.door(False)
+    s.tick(5)
+    s.door(True)
+    s.enter(3)
+    carts = {s.f.cart_of(sid) for sid in s.f.open_sessions()}
+    assert len(s.f.open_sessions()) == 3 and len(carts) == 2
+    assert s.f.cart_of(s.f.session_of(1)) == s.f.cart_of(s.f.session_of(2)) != s.f.cart_of(s.f.session_of(3))
+
+
+def test_two_shoppers_at_neighbouring_slots_each_get_their_own_pick() -> None:
+    s = shop_with(1, 2)
+    s.stand(2.0, (1, *AT_A1), (2, *AT_A2))
+    s.change(A1, -1, -345.0)
+    s.change(A2, -1, -160.0)
+    s.stand(1.5, (1, *AT_A1), (2, *AT_A2))
+    s.door(True)
+    s.leave(1)
+    s.leave(2)
+    carts = {c.sessions[0]: c for c in s.close()}
+    assert carts["s1"].items() == {"cola": 1} and carts["s1"].status == "accepted"
+    assert carts["s2"].items() == {"chips": 1} and carts["s2"].status == "accepted"
+    a = carts["s1"].attributions[0]
+    assert a.probability > 0.9 and next(c[0] for c in a.candidates) == "s1"
+
+
+def test_two_shoppers_at_the_same_slot_make_the_pick_contested() -> None:
+    s = shop_with(1, 2)
+    s.stand(2.0, (1, *AT_A1), (2, AT_A1[0] + 0.05, AT_A1[1] - 0.1))
+    s.change(A1, -1, -345.0)
+    s.stand(1.5, (1, *AT_A1), (2, AT_A1[0] + 0.05, AT_A1[1] - 0.1))
+    s.door(True)
+    s.leave(1)
+    s.leave(2)
+    carts = s.close()
+    with_line = [c for c in carts if c.lines]
+    assert len(with_line) == 1
+    assert with_line[0].status == "review"
+    assert "contested" in [r.code for r in with_line[0].reasons]
+    assert with_line[0].to_event()["type"] == "cart_review"
+
+
+def test_someone_walking_past_does_not_contest_the_shopper_standing_there() -> None:
+    s = shop_with(1, 2)
+    for i in range(30):  # 1 stands at A1 while 2 walks along the shelf, passing behind at 0.8 m
+        s.see(1, *AT_A1)
+        s.see(2, 0.5 + 0.1 * i, 3.8)
+        s.tick()
+        if i == 20:
+            s.change(A1, -1, -345.0)
+    s.door(True)
+    s.leave(1)
+    s.leave(2)
+    carts = {c.sessions[0]: c for c in s.close()}
+    assert carts["s1"].items() == {"cola": 1} and carts["s1"].status == "accepted"
+
+
+def test_a_put_back_on_the_wrong_slot_takes_the_item_off_by_its_weight() -> None:
+    s = shop_with(1)
+    s.stand(2.0, (1, *AT_A1))
+    s.change(A1, -2, -690.0)
+    s.stand(2.0, (1, 0.85, 2.0))
+    s.change(B1, 1, 347.0, 0.35)  # a cola (345 g) on the water slot: 0.67 units of water
+    s.stand(1.0, (1, 0.85, 2.0))
+    s.door(True)
+    s.leave(1)
+    (cart,) = s.close()
+    assert cart.items() == {"cola": 1}
+    assert cart.status == "review" and [r.code for r in cart.reasons] == ["wrong-slot"]
+
+
+def test_a_weight_change_nobody_was_near_is_an_orphan_and_flags_a_lost_shopper_nearby() -> None:
+    s = shop_with(1, 2)
+    s.stand(1.0, (1, 1.0, 2.5), (2, 5.0, 1.5))
+    s.feed(TrackLost(1, s.t))
+    s.stand(3.0, (2, 5.0, 1.5))
+    s.change(A2, -1, -160.0)
+    assert s.f.errors["nobody-near"] == 1 and s.f.orphans[0].reasons[0].code == "nobody-near"
+    s.see(3, 2.2, 3.0, person=1)  # found again, re-joined by looks
+    s.tick()
+    s.see(3, 2.4, 2.0, person=1)
+    assert s.f.session_of(3) == "s1"
+    s.door(True)
+    s.leave(3, person=1)
+    s.leave(2)
+    carts = {c.sessions[0]: c for c in s.close()}
+    assert [r.code for r in carts["s1"].reasons] == ["nobody-near"]
+    assert carts["s2"].status == "accepted" and carts["s2"].lines == ()
+
+
+def test_a_quantity_the_weight_cannot_settle_sends_the_cart_to_review() -> None:
+    s = shop_with(1)
+    s.stand(2.0, (1, *AT_A1))
+    s.change(A1, -2, -520.0, 0.1)  # 1.5 colas
+    s.stand(1.0, (1, *AT_A1))
+    s.door(True)
+    s.leave(1)
+    (cart,) = s.close()
+    assert cart.status == "review" and "quantity-uncertain" in [r.code for r in cart.reasons]
+    assert cart.items() == {"cola": 2}  # the best guess is shown to the reviewer
+
+
+def test_a_lost_track_found_again_keeps_its_cart_and_a_ghost_does_not_join() -> None:
+    s = shop_with(1)
+    s.stand(1.0, (1, 2.0, 3.0))
+    s.feed(TrackLost(1, s.t))
+    s.tick(1.0)
+    s.see(7, 4.5, 3.0, person=3)  # a ghost that looks like nobody inside
+    s.tick()
+    s.see(7, 4.5, 3.0, person=3)
+    assert s.f.session_of(7) is None
+    s.see(8, 2.3, 3.5, person=1)
+    s.stand(2.0, (8, *AT_A1))
+    assert s.f.session_of(8) == "s1"
+    s.change(A1, -1, -345.0)
+    s.stand(1.0, (8, *AT_A1))
+    s.door(True)
+    s.leave(8, person=1)
+    (cart,) = s.close()
+    assert cart.items() == {"cola": 1} and cart.status == "accepted" and cart.tracks == (1, 8)
+
+
+def test_an_unknown_slot_is_counted_and_named_on_the_carts_inside() -> None:
+    s = shop_with(1)
+    s.stand(2.0, (1, *AT_A1))
+    s.change(("b9", 3, "b9/3", ""), -1, -200.0)
+    s.door(True)
+    s.leave(1)
+    (cart,) = s.close()
+    assert s.f.errors["unknown-slot"] == 1
+    assert cart.status == "review" and cart.reasons[0].code == "unknown-slot" and "b9/3" in cart.reasons[0].detail
+
+
+def test_a_planogram_that_disagrees_with_the_layout_never_makes_a_silent_line() -> None:
+    s = shop_with(1)
+    s.stand(2.0, (1, *AT_A1))
+    s.change(("b1", 0, "A1", "lemonade"), -1, -345.0)
+    s.stand(1.0, (1, *AT_A1))
+    s.door(True)
+    s.leave(1)
+    (cart,) = s.close()
+    assert s.f.errors["planogram-mismatch"] == 1
+    assert cart.status == "review" and "planogram-mismatch" in [r.code for r in cart.reasons]
+    rows = [("b1", 0, "A1", "cola"), ("b1", 1, "A2", "crisps"), ("b3", 0, "Z1", "x")]
+    problems = planogram_mismatches(layout(), rows)
+    assert len(problems) == 3 and any("crisps" in p for p in problems) and any("B1" in p for p in problems)
+
+
+def test_out_of_order_and_stale_input_is_counted_not_used() -> None:
+    s = shop_with(1)
+    s.stand(1.0, (1, *AT_A1))
+    before = s.f.errors["out-of-order"]
+    s.feed(TrackObservation(1, s.t - 5.0, 0.0, 0.0))
+    assert s.f.errors["out-of-order"] == before + 1
+    s.tick(40.0)
+    s.see(1, *AT_A1)
+    s.feed(ShelfChange("old", "b1", 0, "A1", "cola", -1, -345.0, 1.0, s.t - 35.0))
+    assert s.f.errors["stale-change"] == 1
+    s.door(True)
+    s.leave(1)
+    (cart,) = s.close()
+    assert cart.lines == () and [r.code for r in cart.reasons] == ["stale-change"]
+
+
+def test_a_weight_that_never_settles_and_a_board_offline_flag_the_shopper_near_them() -> None:
+    s = shop_with(1, 2)
+    s.feed(BoardLink("b1", False, s.t))
+    s.stand(3.0, (1, *AT_A1), (2, 0.85, 2.0))
+    s.feed(BoardLink("b1", True, s.t))
+    start = s.t
+    s.stand(7.0, (1, 4.0, 2.0), (2, 0.85, 2.0))
+    s.feed(ShelfUnsettled("b2", 0, start, s.t))
+    s.feed(ZoneVisit(1, s.t, "shelf-9"))
+    assert s.f.errors["unknown-zone"] == 1
+    s.door(True)
+    s.leave(1)
+    s.leave(2)
+    carts = {c.sessions[0]: c for c in s.close()}
+    assert [r.code for r in carts["s1"].reasons] == ["board-offline"]
+    assert [r.code for r in carts["s2"].reasons] == ["weight-unsettled"]
+
+
+def test_a_cart_below_the_confidence_bar_goes_to_review() -> None:
+    s = Shop(FusionConfig(confidence_bar=0.99))
+    s.door(True)
+    s.enter(1)
+    s.stand(2.0, (1, *AT_A1))
+    s.change(A1, -1, -345.0, 0.95)
+    s.stand(1.0, (1, *AT_A1))
+    s.leave(1)
+    (cart,) = s.close()
+    assert [r.code for r in cart.reasons] == ["low-confidence"]
+
+
+def test_a_shopper_still_inside_at_the_end_is_never_left() -> None:
+    s = shop_with(1)
+    s.stand(1.0, (1, 3.0, 3.0))
+    (cart,) = s.f.finish(s.t + 1)
+    assert [r.code for r in cart.reasons] == ["never-left"]
+
+
+def test_inputs_check_themselves() -> None:
+    with pytest.raises(ValueError, match="confidence"):
+        ShelfChange("x", "b", 0, "A1", "p", -1, -1.0, 1.5, 0.0)
+    with pytest.raises(ValueError, match="direction"):
+        DoorCrossing(1, 0.0, "sideways")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="finite"):
+        TrackObservation(1, float("nan"), 0.0, 0.0)
+    with pytest.raises(TypeError, match="not a fusion input"):
+        Fusion(layout()).feed("hello")  # type: ignore[arg-type]
