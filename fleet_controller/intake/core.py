@@ -495,11 +495,13 @@ class RegistryWriter:
             self._executor = self._make_executor()
         executor = self._executor
         try:
-            future = executor.submit(_run_on_writer, self._key, op, *args)
-        except RuntimeError as exc:
-            # Shut down (the process is exiting): no fault of the messages, so hold them, never quarantine.
-            raise TemporaryStoreError(f"registry writer is shut down: {exc}") from None
-        try:
+            try:
+                future = executor.submit(_run_on_writer, self._key, op, *args)
+            except BrokenExecutor:
+                raise  # a dead writer (BrokenExecutor is a RuntimeError too): replaced below
+            except RuntimeError as exc:
+                # Shut down (the process is exiting): no fault of the messages, so hold them, never quarantine.
+                raise TemporaryStoreError(f"registry writer is shut down: {exc}") from None
             return await asyncio.wrap_future(future)
         except BrokenExecutor as exc:
             if self._executor is executor:  # the first caller to notice replaces it
