@@ -13,6 +13,7 @@ levels), e.g. ``SHOPFLEET_CONTROLLER_BROKER__PASSWORD``; top-level keys drop the
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import uuid
@@ -91,6 +92,48 @@ class ApiSettings(_Section):
 
     host: str = Field("127.0.0.1", description="Bind address; 0.0.0.0 to serve other machines.")
     port: int = Field(8080, ge=0, le=65535, description="TCP port; 0 picks a free one (tests, demo).")
+    tls_cert_file: Path | None = Field(
+        None, description="PEM certificate (chain) of the API; with tls_key_file the API serves HTTPS only. Needed for "
+        "node enrollment, which sends credentials (e.g. 'shopfleet pki issue server NAME').",
+    )
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file (mode 0600).")
+    trusted_proxies: tuple[str, ...] = Field(
+        (),
+        description="Addresses or CIDRs of reverse proxies whose X-Forwarded-For (and -Proto) the API believes. Empty "
+        "(default): the header is ignored and the client address is the TCP peer, so nobody can pick the address "
+        "login throttling counts against. List only your own proxies.",
+    )
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _cidrs(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for item in v:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"api.trusted_proxies entry {item!r} is not an address or CIDR (e.g. 10.0.0.5 or 10.0.0.0/24)") from None
+        return v
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ApiSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("api.tls_cert_file and api.tls_key_file go together: set both for HTTPS, or neither")
+        return self
+
+    def uvicorn_options(self) -> dict[str, Any]:
+        """Return the uvicorn.Config options for TLS and proxy headers.
+
+        uvicorn trusts X-Forwarded-For from 127.0.0.1 by default, so anything on the controller
+        host could pick the address login throttling counts; here proxy headers are off unless
+        trusted_proxies names the proxies.
+        """
+        opts: dict[str, Any] = {"proxy_headers": bool(self.trusted_proxies)}
+        if self.trusted_proxies:
+            opts["forwarded_allow_ips"] = ",".join(self.trusted_proxies)
+        if self.tls_cert_file is not None and self.tls_key_file is not None:
+            opts["ssl_certfile"] = str(self.tls_cert_file)
+            opts["ssl_keyfile"] = str(self.tls_key_file)
+        return opts
 
 
 class PresenceSettings(_Section):
