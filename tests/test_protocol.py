@@ -206,7 +206,7 @@ def test_json_nested_beyond_the_parser_is_bad_json_not_unstorable():
     [
         pytest.param(p.Topics.node("box-1", "pi-1", "presence"), {"kind": "presence", "state": "online", "session": 2**31},
                      "session: Input should be less than or equal to 2147483647", id="session-beyond-integer"),
-        pytest.param(p.Topics.reported("box-1"), {"kind": "reported_state", "epoch": "e", "seq": 1, "revision": 2**31, "status": "applied"},
+        pytest.param(p.Topics.reported("box-1", "pi-1"), {"kind": "reported_state", "epoch": "e", "seq": 1, "revision": 2**31, "status": "applied"},
                      "reported_state.revision: Input should be less than or equal to 2147483647", id="revision-beyond-integer"),
         pytest.param(p.Topics.node("box-1", "pi-1", "replies"), {"kind": "command_result", "epoch": "e", "seq": 1, "correlation_id": "a b", "ok": True},
                      "command_result.correlation_id: String should match pattern", id="correlation-id-charset"),
