@@ -209,6 +209,19 @@ class IntakeSettings(_Section):
         "'thread' (in the controller process; simpler to debug, shares one core with the MQTT thread).",
     )
     log_every_s: float = Field(60.0, gt=0, description="A rejected message of a given reason is logged at most once per this many seconds.")
+    max_seq_jump: int = Field(
+        100_000, ge=1, le=2**62,
+        description="A seq this far above a node's watermark is refused (reason seq_jump) instead of counting a huge gap; "
+        "larger tolerates longer outbox evictions, smaller refuses absurd seqs sooner.",
+    )
+    seq_resync_after: int = Field(
+        3, ge=1, le=1000,
+        description="Consecutive seqs beyond max_seq_jump after which the node's stream is rebased there (it really continues there).",
+    )
+    max_session_jump: int = Field(
+        10_000, ge=1, le=2**31,
+        description="A birth or Will whose session is this far above the held one is refused (reason session_jump).",
+    )
 
 
 class ExecutorSettings(BaseModel):
