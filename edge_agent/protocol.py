@@ -27,6 +27,7 @@ import math
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated, Any, Final, Literal
@@ -622,7 +623,22 @@ def parse_message(topic: str, payload: bytes) -> Presence | Heartbeat | Telemetr
     """Parse an uplink (node -> controller) message and check it against its topic.
 
     Raises ``ProtocolError`` with one of :data:`REJECT_REASONS`; never any other exception.
+    Heartbeats, telemetry, events, alerts and presence are tried first on the msgspec fast path
+    (:mod:`edge_agent.fastwire`, when msgspec is installed), which returns the same message the
+    reference parser would, or nothing; everything else, and every rejection, is the reference
+    parser's (:func:`parse_message_reference`), so the error reasons and texts are unchanged.
     """
+    if _fast_parse is not None:
+        msg = _fast_parse(topic, payload)
+        if msg is not None:
+            return msg  # type: ignore[no-any-return]
+    return parse_message_reference(topic, payload)
+
+
+def parse_message_reference(
+    topic: str, payload: bytes,
+) -> Presence | Heartbeat | Telemetry | Event | Alert | CommandResult | ReportedState:
+    """Parse an uplink message with pydantic alone: the definition of what the protocol accepts, and of its error texts."""
     info = parse_topic(topic)
     if info.leaf in ("state/desired", "controller/presence", "controller/clock", Channel.COMMANDS.value):
         raise ProtocolError("kind_mismatch", f"{topic!r} is a downlink topic")
@@ -675,3 +691,12 @@ def parse_downlink(topic: str, payload: bytes) -> Command | DesiredState | Contr
 def b64(data: bytes) -> str:
     """Return standard base64 text of ``data`` (signatures, keys)."""
     return base64.b64encode(data).decode()
+
+
+# The fast path needs msgspec (the controller's extra); an agent-only install parses with pydantic alone.
+# Imported last: edge_agent.fastwire builds on the models above.
+_fast_parse: Callable[[str, bytes], Any] | None
+try:
+    from edge_agent.fastwire import fast_parse as _fast_parse
+except ImportError:  # pragma: no cover - depends on the install
+    _fast_parse = None
