@@ -110,6 +110,21 @@ PresenceChange = tuple[NodeKey, str, "PresenceView", float | None]
 """One presence change to store: the node, its old presence, the new one, when it was last seen (or None)."""
 
 # Node columns a heartbeat updates, in the order _update_nodes binds them; the JSON ones among them.
+try:
+    import orjson
+
+    def _dumps(value: Any) -> str:
+        """Return ``value`` as JSON text (orjson: ~10x the stdlib's speed on the writer's hot path).
+
+        Only for validated wire values (finite numbers, 64-bit integers, string keys), where it
+        writes what ``json.dumps`` would, without the spaces.
+        """
+        return orjson.dumps(value).decode()
+except ImportError:  # pragma: no cover - orjson comes with the controller extra
+    def _dumps(value: Any) -> str:
+        return json.dumps(value, separators=(",", ":"))
+
+
 _FACT_COLUMNS = ("facts", "arch", "node_class", "agent_version", "release", "pipelines", "metrics", "facts_at", "heartbeat_interval_s")
 _NODE_JSON = frozenset({"facts", "pipelines", "metrics"})
 # Heartbeat columns in the order _store_uplinks builds its rows; metrics and pipelines are JSON.
@@ -222,6 +237,27 @@ def _gaps_text(gaps: tuple[tuple[int, int], ...]) -> str:
 # --------------------------------------------------------------------------------------------
 # Registry
 # --------------------------------------------------------------------------------------------
+
+
+def _json_rows_from(table: Table, cols: Sequence[str]) -> str:
+    """Return ``(SELECT (e->>0)::T0 AS c0, ... FROM json_array_elements(%s::json) AS e) AS v``: rows of ``table``'s ``cols`` from one JSON parameter.
+
+    PostgreSQL only, for statements over a whole batch of rows (see :func:`_json_rows`): psycopg's
+    executemany costs a round trip of Python work per row, and its array parameters cost about as
+    much in dumping; one JSON text is encoded in C and unpacked by the server. JSON columns travel
+    as their encoded text (``v.cN`` is text; cast it with ``::json``). The statement's text is the
+    same whatever the number of rows, so it is prepared once.
+    """
+    parts = []
+    for i, c in enumerate(cols):
+        t = "text" if isinstance(table.c[c].type, JSON) else table.c[c].type.compile(dialect=postgresql.dialect())
+        parts.append(f"(e->>{i})::{t} AS c{i}")
+    return f"(SELECT {', '.join(parts)} FROM json_array_elements(%s::json) AS e) AS v"
+
+
+def _json_rows(rows: Sequence[tuple[Any, ...]]) -> tuple[str]:
+    """Return the parameter of :func:`_json_rows_from`: ``rows`` as one JSON array of arrays."""
+    return (_dumps(rows),)
 
 
 class RegistryStore:
@@ -359,9 +395,9 @@ class RegistryStore:
             key = (msg.shop, msg.node)
             if isinstance(msg, Heartbeat):
                 f = msg.facts
-                metrics = json.dumps(msg.metrics)
+                metrics = _dumps(msg.metrics)
                 # The fields of these flat models are JSON-ready; their __dict__ is far cheaper than model_dump().
-                pipelines = json.dumps({k: p.__dict__ for k, p in msg.pipelines.items()})
+                pipelines = _dumps({k: p.__dict__ for k, p in msg.pipelines.items()})
                 heartbeats.append((
                     msg.shop, msg.node, msg.epoch, msg.seq, msg.ts, received, f.cpu_load_1m, f.cpu_temp_c,
                     f.mem_available_bytes, f.disk_free_bytes, msg.outbox_depth, metrics, pipelines,
@@ -543,21 +579,39 @@ class RegistryStore:
             if latest is not None:  # in _FACT_COLUMNS order
                 hb, metrics, pipelines = latest
                 f = hb.facts
-                row += (json.dumps(f.__dict__), f.arch, f.node_class, f.agent_version, hb.release, pipelines, metrics,
+                row += (_dumps(f.__dict__), f.arch, f.node_class, f.agent_version, hb.release, pipelines, metrics,
                         hb.ts, hb.interval_s)
             groups.setdefault((u is not None, latest is not None), []).append(row + key)
-        ph = self._placeholder
         greatest = "MAX" if self._dialect == "sqlite" else "GREATEST"
         for (has_cursor, has_facts), rows in groups.items():
+            # The column each value of a row goes to, in row order (for PostgreSQL's array types).
+            targets = ["last_seen"]
+            if has_cursor:
+                targets += ["epoch", "watermark", "gaps", "retired_epochs", "messages_total", "duplicates_total", "missing_total"]
+            if has_facts:
+                targets += _FACT_COLUMNS
+            targets += ["shop_id", "node_id"]
+            pg = self._dialect == "postgresql"
+            json_cols = _NODE_JSON | {"gaps", "retired_epochs"}
+            refs = iter([f"v.c{i}::json" if c in json_cols else f"v.c{i}" for i, c in enumerate(targets)] if pg
+                        else [self._placeholder(c in json_cols) for c in targets])
+            ph = refs.__next__  # the value of the next target, in row order
             sets = [f"last_seen = {greatest}(COALESCE(last_seen, 0), {ph()})"]
             if has_cursor:
-                sets += [f"epoch = {ph()}", f"watermark = {ph()}", f"gaps = {ph(True)}", f"retired_epochs = {ph(True)}",
+                sets += [f"epoch = {ph()}", f"watermark = {ph()}", f"gaps = {ph()}", f"retired_epochs = {ph()}",
                          f"messages_total = messages_total + {ph()}",
                          f"duplicates_total = duplicates_total + {ph()}", f"missing_total = missing_total + {ph()}"]
             if has_facts:
-                sets += [f'"{c}" = {ph(c in _NODE_JSON)}' for c in _FACT_COLUMNS]
-            sql = f"UPDATE nodes SET {', '.join(sets)} WHERE shop_id = {ph()} AND node_id = {ph()}"
-            conn.exec_driver_sql(sql, rows)
+                sets += [f'"{c}" = {ph()}' for c in _FACT_COLUMNS]
+            if pg:
+                # One statement for all rows (see _json_rows_from): psycopg's executemany of this
+                # update, one round trip of Python work per row, was a third of the writer's time.
+                sql = (f"UPDATE nodes SET {', '.join(sets)} FROM {_json_rows_from(NODES, targets)} "
+                       f"WHERE nodes.shop_id = {ph()} AND nodes.node_id = {ph()}")
+                conn.exec_driver_sql(sql, _json_rows(rows))
+            else:
+                sql = f"UPDATE nodes SET {', '.join(sets)} WHERE shop_id = {ph()} AND node_id = {ph()}"
+                conn.exec_driver_sql(sql, rows)
 
     def _placeholder(self, json_value: bool = False) -> str:
         if self._dialect == "sqlite":
@@ -569,6 +623,11 @@ class RegistryStore:
         on the hot path SQLAlchemy's per-row parameter processing costs more than the database's own insert."""
         json_cols = {c.name for c in table.columns if isinstance(c.type, JSON)}
         names = ", ".join(f'"{c}"' for c in cols)
+        if self._dialect == "postgresql":
+            # One statement for all rows (see _json_rows_from), not psycopg's one per row.
+            refs = ", ".join(f"v.c{i}::json" if c in json_cols else f"v.c{i}" for i, c in enumerate(cols))
+            conn.exec_driver_sql(f"INSERT INTO {table.name} ({names}) SELECT {refs} FROM {_json_rows_from(table, cols)}", _json_rows(rows))
+            return
         values = ", ".join(self._placeholder(c in json_cols) for c in cols)
         conn.exec_driver_sql(f"INSERT INTO {table.name} ({names}) VALUES ({values})", rows)
 
