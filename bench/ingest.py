@@ -13,7 +13,8 @@ PostgreSQL runs in a fresh schema of its own (dropped afterwards) of ``--pg-url`
 
 Goals (issue 15): ratio >= 0.8 on SQLite and >= 0.6 on PostgreSQL. Where the time goes: the CPU
 seconds per 1,000 messages of the controller process and of its registry writer child during the
-sustained drain. Last line: a JSON summary.
+sustained drain, against the bare subscriber's (``cpu_ratio``: bare CPU / controller + writer CPU,
+a figure the machine's load moves far less than the rates). Last line: a JSON summary.
 
     .venv/bin/python bench/ingest.py [--db sqlite|postgresql|both] [--nodes 10000] [--per-node 4]
 """
@@ -89,8 +90,9 @@ def publish_stream(port: int, nodes: int, per_node: int) -> int:
     return len(infos)
 
 
-def drain_bare(port: int, client_id: str, warmup: int, expected: int, timeout: float) -> float:
-    """Connect the bare subscriber to its session; return its rate on the messages after the first ``warmup``."""
+def drain_bare(port: int, client_id: str, warmup: int, expected: int, timeout: float) -> tuple[float, float]:
+    """Connect the bare subscriber to its session; return its rate on the messages after the first ``warmup``
+    and the CPU seconds per 1,000 of them (this process: the bench is idle meanwhile)."""
     got = 0
     marks: dict[str, float] = {}
     done = threading.Event()
@@ -100,8 +102,10 @@ def drain_bare(port: int, client_id: str, warmup: int, expected: int, timeout: f
         got += 1
         if got == warmup:
             marks["start"] = time.perf_counter()
+            marks["cpu_start"] = cpu_seconds(psutil.Process())["controller"]
         if got >= expected:
             marks["end"] = time.perf_counter()
+            marks["cpu_end"] = cpu_seconds(psutil.Process())["controller"]
             done.set()
 
     c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
@@ -112,7 +116,8 @@ def drain_bare(port: int, client_id: str, warmup: int, expected: int, timeout: f
         raise RuntimeError(f"bare subscriber got {got}/{expected} messages in {timeout}s")
     c.disconnect()
     c.loop_stop()
-    return (expected - warmup) / (marks["end"] - marks["start"])
+    n = expected - warmup
+    return n / (marks["end"] - marks["start"]), round(1000 * (marks["cpu_end"] - marks["cpu_start"]) / n, 3)
 
 
 def cpu_seconds(proc: psutil.Process) -> dict[str, float]:
@@ -221,7 +226,7 @@ def main() -> int:
         print(f"published {total} heartbeats of {args.nodes} nodes in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
         warmup = args.nodes  # the first heartbeat of every node: first sight, not the sustained rate
         for db in dbs:
-            bare = drain_bare(broker.port, f"bench-bare-{db}", warmup, total, args.timeout)
+            bare, bare_cpu = drain_bare(broker.port, f"bench-bare-{db}", warmup, total, args.timeout)
             ctl, first_sight, rows, cpu = asyncio.run(
                 drain_controller(broker.port, f"bench-controller-{db}", urls[db], warmup, total, args.timeout, args.writer))
             if rows != total:
@@ -230,12 +235,13 @@ def main() -> int:
             ratio = ctl / bare
             results.append({"db": db, "controller_msgs_per_s": round(ctl, 1), "bare_msgs_per_s": round(bare, 1), "ratio": round(ratio, 3),
                             "goal": GOALS[db], "met": ratio >= GOALS[db], "first_sight_msgs_per_s": round(first_sight, 1),
-                            "nodes_at_10s_capacity": int(ctl * 10), "cpu_s_per_1k_msgs": cpu, "rows": rows,
+                            "nodes_at_10s_capacity": int(ctl * 10), "cpu_s_per_1k_msgs": cpu, "bare_cpu_s_per_1k_msgs": bare_cpu,
+                            "cpu_ratio": round(bare_cpu / max(cpu["controller"] + cpu["writer"], 1e-9), 3), "rows": rows,
                             "load_avg_1m": round(os.getloadavg()[0], 2)})
             print(f"{db}: first sight of {args.nodes} nodes (creating shops and nodes; not in the ratio): {first_sight:,.0f} msg/s")
             print(f"{db}: controller (validate + dedupe + store, {args.writer} writer): {ctl:,.0f} msg/s; "
                   f"CPU per 1,000 messages: controller {cpu['controller']:.3f} s, writer {cpu['writer']:.3f} s")
-            print(f"{db}: bare paho subscriber on the same backlog, just before: {bare:,.0f} msg/s")
+            print(f"{db}: bare paho subscriber on the same backlog, just before: {bare:,.0f} msg/s; CPU per 1,000 messages {bare_cpu:.3f} s")
             print(f"{db}: ratio {ratio:.2f} (goal >= {GOALS[db]}: {'met' if ratio >= GOALS[db] else 'NOT met'}); "
                   f"keeps up with {ctl * 10:,.0f} nodes at one heartbeat per 10 s")
     finally:

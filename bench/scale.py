@@ -1,0 +1,354 @@
+"""Scale benchmark: how many simulated nodes at one heartbeat per 10 s one controller holds, and where lag starts.
+
+A real Mosquitto, the real controller (its own process, with its registry writer child, exactly as
+`shopfleet controller` runs it) and a few fast publisher processes that play the nodes: each node
+sends a QoS 1 heartbeat every ``--interval`` seconds at its own phase, from a payload encoded once
+per node (only ``ts`` and ``seq`` are filled in per message), so the publishers cost little of the
+machine. The fleet ramps in steps (``--steps``, default 10k, 20k, 40k, 60k, 80k, 100k nodes) of
+``--step-s`` seconds each. Per step, over the part after the first heartbeat period of the step
+(the new nodes' first sight is warm-up), it reports the offered and stored rates, the
+receive-to-commit latency p50/p99 (from the controller receiving a message to its batch
+committing: the intake's own ``shopfleet_controller_ingest_latency_seconds`` observations, every
+one of them), the backlog (published minus stored: what waits in the broker and the intake) and
+the CPU each part of the system used (controller process, writer children, Mosquitto, publishers,
+PostgreSQL server): where the time goes. A step *lags* when its p99 reaches 1 s or its backlog
+grows by more than one second's worth of messages over the measured window; the first such step is
+where lag starts.
+
+``--replicas 1,2`` runs the whole ramp once per replica count (MQTT 5 shared subscription, one
+group), each on a fresh database, in the same run. PostgreSQL (``--db postgresql``) runs in a fresh
+schema of ``--pg-url``'s database, dropped afterwards. Every run stops by itself: the ramp's length
+is fixed and a controller that cannot keep up only lags. Last line: a JSON summary.
+
+    .venv/bin/python bench/scale.py [--db sqlite|postgresql] [--replicas 1|1,2] [--steps 10000,20000,...] [--step-s 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import platform
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import psutil
+
+INTERVAL_S = 10.0
+SLOTS = 200  # a heartbeat period cut into slots; each node publishes in its own slot
+EPOCH = "scale"
+
+
+# ----- publishers (child processes) ----------------------------------------------------------------
+
+
+def node_ids(i: int) -> tuple[str, str]:
+    """Shop and node id of simulated node ``i`` (three nodes per shop)."""
+    return f"shop-{i // 3:06d}", f"node-{i % 3}"
+
+
+def publisher(index: int, count: int, port: int, schedule: list[tuple[float, int]], interval: float, stop_at: float,
+              published: Any) -> None:
+    """Play nodes ``index, index + count, ...`` up to the schedule's active count, each once per ``interval``.
+
+    ``schedule`` is ``[(start time, active nodes), ...]``; ``published`` a shared counter of this publisher's messages.
+    """
+    import paho.mqtt.client as paho
+
+    from edge_agent.protocol import Heartbeat, NodeFacts, Topics, encode
+
+    facts = NodeFacts(hostname="pi", arch="arm64", os="Debian 12", kernel="6.6", node_class="pi", cpu_count=4, cpu_load_1m=0.4,
+                      mem_total_bytes=4 << 30, mem_available_bytes=3 << 30, disk_total_bytes=32 << 30, disk_free_bytes=20 << 30,
+                      cpu_temp_c=51.2, onnx_providers=("CPUExecutionProvider",), agent_version="0.1.0")
+    top = max(n for _, n in schedule)
+    mine = range(index, top, count)
+    # The payload of each node, encoded once, with %-placeholders for ts and seq (the only fields that change).
+    proto = encode(Heartbeat(shop="shop-000000", node="node-0", epoch=EPOCH, seq=111_111_111, ts=1.0, interval_s=interval,
+                             facts=facts, metrics={"fps": 14.5}))
+    proto = proto.replace(b"%", b"%%").replace(b'"ts":1.0', b'"ts":%.6f').replace(b'"seq":111111111', b'"seq":%d')
+    templates: dict[int, tuple[str, bytes]] = {}
+    slots: list[list[int]] = [[] for _ in range(SLOTS)]
+    for i in mine:
+        shop, node = node_ids(i)
+        templates[i] = (Topics.node(shop, node, "telemetry"),
+                        proto.replace(b'"shop":"shop-000000"', f'"shop":"{shop}"'.encode()).replace(b'"node":"node-0"', f'"node":"{node}"'.encode()))
+        slots[(i * 7919) % SLOTS].append(i)  # a prime stride: every prefix of the fleet spreads evenly over the slots
+    seqs = dict.fromkeys(mine, 0)
+    c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"scale-pub-{index}-{uuid.uuid4().hex[:6]}")
+    c.max_inflight_messages_set(2000)
+    c.max_queued_messages_set(0)
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    slot_s = interval / SLOTS
+    tick = time.time()
+    slot = int(tick / slot_s) % SLOTS
+    n = 0
+    while time.time() < stop_at:
+        now = time.time()
+        active = 0
+        for start, nodes in schedule:
+            if now >= start:
+                active = nodes
+        for i in slots[slot]:
+            if i >= active:
+                continue
+            seqs[i] += 1
+            topic, tpl = templates[i]
+            c.publish(topic, tpl % (now, seqs[i]), qos=1)
+            n += 1
+        published.value = n
+        slot = (slot + 1) % SLOTS
+        tick += slot_s
+        delay = tick - time.time()
+        if delay > 0:
+            time.sleep(delay)
+    c.disconnect()
+    c.loop_stop()
+
+
+# ----- the controller (child process) ----------------------------------------------------------------
+
+
+def controller(db_url: str, port: int, client_id: str, group: str | None, conn: multiprocessing.connection.Connection,
+               stop_at: float) -> None:
+    """Run one controller replica until ``stop_at``; send ``(t, stored, pending, [latencies])`` once a second."""
+    logging.basicConfig(level=logging.WARNING)
+    from fleet_controller.service import ControllerService
+    from fleet_controller.settings import load_settings
+
+    broker: dict[str, Any] = {"port": port, "client_id": client_id}
+    if group:
+        broker.update(protocol="5", shared_group=group)
+    settings = load_settings(None, {"db_url": db_url, "broker": broker, "api": {"port": 0}, "retention": {"interval_s": 3600}}, environ={})
+
+    async def run() -> None:
+        svc = ControllerService(settings, migrate=False)
+        seen: list[float] = []
+        hist = svc.metrics.ingest_latency
+        observe = hist.observe
+
+        def record(value: float, *a: Any, **kw: Any) -> None:  # every receive-to-commit latency, not just its bucket
+            seen.append(value)
+            observe(value, *a, **kw)
+
+        hist.observe = record  # type: ignore[method-assign]
+        await svc.start()
+        conn.send(("ready", os.getpid()))
+        try:
+            while time.time() < stop_at:
+                await asyncio.sleep(1.0)
+                batch, seen[:] = list(seen), []
+                conn.send((time.time(), svc.intake.stored_total, len(svc.intake._pending), batch))
+        finally:
+            await svc.stop()
+            conn.send(("stopped", svc.intake.stored_total))
+
+    asyncio.run(run())
+
+
+# ----- the parent: ramp, sample, report ----------------------------------------------------------------
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def cpu_of(procs: dict[str, list[psutil.Process]]) -> dict[str, float]:
+    """CPU seconds so far of each group of processes (processes that ended count as 0 from then on)."""
+    out = {}
+    for name, ps in procs.items():
+        total = 0.0
+        for p in ps:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+        out[name] = total
+    return out
+
+
+def postgres_processes() -> list[psutil.Process]:
+    out = []
+    for p in psutil.process_iter(["name", "cmdline"]):
+        try:
+            if p.info["name"] in ("postgres", "postmaster") or (p.info["cmdline"] and "postgres" in p.info["cmdline"][0]):
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+def run_ramp(args: argparse.Namespace, replicas: int, db_url: str) -> dict[str, Any]:
+    from fleet_controller.registry.db import create_engine
+    from fleet_controller.registry.migrations import upgrade
+    from shopfleet.broker import BrokerProcess
+
+    steps = [int(s) for s in args.steps.split(",")]
+    upgrade(create_engine(db_url))
+    work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    (work / "broker").mkdir()
+    broker = BrokerProcess(workdir=work / "broker").start()
+    ctx = multiprocessing.get_context("spawn")
+    group = "scale" if replicas > 1 else None
+    t_start = time.time() + 8.0  # the controllers' start-up (writer children import for a second or two)
+    stop_at = t_start + len(steps) * args.step_s
+    pipes, ctl_procs = [], []
+    try:
+        for r in range(replicas):
+            parent_end, child_end = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=controller, args=(db_url, broker.port, f"scale-controller-{r}", group, child_end, stop_at + 2))
+            p.start()
+            pipes.append(parent_end)
+            ctl_procs.append(p)
+        pids = []
+        for conn in pipes:
+            if not conn.poll(60):
+                raise RuntimeError("a controller did not start within 60 s")
+            pids.append(conn.recv()[1])
+        schedule = [(t_start + k * args.step_s, n) for k, n in enumerate(steps)]
+        counters = [ctx.Value("q", 0) for _ in range(args.publishers)]
+        pubs = [ctx.Process(target=publisher, args=(k, args.publishers, broker.port, schedule, args.interval, stop_at, counters[k]), daemon=True)
+                for k in range(args.publishers)]
+        for p in pubs:
+            p.start()
+        ctl_ps = [psutil.Process(pid) for pid in pids]
+        procs = {
+            "controller": ctl_ps,
+            "writer": [c for p in ctl_ps for c in p.children(recursive=True)],
+            "mosquitto": [psutil.Process(broker.proc.pid)] if getattr(broker, "proc", None) else [],
+            "publishers": [psutil.Process(p.pid) for p in pubs],
+        }
+        if db_url.startswith("postgresql"):
+            procs["postgres"] = postgres_processes()
+        samples: list[tuple[float, int, int, int]] = []  # t, published, stored, pending
+        lat: list[tuple[float, float]] = []  # (t, latency)
+        stored = [0] * replicas
+        pending = [0] * replicas
+        cpu_marks: list[tuple[float, dict[str, float]]] = []
+        next_cpu = time.time()
+        while time.time() < stop_at:
+            for r, conn in enumerate(pipes):
+                while conn.poll(0.05):
+                    msg = conn.recv()
+                    if isinstance(msg[0], float):
+                        t, stored[r], pending[r], got = msg
+                        lat += [(t, v) for v in got]
+            now = time.time()
+            samples.append((now, sum(c.value for c in counters), sum(stored), sum(pending)))
+            if now >= next_cpu:
+                cpu_marks.append((now, cpu_of(procs)))
+                next_cpu = now + 1.0
+        for p in pubs:
+            p.join(10)
+        for conn in pipes:
+            deadline = time.time() + 30
+            while time.time() < deadline and conn.poll(deadline - time.time()):
+                msg = conn.recv()
+                if msg[0] == "stopped":
+                    break
+        for p in ctl_procs:
+            p.join(10)
+    finally:
+        for p in ctl_procs:
+            if p.is_alive():
+                p.kill()
+        broker.cleanup()
+    return {"steps": report_steps(args, steps, schedule, samples, lat, cpu_marks), "replicas": replicas}
+
+
+def report_steps(args: argparse.Namespace, steps: list[int], schedule: list[tuple[float, int]], samples: list[tuple[float, int, int, int]],
+                 lat: list[tuple[float, float]], cpu_marks: list[tuple[float, dict[str, float]]]) -> list[dict[str, Any]]:
+    out = []
+    for start, nodes in schedule:
+        lo, hi = start + min(args.interval, args.step_s / 2), start + args.step_s
+        window = [s for s in samples if lo <= s[0] <= hi]
+        if len(window) < 2:
+            continue
+        (t0, pub0, st0, _), (t1, pub1, st1, pend1) = window[0], window[-1]
+        values = [v for t, v in lat if lo <= t <= hi]
+        backlog0, backlog1 = pub0 - st0, pub1 - st1
+        offered = (pub1 - pub0) / (t1 - t0)
+        stored_rate = (st1 - st0) / (t1 - t0)
+        cpus = [c for c in cpu_marks if lo <= c[0] <= hi]
+        cpu = {}
+        if len(cpus) >= 2:
+            (ca, a), (cb, b) = cpus[0], cpus[-1]
+            cpu = {name: round((b[name] - a[name]) / (cb - ca), 2) for name in b}
+        p99 = percentile(values, 0.99)
+        growth = backlog1 - backlog0
+        lag = (p99 is not None and p99 >= 1.0) or growth > max(offered, 1.0)
+        out.append({
+            "nodes": nodes, "offered_msgs_per_s": round(offered, 1), "stored_msgs_per_s": round(stored_rate, 1),
+            "p50_s": round(percentile(values, 0.5) or 0, 4), "p99_s": round(p99 or 0, 4), "latencies": len(values),
+            "backlog_start": backlog0, "backlog_end": backlog1, "intake_pending_end": pend1, "lag": lag,
+            "cpu_cores": cpu,
+        })
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--db", choices=["sqlite", "postgresql"], default="sqlite", help="registry database (default: %(default)s)")
+    p.add_argument("--pg-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/test",
+                   help="PostgreSQL database for --db postgresql; the run uses fresh schemas in it (default: %(default)s)")
+    p.add_argument("--steps", default="10000,20000,40000,60000,80000,100000", help="nodes per step (default: %(default)s)")
+    p.add_argument("--step-s", type=float, default=30.0, help="seconds per step (default: %(default)s)")
+    p.add_argument("--interval", type=float, default=INTERVAL_S, help="heartbeat interval of every node (default: %(default)s)")
+    p.add_argument("--publishers", type=int, default=3, help="publisher processes (default: %(default)s)")
+    p.add_argument("--replicas", default="1", help="controller replica counts to run, comma-separated, e.g. 1,2 (default: %(default)s)")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    import sqlalchemy as sa
+
+    runs = []
+    for replicas in [int(r) for r in args.replicas.split(",")]:
+        schema = None
+        if args.db == "sqlite":
+            db_url = f"sqlite:///{tempfile.mkdtemp(prefix='bench-scale-db-')}/controller.db"
+        else:
+            schema = f"bench_{uuid.uuid4().hex[:10]}"
+            eng = sa.create_engine(args.pg_url, isolation_level="AUTOCOMMIT")
+            with eng.connect() as c:
+                c.execute(sa.text(f'create schema "{schema}"'))
+            sep = "&" if "?" in args.pg_url else "?"
+            db_url = f"{args.pg_url}{sep}options=-csearch_path%3D{schema}"
+        try:
+            print(f"--- {replicas} replica(s) on {args.db}: steps {args.steps} nodes, {args.step_s:.0f} s each", file=sys.stderr, flush=True)
+            run = run_ramp(args, replicas, db_url)
+        finally:
+            if schema:
+                with eng.connect() as c:
+                    c.execute(sa.text(f'drop schema if exists "{schema}" cascade'))
+                eng.dispose()
+        lag_at = next((s["nodes"] for s in run["steps"] if s["lag"]), None)
+        run["lag_starts_at_nodes"] = lag_at
+        runs.append(run)
+        print(f"{replicas} replica(s), {args.db}:")
+        print(f"  {'nodes':>7} {'offered/s':>9} {'stored/s':>9} {'p50 s':>7} {'p99 s':>7} {'backlog':>15}  cpu cores (controller / writer / mosquitto / publishers"
+              f"{' / postgres' if args.db == 'postgresql' else ''})")
+        for s in run["steps"]:
+            c = s["cpu_cores"]
+            print(f"  {s['nodes']:>7} {s['offered_msgs_per_s']:>9.0f} {s['stored_msgs_per_s']:>9.0f} {s['p50_s']:>7.3f} {s['p99_s']:>7.3f} "
+                  f"{s['backlog_start']:>7}->{s['backlog_end']:<7}  {' / '.join(f'{v:.2f}' for v in c.values())}{'  LAG' if s['lag'] else ''}")
+        print(f"  lag starts at: {lag_at if lag_at else 'no step lagged'}" + (" nodes" if lag_at else ""))
+    print(json.dumps({"db": args.db, "interval_s": args.interval, "step_s": args.step_s, "machine": f"{os.cpu_count()} cores {platform.machine()}",
+                      "load_avg_1m": round(os.getloadavg()[0], 2), "runs": runs}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
