@@ -5,8 +5,10 @@ A real Mosquitto, the real controller (its own process, with its registry writer
 sends a QoS 1 heartbeat every ``--interval`` seconds at its own phase, from a payload encoded once
 per node (only ``ts`` and ``seq`` are filled in per message), so the publishers cost little of the
 machine. The fleet ramps in steps (``--steps``, default 10k, 20k, 40k, 60k, 80k, 100k nodes) of
-``--step-s`` seconds each. Per step, over the part after the first heartbeat period of the step
-(the new nodes' first sight is warm-up), it reports the offered and stored rates, the
+``--step-s`` seconds each, after a warm-up in which every node of the largest step sends its first
+heartbeat and the controller creates it (first sight happens once in a fleet's life; it is not
+what a running fleet costs, see bench/ingest.py for its rate). Per step, over the part after the first heartbeat period of the step
+(the step's nodes settle into their phases), it reports the offered and stored rates, the
 receive-to-commit latency p50/p99 (from the controller receiving a message to its batch
 committing: the intake's own ``shopfleet_controller_ingest_latency_seconds`` observations, every
 one of them), the backlog (published minus stored: what waits in the broker and the intake) and
@@ -33,6 +35,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import platform
+import signal
 import sys
 import tempfile
 import time
@@ -83,7 +86,7 @@ def publisher(index: int, count: int, port: int, schedule: list[tuple[float, int
         templates[i] = (Topics.node(shop, node, "telemetry"),
                         proto.replace(b'"shop":"shop-000000"', f'"shop":"{shop}"'.encode()).replace(b'"node":"node-0"', f'"node":"{node}"'.encode()))
         slots[(i * 7919) % SLOTS].append(i)  # a prime stride: every prefix of the fleet spreads evenly over the slots
-    seqs = dict.fromkeys(mine, 0)
+    seqs = dict.fromkeys(mine, 1)  # seq 1 of every node was the warm-up
     c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"scale-pub-{index}-{uuid.uuid4().hex[:6]}")
     c.max_inflight_messages_set(2000)
     c.max_queued_messages_set(0)
@@ -116,12 +119,37 @@ def publisher(index: int, count: int, port: int, schedule: list[tuple[float, int
     c.loop_stop()
 
 
+def warm_up(port: int, nodes: int) -> None:
+    """Publish seq 1 of nodes ``0 .. nodes-1`` as fast as the broker takes them: the fleet's first sight, before the ramp."""
+    import paho.mqtt.client as paho
+
+    from edge_agent.protocol import Heartbeat, NodeFacts, Topics, encode
+
+    facts = NodeFacts(arch="arm64", cpu_count=4, cpu_load_1m=0.4, mem_total_bytes=4 << 30, mem_available_bytes=3 << 30,
+                      disk_total_bytes=32 << 30, disk_free_bytes=20 << 30)
+    c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"scale-warmup-{uuid.uuid4().hex[:6]}")
+    c.max_inflight_messages_set(2000)
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    last = None
+    for i in range(nodes):
+        shop, node = node_ids(i)
+        hb = Heartbeat(shop=shop, node=node, epoch=EPOCH, seq=1, interval_s=INTERVAL_S, facts=facts)
+        last = c.publish(Topics.node(shop, node, "telemetry"), encode(hb), qos=1)
+        if i % 2000 == 1999:
+            last.wait_for_publish(120)
+    if last is not None:
+        last.wait_for_publish(120)
+    c.disconnect()
+    c.loop_stop()
+
+
 # ----- the controller (child process) ----------------------------------------------------------------
 
 
 def controller(db_url: str, port: int, client_id: str, group: str | None, conn: multiprocessing.connection.Connection,
-               stop_at: float) -> None:
-    """Run one controller replica until ``stop_at``; send ``(t, stored, pending, [latencies])`` once a second."""
+               stop: Any) -> None:
+    """Run one controller replica until ``stop`` (an Event) is set; send ``(t, stored, pending, [latencies])`` once a second."""
     logging.basicConfig(level=logging.WARNING)
     from fleet_controller.service import ControllerService
     from fleet_controller.settings import load_settings
@@ -145,7 +173,7 @@ def controller(db_url: str, port: int, client_id: str, group: str | None, conn: 
         await svc.start()
         conn.send(("ready", os.getpid()))
         try:
-            while time.time() < stop_at:
+            while not stop.is_set():
                 await asyncio.sleep(1.0)
                 batch, seen[:] = list(seen), []
                 conn.send((time.time(), svc.intake.stored_total, len(svc.intake._pending), batch))
@@ -204,13 +232,24 @@ def run_ramp(args: argparse.Namespace, replicas: int, db_url: str) -> dict[str, 
     broker = BrokerProcess(workdir=work / "broker").start()
     ctx = multiprocessing.get_context("spawn")
     group = "scale" if replicas > 1 else None
-    t_start = time.time() + 8.0  # the controllers' start-up (writer children import for a second or two)
-    stop_at = t_start + len(steps) * args.step_s
+    stop = ctx.Event()
     pipes, ctl_procs = [], []
+    stored = [0] * replicas
+    pending = [0] * replicas
+    lat: list[tuple[float, float]] = []  # (t, latency)
+
+    def poll() -> None:
+        for r, conn in enumerate(pipes):
+            while conn.poll(0.05):
+                msg = conn.recv()
+                if isinstance(msg[0], float):
+                    t, stored[r], pending[r], got = msg
+                    lat.extend((t, v) for v in got)
+
     try:
         for r in range(replicas):
             parent_end, child_end = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=controller, args=(db_url, broker.port, f"scale-controller-{r}", group, child_end, stop_at + 2))
+            p = ctx.Process(target=controller, args=(db_url, broker.port, f"scale-controller-{r}", group, child_end, stop))
             p.start()
             pipes.append(parent_end)
             ctl_procs.append(p)
@@ -219,6 +258,18 @@ def run_ramp(args: argparse.Namespace, replicas: int, db_url: str) -> dict[str, 
             if not conn.poll(60):
                 raise RuntimeError("a controller did not start within 60 s")
             pids.append(conn.recv()[1])
+        # First sight of the whole fleet (creating its shops and nodes) happens once in a fleet's life: not measured.
+        top = max(steps)
+        t_warm = time.time()
+        warm = ctx.Process(target=warm_up, args=(broker.port, top), daemon=True)
+        warm.start()
+        while sum(stored) < top and time.time() - t_warm < args.warmup_timeout:
+            poll()
+        warm.join(10)
+        print(f"  warm-up: first sight of {sum(stored)}/{top} nodes in {time.time() - t_warm:.0f} s", file=sys.stderr, flush=True)
+        lat.clear()
+        t_start = time.time() + 1.0
+        stop_at = t_start + len(steps) * args.step_s
         schedule = [(t_start + k * args.step_s, n) for k, n in enumerate(steps)]
         counters = [ctx.Value("q", 0) for _ in range(args.publishers)]
         pubs = [ctx.Process(target=publisher, args=(k, args.publishers, broker.port, schedule, args.interval, stop_at, counters[k]), daemon=True)
@@ -235,25 +286,19 @@ def run_ramp(args: argparse.Namespace, replicas: int, db_url: str) -> dict[str, 
         if db_url.startswith("postgresql"):
             procs["postgres"] = postgres_processes()
         samples: list[tuple[float, int, int, int]] = []  # t, published, stored, pending
-        lat: list[tuple[float, float]] = []  # (t, latency)
-        stored = [0] * replicas
-        pending = [0] * replicas
+        base = sum(stored)  # the warm-up's messages
         cpu_marks: list[tuple[float, dict[str, float]]] = []
         next_cpu = time.time()
         while time.time() < stop_at:
-            for r, conn in enumerate(pipes):
-                while conn.poll(0.05):
-                    msg = conn.recv()
-                    if isinstance(msg[0], float):
-                        t, stored[r], pending[r], got = msg
-                        lat += [(t, v) for v in got]
+            poll()
             now = time.time()
-            samples.append((now, sum(c.value for c in counters), sum(stored), sum(pending)))
+            samples.append((now, sum(c.value for c in counters), sum(stored) - base, sum(pending)))
             if now >= next_cpu:
                 cpu_marks.append((now, cpu_of(procs)))
                 next_cpu = now + 1.0
         for p in pubs:
             p.join(10)
+        stop.set()
         for conn in pipes:
             deadline = time.time() + 30
             while time.time() < deadline and conn.poll(deadline - time.time()):
@@ -263,7 +308,9 @@ def run_ramp(args: argparse.Namespace, replicas: int, db_url: str) -> dict[str, 
         for p in ctl_procs:
             p.join(10)
     finally:
+        stop.set()
         for p in ctl_procs:
+            p.join(15)
             if p.is_alive():
                 p.kill()
         broker.cleanup()
@@ -309,9 +356,11 @@ def main() -> int:
     p.add_argument("--step-s", type=float, default=30.0, help="seconds per step (default: %(default)s)")
     p.add_argument("--interval", type=float, default=INTERVAL_S, help="heartbeat interval of every node (default: %(default)s)")
     p.add_argument("--publishers", type=int, default=3, help="publisher processes (default: %(default)s)")
+    p.add_argument("--warmup-timeout", type=float, default=300, help="longest wait for the fleet's first sight (default: %(default)s)")
     p.add_argument("--replicas", default="1", help="controller replica counts to run, comma-separated, e.g. 1,2 (default: %(default)s)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))  # stop the broker and drop the schema on the way out
     import sqlalchemy as sa
 
     runs = []
