@@ -345,6 +345,7 @@ def build_service(
     from fleet_controller import alerts, rollout
     from fleet_controller.alerts.rules import load_rules
     from fleet_controller.rollout.signing import load_private_key
+    from fleet_controller.web import reviews
     from fleet_controller.web.dashboard.setup import attach
 
     rules = load_rules(settings.alert_rules)
@@ -355,6 +356,7 @@ def build_service(
            announce=announce)
     alerts.install(service, rules, dashboard_url=settings.dashboard.url)
     rollout.install(service, settings.rollout)
+    reviews.install(service)
     return service
 
 

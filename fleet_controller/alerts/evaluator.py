@@ -55,12 +55,22 @@ class NodeRaised:
 
 
 @dataclass(frozen=True)
+class ShopCarts:
+    """A shop's carts in the review-rate window: how many, and the share sent to review."""
+
+    shop: str
+    carts: int
+    review_rate: float
+
+
+@dataclass(frozen=True)
 class FleetSnapshot:
     """Everything the rules look at, read from the registry in one go."""
 
     nodes: tuple[NodeSnapshot, ...] = ()
     readings: tuple[ReadingSnapshot, ...] = ()
     node_alerts: tuple[NodeRaised, ...] = ()
+    carts: tuple[ShopCarts, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -162,6 +172,14 @@ def evaluate(snapshot: FleetSnapshot, rules: AlertRules, now: float, active: fro
             if held:
                 firing.append(Firing(key, "fridge_warm", rd.shop, rd.node, rd.source, f.severity,
                                      f"{rd.source} at {rd.value:.1f} °C (> {f.max_c:g} °C)", rd.value))
+
+    cr = rules.cart_review_rate_high
+    if cr.enabled:
+        for sc in snapshot.carts:
+            if sc.carts >= cr.min_carts and sc.review_rate > cr.max_rate:
+                firing.append(Firing(alert_key("cart_review_rate_high", sc.shop), "cart_review_rate_high", sc.shop, "", "",
+                                     cr.severity, f"{sc.review_rate:.0%} of {sc.carts} carts of {sc.shop} went to review "
+                                     f"(> {cr.max_rate:.0%})", sc.review_rate))
 
     if rules.node_alerts.enabled:
         for a in snapshot.node_alerts:

@@ -72,6 +72,19 @@ class ClockSkew(_Rule):
     severity: Severity = Field("warning", description="Severity of the alert.")
 
 
+class CartReviewRateHigh(_Rule):
+    """A shop whose fusion sends more than ``max_rate`` of its carts to review (over ``window_s``).
+
+    Reviews cost staff time, and a rising rate is the first sign of a camera or a shelf board
+    going bad (or of a release that made fusion worse), before anyone checks a receipt.
+    """
+
+    max_rate: float = Field(0.15, gt=0, le=1, description="Share of carts sent to review above which to alert.")
+    window_s: float = Field(3600, gt=0, description="Carts received in this window count; shorter reacts sooner but is noisier.")
+    min_carts: int = Field(20, ge=1, description="Fewer carts than this in the window never alert (a quiet shop's rate means little).")
+    severity: Severity = Field("warning", description="Severity of the alert.")
+
+
 class NodeAlerts(_Rule):
     """Alerts the nodes raise themselves (protocol ``Alert`` messages), shown like the others."""
 
@@ -103,6 +116,7 @@ class AlertRules(BaseModel):
     fridge_warm: FridgeWarm = Field(default_factory=FridgeWarm, description="Fridge temperature rule.")
     disk_low: DiskLow = Field(default_factory=DiskLow, description="Disk space rule.")
     clock_skew: ClockSkew = Field(default_factory=ClockSkew, description="Clock skew rule.")
+    cart_review_rate_high: CartReviewRateHigh = Field(default_factory=CartReviewRateHigh, description="Cart review rate rule.")
     node_alerts: NodeAlerts = Field(default_factory=NodeAlerts, description="Pass through alerts raised by nodes.")
     webhook: Webhook = Field(default_factory=Webhook, description="Webhook receiver.")
 

@@ -25,18 +25,20 @@ from fleet_controller.alerts.evaluator import (
     NodeRaised,
     NodeSnapshot,
     ReadingSnapshot,
+    ShopCarts,
     evaluate,
 )
 from fleet_controller.alerts.metrics import AlertMetrics
 from fleet_controller.alerts.rules import AlertRules
 from fleet_controller.alerts.store import Changes
+from fleet_controller.registry.carts import CartStore, review_rates
 from fleet_controller.registry.read import RegistryReader
 
 log = logging.getLogger(__name__)
 
 
 def load_snapshot(reader: RegistryReader, reading_names: tuple[str, ...], raised: dict[tuple[str, str, str, str], NodeRaised],
-                  after_event_id: int) -> tuple[FleetSnapshot, int]:
+                  after_event_id: int, cart_window_s: float | None = None, now: float | None = None) -> tuple[FleetSnapshot, int]:
     """Read nodes and the readings the rules use; fold node-raised alerts newer than ``after_event_id`` into ``raised``.
 
     Node alerts are read incrementally (by event id, on the primary key), so the events table,
@@ -51,7 +53,10 @@ def load_snapshot(reader: RegistryReader, reading_names: tuple[str, ...], raised
     for e in reader.node_alerts_after(after_event_id):
         raised[(e.shop, e.node, e.type, e.source)] = NodeRaised(e.shop, e.node, e.type, e.source, e.state, e.severity, e.message)
         after_event_id = e.id
-    return FleetSnapshot(nodes, readings, tuple(raised.values())), after_event_id
+    carts: tuple[ShopCarts, ...] = ()
+    if cart_window_s is not None:
+        carts = tuple(ShopCarts(*r) for r in review_rates(CartStore(reader.engine), time.time() if now is None else now, cart_window_s))
+    return FleetSnapshot(nodes, readings, tuple(raised.values()), carts), after_event_id
 
 
 class AlertWorker:
@@ -78,7 +83,8 @@ class AlertWorker:
         started = time.perf_counter()
         now = self.clock()
         snapshot, self._after_event_id = load_snapshot(
-            self.reader, (self.rules.fridge_warm.reading,), self._raised, self._after_event_id)
+            self.reader, (self.rules.fridge_warm.reading,), self._raised, self._after_event_id,
+            self.rules.cart_review_rate_high.window_s if self.rules.cart_review_rate_high.enabled else None, now)
         result = evaluate(snapshot, self.rules, now, store.active_keys(self.engine), self._pending)
         changes = store.sync(self.engine, result.firing, now)
         self._pending = result.pending

@@ -44,10 +44,11 @@ from typing import Any
 
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from edge_agent.protocol import Presence, ProtocolError, parse_message
+from edge_agent.protocol import Event, Presence, ProtocolError, parse_message
 from fleet_controller.intake.mqtt import InboundMessage
 from fleet_controller.metrics import ControllerMetrics
 from fleet_controller.registry.bus import BusEvent
+from fleet_controller.registry.carts import CART_EVENT_TYPES, CartStore
 from fleet_controller.registry.db import create_engine
 from fleet_controller.registry.store import (
     NodeKey,
@@ -201,6 +202,7 @@ class IntakeCore:
         self.registry = registry
         self._cursors: dict[NodeKey, SeqCursor] = {}
         self._rlog = RateLimitedLog(log, log_every_s)
+        self._carts = CartStore(registry.engine)
 
     def process_batch(self, batch: Sequence[RawMessage | InboundMessage], now: float | None = None) -> BatchOutcome:
         """Parse, dedupe and store one batch; fall back to one by one on a bad row.
@@ -268,7 +270,16 @@ class IntakeCore:
             wb.uplinks.append((msg, received))
             kinds[msg.kind] += 1
         wb.nodes = {key: NodeUpdate(cursors[key], *c) for key, c in counts.items()}
-        events = self.registry.write_batch(wb, now)
+        # Carts first, in their own transaction: idempotent on cart_id, so a batch retried after
+        # a failed write_batch stores each cart once (fleet_controller.registry.carts).
+        cart_events = [(m.shop, m.node, m.type, m.data) for m, _ in wb.uplinks if isinstance(m, Event) and m.type in CART_EVENT_TYPES]
+        cart_bus: list[BusEvent] = []
+        if cart_events:
+            cart_bus, bad = self._carts.ingest(cart_events, now)
+            for err in bad:
+                reasons["bad_cart"] += 1
+                self._rlog.warning("bad_cart", "a cart event is not a valid cart (kept as a plain event): %s", err[:500])
+        events = self.registry.write_batch(wb, now) + cart_bus
         # Committed: only now does the in-memory cursor move on.
         self._cursors.update(cursors)
         return BatchOutcome(
