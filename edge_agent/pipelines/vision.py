@@ -271,7 +271,7 @@ class TrackPublisher:
         if ts - self._last < self.cfg.interval_s:
             return
         self._last = ts
-        pts = anchor_points(tracks.xyxy, self.anchor) if len(tracks) else []
+        pts: Any = anchor_points(tracks.xyxy, self.anchor) if len(tracks) else []
         ox, oy = self.cfg.origin_px
         s = self.cfg.px_per_m
         body = {"camera": self.camera, "ts": round(ts, 3),
