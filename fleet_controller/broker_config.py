@@ -256,6 +256,20 @@ def render_acl(
     return "\n".join(out)
 
 
+LOCAL_ROOT = "local/v1"
+"""Shop-local topics (fusion's track stream): outside ``fleet/v1``, so :func:`bridge_topics`, an
+explicit list of ``fleet/v1`` topics, never forwards them to the central broker."""
+
+
+def shop_local_acl(shop: str) -> list[str]:
+    """Return the extra ACL lines a node user has on its shop broker only: the shop-local track
+    stream (write and read) and the shop's events (read), which a fusion pipeline joins."""
+    return [
+        f"topic readwrite {LOCAL_ROOT}/{shop}/tracks/+",
+        f"topic read {Topics.root}/{shop}/+/{Channel.EVENTS.value}",
+    ]
+
+
 def render_shop_acl(shop: str, nodes: Sequence[str]) -> str:
     """Return the ACL of a shop broker: the shop's node users only, each as at the central broker."""
     out = [
@@ -263,7 +277,7 @@ def render_shop_acl(shop: str, nodes: Sequence[str]) -> str:
         "# central broker, enforced at the edge, because the bridge carries the shop's traffic as one user.",
     ]
     for node in nodes:
-        out += [*node_acl(shop, node), ""]
+        out += [*node_acl(shop, node), *shop_local_acl(shop), ""]
     return "\n".join(out)
 
 
@@ -339,7 +353,11 @@ def render_central_conf(
 
 
 def bridge_topics(shop: str, nodes: Sequence[str]) -> list[str]:
-    """Return the bridge's ``topic`` lines: the shop's nodes' uplink out, their downlink in, nothing else."""
+    """Return the bridge's ``topic`` lines: the shop's nodes' uplink out, their downlink in, nothing else.
+
+    An explicit list, never a wildcard over the shop: shop-local topics (``local/v1/...``, the
+    high-rate track stream fusion reads) must stay in the shop.
+    """
     lines = []
     for node in nodes:
         lines += [f"topic {t} out 1" for t in _node_writes(shop, node)]

@@ -99,6 +99,12 @@ def to_messages(inputs: list, base: float) -> list[tuple[str, bytes]]:
 
 
 def test_the_track_topic_is_never_bridged():
+    from edge_agent.pipelines import fusion as pipeline_module
+    from fleet_controller import broker_config
+
+    assert broker_config.LOCAL_ROOT == pipeline_module.LOCAL_ROOT
+    acl = broker_config.render_shop_acl(SHOP, ["gpu-1"])
+    assert f"topic readwrite local/v1/{SHOP}/tracks/+" in acl and f"topic read fleet/v1/{SHOP}/+/events" in acl
     lines = bridge_topics(SHOP, ["gpu-1", "pi-1"])
     assert all(line.split()[1].startswith("fleet/v1/") for line in lines)
     assert not any(track_topic(SHOP, "ceiling").startswith(line.split()[1].rstrip("#")) for line in lines)
