@@ -56,7 +56,7 @@ LOCAL_ROOT = "local/v1"
 """Root of the shop-local topics: never under ``fleet/v1``, so never bridged to the central broker."""
 
 GATE_METRICS = {
-    "cart_review_rate": "carts sent to review / carts closed, over review_window_s (reported once a cart has closed)",
+    "cart_review_rate": "carts sent to review / carts closed, over review_window_s (reported once min_carts closed in it)",
 }
 """Gate metrics this pipeline reports (name -> meaning); docs/agent.md lists them for policies."""
 
@@ -97,6 +97,9 @@ class Config(PipelineConfigBase):
     )
     review_window_s: float = Field(3600.0, gt=0, description="Window of cart_review_rate. Shorter reacts sooner to a bad release; longer is steadier.")
     gate_interval_s: float = Field(5.0, gt=0, le=3600, description="Report cart_review_rate this often.")
+    min_carts: int = Field(
+        10, ge=1, description="Report cart_review_rate only once this many carts closed in the window: a rate over two carts would fail a rollout gate by chance."
+    )
     fusion: dict[str, Any] = Field(default_factory=dict, description="FusionConfig keys (docs/fusion.md 'Configuration'), e.g. confidence_bar.")
 
 
@@ -270,17 +273,17 @@ class FusionPipeline:
             self._closed.append((self.clock(), review))
 
     def review_rate(self) -> float | None:
-        """Return carts sent to review / carts closed over the window (None before the first cart)."""
+        """Return carts sent to review / carts closed over the window (None until ``min_carts`` closed in it)."""
         with self._lock:
             cutoff = self.clock() - self.config.review_window_s
             while self._closed and self._closed[0][0] < cutoff:
                 self._closed.popleft()
-            if not self._closed:
+            if len(self._closed) < self.config.min_carts:
                 return None
             return sum(r for _, r in self._closed) / len(self._closed)
 
     def report_gates(self, sink: EventSink) -> None:
-        """Report :data:`GATE_METRICS` through ``sink`` (nothing until a cart has closed)."""
+        """Report :data:`GATE_METRICS` through ``sink`` (nothing until ``min_carts`` carts closed)."""
         rate = self.review_rate()
         if rate is not None:
             sink.gate_metric("cart_review_rate", rate, "higher")
