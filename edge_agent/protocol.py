@@ -109,6 +109,7 @@ class Channel(StrEnum):
     EVENTS = "events"  # node -> controller: shop events and node alerts
     COMMANDS = "commands"  # controller -> node: commands with correlation id and expiry
     REPLIES = "replies"  # node -> controller: command results
+    STATE = "state"  # node -> controller, retained: the node's own reported state (ReportedState)
 
 
 class Topics:
@@ -127,9 +128,15 @@ class Topics:
         return f"{TOPIC_ROOT}/{validate_id(shop, 'shop id')}/state/desired"
 
     @staticmethod
-    def reported(shop: str) -> str:
-        """Return the retained reported-state topic of a shop (shop -> controller)."""
-        return f"{TOPIC_ROOT}/{validate_id(shop, 'shop id')}/state/reported"
+    def reported(shop: str, node: str) -> str:
+        """Return the retained reported-state topic of one node, ``fleet/v1/{shop}/{node}/state``.
+
+        Per node, not per shop: the broker's ACL lets a node write only its own, so one node can
+        never speak for another, and the controller decides a shop's state from the one node the
+        shop declares as its applier. (The shop-wide ``fleet/v1/{shop}/state/reported`` of older
+        versions is refused.)
+        """
+        return Topics.node(shop, node, Channel.STATE)
 
     controller_presence = f"{TOPIC_ROOT}/{CONTROLLER_SEGMENT}/presence"
     """Retained presence of the controller (online/offline with its instance id)."""
@@ -142,7 +149,7 @@ class Topics:
         f"{TOPIC_ROOT}/+/+/{Channel.TELEMETRY.value}",
         f"{TOPIC_ROOT}/+/+/{Channel.EVENTS.value}",
         f"{TOPIC_ROOT}/+/+/{Channel.REPLIES.value}",
-        f"{TOPIC_ROOT}/+/state/reported",
+        f"{TOPIC_ROOT}/+/+/{Channel.STATE.value}",
     )
 
     @staticmethod
@@ -162,7 +169,7 @@ class TopicInfo(BaseModel):
     model_config = ConfigDict(frozen=True)
     shop: str | None
     node: str | None
-    leaf: str  # a Channel value, "state/desired", "state/reported", or a controller leaf
+    leaf: str  # a Channel value, "state/desired", or a controller leaf
 
 
 def parse_topic(topic: str) -> TopicInfo:
@@ -177,8 +184,8 @@ def parse_topic(topic: str) -> TopicInfo:
     shop = parts[2]
     if not _ID_RE.match(shop):
         raise ProtocolError("bad_topic", f"invalid shop id {shop!r} in topic {topic!r}")
-    if len(parts) == 5 and parts[3] == "state" and parts[4] in ("desired", "reported"):
-        return TopicInfo(shop=shop, node=None, leaf=f"state/{parts[4]}")
+    if len(parts) == 5 and parts[3] == "state" and parts[4] == "desired":
+        return TopicInfo(shop=shop, node=None, leaf="state/desired")
     if len(parts) == 5:
         node, leaf = parts[3], parts[4]
         if not _ID_RE.match(node):
@@ -358,7 +365,11 @@ class ObjectStatus(BaseModel):
 
 
 class ReportedState(Uplink):
-    """What a shop runs: the revision it applied (or refused) and per-object status. Retained."""
+    """What a node applied (or refused) of its shop's desired state, and per-object status.
+
+    Sent retained on the node's own ``state`` topic (:meth:`Topics.reported`); its ``node`` must
+    be the topic's. Only the shop's declared applier node's report counts for the shop.
+    """
 
     kind: Literal["reported_state"] = "reported_state"
     release: str | None = None
@@ -455,7 +466,7 @@ _LEAF_KINDS: dict[str, tuple[str, ...]] = {
     Channel.TELEMETRY.value: ("heartbeat", "telemetry"),
     Channel.EVENTS.value: ("event", "alert"),
     Channel.REPLIES.value: ("command_result",),
-    "state/reported": ("reported_state",),
+    Channel.STATE.value: ("reported_state",),
 }
 
 

@@ -96,6 +96,7 @@ def mqtt_config(settings: ControllerSettings) -> MqttConfig:
         host=b.host, port=b.port, client_id=b.client_id, subscriptions=tuple(Topics.controller_subscriptions),
         username=b.username, password=b.password, keepalive_s=b.keepalive_s, protocol=b.protocol,
         shared_group=b.shared_group, tls=b.tls, tls_ca_file=str(b.tls_ca_file) if b.tls_ca_file else None,
+        tls_cert_file=str(b.tls_cert_file) if b.tls_cert_file else None, tls_key_file=str(b.tls_key_file) if b.tls_key_file else None,
         will=Will(Topics.controller_presence, encode(will), qos=1, retain=True),
     )
 
@@ -173,8 +174,9 @@ class ControllerService:
 
     @property
     def api_url(self) -> str:
-        """Return ``http://host:port`` of the API."""
-        return f"http://{self.settings.api.host}:{self.api_port}"
+        """Return ``http(s)://host:port`` of the API (https when api.tls_cert_file is set)."""
+        scheme = "https" if self.settings.api.tls_cert_file is not None else "http"
+        return f"{scheme}://{self.settings.api.host}:{self.api_port}"
 
     async def start(self, *, connect_timeout: float | None = None) -> None:
         """Migrate the database, start the API, connect to the broker, start every task; raise ``ConnectRefused``/``ConnectFailed`` if the broker refuses or stays unreachable."""
@@ -200,7 +202,8 @@ class ControllerService:
         self._sock.bind((self.settings.api.host, self.settings.api.port))
         self._sock.listen(128)
         self._sock.setblocking(False)
-        self._server = _QuietServer(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False))
+        self._server = _QuietServer(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False,
+                                                   **self.settings.api.uvicorn_options()))
         self._server_task = asyncio.create_task(self._server.serve(sockets=[self._sock]), name="api")
         self._started = True
         self._tasks += [

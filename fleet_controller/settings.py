@@ -13,6 +13,7 @@ levels), e.g. ``SHOPFLEET_CONTROLLER_BROKER__PASSWORD``; top-level keys drop the
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import uuid
@@ -47,7 +48,9 @@ class BrokerSettings(_Section):
         min_length=1,
         max_length=64,
         description="Stable client id: the broker keeps the persistent session (queued QoS 1 messages) under it, "
-        "so it must stay the same across restarts and differ between controller replicas.",
+        "so it must stay the same across restarts and differ between controller replicas. A broker written by "
+        "'shopfleet broker-config' replaces it with the username (use_username_as_clientid), so each replica "
+        "needs its own username there.",
     )
     connect_timeout_s: float = Field(
         30.0, gt=0, description="How long start-up waits for the first connection before giving up with an error."
@@ -55,6 +58,10 @@ class BrokerSettings(_Section):
     keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive; lower notices a dead link sooner but costs more pings.")
     tls: bool = Field(False, description="Connect with TLS.")
     tls_ca_file: Path | None = Field(None, description="CA bundle to verify the broker with (system CAs when unset).")
+    tls_cert_file: Path | None = Field(
+        None, description="Client certificate (PEM) for a broker listener with require_certificate, e.g. one issued by 'shopfleet pki issue controller NAME'."
+    )
+    tls_key_file: Path | None = Field(None, description="Private key (PEM) of tls_cert_file.")
     protocol: Literal["3.1.1", "5"] = Field("3.1.1", description="MQTT version; '5' is needed for shared_group.")
     shared_group: str | None = Field(
         None,
@@ -73,6 +80,10 @@ class BrokerSettings(_Section):
     def _shared_needs_v5(self) -> BrokerSettings:
         if self.shared_group and self.protocol != "5":
             raise ValueError("shared_group needs protocol: '5' (shared subscriptions are an MQTT 5 feature)")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together: set both (a client certificate and its key), or neither")
+        if self.tls_cert_file is not None and not self.tls:
+            raise ValueError("tls_cert_file is set but tls is false: set tls: true to connect to the TLS listener")
         return self
 
 
@@ -81,6 +92,48 @@ class ApiSettings(_Section):
 
     host: str = Field("127.0.0.1", description="Bind address; 0.0.0.0 to serve other machines.")
     port: int = Field(8080, ge=0, le=65535, description="TCP port; 0 picks a free one (tests, demo).")
+    tls_cert_file: Path | None = Field(
+        None, description="PEM certificate (chain) of the API; with tls_key_file the API serves HTTPS only. Needed for "
+        "node enrollment, which sends credentials (e.g. 'shopfleet pki issue server NAME').",
+    )
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file (mode 0600).")
+    trusted_proxies: tuple[str, ...] = Field(
+        (),
+        description="Addresses or CIDRs of reverse proxies whose X-Forwarded-For (and -Proto) the API believes. Empty "
+        "(default): the header is ignored and the client address is the TCP peer, so nobody can pick the address "
+        "login throttling counts against. List only your own proxies.",
+    )
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _cidrs(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for item in v:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"api.trusted_proxies entry {item!r} is not an address or CIDR (e.g. 10.0.0.5 or 10.0.0.0/24)") from None
+        return v
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ApiSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("api.tls_cert_file and api.tls_key_file go together: set both for HTTPS, or neither")
+        return self
+
+    def uvicorn_options(self) -> dict[str, Any]:
+        """Return the uvicorn.Config options for TLS and proxy headers.
+
+        uvicorn trusts X-Forwarded-For from 127.0.0.1 by default, so anything on the controller
+        host could pick the address login throttling counts; here proxy headers are off unless
+        trusted_proxies names the proxies.
+        """
+        opts: dict[str, Any] = {"proxy_headers": bool(self.trusted_proxies)}
+        if self.trusted_proxies:
+            opts["forwarded_allow_ips"] = ",".join(self.trusted_proxies)
+        if self.tls_cert_file is not None and self.tls_key_file is not None:
+            opts["ssl_certfile"] = str(self.tls_cert_file)
+            opts["ssl_keyfile"] = str(self.tls_key_file)
+        return opts
 
 
 class PresenceSettings(_Section):

@@ -9,6 +9,7 @@ PKGS=(
   simavr libsimavr-dev libsimavrparts1 libelf-dev pkg-config  # run it under emulation
   opencv-doc                     # vtest.avi, a real video of walking people
   socat                          # serial plumbing for manual experiments
+  prometheus                     # promtool: checks the alerting rules in manifests/monitoring
 )
 missing=()
 for p in "${PKGS[@]}"; do

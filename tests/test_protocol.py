@@ -34,7 +34,7 @@ def test_round_trip_every_uplink_kind():
     ]
     topics = ["telemetry", "telemetry", "events", "events", "replies"]
     for msg, leaf in zip(msgs, [*topics, None], strict=False):
-        topic = p.Topics.node("box-1", "pi-1", leaf) if leaf else p.Topics.reported("box-1")
+        topic = p.Topics.node("box-1", "pi-1", leaf) if leaf else p.Topics.reported("box-1", "pi-1")
         assert p.parse_message(topic, p.encode(msg)) == msg
 
 
@@ -104,7 +104,7 @@ def test_topic_builders_validate_ids():
 
 
 @settings(max_examples=300, deadline=None)
-@given(topic=st.sampled_from([p.Topics.node("s", "n", c) for c in p.Channel] + [p.Topics.reported("s"), "x/y"]),
+@given(topic=st.sampled_from([p.Topics.node("s", "n", c) for c in p.Channel] + ["fleet/v1/s/state/reported", "x/y"]),
        payload=st.binary(max_size=2048))
 def test_any_bytes_parse_or_raise_protocol_error(topic, payload):
     try:

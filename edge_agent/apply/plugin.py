@@ -99,7 +99,7 @@ def attach(
         metrics=ApplyMetrics(agent.registry), ready_timeout_s=config.ready_timeout_s, poll_interval_s=config.poll_interval_s,
         retry_deadline_s=config.retry_deadline_s, retry_min_s=config.retry_min_s, retry_max_s=config.retry_max_s, self_ref=config.self_ref,
     )
-    agent.register_desired_state_handler(handler.handle)
+    agent.register_desired_state_handler(handler.handle, observe=handler.observe)
     if config.drift_interval_s > 0:
         threading.Thread(
             target=handler.run_reconciler, args=(stop or threading.Event(), config.drift_interval_s), name="apply-reconciler", daemon=True

@@ -316,8 +316,8 @@ def _run_on_writer(key: str, op: str, *args: Any) -> Any:
         if op == "retention":
             return core.registry.enforce_retention(*args)
         if op == "register_shop":
-            shop, name, region, labels, timezone = args
-            return core.registry.register_shop(shop, name=name, region=region, labels=labels, timezone=timezone)
+            shop, name, region, labels, timezone, applier = args
+            return core.registry.register_shop(shop, name=name, region=region, labels=labels, timezone=timezone, applier=applier)
         if op == "ping":
             return os.getpid()
         if op == "close":
@@ -371,10 +371,10 @@ class RegistryWriter:
 
     async def register_shop(
         self, shop: str, *, name: str | None = None, region: str | None = None,
-        labels: dict[str, str] | None = None, timezone: str | None = None,
+        labels: dict[str, str] | None = None, timezone: str | None = None, applier: str | None = None,
     ) -> None:
-        """Create a shop or update its name, region, labels and time zone, on the writer (in order with the intake)."""
-        await self.call("register_shop", shop, name, region, labels, timezone)
+        """Create a shop or update its name, region, labels, time zone and applier node, on the writer (in order with the intake)."""
+        await self.call("register_shop", shop, name, region, labels, timezone, applier)
 
     def close(self) -> None:
         """Stop the writer after the work already submitted."""

@@ -40,6 +40,9 @@ class Shop(Base):
     labels: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     timezone: Mapped[str] = mapped_column(String(64), default="UTC")
     created_at: Mapped[float] = mapped_column(Float)
+    # The node whose reported state decides the shop's rollouts (``register_shop(applier=...)``;
+    # if never declared, the first node to report, trust on first use). Added by 0004_trust.
+    applier: Mapped[str | None] = mapped_column(String(63), nullable=True)
 
 
 class Node(Base):
@@ -144,11 +147,15 @@ class CommandResultRecord(Base):
 
 
 class ReportedStateRecord(Base):
-    """The latest state a shop reported for its desired state (one row per shop)."""
+    """The latest state each node reported about its shop's desired state (one row per node).
 
-    __tablename__ = "reported_states"
+    Only the row of the shop's ``applier`` counts for the shop (:meth:`RegistryReader.reported_states`).
+    Replaced the per-shop ``reported_states`` table in 0004_trust.
+    """
+
+    __tablename__ = "node_reported_states"
     shop_id: Mapped[str] = mapped_column(String(63), primary_key=True)
-    node_id: Mapped[str] = mapped_column(String(63))
+    node_id: Mapped[str] = mapped_column(String(63), primary_key=True)
     release: Mapped[str | None] = mapped_column(Text, nullable=True)
     revision: Mapped[int] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String(16))

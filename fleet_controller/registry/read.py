@@ -131,6 +131,8 @@ class ShopInfo(_View):
     labels: dict[str, str]
     timezone: str
     created_at: float
+    applier: str | None = None
+    """The node whose reported state decides the shop's rollouts (None: none declared or reported yet)."""
 
 
 class ShopSummary(ShopInfo):
@@ -160,7 +162,7 @@ class FleetReading(ReadingView):
 
 
 class ReportedStateView(_View):
-    """The latest state the shop reported for its desired state."""
+    """The latest state a node reported for its shop's desired state (for a shop: its applier's)."""
 
     node: str
     release: str | None
@@ -178,6 +180,9 @@ class ShopDetail(ShopInfo):
     nodes: list[NodeSummary]
     readings: list[ReadingView]
     reported_state: ReportedStateView | None
+    """The applier's report: the one that decides rollouts."""
+    node_reports: list[ReportedStateView] = []
+    """Every node's latest report, the applier's included (others are shown, never trusted)."""
 
 
 class EventView(_View):
@@ -236,7 +241,8 @@ class FleetTotals(_View):
 
 
 def _shop_info(r: Row[Any]) -> ShopInfo:
-    return ShopInfo(id=r.id, name=r.name, region=r.region, labels=r.labels or {}, timezone=r.timezone, created_at=r.created_at)
+    return ShopInfo(id=r.id, name=r.name, region=r.region, labels=r.labels or {}, timezone=r.timezone, created_at=r.created_at,
+                    applier=r.applier)
 
 
 def _node_fields(r: Row[Any]) -> dict[str, Any]:
@@ -340,9 +346,9 @@ class RegistryReader:
                     select(READINGS).where(READINGS.c.shop_id == shop).order_by(READINGS.c.node_id, READINGS.c.source, READINGS.c.name)
                 )
             ]
-            rep = conn.execute(select(REPORTED).where(REPORTED.c.shop_id == shop)).first()
-        return ShopDetail(**_shop_info(r).model_dump(), nodes=nodes, readings=readings,
-                          reported_state=None if rep is None else _reported(rep))
+            reports = [_reported(x) for x in conn.execute(select(REPORTED).where(REPORTED.c.shop_id == shop).order_by(REPORTED.c.node_id))]
+        applied = next((x for x in reports if r.applier is not None and x.node == r.applier), None)
+        return ShopDetail(**_shop_info(r).model_dump(), nodes=nodes, readings=readings, reported_state=applied, node_reports=reports)
 
     # ----- nodes --------------------------------------------------------------------------------
 
@@ -453,19 +459,25 @@ class RegistryReader:
             ).all()
         return {shop: float(v) for shop, v in rows}
 
+    def _applier_reports(self) -> Any:
+        """Return a select of the reports of each shop's applier only: what decides rollouts."""
+        return select(REPORTED).join(SHOPS, (SHOPS.c.id == REPORTED.c.shop_id) & (SHOPS.c.applier == REPORTED.c.node_id))
+
     def reported_states(self, shops: Collection[str] | None = None) -> dict[str, ReportedStateView]:
-        """Return each shop's latest reported state (of ``shops`` when given)."""
+        """Return each shop's latest reported state (of ``shops`` when given): its applier node's report, no other node's."""
         if shops is not None and not shops:
             return {}
-        stmt = select(REPORTED)
+        stmt = self._applier_reports()
         if shops is not None:
             stmt = stmt.where(REPORTED.c.shop_id.in_(list(shops)))
         with self.engine.connect() as conn:
             return {r.shop_id: _reported(r) for r in conn.execute(stmt)}
 
     def reported_releases(self, *, applied_only: bool = False) -> dict[str, str]:
-        """Return the release each shop last reported (only reports of an applied state with ``applied_only``)."""
-        stmt = select(REPORTED.c.shop_id, REPORTED.c.release).where(REPORTED.c.release.is_not(None))
+        """Return the release each shop's applier last reported (only reports of an applied state with ``applied_only``)."""
+        stmt = (select(REPORTED.c.shop_id, REPORTED.c.release)
+                .join(SHOPS, (SHOPS.c.id == REPORTED.c.shop_id) & (SHOPS.c.applier == REPORTED.c.node_id))
+                .where(REPORTED.c.release.is_not(None)))
         if applied_only:
             stmt = stmt.where(REPORTED.c.status == "applied")
         with self.engine.connect() as conn:

@@ -181,6 +181,8 @@ class RegistryStore:
         # changes of a transaction are staged in _pending_presence until it commits.
         self._presence: dict[NodeKey, PresenceView] = {}
         self._pending_presence: dict[NodeKey, PresenceView] = {}
+        self.reports_refused = 0
+        """Reported states dropped because their node is not in the registry (never created from a report)."""
 
     # ----- helpers ---------------------------------------------------------------------------
 
@@ -250,11 +252,17 @@ class RegistryStore:
         now = time.time() if now is None else now
         events: list[BusEvent] = []
         keys = set(batch.nodes) | set(batch.seen) | {(p.shop, p.node) for p, _ in batch.presences}
+        # A reported state never creates a node (a node that has not announced itself cannot
+        # speak for its shop): keys only reports name must already be known.
+        others = {(m.shop, m.node) for m, _ in batch.uplinks if not isinstance(m, ReportedState)}
+        others |= {(p.shop, p.node) for p, _ in batch.presences}
+        report_only = {(m.shop, m.node) for m, _ in batch.uplinks if isinstance(m, ReportedState)} - others
         self._pending_presence = {}
         with self.engine.begin() as conn:
-            created, known = self._ensure(conn, sorted(keys), now)
+            unknown = self._unknown(conn, report_only)
+            created, known = self._ensure(conn, sorted(keys - unknown), now)
             events += created
-            facts = self._store_uplinks(conn, batch, now, events)
+            facts = self._store_uplinks(conn, batch, now, events, unknown)
             events += self._store_presences(conn, batch.presences, now)
             self._update_nodes(conn, batch, facts)
             events += self._revive(conn, batch, now)
@@ -264,8 +272,18 @@ class RegistryStore:
         self._presence.update(self._pending_presence)
         return events
 
+    def _unknown(self, conn: Connection, keys: set[NodeKey]) -> set[NodeKey]:
+        """Return the keys among ``keys`` that are not in the registry."""
+        keys = keys - self._known_nodes
+        if not keys:
+            return set()
+        found = {tuple(r) for r in conn.execute(
+            select(NODES.c.shop_id, NODES.c.node_id).where(tuple_(NODES.c.shop_id, NODES.c.node_id).in_(sorted(keys)))
+        )}
+        return {k for k in keys if k not in found}
+
     def _store_uplinks(
-        self, conn: Connection, batch: WriteBatch, now: float, out: list[BusEvent]
+        self, conn: Connection, batch: WriteBatch, now: float, out: list[BusEvent], unknown: set[NodeKey] = frozenset(),  # type: ignore[assignment]
     ) -> dict[NodeKey, tuple[Heartbeat, str, str]]:
         """Insert history, upsert latest values; append bus events to ``out``.
 
@@ -277,7 +295,7 @@ class RegistryStore:
         readings: dict[tuple[str, str, str, str], dict[str, Any]] = {}
         event_rows: list[dict[str, Any]] = []
         results: dict[str, dict[str, Any]] = {}
-        reported: dict[str, dict[str, Any]] = {}
+        reported: dict[NodeKey, dict[str, Any]] = {}
         for msg, received in batch.uplinks:
             key = (msg.shop, msg.node)
             if isinstance(msg, Heartbeat):
@@ -323,7 +341,13 @@ class RegistryStore:
                     "result": dict(msg.result), "error": msg.error, "ts": msg.ts, "received_at": received,
                 }
             elif isinstance(msg, ReportedState):
-                reported[msg.shop] = {
+                if key in unknown:
+                    self.reports_refused += 1
+                    log.warning("reported state from unknown node %s/%s dropped: a report never creates a node "
+                                "(the node must send its birth or a heartbeat first)", msg.shop, msg.node)
+                    out.append(BusEvent("report_refused", msg.shop, msg.node, {"reason": "unknown_node", "revision": msg.revision}, now))
+                    continue
+                reported[key] = {
                     "shop_id": msg.shop, "node_id": msg.node, "release": msg.release, "revision": msg.revision,
                     "status": msg.status, "error": msg.error, "objects": [o.model_dump(mode="json") for o in msg.objects],
                     "ts": msg.ts, "received_at": received,
@@ -332,13 +356,30 @@ class RegistryStore:
             self._insert_many(conn, HEARTBEATS, _HEARTBEAT_COLUMNS, heartbeats)
         self._upsert(conn, READINGS, list(readings.values()), ("shop_id", "node_id", "source", "name"))
         self._upsert(conn, RESULTS, list(results.values()), ("correlation_id",))
-        self._upsert(conn, REPORTED, list(reported.values()), ("shop_id",))
+        self._upsert(conn, REPORTED, list(reported.values()), ("shop_id", "node_id"))
+        self._claim_applier(conn, reported)
         if event_rows:
             ids = conn.execute(insert(EVENTS).returning(EVENTS.c.id, sort_by_parameter_order=True), event_rows).scalars().all()
             for row_id, row in zip(ids, event_rows, strict=False):
                 out.append(BusEvent(row["kind"], row["shop_id"], row["node_id"], {"id": row_id, **row}, now))
-        out += [BusEvent("reported_state", s, r["node_id"], r, now) for s, r in reported.items()]
+        out += [BusEvent("reported_state", s, n, r, now) for (s, n), r in reported.items()]
         return facts
+
+    def _claim_applier(self, conn: Connection, reported: dict[NodeKey, dict[str, Any]]) -> None:
+        """Make the first node to report on a shop without a declared applier its applier (trust on first use).
+
+        Only for shops nobody declared: a declared applier (``register_shop(applier=...)``) is never
+        replaced by a report, so a compromised sibling node cannot take the role later.
+        """
+        shops = sorted({s for s, _ in reported})
+        if not shops:
+            return
+        open_shops = set(conn.scalars(select(SHOPS.c.id).where(SHOPS.c.id.in_(shops), SHOPS.c.applier.is_(None))))
+        for shop in sorted(open_shops):
+            node = min(n for s, n in reported if s == shop)
+            conn.execute(update(SHOPS).where(SHOPS.c.id == shop, SHOPS.c.applier.is_(None)).values(applier=node))
+            log.warning("shop %s had no declared applier: %s, the first node to report, is now its applier "
+                        "(declare it with PUT /api/v1/shops/%s {\"applier\": ...} to change it)", shop, node, shop)
 
     def _presence_of(self, conn: Connection, keys: Iterable[NodeKey]) -> dict[NodeKey, PresenceView]:
         """Return the presence of ``keys``, from the writer's cache or the database."""
@@ -512,15 +553,24 @@ class RegistryStore:
 
     def register_shop(
         self, shop: str, *, name: str | None = None, region: str | None = None,
-        labels: dict[str, str] | None = None, timezone: str | None = None, now: float | None = None,
+        labels: dict[str, str] | None = None, timezone: str | None = None, applier: str | None = None,
+        now: float | None = None,
     ) -> None:
-        """Create a shop or update its name, region, labels and timezone."""
+        """Create a shop or update its name, region, labels, timezone and applier.
+
+        ``applier`` declares the node whose reported state decides the shop's rollouts; reports of
+        every other node of the shop are stored but never decide anything.
+        """
         validate_id(shop, "shop id")
+        if applier is not None:
+            validate_id(applier, "applier node id")
         now = time.time() if now is None else now
-        values = {k: v for k, v in {"name": name, "region": region, "labels": labels, "timezone": timezone}.items() if v is not None}
+        values = {k: v for k, v in {"name": name, "region": region, "labels": labels, "timezone": timezone, "applier": applier}.items()
+                  if v is not None}
         with self.engine.begin() as conn:
             stmt = self._insert(SHOPS).values(
-                id=shop, name=name or shop, region=region or "", labels=labels or {}, timezone=timezone or "UTC", created_at=now
+                id=shop, name=name or shop, region=region or "", labels=labels or {}, timezone=timezone or "UTC", created_at=now,
+                applier=applier,
             )
             if values:
                 stmt = stmt.on_conflict_do_update(index_elements=["id"], set_=values)

@@ -1,16 +1,18 @@
 """Kubernetes manifests: load the kustomize tree, render one shop's objects, validate them.
 
-``manifests/`` is plain YAML a platform engineer can read and
-``kubectl apply -k``; the controller only fills in per-shop values. So this module is a small,
-honest subset of kustomize (``resources``, ``namespace``, ``labels``, ``images``, strategic-merge
-``patches`` by path), enough for our tree and no more, followed by :func:`render_shop`, which
-pins the release's image digests, keeps only the node classes a shop has, and stamps every object
-with the labels the agent prunes by.
+``manifests/`` is plain YAML a platform engineer can read and ``kubectl apply -k``; the controller
+only fills in per-shop values. Loading is :mod:`fleet_controller.rollout.kustomize` (a kustomize
+subset that renders exactly what ``kubectl kustomize`` renders, checked by a test), followed by
+:func:`render_shop`, which pins the release's image digests, keeps only the node classes a shop
+has, and stamps every object with the labels the agent prunes by.
 
-Validation has two layers, both pure over a list of objects:
+Validation has three layers, all pure over a list of objects:
 
 * the real Kubernetes OpenAPI schemas shipped by ``kubernetes-validate``, in strict mode (an
   unknown field is an error), for every minor version in :data:`SUPPORTED_K8S_VERSIONS`;
+* what the API server checks beyond the schema (:mod:`fleet_controller.rollout.validation`):
+  names, label keys and values, quantities, enum fields, selector against template, requests
+  against limits, extended resources, unique container names, a present image;
 * our policy (:func:`policy_findings`): images pinned by digest, resources and probes on every
   container, a restrictive securityContext, and no privileged container, host namespace or host
   path unless the workload declares why in a ``shopfleet.io/why-*`` annotation.
@@ -23,11 +25,10 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib.resources
 import importlib.util
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,10 +39,35 @@ import referencing.jsonschema
 import yaml
 from prometheus_client import CollectorRegistry, Counter
 
-SUPPORTED_K8S_VERSIONS: tuple[str, ...] = ("1.32", "1.33", "1.34")
-"""Kubernetes minor versions of the K3s releases shops run; every object must validate on all."""
+from fleet_controller.rollout import validation
+from fleet_controller.rollout.k8s_objects import (
+    CLUSTER_SCOPED,
+    SUPPORTED_K8S_VERSIONS,
+    WORKLOAD_KINDS,
+    Finding,
+    ManifestInvalid,
+    Sourced,
+    containers,
+    definitions,
+    object_name,
+    pod_spec,
+    schema_file,
+)
+from fleet_controller.rollout.kustomize import load_tree
 
+__all__ = [
+    "CLUSTER_SCOPED",
+    "SUPPORTED_K8S_VERSIONS",
+    "WORKLOAD_KINDS",
+    "Finding",
+    "ManifestInvalid",
+    "Sourced",
+    "load_tree",
+    "object_name",
+]
 
+_containers = containers
+_pod_spec = pod_spec
 
 def _manifests_root() -> Path:
     """Return the manifest tree that ships inside the ``shopfleet`` package (``shopfleet/manifests``).
@@ -77,14 +103,23 @@ WHY_HOST_PATH = "shopfleet.io/why-host-path"
 
 DIGEST_RE = re.compile(r"^[a-z0-9][a-z0-9._/:-]*@sha256:[0-9a-f]{64}$")
 SHOP_PLACEHOLDER = "SHOP_ID"
-CLUSTER_SCOPED = frozenset({"Namespace", "ClusterRole", "ClusterRoleBinding", "RuntimeClass", "PriorityClass"})
-WORKLOAD_KINDS = frozenset({"DaemonSet", "Deployment", "StatefulSet", "Job", "Pod"})
+
+CUSTOM_KINDS_WITHOUT_SCHEMA = frozenset(
+    {
+        ("monitoring.coreos.com/v1", "ServiceMonitor"),
+        ("monitoring.coreos.com/v1", "PodMonitor"),
+        ("monitoring.coreos.com/v1", "PrometheusRule"),
+    }
+)
+"""Custom resources of operators a cluster installs itself (the Prometheus operator): Kubernetes
+ships no schema for them, so only the API server's generic checks (name, labels) apply."""
 
 FINDING_RULES = (
     "yaml",  # file is not YAML, or a document is not a mapping
     "kustomization",  # kustomization.yaml refers to something missing or unsupported
     "schema",  # the Kubernetes OpenAPI schema rejects the object
     "unknown_kind",  # no schema for this kind/apiVersion in the Kubernetes version
+    *validation.RULES,  # what the API server checks beyond the schema
     "image_not_pinned",  # image without @sha256 digest
     "no_resources",  # container without cpu/memory requests and limits
     "no_probes",  # container without readiness and liveness probes
@@ -94,41 +129,6 @@ FINDING_RULES = (
     "host_path",  # hostPath volume without a declared reason
     "dns_policy",  # hostNetwork without dnsPolicy ClusterFirstWithHostNet
 )
-
-
-class ManifestInvalid(ValueError):
-    """Manifests that fail schema or policy checks; permanent until the YAML is fixed."""
-
-    def __init__(self, findings: Sequence[Finding]) -> None:
-        self.findings = tuple(findings)
-        head = "; ".join(f.describe() for f in self.findings[:5])
-        more = f" (+{len(self.findings) - 5} more)" if len(self.findings) > 5 else ""
-        super().__init__(f"{len(self.findings)} manifest problem(s): {head}{more}")
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One problem with one object: where, which rule, what is wrong and how to fix it."""
-
-    source: str
-    obj: str
-    rule: str
-    message: str
-    fix: str
-    k8s_version: str | None = None
-
-    def describe(self) -> str:
-        """Return a one-line human description."""
-        ver = f" [k8s {self.k8s_version}]" if self.k8s_version else ""
-        return f"{self.source}: {self.obj}: {self.rule}{ver}: {self.message} -> {self.fix}"
-
-
-@dataclass
-class Sourced:
-    """A Kubernetes object and the file it came from."""
-
-    obj: dict[str, Any]
-    source: str
 
 
 @dataclass(frozen=True)
@@ -147,168 +147,6 @@ class RenderInput:
     release: str
     images: Mapping[str, str] = field(default_factory=dict)
     model_sha256: str | None = None
-
-
-def object_name(obj: Mapping[str, Any]) -> str:
-    """Return ``Kind/namespace/name`` (namespace left out for cluster-scoped objects)."""
-    meta = obj.get("metadata") or {}
-    ns = meta.get("namespace")
-    return f"{obj.get('kind', '?')}/{ns + '/' if ns else ''}{meta.get('name', '?')}"
-
-
-# --------------------------------------------------------------------------------------------
-# Loading (a kustomize subset)
-# --------------------------------------------------------------------------------------------
-
-
-def _load_yaml_docs(path: Path) -> tuple[list[Sourced], list[Finding]]:
-    try:
-        docs = list(yaml.safe_load_all(path.read_text()))
-    except yaml.YAMLError as exc:
-        return [], [Finding(str(path), "-", "yaml", f"not valid YAML: {exc}", "fix the YAML syntax at the line named")]
-    out, findings = [], []
-    for i, doc in enumerate(docs):
-        if doc is None:
-            continue
-        if not isinstance(doc, dict) or "kind" not in doc or "apiVersion" not in doc:
-            findings.append(
-                Finding(str(path), f"document {i + 1}", "yaml", "not a Kubernetes object", "give every document apiVersion, kind and metadata")
-            )
-            continue
-        out.append(Sourced(doc, str(path)))
-    return out, findings
-
-
-def _merge(base: Any, patch: Any) -> Any:
-    """Strategic-merge subset: dicts merge, lists of named dicts merge by name, else replace."""
-    if isinstance(base, dict) and isinstance(patch, dict):
-        out = dict(base)
-        for k, v in patch.items():
-            out[k] = _merge(base[k], v) if k in base else copy.deepcopy(v)
-        return out
-    if (
-        isinstance(base, list)
-        and isinstance(patch, list)
-        and all(isinstance(x, dict) and "name" in x for x in base + patch)
-    ):
-        out_list = [dict(x) for x in base]
-        index = {x["name"]: i for i, x in enumerate(out_list)}
-        for item in patch:
-            if item["name"] in index:
-                out_list[index[item["name"]]] = _merge(out_list[index[item["name"]]], item)
-            else:
-                out_list.append(copy.deepcopy(item))
-        return out_list
-    return copy.deepcopy(patch)
-
-
-def _containers(obj: Mapping[str, Any]) -> list[dict[str, Any]]:
-    spec = _pod_spec(obj)
-    if spec is None:
-        return []
-    return [*(spec.get("initContainers") or []), *(spec.get("containers") or [])]
-
-
-def _pod_spec(obj: Mapping[str, Any]) -> dict[str, Any] | None:
-    kind = obj.get("kind")
-    if kind == "Pod":
-        return obj.get("spec")
-    if kind in WORKLOAD_KINDS:
-        return ((obj.get("spec") or {}).get("template") or {}).get("spec")
-    return None
-
-
-def _image_repo(image: str) -> str:
-    """Return the repository of an image reference, without tag or digest."""
-    repo = image.split("@", 1)[0]
-    head, _, last = repo.rpartition("/")
-    return f"{head}/{last.split(':', 1)[0]}" if head else last.split(":", 1)[0]
-
-
-def _apply_images(objs: list[Sourced], images: Iterable[Mapping[str, Any]]) -> None:
-    for img in images:
-        name = img.get("name")
-        for s in objs:
-            for c in _containers(s.obj):
-                repo = _image_repo(c.get("image", ""))
-                if repo != name:
-                    continue
-                new = img.get("newName", repo)
-                if img.get("digest"):
-                    c["image"] = f"{new}@{img['digest']}"
-                elif img.get("newTag"):
-                    c["image"] = f"{new}:{img['newTag']}"
-                else:
-                    c["image"] = new + c["image"][len(repo):]
-
-
-def load_tree(path: str | Path) -> tuple[list[Sourced], list[Finding]]:
-    """Load a kustomization directory, a plain directory of YAML, or one YAML file."""
-    p = Path(path)
-    if p.is_file():
-        return _load_yaml_docs(p)
-    kfile = p / "kustomization.yaml"
-    if not kfile.exists():
-        objs: list[Sourced] = []
-        findings: list[Finding] = []
-        for f in sorted([*p.glob("*.yaml"), *p.glob("*.yml")]):
-            o, fi = _load_yaml_docs(f)
-            objs += o
-            findings += fi
-        return objs, findings
-    return _load_kustomization(p)
-
-
-_KUSTOMIZE_KEYS = {"apiVersion", "kind", "namespace", "labels", "resources", "patches", "images"}
-
-
-def _load_kustomization(d: Path) -> tuple[list[Sourced], list[Finding]]:
-    kfile = d / "kustomization.yaml"
-    try:
-        k = yaml.safe_load(kfile.read_text()) or {}
-    except yaml.YAMLError as exc:
-        return [], [Finding(str(kfile), "-", "yaml", f"not valid YAML: {exc}", "fix the YAML syntax")]
-    unknown = sorted(set(k) - _KUSTOMIZE_KEYS)
-    findings: list[Finding] = []
-    if unknown:
-        findings.append(
-            Finding(str(kfile), "Kustomization", "kustomization", f"unsupported keys {unknown}", f"use only {sorted(_KUSTOMIZE_KEYS)}")
-        )
-    objs: list[Sourced] = []
-    for res in k.get("resources") or []:
-        target = d / res
-        if not target.exists():
-            findings.append(Finding(str(kfile), "Kustomization", "kustomization", f"resource {res!r} does not exist", "fix the path in resources"))
-            continue
-        o, fi = load_tree(target)
-        objs += o
-        findings += fi
-    for patch in k.get("patches") or []:
-        ppath = d / patch.get("path", "")
-        if not patch.get("path") or not ppath.is_file():
-            findings.append(Finding(str(kfile), "Kustomization", "kustomization", f"patch {patch!r} has no readable path", "give each patch a 'path' to a YAML file"))
-            continue
-        pobjs, fi = _load_yaml_docs(ppath)
-        findings += fi
-        for po in pobjs:
-            key = (po.obj["kind"], po.obj.get("metadata", {}).get("name"))
-            hits = [s for s in objs if (s.obj["kind"], s.obj.get("metadata", {}).get("name")) == key]
-            if not hits:
-                findings.append(Finding(str(ppath), object_name(po.obj), "kustomization", "patch matches no object", "fix kind and metadata.name of the patch"))
-            for s in hits:
-                s.obj = _merge(s.obj, po.obj)
-    ns = k.get("namespace")
-    for s in objs:
-        if ns and s.obj["kind"] not in CLUSTER_SCOPED:
-            s.obj.setdefault("metadata", {})["namespace"] = ns
-        if ns and s.obj["kind"] in ("ClusterRoleBinding", "RoleBinding"):
-            for subj in s.obj.get("subjects") or []:
-                if subj.get("kind") == "ServiceAccount":
-                    subj["namespace"] = ns
-        for lab in k.get("labels") or []:
-            s.obj.setdefault("metadata", {}).setdefault("labels", {}).update(lab.get("pairs") or {})
-    _apply_images(objs, k.get("images") or [])
-    return objs, findings
 
 
 # --------------------------------------------------------------------------------------------
@@ -392,33 +230,27 @@ def render_shop(target: ShopTarget, release: RenderInput, revision: int, root: P
 # --------------------------------------------------------------------------------------------
 
 
-def _schema_dir(version: str) -> Any:
-    return importlib.resources.files("kubernetes_validate").joinpath(f"kubernetes-json-schema/v{version}.0-local-strict")
-
-
 @functools.lru_cache(maxsize=8)
-def _definitions(version: str) -> referencing.Registry:
-    d = _schema_dir(version)
-    if not d.is_dir():
-        raise ValueError(f"kubernetes-validate has no schemas for Kubernetes {version}: upgrade kubernetes-validate or pick another version")
-    defs = json.loads(d.joinpath("_definitions.json").read_text())
+def _registry(version: str) -> referencing.Registry:
+    defs = definitions(version)
     return referencing.Resource.from_contents(defs, default_specification=referencing.jsonschema.DRAFT202012) @ referencing.Registry()
 
 
 @functools.lru_cache(maxsize=512)
 def _validator(version: str, kind: str, api_version: str) -> jsonschema.Validator | None:
-    group = re.sub(r"^([^./]*)(?:\.[^/]*)?/", r"\1-", api_version)
-    f = _schema_dir(version).joinpath(f"{kind.lower()}-{group}.json")
+    f = schema_file(version, kind, api_version)
     if not f.is_file():
         return None
     schema = json.loads(f.read_text())
-    return jsonschema.Draft202012Validator(schema, registry=_definitions(version))
+    return jsonschema.Draft202012Validator(schema, registry=_registry(version))
 
 
 def schema_findings(s: Sourced, versions: Sequence[str] = SUPPORTED_K8S_VERSIONS) -> list[Finding]:
     """Validate one object against the strict OpenAPI schema of every version."""
     out: list[Finding] = []
     name = object_name(s.obj)
+    if (s.obj.get("apiVersion"), s.obj.get("kind")) in CUSTOM_KINDS_WITHOUT_SCHEMA:
+        return out
     for v in versions:
         validator = _validator(v, str(s.obj.get("kind")), str(s.obj.get("apiVersion")))
         if validator is None:
@@ -506,6 +338,7 @@ def validate(objs: Sequence[Sourced], versions: Sequence[str] = SUPPORTED_K8S_VE
     out: list[Finding] = []
     for s in objs:
         out += schema_findings(s, versions)
+        out += validation.api_findings(s)
         out += policy_findings(s)
     if metrics is not None:
         for f in out:

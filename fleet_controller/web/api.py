@@ -47,6 +47,7 @@ class ShopRegistration(BaseModel):
     region: str | None = Field(None, max_length=100, description="Region, for filtering and rollout waves.")
     labels: dict[str, str] | None = Field(None, description="Free labels, e.g. {'tier': 'pilot'}.")
     timezone: str | None = Field(None, max_length=64, description="IANA time zone, e.g. Europe/Berlin (maintenance windows).")
+    applier: str | None = Field(None, pattern=ID_PATTERN, description="Node whose reported state decides the shop's rollouts (the node with apply.enabled).")
 
 
 def _reader(request: Request) -> RegistryReader:
@@ -101,7 +102,8 @@ def build_router() -> APIRouter:
     async def put_shop(request: Request, shop: str, body: ShopRegistration) -> ShopSummary:
         if not re.match(ID_PATTERN, shop):
             raise HTTPException(422, f"invalid shop id {shop!r}: use lowercase letters, digits and '-'")
-        await _writer(request).register_shop(shop, name=body.name, region=body.region, labels=body.labels, timezone=body.timezone)
+        await _writer(request).register_shop(shop, name=body.name, region=body.region, labels=body.labels, timezone=body.timezone,
+                                             applier=body.applier)
         items, _ = await run_in_threadpool(_reader(request).list_shops, q=shop, limit=1000)
         return next(i for i in items if i.id == shop)
 

@@ -79,7 +79,7 @@ def test_silence_presence(presence_now, silent, expected):
 def test_migration_matches_models(registry):
     """The Alembic revision creates exactly the tables and columns the models declare."""
     insp = inspect(registry.engine)
-    for table in ("shops", "nodes", "heartbeats", "events", "readings", "command_results", "reported_states"):
+    for table in ("shops", "nodes", "heartbeats", "events", "readings", "command_results", "node_reported_states"):
         db_cols = {c["name"] for c in insp.get_columns(table)}
         model_cols = {c.name for c in Base.metadata.tables[table].columns}
         assert db_cols == model_cols, table
