@@ -394,3 +394,22 @@ def test_channel_hears_only_its_severities_shops_and_resolutions():
     assert not c.wants(store.AlertView(**{**base.__dict__, "severity": "warning"}))
     assert not c.wants(store.AlertView(**{**base.__dict__, "shop": "s2"}))
     assert not c.wants(store.AlertView(**{**base.__dict__, "state": "resolved"}))
+
+
+# ----- the demo's warm fridge ---------------------------------------------------------------------------------
+
+
+def test_demo_board_of_the_first_shop_warms_its_fridge_past_the_limit_for_longer_than_for_s(tmp_path):
+    from shopfleet.sim.shelf import ShelfBoard
+    from tests.support.wait import wait_for
+
+    first, other = ShelfBoard("shop-a", tmp_path / "a", seed=0), ShelfBoard("shop-b", tmp_path / "b", seed=1)
+    assert first.warm_fridge and not other.warm_fridge
+    rule = AlertRules().fridge_warm
+    assert rule.max_c < first.FRIDGE_WARM_C and rule.for_s < first.WARM_FOR_S and rule.clear_below_c > first.FRIDGE_COLD_C
+    first.WARM_AFTER_S = 0.0
+    first.start()
+    try:
+        wait_for(lambda: first.board._ch[first.fridge_channel].value == first.FRIDGE_WARM_C, what="the fridge warmed")
+    finally:
+        first.stop()
