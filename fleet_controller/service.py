@@ -348,7 +348,7 @@ def build_service(
     from fleet_controller import alerts, rollout
     from fleet_controller.alerts.rules import load_rules
     from fleet_controller.rollout.signing import load_private_key
-    from fleet_controller.web import reviews
+    from fleet_controller.web import alerts_pages, reviews
     from fleet_controller.web.dashboard.setup import attach
 
     rules = load_rules(settings.alert_rules)
@@ -357,7 +357,8 @@ def build_service(
     service = ControllerService(settings, migrate=migrate)
     attach(service, rules, open_metrics=settings.dashboard.public_metrics, secure_cookies=settings.dashboard.secure_cookies,
            announce=announce)
-    alerts.install(service, rules, dashboard_url=settings.dashboard.url)
+    alert_worker = alerts.install(service, rules, dashboard_url=settings.dashboard.url)
+    alerts_pages.attach(service, alert_worker.metrics, dashboard_url=settings.dashboard.url)
     rollout.install(service, settings.rollout)
     reviews.install(service)
     return service

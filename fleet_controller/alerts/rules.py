@@ -23,6 +23,10 @@ class RulesError(ValueError):
 class _Rule(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     enabled: bool = Field(True, description="Set false to switch the rule off.")
+    resolve_after_s: float | None = Field(
+        None, ge=0, description="Seconds the condition must stay clear before the alert resolves; coming back sooner "
+        "counts a flap of the same alert. Unset: the top-level resolve_after_s.")
+    runbook: str | None = Field(None, max_length=1000, description="What to do, shown with the alert. Unset: the built-in line.")
 
 
 class NodeOffline(_Rule):
@@ -111,6 +115,9 @@ class AlertRules(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     interval_s: float = Field(15.0, gt=0, description="Seconds between evaluations; lower reacts faster but costs a DB scan each time.")
+    resolve_after_s: float = Field(
+        300.0, ge=0, description="Default seconds a condition must stay clear before its alert resolves (hysteresis in "
+        "time); a condition that comes back sooner reopens the same alert and counts a flap.")
     node_offline: NodeOffline = Field(default_factory=NodeOffline, description="Node offline rule.")
     camera_fps_low: CameraFpsLow = Field(default_factory=CameraFpsLow, description="Camera fps rule.")
     fridge_warm: FridgeWarm = Field(default_factory=FridgeWarm, description="Fridge temperature rule.")
@@ -119,6 +126,22 @@ class AlertRules(BaseModel):
     cart_review_rate_high: CartReviewRateHigh = Field(default_factory=CartReviewRateHigh, description="Cart review rate rule.")
     node_alerts: NodeAlerts = Field(default_factory=NodeAlerts, description="Pass through alerts raised by nodes.")
     webhook: Webhook = Field(default_factory=Webhook, description="Webhook receiver.")
+
+    def rule(self, name: str) -> _Rule:
+        """Return the rule that produces alerts named ``name`` (``node:<x>`` alerts belong to ``node_alerts``)."""
+        attr = "node_alerts" if name.startswith("node:") else name
+        r = getattr(self, attr, None)
+        if not isinstance(r, _Rule):
+            raise KeyError(name)
+        return r
+
+    def resolve_after(self, name: str) -> float:
+        """Return how long the condition of alerts named ``name`` must stay clear before they resolve."""
+        try:
+            r = self.rule(name)
+        except KeyError:
+            return self.resolve_after_s
+        return self.resolve_after_s if r.resolve_after_s is None else r.resolve_after_s
 
 
 def _describe(exc: ValidationError, source: str) -> str:
