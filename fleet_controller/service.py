@@ -346,6 +346,7 @@ def build_service(
     from fleet_controller import alerts, rollout
     from fleet_controller.alerts.rules import load_rules
     from fleet_controller.rollout.signing import load_private_key
+    from fleet_controller.web import models_api
     from fleet_controller.web.dashboard.setup import attach
 
     rules = load_rules(settings.alert_rules)
@@ -356,6 +357,7 @@ def build_service(
            announce=announce)
     alerts.install(service, rules, dashboard_url=settings.dashboard.url)
     rollout.install(service, settings.rollout)
+    models_api.install(service, settings.rollout.signing_key if settings.rollout else None)
     return service
 
 

@@ -43,6 +43,7 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # Path prefix -> permission needed to change something below it (longest prefix wins).
 WRITE_PERMISSIONS: tuple[tuple[str, Permission], ...] = (
     ("/api/v1/releases", Permission.ROLLOUTS),
+    ("/api/v1/models", Permission.ROLLOUTS),
     ("/api/v1/rollouts", Permission.ROLLOUTS),
     ("/api/v1/alerts", Permission.ALERTS_ACK),
     ("/api/v1/silences", Permission.ALERTS_SILENCE),
