@@ -402,7 +402,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, fmt: str, *args: Any) -> None:
         log.debug("model server: " + fmt, *args)
 
+    def do_HEAD(self) -> None:
+        self._answer(body=False)
+
     def do_GET(self) -> None:
+        self._answer(body=True)
+
+    def _answer(self, body: bool) -> None:
         m = re.match(r"^/models/([0-9a-f]{64})\.tar$", self.path)
         f = self.archives / f"{m.group(1)}.tar" if m else None
         if f is None or not f.is_file():
@@ -426,6 +432,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if status == 206:
             self.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
         self.end_headers()
+        if not body:
+            return
         with open(f, "rb") as fh:
             fh.seek(start)
             shutil.copyfileobj(fh, self.wfile, 1 << 16)
