@@ -24,7 +24,7 @@ import queue
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -89,7 +89,7 @@ def route(kind: str, shop: str, node: str) -> tuple[str, Priority, bool]:
     if kind == "command_result":
         return Topics.node(shop, node, Channel.REPLIES), Priority.IMPORTANT, False
     if kind == "reported_state":
-        return Topics.reported(shop), Priority.IMPORTANT, True
+        return Topics.reported(shop, node), Priority.IMPORTANT, True
     raise ValueError(f"no route for uplink kind {kind!r}")
 
 
@@ -278,6 +278,7 @@ class Agent:
         )
         self.commands: dict[str, CommandHandler] = {"ping": self._ping}
         self._desired_handler = desired_state_handler
+        self._desired_observe: Callable[[DesiredState], bool] | None = None
         self._desired_lock = threading.Lock()
         self._desired_latest: DesiredState | None = None
         self._desired_last_handled: bytes | None = None
@@ -311,8 +312,15 @@ class Agent:
         """Handle commands called ``name`` with ``handler`` (replacing any earlier one)."""
         self.commands[name] = handler
 
-    def register_desired_state_handler(self, handler: DesiredStateHandler) -> None:
-        """Call ``handler`` with every new desired state of this node's shop."""
+    def register_desired_state_handler(self, handler: DesiredStateHandler, observe: Callable[[DesiredState], bool] | None = None) -> None:
+        """Call ``handler`` with every new desired state of this node's shop.
+
+        ``observe``, when given, sees every desired state on arrival (MQTT thread) and returns
+        False for one that must not replace the pending one: the apply path's replay check, so a
+        replayed older revision arriving right after the retained newest cannot displace it
+        before the worker runs (latest-wins would otherwise hand only the replay to the handler).
+        """
+        self._desired_observe = observe
         self._desired_handler = handler
         with self._desired_lock:
             if self._desired_latest is not None:
@@ -457,6 +465,9 @@ class Agent:
             except queue.Full:
                 self._reject_downlink("queue_full", f"command {parsed.name} ({parsed.correlation_id}): 100 commands already waiting")
         elif isinstance(parsed, DesiredState):
+            observe = self._desired_observe
+            if observe is not None and not observe(parsed):
+                return  # a replay: the apply path counted and reported it
             with self._desired_lock:
                 self._desired_latest = parsed
             self._desired_wake.set()

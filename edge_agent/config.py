@@ -119,7 +119,12 @@ class MetricsConfig(_Model):
     """The Prometheus endpoint of the agent."""
 
     port: int = Field(0, ge=0, le=65535, description="Port of /metrics; 0 turns the endpoint off.")
-    host: str = Field("0.0.0.0", description="Address the endpoint binds to.")
+    host: str = Field(
+        "127.0.0.1",
+        description="Address the endpoint binds to. Loopback by default: the agent runs on the host network, and "
+        "0.0.0.0 would show the node's metrics to the whole shop LAN. Set the node's own address for a Prometheus "
+        "elsewhere (and firewall it to that Prometheus).",
+    )
 
 
 class AgentConfig(_Model):

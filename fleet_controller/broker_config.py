@@ -17,8 +17,8 @@ replaces whatever client id a client sends with its username (the certificate's 
 listener), so one node's credentials can never take over another node's or the controller's
 session, and each controller replica's persistent session lives under its own username.
 
-**What a node may do.** Write its own ``presence``, ``telemetry``, ``events`` and ``replies``
-topics and its shop's ``state/reported``; read its own ``commands``, its shop's
+**What a node may do.** Write its own ``presence``, ``telemetry``, ``events``, ``replies`` and
+``state`` (its reported state: never another node's, never the shop's) topics; read its own ``commands``, its shop's
 ``state/desired`` and the controller's presence and clock. Controllers read and write all of
 ``fleet/v1/#``. A bridge may do, for its shop, what that shop's nodes may together.
 
@@ -189,7 +189,7 @@ def verify_password(password: str, hashed: str) -> bool:
 
 
 def _node_writes(shop: str, node: str) -> list[str]:
-    return [Topics.node(shop, node, ch) for ch in (Channel.PRESENCE, Channel.TELEMETRY, Channel.EVENTS, Channel.REPLIES)]
+    return [Topics.node(shop, node, ch) for ch in (Channel.PRESENCE, Channel.TELEMETRY, Channel.EVENTS, Channel.REPLIES, Channel.STATE)]
 
 
 def _shop_reads(shop: str) -> list[str]:
@@ -201,7 +201,6 @@ def node_acl(shop: str, node: str) -> list[str]:
     lines = [f"user {node_username(shop, node)}"]
     lines += [f"topic write {t}" for t in _node_writes(shop, node)]
     lines += [
-        f"topic write {Topics.reported(shop)}",
         f"topic read {Topics.node(shop, node, Channel.COMMANDS)}",
         *(f"topic read {t}" for t in _shop_reads(shop)),
     ]
@@ -213,7 +212,6 @@ def bridge_acl(shop: str, nodes: Sequence[str]) -> list[str]:
     lines = [f"user {bridge_username(shop)}"]
     for node in nodes:
         lines += [f"topic write {t}" for t in _node_writes(shop, node)]
-    lines.append(f"topic write {Topics.reported(shop)}")
     lines += [f"topic read {Topics.node(shop, node, Channel.COMMANDS)}" for node in nodes]
     lines += [f"topic read {t}" for t in _shop_reads(shop)]
     return lines
@@ -343,7 +341,6 @@ def bridge_topics(shop: str, nodes: Sequence[str]) -> list[str]:
     lines = []
     for node in nodes:
         lines += [f"topic {t} out 1" for t in _node_writes(shop, node)]
-    lines.append(f"topic {Topics.reported(shop)} out 1")
     lines += [f"topic {Topics.node(shop, node, Channel.COMMANDS)} in 1" for node in nodes]
     lines += [f"topic {t} in 1" for t in _shop_reads(shop)]
     return lines

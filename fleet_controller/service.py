@@ -174,8 +174,9 @@ class ControllerService:
 
     @property
     def api_url(self) -> str:
-        """Return ``http://host:port`` of the API."""
-        return f"http://{self.settings.api.host}:{self.api_port}"
+        """Return ``http(s)://host:port`` of the API (https when api.tls_cert_file is set)."""
+        scheme = "https" if self.settings.api.tls_cert_file is not None else "http"
+        return f"{scheme}://{self.settings.api.host}:{self.api_port}"
 
     async def start(self, *, connect_timeout: float | None = None) -> None:
         """Migrate the database, start the API, connect to the broker, start every task; raise ``ConnectRefused``/``ConnectFailed`` if the broker refuses or stays unreachable."""
@@ -201,7 +202,8 @@ class ControllerService:
         self._sock.bind((self.settings.api.host, self.settings.api.port))
         self._sock.listen(128)
         self._sock.setblocking(False)
-        self._server = _QuietServer(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False))
+        self._server = _QuietServer(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False,
+                                                   **self.settings.api.uvicorn_options()))
         self._server_task = asyncio.create_task(self._server.serve(sockets=[self._sock]), name="api")
         self._started = True
         self._tasks += [

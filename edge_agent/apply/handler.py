@@ -56,12 +56,19 @@ from edge_agent.apply.errors import (
     ApplyFailed,
     ClusterUnavailable,
     ObjectNotFound,
+    SignatureInvalid,
     StateRefused,
     StateStoreCorrupt,
     UnknownKind,
 )
 from edge_agent.apply.model_fetch import ModelRejected, ModelStager
-from edge_agent.apply.verify import AppliedRecord, RevisionStore, Verifier, check_admissible
+from edge_agent.apply.verify import (
+    AppliedRecord,
+    HighWater,
+    RevisionStore,
+    Verifier,
+    check_admissible,
+)
 from edge_agent.protocol import ERROR_MAX_CHARS, DesiredState, ObjectStatus, ReportedState
 
 log = logging.getLogger(__name__)
@@ -182,6 +189,7 @@ class DesiredStateHandler:
         self._deadline = 0.0
         self._current: DesiredState | None = None
         self._retrying = False
+        self.high_water = HighWater(store.seen_path)
         try:
             last = store.load()
         except StateStoreCorrupt:
@@ -191,12 +199,39 @@ class DesiredStateHandler:
 
     # ----- entry points -----------------------------------------------------------------------
 
+    def observe(self, state: DesiredState) -> bool:
+        """Learn from a received desired state (any thread); return False if it must not replace a newer one.
+
+        A validly signed state raises the high-water mark, so the shop's retained desired state
+        teaches the agent the newest revision as soon as it connects. A signed state below the
+        mark is a replay: it is reported refused here (no cluster call, no lock: safe on the MQTT
+        thread) and False tells the caller to keep what it has. An unsigned or forged one is
+        refused the same way and never raises the mark: nothing invalid displaces a valid state
+        waiting to be applied.
+        """
+        if state.shop != self.shop:
+            return True  # handle() refuses it as wrong_shop
+        try:
+            self._verifier.verify(state)
+        except SignatureInvalid as exc:
+            log.warning("refusing desired state revision %s for shop %s: %s", state.revision, state.shop, exc)
+            self._refuse(state, exc.reason, f"{exc.reason}: {exc.detail}")
+            return False
+        highest = self.high_water.value
+        if state.revision < highest:
+            log.warning("shop %s: refusing signed revision %s, older than revision %s already received (a replay)",
+                        self.shop, state.revision, highest)
+            self._refuse(state, "replay", f"replay: revision {state.revision} is older than signed revision {highest} already received")
+            return False
+        self.high_water.raise_to(state.revision)
+        return True
+
     def handle(self, state: DesiredState) -> ApplyReport:
         """Verify, apply and report ``state``; return the final report. Never raises for a bad message."""
         with self._lock:
             try:
                 last = self._store.load()
-                if not check_admissible(state, self.shop, last, self._verifier):
+                if not check_admissible(state, self.shop, last, self._verifier, self.high_water.value):
                     self._metrics.outcomes.labels("unchanged").inc()
                     final = ApplyReport(state.release, state.revision, "applied", "already applied")
                     self._report(final)
@@ -207,6 +242,7 @@ class DesiredStateHandler:
             except StateRefused as exc:
                 log.warning("refusing desired state revision %s for shop %s: %s", state.revision, state.shop, exc)
                 return self._refuse(state, exc.reason, f"{exc.reason}: {exc.detail}")
+            self.high_water.raise_to(state.revision)
             started = self._clock()
             self._report(ApplyReport(state.release, state.revision, "applying"))
             # Persisted before the first write: a restart (or the agent replacing its own pod)

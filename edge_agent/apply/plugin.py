@@ -105,7 +105,7 @@ def attach(
     )
     if config.models.serve_port:
         ShopModelServer(config.models.dir / ".archives", config.models.serve_port).start()
-    agent.register_desired_state_handler(handler.handle)
+    agent.register_desired_state_handler(handler.handle, observe=handler.observe)
     if config.drift_interval_s > 0:
         threading.Thread(
             target=handler.run_reconciler, args=(stop or threading.Event(), config.drift_interval_s), name="apply-reconciler", daemon=True

@@ -87,7 +87,7 @@ def sample(agent: Agent, metric: str, **labels: str) -> float:
 
 
 def uplinks(rec: Recorder, channel: str) -> list[Any]:
-    topic = Topics.node(SHOP, NODE, channel) if channel != "state/reported" else Topics.reported(SHOP)
+    topic = Topics.node(SHOP, NODE, channel) if channel != "state/reported" else Topics.reported(SHOP, NODE)
     with rec._lock:
         msgs = [(t, p) for t, p, _ in rec.messages if t == topic]
     return [parse_message(t, p) for t, p in msgs]  # validated exactly as the controller does
@@ -117,7 +117,7 @@ def test_send_fills_identity_and_routes_reported_state_retained(make_agent, brok
     seq = agent.send(ReportedState, release="r-7", revision=7, status="applied")
     got = wait_for(lambda: uplinks(recorder, "state/reported"), 10, "reported state")
     assert got[0].seq == seq and got[0].revision == 7 and got[0].shop == SHOP and got[0].node == NODE
-    late = Recorder(broker.port, (Topics.reported(SHOP),))  # retained: a late subscriber gets it
+    late = Recorder(broker.port, (Topics.reported(SHOP, NODE),))  # retained: a late subscriber gets it
     try:
         wait_for(lambda: late.messages and late.messages[0][2], 10, "the retained reported state")
     finally:

@@ -13,7 +13,8 @@ stricter check declare ``Depends(require(Permission.X))``.
 Credentials: a browser session cookie (HttpOnly, SameSite=Lax, Secure under TLS) whose
 state-changing requests must echo the session's CSRF token in ``X-CSRF-Token`` (or, for a
 plain HTML form, its ``csrf_token`` field); or an API token in ``Authorization: Bearer sft_...``
-for the CLI and automation (no CSRF: a browser never sends it by itself). Logins are rate-limited per user name and per client address.
+for the CLI and automation (no CSRF: a browser never sends it by itself). Failed logins are throttled per
+(user, client address) with exponential backoff and per client address, never per user alone.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from prometheus_client import CollectorRegistry, Counter
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
-from fleet_controller.web.accounts.ratelimit import LoginRateLimiter
+from fleet_controller.web.accounts.ratelimit import LoginBackoff, LoginRateLimiter
 from fleet_controller.web.accounts.roles import (
     SAFE_METHODS,
     Permission,
@@ -180,10 +181,17 @@ async def _form(request: Request) -> dict[str, str]:
 
 
 def auth_router(store: AccountStore, metrics: AuthMetrics, *, secure_cookies: bool | None = None,
-                user_limiter: LoginRateLimiter | None = None, addr_limiter: LoginRateLimiter | None = None) -> APIRouter:
-    """Return the router with the login, logout and change-password pages."""
+                pair_backoff: LoginBackoff | None = None, addr_limiter: LoginRateLimiter | None = None) -> APIRouter:
+    """Return the router with the login, logout and change-password pages.
+
+    Failed logins are throttled per (user, client address) with exponential backoff and per
+    address with a sliding window, never per user alone: a guesser elsewhere cannot lock the real
+    user out (see :mod:`fleet_controller.web.accounts.ratelimit`). The client address is the TCP
+    peer, or the X-Forwarded-For entry only when the peer is one of ``api.trusted_proxies``
+    (uvicorn's proxy-headers middleware, configured by the service).
+    """
     router = APIRouter(include_in_schema=False)
-    user_limiter = user_limiter or LoginRateLimiter(max_failures=5, window_s=300)
+    pair_backoff = pair_backoff or LoginBackoff()
     addr_limiter = addr_limiter or LoginRateLimiter(max_failures=30, window_s=300)
 
     def login_page(request: Request, status: int = 200, error: str = "", next_url: str = "/", username: str = "") -> HTMLResponse:
@@ -205,8 +213,8 @@ def auth_router(store: AccountStore, metrics: AuthMetrics, *, secure_cookies: bo
             metrics.logins.labels("csrf").inc()
             return login_page(request, 403, "The form expired: please log in again.", next_url, username)
         addr = request.client.host if request.client else "?"
-        ukey, akey = f"user:{username}", f"addr:{addr}"
-        wait = max(user_limiter.retry_after(ukey), addr_limiter.retry_after(akey))
+        ukey, akey = f"user:{username}\x00addr:{addr}", f"addr:{addr}"
+        wait = max(pair_backoff.retry_after(ukey), addr_limiter.retry_after(akey))
         if wait > 0:
             metrics.logins.labels("rate_limited").inc()
             log.warning("login for %r from %s refused: too many failures, retry in %.0f s", username, addr, wait)
@@ -215,12 +223,12 @@ def auth_router(store: AccountStore, metrics: AuthMetrics, *, secure_cookies: bo
             return resp
         ok = await run_in_threadpool(store.verify_password, username, password)
         if not ok:
-            user_limiter.failed(ukey)
+            pair_backoff.failed(ukey)
             addr_limiter.failed(akey)
             metrics.logins.labels("bad_credentials").inc()
             log.info("failed login for %r from %s", username, addr)
             return login_page(request, 401, "Wrong user name or password.", next_url, username)
-        user_limiter.succeeded(ukey)
+        pair_backoff.succeeded(ukey)
         metrics.logins.labels("ok").inc()
         sid, _csrf = await run_in_threadpool(store.create_session, username)
         resp = RedirectResponse(next_url, status_code=303)

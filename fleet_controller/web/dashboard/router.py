@@ -49,7 +49,8 @@ def _ago(ts: float | None, now: float | None = None) -> str:
 
 
 def _bytes(v: float | None) -> str:
-    if v is None:
+    # Anything but a number (None, a fact a node never sent: Jinja's Undefined) shows as a dash, never a 500.
+    if not isinstance(v, int | float):
         return "\u2013"
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(v) < 1024 or unit == "TiB":
@@ -59,7 +60,7 @@ def _bytes(v: float | None) -> str:
 
 
 def _num(v: float | None, digits: int = 1) -> str:
-    return "\u2013" if v is None else f"{v:.{digits}f}"
+    return f"{v:.{digits}f}" if isinstance(v, int | float) else "\u2013"
 
 
 def _iso(ts: float | None) -> str:
@@ -105,7 +106,7 @@ def route_paths(app: Any) -> list[str]:
     return paths
 
 
-CHANGES_STATE = frozenset({"presence", "node_added", "shop_added", "reported_state", "alert_changed"})
+CHANGES_STATE = frozenset({"presence", "node_added", "shop_added", "reported_state", "alert_changed", "alert"})
 """Live topics after which the fleet table's cached shop summaries are re-read."""
 
 
@@ -118,7 +119,7 @@ def dashboard_router(reader: RegistryReader, hub: LiveHub, rules: AlertRules, *,
     """
     router = APIRouter()
     engine = reader.engine
-    summaries = SummaryCache(reader, summary_max_age_s)
+    summaries = SummaryCache(reader, summary_max_age_s, rules=rules)
 
     def on_live(topic: str, _data: dict[str, Any]) -> None:
         if topic in CHANGES_STATE:
