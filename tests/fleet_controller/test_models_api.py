@@ -156,6 +156,10 @@ def test_a_model_change_alone_changes_only_the_vision_pod_templates(tmp_path: Pa
             mount = next(m for m in c["volumeMounts"] if m["mountPath"] == "/opt/shopfleet/model")
             assert mount["subPathExpr"] == "$(SHOPFLEET_MODEL_SHA256)" and mount["readOnly"] is True
             assert o["spec"]["template"]["metadata"]["annotations"]["shopfleet.io/model-sha256"] == b.sha256
+    # The model-stage init container runs the release's vision build, like the vision container.
+    vision = next(o for o in sb.objects if o["metadata"]["name"] == "vision-arm64")["spec"]["template"]["spec"]
+    stage = next(c for c in vision["initContainers"] if c["name"] == "model-stage")
+    assert stage["image"] == vision["containers"][0]["image"] == images["vision"]
 
 
 def test_cli_release_create_uploads_the_model_through_the_api(tmp_path: Path, api: ModelApi):
