@@ -17,6 +17,7 @@ disabled never loads them.
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -25,6 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from edge_agent.apply.diff import ObjectRef
 from edge_agent.apply.model_fetch import ModelsConfig
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from edge_agent.apply.cluster import ClusterClient
@@ -104,7 +107,11 @@ def attach(
         models=ModelStager(config.models, ModelMetrics(agent.registry)),
     )
     if config.models.serve_port:
-        ShopModelServer(config.models.dir / ".archives", config.models.serve_port).start()
+        try:
+            ShopModelServer(config.models.dir / ".archives", config.models.serve_port).start()
+        except OSError as exc:  # the applier still applies; the vision nodes' model-stage reports what is missing
+            log.error("cannot serve model packages on port %s (%s): other nodes cannot stage models; free the port or change "
+                      "apply.models.serve_port", config.models.serve_port, exc)
     agent.register_desired_state_handler(handler.handle, observe=handler.observe)
     if config.drift_interval_s > 0:
         threading.Thread(

@@ -171,3 +171,20 @@ def test_cli_release_create_uploads_the_model_through_the_api(tmp_path: Path, ap
     rel = ReleaseStore(api.engine).get("m1")
     assert rel.model is not None and rel.model.sha256 == model_package_digest(d).sha256
     assert ModelStore(api.engine).get(rel.model.sha256) is not None
+
+
+def test_store_round_trip_on_each_engine(tmp_path: Path, db_url: str):
+    from fleet_controller.registry.db import create_engine
+    from fleet_controller.registry.migrations import upgrade
+
+    engine = create_engine(db_url)
+    upgrade(engine)
+    try:
+        d = make_package(tmp_path, size=CHUNK_BYTES + 100)
+        ref = store_model(engine, d)
+        archive = archive_bytes_of(d)
+        assert b"".join(ModelStore(engine).read(ref.sha256, 0, len(archive) - 1)) == archive
+        ModelStore(engine).delete(ref.sha256)
+        assert ModelStore(engine).get(ref.sha256) is None
+    finally:
+        engine.dispose()
