@@ -518,7 +518,7 @@ class DesiredState(_Msg):
     release: str = Field(max_length=128)
     revision: int = Field(ge=1, le=INT32_MAX, description="Increases with every new desired state of the shop.")
     objects: tuple[KubeObject, ...] = Field(max_length=1000, description="Rendered Kubernetes objects.")
-    model: ModelRef | None = Field(None, description="Model package reference (name, sha256).")
+    model: ModelRef | None = Field(None, description="Model package reference (name, sha256, archive_sha256, archive_bytes, token; docs/models.md).")
     signature: Signature | None = None
 
     def signing_bytes(self) -> bytes:

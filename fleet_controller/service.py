@@ -348,7 +348,7 @@ def build_service(
     from fleet_controller import alerts, rollout
     from fleet_controller.alerts.rules import load_rules
     from fleet_controller.rollout.signing import load_private_key
-    from fleet_controller.web import alerts_pages, reviews
+    from fleet_controller.web import alerts_pages, models_api, reviews
     from fleet_controller.web.dashboard.setup import attach
 
     rules = load_rules(settings.alert_rules)
@@ -361,6 +361,7 @@ def build_service(
     alerts_pages.attach(service, alert_worker.metrics, dashboard_url=settings.dashboard.url)
     rollout.install(service, settings.rollout)
     reviews.install(service)
+    models_api.install(service, settings.rollout.signing_key if settings.rollout else None)
     return service
 
 

@@ -48,6 +48,7 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 WRITE_PERMISSIONS: tuple[tuple[str, Permission], ...] = (
     ("/api/v1/releases", Permission.ROLLOUTS),
     ("/api/v1/carts", Permission.CARTS_REVIEW),
+    ("/api/v1/models", Permission.ROLLOUTS),
     ("/api/v1/rollouts", Permission.ROLLOUTS),
     ("/api/v1/alerts", Permission.ALERTS_ACK),
     ("/api/v1/silences", Permission.ALERTS_SILENCE),
