@@ -23,7 +23,7 @@ from fleet_controller.web.dashboard.router import dashboard_router
 from .conftest import role_users
 from .test_accounts import FAST
 
-OPEN = {"/login", "/healthz", "/metrics", "/static/{name}", "/static/docs-init.js", "/static/vendor/{name:path}"}
+OPEN = {"/login", "/healthz", "/metrics", "/static/{name}", "/static/docs-init.js", "/static/vendor/{name:path}", "/static/vendor/uplot/{name}"}
 # FastAPI serves its API docs outside the dependency system; they describe the API and hold no
 # fleet data, so they stay open (docs/dashboard.md says so). Everything else must refuse.
 DOCS = {"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
