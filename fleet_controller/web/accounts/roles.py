@@ -19,13 +19,16 @@ class Permission(StrEnum):
     ALERTS_SILENCE = "alerts:silence"  # silence alerts for a while
     ROLLOUTS = "rollouts:write"  # create releases, start/pause/resume/abort/rollback rollouts
     USERS = "users:admin"  # manage users and tokens
+    AUDIT = "audit:view"  # read the audit log and export it
+    ACTIONS = "shops:actions"  # remote actions: restart a pipeline, maintenance, re-send desired state
     FLEET_ADMIN = "fleet:admin"  # enroll shops and nodes, anything else that changes the fleet
 
 
 class Role(StrEnum):
-    """The four roles of the issue, from least to most powerful."""
+    """The roles, from least to most powerful; ``auditor`` reads everything and the audit log, changes nothing."""
 
     VIEWER = "viewer"
+    AUDITOR = "auditor"
     OPERATOR = "operator"
     ML_ENGINEER = "ml-engineer"
     ADMIN = "admin"
@@ -33,7 +36,8 @@ class Role(StrEnum):
 
 ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
     Role.VIEWER: frozenset({Permission.VIEW}),
-    Role.OPERATOR: frozenset({Permission.VIEW, Permission.ALERTS_ACK, Permission.ALERTS_SILENCE}),
+    Role.AUDITOR: frozenset({Permission.VIEW, Permission.AUDIT}),
+    Role.OPERATOR: frozenset({Permission.VIEW, Permission.ALERTS_ACK, Permission.ALERTS_SILENCE, Permission.ACTIONS}),
     Role.ML_ENGINEER: frozenset({Permission.VIEW, Permission.ROLLOUTS}),
     Role.ADMIN: frozenset(Permission),
 }
@@ -48,6 +52,8 @@ WRITE_PERMISSIONS: tuple[tuple[str, Permission], ...] = (
     ("/api/v1/silences", Permission.ALERTS_SILENCE),
     ("/api/v1/users", Permission.USERS),
     ("/api/v1/tokens", Permission.USERS),
+    ("/admin", Permission.USERS),
+    ("/api/v1/actions", Permission.ACTIONS),
     ("/logout", Permission.VIEW),
     ("/account", Permission.VIEW),
 )
