@@ -172,7 +172,7 @@ def test_users_page_creates_changes_resets_and_disables_with_csrf(admin_app):
 
 
 def test_users_api(admin_app):
-    app, store, creds, *_ = admin_app
+    app, _store, creds, *_ = admin_app
     client, csrf = session(app, creds, "admin")
     h = {"X-CSRF-Token": csrf}
     assert client.post("/api/v1/users", json={"username": "dave", "role": "ml-engineer"}).status_code == 403  # no CSRF header
@@ -224,7 +224,7 @@ def test_token_is_shown_once_works_lists_last_use_and_revokes(admin_app):
 
 
 def test_every_kind_of_action_is_audited_with_who_what_when_where(admin_app, registry):
-    app, store, creds, pub, _ = admin_app
+    app, store, creds, *_ = admin_app
     TestClient(app).post("/login", data={"username": "admin", "password": "wrong", "csrf_token": "x"})  # csrf failure
     bad = TestClient(app)
     login(bad, "operator", "wrong-password")
