@@ -84,6 +84,7 @@ class UplinkLoop:
         self._drain_deadline: float | None = None
         self.connected = threading.Event()
         self.session = 0
+        self._session_used = False  # whether self.session has had a connection (then the next one takes a new number)
         self.last_ack: float | None = None
         self.ever_connected = False
         self._thread: threading.Thread | None = None
@@ -128,8 +129,14 @@ class UplinkLoop:
                 if self._drain_deadline is not None and time.monotonic() >= self._drain_deadline:
                     break
                 try:
-                    self.session = self.outbox.next_session()
+                    # The session counts connections, not attempts (docs/protocol.md): a number is
+                    # taken once and reused by every failed attempt until one connects. A failed
+                    # attempt never registered its Will, so reusing its number cannot confuse presence.
+                    if self._session_used or self.session == 0:
+                        self.session = self.outbox.next_session()
+                        self._session_used = False
                     self._link.connect(will=self._presence("offline", "will"))
+                    self._session_used = True
                 except (ConnectFailed, ConnectRefused) as exc:
                     reason = exc.reason
                     self.metrics.connect_failures.labels(reason).inc()

@@ -158,6 +158,31 @@ class PresenceSettings(_Section):
         return self
 
 
+class SeriesSettings(_Section):
+    """Time series for the dashboard's charts (``retention.series``): how long each resolution is kept.
+
+    Raw samples are folded into 1-minute and 1-hour buckets (count, sum, min, max) every time
+    retention runs (``retention.interval_s``); a chart reads the coarsest tier that still shows
+    the range it asks for. Longer ages keep more history at the cost of database size, roughly
+    (series per node) x (samples per interval) rows per tier.
+    """
+
+    raw_max_age_s: float = Field(86400.0, gt=0, description="Raw samples (every heartbeat and reading) are kept this long; 1-hour charts read them.")
+    minute_max_age_s: float = Field(
+        7 * 86400.0, gt=0, description="1-minute buckets are kept this long; 24-hour and 7-day charts read them."
+    )
+    hour_max_age_s: float = Field(90 * 86400.0, gt=0, description="1-hour buckets are kept this long; longer ranges read them.")
+    max_points: int = Field(
+        600, ge=10, le=10_000, description="Most buckets per line the series API answers with; the bucket width grows with the range to fit."
+    )
+
+    @model_validator(mode="after")
+    def _order(self) -> SeriesSettings:
+        if not self.raw_max_age_s <= self.minute_max_age_s <= self.hour_max_age_s:
+            raise ValueError("keep raw_max_age_s <= minute_max_age_s <= hour_max_age_s (coarser tiers cover longer ranges)")
+        return self
+
+
 class RetentionSettings(_Section):
     """Bounds on history, so the registry stays small on a fleet that runs for years."""
 
@@ -165,7 +190,8 @@ class RetentionSettings(_Section):
     heartbeat_max_age_s: float = Field(86400.0, gt=0, description="Heartbeats older than this are deleted.")
     events_per_shop: int = Field(5000, ge=1, description="Events and alerts kept per shop.")
     event_max_age_s: float = Field(30 * 86400.0, gt=0, description="Events older than this are deleted.")
-    interval_s: float = Field(60.0, gt=0, description="How often retention runs.")
+    interval_s: float = Field(60.0, gt=0, description="How often retention runs (and series are rolled up).")
+    series: SeriesSettings = Field(default_factory=SeriesSettings, description="Time series tiers and their ages.")
 
 
 class IntakeSettings(_Section):
@@ -183,6 +209,19 @@ class IntakeSettings(_Section):
         "'thread' (in the controller process; simpler to debug, shares one core with the MQTT thread).",
     )
     log_every_s: float = Field(60.0, gt=0, description="A rejected message of a given reason is logged at most once per this many seconds.")
+    max_seq_jump: int = Field(
+        100_000, ge=1, le=2**62,
+        description="A seq this far above a node's watermark is refused (reason seq_jump) instead of counting a huge gap; "
+        "larger tolerates longer outbox evictions, smaller refuses absurd seqs sooner.",
+    )
+    seq_resync_after: int = Field(
+        3, ge=1, le=1000,
+        description="Consecutive seqs beyond max_seq_jump after which the node's stream is rebased there (it really continues there).",
+    )
+    max_session_jump: int = Field(
+        10_000, ge=1, le=2**31,
+        description="A birth or Will whose session is this far above the held one is refused (reason session_jump).",
+    )
 
 
 class ExecutorSettings(BaseModel):

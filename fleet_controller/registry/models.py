@@ -22,6 +22,7 @@ from sqlalchemy import (
     ForeignKeyConstraint,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
 )
@@ -72,6 +73,7 @@ class Node(Base):
     messages_total: Mapped[int] = mapped_column(Integer, default=0)
     duplicates_total: Mapped[int] = mapped_column(Integer, default=0)
     missing_total: Mapped[int] = mapped_column(Integer, default=0)
+    retired_epochs: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)  # 0004_quarantine
     __table_args__ = (ForeignKeyConstraint(["shop_id"], ["shops.id"], ondelete="CASCADE"),)
 
 
@@ -163,3 +165,24 @@ class ReportedStateRecord(Base):
     objects: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
     ts: Mapped[float] = mapped_column(Float)
     received_at: Mapped[float] = mapped_column(Float)
+
+
+class QuarantinedMessage(Base):
+    """A message that parsed but could not be stored (or returned by the writer): kept raw for an operator.
+
+    Created by the Alembic revision ``0004_quarantine``. ``payload`` is capped
+    (``fleet_controller.registry.store.QUARANTINE_PAYLOAD_BYTES``); ``payload_bytes`` is the original size.
+    """
+
+    __tablename__ = "quarantine"
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    received_at: Mapped[float] = mapped_column(Float)
+    quarantined_at: Mapped[float] = mapped_column(Float)
+    topic: Mapped[str] = mapped_column(String(512))
+    shop_id: Mapped[str | None] = mapped_column(String(63), nullable=True)
+    node_id: Mapped[str | None] = mapped_column(String(63), nullable=True)
+    reason: Mapped[str] = mapped_column(String(32))
+    error: Mapped[str] = mapped_column(Text)
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    payload_bytes: Mapped[int] = mapped_column(Integer)
+    __table_args__ = (Index("ix_quarantine_reason", "reason", "id"),)

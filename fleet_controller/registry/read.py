@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import case, func, or_, select
 from sqlalchemy.engine import Engine, Row
 
+from edge_agent.protocol import FREE_FORM, check_free_form
 from fleet_controller.registry.db import table_of
 from fleet_controller.registry.models import (
     CommandResultRecord,
@@ -28,6 +29,7 @@ from fleet_controller.registry.models import (
     HeartbeatRecord,
     LatestReading,
     Node,
+    QuarantinedMessage,
     ReportedStateRecord,
     Shop,
 )
@@ -39,6 +41,7 @@ EVENTS = table_of(EventRecord)
 READINGS = table_of(LatestReading)
 RESULTS = table_of(CommandResultRecord)
 REPORTED = table_of(ReportedStateRecord)
+QUARANTINE = table_of(QuarantinedMessage)
 
 NodeKey = tuple[str, str]
 PRESENCE_STATES = ("online", "stale", "offline", "unknown")
@@ -267,10 +270,41 @@ def _reported(rep: Row[Any]) -> ReportedStateView:
                              error=rep.error, objects=rep.objects or [], ts=rep.ts, received_at=rep.received_at)
 
 
+def displayable(data: Any) -> dict[str, Any]:
+    """Return stored free-form ``data`` if it is within the protocol's free-form limits, else a note saying why not.
+
+    Rows stored before the protocol bounded free-form values may nest hundreds of levels deep,
+    which the API's serialiser cannot render (every page holding one answered 500); such a value
+    is replaced, the row itself is still listed.
+    """
+    if not isinstance(data, dict):
+        return {}
+    try:
+        return check_free_form(data, FREE_FORM, "data")  # type: ignore[no-any-return]
+    except (ValueError, RecursionError) as exc:
+        return {"_unreadable": f"stored data exceeds the free-form limits and is not shown: {str(exc)[:200]}"}
+
+
 def _event(e: Row[Any]) -> EventView:
     return EventView(id=e.id, shop=e.shop_id, node=e.node_id, kind=e.kind, type=e.type, state=e.state,
-                     severity=e.severity, source=e.source, message=e.message, data=e.data or {}, at=e.at,
+                     severity=e.severity, source=e.source, message=e.message, data=displayable(e.data), at=e.at,
                      received_at=e.received_at, seq=e.seq)
+
+
+class QuarantineView(_View):
+    """A quarantined message: what arrived, when, and why it could not be stored."""
+
+    id: int
+    received_at: float
+    quarantined_at: float
+    topic: str
+    shop: str | None
+    node: str | None
+    reason: str = Field(description="store, writer, unexpected (see docs/controller.md).")
+    error: str
+    payload: str = Field(description="The payload as text (UTF-8, undecodable bytes replaced), at most 64 KiB.")
+    payload_bytes: int = Field(description="Size of the payload as received.")
+    truncated: bool = Field(description="Whether the stored payload was cut to 64 KiB.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -515,6 +549,28 @@ class RegistryReader:
         with self.engine.connect() as conn:
             rows = conn.execute(select(EVENTS.c.type, func.count()).where(EVENTS.c.kind == kind).group_by(EVENTS.c.type)).all()
         return {t: int(n) for t, n in rows}
+
+    def list_quarantine(
+        self, *, reason: str | None = None, shop: str | None = None, limit: int = 50, offset: int = 0,
+    ) -> tuple[list[QuarantineView], int]:
+        """Return one page of quarantined messages (newest first) and how many match in all."""
+        conds = []
+        if reason:
+            conds.append(QUARANTINE.c.reason == reason)
+        if shop:
+            conds.append(QUARANTINE.c.shop_id == shop)
+        with self.engine.connect() as conn:
+            total = conn.execute(select(func.count()).select_from(QUARANTINE).where(*conds)).scalar_one()
+            rows = conn.execute(select(QUARANTINE).where(*conds).order_by(QUARANTINE.c.id.desc()).limit(limit).offset(offset))
+            items = [
+                QuarantineView(
+                    id=r.id, received_at=r.received_at, quarantined_at=r.quarantined_at, topic=r.topic, shop=r.shop_id,
+                    node=r.node_id, reason=r.reason, error=r.error, payload=bytes(r.payload).decode("utf-8", "replace"),
+                    payload_bytes=r.payload_bytes, truncated=len(r.payload) < r.payload_bytes,
+                )
+                for r in rows
+            ]
+        return items, int(total)
 
     def command_result(self, correlation_id: str) -> CommandResultView | None:
         """Return the stored answer to a command, or None while there is none."""

@@ -32,6 +32,7 @@ from typing import Any
 from sqlalchemy import JSON, Table, bindparam, delete, func, insert, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from edge_agent.protocol import (
     Alert,
@@ -43,6 +44,7 @@ from edge_agent.protocol import (
     Telemetry,
     validate_id,
 )
+from fleet_controller.registry import series
 from fleet_controller.registry.bus import BusEvent
 from fleet_controller.registry.db import table_of
 from fleet_controller.registry.models import (
@@ -51,6 +53,7 @@ from fleet_controller.registry.models import (
     HeartbeatRecord,
     LatestReading,
     Node,
+    QuarantinedMessage,
     ReportedStateRecord,
     Shop,
 )
@@ -65,6 +68,42 @@ EVENTS = table_of(EventRecord)
 READINGS = table_of(LatestReading)
 RESULTS = table_of(CommandResultRecord)
 REPORTED = table_of(ReportedStateRecord)
+QUARANTINE = table_of(QuarantinedMessage)
+
+QUARANTINE_PAYLOAD_BYTES = 64 * 1024
+"""Bytes of a quarantined payload kept (its full size is recorded): enough to see what it was."""
+QUARANTINE_KEEP = 10_000
+"""Quarantined messages kept; retention deletes the oldest beyond it, so a flood cannot fill the disk."""
+QUARANTINE_ERROR_CHARS = 2000
+
+# SQLSTATE classes that mean "the database is unavailable", not "this row is bad": connection
+# exceptions, insufficient resources, operator intervention (shutdown), system errors,
+# serialization failures and deadlocks (retrying helps).
+_UNAVAILABLE_SQLSTATE_CLASSES = frozenset({"08", "53", "57", "58", "40"})
+# SQLite has no SQLSTATE: these texts of its OperationalError mean the file, not the row.
+_UNAVAILABLE_SQLITE_TEXTS = ("locked", "busy", "unable to open", "disk i/o", "disk is full", "readonly", "no such table")
+
+
+def store_unavailable(exc: BaseException) -> bool:
+    """Return whether ``exc`` says the database is unavailable (hold the stream and retry) rather than refusing one message.
+
+    Only this kind of failure may hold the intake: anything else is blamed on the messages being
+    stored, which are then stored one by one and the failing one quarantined.
+    """
+    if isinstance(exc, InterfaceError) or getattr(exc, "connection_invalidated", False):
+        return True
+    if not isinstance(exc, OperationalError):
+        return False
+    orig = exc.orig
+    code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    if code:
+        return str(code)[:2] in _UNAVAILABLE_SQLSTATE_CLASSES
+    text = str(orig).lower()
+    return any(t in text for t in _UNAVAILABLE_SQLITE_TEXTS) or not text or "connection" in text
+
+
+MAX_RETIRED_EPOCHS = 64
+"""Epochs a node has left that the cursor remembers (and refuses); beyond it the oldest are forgotten."""
 
 NodeKey = tuple[str, str]
 PresenceChange = tuple[NodeKey, str, "PresenceView", float | None]
@@ -88,11 +127,16 @@ class SeqCursor:
     """Where a node's message stream stands: epoch, highest seq seen, and missing ranges below it.
 
     ``gaps`` are sorted, disjoint, inclusive ``(first, last)`` ranges of seqs not yet received.
+    ``retired`` are the epochs the node has left (oldest first, at most ``MAX_RETIRED_EPOCHS``):
+    an epoch only moves forward. ``pending`` is ``(epoch, seq, run)`` of the last refused seq jump
+    and how many consecutive seqs followed it (in memory only; see the intake's ``advance``).
     """
 
     epoch: str = ""
     watermark: int = 0
     gaps: tuple[tuple[int, int], ...] = ()
+    retired: tuple[str, ...] = ()
+    pending: tuple[str, int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -122,6 +166,17 @@ class WriteBatch:
     presences: list[tuple[Presence, float]] = field(default_factory=list)
     nodes: dict[NodeKey, NodeUpdate] = field(default_factory=dict)
     seen: dict[NodeKey, float] = field(default_factory=dict)
+    max_session_jump: int | None = None  # a birth or Will further above the held session is refused
+    session_jumps: int = 0  # set by write_batch: presences refused by max_session_jump
+
+
+def session_jump(current: PresenceView, msg: Presence, max_jump: int | None) -> bool:
+    """Return whether ``msg`` claims a session absurdly far above the one the registry holds.
+
+    A node seen for the first time (session 0) may start anywhere: agents of older versions
+    counted connection attempts, not connections, and can hold large numbers legitimately.
+    """
+    return max_jump is not None and current.session > 0 and msg.session > current.session + max_jump
 
 
 def decide_presence(current: PresenceView, msg: Presence) -> PresenceView | None:
@@ -239,12 +294,14 @@ class RegistryStore:
             return out
         with self.engine.connect() as conn:
             rows = conn.execute(
-                select(NODES.c.shop_id, NODES.c.node_id, NODES.c.epoch, NODES.c.watermark, NODES.c.gaps).where(
+                select(NODES.c.shop_id, NODES.c.node_id, NODES.c.epoch, NODES.c.watermark, NODES.c.gaps, NODES.c.retired_epochs).where(
                     tuple_(NODES.c.shop_id, NODES.c.node_id).in_(keys)
                 )
             )
-            for shop, node, epoch, watermark, gaps in rows:
-                out[(shop, node)] = SeqCursor(epoch, int(watermark), tuple((int(a), int(b)) for a, b in (gaps or [])))
+            for shop, node, epoch, watermark, gaps, retired in rows:
+                out[(shop, node)] = SeqCursor(
+                    epoch, int(watermark), tuple((int(a), int(b)) for a, b in (gaps or [])), tuple(str(e) for e in (retired or []))
+                )
         return out
 
     def write_batch(self, batch: WriteBatch, now: float | None = None) -> list[BusEvent]:
@@ -263,7 +320,9 @@ class RegistryStore:
             created, known = self._ensure(conn, sorted(keys - unknown), now)
             events += created
             facts = self._store_uplinks(conn, batch, now, events, unknown)
-            events += self._store_presences(conn, batch.presences, now)
+            series.store_points(conn, batch.uplinks)
+            presence_events, batch.session_jumps = self._store_presences(conn, batch.presences, now, batch.max_session_jump)
+            events += presence_events
             self._update_nodes(conn, batch, facts)
             events += self._revive(conn, batch, now)
         # Only committed rows are known; a rolled-back batch must create them again.
@@ -440,14 +499,25 @@ class RegistryStore:
         conn.execute(insert(EVENTS), events)
         return out
 
-    def _store_presences(self, conn: Connection, presences: list[tuple[Presence, float]], now: float) -> list[BusEvent]:
+    def _store_presences(
+        self, conn: Connection, presences: list[tuple[Presence, float]], now: float, max_session_jump: int | None = None
+    ) -> tuple[list[BusEvent], int]:
+        """Apply births and Wills; return the changes and how many were refused for a session jump."""
         if not presences:
-            return []
+            return [], 0
+        jumps = 0
         state = self._presence_of(conn, sorted({(p.shop, p.node) for p, _ in presences}))
         changes: list[PresenceChange] = []
         for msg, received in presences:
             key = (msg.shop, msg.node)
             current = state[key]
+            if session_jump(current, msg, max_session_jump):
+                jumps += 1
+                log.warning(
+                    "refusing %s presence of %s/%s: session %s is more than %s above the held session %s",
+                    msg.state, msg.shop, msg.node, msg.session, max_session_jump, current.session,
+                )
+                continue
             new = decide_presence(current, msg)
             if new is None:
                 log.info(
@@ -457,7 +527,7 @@ class RegistryStore:
                 continue
             changes.append((key, current.presence, new, received if msg.state == "online" else None))
             state[key] = new
-        return self._set_presences(conn, changes, now)
+        return self._set_presences(conn, changes, now), jumps
 
     def _update_nodes(self, conn: Connection, batch: WriteBatch, facts: dict[NodeKey, tuple[Heartbeat, str, str]]) -> None:
         """Update facts, sequence cursor, counters and last_seen of every node in the batch, one statement per row shape."""
@@ -468,7 +538,8 @@ class RegistryStore:
             row: tuple[Any, ...] = (seen,)
             if u is not None:
                 c = u.cursor
-                row += (c.epoch, c.watermark, _gaps_text(c.gaps), u.messages, u.duplicates, u.missing)
+                row += (c.epoch, c.watermark, _gaps_text(c.gaps), json.dumps(c.retired) if c.retired else None,
+                        u.messages, u.duplicates, u.missing)
             if latest is not None:  # in _FACT_COLUMNS order
                 hb, metrics, pipelines = latest
                 f = hb.facts
@@ -480,7 +551,8 @@ class RegistryStore:
         for (has_cursor, has_facts), rows in groups.items():
             sets = [f"last_seen = {greatest}(COALESCE(last_seen, 0), {ph()})"]
             if has_cursor:
-                sets += [f"epoch = {ph()}", f"watermark = {ph()}", f"gaps = {ph(True)}", f"messages_total = messages_total + {ph()}",
+                sets += [f"epoch = {ph()}", f"watermark = {ph()}", f"gaps = {ph(True)}", f"retired_epochs = {ph(True)}",
+                         f"messages_total = messages_total + {ph()}",
                          f"duplicates_total = duplicates_total + {ph()}", f"missing_total = missing_total + {ph()}"]
             if has_facts:
                 sets += [f'"{c}" = {ph(c in _NODE_JSON)}' for c in _FACT_COLUMNS]
@@ -549,6 +621,9 @@ class RegistryStore:
                 over = select(ranked.c.id).where(ranked.c.rn > keep)
                 n += conn.execute(delete(table).where(table.c.id.in_(over))).rowcount
                 deleted[table.name] = n
+            deleted.update(series.maintain(conn, settings.series, now))
+            newest_kept = select(QUARANTINE.c.id).order_by(QUARANTINE.c.id.desc()).offset(QUARANTINE_KEEP).limit(1).scalar_subquery()
+            deleted["quarantine"] = conn.execute(delete(QUARANTINE).where(QUARANTINE.c.id <= newest_kept)).rowcount
         return deleted
 
     def register_shop(
@@ -578,3 +653,40 @@ class RegistryStore:
                 stmt = stmt.on_conflict_do_nothing()
             conn.execute(stmt)
         self._known_shops.add(shop)
+
+
+@dataclass(frozen=True)
+class Quarantined:
+    """One message to keep in the dead-letter table: what arrived, and why it could not be stored."""
+
+    topic: str
+    payload: bytes
+    received_at: float
+    reason: str
+    error: str
+    shop: str | None = None
+    node: str | None = None
+
+
+def _clean_text(text: str, limit: int) -> str:
+    # PostgreSQL refuses NUL in text, and the error text may quote the very payload that held one.
+    return text.replace("\x00", "\\0")[:limit]
+
+
+def quarantine_row(q: Quarantined, now: float) -> dict[str, Any]:
+    """Return the ``quarantine`` row for ``q``: topic, error and payload capped, NULs escaped."""
+    return {
+        "received_at": q.received_at, "quarantined_at": now, "topic": _clean_text(q.topic, 512),
+        "shop_id": q.shop, "node_id": q.node, "reason": q.reason[:32],
+        "error": _clean_text(q.error, QUARANTINE_ERROR_CHARS),
+        "payload": bytes(q.payload[:QUARANTINE_PAYLOAD_BYTES]), "payload_bytes": len(q.payload),
+    }
+
+
+def store_quarantined(engine: Engine, items: Sequence[Quarantined], now: float | None = None) -> None:
+    """Insert ``items`` into the dead-letter table in one transaction (raises what the database raises)."""
+    if not items:
+        return
+    now = time.time() if now is None else now
+    with engine.begin() as conn:
+        conn.execute(insert(QUARANTINE), [quarantine_row(q, now) for q in items])

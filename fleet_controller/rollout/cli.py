@@ -287,7 +287,15 @@ def _rollout_action(args: argparse.Namespace) -> int:
     from fleet_controller.rollout.store import request_action
 
     kind, be = _backend(args)
-    st = request_action(be, args.id, args.action, args.reason) if kind == "db" else be.call("POST", f"/rollouts/{args.id}/{args.action}", {"reason": args.reason})
+    if kind == "db":
+        st = request_action(be, args.id, args.action, args.reason)
+    else:
+        body = {"reason": args.reason}
+        if args.action in ("abort", "rollback"):  # the API acts only on the scope it showed (its token)
+            shown = be.call("GET", f"/rollouts/{args.id}/{args.action}/scope")
+            body["confirm"] = shown["token"]
+            print(shown["scope"], file=sys.stderr)
+        st = be.call("POST", f"/rollouts/{args.id}/{args.action}", body)
     _print(args, st, _status_text(st))
     return EXIT_OK
 

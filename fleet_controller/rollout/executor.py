@@ -77,6 +77,7 @@ from fleet_controller.rollout.store import (
     RSHOPS,
     load_fleet,
     log_event,
+    record_failure,
 )
 from fleet_controller.settings import ExecutorSettings
 
@@ -204,14 +205,16 @@ class RolloutExecutor:
 
     # ----- one rollout ----------------------------------------------------------------------
 
-    def _move(self, rollout_id: int, shop: str, expect: str, now: float, **values: Any) -> bool:
-        """Change one shop's row if it is still in state ``expect``; log the step; return whether it moved."""
+    def _move(self, rollout_id: int, shop: str, expect: str, now: float, failure: MoveShop | None = None, **values: Any) -> bool:
+        """Change one shop's row if it is still in state ``expect``; log the step (and ``failure``, for good); return whether it moved."""
         with self.engine.begin() as conn:
             n = conn.execute(
                 update(RSHOPS).where(RSHOPS.c.rollout_id == rollout_id, RSHOPS.c.shop_id == shop, RSHOPS.c.state == expect).values(**values)
             ).rowcount
             if n and "state" in values:
                 log_event(conn, rollout_id, values["state"], values.get("reason", ""), shop=shop, now=now)
+            if n and failure is not None and failure.gate is not None:
+                record_failure(conn, rollout_id, shop, failure.gate, values.get("reason", ""), failure.value, failure.threshold, now)
         return n == 1
 
     def _set_rollout(self, rollout_id: int, now: float, kind: str, message: str, **values: Any) -> None:
@@ -272,7 +275,7 @@ class RolloutExecutor:
         jobs: list[tuple[str, ReleaseSpec, int, FleetShop | None, str]] = []
         for a in actions:
             if isinstance(a, MoveShop):
-                if self._move(rollout_id, a.shop, a.expect, now, **a.values):
+                if self._move(rollout_id, a.shop, a.expect, now, a, **a.values):
                     if a.gate is not None:
                         self.metrics.gate_failures.labels(a.gate).inc()
                         log.warning("rollout %s: shop %s failed (%s): %s", rollout_id, a.shop, a.gate, a.values.get("reason", ""))

@@ -91,7 +91,8 @@ class MoveShop:
     """Change a shop's row if it is still in state ``expect``; a ``state`` among ``values`` is logged as a rollout event.
 
     ``outcome`` (done, failed, rolled_back) and ``gate`` (the gate that failed it) are counted
-    when the row moved.
+    when the row moved; with a ``gate``, the executor also records the failure (gate, ``value``,
+    ``threshold``, reason) for good, since the shop's own reason changes as it is rolled back.
     """
 
     shop: str
@@ -99,6 +100,8 @@ class MoveShop:
     values: Mapping[str, Any]
     outcome: str | None = None
     gate: str | None = None
+    value: float | None = None
+    threshold: float | None = None
 
 
 @dataclass(frozen=True)
@@ -171,14 +174,15 @@ class _Step:
         self.shops[shop] = replace(row, **values)
         return True
 
-    def move(self, shop: str, expect: str, outcome: str | None = None, gate: str | None = None, **values: Any) -> bool:
+    def move(self, shop: str, expect: str, outcome: str | None = None, gate: str | None = None,
+             measured: tuple[float | None, float | None] = (None, None), **values: Any) -> bool:
         if not self._set(shop, expect, values):
             return False
-        self.actions.append(MoveShop(shop, expect, values, outcome, gate))
+        self.actions.append(MoveShop(shop, expect, values, outcome, gate, *measured))
         return True
 
-    def fail(self, shop: str, expect: str, gate: str, reason: str) -> None:
-        self.move(shop, expect, outcome="failed", gate=gate, state="failed", done_at=self.s.now, reason=reason)
+    def fail(self, shop: str, expect: str, gate: str, reason: str, value: float | None = None, threshold: float | None = None) -> None:
+        self.move(shop, expect, outcome="failed", gate=gate, measured=(value, threshold), state="failed", done_at=self.s.now, reason=reason)
 
     def publish(self, shop: str, release: str, *, expect: str, purpose: str, values: Mapping[str, Any],
                 revision_column: str = "revision") -> bool:
@@ -213,7 +217,8 @@ class _Step:
                 else:
                     self.fail(row.shop_id, "applying", "apply", f"shop reported {rep.status}: {rep.error}")
             elif now - (row.started_at or now) > policy.apply_timeout_s:
-                self.fail(row.shop_id, "applying", "apply_timeout", f"no apply report within {policy.apply_timeout_s:.0f}s")
+                self.fail(row.shop_id, "applying", "apply_timeout", f"no apply report within {policy.apply_timeout_s:.0f}s",
+                          now - (row.started_at or now), policy.apply_timeout_s)
 
     def track_bake(self) -> None:
         now, policy = self.s.now, self.s.policy
@@ -222,7 +227,7 @@ class _Step:
                 continue
             v = evaluate_gates(policy.gates, self.s.health.get(row.shop_id, []), row.applied_at or now, row.baseline or {}, now)
             if v.state == "fail":
-                self.fail(row.shop_id, "baking", v.gate, f"gate {v.gate}: {v.reason}")
+                self.fail(row.shop_id, "baking", v.gate, f"gate {v.gate}: {v.reason}", v.value, v.threshold)
                 continue
             baked = now - (row.applied_at or now) >= policy.bake_time_s
             if v.state == "pass" and baked and "errors" in (row.baseline or {}):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
@@ -23,10 +23,13 @@ from fleet_controller.registry.read import (
     EventView,
     NodeDetail,
     NotFound,
+    QuarantineView,
     RegistryReader,
     ShopDetail,
     ShopSummary,
 )
+from fleet_controller.web.accounts.roles import Permission
+from fleet_controller.web.accounts.web import require
 
 PRESENCE_PATTERN = "^(online|stale|offline|unknown)$"
 
@@ -49,6 +52,15 @@ class ShopRegistration(BaseModel):
     labels: dict[str, str] | None = Field(None, description="Free labels, e.g. {'tier': 'pilot'}.")
     timezone: str | None = Field(None, max_length=64, description="IANA time zone, e.g. Europe/Berlin (maintenance windows).")
     applier: str | None = Field(None, pattern=ID_PATTERN, description="Node whose reported state decides the shop's rollouts (the node with apply.enabled).")
+
+
+class QuarantinePage(BaseModel):
+    """One page of quarantined messages, newest first."""
+
+    items: list[QuarantineView]
+    total: int
+    limit: int
+    offset: int
 
 
 def _reader(request: Request) -> RegistryReader:
@@ -132,5 +144,19 @@ def build_router() -> APIRouter:
         except NotFound as exc:
             raise HTTPException(404, str(exc)) from None
         return reader.list_events(shop, kind=kind, after_id=after_id, limit=limit)
+
+    # Quarantined payloads are raw node input (possibly hostile, possibly personal data from a
+    # shop): operators and admins only, the roles that act on incidents (alerts:ack).
+    @r.get("/quarantine", response_model=QuarantinePage, summary="Messages the intake quarantined (dead letters)",
+           dependencies=[Depends(require(Permission.ALERTS_ACK))])
+    def list_quarantine(
+        request: Request,
+        reason: str | None = Query(None, pattern="^[a-z_]{1,32}$", description="Only this reason: store, writer, unexpected."),
+        shop: str | None = Query(None, pattern=ID_PATTERN, description="Only messages of this shop."),
+        limit: int = Query(50, ge=1, le=500, description="Page size."),
+        offset: int = Query(0, ge=0, description="Messages to skip."),
+    ) -> QuarantinePage:
+        items, total = _reader(request).list_quarantine(reason=reason, shop=shop, limit=limit, offset=offset)
+        return QuarantinePage(items=items, total=total, limit=limit, offset=offset)
 
     return r

@@ -25,7 +25,7 @@ from fleet_controller.web.remote_actions import RemoteActions, actions_router
 from .conftest import role_users
 from .test_accounts import FAST
 
-OPEN = {"/login", "/healthz", "/metrics", "/static/{name}"}
+OPEN = {"/login", "/healthz", "/metrics", "/static/{name}", "/static/docs-init.js", "/static/vendor/{name:path}"}
 # FastAPI serves its API docs outside the dependency system; they describe the API and hold no
 # fleet data, so they stay open (docs/dashboard.md says so). Everything else must refuse.
 DOCS = {"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}

@@ -107,7 +107,7 @@ def route_paths(app: Any) -> list[str]:
     return paths
 
 
-CHANGES_STATE = frozenset({"presence", "node_added", "shop_added", "reported_state", "alert_changed"})
+CHANGES_STATE = frozenset({"presence", "node_added", "shop_added", "reported_state", "alert_changed", "alert"})
 """Live topics after which the fleet table's cached shop summaries are re-read."""
 
 
@@ -120,7 +120,7 @@ def dashboard_router(reader: RegistryReader, hub: LiveHub, rules: AlertRules, *,
     """
     router = APIRouter()
     engine = reader.engine
-    summaries = SummaryCache(reader, summary_max_age_s)
+    summaries = SummaryCache(reader, summary_max_age_s, rules=rules)
 
     def on_live(topic: str, _data: dict[str, Any]) -> None:
         if topic in CHANGES_STATE:
