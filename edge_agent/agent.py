@@ -32,6 +32,7 @@ from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 from edge_agent.clock import ClockOffsetEstimator
+from edge_agent.commands import CommandGuard, CommandRefused, restart_pipeline
 from edge_agent.config import AgentConfig
 from edge_agent.facts import FactsProvider, OverriddenFacts, SystemFacts
 from edge_agent.host import CommandHandler, DesiredStateHandler
@@ -276,7 +277,14 @@ class Agent:
             reconnect_max_s=config.broker.reconnect_max_s,
             inflight=config.outbox.inflight,
         )
-        self.commands: dict[str, CommandHandler] = {"ping": self._ping}
+        self.commands: dict[str, CommandHandler] = {
+            "ping": self._ping,
+            "restart_pipeline": lambda cmd: restart_pipeline(self.supervisor, cmd),
+        }
+        self.command_guard = CommandGuard.from_files(
+            self.shop, self.node, config.commands.public_keys, config.commands.counter_path(config.outbox.path),
+            max_ttl_s=config.commands.max_ttl_s,
+        )
         self._desired_handler = desired_state_handler
         self._desired_observe: Callable[[DesiredState], bool] | None = None
         self._desired_lock = threading.Lock()
@@ -498,6 +506,14 @@ class Agent:
     def _run_command(self, cmd: Command) -> None:
         handler = self.commands.get(cmd.name)
         ok, result, error = False, {}, ""
+        try:
+            self.command_guard.check(cmd, time.time() + (self.clock.offset() or 0.0))
+        except CommandRefused as exc:
+            # Answered, so the operator sees why; the handler never runs.
+            self.metrics.commands.labels(self._command_label(cmd.name), f"refused_{exc.reason}").inc()
+            log.warning("node %s/%s refused command %s (%s): %s", self.shop, self.node, cmd.name, cmd.correlation_id, exc)
+            self.send(CommandResult, correlation_id=cmd.correlation_id, ok=False, error=str(exc)[:ERROR_MAX_CHARS])
+            return
         if handler is None:
             error = f"unknown command {cmd.name!r}; this agent knows: {', '.join(sorted(self.commands))}"
             outcome = "unknown"

@@ -127,6 +127,32 @@ class MetricsConfig(_Model):
     )
 
 
+class CommandsConfig(_Model):
+    """Remote actions: which keys may sign the commands this node runs (see docs/agent.md)."""
+
+    public_keys: tuple[str, ...] = Field(
+        (), description="PEM ed25519 public key file(s) of the controller (the .pub of rollout.signing_key, the same files as "
+        "apply.public_keys). Empty: the node runs no remote action, only an unsigned ping.",
+    )
+    state_path: str | None = Field(
+        None, description="File keeping the highest command counter accepted (replay protection across restarts). "
+        "Unset: beside the outbox, <outbox.path>.commands.json.",
+    )
+    max_ttl_s: float = Field(3600.0, gt=0, le=86400, description="Refuse a signed command that expires further ahead than this.")
+
+    @field_validator("public_keys")
+    @classmethod
+    def _exist(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for path in v:
+            if not os.path.isfile(path):
+                raise ValueError(f"public key file {path!r} does not exist: copy the controller's .pub file to the node")
+        return v
+
+    def counter_path(self, outbox_path: str) -> str:
+        """Return where the highest accepted counter is kept."""
+        return self.state_path or f"{outbox_path}.commands.json"
+
+
 class AgentConfig(_Model):
     """Configuration of the node agent (one YAML file)."""
 
@@ -140,6 +166,7 @@ class AgentConfig(_Model):
     outbox: OutboxConfig = Field(default_factory=OutboxConfig, description="Durable outbox.")
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus metrics endpoint.")
     apply: ApplyConfig = Field(default_factory=ApplyConfig, description="Whether and how this node applies the shop's desired state; see docs/rollouts.md.")
+    commands: CommandsConfig = Field(default_factory=CommandsConfig, description="Signed remote actions (restart a pipeline, ...): the keys that may sign them.")
     facts_override: dict[str, Any] = Field(
         default_factory=dict,
         description="Node facts to report instead of the measured ones (keys of NodeFacts), e.g. {arch: arm64} to look like a Pi.",

@@ -487,20 +487,6 @@ UplinkMessage = Annotated[
 # ----- controller -> node / shop ------------------------------------------------------------
 
 
-class Command(_Msg):
-    """A request to one node. ``expires_at`` is in the payload so any 3.1.1 broker works."""
-
-    kind: Literal["command"] = "command"
-    correlation_id: str = Field(default_factory=lambda: uuid.uuid4().hex, pattern=TOKEN_PATTERN)
-    name: str = Field(max_length=64, description="'ping', 'restart_pipeline', 'tare', ...")
-    args: Args = Field(default_factory=dict, description="Free-form JSON object, within the free-form limits.")
-    expires_at: float = Field(description="Unix seconds after which the node must ignore it.")
-
-    def expired(self, now: float | None = None) -> bool:
-        """Return whether the command is past its expiry."""
-        return (time.time() if now is None else now) > self.expires_at
-
-
 class Signature(BaseModel):
     """Detached ed25519 signature over :func:`canonical_bytes` of the rest of the message."""
 
@@ -508,6 +494,35 @@ class Signature(BaseModel):
     alg: Literal["ed25519"] = "ed25519"
     key_id: str = Field(max_length=64, description="Fingerprint of the signing key.")
     sig: str = Field(max_length=512, description="Base64 signature.")
+
+
+class Command(_Msg):
+    """A request to one node. ``expires_at`` is in the payload so any 3.1.1 broker works.
+
+    Signed like a desired state (``signature`` over :meth:`signing_bytes`, the controller's
+    ed25519 key): ``shop`` and ``node`` bind a signed command to the one node it was made for (a
+    copy published to another node's topic does not verify there), ``counter`` increases per node
+    with every command the controller signs, so the agent refuses a replayed command even within
+    its expiry. The agent accepts only an unsigned ``ping`` (docs/agent.md says why).
+    """
+
+    kind: Literal["command"] = "command"
+    correlation_id: str = Field(default_factory=lambda: uuid.uuid4().hex, pattern=TOKEN_PATTERN)
+    name: str = Field(max_length=64, description="'ping', 'restart_pipeline', 'tare', ...")
+    args: Args = Field(default_factory=dict, description="Free-form JSON object, within the free-form limits.")
+    expires_at: float = Field(description="Unix seconds after which the node must ignore it.")
+    shop: ShopId | None = Field(None, description="Shop the command is for; required in a signed command.")
+    node: NodeId | None = Field(None, description="Node the command is for; required in a signed command.")
+    counter: int | None = Field(None, ge=1, le=2**62, description="Per-node counter, +1 per signed command; a node refuses one not above the last.")
+    signature: Signature | None = None
+
+    def expired(self, now: float | None = None) -> bool:
+        """Return whether the command is past its expiry."""
+        return (time.time() if now is None else now) > self.expires_at
+
+    def signing_bytes(self) -> bytes:
+        """Return the canonical bytes the signature covers (everything but the signature)."""
+        return canonical_bytes(self.model_dump(mode="json", exclude={"signature"}))
 
 
 class DesiredState(_Msg):

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 
 from fleet_controller.alerts.evaluator import Firing
 from fleet_controller.alerts.models import AlertRecord, PendingCondition, Silence
+from fleet_controller.registry.maintenance import maintenance_until
 
 
 class AlertNotFound(LookupError):
@@ -95,10 +96,19 @@ def _active_silence(now: float) -> Any:
 
 
 def _silences(s: Session, now: float, keys: Iterable[str] | None = None) -> dict[str, float]:
+    wanted = None if keys is None else list(keys)
     q = select(Silence.key, func.max(Silence.until)).where(_active_silence(now)).group_by(Silence.key)
-    if keys is not None:
-        q = q.where(Silence.key.in_(list(keys)))
-    return dict(s.execute(q).all())
+    if wanted is not None:
+        q = q.where(Silence.key.in_(wanted))
+    out: dict[str, float] = dict(s.execute(q).all())
+    # A shop in maintenance mutes all its alerts (key "rule/shop/node/source") until the maintenance ends.
+    held = maintenance_until(s.connection(), now) if wanted else {}
+    for key in wanted if held and wanted else []:
+        parts = key.split("/")
+        until = held.get(parts[1]) if len(parts) > 1 else None
+        if until is not None and until > out.get(key, 0.0):
+            out[key] = until
+    return out
 
 
 def sync(engine: Engine, firing: Iterable[Firing], now: float,
