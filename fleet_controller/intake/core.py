@@ -497,12 +497,42 @@ _CORES: dict[str, IntakeCore] = {}
 """Writer state by writer key, in whichever process hosts the writer."""
 
 
+PARENT_WATCH_S = 0.5
+"""How often a writer process checks that its controller still lives."""
+
+
+def _die_with_parent() -> None:
+    """Make this writer process exit when the controller that started it dies, even by SIGKILL.
+
+    A SIGKILLed controller runs no cleanup: without this its writer (re-parented to pid 1) lived
+    on, holding its database connections, and with it multiprocessing's resource tracker (which
+    exits once every holder of its pipe has). A daemon thread polls the parent pid and
+    calls ``os._exit`` when it changes; the kernel then closes the writer's sockets, so the database
+    sees its connections end. (Linux's PR_SET_PDEATHSIG is not used: it fires when the *thread*
+    that forked the child exits, which for a process pool is whichever thread submitted first.)
+    """
+    # The pid multiprocessing recorded at spawn, not os.getppid() now: a controller killed while
+    # this process was still importing must be noticed too.
+    parent_process = multiprocessing.parent_process()
+    parent = parent_process.pid if parent_process is not None else os.getppid()
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent:
+                log.error("the controller (pid %s) is gone; the registry writer exits", parent)
+                os._exit(3)
+            time.sleep(PARENT_WATCH_S)
+
+    threading.Thread(target=watch, name="writer-parent-watch", daemon=True).start()
+
+
 def _init_writer(key: str, db_url: str, log_every_s: float, log_level: int | None) -> None:
     """Set up the writer's own engine, registry and intake core (runs on the writer)."""
     if log_level is not None:  # a spawned child starts with no logging set up
         logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s[writer]: %(message)s")
     _CORES[key] = IntakeCore(RegistryStore(create_engine(db_url)), log_every_s)
     if multiprocessing.parent_process() is not None:
+        _die_with_parent()
         # The writer's own process: move everything imported so far out of the collector's sight.
         # Parsing allocates heavily, and each full collection otherwise rescans the whole heap of
         # imported modules (a quarter of the writer's time in a profile).
