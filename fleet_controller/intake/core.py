@@ -45,10 +45,14 @@ from typing import Any
 
 from edge_agent.protocol import (
     MAX_ACK_MISSING,
+    Channel,
     EvictedRun,
     Heartbeat,
     Presence,
     ProtocolError,
+    StoredAck,
+    Topics,
+    encode,
     parse_message,
     parse_topic,
 )
@@ -472,7 +476,7 @@ class IntakeCore:
             c[2] += missing
             wb.uplinks.append((msg, received))
             kinds[msg.kind] += 1
-        wb.nodes = {key: NodeUpdate(replace(cursors[key], rev=revs[key]), *c, check_rev=True) for key, c in counts.items()}
+        wb.nodes = {key: NodeUpdate(replace(cursors[key], rev=revs[key]), c[0], c[1], c[2], c[3], check_rev=True) for key, c in counts.items()}
         events = self.registry.write_batch(wb, now)
         # Committed: only now does the in-memory cursor move on (at the revision the row now holds).
         committed = {key: replace(cursors[key], rev=revs[key] + 1) for key in counts}
@@ -689,6 +693,7 @@ class Intake:
         *,
         ack: Callable[[InboundMessage], None] = lambda m: None,
         on_events: Callable[[Sequence[BusEvent]], None] = lambda e: None,
+        publish: Callable[[str, bytes], object] | None = None,
         retry_delay_s: float = 1.0,
     ) -> None:
         self.writer = writer
@@ -696,8 +701,13 @@ class Intake:
         self.settings = settings
         self._ack = ack
         self._on_events = on_events
+        self._publish = publish
         self._retry_delay = retry_delay_s
         self._pending: collections.deque[InboundMessage] = collections.deque()
+        self._room = threading.Condition()  # the MQTT thread waits on it while the queue is full
+        self.max_queue = settings.max_queue
+        self.queue_high_water = 0  # the longest the queue has been (tests and the flow-control docs)
+        self.pauses = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._waiting = threading.Event()
@@ -706,16 +716,42 @@ class Intake:
         self.quarantined_total = 0
         self.failing_since: float | None = None  # when storing started failing, while it does
         self._failing_logged = False
-        self.limits = SeqLimits(settings.max_seq_jump, settings.seq_resync_after, settings.max_session_jump)
+        self.limits = SeqLimits(settings.max_seq_jump, settings.seq_resync_after, settings.max_session_jump,
+                                acks=settings.ack_nodes and publish is not None)
     # ----- producer side (MQTT thread) -------------------------------------------------------
 
     def submit(self, message: InboundMessage) -> None:
-        """Queue one received message; safe to call from the MQTT network thread."""
+        """Queue one received message; safe to call from the MQTT network thread.
+
+        Flow control: when the queue holds ``intake.max_queue`` messages, the calling (network)
+        thread waits until batches have taken it below half of that. paho reads nothing from the
+        socket meanwhile, so the broker keeps the backlog (TCP back-pressure, then its own queue)
+        instead of this process's memory. Nothing is lost: every held message is still unacknowledged.
+        """
+        if len(self._pending) >= self.max_queue:
+            self._pause()
         self._pending.append(message)
+        n = len(self._pending)
+        if n > self.queue_high_water:
+            self.queue_high_water = n
         loop = self._loop
         if loop is not None and self._waiting.is_set():
             self._waiting.clear()
             loop.call_soon_threadsafe(self._wake.set)  # type: ignore[union-attr]
+
+    def _pause(self) -> None:
+        self.pauses += 1
+        self.metrics.intake_paused.set(1)
+        self._rlog.warning("paused", "intake queue full (%s messages, intake.max_queue): reading from the broker paused "
+                           "until it drains below half", len(self._pending))
+        loop = self._loop
+        if loop is not None and self._waiting.is_set():  # the collector may be asleep: wake it to drain
+            self._waiting.clear()
+            loop.call_soon_threadsafe(self._wake.set)  # type: ignore[union-attr]
+        with self._room:
+            while len(self._pending) > self.max_queue // 2:
+                self._room.wait(0.5)
+        self.metrics.intake_paused.set(0)
 
     # ----- consumer side (asyncio) -------------------------------------------------------------
 
@@ -778,6 +814,9 @@ class Intake:
                 self._waiting.clear()
                 break
         self.metrics.intake_queue.set(len(self._pending))
+        if len(self._pending) <= self.max_queue // 2:
+            with self._room:
+                self._room.notify_all()
         return batch
 
     async def _call_batch(self, raw: list[RawMessage]) -> BatchOutcome:
@@ -829,6 +868,8 @@ class Intake:
         self.metrics.batch_seconds.observe(time.perf_counter() - t0)
         self.metrics.batch_size.observe(len(batch))
         record(self.metrics, outcome)
+        if outcome.acks:
+            self._publish_acks(outcome.acks)
         for m in batch:
             self.metrics.ingest_latency.observe(max(done - m.received_at, 0.0))
             self._ack(m)
@@ -836,6 +877,24 @@ class Intake:
         self.quarantined_total += outcome.quarantined_total
         if outcome.events:
             self._on_events(outcome.events)
+
+    def _publish_acks(self, acks: Sequence[AckInfo]) -> None:
+        """Tell each node of a committed batch what is stored of its stream (QoS 1, not retained).
+
+        Best effort by design: an ack lost here (the broker is away) costs the agent a re-send,
+        which the dedupe drops and acknowledges again; it can never lose a message.
+        """
+        publish = self._publish
+        if publish is None:
+            return
+        for shop, node, epoch, seq, missing in acks:
+            payload = encode(StoredAck(shop=shop, node=node, epoch=epoch, seq=seq, missing=missing))
+            try:
+                publish(Topics.node(shop, node, Channel.ACK), payload)
+            except Exception as exc:
+                self._rlog.warning("stored_ack", "could not publish a stored-ack to %s/%s: %s", shop, node, exc)
+                continue
+            self.metrics.acks_published.inc()
 
     def _failing(self) -> None:
         now = time.time()

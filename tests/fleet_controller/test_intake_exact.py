@@ -114,3 +114,60 @@ def test_a_replica_that_restarts_mid_stream_keeps_counts_exact(registry, reader)
         assert conn.scalar(select(func.count()).select_from(HEARTBEATS)) == 6
     node = reader.get_node("shop-a", "pi-1")
     assert (node.watermark, node.open_gaps, node.missing_total, node.duplicates_total) == (6, 0, 0, 3)
+
+
+def _run_intake(db_url, metrics, messages, **intake_settings):
+    """Feed ``messages`` from a producer thread (the MQTT thread's role) into an Intake; return it and what it published."""
+    import asyncio
+    import threading
+
+    from fleet_controller.intake.core import Intake, RegistryWriter
+    from fleet_controller.settings import IntakeSettings
+
+    published: list[tuple[str, bytes]] = []
+    acked: list[object] = []
+    writer = RegistryWriter(db_url, mode="thread")
+    intake = Intake(writer, metrics, IntakeSettings(**intake_settings), ack=acked.append,
+                    publish=lambda t, p: published.append((t, p)))
+
+    async def main():
+        task = asyncio.create_task(intake.run())
+        await asyncio.sleep(0.05)
+        producer = threading.Thread(target=lambda: [intake.submit(m) for m in messages])
+        producer.start()
+        while len(acked) < len(messages):
+            await asyncio.sleep(0.02)
+        await asyncio.to_thread(producer.join)
+        task.cancel()
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 120))
+    finally:
+        writer.close()
+    return intake, published
+
+
+def test_flow_control_bounds_the_intake_queue(registry, metrics, reader, db_url):
+    n = 3000
+    msgs = [inbound(heartbeat(node=f"pi-{s % 7}", seq=s // 7 + 1)) for s in range(n)]
+    intake, _ = _run_intake(db_url, metrics, msgs, max_queue=100, batch_max_messages=50)
+    assert intake.pauses > 0  # the producer was really held back
+    assert intake.queue_high_water <= 100
+    assert intake.stored_total == n
+    assert value(metrics, "shopfleet_controller_intake_paused") == 0
+
+
+def test_stored_acks_are_published_after_commit(registry, metrics, reader, db_url):
+    from edge_agent.protocol import parse_downlink
+
+    msgs = [inbound(heartbeat(seq=s)) for s in (1, 2, 4, 5)] + [inbound(heartbeat(node="pi-2", seq=1))]
+    _, published = _run_intake(db_url, metrics, msgs)
+    acks = {}
+    for topic, payload in published:
+        ack = parse_downlink(topic, payload)
+        assert topic == f"fleet/v1/{ack.shop}/{ack.node}/ack"
+        acks[(ack.node)] = ack  # the newest one per node
+    assert (acks["pi-1"].seq, acks["pi-1"].missing) == (5, ((3, 3),))
+    assert acks["pi-1"].covers(4) and not acks["pi-1"].covers(3)
+    assert (acks["pi-2"].epoch, acks["pi-2"].seq, acks["pi-2"].missing) == ("ep1", 1, ())
+    assert value(metrics, "shopfleet_controller_stored_acks_total") == len(published)
