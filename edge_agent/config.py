@@ -119,7 +119,7 @@ class UplinkConfig(_Model):
     """When a sent message may leave the outbox."""
 
     ack: Literal["controller", "broker"] = Field(
-        "controller",
+        "broker",
         description="'controller': keep a message until the controller's stored-ack says it is in the registry (no broker "
         "setting can lose it; needs a controller with intake.ack_nodes). 'broker': delete it on the broker's PUBACK "
         "(for controllers that send no stored-acks; a broker that drops queued messages then loses data).",
