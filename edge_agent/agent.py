@@ -38,10 +38,11 @@ from edge_agent.facts import FactsProvider, OverriddenFacts, SystemFacts
 from edge_agent.host import CommandHandler, DesiredStateHandler
 from edge_agent.metrics import AgentMetrics, MetricsServer
 from edge_agent.mqtt import InMessage, MqttSettings, TlsSettings
-from edge_agent.outbox import Outbox, Priority
+from edge_agent.outbox import EvictedRange, Outbox, Priority
 from edge_agent.pipelines import build_pipeline
 from edge_agent.protocol import (
     ERROR_MAX_CHARS,
+    MAX_EVICTED_RANGES,
     Alert,
     Channel,
     ClockBeacon,
@@ -50,9 +51,11 @@ from edge_agent.protocol import (
     ControllerPresence,
     DesiredState,
     Event,
+    EvictedRun,
     Heartbeat,
     ProtocolError,
     Reading,
+    StoredAck,
     Telemetry,
     Topics,
     Uplink,
@@ -276,6 +279,8 @@ class Agent:
             reconnect_min_s=config.broker.reconnect_min_s,
             reconnect_max_s=config.broker.reconnect_max_s,
             inflight=config.outbox.inflight,
+            ack=config.uplink.ack,
+            ack_timeout_s=config.uplink.ack_timeout_s,
         )
         self.commands: dict[str, CommandHandler] = {
             "ping": self._ping,
@@ -337,15 +342,18 @@ class Agent:
     def send(self, model: type[U], **fields: Any) -> int:
         """Store an uplink message of type ``model`` in the outbox (shop/node/epoch/seq/ts filled in); return its seq.
 
+        A heartbeat also carries the outbox's unreported evicted runs (``Heartbeat.evicted``).
         Raises pydantic's ``ValidationError`` if the fields are invalid; nothing is stored then.
         """
         kind = model.model_fields["kind"].default
         topic, priority, retain = route(kind, self.shop, self.node)
 
-        def build(epoch: str, seq: int) -> bytes:
-            return encode(model(shop=self.shop, node=self.node, epoch=epoch, seq=seq, **fields))
+        def build(epoch: str, seq: int, ranges: Sequence[EvictedRange] = ()) -> bytes:
+            extra = {"evicted": tuple(EvictedRun(first=r.first, last=r.last, priority=r.priority.name.lower()) for r in ranges)} if ranges else {}
+            return encode(model(shop=self.shop, node=self.node, epoch=epoch, seq=seq, **fields, **extra))
 
-        seq = self.outbox.enqueue(kind, priority, topic, build, retain=retain)
+        report = MAX_EVICTED_RANGES if model is Heartbeat else 0
+        seq = self.outbox.enqueue(kind, priority, topic, build, retain=retain, report_evictions=report)
         self.metrics.enqueued.labels(kind).inc()
         self.uplink.wake()
         return seq
@@ -457,7 +465,12 @@ class Agent:
             return
         kind = parsed.kind
         self.metrics.downlink_received.labels(kind).inc()
-        if isinstance(parsed, ClockBeacon):
+        if isinstance(parsed, StoredAck):
+            if (parsed.shop, parsed.node) != (self.shop, self.node):
+                self._reject_downlink("identity_mismatch", f"{msg.topic}: a stored-ack for {parsed.shop}/{parsed.node}")
+                return
+            self.uplink.stored_ack(parsed.epoch, parsed.seq, parsed.missing)
+        elif isinstance(parsed, ClockBeacon):
             self.clock.add(parsed.ts, time.time())
         elif isinstance(parsed, ControllerPresence):
             self.controller_online = parsed.state == "online"

@@ -115,6 +115,21 @@ class OutboxConfig(_Model):
     )
 
 
+class UplinkConfig(_Model):
+    """When a sent message may leave the outbox."""
+
+    ack: Literal["controller", "broker"] = Field(
+        "broker",
+        description="'controller': keep a message until the controller's stored-ack says it is in the registry (no broker "
+        "setting can lose it; needs a controller with intake.ack_nodes). 'broker': delete it on the broker's PUBACK "
+        "(for controllers that send no stored-acks; a broker that drops queued messages then loses data).",
+    )
+    ack_timeout_s: float = Field(
+        30.0, gt=0, le=3600,
+        description="With ack 'controller': messages sent but not acknowledged by the controller for this long are sent again.",
+    )
+
+
 class MetricsConfig(_Model):
     """The Prometheus endpoint of the agent."""
 
@@ -164,6 +179,7 @@ class AgentConfig(_Model):
         10.0, ge=0.05, le=3600, description="Seconds between heartbeats. The controller calls a node stale after a few missed ones."
     )
     outbox: OutboxConfig = Field(default_factory=OutboxConfig, description="Durable outbox.")
+    uplink: UplinkConfig = Field(default_factory=UplinkConfig, description="End-to-end acknowledgement of sent messages.")
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus metrics endpoint.")
     apply: ApplyConfig = Field(default_factory=ApplyConfig, description="Whether and how this node applies the shop's desired state; see docs/rollouts.md.")
     commands: CommandsConfig = Field(default_factory=CommandsConfig, description="Signed remote actions (restart a pipeline, ...): the keys that may sign them.")

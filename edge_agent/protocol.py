@@ -31,7 +31,15 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated, Any, Final, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
 
 SCHEMA_VERSION: Final = 1
 """Version of every payload defined here. A receiver refuses versions it does not know."""
@@ -209,6 +217,7 @@ class Channel(StrEnum):
     COMMANDS = "commands"  # controller -> node: commands with correlation id and expiry
     REPLIES = "replies"  # node -> controller: command results
     STATE = "state"  # node -> controller, retained: the node's own reported state (ReportedState)
+    ACK = "ack"  # controller -> node: what the controller has stored of the node's stream (StoredAck)
 
 
 class Topics:
@@ -253,9 +262,10 @@ class Topics:
 
     @staticmethod
     def agent_subscriptions(shop: str, node: str) -> tuple[str, ...]:
-        """Topics an agent subscribes to: its commands, its shop's desired state, the controller clock."""
+        """Topics an agent subscribes to: its commands and stored-acks, its shop's desired state, the controller clock."""
         return (
             Topics.node(shop, node, Channel.COMMANDS),
+            Topics.node(shop, node, Channel.ACK),
             Topics.desired(shop),
             Topics.controller_presence,
             Topics.controller_clock,
@@ -370,6 +380,25 @@ class NodeFacts(BaseModel):
     agent_version: str = Field("", max_length=64)
 
 
+MAX_EVICTED_RANGES = 64
+"""Evicted runs one heartbeat carries at most; more wait for the next heartbeat."""
+
+
+class EvictedRun(BaseModel):
+    """Seqs ``first``..``last`` (inclusive) that the node's outbox evicted before sending them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    first: int = Field(ge=1, le=INT64_MAX)
+    last: int = Field(ge=1, le=INT64_MAX)
+    priority: Literal["telemetry", "keeper", "important"] = Field(description="Eviction class of the evicted messages.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> EvictedRun:
+        if self.last < self.first:
+            raise ValueError(f"evicted run {self.first}..{self.last}: last is below first")
+        return self
+
+
 class Heartbeat(Uplink):
     """Periodic node health: facts, pipelines, outbox depth and any numeric metric for gates."""
 
@@ -382,6 +411,11 @@ class Heartbeat(Uplink):
     )
     outbox_depth: int = Field(0, ge=0, le=INT32_MAX)
     release: str | None = Field(None, max_length=128, description="Release the node runs.")
+    evicted: tuple[EvictedRun, ...] = Field(
+        (), max_length=MAX_EVICTED_RANGES,
+        description="Seqs of this epoch the outbox evicted unsent (reported until this heartbeat is stored), so the "
+        "controller counts them as evicted, not missing.",
+    )
 
 
 class Reading(BaseModel):
@@ -541,6 +575,32 @@ class DesiredState(_Msg):
         return canonical_bytes(self.model_dump(mode="json", exclude={"signature"}))
 
 
+MAX_ACK_MISSING = 64
+"""Missing ranges one stored-ack lists at most (the ack's ``seq`` is lowered to stay below the ones left out)."""
+
+
+class StoredAck(_Msg):
+    """The controller's end-to-end acknowledgement to one node, on ``fleet/v1/{shop}/{node}/ack`` (QoS 1, not retained).
+
+    Every seq of ``epoch`` up to ``seq`` is stored in the registry (or reported evicted) except the
+    ``missing`` ranges; the agent deletes those messages from its outbox and keeps (and re-sends)
+    the rest. Cumulative: a later ack supersedes an earlier one, a lost one costs only a re-send.
+    """
+
+    kind: Literal["stored_ack"] = "stored_ack"
+    shop: ShopId
+    node: NodeId
+    epoch: str = Field(pattern=EPOCH_PATTERN)
+    seq: int = Field(ge=0, le=INT64_MAX, description="Highest seq the ack speaks for.")
+    missing: tuple[tuple[Annotated[int, Field(ge=1, le=INT64_MAX)], Annotated[int, Field(ge=1, le=INT64_MAX)]], ...] = Field(
+        (), max_length=MAX_ACK_MISSING, description="Inclusive [first, last] ranges at or below seq not stored (yet).",
+    )
+
+    def covers(self, seq: int) -> bool:
+        """Return whether ``seq`` is stored according to this ack."""
+        return seq <= self.seq and not any(a <= seq <= b for a, b in self.missing)
+
+
 class ControllerPresence(_Msg):
     """Retained presence of the controller; agents show whether it is reachable."""
 
@@ -580,6 +640,7 @@ _LEAF_KINDS: dict[str, tuple[str, ...]] = {
     Channel.EVENTS.value: ("event", "alert"),
     Channel.REPLIES.value: ("command_result",),
     Channel.STATE.value: ("reported_state",),
+    Channel.ACK.value: (),  # a downlink topic: nothing a node sends may arrive there
 }
 
 
@@ -663,13 +724,14 @@ def parse_message(topic: str, payload: bytes) -> Presence | Heartbeat | Telemetr
 
 _DOWNLINK: dict[str, type[_Msg]] = {
     Channel.COMMANDS.value: Command,
+    Channel.ACK.value: StoredAck,
     "state/desired": DesiredState,
     "controller/presence": ControllerPresence,
     "controller/clock": ClockBeacon,
 }
 
 
-def parse_downlink(topic: str, payload: bytes) -> Command | DesiredState | ControllerPresence | ClockBeacon:
+def parse_downlink(topic: str, payload: bytes) -> Command | DesiredState | ControllerPresence | ClockBeacon | StoredAck:
     """Parse a controller -> node message; raises ``ProtocolError`` like :func:`parse_message`."""
     info = parse_topic(topic)
     model = _DOWNLINK.get(info.leaf)

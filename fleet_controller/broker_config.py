@@ -18,7 +18,8 @@ listener), so one node's credentials can never take over another node's or the c
 session, and each controller replica's persistent session lives under its own username.
 
 **What a node may do.** Write its own ``presence``, ``telemetry``, ``events``, ``replies`` and
-``state`` (its reported state: never another node's, never the shop's) topics; read its own ``commands``, its shop's
+``state`` (its reported state: never another node's, never the shop's) topics; read its own ``commands`` and ``ack``
+(the controller's stored-acks, which only controllers write), its shop's
 ``state/desired`` and the controller's presence and clock. Controllers read and write all of
 ``fleet/v1/#``. A bridge may do, for its shop, what that shop's nodes may together.
 
@@ -192,6 +193,11 @@ def _node_writes(shop: str, node: str) -> list[str]:
     return [Topics.node(shop, node, ch) for ch in (Channel.PRESENCE, Channel.TELEMETRY, Channel.EVENTS, Channel.REPLIES, Channel.STATE)]
 
 
+def _node_reads(shop: str, node: str) -> list[str]:
+    """Topics only this node may read: its commands and the controller's stored-acks of its stream."""
+    return [Topics.node(shop, node, Channel.COMMANDS), Topics.node(shop, node, Channel.ACK)]
+
+
 def _shop_reads(shop: str) -> list[str]:
     return [Topics.desired(shop), Topics.controller_presence, Topics.controller_clock]
 
@@ -201,7 +207,7 @@ def node_acl(shop: str, node: str) -> list[str]:
     lines = [f"user {node_username(shop, node)}"]
     lines += [f"topic write {t}" for t in _node_writes(shop, node)]
     lines += [
-        f"topic read {Topics.node(shop, node, Channel.COMMANDS)}",
+        *(f"topic read {t}" for t in _node_reads(shop, node)),
         *(f"topic read {t}" for t in _shop_reads(shop)),
     ]
     return lines
@@ -212,7 +218,7 @@ def bridge_acl(shop: str, nodes: Sequence[str]) -> list[str]:
     lines = [f"user {bridge_username(shop)}"]
     for node in nodes:
         lines += [f"topic write {t}" for t in _node_writes(shop, node)]
-    lines += [f"topic read {Topics.node(shop, node, Channel.COMMANDS)}" for node in nodes]
+    lines += [f"topic read {t}" for node in nodes for t in _node_reads(shop, node)]
     lines += [f"topic read {t}" for t in _shop_reads(shop)]
     return lines
 
@@ -359,7 +365,7 @@ def bridge_topics(shop: str, nodes: Sequence[str]) -> list[str]:
     lines = []
     for node in nodes:
         lines += [f"topic {t} out 1" for t in _node_writes(shop, node)]
-    lines += [f"topic {Topics.node(shop, node, Channel.COMMANDS)} in 1" for node in nodes]
+    lines += [f"topic {t} in 1" for node in nodes for t in _node_reads(shop, node)]
     lines += [f"topic {t} in 1" for t in _shop_reads(shop)]
     return lines
 

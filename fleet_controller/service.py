@@ -120,7 +120,8 @@ class ControllerService:
         self.engine = create_engine(settings.database_url())
         self.reader = RegistryReader(self.engine)
         self.writer = RegistryWriter(settings.database_url(), mode=settings.intake.writer, log_every_s=settings.intake.log_every_s)
-        self.intake = Intake(self.writer, self.metrics, settings.intake, ack=self._ack, on_events=self._publish_events)
+        self.intake = Intake(self.writer, self.metrics, settings.intake, ack=self._ack, on_events=self._publish_events,
+                             publish=lambda topic, payload: self.mqtt.publish_nowait(topic, payload, qos=1))
         self.mqtt = MqttAdapter(
             mqtt_config(settings), self.intake.submit, on_connect=[self._announce], on_state=self._mqtt_state
         )
