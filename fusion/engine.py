@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -703,7 +704,7 @@ class Fusion:
         for tid in tracks:
             if tid in self._tracks:
                 self._tracks[tid].session = None  # a track still seen outside is nobody's until it enters again
-        status = "review" if cart.reasons else "accepted"
+        status: Literal["accepted", "review"] = "review" if cart.reasons else "accepted"
         self.stats[f"carts_{status}"] += 1
         return CartResult(
             cart_id=cart.id,
