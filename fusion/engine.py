@@ -86,6 +86,7 @@ class FusionConfig(BaseModel):
     weight_noise_g: float = Field(4.0, ge=0, description="noise of a settled weight change, for matching a put-back to another product")
     swap_margin: float = Field(0.35, gt=0, le=2, description="a track looking this much more like another session than its own is a suspected id swap")
     swap_checks: int = Field(3, ge=1, description="consecutive suspicious checks before a track is moved to the other session")
+    lost_exclusion: float = Field(0.8, ge=0, le=1, description="how much a shopper seen standing at the slot lowers the score of a shopper lost away from it; 0 treats a lost shopper as if nobody stood there")
     appearance_alpha: float = Field(0.3, gt=0, le=1, description="weight of a new appearance vector in a track's running average")
 
 
@@ -153,6 +154,7 @@ class _Cart:
     confidence: float = 1.0
     flags: list[Reason] = field(default_factory=list)  # from outside the changes: board offline, exit unseen...
     derived: list[Reason] = field(default_factory=list)  # from the changes, rebuilt with them
+    contests: dict[str, tuple[float, Reason]] = field(default_factory=dict)  # change id -> (its ts, 'contested'): a change given to another cart may be this one's
     attributions: list[Attribution] = field(default_factory=list)
     closing_at: float | None = None
 
@@ -165,6 +167,7 @@ class _Cart:
     def reasons(self) -> list[Reason]:
         out = list(self.flags)
         out += [r for r in self.derived if r not in out]
+        out += [r for _, r in self.contests.values() if r not in out]
         return out
 
 
@@ -558,13 +561,13 @@ class Fusion:
         cfg = self.config
         lo, hi = t_act - cfg.window_s, t_act + cfg.window_s
         full = cfg.time_sigma_s * math.sqrt(2 * math.pi) * math.erf(cfg.window_s / cfg.time_sigma_s / math.sqrt(2))
-        acc: dict[str, list[float]] = {}  # session -> [sum w*log L, sum w, sum w*dt, nearest]
+        acc: dict[str, list[float]] = {}  # session -> [sum w*log L, sum w, sum w*dt, nearest, best place weight up to t_act (-1: none)]
         for t in self._tracks.values():
             if (t.session is None and not t.segments) or t.last_ts < lo or not t.hist or t.hist[0][0] > hi:
                 continue
             prev = None
             owner: str | None = None
-            a = [0.0, 0.0, 0.0, math.inf]
+            a = [0.0, 0.0, 0.0, math.inf, -1.0]
             for ts, x, y in reversed(t.hist):
                 if ts > hi:
                     continue
@@ -575,7 +578,7 @@ class Fusion:
                     owner, prev = o, None
                     if o is None or o not in self._sessions:
                         continue
-                    a = acc.setdefault(o, [0.0, 0.0, 0.0, math.inf])
+                    a = acc.setdefault(o, [0.0, 0.0, 0.0, math.inf, -1.0])
                 if owner is None or owner not in self._sessions:
                     continue
                 w, d = self._place_weight(slot, x, y)
@@ -587,19 +590,30 @@ class Fusion:
                 a[1] += wt
                 a[2] += wt * dt
                 a[3] = min(a[3], d)
+                if ts <= t_act:
+                    a[4] = max(a[4], w)
         out: dict[str, tuple[float, float, bool]] = {}
-        for sid, (wlog, wsum, wdt, near) in acc.items():
-            if wsum <= 1e-9:
-                continue
+        parts: dict[str, tuple[float, float, float, float, float]] = {}  # sid -> (seen, coverage, unseen, near, pre)
+        for sid, (wlog, wsum, wdt, near, pre) in acc.items():
+            if wsum <= 1e-9 or near > cfg.reach_m + 1.0:
+                continue  # never within a step of the slot's zone: not a candidate at all
             coverage = min(1.0, wdt / full)
             # Time not seen (an occlusion at the shelf) counts at half the weight of where it was last seen.
             s = self._sessions[sid]
             unseen = 0.5 * self._place_weight(slot, s.x, s.y, extra_m=0.2)[0] if coverage < 1.0 else 0.0
-            if near > cfg.reach_m + 1.0:
-                continue  # never within a step of the slot's zone: not a candidate at all
             # Squared: one moment in front of the slot while walking past must not look like standing there.
             seen = math.exp(2.0 * wlog / wsum)
+            parts[sid] = (seen, coverage, unseen, near, pre)
+        for sid, (seen, coverage, unseen, near, pre) in parts.items():
+            # Unseen time is doubtful when someone else stood at the slot all along and this shopper was
+            # not at it before the moment (walking up, or lost elsewhere): the place was taken.
+            other = max((p[0] for o, p in parts.items() if o != sid and p[1] > 0.5), default=0.0)
+            if pre >= 0.0:
+                unseen *= pre + (1.0 - pre) * (1.0 - cfg.lost_exclusion * other)
             out[sid] = (seen * coverage + unseen * (1.0 - coverage), near, coverage > 0.5)
+        # Someone seen standing at the slot all through the window leaves little room for a
+        # shopper lost elsewhere: the slot's place is taken (the lost one could only reach past them).
+        standing = max((v[0] for v in out.values() if v[2]), default=0.0)
         for s in self._sessions.values():
             if s.id in out or not self._open_at(s, t_act) or s.last_ts >= lo:
                 continue
@@ -608,7 +622,10 @@ class Fusion:
             if gap > 10.0:
                 continue
             w, d = self._place_weight(slot, s.x, s.y, extra_m=min(1.0, 0.3 * gap))
-            out[s.id] = (0.5 * w * math.exp(-gap / 3.0), d, False)
+            # Lost right at the slot keeps its full weight (it may be the one standing there, under another id).
+            at_slot = self._place_weight(slot, s.x, s.y)[0]
+            room = at_slot + (1.0 - at_slot) * (1.0 - cfg.lost_exclusion * standing)
+            out[s.id] = (0.5 * w * math.exp(-gap / 3.0) * room, d, False)
         return out
 
     def _shelf_change(self, ch: ShelfChange) -> None:
@@ -656,7 +673,12 @@ class Fusion:
         others = [r for r in ranked[1:] if self._sessions[r[0]].cart != cart.id]
         runner = others[0][1] if others else 0.0
         if runner > 1 - cfg.attribution_bar:
-            reasons.append(Reason("contested", f"{spec.slot} at {t_act:.1f}s: {sid} p={p:.2f}, {others[0][0]} p={runner:.2f}"))
+            contested = Reason("contested", f"{spec.slot} at {t_act:.1f}s: {sid} p={p:.2f}, {others[0][0]} p={runner:.2f}")
+            reasons.append(contested)
+            # The runner-up's cart is in doubt too: if the change was theirs, their cart lacks it.
+            for r in others:
+                if r[1] > 1 - cfg.attribution_bar:
+                    self._carts[self._sessions[r[0]].cart].contests[ch.id] = (ch.ts, contested)
         if spec.slot != ch.slot or spec.product != ch.product:
             reasons.append(Reason("planogram-mismatch", f"board {ch.board}/{ch.channel} reports {ch.slot}:{ch.product}, layout has {spec.slot}:{spec.product}"))
         # Members of the same cart near each other are not a doubt: the line is theirs either way.
@@ -699,6 +721,8 @@ class Fusion:
         touched: dict[str, _Cart] = {}
         for cart in self._carts.values():
             keep = []
+            for cid in [cid for cid, (ts, _) in cart.contests.items() if ts - cfg.settle_delay_s >= since]:
+                del cart.contests[cid]
             for c in cart.changes:
                 if c.ch.ts - cfg.settle_delay_s >= since:
                     moved.append((c.ch, c.spec, cart.id))
