@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Literal
 
 import numpy as np
@@ -693,7 +694,7 @@ class Fusion:
         seen = sorted(ts for t in self._tracks.values() for ts, _, _ in t.hist if lo - max_gap_s <= ts <= hi + max_gap_s and t.owner(ts) == sid)
         if not seen or seen[0] > lo + max_gap_s / 2 or seen[-1] < min(hi, self.now) - max_gap_s / 2:
             return False
-        return all(b - a < max_gap_s for a, b in zip(seen, seen[1:], strict=False))
+        return all(b - a < max_gap_s for a, b in pairwise(seen))
 
     def _rebuild(self, cart: _Cart) -> None:
         """Replay a cart's changes in time order: its lines, confidence, attributions and their reasons."""
