@@ -43,11 +43,13 @@ from edge_agent.protocol import (
     FREE_FORM,
     INT32_MAX,
     INT64_MAX,
+    MAX_EVICTED_RANGES,
     MAX_PAYLOAD_BYTES,
     TOPIC_ROOT,
     Alert,
     Channel,
     Event,
+    EvictedRun,
     Heartbeat,
     NodeFacts,
     PipelineHealth,
@@ -117,6 +119,12 @@ class _Reading(_Struct):
     labels: Annotated[dict[_s(64), _s(256)], Meta(max_length=32)] = {}  # type: ignore[valid-type]
 
 
+class _EvictedRun(_Struct):
+    first: Seq
+    last: Seq
+    priority: Literal["telemetry", "keeper", "important"]
+
+
 class _Uplink(_Struct, tag_field="kind"):
     # ``v`` and ``ts`` are required here (pydantic defaults them): a message without them takes the reference path.
     v: Literal[1]
@@ -134,6 +142,7 @@ class _Heartbeat(_Uplink, tag="heartbeat"):
     metrics: Annotated[dict[_s(128), float], Meta(max_length=500)] = {}  # type: ignore[valid-type]
     outbox_depth: Annotated[int, Meta(ge=0, le=INT32_MAX)] = 0
     release: _s(128) | None = None  # type: ignore[valid-type]
+    evicted: Annotated[tuple[_EvictedRun, ...], Meta(max_length=MAX_EVICTED_RANGES)] = ()
 
 
 class _Telemetry(_Uplink, tag="telemetry"):
@@ -170,7 +179,7 @@ class _Presence(_Struct):
 
 STRUCTS: dict[type[Any], type[Any]] = {
     _NodeFacts: NodeFacts, _PipelineHealth: PipelineHealth, _Reading: Reading, _Heartbeat: Heartbeat,
-    _Telemetry: Telemetry, _Event: Event, _Alert: Alert, _Presence: Presence,
+    _Telemetry: Telemetry, _Event: Event, _Alert: Alert, _Presence: Presence, _EvictedRun: EvictedRun,
 }
 """Each Struct and the pydantic model it mirrors (the test checks they have the same fields and defaults)."""
 
@@ -227,6 +236,7 @@ _NO: dict[str, Any] = {}
 _build_facts = _builder(NodeFacts, _NodeFacts)
 _build_pipeline = _builder(PipelineHealth, _PipelineHealth)
 _build_reading = _builder(Reading, _Reading)
+_build_evicted = _builder(EvictedRun, _EvictedRun)
 _build_heartbeat = _builder(Heartbeat, _Heartbeat, "heartbeat")
 _build_telemetry = _builder(Telemetry, _Telemetry, "telemetry")
 _build_event = _builder(Event, _Event, "event")
@@ -237,10 +247,12 @@ _build_presence = _builder(Presence, _Presence, "presence")
 def _to_model(s: Any) -> Any:
     """Build the pydantic message of a validated Struct (no second validation)."""
     if isinstance(s, _Heartbeat):
-        return _build_heartbeat(s, {
-            "facts": _build_facts(s.facts, _NO),
-            "pipelines": {k: _build_pipeline(p, _NO) for k, p in s.pipelines.items()},
-        })
+        over = {"facts": _build_facts(s.facts, _NO), "pipelines": {k: _build_pipeline(p, _NO) for k, p in s.pipelines.items()}}
+        if s.evicted:
+            if any(r.last < r.first for r in s.evicted):  # EvictedRun's own check; the reference words the error
+                raise ValueError("evicted run out of order")
+            over["evicted"] = tuple(_build_evicted(r, _NO) for r in s.evicted)
+        return _build_heartbeat(s, over)
     if isinstance(s, _Telemetry):
         return _build_telemetry(s, {"readings": tuple(_build_reading(r, _NO) for r in s.readings)})
     if isinstance(s, _Event):

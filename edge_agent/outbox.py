@@ -302,6 +302,19 @@ class Outbox:
                 self._reclaim()
         return kinds
 
+    def ack_stored(self, epoch: str, through: int, missing: Iterable[tuple[int, int]] = ()) -> list[str]:
+        """Delete the messages a controller stored-ack covers: seq <= ``through`` outside the ``missing`` ranges.
+
+        An ack of another epoch (a stream this outbox is not) deletes nothing. Returns the kinds deleted.
+        """
+        if epoch != self.epoch or through < 1:
+            return []
+        holes = sorted(missing)
+        with self._lock:
+            seqs = [s for (s,) in self._db.execute("SELECT seq FROM outbox WHERE seq <= ?", (through,))
+                    if not any(a <= s <= b for a, b in holes)]
+        return self.ack(seqs)
+
     def _reclaim(self) -> None:
         """Give disk space back once drained (caller holds the lock, no tx open): truncate the WAL, vacuum a grown file."""
         try:

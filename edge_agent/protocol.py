@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import math
 import re
 import time
@@ -32,7 +33,15 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated, Any, Final, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
 
 SCHEMA_VERSION: Final = 1
 """Version of every payload defined here. A receiver refuses versions it does not know."""
@@ -210,6 +219,7 @@ class Channel(StrEnum):
     COMMANDS = "commands"  # controller -> node: commands with correlation id and expiry
     REPLIES = "replies"  # node -> controller: command results
     STATE = "state"  # node -> controller, retained: the node's own reported state (ReportedState)
+    ACK = "ack"  # controller -> node: what the controller has stored of the node's stream (StoredAck)
 
 
 class Topics:
@@ -254,9 +264,10 @@ class Topics:
 
     @staticmethod
     def agent_subscriptions(shop: str, node: str) -> tuple[str, ...]:
-        """Topics an agent subscribes to: its commands, its shop's desired state, the controller clock."""
+        """Topics an agent subscribes to: its commands and stored-acks, its shop's desired state, the controller clock."""
         return (
             Topics.node(shop, node, Channel.COMMANDS),
+            Topics.node(shop, node, Channel.ACK),
             Topics.desired(shop),
             Topics.controller_presence,
             Topics.controller_clock,
@@ -371,6 +382,25 @@ class NodeFacts(BaseModel):
     agent_version: str = Field("", max_length=64)
 
 
+MAX_EVICTED_RANGES = 64
+"""Evicted runs one heartbeat carries at most; more wait for the next heartbeat."""
+
+
+class EvictedRun(BaseModel):
+    """Seqs ``first``..``last`` (inclusive) that the node's outbox evicted before sending them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    first: int = Field(ge=1, le=INT64_MAX)
+    last: int = Field(ge=1, le=INT64_MAX)
+    priority: Literal["telemetry", "keeper", "important"] = Field(description="Eviction class of the evicted messages.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> EvictedRun:
+        if self.last < self.first:
+            raise ValueError(f"evicted run {self.first}..{self.last}: last is below first")
+        return self
+
+
 class Heartbeat(Uplink):
     """Periodic node health: facts, pipelines, outbox depth and any numeric metric for gates."""
 
@@ -383,6 +413,11 @@ class Heartbeat(Uplink):
     )
     outbox_depth: int = Field(0, ge=0, le=INT32_MAX)
     release: str | None = Field(None, max_length=128, description="Release the node runs.")
+    evicted: tuple[EvictedRun, ...] = Field(
+        (), max_length=MAX_EVICTED_RANGES,
+        description="Seqs of this epoch the outbox evicted unsent (reported until this heartbeat is stored), so the "
+        "controller counts them as evicted, not missing.",
+    )
 
 
 class Reading(BaseModel):
@@ -488,20 +523,6 @@ UplinkMessage = Annotated[
 # ----- controller -> node / shop ------------------------------------------------------------
 
 
-class Command(_Msg):
-    """A request to one node. ``expires_at`` is in the payload so any 3.1.1 broker works."""
-
-    kind: Literal["command"] = "command"
-    correlation_id: str = Field(default_factory=lambda: uuid.uuid4().hex, pattern=TOKEN_PATTERN)
-    name: str = Field(max_length=64, description="'ping', 'restart_pipeline', 'tare', ...")
-    args: Args = Field(default_factory=dict, description="Free-form JSON object, within the free-form limits.")
-    expires_at: float = Field(description="Unix seconds after which the node must ignore it.")
-
-    def expired(self, now: float | None = None) -> bool:
-        """Return whether the command is past its expiry."""
-        return (time.time() if now is None else now) > self.expires_at
-
-
 class Signature(BaseModel):
     """Detached ed25519 signature over :func:`canonical_bytes` of the rest of the message."""
 
@@ -509,6 +530,35 @@ class Signature(BaseModel):
     alg: Literal["ed25519"] = "ed25519"
     key_id: str = Field(max_length=64, description="Fingerprint of the signing key.")
     sig: str = Field(max_length=512, description="Base64 signature.")
+
+
+class Command(_Msg):
+    """A request to one node. ``expires_at`` is in the payload so any 3.1.1 broker works.
+
+    Signed like a desired state (``signature`` over :meth:`signing_bytes`, the controller's
+    ed25519 key): ``shop`` and ``node`` bind a signed command to the one node it was made for (a
+    copy published to another node's topic does not verify there), ``counter`` increases per node
+    with every command the controller signs, so the agent refuses a replayed command even within
+    its expiry. The agent accepts only an unsigned ``ping`` (docs/agent.md says why).
+    """
+
+    kind: Literal["command"] = "command"
+    correlation_id: str = Field(default_factory=lambda: uuid.uuid4().hex, pattern=TOKEN_PATTERN)
+    name: str = Field(max_length=64, description="'ping', 'restart_pipeline', 'tare', ...")
+    args: Args = Field(default_factory=dict, description="Free-form JSON object, within the free-form limits.")
+    expires_at: float = Field(description="Unix seconds after which the node must ignore it.")
+    shop: ShopId | None = Field(None, description="Shop the command is for; required in a signed command.")
+    node: NodeId | None = Field(None, description="Node the command is for; required in a signed command.")
+    counter: int | None = Field(None, ge=1, le=2**62, description="Per-node counter, +1 per signed command; a node refuses one not above the last.")
+    signature: Signature | None = None
+
+    def expired(self, now: float | None = None) -> bool:
+        """Return whether the command is past its expiry."""
+        return (time.time() if now is None else now) > self.expires_at
+
+    def signing_bytes(self) -> bytes:
+        """Return the canonical bytes the signature covers (everything but the signature)."""
+        return canonical_bytes(self.model_dump(mode="json", exclude={"signature"}))
 
 
 class DesiredState(_Msg):
@@ -519,12 +569,38 @@ class DesiredState(_Msg):
     release: str = Field(max_length=128)
     revision: int = Field(ge=1, le=INT32_MAX, description="Increases with every new desired state of the shop.")
     objects: tuple[KubeObject, ...] = Field(max_length=1000, description="Rendered Kubernetes objects.")
-    model: ModelRef | None = Field(None, description="Model package reference (name, sha256).")
+    model: ModelRef | None = Field(None, description="Model package reference (name, sha256, archive_sha256, archive_bytes, token; docs/models.md).")
     signature: Signature | None = None
 
     def signing_bytes(self) -> bytes:
         """Return the canonical bytes the signature covers (everything but the signature)."""
         return canonical_bytes(self.model_dump(mode="json", exclude={"signature"}))
+
+
+MAX_ACK_MISSING = 64
+"""Missing ranges one stored-ack lists at most (the ack's ``seq`` is lowered to stay below the ones left out)."""
+
+
+class StoredAck(_Msg):
+    """The controller's end-to-end acknowledgement to one node, on ``fleet/v1/{shop}/{node}/ack`` (QoS 1, not retained).
+
+    Every seq of ``epoch`` up to ``seq`` is stored in the registry (or reported evicted) except the
+    ``missing`` ranges; the agent deletes those messages from its outbox and keeps (and re-sends)
+    the rest. Cumulative: a later ack supersedes an earlier one, a lost one costs only a re-send.
+    """
+
+    kind: Literal["stored_ack"] = "stored_ack"
+    shop: ShopId
+    node: NodeId
+    epoch: str = Field(pattern=EPOCH_PATTERN)
+    seq: int = Field(ge=0, le=INT64_MAX, description="Highest seq the ack speaks for.")
+    missing: tuple[tuple[Annotated[int, Field(ge=1, le=INT64_MAX)], Annotated[int, Field(ge=1, le=INT64_MAX)]], ...] = Field(
+        (), max_length=MAX_ACK_MISSING, description="Inclusive [first, last] ranges at or below seq not stored (yet).",
+    )
+
+    def covers(self, seq: int) -> bool:
+        """Return whether ``seq`` is stored according to this ack."""
+        return seq <= self.seq and not any(a <= seq <= b for a, b in self.missing)
 
 
 class ControllerPresence(_Msg):
@@ -566,6 +642,7 @@ _LEAF_KINDS: dict[str, tuple[str, ...]] = {
     Channel.EVENTS.value: ("event", "alert"),
     Channel.REPLIES.value: ("command_result",),
     Channel.STATE.value: ("reported_state",),
+    Channel.ACK.value: (),  # a downlink topic: nothing a node sends may arrive there
 }
 
 
@@ -664,13 +741,14 @@ def parse_message_reference(
 
 _DOWNLINK: dict[str, type[_Msg]] = {
     Channel.COMMANDS.value: Command,
+    Channel.ACK.value: StoredAck,
     "state/desired": DesiredState,
     "controller/presence": ControllerPresence,
     "controller/clock": ClockBeacon,
 }
 
 
-def parse_downlink(topic: str, payload: bytes) -> Command | DesiredState | ControllerPresence | ClockBeacon:
+def parse_downlink(topic: str, payload: bytes) -> Command | DesiredState | ControllerPresence | ClockBeacon | StoredAck:
     """Parse a controller -> node message; raises ``ProtocolError`` like :func:`parse_message`."""
     info = parse_topic(topic)
     model = _DOWNLINK.get(info.leaf)
@@ -699,4 +777,7 @@ _fast_parse: Callable[[str, bytes], Any] | None
 try:
     from edge_agent.fastwire import fast_parse as _fast_parse
 except ImportError:  # pragma: no cover - depends on the install
+    _fast_parse = None
+except TypeError as _exc:  # pragma: no cover - a model gained a field its Struct lacks (tests/test_protocol_fastpath.py fails)
+    logging.getLogger(__name__).warning("wire protocol fast path off, every message parsed by pydantic: %s", _exc)
     _fast_parse = None

@@ -71,6 +71,23 @@ class ControllerMetrics:
         self.gaps_filled = Counter(
             "shopfleet_controller_gaps_filled", "Late messages that filled a gap.", registry=registry
         )
+        self.evicted = Counter(
+            "shopfleet_controller_evicted",
+            "Seqs nodes reported their outbox evicted unsent, by eviction priority (counted apart from gaps).",
+            ["priority"], registry=registry,
+        )
+        self.cursor_conflicts = Counter(
+            "shopfleet_controller_cursor_conflicts",
+            "Batches decided again because another controller replica moved a node's cursor meanwhile.",
+            registry=registry,
+        )
+        self.intake_paused = Gauge(
+            "shopfleet_controller_intake_paused", "1 while the intake queue is above intake.max_queue and reading is paused.",
+            registry=registry,
+        )
+        self.acks_published = Counter(
+            "shopfleet_controller_stored_acks", "Stored-acks published to nodes (one per node per batch).", registry=registry
+        )
         self.ingest_latency = Histogram(
             "shopfleet_controller_ingest_latency_seconds",
             "Time from receiving a message to committing it.",

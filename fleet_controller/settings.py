@@ -222,6 +222,17 @@ class IntakeSettings(_Section):
         10_000, ge=1, le=2**31,
         description="A birth or Will whose session is this far above the held one is refused (reason session_jump).",
     )
+    max_queue: int = Field(
+        20_000, ge=10, le=10_000_000,
+        description="Received messages the intake holds before it stops reading from the broker (flow control): the "
+        "MQTT thread waits until the queue is below half of it, so memory stays bounded while a backlog drains; "
+        "lower bounds memory tighter, higher rides out slow batches without pausing.",
+    )
+    ack_nodes: bool = Field(
+        True,
+        description="After each commit, publish a stored-ack to every node of the batch on fleet/v1/{shop}/{node}/ack, so "
+        "agents with uplink.ack: controller delete messages only once they are stored (see docs/protocol.md).",
+    )
 
 
 class ExecutorSettings(BaseModel):

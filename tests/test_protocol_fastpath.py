@@ -87,7 +87,10 @@ def merged(kind: str | None, required: dict[str, Any], optional: dict[str, Any])
 heartbeats = merged(
     "heartbeat", {"interval_s": st.floats(min_value=0, max_value=86_400, exclude_min=True) | st.integers(1, 86_400), "facts": facts},
     {"pipelines": st.dictionaries(text(64), pipeline, max_size=3), "metrics": st.dictionaries(text(128), finite, max_size=5),
-     "outbox_depth": st.integers(0, INT32_MAX), "release": text(128) | st.none()},
+     "outbox_depth": st.integers(0, INT32_MAX), "release": text(128) | st.none(),
+     "evicted": st.lists(st.tuples(st.integers(1, INT64_MAX), st.integers(0, 1000), st.sampled_from(["telemetry", "keeper", "important"]))
+                         .filter(lambda t: t[0] + t[1] <= INT64_MAX)
+                         .map(lambda t: {"first": t[0], "last": t[0] + t[1], "priority": t[2]}), max_size=3)},
 )
 telemetries = merged("telemetry", {"readings": st.lists(reading, min_size=1, max_size=4)}, {})
 events = merged("event", {"type": text(64)}, {"source": text(128), "at": finite | st.none(), "data": free_form})
@@ -251,6 +254,9 @@ def invalid(draw: st.DrawFn) -> tuple[str, bytes]:
 @example(case=("fleet/v1/s/n/events", b'{"v":1,"ts":1,"shop":"s","node":"n","epoch":"e","seq":1,"kind":"event","type":"t","data":{"a":' + b"[" * 3000 + b"]" * 3000 + b"}}"))
 @example(case=("fleet/v1/s/n/events", b'{"v":1,"ts":1,"shop":"s","node":"n","epoch":"e","seq":1,"kind":"event","type":"t","data":{"a":123456789012345678901234567890}}'))
 @example(case=("fleet/v1/s/n/telemetry", b'{"v":1,"ts":1,"shop":"s","node":"n","epoch":"e","seq":1,"kind":"telemetry","readings":[{"name":"x","value":1,"value":2}]}'))
+@example(case=("fleet/v1/s/n/telemetry", b'{"v":1,"ts":1,"shop":"s","node":"n","epoch":"e","seq":1,"kind":"heartbeat","interval_s":10,'
+                b'"facts":{"arch":"a","cpu_count":1,"cpu_load_1m":0,"mem_total_bytes":1,"mem_available_bytes":1,"disk_total_bytes":1,'
+                b'"disk_free_bytes":1},"evicted":[{"first":5,"last":4,"priority":"keeper"}]}'))
 @example(case=("fleet/v1/s/n/presence", b'{"v":1.0,"ts":1,"shop":"s","node":"n","state":"online","session":1}'))
 def test_invalid_and_odd_payloads_get_the_reference_answer(case):
     fast = check(*case)

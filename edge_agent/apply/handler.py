@@ -61,6 +61,7 @@ from edge_agent.apply.errors import (
     StateStoreCorrupt,
     UnknownKind,
 )
+from edge_agent.apply.model_fetch import ModelRejected, ModelStager
 from edge_agent.apply.verify import (
     AppliedRecord,
     HighWater,
@@ -163,6 +164,7 @@ class DesiredStateHandler:
         retry_min_s: float = 1.0,
         retry_max_s: float = 30.0,
         self_ref: ObjectRef | None = None,
+        models: ModelStager | None = None,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
         jitter: Callable[[], float] = random.random,
@@ -179,6 +181,7 @@ class DesiredStateHandler:
         self._retry_min_s = retry_min_s
         self._retry_max_s = retry_max_s
         self._self_ref = self_ref
+        self._models = models
         self._sleep = sleep
         self._clock = clock
         self._jitter = jitter
@@ -252,6 +255,8 @@ class DesiredStateHandler:
             self._metrics.duration.observe(self._clock() - started)
             if final.status == "applied":
                 self._metrics.revision.set(state.revision)
+                if self._models is not None:
+                    self._models.mark_applied(state.model)
             log.info("shop %s revision %s (%s): %s %s", self.shop, state.revision, state.release, final.status, final.error)
             self._report(final)
             return final
@@ -338,7 +343,15 @@ class DesiredStateHandler:
         self._current = state
         self._retrying = False
         try:
+            if self._models is not None and state.model:
+                # Staged before the first write: a model that cannot be fetched or verified leaves the cluster untouched.
+                self._retry(f"fetch model {state.model.get('name', '?')}", self._models.ensure, state.model)
             return self._apply(state)
+        except ModelRejected as exc:
+            self._metrics.refused.labels("model").inc()
+            log.error("shop %s revision %s: model refused: %s", self.shop, state.revision, exc)
+            return ApplyReport(state.release, state.revision, "refused",
+                               f"model {exc.reason}: {exc}; nothing applied, the shop keeps running its current release")
         except RetryDeadlineExceeded as exc:
             return ApplyReport(state.release, state.revision, "retrying", f"{exc}; the agent tries again later")
 

@@ -43,13 +43,28 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
 
-from edge_agent.protocol import Presence, ProtocolError, parse_message, parse_topic
+from edge_agent.protocol import (
+    MAX_ACK_MISSING,
+    Channel,
+    Event,
+    EvictedRun,
+    Heartbeat,
+    Presence,
+    ProtocolError,
+    StoredAck,
+    Topics,
+    encode,
+    parse_message,
+    parse_topic,
+)
 from fleet_controller.intake.mqtt import InboundMessage
 from fleet_controller.metrics import ControllerMetrics
 from fleet_controller.registry.bus import BusEvent
+from fleet_controller.registry.carts import CART_EVENT_TYPES, CartStore
 from fleet_controller.registry.db import create_engine
 from fleet_controller.registry.store import (
     MAX_RETIRED_EPOCHS,
+    CursorConflict,
     NodeKey,
     NodeUpdate,
     Quarantined,
@@ -112,6 +127,54 @@ class SeqLimits:
     max_seq_jump: int = 100_000
     seq_resync_after: int = 3
     max_session_jump: int | None = 10_000
+    acks: bool = False  # return each touched node's stored-ack (intake.ack_nodes)
+
+
+CURSOR_CONFLICT_RETRIES = 20
+"""Times a batch is decided again after another replica moved one of its nodes' cursors; beyond
+it the batch is held and retried later like one the database refused (it never happens without
+a livelock between replicas)."""
+
+AckInfo = tuple[str, str, str, int, tuple[tuple[int, int], ...]]
+"""A stored-ack to publish: shop, node, epoch, seq, missing ranges (see :class:`edge_agent.protocol.StoredAck`)."""
+
+
+def stored_ack(cursor: SeqCursor) -> tuple[int, tuple[tuple[int, int], ...]]:
+    """Return ``(seq, missing)`` of the stored-ack for ``cursor``: its watermark and open gaps.
+
+    At most ``MAX_ACK_MISSING`` ranges are listed; with more, ``seq`` stops below the first range
+    left out, so the ack never claims a seq it did not list as missing.
+    """
+    gaps = cursor.gaps
+    if len(gaps) <= MAX_ACK_MISSING:
+        return cursor.watermark, gaps
+    return gaps[MAX_ACK_MISSING][0] - 1, gaps[:MAX_ACK_MISSING]
+
+
+def drop_evicted(cursor: SeqCursor, runs: Sequence[EvictedRun]) -> tuple[SeqCursor, dict[str, int]]:
+    """Remove the seqs of ``runs`` from the cursor's open gaps; return the cursor and the seqs removed per priority.
+
+    Only seqs in an open gap count: a seq that was stored (sent and stored before the outbox
+    evicted it while waiting for the stored-ack) or lies above the watermark is not evicted from
+    the controller's point of view. Once removed, a seq is below the watermark and in no gap, so a
+    late arrival of it (impossible: the agent deleted it) would be dropped as a duplicate and
+    change no other count.
+    """
+    gaps = list(cursor.gaps)
+    removed: dict[str, int] = {}
+    for run in runs:
+        out: list[tuple[int, int]] = []
+        for lo, hi in gaps:
+            a, b = max(lo, run.first), min(hi, run.last)
+            if a > b:
+                out.append((lo, hi))
+                continue
+            removed[run.priority] = removed.get(run.priority, 0) + b - a + 1
+            out += [r for r in ((lo, a - 1), (b + 1, hi)) if r[0] <= r[1]]
+        gaps = out
+    if not removed:
+        return cursor, removed
+    return replace(cursor, gaps=tuple(gaps)), removed
 
 
 def advance(
@@ -175,6 +238,9 @@ class BatchOutcome:
     quarantined: tuple[tuple[str, int], ...] = ()  # messages kept in the dead-letter table, per reason
     rebased: int = 0  # streams that really continued beyond a seq jump
     dropped_events: int = 0  # bus events that could not be returned from the writer process
+    evicted: tuple[tuple[str, int], ...] = ()  # seqs reported evicted by their node's outbox, per priority
+    acks: tuple[AckInfo, ...] = ()  # stored-acks of the nodes the batch touched (SeqLimits.acks)
+    cursor_conflicts: int = 0  # times the batch was decided again after another replica moved a cursor
 
     @staticmethod
     def combine(parts: Sequence[BatchOutcome]) -> BatchOutcome:
@@ -182,15 +248,20 @@ class BatchOutcome:
         kinds: collections.Counter[str] = collections.Counter()
         reasons: collections.Counter[str] = collections.Counter()
         quarantined: collections.Counter[str] = collections.Counter()
+        evicted: collections.Counter[str] = collections.Counter()
+        acks: dict[tuple[str, str], AckInfo] = {}
         for p in parts:
             kinds.update(dict(p.kinds))
             reasons.update(dict(p.reasons))
             quarantined.update(dict(p.quarantined))
+            evicted.update(dict(p.evicted))
+            acks.update({(a[0], a[1]): a for a in p.acks})  # the last part's ack of a node is the newest
         return BatchOutcome(
             sum(p.stored for p in parts), sum(p.rejected for p in parts), sum(p.duplicates for p in parts),
             tuple(e for p in parts for e in p.events), tuple(kinds.items()), tuple(reasons.items()),
             sum(p.missing for p in parts), sum(p.filled for p in parts), tuple(quarantined.items()),
-            sum(p.rebased for p in parts), sum(p.dropped_events for p in parts),
+            sum(p.rebased for p in parts), sum(p.dropped_events for p in parts), tuple(evicted.items()),
+            tuple(acks.values()), sum(p.cursor_conflicts for p in parts),
         )
 
     @property
@@ -217,6 +288,10 @@ def record(metrics: ControllerMetrics, outcome: BatchOutcome) -> None:
         metrics.seq_rebases.inc(outcome.rebased)
     if outcome.dropped_events:
         metrics.bus_dropped.inc(outcome.dropped_events)
+    for priority, n in outcome.evicted:
+        metrics.evicted.labels(priority=priority).inc(n)
+    if outcome.cursor_conflicts:
+        metrics.cursor_conflicts.inc(outcome.cursor_conflicts)
 
 
 class TemporaryStoreError(TemporaryError):
@@ -266,6 +341,7 @@ class IntakeCore:
         self.registry = registry
         self._cursors: dict[NodeKey, SeqCursor] = {}
         self._rlog = RateLimitedLog(log, log_every_s)
+        self._carts = CartStore(registry.engine)
 
     def process_batch(
         self, batch: Sequence[RawMessage | InboundMessage], now: float | None = None, limits: SeqLimits = SeqLimits(),
@@ -315,9 +391,7 @@ class IntakeCore:
 
     def _process(self, batch: list[RawMessage], now: float | None, limits: SeqLimits) -> BatchOutcome:
         now = time.time() if now is None else now
-        wb = WriteBatch(max_session_jump=limits.max_session_jump)
         reasons: collections.Counter[str] = collections.Counter()
-        kinds: collections.Counter[str] = collections.Counter()
         parsed = []
         for topic, payload, received in batch:
             try:
@@ -325,14 +399,37 @@ class IntakeCore:
             except ProtocolError as exc:
                 reasons[exc.reason] += 1
                 self._rlog.warning(exc.reason, "rejected a message on %r: %s", topic[:200], exc.detail[:500])
+        for attempt in range(CURSOR_CONFLICT_RETRIES + 1):
+            try:
+                outcome = self._decide_and_write(parsed, collections.Counter(reasons), now, limits)
+            except CursorConflict as exc:
+                # Another replica stored messages of these nodes since we read their cursors:
+                # nothing of this batch was stored; decide it again against the stored cursors.
+                for key in exc.keys:
+                    self._cursors.pop(key, None)
+                continue
+            return replace(outcome, cursor_conflicts=attempt) if attempt else outcome
+        raise TemporaryStoreError(f"node cursors kept moving under this batch ({CURSOR_CONFLICT_RETRIES} retries); holding it")
+
+    def _decide_and_write(
+        self, parsed: list[tuple[Any, float, str]], reasons: collections.Counter[str], now: float, limits: SeqLimits,
+    ) -> BatchOutcome:
+        """Decide every parsed message against the node cursors and store the batch in one transaction.
+
+        Raises :class:`CursorConflict` (nothing stored) when another writer moved a cursor meanwhile.
+        """
+        wb = WriteBatch(max_session_jump=limits.max_session_jump)
+        kinds: collections.Counter[str] = collections.Counter()
+        evicted: collections.Counter[str] = collections.Counter()
         # Cursors this batch moves, on top of the committed ones; merged only after the commit.
         cursors: dict[NodeKey, SeqCursor] = {}
+        revs: dict[NodeKey, int] = {}  # the revision each moved cursor was read at
         known = self._cursors
         unknown = {(msg.shop, msg.node) for msg, _, _ in parsed if not isinstance(msg, Presence)}
         unknown = {k for k in unknown if k not in known}  # not "- known.keys()": that walks every known node
         if unknown:
             cursors.update(self.registry.load_cursors(unknown))
-        counts: dict[NodeKey, list[int]] = {}  # per node: [stored, duplicates, missing]
+        counts: dict[NodeKey, list[int]] = {}  # per node: [stored, duplicates, net missing, evicted]
         seen = wb.seen
         duplicates = missing_total = filled = rebased = 0
         for msg, received, topic in parsed:
@@ -343,6 +440,8 @@ class IntakeCore:
                 kinds["presence"] += 1
                 continue
             cur = cursors.get(key) or self._cursors.get(key) or SeqCursor()
+            if key not in revs:
+                revs[key] = cur.rev
             verdict, cursors[key], missing = advance(cur, msg.epoch, msg.seq, limits.max_seq_jump, limits.seq_resync_after)
             if verdict in REFUSED:
                 reasons[verdict.value] += 1
@@ -356,13 +455,21 @@ class IntakeCore:
             seen[key] = max(seen.get(key, 0.0), received)
             c = counts.get(key)
             if c is None:
-                c = counts[key] = [0, 0, 0]
+                c = counts[key] = [0, 0, 0, 0]
             if verdict is Verdict.DUPLICATE:
                 duplicates += 1
                 c[1] += 1
                 continue
+            if isinstance(msg, Heartbeat) and msg.evicted and msg.epoch == cursors[key].epoch:
+                cursors[key], removed = drop_evicted(cursors[key], msg.evicted)
+                n = sum(removed.values())
+                if n:
+                    evicted.update(removed)
+                    c[2] -= n
+                    c[3] += n
             if verdict is Verdict.FILLED:
                 filled += 1
+                c[2] -= 1
             elif verdict is Verdict.REBASED:
                 rebased += 1
                 log.warning("%s/%s: stream continues at epoch %s seq %s beyond the jump window; rebased without counting a gap",
@@ -372,17 +479,31 @@ class IntakeCore:
             c[2] += missing
             wb.uplinks.append((msg, received))
             kinds[msg.kind] += 1
-        wb.nodes = {key: NodeUpdate(cursors[key], *c) for key, c in counts.items()}
-        events = self.registry.write_batch(wb, now)
-        # Committed: only now does the in-memory cursor move on.
+        wb.nodes = {key: NodeUpdate(replace(cursors[key], rev=revs[key]), c[0], c[1], c[2], c[3], check_rev=True) for key, c in counts.items()}
+        # Carts first, in their own transaction: idempotent on cart_id, so a batch retried after
+        # a failed write_batch (or a cursor conflict) stores each cart once (fleet_controller.registry.carts).
+        cart_events = [(m.shop, m.node, m.type, m.data) for m, _ in wb.uplinks if isinstance(m, Event) and m.type in CART_EVENT_TYPES]
+        cart_bus: list[BusEvent] = []
+        if cart_events:
+            cart_bus, bad = self._carts.ingest(cart_events, now)
+            for err in bad:
+                reasons["bad_cart"] += 1
+                self._rlog.warning("bad_cart", "a cart event is not a valid cart (kept as a plain event): %s", err[:500])
+        events = self.registry.write_batch(wb, now) + cart_bus
+        # Committed: only now does the in-memory cursor move on (at the revision the row now holds).
+        committed = {key: replace(cursors[key], rev=revs[key] + 1) for key in counts}
         self._cursors.update(cursors)
+        self._cursors.update(committed)
+        acks: tuple[AckInfo, ...] = ()
+        if limits.acks:
+            acks = tuple((k[0], k[1], cur.epoch, *stored_ack(cur)) for k, cur in committed.items())
         if wb.session_jumps:
             reasons["session_jump"] += wb.session_jumps
             kinds["presence"] -= wb.session_jumps
         return BatchOutcome(
             stored=sum(kinds.values()), rejected=sum(reasons.values()), duplicates=duplicates, events=tuple(events),
             kinds=tuple((k, n) for k, n in kinds.items() if n), reasons=tuple(reasons.items()), missing=missing_total,
-            filled=filled, rebased=rebased,
+            filled=filled, rebased=rebased, evicted=tuple(evicted.items()), acks=acks,
         )
 
 
@@ -392,12 +513,42 @@ _CORES: dict[str, IntakeCore] = {}
 """Writer state by writer key, in whichever process hosts the writer."""
 
 
+PARENT_WATCH_S = 0.5
+"""How often a writer process checks that its controller still lives."""
+
+
+def _die_with_parent() -> None:
+    """Make this writer process exit when the controller that started it dies, even by SIGKILL.
+
+    A SIGKILLed controller runs no cleanup: without this its writer (re-parented to pid 1) lived
+    on, holding its database connections, and with it multiprocessing's resource tracker (which
+    exits once every holder of its pipe has). A daemon thread polls the parent pid and
+    calls ``os._exit`` when it changes; the kernel then closes the writer's sockets, so the database
+    sees its connections end. (Linux's PR_SET_PDEATHSIG is not used: it fires when the *thread*
+    that forked the child exits, which for a process pool is whichever thread submitted first.)
+    """
+    # The pid multiprocessing recorded at spawn, not os.getppid() now: a controller killed while
+    # this process was still importing must be noticed too.
+    parent_process = multiprocessing.parent_process()
+    parent = parent_process.pid if parent_process is not None else os.getppid()
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent:
+                log.error("the controller (pid %s) is gone; the registry writer exits", parent)
+                os._exit(3)
+            time.sleep(PARENT_WATCH_S)
+
+    threading.Thread(target=watch, name="writer-parent-watch", daemon=True).start()
+
+
 def _init_writer(key: str, db_url: str, log_every_s: float, log_level: int | None) -> None:
     """Set up the writer's own engine, registry and intake core (runs on the writer)."""
     if log_level is not None:  # a spawned child starts with no logging set up
         logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s[writer]: %(message)s")
     _CORES[key] = IntakeCore(RegistryStore(create_engine(db_url)), log_every_s)
     if multiprocessing.parent_process() is not None:
+        _die_with_parent()
         # The writer's own process: move everything imported so far out of the collector's sight.
         # Parsing allocates heavily, and each full collection otherwise rescans the whole heap of
         # imported modules (a quarter of the writer's time in a profile).
@@ -554,6 +705,7 @@ class Intake:
         *,
         ack: Callable[[InboundMessage], None] = lambda m: None,
         on_events: Callable[[Sequence[BusEvent]], None] = lambda e: None,
+        publish: Callable[[str, bytes], object] | None = None,
         retry_delay_s: float = 1.0,
     ) -> None:
         self.writer = writer
@@ -561,8 +713,13 @@ class Intake:
         self.settings = settings
         self._ack = ack
         self._on_events = on_events
+        self._publish = publish
         self._retry_delay = retry_delay_s
         self._pending: collections.deque[InboundMessage] = collections.deque()
+        self._room = threading.Condition()  # the MQTT thread waits on it while the queue is full
+        self.max_queue = settings.max_queue
+        self.queue_high_water = 0  # the longest the queue has been (tests and the flow-control docs)
+        self.pauses = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._waiting = threading.Event()
@@ -571,16 +728,42 @@ class Intake:
         self.quarantined_total = 0
         self.failing_since: float | None = None  # when storing started failing, while it does
         self._failing_logged = False
-        self.limits = SeqLimits(settings.max_seq_jump, settings.seq_resync_after, settings.max_session_jump)
+        self.limits = SeqLimits(settings.max_seq_jump, settings.seq_resync_after, settings.max_session_jump,
+                                acks=settings.ack_nodes and publish is not None)
     # ----- producer side (MQTT thread) -------------------------------------------------------
 
     def submit(self, message: InboundMessage) -> None:
-        """Queue one received message; safe to call from the MQTT network thread."""
+        """Queue one received message; safe to call from the MQTT network thread.
+
+        Flow control: when the queue holds ``intake.max_queue`` messages, the calling (network)
+        thread waits until batches have taken it below half of that. paho reads nothing from the
+        socket meanwhile, so the broker keeps the backlog (TCP back-pressure, then its own queue)
+        instead of this process's memory. Nothing is lost: every held message is still unacknowledged.
+        """
+        if len(self._pending) >= self.max_queue:
+            self._pause()
         self._pending.append(message)
+        n = len(self._pending)
+        if n > self.queue_high_water:
+            self.queue_high_water = n
         loop = self._loop
         if loop is not None and self._waiting.is_set():
             self._waiting.clear()
             loop.call_soon_threadsafe(self._wake.set)  # type: ignore[union-attr]
+
+    def _pause(self) -> None:
+        self.pauses += 1
+        self.metrics.intake_paused.set(1)
+        self._rlog.warning("paused", "intake queue full (%s messages, intake.max_queue): reading from the broker paused "
+                           "until it drains below half", len(self._pending))
+        loop = self._loop
+        if loop is not None and self._waiting.is_set():  # the collector may be asleep: wake it to drain
+            self._waiting.clear()
+            loop.call_soon_threadsafe(self._wake.set)  # type: ignore[union-attr]
+        with self._room:
+            while len(self._pending) > self.max_queue // 2:
+                self._room.wait(0.5)
+        self.metrics.intake_paused.set(0)
 
     # ----- consumer side (asyncio) -------------------------------------------------------------
 
@@ -643,6 +826,9 @@ class Intake:
                 self._waiting.clear()
                 break
         self.metrics.intake_queue.set(len(self._pending))
+        if len(self._pending) <= self.max_queue // 2:
+            with self._room:
+                self._room.notify_all()
         return batch
 
     async def _call_batch(self, raw: list[RawMessage]) -> BatchOutcome:
@@ -694,6 +880,8 @@ class Intake:
         self.metrics.batch_seconds.observe(time.perf_counter() - t0)
         self.metrics.batch_size.observe(len(batch))
         record(self.metrics, outcome)
+        if outcome.acks:
+            self._publish_acks(outcome.acks)
         for m in batch:
             self.metrics.ingest_latency.observe(max(done - m.received_at, 0.0))
             self._ack(m)
@@ -701,6 +889,24 @@ class Intake:
         self.quarantined_total += outcome.quarantined_total
         if outcome.events:
             self._on_events(outcome.events)
+
+    def _publish_acks(self, acks: Sequence[AckInfo]) -> None:
+        """Tell each node of a committed batch what is stored of its stream (QoS 1, not retained).
+
+        Best effort by design: an ack lost here (the broker is away) costs the agent a re-send,
+        which the dedupe drops and acknowledges again; it can never lose a message.
+        """
+        publish = self._publish
+        if publish is None:
+            return
+        for shop, node, epoch, seq, missing in acks:
+            payload = encode(StoredAck(shop=shop, node=node, epoch=epoch, seq=seq, missing=missing))
+            try:
+                publish(Topics.node(shop, node, Channel.ACK), payload)
+            except Exception as exc:
+                self._rlog.warning("stored_ack", "could not publish a stored-ack to %s/%s: %s", shop, node, exc)
+                continue
+            self.metrics.acks_published.inc()
 
     def _failing(self) -> None:
         now = time.time()

@@ -74,6 +74,9 @@ class Node(Base):
     duplicates_total: Mapped[int] = mapped_column(Integer, default=0)
     missing_total: Mapped[int] = mapped_column(Integer, default=0)
     retired_epochs: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)  # 0004_quarantine
+    # 0015_exact_intake: the cursor's revision (compare-and-set between replicas) and reported evictions.
+    cursor_rev: Mapped[int] = mapped_column(BigInteger, default=0)
+    evicted_total: Mapped[int] = mapped_column(Integer, default=0)
     __table_args__ = (ForeignKeyConstraint(["shop_id"], ["shops.id"], ondelete="CASCADE"),)
 
 

@@ -81,7 +81,10 @@ class NodeSummary(_View):
     open_gaps: int = Field(description="Seqs below the watermark not received (yet).")
     messages_total: int
     duplicates_total: int
-    missing_total: int = Field(description="Seqs found missing since the node was first seen (filled ones included).")
+    missing_total: int = Field(
+        description="Seqs missing now: open gaps plus ones given up (a gap filled later, or reported evicted, no longer counts)."
+    )
+    evicted_total: int = Field(0, description="Seqs the node reported its outbox evicted unsent (never counted as missing).")
 
 
 class HeartbeatPoint(_View):
@@ -256,7 +259,7 @@ def _node_fields(r: Row[Any]) -> dict[str, Any]:
         "session": r.session, "last_seen": r.last_seen, "first_seen": r.first_seen,
         "heartbeat_interval_s": r.heartbeat_interval_s, "epoch": r.epoch, "watermark": r.watermark,
         "open_gaps": sum(b - a + 1 for a, b in (r.gaps or [])), "messages_total": r.messages_total,
-        "duplicates_total": r.duplicates_total, "missing_total": r.missing_total,
+        "duplicates_total": r.duplicates_total, "missing_total": r.missing_total, "evicted_total": r.evicted_total,
     }
 
 

@@ -150,6 +150,8 @@ class SeqCursor:
     ``retired`` are the epochs the node has left (oldest first, at most ``MAX_RETIRED_EPOCHS``):
     an epoch only moves forward. ``pending`` is ``(epoch, seq, run)`` of the last refused seq jump
     and how many consecutive seqs followed it (in memory only; see the intake's ``advance``).
+    ``rev`` is the revision of the stored cursor row this value was read from (or written as):
+    the writer updates the row only while it still holds that revision (see :class:`CursorConflict`).
     """
 
     epoch: str = ""
@@ -157,16 +159,38 @@ class SeqCursor:
     gaps: tuple[tuple[int, int], ...] = ()
     retired: tuple[str, ...] = ()
     pending: tuple[str, int, int] | None = None
+    rev: int = 0
+
+
+class CursorConflict(Exception):
+    """Another writer (a second controller replica) moved a node's cursor since this one read it.
+
+    Raised inside the batch's transaction, so nothing of the batch is stored; the intake reloads
+    the cursors of ``keys`` from the database and decides the batch again.
+    """
+
+    def __init__(self, keys: Sequence[NodeKey]) -> None:
+        super().__init__(f"{len(keys)} node cursor(s) moved by another writer")
+        self.keys = tuple(keys)
 
 
 @dataclass(frozen=True)
 class NodeUpdate:
-    """What one batch changed about one node's stream: the new cursor and counter increments."""
+    """What one batch changed about one node's stream: the new cursor and counter increments.
+
+    ``missing`` is a net change: seqs that became missing less those filled by late arrivals or
+    reported evicted, so ``missing_total`` says how many are missing now (open or given up).
+    With ``check_rev`` (what the intake sets), the update applies only while the row still holds
+    revision ``cursor.rev``, else :class:`CursorConflict` is raised; without it (tests and tools
+    writing a cursor directly) the row is overwritten. Either way the row's revision is bumped.
+    """
 
     cursor: SeqCursor
     messages: int = 0
     duplicates: int = 0
     missing: int = 0
+    evicted: int = 0
+    check_rev: bool = False
 
 
 @dataclass(frozen=True)
@@ -336,13 +360,15 @@ class RegistryStore:
             return out
         with self.engine.connect() as conn:
             rows = conn.execute(
-                select(NODES.c.shop_id, NODES.c.node_id, NODES.c.epoch, NODES.c.watermark, NODES.c.gaps, NODES.c.retired_epochs).where(
+                select(NODES.c.shop_id, NODES.c.node_id, NODES.c.epoch, NODES.c.watermark, NODES.c.gaps, NODES.c.retired_epochs,
+                       NODES.c.cursor_rev).where(
                     tuple_(NODES.c.shop_id, NODES.c.node_id).in_(keys)
                 )
             )
-            for shop, node, epoch, watermark, gaps, retired in rows:
+            for shop, node, epoch, watermark, gaps, retired, rev in rows:
                 out[(shop, node)] = SeqCursor(
-                    epoch, int(watermark), tuple((int(a), int(b)) for a, b in (gaps or [])), tuple(str(e) for e in (retired or []))
+                    epoch, int(watermark), tuple((int(a), int(b)) for a, b in (gaps or [])), tuple(str(e) for e in (retired or [])),
+                    rev=int(rev or 0),
                 )
         return out
 
@@ -573,7 +599,7 @@ class RegistryStore:
 
     def _update_nodes(self, conn: Connection, batch: WriteBatch, facts: dict[NodeKey, tuple[Heartbeat, str, str]]) -> None:
         """Update facts, sequence cursor, counters and last_seen of every node in the batch, one statement per row shape."""
-        groups: dict[tuple[bool, bool], list[tuple[Any, ...]]] = {}
+        groups: dict[tuple[bool, bool, bool], list[tuple[Any, ...]]] = {}
         for key, seen in batch.seen.items():
             u = batch.nodes.get(key)
             latest = facts.get(key)
@@ -581,24 +607,29 @@ class RegistryStore:
             if u is not None:
                 c = u.cursor
                 row += (c.epoch, c.watermark, _gaps_text(c.gaps), json.dumps(c.retired) if c.retired else None,
-                        u.messages, u.duplicates, u.missing)
+                        u.messages, u.duplicates, u.missing, u.evicted)
             if latest is not None:  # in _FACT_COLUMNS order
                 hb, metrics, pipelines = latest
                 f = hb.facts
                 row += (_dumps(f.__dict__), f.arch, f.node_class, f.agent_version, hb.release, pipelines, metrics,
                         hb.ts, hb.interval_s)
-            groups.setdefault((u is not None, latest is not None), []).append(row + key)
+            row += key
+            cas = u is not None and u.check_rev
+            if cas:
+                row += (u.cursor.rev,)  # type: ignore[union-attr]
+            groups.setdefault((u is not None, cas, latest is not None), []).append(row)
         greatest = "MAX" if self._dialect == "sqlite" else "GREATEST"
-        for (has_cursor, has_facts), rows in groups.items():
-            # The column each value of a row goes to, in row order (for PostgreSQL's array types).
+        pg = self._dialect == "postgresql"
+        json_cols = _NODE_JSON | {"gaps", "retired_epochs"}
+        for (has_cursor, cas, has_facts), rows in groups.items():
+            # The column each value of a row goes to, in row order (PostgreSQL casts each to its column's type).
             targets = ["last_seen"]
             if has_cursor:
-                targets += ["epoch", "watermark", "gaps", "retired_epochs", "messages_total", "duplicates_total", "missing_total"]
+                targets += ["epoch", "watermark", "gaps", "retired_epochs", "messages_total", "duplicates_total", "missing_total",
+                            "evicted_total"]
             if has_facts:
                 targets += _FACT_COLUMNS
-            targets += ["shop_id", "node_id"]
-            pg = self._dialect == "postgresql"
-            json_cols = _NODE_JSON | {"gaps", "retired_epochs"}
+            targets += ["shop_id", "node_id"] + (["cursor_rev"] if cas else [])
             refs = iter([f"v.c{i}::json" if c in json_cols else f"v.c{i}" for i, c in enumerate(targets)] if pg
                         else [self._placeholder(c in json_cols) for c in targets])
             ph = refs.__next__  # the value of the next target, in row order
@@ -606,18 +637,28 @@ class RegistryStore:
             if has_cursor:
                 sets += [f"epoch = {ph()}", f"watermark = {ph()}", f"gaps = {ph()}", f"retired_epochs = {ph()}",
                          f"messages_total = messages_total + {ph()}",
-                         f"duplicates_total = duplicates_total + {ph()}", f"missing_total = missing_total + {ph()}"]
+                         f"duplicates_total = duplicates_total + {ph()}", f"missing_total = missing_total + {ph()}",
+                         f"evicted_total = evicted_total + {ph()}", "cursor_rev = cursor_rev + 1"]
             if has_facts:
                 sets += [f'"{c}" = {ph()}' for c in _FACT_COLUMNS]
+            t = "nodes." if pg else ""
+            where = f"{t}shop_id = {ph()} AND {t}node_id = {ph()}" + (f" AND {t}cursor_rev = {ph()}" if cas else "")
+            if cas:
+                rows.sort(key=lambda r: r[-3:-1])  # one lock order for every replica: their batches cannot deadlock
             if pg:
-                # One statement for all rows (see _json_rows_from): psycopg's executemany of this
-                # update, one round trip of Python work per row, was a third of the writer's time.
-                sql = (f"UPDATE nodes SET {', '.join(sets)} FROM {_json_rows_from(NODES, targets, conn.dialect)} "
-                       f"WHERE nodes.shop_id = {ph()} AND nodes.node_id = {ph()}")
-                conn.exec_driver_sql(sql, _json_rows(rows))
+                # One statement for all rows (see _json_rows_from): psycopg's executemany of this update,
+                # one round trip of Python work per row, was a third of the writer's time. The rows are
+                # joined in their (sorted) order: a nested loop over the pk index, the plan PostgreSQL
+                # takes for a set-returning function of unknown size against a large table.
+                result = conn.exec_driver_sql(f"UPDATE nodes SET {', '.join(sets)} FROM {_json_rows_from(NODES, targets, conn.dialect)} "
+                                              f"WHERE {where}", _json_rows(rows))
             else:
-                sql = f"UPDATE nodes SET {', '.join(sets)} WHERE shop_id = {ph()} AND node_id = {ph()}"
-                conn.exec_driver_sql(sql, rows)
+                result = conn.exec_driver_sql(f"UPDATE nodes SET {', '.join(sets)} WHERE {where}", rows)
+            # Compare-and-set: a row another writer moved since we read its cursor matches nothing,
+            # and the rows matched fall short. (Only the total is reported, so a conflict reloads every
+            # node of the group; conflicts are rare, the hot path stays one call.)
+            if cas and result.rowcount != len(rows):
+                raise CursorConflict([r[-3:-1] for r in rows])
 
     def _placeholder(self, json_value: bool = False) -> str:
         if self._dialect == "sqlite":

@@ -23,6 +23,7 @@ from fastapi.params import Depends
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.engine import Engine
 
+from fleet_controller.registry.audit import AuditLog
 from fleet_controller.rollout.policy import PolicyError, policy_from_dict
 from fleet_controller.rollout.releases import ReleaseError, ReleaseSpec, ReleaseStore
 from fleet_controller.rollout.store import (
@@ -72,13 +73,16 @@ def build_router(engine: Engine, *, dependencies: Sequence[Depends] = ()) -> API
     """Return the releases and rollouts router; ``dependencies`` guard every route."""
     router = APIRouter(prefix="/api/v1", tags=["releases and rollouts"], dependencies=list(dependencies))
     releases = ReleaseStore(engine)
+    audit = AuditLog(engine)
 
     @router.post("/releases", status_code=201, summary="Create a release (images pinned by digest)")
     def create_release(spec: ReleaseSpec) -> dict[str, Any]:
         try:
-            return releases.create(spec).model_dump()
+            created = releases.create(spec).model_dump()
         except ReleaseError as exc:
             raise _release_error(exc) from None
+        audit.record_here("release.create", spec.name, {"version": spec.version, "images": spec.images})
+        return created
 
     @router.get("/releases", summary="List releases, newest first")
     def get_releases() -> list[dict[str, Any]]:
@@ -104,7 +108,9 @@ def build_router(engine: Engine, *, dependencies: Sequence[Depends] = ()) -> API
     def post_rollout(body: StartRollout) -> dict[str, Any]:
         try:
             policy = policy_from_dict(body.policy, "policy")
-            return start_rollout(engine, body.release, policy, confirm=body.confirm)
+            started = start_rollout(engine, body.release, policy, confirm=body.confirm)
+            audit.record_here("rollout.start", f"rollout {started.get('id')}", {"release": body.release, "policy": body.policy})
+            return started
         except PolicyError as exc:
             raise HTTPException(422, str(exc)) from None
         except ReleaseError as exc:
@@ -139,7 +145,9 @@ def build_router(engine: Engine, *, dependencies: Sequence[Depends] = ()) -> API
             raise HTTPException(428, f"'{action}' needs confirmation: GET /api/v1/rollouts/{rollout_id}/{action}/scope, "
                                      "show its scope, then send its token as 'confirm'")
         try:
-            return request_action(engine, rollout_id, action, body.reason if body else "", confirm=confirm)
+            done = request_action(engine, rollout_id, action, body.reason if body else "", confirm=confirm)
+            audit.record_here(f"rollout.{action}", f"rollout {rollout_id}", {"reason": body.reason if body else ""})
+            return done
         except RolloutNotFound as exc:
             raise HTTPException(404, str(exc)) from None
         except RolloutError as exc:

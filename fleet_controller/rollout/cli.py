@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -45,7 +46,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--version", required=True, help="version people read, e.g. 2026.11.2")
     p.add_argument("--image", action="append", default=[], metavar="COMPONENT=REPO@sha256:DIGEST",
                    help="image of one component (container name: agent, vision, vision-gpu, sensor-driver, mosquitto, fluent-bit, device-plugin); repeat per component")
-    p.add_argument("--model", metavar="DIR", help="model package directory; its sha256 over every file is pinned in the release")
+    p.add_argument("--model", metavar="DIR", help="model package directory: stored on the controller (shops download it from there), its sha256 over every file pinned in the release")
     p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
                    help="free-form release label, stored and shown with the release (repeat for several)")
     _add_backend(p)
@@ -132,6 +133,24 @@ class _Api:
             raise CliError(f"controller said {r.status_code}: {detail}")
         return r.json()
 
+    def upload_model(self, path: Path) -> Any:
+        """Upload model package ``path`` (as its deterministic tar) to ``POST /api/v1/models``; return its reference."""
+        import httpx
+
+        from fleet_controller.rollout.models_store import write_archive
+
+        with tempfile.TemporaryFile() as tmp:
+            write_archive(path, tmp)
+            tmp.seek(0)
+            try:
+                r = self._c.post("/api/v1/models", params={"name": path.name}, content=tmp.read(),
+                                 headers={"Content-Type": "application/x-tar"}, timeout=600)
+            except httpx.HTTPError as exc:
+                raise CliError(f"cannot upload model package {path}: {exc}; check --api") from None
+        if r.status_code >= 400:
+            raise CliError(f"controller refused model package {path}: {r.status_code} {r.text[:500]}")
+        return r.json()
+
 
 class CliError(Exception):
     """A failure to report as one line and exit 1."""
@@ -187,10 +206,12 @@ def _release_create(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from fleet_controller.rollout.releases import (
+        ModelRef,
         ReleaseSpec,
         ReleaseStore,
         model_package_digest,
         parse_image_args,
+        store_model,
     )
 
     labels = {}
@@ -199,12 +220,16 @@ def _release_create(args: argparse.Namespace) -> int:
         if not sep or not k:
             raise CliError(f"--label {item!r}: write KEY=VALUE")
         labels[k] = v
-    model = model_package_digest(args.model) if args.model else None
+    images = parse_image_args(args.image)
+    model = model_package_digest(args.model) if args.model else None  # refuses a missing or empty package before any upload
+    kind, be = _backend(args)
+    if args.model:
+        # The package is stored on the controller (shops download it from there); the release pins what was stored.
+        model = store_model(be, args.model) if kind == "db" else ModelRef(**be.upload_model(Path(args.model)))
     try:
-        spec = ReleaseSpec(name=args.name, version=args.version, images=parse_image_args(args.image), model=model, labels=labels)
+        spec = ReleaseSpec(name=args.name, version=args.version, images=images, model=model, labels=labels)
     except ValidationError as exc:
         raise CliError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors())) from None
-    kind, be = _backend(args)
     data = ReleaseStore(be).create(spec).model_dump() if kind == "db" else be.call("POST", "/releases", spec.model_dump())
     model_text = f", model {model.name} sha256:{model.sha256[:12]}" if model else ""
     _print(args, data, f"release {spec.name} ({spec.version}): {len(spec.images)} images{model_text}")

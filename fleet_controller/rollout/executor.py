@@ -43,6 +43,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from edge_agent.protocol import Topics, encode
 from fleet_controller.registry.db import table_of
+from fleet_controller.registry.maintenance import shops_in_maintenance
 from fleet_controller.registry.read import RegistryReader
 from fleet_controller.rollout import manifests
 from fleet_controller.rollout.gates import NodeHealth, ReadingValue
@@ -265,6 +266,7 @@ class RolloutExecutor:
             health=self._node_health([x.shop_id for x in shops if x.state in ("applying", "baking")]),
             readings=self._readings(pending) if policy.windows.idle is not None and pending else {},
             published_at=published,
+            maintenance=shops_in_maintenance(self.engine, now) if pending else frozenset(),
         )
 
     def _apply(self, rollout_id: int, state: StepInput, actions: list[Action]) -> None:

@@ -26,6 +26,9 @@ from fleet_controller.rollout.planner import FleetShop, RolloutPlan
 from fleet_controller.rollout.policy import RolloutPolicy
 from fleet_controller.rollout.releases import ReleaseSpec
 
+MAINTENANCE_HOLD = "held: shop in maintenance"
+"""Reason of a pending shop the executor does not start because an operator put it in maintenance."""
+
 PUBLISHING = 0
 """Stands in, within one step, for the revision a desired state is about to get (real revisions
 start at 1): the executor bumps the stored counter when it applies the action."""
@@ -77,6 +80,7 @@ class StepInput:
     health: Mapping[str, Sequence[NodeHealth]] = field(default_factory=dict)
     readings: Mapping[str, Sequence[ReadingValue]] = field(default_factory=dict)
     published_at: Mapping[str, float] = field(default_factory=dict)  # when each shop's desired state was last published
+    maintenance: frozenset[str] = frozenset()  # shops in maintenance: no new update starts there (a rollback still does)
 
 
 # ----- actions ------------------------------------------------------------------------------------
@@ -307,6 +311,12 @@ class _Step:
         for row in pending:
             if in_flight >= policy.max_in_flight:
                 break
+            if row.shop_id in self.s.maintenance:
+                # Held like a closed window: the shop keeps its place in the wave and starts when
+                # the maintenance ends. The reason says why it waits (written once, not every step).
+                if row.reason != MAINTENANCE_HOLD:
+                    self.move(row.shop_id, "pending", reason=MAINTENANCE_HOLD)
+                continue
             shop = self.s.fleet.get(row.shop_id)
             ok, why = window_open(policy.windows, shop.timezone if shop else "UTC", self.s.readings.get(row.shop_id, []), now)
             if not ok:

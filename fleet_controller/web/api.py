@@ -18,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from edge_agent.protocol import ID_PATTERN
 from fleet_controller.host import ShopWriter
+from fleet_controller.registry.audit import AuditLog
 from fleet_controller.registry.read import (
     EventView,
     NodeDetail,
@@ -116,6 +117,7 @@ def build_router() -> APIRouter:
             raise HTTPException(422, f"invalid shop id {shop!r}: use lowercase letters, digits and '-'")
         await _writer(request).register_shop(shop, name=body.name, region=body.region, labels=body.labels, timezone=body.timezone,
                                              applier=body.applier)
+        await run_in_threadpool(AuditLog(_reader(request).engine).record_here, "shop.register", shop, body.model_dump(exclude_none=True), shop=shop)
         items, _ = await run_in_threadpool(_reader(request).list_shops, q=shop, limit=1000)
         return next(i for i in items if i.id == shop)
 

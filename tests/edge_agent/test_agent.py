@@ -127,22 +127,29 @@ def test_send_fills_identity_and_routes_reported_state_retained(make_agent, brok
     assert agent.send(ReportedState, revision=8, status="applying") == seq + 1  # the invalid one used no seq
 
 
-def test_ping_unknown_failing_and_expired_commands(make_agent, broker: BrokerProcess, recorder: Recorder) -> None:
-    agent = make_agent()
+def test_ping_unknown_failing_and_expired_commands(make_agent, broker: BrokerProcess, recorder: Recorder, tmp_path: Path) -> None:
+    from fleet_controller.rollout.signing import generate_keypair
+    from fleet_controller.web.remote_actions import CommandSigner
+
+    generate_keypair(tmp_path / "signing.key")
+    signer = CommandSigner.from_file(tmp_path / "signing.key")
+    agent = make_agent(config={"commands": {"public_keys": [str(tmp_path / "signing.pub")]}})
 
     def boom(cmd: Command) -> dict:
         raise RuntimeError(f"cannot tare {cmd.args['board']}")
 
     agent.register_command("tare", boom)
     topic = Topics.node(SHOP, NODE, Channel.COMMANDS)
-    ping, unknown, failing, expired = command("ping"), command("reboot"), command("tare", board="b1"), command("ping", ttl=-1)
+    ping, expired = command("ping"), command("ping", ttl=-1)  # ping may come unsigned
+    unknown, failing = (signer.sign(c.model_copy(update={"shop": SHOP, "node": NODE, "counter": i}))
+                        for i, c in enumerate((command("reboot"), command("tare", board="b1")), 1))
     for c in (expired, ping, unknown, failing):
         publish(broker.port, topic, encode(c))
     replies = wait_for(lambda: len(uplinks(recorder, Channel.REPLIES)) >= 3 and uplinks(recorder, Channel.REPLIES), 10, "3 replies")
     by_id = {r.correlation_id: r for r in replies}
     assert isinstance(by_id[ping.correlation_id], CommandResult)
     assert by_id[ping.correlation_id].ok and by_id[ping.correlation_id].result["pong"] is True
-    assert not by_id[unknown.correlation_id].ok and "knows: ping, tare" in by_id[unknown.correlation_id].error
+    assert not by_id[unknown.correlation_id].ok and "knows: ping, restart_pipeline, tare" in by_id[unknown.correlation_id].error
     assert not by_id[failing.correlation_id].ok and "cannot tare b1" in by_id[failing.correlation_id].error
     assert expired.correlation_id not in by_id
     assert sample(agent, "shopfleet_agent_commands_total", name="ping", outcome="expired") == 1

@@ -57,7 +57,9 @@ def emu():
 
 
 def _state(signer: Signer, revision: int, release: str, classes=frozenset({"pi", "gpu"}), extra: tuple[dict, ...] = ()) -> DesiredState:
-    spec = ReleaseSpec(name=release, version=str(revision), images={"vision": "reg.example/vision@sha256:" + "77" * 32})
+    # Each revision ships a new vision build (as a release does): only pod templates whose image
+    # changes get a new generation; the others are left running.
+    spec = ReleaseSpec(name=release, version=str(revision), images={"vision": "reg.example/vision@sha256:" + f"{revision:02x}" * 32})
     s = desired_state_for(SHOP, spec, revision, signer, node_classes=classes)
     return signer.sign(s.model_copy(update={"objects": s.objects + extra})) if extra else s
 

@@ -80,7 +80,7 @@ def test_required_permission(method, path, permission):
 
 def test_parse_role_names_the_valid_roles():
     assert parse_role("ml-engineer") is Role.ML_ENGINEER
-    with pytest.raises(ValueError, match="viewer, operator, ml-engineer, admin"):
+    with pytest.raises(ValueError, match="viewer, auditor, operator, ml-engineer, admin"):
         parse_role("root")
 
 

@@ -16,14 +16,16 @@ from fleet_controller.registry.read import RegistryReader
 from fleet_controller.rollout.api import build_router as rollout_router
 from fleet_controller.web.accounts.store import AccountStore
 from fleet_controller.web.accounts.web import build_auth
+from fleet_controller.web.admin import admin_router
 from fleet_controller.web.app import create_app
 from fleet_controller.web.dashboard.live import LiveHub
 from fleet_controller.web.dashboard.router import dashboard_router
+from fleet_controller.web.remote_actions import RemoteActions, actions_router
 
 from .conftest import role_users
 from .test_accounts import FAST
 
-OPEN = {"/login", "/healthz", "/metrics", "/static/{name}", "/static/docs-init.js", "/static/vendor/{name:path}"}
+OPEN = {"/login", "/healthz", "/metrics", "/static/{name}", "/static/docs-init.js", "/static/vendor/{name:path}", "/static/vendor/uplot/{name}"}
 # FastAPI serves its API docs outside the dependency system; they describe the API and hold no
 # fleet data, so they stay open (docs/dashboard.md says so). Everything else must refuse.
 DOCS = {"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
@@ -48,7 +50,9 @@ def app_and_store(registry, db_url):
     reader = RegistryReader(registry.engine)
     writer = RegistryWriter(db_url, mode="thread")
     app = create_app(reader, mreg, writer=writer, routers=[auth.router, dashboard_router(reader, LiveHub(mreg), AlertRules()),
-                                                           rollout_router(registry.engine)], dependencies=[auth.dependency])
+                                                           rollout_router(registry.engine), admin_router(store),
+                                                           actions_router(RemoteActions(registry.engine, reader, None, lambda: None))],
+                     dependencies=[auth.dependency])
     yield app, store, creds, mreg
     writer.close()
 

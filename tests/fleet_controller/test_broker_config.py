@@ -67,6 +67,7 @@ def test_acl_lines_of_a_node():
         "topic write fleet/v1/shop-a/pi-1/replies",
         "topic write fleet/v1/shop-a/pi-1/state",
         "topic read fleet/v1/shop-a/pi-1/commands",
+        "topic read fleet/v1/shop-a/pi-1/ack",
         "topic read fleet/v1/shop-a/state/desired",
         "topic read fleet/v1/_controller/presence",
         "topic read fleet/v1/_controller/clock",

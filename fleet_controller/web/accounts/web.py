@@ -35,6 +35,7 @@ from prometheus_client import CollectorRegistry, Counter
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
+from fleet_controller.registry.audit import AuditLog, RequestActor, set_request_actor
 from fleet_controller.web.accounts.ratelimit import LoginBackoff, LoginRateLimiter
 from fleet_controller.web.accounts.roles import (
     SAFE_METHODS,
@@ -160,6 +161,13 @@ class Guard:
             if not (principal.csrf_token and _same(sent, principal.csrf_token)):
                 raise self._refuse(request, 403, "csrf", f"missing or wrong {CSRF_HEADER} header: reload the page and try again")
         request.state.principal = principal
+        # Who acts, for every audit record written while handling this request (registry.audit).
+        set_request_actor(RequestActor(principal.username, client_address(request), principal.via))
+
+
+def client_address(request: Request) -> str:
+    """Return the client address as the app sees it (the TCP peer, or X-Forwarded-For from a trusted proxy)."""
+    return request.client.host if request.client else ""
 
 
 def _same(sent: str, expected: str) -> bool:
@@ -191,6 +199,7 @@ def auth_router(store: AccountStore, metrics: AuthMetrics, *, secure_cookies: bo
     (uvicorn's proxy-headers middleware, configured by the service).
     """
     router = APIRouter(include_in_schema=False)
+    audit = AuditLog(store.engine)
     pair_backoff = pair_backoff or LoginBackoff()
     addr_limiter = addr_limiter or LoginRateLimiter(max_failures=30, window_s=300)
 
@@ -211,12 +220,14 @@ def auth_router(store: AccountStore, metrics: AuthMetrics, *, secure_cookies: bo
         next_url = safe_next(form.get("next"))
         if not _same(form.get("csrf_token", ""), request.cookies.get(LOGIN_CSRF_COOKIE, "")):
             metrics.logins.labels("csrf").inc()
+            await run_in_threadpool(audit.record, username, "login.failed", username, {"why": "csrf"}, client_address(request), outcome="csrf")
             return login_page(request, 403, "The form expired: please log in again.", next_url, username)
         addr = request.client.host if request.client else "?"
         ukey, akey = f"user:{username}\x00addr:{addr}", f"addr:{addr}"
         wait = max(pair_backoff.retry_after(ukey), addr_limiter.retry_after(akey))
         if wait > 0:
             metrics.logins.labels("rate_limited").inc()
+            await run_in_threadpool(audit.record, username, "login.failed", username, {"why": "rate_limited"}, addr, outcome="rate_limited")
             log.warning("login for %r from %s refused: too many failures, retry in %.0f s", username, addr, wait)
             resp: Response = login_page(request, 429, f"Too many failed logins: try again in {int(wait) + 1} seconds.", next_url, username)
             resp.headers["Retry-After"] = str(int(wait) + 1)
@@ -226,6 +237,7 @@ def auth_router(store: AccountStore, metrics: AuthMetrics, *, secure_cookies: bo
             pair_backoff.failed(ukey)
             addr_limiter.failed(akey)
             metrics.logins.labels("bad_credentials").inc()
+            await run_in_threadpool(audit.record, username, "login.failed", username, {"why": "bad_credentials"}, addr, outcome="bad_credentials")
             log.info("failed login for %r from %s", username, addr)
             return login_page(request, 401, "Wrong user name or password.", next_url, username)
         pair_backoff.succeeded(ukey)
@@ -235,6 +247,7 @@ def auth_router(store: AccountStore, metrics: AuthMetrics, *, secure_cookies: bo
         resp.set_cookie(SESSION_COOKIE, sid, httponly=True, samesite="lax", secure=_secure(request, secure_cookies), path="/")
         resp.delete_cookie(LOGIN_CSRF_COOKIE, path="/login")
         log.info("user %r logged in from %s", username, addr)
+        await run_in_threadpool(audit.record, username, "login", username, None, addr, via="session")
         return resp
 
     @router.post("/logout")
@@ -242,6 +255,7 @@ def auth_router(store: AccountStore, metrics: AuthMetrics, *, secure_cookies: bo
         sid = request.cookies.get(SESSION_COOKIE)
         if sid:
             await run_in_threadpool(store.end_session, sid)
+            await run_in_threadpool(audit.record_here, "logout")
         resp = RedirectResponse("/login", status_code=303)
         resp.delete_cookie(SESSION_COOKIE, path="/")
         return resp
@@ -263,6 +277,7 @@ def auth_router(store: AccountStore, metrics: AuthMetrics, *, secure_cookies: bo
             await run_in_threadpool(store.set_password, p.username, form.get("new_password", ""))
         except AccountError as exc:
             return _render("password.html", 400, user=p, csrf=p.csrf_token or "", error=str(exc))
+        await run_in_threadpool(audit.record_here, "account.password_changed", p.username)
         sid, _ = await run_in_threadpool(store.create_session, p.username)
         resp = RedirectResponse("/", status_code=303)
         resp.set_cookie(SESSION_COOKIE, sid, httponly=True, samesite="lax", secure=_secure(request, secure_cookies), path="/")

@@ -23,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 
 from fleet_controller.alerts import store as alert_store
 from fleet_controller.alerts.rules import AlertRules
+from fleet_controller.registry.audit import AuditLog
 from fleet_controller.registry.read import NotFound, RegistryReader
 from fleet_controller.web.accounts.roles import Permission, has_permission
 from fleet_controller.web.accounts.store import Principal
@@ -211,6 +212,7 @@ def dashboard_router(reader: RegistryReader, hub: LiveHub, rules: AlertRules, *,
         except alert_store.AlertNotFound as exc:
             raise HTTPException(404, str(exc)) from None
         hub.publish("alert_changed", a.as_dict())
+        await run_in_threadpool(AuditLog(engine).record_here, "alert.ack", f"alert {alert_id}", {"rule": a.rule, "key": a.key}, shop=a.shop)
         return a.as_dict()
 
     @router.post("/api/v1/alerts/{alert_id}/silence", tags=["alerts"], summary="Silence an alert for a while")
@@ -220,6 +222,8 @@ def dashboard_router(reader: RegistryReader, hub: LiveHub, rules: AlertRules, *,
         except alert_store.AlertNotFound as exc:
             raise HTTPException(404, str(exc)) from None
         hub.publish("alert_changed", a.as_dict())
+        await run_in_threadpool(AuditLog(engine).record_here, "alert.silence", f"alert {alert_id}",
+                                {"rule": a.rule, "key": a.key, "duration_s": body.duration_s, "comment": body.comment}, shop=a.shop)
         return a.as_dict()
 
     @router.get("/api/v1/live", tags=["dashboard"], summary="Server-sent events: presence, events, alerts")
