@@ -134,12 +134,12 @@ def cpu_seconds(proc: psutil.Process) -> dict[str, float]:
 
 
 async def drain_controller(
-    port: int, client_id: str, db_url: str, warmup: int, expected: int, timeout: float, writer: str,
+    port: int, client_id: str, db_url: str, warmup: int, expected: int, timeout: float, writer: str, ack_nodes: bool = True,
 ) -> tuple[float, float, int, dict[str, float]]:
     """Start the controller on its session; return its sustained rate after ``warmup`` stored, its first-sight rate,
     rows stored, and CPU seconds per 1,000 messages of the sustained drain (controller process, writer child)."""
     settings = load_settings(None, {"db_url": db_url, "broker": {"port": port, "client_id": client_id}, "api": {"port": 0},
-                                    "retention": {"interval_s": 3600}, "intake": {"writer": writer}}, environ={})
+                                    "retention": {"interval_s": 3600}, "intake": {"writer": writer, "ack_nodes": ack_nodes}}, environ={})
     svc = ControllerService(settings, migrate=False)
     await svc.start()
     me = psutil.Process()
@@ -200,6 +200,8 @@ def main() -> int:
     p.add_argument("--nodes", type=int, default=10_000, help="simulated nodes (default: %(default)s)")
     p.add_argument("--per-node", type=int, default=4, help="heartbeats per node in the stream (default: %(default)s)")
     p.add_argument("--writer", choices=["process", "thread"], default="process", help="intake.writer of the controller (default: %(default)s)")
+    p.add_argument("--ack-nodes", choices=["on", "off"], default="on",
+                   help="intake.ack_nodes: publish a stored-ack per node after each commit (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=180, help="give up a drain after this many seconds")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -228,7 +230,8 @@ def main() -> int:
         for db in dbs:
             bare, bare_cpu = drain_bare(broker.port, f"bench-bare-{db}", warmup, total, args.timeout)
             ctl, first_sight, rows, cpu = asyncio.run(
-                drain_controller(broker.port, f"bench-controller-{db}", urls[db], warmup, total, args.timeout, args.writer))
+                drain_controller(broker.port, f"bench-controller-{db}", urls[db], warmup, total, args.timeout, args.writer,
+                                 args.ack_nodes == "on"))
             if rows != total:
                 print(f"ERROR: {db}: {rows} heartbeat rows stored, expected {total}", file=sys.stderr)
                 failed = True
@@ -249,7 +252,7 @@ def main() -> int:
         for schema in schemas:
             drop_pg_schema(args.pg_url, schema)
     print(json.dumps({
-        "nodes": args.nodes, "messages": args.nodes * args.per_node, "writer": args.writer,
+        "nodes": args.nodes, "messages": args.nodes * args.per_node, "writer": args.writer, "ack_nodes": args.ack_nodes,
         "machine": f"{os.cpu_count()} cores {platform.machine()}", "results": results,
     }))
     return 1 if failed else 0
