@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from .conftest import CHROMIUM, CHROMIUM_ARGS, SHOPS
+from tests.support.browser import CHROMIUM, CHROMIUM_ARGS, SHOPS
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 # Screenshots go to a temporary directory; SHOPFLEET_UPDATE_SCREENSHOTS=1 writes them to docs/img
