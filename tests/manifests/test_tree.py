@@ -98,3 +98,14 @@ def test_http_probes_use_declared_ports():
                 if "httpGet" in p:
                     port = p["httpGet"]["port"]
                     assert any(pp.get("name") == port or pp["containerPort"] == port for pp in c["ports"]), f"{c['name']}: probe port not declared"
+
+
+def test_agent_probes_use_healthz():
+    # /metrics answers even with a dead uplink thread; /healthz (edge_agent/metrics.py) does not.
+    seen = 0
+    for _obj, spec in s.workloads(EDGE):
+        for c in spec["containers"]:
+            if c["name"] == "agent":
+                seen += 1
+                assert c["readinessProbe"]["httpGet"]["path"] == c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert seen == 2  # the per-node agent and the applier
