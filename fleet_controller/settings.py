@@ -229,9 +229,11 @@ class IntakeSettings(_Section):
         "lower bounds memory tighter, higher rides out slow batches without pausing.",
     )
     ack_nodes: bool = Field(
-        True,
+        False,
         description="After each commit, publish a stored-ack to every node of the batch on fleet/v1/{shop}/{node}/ack, so "
-        "agents with uplink.ack: controller delete messages only once they are stored (see docs/protocol.md).",
+        "agents with uplink.ack: controller delete messages only once they are stored (see docs/protocol.md). Off by "
+        "default, like the agents' uplink.ack: broker: it costs about one MQTT publish per node per batch "
+        "(docs/benchmarks.md); turn both on together.",
     )
 
 

@@ -45,7 +45,7 @@ def test_controller_acks_lose_nothing_under_a_broker_that_drops_queued_messages(
     (tmp_path / "broker").mkdir()
     broker = BrokerProcess(workdir=tmp_path / "broker", extra_config="max_queued_messages 5")
     broker.start()
-    settings = controller_settings(broker, tmp_path, broker={"client_id": "e2e-controller"})
+    settings = controller_settings(broker, tmp_path, broker={"client_id": "e2e-controller"}, intake={"ack_nodes": True})
     controller = RunningController(settings)
     agent = _agent(broker, tmp_path, "controller")
     engine = create_engine(settings.database_url())
