@@ -36,7 +36,7 @@ class Controller:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.service = ControllerService(settings)
-        rules = parse_rules("interval_s: 0.5\ndisk_low: {min_free_percent: 10}\nnode_offline: {after_s: 1}\n")
+        rules = parse_rules("interval_s: 0.5\nresolve_after_s: 0\ndisk_low: {min_free_percent: 10}\nnode_offline: {after_s: 1}\n")
         self.dashboard: Dashboard = attach(self.service, rules)
         install_alerts(self.service, rules)
         self.service.add_router(rollout_router(self.service.engine))
