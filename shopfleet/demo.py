@@ -167,7 +167,7 @@ def build_shops(n: int, broker_port: int, data_dir: Path, heartbeat_s: float, pu
             if node == "gpu-1" and i == 1 and camera is not None:
                 pipelines.append(camera)
             if node == "pi-1":
-                board = ShelfBoard(shop.shop, data_dir / "hardware" / shop.shop, seed=i)
+                board = ShelfBoard(shop.shop, data_dir / "hardware" / shop.shop, seed=i, warm_fridge=i == 1)  # seeds start at 1
                 shop.boards.append(board)
                 pipelines.append(board.pipeline_config(heartbeat_s))
             config = validate_config({
