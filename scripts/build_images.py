@@ -245,8 +245,9 @@ def ensure_registry(registry: str, cache: Path) -> None:
         "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: " + str(storage)
         + "\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:5000\n"
     )
-    log = open(cache / "registry.log", "ab")
-    proc = subprocess.Popen(["docker-registry", "serve", str(conf)], stdout=log, stderr=log, start_new_session=True)
+    with open(cache / "registry.log", "ab") as log:
+        # Detached: it outlives this script, so the next build pushes only what changed.
+        proc = subprocess.Popen(["docker-registry", "serve", str(conf)], stdout=log, stderr=log, start_new_session=True)
     (cache / "registry.pid").write_text(str(proc.pid))
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:

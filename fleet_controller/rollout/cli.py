@@ -43,8 +43,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = rsub.add_parser("create", help="create a release", description="Create a release. Releases are immutable: a new build is a new name.")
     p.add_argument("--name", required=True, help="unique release name: lowercase letters, digits, '.' and '-'")
     p.add_argument("--version", required=True, help="version people read, e.g. 2026.11.2")
-    p.add_argument("--image", action="append", default=[], metavar="COMPONENT=REPO@sha256:DIGEST",
-                   help="image of one component (container name: agent, vision, vision-gpu, sensor-driver, mosquitto, fluent-bit, device-plugin); repeat per component")
+    p.add_argument("--image", action="append", default=[], metavar="COMPONENT=REGISTRY/REPO:TAG",
+                   help="image of one component (container name: agent, vision, vision-gpu, sensor-driver, mosquitto, fluent-bit, "
+                        "device-plugin); repeat per component. A tag is resolved to its index digest from the registry, which "
+                        "must carry every arch the fleet's nodes running that component have; REPO@sha256:DIGEST is taken as given")
+    p.add_argument("--insecure-registry", action="append", default=[], metavar="HOST:PORT",
+                   help="talk plain HTTP to this registry when resolving tags (loopback registries always are); repeat")
     p.add_argument("--model", metavar="DIR", help="model package directory; its sha256 over every file is pinned in the release")
     p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
                    help="free-form release label, stored and shown with the release (repeat for several)")
@@ -186,6 +190,7 @@ def _release_create(args: argparse.Namespace) -> int:
     """Create a release from flags."""
     from pydantic import ValidationError
 
+    from fleet_controller.rollout.manifests import DIGEST_RE
     from fleet_controller.rollout.releases import (
         ReleaseSpec,
         ReleaseStore,
@@ -200,15 +205,59 @@ def _release_create(args: argparse.Namespace) -> int:
             raise CliError(f"--label {item!r}: write KEY=VALUE")
         labels[k] = v
     model = model_package_digest(args.model) if args.model else None
+    images = parse_image_args(args.image)
+    kind, be = _backend(args)
+    if any(not DIGEST_RE.match(ref) for ref in images.values()):
+        images = _resolve_images(images, kind, be, args.insecure_registry)
     try:
-        spec = ReleaseSpec(name=args.name, version=args.version, images=parse_image_args(args.image), model=model, labels=labels)
+        spec = ReleaseSpec(name=args.name, version=args.version, images=images, model=model, labels=labels)
     except ValidationError as exc:
         raise CliError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors())) from None
-    kind, be = _backend(args)
     data = ReleaseStore(be).create(spec).model_dump() if kind == "db" else be.call("POST", "/releases", spec.model_dump())
     model_text = f", model {model.name} sha256:{model.sha256[:12]}" if model else ""
     _print(args, data, f"release {spec.name} ({spec.version}): {len(spec.images)} images{model_text}")
     return EXIT_OK
+
+
+def _fleet_nodes(kind: str, be: Any) -> list[Any]:
+    """Every node's shop, node class and arch (from its facts), from the database or the API."""
+    from fleet_controller.rollout.registry import NodeArch
+
+    if kind == "db":
+        from fleet_controller.registry.read import RegistryReader
+
+        reader = RegistryReader(be)
+        return [NodeArch(n.shop, n.node, n.node_class, n.arch) for s in reader.shops() for n in reader.get_shop(s.id).nodes]
+    nodes: list[Any] = []
+    offset = 0
+    while True:
+        page = be.call("GET", f"/shops?limit=1000&offset={offset}")
+        for shop in page["items"]:
+            detail = be.call("GET", f"/shops/{shop['id']}")
+            nodes += [NodeArch(n["shop"], n["node"], n.get("node_class", ""), n.get("arch", "")) for n in detail["nodes"]]
+        offset += len(page["items"])
+        if not page["items"] or offset >= page["total"]:
+            return nodes
+
+
+def _resolve_images(images: dict[str, str], kind: str, be: Any, insecure: list[str]) -> dict[str, str]:
+    """Pin tags by the registry's digests, checked against the arches the fleet runs each component on."""
+    from fleet_controller.rollout.manifests import (
+        DEFAULT_EDGE_OVERLAY,
+        edge_overlay_dir,
+        load_overlay,
+    )
+    from fleet_controller.rollout.registry import (
+        ImageResolveError,
+        component_selectors,
+        resolve_release_images,
+    )
+
+    selectors = component_selectors(load_overlay(edge_overlay_dir(DEFAULT_EDGE_OVERLAY)))
+    try:
+        return resolve_release_images(images, _fleet_nodes(kind, be), selectors, insecure=insecure)
+    except ImageResolveError as exc:
+        raise CliError(str(exc)) from None
 
 
 @_guard
