@@ -380,6 +380,14 @@ def _manifests_render(args: argparse.Namespace) -> int:
     paths = manifests.write_objects(objs, args.out)
     for f in findings:
         print(f.describe())
+    from fleet_controller.rollout.registry import unset_images
+
+    unset = unset_images(objs)
+    if unset:
+        # Not a problem of the objects (they validate), but they cannot run as they are.
+        print(f"images not set by {spec.name} (still the manifests' all-zero digest): "
+              + ", ".join(f"{c} ({repo})" for c, repo in sorted(unset.items()))
+              + "; set them with --image COMPONENT=REGISTRY/REPO@sha256:... or render a release that has them")
     print(f"wrote {len(paths)} objects for shop {args.shop} ({spec.name}) to {args.out}: {len(findings)} problems")
     return EXIT_PROBLEM if findings else EXIT_OK
 

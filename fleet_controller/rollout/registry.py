@@ -36,6 +36,8 @@ MANIFEST_TYPES = (
 )
 ACCEPT = ", ".join((*INDEX_TYPES, *MANIFEST_TYPES))
 LABEL_ARCH = "kubernetes.io/arch"
+UNSET_DIGEST = "sha256:" + "0" * 64
+"""The digest the manifests give shopfleet's own images: a release sets the real one, per component."""
 LABEL_NODE_CLASS = "shopfleet.io/node-class"
 
 _REF_RE = re.compile(
@@ -183,6 +185,19 @@ def _config_arch(http: httpx.Client, base: str, parsed: ImageRef, doc: Mapping[s
     if not arch:
         raise ImageResolveError(f"image {ref!r}: could not read the architecture from config {cfg}", reason="registry_error")
     return str(arch)
+
+
+def unset_images(objects: Iterable[Mapping[str, Any]]) -> dict[str, str]:
+    """Container name -> repository of every image still at the manifests' unset digest."""
+    out: dict[str, str] = {}
+    for obj in objects:
+        template = ((obj.get("spec") or {}).get("template") or {}) if obj.get("kind") != "Pod" else obj
+        spec = template.get("spec") or {}
+        for c in [*(spec.get("containers") or []), *(spec.get("initContainers") or [])]:
+            image = str(c.get("image", ""))
+            if image.endswith("@" + UNSET_DIGEST):
+                out[str(c.get("name"))] = image.split("@", 1)[0]
+    return out
 
 
 # --------------------------------------------------------------------------------------------
