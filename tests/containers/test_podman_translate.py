@@ -9,7 +9,13 @@ import pytest
 
 from fleet_controller.rollout import manifests
 from shopfleet.cli import build_parser
-from shopfleet.sim.podman import PodContext, TranslateError, configmaps_of, container_argv, pod_argvs
+from shopfleet.sim.podman import (
+    PodContext,
+    TranslateError,
+    configmaps_of,
+    container_argv,
+    pod_argvs,
+)
 
 
 def _render() -> list[dict[str, Any]]:
