@@ -323,11 +323,32 @@ def make_index(name: str, tag: str, refs: dict[str, str], sboms: dict[str, str])
 
 
 def push_index(index: str, dest: str) -> str:
-    """Push the list with every arch's image; return the index digest the registry now holds."""
+    """Push the list with every arch's image; return the index digest the registry now holds.
+
+    buildah 1.28 can exit 0 from a push whose connection was cut (tests/containers/
+    test_registry_push.py), so success is what the registry says afterwards: the tag must
+    resolve to the digest buildah wrote.
+    """
     with tempfile.NamedTemporaryFile("r", suffix=".digest") as df:
-        run(["buildah", "manifest", "push", "--all", "--tls-verify=false", "--digestfile", df.name, index, f"docker://{dest}"],
-            what=f"pushing {dest}", timeout=3600)
-        return Path(df.name).read_text().strip()
+        proc = subprocess.run(["buildah", "manifest", "push", "--all", "--tls-verify=false", "--digestfile", df.name, index,
+                               f"docker://{dest}"], capture_output=True, text=True, timeout=3600)
+        digest = Path(df.name).read_text().strip()
+    if proc.returncode != 0 or not digest:
+        raise BuildError(f"pushing {dest} failed (exit {proc.returncode}, digest {digest or 'none'}): the registry refused "
+                         f"or went away mid-push; its tag was not moved. Check the registry and run again "
+                         f"(blobs already pushed are not sent twice).\n{proc.stderr.strip()[-2000:]}")
+    host, _, rest = dest.partition("/")
+    repo, _, tag = rest.rpartition(":")
+    req = urllib.request.Request(f"http://{host}/v2/{repo}/manifests/{tag}", method="HEAD", headers={
+        "Accept": "application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.list.v2+json"})
+    try:
+        with urllib.request.urlopen(req, timeout=15) as resp:
+            held = resp.headers.get("Docker-Content-Digest", "")
+    except (urllib.error.URLError, OSError) as exc:
+        raise BuildError(f"pushing {dest} failed: the registry does not answer for the tag afterwards ({exc})") from None
+    if held != digest:
+        raise BuildError(f"pushing {dest} failed: the registry's tag points at {held or 'nothing'}, not the pushed {digest}")
+    return digest
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -55,11 +55,23 @@ class PodContext:
     images: Mapping[str, str] = field(default_factory=dict)
     """Container name -> local image to run instead of the rendered one (a release's digest is
     pulled by a cluster; here the same build sits in local storage)."""
-    devices: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+    devices: Mapping[str, tuple[str, str] | None] = field(default_factory=dict)
+    """Extended resource -> (host device, container path) for --device; None: satisfied without
+    a device (the harness mounts a stand-in, e.g. a video file for the camera)."""
+    extra_mounts: Mapping[str, list[str]] = field(default_factory=dict)
+    """Container name -> extra --mount specs (stand-ins for what a device plugin or node provides)."""
     init_image: str | None = None
     add_hosts: Mapping[str, str] = field(default_factory=dict)
     """Service DNS names -> address (cluster DNS has no podman equivalent; --add-host does)."""
     name_prefix: str = "sf"
+    host_network: bool = False
+    """Put every pod on the host network: there is no cluster network here, so a pod that would
+    have its own gets the host's (its ports must then not collide: the harness picks them)."""
+    emptydir_on_disk: bool = False
+    """emptyDir volumes as directories under workdir instead of tmpfs, so the harness can read
+    what a pod wrote there (the controller's SQLite file)."""
+    detach: bool = False
+    """Start main containers in the background (-d) instead of --rm in the foreground."""
 
 
 def _expand(s: str, env: Mapping[str, str]) -> str:
@@ -93,9 +105,18 @@ def _env(c: Mapping[str, Any], pod_name: str, ctx: PodContext) -> dict[str, str]
     return out
 
 
-def _volume_sources(spec: Mapping[str, Any], pod_name: str, ctx: PodContext) -> dict[str, tuple[str, Path | str]]:
+def _volume_sources(obj: Mapping[str, Any], spec: Mapping[str, Any], pod_name: str, ctx: PodContext) -> dict[str, tuple[str, Path | str]]:
     """Volume name -> ('bind', host path) or ('tmpfs', options)."""
     out: dict[str, tuple[str, Path | str]] = {}
+    fs_group = (spec.get("securityContext") or {}).get("fsGroup")
+    # A StatefulSet's claims: a directory of the node root per claim, given to fsGroup like a volume.
+    for claim in (obj.get("spec") or {}).get("volumeClaimTemplates") or []:
+        d = ctx.host_root / "pvc" / pod_name / claim["metadata"]["name"]
+        d.mkdir(parents=True, exist_ok=True)
+        if fs_group is not None:
+            os.chown(d, -1, int(fs_group))
+            os.chmod(d, 0o2775)
+        out[claim["metadata"]["name"]] = ("bind", d)
     for v in spec.get("volumes") or []:
         name = v["name"]
         if "hostPath" in v:
@@ -119,8 +140,15 @@ def _volume_sources(spec: Mapping[str, Any], pod_name: str, ctx: PodContext) -> 
             for key, value in data.items():
                 f = d / key
                 f.write_text(value)
-                # Files readable by the pod's group as Kubernetes' fsGroup would make them.
-                os.chmod(f, mode | 0o044 if mode & 0o040 else mode)
+                os.chmod(f, mode)
+                if fs_group is not None:
+                    # The kubelet gives volume files to fsGroup: a 0440 Secret is readable by the pod.
+                    os.chown(f, -1, int(fs_group))
+            out[name] = ("bind", d)
+        elif "emptyDir" in v and ctx.emptydir_on_disk:
+            d = ctx.workdir / pod_name / "volumes" / name
+            d.mkdir(parents=True, exist_ok=True)
+            os.chmod(d, 0o1777)
             out[name] = ("bind", d)
         elif "emptyDir" in v:
             opts = "rw,mode=1777"
@@ -143,8 +171,9 @@ def container_argv(obj: Mapping[str, Any], container: str, ctx: PodContext, *, i
         c = next(x for x in group if x["name"] == container)
     except StopIteration:
         raise TranslateError(f"{obj['kind']} {obj['metadata']['name']} has no {'init ' if init else ''}container {container!r}") from None
-    argv = ["podman", "run", "--rm", *RUN_OPTIONS, "--name", f"{ctx.name_prefix}-{pod_name}-{container}"]
-    if spec.get("hostNetwork"):
+    run = ["-d"] if ctx.detach and not init else ["--rm"]
+    argv = ["podman", "run", *run, *RUN_OPTIONS, "--name", f"{ctx.name_prefix}-{pod_name}-{container}"]
+    if spec.get("hostNetwork") or ctx.host_network:
         argv += ["--network", "host"]
     for host, addr in ctx.add_hosts.items():
         argv += ["--add-host", f"{host}:{addr}"]
@@ -170,16 +199,16 @@ def container_argv(obj: Mapping[str, Any], container: str, ctx: PodContext, *, i
     if csc.get("privileged"):
         argv += ["--privileged"]
     limits = (c.get("resources") or {}).get("limits") or {}
-    for res, (host_dev, ctr_dev) in ctx.devices.items():
-        if res in limits:
-            argv += ["--device", f"{host_dev}:{ctr_dev}"]
+    for res, dev in ctx.devices.items():
+        if res in limits and dev is not None:
+            argv += ["--device", f"{dev[0]}:{dev[1]}"]
     for res in limits:
         if "/" in res and res not in ctx.devices:
             raise TranslateError(f"container {container}: extended resource {res} needs a device (PodContext.devices)")
     env = _env(c, pod_name, ctx)
     for k, v in env.items():
         argv += ["-e", f"{k}={v}"]
-    sources = _volume_sources(spec, pod_name, ctx)
+    sources = _volume_sources(obj, spec, pod_name, ctx)
     for m in c.get("volumeMounts") or []:
         kind, src = sources[m["name"]]
         if kind == "tmpfs":
@@ -188,6 +217,8 @@ def container_argv(obj: Mapping[str, Any], container: str, ctx: PodContext, *, i
         host = Path(src) / m["subPath"] if m.get("subPath") else Path(src)
         ro = ",ro" if m.get("readOnly") else ""
         argv += ["--mount", f"type=bind,source={host},destination={m['mountPath']}{ro}"]
+    for extra in ctx.extra_mounts.get(container, []):
+        argv += ["--mount", extra]
     image = ctx.images.get(container, c["image"])
     if init and container not in ctx.images and ctx.init_image:
         image = ctx.init_image
