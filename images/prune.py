@@ -11,6 +11,7 @@ Usage: python prune.py VENV
 
 import compileall
 import py_compile
+import re
 import shutil
 import subprocess
 import sys
@@ -29,12 +30,26 @@ onnx_data = site / "onnx" / "backend" / "test" / "data"
 if onnx_data.is_dir():
     shutil.rmtree(onnx_data)
 
-libs = [str(f) for f in site.rglob("*.so*") if f.is_file() and not f.is_symlink()]
-if libs and shutil.which("strip"):
-    # --strip-unneeded keeps the dynamic symbol table, so dlopen and linking still work.
-    for i in range(0, len(libs), 200):
-        subprocess.run(["strip", "--strip-unneeded", *libs[i:i + 200]], check=False, stderr=subprocess.DEVNULL)
+
+
+def patched_by_auditwheel(f: Path) -> bool:
+    """Whether auditwheel rewrote ``f`` with patchelf: a library it grafted into a ``*.libs``
+    directory, or a file whose NEEDED it pointed at one (hashed names, RPATH into ``.libs``).
+    binutils' strip breaks such files ("ELF load command address/offset not page-aligned",
+    seen with numpy's OpenBLAS), so they are left as they are."""
+    if f.parent.name.endswith(".libs"):
+        return True
+    dyn = subprocess.run(["readelf", "-d", str(f)], capture_output=True, text=True).stdout
+    return bool(re.search(r"\(NEEDED\).*-[0-9a-f]{8}\.so", dyn)) or ".libs" in "".join(
+        line for line in dyn.splitlines() if "RPATH" in line or "RUNPATH" in line)
+
+
+libs = [f for f in site.rglob("*.so*") if f.is_file() and not f.is_symlink()]
+strippable = [str(f) for f in libs if not patched_by_auditwheel(f)] if shutil.which("strip") else []
+# --strip-unneeded keeps the dynamic symbol table, so dlopen and linking still work.
+for i in range(0, len(strippable), 200):
+    subprocess.run(["strip", "--strip-unneeded", *strippable[i:i + 200]], check=False, stderr=subprocess.DEVNULL)
 
 compileall.compile_dir(site, quiet=1, workers=0, invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
 after = sum(f.stat().st_size for f in venv.rglob("*") if f.is_file() and not f.is_symlink())
-print(f"prune: {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB ({len(removed)} test dirs, {len(libs)} shared libraries stripped)")
+print(f"prune: {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB ({len(removed)} test dirs, {len(strippable)} of {len(libs)} shared libraries stripped)")
