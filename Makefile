@@ -10,7 +10,7 @@ DEVSTAMP := $(VENV)/.installed-dev
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv dev system-deps fixtures lint bench screenshots clean constraints packaging role-sizes images
+.PHONY: demo test venv dev system-deps fixtures lint bench screenshots clean constraints packaging role-sizes images shop-in-a-box
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +62,11 @@ role-sizes: $(DEVSTAMP)
 IMAGES_ARGS ?=
 images:
 	$(PYTHON) scripts/build_images.py $(IMAGES_ARGS)
+
+# One shop on real containers from its rendered manifests (docs/images.md); needs 'make images'.
+# The last line is a JSON summary: shop_online, events, model_verified, arm64_agent_online, image_mb.
+shop-in-a-box: $(DEVSTAMP)
+	$(PY) -m shopfleet.sim.shop_in_a_box
 
 bench: $(DEVSTAMP)
 	for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
