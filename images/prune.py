@@ -1,7 +1,7 @@
 """Slim a freshly installed venv before it becomes an image layer (run by every Containerfile).
 
-Removes what no shop process reads - the packages' own test suites and ONNX's backend test data
-- strips debug symbols from the wheels' shared libraries (binutils' strip of the target arch,
+Removes what no shop process reads - the packages' own test suites, ONNX's backend test data,
+C headers, sources, Cython declarations and type stubs - strips debug symbols from the wheels' shared libraries (binutils' strip of the target arch,
 inside the build stage), and precompiles every module with unchecked hash-based .pyc files: the
 runtime root is read-only, so Python could never write a .pyc there, and mtime-based ones would
 be re-checked against files whose mtimes the image layers do not keep.
@@ -29,6 +29,11 @@ for d in sorted(site.rglob("tests")):
 onnx_data = site / "onnx" / "backend" / "test" / "data"
 if onnx_data.is_dir():
     shutil.rmtree(onnx_data)
+# Build-time files no process reads: C headers and sources, Cython declarations, type stubs.
+dev_files = [f for pattern in ("*.h", "*.hpp", "*.c", "*.cpp", "*.pxd", "*.pyx", "*.pyi")
+             for f in site.rglob(pattern) if f.is_file() and not f.is_symlink()]
+for f in dev_files:
+    f.unlink()
 
 
 
@@ -52,4 +57,4 @@ for i in range(0, len(strippable), 200):
 
 compileall.compile_dir(site, quiet=1, workers=0, invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
 after = sum(f.stat().st_size for f in venv.rglob("*") if f.is_file() and not f.is_symlink())
-print(f"prune: {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB ({len(removed)} test dirs, {len(strippable)} of {len(libs)} shared libraries stripped)")
+print(f"prune: {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB ({len(removed)} test dirs, {len(dev_files)} headers/sources/stubs, {len(strippable)} of {len(libs)} shared libraries stripped)")
