@@ -1,8 +1,8 @@
 """Slim a freshly installed venv before it becomes an image layer (run by every Containerfile).
 
 Removes what no shop process reads - the packages' own test suites, ONNX's backend test data,
-C headers, sources, Cython declarations and type stubs - strips debug symbols from the wheels' shared libraries (binutils' strip of the target arch,
-inside the build stage), and precompiles every module with unchecked hash-based .pyc files: the
+C headers, sources, Cython declarations and type stubs - strips debug symbols from the wheels'
+shared libraries (binutils' strip of the target arch, inside the build stage), and precompiles every module with unchecked hash-based .pyc files: the
 runtime root is read-only, so Python could never write a .pyc there, and mtime-based ones would
 be re-checked against files whose mtimes the image layers do not keep.
 
