@@ -411,7 +411,20 @@ def main(argv: list[str] | None = None) -> int:
             entry["sbom"][arch] = {"path": str(sbom_path.relative_to(ROOT) if sbom_path.is_relative_to(ROOT) else sbom_path),  # type: ignore[index]
                                    "sha256": sbom_sha}
             say(f"[{i}/{len(jobs)}] {spec.name} ({arch}): done in {time.monotonic() - t0:.0f}s, {size / 1e6:.1f} MB uncompressed")
+        # Builds of a subset with the same tag (e.g. amd64 of some images, then arm64 of one) add
+        # to the record, and each index covers every arch of that tag still in local storage; a
+        # new tag starts a new record.
+        record_path = out / "images.json"
+        merged: dict[str, dict[str, object]] = {}
+        if record_path.exists():
+            old = json.loads(record_path.read_text())
+            if old.get("tag") == tag:
+                merged = old.get("images", {})
         for name, entry in results.items():
+            prev = merged.get(name, {})
+            for key in ("arches", "image_mb", "sbom"):
+                kept = {a: v for a, v in prev.get(key, {}).items() if image_exists(f"localhost/shopfleet/{name}:{tag}-{a}")}
+                entry[key] = {**kept, **entry[key]}  # type: ignore[dict-item]
             refs: dict[str, str] = entry["arches"]  # type: ignore[assignment]
             shas = {a: v["sha256"] for a, v in entry["sbom"].items()}  # type: ignore[attr-defined]
             entry["index"] = make_index(name, tag, refs, shas)
@@ -422,9 +435,10 @@ def main(argv: list[str] | None = None) -> int:
                 say(f"push: {dest} ({', '.join(entry['arches'])})")  # type: ignore[arg-type]
                 entry["ref"] = dest
                 entry["digest"] = push_index(str(entry["index"]), dest)
-        record = {"tag": tag, "registry": None if args.no_push else args.registry, "images": results,
+        merged.update(results)
+        record = {"tag": tag, "registry": None if args.no_push else args.registry, "images": merged,
                   "built_s": round(time.monotonic() - _T0)}
-        (out / "images.json").write_text(json.dumps(record, indent=2) + "\n")
+        record_path.write_text(json.dumps(record, indent=2) + "\n")
         shutil.rmtree(work, ignore_errors=True)
     except BuildError as exc:
         say(f"FAILED: {exc}")
