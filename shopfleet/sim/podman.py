@@ -14,7 +14,7 @@ such place says so:
   disk", so nothing touches the real /var/lib or /etc); emptyDir becomes a tmpfs.
 * extended resources (``shopfleet.io/shelf-board``, ``shopfleet.io/camera``): a device plugin
   hands the pod a device; here ``devices`` maps the resource to ``(host path, container path)``
-  for ``--device``.
+  for ``--device`` (a pseudo-terminal is bind-mounted instead: it belongs to the host's devpts).
 * initContainers run first, to completion, with their own argv; their image (busybox, which no
   build here can pull) is replaced by ``init_image`` when given (the base image's coreutils
   have the same chown).
@@ -201,7 +201,14 @@ def container_argv(obj: Mapping[str, Any], container: str, ctx: PodContext, *, i
     limits = (c.get("resources") or {}).get("limits") or {}
     for res, dev in ctx.devices.items():
         if res in limits and dev is not None:
-            argv += ["--device", f"{dev[0]}:{dev[1]}"]
+            if dev[0].startswith("/dev/pts/"):
+                # A pseudo-terminal lives in the host's devpts instance; the container mounts its
+                # own, where the same major:minor is another (absent) pty, so --device would
+                # open nothing (EIO). The host's node itself is bind-mounted instead; runc's
+                # default device rules allow ptys (char 136:*).
+                argv += ["--mount", f"type=bind,source={dev[0]},destination={dev[1]}"]
+            else:
+                argv += ["--device", f"{dev[0]}:{dev[1]}"]
     for res in limits:
         if "/" in res and res not in ctx.devices:
             raise TranslateError(f"container {container}: extended resource {res} needs a device (PodContext.devices)")
@@ -209,7 +216,15 @@ def container_argv(obj: Mapping[str, Any], container: str, ctx: PodContext, *, i
     for k, v in env.items():
         argv += ["-e", f"{k}={v}"]
     sources = _volume_sources(obj, spec, pod_name, ctx)
-    for m in c.get("volumeMounts") or []:
+    mounts = c.get("volumeMounts") or []
+    # A mount inside another (the server certificate under /etc/shopfleet/pki): the kubelet makes
+    # the mount point in the outer volume; a read-only outer bind mount would refuse the mkdir.
+    for inner in mounts:
+        for outer in mounts:
+            kind, src = sources[outer["name"]]
+            if inner is not outer and kind == "bind" and not outer.get("subPath") and inner["mountPath"].startswith(outer["mountPath"].rstrip("/") + "/"):
+                (Path(src) / inner["mountPath"][len(outer["mountPath"]):].lstrip("/")).mkdir(parents=True, exist_ok=True)
+    for m in mounts:
         kind, src = sources[m["name"]]
         if kind == "tmpfs":
             argv += ["--tmpfs", f"{m['mountPath']}:{src}"]

@@ -69,9 +69,8 @@ def image_exists(ref: str) -> bool:
     return subprocess.run(["podman", "image", "exists", ref], capture_output=True).returncode == 0
 
 
-def load_build(tag: str | None) -> tuple[str, dict[str, Any]]:
+def load_build(tag: str | None, record_path: Path) -> tuple[str, dict[str, Any]]:
     """The build record of make images: tag and images (refs per arch, sizes)."""
-    record_path = ROOT / "build/images/images.json"
     if not record_path.exists():
         raise SystemExit("shop-in-a-box: no build/images/images.json: run 'make images' first")
     record = json.loads(record_path.read_text())
@@ -174,7 +173,7 @@ def central(box: Box, base: str) -> tuple[str, dict[str, Any]]:
         "central-broker": {k: v for k, v in _files(etc / "broker").items() if k in ("mosquitto.conf", "passwd", "acl")},
         "central-broker-ca": {k: v for k, v in _files(etc / "pki").items() if k in ("ca.crt", "crl.pem")},
         "central-broker-server": {k: v for k, v in _files(certs).items() if k.startswith("127.0.0.1.")},
-        "shopfleet-controller": {"database-url": "sqlite:////tmp/shopfleet/controller.db"},
+        "shopfleet-controller": {"database-url": "sqlite:////tmp/controller.db"},
         "shopfleet-signing-key": {"signing.pem": (etc / "keys/signing.pem").read_text()},
         "shopfleet-controller-mqtt": {c["username"]: c["password"] for c in creds["controllers"]},
         "shop-broker": _files(etc / "broker/shops" / SHOP),
@@ -228,7 +227,14 @@ def shop(box: Box, creds: dict[str, Any], base: str, board_dev: str) -> None:
         uid = {"agent": 10001, "sensors": 10003, "vision": 10002}[fname]
         os.chown(f, uid, uid)
         os.chmod(f, 0o400)
-    model = model_dir()
+    # The model package on the node's disk (world-readable, as the node-local model directory
+    # is), copied from the host's cache (under /root, which the pod's uid cannot traverse).
+    model = node_root / "var/lib/shopfleet/models/yolov4-tiny"
+    shutil.copytree(model_dir(), model)
+    for d, _dirs, files in os.walk(model):
+        os.chmod(d, 0o755)
+        for f in files:
+            os.chmod(os.path.join(d, f), 0o644)
     vision_cfg_model = yaml.safe_load(cms["vision"]["vision.yaml"])["pipelines"][0]["model"]
     ctx = PodContext(
         node=NODE, workdir=box.work / "pods", host_root=node_root, configmaps=cms, secrets=secrets,
@@ -269,7 +275,7 @@ def observe(box: Box) -> dict[str, Any]:
     from fleet_controller.registry.db import create_engine
     from fleet_controller.registry.read import RegistryReader
 
-    path = next((box.work / "pods").glob("shopfleet-controller-*/volumes/tmp/shopfleet/controller.db"), None)
+    path = next((box.work / "pods").glob("shopfleet-controller-*/volumes/tmp/controller.db"), None)
     if path is None:
         return {}
     engine = create_engine(f"sqlite:///{path}")
@@ -298,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tag", help="image tag (default: the last 'make images')")
     ap.add_argument("--timeout", type=float, default=420, help="seconds to wait for the shop to report in")
+    ap.add_argument("--record", type=Path, default=ROOT / "build/images/images.json", help="build record of make images")
     ap.add_argument("--keep", action="store_true", help="leave the containers and the work directory for a look")
     args = ap.parse_args(argv)
     t0 = time.monotonic()
@@ -306,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"shop-in-a-box: needs {tool} (apt-get install {tool})")
     if not VTEST.exists():
         raise SystemExit(f"shop-in-a-box: needs {VTEST} (apt-get install opencv-doc)")
-    tag, images = load_build(args.tag)
+    tag, images = load_build(args.tag, args.record)
     work = Path(tempfile.mkdtemp(prefix="shop-in-a-box-"))
     os.chmod(work, 0o755)
     box = Box(work, tag, images)
@@ -319,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         board.start()
         pty = os.path.realpath(board.link)
-        # A real node's udev rule makes the board root:dialout 0660; the pod's group 20 opens it.
+        # A real node's udev rule makes the board root:dialout 0660; the pod's group 20 opens it
+        # (the pty is bind-mounted into the pod: shopfleet/sim/podman.py says why).
         os.chown(pty, 0, 20)
         os.chmod(pty, 0o660)
         _, creds = central(box, base)

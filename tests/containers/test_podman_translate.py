@@ -47,7 +47,8 @@ def test_sensor_driver_keeps_every_pod_field(tmp_path: Path):
     assert "--user 10003:10003" in joined and "--group-add 20" in joined
     assert "--read-only --read-only-tmpfs=false" in joined and "--cap-drop ALL" in joined
     assert "--security-opt no-new-privileges" in joined and "--runtime runc" in joined
-    assert "--device /dev/pts/7:/dev/serial/by-id/shelf-board" in joined
+    # A pty is the host devpts' own: bind-mounted, since --device would name another instance's pty.
+    assert "--mount type=bind,source=/dev/pts/7,destination=/dev/serial/by-id/shelf-board" in joined
     assert "--network" not in argv  # the sensor driver is not on the host network in the manifests
     args = _after_image(argv, "localhost/shopfleet/sensor-driver:t-amd64")
     # $(SHOPFLEET_SHOP).$(SHOPFLEET_NODE)-sensors expanded from the env, as the kubelet does
@@ -86,6 +87,15 @@ def test_a_missing_node_file_is_named(tmp_path: Path):
     ds = _obj(objs, "DaemonSet", "shopfleet-agent")
     with pytest.raises(TranslateError, match=r"hostPath /etc/shopfleet/node/agent.password \(File\) does not exist"):
         container_argv(ds, "agent", _ctx(tmp_path, objs))
+
+
+def test_a_real_device_goes_through_device(tmp_path: Path):
+    objs = _render()
+    ds = _obj(objs, "DaemonSet", "sensor-driver")
+    (tmp_path / "node/etc/shopfleet/node").mkdir(parents=True)
+    (tmp_path / "node/etc/shopfleet/node/sensors.password").write_text("pw")
+    ctx = _ctx(tmp_path, objs, devices={"shopfleet.io/shelf-board": ("/dev/ttyACM0", "/dev/serial/by-id/shelf-board")})
+    assert "--device /dev/ttyACM0:/dev/serial/by-id/shelf-board" in " ".join(container_argv(ds, "sensor-driver", ctx))
 
 
 def test_a_device_resource_without_a_device_is_refused(tmp_path: Path):
