@@ -9,7 +9,7 @@ What runs (every container from its pod template, through shopfleet/sim/podman.p
 * the shop ``shop-x`` as rendered for node class ``pi``: its broker (Deployment mosquitto, the
   files ``broker-config --shop-broker`` wrote), the agent (DaemonSet shopfleet-agent, node pi-1),
   the sensor driver (DaemonSet sensor-driver) reading a simulated shelf board through a
-  pseudo-terminal passed in with ``--device``, and vision (DaemonSet vision-arm64's template with
+  pseudo-terminal (its by-id link kept current as udev would: :class:`ByIdLink`), and vision (DaemonSet vision-arm64's template with
   the amd64 vision image: the arch pin is the scheduler's business) on vtest.avi;
 * a second agent pod of the same DaemonSet for node arm-1 from the arm64 agent image, under qemu.
 
@@ -37,6 +37,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -197,7 +198,52 @@ def central(box: Box, base: str) -> tuple[str, dict[str, Any]]:
     return secrets["shop-broker"]["mosquitto.conf"], creds
 
 
-def shop(box: Box, creds: dict[str, Any], base: str, board_dev: str) -> None:
+class ByIdLink:
+    """udev's part for the simulated board: ``by-id/shelf-board`` follows the board's current pty.
+
+    The board's scenario pulls its cable every loop (a new pty on replug), as a real USB board
+    may; on a node, udev re-points /dev/serial/by-id at the new device and the driver reopens the
+    link. Here the pod gets this by-id directory at /dev/serial/by-id and the host's devpts at
+    /dev/host-pts (a pty belongs to the devpts instance it was made in: a --device node in the
+    container's own /dev/pts would name nothing), and the link names /dev/host-pts/N. Each new
+    pty is made root:dialout 0660, as the udev rule does, so the pod's group 20 opens it.
+    """
+
+    def __init__(self, board_link: Path, by_id: Path) -> None:
+        self.board_link = board_link
+        self.by_id = by_id
+        by_id.mkdir(parents=True, exist_ok=True)
+        self.current = ""
+        self._stop = threading.Event()
+        self.update()
+        self._thread = threading.Thread(target=self._watch, name="by-id", daemon=True)
+        self._thread.start()
+
+    def update(self) -> None:
+        try:
+            pty = os.path.realpath(self.board_link)
+        except OSError:
+            return
+        if pty == self.current or not pty.startswith("/dev/pts/") or not os.path.exists(pty):
+            return
+        os.chown(pty, 0, 20)
+        os.chmod(pty, 0o660)
+        tmp = self.by_id / "shelf-board.new"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to("/dev/host-pts/" + pty.rsplit("/", 1)[1])
+        tmp.replace(self.by_id / "shelf-board")
+        self.current = pty
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.1):
+            self.update()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+
+
+def shop(box: Box, creds: dict[str, Any], base: str, by_id: Path) -> None:
     """Render shop-x and run its broker, agent, sensor driver, vision and the arm64 agent."""
     from fleet_controller.rollout import manifests
 
@@ -240,8 +286,10 @@ def shop(box: Box, creds: dict[str, Any], base: str, board_dev: str) -> None:
         node=NODE, workdir=box.work / "pods", host_root=node_root, configmaps=cms, secrets=secrets,
         images={"mosquitto": ensure_mosquitto_image(), "agent": box.ref("agent"), "sensor-driver": box.ref("sensor-driver"),
                 "vision": box.ref("vision")},
-        devices={"shopfleet.io/shelf-board": (board_dev, "/dev/serial/by-id/shelf-board"), "shopfleet.io/camera": None},
-        extra_mounts={"vision": [f"type=bind,source={VTEST},destination=/media/vtest.avi,ro",
+        devices={"shopfleet.io/shelf-board": None, "shopfleet.io/camera": None},
+        extra_mounts={"sensor-driver": [f"type=bind,source={by_id},destination=/dev/serial/by-id,ro",
+                                        "type=bind,source=/dev/pts,destination=/dev/host-pts"],
+                      "vision": [f"type=bind,source={VTEST},destination=/media/vtest.avi,ro",
                                  f"type=bind,source={model},destination={vision_cfg_model},ro"]},
         add_hosts={"shop-broker.shopfleet.svc.cluster.local": "127.0.0.1"}, name_prefix=PREFIX, host_network=True,
         detach=True, init_image=base,
@@ -323,15 +371,12 @@ def main(argv: list[str] | None = None) -> int:
     board = ShelfBoard(SHOP, work / "board", seed=7)
     summary: dict[str, Any] = {}
     ok = False
+    link: ByIdLink | None = None
     try:
         board.start()
-        pty = os.path.realpath(board.link)
-        # A real node's udev rule makes the board root:dialout 0660; the pod's group 20 opens it
-        # (the pty is bind-mounted into the pod: shopfleet/sim/podman.py says why).
-        os.chown(pty, 0, 20)
-        os.chmod(pty, 0o660)
+        link = ByIdLink(board.link, work / "by-id")
         _, creds = central(box, base)
-        shop(box, creds, base, pty)
+        shop(box, creds, base, link.by_id)
         wanted = {NODE, f"{NODE}-sensors", f"{NODE}-vision"}
         deadline = time.monotonic() + args.timeout
         seen: dict[str, Any] = {}
@@ -370,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
                    "image_mb": {n: e.get("image_mb") for n, e in images.items()}, "error": str(exc),
                    "seconds": round(time.monotonic() - t0)}
     finally:
+        if link is not None:
+            link.stop()
         board.stop()
         if not args.keep:
             box.stop()
