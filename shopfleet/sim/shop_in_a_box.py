@@ -352,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tag", help="image tag (default: the last 'make images')")
     ap.add_argument("--timeout", type=float, default=420, help="seconds to wait for the shop to report in")
+    ap.add_argument("--observe", type=float, default=60,
+                    help="keep counting events until this many seconds after the shop's pods started (once it reported in)")
     ap.add_argument("--record", type=Path, default=ROOT / "build/images/images.json", help="build record of make images")
     ap.add_argument("--keep", action="store_true", help="leave the containers and the work directory for a look")
     args = ap.parse_args(argv)
@@ -378,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
         _, creds = central(box, base)
         shop(box, creds, base, link.by_id)
         wanted = {NODE, f"{NODE}-sensors", f"{NODE}-vision"}
-        deadline = time.monotonic() + args.timeout
+        started = time.monotonic()
+        deadline = started + args.timeout
         seen: dict[str, Any] = {}
         while time.monotonic() < deadline:
             seen = observe(box)
@@ -387,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
             types = set(seen.get("events", {}))
             shelf = "shelf_change" in types
             camera = bool(types & {"person_entered", "person_exited"})
-            if wanted <= online and ARM_NODE in online and shelf and camera:
+            if wanted <= online and ARM_NODE in online and shelf and camera and time.monotonic() - started >= args.observe:
                 break
             time.sleep(3)
         nodes = seen.get("nodes", {})
