@@ -24,7 +24,7 @@ import queue
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,15 +32,17 @@ from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 from edge_agent.clock import ClockOffsetEstimator
+from edge_agent.commands import CommandGuard, CommandRefused, restart_pipeline
 from edge_agent.config import AgentConfig
 from edge_agent.facts import FactsProvider, OverriddenFacts, SystemFacts
 from edge_agent.host import CommandHandler, DesiredStateHandler
 from edge_agent.metrics import AgentMetrics, MetricsServer
 from edge_agent.mqtt import InMessage, MqttSettings, TlsSettings
-from edge_agent.outbox import Outbox, Priority
+from edge_agent.outbox import EvictedRange, Outbox, Priority
 from edge_agent.pipelines import build_pipeline
 from edge_agent.protocol import (
     ERROR_MAX_CHARS,
+    MAX_EVICTED_RANGES,
     Alert,
     Channel,
     ClockBeacon,
@@ -49,9 +51,11 @@ from edge_agent.protocol import (
     ControllerPresence,
     DesiredState,
     Event,
+    EvictedRun,
     Heartbeat,
     ProtocolError,
     Reading,
+    StoredAck,
     Telemetry,
     Topics,
     Uplink,
@@ -89,7 +93,7 @@ def route(kind: str, shop: str, node: str) -> tuple[str, Priority, bool]:
     if kind == "command_result":
         return Topics.node(shop, node, Channel.REPLIES), Priority.IMPORTANT, False
     if kind == "reported_state":
-        return Topics.reported(shop), Priority.IMPORTANT, True
+        return Topics.reported(shop, node), Priority.IMPORTANT, True
     raise ValueError(f"no route for uplink kind {kind!r}")
 
 
@@ -275,9 +279,19 @@ class Agent:
             reconnect_min_s=config.broker.reconnect_min_s,
             reconnect_max_s=config.broker.reconnect_max_s,
             inflight=config.outbox.inflight,
+            ack=config.uplink.ack,
+            ack_timeout_s=config.uplink.ack_timeout_s,
         )
-        self.commands: dict[str, CommandHandler] = {"ping": self._ping}
+        self.commands: dict[str, CommandHandler] = {
+            "ping": self._ping,
+            "restart_pipeline": lambda cmd: restart_pipeline(self.supervisor, cmd),
+        }
+        self.command_guard = CommandGuard.from_files(
+            self.shop, self.node, config.commands.public_keys, config.commands.counter_path(config.outbox.path),
+            max_ttl_s=config.commands.max_ttl_s,
+        )
         self._desired_handler = desired_state_handler
+        self._desired_observe: Callable[[DesiredState], bool] | None = None
         self._desired_lock = threading.Lock()
         self._desired_latest: DesiredState | None = None
         self._desired_last_handled: bytes | None = None
@@ -311,8 +325,15 @@ class Agent:
         """Handle commands called ``name`` with ``handler`` (replacing any earlier one)."""
         self.commands[name] = handler
 
-    def register_desired_state_handler(self, handler: DesiredStateHandler) -> None:
-        """Call ``handler`` with every new desired state of this node's shop."""
+    def register_desired_state_handler(self, handler: DesiredStateHandler, observe: Callable[[DesiredState], bool] | None = None) -> None:
+        """Call ``handler`` with every new desired state of this node's shop.
+
+        ``observe``, when given, sees every desired state on arrival (MQTT thread) and returns
+        False for one that must not replace the pending one: the apply path's replay check, so a
+        replayed older revision arriving right after the retained newest cannot displace it
+        before the worker runs (latest-wins would otherwise hand only the replay to the handler).
+        """
+        self._desired_observe = observe
         self._desired_handler = handler
         with self._desired_lock:
             if self._desired_latest is not None:
@@ -321,15 +342,18 @@ class Agent:
     def send(self, model: type[U], **fields: Any) -> int:
         """Store an uplink message of type ``model`` in the outbox (shop/node/epoch/seq/ts filled in); return its seq.
 
+        A heartbeat also carries the outbox's unreported evicted runs (``Heartbeat.evicted``).
         Raises pydantic's ``ValidationError`` if the fields are invalid; nothing is stored then.
         """
         kind = model.model_fields["kind"].default
         topic, priority, retain = route(kind, self.shop, self.node)
 
-        def build(epoch: str, seq: int) -> bytes:
-            return encode(model(shop=self.shop, node=self.node, epoch=epoch, seq=seq, **fields))
+        def build(epoch: str, seq: int, ranges: Sequence[EvictedRange] = ()) -> bytes:
+            extra = {"evicted": tuple(EvictedRun(first=r.first, last=r.last, priority=r.priority.name.lower()) for r in ranges)} if ranges else {}
+            return encode(model(shop=self.shop, node=self.node, epoch=epoch, seq=seq, **fields, **extra))
 
-        seq = self.outbox.enqueue(kind, priority, topic, build, retain=retain)
+        report = MAX_EVICTED_RANGES if model is Heartbeat else 0
+        seq = self.outbox.enqueue(kind, priority, topic, build, retain=retain, report_evictions=report)
         self.metrics.enqueued.labels(kind).inc()
         self.uplink.wake()
         return seq
@@ -441,7 +465,12 @@ class Agent:
             return
         kind = parsed.kind
         self.metrics.downlink_received.labels(kind).inc()
-        if isinstance(parsed, ClockBeacon):
+        if isinstance(parsed, StoredAck):
+            if (parsed.shop, parsed.node) != (self.shop, self.node):
+                self._reject_downlink("identity_mismatch", f"{msg.topic}: a stored-ack for {parsed.shop}/{parsed.node}")
+                return
+            self.uplink.stored_ack(parsed.epoch, parsed.seq, parsed.missing)
+        elif isinstance(parsed, ClockBeacon):
             self.clock.add(parsed.ts, time.time())
         elif isinstance(parsed, ControllerPresence):
             self.controller_online = parsed.state == "online"
@@ -457,6 +486,9 @@ class Agent:
             except queue.Full:
                 self._reject_downlink("queue_full", f"command {parsed.name} ({parsed.correlation_id}): 100 commands already waiting")
         elif isinstance(parsed, DesiredState):
+            observe = self._desired_observe
+            if observe is not None and not observe(parsed):
+                return  # a replay: the apply path counted and reported it
             with self._desired_lock:
                 self._desired_latest = parsed
             self._desired_wake.set()
@@ -487,6 +519,14 @@ class Agent:
     def _run_command(self, cmd: Command) -> None:
         handler = self.commands.get(cmd.name)
         ok, result, error = False, {}, ""
+        try:
+            self.command_guard.check(cmd, time.time() + (self.clock.offset() or 0.0))
+        except CommandRefused as exc:
+            # Answered, so the operator sees why; the handler never runs.
+            self.metrics.commands.labels(self._command_label(cmd.name), f"refused_{exc.reason}").inc()
+            log.warning("node %s/%s refused command %s (%s): %s", self.shop, self.node, cmd.name, cmd.correlation_id, exc)
+            self.send(CommandResult, correlation_id=cmd.correlation_id, ok=False, error=str(exc)[:ERROR_MAX_CHARS])
+            return
         if handler is None:
             error = f"unknown command {cmd.name!r}; this agent knows: {', '.join(sorted(self.commands))}"
             outcome = "unknown"

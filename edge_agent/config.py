@@ -115,11 +115,57 @@ class OutboxConfig(_Model):
     )
 
 
+class UplinkConfig(_Model):
+    """When a sent message may leave the outbox."""
+
+    ack: Literal["controller", "broker"] = Field(
+        "broker",
+        description="'controller': keep a message until the controller's stored-ack says it is in the registry (no broker "
+        "setting can lose it; needs a controller with intake.ack_nodes). 'broker': delete it on the broker's PUBACK "
+        "(for controllers that send no stored-acks; a broker that drops queued messages then loses data).",
+    )
+    ack_timeout_s: float = Field(
+        30.0, gt=0, le=3600,
+        description="With ack 'controller': messages sent but not acknowledged by the controller for this long are sent again.",
+    )
+
+
 class MetricsConfig(_Model):
     """The Prometheus endpoint of the agent."""
 
     port: int = Field(0, ge=0, le=65535, description="Port of /metrics; 0 turns the endpoint off.")
-    host: str = Field("0.0.0.0", description="Address the endpoint binds to.")
+    host: str = Field(
+        "127.0.0.1",
+        description="Address the endpoint binds to. Loopback by default: the agent runs on the host network, and "
+        "0.0.0.0 would show the node's metrics to the whole shop LAN. Set the node's own address for a Prometheus "
+        "elsewhere (and firewall it to that Prometheus).",
+    )
+
+
+class CommandsConfig(_Model):
+    """Remote actions: which keys may sign the commands this node runs (see docs/agent.md)."""
+
+    public_keys: tuple[str, ...] = Field(
+        (), description="PEM ed25519 public key file(s) of the controller (the .pub of rollout.signing_key, the same files as "
+        "apply.public_keys). Empty: the node runs no remote action, only an unsigned ping.",
+    )
+    state_path: str | None = Field(
+        None, description="File keeping the highest command counter accepted (replay protection across restarts). "
+        "Unset: beside the outbox, <outbox.path>.commands.json.",
+    )
+    max_ttl_s: float = Field(3600.0, gt=0, le=86400, description="Refuse a signed command that expires further ahead than this.")
+
+    @field_validator("public_keys")
+    @classmethod
+    def _exist(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for path in v:
+            if not os.path.isfile(path):
+                raise ValueError(f"public key file {path!r} does not exist: copy the controller's .pub file to the node")
+        return v
+
+    def counter_path(self, outbox_path: str) -> str:
+        """Return where the highest accepted counter is kept."""
+        return self.state_path or f"{outbox_path}.commands.json"
 
 
 class AgentConfig(_Model):
@@ -133,8 +179,10 @@ class AgentConfig(_Model):
         10.0, ge=0.05, le=3600, description="Seconds between heartbeats. The controller calls a node stale after a few missed ones."
     )
     outbox: OutboxConfig = Field(default_factory=OutboxConfig, description="Durable outbox.")
+    uplink: UplinkConfig = Field(default_factory=UplinkConfig, description="End-to-end acknowledgement of sent messages.")
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus metrics endpoint.")
     apply: ApplyConfig = Field(default_factory=ApplyConfig, description="Whether and how this node applies the shop's desired state; see docs/rollouts.md.")
+    commands: CommandsConfig = Field(default_factory=CommandsConfig, description="Signed remote actions (restart a pipeline, ...): the keys that may sign them.")
     facts_override: dict[str, Any] = Field(
         default_factory=dict,
         description="Node facts to report instead of the measured ones (keys of NodeFacts), e.g. {arch: arm64} to look like a Pi.",

@@ -43,6 +43,6 @@ class AgentHost(Protocol):
         """Answer commands called ``name`` with ``handler``."""
         ...
 
-    def register_desired_state_handler(self, handler: DesiredStateHandler) -> None:
+    def register_desired_state_handler(self, handler: DesiredStateHandler, observe: Callable[[DesiredState], bool] | None = None) -> None:
         """Call ``handler`` with every new desired state of this node's shop."""
         ...

@@ -10,7 +10,13 @@ so re-sending is safe.
 The outbox is bounded (messages and bytes) because a shop can be offline for a week. When it is
 full, the oldest *telemetry* (heartbeats, readings) goes first: a fresh heartbeat makes an old
 one worthless, while events, alerts, command results and reported state are evicted only when no
-telemetry is left. Evictions are counted by priority.
+telemetry is left. One heartbeat per ``keep_heartbeat_every_s`` is a *keeper*, evicted only after
+the other telemetry, so a long outage leaves the node's history thinned, not empty.
+
+Every eviction is recorded as a range of seqs (``evicted_ranges``) until a heartbeat that carries
+it is acknowledged, so the controller can count an evicted message apart from a lost one. After
+the outbox drains, the file gives its space back (the WAL is truncated and, when the file grew
+past ``reclaim_above_bytes``, the database is vacuumed).
 
 The same database keeps the presence ``session`` counter, so it grows across restarts too.
 Deleting the file starts a new epoch (seq restarts at 1), which the controller treats as a new
@@ -34,10 +40,29 @@ log = logging.getLogger(__name__)
 
 
 class Priority(IntEnum):
-    """Eviction class of a message: lower goes first when the outbox is full."""
+    """Eviction class of a message (see :data:`EVICTION_ORDER`); the values are stored in the file."""
 
     TELEMETRY = 0
     IMPORTANT = 1
+    KEEPER = 2  # a heartbeat kept through an outage (one per keep_heartbeat_every_s)
+
+
+EVICTION_ORDER = (Priority.TELEMETRY, Priority.KEEPER, Priority.IMPORTANT)
+"""Which messages go first when the outbox is full: plain telemetry, then keeper heartbeats, then
+events, alerts, command results and reported state."""
+
+
+@dataclass(frozen=True)
+class EvictedRange:
+    """Seqs ``first``..``last`` (inclusive, all of one priority) that the outbox evicted unsent."""
+
+    first: int
+    last: int
+    priority: Priority
+
+    @property
+    def count(self) -> int:
+        return self.last - self.first + 1
 
 
 class OutboxError(RuntimeError):
@@ -68,6 +93,13 @@ CREATE TABLE IF NOT EXISTS outbox (
     created REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS outbox_priority_seq ON outbox (priority, seq);
+-- Evicted seqs as runs, until a heartbeat carrying them (reported_in) is acknowledged.
+CREATE TABLE IF NOT EXISTS evicted (
+    first INTEGER PRIMARY KEY,
+    last INTEGER NOT NULL,
+    priority INTEGER NOT NULL,
+    reported_in INTEGER
+);
 """
 
 
@@ -82,12 +114,19 @@ class Outbox:
         max_bytes: int = 64 * 1024 * 1024,
         synchronous: str = "full",
         on_evict: Callable[[Priority, int], None] = lambda priority, n: None,
+        keep_heartbeat_every_s: float = 60.0,
+        reclaim_above_bytes: int = 4 * 1024 * 1024,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         if max_messages < 1 or max_bytes < 1:
             raise ValueError("max_messages and max_bytes must be at least 1")
         self.path = Path(path)
         self.max_messages = max_messages
         self.max_bytes = max_bytes
+        self.keep_heartbeat_every_s = keep_heartbeat_every_s
+        self.reclaim_above_bytes = reclaim_above_bytes
+        self._clock = clock
+        self.reclaimed = 0
         self._on_evict = on_evict
         self._lock = threading.Lock()
         self.evicted: dict[Priority, int] = {p: 0 for p in Priority}
@@ -96,6 +135,8 @@ class Outbox:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
             self._db.execute("PRAGMA journal_mode=WAL")
+            # Keep the WAL from staying at its high-water mark after a big drain.
+            self._db.execute("PRAGMA journal_size_limit=1048576")
             self._db.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
             self._db.executescript(_SCHEMA)
             self.epoch = self._init_meta()
@@ -110,6 +151,8 @@ class Outbox:
         for prio, count, size in rows:
             self._count[Priority(prio)] = count
             self._bytes[Priority(prio)] = size
+        last_keeper = self._db.execute("SELECT MAX(created) FROM outbox WHERE priority=?", (int(Priority.KEEPER),)).fetchone()[0]
+        self._last_keeper = float(last_keeper) if last_keeper is not None else -1e18
 
     def _init_meta(self) -> str:
         with self._tx():
@@ -134,17 +177,42 @@ class Outbox:
     def _meta_int(self, key: str) -> int:
         return int(self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()[0])
 
-    def enqueue(self, kind: str, priority: Priority, topic: str, build: Callable[[str, int], bytes], *, retain: bool = False) -> int:
+    def enqueue(
+        self,
+        kind: str,
+        priority: Priority,
+        topic: str,
+        build: Callable[..., bytes],
+        *,
+        retain: bool = False,
+        report_evictions: int = 0,
+    ) -> int:
         """Assign the next seq, store ``build(epoch, seq)`` durably, evict if full; return the seq.
 
-        ``build`` runs inside the transaction, so a payload that fails to build uses no seq.
+        ``build`` runs inside the transaction, so a payload that fails to build uses no seq. With
+        ``report_evictions`` N > 0 (heartbeats), it is called as ``build(epoch, seq, ranges)`` with
+        up to N unreported :class:`EvictedRange` values, which this message then carries: they are
+        forgotten when it is acknowledged, and offered again if it is evicted itself.
+        A heartbeat becomes a keeper when the last one is ``keep_heartbeat_every_s`` old.
         """
         with self._lock, self._tx():
             seq = self._meta_int("next_seq")
-            payload = build(self.epoch, seq)
+            now = self._clock()
+            if kind == "heartbeat" and priority == Priority.TELEMETRY and now - self._last_keeper >= self.keep_heartbeat_every_s:
+                priority = Priority.KEEPER
+                self._last_keeper = now
+            if report_evictions > 0:
+                rows = self._db.execute(
+                    "SELECT first, last, priority FROM evicted WHERE reported_in IS NULL ORDER BY first LIMIT ?", (report_evictions,)
+                ).fetchall()
+                ranges = [EvictedRange(f, la, Priority(p)) for f, la, p in rows]
+                payload = build(self.epoch, seq, ranges)
+                self._db.executemany("UPDATE evicted SET reported_in=? WHERE first=?", [(seq, r.first) for r in ranges])
+            else:
+                payload = build(self.epoch, seq)
             self._db.execute(
                 "INSERT INTO outbox (seq, priority, kind, topic, payload, retain, created) VALUES (?,?,?,?,?,?,?)",
-                (seq, int(priority), kind, topic, payload, int(retain), time.time()),
+                (seq, int(priority), kind, topic, payload, int(retain), now),
             )
             self._db.execute("UPDATE meta SET value=? WHERE key='next_seq'", (str(seq + 1),))
             self._count[priority] += 1
@@ -159,7 +227,7 @@ class Outbox:
         """Delete oldest rows, lowest priority first, until within limits (inside the caller's tx)."""
         evicted = {p: 0 for p in Priority}
         while sum(self._count.values()) > self.max_messages or sum(self._bytes.values()) > self.max_bytes:
-            for prio in Priority:
+            for prio in EVICTION_ORDER:
                 row = self._db.execute(
                     "SELECT seq, LENGTH(payload) FROM outbox WHERE priority=? ORDER BY seq LIMIT 1", (int(prio),)
                 ).fetchone()
@@ -167,7 +235,11 @@ class Outbox:
                     break
             else:
                 break
-            self._db.execute("DELETE FROM outbox WHERE seq=?", (row[0],))
+            seq = row[0]
+            self._db.execute("DELETE FROM outbox WHERE seq=?", (seq,))
+            self._record_eviction(seq, prio)
+            # Ranges this message carried were never delivered: offer them again with the next heartbeat.
+            self._db.execute("UPDATE evicted SET reported_in=NULL WHERE reported_in=?", (seq,))
             self._count[prio] -= 1
             self._bytes[prio] -= row[1]
             evicted[prio] += 1
@@ -186,6 +258,22 @@ class Outbox:
             )
         return evicted
 
+    def _record_eviction(self, seq: int, prio: Priority) -> None:
+        """Add ``seq`` to the evicted runs (inside the caller's tx): extend a run ending at seq-1, else start one."""
+        before = self._db.execute(
+            "SELECT first FROM evicted WHERE last=? AND priority=? AND reported_in IS NULL", (seq - 1, int(prio))
+        ).fetchone()
+        if before is not None:
+            self._db.execute("UPDATE evicted SET last=? WHERE first=?", (seq, before[0]))
+        else:
+            self._db.execute("INSERT INTO evicted (first, last, priority) VALUES (?,?,?)", (seq, seq, int(prio)))
+
+    def evicted_ranges(self) -> list[EvictedRange]:
+        """Return the evicted runs not yet acknowledged as reported, oldest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT first, last, priority FROM evicted ORDER BY first").fetchall()
+        return [EvictedRange(f, la, Priority(p)) for f, la, p in rows]
+
     def peek(self, after_seq: int = 0, limit: int = 100) -> list[OutboxMessage]:
         """Return up to ``limit`` stored messages with seq > ``after_seq``, in seq order."""
         with self._lock:
@@ -201,14 +289,42 @@ class Outbox:
         if not seqs:
             return []
         kinds: list[str] = []
-        with self._lock, self._tx():
-            for seq in seqs:
-                row = self._db.execute("DELETE FROM outbox WHERE seq=? RETURNING priority, LENGTH(payload), kind", (seq,)).fetchone()
-                if row is not None:
-                    self._count[Priority(row[0])] -= 1
-                    self._bytes[Priority(row[0])] -= row[1]
-                    kinds.append(row[2])
+        with self._lock:
+            with self._tx():
+                for seq in seqs:
+                    row = self._db.execute("DELETE FROM outbox WHERE seq=? RETURNING priority, LENGTH(payload), kind", (seq,)).fetchone()
+                    if row is not None:
+                        self._count[Priority(row[0])] -= 1
+                        self._bytes[Priority(row[0])] -= row[1]
+                        kinds.append(row[2])
+                self._db.executemany("DELETE FROM evicted WHERE reported_in=?", [(s,) for s in seqs])
+            if sum(self._count.values()) == 0:
+                self._reclaim()
         return kinds
+
+    def ack_stored(self, epoch: str, through: int, missing: Iterable[tuple[int, int]] = ()) -> list[str]:
+        """Delete the messages a controller stored-ack covers: seq <= ``through`` outside the ``missing`` ranges.
+
+        An ack of another epoch (a stream this outbox is not) deletes nothing. Returns the kinds deleted.
+        """
+        if epoch != self.epoch or through < 1:
+            return []
+        holes = sorted(missing)
+        with self._lock:
+            seqs = [s for (s,) in self._db.execute("SELECT seq FROM outbox WHERE seq <= ?", (through,))
+                    if not any(a <= s <= b for a, b in holes)]
+        return self.ack(seqs)
+
+    def _reclaim(self) -> None:
+        """Give disk space back once drained (caller holds the lock, no tx open): truncate the WAL, vacuum a grown file."""
+        try:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            if self.path.stat().st_size > self.reclaim_above_bytes:
+                self._db.execute("VACUUM")
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                self.reclaimed += 1
+        except sqlite3.OperationalError as exc:  # a reader holds the WAL: try at the next drain
+            log.debug("outbox %s: space not reclaimed yet (%s)", self.path, exc)
 
     def depth(self) -> int:
         """Return how many messages wait for an acknowledgement."""

@@ -61,7 +61,11 @@ class UplinkLoop:
         reconnect_max_s: float = 30.0,
         inflight: int = 50,
         poll_interval_s: float = 1.0,
+        ack: str = "broker",
+        ack_timeout_s: float = 30.0,
     ) -> None:
+        if ack not in ("broker", "controller"):
+            raise ValueError(f"uplink ack mode {ack!r}: use 'controller' or 'broker'")
         self.settings = settings
         self.outbox = outbox
         self.metrics = metrics
@@ -73,6 +77,11 @@ class UplinkLoop:
         self.reconnect_max_s = reconnect_max_s
         self.inflight_limit = inflight
         self.poll_interval_s = poll_interval_s
+        self.ack_mode = ack
+        self.ack_timeout_s = ack_timeout_s
+        self._stored_acks: list[tuple[str, int, tuple[tuple[int, int], ...]]] = []  # from the network thread
+        self._awaiting_since: float | None = None  # controller mode: when the oldest unconfirmed send went out
+        self.resends = 0
         self._presence_topic = Topics.node(shop, node, Channel.PRESENCE)
         self._link = MqttLink(settings, on_message=on_downlink, on_ack=self._on_ack, max_inflight=inflight)
         self._inflight: dict[int, int] = {}  # paho mid -> outbox seq
@@ -84,6 +93,7 @@ class UplinkLoop:
         self._drain_deadline: float | None = None
         self.connected = threading.Event()
         self.session = 0
+        self._session_used = False  # whether self.session has had a connection (then the next one takes a new number)
         self.last_ack: float | None = None
         self.ever_connected = False
         self._thread: threading.Thread | None = None
@@ -119,7 +129,10 @@ class UplinkLoop:
     def _draining_done(self) -> bool:
         if self._drain_deadline is None:
             return False
-        return time.monotonic() >= self._drain_deadline or (self.outbox.depth() == 0 and not self._inflight)
+        if time.monotonic() >= self._drain_deadline:
+            return True
+        # Controller mode waits for the stored-acks too (up to the drain deadline).
+        return self.outbox.depth() == 0 and not self._inflight
 
     def _run(self) -> None:
         attempt = 0
@@ -128,8 +141,14 @@ class UplinkLoop:
                 if self._drain_deadline is not None and time.monotonic() >= self._drain_deadline:
                     break
                 try:
-                    self.session = self.outbox.next_session()
+                    # The session counts connections, not attempts (docs/protocol.md): a number is
+                    # taken once and reused by every failed attempt until one connects. A failed
+                    # attempt never registered its Will, so reusing its number cannot confuse presence.
+                    if self._session_used or self.session == 0:
+                        self.session = self.outbox.next_session()
+                        self._session_used = False
                     self._link.connect(will=self._presence("offline", "will"))
+                    self._session_used = True
                 except (ConnectFailed, ConnectRefused) as exc:
                     reason = exc.reason
                     self.metrics.connect_failures.labels(reason).inc()
@@ -150,6 +169,10 @@ class UplinkLoop:
                     continue
                 attempt = 0
                 self._connect_errors_logged.clear()
+                if self.ack_mode == "controller":
+                    # Whatever the controller has not confirmed goes again on the new connection.
+                    self._inflight.clear()
+                    self._cursor = 0
                 if self.ever_connected:
                     self.metrics.reconnects.inc()
                 self.ever_connected = True
@@ -190,6 +213,7 @@ class UplinkLoop:
             self._pump()
             self._link.poll(self.poll_interval_s)
             self._commit_acks()
+            self._check_ack_timeout()
             if self._draining_done():
                 return
 
@@ -206,15 +230,48 @@ class UplinkLoop:
         if room <= 0:
             self._dirty.set()  # there may be more; continue after acknowledgements
 
+    def stored_ack(self, epoch: str, seq: int, missing: tuple[tuple[int, int], ...]) -> None:
+        """Take the controller's stored-ack (called from the link's network thread); applied by the loop."""
+        self._stored_acks.append((epoch, seq, missing))
+        self._link.interrupt()
+
+    def _check_ack_timeout(self) -> None:
+        """Controller mode: send again what the controller has not confirmed for ``ack_timeout_s``."""
+        if self.ack_mode != "controller" or self._awaiting_since is None:
+            return
+        if time.monotonic() - self._awaiting_since < self.ack_timeout_s or self._inflight:
+            return
+        if self.outbox.depth() == 0:
+            self._awaiting_since = None
+            return
+        log.info("node %s/%s: no stored-ack for %.0fs; sending the %d unconfirmed messages again",
+                 self.shop, self.node, self.ack_timeout_s, self.outbox.depth())
+        self.resends += 1
+        self._cursor = 0
+        self._awaiting_since = time.monotonic()
+        self._dirty.set()
+
     def _on_ack(self, mid: int) -> None:
         seq = self._inflight.pop(mid, None)
         if seq is not None:
-            self._acked.append(seq)
+            if self.ack_mode == "broker":
+                self._acked.append(seq)
+            elif self._awaiting_since is None:
+                self._awaiting_since = time.monotonic()  # sent, awaiting the controller's stored-ack
             self._dirty.set()
         self._presence_mids.discard(mid)
         self.last_ack = time.monotonic()
 
     def _commit_acks(self) -> None:
+        if self._stored_acks:
+            stored, self._stored_acks = self._stored_acks, []
+            for epoch, seq, missing in stored:
+                kinds = self.outbox.ack_stored(epoch, seq, missing)
+                for kind in kinds:
+                    self.metrics.sent.labels(kind).inc()
+                if kinds:
+                    # Progress: the timeout counts from now; nothing awaiting once the outbox is empty.
+                    self._awaiting_since = time.monotonic() if self.outbox.depth() else None
         if not self._acked:
             return
         acked, self._acked = self._acked, []

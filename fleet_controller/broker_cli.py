@@ -37,7 +37,7 @@ def register_broker_config(sub: argparse._SubParsersAction[argparse.ArgumentPars
         description=_wrap(
             "Write the central Mosquitto's files into --out: 'passwd' (PBKDF2-SHA512, the '$7$' "
             "format of mosquitto_passwd), 'acl' (each node user '<shop>.<node>' may publish only its "
-            "own topics and its shop's state/reported, and read only its own commands, its shop's "
+            "own topics (its reported state included: never another node's), and read only its own commands, its shop's "
             "desired state and the controller's presence and clock; each controller replica's user "
             "reads and writes everything), 'mosquitto.conf' (a complete config: run 'mosquitto -c "
             "OUT/mosquitto.conf') and 'credentials.json' (mode 0600) with every generated password.\n\n"

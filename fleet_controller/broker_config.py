@@ -17,8 +17,9 @@ replaces whatever client id a client sends with its username (the certificate's 
 listener), so one node's credentials can never take over another node's or the controller's
 session, and each controller replica's persistent session lives under its own username.
 
-**What a node may do.** Write its own ``presence``, ``telemetry``, ``events`` and ``replies``
-topics and its shop's ``state/reported``; read its own ``commands``, its shop's
+**What a node may do.** Write its own ``presence``, ``telemetry``, ``events``, ``replies`` and
+``state`` (its reported state: never another node's, never the shop's) topics; read its own ``commands`` and ``ack``
+(the controller's stored-acks, which only controllers write), its shop's
 ``state/desired`` and the controller's presence and clock. Controllers read and write all of
 ``fleet/v1/#``. A bridge may do, for its shop, what that shop's nodes may together.
 
@@ -189,7 +190,12 @@ def verify_password(password: str, hashed: str) -> bool:
 
 
 def _node_writes(shop: str, node: str) -> list[str]:
-    return [Topics.node(shop, node, ch) for ch in (Channel.PRESENCE, Channel.TELEMETRY, Channel.EVENTS, Channel.REPLIES)]
+    return [Topics.node(shop, node, ch) for ch in (Channel.PRESENCE, Channel.TELEMETRY, Channel.EVENTS, Channel.REPLIES, Channel.STATE)]
+
+
+def _node_reads(shop: str, node: str) -> list[str]:
+    """Topics only this node may read: its commands and the controller's stored-acks of its stream."""
+    return [Topics.node(shop, node, Channel.COMMANDS), Topics.node(shop, node, Channel.ACK)]
 
 
 def _shop_reads(shop: str) -> list[str]:
@@ -201,8 +207,7 @@ def node_acl(shop: str, node: str) -> list[str]:
     lines = [f"user {node_username(shop, node)}"]
     lines += [f"topic write {t}" for t in _node_writes(shop, node)]
     lines += [
-        f"topic write {Topics.reported(shop)}",
-        f"topic read {Topics.node(shop, node, Channel.COMMANDS)}",
+        *(f"topic read {t}" for t in _node_reads(shop, node)),
         *(f"topic read {t}" for t in _shop_reads(shop)),
     ]
     return lines
@@ -213,8 +218,7 @@ def bridge_acl(shop: str, nodes: Sequence[str]) -> list[str]:
     lines = [f"user {bridge_username(shop)}"]
     for node in nodes:
         lines += [f"topic write {t}" for t in _node_writes(shop, node)]
-    lines.append(f"topic write {Topics.reported(shop)}")
-    lines += [f"topic read {Topics.node(shop, node, Channel.COMMANDS)}" for node in nodes]
+    lines += [f"topic read {t}" for node in nodes for t in _node_reads(shop, node)]
     lines += [f"topic read {t}" for t in _shop_reads(shop)]
     return lines
 
@@ -256,6 +260,20 @@ def render_acl(
     return "\n".join(out)
 
 
+LOCAL_ROOT = "local/v1"
+"""Shop-local topics (fusion's track stream): outside ``fleet/v1``, so :func:`bridge_topics`, an
+explicit list of ``fleet/v1`` topics, never forwards them to the central broker."""
+
+
+def shop_local_acl(shop: str) -> list[str]:
+    """Return the extra ACL lines a node user has on its shop broker only: the shop-local track
+    stream (write and read) and the shop's events (read), which a fusion pipeline joins."""
+    return [
+        f"topic readwrite {LOCAL_ROOT}/{shop}/tracks/+",
+        f"topic read {Topics.root}/{shop}/+/{Channel.EVENTS.value}",
+    ]
+
+
 def render_shop_acl(shop: str, nodes: Sequence[str]) -> str:
     """Return the ACL of a shop broker: the shop's node users only, each as at the central broker."""
     out = [
@@ -263,7 +281,7 @@ def render_shop_acl(shop: str, nodes: Sequence[str]) -> str:
         "# central broker, enforced at the edge, because the bridge carries the shop's traffic as one user.",
     ]
     for node in nodes:
-        out += [*node_acl(shop, node), ""]
+        out += [*node_acl(shop, node), *shop_local_acl(shop), ""]
     return "\n".join(out)
 
 
@@ -339,12 +357,15 @@ def render_central_conf(
 
 
 def bridge_topics(shop: str, nodes: Sequence[str]) -> list[str]:
-    """Return the bridge's ``topic`` lines: the shop's nodes' uplink out, their downlink in, nothing else."""
+    """Return the bridge's ``topic`` lines: the shop's nodes' uplink out, their downlink in, nothing else.
+
+    An explicit list, never a wildcard over the shop: shop-local topics (``local/v1/...``, the
+    high-rate track stream fusion reads) must stay in the shop.
+    """
     lines = []
     for node in nodes:
         lines += [f"topic {t} out 1" for t in _node_writes(shop, node)]
-    lines.append(f"topic {Topics.reported(shop)} out 1")
-    lines += [f"topic {Topics.node(shop, node, Channel.COMMANDS)} in 1" for node in nodes]
+    lines += [f"topic {t} in 1" for node in nodes for t in _node_reads(shop, node)]
     lines += [f"topic {t} in 1" for t in _shop_reads(shop)]
     return lines
 

@@ -34,9 +34,9 @@ class ShopWriter(Protocol):
 
     async def register_shop(
         self, shop: str, *, name: str | None = None, region: str | None = None,
-        labels: dict[str, str] | None = None, timezone: str | None = None,
+        labels: dict[str, str] | None = None, timezone: str | None = None, applier: str | None = None,
     ) -> None:
-        """Create a shop or update its name, region, labels and time zone, on the writer."""
+        """Create a shop or update its name, region, labels, time zone and applier node, on the writer."""
         ...
 
 

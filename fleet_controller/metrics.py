@@ -19,7 +19,8 @@ from prometheus_client.registry import Collector
 from edge_agent.protocol import REJECT_REASONS
 
 PRESENCE_STATES = ("online", "stale", "offline", "unknown")
-INTAKE_REJECT_REASONS = (*REJECT_REASONS, "unstorable")
+INTAKE_REJECT_REASONS = (*REJECT_REASONS, "seq_jump", "stale_epoch", "session_jump")
+QUARANTINE_REASONS = ("store", "writer", "unexpected", "lost")
 
 
 class _PresenceCollector(Collector):
@@ -49,6 +50,18 @@ class ControllerMetrics:
         )
         for reason in INTAKE_REJECT_REASONS:
             self.rejected.labels(reason=reason)
+        self.quarantined = Counter(
+            "shopfleet_controller_quarantined",
+            "Messages kept in the dead-letter table because storing them failed, by reason (lost: even that failed).",
+            ["reason"], registry=registry,
+        )
+        for reason in QUARANTINE_REASONS:
+            self.quarantined.labels(reason=reason)
+        self.seq_rebases = Counter(
+            "shopfleet_controller_seq_rebases",
+            "Node streams that continued beyond intake.max_seq_jump for intake.seq_resync_after messages and were rebased.",
+            registry=registry,
+        )
         self.duplicates = Counter(
             "shopfleet_controller_duplicates", "Messages dropped because their (epoch, seq) was already stored.", registry=registry
         )
@@ -57,6 +70,23 @@ class ControllerMetrics:
         )
         self.gaps_filled = Counter(
             "shopfleet_controller_gaps_filled", "Late messages that filled a gap.", registry=registry
+        )
+        self.evicted = Counter(
+            "shopfleet_controller_evicted",
+            "Seqs nodes reported their outbox evicted unsent, by eviction priority (counted apart from gaps).",
+            ["priority"], registry=registry,
+        )
+        self.cursor_conflicts = Counter(
+            "shopfleet_controller_cursor_conflicts",
+            "Batches decided again because another controller replica moved a node's cursor meanwhile.",
+            registry=registry,
+        )
+        self.intake_paused = Gauge(
+            "shopfleet_controller_intake_paused", "1 while the intake queue is above intake.max_queue and reading is paused.",
+            registry=registry,
+        )
+        self.acks_published = Counter(
+            "shopfleet_controller_stored_acks", "Stored-acks published to nodes (one per node per batch).", registry=registry
         )
         self.ingest_latency = Histogram(
             "shopfleet_controller_ingest_latency_seconds",

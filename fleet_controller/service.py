@@ -120,7 +120,8 @@ class ControllerService:
         self.engine = create_engine(settings.database_url())
         self.reader = RegistryReader(self.engine)
         self.writer = RegistryWriter(settings.database_url(), mode=settings.intake.writer, log_every_s=settings.intake.log_every_s)
-        self.intake = Intake(self.writer, self.metrics, settings.intake, ack=self._ack, on_events=self._publish_events)
+        self.intake = Intake(self.writer, self.metrics, settings.intake, ack=self._ack, on_events=self._publish_events,
+                             publish=lambda topic, payload: self.mqtt.publish_nowait(topic, payload, qos=1))
         self.mqtt = MqttAdapter(
             mqtt_config(settings), self.intake.submit, on_connect=[self._announce], on_state=self._mqtt_state
         )
@@ -174,8 +175,9 @@ class ControllerService:
 
     @property
     def api_url(self) -> str:
-        """Return ``http://host:port`` of the API."""
-        return f"http://{self.settings.api.host}:{self.api_port}"
+        """Return ``http(s)://host:port`` of the API (https when api.tls_cert_file is set)."""
+        scheme = "https" if self.settings.api.tls_cert_file is not None else "http"
+        return f"{scheme}://{self.settings.api.host}:{self.api_port}"
 
     async def start(self, *, connect_timeout: float | None = None) -> None:
         """Migrate the database, start the API, connect to the broker, start every task; raise ``ConnectRefused``/``ConnectFailed`` if the broker refuses or stays unreachable."""
@@ -201,7 +203,8 @@ class ControllerService:
         self._sock.bind((self.settings.api.host, self.settings.api.port))
         self._sock.listen(128)
         self._sock.setblocking(False)
-        self._server = _QuietServer(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False))
+        self._server = _QuietServer(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False,
+                                                   **self.settings.api.uvicorn_options()))
         self._server_task = asyncio.create_task(self._server.serve(sockets=[self._sock]), name="api")
         self._started = True
         self._tasks += [
@@ -346,6 +349,7 @@ def build_service(
     from fleet_controller import alerts, rollout
     from fleet_controller.alerts.rules import load_rules
     from fleet_controller.rollout.signing import load_private_key
+    from fleet_controller.web import alerts_pages, models_api, reviews
     from fleet_controller.web.dashboard.setup import attach
 
     rules = load_rules(settings.alert_rules)
@@ -354,8 +358,11 @@ def build_service(
     service = ControllerService(settings, migrate=migrate)
     attach(service, rules, open_metrics=settings.dashboard.public_metrics, secure_cookies=settings.dashboard.secure_cookies,
            announce=announce)
-    alerts.install(service, rules, dashboard_url=settings.dashboard.url)
+    alert_worker = alerts.install(service, rules, dashboard_url=settings.dashboard.url)
+    alerts_pages.attach(service, alert_worker.metrics, dashboard_url=settings.dashboard.url)
     rollout.install(service, settings.rollout)
+    reviews.install(service)
+    models_api.install(service, settings.rollout.signing_key if settings.rollout else None)
     return service
 
 

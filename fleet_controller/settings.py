@@ -13,6 +13,7 @@ levels), e.g. ``SHOPFLEET_CONTROLLER_BROKER__PASSWORD``; top-level keys drop the
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import uuid
@@ -91,6 +92,48 @@ class ApiSettings(_Section):
 
     host: str = Field("127.0.0.1", description="Bind address; 0.0.0.0 to serve other machines.")
     port: int = Field(8080, ge=0, le=65535, description="TCP port; 0 picks a free one (tests, demo).")
+    tls_cert_file: Path | None = Field(
+        None, description="PEM certificate (chain) of the API; with tls_key_file the API serves HTTPS only. Needed for "
+        "node enrollment, which sends credentials (e.g. 'shopfleet pki issue server NAME').",
+    )
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file (mode 0600).")
+    trusted_proxies: tuple[str, ...] = Field(
+        (),
+        description="Addresses or CIDRs of reverse proxies whose X-Forwarded-For (and -Proto) the API believes. Empty "
+        "(default): the header is ignored and the client address is the TCP peer, so nobody can pick the address "
+        "login throttling counts against. List only your own proxies.",
+    )
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _cidrs(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for item in v:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"api.trusted_proxies entry {item!r} is not an address or CIDR (e.g. 10.0.0.5 or 10.0.0.0/24)") from None
+        return v
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ApiSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("api.tls_cert_file and api.tls_key_file go together: set both for HTTPS, or neither")
+        return self
+
+    def uvicorn_options(self) -> dict[str, Any]:
+        """Return the uvicorn.Config options for TLS and proxy headers.
+
+        uvicorn trusts X-Forwarded-For from 127.0.0.1 by default, so anything on the controller
+        host could pick the address login throttling counts; here proxy headers are off unless
+        trusted_proxies names the proxies.
+        """
+        opts: dict[str, Any] = {"proxy_headers": bool(self.trusted_proxies)}
+        if self.trusted_proxies:
+            opts["forwarded_allow_ips"] = ",".join(self.trusted_proxies)
+        if self.tls_cert_file is not None and self.tls_key_file is not None:
+            opts["ssl_certfile"] = str(self.tls_cert_file)
+            opts["ssl_keyfile"] = str(self.tls_key_file)
+        return opts
 
 
 class PresenceSettings(_Section):
@@ -115,6 +158,31 @@ class PresenceSettings(_Section):
         return self
 
 
+class SeriesSettings(_Section):
+    """Time series for the dashboard's charts (``retention.series``): how long each resolution is kept.
+
+    Raw samples are folded into 1-minute and 1-hour buckets (count, sum, min, max) every time
+    retention runs (``retention.interval_s``); a chart reads the coarsest tier that still shows
+    the range it asks for. Longer ages keep more history at the cost of database size, roughly
+    (series per node) x (samples per interval) rows per tier.
+    """
+
+    raw_max_age_s: float = Field(86400.0, gt=0, description="Raw samples (every heartbeat and reading) are kept this long; 1-hour charts read them.")
+    minute_max_age_s: float = Field(
+        7 * 86400.0, gt=0, description="1-minute buckets are kept this long; 24-hour and 7-day charts read them."
+    )
+    hour_max_age_s: float = Field(90 * 86400.0, gt=0, description="1-hour buckets are kept this long; longer ranges read them.")
+    max_points: int = Field(
+        600, ge=10, le=10_000, description="Most buckets per line the series API answers with; the bucket width grows with the range to fit."
+    )
+
+    @model_validator(mode="after")
+    def _order(self) -> SeriesSettings:
+        if not self.raw_max_age_s <= self.minute_max_age_s <= self.hour_max_age_s:
+            raise ValueError("keep raw_max_age_s <= minute_max_age_s <= hour_max_age_s (coarser tiers cover longer ranges)")
+        return self
+
+
 class RetentionSettings(_Section):
     """Bounds on history, so the registry stays small on a fleet that runs for years."""
 
@@ -122,7 +190,8 @@ class RetentionSettings(_Section):
     heartbeat_max_age_s: float = Field(86400.0, gt=0, description="Heartbeats older than this are deleted.")
     events_per_shop: int = Field(5000, ge=1, description="Events and alerts kept per shop.")
     event_max_age_s: float = Field(30 * 86400.0, gt=0, description="Events older than this are deleted.")
-    interval_s: float = Field(60.0, gt=0, description="How often retention runs.")
+    interval_s: float = Field(60.0, gt=0, description="How often retention runs (and series are rolled up).")
+    series: SeriesSettings = Field(default_factory=SeriesSettings, description="Time series tiers and their ages.")
 
 
 class IntakeSettings(_Section):
@@ -140,6 +209,30 @@ class IntakeSettings(_Section):
         "'thread' (in the controller process; simpler to debug, shares one core with the MQTT thread).",
     )
     log_every_s: float = Field(60.0, gt=0, description="A rejected message of a given reason is logged at most once per this many seconds.")
+    max_seq_jump: int = Field(
+        100_000, ge=1, le=2**62,
+        description="A seq this far above a node's watermark is refused (reason seq_jump) instead of counting a huge gap; "
+        "larger tolerates longer outbox evictions, smaller refuses absurd seqs sooner.",
+    )
+    seq_resync_after: int = Field(
+        3, ge=1, le=1000,
+        description="Consecutive seqs beyond max_seq_jump after which the node's stream is rebased there (it really continues there).",
+    )
+    max_session_jump: int = Field(
+        10_000, ge=1, le=2**31,
+        description="A birth or Will whose session is this far above the held one is refused (reason session_jump).",
+    )
+    max_queue: int = Field(
+        20_000, ge=10, le=10_000_000,
+        description="Received messages the intake holds before it stops reading from the broker (flow control): the "
+        "MQTT thread waits until the queue is below half of it, so memory stays bounded while a backlog drains; "
+        "lower bounds memory tighter, higher rides out slow batches without pausing.",
+    )
+    ack_nodes: bool = Field(
+        True,
+        description="After each commit, publish a stored-ack to every node of the batch on fleet/v1/{shop}/{node}/ack, so "
+        "agents with uplink.ack: controller delete messages only once they are stored (see docs/protocol.md).",
+    )
 
 
 class ExecutorSettings(BaseModel):

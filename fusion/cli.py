@@ -95,7 +95,7 @@ class _Help(argparse.HelpFormatter):
         return text
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``fusion`` command and its subcommands."""
     from fusion.generate import GENERATORS
 

@@ -34,6 +34,8 @@ from __future__ import annotations
 import math
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from itertools import pairwise
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -85,6 +87,7 @@ class FusionConfig(BaseModel):
     weight_noise_g: float = Field(4.0, ge=0, description="noise of a settled weight change, for matching a put-back to another product")
     swap_margin: float = Field(0.35, gt=0, le=2, description="a track looking this much more like another session than its own is a suspected id swap")
     swap_checks: int = Field(3, ge=1, description="consecutive suspicious checks before a track is moved to the other session")
+    lost_exclusion: float = Field(0.8, ge=0, le=1, description="how much a shopper seen standing at the slot lowers the score of a shopper lost away from it; 0 treats a lost shopper as if nobody stood there")
     appearance_alpha: float = Field(0.3, gt=0, le=1, description="weight of a new appearance vector in a track's running average")
 
 
@@ -100,8 +103,18 @@ class _Track:
     app: np.ndarray | None = None
     obs: int = 0
     mismatch: int = 0
-    mismatch_since: float = 0.0
     ended: bool = False
+    # Appearance of each recent observation, to find when a tracker id swap happened.
+    apps: deque[tuple[float, np.ndarray]] = field(default_factory=lambda: deque(maxlen=80))
+    # Earlier owners after an id swap: positions before ``until`` (and after the previous entry's) were that session's.
+    segments: list[tuple[float, str]] = field(default_factory=list)
+
+    def owner(self, ts: float) -> str | None:
+        """Return the session whose shopper this track followed at ``ts``."""
+        for until, sid in self.segments:
+            if ts < until:
+                return sid
+        return self.session
 
 
 @dataclass
@@ -118,24 +131,45 @@ class _Session:
     proto_n: int = 0
 
 
+@dataclass(frozen=True)
+class _Change:
+    """A shelf change given to a cart, kept so the cart can be rebuilt when it is re-attributed."""
+
+    ch: ShelfChange
+    spec: SlotSpec
+    probability: float
+    candidates: tuple[tuple[str, float, float], ...]
+    reasons: tuple[Reason, ...]  # from the attribution itself (contested, planogram-mismatch)
+
+
 @dataclass
 class _Cart:
     id: str
     door_opening: int
     opened_at: float
     sessions: list[str] = field(default_factory=list)
+    changes: list[_Change] = field(default_factory=list)
     holdings: Counter[str] = field(default_factory=Counter)
     evidence: dict[str, list[str]] = field(default_factory=dict)
     line_conf: dict[str, float] = field(default_factory=dict)
     confidence: float = 1.0
-    reasons: list[Reason] = field(default_factory=list)
+    flags: list[Reason] = field(default_factory=list)  # from outside the changes: board offline, exit unseen...
+    derived: list[Reason] = field(default_factory=list)  # from the changes, rebuilt with them
+    contests: dict[str, tuple[float, Reason]] = field(default_factory=dict)  # change id -> (its ts, 'contested'): a change given to another cart may be this one's
     attributions: list[Attribution] = field(default_factory=list)
     closing_at: float | None = None
 
     def flag(self, code: str, detail: str) -> None:
         r = Reason(code, detail)
-        if r not in self.reasons:
-            self.reasons.append(r)
+        if r not in self.flags:
+            self.flags.append(r)
+
+    @property
+    def reasons(self) -> list[Reason]:
+        out = list(self.flags)
+        out += [r for r in self.derived if r not in out]
+        out += [r for _, r in self.contests.values() if r not in out]
+        return out
 
 
 def _unit(v: tuple[float, ...] | np.ndarray) -> np.ndarray:
@@ -163,6 +197,7 @@ class Fusion:
         self._door_opened_at = -math.inf
         self._door_opening = 0
         self._offline: dict[str, float] = {}
+        self._pending: list[tuple[ShelfChange, SlotSpec]] = []  # orphans that an id swap may still explain
         self._n_sessions = 0
         self._n_carts = 0
         self._shelves = set(layout.shelves())
@@ -258,6 +293,7 @@ class Fusion:
         t.obs += 1
         if o.appearance is not None:
             a = _unit(o.appearance)
+            t.apps.append((o.ts, a))
             t.app = a if t.app is None else _unit((1 - cfg.appearance_alpha) * t.app + cfg.appearance_alpha * a)
         if t.session is None:
             if t.obs <= 3 or t.obs % 5 == 0:
@@ -373,21 +409,39 @@ class Fusion:
         if best is None or best[0] - own < cfg.swap_margin:
             t.mismatch = 0
             return
-        if t.mismatch == 0:
-            t.mismatch_since = t.last_ts - 5 * 0.1
         t.mismatch += 1
         if t.mismatch < cfg.swap_checks:
             return
         other = best[1]
+        split = self._swap_moment(t, s, other)
         s.tracks.remove(t.id)
         other.tracks.append(t.id)
+        # Positions before the swap stay the old session's: its shopper was there, and its picks stay its own.
+        t.segments.append((split, s.id))
         t.session, t.mismatch = other.id, 0
         other.last_ts, other.x, other.y = t.last_ts, t.x, t.y
+        before = [h for h in t.hist if h[0] < split]
+        if before and s.last_ts >= split:
+            s.last_ts, s.x, s.y = before[-1]  # where the old session's shopper was last seen: lost from there
         self.stats["swaps"] += 1
-        for sess in (s, other):
-            cart = self._carts[sess.cart]
-            if any(a.ts >= t.mismatch_since - 10.0 for a in cart.attributions):
-                cart.flag("track-swap", f"track {t.id} moved from session {s.id} to {other.id} at {t.last_ts:.1f}s")
+        self._reattribute(split - self.config.window_s)
+
+    def _swap_moment(self, t: _Track, s: _Session, other: _Session) -> float:
+        """Return when the tracker swapped: the split of the track's recent looks that best separates the two shoppers.
+
+        After the split the observations look like ``other`` rather than ``s``; the running average
+        the check uses lags the swap by several frames, so the moment is found on the raw looks.
+        """
+        if not t.apps or s.proto is None or other.proto is None:
+            return t.last_ts
+        ps, po = _unit(s.proto), _unit(other.proto)
+        d = [float(np.dot(a, po) - np.dot(a, ps)) for _, a in t.apps]
+        best_k, best, run = len(d) - 1, -math.inf, 0.0
+        for k in range(len(d) - 1, -1, -1):  # maximise the evidence for 'other' after k
+            run += d[k]
+            if run > best:
+                best_k, best = k, run
+        return t.apps[best_k][0]
 
     def _door(self, d: DoorContact) -> None:
         self._door_known = True
@@ -508,17 +562,26 @@ class Fusion:
         cfg = self.config
         lo, hi = t_act - cfg.window_s, t_act + cfg.window_s
         full = cfg.time_sigma_s * math.sqrt(2 * math.pi) * math.erf(cfg.window_s / cfg.time_sigma_s / math.sqrt(2))
-        acc: dict[str, list[float]] = {}  # session -> [sum w*log L, sum w, sum w*dt, nearest]
+        acc: dict[str, list[float]] = {}  # session -> [sum w*log L, sum w, sum w*dt, nearest, best place weight up to t_act (-1: none)]
         for t in self._tracks.values():
-            if t.session is None or t.last_ts < lo or not t.hist or t.hist[0][0] > hi:
+            if (t.session is None and not t.segments) or t.last_ts < lo or not t.hist or t.hist[0][0] > hi:
                 continue
-            a = acc.setdefault(t.session, [0.0, 0.0, 0.0, math.inf])
             prev = None
+            owner: str | None = None
+            a = [0.0, 0.0, 0.0, math.inf, -1.0]
             for ts, x, y in reversed(t.hist):
                 if ts > hi:
                     continue
                 if ts < lo:
                     break
+                o = t.owner(ts)
+                if o != owner:  # the track followed another shopper before an id swap
+                    owner, prev = o, None
+                    if o is None or o not in self._sessions:
+                        continue
+                    a = acc.setdefault(o, [0.0, 0.0, 0.0, math.inf, -1.0])
+                if owner is None or owner not in self._sessions:
+                    continue
                 w, d = self._place_weight(slot, x, y)
                 z = (ts - t_act) / cfg.time_sigma_s
                 wt = math.exp(-0.5 * z * z)
@@ -528,19 +591,30 @@ class Fusion:
                 a[1] += wt
                 a[2] += wt * dt
                 a[3] = min(a[3], d)
+                if ts <= t_act:
+                    a[4] = max(a[4], w)
         out: dict[str, tuple[float, float, bool]] = {}
-        for sid, (wlog, wsum, wdt, near) in acc.items():
-            if wsum <= 1e-9:
-                continue
+        parts: dict[str, tuple[float, float, float, float, float]] = {}  # sid -> (seen, coverage, unseen, near, pre)
+        for sid, (wlog, wsum, wdt, near, pre) in acc.items():
+            if wsum <= 1e-9 or near > cfg.reach_m + 1.0:
+                continue  # never within a step of the slot's zone: not a candidate at all
             coverage = min(1.0, wdt / full)
             # Time not seen (an occlusion at the shelf) counts at half the weight of where it was last seen.
             s = self._sessions[sid]
             unseen = 0.5 * self._place_weight(slot, s.x, s.y, extra_m=0.2)[0] if coverage < 1.0 else 0.0
-            if near > cfg.reach_m + 1.0:
-                continue  # never within a step of the slot's zone: not a candidate at all
             # Squared: one moment in front of the slot while walking past must not look like standing there.
             seen = math.exp(2.0 * wlog / wsum)
+            parts[sid] = (seen, coverage, unseen, near, pre)
+        for sid, (seen, coverage, unseen, near, pre) in parts.items():
+            # Unseen time is doubtful when someone else stood at the slot all along and this shopper was
+            # not at it before the moment (walking up, or lost elsewhere): the place was taken.
+            other = max((p[0] for o, p in parts.items() if o != sid and p[1] > 0.5), default=0.0)
+            if pre >= 0.0:
+                unseen *= pre + (1.0 - pre) * (1.0 - cfg.lost_exclusion * other)
             out[sid] = (seen * coverage + unseen * (1.0 - coverage), near, coverage > 0.5)
+        # Someone seen standing at the slot all through the window leaves little room for a
+        # shopper lost elsewhere: the slot's place is taken (the lost one could only reach past them).
+        standing = max((v[0] for v in out.values() if v[2]), default=0.0)
         for s in self._sessions.values():
             if s.id in out or not self._open_at(s, t_act) or s.last_ts >= lo:
                 continue
@@ -549,7 +623,10 @@ class Fusion:
             if gap > 10.0:
                 continue
             w, d = self._place_weight(slot, s.x, s.y, extra_m=min(1.0, 0.3 * gap))
-            out[s.id] = (0.5 * w * math.exp(-gap / 3.0), d, False)
+            # Lost right at the slot keeps its full weight (it may be the one standing there, under another id).
+            at_slot = self._place_weight(slot, s.x, s.y)[0]
+            room = at_slot + (1.0 - at_slot) * (1.0 - cfg.lost_exclusion * standing)
+            out[s.id] = (0.5 * w * math.exp(-gap / 3.0) * room, d, False)
         return out
 
     def _shelf_change(self, ch: ShelfChange) -> None:
@@ -561,41 +638,115 @@ class Fusion:
             self.errors["unknown-slot"] += 1
             self._flag_open(t_act, "unknown-slot", f"change {ch.id} on {ch.board}/{ch.channel} ({ch.slot or 'no slot'}) is not in the layout")
             return
-        mismatch = spec.slot != ch.slot or spec.product != ch.product
-        if mismatch:
+        if spec.slot != ch.slot or spec.product != ch.product:
             self.errors["planogram-mismatch"] += 1
         if t_act < self.now - cfg.history_s:
             self.errors["stale-change"] += 1
             self._flag_open(t_act, "stale-change", f"change {ch.id} on {spec.slot} at {ch.ts:.1f}s arrived after {self.now:.1f}s")
             return
+        cart = self._attribute(ch, spec)
+        if cart is not None:
+            self._rebuild(cart)
+
+    def _attribute(self, ch: ShelfChange, spec: SlotSpec, reattributing: bool = False) -> _Cart | None:
+        """Give a change to the likeliest cart (returned, not yet rebuilt) or keep it as an orphan."""
+        cfg = self.config
+        t_act = ch.ts - cfg.settle_delay_s
         scores = self._scores(spec.slot, t_act)
         total = sum(v[0] for v in scores.values()) + cfg.nobody_score
         ranked = sorted(((sid, v[0] / total, v[1], v[2]) for sid, v in scores.items()), key=lambda r: -r[1])
         candidates = tuple((sid, p, d) for sid, p, d, _ in ranked if p >= 0.01)
         if not ranked or max(v[0] for v in scores.values()) < cfg.nobody_score:
-            self.errors["nobody-near"] += 1
+            if not reattributing:
+                self.errors["nobody-near"] += 1
             a = Attribution(ch.id, spec.slot, spec.product, ch.quantity, ch.ts, None, 0.0, candidates, (Reason("nobody-near", f"{spec.slot} at {t_act:.1f}s"),))
             self.orphans.append(a)
-            for sid, _, d, seen in ranked:
-                if not seen and d < 3.0:
-                    self._carts[self._sessions[sid].cart].flag("nobody-near", f"change {ch.id} on {spec.slot} at {t_act:.1f}s while the track was lost {d:.1f} m away")
-            return
+            self._pending.append((ch, spec))
+            # Somebody's hand did it: every shopper inside who was not watched the whole time may be that somebody.
+            for sess in self._sessions.values():
+                if self._open_at(sess, t_act) and not self._watched(sess.id, t_act - cfg.window_s, t_act + cfg.window_s):
+                    near = next((f" ({d:.1f} m away)" for sid, _, d, _ in ranked if sid == sess.id), "")
+                    self._carts[sess.cart].flag("nobody-near", f"change {ch.id} on {spec.slot} at {t_act:.1f}s while session {sess.id} was not seen{near}")
+            return None
         sid, p, _, _ = ranked[0]
         cart = self._carts[self._sessions[sid].cart]
         reasons: list[Reason] = []
         others = [r for r in ranked[1:] if self._sessions[r[0]].cart != cart.id]
         runner = others[0][1] if others else 0.0
         if runner > 1 - cfg.attribution_bar:
-            reasons.append(Reason("contested", f"{spec.slot} at {t_act:.1f}s: {sid} p={p:.2f}, {others[0][0]} p={runner:.2f}"))
-        if mismatch:
+            contested = Reason("contested", f"{spec.slot} at {t_act:.1f}s: {sid} p={p:.2f}, {others[0][0]} p={runner:.2f}")
+            reasons.append(contested)
+            # The runner-up's cart is in doubt too: if the change was theirs, their cart lacks it.
+            for r in others:
+                if r[1] > 1 - cfg.attribution_bar:
+                    self._carts[self._sessions[r[0]].cart].contests[ch.id] = (ch.ts, contested)
+        if spec.slot != ch.slot or spec.product != ch.product:
             reasons.append(Reason("planogram-mismatch", f"board {ch.board}/{ch.channel} reports {ch.slot}:{ch.product}, layout has {spec.slot}:{spec.product}"))
         # Members of the same cart near each other are not a doubt: the line is theirs either way.
         p_cart = p + sum(r[1] for r in ranked[1:] if self._sessions[r[0]].cart == cart.id)
-        reasons += self._apply(cart, spec, ch, p_cart)
-        for r in reasons:
-            cart.flag(r.code, r.detail)
-        cart.attributions.append(Attribution(ch.id, spec.slot, spec.product, ch.quantity, ch.ts, cart.id, p_cart, candidates, tuple(reasons)))
-        self.stats["attributed"] += 1
+        cart.changes.append(_Change(ch, spec, p_cart, candidates, tuple(reasons)))
+        if not reattributing:
+            self.stats["attributed"] += 1
+        return cart
+
+    def _watched(self, sid: str, lo: float, hi: float, max_gap_s: float = 1.0) -> bool:
+        """Return True when the session was seen all through [lo, hi], never unseen for ``max_gap_s``."""
+        seen = sorted(ts for t in self._tracks.values() for ts, _, _ in t.hist if lo - max_gap_s <= ts <= hi + max_gap_s and t.owner(ts) == sid)
+        if not seen or seen[0] > lo + max_gap_s / 2 or seen[-1] < min(hi, self.now) - max_gap_s / 2:
+            return False
+        return all(b - a < max_gap_s for a, b in pairwise(seen))
+
+    def _rebuild(self, cart: _Cart) -> None:
+        """Replay a cart's changes in time order: its lines, confidence, attributions and their reasons."""
+        cart.holdings, cart.evidence, cart.line_conf, cart.confidence = Counter(), {}, {}, 1.0
+        cart.derived, cart.attributions = [], []
+        cart.changes.sort(key=lambda c: c.ch.ts)
+        for c in cart.changes:
+            reasons = list(c.reasons) + self._apply(cart, c.spec, c.ch, c.probability)
+            for r in reasons:
+                if r not in cart.derived:
+                    cart.derived.append(r)
+            ch = c.ch
+            cart.attributions.append(Attribution(ch.id, c.spec.slot, c.spec.product, ch.quantity, ch.ts, cart.id, c.probability, c.candidates, tuple(reasons)))
+
+    def _reattribute(self, since: float) -> None:
+        """Attribute again every change since ``since`` (an id swap changed who was where).
+
+        Changes on carts still open are taken off them and given again from the corrected tracks
+        (a change that is now doubtful gets its reason, e.g. 'contested'); orphans get another
+        chance. Carts already closed keep what they had: the swapped sessions are both open, so
+        the changes that matter are on open carts.
+        """
+        cfg = self.config
+        moved: list[tuple[ShelfChange, SlotSpec, str | None]] = []
+        touched: dict[str, _Cart] = {}
+        for cart in self._carts.values():
+            keep = []
+            for cid in [cid for cid, (ts, _) in cart.contests.items() if ts - cfg.settle_delay_s >= since]:
+                del cart.contests[cid]
+            for c in cart.changes:
+                if c.ch.ts - cfg.settle_delay_s >= since:
+                    moved.append((c.ch, c.spec, cart.id))
+                    touched[cart.id] = cart
+                else:
+                    keep.append(c)
+            cart.changes = keep
+        pending, self._pending = self._pending, []
+        for ch, spec in pending:
+            if ch.ts - cfg.settle_delay_s >= since and ch.ts - cfg.settle_delay_s >= self.now - cfg.history_s:
+                self.orphans = [a for a in self.orphans if a.change_id != ch.id]
+                moved.append((ch, spec, None))
+            else:
+                self._pending.append((ch, spec))
+        for ch, spec, was in sorted(moved, key=lambda m: m[0].ts):
+            to = self._attribute(ch, spec, reattributing=True)
+            if to is not None:
+                touched[to.id] = to
+            if (to.id if to else None) != was:
+                self.stats["reattributed"] += 1
+        for cart in touched.values():
+            self._rebuild(cart)
+        self._pending = [(ch, spec) for ch, spec in self._pending if ch.ts >= self.now - cfg.history_s]
 
     def _apply(self, cart: _Cart, spec: SlotSpec, ch: ShelfChange, p: float) -> list[Reason]:
         """Put a change on a cart; return the hard-case reasons it raised."""
@@ -653,17 +804,19 @@ class Fusion:
     def _near_slots(self, slots: list[SlotSpec], lo: float, hi: float, code: str, detail: str) -> None:
         """Flag carts of sessions whose tracks came within reach of any of ``slots`` in [lo, hi]."""
         for t in self._tracks.values():
-            if t.session is None or t.last_ts < lo or (t.hist and t.hist[0][0] > hi):
+            if (t.session is None and not t.segments) or t.last_ts < lo or (t.hist and t.hist[0][0] > hi):
                 continue
             covered = bool(t.hist) and t.hist[0][0] <= lo
-            near = False
+            near: set[str] = set()
             for ts, x, y in t.hist:
-                if lo <= ts <= hi and any(self._place_weight(s.slot, x, y)[0] > 0.2 for s in slots):
-                    near = True
-                    break
-            if near or (not covered and self._sessions[t.session].opened_at < lo):
-                sess = self._sessions[t.session]
-                if sess.cart in self._carts:
+                o = t.owner(ts)
+                if o is not None and o not in near and lo <= ts <= hi and any(self._place_weight(s.slot, x, y)[0] > 0.2 for s in slots):
+                    near.add(o)
+            if not covered and t.session is not None and t.session in self._sessions and self._sessions[t.session].opened_at < lo:
+                near.add(t.session)
+            for sid in near:
+                sess = self._sessions.get(sid)
+                if sess is not None and sess.cart in self._carts:
                     self._carts[sess.cart].flag(code, detail)
 
     def _board_link(self, b: BoardLink) -> None:
@@ -703,7 +856,7 @@ class Fusion:
         for tid in tracks:
             if tid in self._tracks:
                 self._tracks[tid].session = None  # a track still seen outside is nobody's until it enters again
-        status = "review" if cart.reasons else "accepted"
+        status: Literal["accepted", "review"] = "review" if cart.reasons else "accepted"
         self.stats[f"carts_{status}"] += 1
         return CartResult(
             cart_id=cart.id,

@@ -39,7 +39,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fusion.engine import Fusion, FusionConfig
-from fusion.scenario import Scenario, Shopper, true_carts
+from fusion.layout import SlotSpec
+from fusion.scenario import CameraSpec, Scenario, Shopper, true_carts
 from fusion.types import (
     BoardLink,
     CartResult,
@@ -75,6 +76,10 @@ from vision.zones import ZonesConfig, side_of_line
 
 UNSETTLED_AFTER_S = 6.0
 """A slot unsettled this long is reported to fusion as ShelfUnsettled."""
+
+
+# A ghost fault: (from, until, x, y, appearance).
+_Ghost = tuple[float, float, float, float, np.ndarray]
 
 
 @dataclass
@@ -129,7 +134,7 @@ def plan(scenario: Scenario, rng: random.Random) -> list[Visit]:
         t = max(sh.arrive_at, busy_until.get(sh.person_id, -math.inf))
         off = rng.uniform(-0.35, 0.35)
         keys = [(t, dx + off, -1.8)]
-        crossings = []
+        crossings: list[float] = []
 
         def walk(x: float, y: float, keys: list[tuple[float, float, float]] = keys, crossings: list[float] = crossings, speed: float = speed) -> float:
             t0, x0, y0 = keys[-1]
@@ -210,7 +215,7 @@ class _Boards:
         spec = scenario.boards
         self.noise_g = spec.noise_g
         self.clock = clock
-        by_board: dict[str, list] = defaultdict(list)
+        by_board: dict[str, list[SlotSpec]] = defaultdict(list)
         for s in shop.slots:
             by_board[s.board].append(s)
         planogram = Planogram(slots=tuple(Slot(board=s.board, channel=s.channel, slot=s.slot, product=s.product, unit_weight_g=s.unit_weight_g, unit_weight_sd_g=s.unit_weight_sd_g) for s in shop.slots))
@@ -396,8 +401,9 @@ def run(scenario: Scenario, seed: int | None = None, config: FusionConfig | None
         for i, tid in enumerate(tracks.ids.tolist()):
             j = int(np.argmax(iou[i])) if iou.shape[1] else -1
             matched = j >= 0 and iou[i, j] >= 0.3
-            if matched and owners[j] is not None:
-                votes[tid][owners[j]] += 1
+            owner = owners[j] if matched else None
+            if owner is not None:
+                votes[tid][owner] += 1
             x1, y1, x2, y2 = (float(v) for v in tracks.xyxy[i])
             app = tuple(float(a) for a in apps[j]) if matched else None
             items.append(TrackObservation(tid, now, (x1 + x2) / 2 / S, (y1 + y2) / 2 / S - OY, app))
@@ -405,7 +411,7 @@ def run(scenario: Scenario, seed: int | None = None, config: FusionConfig | None
             if e.kind in ("person_entered", "person_exited") and e.track_id is not None:
                 items.append(DoorCrossing(e.track_id, now, "in" if e.kind == "person_entered" else "out"))
             elif e.kind in ("zone_enter", "zone_exit", "dwell") and e.track_id is not None and e.zone:
-                items.append(ZoneVisit(e.track_id, now, e.zone, e.kind))  # type: ignore[arg-type]
+                items.append(ZoneVisit(e.track_id, now, e.zone, e.kind))
         items += [TrackLost(tid, now) for tid in tracks.ended]
         feed(items)
     t0 = time.perf_counter()
@@ -436,15 +442,20 @@ def _door_edges(crossings: list[float]) -> list[tuple[float, bool]]:
     return [e for a, b in merged for e in ((max(a, 0.0), True), (b, False))]
 
 
-def _detect(visits: list[Visit], ghosts: list, now: float, cam, rng: np.random.Generator, width: float, depth: float) -> tuple[list, list, list, list]:
+def _detect(
+    visits: list[Visit], ghosts: list[_Ghost], now: float, cam: CameraSpec, rng: np.random.Generator, width: float, depth: float
+) -> tuple[list[tuple[float, float, float, float]], list[float], list[str | None], list[np.ndarray]]:
     """Return this frame's detection boxes (metres, y from the street edge), scores, owners, appearances."""
-    people = []
+    people: list[tuple[Visit, tuple[float, float]]] = []
     for v in visits:
         p = v.position(now)
         if p is None or any(a <= now < e for a, e in v.blackouts):
             continue
         people.append((v, p))
-    boxes, scores, owners, apps = [], [], [], []
+    boxes: list[tuple[float, float, float, float]] = []
+    scores: list[float] = []
+    owners: list[str | None] = []
+    apps: list[np.ndarray] = []
     half = cam.box_m / 2
     for i, (v, (x, y)) in enumerate(people):
         if rng.random() < cam.miss_rate:

@@ -151,7 +151,7 @@ REASONS: dict[str, str] = {
     "weight-unsettled": "a slot this shopper was at never settled, so a pick there may be missing",
     "board-offline": "a shelf board this shopper was near was offline, so a pick there may be missing",
     "stale-change": "a shelf change arrived too late to know who was near; a pick may be missing",
-    "track-swap": "this shopper's track was found to carry another shopper's appearance",
+    "track-swap": "this shopper's track was found to carry another shopper's appearance (no longer raised: a swap re-attributes the changes since it)",
     "exit-unseen": "the shopper's track was lost near the door and never seen leaving",
     "never-left": "the session was still open when the run ended",
 }

@@ -67,6 +67,7 @@ DEFAULT_USB_IDS = ("2341:0043", "2341:0001", "2341:0243", "2a03:0043", "1a86:752
 DRIVER_REJECT_REASONS = ("no_hello", "channel_mismatch", "unexpected_type")
 """Reasons a valid frame is dropped, besides the codec's (hardware.frames.REJECT_REASONS)."""
 
+_OK = ValueStatus.OK  # an Enum member looked up once: ValueStatus.OK costs ~70 ns per access
 _KIND_NAME = {ChannelKind.LOAD_CELL: "load_cell", ChannelKind.DOOR: "door", ChannelKind.TEMPERATURE: "temperature"}
 
 
@@ -160,8 +161,14 @@ class DriverMetrics:
 
     def reading_seen(self, board: str, channel: int) -> None:
         """Note that a channel just delivered a reading."""
+        self.channels_seen(((board, str(channel)),))
+
+    def channels_seen(self, keys: tuple[tuple[str, str], ...]) -> None:
+        """Note that the (board, channel) keys just delivered readings: one clock read and one lock per frame."""
+        now = self._clock()
         with self._lock:
-            self._last[(board, str(channel))] = self._clock()
+            for key in keys:
+                self._last[key] = now
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         """Yield the age of each channel's last reading (grows while a board is silent)."""
@@ -241,6 +248,7 @@ class BoardConnection:
         self._cmd_seq = 0
         self._last_seq: int | None = None
         self._last_uptime: int | None = None
+        self._frames_counted: dict[str, Counter] = {}  # labelled children, so a frame costs no labels() lookup
         self.rebooted = False
 
     def close(self) -> None:
@@ -259,9 +267,11 @@ class BoardConnection:
             data = self._serial.read(max(1, self._serial.in_waiting))
         except (OSError, serial.SerialException) as exc:
             raise TemporaryBoardError(f"read from {self.port} failed: {exc}") from exc
+        hello = self.hello
+        counted = 0  # READINGS of this board taken by the fast path, not yet added to its frames counter
         for item in self._splitter.feed(data):
-            if isinstance(item, FrameError):
-                self._reject(item.reason, item.detail)
+            if type(item) is not bytes:
+                self._reject(item.reason, item.detail)  # type: ignore[union-attr]
                 continue
             try:
                 frame = SensorFrame.parse(item)
@@ -269,14 +279,53 @@ class BoardConnection:
             except FrameError as exc:
                 self._reject(exc.reason, exc.detail)
                 continue
+            if type(msg) is Readings and hello is not None and self._last_seq is not None:
+                counted += 1
+                self._track_readings(hello.board_id, frame.seq, msg)
+                out.append((frame, msg))
+                continue
+            if counted:
+                self._count_frames(hello.board_id, counted)  # type: ignore[union-attr]  # counted > 0 needs a hello
+                counted = 0
             if isinstance(msg, Command):
                 self._reject("unexpected_type", f"command {msg.type.name} sent by the board")
                 continue
             self._track_sequence(frame, msg)
             if isinstance(msg, Hello):
-                self.hello = msg
+                self.hello = hello = msg
             out.append((frame, msg))
+        if counted:
+            self._count_frames(hello.board_id, counted)  # type: ignore[union-attr]
         return out
+
+    def _count_frames(self, board: str, n: int) -> None:
+        """Add n to the board's frames counter: once per read, not per frame (each inc takes a lock)."""
+        counter = self._frames_counted.get(board)
+        if counter is None:
+            counter = self._frames_counted[board] = self.metrics.frames.labels(board)
+        counter.inc(n)
+
+    def _track_readings(self, board: str, seq: int, msg: Readings) -> None:
+        """Sequence tracking of the common case, a READINGS frame after HELLO: the same checks as
+        _track_sequence, with the frame counted by poll() in one batch per read."""
+        if self._last_uptime is not None and msg.uptime_ms < self._last_uptime:
+            self._last_uptime = msg.uptime_ms
+            self._seq_restarted(board, seq)
+        else:
+            self._last_uptime = msg.uptime_ms
+            gap = (seq - self._last_seq - 1) & 0xFFFF  # type: ignore[operator]  # poll() checked it
+            if gap:
+                self._seq_gap(board, seq, gap)
+        self._last_seq = seq
+
+    def _seq_restarted(self, board: str, seq: int) -> None:
+        self.metrics.reboots.labels(board).inc()
+        self.rebooted = True
+        log.warning("board %s on %s rebooted (sequence restarted at %d)", board, self.port, seq)
+
+    def _seq_gap(self, board: str, seq: int, gap: int) -> None:
+        self.metrics.lost.labels(board).inc(gap)
+        log.warning("board %s on %s: %d frame(s) lost before seq %d", board, self.port, gap, seq)
 
     def _track_sequence(self, frame: SensorFrame, msg: Hello | Readings | Ack) -> None:
         board = self.hello.board_id if self.hello else (msg.board_id if isinstance(msg, Hello) else "unknown")
@@ -287,14 +336,11 @@ class BoardConnection:
                 reboot = True
             self._last_uptime = msg.uptime_ms
         if reboot:
-            self.metrics.reboots.labels(board).inc()
-            self.rebooted = True
-            log.warning("board %s on %s rebooted (sequence restarted at %d)", board, self.port, frame.seq)
+            self._seq_restarted(board, frame.seq)
         elif self._last_seq is not None:
             gap = (frame.seq - self._last_seq - 1) & 0xFFFF
             if gap:
-                self.metrics.lost.labels(board).inc(gap)
-                log.warning("board %s on %s: %d frame(s) lost before seq %d", board, self.port, gap, frame.seq)
+                self._seq_gap(board, frame.seq, gap)
         if isinstance(msg, Hello) and frame.seq == 0:
             self._last_uptime = None
         self._last_seq = frame.seq
@@ -345,23 +391,33 @@ class BoardConnection:
         raise SensorTimeout(f"no ACK for {cmd.type.name} from {self.port} within {timeout:.1f}s")
 
 
-def readings_from(hello: Hello, msg: Readings, at: float) -> list[Reading]:
-    """Return one Reading per channel of a READINGS message, in physical units."""
-    if len(msg.values) != len(hello.channels):
-        raise FrameError("channel_mismatch", f"{len(msg.values)} values but HELLO announced {len(hello.channels)} channels")
-    board_time = msg.uptime_ms / 1000
-    return [
-        Reading(
-            board=hello.board_id,
-            channel=ch.index,
-            kind=_KIND_NAME[ch.kind],  # type: ignore[arg-type]
-            value=v.value * UNIT_SCALE[ch.unit],
-            unit=UNIT_NAME[ch.unit],
-            at=at,
-            board_time=board_time,
-            ok=v.status == ValueStatus.OK,
+@dataclass(frozen=True)
+class ChannelLayout:
+    """What a board's HELLO says about its channels, looked up once per HELLO instead of per reading."""
+
+    board: str
+    channels: tuple[tuple[int, str, float, str], ...]  # (index, kind name, unit scale, unit name)
+    seen_keys: tuple[tuple[str, str], ...]  # (board, channel) keys of the last-reading gauge
+
+    @classmethod
+    def of(cls, hello: Hello) -> ChannelLayout:
+        """Return the layout announced by a HELLO."""
+        return cls(
+            hello.board_id,
+            tuple((c.index, _KIND_NAME[c.kind], UNIT_SCALE[c.unit], UNIT_NAME[c.unit]) for c in hello.channels),
+            tuple((hello.board_id, str(c.index)) for c in hello.channels),
         )
-        for ch, v in zip(hello.channels, msg.values, strict=True)
+
+
+def readings_from(hello: Hello | ChannelLayout, msg: Readings, at: float) -> list[Reading]:
+    """Return one Reading per channel of a READINGS message, in physical units."""
+    layout = hello if isinstance(hello, ChannelLayout) else ChannelLayout.of(hello)
+    if len(msg.values) != len(layout.channels):
+        raise FrameError("channel_mismatch", f"{len(msg.values)} values but HELLO announced {len(layout.channels)} channels")
+    board, board_time, ok = layout.board, msg.uptime_ms / 1000, _OK
+    return [
+        Reading(board, index, kind, v.value * scale, unit, at, board_time, v.status == ok)  # type: ignore[arg-type]
+        for (index, kind, scale, unit), v in zip(layout.channels, msg.values, strict=True)
     ]
 
 
@@ -383,6 +439,7 @@ class Driver:
         self._wall = wall_clock
         self._commands: queue.Queue[tuple[Command, Future[Ack]]] = queue.Queue()
         self._processors: dict[str, BoardProcessor] = {}
+        self._layout: tuple[Hello, ChannelLayout] | None = None  # of the HELLO being served (by identity: hashing a Hello per frame costs)
         self.connected: BoardStatus | None = None
         self.last_reading_at: float | None = None
 
@@ -452,22 +509,29 @@ class Driver:
         emit(self.connected)
 
     def _readings(self, hello: Hello, msg: Readings, emit: Callable[[Output], None]) -> None:
+        cached = self._layout
+        if cached is None or cached[0] is not hello:
+            cached = self._layout = (hello, ChannelLayout.of(hello))
+        layout = cached[1]
+        now = self._wall()
         try:
-            readings = readings_from(hello, msg, self._wall())
+            readings = readings_from(layout, msg, now)
         except FrameError as exc:
             self.metrics.rejected.labels(exc.reason).inc()
             log.warning("board %s: %s", hello.board_id, exc.detail)
             return
         processor = self._processors[hello.board_id]
+        self.metrics.channels_seen(layout.seen_keys)
         for r in readings:
-            self.metrics.reading_seen(r.board, r.channel)
             if not r.ok:
                 self.metrics.sensor_errors.labels(r.board, str(r.channel), ValueStatus(msg.values[r.channel].status).name.lower()).inc()
             emit(r)
-            for event in processor.feed(r):
-                self.metrics.events.labels(event.type).inc()
-                emit(event)
-        self.last_reading_at = self._wall()
+            events = processor.feed(r)
+            if events:
+                for event in events:
+                    self.metrics.events.labels(event.type).inc()
+                    emit(event)
+        self.last_reading_at = now
 
     def _run_commands(self, conn: BoardConnection) -> None:
         while True:

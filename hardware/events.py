@@ -182,7 +182,9 @@ class BoardProcessor:
         return self._temperature(reading)
 
     def _load_cell(self, r: Reading) -> list[Event]:
-        det = self._detectors.setdefault(r.channel, StabilityDetector(self.stability))
+        det = self._detectors.get(r.channel)
+        if det is None:  # not setdefault: that built (and dropped) a detector per reading
+            det = self._detectors[r.channel] = StabilityDetector(self.stability)
         change = det.update(r.board_time, r.value)
         if change is None:
             return []

@@ -52,6 +52,8 @@ _TABLE = (
     Command("rollout", "start, watch, pause, resume, abort and roll back rollouts",
             "fleet_controller.rollout.cli", "controller"),
     Command("manifests", "validate and render the Kubernetes manifests", "fleet_controller.rollout.cli", "controller"),
+    Command("model-stage", "copy a model package from the shop's applier onto this node and verify it (vision pods' init container)",
+            "edge_agent.apply.model_fetch", "agent"),
     Command("hw", "sensor boards over serial: simulate, read, calibrate", "hardware.cli", "agent"),
     Command("users", "manage dashboard and API users", "fleet_controller.web.accounts.cli", "controller"),
     Command("tokens", "manage API tokens for the CLI and automation", "fleet_controller.web.accounts.cli", "controller"),

@@ -150,8 +150,13 @@ def cmd_rollout_status(api: Api, args: argparse.Namespace) -> tuple[str, Any]:
 
 def _action(action: str) -> Callable[[Api, argparse.Namespace], tuple[str, Any]]:
     def run(api: Api, args: argparse.Namespace) -> tuple[str, Any]:
-        r = api.post(f"/rollouts/{args.id}/{action}", {"reason": args.reason or f"{action} via kubectl shopfleet"})
-        return f"rollout {args.id}: {action} requested\n" + _rollout_text(r), r
+        body = {"reason": args.reason or f"{action} via kubectl shopfleet"}
+        scope = ""
+        if action in ("abort", "rollback"):  # the API acts only on the scope it showed (its token)
+            shown = api.get(f"/rollouts/{args.id}/{action}/scope")
+            body["confirm"], scope = shown["token"], shown["scope"] + "\n"
+        r = api.post(f"/rollouts/{args.id}/{action}", body)
+        return f"{scope}rollout {args.id}: {action} requested\n" + _rollout_text(r), r
 
     run.__doc__ = f"Request '{action}' of a rollout (the controller's executor carries it out)."
     return run

@@ -34,7 +34,7 @@ def test_round_trip_every_uplink_kind():
     ]
     topics = ["telemetry", "telemetry", "events", "events", "replies"]
     for msg, leaf in zip(msgs, [*topics, None], strict=False):
-        topic = p.Topics.node("box-1", "pi-1", leaf) if leaf else p.Topics.reported("box-1")
+        topic = p.Topics.node("box-1", "pi-1", leaf) if leaf else p.Topics.reported("box-1", "pi-1")
         assert p.parse_message(topic, p.encode(msg)) == msg
 
 
@@ -104,7 +104,7 @@ def test_topic_builders_validate_ids():
 
 
 @settings(max_examples=300, deadline=None)
-@given(topic=st.sampled_from([p.Topics.node("s", "n", c) for c in p.Channel] + [p.Topics.reported("s"), "x/y"]),
+@given(topic=st.sampled_from([p.Topics.node("s", "n", c) for c in p.Channel] + ["fleet/v1/s/state/reported", "x/y"]),
        payload=st.binary(max_size=2048))
 def test_any_bytes_parse_or_raise_protocol_error(topic, payload):
     try:
@@ -129,3 +129,106 @@ def test_any_json_object_parses_or_raises_protocol_error(obj):
             p.parse_message(topic, json.dumps(obj).encode())
         except p.ProtocolError as exc:
             assert exc.reason in p.REJECT_REASONS
+
+
+# ----- bounds (every field has one; see docs/protocol.md "Limits") ---------------------------------
+
+EVENTS = p.Topics.node("box-1", "pi-1", "events")
+EVENT = {"v": 1, "shop": "box-1", "node": "pi-1", "epoch": "e1", "seq": 1, "kind": "event", "type": "x"}
+
+
+def _nested(levels: int) -> dict:
+    top: dict = {}
+    cur = top
+    for _ in range(levels - 1):
+        cur["a"] = {}
+        cur = cur["a"]
+    return top
+
+
+def _reason(topic: str, payload: bytes | str) -> str:
+    with pytest.raises(p.ProtocolError) as info:
+        p.parse_message(topic, payload.encode() if isinstance(payload, str) else payload)
+    return info.value.reason + ": " + info.value.detail
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        pytest.param({"data": _nested(9)}, "schema: event.data: Value error, data.a.a.a.a.a.a.a.a nests deeper than 8 levels", id="deep-data"),
+        pytest.param({"data": {f"k{i}": i for i in range(257)}}, "has 257 keys, more than 256", id="many-keys"),
+        pytest.param({"data": {"k" * 129: 1}}, "key longer than 128 characters", id="long-key"),
+        pytest.param({"data": {"s": "x" * 8193}}, "data.s is a string of 8193 characters, more than 8192", id="long-string"),
+        pytest.param({"data": {"l": [0] * 1001}}, "data.l is a list of 1001 items, more than 1000", id="long-list"),
+        pytest.param({"data": {f"k{i}": [0] * 10 for i in range(200)}}, "more than 2000 values", id="many-values"),
+        pytest.param({"data": {"n": 2**64}}, "data.n is an integer outside 64 bits", id="huge-int-in-data"),
+        pytest.param({"seq": 2**63}, "event.seq: Input should be less than or equal to 9223372036854775807", id="seq-beyond-bigint"),
+        pytest.param({"epoch": "e\x00"}, "event.epoch: String should match pattern", id="epoch-charset"),
+        pytest.param({"epoch": "e" * 65}, "event.epoch: String should match pattern", id="epoch-length"),
+    ],
+)
+def test_event_bounds_are_refused_naming_field_and_limit(fields, expected):
+    assert expected in _reason(EVENTS, json.dumps({**EVENT, **fields}))
+
+
+def test_data_within_every_limit_is_accepted():
+    data = {**_nested(8), "s": "x" * 8192, "l": list(range(1000)), "n": -(2**63), "f": 1.5}
+    msg = p.parse_message(EVENTS, json.dumps({**EVENT, "data": data}).encode())
+    assert msg.data["s"] == "x" * 8192
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e999", "-1e999"])
+def test_non_finite_numbers_are_refused_anywhere(literal):
+    for payload in (
+        json.dumps({**EVENT, "data": {"x": 0}}).replace('"x": 0', f'"x": {literal}'),
+        json.dumps({**EVENT, "ts": 0}).replace('"ts": 0', f'"ts": {literal}'),
+        p.encode(hb()).decode().replace('"cpu_load_1m":0.3', f'"cpu_load_1m":{literal}'),
+    ):
+        topic = EVENTS if '"event"' in payload else p.Topics.node("box-1", "pi-1", "telemetry")
+        reason = _reason(topic, payload)
+        assert reason.startswith("not_finite: payload holds the number ") and literal.lstrip("-") in reason
+
+
+def test_models_refuse_non_finite_numbers_at_construction():
+    with pytest.raises(ValueError, match="finite"):
+        p.Event(shop="box-1", node="pi-1", epoch="e1", seq=1, type="x", data={"x": float("nan")})
+    with pytest.raises(ValueError, match="finite number"):
+        hb(metrics={"cart_review_rate": float("inf")})
+
+
+def test_json_nested_beyond_the_parser_is_bad_json_not_unstorable():
+    deep = '{"v": 1, "x": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    assert _reason(EVENTS, deep).startswith("bad_json: payload nests too deep to parse")
+
+
+@pytest.mark.parametrize(
+    ("topic", "msg", "expected"),
+    [
+        pytest.param(p.Topics.node("box-1", "pi-1", "presence"), {"kind": "presence", "state": "online", "session": 2**31},
+                     "session: Input should be less than or equal to 2147483647", id="session-beyond-integer"),
+        pytest.param(p.Topics.reported("box-1", "pi-1"), {"kind": "reported_state", "epoch": "e", "seq": 1, "revision": 2**31, "status": "applied"},
+                     "reported_state.revision: Input should be less than or equal to 2147483647", id="revision-beyond-integer"),
+        pytest.param(p.Topics.node("box-1", "pi-1", "replies"), {"kind": "command_result", "epoch": "e", "seq": 1, "correlation_id": "a b", "ok": True},
+                     "command_result.correlation_id: String should match pattern", id="correlation-id-charset"),
+    ],
+)
+def test_counters_and_keys_are_bounded_by_their_columns(topic, msg, expected):
+    assert expected in _reason(topic, json.dumps({"v": 1, "shop": "box-1", "node": "pi-1", **msg}))
+
+
+def test_heartbeat_maps_and_interval_are_bounded():
+    too_many = {f"m{i}": 1.0 for i in range(501)}
+    with pytest.raises(ValueError, match="at most 500 items"):
+        hb(metrics=too_many)
+    with pytest.raises(ValueError, match="less than or equal to 86400"):
+        hb(interval_s=1e12)
+    with pytest.raises(ValueError, match="at most 32 items"):
+        p.Reading(name="w", value=1.0, labels={f"l{i}": "v" for i in range(33)})
+
+
+def test_desired_state_objects_have_their_own_looser_limits():
+    deep_but_fine = _nested(20)
+    ds = p.DesiredState(shop="box-1", release="r", revision=1, objects=(deep_but_fine,))
+    assert p.parse_downlink(p.Topics.desired("box-1"), p.encode(ds)) == ds
+    with pytest.raises(ValueError, match="object.a.* nests deeper than 24 levels"):
+        p.DesiredState(shop="box-1", release="r", revision=1, objects=(_nested(25),))

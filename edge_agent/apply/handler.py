@@ -56,11 +56,19 @@ from edge_agent.apply.errors import (
     ApplyFailed,
     ClusterUnavailable,
     ObjectNotFound,
+    SignatureInvalid,
     StateRefused,
     StateStoreCorrupt,
     UnknownKind,
 )
-from edge_agent.apply.verify import AppliedRecord, RevisionStore, Verifier, check_admissible
+from edge_agent.apply.model_fetch import ModelRejected, ModelStager
+from edge_agent.apply.verify import (
+    AppliedRecord,
+    HighWater,
+    RevisionStore,
+    Verifier,
+    check_admissible,
+)
 from edge_agent.protocol import ERROR_MAX_CHARS, DesiredState, ObjectStatus, ReportedState
 
 log = logging.getLogger(__name__)
@@ -156,6 +164,7 @@ class DesiredStateHandler:
         retry_min_s: float = 1.0,
         retry_max_s: float = 30.0,
         self_ref: ObjectRef | None = None,
+        models: ModelStager | None = None,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
         jitter: Callable[[], float] = random.random,
@@ -172,6 +181,7 @@ class DesiredStateHandler:
         self._retry_min_s = retry_min_s
         self._retry_max_s = retry_max_s
         self._self_ref = self_ref
+        self._models = models
         self._sleep = sleep
         self._clock = clock
         self._jitter = jitter
@@ -179,6 +189,7 @@ class DesiredStateHandler:
         self._deadline = 0.0
         self._current: DesiredState | None = None
         self._retrying = False
+        self.high_water = HighWater(store.seen_path)
         try:
             last = store.load()
         except StateStoreCorrupt:
@@ -188,12 +199,39 @@ class DesiredStateHandler:
 
     # ----- entry points -----------------------------------------------------------------------
 
+    def observe(self, state: DesiredState) -> bool:
+        """Learn from a received desired state (any thread); return False if it must not replace a newer one.
+
+        A validly signed state raises the high-water mark, so the shop's retained desired state
+        teaches the agent the newest revision as soon as it connects. A signed state below the
+        mark is a replay: it is reported refused here (no cluster call, no lock: safe on the MQTT
+        thread) and False tells the caller to keep what it has. An unsigned or forged one is
+        refused the same way and never raises the mark: nothing invalid displaces a valid state
+        waiting to be applied.
+        """
+        if state.shop != self.shop:
+            return True  # handle() refuses it as wrong_shop
+        try:
+            self._verifier.verify(state)
+        except SignatureInvalid as exc:
+            log.warning("refusing desired state revision %s for shop %s: %s", state.revision, state.shop, exc)
+            self._refuse(state, exc.reason, f"{exc.reason}: {exc.detail}")
+            return False
+        highest = self.high_water.value
+        if state.revision < highest:
+            log.warning("shop %s: refusing signed revision %s, older than revision %s already received (a replay)",
+                        self.shop, state.revision, highest)
+            self._refuse(state, "replay", f"replay: revision {state.revision} is older than signed revision {highest} already received")
+            return False
+        self.high_water.raise_to(state.revision)
+        return True
+
     def handle(self, state: DesiredState) -> ApplyReport:
         """Verify, apply and report ``state``; return the final report. Never raises for a bad message."""
         with self._lock:
             try:
                 last = self._store.load()
-                if not check_admissible(state, self.shop, last, self._verifier):
+                if not check_admissible(state, self.shop, last, self._verifier, self.high_water.value):
                     self._metrics.outcomes.labels("unchanged").inc()
                     final = ApplyReport(state.release, state.revision, "applied", "already applied")
                     self._report(final)
@@ -204,6 +242,7 @@ class DesiredStateHandler:
             except StateRefused as exc:
                 log.warning("refusing desired state revision %s for shop %s: %s", state.revision, state.shop, exc)
                 return self._refuse(state, exc.reason, f"{exc.reason}: {exc.detail}")
+            self.high_water.raise_to(state.revision)
             started = self._clock()
             self._report(ApplyReport(state.release, state.revision, "applying"))
             # Persisted before the first write: a restart (or the agent replacing its own pod)
@@ -216,6 +255,8 @@ class DesiredStateHandler:
             self._metrics.duration.observe(self._clock() - started)
             if final.status == "applied":
                 self._metrics.revision.set(state.revision)
+                if self._models is not None:
+                    self._models.mark_applied(state.model)
             log.info("shop %s revision %s (%s): %s %s", self.shop, state.revision, state.release, final.status, final.error)
             self._report(final)
             return final
@@ -302,7 +343,15 @@ class DesiredStateHandler:
         self._current = state
         self._retrying = False
         try:
+            if self._models is not None and state.model:
+                # Staged before the first write: a model that cannot be fetched or verified leaves the cluster untouched.
+                self._retry(f"fetch model {state.model.get('name', '?')}", self._models.ensure, state.model)
             return self._apply(state)
+        except ModelRejected as exc:
+            self._metrics.refused.labels("model").inc()
+            log.error("shop %s revision %s: model refused: %s", self.shop, state.revision, exc)
+            return ApplyReport(state.release, state.revision, "refused",
+                               f"model {exc.reason}: {exc}; nothing applied, the shop keeps running its current release")
         except RetryDeadlineExceeded as exc:
             return ApplyReport(state.release, state.revision, "retrying", f"{exc}; the agent tries again later")
 

@@ -17,6 +17,7 @@ disabled never loads them.
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -24,6 +25,9 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from edge_agent.apply.diff import ObjectRef
+from edge_agent.apply.model_fetch import ModelsConfig
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from edge_agent.apply.cluster import ClusterClient
@@ -49,6 +53,7 @@ class ApplyConfig(BaseModel):
     drift_interval_s: float = Field(300.0, ge=0, description="Seconds between drift checks (and resumes of unfinished applies); 0 turns the reconciler off.")
     self_daemonset: str = Field("shopfleet/shopfleet-agent", pattern=r"^[a-z0-9-]+/[a-z0-9.-]+$",
                                 description="namespace/name of the agent's own DaemonSet: applied last, never pruned.")
+    models: ModelsConfig = Field(default_factory=ModelsConfig, description="Model packages: source, node-local directory, bandwidth limit (docs/models.md).")
 
     @model_validator(mode="after")
     def _keys(self) -> ApplyConfig:
@@ -84,6 +89,7 @@ def attach(
     if not config.enabled:
         return None
     from edge_agent.apply.handler import ApplyMetrics, DesiredStateHandler
+    from edge_agent.apply.model_fetch import ModelMetrics, ModelStager, ShopModelServer
     from edge_agent.apply.verify import RevisionStore, Verifier
     from edge_agent.protocol import ERROR_MAX_CHARS, ReportedState
 
@@ -98,8 +104,15 @@ def attach(
         agent.shop, Verifier.from_files(config.public_keys), RevisionStore(config.state_path), cluster, report,
         metrics=ApplyMetrics(agent.registry), ready_timeout_s=config.ready_timeout_s, poll_interval_s=config.poll_interval_s,
         retry_deadline_s=config.retry_deadline_s, retry_min_s=config.retry_min_s, retry_max_s=config.retry_max_s, self_ref=config.self_ref,
+        models=ModelStager(config.models, ModelMetrics(agent.registry)),
     )
-    agent.register_desired_state_handler(handler.handle)
+    if config.models.serve_port:
+        try:
+            ShopModelServer(config.models.dir / ".archives", config.models.serve_port).start()
+        except OSError as exc:  # the applier still applies; the vision nodes' model-stage reports what is missing
+            log.error("cannot serve model packages on port %s (%s): other nodes cannot stage models; free the port or change "
+                      "apply.models.serve_port", config.models.serve_port, exc)
+    agent.register_desired_state_handler(handler.handle, observe=handler.observe)
     if config.drift_interval_s > 0:
         threading.Thread(
             target=handler.run_reconciler, args=(stop or threading.Event(), config.drift_interval_s), name="apply-reconciler", daemon=True

@@ -7,15 +7,28 @@ keeps the signed desired state being applied (``<state>.desired.json``): an agen
 its own pod, or restarted mid-apply, resumes from it, and drift correction re-applies it; it is
 verified again when loaded, so the file grants no trust of its own. Verification is over
 ``DesiredState.signing_bytes()``, the same canonical bytes the controller signed.
+
+**Replay and downgrade without local state.** The applied revision alone is not enough: delete
+``applied.json`` and a captured, validly signed older revision would be applied again. So the
+agent also keeps a *high-water mark*: the highest revision of any validly signed desired state it
+has seen, whether applied or not (:class:`HighWater`). It is raised by every signed message the
+agent receives, first of all the shop's **retained** desired state, which the broker delivers on
+every (re)connection and which only the controller can write (broker ACL); it lives in memory
+for the process's lifetime and in a second file (``<state>.seen``). A desired state below the
+mark is refused as a replay. So after the state file is lost, the retained message re-teaches the
+agent the newest revision before anything else it receives. docs/security.md says what this does
+not stop (an agent with no files behind a rogue broker).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +123,11 @@ class RevisionStore:
             raise StateStoreCorrupt(f"{self.path} is corrupt ({exc}): restore it or delete it to accept the next desired state") from None
 
     @property
+    def seen_path(self) -> Path:
+        """Return the file of the :class:`HighWater` mark (beside the state file, separate from it)."""
+        return self.path.with_name(self.path.name + ".seen")
+
+    @property
     def state_path(self) -> Path:
         """Return the file holding the signed desired state being (or last) applied."""
         return self.path.with_name(self.path.name + ".desired.json")
@@ -132,6 +150,43 @@ class RevisionStore:
             return None
 
 
+class HighWater:
+    """The highest signed revision seen since start and on disk; thread-safe (MQTT thread and apply worker).
+
+    Raised only by :meth:`observe` with a state whose signature verified, so a forged message
+    with a huge revision cannot lock the agent out of real ones.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._value = self._load()
+
+    def _load(self) -> int:
+        try:
+            return max(0, int(json.loads(self.path.read_text())["highest_seen"]))
+        except FileNotFoundError:
+            return 0
+        except (ValueError, KeyError, TypeError):
+            return 0  # the applied record and the retained state still protect; the next raise rewrites it
+
+    @property
+    def value(self) -> int:
+        """Return the highest revision seen."""
+        with self._lock:
+            return self._value
+
+    def raise_to(self, revision: int) -> None:
+        """Raise the mark to ``revision`` (never lowers it); persist when it moved."""
+        with self._lock:
+            if revision <= self._value:
+                return
+            self._value = revision
+            # On a write error memory still holds it, and the retained state teaches it again after a restart.
+            with contextlib.suppress(OSError):
+                _write_atomic(self.path, json.dumps({"highest_seen": revision}).encode())
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -142,15 +197,18 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def check_admissible(state: DesiredState, shop: str, last: AppliedRecord, verifier: Verifier) -> bool:
+def check_admissible(state: DesiredState, shop: str, last: AppliedRecord, verifier: Verifier, highest_seen: int = 0) -> bool:
     """Raise ``StateRefused`` if ``state`` must not be applied; return False if it is already applied.
 
     Order matters: the signature is checked before the revision, so a forged message is reported
-    as forged and never updates anything.
+    as forged and never updates anything. ``highest_seen`` is the :class:`HighWater` mark: a
+    revision below it is a replay even when the applied record is gone.
     """
     if state.shop != shop:
         raise StateRefused("wrong_shop", f"desired state is for shop {state.shop!r}, this is {shop!r}")
     verifier.verify(state)
     if state.revision < last.revision:
         raise ReplayRefused(f"revision {state.revision} is older than the applied revision {last.revision}")
+    if state.revision < highest_seen:
+        raise ReplayRefused(f"revision {state.revision} is older than signed revision {highest_seen} already received")
     return not (state.revision == last.revision and last.status == "applied")

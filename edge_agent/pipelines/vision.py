@@ -23,8 +23,9 @@ import threading
 import time
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
+from edge_agent.config import BrokerConfig
 from edge_agent.protocol import Reading
 from edge_agent.supervisor import EventSink, PipelineConfigBase
 from vision.tracker import TrackerConfig
@@ -37,6 +38,23 @@ GATE_METRICS = {
     "vision_error_ratio": "errors (bad frames, reconnects, failed frames) per processed frame since the pipeline started",
 }
 """Gate metrics this pipeline reports (name -> meaning); docs/agent.md lists them for policies."""
+
+
+class TrackStream(BaseModel):
+    """Publish confirmed tracks' floor positions on the shop broker, for a ``type: fusion`` pipeline.
+
+    Positions are image points (the zones' anchor) mapped to the shop floor by one scale and an
+    origin: right for an overhead camera looking straight down, wrong for an oblique view (no
+    homography is applied). They go to the shop-local topic ``local/v1/{shop}/tracks/{camera}``,
+    which the bridge to the central broker never carries (docs/fusion.md).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    shop: str = Field(min_length=1, description="This node's shop id (the topic's shop).")
+    broker: BrokerConfig = Field(default_factory=BrokerConfig, description="The shop broker, with a user of this pipeline's own (docs/fusion.md).")
+    px_per_m: float = Field(gt=0, description="Image pixels per metre on the floor (overhead camera).")
+    origin_px: tuple[float, float] = Field((0.0, 0.0), description="Image point of the floor's (0, 0): the layout's origin.")
+    interval_s: float = Field(0.1, ge=0, le=10, description="Publish at most this often (0: every frame). Fusion wants 5-10 per second.")
 
 
 class Config(PipelineConfigBase):
@@ -67,6 +85,7 @@ class Config(PipelineConfigBase):
     gate_interval_s: float = Field(
         2.0, gt=0, le=3600, description="Report gate metrics (vision_fps, ...) this often; the heartbeat sends the newest."
     )
+    tracks: TrackStream | None = Field(None, description="Publish track positions for fusion on the shop broker (off when unset).")
 
 
 class VisionPipeline:
@@ -151,14 +170,25 @@ class VisionPipeline:
                 message = f"camera {camera} delivered no frame for {cfg.dark_after_s:g}s ({cap.stats().last_error or 'no error'})" if dark else f"camera {camera} delivers frames again"
                 sink.alert("camera_dark", state, "warning", camera, message, {"source": cfg.source})
 
+        publisher = TrackPublisher(cfg.tracks, camera, zones.anchor, self._count) if cfg.tracks is not None else None
+
+        def on_frames(frames: list[Any]) -> None:
+            if publisher is not None:
+                for f in frames:
+                    publisher.frame(f.ts if cap.live else time.time(), pipe.cams[f.camera].last_tracks)
+
         try:
-            pipe.run(stop, on_events=on_events, on_tick=on_tick)
+            if publisher is not None:
+                publisher.start()
+            pipe.run(stop, on_events=on_events, on_tick=on_tick, on_frames=on_frames)
         except VisionError as exc:
             self._count(exc.reason)
             self._detail = str(exc)
             raise RuntimeError(f"pipelines[{cfg.name}]: {exc}") from None
         finally:
             cap.close()
+            if publisher is not None:
+                publisher.stop()
             with self._lock:  # fold this run's counts in, so errors_by_reason never decreases
                 for reason, n in _counts(pipe).items():
                     self._errors[reason] = self._errors.get(reason, 0) + n
@@ -198,6 +228,64 @@ class VisionPipeline:
         )
         out["detail"] = f"{self._detail}; {h.frames} frames, occupancy {h.occupancy}"
         return out
+
+
+class TrackPublisher:
+    """Throttled track positions of one camera, in floor metres, to the shop-local track topic.
+
+    QoS 0: a lost position is replaced by the next one a tenth of a second later, and nothing of
+    it is worth queueing while the shop broker is away. Ended track ids are kept until the next
+    publish, so fusion learns of every lost track even when frames are skipped.
+    """
+
+    def __init__(self, cfg: TrackStream, camera: str, anchor: str, count: Any) -> None:
+        from edge_agent.mqtt_core import ThreadedLink
+        from edge_agent.pipelines.fusion import broker_settings, track_topic
+
+        self.cfg = cfg
+        self.camera = camera
+        self.anchor = anchor
+        self.topic = track_topic(cfg.shop, camera)
+        self._count = count
+        self._last = 0.0
+        self._ended: list[int] = []
+        self.link = ThreadedLink(broker_settings(cfg.broker, f"tracks-{cfg.shop}-{camera}"), lambda m: None)
+
+    def start(self) -> None:
+        """Connect in the background (publishing waits for nothing)."""
+        self.link.start()
+
+    def stop(self) -> None:
+        """Disconnect."""
+        self.link.stop()
+
+    def frame(self, ts: float, tracks: Any) -> None:
+        """Take one frame's tracks; publish if ``interval_s`` has passed."""
+        import json
+
+        from vision.zones import anchor_points
+
+        if tracks is None:
+            return
+        self._ended += list(tracks.ended)
+        if ts - self._last < self.cfg.interval_s:
+            return
+        self._last = ts
+        pts: Any = anchor_points(tracks.xyxy, self.anchor) if len(tracks) else []
+        ox, oy = self.cfg.origin_px
+        s = self.cfg.px_per_m
+        body = {"camera": self.camera, "ts": round(ts, 3),
+                "tracks": [[int(i), round((float(p[0]) - ox) / s, 3), round((float(p[1]) - oy) / s, 3)] for i, p in zip(tracks.ids.tolist(), pts, strict=True)],
+                "ended": self._ended}
+        self._ended = []
+        if not self.link.connected:
+            self._count("tracks_unpublished")
+            return
+        try:
+            self.link.publish_nowait(self.topic, json.dumps(body).encode(), qos=0)
+        except Exception as exc:  # never let the track stream stop the camera
+            self._count("tracks_unpublished")
+            log.debug("track publish failed: %s", exc)
 
 
 def report_gates(pipe: Any, sink: EventSink) -> None:

@@ -3,8 +3,12 @@
 No I/O and no clock here: the worker builds a :class:`FleetSnapshot` from the database, passes
 ``now``, the keys that are firing now (for hysteresis) and ``pending`` (since when each
 condition has held, for the "for Y minutes" rules), and gets back the alerts that fire and the
-new ``pending``. That makes every rule a table test, and a restart costs only the pending
-timers (a condition waits its ``for_s`` once more).
+new ``pending``. That makes every rule a table test. The worker keeps ``pending`` in the
+database, so a "for Y minutes" timer survives a controller restart.
+
+Each :class:`Firing` carries its true start (``since``: when the condition began, e.g. when the
+camera first fell below ``min_fps``, not when ``for_s`` ran out), a human summary (what, where in
+words, the value), the raw text a node sent (``details``) and what to do (``runbook``).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from fleet_controller.alerts import messages
 from fleet_controller.alerts.rules import AlertRules
 
 
@@ -52,6 +57,17 @@ class NodeRaised:
     state: str  # firing | resolved
     severity: str
     message: str
+    since: float | None = None  # when the node saw the condition begin (its first firing message)
+    data: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ShopCarts:
+    """A shop's carts in the review-rate window: how many, and the share sent to review."""
+
+    shop: str
+    carts: int
+    review_rate: float
 
 
 @dataclass(frozen=True)
@@ -61,6 +77,7 @@ class FleetSnapshot:
     nodes: tuple[NodeSnapshot, ...] = ()
     readings: tuple[ReadingSnapshot, ...] = ()
     node_alerts: tuple[NodeRaised, ...] = ()
+    carts: tuple[ShopCarts, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -75,6 +92,9 @@ class Firing:
     severity: str
     summary: str
     value: float | None = None
+    since: float | None = None  # when the condition began; None: now
+    details: str = ""  # raw text (a node's message with paths and OS errors), kept for debugging
+    runbook: str = ""
 
 
 @dataclass(frozen=True)
@@ -106,6 +126,9 @@ def evaluate(snapshot: FleetSnapshot, rules: AlertRules, now: float, active: fro
     new_pending: dict[str, float] = {}
     firing: list[Firing] = []
 
+    def book(rule: str) -> str:
+        return messages.runbook(rule, rules.rule(rule).runbook)
+
     r = rules.node_offline
     offline_nodes: set[tuple[str, str]] = set()
     for n in snapshot.nodes:
@@ -116,7 +139,8 @@ def evaluate(snapshot: FleetSnapshot, rules: AlertRules, now: float, active: fro
             offline_nodes.add((n.shop, n.node))
             if r.enabled:
                 firing.append(Firing(alert_key("node_offline", n.shop, n.node), "node_offline", n.shop, n.node, "",
-                                     r.severity, f"node {n.node} of {n.shop} not seen for {age / 60:.0f} min ({n.presence})", age))
+                                     r.severity, f"node not heard from: {messages.where(n.shop, n.node)} silent for "
+                                     f"{age / 60:.0f} min ({n.presence})", age, since=n.last_seen, runbook=book("node_offline")))
 
     for n in snapshot.nodes:
         if (n.shop, n.node) in offline_nodes or n.presence == "offline":
@@ -130,9 +154,14 @@ def evaluate(snapshot: FleetSnapshot, rules: AlertRules, now: float, active: fro
                 if fps is None:
                     continue
                 key = alert_key("camera_fps_low", n.shop, n.node, name)
-                if _held(key, fps < c.min_fps, now, c.for_s, pending, new_pending):
+                # An alert still open (waiting out resolve_after_s) takes the condition back at once: a flap.
+                if (key in active and fps < c.min_fps) or _held(key, fps < c.min_fps, now, c.for_s, pending, new_pending):
+                    state = p.get("state")
+                    what = f"camera pipeline {state}" if state in ("backoff", "failed", "stopped") else "camera slow"
                     firing.append(Firing(key, "camera_fps_low", n.shop, n.node, name, c.severity,
-                                         f"camera {name} on {n.node} at {fps:.1f} fps (< {c.min_fps:g})", float(fps)))
+                                         f"{what}: {messages.where(n.shop, n.node, name)} at {fps:.1f} fps (needs {c.min_fps:g})",
+                                         float(fps), since=new_pending.get(key), details=str(p.get("detail") or ""),
+                                         runbook=book("camera_fps_low")))
         d = rules.disk_low
         total, free = n.facts.get("disk_total_bytes"), n.facts.get("disk_free_bytes")
         if d.enabled and total and free is not None:
@@ -140,12 +169,14 @@ def evaluate(snapshot: FleetSnapshot, rules: AlertRules, now: float, active: fro
             if pct < d.min_free_percent:
                 key = alert_key("disk_low", n.shop, n.node)
                 firing.append(Firing(key, "disk_low", n.shop, n.node, "", d.severity,
-                                     f"disk on {n.node} {pct:.1f}% free (< {d.min_free_percent:g}%)", pct))
+                                     f"disk almost full: {messages.where(n.shop, n.node)} has {pct:.1f}% free "
+                                     f"(alerts below {d.min_free_percent:g}%)", pct, runbook=book("disk_low")))
         k = rules.clock_skew
         off = n.facts.get("clock_offset_s")
         if k.enabled and off is not None and abs(off) > k.max_abs_s:
             firing.append(Firing(alert_key("clock_skew", n.shop, n.node), "clock_skew", n.shop, n.node, "", k.severity,
-                                 f"clock of {n.node} off by {off:+.1f} s (> {k.max_abs_s:g} s)", float(off)))
+                                 f"clock off: {messages.where(n.shop, n.node)} by {off:+.1f} s (limit {k.max_abs_s:g} s)",
+                                 float(off), runbook=book("clock_skew")))
 
     f = rules.fridge_warm
     if f.enabled:
@@ -155,18 +186,34 @@ def evaluate(snapshot: FleetSnapshot, rules: AlertRules, now: float, active: fro
             if f.source_contains not in rd.source and not any(f.source_contains in v for v in rd.labels.values()):
                 continue
             key = alert_key("fridge_warm", rd.shop, rd.node, rd.source)
+            since: float | None = None
             if key in active:  # hysteresis: a firing alert clears only below clear_below_c
                 held = rd.value > f.clear_below_c
             else:
                 held = _held(key, rd.value > f.max_c, now, f.for_s, pending, new_pending)
+                since = new_pending.get(key)
             if held:
                 firing.append(Firing(key, "fridge_warm", rd.shop, rd.node, rd.source, f.severity,
-                                     f"{rd.source} at {rd.value:.1f} °C (> {f.max_c:g} °C)", rd.value))
+                                     f"fridge warm: {messages.where(rd.shop, rd.node, rd.source, rd.labels)} at "
+                                     f"{rd.value:.1f} °C (limit {f.max_c:g} °C)", rd.value, since=since,
+                                     runbook=book("fridge_warm")))
+
+    cr = rules.cart_review_rate_high
+    if cr.enabled:
+        for sc in snapshot.carts:
+            if sc.carts >= cr.min_carts and sc.review_rate > cr.max_rate:
+                firing.append(Firing(alert_key("cart_review_rate_high", sc.shop), "cart_review_rate_high", sc.shop, "", "",
+                                     cr.severity, f"{sc.review_rate:.0%} of {sc.carts} carts of {sc.shop} went to review "
+                                     f"(> {cr.max_rate:.0%})", sc.review_rate))
 
     if rules.node_alerts.enabled:
         for a in snapshot.node_alerts:
             if a.state == "firing":
-                firing.append(Firing(alert_key(f"node:{a.name}", a.shop, a.node, a.source), f"node:{a.name}", a.shop,
-                                     a.node, a.source, a.severity or "warning", a.message or a.name))
+                rule = f"node:{a.name}"
+                firing.append(Firing(alert_key(rule, a.shop, a.node, a.source), rule, a.shop, a.node, a.source,
+                                     a.severity or "warning",
+                                     messages.node_alert_summary(a.name, a.shop, a.node, a.source, a.message, a.data),
+                                     since=a.since, details=a.message,
+                                     runbook=messages.runbook(rule, rules.node_alerts.runbook)))
 
     return Evaluation(tuple(firing), new_pending)

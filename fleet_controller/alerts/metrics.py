@@ -7,6 +7,7 @@ from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from fleet_controller.alerts.channels import NotificationMetrics
 from fleet_controller.alerts.store import AlertView
 
 
@@ -30,6 +31,9 @@ class AlertMetrics:
             "shopfleet_alerts_webhook_failures_total", "Webhook deliveries given up, by reason (timeout, connect, http_status).",
             ["reason"], registry=registry,
         )
+        self.flaps = Counter("shopfleet_alerts_flaps_total", "Alerts whose condition came back within resolve_after_s, by rule.",
+                             ["rule"], registry=registry)
+        self.notifications = NotificationMetrics(registry)
 
     def set_firing(self, alerts: Iterable[AlertView]) -> None:
         """Set the firing gauge from the complete list of firing alerts."""

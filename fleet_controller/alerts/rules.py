@@ -23,6 +23,10 @@ class RulesError(ValueError):
 class _Rule(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     enabled: bool = Field(True, description="Set false to switch the rule off.")
+    resolve_after_s: float | None = Field(
+        None, ge=0, description="Seconds the condition must stay clear before the alert resolves; coming back sooner "
+        "counts a flap of the same alert. Unset: the top-level resolve_after_s.")
+    runbook: str | None = Field(None, max_length=1000, description="What to do, shown with the alert. Unset: the built-in line.")
 
 
 class NodeOffline(_Rule):
@@ -72,6 +76,19 @@ class ClockSkew(_Rule):
     severity: Severity = Field("warning", description="Severity of the alert.")
 
 
+class CartReviewRateHigh(_Rule):
+    """A shop whose fusion sends more than ``max_rate`` of its carts to review (over ``window_s``).
+
+    Reviews cost staff time, and a rising rate is the first sign of a camera or a shelf board
+    going bad (or of a release that made fusion worse), before anyone checks a receipt.
+    """
+
+    max_rate: float = Field(0.15, gt=0, le=1, description="Share of carts sent to review above which to alert.")
+    window_s: float = Field(3600, gt=0, description="Carts received in this window count; shorter reacts sooner but is noisier.")
+    min_carts: int = Field(20, ge=1, description="Fewer carts than this in the window never alert (a quiet shop's rate means little).")
+    severity: Severity = Field("warning", description="Severity of the alert.")
+
+
 class NodeAlerts(_Rule):
     """Alerts the nodes raise themselves (protocol ``Alert`` messages), shown like the others."""
 
@@ -98,13 +115,33 @@ class AlertRules(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     interval_s: float = Field(15.0, gt=0, description="Seconds between evaluations; lower reacts faster but costs a DB scan each time.")
+    resolve_after_s: float = Field(
+        300.0, ge=0, description="Default seconds a condition must stay clear before its alert resolves (hysteresis in "
+        "time); a condition that comes back sooner reopens the same alert and counts a flap.")
     node_offline: NodeOffline = Field(default_factory=NodeOffline, description="Node offline rule.")
     camera_fps_low: CameraFpsLow = Field(default_factory=CameraFpsLow, description="Camera fps rule.")
     fridge_warm: FridgeWarm = Field(default_factory=FridgeWarm, description="Fridge temperature rule.")
     disk_low: DiskLow = Field(default_factory=DiskLow, description="Disk space rule.")
     clock_skew: ClockSkew = Field(default_factory=ClockSkew, description="Clock skew rule.")
+    cart_review_rate_high: CartReviewRateHigh = Field(default_factory=CartReviewRateHigh, description="Cart review rate rule.")
     node_alerts: NodeAlerts = Field(default_factory=NodeAlerts, description="Pass through alerts raised by nodes.")
     webhook: Webhook = Field(default_factory=Webhook, description="Webhook receiver.")
+
+    def rule(self, name: str) -> _Rule:
+        """Return the rule that produces alerts named ``name`` (``node:<x>`` alerts belong to ``node_alerts``)."""
+        attr = "node_alerts" if name.startswith("node:") else name
+        r = getattr(self, attr, None)
+        if not isinstance(r, _Rule):
+            raise KeyError(name)
+        return r
+
+    def resolve_after(self, name: str) -> float:
+        """Return how long the condition of alerts named ``name`` must stay clear before they resolve."""
+        try:
+            r = self.rule(name)
+        except KeyError:
+            return self.resolve_after_s
+        return self.resolve_after_s if r.resolve_after_s is None else r.resolve_after_s
 
 
 def _describe(exc: ValidationError, source: str) -> str:

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 
+from fleet_controller.alerts.channels import webhook_payload
 from fleet_controller.alerts.metrics import AlertMetrics
 from fleet_controller.alerts.rules import Webhook
 from fleet_controller.alerts.store import AlertView
@@ -21,25 +21,9 @@ from fleet_controller.alerts.store import AlertView
 log = logging.getLogger(__name__)
 
 
-def _iso(ts: float | None) -> str | None:
-    return datetime.fromtimestamp(ts, UTC).isoformat() if ts else None
-
-
 def payload(alert: AlertView, dashboard_url: str = "") -> dict[str, Any]:
-    """Return the JSON body sent for ``alert``."""
-    return {
-        "version": 1,
-        "status": alert.state,
-        "labels": {"alertname": alert.rule, "shop": alert.shop, "node": alert.node, "source": alert.source,
-                   "severity": alert.severity},
-        "annotations": {"summary": alert.summary},
-        "startsAt": _iso(alert.started_at),
-        "endsAt": _iso(alert.resolved_at),
-        "value": alert.value,
-        "id": alert.id,
-        "key": alert.key,
-        "generatorURL": f"{dashboard_url.rstrip('/')}/shops/{alert.shop}" if dashboard_url else "",
-    }
+    """Return the JSON body sent for ``alert`` (the same as a webhook channel's)."""
+    return webhook_payload(alert, dashboard_url)
 
 
 async def send(client: httpx.AsyncClient, config: Webhook, alert: AlertView, metrics: AlertMetrics,

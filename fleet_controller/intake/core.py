@@ -33,28 +33,46 @@ import gc
 import logging
 import multiprocessing
 import os
+import pickle
 import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import BrokenExecutor, Executor, ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy.exc import InterfaceError, OperationalError
-
-from edge_agent.protocol import Presence, ProtocolError, parse_message
+from edge_agent.protocol import (
+    MAX_ACK_MISSING,
+    Channel,
+    Event,
+    EvictedRun,
+    Heartbeat,
+    Presence,
+    ProtocolError,
+    StoredAck,
+    Topics,
+    encode,
+    parse_message,
+    parse_topic,
+)
 from fleet_controller.intake.mqtt import InboundMessage
 from fleet_controller.metrics import ControllerMetrics
 from fleet_controller.registry.bus import BusEvent
+from fleet_controller.registry.carts import CART_EVENT_TYPES, CartStore
 from fleet_controller.registry.db import create_engine
 from fleet_controller.registry.store import (
+    MAX_RETIRED_EPOCHS,
+    CursorConflict,
     NodeKey,
     NodeUpdate,
+    Quarantined,
     RegistryStore,
     SeqCursor,
     WriteBatch,
+    store_quarantined,
+    store_unavailable,
 )
 from fleet_controller.settings import IntakeSettings
 from shopfleet.errors import TemporaryError
@@ -93,26 +111,113 @@ class Verdict(StrEnum):
     NEW = "new"  # above the watermark
     FILLED = "filled"  # fills an open gap
     NEW_EPOCH = "new_epoch"  # first message of a new outbox epoch
+    REBASED = "rebased"  # the stream really continues beyond a jump: the cursor moves there, no gap counted
     DUPLICATE = "duplicate"  # seen before: drop
+    JUMP = "seq_jump"  # too far above the watermark: refused (a reject reason)
+    STALE_EPOCH = "stale_epoch"  # an epoch the node has left: refused (a reject reason)
 
 
-def advance(cursor: SeqCursor, epoch: str, seq: int) -> tuple[Verdict, SeqCursor, int]:
-    """Decide about ``(epoch, seq)``; return the verdict, the new cursor and how many seqs became missing."""
+REFUSED = frozenset({Verdict.JUMP, Verdict.STALE_EPOCH})
+
+
+@dataclass(frozen=True)
+class SeqLimits:
+    """The intake's sequence-sanity settings (``intake.max_seq_jump`` and friends), sent with every batch."""
+
+    max_seq_jump: int = 100_000
+    seq_resync_after: int = 3
+    max_session_jump: int | None = 10_000
+    acks: bool = False  # return each touched node's stored-ack (intake.ack_nodes)
+
+
+CURSOR_CONFLICT_RETRIES = 20
+"""Times a batch is decided again after another replica moved one of its nodes' cursors; beyond
+it the batch is held and retried later like one the database refused (it never happens without
+a livelock between replicas)."""
+
+AckInfo = tuple[str, str, str, int, tuple[tuple[int, int], ...]]
+"""A stored-ack to publish: shop, node, epoch, seq, missing ranges (see :class:`edge_agent.protocol.StoredAck`)."""
+
+
+def stored_ack(cursor: SeqCursor) -> tuple[int, tuple[tuple[int, int], ...]]:
+    """Return ``(seq, missing)`` of the stored-ack for ``cursor``: its watermark and open gaps.
+
+    At most ``MAX_ACK_MISSING`` ranges are listed; with more, ``seq`` stops below the first range
+    left out, so the ack never claims a seq it did not list as missing.
+    """
+    gaps = cursor.gaps
+    if len(gaps) <= MAX_ACK_MISSING:
+        return cursor.watermark, gaps
+    return gaps[MAX_ACK_MISSING][0] - 1, gaps[:MAX_ACK_MISSING]
+
+
+def drop_evicted(cursor: SeqCursor, runs: Sequence[EvictedRun]) -> tuple[SeqCursor, dict[str, int]]:
+    """Remove the seqs of ``runs`` from the cursor's open gaps; return the cursor and the seqs removed per priority.
+
+    Only seqs in an open gap count: a seq that was stored (sent and stored before the outbox
+    evicted it while waiting for the stored-ack) or lies above the watermark is not evicted from
+    the controller's point of view. Once removed, a seq is below the watermark and in no gap, so a
+    late arrival of it (impossible: the agent deleted it) would be dropped as a duplicate and
+    change no other count.
+    """
+    gaps = list(cursor.gaps)
+    removed: dict[str, int] = {}
+    for run in runs:
+        out: list[tuple[int, int]] = []
+        for lo, hi in gaps:
+            a, b = max(lo, run.first), min(hi, run.last)
+            if a > b:
+                out.append((lo, hi))
+                continue
+            removed[run.priority] = removed.get(run.priority, 0) + b - a + 1
+            out += [r for r in ((lo, a - 1), (b + 1, hi)) if r[0] <= r[1]]
+        gaps = out
+    if not removed:
+        return cursor, removed
+    return replace(cursor, gaps=tuple(gaps)), removed
+
+
+def advance(
+    cursor: SeqCursor, epoch: str, seq: int, max_jump: int = SeqLimits.max_seq_jump, resync_after: int = SeqLimits.seq_resync_after,
+) -> tuple[Verdict, SeqCursor, int]:
+    """Decide about ``(epoch, seq)``; return the verdict, the new cursor and how many seqs became missing.
+
+    Sequence sanity, in the spirit of Sparkplug B's seq checks:
+
+    * an epoch only moves forward: a message of an epoch the node has left (``cursor.retired``) is
+      refused, so flipping to another epoch and back can never re-store old messages;
+    * a seq more than ``max_jump`` above the watermark (0 for a new epoch) is refused and leaves
+      the cursor where it was, so one absurd seq cannot count a billion missing messages or make
+      the real stream's next messages look like gap fills;
+    * unless ``resync_after`` consecutive seqs arrive beyond the window (seq, seq+1, ...): then the
+      node really continues there (an outbox that evicted more than the window during a long
+      outage, a controller that lost its database), and the cursor is rebased without counting a gap.
+    """
     verdict = Verdict.NEW
+    base = cursor
     if epoch != cursor.epoch:
+        if epoch in cursor.retired:
+            return Verdict.STALE_EPOCH, cursor, 0
         verdict = Verdict.NEW_EPOCH
-        cursor = SeqCursor(epoch=epoch)
-    if seq > cursor.watermark:
-        missing = seq - cursor.watermark - 1
-        gaps = cursor.gaps + (((cursor.watermark + 1, seq - 1),) if missing else ())
+        retired = (*cursor.retired, cursor.epoch)[-MAX_RETIRED_EPOCHS:] if cursor.epoch else cursor.retired
+        base = SeqCursor(epoch=epoch, retired=retired)
+    if seq > base.watermark + max_jump:
+        p = cursor.pending
+        run = p[2] + 1 if p is not None and p[0] == epoch and p[1] + 1 == seq else 1
+        if run < resync_after:
+            return Verdict.JUMP, replace(cursor, pending=(epoch, seq, run)), 0
+        return Verdict.REBASED, SeqCursor(epoch, seq, base.gaps, base.retired), 0
+    if seq > base.watermark:
+        missing = seq - base.watermark - 1
+        gaps = base.gaps + (((base.watermark + 1, seq - 1),) if missing else ())
         if len(gaps) > MAX_GAP_RANGES:
             gaps = gaps[-MAX_GAP_RANGES:]
-        return verdict, SeqCursor(epoch, seq, gaps), missing
-    for i, (lo, hi) in enumerate(cursor.gaps):
+        return verdict, SeqCursor(epoch, seq, gaps, base.retired), missing
+    for i, (lo, hi) in enumerate(base.gaps):
         if lo <= seq <= hi:
             pieces = tuple(r for r in ((lo, seq - 1), (seq + 1, hi)) if r[0] <= r[1])
-            gaps = cursor.gaps[:i] + pieces + cursor.gaps[i + 1:]
-            return Verdict.FILLED, SeqCursor(epoch, cursor.watermark, gaps), 0
+            gaps = base.gaps[:i] + pieces + base.gaps[i + 1:]
+            return Verdict.FILLED, SeqCursor(epoch, base.watermark, gaps, base.retired), 0
         if seq < lo:
             break
     return Verdict.DUPLICATE, cursor, 0
@@ -130,20 +235,39 @@ class BatchOutcome:
     reasons: tuple[tuple[str, int], ...] = ()  # rejected messages per reason
     missing: int = 0  # seqs that became missing (gaps)
     filled: int = 0  # late messages that filled a gap
+    quarantined: tuple[tuple[str, int], ...] = ()  # messages kept in the dead-letter table, per reason
+    rebased: int = 0  # streams that really continued beyond a seq jump
+    dropped_events: int = 0  # bus events that could not be returned from the writer process
+    evicted: tuple[tuple[str, int], ...] = ()  # seqs reported evicted by their node's outbox, per priority
+    acks: tuple[AckInfo, ...] = ()  # stored-acks of the nodes the batch touched (SeqLimits.acks)
+    cursor_conflicts: int = 0  # times the batch was decided again after another replica moved a cursor
 
     @staticmethod
     def combine(parts: Sequence[BatchOutcome]) -> BatchOutcome:
         """Return the sum of several outcomes."""
         kinds: collections.Counter[str] = collections.Counter()
         reasons: collections.Counter[str] = collections.Counter()
+        quarantined: collections.Counter[str] = collections.Counter()
+        evicted: collections.Counter[str] = collections.Counter()
+        acks: dict[tuple[str, str], AckInfo] = {}
         for p in parts:
             kinds.update(dict(p.kinds))
             reasons.update(dict(p.reasons))
+            quarantined.update(dict(p.quarantined))
+            evicted.update(dict(p.evicted))
+            acks.update({(a[0], a[1]): a for a in p.acks})  # the last part's ack of a node is the newest
         return BatchOutcome(
             sum(p.stored for p in parts), sum(p.rejected for p in parts), sum(p.duplicates for p in parts),
             tuple(e for p in parts for e in p.events), tuple(kinds.items()), tuple(reasons.items()),
-            sum(p.missing for p in parts), sum(p.filled for p in parts),
+            sum(p.missing for p in parts), sum(p.filled for p in parts), tuple(quarantined.items()),
+            sum(p.rebased for p in parts), sum(p.dropped_events for p in parts), tuple(evicted.items()),
+            tuple(acks.values()), sum(p.cursor_conflicts for p in parts),
         )
+
+    @property
+    def quarantined_total(self) -> int:
+        """Messages of the batch quarantined, whatever the reason."""
+        return sum(n for _, n in self.quarantined)
 
 
 def record(metrics: ControllerMetrics, outcome: BatchOutcome) -> None:
@@ -152,18 +276,34 @@ def record(metrics: ControllerMetrics, outcome: BatchOutcome) -> None:
         metrics.ingested.labels(kind=kind).inc(n)
     for reason, n in outcome.reasons:
         metrics.rejected.labels(reason=reason).inc(n)
+    for reason, n in outcome.quarantined:
+        metrics.quarantined.labels(reason=reason).inc(n)
     if outcome.duplicates:
         metrics.duplicates.inc(outcome.duplicates)
     if outcome.missing:
         metrics.gaps.inc(outcome.missing)
     if outcome.filled:
         metrics.gaps_filled.inc(outcome.filled)
+    if outcome.rebased:
+        metrics.seq_rebases.inc(outcome.rebased)
+    if outcome.dropped_events:
+        metrics.bus_dropped.inc(outcome.dropped_events)
+    for priority, n in outcome.evicted:
+        metrics.evicted.labels(priority=priority).inc(n)
+    if outcome.cursor_conflicts:
+        metrics.cursor_conflicts.inc(outcome.cursor_conflicts)
 
 
 class TemporaryStoreError(TemporaryError):
     """The database cannot be reached or is locked: keep the batch and retry later."""
 
     default_reason = "store"
+
+
+class WriterDied(TemporaryStoreError):
+    """The writer process died (or was killed) while working on a batch; a new one is started."""
+
+    default_reason = "writer"
 
 
 class RateLimitedLog:
@@ -201,79 +341,169 @@ class IntakeCore:
         self.registry = registry
         self._cursors: dict[NodeKey, SeqCursor] = {}
         self._rlog = RateLimitedLog(log, log_every_s)
+        self._carts = CartStore(registry.engine)
 
-    def process_batch(self, batch: Sequence[RawMessage | InboundMessage], now: float | None = None) -> BatchOutcome:
-        """Parse, dedupe and store one batch; fall back to one by one on a bad row.
+    def process_batch(
+        self, batch: Sequence[RawMessage | InboundMessage], now: float | None = None, limits: SeqLimits = SeqLimits(),
+    ) -> BatchOutcome:
+        """Parse, dedupe and store one batch; fall back to one by one when storing it fails.
 
         ``batch`` holds :data:`RawMessage` tuples (what the writer receives) or :class:`InboundMessage` values.
-        Raises only when the database is unreachable (``OperationalError``/``InterfaceError``): the
-        caller keeps the batch and retries. A message the database refuses (or that breaks storing
-        in any other way) is dropped alone and counted as ``unstorable``.
+        Raises only when the database is unavailable (:func:`store_unavailable`: down, locked, out
+        of connections): the caller keeps the batch and retries. A message that breaks storing in
+        any other way is stored alone, and if it fails alone it is quarantined: kept raw in the
+        dead-letter table with the error, counted, and acknowledged like every other message.
         """
         raw = [m if isinstance(m, tuple) else (m.topic, m.payload, m.received_at) for m in batch]
         try:
-            return self._process(raw, now)
-        except (OperationalError, InterfaceError):
-            raise
+            return self._process(raw, now, limits)
         except Exception as exc:
+            if store_unavailable(exc):
+                raise
             if len(raw) == 1:
-                detail = str(getattr(exc, "orig", exc))[:300]
-                self._rlog.warning("unstorable", "dropping a message on %r that cannot be stored: %s: %s", raw[0][0][:200], type(exc).__name__, detail)
-                return BatchOutcome(rejected=1, reasons=(("unstorable", 1),))
-        return BatchOutcome.combine([self.process_batch([m], now) for m in raw])
+                return self.quarantine(raw, "store", exc, now)
+        return BatchOutcome.combine([self.process_batch([m], now, limits) for m in raw])
 
-    def _process(self, batch: list[RawMessage], now: float | None) -> BatchOutcome:
+    def quarantine(self, raw: Sequence[RawMessage], reason: str, exc: BaseException | str, now: float | None = None) -> BatchOutcome:
+        """Keep ``raw`` in the dead-letter table with ``reason`` and the error; return the outcome to count.
+
+        Raises only when the database is unavailable. If the dead-letter insert itself fails for any
+        other reason, the messages are logged and counted (reason ``lost``), never retried.
+        """
+        error = exc if isinstance(exc, str) else f"{type(exc).__name__}: {getattr(exc, 'orig', None) or exc}"
+        items = []
+        for topic, payload, received in raw:
+            try:
+                info = parse_topic(topic)
+                shop, node = info.shop, info.node
+            except ProtocolError:
+                shop = node = None
+            items.append(Quarantined(topic, payload, received, reason, error, shop, node))
+            self._rlog.warning(f"quarantine:{reason}", "quarantined a message on %r (%s): %s", topic[:200], reason, error[:300])
+        try:
+            store_quarantined(self.registry.engine, items, now)
+        except Exception as qexc:
+            if store_unavailable(qexc):
+                raise
+            log.error("could not quarantine %s message(s) (%s); they are dropped: %s", len(items), error[:300], qexc)
+            return BatchOutcome(quarantined=(("lost", len(items)),))
+        return BatchOutcome(quarantined=((reason, len(items)),))
+
+    def _process(self, batch: list[RawMessage], now: float | None, limits: SeqLimits) -> BatchOutcome:
         now = time.time() if now is None else now
-        wb = WriteBatch()
         reasons: collections.Counter[str] = collections.Counter()
-        kinds: collections.Counter[str] = collections.Counter()
         parsed = []
         for topic, payload, received in batch:
             try:
-                parsed.append((parse_message(topic, payload), received))
+                parsed.append((parse_message(topic, payload), received, topic))
             except ProtocolError as exc:
                 reasons[exc.reason] += 1
                 self._rlog.warning(exc.reason, "rejected a message on %r: %s", topic[:200], exc.detail[:500])
+        for attempt in range(CURSOR_CONFLICT_RETRIES + 1):
+            try:
+                outcome = self._decide_and_write(parsed, collections.Counter(reasons), now, limits)
+            except CursorConflict as exc:
+                # Another replica stored messages of these nodes since we read their cursors:
+                # nothing of this batch was stored; decide it again against the stored cursors.
+                for key in exc.keys:
+                    self._cursors.pop(key, None)
+                continue
+            return replace(outcome, cursor_conflicts=attempt) if attempt else outcome
+        raise TemporaryStoreError(f"node cursors kept moving under this batch ({CURSOR_CONFLICT_RETRIES} retries); holding it")
+
+    def _decide_and_write(
+        self, parsed: list[tuple[Any, float, str]], reasons: collections.Counter[str], now: float, limits: SeqLimits,
+    ) -> BatchOutcome:
+        """Decide every parsed message against the node cursors and store the batch in one transaction.
+
+        Raises :class:`CursorConflict` (nothing stored) when another writer moved a cursor meanwhile.
+        """
+        wb = WriteBatch(max_session_jump=limits.max_session_jump)
+        kinds: collections.Counter[str] = collections.Counter()
+        evicted: collections.Counter[str] = collections.Counter()
         # Cursors this batch moves, on top of the committed ones; merged only after the commit.
         cursors: dict[NodeKey, SeqCursor] = {}
+        revs: dict[NodeKey, int] = {}  # the revision each moved cursor was read at
         known = self._cursors
-        unknown = {(msg.shop, msg.node) for msg, _ in parsed if not isinstance(msg, Presence)}
+        unknown = {(msg.shop, msg.node) for msg, _, _ in parsed if not isinstance(msg, Presence)}
         unknown = {k for k in unknown if k not in known}  # not "- known.keys()": that walks every known node
         if unknown:
             cursors.update(self.registry.load_cursors(unknown))
-        counts: dict[NodeKey, list[int]] = {}  # per node: [stored, duplicates, missing]
+        counts: dict[NodeKey, list[int]] = {}  # per node: [stored, duplicates, net missing, evicted]
         seen = wb.seen
-        duplicates = missing_total = filled = 0
-        for msg, received in parsed:
+        duplicates = missing_total = filled = rebased = 0
+        for msg, received, topic in parsed:
             key = (msg.shop, msg.node)
-            seen[key] = max(seen.get(key, 0.0), received)
             if isinstance(msg, Presence):
+                seen[key] = max(seen.get(key, 0.0), received)
                 wb.presences.append((msg, received))
                 kinds["presence"] += 1
                 continue
             cur = cursors.get(key) or self._cursors.get(key) or SeqCursor()
-            verdict, cursors[key], missing = advance(cur, msg.epoch, msg.seq)
+            if key not in revs:
+                revs[key] = cur.rev
+            verdict, cursors[key], missing = advance(cur, msg.epoch, msg.seq, limits.max_seq_jump, limits.seq_resync_after)
+            if verdict in REFUSED:
+                reasons[verdict.value] += 1
+                self._rlog.warning(
+                    verdict.value, "refused a message on %r: epoch %s seq %s against epoch %s watermark %s (%s)",
+                    topic[:200], msg.epoch, msg.seq, cur.epoch, cur.watermark,
+                    "an epoch the node has left" if verdict is Verdict.STALE_EPOCH
+                    else f"more than intake.max_seq_jump={limits.max_seq_jump} ahead",
+                )
+                continue
+            seen[key] = max(seen.get(key, 0.0), received)
             c = counts.get(key)
             if c is None:
-                c = counts[key] = [0, 0, 0]
+                c = counts[key] = [0, 0, 0, 0]
             if verdict is Verdict.DUPLICATE:
                 duplicates += 1
                 c[1] += 1
                 continue
+            if isinstance(msg, Heartbeat) and msg.evicted and msg.epoch == cursors[key].epoch:
+                cursors[key], removed = drop_evicted(cursors[key], msg.evicted)
+                n = sum(removed.values())
+                if n:
+                    evicted.update(removed)
+                    c[2] -= n
+                    c[3] += n
             if verdict is Verdict.FILLED:
                 filled += 1
+                c[2] -= 1
+            elif verdict is Verdict.REBASED:
+                rebased += 1
+                log.warning("%s/%s: stream continues at epoch %s seq %s beyond the jump window; rebased without counting a gap",
+                            msg.shop, msg.node, msg.epoch, msg.seq)
             missing_total += missing
             c[0] += 1
             c[2] += missing
             wb.uplinks.append((msg, received))
             kinds[msg.kind] += 1
-        wb.nodes = {key: NodeUpdate(cursors[key], *c) for key, c in counts.items()}
-        events = self.registry.write_batch(wb, now)
-        # Committed: only now does the in-memory cursor move on.
+        wb.nodes = {key: NodeUpdate(replace(cursors[key], rev=revs[key]), c[0], c[1], c[2], c[3], check_rev=True) for key, c in counts.items()}
+        # Carts first, in their own transaction: idempotent on cart_id, so a batch retried after
+        # a failed write_batch (or a cursor conflict) stores each cart once (fleet_controller.registry.carts).
+        cart_events = [(m.shop, m.node, m.type, m.data) for m, _ in wb.uplinks if isinstance(m, Event) and m.type in CART_EVENT_TYPES]
+        cart_bus: list[BusEvent] = []
+        if cart_events:
+            cart_bus, bad = self._carts.ingest(cart_events, now)
+            for err in bad:
+                reasons["bad_cart"] += 1
+                self._rlog.warning("bad_cart", "a cart event is not a valid cart (kept as a plain event): %s", err[:500])
+        events = self.registry.write_batch(wb, now) + cart_bus
+        # Committed: only now does the in-memory cursor move on (at the revision the row now holds).
+        committed = {key: replace(cursors[key], rev=revs[key] + 1) for key in counts}
         self._cursors.update(cursors)
+        self._cursors.update(committed)
+        acks: tuple[AckInfo, ...] = ()
+        if limits.acks:
+            acks = tuple((k[0], k[1], cur.epoch, *stored_ack(cur)) for k, cur in committed.items())
+        if wb.session_jumps:
+            reasons["session_jump"] += wb.session_jumps
+            kinds["presence"] -= wb.session_jumps
         return BatchOutcome(
             stored=sum(kinds.values()), rejected=sum(reasons.values()), duplicates=duplicates, events=tuple(events),
-            kinds=tuple(kinds.items()), reasons=tuple(reasons.items()), missing=missing_total, filled=filled,
+            kinds=tuple((k, n) for k, n in kinds.items() if n), reasons=tuple(reasons.items()), missing=missing_total,
+            filled=filled, rebased=rebased, evicted=tuple(evicted.items()), acks=acks,
         )
 
 
@@ -283,39 +513,105 @@ _CORES: dict[str, IntakeCore] = {}
 """Writer state by writer key, in whichever process hosts the writer."""
 
 
+PARENT_WATCH_S = 0.5
+"""How often a writer process checks that its controller still lives."""
+
+
+def _die_with_parent() -> None:
+    """Make this writer process exit when the controller that started it dies, even by SIGKILL.
+
+    A SIGKILLed controller runs no cleanup: without this its writer (re-parented to pid 1) lived
+    on, holding its database connections, and with it multiprocessing's resource tracker (which
+    exits once every holder of its pipe has). A daemon thread polls the parent pid and
+    calls ``os._exit`` when it changes; the kernel then closes the writer's sockets, so the database
+    sees its connections end. (Linux's PR_SET_PDEATHSIG is not used: it fires when the *thread*
+    that forked the child exits, which for a process pool is whichever thread submitted first.)
+    """
+    # The pid multiprocessing recorded at spawn, not os.getppid() now: a controller killed while
+    # this process was still importing must be noticed too.
+    parent_process = multiprocessing.parent_process()
+    parent = parent_process.pid if parent_process is not None else os.getppid()
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent:
+                log.error("the controller (pid %s) is gone; the registry writer exits", parent)
+                os._exit(3)
+            time.sleep(PARENT_WATCH_S)
+
+    threading.Thread(target=watch, name="writer-parent-watch", daemon=True).start()
+
+
 def _init_writer(key: str, db_url: str, log_every_s: float, log_level: int | None) -> None:
     """Set up the writer's own engine, registry and intake core (runs on the writer)."""
     if log_level is not None:  # a spawned child starts with no logging set up
         logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s[writer]: %(message)s")
     _CORES[key] = IntakeCore(RegistryStore(create_engine(db_url)), log_every_s)
     if multiprocessing.parent_process() is not None:
+        _die_with_parent()
         # The writer's own process: move everything imported so far out of the collector's sight.
         # Parsing allocates heavily, and each full collection otherwise rescans the whole heap of
         # imported modules (a quarter of the writer's time in a profile).
         gc.freeze()
 
 
+def _returnable(outcome: BatchOutcome) -> BatchOutcome | bytes:
+    """Return ``outcome`` ready to cross back to the controller process: pickled here, where a failure can be handled.
+
+    Pickling happens in the writer, on purpose: if a result cannot be pickled (a bus event holding
+    a value the pickler chokes on), the executor would otherwise fail the whole call *after* the
+    batch was committed, and the controller could only guess. Here the bus events that cannot be
+    pickled are dropped (counted in ``shopfleet_controller_bus_dropped_total``); what was stored stays stored.
+    In a thread writer nothing crosses a process boundary and the outcome is returned as is.
+    """
+    if multiprocessing.parent_process() is None:
+        return outcome
+    try:
+        return pickle.dumps(outcome, pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:
+        kept = []
+        for e in outcome.events:
+            try:
+                pickle.dumps(e, pickle.HIGHEST_PROTOCOL)
+                kept.append(e)
+            except Exception:
+                log.error("dropping a %s bus event of %s/%s that cannot be returned from the writer: %s",
+                          e.topic, e.shop, e.node, type(exc).__name__)
+        trimmed = replace(outcome, events=tuple(kept), dropped_events=outcome.dropped_events + len(outcome.events) - len(kept))
+        return pickle.dumps(trimmed, pickle.HIGHEST_PROTOCOL)
+
+
 def _run_on_writer(key: str, op: str, *args: Any) -> Any:
     core = _CORES[key]
     try:
         if op == "batch":
-            return core.process_batch(*args)
+            return _returnable(core.process_batch(*args))
+        if op == "quarantine":
+            raw, reason, error = args
+            return _returnable(core.quarantine(raw, reason, error))
         if op == "sweep":
             return core.registry.sweep_presence(*args)
         if op == "retention":
             return core.registry.enforce_retention(*args)
         if op == "register_shop":
-            shop, name, region, labels, timezone = args
-            return core.registry.register_shop(shop, name=name, region=region, labels=labels, timezone=timezone)
+            shop, name, region, labels, timezone, applier = args
+            return core.registry.register_shop(shop, name=name, region=region, labels=labels, timezone=timezone, applier=applier)
         if op == "ping":
             return os.getpid()
+        if op == "db_ping":
+            with core.registry.engine.connect() as conn:
+                conn.exec_driver_sql("SELECT 1")
+            return True
         if op == "close":
             core.registry.engine.dispose()
             del _CORES[key]
             return None
-    except (OperationalError, InterfaceError) as exc:
-        # Plain exception across the process boundary; the caller retries.
-        raise TemporaryStoreError(f"{type(exc).__name__}: {str(exc.orig if hasattr(exc, 'orig') else exc)[:300]}") from None
+    except Exception as exc:
+        # Plain exceptions across the process boundary (the originals may not pickle).
+        text = f"{type(exc).__name__}: {str(getattr(exc, 'orig', None) or exc)[:300]}"
+        if store_unavailable(exc):
+            raise TemporaryStoreError(text) from None
+        raise RuntimeError(text) from None
     raise ValueError(f"unknown writer operation {op!r}")
 
 
@@ -350,20 +646,27 @@ class RegistryWriter:
             self._executor = self._make_executor()
         executor = self._executor
         try:
-            return await asyncio.wrap_future(executor.submit(_run_on_writer, self._key, op, *args))
+            try:
+                future = executor.submit(_run_on_writer, self._key, op, *args)
+            except BrokenExecutor:
+                raise  # a dead writer (BrokenExecutor is a RuntimeError too): replaced below
+            except RuntimeError as exc:
+                # Shut down (the process is exiting): no fault of the messages, so hold them, never quarantine.
+                raise TemporaryStoreError(f"registry writer is shut down: {exc}") from None
+            return await asyncio.wrap_future(future)
         except BrokenExecutor as exc:
             if self._executor is executor:  # the first caller to notice replaces it
                 log.error("registry writer died (%s); starting a new one", exc)
                 executor.shutdown(wait=False, cancel_futures=True)
                 self._executor = None
-            raise TemporaryStoreError(f"registry writer died: {exc}") from None
+            raise WriterDied(f"registry writer died: {exc}") from None
 
     async def register_shop(
         self, shop: str, *, name: str | None = None, region: str | None = None,
-        labels: dict[str, str] | None = None, timezone: str | None = None,
+        labels: dict[str, str] | None = None, timezone: str | None = None, applier: str | None = None,
     ) -> None:
-        """Create a shop or update its name, region, labels and time zone, on the writer (in order with the intake)."""
-        await self.call("register_shop", shop, name, region, labels, timezone)
+        """Create a shop or update its name, region, labels, time zone and applier node, on the writer (in order with the intake)."""
+        await self.call("register_shop", shop, name, region, labels, timezone, applier)
 
     def close(self) -> None:
         """Stop the writer after the work already submitted."""
@@ -375,6 +678,16 @@ class RegistryWriter:
             log.warning("registry writer did not close cleanly: %s", exc)
         self._executor.shutdown(wait=True)
         self._executor = None
+
+
+WRITER_DEATHS_BEFORE_ISOLATING = 2
+"""Writer deaths on one batch (or one message) before it is stored one by one (or quarantined): a
+message that kills the writer process must not kill it forever."""
+STORE_ATTEMPTS_BEFORE_PROBING = 5
+"""Failed attempts of one batch, each blamed on the database, before the intake asks the database
+whether it answers; if it does, the batch is blamed instead and stored one by one."""
+STORE_FAILING_ALERT_S = 60.0
+"""An unavailable database is logged as an error (once per outage) after this long."""
 
 
 _Submitted = tuple[list[InboundMessage], "asyncio.Task[Any]", float]
@@ -392,6 +705,7 @@ class Intake:
         *,
         ack: Callable[[InboundMessage], None] = lambda m: None,
         on_events: Callable[[Sequence[BusEvent]], None] = lambda e: None,
+        publish: Callable[[str, bytes], object] | None = None,
         retry_delay_s: float = 1.0,
     ) -> None:
         self.writer = writer
@@ -399,23 +713,57 @@ class Intake:
         self.settings = settings
         self._ack = ack
         self._on_events = on_events
+        self._publish = publish
         self._retry_delay = retry_delay_s
         self._pending: collections.deque[InboundMessage] = collections.deque()
+        self._room = threading.Condition()  # the MQTT thread waits on it while the queue is full
+        self.max_queue = settings.max_queue
+        self.queue_high_water = 0  # the longest the queue has been (tests and the flow-control docs)
+        self.pauses = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._waiting = threading.Event()
         self._rlog = RateLimitedLog(log, settings.log_every_s)
         self.stored_total = 0
+        self.quarantined_total = 0
         self.failing_since: float | None = None  # when storing started failing, while it does
+        self._failing_logged = False
+        self.limits = SeqLimits(settings.max_seq_jump, settings.seq_resync_after, settings.max_session_jump,
+                                acks=settings.ack_nodes and publish is not None)
     # ----- producer side (MQTT thread) -------------------------------------------------------
 
     def submit(self, message: InboundMessage) -> None:
-        """Queue one received message; safe to call from the MQTT network thread."""
+        """Queue one received message; safe to call from the MQTT network thread.
+
+        Flow control: when the queue holds ``intake.max_queue`` messages, the calling (network)
+        thread waits until batches have taken it below half of that. paho reads nothing from the
+        socket meanwhile, so the broker keeps the backlog (TCP back-pressure, then its own queue)
+        instead of this process's memory. Nothing is lost: every held message is still unacknowledged.
+        """
+        if len(self._pending) >= self.max_queue:
+            self._pause()
         self._pending.append(message)
+        n = len(self._pending)
+        if n > self.queue_high_water:
+            self.queue_high_water = n
         loop = self._loop
         if loop is not None and self._waiting.is_set():
             self._waiting.clear()
             loop.call_soon_threadsafe(self._wake.set)  # type: ignore[union-attr]
+
+    def _pause(self) -> None:
+        self.pauses += 1
+        self.metrics.intake_paused.set(1)
+        self._rlog.warning("paused", "intake queue full (%s messages, intake.max_queue): reading from the broker paused "
+                           "until it drains below half", len(self._pending))
+        loop = self._loop
+        if loop is not None and self._waiting.is_set():  # the collector may be asleep: wake it to drain
+            self._waiting.clear()
+            loop.call_soon_threadsafe(self._wake.set)  # type: ignore[union-attr]
+        with self._room:
+            while len(self._pending) > self.max_queue // 2:
+                self._room.wait(0.5)
+        self.metrics.intake_paused.set(0)
 
     # ----- consumer side (asyncio) -------------------------------------------------------------
 
@@ -434,7 +782,7 @@ class Intake:
             while True:
                 batch = await self._collect()
                 if batch:
-                    await submitted.put((batch, asyncio.create_task(self.writer.call("batch", raw_messages(batch))), time.perf_counter()))
+                    await submitted.put((batch, asyncio.create_task(self._call_batch(raw_messages(batch))), time.perf_counter()))
         finally:
             completer.cancel()
             while not submitted.empty():
@@ -478,38 +826,149 @@ class Intake:
                 self._waiting.clear()
                 break
         self.metrics.intake_queue.set(len(self._pending))
+        if len(self._pending) <= self.max_queue // 2:
+            with self._room:
+                self._room.notify_all()
         return batch
 
+    async def _call_batch(self, raw: list[RawMessage]) -> BatchOutcome:
+        """Store ``raw`` on the writer; return its outcome (unpickled when it came from the writer process)."""
+        result = await self.writer.call("batch", raw, None, self.limits)
+        return pickle.loads(result) if isinstance(result, bytes) else result  # type: ignore[no-any-return]
+
     async def _finish(self, batch: list[InboundMessage], task: asyncio.Task[Any], t0: float) -> None:
-        """Wait for a submitted batch (retrying it while storing fails), then record and acknowledge it."""
-        attempt = 0
+        """Wait for a submitted batch, then record and acknowledge it.
+
+        Only an unavailable database holds the stream (retried with capped backoff; ``/healthz``
+        degrades meanwhile). Every other failure ends in at most a few attempts: the batch is
+        stored one message at a time and what still fails is quarantined, so no message can stall
+        the intake of the fleet.
+        """
+        attempt = deaths = 0
         while True:
             try:
                 outcome: BatchOutcome = await task
                 break
-            except Exception as exc:
-                # TemporaryStoreError: the database is unreachable or locked, or the writer died.
-                # Anything else is a bug, logged with its traceback; retrying keeps the messages.
+            except WriterDied as exc:
+                deaths += 1
+                self.metrics.store_errors.labels(kind="writer").inc()
+                if deaths >= WRITER_DEATHS_BEFORE_ISOLATING:
+                    log.error("the registry writer died %s times on a batch of %s messages (%s); storing them one by one", deaths, len(batch), exc)
+                    outcome = await self._isolate(batch, "writer", str(exc))
+                    break
+            except TemporaryStoreError as exc:
                 attempt += 1
-                if self.failing_since is None:
-                    self.failing_since = time.time()
-                kind = "temporary" if isinstance(exc, TemporaryStoreError) else "unexpected"
-                self.metrics.store_errors.labels(kind=kind).inc()
-                delay = min(self._retry_delay * 2 ** min(attempt - 1, 5), 30.0)
-                if kind == "unexpected":
-                    log.exception("storing a batch of %s messages failed unexpectedly; retrying in %.1fs", len(batch), delay)
-                else:
-                    self._rlog.warning("store", "cannot store a batch of %s messages (%s); retrying in %.1fs", len(batch), exc, delay)
-                await asyncio.sleep(delay)
-                task = asyncio.create_task(self.writer.call("batch", raw_messages(batch)))
+                self._failing()
+                self.metrics.store_errors.labels(kind="temporary").inc()
+                if attempt >= STORE_ATTEMPTS_BEFORE_PROBING and await self._db_answers():
+                    # The database answers, yet this batch keeps failing as if it did not: blame the batch.
+                    log.error("a batch of %s messages failed %s times while the database answers (%s); storing them one by one",
+                              len(batch), attempt, exc)
+                    outcome = await self._isolate(batch, "store", str(exc))
+                    break
+                await self._back_off(attempt, len(batch), exc)
+            except Exception as exc:
+                # A bug, or a result that could not come back from the writer: never retried as is.
+                self.metrics.store_errors.labels(kind="unexpected").inc()
+                log.exception("storing a batch of %s messages failed unexpectedly; storing them one by one, quarantining what fails", len(batch))
+                outcome = await self._isolate(batch, "unexpected", f"{type(exc).__name__}: {exc}")
+                break
+            task = asyncio.create_task(self._call_batch(raw_messages(batch)))
         self.failing_since = None
+        self._failing_logged = False
         done = time.time()
         self.metrics.batch_seconds.observe(time.perf_counter() - t0)
         self.metrics.batch_size.observe(len(batch))
         record(self.metrics, outcome)
+        if outcome.acks:
+            self._publish_acks(outcome.acks)
         for m in batch:
             self.metrics.ingest_latency.observe(max(done - m.received_at, 0.0))
             self._ack(m)
         self.stored_total += outcome.stored
+        self.quarantined_total += outcome.quarantined_total
         if outcome.events:
             self._on_events(outcome.events)
+
+    def _publish_acks(self, acks: Sequence[AckInfo]) -> None:
+        """Tell each node of a committed batch what is stored of its stream (QoS 1, not retained).
+
+        Best effort by design: an ack lost here (the broker is away) costs the agent a re-send,
+        which the dedupe drops and acknowledges again; it can never lose a message.
+        """
+        publish = self._publish
+        if publish is None:
+            return
+        for shop, node, epoch, seq, missing in acks:
+            payload = encode(StoredAck(shop=shop, node=node, epoch=epoch, seq=seq, missing=missing))
+            try:
+                publish(Topics.node(shop, node, Channel.ACK), payload)
+            except Exception as exc:
+                self._rlog.warning("stored_ack", "could not publish a stored-ack to %s/%s: %s", shop, node, exc)
+                continue
+            self.metrics.acks_published.inc()
+
+    def _failing(self) -> None:
+        now = time.time()
+        if self.failing_since is None:
+            self.failing_since = now
+        elif not self._failing_logged and now - self.failing_since > STORE_FAILING_ALERT_S:
+            self._failing_logged = True
+            log.error("the registry database has been unavailable for %.0fs: the intake holds every message until it is back "
+                      "(/healthz reports degraded)", now - self.failing_since)
+
+    async def _back_off(self, attempt: int, n: int, exc: BaseException) -> None:
+        delay = min(self._retry_delay * 2 ** min(attempt - 1, 5), 30.0)
+        self._rlog.warning("store", "cannot store %s message(s) (%s); retrying in %.1fs", n, exc, delay)
+        await asyncio.sleep(delay)
+
+    async def _db_answers(self) -> bool:
+        try:
+            return bool(await self.writer.call("db_ping"))
+        except Exception:
+            return False
+
+    async def _isolate(self, batch: list[InboundMessage], reason: str, error: str) -> BatchOutcome:
+        """Store each message of ``batch`` alone; quarantine the ones that still fail (with ``reason``).
+
+        Messages of the batch that were already committed (a failure after the commit) come back
+        as duplicates, so nothing is stored twice.
+        """
+        parts = []
+        for m in batch:
+            raw = [(m.topic, m.payload, m.received_at)]
+            attempt = deaths = 0
+            while True:
+                try:
+                    parts.append(await self._call_batch(raw))
+                    break
+                except WriterDied as exc:
+                    deaths += 1
+                    if deaths >= WRITER_DEATHS_BEFORE_ISOLATING:
+                        parts.append(await self._quarantine(raw, "writer", f"the registry writer died on this message: {exc}"))
+                        break
+                except TemporaryStoreError as exc:
+                    attempt += 1
+                    self._failing()
+                    if attempt >= STORE_ATTEMPTS_BEFORE_PROBING and await self._db_answers():
+                        parts.append(await self._quarantine(raw, "store", str(exc)))
+                        break
+                    await self._back_off(attempt, 1, exc)
+                except Exception as exc:
+                    parts.append(await self._quarantine(raw, reason, f"{error}; alone: {type(exc).__name__}: {exc}"))
+                    break
+        return BatchOutcome.combine(parts)
+
+    async def _quarantine(self, raw: list[RawMessage], reason: str, error: str) -> BatchOutcome:
+        attempt = 0
+        while True:
+            try:
+                result = await self.writer.call("quarantine", raw, reason, error)
+                return pickle.loads(result) if isinstance(result, bytes) else result  # type: ignore[no-any-return]
+            except TemporaryStoreError as exc:  # the database is down: the dead-letter table is in it too
+                attempt += 1
+                self._failing()
+                await self._back_off(attempt, len(raw), exc)
+            except Exception as exc:
+                log.error("could not quarantine a message on %r (%s: %s); it is dropped: %s", raw[0][0][:200], reason, error[:300], exc)
+                return BatchOutcome(quarantined=(("lost", len(raw)),))

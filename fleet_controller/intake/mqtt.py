@@ -17,7 +17,9 @@ What this adapter adds, and why:
   again, and the intake's dedupe drops what was already stored. An ack for a message of an earlier
   connection is skipped (packet ids are per connection; the broker redelivers those anyway).
 * **Scale-out.** With ``shared_group`` (MQTT 5) the subscriptions become
-  ``$share/<group>/<filter>``, so several controller replicas split one stream.
+  ``$share/<group>/<filter>``, so several controller replicas split one stream; their sessions
+  expire ``SHARED_SESSION_EXPIRY_S`` after a replica dies, so the broker stops parking a share of
+  the stream for it.
 
 paho runs its network loop on its own thread; ``on_message`` hands each message to the callback
 given at construction (the intake's thread-safe ``submit``).
@@ -59,6 +61,13 @@ InboundMessage = InMessage
 SESSION_EXPIRY_NEVER = 0xFFFFFFFF
 """MQTT 5 session expiry meaning "keep the session until the client comes back"."""
 
+SHARED_SESSION_EXPIRY_S = 30
+"""Session expiry of a replica in a shared group: a dead replica's session (and the share of the
+stream the broker parks in it) is dropped this long after its connection died, and the broker
+sends the stream to the live replicas. What the dropped session held unacknowledged is re-sent by
+agents whose ``uplink.ack`` is ``controller`` (they keep it until it is stored); with
+``uplink.ack: broker`` it is lost, so replicas need the stored-ack."""
+
 
 @dataclass(frozen=True)
 class Will:
@@ -89,6 +98,13 @@ class MqttConfig:
     tls_key_file: str | None = None
     will: Will | None = None
     clean_session: bool = False
+    session_expiry_s: int | None = None  # MQTT 5; None: never for one controller, SHARED_SESSION_EXPIRY_S in a shared group
+
+    def effective_session_expiry(self) -> int:
+        """Return the session expiry interval to connect with."""
+        if self.session_expiry_s is not None:
+            return self.session_expiry_s
+        return SHARED_SESSION_EXPIRY_S if self.shared_group else SESSION_EXPIRY_NEVER
 
     def settings(self) -> MqttSettings:
         """Return the core's connection settings for this config."""
@@ -129,7 +145,7 @@ class MqttAdapter(ThreadedLink):
             subscriptions=subscription_filters(config),
             qos=1,
             clean=config.clean_session,
-            session_expiry_s=SESSION_EXPIRY_NEVER,
+            session_expiry_s=config.effective_session_expiry(),
             manual_ack=True,
             will=OutMessage(w.topic, w.payload, qos=w.qos, retain=w.retain) if w is not None else None,
             on_connect=on_connect,

@@ -8,6 +8,9 @@ as Alembic revisions under ``fleet_controller/registry/migrations/versions``.
 
 from __future__ import annotations
 
+import os
+import stat
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import MetaData, Table, event
@@ -39,20 +42,51 @@ def table_of(model: type[Base]) -> Table:
     return table
 
 
+DB_FILE_MODE = 0o600
+"""Mode of the SQLite database and its ``-wal``/``-shm`` files: they hold password hashes, session
+and token hashes and the whole fleet's data, so only the controller's user may read them."""
+
+
+def private_sqlite_files(path: str | os.PathLike[str]) -> None:
+    """Create the SQLite file ``path`` 0600 if missing and make it and its -wal/-shm/-journal 0600.
+
+    SQLite creates the -wal and -shm files with the main file's mode, so a main file made 0600
+    before SQLite first opens it keeps all three private; files an older version left 0644 are
+    tightened here (on every new connection, one ``stat`` each).
+    """
+    p = Path(path)
+    if not p.exists():
+        p.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(p, os.O_CREAT | os.O_WRONLY, DB_FILE_MODE))
+    for f in (p, *(p.with_name(p.name + suffix) for suffix in ("-wal", "-shm", "-journal"))):
+        try:
+            if stat.S_IMODE(f.stat().st_mode) != DB_FILE_MODE:
+                f.chmod(DB_FILE_MODE)
+        except FileNotFoundError:
+            continue
+
+
 def create_engine(url: str, **kwargs: Any) -> Engine:
-    """Return an engine for ``url``; SQLite gets WAL, a busy timeout and foreign keys."""
+    """Return an engine for ``url``; SQLite gets WAL, a busy timeout, foreign keys and 0600 files."""
     u = make_url(url)
     if u.get_backend_name() == "sqlite":
         kwargs.setdefault("connect_args", {"timeout": 30, "check_same_thread": False})
+        db_file = u.database if u.database and u.database != ":memory:" and not u.database.startswith("file:") else None
+        if db_file:
+            private_sqlite_files(db_file)
         engine = _create_engine(url, **kwargs)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:  # pragma: no cover - trivial
+            if db_file:
+                private_sqlite_files(db_file)
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
+            if db_file:  # the -wal and -shm files exist only now
+                private_sqlite_files(db_file)
 
         return engine
     kwargs.setdefault("pool_pre_ping", True)

@@ -22,6 +22,7 @@ from sqlalchemy import (
     ForeignKeyConstraint,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
 )
@@ -40,6 +41,9 @@ class Shop(Base):
     labels: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     timezone: Mapped[str] = mapped_column(String(64), default="UTC")
     created_at: Mapped[float] = mapped_column(Float)
+    # The node whose reported state decides the shop's rollouts (``register_shop(applier=...)``;
+    # if never declared, the first node to report, trust on first use). Added by 0004_trust.
+    applier: Mapped[str | None] = mapped_column(String(63), nullable=True)
 
 
 class Node(Base):
@@ -69,6 +73,10 @@ class Node(Base):
     messages_total: Mapped[int] = mapped_column(Integer, default=0)
     duplicates_total: Mapped[int] = mapped_column(Integer, default=0)
     missing_total: Mapped[int] = mapped_column(Integer, default=0)
+    retired_epochs: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)  # 0004_quarantine
+    # 0015_exact_intake: the cursor's revision (compare-and-set between replicas) and reported evictions.
+    cursor_rev: Mapped[int] = mapped_column(BigInteger, default=0)
+    evicted_total: Mapped[int] = mapped_column(Integer, default=0)
     __table_args__ = (ForeignKeyConstraint(["shop_id"], ["shops.id"], ondelete="CASCADE"),)
 
 
@@ -144,11 +152,15 @@ class CommandResultRecord(Base):
 
 
 class ReportedStateRecord(Base):
-    """The latest state a shop reported for its desired state (one row per shop)."""
+    """The latest state each node reported about its shop's desired state (one row per node).
 
-    __tablename__ = "reported_states"
+    Only the row of the shop's ``applier`` counts for the shop (:meth:`RegistryReader.reported_states`).
+    Replaced the per-shop ``reported_states`` table in 0004_trust.
+    """
+
+    __tablename__ = "node_reported_states"
     shop_id: Mapped[str] = mapped_column(String(63), primary_key=True)
-    node_id: Mapped[str] = mapped_column(String(63))
+    node_id: Mapped[str] = mapped_column(String(63), primary_key=True)
     release: Mapped[str | None] = mapped_column(Text, nullable=True)
     revision: Mapped[int] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String(16))
@@ -156,3 +168,24 @@ class ReportedStateRecord(Base):
     objects: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
     ts: Mapped[float] = mapped_column(Float)
     received_at: Mapped[float] = mapped_column(Float)
+
+
+class QuarantinedMessage(Base):
+    """A message that parsed but could not be stored (or returned by the writer): kept raw for an operator.
+
+    Created by the Alembic revision ``0004_quarantine``. ``payload`` is capped
+    (``fleet_controller.registry.store.QUARANTINE_PAYLOAD_BYTES``); ``payload_bytes`` is the original size.
+    """
+
+    __tablename__ = "quarantine"
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    received_at: Mapped[float] = mapped_column(Float)
+    quarantined_at: Mapped[float] = mapped_column(Float)
+    topic: Mapped[str] = mapped_column(String(512))
+    shop_id: Mapped[str | None] = mapped_column(String(63), nullable=True)
+    node_id: Mapped[str | None] = mapped_column(String(63), nullable=True)
+    reason: Mapped[str] = mapped_column(String(32))
+    error: Mapped[str] = mapped_column(Text)
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    payload_bytes: Mapped[int] = mapped_column(Integer)
+    __table_args__ = (Index("ix_quarantine_reason", "reason", "id"),)

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import case, func, or_, select
 from sqlalchemy.engine import Engine, Row
 
+from edge_agent.protocol import FREE_FORM, check_free_form
 from fleet_controller.registry.db import table_of
 from fleet_controller.registry.models import (
     CommandResultRecord,
@@ -28,6 +29,7 @@ from fleet_controller.registry.models import (
     HeartbeatRecord,
     LatestReading,
     Node,
+    QuarantinedMessage,
     ReportedStateRecord,
     Shop,
 )
@@ -39,6 +41,7 @@ EVENTS = table_of(EventRecord)
 READINGS = table_of(LatestReading)
 RESULTS = table_of(CommandResultRecord)
 REPORTED = table_of(ReportedStateRecord)
+QUARANTINE = table_of(QuarantinedMessage)
 
 NodeKey = tuple[str, str]
 PRESENCE_STATES = ("online", "stale", "offline", "unknown")
@@ -78,7 +81,10 @@ class NodeSummary(_View):
     open_gaps: int = Field(description="Seqs below the watermark not received (yet).")
     messages_total: int
     duplicates_total: int
-    missing_total: int = Field(description="Seqs found missing since the node was first seen (filled ones included).")
+    missing_total: int = Field(
+        description="Seqs missing now: open gaps plus ones given up (a gap filled later, or reported evicted, no longer counts)."
+    )
+    evicted_total: int = Field(0, description="Seqs the node reported its outbox evicted unsent (never counted as missing).")
 
 
 class HeartbeatPoint(_View):
@@ -131,6 +137,8 @@ class ShopInfo(_View):
     labels: dict[str, str]
     timezone: str
     created_at: float
+    applier: str | None = None
+    """The node whose reported state decides the shop's rollouts (None: none declared or reported yet)."""
 
 
 class ShopSummary(ShopInfo):
@@ -160,7 +168,7 @@ class FleetReading(ReadingView):
 
 
 class ReportedStateView(_View):
-    """The latest state the shop reported for its desired state."""
+    """The latest state a node reported for its shop's desired state (for a shop: its applier's)."""
 
     node: str
     release: str | None
@@ -178,6 +186,9 @@ class ShopDetail(ShopInfo):
     nodes: list[NodeSummary]
     readings: list[ReadingView]
     reported_state: ReportedStateView | None
+    """The applier's report: the one that decides rollouts."""
+    node_reports: list[ReportedStateView] = []
+    """Every node's latest report, the applier's included (others are shown, never trusted)."""
 
 
 class EventView(_View):
@@ -236,7 +247,8 @@ class FleetTotals(_View):
 
 
 def _shop_info(r: Row[Any]) -> ShopInfo:
-    return ShopInfo(id=r.id, name=r.name, region=r.region, labels=r.labels or {}, timezone=r.timezone, created_at=r.created_at)
+    return ShopInfo(id=r.id, name=r.name, region=r.region, labels=r.labels or {}, timezone=r.timezone, created_at=r.created_at,
+                    applier=r.applier)
 
 
 def _node_fields(r: Row[Any]) -> dict[str, Any]:
@@ -247,7 +259,7 @@ def _node_fields(r: Row[Any]) -> dict[str, Any]:
         "session": r.session, "last_seen": r.last_seen, "first_seen": r.first_seen,
         "heartbeat_interval_s": r.heartbeat_interval_s, "epoch": r.epoch, "watermark": r.watermark,
         "open_gaps": sum(b - a + 1 for a, b in (r.gaps or [])), "messages_total": r.messages_total,
-        "duplicates_total": r.duplicates_total, "missing_total": r.missing_total,
+        "duplicates_total": r.duplicates_total, "missing_total": r.missing_total, "evicted_total": r.evicted_total,
     }
 
 
@@ -261,10 +273,41 @@ def _reported(rep: Row[Any]) -> ReportedStateView:
                              error=rep.error, objects=rep.objects or [], ts=rep.ts, received_at=rep.received_at)
 
 
+def displayable(data: Any) -> dict[str, Any]:
+    """Return stored free-form ``data`` if it is within the protocol's free-form limits, else a note saying why not.
+
+    Rows stored before the protocol bounded free-form values may nest hundreds of levels deep,
+    which the API's serialiser cannot render (every page holding one answered 500); such a value
+    is replaced, the row itself is still listed.
+    """
+    if not isinstance(data, dict):
+        return {}
+    try:
+        return check_free_form(data, FREE_FORM, "data")  # type: ignore[no-any-return]
+    except (ValueError, RecursionError) as exc:
+        return {"_unreadable": f"stored data exceeds the free-form limits and is not shown: {str(exc)[:200]}"}
+
+
 def _event(e: Row[Any]) -> EventView:
     return EventView(id=e.id, shop=e.shop_id, node=e.node_id, kind=e.kind, type=e.type, state=e.state,
-                     severity=e.severity, source=e.source, message=e.message, data=e.data or {}, at=e.at,
+                     severity=e.severity, source=e.source, message=e.message, data=displayable(e.data), at=e.at,
                      received_at=e.received_at, seq=e.seq)
+
+
+class QuarantineView(_View):
+    """A quarantined message: what arrived, when, and why it could not be stored."""
+
+    id: int
+    received_at: float
+    quarantined_at: float
+    topic: str
+    shop: str | None
+    node: str | None
+    reason: str = Field(description="store, writer, unexpected (see docs/controller.md).")
+    error: str
+    payload: str = Field(description="The payload as text (UTF-8, undecodable bytes replaced), at most 64 KiB.")
+    payload_bytes: int = Field(description="Size of the payload as received.")
+    truncated: bool = Field(description="Whether the stored payload was cut to 64 KiB.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,9 +383,9 @@ class RegistryReader:
                     select(READINGS).where(READINGS.c.shop_id == shop).order_by(READINGS.c.node_id, READINGS.c.source, READINGS.c.name)
                 )
             ]
-            rep = conn.execute(select(REPORTED).where(REPORTED.c.shop_id == shop)).first()
-        return ShopDetail(**_shop_info(r).model_dump(), nodes=nodes, readings=readings,
-                          reported_state=None if rep is None else _reported(rep))
+            reports = [_reported(x) for x in conn.execute(select(REPORTED).where(REPORTED.c.shop_id == shop).order_by(REPORTED.c.node_id))]
+        applied = next((x for x in reports if r.applier is not None and x.node == r.applier), None)
+        return ShopDetail(**_shop_info(r).model_dump(), nodes=nodes, readings=readings, reported_state=applied, node_reports=reports)
 
     # ----- nodes --------------------------------------------------------------------------------
 
@@ -453,19 +496,25 @@ class RegistryReader:
             ).all()
         return {shop: float(v) for shop, v in rows}
 
+    def _applier_reports(self) -> Any:
+        """Return a select of the reports of each shop's applier only: what decides rollouts."""
+        return select(REPORTED).join(SHOPS, (SHOPS.c.id == REPORTED.c.shop_id) & (SHOPS.c.applier == REPORTED.c.node_id))
+
     def reported_states(self, shops: Collection[str] | None = None) -> dict[str, ReportedStateView]:
-        """Return each shop's latest reported state (of ``shops`` when given)."""
+        """Return each shop's latest reported state (of ``shops`` when given): its applier node's report, no other node's."""
         if shops is not None and not shops:
             return {}
-        stmt = select(REPORTED)
+        stmt = self._applier_reports()
         if shops is not None:
             stmt = stmt.where(REPORTED.c.shop_id.in_(list(shops)))
         with self.engine.connect() as conn:
             return {r.shop_id: _reported(r) for r in conn.execute(stmt)}
 
     def reported_releases(self, *, applied_only: bool = False) -> dict[str, str]:
-        """Return the release each shop last reported (only reports of an applied state with ``applied_only``)."""
-        stmt = select(REPORTED.c.shop_id, REPORTED.c.release).where(REPORTED.c.release.is_not(None))
+        """Return the release each shop's applier last reported (only reports of an applied state with ``applied_only``)."""
+        stmt = (select(REPORTED.c.shop_id, REPORTED.c.release)
+                .join(SHOPS, (SHOPS.c.id == REPORTED.c.shop_id) & (SHOPS.c.applier == REPORTED.c.node_id))
+                .where(REPORTED.c.release.is_not(None)))
         if applied_only:
             stmt = stmt.where(REPORTED.c.status == "applied")
         with self.engine.connect() as conn:
@@ -503,6 +552,28 @@ class RegistryReader:
         with self.engine.connect() as conn:
             rows = conn.execute(select(EVENTS.c.type, func.count()).where(EVENTS.c.kind == kind).group_by(EVENTS.c.type)).all()
         return {t: int(n) for t, n in rows}
+
+    def list_quarantine(
+        self, *, reason: str | None = None, shop: str | None = None, limit: int = 50, offset: int = 0,
+    ) -> tuple[list[QuarantineView], int]:
+        """Return one page of quarantined messages (newest first) and how many match in all."""
+        conds = []
+        if reason:
+            conds.append(QUARANTINE.c.reason == reason)
+        if shop:
+            conds.append(QUARANTINE.c.shop_id == shop)
+        with self.engine.connect() as conn:
+            total = conn.execute(select(func.count()).select_from(QUARANTINE).where(*conds)).scalar_one()
+            rows = conn.execute(select(QUARANTINE).where(*conds).order_by(QUARANTINE.c.id.desc()).limit(limit).offset(offset))
+            items = [
+                QuarantineView(
+                    id=r.id, received_at=r.received_at, quarantined_at=r.quarantined_at, topic=r.topic, shop=r.shop_id,
+                    node=r.node_id, reason=r.reason, error=r.error, payload=bytes(r.payload).decode("utf-8", "replace"),
+                    payload_bytes=r.payload_bytes, truncated=len(r.payload) < r.payload_bytes,
+                )
+                for r in rows
+            ]
+        return items, int(total)
 
     def command_result(self, correlation_id: str) -> CommandResultView | None:
         """Return the stored answer to a command, or None while there is none."""

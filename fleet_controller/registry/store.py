@@ -32,6 +32,7 @@ from typing import Any
 from sqlalchemy import JSON, Table, bindparam, delete, func, insert, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from edge_agent.protocol import (
     Alert,
@@ -43,6 +44,7 @@ from edge_agent.protocol import (
     Telemetry,
     validate_id,
 )
+from fleet_controller.registry import series
 from fleet_controller.registry.bus import BusEvent
 from fleet_controller.registry.db import table_of
 from fleet_controller.registry.models import (
@@ -51,6 +53,7 @@ from fleet_controller.registry.models import (
     HeartbeatRecord,
     LatestReading,
     Node,
+    QuarantinedMessage,
     ReportedStateRecord,
     Shop,
 )
@@ -65,6 +68,42 @@ EVENTS = table_of(EventRecord)
 READINGS = table_of(LatestReading)
 RESULTS = table_of(CommandResultRecord)
 REPORTED = table_of(ReportedStateRecord)
+QUARANTINE = table_of(QuarantinedMessage)
+
+QUARANTINE_PAYLOAD_BYTES = 64 * 1024
+"""Bytes of a quarantined payload kept (its full size is recorded): enough to see what it was."""
+QUARANTINE_KEEP = 10_000
+"""Quarantined messages kept; retention deletes the oldest beyond it, so a flood cannot fill the disk."""
+QUARANTINE_ERROR_CHARS = 2000
+
+# SQLSTATE classes that mean "the database is unavailable", not "this row is bad": connection
+# exceptions, insufficient resources, operator intervention (shutdown), system errors,
+# serialization failures and deadlocks (retrying helps).
+_UNAVAILABLE_SQLSTATE_CLASSES = frozenset({"08", "53", "57", "58", "40"})
+# SQLite has no SQLSTATE: these texts of its OperationalError mean the file, not the row.
+_UNAVAILABLE_SQLITE_TEXTS = ("locked", "busy", "unable to open", "disk i/o", "disk is full", "readonly", "no such table")
+
+
+def store_unavailable(exc: BaseException) -> bool:
+    """Return whether ``exc`` says the database is unavailable (hold the stream and retry) rather than refusing one message.
+
+    Only this kind of failure may hold the intake: anything else is blamed on the messages being
+    stored, which are then stored one by one and the failing one quarantined.
+    """
+    if isinstance(exc, InterfaceError) or getattr(exc, "connection_invalidated", False):
+        return True
+    if not isinstance(exc, OperationalError):
+        return False
+    orig = exc.orig
+    code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    if code:
+        return str(code)[:2] in _UNAVAILABLE_SQLSTATE_CLASSES
+    text = str(orig).lower()
+    return any(t in text for t in _UNAVAILABLE_SQLITE_TEXTS) or not text or "connection" in text
+
+
+MAX_RETIRED_EPOCHS = 64
+"""Epochs a node has left that the cursor remembers (and refuses); beyond it the oldest are forgotten."""
 
 NodeKey = tuple[str, str]
 PresenceChange = tuple[NodeKey, str, "PresenceView", float | None]
@@ -88,21 +127,50 @@ class SeqCursor:
     """Where a node's message stream stands: epoch, highest seq seen, and missing ranges below it.
 
     ``gaps`` are sorted, disjoint, inclusive ``(first, last)`` ranges of seqs not yet received.
+    ``retired`` are the epochs the node has left (oldest first, at most ``MAX_RETIRED_EPOCHS``):
+    an epoch only moves forward. ``pending`` is ``(epoch, seq, run)`` of the last refused seq jump
+    and how many consecutive seqs followed it (in memory only; see the intake's ``advance``).
+    ``rev`` is the revision of the stored cursor row this value was read from (or written as):
+    the writer updates the row only while it still holds that revision (see :class:`CursorConflict`).
     """
 
     epoch: str = ""
     watermark: int = 0
     gaps: tuple[tuple[int, int], ...] = ()
+    retired: tuple[str, ...] = ()
+    pending: tuple[str, int, int] | None = None
+    rev: int = 0
+
+
+class CursorConflict(Exception):
+    """Another writer (a second controller replica) moved a node's cursor since this one read it.
+
+    Raised inside the batch's transaction, so nothing of the batch is stored; the intake reloads
+    the cursors of ``keys`` from the database and decides the batch again.
+    """
+
+    def __init__(self, keys: Sequence[NodeKey]) -> None:
+        super().__init__(f"{len(keys)} node cursor(s) moved by another writer")
+        self.keys = tuple(keys)
 
 
 @dataclass(frozen=True)
 class NodeUpdate:
-    """What one batch changed about one node's stream: the new cursor and counter increments."""
+    """What one batch changed about one node's stream: the new cursor and counter increments.
+
+    ``missing`` is a net change: seqs that became missing less those filled by late arrivals or
+    reported evicted, so ``missing_total`` says how many are missing now (open or given up).
+    With ``check_rev`` (what the intake sets), the update applies only while the row still holds
+    revision ``cursor.rev``, else :class:`CursorConflict` is raised; without it (tests and tools
+    writing a cursor directly) the row is overwritten. Either way the row's revision is bumped.
+    """
 
     cursor: SeqCursor
     messages: int = 0
     duplicates: int = 0
     missing: int = 0
+    evicted: int = 0
+    check_rev: bool = False
 
 
 @dataclass(frozen=True)
@@ -122,6 +190,17 @@ class WriteBatch:
     presences: list[tuple[Presence, float]] = field(default_factory=list)
     nodes: dict[NodeKey, NodeUpdate] = field(default_factory=dict)
     seen: dict[NodeKey, float] = field(default_factory=dict)
+    max_session_jump: int | None = None  # a birth or Will further above the held session is refused
+    session_jumps: int = 0  # set by write_batch: presences refused by max_session_jump
+
+
+def session_jump(current: PresenceView, msg: Presence, max_jump: int | None) -> bool:
+    """Return whether ``msg`` claims a session absurdly far above the one the registry holds.
+
+    A node seen for the first time (session 0) may start anywhere: agents of older versions
+    counted connection attempts, not connections, and can hold large numbers legitimately.
+    """
+    return max_jump is not None and current.session > 0 and msg.session > current.session + max_jump
 
 
 def decide_presence(current: PresenceView, msg: Presence) -> PresenceView | None:
@@ -181,6 +260,8 @@ class RegistryStore:
         # changes of a transaction are staged in _pending_presence until it commits.
         self._presence: dict[NodeKey, PresenceView] = {}
         self._pending_presence: dict[NodeKey, PresenceView] = {}
+        self.reports_refused = 0
+        """Reported states dropped because their node is not in the registry (never created from a report)."""
 
     # ----- helpers ---------------------------------------------------------------------------
 
@@ -237,12 +318,16 @@ class RegistryStore:
             return out
         with self.engine.connect() as conn:
             rows = conn.execute(
-                select(NODES.c.shop_id, NODES.c.node_id, NODES.c.epoch, NODES.c.watermark, NODES.c.gaps).where(
+                select(NODES.c.shop_id, NODES.c.node_id, NODES.c.epoch, NODES.c.watermark, NODES.c.gaps, NODES.c.retired_epochs,
+                       NODES.c.cursor_rev).where(
                     tuple_(NODES.c.shop_id, NODES.c.node_id).in_(keys)
                 )
             )
-            for shop, node, epoch, watermark, gaps in rows:
-                out[(shop, node)] = SeqCursor(epoch, int(watermark), tuple((int(a), int(b)) for a, b in (gaps or [])))
+            for shop, node, epoch, watermark, gaps, retired, rev in rows:
+                out[(shop, node)] = SeqCursor(
+                    epoch, int(watermark), tuple((int(a), int(b)) for a, b in (gaps or [])), tuple(str(e) for e in (retired or [])),
+                    rev=int(rev or 0),
+                )
         return out
 
     def write_batch(self, batch: WriteBatch, now: float | None = None) -> list[BusEvent]:
@@ -250,12 +335,20 @@ class RegistryStore:
         now = time.time() if now is None else now
         events: list[BusEvent] = []
         keys = set(batch.nodes) | set(batch.seen) | {(p.shop, p.node) for p, _ in batch.presences}
+        # A reported state never creates a node (a node that has not announced itself cannot
+        # speak for its shop): keys only reports name must already be known.
+        others = {(m.shop, m.node) for m, _ in batch.uplinks if not isinstance(m, ReportedState)}
+        others |= {(p.shop, p.node) for p, _ in batch.presences}
+        report_only = {(m.shop, m.node) for m, _ in batch.uplinks if isinstance(m, ReportedState)} - others
         self._pending_presence = {}
         with self.engine.begin() as conn:
-            created, known = self._ensure(conn, sorted(keys), now)
+            unknown = self._unknown(conn, report_only)
+            created, known = self._ensure(conn, sorted(keys - unknown), now)
             events += created
-            facts = self._store_uplinks(conn, batch, now, events)
-            events += self._store_presences(conn, batch.presences, now)
+            facts = self._store_uplinks(conn, batch, now, events, unknown)
+            series.store_points(conn, batch.uplinks)
+            presence_events, batch.session_jumps = self._store_presences(conn, batch.presences, now, batch.max_session_jump)
+            events += presence_events
             self._update_nodes(conn, batch, facts)
             events += self._revive(conn, batch, now)
         # Only committed rows are known; a rolled-back batch must create them again.
@@ -264,8 +357,18 @@ class RegistryStore:
         self._presence.update(self._pending_presence)
         return events
 
+    def _unknown(self, conn: Connection, keys: set[NodeKey]) -> set[NodeKey]:
+        """Return the keys among ``keys`` that are not in the registry."""
+        keys = keys - self._known_nodes
+        if not keys:
+            return set()
+        found = {tuple(r) for r in conn.execute(
+            select(NODES.c.shop_id, NODES.c.node_id).where(tuple_(NODES.c.shop_id, NODES.c.node_id).in_(sorted(keys)))
+        )}
+        return {k for k in keys if k not in found}
+
     def _store_uplinks(
-        self, conn: Connection, batch: WriteBatch, now: float, out: list[BusEvent]
+        self, conn: Connection, batch: WriteBatch, now: float, out: list[BusEvent], unknown: set[NodeKey] = frozenset(),  # type: ignore[assignment]
     ) -> dict[NodeKey, tuple[Heartbeat, str, str]]:
         """Insert history, upsert latest values; append bus events to ``out``.
 
@@ -277,7 +380,7 @@ class RegistryStore:
         readings: dict[tuple[str, str, str, str], dict[str, Any]] = {}
         event_rows: list[dict[str, Any]] = []
         results: dict[str, dict[str, Any]] = {}
-        reported: dict[str, dict[str, Any]] = {}
+        reported: dict[NodeKey, dict[str, Any]] = {}
         for msg, received in batch.uplinks:
             key = (msg.shop, msg.node)
             if isinstance(msg, Heartbeat):
@@ -323,7 +426,13 @@ class RegistryStore:
                     "result": dict(msg.result), "error": msg.error, "ts": msg.ts, "received_at": received,
                 }
             elif isinstance(msg, ReportedState):
-                reported[msg.shop] = {
+                if key in unknown:
+                    self.reports_refused += 1
+                    log.warning("reported state from unknown node %s/%s dropped: a report never creates a node "
+                                "(the node must send its birth or a heartbeat first)", msg.shop, msg.node)
+                    out.append(BusEvent("report_refused", msg.shop, msg.node, {"reason": "unknown_node", "revision": msg.revision}, now))
+                    continue
+                reported[key] = {
                     "shop_id": msg.shop, "node_id": msg.node, "release": msg.release, "revision": msg.revision,
                     "status": msg.status, "error": msg.error, "objects": [o.model_dump(mode="json") for o in msg.objects],
                     "ts": msg.ts, "received_at": received,
@@ -332,13 +441,30 @@ class RegistryStore:
             self._insert_many(conn, HEARTBEATS, _HEARTBEAT_COLUMNS, heartbeats)
         self._upsert(conn, READINGS, list(readings.values()), ("shop_id", "node_id", "source", "name"))
         self._upsert(conn, RESULTS, list(results.values()), ("correlation_id",))
-        self._upsert(conn, REPORTED, list(reported.values()), ("shop_id",))
+        self._upsert(conn, REPORTED, list(reported.values()), ("shop_id", "node_id"))
+        self._claim_applier(conn, reported)
         if event_rows:
             ids = conn.execute(insert(EVENTS).returning(EVENTS.c.id, sort_by_parameter_order=True), event_rows).scalars().all()
             for row_id, row in zip(ids, event_rows, strict=False):
                 out.append(BusEvent(row["kind"], row["shop_id"], row["node_id"], {"id": row_id, **row}, now))
-        out += [BusEvent("reported_state", s, r["node_id"], r, now) for s, r in reported.items()]
+        out += [BusEvent("reported_state", s, n, r, now) for (s, n), r in reported.items()]
         return facts
+
+    def _claim_applier(self, conn: Connection, reported: dict[NodeKey, dict[str, Any]]) -> None:
+        """Make the first node to report on a shop without a declared applier its applier (trust on first use).
+
+        Only for shops nobody declared: a declared applier (``register_shop(applier=...)``) is never
+        replaced by a report, so a compromised sibling node cannot take the role later.
+        """
+        shops = sorted({s for s, _ in reported})
+        if not shops:
+            return
+        open_shops = set(conn.scalars(select(SHOPS.c.id).where(SHOPS.c.id.in_(shops), SHOPS.c.applier.is_(None))))
+        for shop in sorted(open_shops):
+            node = min(n for s, n in reported if s == shop)
+            conn.execute(update(SHOPS).where(SHOPS.c.id == shop, SHOPS.c.applier.is_(None)).values(applier=node))
+            log.warning("shop %s had no declared applier: %s, the first node to report, is now its applier "
+                        "(declare it with PUT /api/v1/shops/%s {\"applier\": ...} to change it)", shop, node, shop)
 
     def _presence_of(self, conn: Connection, keys: Iterable[NodeKey]) -> dict[NodeKey, PresenceView]:
         """Return the presence of ``keys``, from the writer's cache or the database."""
@@ -399,14 +525,25 @@ class RegistryStore:
         conn.execute(insert(EVENTS), events)
         return out
 
-    def _store_presences(self, conn: Connection, presences: list[tuple[Presence, float]], now: float) -> list[BusEvent]:
+    def _store_presences(
+        self, conn: Connection, presences: list[tuple[Presence, float]], now: float, max_session_jump: int | None = None
+    ) -> tuple[list[BusEvent], int]:
+        """Apply births and Wills; return the changes and how many were refused for a session jump."""
         if not presences:
-            return []
+            return [], 0
+        jumps = 0
         state = self._presence_of(conn, sorted({(p.shop, p.node) for p, _ in presences}))
         changes: list[PresenceChange] = []
         for msg, received in presences:
             key = (msg.shop, msg.node)
             current = state[key]
+            if session_jump(current, msg, max_session_jump):
+                jumps += 1
+                log.warning(
+                    "refusing %s presence of %s/%s: session %s is more than %s above the held session %s",
+                    msg.state, msg.shop, msg.node, msg.session, max_session_jump, current.session,
+                )
+                continue
             new = decide_presence(current, msg)
             if new is None:
                 log.info(
@@ -416,35 +553,51 @@ class RegistryStore:
                 continue
             changes.append((key, current.presence, new, received if msg.state == "online" else None))
             state[key] = new
-        return self._set_presences(conn, changes, now)
+        return self._set_presences(conn, changes, now), jumps
 
     def _update_nodes(self, conn: Connection, batch: WriteBatch, facts: dict[NodeKey, tuple[Heartbeat, str, str]]) -> None:
         """Update facts, sequence cursor, counters and last_seen of every node in the batch, one statement per row shape."""
-        groups: dict[tuple[bool, bool], list[tuple[Any, ...]]] = {}
+        groups: dict[tuple[bool, bool, bool], list[tuple[Any, ...]]] = {}
         for key, seen in batch.seen.items():
             u = batch.nodes.get(key)
             latest = facts.get(key)
             row: tuple[Any, ...] = (seen,)
             if u is not None:
                 c = u.cursor
-                row += (c.epoch, c.watermark, _gaps_text(c.gaps), u.messages, u.duplicates, u.missing)
+                row += (c.epoch, c.watermark, _gaps_text(c.gaps), json.dumps(c.retired) if c.retired else None,
+                        u.messages, u.duplicates, u.missing, u.evicted)
             if latest is not None:  # in _FACT_COLUMNS order
                 hb, metrics, pipelines = latest
                 f = hb.facts
                 row += (json.dumps(f.__dict__), f.arch, f.node_class, f.agent_version, hb.release, pipelines, metrics,
                         hb.ts, hb.interval_s)
-            groups.setdefault((u is not None, latest is not None), []).append(row + key)
+            row += key
+            cas = u is not None and u.check_rev
+            if cas:
+                row += (u.cursor.rev,)  # type: ignore[union-attr]
+            groups.setdefault((u is not None, cas, latest is not None), []).append(row)
         ph = self._placeholder
         greatest = "MAX" if self._dialect == "sqlite" else "GREATEST"
-        for (has_cursor, has_facts), rows in groups.items():
+        for (has_cursor, cas, has_facts), rows in groups.items():
             sets = [f"last_seen = {greatest}(COALESCE(last_seen, 0), {ph()})"]
             if has_cursor:
-                sets += [f"epoch = {ph()}", f"watermark = {ph()}", f"gaps = {ph(True)}", f"messages_total = messages_total + {ph()}",
-                         f"duplicates_total = duplicates_total + {ph()}", f"missing_total = missing_total + {ph()}"]
+                sets += [f"epoch = {ph()}", f"watermark = {ph()}", f"gaps = {ph(True)}", f"retired_epochs = {ph(True)}",
+                         f"messages_total = messages_total + {ph()}",
+                         f"duplicates_total = duplicates_total + {ph()}", f"missing_total = missing_total + {ph()}",
+                         f"evicted_total = evicted_total + {ph()}", "cursor_rev = cursor_rev + 1"]
             if has_facts:
                 sets += [f'"{c}" = {ph(c in _NODE_JSON)}' for c in _FACT_COLUMNS]
-            sql = f"UPDATE nodes SET {', '.join(sets)} WHERE shop_id = {ph()} AND node_id = {ph()}"
-            conn.exec_driver_sql(sql, rows)
+            where = f"shop_id = {ph()} AND node_id = {ph()}" + (f" AND cursor_rev = {ph()}" if cas else "")
+            sql = f"UPDATE nodes SET {', '.join(sets)} WHERE {where}"
+            if not cas:
+                conn.exec_driver_sql(sql, rows)
+                continue
+            # Compare-and-set: a row another writer moved since we read its cursor matches nothing,
+            # and the rows matched fall short. (The drivers' executemany reports only the total, so
+            # a conflict reloads every node of the group; conflicts are rare, the hot path stays one call.)
+            rows.sort(key=lambda r: r[-3:-1])  # one lock order for every replica: their batches cannot deadlock
+            if conn.exec_driver_sql(sql, rows).rowcount != len(rows):
+                raise CursorConflict([r[-3:-1] for r in rows])
 
     def _placeholder(self, json_value: bool = False) -> str:
         if self._dialect == "sqlite":
@@ -508,19 +661,31 @@ class RegistryStore:
                 over = select(ranked.c.id).where(ranked.c.rn > keep)
                 n += conn.execute(delete(table).where(table.c.id.in_(over))).rowcount
                 deleted[table.name] = n
+            deleted.update(series.maintain(conn, settings.series, now))
+            newest_kept = select(QUARANTINE.c.id).order_by(QUARANTINE.c.id.desc()).offset(QUARANTINE_KEEP).limit(1).scalar_subquery()
+            deleted["quarantine"] = conn.execute(delete(QUARANTINE).where(QUARANTINE.c.id <= newest_kept)).rowcount
         return deleted
 
     def register_shop(
         self, shop: str, *, name: str | None = None, region: str | None = None,
-        labels: dict[str, str] | None = None, timezone: str | None = None, now: float | None = None,
+        labels: dict[str, str] | None = None, timezone: str | None = None, applier: str | None = None,
+        now: float | None = None,
     ) -> None:
-        """Create a shop or update its name, region, labels and timezone."""
+        """Create a shop or update its name, region, labels, timezone and applier.
+
+        ``applier`` declares the node whose reported state decides the shop's rollouts; reports of
+        every other node of the shop are stored but never decide anything.
+        """
         validate_id(shop, "shop id")
+        if applier is not None:
+            validate_id(applier, "applier node id")
         now = time.time() if now is None else now
-        values = {k: v for k, v in {"name": name, "region": region, "labels": labels, "timezone": timezone}.items() if v is not None}
+        values = {k: v for k, v in {"name": name, "region": region, "labels": labels, "timezone": timezone, "applier": applier}.items()
+                  if v is not None}
         with self.engine.begin() as conn:
             stmt = self._insert(SHOPS).values(
-                id=shop, name=name or shop, region=region or "", labels=labels or {}, timezone=timezone or "UTC", created_at=now
+                id=shop, name=name or shop, region=region or "", labels=labels or {}, timezone=timezone or "UTC", created_at=now,
+                applier=applier,
             )
             if values:
                 stmt = stmt.on_conflict_do_update(index_elements=["id"], set_=values)
@@ -528,3 +693,40 @@ class RegistryStore:
                 stmt = stmt.on_conflict_do_nothing()
             conn.execute(stmt)
         self._known_shops.add(shop)
+
+
+@dataclass(frozen=True)
+class Quarantined:
+    """One message to keep in the dead-letter table: what arrived, and why it could not be stored."""
+
+    topic: str
+    payload: bytes
+    received_at: float
+    reason: str
+    error: str
+    shop: str | None = None
+    node: str | None = None
+
+
+def _clean_text(text: str, limit: int) -> str:
+    # PostgreSQL refuses NUL in text, and the error text may quote the very payload that held one.
+    return text.replace("\x00", "\\0")[:limit]
+
+
+def quarantine_row(q: Quarantined, now: float) -> dict[str, Any]:
+    """Return the ``quarantine`` row for ``q``: topic, error and payload capped, NULs escaped."""
+    return {
+        "received_at": q.received_at, "quarantined_at": now, "topic": _clean_text(q.topic, 512),
+        "shop_id": q.shop, "node_id": q.node, "reason": q.reason[:32],
+        "error": _clean_text(q.error, QUARANTINE_ERROR_CHARS),
+        "payload": bytes(q.payload[:QUARANTINE_PAYLOAD_BYTES]), "payload_bytes": len(q.payload),
+    }
+
+
+def store_quarantined(engine: Engine, items: Sequence[Quarantined], now: float | None = None) -> None:
+    """Insert ``items`` into the dead-letter table in one transaction (raises what the database raises)."""
+    if not items:
+        return
+    now = time.time() if now is None else now
+    with engine.begin() as conn:
+        conn.execute(insert(QUARANTINE), [quarantine_row(q, now) for q in items])

@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,12 +45,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--name", required=True, help="unique release name: lowercase letters, digits, '.' and '-'")
     p.add_argument("--version", required=True, help="version people read, e.g. 2026.11.2")
     p.add_argument("--image", action="append", default=[], metavar="COMPONENT=REGISTRY/REPO:TAG",
-                   help="image of one component (container name: agent, vision, vision-gpu, sensor-driver, mosquitto, fluent-bit, "
+                   help="image of one component (container name: agent, applier, vision, vision-gpu, sensor-driver, mosquitto, fluent-bit, "
                         "device-plugin); repeat per component. A tag is resolved to its index digest from the registry, which "
                         "must carry every arch the fleet's nodes running that component have; REPO@sha256:DIGEST is taken as given")
     p.add_argument("--insecure-registry", action="append", default=[], metavar="HOST:PORT",
                    help="talk plain HTTP to this registry when resolving tags (loopback registries always are); repeat")
-    p.add_argument("--model", metavar="DIR", help="model package directory; its sha256 over every file is pinned in the release")
+    p.add_argument("--model", metavar="DIR", help="model package directory: stored on the controller (shops download it from there), its sha256 over every file pinned in the release")
     p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
                    help="free-form release label, stored and shown with the release (repeat for several)")
     _add_backend(p)
@@ -136,6 +137,24 @@ class _Api:
             raise CliError(f"controller said {r.status_code}: {detail}")
         return r.json()
 
+    def upload_model(self, path: Path) -> Any:
+        """Upload model package ``path`` (as its deterministic tar) to ``POST /api/v1/models``; return its reference."""
+        import httpx
+
+        from fleet_controller.rollout.models_store import write_archive
+
+        with tempfile.TemporaryFile() as tmp:
+            write_archive(path, tmp)
+            tmp.seek(0)
+            try:
+                r = self._c.post("/api/v1/models", params={"name": path.name}, content=tmp.read(),
+                                 headers={"Content-Type": "application/x-tar"}, timeout=600)
+            except httpx.HTTPError as exc:
+                raise CliError(f"cannot upload model package {path}: {exc}; check --api") from None
+        if r.status_code >= 400:
+            raise CliError(f"controller refused model package {path}: {r.status_code} {r.text[:500]}")
+        return r.json()
+
 
 class CliError(Exception):
     """A failure to report as one line and exit 1."""
@@ -192,10 +211,12 @@ def _release_create(args: argparse.Namespace) -> int:
 
     from fleet_controller.rollout.manifests import DIGEST_RE
     from fleet_controller.rollout.releases import (
+        ModelRef,
         ReleaseSpec,
         ReleaseStore,
         model_package_digest,
         parse_image_args,
+        store_model,
     )
 
     labels = {}
@@ -204,11 +225,15 @@ def _release_create(args: argparse.Namespace) -> int:
         if not sep or not k:
             raise CliError(f"--label {item!r}: write KEY=VALUE")
         labels[k] = v
-    model = model_package_digest(args.model) if args.model else None
     images = parse_image_args(args.image)
+    model = model_package_digest(args.model) if args.model else None  # refuses a missing or empty package before any upload
     kind, be = _backend(args)
     if any(not DIGEST_RE.match(ref) for ref in images.values()):
+        # Before the model is stored: an image that cannot be pinned leaves nothing behind.
         images = _resolve_images(images, kind, be, args.insecure_registry)
+    if args.model:
+        # The package is stored on the controller (shops download it from there); the release pins what was stored.
+        model = store_model(be, args.model) if kind == "db" else ModelRef(**be.upload_model(Path(args.model)))
     try:
         spec = ReleaseSpec(name=args.name, version=args.version, images=images, model=model, labels=labels)
     except ValidationError as exc:
@@ -336,7 +361,15 @@ def _rollout_action(args: argparse.Namespace) -> int:
     from fleet_controller.rollout.store import request_action
 
     kind, be = _backend(args)
-    st = request_action(be, args.id, args.action, args.reason) if kind == "db" else be.call("POST", f"/rollouts/{args.id}/{args.action}", {"reason": args.reason})
+    if kind == "db":
+        st = request_action(be, args.id, args.action, args.reason)
+    else:
+        body = {"reason": args.reason}
+        if args.action in ("abort", "rollback"):  # the API acts only on the scope it showed (its token)
+            shown = be.call("GET", f"/rollouts/{args.id}/{args.action}/scope")
+            body["confirm"] = shown["token"]
+            print(shown["scope"], file=sys.stderr)
+        st = be.call("POST", f"/rollouts/{args.id}/{args.action}", body)
     _print(args, st, _status_text(st))
     return EXIT_OK
 

@@ -43,6 +43,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from edge_agent.protocol import Topics, encode
 from fleet_controller.registry.db import table_of
+from fleet_controller.registry.maintenance import shops_in_maintenance
 from fleet_controller.registry.read import RegistryReader
 from fleet_controller.rollout import manifests
 from fleet_controller.rollout.gates import NodeHealth, ReadingValue
@@ -76,6 +77,7 @@ from fleet_controller.rollout.store import (
     RSHOPS,
     load_fleet,
     log_event,
+    record_failure,
 )
 from fleet_controller.settings import ExecutorSettings
 
@@ -203,14 +205,16 @@ class RolloutExecutor:
 
     # ----- one rollout ----------------------------------------------------------------------
 
-    def _move(self, rollout_id: int, shop: str, expect: str, now: float, **values: Any) -> bool:
-        """Change one shop's row if it is still in state ``expect``; log the step; return whether it moved."""
+    def _move(self, rollout_id: int, shop: str, expect: str, now: float, failure: MoveShop | None = None, **values: Any) -> bool:
+        """Change one shop's row if it is still in state ``expect``; log the step (and ``failure``, for good); return whether it moved."""
         with self.engine.begin() as conn:
             n = conn.execute(
                 update(RSHOPS).where(RSHOPS.c.rollout_id == rollout_id, RSHOPS.c.shop_id == shop, RSHOPS.c.state == expect).values(**values)
             ).rowcount
             if n and "state" in values:
                 log_event(conn, rollout_id, values["state"], values.get("reason", ""), shop=shop, now=now)
+            if n and failure is not None and failure.gate is not None:
+                record_failure(conn, rollout_id, shop, failure.gate, values.get("reason", ""), failure.value, failure.threshold, now)
         return n == 1
 
     def _set_rollout(self, rollout_id: int, now: float, kind: str, message: str, **values: Any) -> None:
@@ -262,6 +266,7 @@ class RolloutExecutor:
             health=self._node_health([x.shop_id for x in shops if x.state in ("applying", "baking")]),
             readings=self._readings(pending) if policy.windows.idle is not None and pending else {},
             published_at=published,
+            maintenance=shops_in_maintenance(self.engine, now) if pending else frozenset(),
         )
 
     def _apply(self, rollout_id: int, state: StepInput, actions: list[Action]) -> None:
@@ -270,7 +275,7 @@ class RolloutExecutor:
         jobs: list[tuple[str, ReleaseSpec, int, FleetShop | None, str]] = []
         for a in actions:
             if isinstance(a, MoveShop):
-                if self._move(rollout_id, a.shop, a.expect, now, **a.values):
+                if self._move(rollout_id, a.shop, a.expect, now, a, **a.values):
                     if a.gate is not None:
                         self.metrics.gate_failures.labels(a.gate).inc()
                         log.warning("rollout %s: shop %s failed (%s): %s", rollout_id, a.shop, a.gate, a.values.get("reason", ""))

@@ -45,12 +45,18 @@ class ReadingValue:
 
 @dataclass(frozen=True)
 class GateVerdict:
-    """Outcome of the gates: ``state`` pass/fail/wait, the failing ``gate`` and a human ``reason``."""
+    """Outcome of the gates: ``state`` pass/fail/wait, the failing ``gate`` and a human ``reason``.
+
+    On a failure, ``value`` and ``threshold`` are the measured number and the limit it crossed
+    (``None`` for a gate that is not a number, such as a failed pipeline): the rollout keeps them.
+    """
 
     state: Literal["pass", "fail", "wait"]
     gate: str = ""
     reason: str = ""
     baseline: Mapping[str, float] = field(default_factory=dict)
+    value: float | None = None
+    threshold: float | None = None
 
 
 def _errors(nodes: Sequence[NodeHealth]) -> float:
@@ -66,7 +72,8 @@ def evaluate_gates(gates: Gates, nodes: Sequence[NodeHealth], applied_at: float,
         why = f"{len(online)} of {len(nodes)} nodes online, need {gates.min_nodes_online:.0%}"
         since = baseline.get("offline_since", now)
         if now - since >= gates.offline_grace_s:
-            return GateVerdict("fail", "nodes_online", f"{why} for {now - since:.0f}s")
+            return GateVerdict("fail", "nodes_online", f"{why} for {now - since:.0f}s",
+                               value=len(online) / len(nodes), threshold=gates.min_nodes_online)
         return GateVerdict("wait", reason=why, baseline={**baseline, "offline_since": since})
     baseline = {k: v for k, v in baseline.items() if k != "offline_since"}
     fresh = [n for n in online if n.facts_at is not None and n.facts_at >= applied_at]
@@ -78,15 +85,16 @@ def evaluate_gates(gates: Gates, nodes: Sequence[NodeHealth], applied_at: float,
                 return GateVerdict("fail", "pipeline_state", f"{n.node}/{name} is {p.get('state')}: {p.get('detail', '')}".rstrip(": "))
             fps = p.get("fps")
             if gates.min_fps is not None and p.get("kind") == "vision" and p.get("state") == "running" and fps is not None and fps < gates.min_fps:
-                return GateVerdict("fail", "fps", f"{n.node}/{name} runs at {fps:.1f} fps, below {gates.min_fps}")
+                return GateVerdict("fail", "fps", f"{n.node}/{name} runs at {fps:.1f} fps, below {gates.min_fps}",
+                                   value=float(fps), threshold=gates.min_fps)
         for g in gates.metrics:
             value = n.metrics.get(g.metric)
             if value is None:
                 continue
             if g.max is not None and value > g.max:
-                return GateVerdict("fail", "metric", f"{n.node} reports {g.metric}={value:g}, above {g.max:g}")
+                return GateVerdict("fail", "metric", f"{n.node} reports {g.metric}={value:g}, above {g.max:g}", value=value, threshold=g.max)
             if g.min is not None and value < g.min:
-                return GateVerdict("fail", "metric", f"{n.node} reports {g.metric}={value:g}, below {g.min:g}")
+                return GateVerdict("fail", "metric", f"{n.node} reports {g.metric}={value:g}, below {g.min:g}", value=value, threshold=g.min)
     errors = _errors(fresh)
     if "errors" not in baseline:
         return GateVerdict("pass", baseline={"errors": errors, "at": now})
@@ -94,7 +102,8 @@ def evaluate_gates(gates: Gates, nodes: Sequence[NodeHealth], applied_at: float,
         minutes = max((now - baseline["at"]) / 60.0, 1e-9)
         added = errors - baseline["errors"]
         if added > 0 and now > baseline["at"] and added / minutes > gates.max_errors_per_minute:
-            return GateVerdict("fail", "error_rate", f"{added:g} pipeline errors in {minutes * 60:.0f}s ({added / minutes:.1f}/min), limit {gates.max_errors_per_minute:g}/min", baseline)
+            return GateVerdict("fail", "error_rate", f"{added:g} pipeline errors in {minutes * 60:.0f}s ({added / minutes:.1f}/min), limit {gates.max_errors_per_minute:g}/min", baseline,
+                               value=added / minutes, threshold=gates.max_errors_per_minute)
     return GateVerdict("pass", baseline=baseline)
 
 

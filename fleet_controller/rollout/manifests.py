@@ -183,16 +183,24 @@ def render_objects(base: Sequence[Mapping[str, Any]], target: ShopTarget, releas
                 LABEL_MANAGED: MANAGED_BY,
             }
         )
+        pinned: dict[str, str] = {}  # base image repository -> the release's image for it
         for c in _containers(obj):
             if c.get("name") in release.images:
+                pinned[str(c.get("image", "")).split("@", 1)[0]] = release.images[c["name"]]
                 c["image"] = release.images[c["name"]]
+        for c in _containers(obj):
+            # A helper container of the same image (the vision pods' model-stage init container)
+            # runs the release's build too, never the manifests' base digest.
+            if c.get("name") not in release.images and str(c.get("image", "")).split("@", 1)[0] in pinned:
+                c["image"] = pinned[str(c["image"]).split("@", 1)[0]]
+        # Pod templates get nothing per release but what their pods run: the images above and, for
+        # vision, the model. So only pods whose spec really changes restart (the shop broker and the
+        # log shipper do not drop their connections on every release); the release name is on the
+        # object's labels, which a rollout does not restart on.
         pod_spec = _pod_spec(obj)
-        if pod_spec is not None:
+        if pod_spec is not None and (meta.get("labels") or {}).get("app.kubernetes.io/component") == "vision" and release.model_sha256:
             tmeta = obj["spec"]["template"].setdefault("metadata", {}) if obj["kind"] != "Pod" else meta
-            ann = tmeta.setdefault("annotations", {})
-            ann[LABEL_RELEASE] = release.release
-            if (meta.get("labels") or {}).get("app.kubernetes.io/component") == "vision" and release.model_sha256:
-                ann[ANNOTATION_MODEL] = release.model_sha256
+            tmeta.setdefault("annotations", {})[ANNOTATION_MODEL] = release.model_sha256
         out.append(obj)
     return out
 

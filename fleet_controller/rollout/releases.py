@@ -27,6 +27,14 @@ from sqlalchemy.orm import Session
 from edge_agent.protocol import DesiredState
 from fleet_controller.rollout import manifests
 from fleet_controller.rollout.models import ReleaseRecord
+from fleet_controller.rollout.models_store import (
+    TOKEN_PREFIX,
+    TOKEN_TTL_S,
+    ModelStore,
+    make_token,
+    package_files,
+    token_payload,
+)
 from fleet_controller.rollout.signing import Signer
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9.-]{0,127}$"
@@ -44,6 +52,9 @@ class ModelRef(BaseModel):
     name: str = Field(min_length=1, max_length=128, description="Model name, e.g. the package directory name.")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 over the package's files (see model_package_digest).")
     size_bytes: int = Field(0, ge=0, description="Total size of the package's files.")
+    archive_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$",
+                                       description="SHA-256 of the package's archive as the controller stores and serves it (see models_store).")
+    archive_bytes: int = Field(0, ge=0, description="Size of that archive: what a shop downloads.")
 
 
 class ReleaseSpec(BaseModel):
@@ -89,7 +100,7 @@ def model_package_digest(path: str | os.PathLike[str]) -> ModelRef:
     root = Path(path)
     if not root.exists():
         raise ReleaseError(f"model package {root} does not exist: pass the directory the vision pipeline loads")
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    files = package_files(root)
     if not files:
         raise ReleaseError(f"model package {root} is empty: it must hold the model file(s)")
     h = hashlib.sha256()
@@ -113,6 +124,11 @@ class ReleaseStore:
 
     def create(self, spec: ReleaseSpec, now: float | None = None) -> ReleaseSpec:
         """Store a new release; raise ``ReleaseError`` if the name is taken."""
+        if spec.model is not None and spec.model.archive_sha256:
+            stored = ModelStore(self.engine).get(spec.model.sha256)
+            if stored is None or stored.archive_sha256 != spec.model.archive_sha256:
+                raise ReleaseError(f"model package {spec.model.name} (sha256 {spec.model.sha256[:16]}...) is not stored on the controller: "
+                                   "create the release with 'shopfleet release create --model DIR', which uploads it")
         row = ReleaseRecord(
             name=spec.name,
             version=spec.version,
@@ -157,10 +173,13 @@ def desired_state_for(
     overlay: str = manifests.DEFAULT_EDGE_OVERLAY,
     root: Path = manifests.MANIFESTS_ROOT,
     base: Sequence[Mapping[str, Any]] | None = None,
+    now: float | None = None,
 ) -> DesiredState:
     """Render and sign ``shop``'s desired state for ``spec`` at ``revision``.
 
     ``base`` (the loaded overlay) may be passed in to render many shops without reloading it.
+    A release whose model package the controller stores gets a model token in ``model.token``
+    (valid ``TOKEN_TTL_S`` from ``now``): what the shop's applier shows to download the package.
     """
     target = manifests.ShopTarget(shop, node_classes, overlay)
     if base is None:
@@ -172,6 +191,21 @@ def desired_state_for(
         release=spec.name,
         revision=revision,
         objects=tuple(objs),
-        model=spec.model.model_dump() if spec.model else None,
+        model=model_for(shop, spec.model, signer, now) if spec.model else None,
     )
     return signer.sign(state)
+
+
+def model_for(shop: str, model: ModelRef, signer: Signer, now: float | None = None) -> dict[str, Any]:
+    """Return the ``model`` field of a desired state: the reference plus, if the package is stored, a download token."""
+    out = model.model_dump()
+    if model.archive_sha256:
+        payload = token_payload(shop, model.sha256, (time.time() if now is None else now) + TOKEN_TTL_S)
+        out["token"] = make_token(payload, signer.sign_bytes(TOKEN_PREFIX + payload))
+    return out
+
+
+def store_model(engine: Engine, path: str | os.PathLike[str]) -> ModelRef:
+    """Store the package at ``path`` in the controller database and return its full reference."""
+    p = ModelStore(engine).put_dir(path)
+    return ModelRef(name=p.name, sha256=p.sha256, size_bytes=p.size_bytes, archive_sha256=p.archive_sha256, archive_bytes=p.archive_bytes)

@@ -83,6 +83,10 @@ class Signer:
         """Return the PEM public key agents need."""
         return self._key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
+    def sign_bytes(self, data: bytes) -> bytes:
+        """Return the raw signature of ``data`` (model tokens; callers domain-separate what they sign)."""
+        return self._key.sign(data)
+
     def sign(self, state: DesiredState) -> DesiredState:
         """Return ``state`` with a signature over its signing bytes (any old signature replaced)."""
         unsigned = state.model_copy(update={"signature": None})

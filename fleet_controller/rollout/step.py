@@ -26,6 +26,9 @@ from fleet_controller.rollout.planner import FleetShop, RolloutPlan
 from fleet_controller.rollout.policy import RolloutPolicy
 from fleet_controller.rollout.releases import ReleaseSpec
 
+MAINTENANCE_HOLD = "held: shop in maintenance"
+"""Reason of a pending shop the executor does not start because an operator put it in maintenance."""
+
 PUBLISHING = 0
 """Stands in, within one step, for the revision a desired state is about to get (real revisions
 start at 1): the executor bumps the stored counter when it applies the action."""
@@ -77,6 +80,7 @@ class StepInput:
     health: Mapping[str, Sequence[NodeHealth]] = field(default_factory=dict)
     readings: Mapping[str, Sequence[ReadingValue]] = field(default_factory=dict)
     published_at: Mapping[str, float] = field(default_factory=dict)  # when each shop's desired state was last published
+    maintenance: frozenset[str] = frozenset()  # shops in maintenance: no new update starts there (a rollback still does)
 
 
 # ----- actions ------------------------------------------------------------------------------------
@@ -87,7 +91,8 @@ class MoveShop:
     """Change a shop's row if it is still in state ``expect``; a ``state`` among ``values`` is logged as a rollout event.
 
     ``outcome`` (done, failed, rolled_back) and ``gate`` (the gate that failed it) are counted
-    when the row moved.
+    when the row moved; with a ``gate``, the executor also records the failure (gate, ``value``,
+    ``threshold``, reason) for good, since the shop's own reason changes as it is rolled back.
     """
 
     shop: str
@@ -95,6 +100,8 @@ class MoveShop:
     values: Mapping[str, Any]
     outcome: str | None = None
     gate: str | None = None
+    value: float | None = None
+    threshold: float | None = None
 
 
 @dataclass(frozen=True)
@@ -167,14 +174,15 @@ class _Step:
         self.shops[shop] = replace(row, **values)
         return True
 
-    def move(self, shop: str, expect: str, outcome: str | None = None, gate: str | None = None, **values: Any) -> bool:
+    def move(self, shop: str, expect: str, outcome: str | None = None, gate: str | None = None,
+             measured: tuple[float | None, float | None] = (None, None), **values: Any) -> bool:
         if not self._set(shop, expect, values):
             return False
-        self.actions.append(MoveShop(shop, expect, values, outcome, gate))
+        self.actions.append(MoveShop(shop, expect, values, outcome, gate, *measured))
         return True
 
-    def fail(self, shop: str, expect: str, gate: str, reason: str) -> None:
-        self.move(shop, expect, outcome="failed", gate=gate, state="failed", done_at=self.s.now, reason=reason)
+    def fail(self, shop: str, expect: str, gate: str, reason: str, value: float | None = None, threshold: float | None = None) -> None:
+        self.move(shop, expect, outcome="failed", gate=gate, measured=(value, threshold), state="failed", done_at=self.s.now, reason=reason)
 
     def publish(self, shop: str, release: str, *, expect: str, purpose: str, values: Mapping[str, Any],
                 revision_column: str = "revision") -> bool:
@@ -209,7 +217,8 @@ class _Step:
                 else:
                     self.fail(row.shop_id, "applying", "apply", f"shop reported {rep.status}: {rep.error}")
             elif now - (row.started_at or now) > policy.apply_timeout_s:
-                self.fail(row.shop_id, "applying", "apply_timeout", f"no apply report within {policy.apply_timeout_s:.0f}s")
+                self.fail(row.shop_id, "applying", "apply_timeout", f"no apply report within {policy.apply_timeout_s:.0f}s",
+                          now - (row.started_at or now), policy.apply_timeout_s)
 
     def track_bake(self) -> None:
         now, policy = self.s.now, self.s.policy
@@ -218,7 +227,7 @@ class _Step:
                 continue
             v = evaluate_gates(policy.gates, self.s.health.get(row.shop_id, []), row.applied_at or now, row.baseline or {}, now)
             if v.state == "fail":
-                self.fail(row.shop_id, "baking", v.gate, f"gate {v.gate}: {v.reason}")
+                self.fail(row.shop_id, "baking", v.gate, f"gate {v.gate}: {v.reason}", v.value, v.threshold)
                 continue
             baked = now - (row.applied_at or now) >= policy.bake_time_s
             if v.state == "pass" and baked and "errors" in (row.baseline or {}):
@@ -302,6 +311,12 @@ class _Step:
         for row in pending:
             if in_flight >= policy.max_in_flight:
                 break
+            if row.shop_id in self.s.maintenance:
+                # Held like a closed window: the shop keeps its place in the wave and starts when
+                # the maintenance ends. The reason says why it waits (written once, not every step).
+                if row.reason != MAINTENANCE_HOLD:
+                    self.move(row.shop_id, "pending", reason=MAINTENANCE_HOLD)
+                continue
             shop = self.s.fleet.get(row.shop_id)
             ok, why = window_open(policy.windows, shop.timezone if shop else "UTC", self.s.readings.get(row.shop_id, []), now)
             if not ok:

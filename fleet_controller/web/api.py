@@ -12,20 +12,24 @@ from __future__ import annotations
 
 import re
 
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from edge_agent.protocol import ID_PATTERN
 from fleet_controller.host import ShopWriter
+from fleet_controller.registry.audit import AuditLog
 from fleet_controller.registry.read import (
     EventView,
     NodeDetail,
     NotFound,
+    QuarantineView,
     RegistryReader,
     ShopDetail,
     ShopSummary,
 )
+from fleet_controller.web.accounts.roles import Permission
+from fleet_controller.web.accounts.web import require
 
 PRESENCE_PATTERN = "^(online|stale|offline|unknown)$"
 
@@ -47,6 +51,16 @@ class ShopRegistration(BaseModel):
     region: str | None = Field(None, max_length=100, description="Region, for filtering and rollout waves.")
     labels: dict[str, str] | None = Field(None, description="Free labels, e.g. {'tier': 'pilot'}.")
     timezone: str | None = Field(None, max_length=64, description="IANA time zone, e.g. Europe/Berlin (maintenance windows).")
+    applier: str | None = Field(None, pattern=ID_PATTERN, description="Node whose reported state decides the shop's rollouts (the node with apply.enabled).")
+
+
+class QuarantinePage(BaseModel):
+    """One page of quarantined messages, newest first."""
+
+    items: list[QuarantineView]
+    total: int
+    limit: int
+    offset: int
 
 
 def _reader(request: Request) -> RegistryReader:
@@ -101,7 +115,9 @@ def build_router() -> APIRouter:
     async def put_shop(request: Request, shop: str, body: ShopRegistration) -> ShopSummary:
         if not re.match(ID_PATTERN, shop):
             raise HTTPException(422, f"invalid shop id {shop!r}: use lowercase letters, digits and '-'")
-        await _writer(request).register_shop(shop, name=body.name, region=body.region, labels=body.labels, timezone=body.timezone)
+        await _writer(request).register_shop(shop, name=body.name, region=body.region, labels=body.labels, timezone=body.timezone,
+                                             applier=body.applier)
+        await run_in_threadpool(AuditLog(_reader(request).engine).record_here, "shop.register", shop, body.model_dump(exclude_none=True), shop=shop)
         items, _ = await run_in_threadpool(_reader(request).list_shops, q=shop, limit=1000)
         return next(i for i in items if i.id == shop)
 
@@ -128,5 +144,19 @@ def build_router() -> APIRouter:
         except NotFound as exc:
             raise HTTPException(404, str(exc)) from None
         return reader.list_events(shop, kind=kind, after_id=after_id, limit=limit)
+
+    # Quarantined payloads are raw node input (possibly hostile, possibly personal data from a
+    # shop): operators and admins only, the roles that act on incidents (alerts:ack).
+    @r.get("/quarantine", response_model=QuarantinePage, summary="Messages the intake quarantined (dead letters)",
+           dependencies=[Depends(require(Permission.ALERTS_ACK))])
+    def list_quarantine(
+        request: Request,
+        reason: str | None = Query(None, pattern="^[a-z_]{1,32}$", description="Only this reason: store, writer, unexpected."),
+        shop: str | None = Query(None, pattern=ID_PATTERN, description="Only messages of this shop."),
+        limit: int = Query(50, ge=1, le=500, description="Page size."),
+        offset: int = Query(0, ge=0, description="Messages to skip."),
+    ) -> QuarantinePage:
+        items, total = _reader(request).list_quarantine(reason=reason, shop=shop, limit=limit, offset=offset)
+        return QuarantinePage(items=items, total=total, limit=limit, offset=offset)
 
     return r

@@ -28,8 +28,9 @@ class SimulatedCamera:
 
     kind = "vision"
 
-    def __init__(self, name: str, cluster: SimulatedCluster, seed: int, mean_gap_s: float = 25.0) -> None:
+    def __init__(self, name: str, cluster: SimulatedCluster, seed: int, mean_gap_s: float = 25.0, *, report_review_rate: bool = True) -> None:
         self.name = name
+        self.report_review_rate = report_review_rate  # False where a (simulated) fusion pipeline reports the real one
         self.cluster = cluster
         self.rng = random.Random(seed)
         self.mean_gap_s = mean_gap_s
@@ -56,7 +57,8 @@ class SimulatedCamera:
             self._last_frame = now
             pipelines, metrics = self.cluster.health()
             for name, value in metrics.items():
-                sink.gate_metric(name, value, "higher")
+                if name != "cart_review_rate" or self.report_review_rate:
+                    sink.gate_metric(name, value, "higher")
             fps = [p.fps for p in pipelines.values() if p.fps is not None]
             if fps:
                 sink.gate_metric("vision_fps", min(fps), "lower")

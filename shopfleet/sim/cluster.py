@@ -62,6 +62,7 @@ class SimulatedCluster(InMemoryClusterClient):
         self.faults: dict[str, FaultMode] = dict(faults or {})
         self._rng = random.Random(seed)
         self._errors = 0
+        self._last_release: str | None = None
 
     def fault_of(self, obj: Mapping[str, Any]) -> FaultMode | None:
         """Return the fault a workload is configured to have (None: it runs well)."""
@@ -75,6 +76,7 @@ class SimulatedCluster(InMemoryClusterClient):
     def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
         """Apply ``obj``; a ``crash`` vision workload is held unready."""
         name = (obj.get("metadata") or {}).get("name", "")
+        self._last_release = ((obj.get("metadata") or {}).get("labels") or {}).get(RELEASE_LABEL, self._last_release)
         if self.fault_of(obj) == "crash":
             self.hold.add(name)
         else:
@@ -108,10 +110,9 @@ class SimulatedCluster(InMemoryClusterClient):
 
     def release(self) -> str | None:
         """Return the release label the live objects carry (None before the first apply)."""
-        for ref, o in self.objects.items():
-            if ref.kind == "Namespace":
-                return ((o.get("metadata") or {}).get("labels") or {}).get(RELEASE_LABEL)
-        return None
+        releases = {((o.get("metadata") or {}).get("labels") or {}).get(RELEASE_LABEL) for o in self.objects.values()} - {None}
+        # Every object of an apply carries its release; mid-apply (or before a prune) there may be two.
+        return max(releases) if len(releases) == 1 else (self._last_release if self._last_release in releases else None)
 
     def live_refs(self) -> list[ObjectRef]:
         """Return the refs of every live object."""

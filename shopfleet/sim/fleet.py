@@ -77,7 +77,7 @@ class SimulatedShop:
         self._publish(topic, payload, retain=retain)
 
     def _report(self, report: ApplyReport) -> None:
-        self._send(Topics.reported(self.shop), encode(report.to_message(self.shop, NODE, self.epoch, self._next())), retain=True)
+        self._send(Topics.reported(self.shop, NODE), encode(report.to_message(self.shop, NODE, self.epoch, self._next())), retain=True)
 
     def birth(self) -> None:
         """Announce the node online (retained, as the agent's birth)."""

@@ -6,11 +6,11 @@ host network from its pod template. Only what has no podman equivalent is transl
 such place says so:
 
 * ``$(VAR)`` in command/args: Kubernetes expands it from the container's env; done here.
-* env ``valueFrom``: ``fieldRef`` (``spec.nodeName``, ``metadata.name``) from the node and pod
-  names given; ``configMapKeyRef``/``secretKeyRef`` from the rendered ConfigMaps and the Secrets
+* env ``valueFrom``: ``fieldRef`` (``spec.nodeName``, ``metadata.name``, an annotation of the
+  pod template) from the node and pod names given and the template; ``configMapKeyRef``/``secretKeyRef`` from the rendered ConfigMaps and the Secrets
   passed in.
 * configMap/secret volumes: their keys are written to files under ``workdir`` and bind-mounted
-  (with ``subPath``, the one file); hostPath volumes map under ``host_root`` (a scratch "node
+  (with ``subPath`` or ``subPathExpr``, the one entry); hostPath volumes map under ``host_root`` (a scratch "node
   disk", so nothing touches the real /var/lib or /etc); emptyDir becomes a tmpfs.
 * extended resources (``shopfleet.io/shelf-board``, ``shopfleet.io/camera``): a device plugin
   hands the pod a device; here ``devices`` maps the resource to ``(host path, container path)``
@@ -79,7 +79,7 @@ def _expand(s: str, env: Mapping[str, str]) -> str:
     return _VAR.sub(lambda m: env.get(m[1], m[0]), s)
 
 
-def _env(c: Mapping[str, Any], pod_name: str, ctx: PodContext) -> dict[str, str]:
+def _env(c: Mapping[str, Any], pod_name: str, ctx: PodContext, annotations: Mapping[str, Any]) -> dict[str, str]:
     out: dict[str, str] = {}
     for e in c.get("env") or []:
         name = e["name"]
@@ -90,8 +90,12 @@ def _env(c: Mapping[str, Any], pod_name: str, ctx: PodContext) -> dict[str, str]
         if "fieldRef" in src:
             path = src["fieldRef"]["fieldPath"]
             values = {"spec.nodeName": ctx.node, "metadata.name": pod_name}
+            ann = re.fullmatch(r"metadata\.annotations\['([^']+)'\]", path)
+            if ann:
+                values[path] = str(annotations.get(ann[1], ""))
             if path not in values:
-                raise TranslateError(f"env {name}: fieldRef {path} is not supported (spec.nodeName, metadata.name are)")
+                raise TranslateError(f"env {name}: fieldRef {path} is not supported (spec.nodeName, metadata.name, "
+                                     "metadata.annotations['...'] are)")
             out[name] = values[path]
         elif "configMapKeyRef" in src or "secretKeyRef" in src:
             kind, ref = ("configMap", src["configMapKeyRef"]) if "configMapKeyRef" in src else ("secret", src["secretKeyRef"])
@@ -212,7 +216,7 @@ def container_argv(obj: Mapping[str, Any], container: str, ctx: PodContext, *, i
     for res in limits:
         if "/" in res and res not in ctx.devices:
             raise TranslateError(f"container {container}: extended resource {res} needs a device (PodContext.devices)")
-    env = _env(c, pod_name, ctx)
+    env = _env(c, pod_name, ctx, (template.get("metadata") or {}).get("annotations") or {})
     for k, v in env.items():
         argv += ["-e", f"{k}={v}"]
     sources = _volume_sources(obj, spec, pod_name, ctx)
@@ -229,7 +233,8 @@ def container_argv(obj: Mapping[str, Any], container: str, ctx: PodContext, *, i
         if kind == "tmpfs":
             argv += ["--tmpfs", f"{m['mountPath']}:{src}"]
             continue
-        host = Path(src) / m["subPath"] if m.get("subPath") else Path(src)
+        sub = m.get("subPath") or (_expand(m["subPathExpr"], env) if m.get("subPathExpr") else None)
+        host = Path(src) / sub if sub else Path(src)
         ro = ",ro" if m.get("readOnly") else ""
         argv += ["--mount", f"type=bind,source={host},destination={m['mountPath']}{ro}"]
     for extra in ctx.extra_mounts.get(container, []):

@@ -243,11 +243,35 @@ class ByIdLink:
         self._thread.join(2)
 
 
-def shop(box: Box, creds: dict[str, Any], base: str, by_id: Path) -> None:
+def serve_model(box: Box) -> tuple[str, Any]:
+    """Do the applier's part of model delivery: serve the verified package to the vision pods.
+
+    The applier (which needs a Kubernetes API, not run here) downloads the release's package
+    from the controller and serves it on the shop network (docs/models.md); here the same server
+    (ShopModelServer) serves the same deterministic archive of the host's cached yolov4-tiny, on
+    the port the manifests' model-stage init container asks (9481). Everything after that is
+    the pods' own: model-stage fetches it, checks its sha256 and stages it on the node's disk;
+    vision mounts it by the sha in its annotation and re-hashes it on load.
+    """
+    from edge_agent.apply.model_fetch import ShopModelServer
+    from fleet_controller.rollout.models_store import write_archive
+    from fleet_controller.rollout.releases import model_package_digest
+
+    pkg = model_dir()
+    sha = model_package_digest(pkg).sha256
+    archives = box.work / "model-archives"
+    archives.mkdir()
+    with open(archives / f"{sha}.tar", "wb") as out:
+        write_archive(pkg, out)
+    return sha, ShopModelServer(archives, 9481, host="127.0.0.1").start()
+
+
+def shop(box: Box, creds: dict[str, Any], base: str, by_id: Path, model_sha: str) -> None:
     """Render shop-x and run its broker, agent, sensor driver, vision and the arm64 agent."""
     from fleet_controller.rollout import manifests
 
-    objs = manifests.render_shop(manifests.ShopTarget(SHOP, frozenset({"pi"}), "production"), manifests.RenderInput("box"), 1)
+    objs = manifests.render_shop(manifests.ShopTarget(SHOP, frozenset({"pi"}), "production"),
+                                 manifests.RenderInput("box", model_sha256=model_sha), 1)
     cms = configmaps_of(objs)
     port = box.ports["shop"]
 
@@ -273,15 +297,6 @@ def shop(box: Box, creds: dict[str, Any], base: str, by_id: Path) -> None:
         uid = {"agent": 10001, "sensors": 10003, "vision": 10002}[fname]
         os.chown(f, uid, uid)
         os.chmod(f, 0o400)
-    # The model package on the node's disk (world-readable, as the node-local model directory
-    # is), copied from the host's cache (under /root, which the pod's uid cannot traverse).
-    model = node_root / "var/lib/shopfleet/models/yolov4-tiny"
-    shutil.copytree(model_dir(), model)
-    for d, _dirs, files in os.walk(model):
-        os.chmod(d, 0o755)
-        for f in files:
-            os.chmod(os.path.join(d, f), 0o644)
-    vision_cfg_model = yaml.safe_load(cms["vision"]["vision.yaml"])["pipelines"][0]["model"]
     ctx = PodContext(
         node=NODE, workdir=box.work / "pods", host_root=node_root, configmaps=cms, secrets=secrets,
         images={"mosquitto": ensure_mosquitto_image(), "agent": box.ref("agent"), "sensor-driver": box.ref("sensor-driver"),
@@ -289,9 +304,9 @@ def shop(box: Box, creds: dict[str, Any], base: str, by_id: Path) -> None:
         devices={"shopfleet.io/shelf-board": None, "shopfleet.io/camera": None},
         extra_mounts={"sensor-driver": [f"type=bind,source={by_id},destination=/dev/serial/by-id,ro",
                                         "type=bind,source=/dev/pts,destination=/dev/host-pts"],
-                      "vision": [f"type=bind,source={VTEST},destination=/media/vtest.avi,ro",
-                                 f"type=bind,source={model},destination={vision_cfg_model},ro"]},
-        add_hosts={"shop-broker.shopfleet.svc.cluster.local": "127.0.0.1"}, name_prefix=PREFIX, host_network=True,
+                      "vision": [f"type=bind,source={VTEST},destination=/media/vtest.avi,ro"]},
+        add_hosts={"shop-broker.shopfleet.svc.cluster.local": "127.0.0.1", "shopfleet-models.shopfleet.svc.cluster.local": "127.0.0.1"},
+        name_prefix=PREFIX, host_network=True,
         detach=True, init_image=base,
     )
 
@@ -339,13 +354,18 @@ def observe(box: Box) -> dict[str, Any]:
             "events": counts}
 
 
-def model_verified(nodes: dict[str, Any]) -> bool:
-    """True only when a vision node reports its model verified (W9b's model delivery reports it)."""
-    for n in nodes.values():
-        for p in (n.get("pipelines") or {}).values():
-            if isinstance(p, dict) and p.get("model_verified") is True:
-                return True
-    return False
+def model_verified(box: Box, nodes: dict[str, Any], sha: str) -> bool:
+    """Whether the vision node verified the release's model and runs on it.
+
+    From what the node itself did and reports: its model-stage init container staged the package
+    (it checks the sha256 before the directory appears: the package is on the node's disk under
+    that sha), and the vision node reports its pipeline running - which it is only after
+    load_package re-hashed the mounted package against its manifest.
+    """
+    staged = box.work / "node-pi-1/var/lib/shopfleet/models" / sha
+    vision = nodes.get(f"{NODE}-vision", {})
+    running = any(isinstance(p, dict) and p.get("state") == "running" for p in (vision.get("pipelines") or {}).values())
+    return staged.is_dir() and (staged / "model.json").exists() and running
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -374,11 +394,13 @@ def main(argv: list[str] | None = None) -> int:
     summary: dict[str, Any] = {}
     ok = False
     link: ByIdLink | None = None
+    server: Any = None
     try:
         board.start()
         link = ByIdLink(board.link, work / "by-id")
+        model_sha, server = serve_model(box)
         _, creds = central(box, base)
-        shop(box, creds, base, link.by_id)
+        shop(box, creds, base, link.by_id, model_sha)
         wanted = {NODE, f"{NODE}-sensors", f"{NODE}-vision"}
         started = time.monotonic()
         deadline = started + args.timeout
@@ -400,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
             "shop_online": wanted <= online,
             "nodes": {k: v["presence"] for k, v in nodes.items()},
             "events": seen.get("events", {}),
-            "model_verified": model_verified(nodes),
+            "model_verified": model_verified(box, nodes, model_sha),
             "arm64_agent_online": arm.get("presence") == "online" and arm.get("arch") == "arm64",
             "image_mb": {n: e.get("image_mb") for n, e in images.items()},
             "seconds": round(time.monotonic() - t0),
@@ -418,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
                    "image_mb": {n: e.get("image_mb") for n, e in images.items()}, "error": str(exc),
                    "seconds": round(time.monotonic() - t0)}
     finally:
+        if server is not None:
+            server.stop()
         if link is not None:
             link.stop()
         board.stop()

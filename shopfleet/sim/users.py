@@ -10,7 +10,7 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
-DEMO_ROLES: dict[str, str] = {"viewer": "viewer", "operator": "operator", "mlops": "ml-engineer", "admin": "admin"}
+DEMO_ROLES: dict[str, str] = {"viewer": "viewer", "reviewer": "reviewer", "operator": "operator", "mlops": "ml-engineer", "admin": "admin"}
 """Demo user name -> role (one per role the dashboard knows)."""
 
 

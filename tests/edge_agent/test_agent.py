@@ -87,7 +87,7 @@ def sample(agent: Agent, metric: str, **labels: str) -> float:
 
 
 def uplinks(rec: Recorder, channel: str) -> list[Any]:
-    topic = Topics.node(SHOP, NODE, channel) if channel != "state/reported" else Topics.reported(SHOP)
+    topic = Topics.node(SHOP, NODE, channel) if channel != "state/reported" else Topics.reported(SHOP, NODE)
     with rec._lock:
         msgs = [(t, p) for t, p, _ in rec.messages if t == topic]
     return [parse_message(t, p) for t, p in msgs]  # validated exactly as the controller does
@@ -117,7 +117,7 @@ def test_send_fills_identity_and_routes_reported_state_retained(make_agent, brok
     seq = agent.send(ReportedState, release="r-7", revision=7, status="applied")
     got = wait_for(lambda: uplinks(recorder, "state/reported"), 10, "reported state")
     assert got[0].seq == seq and got[0].revision == 7 and got[0].shop == SHOP and got[0].node == NODE
-    late = Recorder(broker.port, (Topics.reported(SHOP),))  # retained: a late subscriber gets it
+    late = Recorder(broker.port, (Topics.reported(SHOP, NODE),))  # retained: a late subscriber gets it
     try:
         wait_for(lambda: late.messages and late.messages[0][2], 10, "the retained reported state")
     finally:
@@ -127,22 +127,29 @@ def test_send_fills_identity_and_routes_reported_state_retained(make_agent, brok
     assert agent.send(ReportedState, revision=8, status="applying") == seq + 1  # the invalid one used no seq
 
 
-def test_ping_unknown_failing_and_expired_commands(make_agent, broker: BrokerProcess, recorder: Recorder) -> None:
-    agent = make_agent()
+def test_ping_unknown_failing_and_expired_commands(make_agent, broker: BrokerProcess, recorder: Recorder, tmp_path: Path) -> None:
+    from fleet_controller.rollout.signing import generate_keypair
+    from fleet_controller.web.remote_actions import CommandSigner
+
+    generate_keypair(tmp_path / "signing.key")
+    signer = CommandSigner.from_file(tmp_path / "signing.key")
+    agent = make_agent(config={"commands": {"public_keys": [str(tmp_path / "signing.pub")]}})
 
     def boom(cmd: Command) -> dict:
         raise RuntimeError(f"cannot tare {cmd.args['board']}")
 
     agent.register_command("tare", boom)
     topic = Topics.node(SHOP, NODE, Channel.COMMANDS)
-    ping, unknown, failing, expired = command("ping"), command("reboot"), command("tare", board="b1"), command("ping", ttl=-1)
+    ping, expired = command("ping"), command("ping", ttl=-1)  # ping may come unsigned
+    unknown, failing = (signer.sign(c.model_copy(update={"shop": SHOP, "node": NODE, "counter": i}))
+                        for i, c in enumerate((command("reboot"), command("tare", board="b1")), 1))
     for c in (expired, ping, unknown, failing):
         publish(broker.port, topic, encode(c))
     replies = wait_for(lambda: len(uplinks(recorder, Channel.REPLIES)) >= 3 and uplinks(recorder, Channel.REPLIES), 10, "3 replies")
     by_id = {r.correlation_id: r for r in replies}
     assert isinstance(by_id[ping.correlation_id], CommandResult)
     assert by_id[ping.correlation_id].ok and by_id[ping.correlation_id].result["pong"] is True
-    assert not by_id[unknown.correlation_id].ok and "knows: ping, tare" in by_id[unknown.correlation_id].error
+    assert not by_id[unknown.correlation_id].ok and "knows: ping, restart_pipeline, tare" in by_id[unknown.correlation_id].error
     assert not by_id[failing.correlation_id].ok and "cannot tare b1" in by_id[failing.correlation_id].error
     assert expired.correlation_id not in by_id
     assert sample(agent, "shopfleet_agent_commands_total", name="ping", outcome="expired") == 1

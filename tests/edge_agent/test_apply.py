@@ -308,7 +308,7 @@ def test_apply_then_upgrade_prunes_and_every_sent_object_is_valid(tmp_path, keys
     assert rig.metric("shopfleet_agent_applied_revision") == 2
     # The report fits the wire protocol.
     msg = second.to_message(SHOP, "gpu-1", "e1", 7)
-    assert parse_message(Topics.reported(SHOP), encode(msg)).revision == 2
+    assert parse_message(Topics.reported(SHOP, "gpu-1"), encode(msg)).revision == 2
 
 
 def test_rejected_object_fails_and_keeps_what_runs(tmp_path, keys):
@@ -381,8 +381,8 @@ class _FakeAgent:
         self.sent.append(fields)
         return len(self.sent)
 
-    def register_desired_state_handler(self, handler) -> None:
-        self.handler = handler
+    def register_desired_state_handler(self, handler, observe=None) -> None:
+        self.handler, self.observe = handler, observe
 
 
 def test_attach_starts_a_reconciler_that_resumes_an_unfinished_apply(tmp_path, keys):

@@ -33,7 +33,7 @@ def test_agent_applies_signed_state_and_refuses_a_replay(broker: BrokerProcess, 
     sim = SimulatedCluster()
     handler = attach(agent, config.apply, client=sim)
     assert handler is not None
-    rec = Recorder(broker.port, (Topics.reported(SHOP),))
+    rec = Recorder(broker.port, (Topics.reported(SHOP, NODE),))
     agent.start()
     try:
         assert agent.wait_connected(10)

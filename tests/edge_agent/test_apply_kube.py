@@ -42,14 +42,24 @@ def signer(tmp_path: Path) -> Signer:
     return Signer.from_file(tmp_path / "k.pem")
 
 
+NAMESPACE = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shopfleet"}}
+
+
 @pytest.fixture
 def emu():
     with KubeEmulator(nodes=2, tick_s=0.01, progress_deadline_s=0.3) as e:
+        # The cluster bootstrap (manifests/edge/cluster, applied once by an admin) made the
+        # namespace; a shop's desired state never carries it.
+        e.handle("POST", "/api/v1/namespaces", {}, "application/json", NAMESPACE)
+        mark = len(e.requests)
+        del e.requests[:mark]
         yield e
 
 
 def _state(signer: Signer, revision: int, release: str, classes=frozenset({"pi", "gpu"}), extra: tuple[dict, ...] = ()) -> DesiredState:
-    spec = ReleaseSpec(name=release, version=str(revision), images={"vision": "reg.example/vision@sha256:" + "77" * 32})
+    # Each revision ships a new vision build (as a release does): only pod templates whose image
+    # changes get a new generation; the others are left running.
+    spec = ReleaseSpec(name=release, version=str(revision), images={"vision": "reg.example/vision@sha256:" + f"{revision:02x}" * 32})
     s = desired_state_for(SHOP, spec, revision, signer, node_classes=classes)
     return signer.sign(s.model_copy(update={"objects": s.objects + extra})) if extra else s
 
@@ -142,8 +152,8 @@ def test_fresh_cluster_then_upgrade_dry_runs_everything_first_and_prunes_after(e
     rig = Rig(tmp_path, emu)
     first = rig.handler.handle(_state(signer, 1, "r1"))
     assert first.status == "applied", first.error
-    writes = [r for r in emu.writes() if r.query.get("dryRun") != "All"]
-    assert writes[0].path == "/api/v1/namespaces/shopfleet"  # the only write before the namespaced dry runs could run
+    kinds = ["dry" if r.query.get("dryRun") == "All" else r.method for r in emu.writes()]
+    assert kinds.index("PATCH") > max(i for i, k in enumerate(kinds) if k == "dry")  # every object dry-run before the first write
     assert all(r.query.get("fieldManager") == "shopfleet" and r.query.get("force") == "true" and r.content_type == "application/apply-patch+yaml"
                for r in emu.writes() if r.method == "PATCH")
     assert emu.find("DaemonSet", "vision-gpu", "shopfleet") is not None
@@ -248,6 +258,19 @@ def test_crd_applied_first_waited_established_then_its_objects(emu, tmp_path, si
     assert {"type": "Established", "status": "True"} in crd["status"]["conditions"]
 
 
+def test_a_namespace_in_the_set_is_written_first_then_its_objects_dry_run(emu, tmp_path, signer):
+    ns = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shopfleet-extra"}}
+    cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "extra", "namespace": "shopfleet-extra"}, "data": {"a": "1"}}
+    report = Rig(tmp_path, emu).handler.handle(_state(signer, 1, "r1", extra=(ns, cm)))
+    assert report.status == "applied", report.error
+    paths = [(r.path, r.query.get("dryRun") == "All") for r in emu.writes()]
+    ns_write = paths.index(("/api/v1/namespaces/shopfleet-extra", False))
+    cm_path = "/api/v1/namespaces/shopfleet-extra/configmaps/extra"
+    # the ConfigMap can only be written (and, on a fresh cluster, dry-run with effect) once its namespace exists
+    assert paths.index((cm_path, False)) > ns_write
+    assert emu.find("ConfigMap", "extra", "shopfleet-extra") is not None
+
+
 def test_object_of_an_unknown_kind_fails_the_dry_run(emu, tmp_path, signer):
     rig = Rig(tmp_path, emu)
     report = rig.handler.handle(_state(signer, 1, "r1", extra=(GATE,)))
@@ -347,15 +370,15 @@ def test_drift_is_corrected_and_counted(emu, tmp_path, signer):
     assert rig.handler.correct_drift() == [] and rig.metric("shopfleet_agent_apply_drift_checks_total", outcome="clean") == 1
     assert emu.requests[mark:] and not [r for r in emu.requests[mark:] if r.method != "GET"]  # a clean check only reads
     # A hand edit (kubectl edit: an Update by another manager) and a deleted object.
-    emu.handle("PATCH", "/api/v1/namespaces/shopfleet/configmaps/mosquitto", {"fieldManager": "kubectl-edit"},
-               "application/merge-patch+json", {"data": {"mosquitto.conf": "# edited by hand\n"}})
-    assert "kubectl-edit" in emu.owners("ConfigMap", "mosquitto", "shopfleet")
+    emu.handle("PATCH", "/api/v1/namespaces/shopfleet/configmaps/vision", {"fieldManager": "kubectl-edit"},
+               "application/merge-patch+json", {"data": {"vision.yaml": "# edited by hand\n"}})
+    assert "kubectl-edit" in emu.owners("ConfigMap", "vision", "shopfleet")
     rig.client.delete(ObjectRef("v1", "ConfigMap", "shopfleet", "fluent-bit"))
     corrected = rig.handler.correct_drift()
-    assert {str(r) for r in corrected} == {"ConfigMap/shopfleet/mosquitto", "ConfigMap/shopfleet/fluent-bit"}
+    assert {str(r) for r in corrected} == {"ConfigMap/shopfleet/vision", "ConfigMap/shopfleet/fluent-bit"}
     assert rig.metric("shopfleet_agent_apply_drift_corrected_total", kind="ConfigMap") == 2
-    assert "edited by hand" not in emu.find("ConfigMap", "mosquitto", "shopfleet")["data"]["mosquitto.conf"]
-    assert "kubectl-edit" not in emu.owners("ConfigMap", "mosquitto", "shopfleet")
+    assert "edited by hand" not in emu.find("ConfigMap", "vision", "shopfleet")["data"]["vision.yaml"]
+    assert "kubectl-edit" not in emu.owners("ConfigMap", "vision", "shopfleet")
     assert emu.find("ConfigMap", "fluent-bit", "shopfleet") is not None
     # While the API server is down the check stops, counts the error and tries again next time.
     rule = emu.fail(500, times=1000, method="GET")
@@ -372,8 +395,8 @@ def test_reconciler_thread_corrects_drift_periodically(emu, tmp_path, signer):
     t = threading.Thread(target=rig.handler.run_reconciler, args=(stop, 0.05), daemon=True)
     t.start()
     try:
-        rig.client.delete(ObjectRef("v1", "ConfigMap", "shopfleet", "mosquitto"))
-        wait_for(lambda: emu.find("ConfigMap", "mosquitto", "shopfleet"), 10, "the reconciler to recreate the ConfigMap")
+        rig.client.delete(ObjectRef("v1", "ConfigMap", "shopfleet", "vision"))
+        wait_for(lambda: emu.find("ConfigMap", "vision", "shopfleet"), 10, "the reconciler to recreate the ConfigMap")
         assert rig.metric("shopfleet_agent_apply_drift_corrected_total", kind="ConfigMap") >= 1
     finally:
         stop.set()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import sqlite3
 import tempfile
 from pathlib import Path
@@ -101,8 +102,9 @@ def test_eviction_policy(tmp_path: Path, stored, new, max_messages, evicted_seqs
     put(box, new)
     all_seqs = set(range(1, len(stored) + 2))
     assert {m.seq for m in box.peek()} == all_seqs - set(evicted_seqs)
-    assert box.evicted == counts
+    assert box.evicted == {Priority.KEEPER: 0, **counts}
     assert sum(n for _, n in reported) == len(evicted_seqs)
+    assert [s for r in box.evicted_ranges() for s in range(r.first, r.last + 1)] == sorted(evicted_seqs)
 
 
 def test_byte_limit_evicts_until_it_fits(tmp_path: Path) -> None:
@@ -141,7 +143,7 @@ def test_outbox_matches_reference_model(ops, max_messages, max_bytes) -> None:
         box = Outbox(path, max_messages=max_messages, max_bytes=max_bytes, synchronous="normal")
         model: list[tuple[int, Priority, int]] = []
         next_seq = 1
-        evicted = {T: 0, I: 0}  # since the last (re)open, like Outbox.evicted
+        evicted = {T: 0, I: 0, Priority.KEEPER: 0}  # since the last (re)open, like Outbox.evicted
         for o in ops:
             if o[0] == "put":
                 _, prio, size = o
@@ -161,10 +163,94 @@ def test_outbox_matches_reference_model(ops, max_messages, max_bytes) -> None:
             else:
                 box.close()
                 box = Outbox(path, max_messages=max_messages, max_bytes=max_bytes, synchronous="normal")
-                evicted = {T: 0, I: 0}
+                evicted = {T: 0, I: 0, Priority.KEEPER: 0}
             got = box.peek(limit=1000)
             assert [(m.seq, m.priority, len(m.payload)) for m in got] == model
             assert box.depth() == len(model)
             assert box.size_bytes() == sum(s for _, _, s in model)
             assert box.evicted == evicted
         box.close()
+
+
+# ----- thinned heartbeats, evicted ranges, reclaimed space (what an outage leaves behind) ---------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def heartbeat(box: Outbox, clock: Clock, step: float = 10.0, size: int = 10) -> int:
+    clock.now += step
+    return box.enqueue("heartbeat", T, "fleet/v1/s/n/telemetry", lambda epoch, seq, ranges: b"h" * size, report_evictions=50)
+
+
+def test_an_outage_keeps_one_heartbeat_a_minute_and_evicts_the_rest_first(tmp_path: Path) -> None:
+    clock = Clock()
+    box = Outbox(tmp_path / "o.db", max_messages=12, clock=clock, keep_heartbeat_every_s=60)
+    for _ in range(60):  # ten minutes of heartbeats every 10 s with the link down
+        heartbeat(box, clock)
+    kept = box.peek(limit=100)
+    keepers = [m for m in kept if m.priority == Priority.KEEPER]
+    assert len(keepers) == 10  # one a minute survived
+    assert [b.seq - a.seq for a, b in itertools.pairwise(keepers)] == [6] * 9
+    assert box.evicted[Priority.KEEPER] == 0 and box.evicted[Priority.TELEMETRY] == 60 - 12
+
+
+def test_evicted_seqs_are_runs_that_a_heartbeat_carries_until_it_is_acknowledged(tmp_path: Path) -> None:
+    clock = Clock()
+    box = Outbox(tmp_path / "o.db", max_messages=3, clock=clock, keep_heartbeat_every_s=1e9)
+    carried: dict[int, list] = {}
+
+    def hb() -> int:
+        clock.now += 10
+        return box.enqueue("heartbeat", T, "t", lambda epoch, seq, ranges: (carried.setdefault(seq, list(ranges)) and b"h") or b"h",
+                           report_evictions=50)
+
+    hb()  # seq 1 is a keeper (the first heartbeat); the rest are plain telemetry
+    for _ in range(3):
+        put(box, T, kind="telemetry")  # 2, 3, 4: the fourth message evicts seq 2
+    put(box, I)  # 5 evicts 3
+    put(box, T, kind="telemetry")  # 6 evicts 4 (a run 2..4 of telemetry)
+    assert [(r.first, r.last, r.priority) for r in box.evicted_ranges()] == [(2, 4, Priority.TELEMETRY)]
+    seq = hb()  # evicts 6 (telemetry; 5 is an event, 1 a keeper) and carries the run 2..4
+    assert [(r.first, r.last) for r in carried[seq]] == [(2, 4)]
+    box.ack([seq])
+    assert [(r.first, r.last) for r in box.evicted_ranges()] == [(6, 6)]  # reported and acknowledged runs are forgotten
+
+
+def test_a_heartbeat_evicted_with_its_ranges_hands_them_to_the_next(tmp_path: Path) -> None:
+    clock = Clock()
+    box = Outbox(tmp_path / "o.db", max_messages=3, clock=clock, keep_heartbeat_every_s=1e9)
+    carried: dict[int, list] = {}
+
+    def hb() -> int:
+        clock.now += 10
+        return box.enqueue("heartbeat", T, "t", lambda epoch, seq, ranges: (carried.__setitem__(seq, [(r.first, r.last) for r in ranges]), b"h")[1],
+                           report_evictions=50)
+
+    put(box, I)  # 1
+    hb()  # 2, a keeper (the first heartbeat)
+    put(box, T, kind="telemetry")  # 3
+    put(box, T, kind="telemetry")  # 4 evicts 3
+    first = hb()  # 5 carries [3..3] and evicts 4
+    assert carried[first] == [(3, 3)]
+    put(box, T, kind="telemetry")  # 6 evicts 5: the heartbeat that carried [3..3] never left
+    second = hb()  # 7
+    assert carried[second] == [(3, 3), (4, 5)]  # offered again, with the runs evicted since
+
+
+def test_a_drained_outbox_gives_its_space_back(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db", reclaim_above_bytes=256 * 1024, synchronous="normal")
+    seqs = [put(box, T, size=4096, kind="telemetry") for _ in range(500)]  # ~2 MB of payload
+    grown = (tmp_path / "o.db").stat().st_size + (tmp_path / "o.db-wal").stat().st_size
+    assert grown > 2_000_000
+    box.ack(seqs)
+    assert box.depth() == 0 and box.reclaimed == 1
+    after = (tmp_path / "o.db").stat().st_size + (tmp_path / "o.db-wal").stat().st_size
+    assert after < 200_000, after
+    put(box, I)  # still usable, seq goes on
+    assert box.peek()[0].seq == 501

@@ -80,7 +80,7 @@ def test_required_permission(method, path, permission):
 
 def test_parse_role_names_the_valid_roles():
     assert parse_role("ml-engineer") is Role.ML_ENGINEER
-    with pytest.raises(ValueError, match="viewer, operator, ml-engineer, admin"):
+    with pytest.raises(ValueError, match="viewer, auditor, operator, ml-engineer, admin"):
         parse_role("root")
 
 
@@ -266,3 +266,26 @@ def test_migration_0003_matches_the_models(registry):
         assert live == {c.name: c.nullable for c in table.columns}, table.name
         live_ix = {i["name"] for i in insp.get_indexes(table.name)}
         assert {i.name for i in table.indexes} <= live_ix, table.name
+
+
+def test_login_backoff_doubles_per_pair_and_forgets():
+    from fleet_controller.web.accounts.ratelimit import LoginBackoff
+
+    clock = Clock(0.0)
+    b = LoginBackoff(free=2, base_s=1, max_s=8, forget_s=100, max_keys=3, clock=clock)
+    b.failed("u|a")
+    b.failed("u|a")
+    assert b.retry_after("u|a") == 1 and b.retry_after("u|b") == 0
+    waits = []
+    for _ in range(5):
+        clock.t += b.retry_after("u|a")
+        b.failed("u|a")
+        waits.append(b.retry_after("u|a"))
+    assert waits == [2, 4, 8, 8, 8]  # doubling, capped at max_s
+    clock.t += 100
+    assert b.retry_after("u|a") == 0  # forgotten after forget_s without failures
+    for k in ("k1", "k2", "k3", "k4"):
+        b.failed(k)
+    assert len(b._state) == 3  # bounded
+    b.succeeded("k4")
+    assert b.retry_after("k4") == 0

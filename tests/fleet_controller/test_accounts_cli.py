@@ -40,6 +40,11 @@ def test_users_lifecycle(capsys, db):
     assert code == 2 and "no user 'nobody'" in err
     assert run(capsys, "users", "remove", "ana", *db)[0] == 0
     assert [u.username for u in store.list_users()] == ["boss"]
+    from fleet_controller.registry.audit import AuditLog, AuditQuery
+
+    audited = [(e.action, e.target, e.via) for e in reversed(AuditLog(store.engine).query(AuditQuery()))]
+    assert audited == [("user.create", "ana", "cli"), ("user.create", "boss", "cli"), ("user.role", "ana", "cli"), ("user.remove", "ana", "cli")]
+    assert all(e.actor.startswith("cli:") for e in AuditLog(store.engine).query(AuditQuery()))
 
 
 def test_password_from_stdin(capsys, db, monkeypatch):

@@ -16,14 +16,16 @@ from fleet_controller.registry.read import RegistryReader
 from fleet_controller.rollout.api import build_router as rollout_router
 from fleet_controller.web.accounts.store import AccountStore
 from fleet_controller.web.accounts.web import build_auth
+from fleet_controller.web.admin import admin_router
 from fleet_controller.web.app import create_app
 from fleet_controller.web.dashboard.live import LiveHub
 from fleet_controller.web.dashboard.router import dashboard_router
+from fleet_controller.web.remote_actions import RemoteActions, actions_router
 
 from .conftest import role_users
 from .test_accounts import FAST
 
-OPEN = {"/login", "/healthz", "/metrics", "/static/{name}"}
+OPEN = {"/login", "/healthz", "/metrics", "/static/{name}", "/static/docs-init.js", "/static/vendor/{name:path}", "/static/vendor/uplot/{name}"}
 # FastAPI serves its API docs outside the dependency system; they describe the API and hold no
 # fleet data, so they stay open (docs/dashboard.md says so). Everything else must refuse.
 DOCS = {"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
@@ -48,7 +50,9 @@ def app_and_store(registry, db_url):
     reader = RegistryReader(registry.engine)
     writer = RegistryWriter(db_url, mode="thread")
     app = create_app(reader, mreg, writer=writer, routers=[auth.router, dashboard_router(reader, LiveHub(mreg), AlertRules()),
-                                                           rollout_router(registry.engine)], dependencies=[auth.dependency])
+                                                           rollout_router(registry.engine), admin_router(store),
+                                                           actions_router(RemoteActions(registry.engine, reader, None, lambda: None))],
+                     dependencies=[auth.dependency])
     yield app, store, creds, mreg
     writer.close()
 
@@ -115,13 +119,24 @@ def test_session_cookie_flags(app_and_store, base, secure):
 def test_wrong_password_and_rate_limit(app_and_store):
     app, _, creds, mreg = app_and_store
     client = TestClient(app)
-    for _ in range(5):
+    for _ in range(3):  # LoginBackoff's free failures
         r = login(client, "operator", "not the password")
         assert r.status_code == 401 and "Wrong user name or password" in r.text
-    r = login(client, "operator", creds["operator"])  # even the right password waits now
+    r = login(client, "operator", creds["operator"])  # even the right password waits now, from this address
     assert r.status_code == 429 and int(r.headers["retry-after"]) > 0
     assert mreg.get_sample_value("shopfleet_auth_logins_total", {"result": "rate_limited"}) == 1
-    assert mreg.get_sample_value("shopfleet_auth_logins_total", {"result": "bad_credentials"}) == 5
+    assert mreg.get_sample_value("shopfleet_auth_logins_total", {"result": "bad_credentials"}) == 3
+
+
+def test_a_guesser_elsewhere_cannot_lock_the_real_user_out(app_and_store):
+    app, _, creds, _ = app_and_store
+    attacker = TestClient(app, client=("203.0.113.7", 40000))
+    for _ in range(6):
+        login(attacker, "operator", "guess")
+    assert login(attacker, "operator", creds["operator"]).status_code == 429
+    real = TestClient(app, client=("10.1.2.3", 50000))
+    assert login(real, "operator", creds["operator"]).status_code == 303  # the real user, from their own address
+    assert login(attacker, "viewer", creds["viewer"]).status_code == 303  # the pair is throttled, not the address
 
 
 def test_login_form_needs_its_csrf_cookie(app_and_store):

@@ -215,7 +215,7 @@ def test_worker_opens_and_resolves_from_registry_state(registry):
     mreg = CollectorRegistry()
     clock = [NOW]
     published = []
-    rules = parse_rules("fridge_warm: {for_s: 60}")
+    rules = parse_rules("fridge_warm: {for_s: 60}\nresolve_after_s: 0")
     w = AlertWorker(RegistryReader(registry.engine), rules, AlertMetrics(mreg), clock=lambda: clock[0], publish=lambda t, d: published.append((t, d)))
     ch = w.evaluate_once()
     assert [a.rule for a in ch.opened] == ["node:fridge_warm"]  # raised by the node itself; ours waits for_s
@@ -300,7 +300,7 @@ async def test_worker_sends_opened_and_resolved_to_the_webhook_but_not_silenced(
     registry.write_batch(batch(presence(shop="s1", node="n1"), heartbeat(shop="s1", node="n1", seq=1, facts=heartbeat().facts.model_copy(
         update={"disk_free_bytes": 1 << 20})), at=NOW), NOW)
     clock = [NOW]
-    rules = parse_rules(f"webhook: {{url: 'http://127.0.0.1:{receiver.server_port}/h'}}\nnode_alerts: {{enabled: false}}")
+    rules = parse_rules(f"webhook: {{url: 'http://127.0.0.1:{receiver.server_port}/h'}}\nnode_alerts: {{enabled: false}}\nresolve_after_s: 0")
     w = AlertWorker(RegistryReader(registry.engine), rules, AlertMetrics(CollectorRegistry()), clock=lambda: clock[0], webhook_base_delay_s=0.01)
     async with httpx.AsyncClient() as client:
         ch = await w.tick(client)

@@ -65,8 +65,9 @@ def test_acl_lines_of_a_node():
         "topic write fleet/v1/shop-a/pi-1/telemetry",
         "topic write fleet/v1/shop-a/pi-1/events",
         "topic write fleet/v1/shop-a/pi-1/replies",
-        "topic write fleet/v1/shop-a/state/reported",
+        "topic write fleet/v1/shop-a/pi-1/state",
         "topic read fleet/v1/shop-a/pi-1/commands",
+        "topic read fleet/v1/shop-a/pi-1/ack",
         "topic read fleet/v1/shop-a/state/desired",
         "topic read fleet/v1/_controller/presence",
         "topic read fleet/v1/_controller/clock",
@@ -175,7 +176,9 @@ def test_node_cannot_publish_into_another_shop(secured):
     forbidden = [
         Topics.node("shop-b", "pi-1", "telemetry"),
         Topics.node("shop-b", "pi-1", "presence"),
-        Topics.reported("shop-b"),
+        Topics.reported("shop-b", "pi-1"),
+        Topics.reported("shop-a", "pi-2"),  # a sibling's reported state: one node never speaks for another
+        "fleet/v1/shop-a/state/reported",  # the old shop-wide topic
         Topics.desired("shop-a"),  # not even its own shop's desired state
         Topics.node("shop-a", "pi-2", "telemetry"),  # nor a sibling node's topics
         Topics.node("shop-a", "pi-1", "commands"),  # nor commands to itself
@@ -184,10 +187,10 @@ def test_node_cannot_publish_into_another_shop(secured):
     for t in forbidden:
         node_a.publish(t, b"forged")
     marker = Topics.node("shop-a", "pi-1", "telemetry")
-    node_a.publish(Topics.reported("shop-a"), b"own-report")
+    node_a.publish(Topics.reported("shop-a", "pi-1"), b"own-report")
     node_a.publish(marker, b"own")
     got = ctl.received(marker)
-    assert got == [(Topics.reported("shop-a"), b"own-report"), (marker, b"own")]
+    assert got == [(Topics.reported("shop-a", "pi-1"), b"own-report"), (marker, b"own")]
     node_a.close()
     ctl.close()
 

@@ -184,8 +184,9 @@ async def test_hub_streams_bus_events_as_sse_and_drops_when_full():
     hub = LiveHub(mreg)
     bus = EventBus()
     fwd = asyncio.create_task(forward_bus(bus, hub))
-    stream = hub.stream(keepalive_s=0.05)
+    stream = hub.stream(ping_s=0.05, clock=lambda: NOW)
     assert await anext(stream) == "retry: 3000\n\n"
+    assert await anext(stream) == f"event: ping\ndata: {{\"at\":{NOW:.3f}}}\n\n"  # at once: the browser knows it is live
     nxt = asyncio.create_task(anext(stream))
 
     async def subscribed() -> None:
@@ -196,7 +197,7 @@ async def test_hub_streams_bus_events_as_sse_and_drops_when_full():
     bus.publish(BusEvent("presence", "s1", "pi-1", {"old": "online", "new": "offline", "reason": "will"}, at=NOW))
     frame = await asyncio.wait_for(nxt, 5)
     assert frame.startswith("event: presence\ndata: ") and '"new":"offline"' in frame and '"shop":"s1"' in frame
-    assert await asyncio.wait_for(anext(stream), 5) == ": keepalive\n\n"
+    assert (await asyncio.wait_for(anext(stream), 5)).startswith("event: ping\n")  # idle: a ping for the watchdog
     for i in range(300):  # nobody reads: the queue (256) fills and the rest is dropped, the publisher never blocks
         hub.publish("alert_changed", {"i": i})
     assert mreg.get_sample_value("shopfleet_dashboard_live_dropped_total") == 300 - 256
@@ -259,3 +260,48 @@ def test_select_page_table(query, ids):
     assert [r["id"] for r in page.rows] == ids
     assert page.state_counts == ({"online": 1, "stale": 1, "offline": 1, "unknown": 1} if not query.q else
                                  {"online": 0, "stale": 1, "offline": 0, "unknown": 0})
+
+
+# ----- security headers and API docs -------------------------------------------------------------------------
+
+
+def test_every_response_carries_the_security_headers(web):
+    """Before: no CSP, X-Frame-Options, nosniff or Referrer-Policy on any response (issue 10, item 6)."""
+    app, creds, _ = web
+    c = TestClient(app)
+    for path in ("/login", "/healthz", "/static/dashboard.css", "/docs", "/openapi.json", "/nope"):
+        r = c.get(path, follow_redirects=False)
+        csp = r.headers.get("content-security-policy", "")
+        assert "script-src 'self'" in csp and "'unsafe-inline'" not in csp.split("script-src")[1].split(";")[0], path
+        assert "frame-ancestors 'none'" in csp, path
+        assert r.headers["x-frame-options"] == "DENY" and r.headers["x-content-type-options"] == "nosniff", path
+        assert r.headers["referrer-policy"] == "same-origin", path
+    login(c, "viewer", creds["viewer"])
+    assert "content-security-policy" in c.get("/fleet").headers
+
+
+def test_docs_pages_use_only_vendored_assets_and_no_inline_script(web):
+    """Before: /docs and /redoc loaded Swagger UI and ReDoc from a CDN and started them with inline script."""
+    app, _, _ = web
+    c = TestClient(app)
+    for path in ("/docs", "/redoc"):
+        html = c.get(path).text
+        srcs = [s for s in re.findall(r'(?:src|href)="([^"]+)"', html) if s != "data:,"]  # data:, = no favicon request
+        assert srcs and all(s.startswith("/static/") for s in srcs), srcs
+        assert re.findall(r"<script(?![^>]*\bsrc=)[^>]*>", html) == [], "inline script"
+        for s in srcs:
+            r = c.get(s)
+            assert r.status_code == 200 and len(r.content) > 100, s
+    assert c.get("/static/vendor/swagger-ui/LICENSE").status_code == 200
+    assert c.get("/static/vendor/../app.py").status_code == 404
+
+
+def test_templates_hold_no_inline_script():
+    """The CSP forbids inline script; a template that grew one would silently break in the browser."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "fleet_controller" / "web"
+    for t in root.rglob("*.html"):
+        text = t.read_text()
+        assert not re.search(r"<script(?![^>]*\bsrc=)[^>]*>", text), f"{t} has an inline <script>"
+        assert not re.search(r"\son[a-z]+\s*=", text), f"{t} has an inline event handler"

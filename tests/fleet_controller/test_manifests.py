@@ -92,7 +92,7 @@ def test_render_pins_release_images_and_stamps_labels_then_validates():
     arm = _find(objs, "DaemonSet", "vision-arm64")
     assert arm["spec"]["template"]["spec"]["containers"][0]["image"] == image
     ann = arm["spec"]["template"]["metadata"]["annotations"]
-    assert ann[m.ANNOTATION_MODEL] == "cd" * 32 and ann[m.LABEL_RELEASE] == "v2"
+    assert ann[m.ANNOTATION_MODEL] == "cd" * 32 and m.LABEL_RELEASE not in ann
     for o in objs:
         labels = o["metadata"]["labels"]
         assert labels[m.LABEL_SHOP] == "oslo-3" and labels[m.LABEL_REVISION] == "12" and labels[m.LABEL_MANAGED] == "shopfleet"
@@ -187,3 +187,20 @@ def test_cli_validate_and_render(tmp_path: Path, capsys):
     files = sorted(out_dir.glob("*.yaml"))
     assert files and not any("vision-gpu" in f.name for f in files)
     assert cli(["manifests", "validate", str(out_dir)]) == 0
+
+
+def test_only_pods_whose_spec_changes_restart_on_a_release():
+    """A pod template is the same across releases unless its image or model changes (no restart for the broker)."""
+    target = m.ShopTarget("oslo-3", frozenset({"pi", "gpu"}))
+    image = f"registry.example/vision@{DIGEST}"
+
+    def templates(rel):
+        return {(o["kind"], o["metadata"]["name"]): o["spec"]["template"] for o in m.render_shop(target, rel, 1)
+                if o["kind"] in ("DaemonSet", "Deployment", "StatefulSet")}
+
+    r1 = templates(m.RenderInput("r1", {"vision": image}, model_sha256="ab" * 32))
+    r2 = templates(m.RenderInput("r2", {"vision": image}, model_sha256="ab" * 32))
+    assert r1 == r2  # a release that changes nothing a pod runs restarts nothing
+    r3 = templates(m.RenderInput("r3", {"vision": image}, model_sha256="cd" * 32))
+    changed = {k for k in r1 if r1[k] != r3[k]}
+    assert changed and all(name.startswith("vision") for _, name in changed)  # a new model restarts vision only

@@ -85,3 +85,23 @@ def test_taking_over_republishes_everything_in_flight_and_a_missing_release_fail
     assert step(s)[0] == Republish("a", "r2", 5)
     assert step(state(ShopRow("a", 0, "pending", "r1"), specs={"r2": "release 'r2' does not exist"})) == [
         UpdateRollout("failed", "release 'r2' does not exist", {"status": "failed", "reason": "release 'r2' does not exist"})]
+
+
+def test_maintenance_holds_a_shop_of_the_wave_until_it_ends_and_a_rollback_still_goes_through():
+    from fleet_controller.rollout.step import MAINTENANCE_HOLD
+
+    pending = (ShopRow("a", 0, "pending", "r1"), ShopRow("b", 0, "pending", "r1"))
+    held = step(state(*pending, maintenance=frozenset({"a"})))
+    # a keeps its place with the reason, b (not in maintenance) starts; the wave does not advance past a
+    assert MoveShop("a", "pending", {"reason": MAINTENANCE_HOLD}) in held
+    assert [x.shop for x in held if isinstance(x, PublishDesired)] == ["b"]
+    # the next step does not write the reason again
+    again = step(state(ShopRow("a", 0, "pending", "r1", reason=MAINTENANCE_HOLD), ShopRow("b", 0, "baking", None, revision=4,
+                                                                                         applied_at=NOW), maintenance=frozenset({"a"})))
+    assert not any(getattr(x, "shop", None) == "a" for x in again)
+    # maintenance over: a starts
+    after = step(state(ShopRow("a", 0, "pending", "r1", reason=MAINTENANCE_HOLD)))
+    assert [x.shop for x in after if isinstance(x, PublishDesired)] == ["a"]
+    # a shop in maintenance that must roll back is still rolled back (a bad release is worse)
+    back = step(state(ShopRow("a", 0, "rolling_back", "r1", revision=3), status="rolling_back", maintenance=frozenset({"a"})))
+    assert [x.purpose for x in back if isinstance(x, PublishDesired)] == ["rollback"]

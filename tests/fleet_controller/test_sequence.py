@@ -26,8 +26,14 @@ C = SeqCursor
         pytest.param(C("e", 5), "e", 5, Verdict.DUPLICATE, C("e", 5), 0, id="replay-of-watermark"),
         pytest.param(C("e", 5, ((3, 3),)), "e", 2, Verdict.DUPLICATE, C("e", 5, ((3, 3),)), 0, id="replay-below-gap"),
         pytest.param(C("e", 9, ((3, 3), (6, 6))), "e", 5, Verdict.DUPLICATE, C("e", 9, ((3, 3), (6, 6))), 0, id="replay-between-gaps"),
-        pytest.param(C("e", 50, ((3, 3),)), "f", 1, Verdict.NEW_EPOCH, C("f", 1), 0, id="new-epoch-resets"),
-        pytest.param(C("e", 50), "f", 4, Verdict.NEW_EPOCH, C("f", 4, ((1, 3),)), 3, id="new-epoch-with-gap"),
+        pytest.param(C("e", 50, ((3, 3),)), "f", 1, Verdict.NEW_EPOCH, C("f", 1, (), ("e",)), 0, id="new-epoch-resets"),
+        pytest.param(C("e", 50), "f", 4, Verdict.NEW_EPOCH, C("f", 4, ((1, 3),), ("e",)), 3, id="new-epoch-with-gap"),
+        pytest.param(C("f", 9, (), ("e",)), "e", 51, Verdict.STALE_EPOCH, C("f", 9, (), ("e",)), 0, id="epoch-never-moves-back"),
+        pytest.param(C("e", 5), "e", 5 + 100_001, Verdict.JUMP, C("e", 5, pending=("e", 100_006, 1)), 0, id="jump-refused"),
+        pytest.param(C("e", 5), "e", 5 + 100_000, Verdict.NEW, C("e", 100_005, ((6, 100_004),)), 99_999, id="jump-at-window-accepted"),
+        pytest.param(C("e", 5, pending=("e", 200_000, 2)), "e", 200_001, Verdict.REBASED, C("e", 200_001), 0, id="third-in-a-row-rebases"),
+        pytest.param(C("e", 5, pending=("e", 200_000, 2)), "e", 6, Verdict.NEW, C("e", 6), 0, id="real-stream-clears-pending"),
+        pytest.param(C("e", 5), "f", 100_001, Verdict.JUMP, C("e", 5, pending=("f", 100_001, 1)), 0, id="new-epoch-jump-refused"),
         pytest.param(C(), "e", 3, Verdict.NEW_EPOCH, C("e", 3, ((1, 2),)), 2, id="first-seen-mid-stream"),
     ],
 )
@@ -69,13 +75,22 @@ def test_every_seq_accepted_exactly_once_whatever_the_order(stream):
 
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["a", "b"]), st.integers(1, 20)), min_size=1, max_size=60))
-def test_epoch_switch_starts_a_fresh_stream(stream):
+def test_an_epoch_switch_starts_a_fresh_stream_and_never_goes_back(stream):
     cur = C()
+    left: set[str] = set()
+    stored: set[tuple[str, int]] = set()
     for epoch, seq in stream:
         verdict, new, _ = advance(cur, epoch, seq)
-        if epoch != cur.epoch:
+        if epoch in left:
+            assert verdict is Verdict.STALE_EPOCH and new == cur
+        elif epoch != cur.epoch:
             assert verdict is Verdict.NEW_EPOCH
             assert new.watermark == seq and new.epoch == epoch
+            if cur.epoch:
+                left.add(cur.epoch)
+        if verdict not in (Verdict.DUPLICATE, Verdict.STALE_EPOCH):
+            assert (epoch, seq) not in stored  # nothing is ever stored twice
+            stored.add((epoch, seq))
         cur = new
 
 

@@ -358,3 +358,84 @@ def test_inputs_check_themselves() -> None:
         TrackObservation(1, float("nan"), 0.0, 0.0)
     with pytest.raises(TypeError, match="not a fusion input"):
         Fusion(layout()).feed("hello")  # type: ignore[arg-type]
+
+
+def test_an_id_swap_found_after_a_pick_moves_the_pick_to_the_shopper_who_made_it() -> None:
+    s = shop_with(1, 2)
+    s.stand(2.0, (1, 2.0, 4.05), (2, 2.35, 3.6))  # 1 at A1, 2 just behind: their looks become known
+    s.person[1], s.person[2] = 2, 1  # the tracker swaps the ids: track 2 now follows shopper 1, still at A1
+    s.stand(1.3, (2, *AT_A1), (1, 2.6, 3.3))
+    s.change(A1, -1, -345.0)  # shopper 1's pick, half of its window on each side of the swap
+    assert s.f.stats["swaps"] == 0
+    s.stand(3.0, (2, *AT_A1), (1, 3.0, 2.5))
+    assert s.f.stats["swaps"] >= 1 and s.f.stats["reattributed"] >= 1
+    s.door(True)
+    s.leave(2)
+    s.leave(1)
+    carts = {c.sessions[0]: c for c in s.close()}
+    assert carts["s1"].items() == {"cola": 1} and carts["s1"].status == "accepted"
+    assert carts["s2"].lines == () and carts["s2"].status == "accepted"
+
+
+def test_a_contested_pick_sends_both_shoppers_carts_to_review() -> None:
+    s = shop_with(1, 2)
+    s.stand(2.0, (1, *AT_A1), (2, AT_A1[0] + 0.05, AT_A1[1] - 0.1))
+    s.change(A1, -1, -345.0)
+    s.stand(1.5, (1, *AT_A1), (2, AT_A1[0] + 0.05, AT_A1[1] - 0.1))
+    s.door(True)
+    s.leave(1)
+    s.leave(2)
+    carts = s.close()
+    assert len(carts) == 2 and all(c.status == "review" for c in carts)
+    without = next(c for c in carts if not c.lines)
+    assert [r.code for r in without.reasons] == ["contested"]  # if the cola was theirs, their cart lacks it
+
+
+def test_a_pick_nobody_was_near_flags_every_shopper_not_watched_then_however_far() -> None:
+    s = shop_with(1, 2)
+    s.stand(1.0, (1, 5.5, 1.0), (2, 5.0, 2.5))
+    s.feed(TrackLost(1, s.t))  # lost 4 m from A2
+    s.stand(3.0, (2, 5.0, 2.5))
+    s.change(A2, -1, -160.0)
+    s.stand(1.0, (2, 5.0, 2.5))
+    s.see(3, 5.4, 1.2, person=1)
+    s.tick()
+    s.see(3, 5.3, 1.0, person=1)
+    assert s.f.session_of(3) == "s1"
+    s.door(True)
+    s.leave(3, person=1)
+    s.leave(2)
+    carts = {c.sessions[0]: c for c in s.close()}
+    assert [r.code for r in carts["s1"].reasons] == ["nobody-near"]  # unseen then: the pick may be theirs
+    assert carts["s2"].status == "accepted"  # seen all the time 2.6 m away: not theirs
+
+
+def _pick_while_another_is_lost_behind(config: FusionConfig | None) -> dict:
+    s = Shop(config)
+    for t in (1, 2):
+        s.door(True)
+        s.enter(t)
+        s.tick(0.5)
+        s.door(False)
+        s.tick(3.0)
+    s.stand(1.0, (1, *AT_A1), (2, 2.7, 3.95))  # 2 waits behind the next slot, 0.7 m along the shelf from A1
+    s.feed(TrackLost(2, s.t))
+    s.stand(3.5, (1, *AT_A1))
+    s.change(A1, -1, -345.0)
+    s.stand(1.0, (1, *AT_A1))
+    s.see(4, 2.7, 3.9, person=2)  # found again where it was lost
+    s.tick()
+    s.see(4, 2.7, 3.8, person=2)
+    s.door(True)
+    s.leave(1)
+    s.leave(4, person=2)
+    return {c.sessions[0]: c for c in s.close()}
+
+
+def test_a_shopper_lost_away_from_a_slot_someone_stands_at_does_not_contest_the_pick() -> None:
+    carts = _pick_while_another_is_lost_behind(None)
+    assert carts["s1"].items() == {"cola": 1} and carts["s1"].status == "accepted"
+    assert carts["s2"].status == "accepted"
+    # Without the exclusion the lost shopper's blurred last place makes the same pick doubtful.
+    without = _pick_while_another_is_lost_behind(FusionConfig(lost_exclusion=0.0))
+    assert without["s1"].status == "review" and "contested" in [r.code for r in without["s1"].reasons]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +19,19 @@ from hardware.driver import (
     SensorTimeout,
     resolve_port,
 )
-from hardware.frames import AckStatus, Command, FrameType
+from hardware.frames import (
+    MAX_ENCODED,
+    AckStatus,
+    ChannelInfo,
+    ChannelKind,
+    ChannelValue,
+    Command,
+    FrameType,
+    Hello,
+    Readings,
+    Unit,
+    encode_message,
+)
 from hardware.simulator import SimulatedBoard
 from shopfleet.errors import PermanentError, TemporaryError
 from tests.support.metrics import metric
@@ -108,6 +121,52 @@ def test_a_flooding_board_overflows_the_pty_and_the_loss_is_seen(board: Simulate
         assert board.frames_dropped <= lost <= board.frames_dropped + 1
     finally:
         conn.close()
+
+
+def test_a_burst_with_garbage_is_read_in_chunks_counted_by_reason_and_loses_no_frame() -> None:
+    """The receive path at full speed: one write of HELLO, 600 READINGS and garbage of every kind
+    between them, read in whatever chunks the pty returns. Every READINGS comes through in order,
+    each garbage run is one rejection with its reason, and the frames counter is exact."""
+    hello = Hello("burst", 1, 0, (ChannelInfo(0, ChannelKind.LOAD_CELL, Unit.DECIGRAM), ChannelInfo(1, ChannelKind.DOOR, Unit.STATE)))
+    garbage = {
+        "too_long": b"\x55" * (MAX_ENCODED + 40) + b"\x00",
+        "cobs": b"\x05\x01\x00",
+        "crc": b"\x07\x01\x02\x03\x04\x05\x06\x00",
+        "empty": b"\x00",
+    }
+    kinds = list(garbage)
+    stream = encode_message(hello, 0)
+    for i in range(1, 601):
+        stream += encode_message(Readings(i * 10, (ChannelValue(i), ChannelValue(i % 2))), i)
+        if i % 50 == 0:
+            stream += garbage[kinds[(i // 50) % len(kinds)]]
+    master, slave = os.openpty()
+    try:
+        path = os.ttyname(slave)
+        registry = CollectorRegistry()
+        conn = BoardConnection(path, DriverMetrics(registry), DriverSettings(port=path))
+        writer = threading.Thread(target=_write_all, args=(master, stream), daemon=True)
+        writer.start()
+        got: list[tuple[int, object]] = []
+        wait_for(lambda: got.extend((f.seq, m) for f, m in conn.poll()) or len(got) >= 601, timeout=20, what="601 frames")
+        writer.join(5)
+        conn.close()
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert got[0] == (0, hello)
+    assert [seq for seq, _ in got[1:]] == list(range(1, 601))
+    assert [m.values[0].value for _, m in got[1:]] == list(range(1, 601))  # type: ignore[attr-defined]
+    assert metric(registry, "shopfleet_hardware_frames_total", board="burst") == 601
+    assert metric(registry, "shopfleet_hardware_frames_lost_total", board="burst") == 0
+    for reason in kinds:
+        assert metric(registry, "shopfleet_hardware_frames_rejected_total", reason=reason) == 3, reason
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view[:4096]) :]
 
 
 def test_board_reboot_restarts_the_sequence_without_counting_loss(board: SimulatedBoard, running_driver) -> None:

@@ -164,8 +164,8 @@ def _assert_writable_and_owned(spec: dict[str, Any], c: dict[str, Any], path: st
 def test_every_hostpath_state_directory_is_owned_by_its_pod():
     for obj, spec in s.workloads(EDGE):
         for c in spec["containers"]:
-            for mp, (_vm, vol) in s.mounts(spec, c).items():
-                if "hostPath" in vol and vol["hostPath"].get("type") == "DirectoryOrCreate":
+            for mp, (vm, vol) in s.mounts(spec, c).items():
+                if "hostPath" in vol and vol["hostPath"].get("type") == "DirectoryOrCreate" and not vm.get("readOnly"):  # read-only: nothing to own
                     assert vol["hostPath"]["path"].startswith("/var/lib/shopfleet/"), f"{obj['metadata']['name']}: one node-local state path"
                     _assert_writable_and_owned(spec, c, mp + "/x")
 

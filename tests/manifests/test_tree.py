@@ -7,7 +7,6 @@ from tests.manifests import support as s
 EDGE = s.load("edge")
 CLUSTER = s.load("edge-cluster")
 CENTRAL = s.load("central")
-RESTART_OPT_OUT = "shopfleet.io/restart-on-release"
 
 
 def test_applier_rbac_covers_exactly_what_the_desired_state_contains():
@@ -89,14 +88,6 @@ def test_metrics_ports_have_services_and_scrape_config():
     monitor = s.yaml_text((s.ROOT / "monitoring" / "servicemonitor.yaml").read_text())
     assert monitor["spec"]["selector"]["matchLabels"] == {"shopfleet.io/metrics": "true"}
     assert {"shopfleet", "shopfleet-central"} <= set(monitor["spec"]["namespaceSelector"]["matchNames"])
-
-
-def test_release_restarts_only_pods_whose_spec_changes_with_a_release():
-    # Pods without a shopfleet image gain nothing from a release: they say so, for the renderer.
-    for obj, spec in s.workloads(EDGE):
-        ours = any(c["image"].startswith(s.SHOPFLEET_IMAGES) for c in spec["containers"])
-        opted_out = obj["metadata"].get("annotations", {}).get(RESTART_OPT_OUT) == "false"
-        assert opted_out is not ours, obj["metadata"]["name"]
 
 
 def test_http_probes_use_declared_ports():

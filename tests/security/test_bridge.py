@@ -56,7 +56,7 @@ def test_central_acl_confines_the_bridge_credentials_to_its_shop(deploy):
     ctl.subscribe("fleet/v1/#")
     bridge = Client(dep.options.tls_port, tls=tls_of(dep, "shop-a._bridge"))
     assert bridge.accepted
-    for forbidden in (Topics.node("shop-b", "pi-1", "telemetry"), Topics.reported("shop-b"), Topics.desired("shop-a"), Topics.controller_clock):
+    for forbidden in (Topics.node("shop-b", "pi-1", "telemetry"), Topics.reported("shop-b", "pi-1"), Topics.desired("shop-a"), Topics.controller_clock):
         bridge.publish(forbidden, b"forged")
     own = Topics.node("shop-a", "pi-2", "events")
     bridge.publish(own, b"ok")

@@ -35,9 +35,10 @@ def test_demo_runs_the_fleet_and_both_rollouts_then_cleans_up(tmp_path: Path) ->
     assert summary["messages_ingested"] > 50 and summary["messages_rejected"] == 0 and summary["missing"] == 0
     assert summary["events"] > 0  # shelf picks and door events from the simulated boards, shoppers from the cameras
     assert summary["rollouts"] == {"2026.11.1": "completed", "2026.11.2-bad": "failed"}, lines[-8:]
+    assert summary["carts"] > 0 and 0 <= summary["carts_in_review"] <= summary["carts"]  # carts from the shops' fusion
     logins = next(line for line in lines if "demo logins:" in line)
     passwords = dict(re.findall(r"(\w+) / (\S+?)(?:,|$)", logins.split("demo logins:")[1]))
-    assert set(passwords) == {"viewer", "operator", "mlops", "admin"}  # one per role, each a fresh random password
+    assert set(passwords) == {"viewer", "reviewer", "operator", "mlops", "admin"}  # one per role, each a fresh random password
     assert all(len(p) >= 10 and "demo" not in p for p in passwords.values())
     # this demo's broker is gone (other tests on the machine run brokers of their own)
     leftovers = [p for p in psutil.process_iter(["pid", "name", "cmdline"]) if p.pid not in before

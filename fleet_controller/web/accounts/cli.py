@@ -43,7 +43,19 @@ def _store(args: argparse.Namespace) -> AccountStore:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = create_engine(settings.database_url())
     migrations.upgrade(engine)
+    import getpass
+
+    from fleet_controller.registry.audit import RequestActor, set_request_actor
+
+    # Changes made here are audited like the admin pages', as the local OS user.
+    set_request_actor(RequestActor(f"cli:{getpass.getuser()}"[:64], "local", "cli"))
     return AccountStore(engine)
+
+
+def _audit(store: AccountStore, action: str, target: str, details: dict[str, str] | None = None) -> None:
+    from fleet_controller.registry.audit import AuditLog
+
+    AuditLog(store.engine).record_here(action, target, details)
 
 
 def _generate_password() -> str:
@@ -81,6 +93,7 @@ def users_add(args: argparse.Namespace) -> int:
     store = _store(args)
     password = sys.stdin.readline().rstrip("\n") if args.password_stdin else _generate_password()
     store.add_user(args.username, password, args.role, must_change_password=not args.password_stdin)
+    _audit(store, "user.create", args.username, {"role": args.role})
     print(f"created {args.username} ({args.role})")
     if not args.password_stdin:
         print(f"one-time password: {password}  (shown once; the user must change it at first login)")
@@ -100,7 +113,9 @@ def users_list(args: argparse.Namespace) -> int:
 @_run
 def users_remove(args: argparse.Namespace) -> int:
     """Delete a user with their sessions and tokens."""
-    _store(args).remove_user(args.username)
+    store = _store(args)
+    store.remove_user(args.username)
+    _audit(store, "user.remove", args.username)
     print(f"removed {args.username}")
     return 0
 
@@ -108,7 +123,9 @@ def users_remove(args: argparse.Namespace) -> int:
 @_run
 def users_set_role(args: argparse.Namespace) -> int:
     """Change a user's role."""
-    _store(args).set_role(args.username, args.role)
+    store = _store(args)
+    store.set_role(args.username, args.role)
+    _audit(store, "user.role", args.username, {"role": args.role})
     print(f"{args.username} is now {args.role}")
     return 0
 
@@ -120,6 +137,7 @@ def users_reset_password(args: argparse.Namespace) -> int:
     password = _generate_password()
     store.set_password(args.username, password)
     store.require_password_change(args.username)
+    _audit(store, "user.reset_password", args.username)
     print(f"one-time password for {args.username}: {password}  (shown once)")
     return 0
 
@@ -127,7 +145,9 @@ def users_reset_password(args: argparse.Namespace) -> int:
 @_run
 def tokens_create(args: argparse.Namespace) -> int:
     """Create an API token and print it once."""
-    token = _store(args).create_token(args.user, args.name)
+    store = _store(args)
+    token = store.create_token(args.user, args.name)
+    _audit(store, "token.create", f"{args.user}/{args.name}", {"prefix": token.split("_")[1]})
     print(token)
     print(f"token {args.name!r} for {args.user}: shown once; send it as 'Authorization: Bearer <token>'", file=sys.stderr)
     return 0
@@ -145,7 +165,9 @@ def tokens_list(args: argparse.Namespace) -> int:
 @_run
 def tokens_revoke(args: argparse.Namespace) -> int:
     """Revoke a token by prefix or secret."""
-    _store(args).revoke_token(args.token)
+    store = _store(args)
+    store.revoke_token(args.token)
+    _audit(store, "token.revoke", args.token.split("_")[1] if args.token.startswith("sft_") else args.token)
     print("revoked")
     return 0
 

@@ -24,6 +24,7 @@ class User(Base):
     role: Mapped[str] = mapped_column(String(32), nullable=False)
     must_change_password: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
     created_at: Mapped[float] = mapped_column(Float, nullable=False)
+    disabled_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # added by 0005_admin_audit
 
 
 class Session(Base):

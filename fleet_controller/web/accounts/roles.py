@@ -19,13 +19,20 @@ class Permission(StrEnum):
     ALERTS_SILENCE = "alerts:silence"  # silence alerts for a while
     ROLLOUTS = "rollouts:write"  # create releases, start/pause/resume/abort/rollback rollouts
     USERS = "users:admin"  # manage users and tokens
+    AUDIT = "audit:view"  # read the audit log and export it
+    ACTIONS = "shops:actions"  # remote actions: restart a pipeline, maintenance, re-send desired state
     FLEET_ADMIN = "fleet:admin"  # enroll shops and nodes, anything else that changes the fleet
+    CARTS_READ = "carts:read"  # see carts, receipts and the review queue with its evidence
+    CARTS_REVIEW = "carts:review"  # act on carts in review: fix a line, reassign, accept
 
 
 class Role(StrEnum):
-    """The four roles of the issue, from least to most powerful."""
+    """The roles, from least to most powerful (``reviewer`` works the cart review queue only;
+    ``auditor`` reads everything and the audit log, changes nothing)."""
 
     VIEWER = "viewer"
+    REVIEWER = "reviewer"
+    AUDITOR = "auditor"
     OPERATOR = "operator"
     ML_ENGINEER = "ml-engineer"
     ADMIN = "admin"
@@ -33,7 +40,10 @@ class Role(StrEnum):
 
 ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
     Role.VIEWER: frozenset({Permission.VIEW}),
+    Role.REVIEWER: frozenset({Permission.VIEW, Permission.CARTS_READ, Permission.CARTS_REVIEW}),
     Role.OPERATOR: frozenset({Permission.VIEW, Permission.ALERTS_ACK, Permission.ALERTS_SILENCE}),
+    Role.AUDITOR: frozenset({Permission.VIEW, Permission.AUDIT, Permission.CARTS_READ}),
+    Role.OPERATOR: frozenset({Permission.VIEW, Permission.ALERTS_ACK, Permission.ALERTS_SILENCE, Permission.ACTIONS}),
     Role.ML_ENGINEER: frozenset({Permission.VIEW, Permission.ROLLOUTS}),
     Role.ADMIN: frozenset(Permission),
 }
@@ -43,11 +53,15 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # Path prefix -> permission needed to change something below it (longest prefix wins).
 WRITE_PERMISSIONS: tuple[tuple[str, Permission], ...] = (
     ("/api/v1/releases", Permission.ROLLOUTS),
+    ("/api/v1/carts", Permission.CARTS_REVIEW),
+    ("/api/v1/models", Permission.ROLLOUTS),
     ("/api/v1/rollouts", Permission.ROLLOUTS),
     ("/api/v1/alerts", Permission.ALERTS_ACK),
     ("/api/v1/silences", Permission.ALERTS_SILENCE),
     ("/api/v1/users", Permission.USERS),
     ("/api/v1/tokens", Permission.USERS),
+    ("/admin", Permission.USERS),
+    ("/api/v1/actions", Permission.ACTIONS),
     ("/logout", Permission.VIEW),
     ("/account", Permission.VIEW),
 )

@@ -58,6 +58,7 @@ class UserInfo:
     role: Role
     created_at: float
     must_change_password: bool
+    disabled_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,7 @@ class AccountStore:
         """Return every user, by name."""
         with OrmSession(self.engine) as s:
             rows = s.scalars(select(User).order_by(User.username)).all()
-            return [UserInfo(u.username, Role(u.role), u.created_at, u.must_change_password) for u in rows]
+            return [UserInfo(u.username, Role(u.role), u.created_at, u.must_change_password, u.disabled_at) for u in rows]
 
     def count_users(self) -> int:
         """Return how many users exist."""
@@ -174,21 +175,21 @@ class AccountStore:
         """Delete a user with their sessions and tokens; refuse to remove the last admin."""
         with OrmSession(self.engine) as s, s.begin():
             user = self._user(s, username)
-            if user.role == Role.ADMIN and self._admin_count(s) == 1:
+            if user.role == Role.ADMIN and user.disabled_at is None and self._admin_count(s) == 1:
                 raise AccountError(f"{username!r} is the last admin: make another user admin first")
             s.execute(delete(Session).where(Session.user_id == user.id))
             s.execute(delete(ApiToken).where(ApiToken.user_id == user.id))
             s.delete(user)
 
     def _admin_count(self, s: OrmSession) -> int:
-        return len(s.scalars(select(User.id).where(User.role == Role.ADMIN.value)).all())
+        return len(s.scalars(select(User.id).where(User.role == Role.ADMIN.value, User.disabled_at.is_(None))).all())
 
     def set_role(self, username: str, role: Role | str) -> None:
         """Change a user's role; refuse to demote the last admin."""
         r = parse_role(str(role))
         with OrmSession(self.engine) as s, s.begin():
             user = self._user(s, username)
-            if user.role == Role.ADMIN and r != Role.ADMIN and self._admin_count(s) == 1:
+            if user.role == Role.ADMIN and r != Role.ADMIN and user.disabled_at is None and self._admin_count(s) == 1:
                 raise AccountError(f"{username!r} is the last admin: make another user admin first")
             user.role = r.value
 
@@ -215,11 +216,29 @@ class AccountStore:
                 self.hasher.verify(stored, password)
             except (VerificationError, InvalidHashError):
                 return False
-            if user is None:
+            if user is None or user.disabled_at is not None:
                 return False
             if self.hasher.check_needs_rehash(stored):
                 user.password_hash = self.hasher.hash(password)
             return True
+
+    def set_disabled(self, username: str, disabled: bool) -> None:
+        """Disable a user (no login; sessions ended; tokens stop working) or enable them again.
+
+        The last enabled admin cannot be disabled (nobody could manage users any more). Disabling
+        keeps the user's row, tokens and audit trail, unlike :meth:`remove_user`.
+        """
+        with OrmSession(self.engine) as s, s.begin():
+            user = self._user(s, username)
+            if not disabled:
+                user.disabled_at = None
+                return
+            if user.disabled_at is not None:
+                return
+            if user.role == Role.ADMIN and self._admin_count(s) == 1:
+                raise AccountError(f"{username!r} is the last enabled admin: make another user admin first")
+            user.disabled_at = self.clock()
+            s.execute(delete(Session).where(Session.user_id == user.id))
 
     def ensure_initial_admin(self, username: str = "admin") -> str | None:
         """Create an admin with a one-time password when there are no users; return the password."""
@@ -251,7 +270,7 @@ class AccountStore:
             row = s.execute(
                 select(Session, User).join(User, User.id == Session.user_id).where(Session.id_hash == sha256_hex(session_id))
             ).first()
-            if row is None or row[0].expires_at <= self.clock():
+            if row is None or row[0].expires_at <= self.clock() or row[1].disabled_at is not None:
                 return None
             sess, user = row
             return Principal(user.id, user.username, Role(user.role), "session", sess.csrf_token, user.must_change_password)
@@ -301,7 +320,7 @@ class AccountStore:
             row = s.execute(
                 select(ApiToken, User).join(User, User.id == ApiToken.user_id).where(ApiToken.token_hash == sha256_hex(token))
             ).first()
-            if row is None or row[0].revoked_at is not None:
+            if row is None or row[0].revoked_at is not None or row[1].disabled_at is not None:
                 return None
             tok, user = row
             now = self.clock()

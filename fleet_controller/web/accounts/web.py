@@ -13,7 +13,8 @@ stricter check declare ``Depends(require(Permission.X))``.
 Credentials: a browser session cookie (HttpOnly, SameSite=Lax, Secure under TLS) whose
 state-changing requests must echo the session's CSRF token in ``X-CSRF-Token`` (or, for a
 plain HTML form, its ``csrf_token`` field); or an API token in ``Authorization: Bearer sft_...``
-for the CLI and automation (no CSRF: a browser never sends it by itself). Logins are rate-limited per user name and per client address.
+for the CLI and automation (no CSRF: a browser never sends it by itself). Failed logins are throttled per
+(user, client address) with exponential backoff and per client address, never per user alone.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from prometheus_client import CollectorRegistry, Counter
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
-from fleet_controller.web.accounts.ratelimit import LoginRateLimiter
+from fleet_controller.registry.audit import AuditLog, RequestActor, set_request_actor
+from fleet_controller.web.accounts.ratelimit import LoginBackoff, LoginRateLimiter
 from fleet_controller.web.accounts.roles import (
     SAFE_METHODS,
     Permission,
@@ -159,6 +161,13 @@ class Guard:
             if not (principal.csrf_token and _same(sent, principal.csrf_token)):
                 raise self._refuse(request, 403, "csrf", f"missing or wrong {CSRF_HEADER} header: reload the page and try again")
         request.state.principal = principal
+        # Who acts, for every audit record written while handling this request (registry.audit).
+        set_request_actor(RequestActor(principal.username, client_address(request), principal.via))
+
+
+def client_address(request: Request) -> str:
+    """Return the client address as the app sees it (the TCP peer, or X-Forwarded-For from a trusted proxy)."""
+    return request.client.host if request.client else ""
 
 
 def _same(sent: str, expected: str) -> bool:
@@ -180,10 +189,18 @@ async def _form(request: Request) -> dict[str, str]:
 
 
 def auth_router(store: AccountStore, metrics: AuthMetrics, *, secure_cookies: bool | None = None,
-                user_limiter: LoginRateLimiter | None = None, addr_limiter: LoginRateLimiter | None = None) -> APIRouter:
-    """Return the router with the login, logout and change-password pages."""
+                pair_backoff: LoginBackoff | None = None, addr_limiter: LoginRateLimiter | None = None) -> APIRouter:
+    """Return the router with the login, logout and change-password pages.
+
+    Failed logins are throttled per (user, client address) with exponential backoff and per
+    address with a sliding window, never per user alone: a guesser elsewhere cannot lock the real
+    user out (see :mod:`fleet_controller.web.accounts.ratelimit`). The client address is the TCP
+    peer, or the X-Forwarded-For entry only when the peer is one of ``api.trusted_proxies``
+    (uvicorn's proxy-headers middleware, configured by the service).
+    """
     router = APIRouter(include_in_schema=False)
-    user_limiter = user_limiter or LoginRateLimiter(max_failures=5, window_s=300)
+    audit = AuditLog(store.engine)
+    pair_backoff = pair_backoff or LoginBackoff()
     addr_limiter = addr_limiter or LoginRateLimiter(max_failures=30, window_s=300)
 
     def login_page(request: Request, status: int = 200, error: str = "", next_url: str = "/", username: str = "") -> HTMLResponse:
@@ -203,30 +220,34 @@ def auth_router(store: AccountStore, metrics: AuthMetrics, *, secure_cookies: bo
         next_url = safe_next(form.get("next"))
         if not _same(form.get("csrf_token", ""), request.cookies.get(LOGIN_CSRF_COOKIE, "")):
             metrics.logins.labels("csrf").inc()
+            await run_in_threadpool(audit.record, username, "login.failed", username, {"why": "csrf"}, client_address(request), outcome="csrf")
             return login_page(request, 403, "The form expired: please log in again.", next_url, username)
         addr = request.client.host if request.client else "?"
-        ukey, akey = f"user:{username}", f"addr:{addr}"
-        wait = max(user_limiter.retry_after(ukey), addr_limiter.retry_after(akey))
+        ukey, akey = f"user:{username}\x00addr:{addr}", f"addr:{addr}"
+        wait = max(pair_backoff.retry_after(ukey), addr_limiter.retry_after(akey))
         if wait > 0:
             metrics.logins.labels("rate_limited").inc()
+            await run_in_threadpool(audit.record, username, "login.failed", username, {"why": "rate_limited"}, addr, outcome="rate_limited")
             log.warning("login for %r from %s refused: too many failures, retry in %.0f s", username, addr, wait)
             resp: Response = login_page(request, 429, f"Too many failed logins: try again in {int(wait) + 1} seconds.", next_url, username)
             resp.headers["Retry-After"] = str(int(wait) + 1)
             return resp
         ok = await run_in_threadpool(store.verify_password, username, password)
         if not ok:
-            user_limiter.failed(ukey)
+            pair_backoff.failed(ukey)
             addr_limiter.failed(akey)
             metrics.logins.labels("bad_credentials").inc()
+            await run_in_threadpool(audit.record, username, "login.failed", username, {"why": "bad_credentials"}, addr, outcome="bad_credentials")
             log.info("failed login for %r from %s", username, addr)
             return login_page(request, 401, "Wrong user name or password.", next_url, username)
-        user_limiter.succeeded(ukey)
+        pair_backoff.succeeded(ukey)
         metrics.logins.labels("ok").inc()
         sid, _csrf = await run_in_threadpool(store.create_session, username)
         resp = RedirectResponse(next_url, status_code=303)
         resp.set_cookie(SESSION_COOKIE, sid, httponly=True, samesite="lax", secure=_secure(request, secure_cookies), path="/")
         resp.delete_cookie(LOGIN_CSRF_COOKIE, path="/login")
         log.info("user %r logged in from %s", username, addr)
+        await run_in_threadpool(audit.record, username, "login", username, None, addr, via="session")
         return resp
 
     @router.post("/logout")
@@ -234,6 +255,7 @@ def auth_router(store: AccountStore, metrics: AuthMetrics, *, secure_cookies: bo
         sid = request.cookies.get(SESSION_COOKIE)
         if sid:
             await run_in_threadpool(store.end_session, sid)
+            await run_in_threadpool(audit.record_here, "logout")
         resp = RedirectResponse("/login", status_code=303)
         resp.delete_cookie(SESSION_COOKIE, path="/")
         return resp
@@ -255,6 +277,7 @@ def auth_router(store: AccountStore, metrics: AuthMetrics, *, secure_cookies: bo
             await run_in_threadpool(store.set_password, p.username, form.get("new_password", ""))
         except AccountError as exc:
             return _render("password.html", 400, user=p, csrf=p.csrf_token or "", error=str(exc))
+        await run_in_threadpool(audit.record_here, "account.password_changed", p.username)
         sid, _ = await run_in_threadpool(store.create_session, p.username)
         resp = RedirectResponse("/", status_code=303)
         resp.set_cookie(SESSION_COOKIE, sid, httponly=True, samesite="lax", secure=_secure(request, secure_cookies), path="/")

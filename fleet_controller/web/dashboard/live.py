@@ -5,6 +5,11 @@ dashboard tab is one subscriber. A tab that cannot keep up loses messages rather
 the controller: its queue is bounded and a full queue drops (counted in
 ``shopfleet_dashboard_live_dropped_total``); the page then refreshes its table on the next
 message anyway, so a drop costs freshness, never correctness.
+
+Every stream also carries a ``ping`` event (the server's clock) at once and then whenever it
+has been idle for :data:`PING_S`. The browser's watchdog counts any message as a sign of life and
+shows "disconnected" when none came for 5 s: a stopped controller or a dead proxy is visible in
+seconds, instead of an indicator that stays green while EventSource retries in silence.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -21,8 +27,10 @@ log = logging.getLogger(__name__)
 
 QUEUE_SIZE = 256
 """Messages buffered per tab; more absorbs bursts (a rollout wave) but holds more memory per tab."""
-KEEPALIVE_S = 15.0
-"""Seconds between SSE comments on an idle stream, so proxies do not close it."""
+PING_S = 2.0
+"""Seconds of idleness after which a stream sends a ``ping`` event; the browser declares the
+controller lost after 5 s without any message, so keep this well below that. Also keeps proxies
+from closing an idle stream."""
 
 
 class LiveHub:
@@ -70,19 +78,20 @@ class LiveHub:
         """Remember the loop subscribers live on (publishers on other threads hand over to it)."""
         self._loop = loop
 
-    async def stream(self, keepalive_s: float = KEEPALIVE_S) -> AsyncIterator[str]:
-        """Yield SSE frames for one subscriber until cancelled."""
+    async def stream(self, ping_s: float = PING_S, clock: Callable[[], float] = time.time) -> AsyncIterator[str]:
+        """Yield SSE frames for one subscriber until cancelled: a ping first, messages, a ping when idle for ``ping_s``."""
         self.bind(asyncio.get_running_loop())
         q: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue(QUEUE_SIZE)
         self._subs.add(q)
         self.subscribers.inc()
         try:
             yield "retry: 3000\n\n"
+            yield f"event: ping\ndata: {{\"at\":{clock():.3f}}}\n\n"
             while True:
                 try:
-                    topic, data = await asyncio.wait_for(q.get(), keepalive_s)
+                    topic, data = await asyncio.wait_for(q.get(), ping_s)
                 except TimeoutError:
-                    yield ": keepalive\n\n"
+                    yield f"event: ping\ndata: {{\"at\":{clock():.3f}}}\n\n"
                     continue
                 yield f"event: {topic}\ndata: {json.dumps(data, default=str, separators=(',', ':'))}\n\n"
         finally:

@@ -23,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 
 from fleet_controller.alerts import store as alert_store
 from fleet_controller.alerts.rules import AlertRules
+from fleet_controller.registry.audit import AuditLog
 from fleet_controller.registry.read import NotFound, RegistryReader
 from fleet_controller.web.accounts.roles import Permission, has_permission
 from fleet_controller.web.accounts.store import Principal
@@ -49,7 +50,8 @@ def _ago(ts: float | None, now: float | None = None) -> str:
 
 
 def _bytes(v: float | None) -> str:
-    if v is None:
+    # Anything but a number (None, a fact a node never sent: Jinja's Undefined) shows as a dash, never a 500.
+    if not isinstance(v, int | float):
         return "\u2013"
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(v) < 1024 or unit == "TiB":
@@ -59,7 +61,7 @@ def _bytes(v: float | None) -> str:
 
 
 def _num(v: float | None, digits: int = 1) -> str:
-    return "\u2013" if v is None else f"{v:.{digits}f}"
+    return f"{v:.{digits}f}" if isinstance(v, int | float) else "\u2013"
 
 
 def _iso(ts: float | None) -> str:
@@ -105,7 +107,7 @@ def route_paths(app: Any) -> list[str]:
     return paths
 
 
-CHANGES_STATE = frozenset({"presence", "node_added", "shop_added", "reported_state", "alert_changed"})
+CHANGES_STATE = frozenset({"presence", "node_added", "shop_added", "reported_state", "alert_changed", "alert"})
 """Live topics after which the fleet table's cached shop summaries are re-read."""
 
 
@@ -118,7 +120,7 @@ def dashboard_router(reader: RegistryReader, hub: LiveHub, rules: AlertRules, *,
     """
     router = APIRouter()
     engine = reader.engine
-    summaries = SummaryCache(reader, summary_max_age_s)
+    summaries = SummaryCache(reader, summary_max_age_s, rules=rules)
 
     def on_live(topic: str, _data: dict[str, Any]) -> None:
         if topic in CHANGES_STATE:
@@ -210,6 +212,7 @@ def dashboard_router(reader: RegistryReader, hub: LiveHub, rules: AlertRules, *,
         except alert_store.AlertNotFound as exc:
             raise HTTPException(404, str(exc)) from None
         hub.publish("alert_changed", a.as_dict())
+        await run_in_threadpool(AuditLog(engine).record_here, "alert.ack", f"alert {alert_id}", {"rule": a.rule, "key": a.key}, shop=a.shop)
         return a.as_dict()
 
     @router.post("/api/v1/alerts/{alert_id}/silence", tags=["alerts"], summary="Silence an alert for a while")
@@ -219,6 +222,8 @@ def dashboard_router(reader: RegistryReader, hub: LiveHub, rules: AlertRules, *,
         except alert_store.AlertNotFound as exc:
             raise HTTPException(404, str(exc)) from None
         hub.publish("alert_changed", a.as_dict())
+        await run_in_threadpool(AuditLog(engine).record_here, "alert.silence", f"alert {alert_id}",
+                                {"rule": a.rule, "key": a.key, "duration_s": body.duration_s, "comment": body.comment}, shop=a.shop)
         return a.as_dict()
 
     @router.get("/api/v1/live", tags=["dashboard"], summary="Server-sent events: presence, events, alerts")

@@ -25,6 +25,7 @@ from fleet_controller.registry.bus import BusEvent, EventBus
 from fleet_controller.registry.read import RegistryReader
 from fleet_controller.web.accounts.store import AccountStore
 from fleet_controller.web.accounts.web import Auth, announce_initial_admin, build_auth
+from fleet_controller.web.admin import admin_router
 from fleet_controller.web.app import create_app
 from fleet_controller.web.dashboard.live import LiveHub
 from fleet_controller.web.dashboard.router import dashboard_router
@@ -72,9 +73,19 @@ def attach(service: ControllerHost, rules: AlertRules, *, hasher: PasswordHasher
 
     service.add_router(auth.router)
     service.add_router(dashboard_router(service.reader, hub, rules))
+    service.add_router(admin_router(store))
+    service.add_router(_actions_router(service))
     service.add_dependency(auth.dependency)
     service.add_worker("dashboard-live", live)
     return Dashboard(store, hub, auth)
+
+
+def _actions_router(service: ControllerHost) -> Any:
+    """Return the remote actions' router; commands are signed with the rollout signing key when there is one."""
+    from fleet_controller.web.remote_actions import RemoteActions, actions_router
+
+    rollout = getattr(service.settings, "rollout", None)
+    return actions_router(RemoteActions(service.engine, service.reader, rollout.signing_key if rollout else None, lambda: service.mqtt))
 
 
 def build_app(reader: RegistryReader, metrics_registry: CollectorRegistry, store: AccountStore, rules: AlertRules, *,
@@ -82,6 +93,6 @@ def build_app(reader: RegistryReader, metrics_registry: CollectorRegistry, store
     """Return the controller app with auth and the dashboard on ``reader``, without a service."""
     hub = hub or LiveHub(metrics_registry)
     auth = build_auth(store, metrics_registry, open_metrics=open_metrics)
-    app = create_app(reader, metrics_registry, routers=[auth.router, dashboard_router(reader, hub, rules)],
+    app = create_app(reader, metrics_registry, routers=[auth.router, dashboard_router(reader, hub, rules), admin_router(store)],
                      dependencies=[auth.dependency])
     return app, hub

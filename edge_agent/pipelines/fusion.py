@@ -1,0 +1,307 @@
+"""``type: fusion``: the shop's carts, made on the shop's own broker so they keep coming with the uplink down.
+
+**Inputs.** Fusion needs what the shop's other pipelines see, from every node of the shop:
+
+* shop events, as their agents already send them through their outboxes to the shop broker
+  (``fleet/v1/{shop}/+/events``): ``person_entered`` / ``person_exited`` (door crossings),
+  ``zone_enter`` / ``zone_exit`` / ``dwell``, ``shelf_change``, ``door_opened`` /
+  ``door_closed``, and the ``sensor_board_disconnected`` alert (a board away: its slots are blind);
+* track positions, on the shop-local topic ``local/v1/{shop}/tracks/{camera}`` (see
+  :func:`track_topic`), published by a ``type: vision`` pipeline that has ``tracks:`` set: a
+  throttled stream of each confirmed track's floor position. Tracks are high-rate and only
+  fusion needs them, so they stay in the shop: the topic is outside ``fleet/v1/`` and the shop
+  broker's bridge forwards an explicit list of ``fleet/v1`` topics only
+  (``fleet_controller.broker_config.bridge_topics``), so no bridge line can ever match it.
+
+This pipeline opens its own MQTT connection to the shop broker (``broker:``). Mosquitto binds
+the client id to the user name there, so it needs a user of its own (see docs/fusion.md); a
+second connection as the node's user would take over the agent's session.
+
+**Order.** Messages from several nodes and two topics arrive slightly out of time order; they
+wait in a buffer until the newest input is ``reorder_delay_s`` younger, and go to
+:class:`fusion.engine.Fusion` sorted by time (node clocks are kept in step by the agents' clock
+beacon). Fusion's clock is the inputs' time: when nothing arrives for ``reorder_delay_s`` it runs
+on from the newest input at the wall clock's pace, so carts close in an empty shop, and a
+backlog delivered late (a node reconnecting) keeps its own timing. An event delivered twice (an
+outbox replay) is recognised by its (node, epoch, seq) and fed once.
+
+**Output.** Each closed cart goes out with ``sink.event("cart_receipt" | "cart_review", ...)``,
+through this agent's outbox like any event: durable across a lost uplink and a restart, and
+exactly once at the controller, which stores carts keyed on ``cart_id``. Cart ids carry this
+run's start time, so a restarted pipeline never reuses an id. ``cart_review_rate`` (carts sent
+to review / carts closed over ``review_window_s``) goes to rollout gates through
+``sink.gate_metric`` (:data:`GATE_METRICS`).
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import logging
+import threading
+import time
+from collections import Counter, OrderedDict, deque
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from edge_agent.config import BrokerConfig
+from edge_agent.protocol import validate_id
+from edge_agent.supervisor import EventSink, PipelineConfigBase
+
+log = logging.getLogger(__name__)
+
+LOCAL_ROOT = "local/v1"
+"""Root of the shop-local topics: never under ``fleet/v1``, so never bridged to the central broker."""
+
+GATE_METRICS = {
+    "cart_review_rate": "carts sent to review / carts closed, over review_window_s (reported once min_carts closed in it)",
+}
+"""Gate metrics this pipeline reports (name -> meaning); docs/agent.md lists them for policies."""
+
+SHOP_EVENTS = frozenset({"person_entered", "person_exited", "zone_enter", "zone_exit", "dwell", "shelf_change", "door_opened", "door_closed"})
+
+
+def track_topic(shop: str, camera: str) -> str:
+    """Return the shop-local topic a camera's track stream goes to."""
+    return f"{LOCAL_ROOT}/{validate_id(shop, 'shop id')}/tracks/{validate_id(camera, 'camera name')}"
+
+
+def track_subscription(shop: str) -> str:
+    """Return the subscription to every camera's track stream of a shop."""
+    return f"{LOCAL_ROOT}/{validate_id(shop, 'shop id')}/tracks/+"
+
+
+def broker_settings(b: BrokerConfig, client_id: str) -> Any:
+    """Return ``MqttSettings`` for a pipeline's own connection to the shop broker."""
+    from edge_agent.mqtt_core import MqttSettings, TlsSettings
+
+    tls = None
+    if b.tls is not None:
+        tls = TlsSettings(ca_file=b.tls.ca_file, cert_file=b.tls.cert_file, key_file=b.tls.key_file, insecure=b.tls.insecure)
+    return MqttSettings(host=b.host, port=b.port, client_id=client_id, username=b.username, password=b.secret(), tls=tls,
+                        keepalive_s=b.keepalive_s)
+
+
+class Config(PipelineConfigBase):
+    """Fusion of one shop: sessions, attribution, carts."""
+
+    type: Literal["fusion"] = Field(description="Pipeline type: shopper sessions and carts from the shop's tracks and shelf events.")
+    shop: str = Field(min_length=1, description="Shop id whose events and tracks to fuse (this node's shop).")
+    layout: str = Field(min_length=1, description="Shop layout YAML: door line, slots with board/channel, product and price (docs/fusion.md).")
+    broker: BrokerConfig = Field(default_factory=BrokerConfig, description="The shop broker, with a user of this pipeline's own (docs/fusion.md).")
+    camera: str | None = Field(None, description="Use only this camera's tracks and door crossings (the overhead camera); default: all.")
+    reorder_delay_s: float = Field(
+        1.0, ge=0, le=30, description="Hold inputs this long to sort them by time. Longer tolerates slower links between nodes; carts close that much later."
+    )
+    review_window_s: float = Field(3600.0, gt=0, description="Window of cart_review_rate. Shorter reacts sooner to a bad release; longer is steadier.")
+    gate_interval_s: float = Field(5.0, gt=0, le=3600, description="Report cart_review_rate this often.")
+    min_carts: int = Field(
+        10, ge=1, description="Report cart_review_rate only once this many carts closed in the window: a rate over two carts would fail a rollout gate by chance."
+    )
+    fusion: dict[str, Any] = Field(default_factory=dict, description="FusionConfig keys (docs/fusion.md 'Configuration'), e.g. confidence_bar.")
+
+
+class FusionPipeline:
+    """Run fusion of one shop under the agent's supervisor."""
+
+    kind = "fusion"
+
+    def __init__(self, config: Config, clock: Any = time.time) -> None:
+        self.config = config
+        self.name = config.name
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._errors: Counter[str] = Counter()
+        self._detail = "not started"
+        self._inbox: deque[tuple[str, bytes]] = deque()
+        self._wake = threading.Event()
+        self._seen: OrderedDict[tuple[str, str, int], None] = OrderedDict()
+        self._closed: deque[tuple[float, bool]] = deque()  # (when, sent to review)
+        self._stats: Counter[str] = Counter()
+        self._fusion: Any = None
+
+    # ----- intake of MQTT messages (network thread: hand off only) ---------------------------
+
+    def _on_message(self, msg: Any) -> None:
+        self._inbox.append((msg.topic, msg.payload))
+        self._wake.set()
+
+    def _count(self, reason: str) -> None:
+        with self._lock:
+            self._errors[reason] += 1
+
+    def _decode(self, topic: str, payload: bytes) -> list[Any]:
+        """Turn one message into fusion inputs; count and drop what is not usable."""
+        from edge_agent.protocol import Alert, Event, ProtocolError, parse_message
+        from fusion.types import (
+            BoardLink,
+            DoorContact,
+            DoorCrossing,
+            ShelfChange,
+            TrackLost,
+            TrackObservation,
+            ZoneVisit,
+        )
+
+        cam = self.config.camera
+        try:
+            if topic.startswith(LOCAL_ROOT + "/"):
+                body = json.loads(payload)
+                camera = str(body.get("camera", ""))
+                if cam is not None and camera != cam:
+                    return []
+                ts = float(body["ts"])
+                out: list[Any] = [TrackObservation(int(t[0]), ts, float(t[1]), float(t[2]), camera=camera) for t in body.get("tracks", [])]
+                return out + [TrackLost(int(t), ts, camera=camera) for t in body.get("ended", [])]
+            msg = parse_message(topic, payload)
+        except (ProtocolError, ValueError, KeyError, TypeError, IndexError) as exc:
+            self._count("bad_track_message" if topic.startswith(LOCAL_ROOT) else "bad_event")
+            log.debug("fusion %s: dropped a message on %s: %s", self.name, topic, exc)
+            return []
+        if not isinstance(msg, Event | Alert):
+            return []
+        key = (msg.node, msg.epoch, msg.seq)
+        if key in self._seen:
+            self._count("duplicate")
+            return []
+        self._seen[key] = None
+        if len(self._seen) > 100_000:
+            self._seen.popitem(last=False)
+        try:
+            if isinstance(msg, Alert):
+                if msg.name == "sensor_board_disconnected":
+                    return [BoardLink(msg.source, msg.state == "resolved", msg.ts)]
+                return []
+            if msg.type not in SHOP_EVENTS:
+                return []
+            d, at = msg.data, (msg.at if msg.at is not None else msg.ts)
+            if msg.type in ("person_entered", "person_exited", "zone_enter", "zone_exit", "dwell"):
+                if cam is not None and d.get("camera", msg.source) != cam:
+                    return []
+                if d.get("track_id") is None:
+                    return []
+                if msg.type == "person_entered":
+                    return [DoorCrossing(int(d["track_id"]), at, "in")]
+                if msg.type == "person_exited":
+                    return [DoorCrossing(int(d["track_id"]), at, "out")]
+                return [ZoneVisit(int(d["track_id"]), at, str(d.get("zone") or ""), msg.type)]  # type: ignore[arg-type]
+            if msg.type == "shelf_change":
+                return [ShelfChange(f"{msg.node}/{msg.epoch}/{msg.seq}", str(d["board"]), int(d["channel"]), str(d.get("slot") or ""),
+                                    str(d.get("product") or ""), int(d["quantity"]), float(d["delta_g"]), float(d["confidence"]), at)]
+            return [DoorContact(at, msg.type == "door_opened", str(d.get("board", msg.source)))]
+        except (KeyError, TypeError, ValueError) as exc:
+            self._count(f"bad_{msg.type}" if isinstance(msg, Event) else "bad_alert")
+            log.warning("fusion %s: a %s from %s lacks what fusion needs (%s); dropped", self.name, getattr(msg, "type", "message"), msg.node, exc)
+            return []
+
+    # ----- the loop -------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event, sink: EventSink) -> None:
+        """Subscribe on the shop broker and fuse until ``stop``; closed carts go out through ``sink``."""
+        import yaml
+
+        from edge_agent.mqtt_core import ThreadedLink
+        from edge_agent.protocol import Channel, Topics
+        from fusion.engine import Fusion, FusionConfig
+        from fusion.layout import parse_layout
+
+        cfg = self.config
+        try:
+            layout = parse_layout(yaml.safe_load(Path(cfg.layout).read_text()), source=cfg.layout)
+            fcfg = FusionConfig.model_validate(cfg.fusion)
+        except OSError as exc:
+            raise RuntimeError(f"pipelines[{cfg.name}]: cannot read layout {cfg.layout}: {exc}") from None
+        except ValueError as exc:  # LayoutInvalid, pydantic ValidationError, YAML errors
+            raise RuntimeError(f"pipelines[{cfg.name}]: {exc}") from None
+        fusion = Fusion(layout, fcfg)
+        self._fusion = fusion
+        run_id = format(int(self.clock() * 1000), "x")  # a restart never reuses a cart id
+        subs = (f"{Topics.root}/{cfg.shop}/+/{Channel.EVENTS.value}", track_subscription(cfg.shop))
+        link = ThreadedLink(broker_settings(cfg.broker, f"fusion-{cfg.shop}-{cfg.name}"), self._on_message, subscriptions=subs,
+                            reconnect_min_s=max(1, int(cfg.broker.reconnect_min_s)), reconnect_max_s=max(1, int(cfg.broker.reconnect_max_s)))
+        link.start()
+        self._detail = f"fusing shop {cfg.shop} ({len(layout.slots)} slots) from {cfg.broker.host}:{cfg.broker.port}"
+        pending: list[tuple[float, int, Any]] = []
+        n = 0
+        last_gate = 0.0
+        newest = -float("inf")  # newest input time seen (data time: the nodes' clocks)
+        arrived = time.monotonic()  # when the last message came
+        try:
+            while not stop.is_set():
+                self._wake.wait(0.2)
+                self._wake.clear()
+                while self._inbox:
+                    topic, payload = self._inbox.popleft()
+                    arrived = time.monotonic()
+                    for item in self._decode(topic, payload):
+                        heapq.heappush(pending, (item.ts, n, item))
+                        newest = max(newest, item.ts)
+                        n += 1
+                # Feed what is older than the newest input by the reorder delay; when nothing has come for
+                # that long, feed everything and let fusion's clock run on from the newest input at the
+                # wall clock's pace, so carts close in an empty shop (and a replayed backlog keeps its own time).
+                idle = time.monotonic() - arrived
+                horizon = newest - cfg.reorder_delay_s if idle < cfg.reorder_delay_s else newest + idle - cfg.reorder_delay_s
+                closed = []
+                while pending and (pending[0][0] <= horizon or idle >= cfg.reorder_delay_s):
+                    closed += fusion.feed(heapq.heappop(pending)[2])
+                if idle >= cfg.reorder_delay_s and newest > -float("inf"):
+                    closed += fusion.advance(horizon)
+                for cart in closed:
+                    self._send(cart, run_id, sink)
+                now = time.monotonic()
+                if now - last_gate >= cfg.gate_interval_s:
+                    last_gate = now
+                    self.report_gates(sink)
+        finally:
+            link.stop()
+
+    def _send(self, cart: Any, run_id: str, sink: EventSink) -> None:
+        event = cart.to_event()
+        cart_id = f"{cart.cart_id}-{run_id}"
+        event["cart_id"] = cart_id
+        for a in event.get("attributions", []):
+            if a.get("cart_id"):
+                a["cart_id"] = f"{a['cart_id']}-{run_id}"
+        kind = event.pop("type")
+        sink.event(kind, self.name, event, at=cart.closed_at)
+        review = kind == "cart_review"
+        with self._lock:
+            self._stats["carts_review" if review else "carts_receipt"] += 1
+            self._closed.append((self.clock(), review))
+
+    def review_rate(self) -> float | None:
+        """Return carts sent to review / carts closed over the window (None until ``min_carts`` closed in it)."""
+        with self._lock:
+            cutoff = self.clock() - self.config.review_window_s
+            while self._closed and self._closed[0][0] < cutoff:
+                self._closed.popleft()
+            if len(self._closed) < self.config.min_carts:
+                return None
+            return sum(r for _, r in self._closed) / len(self._closed)
+
+    def report_gates(self, sink: EventSink) -> None:
+        """Report :data:`GATE_METRICS` through ``sink`` (nothing until ``min_carts`` carts closed)."""
+        rate = self.review_rate()
+        if rate is not None:
+            sink.gate_metric("cart_review_rate", rate, "higher")
+
+    def health(self) -> dict[str, Any]:
+        """Return open sessions, carts made, and errors by reason (bad input and fusion's own counts)."""
+        with self._lock:
+            errors = dict(self._errors)
+            stats = dict(self._stats)
+        fusion = self._fusion
+        if fusion is not None:
+            for reason, count in fusion.errors.items():
+                errors[f"fusion_{reason}"] = errors.get(f"fusion_{reason}", 0) + count
+        sessions = len(fusion.open_sessions()) if fusion is not None else 0
+        detail = f"{self._detail}; {sessions} shoppers inside, {stats.get('carts_receipt', 0)} receipts, {stats.get('carts_review', 0)} to review"
+        return {"detail": detail, "errors": sum(errors.values()), "errors_by_reason": errors}
+
+
+def build(config: Config) -> FusionPipeline:
+    """Return the pipeline for a ``type: fusion`` config entry."""
+    return FusionPipeline(config)

@@ -1,0 +1,47 @@
+"""The controller's SQLite files are private: 0600 for the database, -wal and -shm."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from sqlalchemy import text
+
+from fleet_controller.registry.db import create_engine
+from fleet_controller.registry.migrations import upgrade
+
+
+def _mode(p) -> int:
+    return stat.S_IMODE(os.stat(p).st_mode)
+
+
+def test_new_database_and_wal_files_are_0600(tmp_path):
+    old = os.umask(0o022)  # the usual umask, which would make them 0644
+    try:
+        db = tmp_path / "sub" / "controller.db"
+        engine = create_engine(f"sqlite:///{db}")
+        upgrade(engine)
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO shops (id, name, region, labels, timezone, created_at) VALUES ('s', 's', '', '{}', 'UTC', 0)"))
+            with engine.connect() as other:  # a second connection while the WAL is in use
+                assert other.execute(text("SELECT count(*) FROM shops")).scalar() == 0
+        wal, shm = db.with_name("controller.db-wal"), db.with_name("controller.db-shm")
+        assert wal.exists() and shm.exists()
+        assert (_mode(db), _mode(wal), _mode(shm)) == (0o600, 0o600, 0o600)
+        engine.dispose()
+    finally:
+        os.umask(old)
+
+
+def test_files_an_older_version_left_readable_are_tightened(tmp_path):
+    db = tmp_path / "controller.db"
+    engine = create_engine(f"sqlite:///{db}")
+    upgrade(engine)
+    engine.dispose()
+    for f in tmp_path.iterdir():
+        f.chmod(0o644)
+    engine = create_engine(f"sqlite:///{db}")
+    with engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
+    assert {f.name: _mode(f) for f in tmp_path.iterdir()} == {f.name: 0o600 for f in tmp_path.iterdir()}
+    engine.dispose()
