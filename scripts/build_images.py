@@ -66,6 +66,9 @@ class ImageSpec:
     # Python run inside the image per arch after the build; None skips (see vision).
     check: str = "import shopfleet.cli"
     swap: dict[str, str] = field(default_factory=dict)
+    # Paths under site-packages this image drops from the wheel: the dashboard's static assets
+    # (vendored JavaScript, several MB) are the controller's alone.
+    drop: tuple[str, ...] = ("fleet_controller/web/static",)
 
 
 IMAGES = (
@@ -76,7 +79,7 @@ IMAGES = (
     # amd64 only: the GPU DaemonSet selects kubernetes.io/arch=amd64 nodes.
     ImageSpec("vision-gpu", "vision", arches=("amd64",), swap={"onnxruntime": ORT_GPU},
               check="import onnxruntime; assert 'CUDAExecutionProvider' in onnxruntime.get_available_providers()"),
-    ImageSpec("controller", "controller", check="import fleet_controller.service"),
+    ImageSpec("controller", "controller", check="import fleet_controller.service", drop=()),
 )
 
 _T0 = time.monotonic()
@@ -273,6 +276,7 @@ def build_image(spec: ImageSpec, arch: str, tag: str, ctx: Path, cache: Path, wi
     """buildah bud one image for one arch; return its local reference."""
     ref = f"localhost/shopfleet/{spec.name}:{tag}-{arch}"
     argv = ["buildah", "bud", "--layers", "--isolation", "chroot", "--arch", arch, "--build-arg", f"ARCH={arch}",
+            "--build-arg", f"DROP={' '.join(spec.drop)}",
             "-v", f"{cache / 'pip'}:/root/.cache/pip", "-f", str(ROOT / "images" / spec.name / "Containerfile"),
             "-t", ref, str(ctx)]
     del with_cuda  # carried by requirements.txt (onnxruntime-gpu[cuda,cudnn]), see main()
