@@ -300,7 +300,7 @@ def shop(box: Box, creds: dict[str, Any], base: str, by_id: Path, model_sha: str
     ctx = PodContext(
         node=NODE, workdir=box.work / "pods", host_root=node_root, configmaps=cms, secrets=secrets,
         images={"mosquitto": ensure_mosquitto_image(), "agent": box.ref("agent"), "sensor-driver": box.ref("sensor-driver"),
-                "vision": box.ref("vision")},
+                "vision": box.ref("vision"), "model-stage": box.ref("vision")},
         devices={"shopfleet.io/shelf-board": None, "shopfleet.io/camera": None},
         extra_mounts={"sensor-driver": [f"type=bind,source={by_id},destination=/dev/serial/by-id,ro",
                                         "type=bind,source=/dev/pts,destination=/dev/host-pts"],
