@@ -113,6 +113,15 @@ def default_cache() -> Path:
     return Path("/var/cache/shopfleet-images") if os.geteuid() == 0 else Path.home() / ".cache/shopfleet-images"
 
 
+RECIPE_LABEL = "dev.shopfleet.base-recipe"
+
+
+def image_label(ref: str, label: str) -> str:
+    out = subprocess.run(["podman", "image", "inspect", "--format", f'{{{{index .Labels "{label}"}}}}', ref],
+                         capture_output=True, text=True)
+    return out.stdout.strip()
+
+
 def image_exists(ref: str) -> bool:
     return subprocess.run(["buildah", "inspect", "--type", "image", ref], capture_output=True).returncode == 0
 
@@ -146,6 +155,14 @@ def build_base(arch: str, cache: Path) -> None:
     """Make localhost/shopfleet/base and base-build for ``arch`` unless they are in local storage."""
     base, builder = f"localhost/shopfleet/base:{SUITE}-{arch}", f"localhost/shopfleet/base-build:{SUITE}-{arch}"
     debian = f"localhost/shopfleet/base-debian:{SUITE}-{arch}"
+    # The base images carry the hash of their recipe: a changed clean-rootfs.sh or builder
+    # Containerfile rebuilds them (and so every layer above them), an unchanged one never does.
+    recipe = hashlib.sha256((ROOT / "images/base/clean-rootfs.sh").read_bytes()
+                            + (ROOT / "images/base/Containerfile.builder").read_bytes()).hexdigest()[:16]
+    stale = [ref for ref in (base, debian, builder) if image_exists(ref) and image_label(ref, RECIPE_LABEL) != recipe]
+    if stale:
+        say(f"base {arch}: recipe changed, rebuilding {', '.join(stale)}")
+        subprocess.run(["buildah", "rmi", "-f", base, debian, builder], capture_output=True)
     if not (image_exists(base) and image_exists(debian)):
         rootfs = cache / f"rootfs-{arch}"
         if not (rootfs / "usr/bin/python3").exists():
@@ -172,7 +189,8 @@ def build_base(arch: str, cache: Path) -> None:
             tar.unlink()
             run(["buildah", "copy", ctr, str(ROOT / "images/base/clean-rootfs.sh"), "/clean-rootfs.sh"])
             run(["buildah", "config", "--arch", arch, "--os", "linux", "--env", "LANG=C.UTF-8",
-                 "--cmd", "/usr/bin/python3", "--label", f"org.opencontainers.image.base.name=debian:{SUITE}-minbase", ctr])
+                 "--cmd", "/usr/bin/python3", "--label", f"org.opencontainers.image.base.name=debian:{SUITE}-minbase",
+                 "--label", f"{RECIPE_LABEL}={recipe}", ctr])
             # One container, two commits: the builder's parent keeps apt; the runtime base is the
             # same root slimmed further, committed as a single layer (a later RUN could only add).
             run(["buildah", "run", "--isolation", "chroot", ctr, "--", "/bin/sh", "/clean-rootfs.sh"], what=f"cleaning the {arch} root")
@@ -186,6 +204,7 @@ def build_base(arch: str, cache: Path) -> None:
     if not image_exists(builder):
         say(f"base {arch}: builder image {builder} (python3-venv, binutils)")
         run(["buildah", "bud", "--isolation", "chroot", "--arch", arch, "--build-arg", f"ARCH={arch}",
+             "--label", f"{RECIPE_LABEL}={recipe}",
              "-f", str(ROOT / "images/base/Containerfile.builder"), "-t", builder, str(ROOT / "images/base")],
             what=f"builder base {arch}")
 

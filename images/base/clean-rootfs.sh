@@ -31,6 +31,9 @@ rm -rf /usr/share/man/* /usr/share/info/* /usr/share/locale/* /usr/share/lintian
 # iconv modules (Python has its own codecs). The dpkg database stays and says what remains.
 if [ "${1:-}" = slim ]; then
   dpkg --purge --force-remove-essential --force-depends apt libapt-pkg6.0 debconf perl-base >/dev/null 2>&1 || true
+  # python3-venv's dependencies (lib2to3, distutils) and pydoc's topic data: no runtime imports them.
+  dpkg --purge --force-depends python3-lib2to3 python3-distutils >/dev/null 2>&1 || true
   rm -rf /usr/lib/*-linux-gnu/gconv /usr/lib/*-linux-gnu/perl-base /usr/share/perl5 /var/cache/debconf \
-         /etc/apt /var/lib/apt /usr/share/zoneinfo/right /usr/share/zoneinfo/posix
+         /etc/apt /var/lib/apt /usr/share/zoneinfo/right /usr/share/zoneinfo/posix \
+         /usr/lib/python3.11/pydoc_data /usr/lib/python3.11/lib2to3 /usr/lib/python3.11/distutils
 fi
