@@ -36,7 +36,7 @@ from edge_agent.commands import CommandGuard, CommandRefused, restart_pipeline
 from edge_agent.config import AgentConfig
 from edge_agent.facts import FactsProvider, OverriddenFacts, SystemFacts
 from edge_agent.host import CommandHandler, DesiredStateHandler
-from edge_agent.metrics import AgentMetrics, MetricsServer
+from edge_agent.metrics import AgentMetrics, MetricsServer, agent_liveness
 from edge_agent.mqtt import InMessage, MqttSettings, TlsSettings
 from edge_agent.outbox import EvictedRange, Outbox, Priority
 from edge_agent.pipelines import build_pipeline
@@ -363,7 +363,9 @@ class Agent:
     def start(self) -> None:
         """Start the uplink, the metrics endpoint, the workers and the pipelines."""
         if self.config.metrics.port:
-            self.metrics_server = MetricsServer(self.registry, self.config.metrics.port, self.config.metrics.host)
+            self.metrics_server = MetricsServer(
+                self.registry, self.config.metrics.port, self.config.metrics.host, health=lambda: agent_liveness(self)
+            )
             log.info("node %s/%s serves metrics on port %d", self.shop, self.node, self.metrics_server.port)
         self.uplink.start()
         self.supervisor.start()

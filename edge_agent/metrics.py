@@ -7,11 +7,21 @@ can run many agents in one process and a test can read exactly one agent's count
 
 from __future__ import annotations
 
+import json
 import logging
+import threading
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, start_http_server
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Enum,
+    Gauge,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -159,11 +169,81 @@ class PipelineCollectors(Collector):
         return []
 
 
-class MetricsServer:
-    """The /metrics HTTP endpoint of one registry; ``port=0`` in config means none is started."""
+HealthCheck = Callable[[], list[str]]
+"""Return what is wrong with the process, one reason per entry; an empty list means healthy."""
 
-    def __init__(self, registry: CollectorRegistry, port: int, host: str = "0.0.0.0") -> None:
-        self._server, self._thread = start_http_server(port, addr=host, registry=registry)
+
+def agent_liveness(agent: Any) -> list[str]:
+    """Return the reasons ``agent`` is not alive: its uplink thread, worker threads or a pipeline's supervising thread died.
+
+    A thread that was never started (``None``) is not a failure: the agent is still starting, or a
+    test drives that part by hand. A pipeline the supervisor gave up on keeps its thread only until
+    it reports ``failed``; that is reported too, since the pod restarting is the remaining cure.
+    """
+    problems: list[str] = []
+    uplink = getattr(getattr(agent, "uplink", None), "_thread", None)
+    if uplink is not None and not uplink.is_alive():
+        problems.append("uplink thread is not running")
+    for t in getattr(agent, "_threads", ()):
+        if not t.is_alive():
+            problems.append(f"worker thread {t.name} is not running")
+    supervisor = getattr(agent, "supervisor", None)
+    for name, runner in (getattr(supervisor, "runners", None) or {}).items():
+        thread = getattr(runner, "_thread", None)
+        if getattr(runner, "state", None) == "failed":
+            problems.append(f"pipeline {name} failed (its restart budget is spent)")
+        elif thread is not None and not thread.is_alive() and getattr(runner, "state", None) != "stopped":
+            problems.append(f"supervisor thread of pipeline {name} is not running")
+    return problems
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """``GET /metrics`` (the registry, Prometheus text format) and ``GET /healthz`` (liveness, JSON)."""
+
+    registry: CollectorRegistry
+    health: HealthCheck | None
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            self._send(200, CONTENT_TYPE_LATEST, generate_latest(self.registry))
+        elif path == "/healthz":
+            try:
+                problems = self.health() if self.health is not None else []
+            except Exception as exc:  # a broken check must answer, not hang the probe
+                log.exception("health check failed")
+                problems = [f"health check raised {type(exc).__name__}: {exc}"]
+            status, body = (503, {"status": "unhealthy", "problems": problems}) if problems else (200, {"status": "ok"})
+            self._send(status, "application/json", json.dumps(body).encode())
+        else:
+            self._send(404, "application/json", json.dumps({"error": f"no such path {path}: try /metrics or /healthz"}).encode())
+
+    def _send(self, status: int, content_type: str, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        # Probes and scrapes every few seconds would flood the agent's log.
+        log.debug("metrics http: " + format, *args)
+
+
+class MetricsServer:
+    """The agent's HTTP endpoint: ``/metrics`` of one registry and ``/healthz``; ``port=0`` in config means none is started.
+
+    A small ``http.server`` rather than prometheus_client's ``start_http_server``, because the
+    kubelet's probes need an answer that says whether the agent's threads live, not merely that a
+    scrape works (a dead uplink thread still serves metrics).
+    """
+
+    def __init__(self, registry: CollectorRegistry, port: int, host: str = "0.0.0.0", health: HealthCheck | None = None) -> None:
+        handler = type("MetricsHandler", (_Handler,), {"registry": registry, "health": staticmethod(health) if health else None})
+        self._server = ThreadingHTTPServer((host, port), handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="agent-metrics-http", daemon=True)
+        self._thread.start()
         self.port = self._server.server_port
 
     def close(self) -> None:
@@ -171,4 +251,3 @@ class MetricsServer:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(5)
-

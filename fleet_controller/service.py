@@ -349,7 +349,7 @@ def build_service(
     from fleet_controller import alerts, rollout
     from fleet_controller.alerts.rules import load_rules
     from fleet_controller.rollout.signing import load_private_key
-    from fleet_controller.web import alerts_pages, models_api, reviews
+    from fleet_controller.web import alerts_pages, models_api, reviews, security_events
     from fleet_controller.web.dashboard.setup import attach
 
     rules = load_rules(settings.alert_rules)
@@ -360,6 +360,7 @@ def build_service(
            announce=announce)
     alert_worker = alerts.install(service, rules, dashboard_url=settings.dashboard.url)
     alerts_pages.attach(service, alert_worker.metrics, dashboard_url=settings.dashboard.url)
+    security_events.install(service)
     rollout.install(service, settings.rollout)
     reviews.install(service)
     models_api.install(service, settings.rollout.signing_key if settings.rollout else None)

@@ -12,8 +12,14 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import settings
 
 from shopfleet.broker import BrokerProcess
+
+# Property tests check what a parser or a model does, never how fast: hypothesis's default 200 ms
+# deadline per example is a timing assertion that fails on a loaded CI machine, so it is off.
+settings.register_profile("shopfleet", deadline=None)
+settings.load_profile("shopfleet")
 
 PG_ADMIN_URL = os.environ.get("SHOPFLEET_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from edge_agent.apply.diff import MANAGED_BY, MANAGED_LABEL, SHOP_LABEL, ObjectRef
@@ -25,8 +25,12 @@ from edge_agent.apply.errors import ApplyFailed
 class ClusterClient(Protocol):
     """What the apply handler needs from a Kubernetes cluster."""
 
-    def list_managed(self, shop: str) -> list[dict[str, Any]]:
-        """Return every object labelled managed-by shopfleet for ``shop``."""
+    def list_managed(self, shop: str, desired: Iterable[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+        """Return every object labelled managed-by shopfleet for ``shop``.
+
+        ``desired`` is the desired state's objects: a client that lists namespace by namespace
+        (least privilege) takes the namespaces to look in from them.
+        """
         ...
 
     def get(self, ref: ObjectRef) -> dict[str, Any] | None:
@@ -63,8 +67,8 @@ class InMemoryClusterClient:
         self._reject = reject
         self._lock = threading.Lock()
 
-    def list_managed(self, shop: str) -> list[dict[str, Any]]:
-        """Return managed objects of ``shop``."""
+    def list_managed(self, shop: str, desired: Iterable[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+        """Return managed objects of ``shop`` (all of them: a dict needs no permission per namespace)."""
         with self._lock:
             return [
                 copy.deepcopy(o)

@@ -381,7 +381,7 @@ class DesiredStateHandler:
 
     def _apply(self, state: DesiredState) -> ApplyReport:
         rel, rev = state.release, state.revision
-        live = self._retry("list managed objects", self._client.list_managed, self.shop)
+        live = self._retry("list managed objects", self._client.list_managed, self.shop, state.objects)
         protect = (self._self_ref,) if self._self_ref is not None else ()
         plan = diff(state.objects, live, protect=protect)
         statuses: dict[ObjectRef, ObjectStatus] = {ref: _status(ref, "ready", "unchanged") for ref in plan.unchanged}

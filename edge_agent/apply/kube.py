@@ -4,8 +4,13 @@ Server-side apply with field manager ``shopfleet`` and ``force=true``: the agent
 it sends (a hand edit with kubectl is overwritten on the next apply or drift check, and shows up
 in ``managedFields``). ``dry_run`` is the same request with ``dryRun=All``: the API server runs
 validation and admission and stores nothing. Lists go by label
-(``app.kubernetes.io/managed-by=shopfleet`` and the shop), across the kinds a desired state may
-contain, so pruning only ever sees our own objects.
+(``app.kubernetes.io/managed-by=shopfleet`` and the shop), so pruning only ever sees our own
+objects, and never cluster-wide for a namespaced kind: each namespaced kind is listed in each
+namespace the desired state names (its objects' namespaces and its Namespace objects), plus the
+configured ``namespaces`` and those this client wrote to before, so the applier needs no
+cluster-wide read (a Role per namespace is enough). A cluster-scoped kind is listed only when the
+desired state contains that kind or this client wrote one before: then its RBAC must allow that
+kind cluster-wide anyway, and otherwise the agent cannot have made any to prune.
 
 Configuration: an explicit ``kubeconfig`` always wins; without one, the in-cluster service
 account, then ``$KUBECONFIG`` / ``~/.kube/config``.
@@ -20,7 +25,7 @@ API errors are split by class for the caller, the HTTP status kept as a field:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from edge_agent.apply.diff import MANAGED_BY, MANAGED_LABEL, SHOP_LABEL, ObjectRef
@@ -90,6 +95,7 @@ class KubernetesClusterClient:
     def __init__(
         self, api_client: Any = None, *, kubeconfig: str | None = None, request_timeout_s: float = 30.0,
         kinds: tuple[tuple[str, str], ...] = MANAGED_KINDS, discovery_cache: str | None = None,
+        namespaces: Iterable[str] = (),
     ) -> None:
         from kubernetes import client
 
@@ -100,6 +106,11 @@ class KubernetesClusterClient:
         self._kinds = kinds
         self._cache_file = discovery_cache
         self._dyn_client: Any = None
+        # Where earlier releases may have left objects: the configured namespaces and every one
+        # this client wrote to (a namespace dropped from the desired state is still listed, so its
+        # objects are pruned), and the cluster-scoped kinds it wrote.
+        self._namespaces: set[str] = set(namespaces)
+        self._cluster_kinds: set[tuple[str, str]] = set()
 
     @property
     def _dyn(self) -> Any:
@@ -142,20 +153,44 @@ class KubernetesClusterClient:
         except (HTTPError, OSError) as exc:
             raise ClusterUnavailable(f"{what}: {type(exc).__name__}: {exc}", reason="connection") from None
 
-    def list_managed(self, shop: str) -> list[dict[str, Any]]:
-        """Return every object of the managed kinds labelled as ours and the shop's."""
+    def list_managed(self, shop: str, desired: Iterable[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+        """Return every object of the managed kinds labelled as ours and the shop's, listed namespace by namespace.
+
+        ``desired`` (the desired state's objects) names the namespaces to list the namespaced kinds
+        in and the cluster-scoped kinds to list at all (see the module docstring).
+        """
         selector = f"{MANAGED_LABEL}={MANAGED_BY},{SHOP_LABEL}={shop}"
+        desired = list(desired)
+        namespaces = set(self._namespaces)
+        kinds_wanted = set(self._cluster_kinds)
+        for o in desired:
+            meta = o.get("metadata") or {}
+            if meta.get("namespace"):
+                namespaces.add(str(meta["namespace"]))
+            if o.get("kind") == "Namespace" and meta.get("name"):
+                namespaces.add(str(meta["name"]))
+            kinds_wanted.add((str(o.get("apiVersion", "")), str(o.get("kind", ""))))
         out: list[dict[str, Any]] = []
         for api_version, kind in self._kinds:
             try:
                 res = self._resource(api_version, kind)
             except UnknownKind:
                 continue  # a kind this cluster does not serve holds none of our objects
-            listing = self._call(self._dyn.get, res, label_selector=selector, what=f"list {kind}")
-            for item in listing.to_dict().get("items") or []:
-                item.setdefault("apiVersion", api_version)
-                item.setdefault("kind", kind)
-                out.append(item)
+            if getattr(res, "namespaced", False):
+                scopes: list[str | None] = list(sorted(namespaces))
+            else:
+                scopes = [None] if (api_version, kind) in kinds_wanted else []
+            for ns in scopes:
+                extra = {"namespace": ns} if ns is not None else {}
+                where = f" in namespace {ns}" if ns is not None else ""
+                try:
+                    listing = self._call(self._dyn.get, res, label_selector=selector, what=f"list {kind}{where}", **extra)
+                except ObjectNotFound:
+                    continue  # the namespace does not exist (yet): nothing of ours in it
+                for item in listing.to_dict().get("items") or []:
+                    item.setdefault("apiVersion", api_version)
+                    item.setdefault("kind", kind)
+                    out.append(item)
         return out
 
     def get(self, ref: ObjectRef) -> dict[str, Any] | None:
@@ -169,6 +204,11 @@ class KubernetesClusterClient:
     def _apply(self, obj: dict[str, Any], dry_run: bool) -> dict[str, Any]:
         ref = ObjectRef.of(obj)
         res = self._resource(ref.api_version, ref.kind)
+        if not dry_run:
+            if ref.namespace:
+                self._namespaces.add(ref.namespace)
+            else:
+                self._cluster_kinds.add((ref.api_version, ref.kind))
         extra = {"dry_run": "All"} if dry_run else {}
         result = self._call(
             self._dyn.server_side_apply, res, body=obj, name=ref.name, namespace=ref.namespace,

@@ -111,20 +111,33 @@ def _silences(s: Session, now: float, keys: Iterable[str] | None = None) -> dict
     return out
 
 
+EVENT_RULE_PREFIX = "security:"
+"""Rules of alerts opened by an event (:func:`record_event`), not by a condition the evaluator sees."""
+
+EVENT_QUIET_S = 3600.0
+"""An event alert resolves once no event of its key came for this long (one-shot events never "clear")."""
+
+
 def sync(engine: Engine, firing: Iterable[Firing], now: float,
-         resolve_after: Callable[[str], float] = lambda rule: 0.0) -> Changes:
+         resolve_after: Callable[[str], float] = lambda rule: 0.0, event_quiet_s: float = EVENT_QUIET_S) -> Changes:
     """Make the open alerts in the database match ``firing``; return what opened, resolved and flapped.
 
     ``resolve_after(rule)`` is how long a condition must stay clear before its alert resolves;
     the alert keeps firing meanwhile (``clear_since`` set) and its ``resolved_at`` is when the
-    condition cleared, so durations are true.
+    condition cleared, so durations are true. Event alerts (rule ``security:...``) are not the
+    evaluator's: they resolve here once their last event is ``event_quiet_s`` old.
     """
     by_key = {f.key: f for f in firing}
     opened: list[AlertRecord] = []
     resolved: list[AlertRecord] = []
     flapped: list[AlertRecord] = []
     with Session(engine) as s, s.begin():
-        current = {r.key: r for r in s.scalars(select(AlertRecord).where(AlertRecord.state == "firing"))}
+        rows = list(s.scalars(select(AlertRecord).where(AlertRecord.state == "firing")))
+        current = {r.key: r for r in rows if not r.rule.startswith(EVENT_RULE_PREFIX)}
+        for quiet in rows:
+            if quiet.rule.startswith(EVENT_RULE_PREFIX) and now - quiet.updated_at >= event_quiet_s:
+                quiet.state, quiet.resolved_at, quiet.updated_at = "resolved", quiet.updated_at, now
+                resolved.append(quiet)
         for key, f in by_key.items():
             row = current.get(key)
             if row is None:
@@ -155,6 +168,35 @@ def sync(engine: Engine, firing: Iterable[Firing], now: float,
         sil = _silences(s, now, [r.key for r in opened + resolved + flapped])
         return Changes(tuple(_view(r, sil.get(r.key)) for r in opened), tuple(_view(r, sil.get(r.key)) for r in resolved),
                        tuple(_view(r, sil.get(r.key)) for r in flapped))
+
+
+def record_event(engine: Engine, f: Firing, now: float) -> tuple[AlertView, bool]:
+    """Open an event alert for ``f`` (rule ``security:...``), or count one more occurrence on the open one.
+
+    Returns the alert and whether it was opened now. ``value`` is the number of events folded into
+    the alert, ``summary`` and ``details`` are the newest event's, and the severity only ever rises,
+    so a burst of the same event is one alert with a count, not a page per event.
+    """
+    if not f.rule.startswith(EVENT_RULE_PREFIX):
+        raise ValueError(f"event alert rule {f.rule!r} must start with {EVENT_RULE_PREFIX!r}: the evaluator owns the others")
+    rank = {"info": 0, "warning": 1, "critical": 2}
+    with Session(engine) as s, s.begin():
+        found = s.scalars(select(AlertRecord).where(AlertRecord.key == f.key, AlertRecord.state == "firing")).first()
+        opened = found is None
+        if found is None:
+            row = AlertRecord(key=f.key, rule=f.rule, shop_id=f.shop, node_id=f.node, source=f.source, severity=f.severity,
+                              summary=f.summary, value=1.0, state="firing", started_at=min(f.since or now, now),
+                              updated_at=now, details=f.details, runbook=f.runbook, flaps=0)
+            s.add(row)
+            s.flush()
+        else:
+            row = found
+            row.value = (row.value or 0.0) + 1.0
+            row.summary, row.details, row.updated_at = f.summary, f.details or row.details, now
+            if rank.get(f.severity, 0) > rank.get(row.severity, 0):
+                row.severity = f.severity
+        sil = _silences(s, now, [row.key])
+        return _view(row, sil.get(row.key)), opened
 
 
 def active_keys(engine: Engine) -> frozenset[str]:

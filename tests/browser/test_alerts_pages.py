@@ -23,9 +23,8 @@ from fleet_controller.alerts.rules import parse_rules
 from fleet_controller.service import ControllerService
 from fleet_controller.web import alerts_pages
 from fleet_controller.web.dashboard.setup import attach
+from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
 from tests.support.controller import controller_settings, role_users
-
-from .conftest import CHROMIUM, CHROMIUM_ARGS
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from .conftest import CHROMIUM, CHROMIUM_ARGS
+from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 SHOTS = (Path(__file__).resolve().parents[2] / "docs" / "img" if os.environ.get("SHOPFLEET_UPDATE_SCREENSHOTS") == "1"

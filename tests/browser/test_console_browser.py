@@ -25,10 +25,11 @@ from fleet_controller.rollout.store import (
     record_failure,
     request_action,
 )
-from tests.fleet_controller.conftest import controller_settings, heartbeat, wait_for
+from tests.support.browser import Controller, facts
+from tests.support.controller import controller_settings, heartbeat
+from tests.support.wait import wait_for
 
 from . import test_dashboard_browser as base
-from .conftest import Controller, facts
 
 browser = base.browser  # the fixtures of the dashboard tests: one Chromium per module, logged-in sessions
 login = base.login

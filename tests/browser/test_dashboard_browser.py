@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from .conftest import CHROMIUM, CHROMIUM_ARGS, SHOPS
+from tests.support.browser import CHROMIUM, CHROMIUM_ARGS, SHOPS
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 # Screenshots go to a temporary directory; SHOPFLEET_UPDATE_SCREENSHOTS=1 writes them to docs/img
@@ -162,7 +162,9 @@ def test_phone_width(login):
     for path in ("/fleet", "/shops/shop-a", "/alerts", "/rollouts"):
         s.page.goto(path)
         width = s.page.evaluate("document.documentElement.scrollWidth")
-        assert width <= 390, f"{path} is {width}px wide at phone width"
+        widest = s.page.evaluate("""() => [...document.querySelectorAll('body *')].filter(e => e.getBoundingClientRect().right > 392)
+            .slice(0, 5).map(e => e.tagName + '.' + e.className + '#' + e.id + ' ' + Math.round(e.getBoundingClientRect().right))""")
+        assert width <= 390, f"{path} is {width}px wide at phone width: {widest}"
     s.page.goto("/fleet")
     expect(s.page.locator('tr[data-shop="shop-a"] td[data-label=Shop]')).to_be_visible()
     s.page.screenshot(path=str(DOCS_IMG / "fleet-phone.png"), full_page=True)

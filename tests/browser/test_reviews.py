@@ -20,10 +20,9 @@ from fleet_controller.registry.carts import CartStore
 from fleet_controller.service import ControllerService
 from fleet_controller.web import reviews
 from fleet_controller.web.dashboard.setup import attach
+from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
 from tests.support.controller import Node, controller_settings
 from tests.support.wait import wait_for
-
-from .conftest import CHROMIUM, CHROMIUM_ARGS
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 SHOP = "shop-r"

@@ -7,7 +7,7 @@ import json
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,64 +33,11 @@ from edge_agent.protocol import (
     Telemetry,
     Topics,
     encode,
-    parse_message,
 )
 from edge_agent.supervisor import EventSink, PipelineConfigBase
 from shopfleet.broker import BrokerProcess, free_port
-
-from .helpers import Recorder, publish, wait_for
-
-SHOP, NODE = "shop-a", "pi-1"
-
-
-@pytest.fixture
-def make_agent(broker: BrokerProcess, tmp_path: Path) -> Iterator[Callable[..., Agent]]:
-    agents: list[Agent] = []
-
-    def make(start: bool = True, **kwargs: Any) -> Agent:
-        data = {
-            "shop": SHOP,
-            "node": NODE,
-            "broker": {"port": broker.port, "reconnect_min_s": 0.05, "reconnect_max_s": 0.3},
-            "heartbeat_interval_s": 30,
-            "outbox": {"path": str(tmp_path / f"outbox-{len(agents)}.db"), "synchronous": "normal"},
-            "shutdown_timeout_s": 5,
-        }
-        extra = kwargs.pop("config", {})
-        for key, value in extra.items():
-            if isinstance(value, dict) and isinstance(data.get(key), dict):
-                data[key] = {**data[key], **value}
-            else:
-                data[key] = value
-        agent = Agent(validate_config(data), facts_provider=SystemFacts(probe=False, disk_path=tmp_path), **kwargs)
-        agents.append(agent)
-        if start:
-            agent.start()
-            assert agent.wait_connected(10)
-        return agent
-
-    yield make
-    for a in agents:
-        if a.uplink._thread is not None and a.uplink._thread.is_alive():
-            a.stop(timeout=2)
-
-
-@pytest.fixture
-def recorder(broker: BrokerProcess) -> Iterator[Recorder]:
-    r = Recorder(broker.port)
-    yield r
-    r.close()
-
-
-def sample(agent: Agent, metric: str, **labels: str) -> float:
-    return agent.registry.get_sample_value(metric, labels) or 0.0
-
-
-def uplinks(rec: Recorder, channel: str) -> list[Any]:
-    topic = Topics.node(SHOP, NODE, channel) if channel != "state/reported" else Topics.reported(SHOP, NODE)
-    with rec._lock:
-        msgs = [(t, p) for t, p, _ in rec.messages if t == topic]
-    return [parse_message(t, p) for t, p in msgs]  # validated exactly as the controller does
+from tests.support.inproc import NODE, SHOP, sample, uplinks
+from tests.support.recorder import Recorder, publish, wait_for
 
 
 def command(name: str, ttl: float = 30, **args: Any) -> Command:

@@ -17,9 +17,9 @@ from prometheus_client import CollectorRegistry
 from edge_agent.apply.cluster import InMemoryClusterClient
 from edge_agent.apply.diff import HASH_ANNOTATION, ObjectRef, contains, diff, readiness
 from edge_agent.apply.errors import ApplyFailed, StateStoreCorrupt
-from edge_agent.apply.handler import ApplyMetrics, ApplyReport, DesiredStateHandler
+from edge_agent.apply.handler import ApplyMetrics
 from edge_agent.apply.plugin import ApplyConfig
-from edge_agent.apply.verify import AppliedRecord, RevisionStore, Verifier, load_public_key
+from edge_agent.apply.verify import AppliedRecord, RevisionStore, load_public_key
 from edge_agent.protocol import (
     DesiredState,
     ReportedState,
@@ -30,39 +30,9 @@ from edge_agent.protocol import (
     parse_message,
 )
 from fleet_controller.rollout import manifests
-from fleet_controller.rollout.releases import ReleaseSpec, desired_state_for
 from fleet_controller.rollout.signing import Signer, generate_keypair, load_private_key
+from tests.support.apply import SHOP, Rig, _forge, _state
 from tests.support.wait import wait_for
-
-SHOP = "berlin-01"
-DIGEST = "@sha256:" + "12" * 32
-
-
-@pytest.fixture
-def keys(tmp_path: Path) -> tuple[Signer, Verifier]:
-    generate_keypair(tmp_path / "k.pem")
-    signer = Signer.from_file(tmp_path / "k.pem")
-    return signer, Verifier.from_files([tmp_path / "k.pub"])
-
-
-def _release(name: str = "r1", **labels: str) -> ReleaseSpec:
-    return ReleaseSpec(name=name, version="1", images={"vision": f"reg.example/vision{DIGEST}"}, labels=labels)
-
-
-def _state(signer: Signer, revision: int, release: str = "r1", classes=frozenset({"pi", "gpu"}), shop: str = SHOP, **labels: str) -> DesiredState:
-    return desired_state_for(shop, _release(release, **labels), revision, signer, node_classes=classes)
-
-
-class Rig:
-    def __init__(self, tmp_path: Path, verifier: Verifier, client=None, **kw) -> None:
-        self.reports: list[ApplyReport] = []
-        self.registry = CollectorRegistry()
-        self.client = client or InMemoryClusterClient()
-        self.store = RevisionStore(tmp_path / "state" / "applied.json")
-        self.handler = DesiredStateHandler(SHOP, verifier, self.store, self.client, self.reports.append, metrics=ApplyMetrics(self.registry), **kw)
-
-    def metric(self, name: str, **labels: str) -> float:
-        return self.registry.get_sample_value(name, labels) or 0.0
 
 
 def _validate_sent(client: InMemoryClusterClient) -> None:
@@ -80,12 +50,6 @@ def test_signed_state_survives_the_wire_and_verifies(keys):
     assert isinstance(parsed, DesiredState) and parsed.signature is not None
     verifier.verify(parsed)
     assert parsed.signature.key_id == signer.key_id == verifier.key_ids[0]
-
-
-def _forge(state: DesiredState) -> DesiredState:
-    objs = [dict(o) for o in state.objects]
-    objs[0] = {**objs[0], "metadata": {**objs[0]["metadata"], "name": "evil"}}
-    return state.model_copy(update={"objects": tuple(objs)})
 
 
 def _other_key(state: DesiredState, tmp_path: Path) -> DesiredState:

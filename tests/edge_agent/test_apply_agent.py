@@ -13,8 +13,7 @@ from fleet_controller.rollout.releases import ReleaseSpec, desired_state_for
 from fleet_controller.rollout.signing import Signer, generate_keypair
 from shopfleet.broker import BrokerProcess
 from shopfleet.sim.cluster import SimulatedCluster
-
-from .helpers import Recorder, publish, wait_for
+from tests.support.recorder import Recorder, publish, wait_for
 
 SHOP, NODE = "lab-01", "server-1"
 

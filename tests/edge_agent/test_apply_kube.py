@@ -15,7 +15,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from edge_agent.apply.diff import ObjectRef
+from edge_agent.apply.diff import MANAGED_BY, MANAGED_LABEL, SHOP_LABEL, ObjectRef
 from edge_agent.apply.errors import ApplyFailed, ClusterUnavailable, ObjectNotFound, UnknownKind
 from edge_agent.apply.handler import ApplyMetrics, ApplyReport, DesiredStateHandler
 from edge_agent.apply.kube import KubernetesClusterClient
@@ -269,6 +269,44 @@ def test_a_namespace_in_the_set_is_written_first_then_its_objects_dry_run(emu, t
     # the ConfigMap can only be written (and, on a fresh cluster, dry-run with effect) once its namespace exists
     assert paths.index((cm_path, False)) > ns_write
     assert emu.find("ConfigMap", "extra", "shopfleet-extra") is not None
+
+
+def test_lists_are_namespaced_so_the_applier_needs_no_cluster_wide_read(emu, tmp_path, signer):
+    # RBAC as in manifests/edge/cluster/rbac.yaml: a Role in namespace shopfleet, no ClusterRole.
+    emu.forbid_cluster_wide_lists = True
+    rig = Rig(tmp_path, emu)
+    first = rig.handler.handle(_state(signer, 1, "r1"))
+    assert first.status == "applied", first.error
+    second = rig.handler.handle(_state(signer, 2, "r2", classes=frozenset({"pi"})))
+    assert second.status == "applied", second.error
+    assert emu.find("DaemonSet", "vision-gpu", "shopfleet") is None  # pruning still sees what r1 left
+    lists = [r for r in emu.requests if r.method == "GET" and "labelSelector" in r.query]
+    assert lists and all("/namespaces/shopfleet/" in r.path and r.status == 200 for r in lists)
+    # a restarted agent (a new client, no memory) finds the namespaces in the desired state alone
+    fresh = KubernetesClusterClient(emu.api_client(), request_timeout_s=2)
+    assert {o["metadata"]["name"] for o in fresh.list_managed(SHOP, _state(signer, 2, "r2").objects)} >= {"shopfleet-agent"}
+    assert fresh.list_managed(SHOP) == []  # nothing names a namespace: nothing is listed, nothing cluster-wide
+
+
+def test_a_cluster_wide_list_is_refused_with_403_when_rbac_says_so(emu):
+    emu.forbid_cluster_wide_lists = True
+    with pytest.raises(ApiError) as exc:
+        emu.handle("GET", "/apis/apps/v1/daemonsets", {"labelSelector": "a=b"}, "", None)
+    assert exc.value.code == 403 and "at the cluster scope" in exc.value.message
+    assert emu.handle("GET", "/apis/apps/v1/namespaces/shopfleet/daemonsets", {}, "", None)[0] == 200
+
+
+def test_objects_left_in_a_namespace_the_desired_state_dropped_are_still_pruned(emu, tmp_path, signer):
+    emu.forbid_cluster_wide_lists = True
+    ns = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shopfleet-extra"}}
+    emu.handle("POST", "/api/v1/namespaces", {}, "application/json", ns)  # made by the bootstrap, like shopfleet
+    labels = {MANAGED_LABEL: MANAGED_BY, SHOP_LABEL: SHOP}
+    cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "extra", "namespace": "shopfleet-extra", "labels": labels}, "data": {"a": "1"}}
+    rig = Rig(tmp_path, emu)
+    assert rig.handler.handle(_state(signer, 1, "r1", extra=(cm,))).status == "applied"
+    assert emu.find("ConfigMap", "extra", "shopfleet-extra") is not None
+    assert rig.handler.handle(_state(signer, 2, "r2")).status == "applied"  # no object names shopfleet-extra any more
+    assert emu.find("ConfigMap", "extra", "shopfleet-extra") is None
 
 
 def test_object_of_an_unknown_kind_fails_the_dry_run(emu, tmp_path, signer):

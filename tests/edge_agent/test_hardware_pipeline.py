@@ -16,10 +16,9 @@ from edge_agent.pipelines.hardware import Config
 from edge_agent.protocol import Channel, Event, Telemetry
 from edge_agent.supervisor import PipelineRunner
 from hardware.simulator import SimulatedBoard
+from tests.support.inproc import uplinks
+from tests.support.recorder import wait_for
 from tests.support.sink import RecordingSink
-
-from .helpers import wait_for
-from .test_agent import make_agent, recorder, uplinks  # noqa: F401 - fixtures used by the end-to-end test
 
 PLANOGRAM = {"slots": [{"board": "shelf-a", "channel": 0, "slot": "A1", "product": "cola-330", "unit_weight_g": 345}]}
 
@@ -131,7 +130,7 @@ def test_a_bad_planogram_fails_the_pipeline_with_the_fix(board: SimulatedBoard, 
         runner.stop()
 
 
-def test_agent_sends_shelf_events_through_the_outbox(make_agent, recorder, board: SimulatedBoard, planogram: str, tmp_path: Path) -> None:  # noqa: F811
+def test_agent_sends_shelf_events_through_the_outbox(make_agent, recorder, board: SimulatedBoard, planogram: str, tmp_path: Path) -> None:
     pipelines = [
         {"type": "hardware", "name": "shelf-board", "serial": {"port": board.path}, "planogram": planogram, "telemetry_interval_s": 0.5}
     ]

@@ -26,9 +26,8 @@ from edge_agent.pipelines.process import (
     parse_line,
 )
 from edge_agent.supervisor import PipelineRunner
+from tests.support.recorder import wait_for
 from tests.support.sink import RecordingSink
-
-from .helpers import wait_for
 
 
 @pytest.mark.parametrize(

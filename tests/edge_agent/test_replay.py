@@ -14,14 +14,13 @@ from fleet_controller.rollout.releases import ReleaseSpec, desired_state_for
 from fleet_controller.rollout.signing import Signer, generate_keypair
 from shopfleet.broker import BrokerProcess
 from shopfleet.sim.cluster import SimulatedCluster
-
-from .helpers import Recorder, publish, wait_for
-from .test_apply import Rig, _forge, _state, keys  # noqa: F401  (fixture)
+from tests.support.apply import Rig, _forge, _state
+from tests.support.recorder import Recorder, publish, wait_for
 
 SHOP, NODE = "lab-01", "server-1"
 
 
-def test_state_file_deleted_then_replay_is_refused(tmp_path, keys):  # noqa: F811
+def test_state_file_deleted_then_replay_is_refused(tmp_path, keys):
     signer, verifier = keys
     rig = Rig(tmp_path, verifier)
     assert rig.handler.handle(_state(signer, 2, "r2")).status == "applied"
@@ -31,7 +30,7 @@ def test_state_file_deleted_then_replay_is_refused(tmp_path, keys):  # noqa: F81
     assert {o["metadata"]["labels"]["shopfleet.io/release"] for o in rig.client.objects.values()} == {"r2"}
 
 
-def test_a_new_process_without_the_state_file_learns_from_the_seen_file(tmp_path, keys):  # noqa: F811
+def test_a_new_process_without_the_state_file_learns_from_the_seen_file(tmp_path, keys):
     signer, verifier = keys
     rig = Rig(tmp_path, verifier)
     rig.handler.handle(_state(signer, 2, "r2"))
@@ -41,7 +40,7 @@ def test_a_new_process_without_the_state_file_learns_from_the_seen_file(tmp_path
     assert rig2.handler.handle(_state(signer, 1, "r1")).error.startswith("replay")
 
 
-def test_with_no_files_at_all_the_retained_state_teaches_the_newest_revision(tmp_path, keys):  # noqa: F811
+def test_with_no_files_at_all_the_retained_state_teaches_the_newest_revision(tmp_path, keys):
     signer, verifier = keys
     rig = Rig(tmp_path, verifier)
     retained, replay = _state(signer, 2, "r2"), _state(signer, 1, "r1")
@@ -53,7 +52,7 @@ def test_with_no_files_at_all_the_retained_state_teaches_the_newest_revision(tmp
     assert rig.client.sent == []
 
 
-def test_a_forged_high_revision_does_not_raise_the_mark(tmp_path, keys):  # noqa: F811
+def test_a_forged_high_revision_does_not_raise_the_mark(tmp_path, keys):
     signer, verifier = keys
     rig = Rig(tmp_path, verifier)
     forged = _forge(_state(signer, 99))

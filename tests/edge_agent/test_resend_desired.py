@@ -26,8 +26,7 @@ from fleet_controller.rollout.store import DESIRED
 from fleet_controller.web.remote_actions import RemoteActions
 from shopfleet.broker import BrokerProcess
 from shopfleet.sim.cluster import SimulatedCluster
-
-from .helpers import Recorder, publish, wait_for
+from tests.support.recorder import Recorder, publish, wait_for
 
 SHOP, NODE = "lab-01", "server-1"
 
@@ -84,8 +83,7 @@ def test_resend_is_applied_once_and_then_idempotently(broker: BrokerProcess, tmp
         assert {str(ref): (sim.get(ref) or {}).get("metadata", {}).get("resourceVersion") for ref in sim.live_refs()} == versions
 
         # the controller's action settles on the applier's report (stored as the intake would)
-        from tests.fleet_controller.test_registry import batch
-        from tests.support.controller import presence
+        from tests.support.controller import batch, presence
 
         now = time.time() + 1
         store.write_batch(batch(presence(shop=SHOP, node=NODE), again[-1], at=now), now)

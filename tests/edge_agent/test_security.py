@@ -21,8 +21,7 @@ from edge_agent.agent import Agent
 from edge_agent.config import validate_config
 from edge_agent.facts import SystemFacts
 from shopfleet.broker import BrokerProcess, free_port
-
-from .helpers import wait_for
+from tests.support.recorder import wait_for
 
 
 def make_agent(tmp_path: Path, broker: dict[str, Any]) -> Agent:

@@ -20,8 +20,7 @@ from edge_agent.supervisor import EventSink, PipelineConfigBase
 from fleet_controller.rollout.signing import generate_keypair
 from fleet_controller.web.remote_actions import CommandSigner, RemoteActions
 from shopfleet.broker import BrokerProcess
-
-from .helpers import Recorder, publish, wait_for
+from tests.support.recorder import Recorder, publish, wait_for
 
 SHOP, NODE = "shop-a", "pi-1"
 

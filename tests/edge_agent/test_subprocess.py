@@ -12,9 +12,8 @@ import pytest
 from edge_agent.protocol import Channel, Topics, parse_message
 from shopfleet.broker import BrokerProcess
 from tests.support.agent import NODE, SHOP, AgentProcess
+from tests.support.recorder import Recorder
 from tests.support.wait import wait_for
-
-from .helpers import Recorder
 
 pytestmark = pytest.mark.slow
 

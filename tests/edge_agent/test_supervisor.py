@@ -19,9 +19,8 @@ from edge_agent.supervisor import (
     health_to_model,
     next_restart,
 )
+from tests.support.recorder import wait_for
 from tests.support.sink import RecordingSink
-
-from .helpers import wait_for
 
 POLICY = PipelineConfigBase(name="p", restart_backoff_s=1, restart_backoff_max_s=8, restart_budget=3, restart_window_s=60)
 

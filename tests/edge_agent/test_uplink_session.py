@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from edge_agent.protocol import Channel, Presence
 from shopfleet.broker import BrokerProcess
-from tests.edge_agent.helpers import Recorder
-from tests.edge_agent.test_agent import make_agent, uplinks  # noqa: F401 - the fixture is used by name
+from tests.support.inproc import uplinks
+from tests.support.recorder import Recorder
 from tests.support.wait import wait_for
 
 
-def test_an_outage_with_many_failed_attempts_moves_the_session_by_one(make_agent, broker: BrokerProcess) -> None:  # noqa: F811
+def test_an_outage_with_many_failed_attempts_moves_the_session_by_one(make_agent, broker: BrokerProcess) -> None:
     recorder = Recorder(broker.port, persistent=True)
     try:
         agent = make_agent()

@@ -19,12 +19,11 @@ from edge_agent.pipelines import build_pipeline, pipeline_types
 from edge_agent.pipelines.vision import Config
 from edge_agent.protocol import Channel, Event, Heartbeat, Telemetry
 from edge_agent.supervisor import PipelineRunner
+from tests.support.inproc import uplinks
+from tests.support.recorder import wait_for
 from tests.support.sink import RecordingSink
 from vision.fixtures import fetch_fixture
 from vision.model import cache_root, fetch_model
-
-from .helpers import wait_for
-from .test_agent import make_agent, recorder, uplinks  # noqa: F401 - fixtures used by the end-to-end test
 
 ZONES = {
     "camera": "plaza",
@@ -137,7 +136,7 @@ def test_dark_camera_alert_fires_and_resolves_when_frames_return(assets, tmp_pat
         runner.stop()
 
 
-def test_agent_sends_camera_events_through_the_outbox(make_agent, recorder, assets, tmp_path: Path) -> None:  # noqa: F811
+def test_agent_sends_camera_events_through_the_outbox(make_agent, recorder, assets, tmp_path: Path) -> None:
     pipelines = [
         {"type": "vision", "name": "cam-1", "source": assets["clip"], "model": assets["model"], "zones": assets["zones"], "threads": 2,
          "telemetry_interval_s": 0.5, "occupancy_interval_s": 0.5, "restart_budget": 0}
@@ -160,7 +159,7 @@ def test_agent_sends_camera_events_through_the_outbox(make_agent, recorder, asse
     assert reg.get_sample_value("shopfleet_agent_pipeline_last_frame_age_seconds", {"pipeline": "cam-1"}) is not None
 
 
-def test_real_vision_fps_reaches_the_heartbeat_gate_metrics(make_agent, recorder, assets) -> None:  # noqa: F811
+def test_real_vision_fps_reaches_the_heartbeat_gate_metrics(make_agent, recorder, assets) -> None:
     pipelines = [
         {"type": "vision", "name": "cam-1", "source": assets["clip"], "model": assets["model"], "zones": assets["zones"], "threads": 2,
          "live": True, "gate_interval_s": 0.3}

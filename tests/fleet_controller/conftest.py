@@ -13,15 +13,19 @@ from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
 from edge_agent.protocol import encode
+from fleet_controller.alerts.rules import AlertRules
 from fleet_controller.intake.core import RegistryWriter
 from fleet_controller.metrics import ControllerMetrics
 from fleet_controller.registry.db import create_engine
 from fleet_controller.registry.migrations import upgrade
 from fleet_controller.registry.read import RegistryReader
 from fleet_controller.registry.store import RegistryStore
+from fleet_controller.web.accounts.store import AccountStore
 from fleet_controller.web.app import create_app
+from fleet_controller.web.dashboard.setup import build_app
 from tests.support.controller import (
     FACTS,
+    FAST,
     ROLE_USERS,
     Node,
     RunningController,
@@ -91,3 +95,11 @@ def controller(broker, tmp_path) -> Iterator[RunningController]:
     rc.stop()
 
 
+@pytest.fixture
+def web(registry):
+    """The dashboard app on the test registry, one login per role: (app, {user: password}, live hub)."""
+    store = AccountStore(registry.engine, FAST)
+    creds = role_users(store)
+    mreg = CollectorRegistry()
+    app, hub = build_app(RegistryReader(registry.engine), mreg, store, AlertRules())
+    return app, creds, hub

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from argon2 import PasswordHasher
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -17,8 +16,7 @@ from fleet_controller.web.accounts.roles import (
 )
 from fleet_controller.web.accounts.store import AccountError, AccountStore, sha256_hex
 from fleet_controller.web.accounts.web import safe_next
-
-FAST = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+from tests.support.controller import FAST
 
 
 class Clock:

@@ -21,9 +21,7 @@ from fleet_controller.web.app import create_app
 from fleet_controller.web.dashboard.live import LiveHub
 from fleet_controller.web.dashboard.router import dashboard_router
 from fleet_controller.web.remote_actions import RemoteActions, actions_router
-
-from .conftest import role_users
-from .test_accounts import FAST
+from tests.support.controller import FAST, csrf_of, login, role_users
 
 OPEN = {"/login", "/healthz", "/metrics", "/static/{name}", "/static/docs-init.js", "/static/vendor/{name:path}", "/static/vendor/uplot/{name}"}
 # FastAPI serves its API docs outside the dependency system; they describe the API and hold no
@@ -55,17 +53,6 @@ def app_and_store(registry, db_url):
                      dependencies=[auth.dependency])
     yield app, store, creds, mreg
     writer.close()
-
-
-def login(client: TestClient, username: str, password: str, next_url: str = "/fleet"):
-    page = client.get("/login")
-    token = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
-    return client.post("/login", data={"username": username, "password": password, "csrf_token": token, "next": next_url},
-                       follow_redirects=False)
-
-
-def csrf_of(client: TestClient) -> str:
-    return re.search(r'name="csrf-token" content="([^"]+)"', client.get("/fleet").text).group(1)
 
 
 def _concrete(path: str) -> str:

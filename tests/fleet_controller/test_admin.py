@@ -34,11 +34,7 @@ from fleet_controller.web.app import create_app
 from fleet_controller.web.dashboard.live import LiveHub
 from fleet_controller.web.dashboard.router import dashboard_router
 from fleet_controller.web.remote_actions import RemoteActions, actions_router
-
-from .conftest import heartbeat, presence, role_users
-from .test_accounts import FAST
-from .test_accounts_web import login
-from .test_registry import batch
+from tests.support.controller import FAST, batch, heartbeat, login, presence, role_users
 
 DIGEST = "@sha256:" + "ab" * 32
 

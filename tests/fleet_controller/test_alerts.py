@@ -27,10 +27,8 @@ from fleet_controller.alerts.rules import AlertRules, RulesError, Webhook, load_
 from fleet_controller.alerts.webhook import send
 from fleet_controller.alerts.worker import AlertWorker
 from fleet_controller.registry.read import RegistryReader
-
-from .conftest import alert as node_alert
-from .conftest import heartbeat, presence, telemetry
-from .test_registry import batch
+from tests.support.controller import alert as node_alert
+from tests.support.controller import batch, heartbeat, presence, telemetry
 
 NOW = 1_800_000_000.0
 RULES = AlertRules()

@@ -37,10 +37,8 @@ from fleet_controller.web.accounts.store import AccountStore
 from fleet_controller.web.accounts.web import build_auth
 from fleet_controller.web.alerts_pages import alerts_router
 from fleet_controller.web.app import create_app
-from tests.support.controller import ROLE_USERS, heartbeat, presence, role_users
+from tests.support.controller import ROLE_USERS, batch, heartbeat, presence, role_users
 from tests.support.smtp import SmtpServer
-
-from .test_registry import batch
 
 NOW = 1_800_000_000.0
 RAW = "/tmp/shopfleet-demo-x1/hardware/shop-a/shelf-1 on /dev/pts/7 stopped answering ([Errno 5] Input/output error); check its USB cable"

@@ -6,8 +6,7 @@ import pytest
 
 from fleet_controller.registry.store import NodeUpdate, SeqCursor, WriteBatch
 from fleet_controller.settings import PresenceSettings
-
-from .conftest import alert, event, heartbeat
+from tests.support.controller import alert, event, heartbeat
 
 T0 = 1_800_000_000.0
 

@@ -26,8 +26,7 @@ from fleet_controller.broker_config import (
     write_broker_config,
 )
 from shopfleet.broker import BrokerProcess
-
-from .conftest import wait_for
+from tests.support.wait import wait_for
 
 PAIRS = [("shop-a", "pi-1"), ("shop-a", "pi-2"), ("shop-b", "pi-1")]
 

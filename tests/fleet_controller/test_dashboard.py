@@ -16,20 +16,14 @@ from pydantic import ValidationError
 from edge_agent.protocol import NodeFacts, PipelineHealth, Reading, Telemetry
 from fleet_controller.alerts import store as alert_store
 from fleet_controller.alerts.evaluator import Firing
-from fleet_controller.alerts.rules import AlertRules
 from fleet_controller.registry.bus import BusEvent, EventBus
 from fleet_controller.registry.read import RegistryReader
-from fleet_controller.web.accounts.store import AccountStore
 from fleet_controller.web.dashboard.charts import sparkline
 from fleet_controller.web.dashboard.fleetview import FleetQuery, fleet_page
 from fleet_controller.web.dashboard.live import LiveHub
 from fleet_controller.web.dashboard.router import parse_fleet_query, query_string
-from fleet_controller.web.dashboard.setup import build_app, forward_bus
-
-from .conftest import heartbeat, presence, role_users
-from .test_accounts import FAST
-from .test_accounts_web import csrf_of, login
-from .test_registry import batch
+from fleet_controller.web.dashboard.setup import forward_bus
+from tests.support.controller import batch, csrf_of, heartbeat, login, presence
 
 NOW = 1_800_000_000.0
 
@@ -107,15 +101,6 @@ def test_sparkline(values, points):
 
 
 # ----- over HTTP ------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def web(registry):
-    store = AccountStore(registry.engine, FAST)
-    creds = role_users(store)
-    mreg = CollectorRegistry()
-    app, hub = build_app(RegistryReader(registry.engine), mreg, store, AlertRules())
-    return app, creds, hub
 
 
 def test_fleet_page_and_api(web, registry):

@@ -11,18 +11,10 @@ from hypothesis import strategies as st
 from edge_agent.protocol import MAX_PAYLOAD_BYTES, Topics, encode
 from fleet_controller.intake.core import IntakeCore, record
 from fleet_controller.intake.mqtt import InboundMessage
-
-from .conftest import event, heartbeat, presence, telemetry
+from tests.support.controller import event, heartbeat, inbound, presence, telemetry, value
 
 TOPIC = Topics.node("shop-a", "pi-1", "telemetry")
 EVENTS_TOPIC = Topics.node("shop-a", "pi-1", "events")
-
-
-def inbound(msg, topic: str | None = None) -> InboundMessage:
-    if topic is None:
-        channel = {"heartbeat": "telemetry", "telemetry": "telemetry", "event": "events", "alert": "events", "presence": "presence"}[msg.kind]
-        topic = Topics.node(msg.shop, msg.node, channel)
-    return InboundMessage(topic=topic, payload=encode(msg) if not isinstance(msg, bytes) else msg)
 
 
 @pytest.fixture
@@ -39,10 +31,6 @@ def make_intake(registry, metrics):
         return Recorded()
 
     return make
-
-
-def value(metrics, name: str, **labels) -> float:
-    return metrics.registry.get_sample_value(name, labels) or 0.0
 
 
 def test_dedupe_survives_a_controller_restart(make_intake, registry, metrics, reader):

@@ -14,9 +14,7 @@ from sqlalchemy import func, select
 from edge_agent.protocol import EvictedRun
 from fleet_controller.intake.core import IntakeCore, SeqLimits, drop_evicted, record, stored_ack
 from fleet_controller.registry.store import EVENTS, HEARTBEATS, SeqCursor
-
-from .conftest import event, heartbeat
-from .test_intake import inbound, value
+from tests.support.controller import event, heartbeat, inbound, value
 
 ACKS = SeqLimits(acks=True)
 

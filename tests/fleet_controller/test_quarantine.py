@@ -16,8 +16,7 @@ from fleet_controller.intake.core import IntakeCore, RegistryWriter
 from fleet_controller.registry.read import NotFound
 from fleet_controller.registry.store import NodeUpdate, SeqCursor, WriteBatch
 from fleet_controller.web.app import create_app
-
-from .conftest import (
+from tests.support.controller import (
     Node,
     RunningController,
     controller_settings,
@@ -25,8 +24,8 @@ from .conftest import (
     heartbeat,
     presence,
     role_users,
-    wait_for,
 )
+from tests.support.wait import wait_for
 
 
 def _nested(levels: int) -> dict:

@@ -9,32 +9,14 @@ from fleet_controller.registry.db import Base
 from fleet_controller.registry.migrations import alembic_config, pending
 from fleet_controller.registry.read import NotFound
 from fleet_controller.registry.store import (
-    NodeUpdate,
     PresenceView,
-    SeqCursor,
-    WriteBatch,
     decide_presence,
     silence_presence,
 )
 from fleet_controller.settings import PresenceSettings, RetentionSettings
+from tests.support.controller import T0, alert, batch, event, heartbeat, presence, telemetry
 
-from .conftest import alert, event, heartbeat, presence, telemetry
-
-T0 = 1_800_000_000.0
 PS = PresenceSettings(stale_after_intervals=2.5, offline_after_intervals=6, default_interval_s=10)
-
-
-def batch(*msgs, at: float = T0) -> WriteBatch:
-    wb = WriteBatch()
-    for m in msgs:
-        if m.kind == "presence":
-            wb.presences.append((m, at))
-        else:
-            wb.uplinks.append((m, at))
-            key = (m.shop, m.node)
-            wb.nodes[key] = NodeUpdate(SeqCursor(m.epoch, m.seq), messages=1)
-        wb.seen[(m.shop, m.node)] = at
-    return wb
 
 
 # ----- pure decisions --------------------------------------------------------------------------

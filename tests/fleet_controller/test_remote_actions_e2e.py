@@ -20,10 +20,8 @@ from fleet_controller.registry.audit import AuditLog, AuditQuery
 from fleet_controller.rollout.signing import generate_keypair
 from fleet_controller.service import build_service
 from fleet_controller.web.accounts.store import AccountStore
-from tests.support.controller import controller_settings
+from tests.support.controller import FAST, controller_settings
 from tests.support.wait import wait_for
-
-from .test_accounts import FAST
 
 
 class Counting:

@@ -6,11 +6,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from edge_agent.protocol import ProtocolError, ReportedState, Topics, encode, parse_message
-
-from .conftest import heartbeat, presence
-from .test_accounts_web import login
-from .test_dashboard import web  # noqa: F401  (fixture)
-from .test_registry import batch
+from tests.support.controller import batch, heartbeat, login, presence
 
 T0 = 1_800_000_000.0
 
@@ -78,7 +74,7 @@ def test_register_shop_refuses_a_bad_applier(registry):
         registry.register_shop("shop-a", applier="Bad/Node")
 
 
-def test_shop_page_survives_odd_reports(web, registry):  # noqa: F811
+def test_shop_page_survives_odd_reports(web, registry):
     registry.register_shop("s1", applier="gpu-1")
     # A node with a birth but no heartbeat (no facts), a sibling's report, and no report from the applier.
     registry.write_batch(batch(presence(shop="s1", node="pi-1"), presence(shop="s1", node="cam-1")), T0)

@@ -22,8 +22,7 @@ from fleet_controller.rollout.store import (
     rollout_status,
     start_rollout,
 )
-
-from .test_rollout_executor import SHOPS, Harness
+from tests.support.rollout import SHOPS, Harness
 
 
 @pytest.fixture

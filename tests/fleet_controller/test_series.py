@@ -30,8 +30,7 @@ from fleet_controller.settings import (
     SettingsError,
     load_settings,
 )
-
-from .conftest import heartbeat
+from tests.support.controller import heartbeat
 
 T0 = 1_800_000_000.0  # a multiple of 3600, so bucket boundaries are easy to reason about
 FACTS = NodeFacts(arch="arm64", node_class="pi", cpu_count=4, cpu_load_1m=0.5, cpu_percent=25.0, mem_total_bytes=1000,

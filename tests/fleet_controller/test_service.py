@@ -19,8 +19,7 @@ from hypothesis import strategies as st
 from edge_agent.protocol import REJECT_REASONS as REASONS
 from edge_agent.protocol import ClockBeacon, ControllerPresence, Topics, encode, parse_downlink
 from fleet_controller.service import ControllerService
-
-from .conftest import (
+from tests.support.controller import (
     Node,
     RunningController,
     controller_settings,
@@ -28,8 +27,8 @@ from .conftest import (
     heartbeat,
     presence,
     telemetry,
-    wait_for,
 )
+from tests.support.wait import wait_for
 
 
 def node_row(rc: RunningController, shop: str = "shop-a", node: str = "pi-1") -> dict:

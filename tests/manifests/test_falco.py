@@ -10,10 +10,13 @@ default macros and lists of Falco's own falco_rules.yaml listed in FALCO_DEFAULT
 from __future__ import annotations
 
 import re
+from types import SimpleNamespace
 from typing import Any
 
 import yaml
+from prometheus_client import CollectorRegistry
 
+from fleet_controller.web.security_events import SecurityEventMetrics, security_events_router
 from tests.manifests import support as s
 
 CLUSTER = s.load("edge-cluster")
@@ -104,8 +107,13 @@ def test_falco_loads_the_rules_and_sends_to_sidekick():
     assert FALCO_CONFIG["http_output"]["url"] == f"http://falcosidekick.falco.svc.cluster.local:{svc['spec']['ports'][0]['port']}/"
     sidekick = s.find(CLUSTER, "Deployment", "falcosidekick")["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e for e in sidekick["env"]}
+    # the controller's receiver (fleet_controller/web/security_events.py) serves exactly this path
     assert env["WEBHOOK_ADDRESS"]["value"].startswith("https://")
-    assert "secretKeyRef" in env["WEBHOOK_CUSTOMHEADERS"]["valueFrom"]
+    assert env["WEBHOOK_ADDRESS"]["value"].endswith("/api/v1/security-events")
+    assert any(getattr(r, "path", "") == "/api/v1/security-events" and "POST" in r.methods
+               for r in security_events_router(SimpleNamespace(), SecurityEventMetrics(CollectorRegistry())).routes)
+    assert env["WEBHOOK_CUSTOMHEADERS"]["valueFrom"]["secretKeyRef"] == {"name": "falcosidekick", "key": "webhook-headers"}
+    assert env["CUSTOMFIELDS"]["valueFrom"]["secretKeyRef"] == {"name": "falcosidekick", "key": "custom-fields"}
     # The containerd socket Falco asks for pod names is the one it mounts.
     sock = FALCO_CONFIG["container_engines"]["cri"]["sockets"][0]
     assert any(sock.startswith(vm["mountPath"] + "/") for vm in c["volumeMounts"])

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from edge_agent.protocol import Topics
+from tests.support.security import Client, tls_of
 from tests.support.wait import wait_for
-
-from .conftest import Client, tls_of
 
 
 def test_shop_broker_bridges_its_nodes_and_nothing_of_another_shop(deploy):

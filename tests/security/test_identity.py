@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from edge_agent.protocol import Topics
 from shopfleet.broker import BrokerProcess
+from tests.support.security import Client, tls_of
 from tests.support.wait import wait_for
-
-from .conftest import Client, tls_of
 
 AGENT_ID_OF_SHOP_B_PI_1 = "agent-shop-b-pi-1"  # what edge_agent/agent.py sends as its client id
 

@@ -17,9 +17,8 @@ from edge_agent.facts import SystemFacts
 from fleet_controller.registry.read import NotFound
 from fleet_controller.settings import load_settings
 from tests.support.controller import RunningController
+from tests.support.security import tls_of
 from tests.support.wait import wait_for
-
-from .conftest import tls_of
 
 
 def _agent(tmp_path: Path, port: int, ca: Path, cert: Path, key: Path) -> Agent:

@@ -8,8 +8,7 @@ import pytest
 
 from edge_agent.protocol import Topics
 from fleet_controller.pki import Pki
-
-from .conftest import Client, tls_of
+from tests.support.security import Client, tls_of
 
 
 def _tls_refused(port: int, tls) -> bool:

@@ -9,9 +9,8 @@ restarts the broker, and gets every one.
 from __future__ import annotations
 
 from edge_agent.protocol import Topics
+from tests.support.security import Client, tls_of
 from tests.support.wait import wait_for
-
-from .conftest import Client, tls_of
 
 N = 1500
 

@@ -7,11 +7,14 @@ these from here, never from another test module or conftest.
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import uuid
 from typing import Any
 
 import paho.mqtt.client as paho
+from argon2 import PasswordHasher
+from fastapi.testclient import TestClient
 
 from edge_agent.protocol import (
     Alert,
@@ -21,9 +24,12 @@ from edge_agent.protocol import (
     Presence,
     Reading,
     Telemetry,
+    Topics,
     encode,
 )
 from edge_agent.protocol import Topics as Topic
+from fleet_controller.intake.mqtt import InboundMessage
+from fleet_controller.registry.store import NodeUpdate, SeqCursor, WriteBatch
 from fleet_controller.service import ControllerService
 from fleet_controller.settings import ControllerSettings, load_settings
 
@@ -136,3 +142,51 @@ class Node:
         """Disconnect cleanly."""
         self.c.disconnect()
         self.c.loop_stop()
+
+
+T0 = 1_800_000_000.0
+"""The registry tests' clock: messages are received at this time unless a test says otherwise."""
+
+
+def batch(*msgs: Any, at: float = T0) -> WriteBatch:
+    """Return a writer batch of ``msgs`` as the intake would build it (one message each per node)."""
+    wb = WriteBatch()
+    for m in msgs:
+        if m.kind == "presence":
+            wb.presences.append((m, at))
+        else:
+            wb.uplinks.append((m, at))
+            key = (m.shop, m.node)
+            wb.nodes[key] = NodeUpdate(SeqCursor(m.epoch, m.seq), messages=1)
+        wb.seen[(m.shop, m.node)] = at
+    return wb
+
+
+FAST = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+"""Password hashing cheap enough for tests (the production cost is the library's default)."""
+
+
+def login(client: TestClient, username: str, password: str, next_url: str = "/fleet") -> Any:
+    """Log ``client`` in through the real form (with its CSRF token); return the response."""
+    page = client.get("/login")
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
+    return client.post("/login", data={"username": username, "password": password, "csrf_token": token, "next": next_url},
+                       follow_redirects=False)
+
+
+def csrf_of(client: TestClient) -> str:
+    """Return the CSRF token the dashboard put in its page for this session."""
+    return re.search(r'name="csrf-token" content="([^"]+)"', client.get("/fleet").text).group(1)
+
+
+def inbound(msg: Any, topic: str | None = None) -> InboundMessage:
+    """Return ``msg`` (a message, or raw bytes with ``topic``) as the intake receives it from the broker."""
+    if topic is None:
+        channel = {"heartbeat": "telemetry", "telemetry": "telemetry", "event": "events", "alert": "events", "presence": "presence"}[msg.kind]
+        topic = Topics.node(msg.shop, msg.node, channel)
+    return InboundMessage(topic=topic, payload=encode(msg) if not isinstance(msg, bytes) else msg)
+
+
+def value(metrics: Any, name: str, **labels: str) -> float:
+    """Return a controller metric sample (0 when absent)."""
+    return metrics.registry.get_sample_value(name, labels) or 0.0

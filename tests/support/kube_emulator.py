@@ -202,6 +202,9 @@ class KubeEmulator:
         self.stuck: set[str] = set()
         self.paused = False  # True: the controllers do nothing (a busy or restarting controller-manager)
         self.admission: Callable[[Obj], str | None] | None = None
+        # True: RBAC like the applier's (Roles per namespace, no ClusterRole): a list without a
+        # namespace (of any kind) is refused with 403, as the API server refuses it.
+        self.forbid_cluster_wide_lists = False
         self.requests: list[Request] = []
         self._failures: list[Failure] = []
         self._objects: dict[tuple[str, str, str, str | None, str], _Stored] = {}  # (group, version, plural, ns, name)
@@ -346,6 +349,9 @@ class KubeEmulator:
             key = (g, v, plural, ns if namespaced else None, name or "")
             dry_run = query.get("dryRun") == "All"
             if method == "GET" and name is None:
+                if self.forbid_cluster_wide_lists and ns is None:
+                    raise ApiError(403, "Forbidden", f'{plural}.{g or "core"} is forbidden: User "system:serviceaccount:shopfleet:shopfleet-applier" '
+                                                     f'cannot list resource "{plural}" in API group "{g}" at the cluster scope')
                 return 200, self._list(g, v, plural, ns, query.get("labelSelector"), api_version, kind), {}
             if method == "GET":
                 stored = self._get(key)

@@ -24,12 +24,16 @@ class Permission(StrEnum):
     FLEET_ADMIN = "fleet:admin"  # enroll shops and nodes, anything else that changes the fleet
     CARTS_READ = "carts:read"  # see carts, receipts and the review queue with its evidence
     CARTS_REVIEW = "carts:review"  # act on carts in review: fix a line, reassign, accept
+    SECURITY_INGEST = "security:ingest"  # post security events (FalcoSidekick's machine account)
 
 
 class Role(StrEnum):
     """The roles, from least to most powerful (``reviewer`` works the cart review queue only;
-    ``auditor`` reads everything and the audit log, changes nothing)."""
+    ``auditor`` reads everything and the audit log, changes nothing; ``security-ingest`` is a
+    machine account that may only post security events, not even read a page, so the token
+    stored in a shop's cluster is worth nothing else to whoever takes it)."""
 
+    SECURITY_INGEST = "security-ingest"
     VIEWER = "viewer"
     REVIEWER = "reviewer"
     AUDITOR = "auditor"
@@ -39,6 +43,7 @@ class Role(StrEnum):
 
 
 ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
+    Role.SECURITY_INGEST: frozenset({Permission.SECURITY_INGEST}),
     Role.VIEWER: frozenset({Permission.VIEW}),
     Role.REVIEWER: frozenset({Permission.VIEW, Permission.CARTS_READ, Permission.CARTS_REVIEW}),
     Role.OPERATOR: frozenset({Permission.VIEW, Permission.ALERTS_ACK, Permission.ALERTS_SILENCE}),
@@ -62,6 +67,7 @@ WRITE_PERMISSIONS: tuple[tuple[str, Permission], ...] = (
     ("/api/v1/tokens", Permission.USERS),
     ("/admin", Permission.USERS),
     ("/api/v1/actions", Permission.ACTIONS),
+    ("/api/v1/security-events", Permission.SECURITY_INGEST),
     ("/logout", Permission.VIEW),
     ("/account", Permission.VIEW),
 )
