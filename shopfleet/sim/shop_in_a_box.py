@@ -16,9 +16,10 @@ What runs (every container from its pod template, through shopfleet/sim/podman.p
 Only what a cluster would supply is substituted, and where: Service DNS names become --add-host
 entries; pods without hostNetwork share the host's network (none other here), so the harness
 patches the ports in the rendered ConfigMaps (the host's own Mosquitto holds 1883); the camera is
-vtest.avi mounted in and the ConfigMap's source pointed at it; the model package (a node-local
-path in production) is the host's cached yolov4-tiny mounted at the path the config names;
-busybox init containers run with the base image's chown; eclipse-mosquitto is Debian's
+vtest.avi mounted in and the ConfigMap's source pointed at it; the applier's model server (the
+applier needs a Kubernetes API) is the same server class run here on the host's cached
+yolov4-tiny (:func:`serve_model`), and the vision pod's own model-stage init container stages and
+verifies it; busybox init containers run with the base image's chown; eclipse-mosquitto is Debian's
 mosquitto (images/mosquitto). The applier (needs a Kubernetes API) and fluent-bit are not run.
 
 The last stdout line is a JSON summary: shop_online, events (count by type), model_verified,
