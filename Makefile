@@ -10,7 +10,7 @@ DEVSTAMP := $(VENV)/.installed-dev
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv dev system-deps fixtures lint bench screenshots clean constraints packaging role-sizes
+.PHONY: demo test venv dev system-deps fixtures lint bench screenshots clean constraints packaging role-sizes images shop-in-a-box
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,18 @@ packaging: $(DEVSTAMP)
 # Installed size of each role's venv (docs/benchmarks.md).
 role-sizes: $(DEVSTAMP)
 	$(PY) bench/role_sizes.py
+
+# Container images of every component for amd64 and arm64, one multi-arch index each, pushed to a
+# local docker-registry on 127.0.0.1:5000 (docs/images.md). Needs root, buildah, podman, debootstrap,
+# qemu-user-static. IMAGES_ARGS passes options, e.g. IMAGES_ARGS='--images agent --arches amd64 --no-push'.
+IMAGES_ARGS ?=
+images:
+	$(PYTHON) scripts/build_images.py $(IMAGES_ARGS)
+
+# One shop on real containers from its rendered manifests (docs/images.md); needs 'make images'.
+# The last line is a JSON summary: shop_online, events, model_verified, arm64_agent_online, image_mb.
+shop-in-a-box: $(DEVSTAMP)
+	$(PY) -m shopfleet.sim.shop_in_a_box
 
 bench: $(DEVSTAMP)
 	for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

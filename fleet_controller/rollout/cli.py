@@ -44,8 +44,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = rsub.add_parser("create", help="create a release", description="Create a release. Releases are immutable: a new build is a new name.")
     p.add_argument("--name", required=True, help="unique release name: lowercase letters, digits, '.' and '-'")
     p.add_argument("--version", required=True, help="version people read, e.g. 2026.11.2")
-    p.add_argument("--image", action="append", default=[], metavar="COMPONENT=REPO@sha256:DIGEST",
-                   help="image of one component (container name: agent, vision, vision-gpu, sensor-driver, mosquitto, fluent-bit, device-plugin); repeat per component")
+    p.add_argument("--image", action="append", default=[], metavar="COMPONENT=REGISTRY/REPO:TAG",
+                   help="image of one component (container name: agent, applier, vision, vision-gpu, sensor-driver, mosquitto, fluent-bit, "
+                        "device-plugin); repeat per component. A tag is resolved to its index digest from the registry, which "
+                        "must carry every arch the fleet's nodes running that component have; REPO@sha256:DIGEST is taken as given")
+    p.add_argument("--insecure-registry", action="append", default=[], metavar="HOST:PORT",
+                   help="talk plain HTTP to this registry when resolving tags (loopback registries always are); repeat")
     p.add_argument("--model", metavar="DIR", help="model package directory: stored on the controller (shops download it from there), its sha256 over every file pinned in the release")
     p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
                    help="free-form release label, stored and shown with the release (repeat for several)")
@@ -205,6 +209,7 @@ def _release_create(args: argparse.Namespace) -> int:
     """Create a release from flags."""
     from pydantic import ValidationError
 
+    from fleet_controller.rollout.manifests import DIGEST_RE
     from fleet_controller.rollout.releases import (
         ModelRef,
         ReleaseSpec,
@@ -223,6 +228,9 @@ def _release_create(args: argparse.Namespace) -> int:
     images = parse_image_args(args.image)
     model = model_package_digest(args.model) if args.model else None  # refuses a missing or empty package before any upload
     kind, be = _backend(args)
+    if any(not DIGEST_RE.match(ref) for ref in images.values()):
+        # Before the model is stored: an image that cannot be pinned leaves nothing behind.
+        images = _resolve_images(images, kind, be, args.insecure_registry)
     if args.model:
         # The package is stored on the controller (shops download it from there); the release pins what was stored.
         model = store_model(be, args.model) if kind == "db" else ModelRef(**be.upload_model(Path(args.model)))
@@ -234,6 +242,47 @@ def _release_create(args: argparse.Namespace) -> int:
     model_text = f", model {model.name} sha256:{model.sha256[:12]}" if model else ""
     _print(args, data, f"release {spec.name} ({spec.version}): {len(spec.images)} images{model_text}")
     return EXIT_OK
+
+
+def _fleet_nodes(kind: str, be: Any) -> list[Any]:
+    """Every node's shop, node class and arch (from its facts), from the database or the API."""
+    from fleet_controller.rollout.registry import NodeArch
+
+    if kind == "db":
+        from fleet_controller.registry.read import RegistryReader
+
+        reader = RegistryReader(be)
+        return [NodeArch(n.shop, n.node, n.node_class, n.arch) for s in reader.shops() for n in reader.get_shop(s.id).nodes]
+    nodes: list[Any] = []
+    offset = 0
+    while True:
+        page = be.call("GET", f"/shops?limit=1000&offset={offset}")
+        for shop in page["items"]:
+            detail = be.call("GET", f"/shops/{shop['id']}")
+            nodes += [NodeArch(n["shop"], n["node"], n.get("node_class", ""), n.get("arch", "")) for n in detail["nodes"]]
+        offset += len(page["items"])
+        if not page["items"] or offset >= page["total"]:
+            return nodes
+
+
+def _resolve_images(images: dict[str, str], kind: str, be: Any, insecure: list[str]) -> dict[str, str]:
+    """Pin tags by the registry's digests, checked against the arches the fleet runs each component on."""
+    from fleet_controller.rollout.manifests import (
+        DEFAULT_EDGE_OVERLAY,
+        edge_overlay_dir,
+        load_overlay,
+    )
+    from fleet_controller.rollout.registry import (
+        ImageResolveError,
+        component_selectors,
+        resolve_release_images,
+    )
+
+    selectors = component_selectors(load_overlay(edge_overlay_dir(DEFAULT_EDGE_OVERLAY)))
+    try:
+        return resolve_release_images(images, _fleet_nodes(kind, be), selectors, insecure=insecure)
+    except ImageResolveError as exc:
+        raise CliError(str(exc)) from None
 
 
 @_guard
@@ -364,6 +413,14 @@ def _manifests_render(args: argparse.Namespace) -> int:
     paths = manifests.write_objects(objs, args.out)
     for f in findings:
         print(f.describe())
+    from fleet_controller.rollout.registry import unset_images
+
+    unset = unset_images(objs)
+    if unset:
+        # Not a problem of the objects (they validate), but they cannot run as they are.
+        print(f"images not set by {spec.name} (still the manifests' all-zero digest): "
+              + ", ".join(f"{c} ({repo})" for c, repo in sorted(unset.items()))
+              + "; set them with --image COMPONENT=REGISTRY/REPO@sha256:... or render a release that has them")
     print(f"wrote {len(paths)} objects for shop {args.shop} ({spec.name}) to {args.out}: {len(findings)} problems")
     return EXIT_PROBLEM if findings else EXIT_OK
 

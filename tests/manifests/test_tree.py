@@ -106,7 +106,7 @@ def test_agent_probes_use_healthz():
     seen = 0
     for _obj, spec in s.workloads(EDGE):
         for c in spec["containers"]:
-            if c["name"] == "agent":
+            if c["name"] in ("agent", "applier"):  # the applier has its own image and container name
                 seen += 1
                 assert c["readinessProbe"]["httpGet"]["path"] == c["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert seen == 2  # the per-node agent and the applier

@@ -1,0 +1,107 @@
+"""The pod-template-to-podman translator (shopfleet/sim/podman.py) on a real rendered shop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fleet_controller.rollout import manifests
+from shopfleet.cli import build_parser
+from shopfleet.sim.podman import (
+    PodContext,
+    TranslateError,
+    configmaps_of,
+    container_argv,
+    pod_argvs,
+)
+
+
+def _render() -> list[dict[str, Any]]:
+    return manifests.render_shop(manifests.ShopTarget("shop-x", frozenset({"pi"}), "production"),
+                                 manifests.RenderInput("r1", {}), 1)
+
+
+def _obj(objs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    return next(o for o in objs if o["kind"] == kind and o["metadata"]["name"] == name)
+
+
+def _ctx(tmp_path: Path, objs: list[dict[str, Any]], **kw: Any) -> PodContext:
+    return PodContext(node="pi-1", workdir=tmp_path / "work", host_root=tmp_path / "node", configmaps=configmaps_of(objs),
+                      images={"sensor-driver": "localhost/shopfleet/sensor-driver:t-amd64"}, **kw)
+
+
+def _after_image(argv: list[str], image: str) -> list[str]:
+    return argv[argv.index(image) + 1:]
+
+
+def test_sensor_driver_keeps_every_pod_field(tmp_path: Path):
+    objs = _render()
+    ds = _obj(objs, "DaemonSet", "sensor-driver")
+    (tmp_path / "node/etc/shopfleet/node").mkdir(parents=True)
+    (tmp_path / "node/etc/shopfleet/node/sensors.password").write_text("pw")
+    ctx = _ctx(tmp_path, objs, devices={"shopfleet.io/shelf-board": ("/dev/pts/7", "/dev/serial/by-id/shelf-board")})
+    argv = container_argv(ds, "sensor-driver", ctx)
+    joined = " ".join(argv)
+    assert "--user 10003:10003" in joined and "--group-add 20" in joined
+    assert "--read-only --read-only-tmpfs=false" in joined and "--cap-drop ALL" in joined
+    assert "--security-opt no-new-privileges" in joined and "--runtime runc" in joined
+    # A pty is the host devpts' own: bind-mounted, since --device would name another instance's pty.
+    assert "--mount type=bind,source=/dev/pts/7,destination=/dev/serial/by-id/shelf-board" in joined
+    assert "--network" not in argv  # the sensor driver is not on the host network in the manifests
+    args = _after_image(argv, "localhost/shopfleet/sensor-driver:t-amd64")
+    # $(SHOPFLEET_SHOP).$(SHOPFLEET_NODE)-sensors expanded from the env, as the kubelet does
+    assert args[-2:] == ["--username", "shop-x.pi-1-sensors"]
+    parsed = build_parser(args[0]).parse_args(args)
+    assert parsed.config == "/etc/shopfleet/sensors/sensors.yaml" and parsed.node == "pi-1-sensors"
+    # The mounted config is the rendered ConfigMap with the shop filled in, read-only.
+    mount = next(a for a in argv if a.endswith("destination=/etc/shopfleet/sensors,ro"))
+    src = Path(mount.split("source=")[1].split(",")[0])
+    assert "shop: shop-x" in (src / "sensors.yaml").read_text()
+    # hostPath state lands under the scratch node root, created like DirectoryOrCreate.
+    assert (tmp_path / "node/var/lib/shopfleet/sensors").is_dir()
+
+
+def test_agent_pod_host_network_subpath_and_init(tmp_path: Path):
+    objs = _render()
+    ds = _obj(objs, "DaemonSet", "shopfleet-agent")
+    (tmp_path / "node/etc/shopfleet/node").mkdir(parents=True)
+    (tmp_path / "node/etc/shopfleet/node/agent.password").write_text("pw")
+    ctx = _ctx(tmp_path, objs, init_image="localhost/shopfleet/base:bookworm-amd64",
+               add_hosts={"shop-broker.shopfleet.svc.cluster.local": "127.0.0.1"})
+    steps = pod_argvs(ds, ctx)
+    assert [(n, init) for n, init, _ in steps] == [("state-owner", True), ("agent", False)]
+    init_argv = steps[0][2]
+    assert "--user 0:10001" in " ".join(init_argv) and "--cap-add CHOWN" in " ".join(init_argv)
+    assert init_argv[init_argv.index("--entrypoint") + 1] == "chown"
+    agent = steps[1][2]
+    assert agent[agent.index("--network") + 1] == "host"
+    assert "--add-host" in agent
+    sub = next(a for a in agent if "destination=/etc/shopfleet/agent.yaml" in a)
+    assert sub.split("source=")[1].split(",")[0].endswith("/volumes/config/agent.yaml")
+
+
+def test_a_missing_node_file_is_named(tmp_path: Path):
+    objs = _render()
+    ds = _obj(objs, "DaemonSet", "shopfleet-agent")
+    with pytest.raises(TranslateError, match=r"hostPath /etc/shopfleet/node/agent.password \(File\) does not exist"):
+        container_argv(ds, "agent", _ctx(tmp_path, objs))
+
+
+def test_a_real_device_goes_through_device(tmp_path: Path):
+    objs = _render()
+    ds = _obj(objs, "DaemonSet", "sensor-driver")
+    (tmp_path / "node/etc/shopfleet/node").mkdir(parents=True)
+    (tmp_path / "node/etc/shopfleet/node/sensors.password").write_text("pw")
+    ctx = _ctx(tmp_path, objs, devices={"shopfleet.io/shelf-board": ("/dev/ttyACM0", "/dev/serial/by-id/shelf-board")})
+    assert "--device /dev/ttyACM0:/dev/serial/by-id/shelf-board" in " ".join(container_argv(ds, "sensor-driver", ctx))
+
+
+def test_a_device_resource_without_a_device_is_refused(tmp_path: Path):
+    objs = _render()
+    ds = _obj(objs, "DaemonSet", "sensor-driver")
+    (tmp_path / "node/etc/shopfleet/node").mkdir(parents=True)
+    (tmp_path / "node/etc/shopfleet/node/sensors.password").write_text("pw")
+    with pytest.raises(TranslateError, match="shopfleet.io/shelf-board needs a device"):
+        container_argv(ds, "sensor-driver", _ctx(tmp_path, objs))
