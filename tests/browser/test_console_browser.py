@@ -1,7 +1,7 @@
 """The 24/7 operator's console in Debian's Chromium: issue 13, problems 1, 2, 4 and 5, the docs, and the page basics.
 
 Each test names in its docstring what the code before it did; each assertion that follows fails
-on that code. The controller, shops and browser are those of ``conftest.py`` (a real service with
+on that code. The controller, shops and browser are those of ``tests/support/browser.py`` (a real service with
 the dashboard attached as in production, shops speaking the wire protocol over a real broker).
 """
 
@@ -83,9 +83,9 @@ def test_losing_the_controller_shows_disconnected_within_5_s_then_reconnects_and
         s.page.evaluate("window.__notReloaded = true")
         # The controller comes back on the same address and database, with a shop added meanwhile.
         settings = own_controller["settings"].model_copy(update={"api": own_controller["settings"].api.model_copy(update={"port": port})})
-        from . import conftest
+        from tests.support import browser
 
-        monkeypatch.setattr(conftest, "role_users", lambda store: ctl.creds)  # keep the users and so the browser's session
+        monkeypatch.setattr(browser, "role_users", lambda store: ctl.creds)  # keep the users and so the browser's session
         ctl2 = Controller(settings)
         own_controller["ctl"] = ctl2
         ctl2.call(ctl2.service.writer.register_shop("shop-y", name="Mill Lane", region="east"))
