@@ -126,6 +126,27 @@ def test_operator_acknowledges_an_alert(login, fleet):
         ctl.service.engine, 0) if a.rule == "disk_low")
 
 
+def test_operator_silences_an_alert_for_a_chosen_time_with_a_comment(login, fleet):
+    """The alerts page used to silence for exactly 1 h with no comment; the operator now chooses both."""
+    import time
+
+    from fleet_controller.alerts import store as alert_store
+
+    ctl, _ = fleet
+    s = login("operator")
+    s.page.goto("/alerts")
+    row = s.page.locator("tr[data-alert]", has_text="disk_low").first
+    expect(row).to_contain_text("shop-c", timeout=20_000)
+    row.locator(".silence-form summary").click()
+    row.locator("[data-silence-duration]").select_option("14400")
+    row.locator("[data-silence-comment]").fill("disk swap booked for tonight")
+    row.locator("button[data-action=silence]").click()
+    expect(s.page.locator("tr[data-alert]", has_text="disk_low").first.locator("[data-field=status]")).to_contain_text("until")
+    now = time.time()
+    (mine,) = [v for v in alert_store.list_silences(ctl.service.engine, now) if v.comment == "disk swap booked for tonight"]
+    assert mine.created_by == "operator" and 4 * 3600 - 120 < mine.until - now <= 4 * 3600
+
+
 def test_viewer_has_no_alert_buttons(login):
     s = login("viewer")
     s.page.goto("/alerts")

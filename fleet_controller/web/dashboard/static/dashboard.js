@@ -220,9 +220,18 @@
         btn.disabled = false;
         return;
       }
+      let done = "Acknowledged";
       if (action === "ack") await api("POST", `/api/v1/alerts/${id}/ack`);
-      else if (action === "silence") await api("POST", `/api/v1/alerts/${id}/silence`, { duration_s: 3600 });
-      toast(action === "ack" ? "Acknowledged" : "Silenced for 1 h");
+      else if (action === "silence") {
+        // The row's own choice of duration and comment (silences are listed, and undone, at /alerts/silences).
+        const form = btn.closest(".silence-form");
+        const select = form && form.querySelector("[data-silence-duration]");
+        const duration = select ? Number(select.value) : 3600;
+        const comment = form ? (form.querySelector("[data-silence-comment]").value || "").trim() : "";
+        await api("POST", `/api/v1/alerts/${id}/silence`, { duration_s: duration, comment });
+        done = `Silenced for ${select ? select.selectedOptions[0].textContent : "1 h"}`;
+      }
+      toast(done);
       await refreshRegions();
       updateAlertCount();
     } catch (err) {
