@@ -166,7 +166,9 @@ def load_summaries(reader: RegistryReader, rules: AlertRules | None = None, now:
     for r in reader.readings(names=[fr.reading]):
         is_fridge = fr.source_contains in r.source or any(fr.source_contains in v for v in (r.labels or {}).values())
         if is_fridge and r.value > fr.max_c:
-            warm.setdefault(r.shop, []).append(f"{r.source} {r.value:.1f} °C")
+            # Named as the shop page names it: its fridge label, the thermometer's wiring only when it has none.
+            name = (r.labels or {}).get("fridge") or r.source
+            warm.setdefault(r.shop, []).append(f"{name} {r.value:.1f} °C")
     rollouts = latest_rollout_shops(reader.engine)
     rows = []
     for shop in shops:
