@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import serial
 from prometheus_client import CollectorRegistry, Counter
@@ -181,7 +181,7 @@ class DriverMetrics:
                 g.add_metric([board, ch], now - t)
         yield g
 
-    def describe(self) -> list:
+    def describe(self) -> list[Any]:
         """Return nothing, so registering does not call collect() early."""
         return []
 
@@ -203,7 +203,7 @@ class BoardStatus:
         """Return the event type used in JSON output."""
         return "board_" + self.state
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         """Return a JSON-ready dict with a 'type' key."""
         return {"type": self.type, "port": self.port, "board": self.board, "firmware": self.firmware,
                 "channels": list(self.channels), "detail": self.detail, "at": self.at}

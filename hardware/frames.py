@@ -19,6 +19,7 @@ import struct
 from binascii import crc_hqx
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any
 
 from shopfleet.errors import ShopfleetError
 
@@ -317,7 +318,7 @@ def _u8(body: bytes, off: int, what: str) -> int:
     return body[off]
 
 
-def _unpack(fmt: struct.Struct, body: bytes, off: int, what: str) -> tuple:
+def _unpack(fmt: struct.Struct, body: bytes, off: int, what: str) -> tuple[Any, ...]:
     if off + fmt.size > len(body):
         raise FrameError("bad_body", f"body ends before {what} (offset {off}, {len(body)} bytes)")
     return fmt.unpack_from(body, off)

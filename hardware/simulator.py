@@ -316,14 +316,14 @@ class SimulatedBoard:
                 status = AckStatus.BAD_ARGUMENT
             else:
                 # The firmware averages 8 conversions; model that as the settled weight.
-                raw = self.weight(cmd.channel) * COUNTS_PER_G + RAW_ZERO
+                counts = self.weight(cmd.channel) * COUNTS_PER_G + RAW_ZERO
                 cal = self.eeprom.setdefault(cmd.channel, _Calibration())
                 if cmd.type == FrameType.TARE:
-                    cal.offset = raw
-                elif cmd.value <= 0 or raw - cal.offset < 100:
+                    cal.offset = counts
+                elif cmd.value <= 0 or counts - cal.offset < 100:
                     status = AckStatus.BAD_ARGUMENT  # no mass on the cell, or a nonsense mass
                 else:
-                    cal.scale = (raw - cal.offset) / (cmd.value / 10)
+                    cal.scale = (counts - cal.offset) / (cmd.value / 10)
                     value = round(cal.scale)
         elif cmd.type != FrameType.PING:
             status = AckStatus.UNKNOWN_COMMAND
