@@ -10,7 +10,7 @@ PKGS=(
   opencv-doc                     # vtest.avi, a real video of walking people
   socat                          # serial plumbing for manual experiments
   prometheus                     # promtool: checks the alerting rules in manifests/monitoring
-  buildah podman skopeo          # make images and tests/containers: build, run and inspect OCI images
+  buildah podman skopeo runc     # make images and tests/containers: build, run and inspect OCI images (runc: crun refuses some cgroup layouts)
   debootstrap                    # the images' base root, from Debian packages (no base image is pulled)
   qemu-user-static binfmt-support  # arm64 images built and run on amd64
   docker-registry                # the local OCI registry images are pushed to and releases resolve from
