@@ -25,6 +25,7 @@ budget rule ("at most N restarts per window, then give up") is tested without th
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -34,7 +35,7 @@ from typing import Any, Literal, Protocol, get_args, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from edge_agent.protocol import DETAIL_MAX_CHARS, ID_PATTERN, PipelineHealth, PipelineState, Reading
+from edge_agent.protocol import DETAIL_MAX_CHARS, ID_PATTERN, INT64_MAX, PipelineHealth, PipelineState, Reading
 
 log = logging.getLogger(__name__)
 
@@ -145,13 +146,15 @@ def next_restart(policy: PipelineConfigBase, failures: list[float], consecutive:
 def health_to_model(kind: str, state: PipelineState, restarts: int, raw: dict[str, Any]) -> PipelineHealth:
     """Turn a pipeline's raw health dict plus supervisor state into a PipelineHealth."""
     fields: dict[str, Any] = {}
+    # A pipeline's own numbers are taken only when the wire protocol can carry them (finite, in
+    # range); anything else is left out rather than failing the whole heartbeat.
     for key in ("fps", "latency_ms", "last_frame_age_s"):
         v = raw.get(key)
-        if isinstance(v, (int, float)) and v >= 0:
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0:
             fields[key] = float(v)
     for key in ("dropped_frames", "errors"):
         v = raw.get(key)
-        if isinstance(v, int) and v >= 0:
+        if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= INT64_MAX:
             fields[key] = v
     detail = raw.get("detail")
     if detail:

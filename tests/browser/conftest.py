@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from edge_agent.protocol import PipelineHealth, Reading, Telemetry
+from edge_agent.protocol import Topics as Topic
 from tests.support.browser import CHROMIUM, SHOPS, Controller, facts
 from tests.support.controller import (
     Node,
@@ -31,8 +32,18 @@ def fleet(shared_broker, tmp_path_factory) -> Iterator[tuple[Controller, dict[st
     if not shutil.which(CHROMIUM):
         pytest.skip(f"{CHROMIUM} is not installed: apt-get install chromium (scripts/install-system-deps.sh)")
     tmp = tmp_path_factory.mktemp("ctl")
+    # Each module's controller has its own client id on the shared broker: a controller another
+    # module left behind can then never take this one's session over.
     settings = controller_settings(shared_broker, tmp, presence={"stale_after_intervals": 3, "offline_after_intervals": 6,
-                                                                  "sweep_interval_s": 0.2})
+                                                                  "sweep_interval_s": 0.2},
+                                   broker={"client_id": f"browser-{tmp.name}"})
+    # The broker is shared with earlier modules, which may have left these nodes' retained Wills
+    # ("offline", session 1): a fresh registry would take them, and then a birth of the same
+    # session does not undo them. Clear them first, as a node's first boot finds a clean broker.
+    cleaner = Node(shared_broker, "shop-a", "cleaner", will=False)
+    for shop in SHOPS:
+        cleaner.send(b"", topic=Topic.node(shop, "pi-1", "presence"), retain=True)
+    cleaner.close()
     ctl = Controller(settings)
     nodes: dict[str, Node] = {}
     for i, (shop, name) in enumerate(SHOPS.items()):
@@ -49,9 +60,15 @@ def fleet(shared_broker, tmp_path_factory) -> Iterator[tuple[Controller, dict[st
             Reading(name="shelf_weight_g", value=1520.0 - 35 * i, unit="g", source="shelf-1/slot-1"),
             Reading(name="door_open", value=0, source="door"))))
         nodes[shop] = n
-    wait_for(lambda: ctl.service.reader.list_shops()[1] == 3 and all(
-        n.presence == "online" for s in SHOPS for n in ctl.service.reader.get_shop(s).nodes), what="three shops online")
-    ctl.start_rollout()
+    try:
+        wait_for(lambda: ctl.service.reader.list_shops()[1] == 3 and all(
+            n.presence == "online" for s in SHOPS for n in ctl.service.reader.get_shop(s).nodes), what="three shops online")
+        ctl.start_rollout()
+    except BaseException:
+        for n in nodes.values():
+            n.close()
+        ctl.stop()
+        raise
     yield ctl, nodes
     for n in nodes.values():
         with contextlib.suppress(Exception):

@@ -58,7 +58,8 @@ class Controller:
 def ctl(shared_broker, tmp_path_factory) -> Iterator[Controller]:
     if not shutil.which(CHROMIUM):
         pytest.skip(f"{CHROMIUM} is not installed: apt-get install chromium (scripts/install-system-deps.sh)")
-    c = Controller(controller_settings(shared_broker, tmp_path_factory.mktemp("ctl")))
+    tmp = tmp_path_factory.mktemp("ctl")
+    c = Controller(controller_settings(shared_broker, tmp, broker={"client_id": f"browser-{tmp.name}"}))
     import time
 
     now = time.time()

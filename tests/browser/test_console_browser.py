@@ -53,7 +53,7 @@ def send_heartbeat(nodes, shop: str, *, fps: float = 14.8, disk_free_gib: float 
 @pytest.fixture
 def own_controller(shared_broker, tmp_path):
     """A controller of its own, so the test can stop it and start it again on the same port and database."""
-    settings = controller_settings(shared_broker, tmp_path)
+    settings = controller_settings(shared_broker, tmp_path, broker={"client_id": f"browser-{tmp_path.name}"})
     ctl = Controller(settings)
     ctl.call(ctl.service.writer.register_shop("shop-z", name="Quay Kiosk", region="east"))
     holder = {"ctl": ctl, "settings": settings}

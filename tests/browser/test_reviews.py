@@ -58,7 +58,8 @@ def controller(shared_broker, tmp_path_factory) -> Iterator[tuple[Controller, li
     from fusion.generate import generate
     from fusion.sim import run
 
-    ctl = Controller(controller_settings(shared_broker, tmp_path_factory.mktemp("ctl")))
+    tmp = tmp_path_factory.mktemp("ctl")
+    ctl = Controller(controller_settings(shared_broker, tmp, broker={"client_id": f"browser-{tmp.name}"}))
     events = [c.to_event() for c in run(generate("crowd", seed=3)).carts]
     node = Node(shared_broker, SHOP, "gpu-1")
     for seq, ev in enumerate(events, start=1):

@@ -159,7 +159,7 @@ def test_stored_acks_are_published_after_commit(registry, metrics, reader, db_ur
     from edge_agent.protocol import parse_downlink
 
     msgs = [inbound(heartbeat(seq=s)) for s in (1, 2, 4, 5)] + [inbound(heartbeat(node="pi-2", seq=1))]
-    _, published = _run_intake(db_url, metrics, msgs)
+    _, published = _run_intake(db_url, metrics, msgs, ack_nodes=True)
     acks = {}
     for topic, payload in published:
         ack = parse_downlink(topic, payload)

@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from edge_agent.protocol import PipelineHealth
+from edge_agent.protocol import PipelineHealth, Topics
+from fleet_controller.registry.read import NotFound
 from fleet_controller.service import build_service
 from fleet_controller.web.accounts.store import AccountStore
 from tests.support.controller import Node, controller_settings, heartbeat, presence
@@ -67,7 +68,7 @@ class Controller:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.service = build_service(controller_settings(broker, tmp))
+        self.service = build_service(controller_settings(broker, tmp, broker={"client_id": f"kubectl-{tmp.name}"}))
         asyncio.run_coroutine_threadsafe(self.service.start(), self.loop).result(60)
         store = AccountStore(self.service.engine)
         store.add_user("platform", "platform-password-1", "ml-engineer")
@@ -86,8 +87,17 @@ def fleet(shared_broker, tmp_path_factory) -> Iterator[Controller]:
     node.send(presence("shop-k", "gpu-1"), retain=True)
     node.send(heartbeat("shop-k", "gpu-1", seq=1, interval=30, pipelines={
         "door-cam": PipelineHealth(kind="vision", state="running", fps=14.5)}, release="2026.11.1"))
-    wait_for(lambda: ctl.service.reader.shop_node_counts().get("shop-k") is not None, 20, "shop-k registered")
+    def heartbeat_stored() -> bool:
+        try:
+            return bool(ctl.service.reader.get_node("shop-k", "gpu-1").pipelines)
+        except NotFound:
+            return False
+
+    wait_for(heartbeat_stored, 20, "shop-k's heartbeat with its pipelines stored")
     yield ctl
+    # The broker is shared with later modules: take this node's retained birth back, so their
+    # controllers do not meet a shop-k they never had.
+    node.send(b"", topic=Topics.node("shop-k", "gpu-1", "presence"), retain=True)
     node.close()
     ctl.stop()
 
