@@ -35,7 +35,14 @@ from typing import Any, Literal, Protocol, get_args, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from edge_agent.protocol import DETAIL_MAX_CHARS, ID_PATTERN, INT64_MAX, PipelineHealth, PipelineState, Reading
+from edge_agent.protocol import (
+    DETAIL_MAX_CHARS,
+    ID_PATTERN,
+    INT64_MAX,
+    PipelineHealth,
+    PipelineState,
+    Reading,
+)
 
 log = logging.getLogger(__name__)
 
