@@ -91,6 +91,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--metrics-port", type=int, metavar="PORT", help="port of the Prometheus /metrics endpoint, 0 = off [metrics.port]")
     g.add_argument("--metrics-host", metavar="ADDR", help="address the metrics endpoint binds to [metrics.host]")
     p.set_defaults(func=run)
+    # 'shopfleet agent enroll ...': get the node's certificate with a one-time token (edge_agent/enroll.py).
+    from edge_agent.enroll import register as register_enroll
+
+    register_enroll(p.add_subparsers(dest="agent_command", metavar="SUBCOMMAND", title="subcommands"))
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:

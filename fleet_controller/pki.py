@@ -35,26 +35,35 @@ serial stays valid until it expires or is revoked (``revoke_previous=True`` revo
 for a suspected compromise; otherwise revoke it once the new files are deployed). **Revocation**
 rewrites ``crl.pem``; Mosquitto reads its ``crlfile`` when it starts and when it reloads
 (SIGHUP), so a revocation refuses new handshakes after a reload and, after a restart, also ends
-the connection the revoked client had open. A CRL also expires (its nextUpdate, ``crl_days`` ahead, one
+the connection the revoked client had open.
+
+**Enrollment** (:meth:`Pki.sign_csr`, used by the controller's ``POST /api/v1/enroll``): the node
+makes its own key and sends a certificate signing request; only the certificate is written here
+(``certs/<CN>.crt``; no ``.key``, the key never left the node) and its record says
+``key_on_node``, so ``broker-config`` (:meth:`Pki.ensure`) does not mint a second key for that
+node. The CSR gives the public key only: the CN, the extensions and the validity are ours. Index
+changes take a lock (``index.json.lock``), since the controller signs from several threads. A CRL also expires (its nextUpdate, ``crl_days`` ahead, one
 year by default): OpenSSL then refuses every client, so refresh it (``shopfleet pki crl``)
 before then; ``shopfleet pki list`` prints its expiry.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import ipaddress
 import json
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from edge_agent.protocol import validate_id
@@ -84,6 +93,7 @@ class CertRecord:
     not_after: str  # ISO 8601, UTC
     issued_at: str
     revoked_at: str | None = None
+    key_on_node: bool = False  # signed from a node's CSR (enrollment): no key file here
 
     @property
     def revoked(self) -> bool:
@@ -229,6 +239,17 @@ class Pki:
 
     # ----- index ----------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the PKI's lock (an exclusive ``flock`` on ``index.json.lock``) for a read-modify-write of the index."""
+        self._require()
+        fd = os.open(self.root / "index.json.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
     def records(self) -> list[CertRecord]:
         """Return every certificate issued, oldest first."""
         self._require()
@@ -258,6 +279,10 @@ class Pki:
 
     def issue(self, kind: str, name: str, *, sans: Sequence[str] = (), days: int = CERT_DAYS, revoke_previous: bool = False) -> CertRecord:
         """Issue (or re-issue: rotate) a key and certificate for ``kind``/``name``; return its record."""
+        with self.locked():
+            return self._issue_locked(kind, name, sans, days, revoke_previous)
+
+    def _issue_locked(self, kind: str, name: str, sans: Sequence[str], days: int, revoke_previous: bool) -> CertRecord:
         records = self.records()
         record = self._issue(kind, name, sans, days, records)
         if revoke_previous:
@@ -315,15 +340,20 @@ class Pki:
         """Issue a certificate for each ``(kind, name, sans)`` that has no current one; return the new records.
 
         Never rotates a valid certificate (``broker-config`` calls this on every run); a server
-        certificate that lacks one of ``sans`` is re-issued, since clients would refuse it.
+        certificate that lacks one of ``sans`` is re-issued, since clients would refuse it. A node
+        that enrolled (its key on the node, ``key_on_node``) counts as having one.
         """
+        with self.locked():
+            return self._ensure_locked(wanted)
+
+    def _ensure_locked(self, wanted: Sequence[tuple[str, str, Sequence[str]]]) -> list[CertRecord]:
         records = self.records()
         live = {r.cn: r for r in records if not r.revoked and not r.expired()}
         new: list[CertRecord] = []
         for kind, name, sans in wanted:
             cn = cn_for(kind, name)
             rec = live.get(cn)
-            if rec is not None and rec.kind == kind and self.cert_path(cn).exists() and self.key_path(cn).exists():
+            if rec is not None and rec.kind == kind and self.cert_path(cn).exists() and (rec.key_on_node or self.key_path(cn).exists()):
                 cert = x509.load_pem_x509_certificate(self.cert_path(cn).read_bytes())
                 if f"{cert.serial_number:x}" == rec.serial and _covers(cert, sans):
                     continue
@@ -333,12 +363,94 @@ class Pki:
             self._save_index(records)
         return new
 
+    # ----- enrollment -----------------------------------------------------------------------
+
+    def sign_csr(self, shop: str, node: str, csr_pem: bytes | str, *, days: int = CERT_DAYS,
+                 revoke_previous: bool = True) -> tuple[CertRecord, bytes]:
+        """Sign a node's CSR as its client certificate ``<shop>.<node>``; return (record, certificate PEM).
+
+        Only the CSR's public key is used (it must be P-256 or P-384 EC, or RSA of 2048 bits or
+        more, and the CSR's own signature must verify, proving the node holds the key); the CN,
+        extensions and validity are the same as :meth:`issue` gives a node. ``revoke_previous``
+        revokes the node's earlier certificates and rewrites the CRL (an enrolled node has one
+        live certificate). Raises ``PkiError`` naming what is wrong with the CSR.
+        """
+        try:
+            cn = node_cn(shop, node)
+        except ValueError as exc:
+            raise PkiError(str(exc)) from None
+        if days < 1:
+            raise PkiError(f"days {days}: a certificate must be valid for at least 1 day")
+        data = csr_pem.encode() if isinstance(csr_pem, str) else csr_pem
+        try:
+            csr = x509.load_pem_x509_csr(data)
+        except ValueError as exc:
+            raise PkiError(f"the CSR is not a PEM certificate signing request ({exc}); send the output of the node's enroll command") from None
+        if not csr.is_signature_valid:
+            raise PkiError("the CSR's signature does not verify: it was not made with the key it carries")
+        pub = csr.public_key()
+        if isinstance(pub, ec.EllipticCurvePublicKey):
+            if pub.curve.name not in ("secp256r1", "secp384r1"):
+                raise PkiError(f"the CSR's key is on curve {pub.curve.name}: use P-256 (secp256r1) or P-384, which every broker's OpenSSL accepts")
+        elif isinstance(pub, rsa.RSAPublicKey):
+            if pub.key_size < 2048:
+                raise PkiError(f"the CSR's RSA key has {pub.key_size} bits: use at least 2048, or P-256")
+        else:
+            raise PkiError(f"the CSR's key is {type(pub).__name__}: use an EC P-256 key (or RSA 2048+)")
+        with self.locked():
+            ca_cert, ca_key = self._ca()
+            now = _now()
+            not_after = min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
+            key_usage = x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=isinstance(pub, rsa.RSAPublicKey),
+                data_encipherment=False, key_agreement=isinstance(pub, ec.EllipticCurvePublicKey), key_cert_sign=False,
+                crl_sign=False, encipher_only=False, decipher_only=False)
+            cert = (
+                x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+                .issuer_name(ca_cert.subject)
+                .public_key(pub)
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - dt.timedelta(minutes=5))
+                .not_valid_after(not_after)
+                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                .add_extension(key_usage, critical=True)
+                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+                .add_extension(x509.SubjectKeyIdentifier.from_public_key(pub), critical=False)
+                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+                .sign(ca_key, hashes.SHA256())
+            )
+            pem = cert.public_bytes(serialization.Encoding.PEM)
+            record = CertRecord(serial=f"{cert.serial_number:x}", kind="node", cn=cn, not_after=not_after.isoformat(),
+                                issued_at=now.isoformat(), key_on_node=True)
+            records = self.records()
+            revoked_any = False
+            if revoke_previous:
+                stamped = []
+                for r in records:
+                    if r.cn == cn and not r.revoked:
+                        r = CertRecord(**{**asdict(r), "revoked_at": record.issued_at})
+                        revoked_any = True
+                    stamped.append(r)
+                records = stamped
+            records.append(record)
+            _write_atomic(self.cert_path(cn), pem, 0o644)
+            self.key_path(cn).unlink(missing_ok=True)  # an older key of this CN made here: no longer its key
+            self._save_index(records)
+            if revoked_any:
+                self.write_crl()
+        return record, pem
+
     # ----- revocation -----------------------------------------------------------------------
 
     def revoke(self, cn: str | None = None, *, serial: str | None = None) -> list[CertRecord]:
         """Revoke every unrevoked certificate of ``cn`` (or the one ``serial``), rewrite the CRL; return what was revoked."""
         if (cn is None) == (serial is None):
             raise PkiError("name a certificate to revoke: its CN or --serial (one of the two)")
+        with self.locked():
+            return self._revoke_locked(cn, serial)
+
+    def _revoke_locked(self, cn: str | None, serial: str | None) -> list[CertRecord]:
         serial = serial.lower().removeprefix("0x") if serial else None
         records = self.records()
         stamp = _now().isoformat()

@@ -349,7 +349,7 @@ def build_service(
     from fleet_controller import alerts, rollout
     from fleet_controller.alerts.rules import load_rules
     from fleet_controller.rollout.signing import load_private_key
-    from fleet_controller.web import alerts_pages, models_api, reviews, security_events
+    from fleet_controller.web import alerts_pages, enrollment_api, models_api, reviews, security_events
     from fleet_controller.web.dashboard.setup import attach
 
     rules = load_rules(settings.alert_rules)
@@ -364,6 +364,7 @@ def build_service(
     rollout.install(service, settings.rollout)
     reviews.install(service)
     models_api.install(service, settings.rollout.signing_key if settings.rollout else None)
+    enrollment_api.install(service)
     return service
 
 

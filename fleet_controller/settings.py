@@ -262,6 +262,53 @@ class DashboardSettings(_Section):
     url: str = Field("", description="External address of the dashboard, used in alert webhooks' links.")
 
 
+class EnrollmentSettings(_Section):
+    """Node enrollment and credential rotation/revocation (``enrollment:``; docs/security.md, "Enrollment").
+
+    The controller signs enrolling nodes' certificates with the fleet CA in ``pki_dir``, so it
+    holds the CA key: run it where the CA may live. Revocations rewrite ``pki_dir/crl.pem`` (and
+    remove the node from ``password_file``) and then make the broker reload, by
+    ``reload_command`` or a SIGHUP to the process in ``reload_pid_file``.
+    """
+
+    pki_dir: Path = Field(description="The fleet CA directory made by 'shopfleet pki init' (the same the broker's crlfile and cafile come from).")
+    broker_address: str | None = Field(
+        None, description="HOST:PORT of the broker's mutual-TLS listener, returned to enrolling nodes (their broker.host/port); "
+        "unset: nodes are told nothing and configure it themselves.",
+    )
+    cert_days: int = Field(825, ge=1, le=3650, description="Validity of an enrolled node's certificate, in days.")
+    token_ttl_s: float = Field(3600.0, ge=60, le=7 * 86400, description="Default lifetime of a new enrollment token.")
+    allow_plain_http: bool = Field(
+        False, description="Serve POST /api/v1/enroll over plain http too. For tests and local development only: the "
+        "response carries the node's certificate and the token crosses in clear.",
+    )
+    password_file: Path | None = Field(
+        None, description="The broker's password file (broker-config's OUT/passwd): a revoked node's entry is removed "
+        "from it, so its password stops working too. Unset: passwords are left alone.",
+    )
+    reload_command: tuple[str, ...] = Field(
+        (), description="Command (argv list) run after a revocation changed the CRL or password file, to make the broker "
+        "re-read them, e.g. [systemctl, reload, mosquitto]. Mosquitto re-reads both on SIGHUP.",
+    )
+    reload_pid_file: Path | None = Field(
+        None, description="Pid file of a broker on this host (Mosquitto's pid_file): it gets SIGHUP after a revocation. "
+        "Used when reload_command is empty.",
+    )
+    max_failures_per_address: int = Field(
+        10, ge=1, le=10_000, description="Failed enrollments one client address may make per 10 minutes before it is "
+        "answered 429 for the rest of that window (token guessing is hopeless anyway; this caps the noise).",
+    )
+
+    @field_validator("broker_address")
+    @classmethod
+    def _hostport(cls, v: str | None) -> str | None:
+        if v is not None:
+            host, sep, port = v.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise ValueError(f"enrollment.broker_address {v!r}: use HOST:PORT of the broker's TLS listener, e.g. broker.example.com:8883")
+        return v
+
+
 class ControllerSettings(_Section):
     """Everything ``shopfleet controller`` needs."""
 
@@ -290,6 +337,10 @@ class ControllerSettings(_Section):
         "advances (a replica without the signing key).",
     )
     dashboard: DashboardSettings = Field(default_factory=DashboardSettings, description="Dashboard and logins.")
+    enrollment: EnrollmentSettings | None = Field(
+        None, description="Node enrollment with one-time tokens, credential rotation and revocation (docs/security.md); "
+        "unset: the enrollment endpoints answer 503.",
+    )
 
     def database_url(self) -> str:
         """Return the registry URL, defaulting to SQLite in ``data_dir``."""

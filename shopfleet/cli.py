@@ -57,6 +57,8 @@ _TABLE = (
     Command("hw", "sensor boards over serial: simulate, read, calibrate", "hardware.cli", "agent"),
     Command("users", "manage dashboard and API users", "fleet_controller.web.accounts.cli", "controller"),
     Command("tokens", "manage API tokens for the CLI and automation", "fleet_controller.web.accounts.cli", "controller"),
+    Command("enroll-token", "one-time enrollment tokens for new nodes: create, list, revoke",
+            "fleet_controller.enrollment_cli", "controller"),
     Command("vision", "camera pipeline: models, running a camera, tracker evaluation", "vision.cli", "vision"),
     Command("fusion", "carts from tracks and shelf weights: evaluate on scenarios", "fusion.cli", "vision"),
 )

@@ -52,7 +52,9 @@ LOGIN_CSRF_COOKIE = "sf_login_csrf"
 FORM_TYPE = "application/x-www-form-urlencoded"
 MAX_FORM_BYTES = 65536
 CSRF_HEADER = "x-csrf-token"
-DEFAULT_OPEN_PATHS = frozenset({"/login", "/healthz"})
+DEFAULT_OPEN_PATHS = frozenset({"/login", "/healthz", "/api/v1/enroll"})
+"""``/api/v1/enroll`` authenticates its caller itself, by the one-time token in the body
+(``fleet_controller.web.enrollment_api``): a node that enrolls has no account."""
 OPEN_PREFIXES = ("/static/",)
 PASSWORD_PATH = "/account/password"
 

@@ -1,0 +1,249 @@
+"""Node credentials: enrollment with one-time tokens, rotation, revocation that reaches the broker.
+
+The pieces: one-time tokens (:mod:`fleet_controller.registry.enrollment`), the fleet CA
+(:mod:`fleet_controller.pki`), the broker's password file, and a way to make the broker re-read
+its CRL and password file. :class:`NodeCredentials` puts them together for the API
+(:mod:`fleet_controller.web.enrollment_api`) and the CLI (``shopfleet enroll-token``).
+
+* **Enroll**: a token (unused, unexpired, bound to shop and node) and a CSR made on the node give
+  the node a certificate ``<shop>.<node>`` signed by the CA; the token is used up in the same
+  transaction. An enrollment supersedes the node's earlier certificates (revoked, the broker
+  reloaded): one node, one live certificate.
+* **Rotate**: a new token for an existing node; its old certificate keeps working until the node
+  enrolls with the new token (that is the grace period), or is revoked at once with
+  ``revoke_previous``.
+* **Revoke**: every certificate of the node goes on the CRL, its password-file entry is removed,
+  and the broker reloads (``reload_command``, or SIGHUP to the pid in ``reload_pid_file``).
+  Mosquitto re-reads ``crlfile`` and ``password_file`` on SIGHUP; a reload refuses new
+  connections of the revoked node but does **not** end one it already has open (measured on
+  Mosquitto 2.0.11, see docs/security.md): restart the broker for that.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.engine import Connection, Engine
+
+from fleet_controller.pki import CertRecord, Pki, PkiError, node_cn
+from fleet_controller.registry.enrollment import EnrollmentError, EnrollmentToken, EnrollmentTokens, parse_ttl
+from fleet_controller.settings import EnrollmentSettings
+
+log = logging.getLogger(__name__)
+
+RELOAD_TIMEOUT_S = 15.0
+
+
+@dataclass(frozen=True)
+class Enrolled:
+    """What an enrollment gives the node."""
+
+    shop: str
+    node: str
+    cn: str
+    serial: str
+    not_after: str
+    certificate_pem: str
+    ca_pem: str
+    broker_host: str | None
+    broker_port: int | None
+    token_id: int
+    superseded: tuple[str, ...] = ()
+    broker_reload: str = "not_needed"
+
+    def response(self) -> dict[str, Any]:
+        """Return the JSON body of ``POST /api/v1/enroll``."""
+        broker = {"host": self.broker_host, "port": self.broker_port} if self.broker_host else None
+        return {"shop": self.shop, "node": self.node, "cn": self.cn, "serial": self.serial, "not_after": self.not_after,
+                "certificate": self.certificate_pem, "ca_certificate": self.ca_pem, "broker": broker}
+
+
+@dataclass(frozen=True)
+class Revoked:
+    """What a revocation did."""
+
+    shop: str
+    node: str
+    cn: str
+    serials: tuple[str, ...]
+    password_removed: bool
+    broker_reload: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready dict."""
+        return {"shop": self.shop, "node": self.node, "cn": self.cn, "revoked_serials": list(self.serials),
+                "password_removed": self.password_removed, "broker_reload": self.broker_reload}
+
+
+def remove_password_entry(path: Path, username: str) -> bool:
+    """Remove ``username``'s line from a Mosquitto password file, keeping its mode and owner; return whether it had one.
+
+    Written to a temporary file in the same directory and renamed over the original, so the broker
+    never reads half a file.
+    """
+    try:
+        st = path.stat()
+        lines = path.read_text().splitlines(keepends=True)
+    except FileNotFoundError:
+        return False
+    kept = [line for line in lines if line.split(":", 1)[0] != username]
+    if len(kept) == len(lines):
+        return False
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, st.st_mode & 0o7777)
+        if os.geteuid() == 0:
+            os.fchown(fd, st.st_uid, st.st_gid)
+        with os.fdopen(fd, "w") as f:
+            f.writelines(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return True
+
+
+class BrokerReloader:
+    """Make the broker re-read its CRL and password file: a command, or SIGHUP to a pid file's process."""
+
+    def __init__(self, command: tuple[str, ...] = (), pid_file: Path | None = None) -> None:
+        self.command = tuple(command)
+        self.pid_file = pid_file
+
+    @property
+    def configured(self) -> bool:
+        """Return whether there is any way to reload."""
+        return bool(self.command) or self.pid_file is not None
+
+    def reload(self) -> str:
+        """Reload the broker; return ``ok``, ``not_configured`` or ``failed: <why>`` (never raises)."""
+        if self.command:
+            try:
+                done = subprocess.run(self.command, capture_output=True, text=True, timeout=RELOAD_TIMEOUT_S, check=False)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                return f"failed: {' '.join(self.command)}: {exc}"
+            if done.returncode != 0:
+                return f"failed: {' '.join(self.command)} exited {done.returncode}: {(done.stderr or done.stdout).strip()[:300]}"
+            return "ok"
+        if self.pid_file is not None:
+            try:
+                pid = int(self.pid_file.read_text().split()[0])
+                os.kill(pid, signal.SIGHUP)
+            except (OSError, ValueError, IndexError) as exc:
+                return f"failed: SIGHUP to the pid in {self.pid_file}: {exc}"
+            return "ok"
+        return "not_configured"
+
+
+class NodeCredentials:
+    """Enroll, rotate and revoke node credentials (see the module docstring)."""
+
+    def __init__(self, settings: EnrollmentSettings, engine: Engine, *, clock: Callable[[], float] = time.time,
+                 on_reload: Callable[[str], None] | None = None) -> None:
+        self.settings = settings
+        self.tokens = EnrollmentTokens(engine, clock)
+        self.pki = Pki(settings.pki_dir)
+        self.reloader = BrokerReloader(settings.reload_command, settings.reload_pid_file)
+        self.on_reload = on_reload or (lambda _result: None)
+        host, _, port = (settings.broker_address or "").rpartition(":")
+        self.broker_host = host or None
+        self.broker_port = int(port) if port else None
+
+    def check(self) -> None:
+        """Raise ``PkiError`` if the CA is not usable (called at start, so a bad pki_dir fails early)."""
+        self.pki._ca()
+
+    def reload_broker(self) -> str:
+        """Reload the broker and report the result (logged, and passed to ``on_reload`` for the metric)."""
+        result = self.reloader.reload()
+        if result.startswith("failed"):
+            log.error("broker reload after a credential change %s: the broker still uses the old CRL/password file; "
+                      "reload it by hand (kill -HUP its pid, or systemctl reload mosquitto)", result)
+        elif result == "not_configured":
+            log.warning("credentials changed but enrollment.reload_command/reload_pid_file is unset: reload the broker by hand")
+        self.on_reload(result)
+        return result
+
+    # ----- tokens ---------------------------------------------------------------------------
+
+    def create_token(self, shop: str, node: str, ttl: str | float | None, created_by: str) -> tuple[str, EnrollmentToken]:
+        """Return (token, record) for a new node; ``ttl`` None uses ``token_ttl_s``."""
+        return self.tokens.create(shop, node, parse_ttl(self.settings.token_ttl_s if ttl is None else ttl), created_by)
+
+    # ----- enrollment -----------------------------------------------------------------------
+
+    def enroll(self, token: str, csr_pem: str, source: str) -> Enrolled:
+        """Redeem ``token`` and sign ``csr_pem``; raise ``TokenRefused`` or ``PkiError`` (token then unused)."""
+        ca_pem = self.pki.ca_cert_path.read_text()
+        previous: list[str] = []
+
+        def issue(rec: EnrollmentToken, _conn: Connection) -> tuple[CertRecord, bytes]:
+            cn = node_cn(rec.shop, rec.node)
+            previous.extend(r.serial for r in self.pki.records() if r.cn == cn and not r.revoked)
+            return self.pki.sign_csr(rec.shop, rec.node, csr_pem, days=self.settings.cert_days, revoke_previous=True)
+
+        rec, (cert, pem) = self.tokens.redeem(token, source, issue)
+        reload = self.reload_broker() if previous else "not_needed"
+        return Enrolled(rec.shop, rec.node, cert.cn, cert.serial, cert.not_after, pem.decode(), ca_pem,
+                        self.broker_host, self.broker_port, rec.id, tuple(previous), reload)
+
+    # ----- rotation and revocation ------------------------------------------------------------
+
+    def certificates(self, shop: str, node: str) -> list[CertRecord]:
+        """Return every certificate the CA issued to the node, oldest first."""
+        cn = self._cn(shop, node)
+        return [r for r in self.pki.records() if r.cn == cn]
+
+    def revoke(self, shop: str, node: str) -> Revoked:
+        """Revoke every certificate of the node, remove its password entry, reload the broker.
+
+        Raise ``EnrollmentError`` if the node has neither a live certificate nor a password entry.
+        """
+        cn = self._cn(shop, node)
+        live = [r for r in self.pki.records() if r.cn == cn and not r.revoked]
+        serials: tuple[str, ...] = ()
+        if live:
+            serials = tuple(r.serial for r in self.pki.revoke(cn))
+        pw = self.settings.password_file
+        removed = pw is not None and remove_password_entry(pw, cn)
+        if not serials and not removed:
+            raise EnrollmentError(f"node {shop}/{node} has no live certificate (CN {cn}) and no password entry: nothing to revoke")
+        reload = self.reload_broker()
+        log.warning("credentials of %s revoked: certificates %s, password entry %s, broker reload %s",
+                    cn, ", ".join(serials) or "none", "removed" if removed else "none", reload)
+        return Revoked(shop, node, cn, serials, removed, reload)
+
+    def rotate(self, shop: str, node: str, ttl: str | float | None, created_by: str, *,
+               revoke_previous: bool) -> tuple[str, EnrollmentToken, Revoked | None]:
+        """Return a new token for the node (and, with ``revoke_previous``, revoke its credentials now)."""
+        self._cn(shop, node)
+        revoked = None
+        if revoke_previous:
+            try:
+                revoked = self.revoke(shop, node)
+            except EnrollmentError:
+                revoked = None  # nothing live to revoke: the token alone is the rotation
+        token, rec = self.create_token(shop, node, ttl, created_by)
+        return token, rec, revoked
+
+    @staticmethod
+    def _cn(shop: str, node: str) -> str:
+        try:
+            return node_cn(shop, node)
+        except ValueError as exc:
+            raise EnrollmentError(str(exc)) from None
+
+
+__all__ = ["BrokerReloader", "Enrolled", "EnrollmentError", "NodeCredentials", "PkiError", "Revoked", "remove_password_entry"]
