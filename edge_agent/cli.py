@@ -54,6 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "down gracefully: pipelines stop, the outbox is flushed, presence goes offline."
         ),
         epilog="Every config key is documented in docs/agent.md.",
+        # No abbreviations: 'agent enroll --out DIR' must not be read as an abbreviation of --outbox.
+        allow_abbrev=False,
     )
     p.add_argument("--config", metavar="FILE", help="YAML config file (optional when flags give shop and node)")
     p.add_argument(

@@ -153,7 +153,7 @@ def enroll(controller: str, token: str, ca_file: Path | None, out: Path, *, allo
     req = urllib.request.Request(base + ENROLL_PATH, data=body, method="POST",
                                  headers={"Content-Type": "application/json", "Accept": "application/json"})
     try:
-        with urllib.request.urlopen(req, timeout=timeout, context=context) as resp:  # noqa: S310 - scheme checked above
+        with urllib.request.urlopen(req, timeout=timeout, context=context) as resp:
             answer = json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         try:

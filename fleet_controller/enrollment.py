@@ -35,7 +35,12 @@ from typing import Any
 from sqlalchemy.engine import Connection, Engine
 
 from fleet_controller.pki import CertRecord, Pki, PkiError, node_cn
-from fleet_controller.registry.enrollment import EnrollmentError, EnrollmentToken, EnrollmentTokens, parse_ttl
+from fleet_controller.registry.enrollment import (
+    EnrollmentError,
+    EnrollmentToken,
+    EnrollmentTokens,
+    parse_ttl,
+)
 from fleet_controller.settings import EnrollmentSettings
 
 log = logging.getLogger(__name__)
