@@ -135,14 +135,15 @@ def enrollment_router(creds: NodeCredentials | None, audit: AuditLog, metrics: E
             raise HTTPException(503, "enrollment is not configured on this controller: set enrollment.pki_dir (docs/controller.md)")
         return creds
 
-    def refuse(request: Request, status: int, result: str, message: str, *, count_failure: bool = True) -> JSONResponse:
+    async def refuse(request: Request, status: int, result: str, message: str, *, count_failure: bool = True) -> JSONResponse:
         metrics.enrollments.labels(result).inc()
         address = _client(request)
         if count_failure:
             limiter.failed(address)
         log.warning("enrollment from %s refused (%s): %s", address or "?", result, message)
-        if result not in ("rate_limited",):
-            audit.record("anonymous", "node.enroll", "", {"result": result}, address, via="enroll", outcome=f"refused: {result}")
+        if result != "rate_limited":  # the limiter bounds how many refusals one address can write here
+            await run_in_threadpool(audit.record, "anonymous", "node.enroll", "", {"result": result}, address,
+                                    via="enroll", outcome=f"refused: {result}")
         return JSONResponse({"detail": message, "reason": result}, status_code=status,
                             headers={"Retry-After": str(int(FAILURE_WINDOW_S))} if status == 429 else None)
 
@@ -154,37 +155,37 @@ def enrollment_router(creds: NodeCredentials | None, audit: AuditLog, metrics: E
             metrics.enrollments.labels("disabled").inc()
             return JSONResponse({"detail": "enrollment is not configured on this controller: set enrollment.pki_dir"}, status_code=503)
         if request.url.scheme != "https" and not allow_plain_http:
-            return refuse(request, 403, "plain_http",
+            return await refuse(request, 403, "plain_http",
                           "enrollment needs HTTPS (the token and the certificate cross the network): use the controller's https:// "
                           "address (api.tls_cert_file/tls_key_file); enrollment.allow_plain_http is for tests only",
                           count_failure=False)
         if limiter.blocked(address):
-            return refuse(request, 429, "rate_limited",
+            return await refuse(request, 429, "rate_limited",
                           f"too many failed enrollments from {address}: wait {FAILURE_WINDOW_S / 60:.0f} minutes", count_failure=False)
         raw = b""
         async for chunk in request.stream():
             raw += chunk
             if len(raw) > MAX_BODY_BYTES:
-                return refuse(request, 413, "bad_request", f"body larger than {MAX_BODY_BYTES} bytes: send a token and one CSR")
+                return await refuse(request, 413, "bad_request", f"body larger than {MAX_BODY_BYTES} bytes: send a token and one CSR")
         try:
             body = EnrollRequest.model_validate(json.loads(raw))
         except (ValueError, UnicodeDecodeError) as exc:
-            return refuse(request, 400, "bad_request", f"body must be JSON {{\"token\": ..., \"csr\": PEM}} ({str(exc)[:300]})")
+            return await refuse(request, 400, "bad_request", f"body must be JSON {{\"token\": ..., \"csr\": PEM}} ({str(exc)[:300]})")
         try:
             done = await run_in_threadpool(creds.enroll, body.token.strip(), body.csr, address)
         except TokenRefused as exc:
-            return refuse(request, 401, exc.reason, str(exc))
+            return await refuse(request, 401, exc.reason, str(exc))
         except PkiError as exc:
-            return refuse(request, 422, "bad_csr", f"{exc} (the token was not used: fix the CSR and retry)")
+            return await refuse(request, 422, "bad_csr", f"{exc} (the token was not used: fix the CSR and retry)")
         except Exception:
             metrics.enrollments.labels("error").inc()
             log.exception("enrollment from %s failed", address)
             return JSONResponse({"detail": "the controller could not sign the certificate (see its log); the token was not used"},
                                 status_code=500)
         metrics.enrollments.labels("ok").inc()
-        audit.record(f"node:{done.cn}", "node.enroll", done.cn,
-                     {"serial": done.serial, "token_id": done.token_id, "superseded": list(done.superseded),
-                      "broker_reload": done.broker_reload}, address, shop=done.shop, via="enroll")
+        await run_in_threadpool(audit.record, f"node:{done.cn}", "node.enroll", done.cn,
+                                {"serial": done.serial, "token_id": done.token_id, "superseded": list(done.superseded),
+                                 "broker_reload": done.broker_reload}, address, shop=done.shop, via="enroll")
         log.info("node %s enrolled from %s: certificate %s until %s", done.cn, address, done.serial, done.not_after)
         return JSONResponse(done.response(), status_code=201, headers={"Cache-Control": "no-store"})
 
