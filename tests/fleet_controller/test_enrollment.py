@@ -324,3 +324,19 @@ def test_broker_reloader_reports_what_happened(tmp_path):
     assert BrokerReloader(("false",)).reload().startswith("failed: false exited 1")
     assert "no-such-command" in BrokerReloader(("no-such-command",)).reload()
     assert BrokerReloader(pid_file=tmp_path / "none.pid").reload().startswith("failed: SIGHUP")
+
+
+def test_the_controller_mounts_enrollment_and_refuses_a_missing_ca_at_start(tmp_path):
+    from fleet_controller.service import build_service
+    from fleet_controller.settings import ControllerSettings
+
+    with pytest.raises(ValueError, match="enrollment.pki_dir: no CA in"):
+        build_service(ControllerSettings(data_dir=tmp_path, enrollment={"pki_dir": tmp_path / "nope"}))
+    pki = Pki.init(tmp_path / "pki")
+    service = build_service(ControllerSettings(data_dir=tmp_path, enrollment={"pki_dir": pki.root}))
+    try:
+        paths = {route.path for router in service._routers for route in router.routes}
+        assert {"/api/v1/enroll", "/api/v1/enrollment-tokens", "/api/v1/nodes/{shop}/{node}/credentials/revoke"} <= paths
+    finally:
+        service.writer.close()
+        service.engine.dispose()
