@@ -349,7 +349,13 @@ def build_service(
     from fleet_controller import alerts, rollout
     from fleet_controller.alerts.rules import load_rules
     from fleet_controller.rollout.signing import load_private_key
-    from fleet_controller.web import alerts_pages, enrollment_api, models_api, reviews, security_events
+    from fleet_controller.web import (
+        alerts_pages,
+        enrollment_api,
+        models_api,
+        reviews,
+        security_events,
+    )
     from fleet_controller.web.dashboard.setup import attach
 
     rules = load_rules(settings.alert_rules)
