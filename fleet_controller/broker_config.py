@@ -693,6 +693,13 @@ def write_broker_config(
 
     for p in dict.fromkeys(persist_dirs):
         p.mkdir(parents=True, exist_ok=True)
+    if options.denial_log not in (None, "stdout", "stderr"):
+        # Mosquitto opens its log after dropping to its user: create the file for it (0640).
+        log_file = Path(str(options.denial_log))
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        if not log_file.exists():
+            _write_private(log_file, b"", 0o640)
+        broker_reads.append(log_file)
     if ids is not None:
         for p in [*broker_reads, *dict.fromkeys(persist_dirs)]:
             os.chown(p, *ids)
