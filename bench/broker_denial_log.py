@@ -32,8 +32,8 @@ import paho.mqtt.client as paho
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fleet_controller.broker_config import BrokerOptions, write_broker_config  # noqa: E402
-from shopfleet.broker import free_port, wait_for_port  # noqa: E402
+from fleet_controller.broker_config import BrokerOptions, write_broker_config
+from shopfleet.broker import free_port, wait_for_port
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -91,7 +91,7 @@ def run_load(b: Broker, nodes: list[tuple[str, str]], messages: int, size: int, 
     accepted_total = sum(1 for i in range(messages) if not (denied_every and i % denied_every == denied_every - 1))
     lock = threading.Lock()
 
-    def on_message(c, u, m) -> None:  # noqa: ANN001 - paho's callback
+    def on_message(c, u, m) -> None:
         nonlocal got
         with lock:
             got += 1
