@@ -326,7 +326,9 @@ def register_broker_denials(sub: argparse._SubParsersAction[argparse.ArgumentPar
     p.add_argument("--from-start", action="store_true", help="read the file from its start instead of only new lines")
     p.add_argument("--truncate-at", type=int, default=0, metavar="BYTES",
                    help="truncate the log file to zero once read past this size (a debug log nobody rotates); 0: never (default)")
-    p.add_argument("--echo", action="store_true", help="copy every line read to standard output (keeps the broker's log visible when piped)")
+    p.add_argument("--echo", nargs="?", const="all", choices=["all", "no-packets"], metavar="all|no-packets",
+                   help="copy the lines read to standard output, so the broker's log stays visible ('kubectl logs', the journal); "
+                        "'no-packets' leaves out debug's per-packet lines (Received/Sending ...)")
     p.add_argument("--metrics-port", type=int, default=9466, help="Prometheus /metrics port; 0: none (default: %(default)s)")
     p.add_argument("--metrics-bind", default="127.0.0.1", metavar="ADDR", help="address /metrics binds to (default: %(default)s)")
     p.add_argument("--controller", metavar="URL", help="the controller's base URL (https://...): summaries go to URL/api/v1/security-events")
@@ -389,6 +391,6 @@ def _run_broker_denials(args: argparse.Namespace) -> int:
     print(f"shopfleet broker-denials: reading {'standard input' if args.log == '-' else args.log}"
           f"{f'; metrics on {args.metrics_bind}:{args.metrics_port}' if args.metrics_port else ''}", file=sys.stderr)
     with contextlib.suppress(KeyboardInterrupt):
-        run(source, watcher, stop=stop, echo=sys.stdout if args.echo else None)
+        run(source, watcher, stop=stop, echo=sys.stdout if args.echo else None, echo_packets=args.echo != "no-packets")
     print(f"shopfleet broker-denials: stopped after {watcher.denials} refused publishes", file=sys.stderr)
     return 0

@@ -72,6 +72,14 @@ NOT_AUTHORISED = re.compile(_TS + r"Client (?P<client>\S+) disconnected, not aut
 TLS_ERROR = re.compile(_TS + r"OpenSSL Error\[0\]: (?P<detail>.*)")
 NEW_CONNECTION = re.compile(_TS + r"New connection from (?P<address>\S+) on port (?P<port>\d+)\.")
 _USER = re.compile(r"u'(?P<user>[^']*)'")
+PACKET_TRACE = re.compile(_TS + r"(?:(?:Received|Sending) [A-Z]+ |\t|\S+ [012] \S+$|No will message specified\.)")
+"""The per-packet lines ``log_type debug`` adds (PUBLISH, PUBACK, PINGREQ... in and out, each
+subscription's filter); ``--echo no-packets`` leaves them out so the broker's own log stays readable."""
+
+
+def is_packet_trace(line: str) -> bool:
+    """Return whether ``line`` is one of debug's per-packet lines (never a denial, connection or error line)."""
+    return "Denied " not in line and PACKET_TRACE.match(line) is not None
 
 
 @dataclass(frozen=True)
@@ -328,8 +336,9 @@ def follow(path: Path, *, stop: threading.Event, poll_s: float = 0.25, from_star
             f.close()
 
 
-def run(lines: Iterable[str], watcher: DenialWatcher, *, stop: threading.Event, echo: IO[str] | None = None) -> None:
-    """Feed ``lines`` to ``watcher`` until they end or ``stop`` is set; ``echo`` passes every line through (for a pipe)."""
+def run(lines: Iterable[str], watcher: DenialWatcher, *, stop: threading.Event, echo: IO[str] | None = None, echo_packets: bool = True) -> None:
+    """Feed ``lines`` to ``watcher`` until they end or ``stop`` is set; ``echo`` passes lines through (``echo_packets``
+    False: all but the per-packet trace), so the broker's log stays visible."""
     def timer() -> None:
         while not stop.wait(min(watcher.summary_interval_s, 5.0)):
             watcher.flush()
@@ -338,7 +347,7 @@ def run(lines: Iterable[str], watcher: DenialWatcher, *, stop: threading.Event, 
     t.start()
     try:
         for line in lines:
-            if echo is not None:
+            if echo is not None and (echo_packets or not is_packet_trace(line)):
                 echo.write(line if line.endswith("\n") else line + "\n")
                 with contextlib.suppress(OSError):
                     echo.flush()

@@ -196,3 +196,23 @@ def test_follow_reads_across_rotation_and_truncation(tmp_path):
         stop.set()
         t.join(5)
     assert seen == ["old line", "a" * 70, "after truncation", "rotated in"]
+
+
+def test_echo_without_packets_keeps_the_brokers_own_lines():
+    from fleet_controller.broker_denials import is_packet_trace
+
+    trace = [
+        "1795989758: Received PUBLISH from shop-a.pi-1 (d0, q1, r0, m2, 'fleet/v1/shop-a/pi-1/telemetry', ... (1 bytes))",
+        "1795989758: Sending PUBACK to shop-a.pi-1 (m2, rc0)",
+        "1795989758: \tfleet/v1/shop-b/# (QoS 1)",
+        "1795989758: shop-a.pi-1 1 fleet/v1/shop-b/#",
+        "1795989757: No will message specified.",
+    ]
+    kept = [
+        "1795989758: Denied PUBLISH from shop-a.pi-1 (d0, q1, r0, m1, 'fleet/v1/shop-b/pi-1/telemetry', ... (1 bytes))",
+        "1795989757: New client connected from 127.0.0.1:38721 as shop-a.pi-1 (p2, c1, k60, u'shop-a.pi-1').",
+        "1795989759: Client <unknown> disconnected, not authorised.",
+        "1795990147: OpenSSL Error[0]: error:0A0000C7:SSL routines::peer did not return a certificate",
+        "1795989757: mosquitto version 2.0.11 running",
+    ]
+    assert [line for line in trace + kept if not is_packet_trace(line)] == kept
