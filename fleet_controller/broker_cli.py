@@ -362,6 +362,8 @@ def _run_broker_denials(args: argparse.Namespace) -> int:
 
     if args.summary_interval <= 0:
         return fail(f"--summary-interval {args.summary_interval}: use a positive number of seconds")
+    if args.truncate_at < 0:
+        return fail(f"--truncate-at {args.truncate_at}: use a size in bytes, or 0 to never truncate")
     if not 0 <= args.metrics_port <= 65535:
         return fail(f"--metrics-port {args.metrics_port}: use 1..65535, or 0 for none")
     metrics = DenialMetrics()
