@@ -80,13 +80,17 @@ def test_shop_tls_listener_refuses_no_certificate_a_foreign_ca_and_a_revoked_cer
     shop.restart()
     _refused(Client(dep.options.shop_tls_port, tls=(ca, *old), connect=False))
     assert Client(dep.options.shop_tls_port, tls=tls_of(dep, "shop-a.pi-2")).accepted
-    # Each refusal is in the broker's log, which 'shopfleet broker-denials' counts.
+    # Each refusal is in the broker's log (polled: the broker writes it as it goes), which
+    # 'shopfleet broker-denials' counts.
+    def tls_refusals() -> float:
+        watcher = DenialWatcher(DenialMetrics())
+        for line in shop.log().splitlines():
+            watcher.feed(line)
+        return watcher.metrics.registry.get_sample_value("shopfleet_broker_refused_connections_total", {"reason": "tls"}) or 0.0
+
+    wait_for(lambda: tls_refusals() >= 3, what="the three TLS refusals in the broker's log")
     text = shop.log()
     assert "peer did not return a certificate" in text and "certificate verify failed" in text
-    watcher = DenialWatcher(DenialMetrics())
-    for line in text.splitlines():
-        watcher.feed(line)
-    assert watcher.metrics.registry.get_sample_value("shopfleet_broker_refused_connections_total", {"reason": "tls"}) >= 3
 
 
 def test_shop_broker_without_password_listener_has_only_tls(deploy):
