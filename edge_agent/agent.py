@@ -224,6 +224,7 @@ def mqtt_settings(config: AgentConfig) -> MqttSettings:
         password=b.secret(),
         tls=tls,
         keepalive_s=b.keepalive_s,
+        protocol=b.protocol,
     )
 
 
@@ -428,7 +429,8 @@ class Agent:
             interval_s=self.config.heartbeat_interval_s,
             facts=facts,
             pipelines=self.supervisor.health(),
-            metrics=self.gate_metrics(),
+            # Refused publishes (MQTT 5 only), so the controller learns of them: additive keys, only once any.
+            metrics={**self.gate_metrics(), **self.uplink.refusal_report()},
             outbox_depth=self.outbox.depth(),
             release=self.release,
         )

@@ -72,6 +72,12 @@ class BrokerConfig(_Model):
     )
     reconnect_min_s: float = Field(0.5, gt=0, le=60, description="First delay before reconnecting; doubles per failed attempt.")
     reconnect_max_s: float = Field(30.0, gt=0, le=3600, description="Longest delay between reconnect attempts.")
+    protocol: Literal["3.1.1", "5"] = Field(
+        "3.1.1",
+        description="MQTT protocol version. '5' lets the agent see a publish the broker refuses (PUBACK reason code 0x87, "
+        "e.g. its ACL), count it and drop it from the outbox; with '3.1.1' the broker acknowledges it like any other. "
+        "Mosquitto 2 speaks both; the demo's broker only 3.1.1.",
+    )
 
     @model_validator(mode="after")
     def _checks(self) -> BrokerConfig:

@@ -51,6 +51,14 @@ class AgentMetrics:
         self.connect_failures = Counter(
             "shopfleet_agent_connect_failures_total", "Failed connection attempts, by reason.", ["reason"], registry=r
         )
+        self.publishes_refused = Counter(
+            "shopfleet_agent_publishes_refused_total",
+            "Publishes the broker refused (MQTT 5 PUBACK reason code >= 0x80, e.g. not_authorized: its ACL), by reason; "
+            "each such outbox message is dropped, never retried.", ["reason"], registry=r,
+        )
+        self.subscriptions_refused = Counter(
+            "shopfleet_agent_subscriptions_refused_total", "Subscriptions the broker refused (SUBACK failure), by reason.", ["reason"], registry=r,
+        )
         self.connected = Gauge("shopfleet_agent_connected", "1 while connected to the broker.", registry=r)
         self.last_ack_age = Gauge(
             "shopfleet_agent_last_ack_age_seconds", "Seconds since the broker last acknowledged a message (-1: never).", registry=r

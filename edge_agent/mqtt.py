@@ -4,8 +4,11 @@ Everything about talking to a broker (settings, TLS with client certificates, CO
 classification, the error classes, frozen message values) lives in :mod:`edge_agent.mqtt_core`
 and is re-exported here for the agent's modules. What is the agent's own:
 
-* **MQTT 3.1.1 with a clean session.** The agent needs no broker-side session: its durability is
-  the outbox, and its downlink state (desired state, controller presence) is retained.
+* **A clean session, MQTT 3.1.1 or 5** (``broker.protocol``). The agent needs no broker-side
+  session: its durability is the outbox, and its downlink state (desired state, controller
+  presence) is retained. Only MQTT 5 tells a publisher that the broker refused its publish
+  (PUBACK reason code 0x87): with 3.1.1 the broker acknowledges it like any other, so the
+  uplink can count and drop refused messages (:class:`Refusal`) only on MQTT 5.
 * **One thread.** The uplink thread calls :meth:`MqttLink.connect` and :meth:`MqttLink.poll`, so
   paho's callbacks never race the outbox cursor; :meth:`MqttLink.interrupt` wakes an idle poll
   when the outbox has news.
@@ -20,7 +23,6 @@ outbox replays them.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 
 from edge_agent.mqtt_core import (
     BadTlsFiles,
@@ -35,6 +37,7 @@ from edge_agent.mqtt_core import (
     OutMessage,
     PolledLink,
     QueueFull,
+    Refusal,
     TlsSettings,
 )
 from shopfleet.errors import PermanentError, TemporaryError
@@ -53,13 +56,14 @@ __all__ = [
     "OutMessage",
     "PermanentError",
     "QueueFull",
+    "Refusal",
     "TemporaryError",
     "TlsSettings",
 ]
 
 
 class MqttLink(PolledLink):
-    """One agent connection: MQTT 3.1.1, clean session, driven by the thread that calls ``poll``."""
+    """One agent connection: clean session (3.1.1) or clean start (5), driven by the thread that calls ``poll``."""
 
     def __init__(
         self,
@@ -67,8 +71,7 @@ class MqttLink(PolledLink):
         *,
         on_message: Callable[[InMessage], None],
         on_ack: Callable[[int], None],
+        on_refused: Callable[[Refusal], None] | None = None,
         max_inflight: int = 50,
     ) -> None:
-        if settings.protocol != "3.1.1":
-            settings = replace(settings, protocol="3.1.1")
-        super().__init__(settings, on_message=on_message, on_ack=on_ack, max_inflight=max_inflight, clean=True)
+        super().__init__(settings, on_message=on_message, on_ack=on_ack, on_refused=on_refused, max_inflight=max_inflight, clean=True)

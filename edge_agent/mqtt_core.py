@@ -147,6 +147,53 @@ CONNECT_FAILURE_REASONS: tuple[str, ...] = ("unreachable", "tls", "timeout", *RE
 """Every ``reason`` of a failed connection attempt: :class:`ConnectFailed` and :class:`ConnectRefused`."""
 
 
+# PUBACK and SUBACK refusals (MQTT 5 reason codes; a 3.1.1 SUBACK failure, 0x80, arrives as
+# "unspecified") -> metric label. A 3.1.1 broker acknowledges a publish its ACL refuses with a
+# plain PUBACK, so only an MQTT 5 connection can see a refused publish.
+_ACK_REFUSALS: dict[int, str] = {
+    0x80: "unspecified",
+    0x83: "implementation_specific",
+    0x87: "not_authorized",
+    0x8F: "topic_filter_invalid",
+    0x90: "topic_name_invalid",
+    0x91: "packet_id_in_use",
+    0x97: "quota_exceeded",
+    0x99: "payload_format_invalid",
+    0x9E: "shared_subscriptions_unsupported",
+    0xA1: "subscription_ids_unsupported",
+    0xA2: "wildcards_unsupported",
+}
+ACK_REFUSAL_REASONS = frozenset(_ACK_REFUSALS.values()) | {"other"}
+"""Every ``reason`` :func:`classify_ack_refusal` returns (metric label values)."""
+
+
+def classify_ack_refusal(reason_code: ReasonCode | int) -> str | None:
+    """Return the label of a refusing PUBACK/SUBACK reason code (``not_authorized``...), or None when it is a success.
+
+    Codes below 0x80 are successes (0x10 "no matching subscribers" included: the broker took the message).
+    """
+    code = reason_code.value if isinstance(reason_code, ReasonCode) else int(reason_code)
+    if code < 0x80:
+        return None
+    return _ACK_REFUSALS.get(code, "other")
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A publish or subscription the broker refused: ``kind`` is ``publish`` or ``subscribe``.
+
+    ``mid`` is the publish's message id (0 for a subscription), ``topic`` the subscription's filter
+    (empty for a publish: the caller knows what it sent under ``mid``), ``reason`` a metric label of
+    :data:`ACK_REFUSAL_REASONS`, ``code`` the raw reason code.
+    """
+
+    kind: Literal["publish", "subscribe"]
+    mid: int
+    topic: str
+    reason: str
+    code: int
+
+
 def classify_refusal(reason_code: ReasonCode | int, settings: MqttSettings) -> ConnectRefused | None:
     """Return the :class:`ConnectRefused` a CONNACK reason code means, or ``None`` for success.
 
@@ -330,12 +377,17 @@ class PolledLink:
         *,
         on_message: Callable[[InMessage], None],
         on_ack: Callable[[int], None] = lambda mid: None,
+        on_refused: Callable[[Refusal], None] | None = None,
         max_inflight: int = 50,
         clean: bool = True,
     ) -> None:
         self.settings = settings
         self._on_message = on_message
         self._on_ack = on_ack
+        self._on_refused = on_refused
+        self.refusals: dict[tuple[str, str], int] = {}
+        """Refusals seen on this link: (``publish``|``subscribe``, reason) -> count."""
+        self._pending_subs: dict[int, list[str]] = {}
         c = new_client(settings, clean=clean, reconnect_on_failure=False)
         c.max_inflight_messages_set(max_inflight)
         c.max_queued_messages_set(0)
@@ -343,6 +395,7 @@ class PolledLink:
         c.on_disconnect = self._cb_disconnect
         c.on_message = self._cb_message
         c.on_publish = self._cb_publish
+        c.on_subscribe = self._cb_subscribe
         self._client = c
         self._connack: ReasonCode | None = None
         self._connected = False
@@ -366,7 +419,31 @@ class PolledLink:
         self._on_message(to_message(msg, self._connection))
 
     def _cb_publish(self, client: paho.Client, userdata: Any, mid: int, reason_code: ReasonCode, properties: Properties | None) -> None:
-        self._on_ack(mid)
+        reason = classify_ack_refusal(reason_code)
+        if reason is None or self._on_refused is None:
+            # Without an on_refused handler a refusal is still an acknowledgement (the broker will
+            # never take the message), but it is counted in ``refusals`` and logged.
+            if reason is not None:
+                self._count_refusal(Refusal("publish", mid, "", reason, int(reason_code.value)))
+            self._on_ack(mid)
+            return
+        self._count_refusal(Refusal("publish", mid, "", reason, int(reason_code.value)))
+
+    def _cb_subscribe(self, client: paho.Client, userdata: Any, mid: int, reason_codes: list[ReasonCode], properties: Properties | None) -> None:
+        topics = self._pending_subs.pop(mid, [])
+        for i, rc in enumerate(reason_codes):
+            reason = classify_ack_refusal(rc)
+            if reason is not None:
+                self._count_refusal(Refusal("subscribe", 0, topics[i] if i < len(topics) else "", reason, int(rc.value)))
+
+    def _count_refusal(self, refusal: Refusal) -> None:
+        key = (refusal.kind, refusal.reason)
+        self.refusals[key] = self.refusals.get(key, 0) + 1
+        if self._on_refused is not None:
+            self._on_refused(refusal)
+        else:
+            log.error("broker %s refused a %s%s: %s (reason code 0x%02X); check this user's ACL",
+                      self.settings.where, refusal.kind, f" to {refusal.topic!r}" if refusal.topic else "", refusal.reason, refusal.code)
 
     # API ---------------------------------------------------------------------------------------
 
@@ -385,6 +462,7 @@ class PolledLink:
             c.will_clear()
         self._connack = None
         self._connected = False
+        self._pending_subs.clear()
         try:
             if s.protocol == "5":
                 c.connect(s.host, s.port, keepalive=s.keepalive_s, clean_start=clean_start, properties=properties)
@@ -422,9 +500,11 @@ class PolledLink:
         if not topics:
             return
         try:
-            rc, _mid = self._client.subscribe([(t, qos) for t in topics])
+            rc, mid = self._client.subscribe([(t, qos) for t in topics])
         except ValueError as exc:
             raise BadTopic(f"cannot subscribe to {topics!r}: {exc}") from None
+        if mid is not None:
+            self._pending_subs[mid] = topics
         if rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
             raise NotConnected("subscribe without a connection")
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:

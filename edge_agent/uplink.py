@@ -7,6 +7,14 @@ downlink topics, then loops: hand stored messages to the broker in ``seq`` order
 each one when its PUBACK arrives, pass incoming messages to the agent. When the link drops it
 reconnects with exponential backoff and jitter; paho re-sends what was unacknowledged.
 
+A publish the broker **refuses** (MQTT 5 PUBACK reason code 0x80 or above, e.g. 0x87 "not
+authorized" from the ACL; a 3.1.1 broker cannot say so) will never be accepted however often it is
+sent: the message is removed from the outbox without being counted as sent, counted in
+``shopfleet_agent_publishes_refused_total{reason}``, logged at ERROR with its topic and seq, and
+reported in the next heartbeats' ``metrics`` (``mqtt_publishes_refused_total``). Keeping it would
+resend it forever (and, with ``ack: controller``, hold the oldest unconfirmed message for good);
+the controller sees its seq as missing. A refused subscription is counted and logged likewise.
+
 One thread does all of it, so paho's callbacks never race with the outbox cursor, and the
 thread sleeps in ``select`` until the socket has data, a new message is enqueued (``wake``
 interrupts the select) or ``poll_interval_s`` passes, which keeps an idle agent's CPU share far
@@ -29,6 +37,7 @@ from edge_agent.mqtt import (
     MqttLink,
     MqttSettings,
     OutMessage,
+    Refusal,
 )
 from edge_agent.outbox import Outbox
 from edge_agent.protocol import Channel, Presence, Topics, encode
@@ -83,8 +92,12 @@ class UplinkLoop:
         self._awaiting_since: float | None = None  # controller mode: when the oldest unconfirmed send went out
         self.resends = 0
         self._presence_topic = Topics.node(shop, node, Channel.PRESENCE)
-        self._link = MqttLink(settings, on_message=on_downlink, on_ack=self._on_ack, max_inflight=inflight)
+        self._link = MqttLink(settings, on_message=on_downlink, on_ack=self._on_ack, on_refused=self._on_refused, max_inflight=inflight)
         self._inflight: dict[int, int] = {}  # paho mid -> outbox seq
+        self._inflight_topics: dict[int, str] = {}  # paho mid -> topic, for the log of a refusal
+        self._refused: list[int] = []  # seqs the broker refused, removed from the outbox by the loop
+        self.publishes_refused = 0
+        self.subscriptions_refused = 0
         self._presence_mids: set[int] = set()
         self._acked: list[int] = []
         self._cursor = 0  # highest seq handed to paho in this process
@@ -172,6 +185,7 @@ class UplinkLoop:
                 if self.ack_mode == "controller":
                     # Whatever the controller has not confirmed goes again on the new connection.
                     self._inflight.clear()
+                    self._inflight_topics.clear()
                     self._cursor = 0
                 if self.ever_connected:
                     self.metrics.reconnects.inc()
@@ -225,6 +239,7 @@ class UplinkLoop:
         for m in self.outbox.peek(after_seq=self._cursor, limit=room):
             mid = self._link.publish(OutMessage(m.topic, m.payload, qos=1, retain=m.retain))
             self._inflight[mid] = m.seq
+            self._inflight_topics[mid] = m.topic
             self._cursor = m.seq
             room -= 1
         if room <= 0:
@@ -251,7 +266,42 @@ class UplinkLoop:
         self._awaiting_since = time.monotonic()
         self._dirty.set()
 
+    def refusal_report(self) -> dict[str, float]:
+        """Return what to add to the heartbeat's ``metrics``: the refusal counts since start, only once there are any."""
+        out: dict[str, float] = {}
+        if self.publishes_refused:
+            out["mqtt_publishes_refused_total"] = float(self.publishes_refused)
+        if self.subscriptions_refused:
+            out["mqtt_subscriptions_refused_total"] = float(self.subscriptions_refused)
+        return out
+
+    def _on_refused(self, refusal: Refusal) -> None:
+        """The broker refused a publish or subscription (called in the loop's thread, inside a poll)."""
+        self.last_ack = time.monotonic()  # the broker did answer
+        if refusal.kind == "subscribe":
+            self.subscriptions_refused += 1
+            self.metrics.subscriptions_refused.labels(refusal.reason).inc()
+            log.error("node %s/%s: the broker refused the subscription to %r (%s, reason code 0x%02X): this node will not receive "
+                      "it; check the node's ACL ('shopfleet broker-config') and its shop and node ids",
+                      self.shop, self.node, refusal.topic, refusal.reason, refusal.code)
+            return
+        self.publishes_refused += 1
+        self.metrics.publishes_refused.labels(refusal.reason).inc()
+        topic = self._inflight_topics.pop(refusal.mid, "")
+        seq = self._inflight.pop(refusal.mid, None)
+        if refusal.mid in self._presence_mids:
+            self._presence_mids.discard(refusal.mid)
+            topic = self._presence_topic
+        if seq is not None:
+            self._refused.append(seq)
+            self._dirty.set()
+        log.error("node %s/%s: the broker refused the publish to %r%s (%s, reason code 0x%02X); it is dropped%s, never retried: "
+                  "check the node's ACL ('shopfleet broker-config') and its shop and node ids",
+                  self.shop, self.node, topic, f" (outbox seq {seq})" if seq is not None else "", refusal.reason, refusal.code,
+                  " from the outbox" if seq is not None else "")
+
     def _on_ack(self, mid: int) -> None:
+        self._inflight_topics.pop(mid, None)
         seq = self._inflight.pop(mid, None)
         if seq is not None:
             if self.ack_mode == "broker":
@@ -263,6 +313,9 @@ class UplinkLoop:
         self.last_ack = time.monotonic()
 
     def _commit_acks(self) -> None:
+        if self._refused:
+            refused, self._refused = self._refused, []
+            self.outbox.ack(refused)  # removed, not counted as sent
         if self._stored_acks:
             stored, self._stored_acks = self._stored_acks, []
             for epoch, seq, missing in stored:

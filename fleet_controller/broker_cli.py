@@ -22,8 +22,9 @@ def _wrap(text: str) -> str:
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add the ``pki`` subcommand to the CLI root (``broker-config`` is added by :mod:`fleet_controller.cli`)."""
+    """Add ``pki`` and ``broker-denials`` to the CLI root (``broker-config`` is added by :mod:`fleet_controller.cli`)."""
     register_pki(sub)
+    register_broker_denials(sub)
 
 
 # ----- broker-config ------------------------------------------------------------------------
@@ -84,9 +85,21 @@ def register_broker_config(sub: argparse._SubParsersAction[argparse.ArgumentPars
     g = b.add_argument_group("shop brokers")
     g.add_argument("--shop-broker", action="append", default=[], metavar="SHOP", help="write OUT/shops/SHOP/ for that shop's broker (repeatable; 'all': every shop)")
     g.add_argument("--central", metavar="HOST[:PORT]", help="the central broker's TLS listener the bridges connect to (port default 8883)")
-    g.add_argument("--shop-port", type=int, default=1883, help="the shop broker's listener for its nodes (default: %(default)s)")
+    g.add_argument("--shop-port", type=int, default=1883,
+                   help="the shop broker's password listener for its nodes, kept for migration; 0: none (default: %(default)s)")
+    g.add_argument("--shop-tls-port", type=int, default=8883,
+                   help="the shop broker's mutual-TLS listener for its nodes (client certificate required); 0: none (default: %(default)s)")
+    g.add_argument("--shop-server-name", action="append", default=[], metavar="HOST",
+                   help="name or address nodes use for their shop broker ('{shop}' is replaced; repeatable; the first is the "
+                        "certificate's CN). Default: shop-broker.{shop}.shopfleet, shop-broker.shopfleet.svc.cluster.local, "
+                        "shop-broker, localhost, 127.0.0.1")
     g.add_argument("--shop-install-dir", metavar="DIR", help="where OUT/shops/SHOP/ is installed on the shop host ('{shop}' is replaced; default: where it is written)")
     g.add_argument("--shop-persistence-dir", type=Path, metavar="DIR", help="persistence_location of the shop brokers (default: --persistence-dir)")
+    g = b.add_argument_group("refused publishes (for 'shopfleet broker-denials')")
+    g.add_argument("--denial-log", metavar="DEST",
+                   help="log to DEST ('stdout', 'stderr' or a file) at log_type debug, the only level at which Mosquitto logs a "
+                        "refused publish (costs broker CPU: docs/broker.md). Default: Mosquitto's default logging")
+    g.add_argument("--shop-denial-log", metavar="DEST", help="the same for the shop brokers ('{shop}' is replaced)")
     b.set_defaults(func=_run_broker_config, current_shop=None)
 
 
@@ -109,6 +122,7 @@ class _NodeAction(argparse.Action):
 def _run_broker_config(args: argparse.Namespace) -> int:
     from fleet_controller.broker_config import (
         DEFAULT_MAX_PACKET_SIZE,
+        DEFAULT_SHOP_SERVER_NAMES,
         BrokerConfigError,
         BrokerOptions,
         parse_node_file,
@@ -139,6 +153,10 @@ def _run_broker_config(args: argparse.Namespace) -> int:
             shop_brokers=tuple(args.shop_broker),
             central=args.central,
             shop_port=args.shop_port,
+            shop_tls_port=args.shop_tls_port,
+            shop_server_names=tuple(args.shop_server_name) or DEFAULT_SHOP_SERVER_NAMES,
+            denial_log=args.denial_log,
+            shop_denial_log=args.shop_denial_log,
             shop_install_dir=args.shop_install_dir,
             shop_persistence_dir=args.shop_persistence_dir,
         )
@@ -160,7 +178,9 @@ def _run_broker_config(args: argparse.Namespace) -> int:
     if result.tls:
         print(f"TLS listener on port {args.tls_port}; {result.certificates_issued} certificates issued into {args.pki}/certs")
     for shop, d in result.shop_dirs.items():
-        print(f"shop broker of {shop}: {d}/mosquitto.conf")
+        tls_note = f"; nodes: TLS port {args.shop_tls_port} (client certificate)" if args.shop_tls_port else ""
+        pw_note = f"; password port {args.shop_port}" if args.shop_port else ""
+        print(f"shop broker of {shop}: {d}/mosquitto.conf{tls_note}{pw_note}")
     return 0
 
 
@@ -277,3 +297,102 @@ def _run_pki(args: argparse.Namespace) -> int:
     except PkiError as exc:
         print(f"shopfleet pki {args.pki_command}: {exc}", file=sys.stderr)
         return 2
+
+
+# ----- broker-denials ---------------------------------------------------------------------
+
+
+def register_broker_denials(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``broker-denials``: the sidecar that counts what the broker refuses, from its log."""
+    p = sub.add_parser(
+        "broker-denials",
+        help="count the publishes and connections Mosquitto refuses, by identity, from its log (Prometheus, alerts)",
+        description=_wrap(
+            "Read Mosquitto's log and count every publish its ACL refused, by the publisher's username "
+            "and client id (shopfleet_broker_denied_publishes_total), and every refused connection "
+            "(shopfleet_broker_refused_connections_total{reason}); serve them on --metrics-port and, "
+            "with --controller, send a summary per identity to the controller as a security event, "
+            "which opens an alert for the node's shop.\n\n"
+            "Mosquitto logs refused publishes only at 'log_type debug': generate the broker's config "
+            "with 'shopfleet broker-config --denial-log FILE' (or '--denial-log stdout' and pipe the "
+            "broker's output in with '--log -').\n\n"
+            "  shopfleet broker-denials --log /var/log/mosquitto/mosquitto.log --metrics-port 9466\n"
+            "  mosquitto -c OUT/mosquitto.conf 2>&1 | shopfleet broker-denials --log - --echo\n\n"
+            "See docs/broker.md."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--log", required=True, metavar="FILE|-", help="the broker's log file (followed across rotation), or '-' for standard input")
+    p.add_argument("--from-start", action="store_true", help="read the file from its start instead of only new lines")
+    p.add_argument("--truncate-at", type=int, default=0, metavar="BYTES",
+                   help="truncate the log file to zero once read past this size (a debug log nobody rotates); 0: never (default)")
+    p.add_argument("--echo", nargs="?", const="all", choices=["all", "no-packets"], metavar="all|no-packets",
+                   help="copy the lines read to standard output, so the broker's log stays visible ('kubectl logs', the journal); "
+                        "'no-packets' leaves out debug's per-packet lines (Received/Sending ...)")
+    p.add_argument("--metrics-port", type=int, default=9466, help="Prometheus /metrics port; 0: none (default: %(default)s)")
+    p.add_argument("--metrics-bind", default="127.0.0.1", metavar="ADDR", help="address /metrics binds to (default: %(default)s)")
+    p.add_argument("--controller", metavar="URL", help="the controller's base URL (https://...): summaries go to URL/api/v1/security-events")
+    p.add_argument("--token-file", type=Path, metavar="FILE",
+                   help="file holding an API token of a user with role security-ingest (needed with --controller)")
+    p.add_argument("--summary-interval", type=float, default=60.0, metavar="SECONDS",
+                   help="at most one summary per identity this often (default: %(default)s)")
+    p.set_defaults(func=_run_broker_denials)
+
+
+def _run_broker_denials(args: argparse.Namespace) -> int:
+    import contextlib
+    import logging
+    import signal
+    import threading
+
+    from prometheus_client import start_http_server
+
+    from fleet_controller.broker_denials import (
+        ControllerReporter,
+        DenialMetrics,
+        DenialWatcher,
+        follow,
+        run,
+        stdin_lines,
+    )
+
+    def fail(msg: str) -> int:
+        print(f"shopfleet broker-denials: {msg}", file=sys.stderr)
+        return 2
+
+    if args.summary_interval <= 0:
+        return fail(f"--summary-interval {args.summary_interval}: use a positive number of seconds")
+    if args.truncate_at < 0:
+        return fail(f"--truncate-at {args.truncate_at}: use a size in bytes, or 0 to never truncate")
+    if not 0 <= args.metrics_port <= 65535:
+        return fail(f"--metrics-port {args.metrics_port}: use 1..65535, or 0 for none")
+    metrics = DenialMetrics()
+    report = None
+    if args.controller:
+        if not args.controller.startswith(("https://", "http://")):
+            return fail(f"--controller {args.controller!r}: give the controller's base URL, e.g. https://fleet.example.com")
+        if args.token_file is None:
+            return fail("--controller needs --token-file: an API token of a user with role security-ingest")
+        try:
+            token = args.token_file.read_text().strip()
+        except OSError as exc:
+            return fail(f"cannot read --token-file {args.token_file}: {exc.strerror}")
+        if not token:
+            return fail(f"--token-file {args.token_file} is empty: put the API token in it")
+        report = ControllerReporter(args.controller.rstrip("/") + "/api/v1/security-events", token, metrics)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    watcher = DenialWatcher(metrics, report=report, summary_interval_s=args.summary_interval)
+    if args.metrics_port:
+        try:
+            start_http_server(args.metrics_port, addr=args.metrics_bind, registry=metrics.registry)
+        except OSError as exc:
+            return fail(f"cannot serve metrics on {args.metrics_bind}:{args.metrics_port}: {exc.strerror}")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    source = stdin_lines() if args.log == "-" else follow(Path(args.log), stop=stop, from_start=args.from_start, truncate_at=args.truncate_at)
+    print(f"shopfleet broker-denials: reading {'standard input' if args.log == '-' else args.log}"
+          f"{f'; metrics on {args.metrics_bind}:{args.metrics_port}' if args.metrics_port else ''}", file=sys.stderr)
+    with contextlib.suppress(KeyboardInterrupt):
+        run(source, watcher, stop=stop, echo=sys.stdout if args.echo else None, echo_packets=args.echo != "no-packets")
+    print(f"shopfleet broker-denials: stopped after {watcher.denials} refused publishes", file=sys.stderr)
+    return 0

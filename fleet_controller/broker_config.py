@@ -64,6 +64,12 @@ DEFAULT_MAX_PACKET_SIZE = MAX_PAYLOAD_BYTES + PACKET_OVERHEAD
 MOSQUITTO_DEFAULT_QUEUE = 1000
 BRIDGE_SUFFIX = "._bridge"
 CONNECTION_NAME = "shopfleet-central"
+DEFAULT_SHOP_SERVER_NAMES = ("shop-broker.{shop}.shopfleet", "shop-broker.shopfleet.svc.cluster.local", "shop-broker", "localhost", "127.0.0.1")
+"""A shop broker's certificate names: the first (the CN) differs per shop and has two dots, so it is
+never a node's (``<shop>.<node>``), a bridge's or a controller's CN; the rest are the names the
+manifests' agents and the broker's own node use (docs/broker.md)."""
+DENIAL_LOG_TYPES = ("error", "warning", "notice", "information", "subscribe", "unsubscribe", "debug")
+"""``log_type`` lines written with a denial log: Mosquitto 2.0 logs a refused publish only at ``debug``."""
 
 
 class BrokerConfigError(PermanentError, ValueError):
@@ -133,6 +139,16 @@ class BrokerOptions:
     central: str | None = None
     """HOST[:PORT] the shop brokers' bridges connect to (the central TLS listener)."""
     shop_port: int = 1883
+    """The shop broker's password listener for its nodes (kept for migration); 0 writes none."""
+    shop_tls_port: int = 8883
+    """The shop broker's mutual-TLS listener for its nodes; 0 writes none."""
+    shop_server_names: tuple[str, ...] = DEFAULT_SHOP_SERVER_NAMES
+    """Names nodes use to reach a shop broker (``{shop}`` is replaced); the first is its certificate's CN."""
+    denial_log: str | None = None
+    """Where the central broker logs (``stdout``, ``stderr`` or a file), with ``log_type debug`` so that
+    refused publishes are logged for ``shopfleet broker-denials``; None: Mosquitto's default logging."""
+    shop_denial_log: str | None = None
+    """The same for the shop brokers (``{shop}`` is replaced)."""
     shop_install_dir: str | None = None
     """Where a shop's directory is installed on the shop host (``{shop}`` is replaced); None: where it is written."""
     shop_persistence_dir: Path | None = None
@@ -306,6 +322,31 @@ def _persistence_lines(sizing: QueueSizing, options: BrokerOptions, location: Pa
     ]
 
 
+def logging_lines(dest: str | None) -> list[str]:
+    """Return the ``log_dest``/``log_type`` lines that make Mosquitto log refused publishes, for ``shopfleet broker-denials``."""
+    if dest is None:
+        return []
+    if any(c.isspace() for c in dest) or not dest:
+        raise BrokerConfigError(f"--denial-log {dest!r}: give 'stdout', 'stderr' or a file path without blanks")
+    target = dest if dest in ("stdout", "stderr") else f"file {dest}"
+    return [
+        "# Refused publishes are logged only at 'debug' (which also logs every packet: see docs/broker.md for",
+        "# its cost); 'shopfleet broker-denials' reads this log and counts them by identity.",
+        f"log_dest {target}",
+        *(f"log_type {t}" for t in DENIAL_LOG_TYPES),
+        "log_timestamp true",
+        "connection_messages true",
+    ]
+
+
+def shop_server_names(shop: str, names: Sequence[str]) -> list[str]:
+    """Return a shop broker's certificate names with ``{shop}`` replaced (the first is the CN)."""
+    out = list(dict.fromkeys(n.replace("{shop}", shop) for n in names))
+    if not out:
+        raise BrokerConfigError("--shop-server-name: a shop broker needs at least one name for its certificate")
+    return out
+
+
 def _listener(port: int, bind: str | None) -> str:
     return f"listener {port} {bind}" if bind else f"listener {port}"
 
@@ -326,6 +367,7 @@ def render_central_conf(
         f"password_file {password_file}",
         f"acl_file {acl_file}",
         *_persistence_lines(sizing, options, options.persistence_dir, "the controller"),
+        *logging_lines(options.denial_log),
         "",
     ]
     if options.port:
@@ -390,10 +432,34 @@ def render_shop_conf(
         f"password_file {install_dir / 'passwd'}",
         f"acl_file {install_dir / 'acl'}",
         *_persistence_lines(sizing, options, location, "the uplink"),
+        *logging_lines(options.shop_denial_log.replace("{shop}", shop) if options.shop_denial_log else None),
         "",
-        _listener(options.shop_port, None),
-        "use_username_as_clientid true",
-        "",
+    ]
+    if options.shop_tls_port:
+        lines += [
+            "# Mutual-TLS listener for the shop's nodes (use this one): a client certificate from the fleet CA",
+            "# is required and its CN (<shop>.<node>) is the username the ACL below names and the client id.",
+            "# crl.pem is a copy: re-run broker-config and copy it here after 'shopfleet pki revoke', then",
+            "# restart this broker.",
+            _listener(options.shop_tls_port, None),
+            f"cafile {install_dir / 'ca.crt'}",
+            f"certfile {install_dir / 'server.crt'}",
+            f"keyfile {install_dir / 'server.key'}",
+            f"crlfile {install_dir / 'crl.pem'}",
+            "require_certificate true",
+            "use_identity_as_username true",
+            "use_username_as_clientid true",
+            "tls_version tlsv1.2",
+            "",
+        ]
+    if options.shop_port:
+        lines += [
+            "# Password listener for nodes not yet given a certificate; close it (--shop-port 0) once all have one.",
+            _listener(options.shop_port, None),
+            "use_username_as_clientid true",
+            "",
+        ]
+    lines += [
         "# Bridge to the central broker's TLS listener with this shop's own certificate (CN",
         f"# {bridge_username(shop)}); only this shop's topics cross it, and the central ACL allows no more.",
         f"connection {CONNECTION_NAME}",
@@ -533,6 +599,11 @@ def write_broker_config(
         raise BrokerConfigError("--shop-broker needs --central HOST[:PORT]: the central broker's TLS listener the bridges connect to")
     if shop_brokers and options.pki_dir is None:
         raise BrokerConfigError("--shop-broker needs --pki DIR: the bridges authenticate to the central broker with certificates")
+    if shop_brokers and not options.shop_port and not options.shop_tls_port:
+        raise BrokerConfigError("--shop-port 0 and --shop-tls-port 0: a shop broker needs a listener for its nodes; keep --shop-tls-port")
+    if shop_brokers and options.shop_port and options.shop_port == options.shop_tls_port:
+        raise BrokerConfigError(f"--shop-port and --shop-tls-port are both {options.shop_port}: give them different ports")
+    logging_lines(options.denial_log)  # validates the destination before anything is written
     ids = _owner_ids(options.owner)
     sizing = QueueSizing(len(pairs), options.rate_per_node, options.outage_s, options.message_bytes)
 
@@ -568,6 +639,10 @@ def write_broker_config(
         wanted += [("controller", u, ()) for u in controllers]
         wanted += [("node", f"{s}/{n}", ()) for s, n in pairs]
         wanted += [("bridge", s, ()) for s in shop_brokers]
+        if options.shop_tls_port:
+            for s in shop_brokers:
+                shop_names = shop_server_names(s, options.shop_server_names)
+                wanted.append(("server", shop_names[0], shop_names[1:]))
         try:
             issued = len(pki.ensure(wanted))
         except PkiError as exc:
@@ -604,11 +679,27 @@ def write_broker_config(
         shutil.copyfile(pki.cert_path(cn), d / "bridge.crt")
         _write_private(d / "bridge.key", pki.key_path(cn).read_bytes())
         broker_reads += [d / "passwd", d / "acl", d / "mosquitto.conf", d / "bridge.key"]
+        if options.shop_tls_port:
+            # The node-facing TLS listener: this shop's own server certificate, and the CRL as of now.
+            server_cn = shop_server_names(shop, options.shop_server_names)[0]
+            shutil.copyfile(pki.cert_path(server_cn), d / "server.crt")
+            _write_private(d / "server.key", pki.key_path(server_cn).read_bytes())
+            shutil.copyfile(pki.crl_path, d / "crl.pem")
+            for public in ("ca.crt", "bridge.crt", "server.crt", "crl.pem"):
+                os.chmod(d / public, 0o644)
+            broker_reads.append(d / "server.key")
         persist_dirs.append(options.shop_persistence_dir or options.persistence_dir)
         shop_dirs[shop] = d
 
     for p in dict.fromkeys(persist_dirs):
         p.mkdir(parents=True, exist_ok=True)
+    if options.denial_log not in (None, "stdout", "stderr"):
+        # Mosquitto opens its log after dropping to its user: create the file for it (0640).
+        log_file = Path(str(options.denial_log))
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        if not log_file.exists():
+            _write_private(log_file, b"", 0o640)
+        broker_reads.append(log_file)
     if ids is not None:
         for p in [*broker_reads, *dict.fromkeys(persist_dirs)]:
             os.chown(p, *ids)

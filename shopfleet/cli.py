@@ -47,6 +47,8 @@ _TABLE = (
             "fleet_controller.cli", "controller"),
     Command("pki", "the fleet's certificate authority: init, issue (and rotate), revoke, list",
             "fleet_controller.broker_cli", "controller"),
+    Command("broker-denials", "count the publishes and connections Mosquitto refuses, by identity, from its log (Prometheus, alerts)",
+            "fleet_controller.broker_cli", "agent"),
     Command("release", "create and list releases (images pinned by digest); make the signing key",
             "fleet_controller.rollout.cli", "controller"),
     Command("rollout", "start, watch, pause, resume, abort and roll back rollouts",

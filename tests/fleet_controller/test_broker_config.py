@@ -300,6 +300,10 @@ def test_controller_users_are_unguessable_kept_and_one_per_replica(tmp_path):
         ({"max_packet_size": 1000}, "below what the protocol allows"),
         ({"outage_s": 0}, "positive numbers"),
         ({"controller_users": ("a.b",)}, "no '.'"),
+        ({"shop_brokers": ("shop-a",), "central": "c:8883", "pki_dir": "/nonexistent", "shop_port": 0, "shop_tls_port": 0},
+         "needs a listener for its nodes"),
+        ({"shop_brokers": ("shop-a",), "central": "c:8883", "pki_dir": "/nonexistent", "shop_port": 8883}, "different ports"),
+        ({"denial_log": "/var/log/my log"}, "without blanks"),
     ],
 )
 def test_bad_options_name_the_fix_and_write_nothing(tmp_path, kwargs, error):
@@ -347,3 +351,53 @@ def test_shop_broker_files(tmp_path):
     assert stat.S_IMODE((d / "bridge.key").stat().st_mode) == 0o600
     central_acl = files.acl_file.read_text().split("user shop-a._bridge\n")[1].split("\n\n")[0]
     assert "fleet/v1/shop-b" not in central_acl and "topic write fleet/v1/shop-a/pi-1/telemetry" in central_acl
+
+
+def test_shop_broker_tls_listener_and_its_files(tmp_path):
+    from cryptography import x509
+
+    from fleet_controller.broker_config import BrokerOptions
+    from fleet_controller.pki import Pki
+
+    Pki.init(tmp_path / "pki")
+    opts = BrokerOptions(pki_dir=tmp_path / "pki", persistence_dir=tmp_path / "d", shop_brokers=("all",), central="mqtt.example",
+                         shop_install_dir="/etc/shopfleet/{shop}", shop_port=0, shop_tls_port=8884,
+                         shop_denial_log="/var/log/{shop}.log")
+    files = write_broker_config(PAIRS, tmp_path / "out", options=opts)
+    d = files.shop_dirs["shop-a"]
+    text = (d / "mosquitto.conf").read_text()
+    listener = text.split("listener 8884\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert listener == [
+        "cafile /etc/shopfleet/shop-a/ca.crt", "certfile /etc/shopfleet/shop-a/server.crt", "keyfile /etc/shopfleet/shop-a/server.key",
+        "crlfile /etc/shopfleet/shop-a/crl.pem", "require_certificate true", "use_identity_as_username true",
+        "use_username_as_clientid true", "tls_version tlsv1.2",
+    ]
+    assert text.count("\nlistener ") == 1  # --shop-port 0: no password listener
+    assert "log_dest file /var/log/shop-a.log" in text and "log_type debug" in text
+    assert stat.S_IMODE((d / "server.key").stat().st_mode) == 0o600
+    assert stat.S_IMODE((d / "server.crt").stat().st_mode) == 0o644
+    # Each shop's broker has its own server certificate (a stolen shop-a key does not pass as shop-b's broker).
+    certs = {shop: x509.load_pem_x509_certificate((files.shop_dirs[shop] / "server.crt").read_bytes()) for shop in ("shop-a", "shop-b")}
+    assert certs["shop-a"].serial_number != certs["shop-b"].serial_number
+    cn = certs["shop-b"].subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value
+    assert cn == "shop-broker.shop-b.shopfleet"
+    sans = certs["shop-b"].extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    assert "shop-broker.shopfleet.svc.cluster.local" in sans
+    # The central broker logs at its default levels unless asked.
+    assert "log_type" not in files.conf_file.read_text()
+
+
+def test_cli_shop_and_denial_options(tmp_path, capsys):
+    from fleet_controller.pki import Pki
+
+    Pki.init(tmp_path / "pki")
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["broker-config", "--shop", "shop-a", "--node", "pi-1", "--out", str(tmp_path / "out"), "--pki", str(tmp_path / "pki"),
+                              "--persistence-dir", str(tmp_path / "d"), "--shop-broker", "shop-a", "--central", "c.example",
+                              "--shop-tls-port", "9883", "--shop-server-name", "broker.{shop}.lan", "--denial-log", str(tmp_path / "b.log")])
+    assert args.func(args) == 0
+    assert "nodes: TLS port 9883 (client certificate)" in capsys.readouterr().out
+    assert (tmp_path / "pki" / "certs" / "broker.shop-a.lan.crt").exists()
+    assert f"log_dest file {tmp_path / 'b.log'}" in (tmp_path / "out" / "mosquitto.conf").read_text()
+    assert (tmp_path / "b.log").exists()

@@ -92,15 +92,19 @@ def test_agent_config_validates_and_names_only_mounted_files(obj, spec, c, monke
     config = validate_config(data, f"{obj['metadata']['name']}:{args.config}")
 
     assert config.shop == s.SHOP
-    # The node's own password, a single read-only file from the node-local identity directory.
-    pw = config.broker.password_file
-    assert pw is not None
-    mp, vm, vol = s.mount_for(spec, c, pw)
-    assert mp == pw and vm.get("readOnly") and vol["hostPath"]["type"] == "File"
-    assert vol["hostPath"]["path"].startswith("/etc/shopfleet/node/")
-    # The shop broker, by the name of its Service.
+    # The node's own identity: its certificate and key (TLS) or its password, each a single
+    # read-only file from the node-local identity directory.
+    tls = config.broker.tls
+    identity = [tls.ca_file, tls.cert_file, tls.key_file] if tls is not None else [config.broker.password_file]
+    for path in identity:
+        assert path is not None
+        mp, vm, vol = s.mount_for(spec, c, path)
+        assert mp == path and vm.get("readOnly") and vol["hostPath"]["type"] == "File"
+        assert vol["hostPath"]["path"] == path and path.startswith("/etc/shopfleet/node/")
+    # The shop broker, by the name of its Service: its TLS port with a certificate, else its password port.
     svc = s.find(EDGE, "Service", config.broker.host.split(".")[0])
-    assert svc["spec"]["ports"][0]["port"] == config.broker.port
+    ports = {p["name"]: p["port"] for p in svc["spec"]["ports"]}
+    assert config.broker.port == ports["mqtts" if tls is not None else "mqtt"]
     # Metrics on the port the container declares (and the Service scrapes).
     assert config.metrics.port == c["ports"][0]["containerPort"]
     assert c["readinessProbe"]["httpGet"]["port"] == c["ports"][0]["name"]

@@ -53,7 +53,8 @@ def deploy(deploy_dir) -> Iterator[callable]:
             "owner": broker_owner(),
         }
         if overrides.get("shop_brokers"):
-            opts |= {"central": f"127.0.0.1:{opts['tls_port']}", "shop_port": free_port(), "shop_persistence_dir": deploy_dir / f"{name}-shop-data"}
+            opts |= {"central": f"127.0.0.1:{opts['tls_port']}", "shop_port": free_port(), "shop_tls_port": free_port(),
+                     "shop_persistence_dir": deploy_dir / f"{name}-shop-data"}
         opts |= overrides
         options = BrokerOptions(**opts)
         files = write_broker_config(pairs, deploy_dir / name, options=options)

@@ -101,7 +101,8 @@ class Deployment:
         return b.start()
 
     def shop(self, shop: str) -> GeneratedBroker:
-        b = GeneratedBroker(self.files.shop_dirs[shop] / "mosquitto.conf", [self.options.shop_port], self.root)
+        ports = [p for p in (self.options.shop_port, self.options.shop_tls_port) if p]
+        b = GeneratedBroker(self.files.shop_dirs[shop] / "mosquitto.conf", ports, self.root)
         self.brokers.append(b)
         return b.start()
 
