@@ -50,7 +50,6 @@ from hardware.frames import (
     AckStatus,
     ChannelKind,
     ChannelValue,
-    CobsSkeleton,
     Command,
     FrameError,
     FrameSplitter,
@@ -295,7 +294,8 @@ class FrameReceiver:
         self._last_uptime: int | None = None
         self._frames_counted: dict[str, Counter] = {}  # labelled children, so a frame costs no labels() lookup
         self._shape: tuple[Hello, int, struct.Struct] | None = None  # (HELLO, encoded length, row unpacker) of the fast path
-        self._skeletons: dict[int, CobsSkeleton] = {}  # by first code byte, for the current shape
+        # (codes_of, codes, mask, decoded length) of a CobsSkeleton, by first code byte, for the current shape
+        self._skeletons: dict[int, tuple[Callable[[bytes], Any], Any, int, int]] = {}
         self.rebooted = False
 
     def _reject(self, reason: str, detail: str) -> None:
@@ -345,32 +345,34 @@ class FrameReceiver:
         counted = 0
         skeletons = self._skeletons
         from_bytes = int.from_bytes
+        version, readings, max_status = PROTOCOL_VERSION, _READINGS, _MAX_STATUS
+        last_seq, last_uptime = self._last_seq, self._last_uptime  # in locals while on the fast path
         for item in self._splitter.feed(data):
             if shape is not None and type(item) is bytes and len(item) == shape[1]:
                 # The fast path, all of it C calls but the few comparisons: a READINGS of the
                 # announced shape. Whatever it does not accept goes on to the reference path below.
                 sk = skeletons.get(item[0])  # type: ignore[index]
-                if sk is None or sk.codes_of(item) != sk.codes:
-                    sk = cobs_skeleton(item)  # type: ignore[arg-type]
+                if sk is None or sk[0](item) != sk[1]:
+                    found = cobs_skeleton(item)  # type: ignore[arg-type]
+                    sk = None if found is None else (found.codes_of, found.codes, found.mask, found.length - 1)
                     if sk is not None:
                         skeletons[item[0]] = sk  # type: ignore[index]
                 if sk is not None:
-                    decoded = (from_bytes(item, "big") & sk.mask).to_bytes(sk.length - 1, "big")  # type: ignore[arg-type]
+                    decoded = (from_bytes(item, "big") & sk[2]).to_bytes(sk[3], "big")  # type: ignore[arg-type]
                     if not crc_hqx(decoded, 0xFFFF):
                         row = shape[2].unpack_from(decoded)
-                        if row[0] == PROTOCOL_VERSION and row[1] == _READINGS and row[4] == shape[3] and max(row[6::2]) <= _MAX_STATUS:
+                        if row[0] == version and row[1] == readings and row[4] == shape[3] and max(row[6::2]) <= max_status:
+                            # sequence tracking as _track_readings does it
                             seq, uptime = row[2], row[3]
-                            if self._last_uptime is not None and uptime < self._last_uptime:
+                            if last_uptime is not None and uptime < last_uptime:
                                 self._seq_restarted(shape[0].board_id, seq)
-                            else:
-                                gap = (seq - self._last_seq - 1) & 0xFFFF  # type: ignore[operator]  # _fast_shape checked it
-                                if gap:
-                                    self._seq_gap(shape[0].board_id, seq, gap)
-                            self._last_uptime = uptime
-                            self._last_seq = seq
+                            elif (seq - last_seq - 1) & 0xFFFF:  # type: ignore[operator]  # _fast_shape checked it
+                                self._seq_gap(shape[0].board_id, seq, (seq - last_seq - 1) & 0xFFFF)  # type: ignore[operator]
+                            last_seq, last_uptime = seq, uptime
                             rows.append(row)
                             counted += 1
                             continue
+            self._last_seq, self._last_uptime = last_seq, last_uptime
             # The reference path, exactly as receive() takes a frame.
             if rows:
                 out.append(ReadingsRun(shape[0], rows))  # type: ignore[index]
@@ -387,6 +389,7 @@ class FrameReceiver:
             if type(msg) is Readings and hello is not None and self._last_seq is not None:
                 counted += 1
                 self._track_readings(hello.board_id, frame.seq, msg.uptime_ms)
+                last_seq, last_uptime = self._last_seq, self._last_uptime
                 out.append((frame, msg))
                 continue
             if counted:
@@ -396,10 +399,12 @@ class FrameReceiver:
                 self._reject("unexpected_type", f"command {msg.type.name} sent by the board")
                 continue
             self._track_sequence(frame, msg)
+            last_seq, last_uptime = self._last_seq, self._last_uptime
             if isinstance(msg, Hello):
                 self.hello = hello = msg
             out.append((frame, msg))
             shape = self._fast_shape()
+        self._last_seq, self._last_uptime = last_seq, last_uptime
         if rows:
             out.append(ReadingsRun(shape[0], rows))  # type: ignore[index]
         if counted:
