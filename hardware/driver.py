@@ -12,8 +12,10 @@ Shaped by what goes wrong with USB serial boards in a shop:
 * **Boards reboot and lose frames.** Sequence numbers reveal lost frames (counted); a HELLO with
   sequence 0 or an uptime that went backwards is a reboot (counted, not a loss).
 
-:class:`BoardConnection` is one open port used from one thread; :class:`Driver` is the loop
-that owns connections, reconnects and feeds :class:`~hardware.events.BoardProcessor`. Its
+:class:`FrameReceiver` turns received bytes into counted messages (a reference path of objects
+and a batch fast path of rows for the common READINGS); :class:`BoardConnection` is one open
+port used from one thread; :class:`Driver` is the loop that owns connections, reconnects and
+feeds :class:`~hardware.events.BoardProcessor`. Its
 output goes to a callback, so the CLI prints JSON lines and the edge agent's pipeline forwards
 to its outbox with the same code. Metrics live on a registry passed in (so tests pass a private one).
 """
