@@ -19,8 +19,8 @@ from bisect import bisect_left
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import repeat
-from operator import gt, lt
+from itertools import accumulate, compress, repeat
+from operator import eq, gt, lt, sub
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -162,7 +162,7 @@ class StabilityDetector:
         k = 0
         while k < n:
             if n - k >= _MIN_BLOCK:
-                taken = self._calm_block(times, grams, k)
+                taken = self._calm_block(times, grams, k) or self._unsettled_block(times, grams, k)
                 if taken:
                     k += taken
                     continue
@@ -269,18 +269,68 @@ class StabilityDetector:
         self.stable = True
         return taken
 
+    def _unsettled_block(self, times: Sequence[float], grams: Sequence[float], start: int) -> int:
+        """Take the stretch from start that cannot settle as one block; return how many readings it took (0: none).
+
+        After a step the window holds both levels: while its newest value and an older one more
+        than ``tolerance_g`` apart are both in it, no reading is settled (the spread, max - min,
+        is at least their difference), so none reports a change or moves the baseline. The older
+        one (the last such in the window) leaves when a reading comes a window after its
+        successor; every reading before that (with the clock not going back) is taken as a block:
+        the window is what evicting with the last one's time leaves, and the flag is False.
+        """
+        values_d, times_d = self._grams, self._times
+        if len(values_d) < 2:
+            return 0
+        s = self.settings
+        newest = values_d[-1]
+        above = list(map(gt, map(sub, values_d, repeat(newest)), repeat(s.tolerance_g)))
+        below = list(map(gt, map(sub, repeat(newest), values_d), repeat(s.tolerance_g)))
+        last = len(values_d) - 1
+        far = max(last - above[::-1].index(True) if True in above else -1, last - below[::-1].index(True) if True in below else -1)
+        if far < 0:
+            return 0  # the window could settle with the next reading: nothing to skip
+        new_times = list(times[start:])
+        if new_times[0] < times_d[-1] or new_times != sorted(new_times):
+            return 0  # the clock went back (a reboot): the loop restarts the window there
+        leaves = times_d[far + 1]
+        window = s.window_s
+        # the first reading that evicts the far value (and could settle again) ends the block
+        taken = bisect_left(new_times, True, key=lambda at: at - leaves >= window)
+        if taken < _MIN_BLOCK:
+            return 0
+        new_times = new_times[:taken]
+        all_times = list(times_d) + new_times
+        at = new_times[-1]
+        end = len(all_times) - 1
+        front = bisect_left(range(end), True, key=lambda i: at - all_times[i + 1] < window)
+        all_values = list(values_d)
+        all_values += grams[start : start + taken]
+        times_d.clear()
+        times_d.extend(all_times[front:])
+        values_d.clear()
+        values_d.extend(all_values[front:])
+        self._chains_stale = True
+        self.stable = False
+        return taken
+
     def _rebuild_chains(self) -> None:
-        """Rebuild the running max/min deques from the window (after a calm block left them stale)."""
-        hi, lo = self._hi, self._lo
-        hi.clear()
-        lo.clear()
-        for g in self._grams:
-            while hi and hi[-1] < g:
-                hi.pop()
-            hi.append(g)
-            while lo and lo[-1] > g:
-                lo.pop()
-            lo.append(g)
+        """Rebuild the running max/min deques from the window (after a block left them stale).
+
+        The max deque holds, in order, every value no later value exceeds (what pushing the
+        window's values one by one leaves): the values equal to the maximum of themselves and
+        all later ones, found with running maxima from the end (C-level passes). Min likewise.
+        """
+        values = list(self._grams)
+        rev = values[::-1]
+        suffix_max = list(accumulate(rev, max))
+        suffix_max.reverse()
+        suffix_min = list(accumulate(rev, min))
+        suffix_min.reverse()
+        self._hi.clear()
+        self._hi.extend(compress(values, map(eq, values, suffix_max)))
+        self._lo.clear()
+        self._lo.extend(compress(values, map(eq, values, suffix_min)))
         self._chains_stale = False
 
 
