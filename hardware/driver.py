@@ -12,8 +12,10 @@ Shaped by what goes wrong with USB serial boards in a shop:
 * **Boards reboot and lose frames.** Sequence numbers reveal lost frames (counted); a HELLO with
   sequence 0 or an uptime that went backwards is a reboot (counted, not a loss).
 
-:class:`BoardConnection` is one open port used from one thread; :class:`Driver` is the loop
-that owns connections, reconnects and feeds :class:`~hardware.events.BoardProcessor`. Its
+:class:`FrameReceiver` turns received bytes into counted messages (a reference path of objects
+and a batch fast path of rows for the common READINGS); :class:`BoardConnection` is one open
+port used from one thread; :class:`Driver` is the loop that owns connections, reconnects and
+feeds :class:`~hardware.events.BoardProcessor`. Its
 output goes to a callback, so the CLI prints JSON lines and the edge agent's pipeline forwards
 to its outbox with the same code. Metrics live on a registry passed in (so tests pass a private one).
 """
@@ -25,8 +27,10 @@ import glob
 import logging
 import os
 import queue
+import struct
 import threading
 import time
+from binascii import crc_hqx
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -39,11 +43,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from hardware.events import BoardProcessor, Event, Reading, TemperatureSettings
 from hardware.frames import (
+    HEADER,
+    PROTOCOL_VERSION,
+    READINGS_ROW,
     UNIT_NAME,
     UNIT_SCALE,
     Ack,
     AckStatus,
     ChannelKind,
+    ChannelValue,
     Command,
     FrameError,
     FrameSplitter,
@@ -52,6 +60,7 @@ from hardware.frames import (
     Readings,
     SensorFrame,
     ValueStatus,
+    cobs_skeleton,
     decode_message,
     encode_message,
 )
@@ -68,6 +77,9 @@ DRIVER_REJECT_REASONS = ("no_hello", "channel_mismatch", "unexpected_type")
 """Reasons a valid frame is dropped, besides the codec's (hardware.frames.REJECT_REASONS)."""
 
 _OK = ValueStatus.OK  # an Enum member looked up once: ValueStatus.OK costs ~70 ns per access
+_READINGS = int(FrameType.READINGS)
+_MAX_STATUS = max(int(s) for s in ValueStatus)
+_STATUS_NAME = {int(s): s.name.lower() for s in ValueStatus}
 _KIND_NAME = {ChannelKind.LOAD_CELL: "load_cell", ChannelKind.DOOR: "door", ChannelKind.TEMPERATURE: "temperature"}
 
 
@@ -234,39 +246,67 @@ def resolve_port(settings: DriverSettings) -> str:
     return found[0]
 
 
-class BoardConnection:
-    """One open serial port to one board; use from one thread at a time."""
+@dataclass(frozen=True)
+class ReadingsRun:
+    """Consecutive READINGS frames of one board, decoded in one pass and kept as rows, not objects.
 
-    def __init__(self, port: str, metrics: DriverMetrics, settings: DriverSettings) -> None:
+    Each row is ``(version, type, seq, uptime_ms, count, value0, status0, value1, status1, ...)``
+    (:data:`hardware.frames.READINGS_ROW`), with ``count`` equal to the channels of ``hello``. The
+    frames are already checked (COBS, CRC, version, type, count, statuses) and their sequence
+    numbers tracked and counted; :meth:`messages` rebuilds what the reference path returns.
+    """
+
+    hello: Hello
+    rows: list[tuple[int, ...]]
+
+    def messages(self) -> list[tuple[SensorFrame, Readings]]:
+        """Return the frames as (SensorFrame, Readings) pairs, equal to what :meth:`FrameReceiver.receive` returns."""
+        out = []
+        for row in self.rows:
+            values = tuple(ChannelValue(v, ValueStatus(st)) for v, st in zip(row[5::2], row[6::2], strict=True))
+            msg = Readings(row[3], values)
+            body = encode_message(msg, row[2])  # the exact body: same fields, no trailing bytes
+            out.append((SensorFrame.parse(body), msg))
+        return out
+
+
+Received = tuple[SensorFrame, Hello | Readings | Ack]
+"""A valid frame and its message, as the reference receive path returns them."""
+
+
+class FrameReceiver:
+    """The receiving half of a board connection, without the port: bytes in, messages out, all counted.
+
+    :meth:`receive` is the reference path: every frame parsed into a :class:`SensorFrame` and
+    decoded into a message object. :meth:`receive_batch` returns the same frames with the same
+    counting, but takes the common one, a READINGS of the announced shape after HELLO, through a
+    batch decoder: its COBS code chain checked against the last frame of the same shape in one C
+    call and decoded as one integer AND (:class:`~hardware.frames.CobsSkeleton`), CRC residue and
+    one ``struct`` unpack, and consecutive ones gathered into a :class:`ReadingsRun` of rows.
+    Anything else (another type or shape, a bad CRC, a version, an odd status, garbage) goes
+    through the reference path, so rejections keep their reasons and details.
+    """
+
+    def __init__(self, port: str, metrics: DriverMetrics) -> None:
         self.port = port
         self.metrics = metrics
-        self.settings = settings
         self.hello: Hello | None = None
-        self._serial = serial.Serial(port, settings.baudrate, timeout=0.05, write_timeout=1.0)
         self._splitter = FrameSplitter()
-        self._pending: list[tuple[SensorFrame, Hello | Readings | Ack]] = []
-        self._cmd_seq = 0
         self._last_seq: int | None = None
         self._last_uptime: int | None = None
         self._frames_counted: dict[str, Counter] = {}  # labelled children, so a frame costs no labels() lookup
+        self._shape: tuple[Hello, int, struct.Struct] | None = None  # (HELLO, encoded length, row unpacker) of the fast path
+        # (codes_of, codes, mask, decoded length) of a CobsSkeleton, by first code byte, for the current shape
+        self._skeletons: dict[int, tuple[Callable[[bytes], Any], Any, int, int]] = {}
         self.rebooted = False
-
-    def close(self) -> None:
-        """Close the port (never raises)."""
-        with contextlib.suppress(OSError, serial.SerialException):
-            self._serial.close()
 
     def _reject(self, reason: str, detail: str) -> None:
         self.metrics.rejected.labels(reason).inc()
         log.debug("port %s: dropped a frame (%s): %s", self.port, reason, detail)
 
-    def poll(self) -> list[tuple[SensorFrame, Hello | Readings | Ack]]:
-        """Read what arrived (waiting up to ~50 ms) and return the valid messages, in order."""
-        out, self._pending = self._pending, []
-        try:
-            data = self._serial.read(max(1, self._serial.in_waiting))
-        except (OSError, serial.SerialException) as exc:
-            raise TemporaryBoardError(f"read from {self.port} failed: {exc}") from exc
+    def receive(self, data: bytes) -> list[Received]:
+        """Return the valid messages in data (with what earlier calls left incomplete), in order."""
+        out: list[Received] = []
         hello = self.hello
         counted = 0  # READINGS of this board taken by the fast path, not yet added to its frames counter
         for item in self._splitter.feed(data):
@@ -281,7 +321,7 @@ class BoardConnection:
                 continue
             if type(msg) is Readings and hello is not None and self._last_seq is not None:
                 counted += 1
-                self._track_readings(hello.board_id, frame.seq, msg)
+                self._track_readings(hello.board_id, frame.seq, msg.uptime_ms)
                 out.append((frame, msg))
                 continue
             if counted:
@@ -298,6 +338,95 @@ class BoardConnection:
             self._count_frames(hello.board_id, counted)  # type: ignore[union-attr]
         return out
 
+    def receive_batch(self, data: bytes) -> list[Received | ReadingsRun]:
+        """Return what :meth:`receive` would, with runs of ordinary READINGS as :class:`ReadingsRun` rows."""
+        out: list[Received | ReadingsRun] = []
+        rows: list[tuple[int, ...]] = []
+        hello = self.hello
+        shape = self._fast_shape()
+        counted = 0
+        skeletons = self._skeletons
+        from_bytes = int.from_bytes
+        version, readings, max_status = PROTOCOL_VERSION, _READINGS, _MAX_STATUS
+        last_seq, last_uptime = self._last_seq, self._last_uptime  # in locals while on the fast path
+        for item in self._splitter.feed(data):
+            if shape is not None and type(item) is bytes and len(item) == shape[1]:
+                # The fast path, all of it C calls but the few comparisons: a READINGS of the
+                # announced shape. Whatever it does not accept goes on to the reference path below.
+                sk = skeletons.get(item[0])  # type: ignore[index]
+                if sk is None or sk[0](item) != sk[1]:
+                    found = cobs_skeleton(item)  # type: ignore[arg-type]
+                    sk = None if found is None else (found.codes_of, found.codes, found.mask, found.length - 1)
+                    if sk is not None:
+                        skeletons[item[0]] = sk  # type: ignore[index]
+                if sk is not None:
+                    decoded = (from_bytes(item, "big") & sk[2]).to_bytes(sk[3], "big")  # type: ignore[arg-type]
+                    if not crc_hqx(decoded, 0xFFFF):
+                        row = shape[2].unpack_from(decoded)
+                        if row[0] == version and row[1] == readings and row[4] == shape[3] and max(row[6::2]) <= max_status:
+                            # sequence tracking as _track_readings does it
+                            seq, uptime = row[2], row[3]
+                            if last_uptime is not None and uptime < last_uptime:
+                                self._seq_restarted(shape[0].board_id, seq)
+                            elif (seq - last_seq - 1) & 0xFFFF:  # type: ignore[operator]  # _fast_shape checked it
+                                self._seq_gap(shape[0].board_id, seq, (seq - last_seq - 1) & 0xFFFF)  # type: ignore[operator]
+                            last_seq, last_uptime = seq, uptime
+                            rows.append(row)
+                            counted += 1
+                            continue
+            self._last_seq, self._last_uptime = last_seq, last_uptime
+            # The reference path, exactly as receive() takes a frame.
+            if rows:
+                out.append(ReadingsRun(shape[0], rows))  # type: ignore[index]
+                rows = []
+            if type(item) is not bytes:
+                self._reject(item.reason, item.detail)  # type: ignore[union-attr]
+                continue
+            try:
+                frame = SensorFrame.parse(item)
+                msg = decode_message(frame)
+            except FrameError as exc:
+                self._reject(exc.reason, exc.detail)
+                continue
+            if type(msg) is Readings and hello is not None and self._last_seq is not None:
+                counted += 1
+                self._track_readings(hello.board_id, frame.seq, msg.uptime_ms)
+                last_seq, last_uptime = self._last_seq, self._last_uptime
+                out.append((frame, msg))
+                continue
+            if counted:
+                self._count_frames(hello.board_id, counted)  # type: ignore[union-attr]
+                counted = 0
+            if isinstance(msg, Command):
+                self._reject("unexpected_type", f"command {msg.type.name} sent by the board")
+                continue
+            self._track_sequence(frame, msg)
+            last_seq, last_uptime = self._last_seq, self._last_uptime
+            if isinstance(msg, Hello):
+                self.hello = hello = msg
+            out.append((frame, msg))
+            shape = self._fast_shape()
+        self._last_seq, self._last_uptime = last_seq, last_uptime
+        if rows:
+            out.append(ReadingsRun(shape[0], rows))  # type: ignore[index]
+        if counted:
+            self._count_frames(hello.board_id, counted)  # type: ignore[union-attr]
+        return out
+
+    def _fast_shape(self) -> tuple[Hello, int, struct.Struct, int] | None:
+        """Return (HELLO, encoded length, row unpacker, channels) of the READINGS the fast path takes, or None before HELLO."""
+        hello = self.hello
+        if hello is None or self._last_seq is None or not hello.channels:
+            return None
+        cached = self._shape
+        if cached is None or cached[0] is not hello:
+            n = len(hello.channels)
+            if cached is None or len(cached[0].channels) != n:
+                self._skeletons.clear()
+            # payload (header 4, uptime 4, count 1, n x 5) + CRC 2, plus one COBS code byte (< 254 bytes)
+            cached = self._shape = (hello, HEADER.size + 5 + 5 * n + 2 + 1, READINGS_ROW[n])
+        return (*cached, len(hello.channels))
+
     def _count_frames(self, board: str, n: int) -> None:
         """Add n to the board's frames counter: once per read, not per frame (each inc takes a lock)."""
         counter = self._frames_counted.get(board)
@@ -305,15 +434,15 @@ class BoardConnection:
             counter = self._frames_counted[board] = self.metrics.frames.labels(board)
         counter.inc(n)
 
-    def _track_readings(self, board: str, seq: int, msg: Readings) -> None:
+    def _track_readings(self, board: str, seq: int, uptime_ms: int) -> None:
         """Sequence tracking of the common case, a READINGS frame after HELLO: the same checks as
-        _track_sequence, with the frame counted by poll() in one batch per read."""
-        if self._last_uptime is not None and msg.uptime_ms < self._last_uptime:
-            self._last_uptime = msg.uptime_ms
+        _track_sequence, with the frame counted by the caller in one batch per read."""
+        if self._last_uptime is not None and uptime_ms < self._last_uptime:
+            self._last_uptime = uptime_ms
             self._seq_restarted(board, seq)
         else:
-            self._last_uptime = msg.uptime_ms
-            gap = (seq - self._last_seq - 1) & 0xFFFF  # type: ignore[operator]  # poll() checked it
+            self._last_uptime = uptime_ms
+            gap = (seq - self._last_seq - 1) & 0xFFFF  # type: ignore[operator]  # the caller checked it
             if gap:
                 self._seq_gap(board, seq, gap)
         self._last_seq = seq
@@ -344,6 +473,46 @@ class BoardConnection:
         if isinstance(msg, Hello) and frame.seq == 0:
             self._last_uptime = None
         self._last_seq = frame.seq
+
+
+class BoardConnection(FrameReceiver):
+    """One open serial port to one board; use from one thread at a time.
+
+    The port is opened exclusively (an advisory ``flock``, as pyserial's ``exclusive``): a second
+    program reading the same board would silently take half of its frames (and flush its input
+    on opening), so it gets a clear error instead.
+    """
+
+    def __init__(self, port: str, metrics: DriverMetrics, settings: DriverSettings) -> None:
+        super().__init__(port, metrics)
+        self.settings = settings
+        self._serial = serial.Serial(port, settings.baudrate, timeout=0.05, write_timeout=1.0, exclusive=True)
+        self._pending: list[Received] = []
+        self._cmd_seq = 0
+
+    def close(self) -> None:
+        """Close the port (never raises)."""
+        with contextlib.suppress(OSError, serial.SerialException):
+            self._serial.close()
+
+    def _read(self) -> bytes:
+        try:
+            return self._serial.read(max(1, self._serial.in_waiting))
+        except (OSError, serial.SerialException) as exc:
+            raise TemporaryBoardError(f"read from {self.port} failed: {exc}") from exc
+
+    def poll(self) -> list[Received]:
+        """Read what arrived (waiting up to ~50 ms) and return the valid messages, in order."""
+        out, self._pending = self._pending, []
+        out += self.receive(self._read())
+        return out
+
+    def poll_batch(self) -> list[Received | ReadingsRun]:
+        """Like :meth:`poll`, with runs of ordinary READINGS as :class:`ReadingsRun` rows (the driver's fast path)."""
+        out: list[Received | ReadingsRun] = list(self._pending)
+        self._pending = []
+        out += self.receive_batch(self._read())
+        return out
 
     def send(self, cmd: Command) -> int:
         """Send a command; return its sequence number (the ACK refers to it)."""
@@ -487,15 +656,24 @@ class Driver:
         self._announce(conn, hello, emit)
         while not stop.is_set():
             self._run_commands(conn)
-            for _frame, msg in conn.poll():
-                if isinstance(msg, Hello):  # the board rebooted, or re-announced itself
-                    hello = msg
-                    self._announce(conn, msg, emit)
-                elif isinstance(msg, Readings):
-                    self._readings(hello, msg, emit)
-                # unsolicited ACKs (a command whose caller gave up) are ignored
+            hello = self._dispatch(conn, hello, conn.poll_batch(), emit)
 
-    def _announce(self, conn: BoardConnection, hello: Hello, emit: Callable[[Output], None]) -> None:
+    def _dispatch(self, conn: FrameReceiver, hello: Hello, items: list[Received | ReadingsRun], emit: Callable[[Output], None]) -> Hello:
+        """Turn what a connection received into outputs; return the HELLO in force afterwards."""
+        for item in items:
+            if type(item) is ReadingsRun:
+                self._readings_run(hello, item, emit)
+                continue
+            msg = item[1]  # type: ignore[index]
+            if isinstance(msg, Hello):  # the board rebooted, or re-announced itself
+                hello = msg
+                self._announce(conn, msg, emit)
+            elif isinstance(msg, Readings):
+                self._readings(hello, msg, emit)
+            # unsolicited ACKs (a command whose caller gave up) are ignored
+        return hello
+
+    def _announce(self, conn: FrameReceiver, hello: Hello, emit: Callable[[Output], None]) -> None:
         processor = self._processors.get(hello.board_id)
         if processor is None:
             processor = BoardProcessor(hello.board_id, self.planogram, self.settings.stability, self.settings.temperature, self.settings.noise_g)
@@ -508,11 +686,15 @@ class Driver:
         log.info("board %s (firmware %s, %d channels) on %s", hello.board_id, hello.firmware, len(hello.channels), conn.port)
         emit(self.connected)
 
-    def _readings(self, hello: Hello, msg: Readings, emit: Callable[[Output], None]) -> None:
+    def _layout_of(self, hello: Hello) -> ChannelLayout:
         cached = self._layout
         if cached is None or cached[0] is not hello:
             cached = self._layout = (hello, ChannelLayout.of(hello))
-        layout = cached[1]
+        return cached[1]
+
+    def _readings(self, hello: Hello, msg: Readings, emit: Callable[[Output], None]) -> None:
+        """The reference path: one READINGS message to Reading objects, fed one by one to the processor."""
+        layout = self._layout_of(hello)
         now = self._wall()
         try:
             readings = readings_from(layout, msg, now)
@@ -531,6 +713,65 @@ class Driver:
                 for event in events:
                     self.metrics.events.labels(event.type).inc()
                     emit(event)
+        self.last_reading_at = now
+
+    def _readings_run(self, hello: Hello, run: ReadingsRun, emit: Callable[[Output], None]) -> None:
+        """The fast path: a run of READINGS rows, fed to the processor column by column, then emitted.
+
+        Emits exactly what :meth:`_readings` would for each frame in turn (each reading, then the
+        events it completed), except that the host clock is read once per run (the frames came in
+        one read of the port) instead of once per frame. The state machines get plain numbers
+        (:meth:`BoardProcessor.feed_batch`); a :class:`Reading` is built only to be emitted, without
+        re-running its checks (index, kind and a finite value hold by construction here).
+        """
+        if run.hello is not hello:  # decoded for another HELLO than the one in force: take the reference path
+            for _frame, msg in run.messages():
+                self._readings(hello, msg, emit)
+            return
+        layout = self._layout_of(hello)
+        now = self._wall()
+        processor = self._processors[hello.board_id]
+        self.metrics.channels_seen(layout.seen_keys)
+        rows = run.rows
+        columns = list(zip(*rows, strict=True))
+        times = [u / 1000 for u in columns[3]]
+        events: dict[int, list[tuple[int, Event]]] = {}  # frame index -> (channel position, event), in emit order
+        bad: set[int] = set()  # frames with a reading whose status is not OK
+        for pos, (index, kind, scale, _unit) in enumerate(layout.channels):
+            statuses = columns[6 + 2 * pos]
+            values = [v * scale for v in columns[5 + 2 * pos]]
+            if statuses.count(0) == len(statuses):
+                found = processor.feed_batch(index, kind, times, values, now)  # type: ignore[arg-type]
+            else:  # readings that are not OK go to no state machine, as feed() skips them
+                keep = [k for k, st in enumerate(statuses) if st == 0]
+                bad.update(k for k, st in enumerate(statuses) if st != 0)
+                found = [(keep[k], e) for k, e in processor.feed_batch(index, kind, [times[k] for k in keep], [values[k] for k in keep], now)]  # type: ignore[arg-type]
+            for k, event in found:
+                events.setdefault(k, []).append((pos, event))
+        board = layout.board
+        chans = [(index, kind, scale, unit, 5 + 2 * pos) for pos, (index, kind, scale, unit) in enumerate(layout.channels)]
+        new, set_dict = object.__new__, object.__setattr__
+        for f, row in enumerate(rows):
+            board_time = row[3] / 1000
+            if f not in events and f not in bad:
+                for index, kind, scale, unit, vi in chans:
+                    r = new(Reading)
+                    set_dict(r, "__dict__", {"board": board, "channel": index, "kind": kind, "value": row[vi] * scale,
+                                             "unit": unit, "at": now, "board_time": board_time, "ok": True})  # fmt: skip
+                    emit(r)
+                continue
+            for pos, (index, kind, scale, unit, vi) in enumerate(chans):
+                status = row[vi + 1]
+                if status:
+                    self.metrics.sensor_errors.labels(board, str(index), _STATUS_NAME[status]).inc()
+                r = new(Reading)
+                set_dict(r, "__dict__", {"board": board, "channel": index, "kind": kind, "value": row[vi] * scale,
+                                         "unit": unit, "at": now, "board_time": board_time, "ok": status == 0})  # fmt: skip
+                emit(r)
+                for p, event in events.get(f, ()):
+                    if p == pos:
+                        self.metrics.events.labels(event.type).inc()
+                        emit(event)
         self.last_reading_at = now
 
     def _run_commands(self, conn: BoardConnection) -> None:

@@ -10,13 +10,14 @@ alert hysteresis are all tested by feeding readings.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from hardware.planogram import Planogram, QuantityEstimate, estimate_quantity
-from hardware.stability import StabilityDetector, StabilitySettings
+from hardware.stability import StabilityDetector, StabilitySettings, StableChange
 
 Kind = Literal["load_cell", "door", "temperature"]
 
@@ -181,33 +182,73 @@ class BoardProcessor:
             return self._door_edge(reading)
         return self._temperature(reading)
 
-    def _load_cell(self, r: Reading) -> list[Event]:
-        det = self._detectors.get(r.channel)
+    def feed_batch(self, channel: int, kind: Kind, times: Sequence[float], values: Sequence[float], at: float) -> list[tuple[int, Event]]:
+        """Add one channel's OK readings in order (board times, values, all received at ``at``).
+
+        Return (index, event) for every event :meth:`feed` would have returned for the reading at
+        that index, in the same order: the serial driver's fast path feeds a whole read of the port
+        per channel at once, and builds no :class:`Reading` for the state machines.
+        """
+        if not values:
+            return []
+        if kind == "load_cell":
+            det = self._detector(channel)
+            return [(k, self._shelf_event(channel, change, at)) for k, change in det.update_many(times, values)]
+        if kind == "door":
+            was_open = self._door.get(channel)
+            # no edge within the batch: every value on the side the door was already on (C-level min/max)
+            if was_open is not None and (min(values) >= 0.5 if was_open else max(values) < 0.5):
+                return []
+            out: list[tuple[int, Event]] = []
+            for k, v in enumerate(values):
+                is_open = v >= 0.5
+                if was_open is not None and was_open != is_open:
+                    out.append((k, DoorEvent(self.board, channel, "door_opened" if is_open else "door_closed", at)))
+                was_open = is_open
+            self._door[channel] = is_open
+            return out
+        t = self.temperature
+        alerts = self._alerts
+        if (
+            not alerts.get((channel, "temperature_high"), False)
+            and not alerts.get((channel, "temperature_low"), False)
+            and max(values) <= t.high_c
+            and min(values) >= t.low_c
+        ):
+            return []  # nothing firing and nothing crosses a limit: no reading can change an alert
+        return [(k, e) for k, v in enumerate(values) for e in self._temperature_value(channel, v, at)]
+
+    def _detector(self, channel: int) -> StabilityDetector:
+        det = self._detectors.get(channel)
         if det is None:  # not setdefault: that built (and dropped) a detector per reading
-            det = self._detectors[r.channel] = StabilityDetector(self.stability)
-        change = det.update(r.board_time, r.value)
+            det = self._detectors[channel] = StabilityDetector(self.stability)
+        return det
+
+    def _load_cell(self, r: Reading) -> list[Event]:
+        change = self._detector(r.channel).update(r.board_time, r.value)
         if change is None:
             return []
-        slot = self.planogram.slot_for(self.board, r.channel)
+        return [self._shelf_event(r.channel, change, r.at)]
+
+    def _shelf_event(self, channel: int, change: StableChange, at: float) -> ShelfEvent:
+        slot = self.planogram.slot_for(self.board, channel)
         if slot is None:  # not in the planogram: report grams, no quantity
-            q, slot_name, product = QuantityEstimate(0, 0.0), f"{self.board}/{r.channel}", ""
+            q, slot_name, product = QuantityEstimate(0, 0.0), f"{self.board}/{channel}", ""
         else:
             q = estimate_quantity(change.delta_g, slot.unit_weight_g, slot.unit_weight_sd_g, self.noise_g)
             slot_name, product = slot.slot, slot.product
-        return [
-            ShelfEvent(
-                board=self.board,
-                channel=r.channel,
-                slot=slot_name,
-                product=product,
-                delta_g=round(change.delta_g, 1),
-                before_g=round(change.before_g, 1),
-                after_g=round(change.before_g, 1) + round(change.delta_g, 1),
-                quantity=q.quantity,
-                confidence=q.confidence,
-                at=r.at,
-            )
-        ]
+        return ShelfEvent(
+            board=self.board,
+            channel=channel,
+            slot=slot_name,
+            product=product,
+            delta_g=round(change.delta_g, 1),
+            before_g=round(change.before_g, 1),
+            after_g=round(change.before_g, 1) + round(change.delta_g, 1),
+            quantity=q.quantity,
+            confidence=q.confidence,
+            at=at,
+        )
 
     def _door_edge(self, r: Reading) -> list[Event]:
         is_open = r.value >= 0.5
@@ -218,18 +259,21 @@ class BoardProcessor:
         return [DoorEvent(self.board, r.channel, "door_opened" if is_open else "door_closed", r.at)]
 
     def _temperature(self, r: Reading) -> list[Event]:
+        return self._temperature_value(r.channel, r.value, r.at)
+
+    def _temperature_value(self, channel: int, value: float, at: float) -> list[Event]:
         t = self.temperature
         out: list[Event] = []
         for name, over, back, threshold in (
-            ("temperature_high", r.value > t.high_c, r.value <= t.high_c - t.hysteresis_c, t.high_c),
-            ("temperature_low", r.value < t.low_c, r.value >= t.low_c + t.hysteresis_c, t.low_c),
+            ("temperature_high", value > t.high_c, value <= t.high_c - t.hysteresis_c, t.high_c),
+            ("temperature_low", value < t.low_c, value >= t.low_c + t.hysteresis_c, t.low_c),
         ):
-            key = (r.channel, name)
+            key = (channel, name)
             firing = self._alerts.get(key, False)
             if not firing and over:
                 self._alerts[key] = True
-                out.append(TemperatureAlert(self.board, r.channel, name, "firing", r.value, threshold, r.at))  # type: ignore[arg-type]
+                out.append(TemperatureAlert(self.board, channel, name, "firing", value, threshold, at))  # type: ignore[arg-type]
             elif firing and back:
                 self._alerts[key] = False
-                out.append(TemperatureAlert(self.board, r.channel, name, "resolved", r.value, threshold, r.at))  # type: ignore[arg-type]
+                out.append(TemperatureAlert(self.board, channel, name, "resolved", value, threshold, at))  # type: ignore[arg-type]
         return out

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import struct
 from binascii import crc_hqx
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
+from operator import itemgetter
 from typing import Any
 
 from shopfleet.errors import ShopfleetError
@@ -407,6 +409,56 @@ def encode_message(msg: Message, seq: int) -> bytes:
     if msg.type == FrameType.SET_RATE:
         return SensorFrame(msg.type, seq, _U16.pack(msg.value)).encode()
     return SensorFrame(msg.type, seq, _CMD.pack(msg.channel, msg.value)).encode()
+
+
+@dataclass(frozen=True)
+class CobsSkeleton:
+    """Where the code bytes sit in a COBS-encoded frame, so that frames of the same shape decode in C.
+
+    Two encoded frames of the same length whose code bytes are equal at these positions have the
+    same code chain, so decoding either is the same operation: zero those positions and drop the
+    first byte. :func:`cobs_skeleton` finds the chain by walking it once; afterwards ``codes_of``
+    (an ``itemgetter``) checks another frame against it and ``mask`` decodes it as one integer
+    AND, all without a Python loop over the frame. A board's frames mostly share a few shapes (the
+    zero bytes sit in the same fields), so the walk is rare.
+    """
+
+    length: int
+    codes_of: Callable[[bytes], Any]
+    codes: Any
+    mask: int
+
+    def decode(self, data: bytes) -> bytes | None:
+        """Return data COBS-decoded if it has this shape (length and code bytes), else None."""
+        if len(data) != self.length or self.codes_of(data) != self.codes:
+            return None
+        return (int.from_bytes(data, "big") & self.mask).to_bytes(self.length - 1, "big")
+
+
+def cobs_skeleton(data: bytes) -> CobsSkeleton | None:
+    """Return the code chain of a zero-free encoded frame, or None if it is not valid COBS or uses a
+    0xFF code (a block without a zero, which the reference decoder handles)."""
+    n = len(data)
+    positions = []
+    i = 0
+    while i < n:
+        code = data[i]
+        if code == 255 or code == 0:
+            return None
+        positions.append(i)
+        i += code
+    if i != n or not positions:
+        return None
+    getter = itemgetter(*positions)
+    mask = (1 << (8 * n)) - 1
+    for pos in positions:
+        mask ^= 0xFF << (8 * (n - 1 - pos))
+    return CobsSkeleton(n, getter, getter(data), mask)
+
+
+READINGS_ROW = tuple(struct.Struct("<BBHIB" + "iB" * n) for n in range(17))
+"""A whole READINGS payload with n channels as one flat row: version, type, seq, uptime_ms, count,
+then value/status pairs (the batch decoder's unit; the CRC that follows is checked, not unpacked)."""
 
 
 class FrameSplitter:

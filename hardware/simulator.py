@@ -8,10 +8,10 @@ transient of a hand on the shelf, so the driver and the stability detector are e
 a real shelf. Because it sits on a pty, the driver under test opens a real serial device
 through pyserial, exactly as it opens ``/dev/ttyACM0``.
 
-Cable faults are modelled at the pty: :meth:`unplug` closes the master side (the driver's reads
-fail like a vanished USB device) and :meth:`replug` creates a new pty and, if the board was
-given a ``link`` path, re-points that symlink at it, the way udev re-points
-``/dev/serial/by-id/...``. When the driver stops reading, the pty buffer fills and frames are
+Cable faults are modelled at the pty: :meth:`unplug` removes the board's ``link`` (if it was
+given one) and closes the master side (the driver's reads fail like a vanished USB device), and
+:meth:`replug` creates a new pty and points the link at it again, the way udev removes and
+re-creates ``/dev/serial/by-id/...``. When the driver stops reading, the pty buffer fills and frames are
 dropped, as a flooding board loses bytes; the sequence numbers then show the gap.
 
 Used as a library by tests and the demo (``SimulatedBoard(...).start() -> pty path``,
@@ -150,15 +150,19 @@ class SimulatedBoard:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
-        with self._lock:
-            pty = self._path
-            self.unplug()
-            if self.link is not None and self.link.is_symlink() and os.readlink(self.link) == pty:
-                self.link.unlink()  # like udev removing the by-id link of a vanished device
+        self.unplug()
 
     def unplug(self) -> None:
-        """Pull the cable: close the pty, so the host's reads fail."""
+        """Pull the cable: remove the link (as udev removes a vanished device's by-id link) and close
+        the pty, so the host's reads fail.
+
+        The link must not be left dangling: pty numbers are shared by the whole machine and the
+        kernel hands a freed one to the next pty opened anywhere, so a driver retrying a dangling
+        link would open that stranger's pty, flush its input and read its frames.
+        """
         with self._lock:
+            if self.link is not None and self.link.is_symlink() and os.readlink(self.link) == self._path:
+                self.link.unlink()
             for fd in (self._master, self._slave):
                 if fd is not None:
                     os.close(fd)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import serial
 from prometheus_client import CollectorRegistry, generate_latest
 
 from hardware.driver import (
@@ -117,10 +120,68 @@ def test_a_flooding_board_overflows_the_pty_and_the_loss_is_seen(board: Simulate
         seen: list[int] = []
         wait_for(lambda: seen.extend(f.seq for f, _ in conn.poll()) or any(s >= after_flood for s in seen), timeout=20, what="a frame after the flood")
         lost = metric(registry, "shopfleet_hardware_frames_lost_total", board="shelf-a")
+        # Only this connection may have read the pty: a second reader (once, a driver retrying the
+        # dangling link of another test's unplugged board, whose freed pts number this board got)
+        # flushes the buffer on opening and takes frames, which then count as lost, not dropped.
+        assert board.commands == [Command(FrameType.HELLO_REQUEST)], "another program opened this board's pty"
         # a frame truncated by the full buffer swallows the next whole frame: at most one more
         assert board.frames_dropped <= lost <= board.frames_dropped + 1
     finally:
         conn.close()
+
+
+def test_a_driver_retrying_an_unplugged_board_never_opens_a_pty_that_reuses_its_number(
+    board: SimulatedBoard, running_driver, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The cause of a flaky flood test: pty numbers are machine-wide and the kernel hands a freed one
+    to the next pty opened anywhere. The link of an unplugged board goes away (as udev removes a
+    by-id link), so the driver retrying it finds nothing, instead of another board on the old number."""
+    caplog.set_level(logging.INFO, logger="hardware.driver")
+    rd = running_driver(DriverSettings(port=board.path, **FAST))
+    wait_for(lambda: len(rd.of_type("reading")) >= 4, what="readings")
+    old_pty = board.pty_path
+    board.unplug()
+    wait_for(lambda: rd.of_type("board_disconnected"), what="the disconnect")
+    assert not os.path.lexists(board.path)
+    wait_for(lambda: not os.path.exists(old_pty), what="the driver to close the old pty, freeing its number")
+    stranger = _board_on(old_pty)
+    try:
+        attempts = lambda: sum("board not available" in r.getMessage() for r in caplog.records)  # noqa: E731
+        before = attempts()
+        hijacked = lambda: bool(stranger.commands) or len(rd.of_type("board_connected")) > 1  # noqa: E731
+        wait_for(lambda: attempts() >= before + 3 or hijacked(), what="three more attempts to reopen the board")
+        assert stranger.commands == []  # nothing asked the stranger for its HELLO
+        assert [s.board for s in rd.of_type("board_connected")] == ["shelf-a"]
+    finally:
+        stranger.stop()
+    board.replug()
+    wait_for(lambda: len(rd.of_type("board_connected")) == 2, what="the reconnect after the replug")
+
+
+def _board_on(pty: str, timeout: float = 3.0) -> SimulatedBoard:
+    """Start a board, on the given pty number if the kernel hands it out again within timeout (it
+    reuses the lowest free number as soon as the old pty is released; another program on this
+    machine may take it first, and then the board gets another number)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        b = SimulatedBoard("stranger")
+        b.start()
+        if b.pty_path == pty or time.monotonic() > deadline:
+            return b
+        b.stop()
+
+
+def test_a_board_in_use_cannot_be_opened_a_second_time(board: SimulatedBoard) -> None:
+    """Two programs reading one board would each get part of its frames; the second is refused."""
+    conn = BoardConnection(board.path, DriverMetrics(CollectorRegistry()), DriverSettings(port=board.path))
+    try:
+        with pytest.raises(serial.SerialException, match="exclusively lock"):
+            BoardConnection(board.path, DriverMetrics(CollectorRegistry()), DriverSettings(port=board.path))
+        assert conn.wait_hello(5).board_id == "shelf-a"  # the first is undisturbed
+    finally:
+        conn.close()
+    again = BoardConnection(board.path, DriverMetrics(CollectorRegistry()), DriverSettings(port=board.path))
+    again.close()  # once closed, the port can be opened again
 
 
 def test_a_burst_with_garbage_is_read_in_chunks_counted_by_reason_and_loses_no_frame() -> None:
@@ -186,7 +247,7 @@ def test_unplug_and_replug_reconnects_with_backoff_and_events_continue(board: Si
     old_pty = board.pty_path
     board.unplug()
     wait_for(lambda: rd.of_type("board_disconnected"), what="the disconnect")
-    assert not os.path.exists(board.path)  # the by-id link dangles while unplugged
+    assert not os.path.exists(board.path)  # the by-id link is gone while unplugged
     new_path = board.replug()  # the kernel may hand out the same pts number again
     assert new_path == board.path and os.path.realpath(new_path) == board.pty_path and old_pty
     wait_for(lambda: len(rd.of_type("board_connected")) == 2, what="the reconnect")
