@@ -365,7 +365,7 @@ class Agent:
         """Start the uplink, the metrics endpoint, the workers and the pipelines."""
         if self.config.metrics.port:
             self.metrics_server = MetricsServer(
-                self.registry, self.config.metrics.port, self.config.metrics.host, health=lambda: agent_liveness(self)
+                self.registry, self.config.metrics.port, self.config.metrics.bind_host, health=lambda: agent_liveness(self)
             )
             log.info("node %s/%s serves metrics on port %d", self.shop, self.node, self.metrics_server.port)
         self.uplink.start()

@@ -96,7 +96,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     # 'shopfleet agent enroll ...': get the node's certificate with a one-time token (edge_agent/enroll.py).
     from edge_agent.enroll import register as register_enroll
 
-    register_enroll(p.add_subparsers(dest="agent_command", metavar="SUBCOMMAND", title="subcommands"))
+    register_enroll(p.add_subparsers(dest="agent_command", metavar="SUBCOMMAND", title="subcommands",
+                                    help="enroll: obtain this node's broker certificate with a one-time token (without one, the agent runs)"))
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -148,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
         agent.start()
     except OSError as exc:
         print(
-            f"shopfleet agent: cannot serve metrics on {config.metrics.host}:{config.metrics.port} ({exc.strerror}); "
+            f"shopfleet agent: cannot serve metrics on {config.metrics.bind_host}:{config.metrics.port} ({exc.strerror}); "
             "fix: choose another metrics.port, or 0 to turn the endpoint off",
             file=sys.stderr,
         )

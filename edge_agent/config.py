@@ -146,6 +146,29 @@ class MetricsConfig(_Model):
         "0.0.0.0 would show the node's metrics to the whole shop LAN. Set the node's own address for a Prometheus "
         "elsewhere (and firewall it to that Prometheus).",
     )
+    host_env: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Name of an environment variable holding the address to bind, overriding host: in Kubernetes, "
+        "NODE_IP set from the Downward API's status.hostIP, so a host-network agent serves the node's own address "
+        "(where the kubelet's probes and Prometheus reach it) and not the whole shop LAN's 0.0.0.0. The variable must "
+        "be set and non-empty when the agent starts.",
+    )
+
+    @model_validator(mode="after")
+    def _host_env_is_set(self) -> MetricsConfig:
+        if self.host_env is not None and not os.environ.get(self.host_env, "").strip():
+            raise ValueError(
+                f"metrics.host_env names {self.host_env}, which is not set in the environment; set it (in Kubernetes: "
+                f"env {self.host_env} from fieldRef status.hostIP) or remove metrics.host_env to bind metrics.host"
+            )
+        return self
+
+    @property
+    def bind_host(self) -> str:
+        """The address the endpoint binds to: the variable ``host_env`` names, else ``host``."""
+        if self.host_env is not None:
+            return os.environ[self.host_env].strip()
+        return self.host
 
 
 class CommandsConfig(_Model):

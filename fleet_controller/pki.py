@@ -340,7 +340,9 @@ class Pki:
         """Issue a certificate for each ``(kind, name, sans)`` that has no current one; return the new records.
 
         Never rotates a valid certificate (``broker-config`` calls this on every run); a server
-        certificate that lacks one of ``sans`` is re-issued, since clients would refuse it. A node
+        certificate that lacks one of ``sans`` is re-issued, since clients would refuse it. An
+        identity whose certificates were all revoked raises ``PkiError``: a routine re-run must not
+        undo a revocation. A node
         that enrolled (its key on the node, ``key_on_node``) counts as having one.
         """
         with self.locked():
@@ -349,9 +351,16 @@ class Pki:
     def _ensure_locked(self, wanted: Sequence[tuple[str, str, Sequence[str]]]) -> list[CertRecord]:
         records = self.records()
         live = {r.cn: r for r in records if not r.revoked and not r.expired()}
+        revoked = {r.cn for r in records if r.revoked} - live.keys()
         new: list[CertRecord] = []
         for kind, name, sans in wanted:
             cn = cn_for(kind, name)
+            if cn in revoked:
+                # Revoked and never replaced: a deliberate act, which a routine re-run must not undo.
+                raise PkiError(
+                    f"{kind} {name!r} ({cn}) was revoked and has no valid certificate; remove it from the list, "
+                    f"or re-admit it deliberately: 'shopfleet pki issue {kind} {name}' (a new key) or a new enrollment token"
+                )
             rec = live.get(cn)
             if rec is not None and rec.kind == kind and self.cert_path(cn).exists() and (rec.key_on_node or self.key_path(cn).exists()):
                 cert = x509.load_pem_x509_certificate(self.cert_path(cn).read_bytes())

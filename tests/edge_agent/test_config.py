@@ -182,3 +182,17 @@ def test_cryptography_is_loaded_only_by_an_agent_that_applies(tmp_path: Path, ap
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip() == str(apply_enabled)
+
+
+def test_metrics_bind_the_address_host_env_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NODE_IP", "10.1.2.3")
+    cfg = load_config(None, {"shop": "s1", "node": "n1", "metrics.port": 9464, "metrics.host_env": "NODE_IP"})
+    assert cfg.metrics.bind_host == "10.1.2.3"
+    assert load_config(None, {"shop": "s1", "node": "n1"}).metrics.bind_host == "127.0.0.1"
+
+
+def test_metrics_host_env_unset_is_refused_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NODE_IP", raising=False)
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, {"shop": "s1", "node": "n1", "metrics.port": 9464, "metrics.host_env": "NODE_IP"})
+    assert "NODE_IP" in str(exc.value) and "status.hostIP" in str(exc.value)

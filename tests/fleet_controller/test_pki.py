@@ -110,7 +110,10 @@ def test_ensure_issues_only_what_is_missing(pki):
     assert pki.ensure(wanted) == []  # never rotates a valid certificate
     assert [r.cn for r in pki.ensure([("server", "localhost", ("127.0.0.1", "10.0.0.5"))])] == ["localhost"]  # a new name needs a new cert
     pki.revoke("shop-a.pi-1")
-    assert [r.cn for r in pki.ensure(wanted)] == ["shop-a.pi-1"]
+    with pytest.raises(PkiError, match=r"'shop-a/pi-1' \(shop-a.pi-1\) was revoked.*shopfleet pki issue node shop-a/pi-1"):
+        pki.ensure(wanted)  # a routine re-run must not undo a revocation
+    pki.issue("node", "shop-a/pi-1")  # re-admitted deliberately
+    assert pki.ensure(wanted) == []
 
 
 def test_operations_without_a_ca_say_how_to_make_one(tmp_path):

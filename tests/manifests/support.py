@@ -56,12 +56,14 @@ def configmap_data(objs: list[dict[str, Any]], name: str, namespace: str) -> dic
     return {k: v.replace(m.SHOP_PLACEHOLDER, SHOP) for k, v in cm["data"].items()}
 
 
+NODE_IP = "192.0.2.10"
+"""The node's address (documentation range) the kubelet would give a status.hostIP fieldRef."""
 MODEL_SHA256 = "ab" * 32
 """The model digest the kubelet would take from a rendered vision pod's shopfleet.io/model-sha256 annotation."""
 
 
 def env_values(objs: list[dict[str, Any]], container: dict[str, Any], namespace: str) -> dict[str, str]:
-    """Resolve a container's env as the kubelet would (fieldRef spec.nodeName -> NODE, metadata.name -> a pod name, the model annotation -> MODEL_SHA256)."""
+    """Resolve a container's env as the kubelet would (fieldRef spec.nodeName -> NODE, status.hostIP -> NODE_IP, metadata.name -> a pod name, the model annotation -> MODEL_SHA256)."""
     out: dict[str, str] = {}
     for e in container.get("env") or []:
         if "value" in e:
@@ -69,7 +71,7 @@ def env_values(objs: list[dict[str, Any]], container: dict[str, Any], namespace:
             continue
         ref = e["valueFrom"]
         if "fieldRef" in ref:
-            out[e["name"]] = {"spec.nodeName": NODE, "metadata.name": "shopfleet-controller-0",
+            out[e["name"]] = {"spec.nodeName": NODE, "status.hostIP": NODE_IP, "metadata.name": "shopfleet-controller-0",
                               f"metadata.annotations['{m.ANNOTATION_MODEL}']": MODEL_SHA256}[ref["fieldRef"]["fieldPath"]]
         elif "configMapKeyRef" in ref:
             out[e["name"]] = configmap_data(objs, ref["configMapKeyRef"]["name"], namespace)[ref["configMapKeyRef"]["key"]]

@@ -89,6 +89,9 @@ def test_agent_config_validates_and_names_only_mounted_files(obj, spec, c, monke
         return s.mount_for(spec, c, p) is not None or real_isfile(p)
 
     monkeypatch.setattr(os.path, "isfile", mounted)
+    for e in c.get("env") or []:  # what the Downward API gives the container: the node's address
+        if (e.get("valueFrom") or {}).get("fieldRef", {}).get("fieldPath") == "status.hostIP":
+            monkeypatch.setenv(e["name"], s.NODE_IP)
     config = validate_config(data, f"{obj['metadata']['name']}:{args.config}")
 
     assert config.shop == s.SHOP
@@ -108,6 +111,18 @@ def test_agent_config_validates_and_names_only_mounted_files(obj, spec, c, monke
     # Metrics on the port the container declares (and the Service scrapes).
     assert config.metrics.port == c["ports"][0]["containerPort"]
     assert c["readinessProbe"]["httpGet"]["port"] == c["ports"][0]["name"]
+    # The kubelet probes (and Prometheus scrapes) the pod's address, the node's own on the host
+    # network: metrics bound to loopback there would fail every probe; 0.0.0.0 on the host network
+    # would serve the node's metrics to the whole shop LAN.
+    bound = config.metrics.bind_host
+    for probe in ("readinessProbe", "livenessProbe"):
+        target = c[probe]["httpGet"].get("host")
+        if target is None:
+            assert bound not in ("127.0.0.1", "::1", "localhost"), f"{probe} probes the pod's address; metrics bind {bound}"
+        else:
+            assert bound in (target, "0.0.0.0"), f"{probe} probes {target}; metrics bind {bound}"
+    if spec.get("hostNetwork"):
+        assert bound == s.NODE_IP, f"host network: bind the node's own address (metrics.host_env), not {bound}"
     # Writable state: outbox (and the applier's record) on a writable, owned mount.
     state = [config.outbox.path] + ([str(config.apply.state_path)] if config.apply.enabled else [])
     for path in state:
