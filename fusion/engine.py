@@ -78,6 +78,7 @@ class FusionConfig(BaseModel):
     require_door_contact: bool = Field(True, description="refuse entries while the door contact is closed (or never reported)")
     rejoin_speed_mps: float = Field(2.0, gt=0, description="fastest walking speed assumed when re-joining a found track to a lost session")
     rejoin_similarity: float = Field(0.5, ge=-1, le=1, description="least appearance similarity (cosine) to re-join a found track")
+    rejoin_overlap_s: float = Field(0.5, ge=0, description="a found track may start this long before its lost session was last seen (a tracker re-spawning an id on the same person) and still re-join it")
     visible_gap_s: float = Field(0.35, gt=0, description="a session not seen for this long counts as lost (its track may come back under a new id)")
     close_delay_s: float = Field(3.0, ge=0, description="wait after the last member left before closing a cart, for late shelf changes")
     lost_exit_s: float = Field(20.0, gt=0, description="a session lost this long near the door is closed as 'exit-unseen'")
@@ -102,6 +103,7 @@ class _Track:
     session: str | None = None
     app: np.ndarray | None = None
     obs: int = 0
+    continuity_checked: bool = False
     mismatch: int = 0
     ended: bool = False
     # Appearance of each recent observation, to find when a tracker id swap happened.
@@ -298,7 +300,8 @@ class Fusion:
         if t.session is None:
             if t.obs <= 3 or t.obs % 5 == 0:
                 self._try_rejoin(t)
-            if t.session is None and t.obs == 2:
+            if t.session is None and not t.continuity_checked and t.last_ts - t.first_ts >= 0.4:
+                t.continuity_checked = True  # judged once, when the track has moved long enough to show its heading
                 self._exit_by_continuity(t)
                 if t.session is None:
                     self._entry_by_continuity(t)
@@ -327,15 +330,18 @@ class Fusion:
 
     def _try_rejoin(self, t: _Track) -> None:
         """Join a track found inside (no door crossing) to the lost session it most likely is."""
-        if not self.layout.door.is_inside((t.x, t.y)):
-            return
+        if not self.layout.door.is_inside((t.x, t.y)) or not self.layout.door.is_inside((t.hist[0][1], t.hist[0][2])):
+            return  # a track first seen on the street is someone coming in, not a shopper lost inside
         cfg = self.config
         best: tuple[float, _Session] | None = None
         for s in self._sessions.values():
-            if s.closed_at is not None or s.last_ts >= t.first_ts:
-                continue  # left, or seen at the same time as this track: not the same person
-            gap = t.first_ts - s.last_ts
-            if math.dist((s.x, s.y), (t.hist[0][1], t.hist[0][2])) > cfg.rejoin_speed_mps * gap + 1.0:
+            if s.closed_at is not None or s.last_ts - t.first_ts > cfg.rejoin_overlap_s or t.last_ts - s.last_ts < cfg.visible_gap_s:
+                # Left, or seen at the same time as this track (more than the frame or two a tracker
+                # takes to give up an id it has just re-spawned), or not lost at all: not the same person.
+                continue
+            gap = max(0.0, t.first_ts - s.last_ts)
+            # 1.5 m of slack: a track the tracker is about to give up coasts on its prediction, away from the shopper.
+            if math.dist((s.x, s.y), (t.hist[0][1], t.hist[0][2])) > cfg.rejoin_speed_mps * gap + 1.5:
                 continue
             sim = self._sim(t.app, s.proto)
             if sim is not None and sim < cfg.rejoin_similarity:
@@ -377,6 +383,9 @@ class Fusion:
         cfg = self.config
         door = self.layout.door
         if door.is_inside((t.x, t.y)) or math.dist((t.x, t.y), door.midpoint()) > cfg.door_near_m + 1.0:
+            return
+        # Someone leaving walks away from the door; a track walking towards it is someone coming in.
+        if math.dist((t.x, t.y), door.midpoint()) - math.dist((t.hist[0][1], t.hist[0][2]), door.midpoint()) < 0.1:
             return
         for s in self._sessions.values():
             gap = t.first_ts - s.last_ts
@@ -851,6 +860,7 @@ class Fusion:
         )
         if cart.confidence < self.config.confidence_bar:
             cart.flag("low-confidence", f"{cart.confidence:.2f} < {self.config.confidence_bar}")
+        spans = self._spans(set(cart.sessions))
         sessions = [self._sessions.pop(sid) for sid in cart.sessions if sid in self._sessions]
         tracks = tuple(tid for s in sessions for tid in s.tracks)
         for tid in tracks:
@@ -870,4 +880,18 @@ class Fusion:
             reasons=tuple(cart.reasons),
             status=status,
             attributions=tuple(cart.attributions),
+            spans=spans,
         )
+
+    def _spans(self, sids: set[str]) -> tuple[tuple[int, float, float], ...]:
+        """Return (track, from, until) for every stretch of a track that followed one of ``sids``."""
+        out = []
+        for t in self._tracks.values():
+            start = t.first_ts
+            for until, sid in t.segments:
+                if sid in sids and until > start:
+                    out.append((t.id, start, until))
+                start = max(start, until)
+            if t.session in sids:
+                out.append((t.id, start, t.last_ts))
+        return tuple(sorted(out))

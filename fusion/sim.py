@@ -334,6 +334,7 @@ def run(scenario: Scenario, seed: int | None = None, config: FusionConfig | None
     ghosts = [(f.at, f.at + f.duration_s, f.x, f.y, _unit(nrng.normal(size=cam.appearance_dims))) for f in scenario.faults if f.kind == "ghost"]
     slow = [(f.at, f.at + f.duration_s, f.fps) for f in scenario.faults if f.kind == "camera_fps"]
     votes: dict[int, Counter[str]] = defaultdict(Counter)
+    seen_by: dict[int, list[tuple[float, str]]] = defaultdict(list)  # track -> (ts, shopper) of its matched detections
     results: list[CartResult] = []
     inputs: Counter[str] = Counter()
     fusion_s = tracker_s = 0.0
@@ -404,6 +405,7 @@ def run(scenario: Scenario, seed: int | None = None, config: FusionConfig | None
             owner = owners[j] if matched else None
             if owner is not None:
                 votes[tid][owner] += 1
+                seen_by[tid].append((now, owner))
             x1, y1, x2, y2 = (float(v) for v in tracks.xyxy[i])
             app = tuple(float(a) for a in apps[j]) if matched else None
             items.append(TrackObservation(tid, now, (x1 + x2) / 2 / S, (y1 + y2) / 2 / S - OY, app))
@@ -423,9 +425,15 @@ def run(scenario: Scenario, seed: int | None = None, config: FusionConfig | None
     cart_truth: dict[str, str | None] = {}
     for c in results:
         tally: Counter[str] = Counter()
-        for tid in c.tracks:
-            for visit, n in votes.get(tid, Counter()).items():
-                tally[visit_cart[visit]] += n
+        if c.spans:  # who each track followed while it was this cart's (a tracker id swap splits a track)
+            for tid, a, b in c.spans:
+                for ts, visit in seen_by.get(tid, ()):
+                    if a <= ts <= b:
+                        tally[visit_cart[visit]] += 1
+        else:
+            for tid in c.tracks:
+                for visit, n in votes.get(tid, Counter()).items():
+                    tally[visit_cart[visit]] += n
         cart_truth[c.cart_id] = tally.most_common(1)[0][0] if tally else None
     minutes = sum((v.crossings[-1] - v.crossings[0]) / 60 for v in visits if len(v.crossings) >= 2)
     return RunResult(scenario, results, truth, cart_truth, fusion.errors, fusion.stats, fusion_s, tracker_s, minutes, frames, changes, len(visits), inputs, dict(votes), fusion)

@@ -245,6 +245,9 @@ class CartResult:
     reasons: tuple[Reason, ...]
     status: Literal["accepted", "review"]
     attributions: tuple[Attribution, ...] = field(default=())
+    # (track id, from, until): when each track followed this cart's shoppers (an id swap splits a
+    # track between two carts). Not on the wire; for scoring against ground truth and debugging.
+    spans: tuple[tuple[int, float, float], ...] = field(default=())
 
     @property
     def total_cents(self) -> int:
