@@ -27,14 +27,14 @@ from fusion.engine import FusionConfig
 from fusion.generate import generate
 from fusion.sim import run
 
-# name -> (number of seeds, shoppers): the benchmark's mix, crowds weighted up (they are the hard part).
+# name -> (number of seeds, shoppers): every named scenario, crowds and the slow camera weighted up (they are the hard part).
 MIX: dict[str, tuple[int, int]] = {
     "single": (20, 1),
-    "crowd": (40, 4),
+    "crowd": (30, 4),
     "family": (10, 4),
-    "wrong-slot": (6, 2),
+    "wrong-slot": (8, 2),
     "reenter": (8, 4),
-    "board-pulled": (6, 2),
+    "board-pulled": (8, 2),
     "slow-camera": (20, 3),
 }
 FIRST_SEED = 1000

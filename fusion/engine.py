@@ -80,6 +80,7 @@ class FusionConfig(BaseModel):
     rejoin_similarity: float = Field(0.5, ge=-1, le=1, description="least appearance similarity (cosine) to re-join a found track")
     rejoin_overlap_s: float = Field(0.5, ge=0, description="a found track may start this long before its lost session was last seen (a tracker re-spawning an id on the same person) and still re-join it")
     unseen_entry_s: float = Field(1.5, gt=0, description="a track walking inside this long that nobody saw come in, while no shopper is lost, is a person who entered hidden: joined to the last group's cart, for review ('entry-unseen')")
+    bridge_s: float = Field(5.0, ge=0, description="a shopper unseen around a change for at most this long, seen at the slot just before and just after, is counted as there all along (0: unseen time counts at half the weight of the last place seen)")
     visible_gap_s: float = Field(0.35, gt=0, description="a session not seen for this long counts as lost (its track may come back under a new id)")
     close_delay_s: float = Field(3.0, ge=0, description="wait after the last member left before closing a cart, for late shelf changes")
     lost_exit_s: float = Field(20.0, gt=0, description="a session lost this long near the door is closed as 'exit-unseen'")
@@ -90,8 +91,8 @@ class FusionConfig(BaseModel):
     swap_margin: float = Field(0.35, gt=0, le=2, description="a track looking this much more like another session than its own is a suspected id swap")
     swap_checks: int = Field(3, ge=1, description="consecutive suspicious checks before a track is moved to the other session")
     lost_exclusion: float = Field(0.8, ge=0, le=1, description="how much a shopper seen standing at the slot lowers the score of a shopper lost away from it; 0 treats a lost shopper as if nobody stood there")
-    calibration_slope: float = Field(1.0, gt=0, description="calibration of the attribution probability: sigmoid(slope * margin + offset), margin = log(best cart's score / (other carts' + nobody_score)); fitted on held-out scenarios by fusion.calibrate (1 and 0: the plain normalised score)")
-    calibration_offset: float = Field(0.0, description="see calibration_slope")
+    calibration_slope: float = Field(2.05, gt=0, description="calibration of the attribution probability: sigmoid(slope * margin + offset), margin = log(best cart's score / (other carts' + nobody_score)); fitted on held-out scenarios by fusion.calibrate (1 and 0 would be the plain normalised score)")
+    calibration_offset: float = Field(0.01, description="see calibration_slope; the defaults are the fit on held-out seeds (docs/fusion.md, 'Calibration')")
     appearance_alpha: float = Field(0.3, gt=0, le=1, description="weight of a new appearance vector in a track's running average")
 
 
@@ -654,7 +655,14 @@ class Fusion:
             coverage = min(1.0, wdt / full)
             # Time not seen (an occlusion at the shelf) counts at half the weight of where it was last seen.
             s = self._sessions[sid]
-            unseen = 0.5 * self._place_weight(slot, s.x, s.y, extra_m=0.2)[0] if coverage < 1.0 else 0.0
+            unseen = 0.0
+            if coverage < 1.0:
+                unseen = 0.5 * self._place_weight(slot, s.x, s.y, extra_m=0.2)[0]
+                # Seen at the slot just before the moment and again just after (a lost track re-joined):
+                # a person does not jump, so the time unseen in between was spent there too.
+                bridged = self._bridge(sid, slot, t_act)
+                if bridged is not None:
+                    unseen = max(unseen, bridged)
             # Squared: one moment in front of the slot while walking past must not look like standing there.
             seen = math.exp(2.0 * wlog / wsum)
             parts[sid] = (seen, coverage, unseen, near, pre)
@@ -681,6 +689,30 @@ class Fusion:
             room = at_slot + (1.0 - at_slot) * (1.0 - cfg.lost_exclusion * standing)
             out[s.id] = (0.5 * w * math.exp(-gap / 3.0) * room, d, False)
         return out
+
+    def _bridge(self, sid: str, slot: str, t_act: float) -> float | None:
+        """Return the place weight of a session's unseen stretch around t_act, when it was seen at the slot on both sides.
+
+        The last position before t_act and the first after it (on any of the session's tracks)
+        must be within ``bridge_s`` of each other in time; the weight is the lower of the two.
+        """
+        cfg = self.config
+        before: tuple[float, float, float] | None = None
+        after: tuple[float, float, float] | None = None
+        for t in self._tracks.values():
+            if not t.hist or t.last_ts < t_act - cfg.bridge_s or t.hist[0][0] > t_act + cfg.bridge_s:
+                continue
+            for h in t.hist:
+                ts = h[0]
+                if ts < t_act - cfg.bridge_s or ts > t_act + cfg.bridge_s or t.owner(ts) != sid:
+                    continue
+                if ts <= t_act and (before is None or ts > before[0]):
+                    before = h
+                elif ts > t_act and (after is None or ts < after[0]):
+                    after = h
+        if before is None or after is None or after[0] - before[0] > cfg.bridge_s:
+            return None
+        return min(self._place_weight(slot, before[1], before[2])[0], self._place_weight(slot, after[1], after[2])[0])
 
     def _shelf_change(self, ch: ShelfChange) -> None:
         cfg = self.config

@@ -532,3 +532,26 @@ def test_the_calibration_turns_the_evidence_margin_into_a_probability() -> None:
     (cart,) = s.close()
     (a,) = cart.attributions
     assert a.probability == pytest.approx(s.f.calibrated(a.margin)) and a.margin > 2.0
+
+
+def _pick_while_unseen(config: FusionConfig) -> float:
+    """A shopper at A1, unseen for 2.4 s around their pick (someone in front), seen there again: the pick's margin."""
+    s = Shop(config)
+    s.door(True)
+    s.enter(1)
+    s.stand(2.0, (1, *AT_A1))
+    s.tick(2.4)  # not seen at all
+    s.stand(0.7, (1, *AT_A1))
+    s.change(A1, -1, -345.0)  # the hand was on the shelf about 1.25 s ago, in the middle of the gap
+    s.stand(1.0, (1, *AT_A1))
+    s.leave(1)
+    (cart,) = s.close()
+    (a,) = cart.attributions
+    assert cart.items() == {"cola": 1}
+    return a.margin
+
+
+def test_a_shopper_seen_at_the_slot_before_and_after_an_unseen_pick_was_there_all_along() -> None:
+    bridged = _pick_while_unseen(FusionConfig())
+    unbridged = _pick_while_unseen(FusionConfig(bridge_s=0.0))
+    assert bridged > unbridged + 0.2
