@@ -744,9 +744,10 @@ class Fusion:
         cfg = self.config
         t_act = ch.ts - cfg.settle_delay_s
         scores = self._scores(spec.slot, t_act)
-        by_cart: Counter[str] = Counter()
+        by_cart: dict[str, float] = {}
         for sid, v in scores.items():
-            by_cart[self._sessions[sid].cart] += v[0]
+            c = self._sessions[sid].cart
+            by_cart[c] = by_cart.get(c, 0.0) + v[0]
         if not scores or max(v[0] for v in scores.values()) < cfg.nobody_score:
             total = sum(v[0] for v in scores.values()) + cfg.nobody_score
             candidates = tuple((sid, v[0] / total, v[1]) for sid, v in sorted(scores.items(), key=lambda kv: -kv[1][0]) if v[0] / total >= 0.01)
@@ -761,7 +762,7 @@ class Fusion:
                     near = next((f" ({d:.1f} m away)" for sid, _, d in candidates if sid == sess.id), "")
                     self._carts[sess.cart].flag("nobody-near", f"change {ch.id} on {spec.slot} at {t_act:.1f}s while session {sess.id} was not seen{near}")
             return None
-        (top, s1), *rest = by_cart.most_common()
+        (top, s1), *rest = sorted(by_cart.items(), key=lambda kv: -kv[1])
         others = sum(v for _, v in rest) + cfg.nobody_score
         margin = math.log(s1) - math.log(others)
         p = self.calibrated(margin)

@@ -431,9 +431,9 @@ def run(scenario: Scenario, seed: int | None = None, config: FusionConfig | None
     for c in results:
         tally: Counter[str] = Counter()
         if c.spans:  # who each track followed while it was this cart's (a tracker id swap splits a track)
-            for tid, a, b in c.spans:
+            for tid, since, until in c.spans:
                 for ts, visit in seen_by.get(tid, ()):
-                    if a <= ts <= b:
+                    if since <= ts <= until:
                         tally[visit_cart[visit]] += 1
         else:
             for tid in c.tracks:
@@ -442,11 +442,11 @@ def run(scenario: Scenario, seed: int | None = None, config: FusionConfig | None
         cart_truth[c.cart_id] = tally.most_common(1)[0][0] if tally else None
     change_truth: dict[str, str] = {}
     for c in results:
-        for a in c.attributions:
-            if a.change_id not in change_truth:
-                hand = [h for h in hands if h[1] == a.slot and h[0] < a.ts]  # the last hand on that slot before it settled
+        for att in c.attributions:
+            if att.change_id not in change_truth:
+                hand = [h for h in hands if h[1] == att.slot and h[0] < att.ts]  # the last hand on that slot before it settled
                 if hand:
-                    change_truth[a.change_id] = hand[-1][2]
+                    change_truth[att.change_id] = hand[-1][2]
     minutes = sum((v.crossings[-1] - v.crossings[0]) / 60 for v in visits if len(v.crossings) >= 2)
     return RunResult(scenario, results, truth, cart_truth, fusion.errors, fusion.stats, fusion_s, tracker_s, minutes, frames, changes, len(visits), inputs, dict(votes), fusion, change_truth)
 
