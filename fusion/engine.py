@@ -70,7 +70,7 @@ class FusionConfig(BaseModel):
     window_s: float = Field(1.5, gt=0, description="look this far either side of the estimated moment of the pick")
     place_floor: float = Field(0.02, gt=0, lt=1, description="least place weight of one position in the mean: how much one moment far from the slot counts against a shopper")
     nobody_score: float = Field(0.05, gt=0, lt=1, description="score of 'nobody did it'; a change whose best score is below it is nobody's")
-    attribution_bar: float = Field(0.9, gt=0.5, le=1, description="a line whose runner-up has more than 1 - this probability is 'contested'")
+    attribution_bar: float = Field(0.99, gt=0.5, le=1, description="a change attributed with a (calibrated) probability below this is in doubt: 'contested' when another cart holds at least half of the doubt, else 'low-confidence'")
     quantity_bar: float = Field(0.7, ge=0, le=1, description="below this quantity confidence a change is 'quantity-uncertain'")
     confidence_bar: float = Field(0.85, ge=0, le=1, description="a cart below this confidence goes to review")
     door_grace_s: float = Field(2.0, ge=0, description="an entry this long after the door closed still counts (contact and camera clocks differ)")
@@ -78,6 +78,9 @@ class FusionConfig(BaseModel):
     require_door_contact: bool = Field(True, description="refuse entries while the door contact is closed (or never reported)")
     rejoin_speed_mps: float = Field(2.0, gt=0, description="fastest walking speed assumed when re-joining a found track to a lost session")
     rejoin_similarity: float = Field(0.5, ge=-1, le=1, description="least appearance similarity (cosine) to re-join a found track")
+    rejoin_overlap_s: float = Field(0.5, ge=0, description="a found track may start this long before its lost session was last seen (a tracker re-spawning an id on the same person) and still re-join it")
+    unseen_entry_s: float = Field(1.5, gt=0, description="a track walking inside this long that nobody saw come in, while no shopper is lost, is a person who entered hidden: joined to the last group's cart, for review ('entry-unseen')")
+    bridge_s: float = Field(5.0, ge=0, description="a shopper unseen around a change for at most this long, seen at the slot just before and just after, is counted as there all along (0: unseen time counts at half the weight of the last place seen)")
     visible_gap_s: float = Field(0.35, gt=0, description="a session not seen for this long counts as lost (its track may come back under a new id)")
     close_delay_s: float = Field(3.0, ge=0, description="wait after the last member left before closing a cart, for late shelf changes")
     lost_exit_s: float = Field(20.0, gt=0, description="a session lost this long near the door is closed as 'exit-unseen'")
@@ -88,6 +91,8 @@ class FusionConfig(BaseModel):
     swap_margin: float = Field(0.35, gt=0, le=2, description="a track looking this much more like another session than its own is a suspected id swap")
     swap_checks: int = Field(3, ge=1, description="consecutive suspicious checks before a track is moved to the other session")
     lost_exclusion: float = Field(0.8, ge=0, le=1, description="how much a shopper seen standing at the slot lowers the score of a shopper lost away from it; 0 treats a lost shopper as if nobody stood there")
+    calibration_slope: float = Field(2.05, gt=0, description="calibration of the attribution probability: sigmoid(slope * margin + offset), margin = log(best cart's score / (other carts' + nobody_score)); fitted on held-out scenarios by fusion.calibrate (1 and 0 would be the plain normalised score)")
+    calibration_offset: float = Field(0.01, description="see calibration_slope; the defaults are the fit on held-out seeds (docs/fusion.md, 'Calibration')")
     appearance_alpha: float = Field(0.3, gt=0, le=1, description="weight of a new appearance vector in a track's running average")
 
 
@@ -102,6 +107,7 @@ class _Track:
     session: str | None = None
     app: np.ndarray | None = None
     obs: int = 0
+    continuity_checked: bool = False
     mismatch: int = 0
     ended: bool = False
     # Appearance of each recent observation, to find when a tracker id swap happened.
@@ -140,6 +146,7 @@ class _Change:
     probability: float
     candidates: tuple[tuple[str, float, float], ...]
     reasons: tuple[Reason, ...]  # from the attribution itself (contested, planogram-mismatch)
+    margin: float = 0.0
 
 
 @dataclass
@@ -299,9 +306,12 @@ class Fusion:
             if t.obs <= 3 or t.obs % 5 == 0:
                 self._try_rejoin(t)
             if t.session is None and t.obs == 2:
+                self._entry_by_continuity(t)
+            if t.session is None and not t.continuity_checked and t.last_ts - t.first_ts >= 0.4:
+                t.continuity_checked = True  # judged once, when the track has moved long enough to show its heading
                 self._exit_by_continuity(t)
-                if t.session is None:
-                    self._entry_by_continuity(t)
+            if t.session is None and t.obs % 5 == 0 and t.last_ts - t.first_ts >= cfg.unseen_entry_s:
+                self._entry_unseen(t)
             return
         s = self._sessions[t.session]
         if s.closed_at is None:
@@ -327,15 +337,18 @@ class Fusion:
 
     def _try_rejoin(self, t: _Track) -> None:
         """Join a track found inside (no door crossing) to the lost session it most likely is."""
-        if not self.layout.door.is_inside((t.x, t.y)):
-            return
+        if not self.layout.door.is_inside((t.x, t.y)) or not self.layout.door.is_inside((t.hist[0][1], t.hist[0][2])):
+            return  # a track first seen on the street is someone coming in, not a shopper lost inside
         cfg = self.config
         best: tuple[float, _Session] | None = None
         for s in self._sessions.values():
-            if s.closed_at is not None or s.last_ts >= t.first_ts:
-                continue  # left, or seen at the same time as this track: not the same person
-            gap = t.first_ts - s.last_ts
-            if math.dist((s.x, s.y), (t.hist[0][1], t.hist[0][2])) > cfg.rejoin_speed_mps * gap + 1.0:
+            if s.closed_at is not None or s.last_ts - t.first_ts > cfg.rejoin_overlap_s or t.last_ts - s.last_ts < cfg.visible_gap_s:
+                # Left, or seen at the same time as this track (more than the frame or two a tracker
+                # takes to give up an id it has just re-spawned), or not lost at all: not the same person.
+                continue
+            gap = max(0.0, t.first_ts - s.last_ts)
+            # 1.5 m of slack: a track the tracker is about to give up coasts on its prediction, away from the shopper.
+            if math.dist((s.x, s.y), (t.hist[0][1], t.hist[0][2])) > cfg.rejoin_speed_mps * gap + 1.5:
                 continue
             sim = self._sim(t.app, s.proto)
             if sim is not None and sim < cfg.rejoin_similarity:
@@ -367,6 +380,44 @@ class Fusion:
         self.stats["entries_by_continuity"] += 1
         self._enter(t, t.first_ts)
 
+    def _entry_unseen(self, t: _Track) -> None:
+        """Join a person walking inside whom nobody saw come in to the cart of the last people in; review every cart inside.
+
+        Someone who entered hidden behind the person in front (a family walking in close together)
+        may first be tracked deep inside, after the door closed. With every shopper inside in view
+        (nobody lost whom the track could be), the track is a person, not a lost shopper: their
+        picks must not be nobody's. They join the last group's cart, and every cart inside then goes to
+        review ('entry-unseen'): the person came in with one of them. A track that does not move (a ghost, a
+        poster) or is first seen outside is not joined.
+        """
+        cfg = self.config
+        door = self.layout.door
+        if not door.is_inside((t.x, t.y)) or not door.is_inside((t.hist[0][1], t.hist[0][2])):
+            return
+        xs, ys = [h[1] for h in t.hist], [h[2] for h in t.hist]
+        if max(max(xs) - min(xs), max(ys) - min(ys)) < 0.5:
+            return
+        open_sessions = [s for s in self._sessions.values() if s.closed_at is None]
+        if any(t.last_ts - s.last_ts >= cfg.visible_gap_s for s in open_sessions):
+            return  # a shopper is lost: the track may be them (re-joining decides)
+        latest = max((s for s in open_sessions if s.opened_at <= t.first_ts), key=lambda s: s.opened_at, default=None)
+        if latest is None:
+            return
+        cart = self._carts[latest.cart]
+        self._n_sessions += 1
+        sid = f"s{self._n_sessions}"
+        cart.sessions.append(sid)
+        sess = _Session(sid, cart.id, t.first_ts, [t.id], t.last_ts, t.x, t.y)
+        if t.app is not None:
+            sess.proto, sess.proto_n = t.app.copy(), 1
+        self._sessions[sid] = sess
+        t.session = sid
+        # They came in with one of the groups inside: each of those carts may lack what they take.
+        for c in {self._sessions[s.id].cart for s in open_sessions if s.opened_at <= t.first_ts}:
+            self._carts[c].flag("entry-unseen", f"track {t.id} found walking inside at {t.first_ts:.1f}s without being seen coming in; joined to {latest.id}'s cart")
+        self.stats["entries_unseen"] += 1
+        self._reattribute(t.first_ts - cfg.window_s)
+
     def _exit_by_continuity(self, t: _Track) -> None:
         """Close a session lost at the door when a track that looks like it appears just outside.
 
@@ -377,6 +428,9 @@ class Fusion:
         cfg = self.config
         door = self.layout.door
         if door.is_inside((t.x, t.y)) or math.dist((t.x, t.y), door.midpoint()) > cfg.door_near_m + 1.0:
+            return
+        # Someone leaving walks away from the door; a track walking towards it is someone coming in.
+        if math.dist((t.x, t.y), door.midpoint()) - math.dist((t.hist[0][1], t.hist[0][2]), door.midpoint()) < 0.1:
             return
         for s in self._sessions.values():
             gap = t.first_ts - s.last_ts
@@ -601,7 +655,14 @@ class Fusion:
             coverage = min(1.0, wdt / full)
             # Time not seen (an occlusion at the shelf) counts at half the weight of where it was last seen.
             s = self._sessions[sid]
-            unseen = 0.5 * self._place_weight(slot, s.x, s.y, extra_m=0.2)[0] if coverage < 1.0 else 0.0
+            unseen = 0.0
+            if coverage < 1.0:
+                unseen = 0.5 * self._place_weight(slot, s.x, s.y, extra_m=0.2)[0]
+                # Seen at the slot just before the moment and again just after (a lost track re-joined):
+                # a person does not jump, so the time unseen in between was spent there too.
+                bridged = self._bridge(sid, slot, t_act)
+                if bridged is not None:
+                    unseen = max(unseen, bridged)
             # Squared: one moment in front of the slot while walking past must not look like standing there.
             seen = math.exp(2.0 * wlog / wsum)
             parts[sid] = (seen, coverage, unseen, near, pre)
@@ -629,6 +690,30 @@ class Fusion:
             out[s.id] = (0.5 * w * math.exp(-gap / 3.0) * room, d, False)
         return out
 
+    def _bridge(self, sid: str, slot: str, t_act: float) -> float | None:
+        """Return the place weight of a session's unseen stretch around t_act, when it was seen at the slot on both sides.
+
+        The last position before t_act and the first after it (on any of the session's tracks)
+        must be within ``bridge_s`` of each other in time; the weight is the lower of the two.
+        """
+        cfg = self.config
+        before: tuple[float, float, float] | None = None
+        after: tuple[float, float, float] | None = None
+        for t in self._tracks.values():
+            if not t.hist or t.last_ts < t_act - cfg.bridge_s or t.hist[0][0] > t_act + cfg.bridge_s:
+                continue
+            for h in t.hist:
+                ts = h[0]
+                if ts < t_act - cfg.bridge_s or ts > t_act + cfg.bridge_s or t.owner(ts) != sid:
+                    continue
+                if ts <= t_act and (before is None or ts > before[0]):
+                    before = h
+                elif ts > t_act and (after is None or ts < after[0]):
+                    after = h
+        if before is None or after is None or after[0] - before[0] > cfg.bridge_s:
+            return None
+        return min(self._place_weight(slot, before[1], before[2])[0], self._place_weight(slot, after[1], after[2])[0])
+
     def _shelf_change(self, ch: ShelfChange) -> None:
         cfg = self.config
         self.stats["changes"] += 1
@@ -649,14 +734,23 @@ class Fusion:
             self._rebuild(cart)
 
     def _attribute(self, ch: ShelfChange, spec: SlotSpec, reattributing: bool = False) -> _Cart | None:
-        """Give a change to the likeliest cart (returned, not yet rebuilt) or keep it as an orphan."""
+        """Give a change to the likeliest cart (returned, not yet rebuilt) or keep it as an orphan.
+
+        The evidence is per cart (family members' scores add up): the margin is the log of the
+        best cart's score over every other cart's plus 'nobody'. The calibration
+        (``calibration_slope``, ``calibration_offset``, fitted on held-out scenarios by
+        ``fusion.calibrate``) turns the margin into the probability that the change is that cart's.
+        """
         cfg = self.config
         t_act = ch.ts - cfg.settle_delay_s
         scores = self._scores(spec.slot, t_act)
-        total = sum(v[0] for v in scores.values()) + cfg.nobody_score
-        ranked = sorted(((sid, v[0] / total, v[1], v[2]) for sid, v in scores.items()), key=lambda r: -r[1])
-        candidates = tuple((sid, p, d) for sid, p, d, _ in ranked if p >= 0.01)
-        if not ranked or max(v[0] for v in scores.values()) < cfg.nobody_score:
+        by_cart: dict[str, float] = {}
+        for sid, v in scores.items():
+            c = self._sessions[sid].cart
+            by_cart[c] = by_cart.get(c, 0.0) + v[0]
+        if not scores or max(v[0] for v in scores.values()) < cfg.nobody_score:
+            total = sum(v[0] for v in scores.values()) + cfg.nobody_score
+            candidates = tuple((sid, v[0] / total, v[1]) for sid, v in sorted(scores.items(), key=lambda kv: -kv[1][0]) if v[0] / total >= 0.01)
             if not reattributing:
                 self.errors["nobody-near"] += 1
             a = Attribution(ch.id, spec.slot, spec.product, ch.quantity, ch.ts, None, 0.0, candidates, (Reason("nobody-near", f"{spec.slot} at {t_act:.1f}s"),))
@@ -665,29 +759,53 @@ class Fusion:
             # Somebody's hand did it: every shopper inside who was not watched the whole time may be that somebody.
             for sess in self._sessions.values():
                 if self._open_at(sess, t_act) and not self._watched(sess.id, t_act - cfg.window_s, t_act + cfg.window_s):
-                    near = next((f" ({d:.1f} m away)" for sid, _, d, _ in ranked if sid == sess.id), "")
+                    near = next((f" ({d:.1f} m away)" for sid, _, d in candidates if sid == sess.id), "")
                     self._carts[sess.cart].flag("nobody-near", f"change {ch.id} on {spec.slot} at {t_act:.1f}s while session {sess.id} was not seen{near}")
             return None
-        sid, p, _, _ = ranked[0]
-        cart = self._carts[self._sessions[sid].cart]
+        (top, s1), *rest = sorted(by_cart.items(), key=lambda kv: -kv[1])
+        others = sum(v for _, v in rest) + cfg.nobody_score
+        margin = math.log(s1) - math.log(others)
+        p = self.calibrated(margin)
+        # Each session's share: the chosen cart's members split p, the others split the rest.
+        candidates = tuple(
+            sorted(
+                (
+                    (sid, (p * v[0] / s1) if self._sessions[sid].cart == top else (1.0 - p) * v[0] / others, v[1])
+                    for sid, v in scores.items()
+                ),
+                key=lambda r: -r[1],
+            )
+        )
+        candidates = tuple(c for c in candidates if c[1] >= 0.01)
+        cart = self._carts[top]
         reasons: list[Reason] = []
-        others = [r for r in ranked[1:] if self._sessions[r[0]].cart != cart.id]
-        runner = others[0][1] if others else 0.0
-        if runner > 1 - cfg.attribution_bar:
-            contested = Reason("contested", f"{spec.slot} at {t_act:.1f}s: {sid} p={p:.2f}, {others[0][0]} p={runner:.2f}")
-            reasons.append(contested)
-            # The runner-up's cart is in doubt too: if the change was theirs, their cart lacks it.
-            for r in others:
-                if r[1] > 1 - cfg.attribution_bar:
-                    self._carts[self._sessions[r[0]].cart].contests[ch.id] = (ch.ts, contested)
+        if 1.0 - p > 1.0 - cfg.attribution_bar:
+            # In doubt. Contested when another cart holds most of the doubt (two shoppers at the
+            # shelf); otherwise the evidence is weak for anyone (seen only part of the time).
+            runner_cart, s2 = rest[0] if rest else (None, 0.0)
+            runner = (1.0 - p) * s2 / others
+            best_sid = max((sid for sid in scores if self._sessions[sid].cart == top), key=lambda sid: scores[sid][0])
+            if runner_cart is not None and runner >= (1.0 - p) / 2:
+                runner_sid = max((sid for sid in scores if self._sessions[sid].cart == runner_cart), key=lambda sid: scores[sid][0])
+                contested = Reason("contested", f"{spec.slot} at {t_act:.1f}s: {best_sid} p={p:.3f}, {runner_sid} p={runner:.3f}")
+                reasons.append(contested)
+                # The runner-up's cart is in doubt too: if the change was theirs, their cart lacks it.
+                for c, sc in rest:
+                    if (1.0 - p) * sc / others >= (1.0 - p) / 2 or (1.0 - p) * sc / others > 1 - cfg.attribution_bar:
+                        self._carts[c].contests[ch.id] = (ch.ts, contested)
+            else:
+                reasons.append(Reason("low-confidence", f"{spec.slot} at {t_act:.1f}s: {best_sid} p={p:.3f} < {cfg.attribution_bar}, nobody else near enough to contest it"))
         if spec.slot != ch.slot or spec.product != ch.product:
             reasons.append(Reason("planogram-mismatch", f"board {ch.board}/{ch.channel} reports {ch.slot}:{ch.product}, layout has {spec.slot}:{spec.product}"))
-        # Members of the same cart near each other are not a doubt: the line is theirs either way.
-        p_cart = p + sum(r[1] for r in ranked[1:] if self._sessions[r[0]].cart == cart.id)
-        cart.changes.append(_Change(ch, spec, p_cart, candidates, tuple(reasons)))
+        cart.changes.append(_Change(ch, spec, p, candidates, tuple(reasons), margin))
         if not reattributing:
             self.stats["attributed"] += 1
         return cart
+
+    def calibrated(self, margin: float) -> float:
+        """Return the calibrated probability that a change is the chosen cart's, given its evidence margin."""
+        z = self.config.calibration_slope * margin + self.config.calibration_offset
+        return 1.0 / (1.0 + math.exp(-z)) if z > -50 else 0.0
 
     def _watched(self, sid: str, lo: float, hi: float, max_gap_s: float = 1.0) -> bool:
         """Return True when the session was seen all through [lo, hi], never unseen for ``max_gap_s``."""
@@ -707,7 +825,7 @@ class Fusion:
                 if r not in cart.derived:
                     cart.derived.append(r)
             ch = c.ch
-            cart.attributions.append(Attribution(ch.id, c.spec.slot, c.spec.product, ch.quantity, ch.ts, cart.id, c.probability, c.candidates, tuple(reasons)))
+            cart.attributions.append(Attribution(ch.id, c.spec.slot, c.spec.product, ch.quantity, ch.ts, cart.id, c.probability, c.candidates, tuple(reasons), c.margin))
 
     def _reattribute(self, since: float) -> None:
         """Attribute again every change since ``since`` (an id swap changed who was where).
@@ -851,6 +969,7 @@ class Fusion:
         )
         if cart.confidence < self.config.confidence_bar:
             cart.flag("low-confidence", f"{cart.confidence:.2f} < {self.config.confidence_bar}")
+        spans = self._spans(set(cart.sessions))
         sessions = [self._sessions.pop(sid) for sid in cart.sessions if sid in self._sessions]
         tracks = tuple(tid for s in sessions for tid in s.tracks)
         for tid in tracks:
@@ -870,4 +989,18 @@ class Fusion:
             reasons=tuple(cart.reasons),
             status=status,
             attributions=tuple(cart.attributions),
+            spans=spans,
         )
+
+    def _spans(self, sids: set[str]) -> tuple[tuple[int, float, float], ...]:
+        """Return (track, from, until) for every stretch of a track that followed one of ``sids``."""
+        out = []
+        for t in self._tracks.values():
+            start = t.first_ts
+            for until, sid in t.segments:
+                if sid in sids and until > start:
+                    out.append((t.id, start, until))
+                start = max(start, until)
+            if t.session in sids:
+                out.append((t.id, start, t.last_ts))
+        return tuple(sorted(out))

@@ -24,8 +24,11 @@ are skipped (the board is sampled directly, via its ``_sample``), so a 10-minute
 seconds. A pulled board delivers nothing for the outage and its processor is reset on return, as
 the driver does on reconnect.
 
-Ground truth: every detection carries the shopper it came from, so each track id gets votes for
-the shopper it followed, and each produced cart is matched to the true cart of its shoppers.
+Ground truth: every detection carries the shopper it came from, so each track gets, frame by frame,
+the shopper it followed. A produced cart is matched to the true cart its tracks followed *while
+they were the cart's* (``CartResult.spans``: a tracker id swap that fusion found splits a track
+between two carts by time), and each shelf change to the true cart of the hand that made it (the
+last hand on that slot before the change settled, ``RunResult.change_truth``).
 """
 
 from __future__ import annotations
@@ -205,6 +208,7 @@ class RunResult:
     inputs: Counter[str] = field(default_factory=Counter)
     track_votes: dict[int, Counter[str]] = field(default_factory=dict)
     fusion: Fusion | None = None
+    change_truth: dict[str, str] = field(default_factory=dict)  # shelf change id -> true cart whose hand made it
 
 
 class _Boards:
@@ -329,11 +333,13 @@ def run(scenario: Scenario, seed: int | None = None, config: FusionConfig | None
     boards = _Boards(scenario, clock, seed)
     end = max(v.end for v in visits) + 6.0
     hw_actions = sorted((t, slot, units, product) for v in visits for (t, slot, units, product) in v.actions)
+    hands = sorted((t, slot, v.shopper.cart_id) for v in visits for (t, slot, _, _) in v.actions)
     door_edges = _door_edges([t for v in visits for t in v.crossings])
     pulls = [(f.at, f.at + f.duration_s, f.board) for f in scenario.faults if f.kind == "board_pull"]
     ghosts = [(f.at, f.at + f.duration_s, f.x, f.y, _unit(nrng.normal(size=cam.appearance_dims))) for f in scenario.faults if f.kind == "ghost"]
     slow = [(f.at, f.at + f.duration_s, f.fps) for f in scenario.faults if f.kind == "camera_fps"]
     votes: dict[int, Counter[str]] = defaultdict(Counter)
+    seen_by: dict[int, list[tuple[float, str]]] = defaultdict(list)  # track -> (ts, shopper) of its matched detections
     results: list[CartResult] = []
     inputs: Counter[str] = Counter()
     fusion_s = tracker_s = 0.0
@@ -404,6 +410,7 @@ def run(scenario: Scenario, seed: int | None = None, config: FusionConfig | None
             owner = owners[j] if matched else None
             if owner is not None:
                 votes[tid][owner] += 1
+                seen_by[tid].append((now, owner))
             x1, y1, x2, y2 = (float(v) for v in tracks.xyxy[i])
             app = tuple(float(a) for a in apps[j]) if matched else None
             items.append(TrackObservation(tid, now, (x1 + x2) / 2 / S, (y1 + y2) / 2 / S - OY, app))
@@ -423,12 +430,25 @@ def run(scenario: Scenario, seed: int | None = None, config: FusionConfig | None
     cart_truth: dict[str, str | None] = {}
     for c in results:
         tally: Counter[str] = Counter()
-        for tid in c.tracks:
-            for visit, n in votes.get(tid, Counter()).items():
-                tally[visit_cart[visit]] += n
+        if c.spans:  # who each track followed while it was this cart's (a tracker id swap splits a track)
+            for tid, since, until in c.spans:
+                for ts, visit in seen_by.get(tid, ()):
+                    if since <= ts <= until:
+                        tally[visit_cart[visit]] += 1
+        else:
+            for tid in c.tracks:
+                for visit, n in votes.get(tid, Counter()).items():
+                    tally[visit_cart[visit]] += n
         cart_truth[c.cart_id] = tally.most_common(1)[0][0] if tally else None
+    change_truth: dict[str, str] = {}
+    for c in results:
+        for att in c.attributions:
+            if att.change_id not in change_truth:
+                hand = [h for h in hands if h[1] == att.slot and h[0] < att.ts]  # the last hand on that slot before it settled
+                if hand:
+                    change_truth[att.change_id] = hand[-1][2]
     minutes = sum((v.crossings[-1] - v.crossings[0]) / 60 for v in visits if len(v.crossings) >= 2)
-    return RunResult(scenario, results, truth, cart_truth, fusion.errors, fusion.stats, fusion_s, tracker_s, minutes, frames, changes, len(visits), inputs, dict(votes), fusion)
+    return RunResult(scenario, results, truth, cart_truth, fusion.errors, fusion.stats, fusion_s, tracker_s, minutes, frames, changes, len(visits), inputs, dict(votes), fusion, change_truth)
 
 
 def _door_edges(crossings: list[float]) -> list[tuple[float, bool]]:

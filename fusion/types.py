@@ -153,6 +153,7 @@ REASONS: dict[str, str] = {
     "stale-change": "a shelf change arrived too late to know who was near; a pick may be missing",
     "track-swap": "this shopper's track was found to carry another shopper's appearance (no longer raised: a swap re-attributes the changes since it)",
     "exit-unseen": "the shopper's track was lost near the door and never seen leaving",
+    "entry-unseen": "a person nobody saw come in was found walking inside and joined to the cart of the last people in",
     "never-left": "the session was still open when the run ended",
 }
 """Every reason a cart can carry, with what it means (also in docs/fusion.md)."""
@@ -214,6 +215,7 @@ class Attribution:
     probability: float
     candidates: tuple[tuple[str, float, float], ...] = ()  # (session id, probability, nearest distance m)
     reasons: tuple[Reason, ...] = ()
+    margin: float = 0.0  # evidence for the chosen cart over every other cart and nobody: log(score / (others + nobody))
 
     def to_dict(self) -> dict[str, Any]:
         """Return the attribution as a JSON-ready dict (the evidence a reviewer sees for a line)."""
@@ -227,6 +229,7 @@ class Attribution:
             "probability": round(self.probability, 4),
             "candidates": [{"session": s, "probability": round(p, 4), "distance_m": round(d, 3)} for s, p, d in self.candidates],
             "reasons": [r.to_dict() for r in self.reasons],
+            "margin": round(self.margin, 3),
         }
 
 
@@ -245,6 +248,9 @@ class CartResult:
     reasons: tuple[Reason, ...]
     status: Literal["accepted", "review"]
     attributions: tuple[Attribution, ...] = field(default=())
+    # (track id, from, until): when each track followed this cart's shoppers (an id swap splits a
+    # track between two carts). Not on the wire; for scoring against ground truth and debugging.
+    spans: tuple[tuple[int, float, float], ...] = field(default=())
 
     @property
     def total_cents(self) -> int:

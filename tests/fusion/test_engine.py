@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -439,3 +440,118 @@ def test_a_shopper_lost_away_from_a_slot_someone_stands_at_does_not_contest_the_
     # Without the exclusion the lost shopper's blurred last place makes the same pick doubtful.
     without = _pick_while_another_is_lost_behind(FusionConfig(lost_exclusion=0.0))
     assert without["s1"].status == "review" and "contested" in [r.code for r in without["s1"].reasons]
+
+
+def test_a_person_found_walking_inside_whom_nobody_saw_come_in_is_not_nobody() -> None:
+    # Shopper 2 walked in hidden behind shopper 1 and is first tracked at the shelves after the door closed.
+    s = shop_with(1)
+    s.stand(1.0, (1, 4.5, 2.5))
+    for k in range(25):  # walking along the back wall to A1, shopper 1 in view all along
+        s.see(1, 4.5, 2.5)
+        s.see(9, 3.6 - 0.064 * k, 4.15, person=2)
+        s.tick()
+    assert s.f.session_of(9) is not None and s.f.stats["entries_unseen"] == 1
+    s.stand(1.5, (1, 4.5, 2.5), (9, *AT_A1))
+    s.change(A1, -1, -345.0)
+    s.stand(1.0, (1, 4.5, 2.5), (9, *AT_A1))
+    s.door(True)
+    s.leave(9, person=2)
+    s.leave(1)
+    (cart,) = s.close()
+    assert cart.items() == {"cola": 1}  # on a cart, not an orphan nobody pays for
+    assert cart.status == "review" and "entry-unseen" in [r.code for r in cart.reasons]
+    assert not s.f.orphans
+
+
+def test_a_track_walking_in_from_the_street_is_a_new_shopper_not_a_lost_one_found_again() -> None:
+    s = shop_with(1)
+    s.stand(0.5, (1, 3.0, 1.2))
+    s.feed(TrackLost(1, s.t))  # shopper 1 is lost just inside the door
+    s.tick(1.0)
+    s.door(True)
+    for y in (-1.2, -0.8, -0.4, 0.1, 0.4, 0.7, 1.0):  # someone who even looks alike walks in from the street
+        s.see(2, 3.0, y, person=1)
+        s.tick()
+    s.feed(DoorCrossing(2, s.t, "in"))  # the crossing is reported a few frames late
+    assert s.f.session_of(2) not in (None, "s1")
+    assert s.f.open_sessions() == ["s1", s.f.session_of(2)]
+
+
+def test_someone_walking_in_near_a_shopper_lost_at_the_door_does_not_close_that_shopper() -> None:
+    s = shop_with(1)
+    s.stand(1.0, (1, 3.0, 0.6))
+    s.feed(TrackLost(1, s.t))  # lost at the door, still inside
+    s.tick(0.5)
+    s.door(True)
+    for k in range(8):  # a new track on the street walking towards the door, looking like shopper 1
+        s.see(2, 3.1, -1.6 + 0.1 * k, person=1)
+        s.tick()
+    assert s.f.stats["exits_by_continuity"] == 0 and s.f.open_sessions() == ["s1"]
+
+
+def test_a_track_the_tracker_re_spawns_a_frame_early_re_joins_its_shopper() -> None:
+    s = shop_with(1)
+    s.stand(1.0, (1, 2.0, 3.0))
+    for _ in range(3):  # the new id starts while the old one is still seen for a few frames
+        s.see(5, 2.1, 3.0, person=1)
+        s.see(1, 2.05, 3.0)
+        s.tick()
+    for _ in range(10):
+        s.see(5, 2.1, 3.0)
+        s.tick()
+    assert s.f.session_of(5) == "s1"
+
+
+def test_a_swapped_track_is_split_between_the_two_carts_by_time() -> None:
+    s = shop_with(1, 2)
+    s.stand(2.0, (1, 2.0, 4.05), (2, 2.35, 3.6))
+    s.person[1], s.person[2] = 2, 1
+    s.stand(4.0, (2, *AT_A1), (1, 3.0, 2.5))
+    assert s.f.stats["swaps"] >= 1
+    s.door(True)
+    s.leave(2)
+    s.leave(1)
+    carts = {c.sessions[0]: c for c in s.close()}
+    first = {t for t, _, _ in carts["s1"].spans}
+    assert first == {1, 2}  # track 1 until the swap, then track 2
+    split = next(b for t, a, b in carts["s1"].spans if t == 1)
+    assert any(t == 2 and a <= split for t, a, _ in carts["s1"].spans)
+    assert any(t == 1 and a >= split - 1e-9 for t, a, _ in carts["s2"].spans)
+
+
+def test_the_calibration_turns_the_evidence_margin_into_a_probability() -> None:
+    f = Fusion(layout(), FusionConfig(calibration_slope=2.0, calibration_offset=-1.0))
+    assert f.calibrated(0.5) == pytest.approx(0.5)
+    assert f.calibrated(3.0) == pytest.approx(1 / (1 + math.exp(-5.0)))
+    assert f.calibrated(-100.0) == 0.0
+    s = shop_with(1)
+    s.stand(2.0, (1, *AT_A1))
+    s.change(A1, -1, -345.0)
+    s.stand(1.0, (1, *AT_A1))
+    s.leave(1)
+    (cart,) = s.close()
+    (a,) = cart.attributions
+    assert a.probability == pytest.approx(s.f.calibrated(a.margin)) and a.margin > 2.0
+
+
+def _pick_while_unseen(config: FusionConfig) -> float:
+    """A shopper at A1, unseen for 2.4 s around their pick (someone in front), seen there again: the pick's margin."""
+    s = Shop(config)
+    s.door(True)
+    s.enter(1)
+    s.stand(2.0, (1, *AT_A1))
+    s.tick(2.4)  # not seen at all
+    s.stand(0.7, (1, *AT_A1))
+    s.change(A1, -1, -345.0)  # the hand was on the shelf about 1.25 s ago, in the middle of the gap
+    s.stand(1.0, (1, *AT_A1))
+    s.leave(1)
+    (cart,) = s.close()
+    (a,) = cart.attributions
+    assert cart.items() == {"cola": 1}
+    return a.margin
+
+
+def test_a_shopper_seen_at_the_slot_before_and_after_an_unseen_pick_was_there_all_along() -> None:
+    bridged = _pick_while_unseen(FusionConfig())
+    unbridged = _pick_while_unseen(FusionConfig(bridge_s=0.0))
+    assert bridged > unbridged + 0.2
