@@ -292,7 +292,7 @@ def run_ramp(args: argparse.Namespace, replicas: int, db_url: str, partitions: i
             pids.append(conn.recv()[1])
         if partitions:  # every shop subscribed by its owner before the first heartbeat
             t_sub = time.time()
-            while sum(shops) < n_shops or min(shops) <= 0:
+            while sum(shops) != n_shops or min(shops) <= 0:
                 poll()
                 if time.time() - t_sub > args.warmup_timeout:
                     raise RuntimeError(f"replicas subscribed {shops} of {n_shops} shops within {args.warmup_timeout:.0f} s")

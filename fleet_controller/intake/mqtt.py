@@ -156,6 +156,11 @@ class MqttAdapter(ThreadedLink):
         self.gate: Callable[[InboundMessage, tuple[int, ...]], bool] | None = None
         """Partitions: called on the network thread with each message and its subscription identifiers;
         False acknowledges and drops it (see :mod:`fleet_controller.intake.partitions`)."""
+        self.delivered = 0
+        """Messages handed to the intake (network thread)."""
+        self.settled = 0
+        """Calls of :meth:`ack` (acknowledged, or skipped as of an earlier connection): equal to
+        ``delivered`` when the intake holds nothing unanswered."""
         self._pending: dict[int, tuple[threading.Event, list[bool]]] = {}
         self._pending_lock = threading.Lock()
         w = config.will
@@ -234,16 +239,21 @@ class MqttAdapter(ThreadedLink):
         self._settle(mid, reason_codes if isinstance(reason_codes, list) else [])
 
     def _handle_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
-        gate = self.gate
-        if gate is None:
-            super()._handle_message(client, userdata, msg)
-            return
         message = to_message(msg, self.connection)
-        ids = getattr(msg.properties, "SubscriptionIdentifier", None) if msg.properties is not None else None
-        if gate(message, tuple(ids) if ids else ()):
-            self._on_message(message)
-        elif msg.qos > 0:
-            client.ack(msg.mid, msg.qos)
+        gate = self.gate
+        if gate is not None:
+            ids = getattr(msg.properties, "SubscriptionIdentifier", None) if msg.properties is not None else None
+            if not gate(message, tuple(ids) if ids else ()):
+                if msg.qos > 0:
+                    client.ack(msg.mid, msg.qos)
+                return
+        self.delivered += 1
+        self._on_message(message)
+
+    def ack(self, message: InboundMessage) -> None:
+        """Acknowledge a message (after it is stored); skip one that came on an earlier connection."""
+        self.settled += 1
+        super().ack(message)
 
     async def publish(self, topic: str, payload: bytes, retain: bool = False, qos: int = 1, timeout: float = 10.0) -> None:
         """Publish and wait (without blocking the loop) until the broker acknowledged it."""

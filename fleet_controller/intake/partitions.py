@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import threading
 import time
 from collections.abc import Iterable
@@ -61,6 +62,8 @@ SUB_DISCOVERY = 1
 """MQTT 5 subscription identifier of the shared presence subscription that finds new shops."""
 SUB_SHOPS = 2
 """Subscription identifier of the per-shop subscriptions of held partitions."""
+SUB_DRAIN = 3
+"""Subscription identifier of a stopping replica's own drain marker topic."""
 
 UPLINK_CHANNELS = (Channel.PRESENCE, Channel.TELEMETRY, Channel.EVENTS, Channel.REPLIES, Channel.STATE)
 
@@ -73,6 +76,11 @@ def shop_topics(shop: str) -> list[str]:
 def discovery_filter(group: str) -> str:
     """Return the shared presence subscription every replica holds to find shops nobody subscribes to yet."""
     return f"$share/{group}/{TOPIC_ROOT}/+/+/{Channel.PRESENCE.value}"
+
+
+def drain_topic(replica: str) -> str:
+    """Return the topic a stopping replica sends itself a marker on (only the controller user may use it)."""
+    return f"{TOPIC_ROOT}/_controller/drain/{re.sub(r'[^A-Za-z0-9_.-]', '_', replica)}"
 
 
 def shop_of(topic: str) -> str | None:
@@ -108,12 +116,15 @@ class PartitionRouter:
         self._known_count = -1
         self._held: dict[int, int] = {}
         self._active: dict[int, int] = {}  # partition -> generation marked active
+        self._reported: dict[int, tuple[int, int]] = {}  # partition -> (generation, shops) last written
         self._draining: dict[int, float] = {}  # released or lost partition -> since
         self._subscribed: set[str] = set()  # shops whose subscriptions the broker confirmed
         self._lock = threading.Lock()
         self._tick_lock = threading.Lock()  # a tick and the hand-over at stop never interleave
         self._stopping = False
         self._last_ok = 0.0
+        self._drain_topic = drain_topic(replica)
+        self._drained = threading.Event()
         self.last: TickResult | None = None
         registry = registry if registry is not None else CollectorRegistry()
         self.m_held = Gauge("shopfleet_controller_intake_partitions_held", "intake partitions this replica holds", registry=registry)
@@ -127,6 +138,9 @@ class PartitionRouter:
 
     def gate(self, message: InboundMessage, ids: tuple[int, ...]) -> bool:
         """Keep a message unless it came only through discovery for a shop the registry already knows."""
+        if message.topic == self._drain_topic:
+            self._drained.set()
+            return False
         if not ids or SUB_SHOPS in ids:
             return True
         shop = shop_of(message.topic)
@@ -210,6 +224,16 @@ class PartitionRouter:
             for p, gen in self._held.items():
                 if self._active.get(p) != gen and self.book.activate(p, gen):
                     self._active[p] = gen
+            counts = dict.fromkeys(self._held, 0)
+            with self._lock:
+                for shop in self._subscribed:
+                    p = partition_of(shop, self.partitions)
+                    if p in counts:
+                        counts[p] += 1
+            changed = {p: n for p, n in counts.items() if self._reported.get(p) != (self._held[p], n)}
+            if changed:
+                self.book.report_shops(changed)
+                self._reported.update({p: (self._held[p], n) for p, n in changed.items()})
         return self.status()
 
     def _refresh_known(self) -> None:
@@ -257,7 +281,33 @@ class PartitionRouter:
                 log.info("partitions: no other replica is live; %d partitions stay free until one starts", len(held))
                 return
             if all(o is not None and o != self.replica and a for o, a in owners.values()):
-                log.info("partitions: %d partitions handed over", len(held))
+                log.info("partitions: %d partitions handed over; draining what the broker queued for this replica", len(held))
+                self._drain(time.monotonic() + max(10.0, timeout))
                 return
             time.sleep(0.1)
         log.warning("partitions: hand-over of %d partitions not confirmed within %.0fs", len(held), timeout)
+
+    def _drain(self, deadline: float) -> None:
+        """Stop new messages of our shops, then store everything the session queued before that.
+
+        After the UNSUBACK no message of our shops enters this replica's session; a marker
+        published to ourselves then queues behind everything that did (Mosquitto delivers one
+        session's queue in order), so once it arrives and the intake has answered every message
+        delivered, nothing is left behind for the dropped session.
+        """
+        with self._lock:
+            shops = sorted(self._subscribed)
+        if not self.mqtt.connected:
+            return
+        self.mqtt.unsubscribe_topics([t for s in shops for t in shop_topics(s)])
+        with self._lock:
+            self._subscribed.clear()
+        self.mqtt.subscribe_topics([self._drain_topic], sub_id=SUB_DRAIN, retain_handling=2)
+        self.mqtt.publish_sync(self._drain_topic, b"drain", qos=1)
+        while time.monotonic() < deadline:
+            if self._drained.is_set() and self.mqtt.settled >= self.mqtt.delivered:
+                log.info("partitions: drained (%d messages answered)", self.mqtt.settled)
+                return
+            time.sleep(0.05)
+        log.warning("partitions: drain not finished before the hand-over deadline (%d of %d messages answered)",
+                    self.mqtt.settled, self.mqtt.delivered)

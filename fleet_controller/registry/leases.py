@@ -3,7 +3,7 @@
 Every shop belongs to one of ``P`` partitions (:func:`partition_of`, a CRC-32 of the shop id, the
 same on every replica and across restarts). Replicas that share a database hold those partitions
 by lease (table ``intake_leases``, one row per partition: ``owner``, ``expires_at``,
-``generation``, ``active``) and announce themselves in ``intake_members`` (a row per live replica,
+``generation``, ``active``, ``shops``) and announce themselves in ``intake_members`` (a row per live replica,
 renewed with its leases). :meth:`LeaseBook.tick` is one round of the protocol, run by every
 replica every ``ttl / 3`` seconds in one transaction:
 
@@ -60,6 +60,7 @@ class IntakeLease(Base):
     generation: Mapped[int] = mapped_column(Integer, default=0)
     active: Mapped[bool] = mapped_column(Boolean, default=False)
     acquired_at: Mapped[float] = mapped_column(Float, default=0.0)
+    shops: Mapped[int] = mapped_column(Integer, default=0)  # shops of the partition its owner's subscriptions cover
 
 
 MEMBERS = table_of(IntakeMember)
@@ -129,7 +130,7 @@ class LeaseBook:
             try:
                 with self.engine.begin() as c:
                     c.execute(insert(LEASES).values(partition=p, owner=None, expires_at=0.0, generation=0, active=False,
-                                                    acquired_at=0.0))
+                                                    acquired_at=0.0, shops=0))
             except IntegrityError:
                 continue  # another replica created it first
 
@@ -146,7 +147,7 @@ class LeaseBook:
             extra = sorted(held)[out.quota:] if len(held) > out.quota else []
             if extra:
                 c.execute(update(LEASES).where(LEASES.c.partition.in_(extra), LEASES.c.owner == self.replica)
-                          .values(owner=None, expires_at=0.0, active=False))
+                          .values(owner=None, expires_at=0.0, active=False, shops=0))
                 for p in extra:
                     held.pop(p)
                 out.released = extra
@@ -162,7 +163,7 @@ class LeaseBook:
                         update(LEASES)
                         .where(LEASES.c.partition == p, (LEASES.c.owner.is_(None)) | (LEASES.c.expires_at < now))
                         .values(owner=self.replica, expires_at=now + self.ttl_s, generation=LEASES.c.generation + 1,
-                                active=False, acquired_at=now)
+                                active=False, acquired_at=now, shops=0)
                     )
                     if res.rowcount == 1:
                         gen = c.scalar(select(LEASES.c.generation).where(LEASES.c.partition == p))
@@ -186,6 +187,12 @@ class LeaseBook:
                                                  LEASES.c.generation == generation).values(active=True))
             return res.rowcount == 1
 
+    def report_shops(self, counts: dict[int, int]) -> None:
+        """Record how many shops of each held partition our subscriptions cover (status for operators and tests)."""
+        with self.engine.begin() as c:
+            for p, n in counts.items():
+                c.execute(update(LEASES).where(LEASES.c.partition == p, LEASES.c.owner == self.replica).values(shops=n))
+
     def owners(self, partitions: Iterable[int], now: float) -> dict[int, tuple[str | None, bool]]:
         """Return ``partition -> (owner, active)`` for unexpired leases (owner None when free or expired)."""
         ps = list(partitions)
@@ -204,7 +211,7 @@ class LeaseBook:
     def leave(self) -> None:
         """Give every lease and the membership back (a clean stop: the others take over at once)."""
         with self.engine.begin() as c:
-            c.execute(update(LEASES).where(LEASES.c.owner == self.replica).values(owner=None, expires_at=0.0, active=False))
+            c.execute(update(LEASES).where(LEASES.c.owner == self.replica).values(owner=None, expires_at=0.0, active=False, shops=0))
             c.execute(delete(MEMBERS).where(MEMBERS.c.replica == self.replica))
         self._held = {}
 

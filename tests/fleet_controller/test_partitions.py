@@ -86,3 +86,58 @@ def test_partitions_need_a_shared_group():
         ControllerSettings(intake={"partitions": 8})
     s = ControllerSettings(intake={"partitions": 8}, broker={"protocol": "5", "shared_group": "ctl"})
     assert (s.intake.partitions, s.intake.lease_ttl_s) == (8, 6.0)
+
+
+def test_router_subscribes_its_shops_and_drops_discovery_copies_of_known_ones(engine, broker):
+    """On a real Mosquitto: a known shop's presence arrives once (its own subscription), a new shop's through discovery."""
+    import paho.mqtt.client as paho
+    from sqlalchemy import insert, select
+
+    from fleet_controller.intake.mqtt import MqttAdapter, MqttConfig
+    from fleet_controller.intake.partitions import SUB_DISCOVERY, SUB_SHOPS, PartitionRouter
+    from fleet_controller.registry.leases import LEASES
+    from fleet_controller.registry.store import SHOPS
+    from tests.support.wait import wait_for
+
+    with engine.begin() as c:
+        c.execute(insert(SHOPS).values(id="known", name="known", region="", labels={}, timezone="UTC", created_at=0.0))
+    got: list[tuple[str, bytes]] = []
+    mqtt = MqttAdapter(MqttConfig(host="127.0.0.1", port=broker.port, client_id="router-test", subscriptions=(), protocol="5",
+                                  shared_group="ctl"), lambda m: got.append((m.topic, m.payload)), static_subscriptions=False)
+    router = PartitionRouter(engine, mqtt, replica="r1", partitions=4, ttl_s=5.0, group="ctl")
+    router.start()
+    mqtt.start()
+    pub = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="router-test-pub")
+    try:
+        mqtt.wait_connected(10)
+        status = router.tick()
+        assert (status.held, status.shops) == ([0, 1, 2, 3], 1)
+        assert list(router.subscribed_shops()) == ["known"]
+        with engine.connect() as c:
+            assert sum(c.scalars(select(LEASES.c.shops))) == 1
+            assert all(c.scalars(select(LEASES.c.active)))
+        pub.connect("127.0.0.1", broker.port)
+        pub.loop_start()
+        pub.publish("fleet/v1/known/pi-1/presence", b"k1", qos=1).wait_for_publish(5)
+        pub.publish("fleet/v1/new/pi-1/presence", b"n1", qos=1).wait_for_publish(5)
+        pub.publish("fleet/v1/new/pi-1/telemetry", b"t1", qos=1).wait_for_publish(5)  # nobody subscribes to it yet
+        pub.publish("fleet/v1/known/pi-1/telemetry", b"t2", qos=1).wait_for_publish(5)
+        wait_for(lambda: len(got) >= 3 and router.m_dropped._value.get() >= 1, timeout=10, what="the three deliveries")
+        assert sorted(got) == [("fleet/v1/known/pi-1/presence", b"k1"), ("fleet/v1/known/pi-1/telemetry", b"t2"),
+                               ("fleet/v1/new/pi-1/presence", b"n1")]
+        assert (SUB_DISCOVERY, SUB_SHOPS) == (1, 2)
+        # The new shop is in the registry now (the intake would have created it): the next tick subscribes it.
+        with engine.begin() as c:
+            c.execute(insert(SHOPS).values(id="new", name="new", region="", labels={}, timezone="UTC", created_at=0.0))
+        assert router.tick().shops == 2
+        pub.publish("fleet/v1/new/pi-1/telemetry", b"t3", qos=1).wait_for_publish(5)
+        wait_for(lambda: ("fleet/v1/new/pi-1/telemetry", b"t3") in got, timeout=10, what="the new shop's telemetry")
+        # the retained-free presence of the now known shop arrives once more only through its own subscription
+        before = len(got)
+        pub.publish("fleet/v1/new/pi-1/presence", b"n2", qos=1).wait_for_publish(5)
+        wait_for(lambda: router.m_dropped._value.get() >= 2, timeout=10, what="the discovery copy dropped")
+        wait_for(lambda: len(got) > before, timeout=10, what="the presence delivered")
+        assert got[before:] == [("fleet/v1/new/pi-1/presence", b"n2")]
+    finally:
+        pub.loop_stop()
+        mqtt.stop()

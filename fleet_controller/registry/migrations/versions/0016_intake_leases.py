@@ -36,6 +36,7 @@ def upgrade() -> None:
         sa.Column("generation", sa.Integer(), nullable=False),
         sa.Column("active", sa.Boolean(), nullable=False),
         sa.Column("acquired_at", sa.Float(), nullable=False),
+        sa.Column("shops", sa.Integer(), nullable=False, server_default="0"),
         sa.PrimaryKeyConstraint("partition", name=op.f("pk_intake_leases")),
     )
 
