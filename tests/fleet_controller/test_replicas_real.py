@@ -88,6 +88,14 @@ class Replica:
                 self.proc.wait(10)
 
 
+def _wait(condition, timeout: float, what: str, *replicas: Replica) -> None:
+    """wait_for, failing with the replicas' logs as they are at the time of the failure."""
+    try:
+        wait_for(condition, timeout=timeout, what=what)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; " + " ".join(f"{r.name} log: {r.tail()}" for r in replicas)) from None
+
+
 def _owners(engine) -> dict[int, tuple[str | None, bool]]:
     if not inspect(engine).has_table("intake_leases"):  # replica A has not migrated yet
         return {}
@@ -150,7 +158,7 @@ def _broker(deploy_dir: Path) -> tuple[GeneratedBroker, int, dict]:
 
 def _wait_all_stored(engine, sent: dict[str, list[int]], timeout: float, *replicas: Replica) -> None:
     try:
-        wait_for(lambda: _stored(engine) == sent, timeout=timeout, what="every sent event stored")
+        _wait(lambda: _stored(engine) == sent, timeout=timeout, what="every sent event stored")
     except AssertionError:
         stored = _stored(engine)
         with engine.connect() as c:
@@ -184,18 +192,17 @@ def test_graceful_join_and_stop_lose_nothing_even_with_broker_acks(postgres_url,
     sender: Sender | None = None
     try:
         a.start()
-        wait_for(lambda: len(_owners(engine)) == PARTITIONS and all(o == "replica-a" and act for o, act in _owners(engine).values()),
-                 timeout=90, what=f"replica A to hold every partition; its log: {a.tail()}")
+        _wait(lambda: len(_owners(engine)) == PARTITIONS and all(o == "replica-a" and act for o, act in _owners(engine).values()),
+              180, "replica A to hold every partition", a, b)
         # The fleet's first sight, with stored-acks: births reach A through discovery, it learns the
         # shops and subscribes; what the agents sent before that comes again. (With broker acks
         # that first second of a brand-new shop would be lost: docs/controller.md.)
         agents = [_agent(shop, port, creds, deploy_dir, "controller") for shop in SHOPS]
         for agent in agents:
             agent.start()
-        wait_for(lambda: _subscribed_shops(engine) == len(SHOPS), timeout=60,
-                 what=f"A subscribed to the shops it learnt from the agents' births; A: {a.tail()}")
+        _wait(lambda: _subscribed_shops(engine) == len(SHOPS), 120, "A subscribed to the shops it learnt from the births", a, b)
         first = {agent.shop: agent.send(Event, type="door_opened", source="door-1", data={"n": -1}) for agent in agents}
-        wait_for(lambda: all(agent.outbox.depth() == 0 for agent in agents), timeout=60, what="the first sight stored")
+        _wait(lambda: all(agent.outbox.depth() == 0 for agent in agents), timeout=60, what="the first sight stored")
         for agent in agents:
             agent.stop(timeout=2)
         # From now on the agents trust the broker's PUBACK: only the hand-over's overlap and drain keep this exact.
@@ -208,14 +215,13 @@ def test_graceful_join_and_stop_lose_nothing_even_with_broker_acks(postgres_url,
         sender.sent = {s: [seq] for s, seq in first.items()}
         sender.start()
         b.start()  # joins mid-stream: A releases four partitions to it
-        wait_for(lambda: sorted(o or "" for o, act in _owners(engine).values() if act) == ["replica-a"] * 4 + ["replica-b"] * 4,
-                 timeout=90, what=f"the partitions split 4/4 and active; B's log: {b.tail()}")
-        wait_for(lambda: min(len(v) for v in _stored(engine).values()) >= 30, timeout=60, what="events flowing to both replicas")
+        _wait(lambda: sorted(o or "" for o, act in _owners(engine).values() if act) == ["replica-a"] * 4 + ["replica-b"] * 4,
+              180, "the partitions split 4/4 and active", a, b)
+        _wait(lambda: min(len(v) for v in _stored(engine).values()) >= 30, timeout=60, what="events flowing to both replicas")
         assert a.proc is not None
         a.proc.terminate()  # SIGTERM mid-stream: hand over to B, drain, exit
         assert a.proc.wait(60) == 0, a.tail()
-        wait_for(lambda: all(o == "replica-b" and act for o, act in _owners(engine).values()), timeout=30,
-                 what=f"B holding every partition; B's log: {b.tail()}")
+        _wait(lambda: all(o == "replica-b" and act for o, act in _owners(engine).values()), 60, "B holding every partition", a, b)
         time.sleep(1.0)  # events keep flowing to B alone for a while
         sent = sender.finish()
         _wait_all_stored(engine, sent, 60, a, b)
@@ -245,11 +251,11 @@ def test_kill_9_of_a_replica_mid_stream_loses_nothing_and_stores_nothing_twice(p
     sender: Sender | None = None
     try:
         a.start()
-        wait_for(lambda: len(_owners(engine)) == PARTITIONS and all(o == "replica-a" for o, _ in _owners(engine).values()),
-                 timeout=90, what=f"replica A to hold every partition; its log: {a.tail()}")
+        _wait(lambda: len(_owners(engine)) == PARTITIONS and all(o == "replica-a" for o, _ in _owners(engine).values()),
+              180, "replica A to hold every partition", a, b)
         b.start()
-        wait_for(lambda: sorted(o or "" for o, act in _owners(engine).values() if act) == ["replica-a"] * 4 + ["replica-b"] * 4,
-                 timeout=90, what=f"the partitions split 4/4 and active; B's log: {b.tail()}")
+        _wait(lambda: sorted(o or "" for o, act in _owners(engine).values() if act) == ["replica-a"] * 4 + ["replica-b"] * 4,
+              180, "the partitions split 4/4 and active", a, b)
         for shop in SHOPS:
             agents.append(_agent(shop, port, creds, deploy_dir, "controller"))
             agents[-1].start()
@@ -257,16 +263,14 @@ def test_kill_9_of_a_replica_mid_stream_loses_nothing_and_stores_nothing_twice(p
             assert agent.wait_connected(15)
         sender = Sender(agents)  # from the first message on: what the replicas miss before subscribing comes again
         sender.start()
-        wait_for(lambda: all(len(v) >= 20 for v in _stored(engine).values()), timeout=60,
-                 what=f"events of every shop stored by both replicas; A: {a.tail()} B: {b.tail()}")
+        _wait(lambda: all(len(v) >= 20 for v in _stored(engine).values()), 120, "events of every shop stored by both replicas", a, b)
         a_partitions = sorted(p for p, (o, _) in _owners(engine).items() if o == "replica-a")
         assert len(a_partitions) == 4
         killed_at = time.monotonic()
         assert a.proc is not None
         a.proc.kill()  # SIGKILL: no goodbye, leases left to expire, A's session keeps what it held
         a.proc.wait(10)
-        wait_for(lambda: all(o == "replica-b" and act for o, act in _owners(engine).values()), timeout=60,
-                 what=f"B to hold every partition active; B's log: {b.tail()}")
+        _wait(lambda: all(o == "replica-b" and act for o, act in _owners(engine).values()), 120, "B to hold every partition active", a, b)
         takeover_s = time.monotonic() - killed_at
         time.sleep(2.0)  # events keep flowing to B alone for a while
         sent = sender.finish()
