@@ -287,8 +287,8 @@ def run_ramp(args: argparse.Namespace, replicas: int, db_url: str, partitions: i
             ctl_procs.append(p)
         pids = []
         for conn in pipes:
-            if not conn.poll(60):
-                raise RuntimeError("a controller did not start within 60 s")
+            if not conn.poll(args.warmup_timeout):
+                raise RuntimeError(f"a controller did not start within {args.warmup_timeout:.0f} s")
             pids.append(conn.recv()[1])
         if partitions:  # every shop subscribed by its owner before the first heartbeat
             t_sub = time.time()
