@@ -33,6 +33,7 @@ given at construction (the intake's thread-safe ``submit``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -194,14 +195,14 @@ class MqttAdapter(ThreadedLink):
             if sub_id is not None and self.settings.protocol == "5":
                 props = Properties(PacketTypes.SUBSCRIBE)  # type: ignore[no-untyped-call]  # paho leaves it unannotated
                 props.SubscriptionIdentifier = sub_id
-            self._request(lambda part=part, props=props: self._client.subscribe([(t, opts) for t in part], properties=props),
-                          f"subscribe to {len(part)} topics ({part[0]!r}, ...)", timeout, wait)
+            send = functools.partial(self._client.subscribe, [(t, opts) for t in part], properties=props)
+            self._request(send, f"subscribe to {len(part)} topics ({part[0]!r}, ...)", timeout, wait)
 
     def unsubscribe_topics(self, topics: Sequence[str], *, timeout: float = 10.0, wait: bool = True, chunk: int = 200) -> None:
         """Unsubscribe from ``topics`` in chunks; with ``wait`` block until the UNSUBACKs arrived."""
         for i in range(0, len(topics), chunk):
             part = list(topics[i:i + chunk])
-            self._request(lambda part=part: self._client.unsubscribe(part), f"unsubscribe from {len(part)} topics", timeout, wait)
+            self._request(functools.partial(self._client.unsubscribe, part), f"unsubscribe from {len(part)} topics", timeout, wait)
 
     def _request(self, send: Callable[[], tuple[Any, int | None]], what: str, timeout: float, wait: bool) -> None:
         with self._pending_lock:  # the ack may arrive before send() returns: register under the lock
