@@ -17,12 +17,16 @@ PostgreSQL server): where the time goes. A step *lags* when its p99 reaches 1 s 
 grows by more than one second's worth of messages over the measured window; the first such step is
 where lag starts.
 
-``--replicas 1,2`` runs the whole ramp once per replica count (MQTT 5 shared subscription, one
-group), each on a fresh database, in the same run. PostgreSQL (``--db postgresql``) runs in a fresh
+``--replicas 1,2`` runs the whole ramp once per replica count, each on a fresh database, in the
+same run. Several replicas split the fleet by shop (``intake.partitions: --partitions``, leases in
+the database, per-shop subscriptions; the shops are registered before the replicas start, as in a
+running fleet); a count suffixed ``rr`` (``2rr``) uses the MQTT 5 shared subscription's
+round-robin instead (``intake.partitions: 0``), and ``1p`` one replica with partitions. Each run
+also reports every replica's share of the stored messages and its compare-and-set conflicts. PostgreSQL (``--db postgresql``) runs in a fresh
 schema of ``--pg-url``'s database, dropped afterwards. Every run stops by itself: the ramp's length
 is fixed and a controller that cannot keep up only lags. Last line: a JSON summary.
 
-    .venv/bin/python bench/scale.py [--db sqlite|postgresql] [--replicas 1|1,2] [--steps 10000,20000,...] [--step-s 30]
+    .venv/bin/python bench/scale.py [--db sqlite|postgresql] [--replicas 1|1,2|1,2,2rr] [--partitions 16] [--steps 10000,20000,...] [--step-s 30]
 """
 
 from __future__ import annotations
@@ -148,8 +152,11 @@ def warm_up(port: int, nodes: int) -> None:
 
 
 def controller(db_url: str, port: int, client_id: str, group: str | None, conn: multiprocessing.connection.Connection,
-               stop: Any) -> None:
-    """Run one controller replica until ``stop`` (an Event) is set; send ``(t, stored, pending, [latencies])`` once a second."""
+               stop: Any, partitions: int = 0) -> None:
+    """Run one controller replica until ``stop`` (an Event) is set.
+
+    Sends ``(t, stored, pending, [latencies], subscribed shops, cursor conflicts)`` once a second.
+    """
     logging.basicConfig(level=logging.WARNING)
     from fleet_controller.service import ControllerService
     from fleet_controller.settings import load_settings
@@ -157,7 +164,11 @@ def controller(db_url: str, port: int, client_id: str, group: str | None, conn: 
     broker: dict[str, Any] = {"port": port, "client_id": client_id}
     if group:
         broker.update(protocol="5", shared_group=group)
-    settings = load_settings(None, {"db_url": db_url, "broker": broker, "api": {"port": 0}, "retention": {"interval_s": 3600}}, environ={})
+    over: dict[str, Any] = {"db_url": db_url, "broker": broker, "api": {"port": 0}, "retention": {"interval_s": 3600},
+                            "instance": client_id}
+    if partitions:
+        over["intake"] = {"partitions": partitions}
+    settings = load_settings(None, over, environ={})
 
     async def run() -> None:
         svc = ControllerService(settings, migrate=False)
@@ -176,7 +187,9 @@ def controller(db_url: str, port: int, client_id: str, group: str | None, conn: 
             while not stop.is_set():
                 await asyncio.sleep(1.0)
                 batch, seen[:] = list(seen), []
-                conn.send((time.time(), svc.intake.stored_total, len(svc.intake._pending), batch))
+                shops = svc.partitions.status().shops if svc.partitions is not None else -1
+                conflicts = svc.metrics.cursor_conflicts._value.get()
+                conn.send((time.time(), svc.intake.stored_total, len(svc.intake._pending), batch, shops, conflicts))
         finally:
             await svc.stop()
             conn.send(("stopped", svc.intake.stored_total))
@@ -220,22 +233,41 @@ def postgres_processes() -> list[psutil.Process]:
     return out
 
 
-def run_ramp(args: argparse.Namespace, replicas: int, db_url: str) -> dict[str, Any]:
+def register_shops(db_url: str, nodes: int) -> int:
+    """Create the shops of nodes ``0 .. nodes-1`` (a running fleet's registry knows its shops); return how many."""
+    from fleet_controller.registry.db import create_engine
+    from fleet_controller.registry.store import SHOPS
+
+    shops = sorted({node_ids(i)[0] for i in range(nodes)})
+    engine = create_engine(db_url)
+    now = time.time()
+    with engine.begin() as c:
+        for k in range(0, len(shops), 5000):
+            c.execute(SHOPS.insert(), [{"id": s, "name": s, "region": "", "labels": {}, "timezone": "UTC", "created_at": now}
+                                       for s in shops[k:k + 5000]])
+    engine.dispose()
+    return len(shops)
+
+
+def run_ramp(args: argparse.Namespace, replicas: int, db_url: str, partitions: int = 0) -> dict[str, Any]:
     from fleet_controller.registry.db import create_engine
     from fleet_controller.registry.migrations import upgrade
     from shopfleet.broker import BrokerProcess
 
     steps = [int(s) for s in args.steps.split(",")]
     upgrade(create_engine(db_url))
+    n_shops = register_shops(db_url, max(steps)) if partitions else 0
     work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     (work / "broker").mkdir()
     broker = BrokerProcess(workdir=work / "broker").start()
     ctx = multiprocessing.get_context("spawn")
-    group = "scale" if replicas > 1 else None
+    group = "scale" if replicas > 1 or partitions else None
     stop = ctx.Event()
     pipes, ctl_procs = [], []
     stored = [0] * replicas
     pending = [0] * replicas
+    shops = [0] * replicas
+    conflicts = [0.0] * replicas
     lat: list[tuple[float, float]] = []  # (t, latency)
 
     def poll() -> None:
@@ -243,21 +275,28 @@ def run_ramp(args: argparse.Namespace, replicas: int, db_url: str) -> dict[str, 
             while conn.poll(0.05):
                 msg = conn.recv()
                 if isinstance(msg[0], float):
-                    t, stored[r], pending[r], got = msg
+                    t, stored[r], pending[r], got, shops[r], conflicts[r] = msg
                     lat.extend((t, v) for v in got)
 
     try:
         for r in range(replicas):
             parent_end, child_end = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=controller, args=(db_url, broker.port, f"scale-controller-{r}", group, child_end, stop))
+            p = ctx.Process(target=controller, args=(db_url, broker.port, f"scale-controller-{r}", group, child_end, stop, partitions))
             p.start()
             pipes.append(parent_end)
             ctl_procs.append(p)
         pids = []
         for conn in pipes:
-            if not conn.poll(60):
-                raise RuntimeError("a controller did not start within 60 s")
+            if not conn.poll(args.warmup_timeout):
+                raise RuntimeError(f"a controller did not start within {args.warmup_timeout:.0f} s")
             pids.append(conn.recv()[1])
+        if partitions:  # every shop subscribed by its owner before the first heartbeat
+            t_sub = time.time()
+            while sum(shops) != n_shops or min(shops) <= 0:
+                poll()
+                if time.time() - t_sub > args.warmup_timeout:
+                    raise RuntimeError(f"replicas subscribed {shops} of {n_shops} shops within {args.warmup_timeout:.0f} s")
+            print(f"  partitions: {n_shops} shops subscribed ({shops} per replica) in {time.time() - t_sub:.1f} s", file=sys.stderr, flush=True)
         # First sight of the whole fleet (creating its shops and nodes) happens once in a fleet's life: not measured.
         top = max(steps)
         t_warm = time.time()
@@ -287,6 +326,7 @@ def run_ramp(args: argparse.Namespace, replicas: int, db_url: str) -> dict[str, 
             procs["postgres"] = postgres_processes()
         samples: list[tuple[float, int, int, int]] = []  # t, published, stored, pending
         base = sum(stored)  # the warm-up's messages
+        base_each, conflicts_base = list(stored), list(conflicts)
         cpu_marks: list[tuple[float, dict[str, float]]] = []
         next_cpu = time.time()
         while time.time() < stop_at:
@@ -314,7 +354,9 @@ def run_ramp(args: argparse.Namespace, replicas: int, db_url: str) -> dict[str, 
             if p.is_alive():
                 p.kill()
         broker.cleanup()
-    return {"steps": report_steps(args, steps, schedule, samples, lat, cpu_marks), "replicas": replicas}
+    return {"steps": report_steps(args, steps, schedule, samples, lat, cpu_marks), "replicas": replicas, "partitions": partitions,
+            "stored_per_replica": [s - b for s, b in zip(stored, base_each, strict=True)],
+            "cursor_conflicts_per_replica": [int(c - b) for c, b in zip(conflicts, conflicts_base, strict=True)]}
 
 
 def report_steps(args: argparse.Namespace, steps: list[int], schedule: list[tuple[float, int]], samples: list[tuple[float, int, int, int]],
@@ -357,14 +399,19 @@ def main() -> int:
     p.add_argument("--interval", type=float, default=INTERVAL_S, help="heartbeat interval of every node (default: %(default)s)")
     p.add_argument("--publishers", type=int, default=3, help="publisher processes (default: %(default)s)")
     p.add_argument("--warmup-timeout", type=float, default=300, help="longest wait for the fleet's first sight (default: %(default)s)")
-    p.add_argument("--replicas", default="1", help="controller replica counts to run, comma-separated, e.g. 1,2 (default: %(default)s)")
+    p.add_argument("--replicas", default="1",
+                   help="controller replica counts to run, comma-separated, e.g. 1,2; suffix rr: round-robin shared subscription "
+                   "instead of partitions (2rr), p: partitions for one replica too (1p) (default: %(default)s)")
+    p.add_argument("--partitions", type=int, default=16, help="intake.partitions of multi-replica runs (default: %(default)s)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))  # stop the broker and drop the schema on the way out
     import sqlalchemy as sa
 
     runs = []
-    for replicas in [int(r) for r in args.replicas.split(",")]:
+    for token in args.replicas.split(","):
+        replicas = int(token.rstrip("rp"))
+        partitions = 0 if token.endswith("rr") or (replicas == 1 and not token.endswith("p")) else args.partitions
         schema = None
         if args.db == "sqlite":
             db_url = f"sqlite:///{tempfile.mkdtemp(prefix='bench-scale-db-')}/controller.db"
@@ -376,8 +423,9 @@ def main() -> int:
             sep = "&" if "?" in args.pg_url else "?"
             db_url = f"{args.pg_url}{sep}options=-csearch_path%3D{schema}"
         try:
-            print(f"--- {replicas} replica(s) on {args.db}: steps {args.steps} nodes, {args.step_s:.0f} s each", file=sys.stderr, flush=True)
-            run = run_ramp(args, replicas, db_url)
+            how = f"{partitions} partitions" if partitions else ("round-robin shared subscription" if replicas > 1 else "no partitions")
+            print(f"--- {replicas} replica(s), {how}, on {args.db}: steps {args.steps} nodes, {args.step_s:.0f} s each", file=sys.stderr, flush=True)
+            run = run_ramp(args, replicas, db_url, partitions)
         finally:
             if schema:
                 with eng.connect() as c:
@@ -386,7 +434,8 @@ def main() -> int:
         lag_at = next((s["nodes"] for s in run["steps"] if s["lag"]), None)
         run["lag_starts_at_nodes"] = lag_at
         runs.append(run)
-        print(f"{replicas} replica(s), {args.db}:")
+        print(f"{replicas} replica(s), {how}, {args.db}: stored per replica {run['stored_per_replica']}, "
+              f"cursor conflicts {run['cursor_conflicts_per_replica']}")
         print(f"  {'nodes':>7} {'offered/s':>9} {'stored/s':>9} {'p50 s':>7} {'p99 s':>7} {'backlog':>15}  cpu cores (controller / writer / mosquitto / publishers"
               f"{' / postgres' if args.db == 'postgresql' else ''})")
         for s in run["steps"]:

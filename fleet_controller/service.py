@@ -50,6 +50,7 @@ from prometheus_client import CollectorRegistry
 from edge_agent.protocol import ClockBeacon, ControllerPresence, Topics, encode
 from fleet_controller.intake.core import Intake, RegistryWriter
 from fleet_controller.intake.mqtt import InboundMessage, MqttAdapter, MqttConfig, Will
+from fleet_controller.intake.partitions import PartitionRouter
 from fleet_controller.metrics import ControllerMetrics
 from fleet_controller.registry import migrations
 from fleet_controller.registry.bus import BusEvent, EventBus
@@ -123,8 +124,13 @@ class ControllerService:
         self.intake = Intake(self.writer, self.metrics, settings.intake, ack=self._ack, on_events=self._publish_events,
                              publish=lambda topic, payload: self.mqtt.publish_nowait(topic, payload, qos=1))
         self.mqtt = MqttAdapter(
-            mqtt_config(settings), self.intake.submit, on_connect=[self._announce], on_state=self._mqtt_state
+            mqtt_config(settings), self.intake.submit, on_connect=[self._announce], on_state=self._mqtt_state,
+            static_subscriptions=not settings.intake.partitions,
         )
+        self.partitions = PartitionRouter(
+            self.engine, self.mqtt, replica=settings.instance, partitions=settings.intake.partitions,
+            ttl_s=settings.intake.lease_ttl_s, group=settings.broker.shared_group or "", registry=self.metrics_registry,
+        ) if settings.intake.partitions else None
         self.app_state: dict[str, Any] = {"service": self, "bus": self.bus}
         self._migrate = migrate
         self._routers: list[APIRouter] = []
@@ -215,8 +221,12 @@ class ControllerService:
         ]
         for w in self._workers.values():
             self._tasks.append(asyncio.create_task(self._supervise(w), name=f"worker:{w.name}"))
+        if self.partitions is not None:
+            await asyncio.to_thread(self.partitions.start)
         self.mqtt.start()
         await asyncio.to_thread(self.mqtt.wait_connected, connect_timeout or self.settings.broker.connect_timeout_s)
+        if self.partitions is not None:
+            self._tasks.append(asyncio.create_task(self.partitions.run(), name="partitions"))
         deadline = time.monotonic() + 10
         while not self._server.started and time.monotonic() < deadline:
             if self._server_task.done():
@@ -230,6 +240,8 @@ class ControllerService:
         if not self._started:
             return
         self._started = False
+        if self.partitions is not None:
+            await self.partitions.stop()
         if self.mqtt.connected:
             try:
                 await self.mqtt.publish(

@@ -235,6 +235,20 @@ class IntakeSettings(_Section):
         "default, like the agents' uplink.ack: broker: it costs about one MQTT publish per node per batch "
         "(docs/benchmarks.md); turn both on together.",
     )
+    partitions: int = Field(
+        0, ge=0, le=1024,
+        description="Replicas split the fleet by shop: each shop belongs to one of this many partitions, which the "
+        "replicas sharing a database hold by lease and subscribe to shop by shop, so a node's messages reach one "
+        "replica (docs/controller.md, Several controllers). 0 (default): no partitions (one controller, or "
+        "broker.shared_group's round-robin). Needs broker.shared_group; the same value on every replica; a few "
+        "times the most replicas you will run (16 for up to 4).",
+    )
+    lease_ttl_s: float = Field(
+        6.0, gt=0.5, le=300,
+        description="With partitions: a replica's leases expire this long after its last renewal (renewed every "
+        "ttl/3, at most every second); a dead replica's shops move to the others after about this long. Lower fails "
+        "over sooner; a replica whose database stalls longer than this loses its partitions.",
+    )
 
 
 class ExecutorSettings(BaseModel):
@@ -341,6 +355,15 @@ class ControllerSettings(_Section):
         None, description="Node enrollment with one-time tokens, credential rotation and revocation (docs/security.md); "
         "unset: the enrollment endpoints answer 503.",
     )
+
+    @model_validator(mode="after")
+    def _partitions_need_group(self) -> ControllerSettings:
+        if self.intake.partitions and not self.broker.shared_group:
+            raise ValueError(
+                "intake.partitions needs broker.shared_group (and broker.protocol: '5'): replicas find new shops through "
+                "a shared presence subscription; set e.g. broker.shared_group: controllers, or intake.partitions: 0"
+            )
+        return self
 
     def database_url(self) -> str:
         """Return the registry URL, defaulting to SQLite in ``data_dir``."""

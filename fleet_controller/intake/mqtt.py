@@ -20,6 +20,11 @@ What this adapter adds, and why:
   ``$share/<group>/<filter>``, so several controller replicas split one stream; their sessions
   expire ``SHARED_SESSION_EXPIRY_S`` after a replica dies, so the broker stops parking a share of
   the stream for it.
+* **Partitions** (``intake.partitions``, :mod:`fleet_controller.intake.partitions`): no static
+  subscriptions; the partition router subscribes per shop (:meth:`MqttAdapter.subscribe_topics`,
+  waiting for the SUBACK) with MQTT 5 subscription identifiers, and a ``gate`` sees each message
+  with the identifiers of the subscriptions it matched before the intake does (it may acknowledge
+  and drop a discovery copy of a message another subscription also delivers).
 
 paho runs its network loop on its own thread; ``on_message`` hands each message to the callback
 given at construction (the intake's thread-safe ``submit``).
@@ -28,8 +33,17 @@ given at construction (the intake's thread-safe ``submit``).
 from __future__ import annotations
 
 import asyncio
+import functools
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edge_agent.mqtt_core import (
     ConnectFailed,
@@ -41,6 +55,7 @@ from edge_agent.mqtt_core import (
     PublishFailed,
     ThreadedLink,
     TlsSettings,
+    to_message,
 )
 
 __all__ = [
@@ -136,13 +151,24 @@ class MqttAdapter(ThreadedLink):
         *,
         on_connect: Sequence[Callable[[bool], None]] = (),
         on_state: Callable[[bool], None] = lambda connected: None,
+        static_subscriptions: bool = True,
     ) -> None:
         self.config = config
+        self.gate: Callable[[InboundMessage, tuple[int, ...]], bool] | None = None
+        """Partitions: called on the network thread with each message and its subscription identifiers;
+        False acknowledges and drops it (see :mod:`fleet_controller.intake.partitions`)."""
+        self.delivered = 0
+        """Messages handed to the intake (network thread)."""
+        self.settled = 0
+        """Calls of :meth:`ack` (acknowledged, or skipped as of an earlier connection): equal to
+        ``delivered`` when the intake holds nothing unanswered."""
+        self._pending: dict[int, tuple[threading.Event, list[bool]]] = {}
+        self._pending_lock = threading.Lock()
         w = config.will
         super().__init__(
             config.settings(),
             on_message,
-            subscriptions=subscription_filters(config),
+            subscriptions=subscription_filters(config) if static_subscriptions else (),
             qos=1,
             clean=config.clean_session,
             session_expiry_s=config.effective_session_expiry(),
@@ -151,6 +177,84 @@ class MqttAdapter(ThreadedLink):
             on_connect=on_connect,
             on_state=on_state,
         )
+        self._client.on_unsubscribe = self._handle_unsubscribe
+
+    # ----- dynamic subscriptions (partitions) ---------------------------------------------------
+
+    def subscribe_topics(self, topics: Sequence[str], *, sub_id: int | None = None, retain_handling: int = 1,
+                         timeout: float = 10.0, wait: bool = True, chunk: int = 200) -> None:
+        """Subscribe QoS 1 to ``topics`` (MQTT 5 ``sub_id``, ``retain_handling`` 0/1/2) in chunks.
+
+        With ``wait`` block until every SUBACK arrived (never call that on the network thread) and
+        raise :class:`MqttError` on a refusal, a timeout or a lost connection.
+        """
+        opts = SubscribeOptions(qos=1, retainHandling=retain_handling)
+        for i in range(0, len(topics), chunk):
+            part = list(topics[i:i + chunk])
+            props = None
+            if sub_id is not None and self.settings.protocol == "5":
+                props = Properties(PacketTypes.SUBSCRIBE)  # type: ignore[no-untyped-call]  # paho leaves it unannotated
+                props.SubscriptionIdentifier = sub_id
+            send = functools.partial(self._client.subscribe, [(t, opts) for t in part], properties=props)
+            self._request(send, f"subscribe to {len(part)} topics ({part[0]!r}, ...)", timeout, wait)
+
+    def unsubscribe_topics(self, topics: Sequence[str], *, timeout: float = 10.0, wait: bool = True, chunk: int = 200) -> None:
+        """Unsubscribe from ``topics`` in chunks; with ``wait`` block until the UNSUBACKs arrived."""
+        for i in range(0, len(topics), chunk):
+            part = list(topics[i:i + chunk])
+            self._request(functools.partial(self._client.unsubscribe, part), f"unsubscribe from {len(part)} topics", timeout, wait)
+
+    def _request(self, send: Callable[[], tuple[Any, int | None]], what: str, timeout: float, wait: bool) -> None:
+        with self._pending_lock:  # the ack may arrive before send() returns: register under the lock
+            rc, mid = send()
+            if rc != paho.MQTT_ERR_SUCCESS or mid is None:
+                raise MqttError(f"cannot {what}: {paho.error_string(rc)} (not connected?)")
+            done = threading.Event()
+            result: list[bool] = []
+            if wait:
+                self._pending[mid] = (done, result)
+        if not wait:
+            return
+        if not done.wait(timeout):
+            with self._pending_lock:
+                self._pending.pop(mid, None)
+            raise MqttError(f"cannot {what}: no answer from the broker within {timeout:.0f}s")
+        if not result or not result[0]:
+            raise MqttError(f"cannot {what}: the broker refused (check the controller user's ACL)")
+
+    def _settle(self, mid: int, reason_codes: Sequence[ReasonCode]) -> bool:
+        with self._pending_lock:
+            entry = self._pending.pop(mid, None)
+        if entry is None:
+            return False
+        done, result = entry
+        result.append(not any(rc.is_failure for rc in reason_codes))
+        done.set()
+        return True
+
+    def _handle_subscribe(self, client: paho.Client, userdata: Any, mid: int, reason_codes: list[ReasonCode], properties: Properties | None) -> None:
+        if not self._settle(mid, reason_codes):
+            super()._handle_subscribe(client, userdata, mid, reason_codes, properties)
+
+    def _handle_unsubscribe(self, client: paho.Client, userdata: Any, mid: int, reason_codes: list[ReasonCode], properties: Properties | None) -> None:
+        self._settle(mid, reason_codes if isinstance(reason_codes, list) else [])
+
+    def _handle_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        message = to_message(msg, self.connection)
+        gate = self.gate
+        if gate is not None:
+            ids = getattr(msg.properties, "SubscriptionIdentifier", None) if msg.properties is not None else None
+            if not gate(message, tuple(ids) if ids else ()):
+                if msg.qos > 0:
+                    client.ack(msg.mid, msg.qos)
+                return
+        self.delivered += 1
+        self._on_message(message)
+
+    def ack(self, message: InboundMessage) -> None:
+        """Acknowledge a message (after it is stored); skip one that came on an earlier connection."""
+        self.settled += 1
+        super().ack(message)
 
     async def publish(self, topic: str, payload: bytes, retain: bool = False, qos: int = 1, timeout: float = 10.0) -> None:
         """Publish and wait (without blocking the loop) until the broker acknowledged it."""
