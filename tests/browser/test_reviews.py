@@ -6,9 +6,7 @@ through the broker and the intake), made by the real fusion engine on a generate
 
 from __future__ import annotations
 
-import asyncio
 import shutil
-import threading
 from collections.abc import Iterator
 
 import pytest
@@ -22,33 +20,23 @@ from fleet_controller.web import reviews
 from fleet_controller.web.dashboard.setup import attach
 from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
 from tests.support.controller import Node, controller_settings
+from tests.support.loop import LoopThread
 from tests.support.wait import wait_for
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 SHOP = "shop-r"
 
 
-class Controller:
+class Controller(LoopThread[ControllerService]):
     """The service with the dashboard and the review pages, on a loop thread."""
 
     def __init__(self, settings) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.service = ControllerService(settings)
-        self.dashboard = attach(self.service, parse_rules(""))
-        self.carts: CartStore = reviews.install(self.service)
-        self.call(self.service.start())
+        service = ControllerService(settings)
+        self.dashboard = attach(service, parse_rules(""))
+        self.carts: CartStore = reviews.install(service)
+        super().__init__(service)
         self.dashboard.store.put_user("rita", "rita-reviews-123", "reviewer")
         self.url = self.service.api_url
-
-    def call(self, coro, timeout: float = 60):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def stop(self) -> None:
-        self.call(self.service.stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
 
 
 @pytest.fixture(scope="module")

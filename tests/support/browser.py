@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import threading
-
 from edge_agent.protocol import NodeFacts
 from fleet_controller.alerts import install as install_alerts
 from fleet_controller.alerts.rules import parse_rules
@@ -14,9 +11,8 @@ from fleet_controller.rollout.releases import ReleaseSpec, ReleaseStore
 from fleet_controller.rollout.store import start_rollout
 from fleet_controller.service import ControllerService
 from fleet_controller.web.dashboard.setup import Dashboard, attach
-from tests.support.controller import (
-    role_users,
-)
+from tests.support.controller import role_users
+from tests.support.loop import LoopThread
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -28,19 +24,16 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 SHOPS = {"shop-a": "Harbour Street", "shop-b": "Station Square", "shop-c": "Airport Gate 4"}
 
 
-class Controller:
+class Controller(LoopThread[ControllerService]):
     """The service plus the dashboard parts, on a loop thread."""
 
     def __init__(self, settings) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.service = ControllerService(settings)
+        service = ControllerService(settings)
         rules = parse_rules("interval_s: 0.5\nresolve_after_s: 0\ndisk_low: {min_free_percent: 10}\nnode_offline: {after_s: 1}\n")
-        self.dashboard: Dashboard = attach(self.service, rules)
-        install_alerts(self.service, rules)
-        self.service.add_router(rollout_router(self.service.engine))
-        self.call(self.service.start())
+        self.dashboard: Dashboard = attach(service, rules)
+        install_alerts(service, rules)
+        service.add_router(rollout_router(service.engine))
+        super().__init__(service)
         self.creds = role_users(self.dashboard.store)
         self.url = self.service.api_url
 
@@ -50,14 +43,6 @@ class Controller:
             ReleaseSpec(name="2026.11-r2", version="2", images={"vision": "reg.example/vision@sha256:" + "5e" * 32}))
         policy = policy_from_dict({"waves": [{"name": "canary", "shops": ["shop-a"]}, {"name": "all", "percent": 100}]})
         return start_rollout(self.service.engine, "2026.11-r2", policy)["id"]
-
-    def call(self, coro, timeout: float = 60):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def stop(self) -> None:
-        self.call(self.service.stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
 
 
 def facts(disk_free_gib: float, hostname: str) -> NodeFacts:
