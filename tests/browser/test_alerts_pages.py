@@ -12,7 +12,7 @@ import shutil
 from collections.abc import Iterator
 
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 
 from fleet_controller.alerts import install as install_alerts
 from fleet_controller.alerts import store
@@ -21,7 +21,7 @@ from fleet_controller.alerts.rules import parse_rules
 from fleet_controller.service import ControllerService
 from fleet_controller.web import alerts_pages
 from fleet_controller.web.dashboard.setup import attach
-from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
+from tests.support.browser import CHROMIUM, chromium, watched_page
 from tests.support.controller import controller_settings, role_users
 from tests.support.loop import LoopThread
 
@@ -71,17 +71,12 @@ def ctl(shared_broker, tmp_path_factory) -> Iterator[Controller]:
 
 @pytest.fixture(scope="module")
 def browser(ctl) -> Iterator[Browser]:
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+    with chromium() as b:
         yield b
-        b.close()
 
 
 def login(browser: Browser, ctl: Controller, user: str) -> tuple[Page, list[str]]:
-    page = browser.new_context(base_url=ctl.url).new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page, errors = watched_page(browser, ctl.url)
     page.goto("/alerts/silences")
     page.fill("input[name=username]", user)
     page.fill("input[name=password]", ctl.creds[user])

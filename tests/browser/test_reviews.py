@@ -10,7 +10,7 @@ import shutil
 from collections.abc import Iterator
 
 import pytest
-from playwright.sync_api import Page, expect, sync_playwright
+from playwright.sync_api import expect
 
 from edge_agent.protocol import Event
 from fleet_controller.alerts.rules import parse_rules
@@ -18,7 +18,7 @@ from fleet_controller.registry.carts import CartStore
 from fleet_controller.service import ControllerService
 from fleet_controller.web import reviews
 from fleet_controller.web.dashboard.setup import attach
-from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
+from tests.support.browser import CHROMIUM, chromium, watched_page
 from tests.support.controller import Node, controller_settings
 from tests.support.loop import LoopThread
 from tests.support.wait import wait_for
@@ -62,12 +62,8 @@ def test_reviewer_fixes_a_line_and_accepts(controller):
     ctl, events = controller
     review = next(e for e in events if e["lines"] and "reasons" in e)
     line = review["lines"][0]
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        page: Page = browser.new_context(base_url=ctl.url).new_page()
-        errors: list[str] = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    with chromium() as browser:
+        page, errors = watched_page(browser, ctl.url)
         page.goto("/reviews")
         page.fill("input[name=username]", "rita")
         page.fill("input[name=password]", "rita-reviews-123")
@@ -93,7 +89,6 @@ def test_reviewer_fixes_a_line_and_accepts(controller):
         expect(audit.nth(1)).to_contain_text("fix_line")
         expect(audit.nth(1)).to_contain_text("rita")
         expect(audit.nth(2)).to_contain_text("accept")
-        browser.close()
     assert errors == [], errors
     stored = ctl.carts.get(review["cart_id"])
     assert stored.status == "reviewed" and stored.corrected and stored.reviewed_by == "rita"
