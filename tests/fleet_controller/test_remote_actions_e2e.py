@@ -4,38 +4,22 @@ page uses, and sees the agent's answer; the audit log has the request."""
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
-from typing import Any
 
 import httpx
 
 from edge_agent.agent import Agent
 from edge_agent.config import validate_config
 from edge_agent.facts import SystemFacts
-from edge_agent.supervisor import EventSink, PipelineConfigBase
+from edge_agent.supervisor import PipelineConfigBase
 from fleet_controller.registry.audit import AuditLog, AuditQuery
 from fleet_controller.rollout.signing import generate_keypair
 from fleet_controller.service import build_service
 from fleet_controller.web.accounts.store import AccountStore
 from tests.support.controller import FAST, controller_settings, csrf_of, login
 from tests.support.loop import LoopThread
+from tests.support.pipelines import Counting
 from tests.support.wait import wait_for
-
-
-class Counting:
-    name = "cam-1"
-    kind = "vision"
-
-    def __init__(self) -> None:
-        self.starts = 0
-
-    def run(self, stop: threading.Event, sink: EventSink) -> None:
-        self.starts += 1
-        stop.wait()
-
-    def health(self) -> dict[str, Any]:
-        return {"fps": 12.0}
 
 
 def test_operator_restarts_a_pipeline_and_sees_the_agents_answer(broker, tmp_path: Path):
