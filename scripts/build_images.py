@@ -10,7 +10,8 @@ What it does, in order (docs/images.md has the why of each step):
    (python3-venv and binutils, for build stages only). No base image is pulled from anywhere.
 2. The shopfleet wheel, built from a copy of the tree, and per role a ``requirements.txt`` (the
    role's extra expanded from pyproject.toml) for the cached dependency layer.
-3. Every image of images/NAME/Containerfile per arch with ``buildah bud --layers --isolation
+3. Every image of IMAGES per arch from the one images/Containerfile, the role given as build
+   arguments (title, uid, import check, dropped paths), with ``buildah bud --layers --isolation
    chroot``, pip's cache mounted into the build; an import check per arch (arm64 vision with /sys
    hidden, where ONNX Runtime otherwise segfaults under qemu); its uncompressed size; its
    CycloneDX SBOM copied out beside it.
@@ -58,28 +59,74 @@ ORT_GPU = "onnxruntime-gpu==1.31.1"
 
 @dataclass(frozen=True)
 class ImageSpec:
-    """One image: its Containerfile directory, the extra it installs and the arches it is built for."""
+    """One image built from images/Containerfile: its extra, uid, import checks and arches."""
 
     name: str
     extra: str
+    # The uid (and gid) the image runs as: its pod's securityContext runAsUser in the manifests.
+    uid: int
+    # Python run in the build's app stage, on the build arch (under qemu for arm64).
+    build_check: str
     arches: tuple[str, ...] = ARCHES
-    # Python run inside the image per arch after the build; None skips (see vision).
+    # Python run inside the finished image per arch after the build (read-only root, its uid).
     check: str = "import shopfleet.cli"
     swap: dict[str, str] = field(default_factory=dict)
     # Paths under site-packages this image drops from the wheel: the dashboard's static assets
     # (vendored JavaScript, several MB) are the controller's alone.
     drop: tuple[str, ...] = ("fleet_controller/web/static",)
 
+    @property
+    def title(self) -> str:
+        """The image's org.opencontainers.image.title label."""
+        return f"shopfleet-{self.name}"
+
+    def build_args(self) -> dict[str, str]:
+        """The build arguments images/Containerfile takes for this image (ARCH and PIP_CERT aside)."""
+        return {"TITLE": self.title, "USER_ID": str(self.uid), "IMPORT_CHECK": self.build_check, "DROP": " ".join(self.drop)}
+
+
+CONTAINERFILE = ROOT / "images/Containerfile"
+"""The one Containerfile of every image in IMAGES (images/mosquitto, not released, has its own)."""
 
 IMAGES = (
-    ImageSpec("agent", "agent", check="import edge_agent.agent, edge_agent.pipelines.hardware"),
-    ImageSpec("sensor-driver", "agent", check="import edge_agent.pipelines.hardware, serial"),
-    ImageSpec("applier", "applier", check="import edge_agent.apply.kube, kubernetes"),
-    ImageSpec("vision", "vision", check="import onnxruntime, cv2, vision.detector; print(onnxruntime.get_available_providers())"),
-    # amd64 only: the GPU DaemonSet selects kubernetes.io/arch=amd64 nodes.
-    ImageSpec("vision-gpu", "vision", arches=("amd64",), swap={"onnxruntime": ORT_GPU},
+    # The shop node agent (DaemonSet shopfleet-agent): `shopfleet agent` with the agent extra only
+    # (process and sensor-board pipelines, signed desired state); no Kubernetes client, no vision.
+    ImageSpec("agent", "agent", uid=10001,
+              build_check="import shopfleet.cli, edge_agent.agent, edge_agent.pipelines.hardware",
+              check="import edge_agent.agent, edge_agent.pipelines.hardware"),
+    # The sensor driver (DaemonSet sensor-driver): the agent, same extra, run with one hardware
+    # pipeline reading the shelf board over the serial device the pod is given (supplementalGroups
+    # [20], dialout).
+    ImageSpec("sensor-driver", "agent", uid=10003,
+              build_check="import shopfleet.cli, edge_agent.agent, edge_agent.pipelines.hardware, serial",
+              check="import edge_agent.pipelines.hardware, serial"),
+    # The applier (DaemonSet shopfleet-applier, one node per shop): the agent plus the Kubernetes
+    # client that applies the shop's signed desired state. A separate image, so the agent image on
+    # every other node carries no Kubernetes client (about 120 MB). Same uid as the agent: same
+    # node, same state directory.
+    ImageSpec("applier", "applier", uid=10001,
+              build_check="import shopfleet.cli, edge_agent.agent, edge_agent.apply.kube, kubernetes",
+              check="import edge_agent.apply.kube, kubernetes"),
+    # Vision, CPU build (DaemonSet vision-arm64 on Pi-class nodes; amd64 too): the camera pipeline
+    # (OpenCV headless, ONNX Runtime's CPU build, numpy, scipy); the camera comes with
+    # supplementalGroups [44] (video). The build's import check leaves ONNX Runtime out: under qemu
+    # it segfaults on import while /sys is visible, and check_image runs with /sys hidden.
+    ImageSpec("vision", "vision", uid=10002,
+              build_check="import shopfleet.cli, edge_agent.agent, edge_agent.pipelines.vision, cv2, numpy, scipy",
+              check="import onnxruntime, cv2, vision.detector; print(onnxruntime.get_available_providers())"),
+    # Vision, GPU build (DaemonSet vision-gpu, runtimeClassName nvidia): onnxruntime replaced by
+    # onnxruntime-gpu (CUDA and TensorRT execution providers) in requirements.txt. amd64 only: the
+    # GPU DaemonSet selects kubernetes.io/arch=amd64 nodes. CUDA 12 and cuDNN 9 (about 3 GB of
+    # wheels) come with --with-cuda-libs, else from the node (docs/images.md).
+    ImageSpec("vision-gpu", "vision", uid=10002, arches=("amd64",), swap={"onnxruntime": ORT_GPU},
+              build_check="import shopfleet.cli, edge_agent.agent, edge_agent.pipelines.vision, cv2, onnxruntime; "
+                          "assert 'CUDAExecutionProvider' in onnxruntime.get_available_providers()",
               check="import onnxruntime; assert 'CUDAExecutionProvider' in onnxruntime.get_available_providers()"),
-    ImageSpec("controller", "controller", check="import fleet_controller.service", drop=()),
+    # The fleet controller (StatefulSet shopfleet-controller): registry, API, dashboard, releases
+    # and rollouts (FastAPI, SQLAlchemy, psycopg, kubernetes-validate).
+    ImageSpec("controller", "controller", uid=10010,
+              build_check="import shopfleet.cli, fleet_controller.service, fleet_controller.web",
+              check="import fleet_controller.service", drop=()),
 )
 
 _T0 = time.monotonic()
@@ -294,10 +341,9 @@ def registry_up(registry: str) -> bool:
 def build_image(spec: ImageSpec, arch: str, tag: str, ctx: Path, cache: Path, with_cuda: bool) -> str:
     """buildah bud one image for one arch; return its local reference."""
     ref = f"localhost/shopfleet/{spec.name}:{tag}-{arch}"
-    argv = ["buildah", "bud", "--layers", "--isolation", "chroot", "--arch", arch, "--build-arg", f"ARCH={arch}",
-            "--build-arg", f"DROP={' '.join(spec.drop)}",
-            "-v", f"{cache / 'pip'}:/root/.cache/pip", "-f", str(ROOT / "images" / spec.name / "Containerfile"),
-            "-t", ref, str(ctx)]
+    args = [a for k, v in spec.build_args().items() for a in ("--build-arg", f"{k}={v}")]
+    argv = ["buildah", "bud", "--layers", "--isolation", "chroot", "--arch", arch, "--build-arg", f"ARCH={arch}", *args,
+            "-v", f"{cache / 'pip'}:/root/.cache/pip", "-f", str(CONTAINERFILE), "-t", ref, str(ctx)]
     del with_cuda  # carried by requirements.txt (onnxruntime-gpu[cuda,cudnn]), see main()
     # The build machine's CA bundle (PIP_CERT or the system's), so pip works behind a
     # TLS-intercepting proxy; it sits in the mounted pip cache, never in a layer.

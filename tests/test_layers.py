@@ -16,17 +16,25 @@ def test_import_contracts_hold():
 
 def _imported_modules(path: Path) -> list[tuple[int, str]]:
     """Return (line, module) of every import in ``path``, relative imports resolved against its package."""
+    return _imports(path.read_text(), ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1]), str(path))
+
+
+def _imports(source: str, package: str, filename: str = "<source>") -> list[tuple[int, str]]:
     import ast
 
-    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
     out = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(ast.parse(source, filename)):
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
-                out.append((node.lineno, f"{base}.{node.module}" if node.module else base))
+                module = f"{base}.{node.module}" if node.module else base
             elif node.module:
-                out.append((node.lineno, node.module))
+                module = node.module
+            else:
+                continue
+            out.append((node.lineno, module))
+            # A name imported from a package may be a module of it (``from . import test_x``).
+            out += [(node.lineno, f"{module}.{alias.name}") for alias in node.names]
         elif isinstance(node, ast.Import):
             out += [(node.lineno, alias.name) for alias in node.names]
     return out
@@ -41,3 +49,9 @@ def test_tests_share_helpers_through_tests_support_only():
             if module.startswith("tests.") and not module.startswith("tests.support") and (leaf.startswith("test_") or leaf == "conftest"):
                 offenders.append(f"{path.relative_to(ROOT)}:{line} imports {module}")
     assert offenders == [], "move what they share to tests/support/:\n" + "\n".join(offenders)
+
+
+def test_the_import_check_sees_relative_and_from_package_imports():
+    source = "from . import test_dashboard_browser as base\nfrom tests.browser import conftest\nfrom .test_charts import page\n"
+    found = {m for _, m in _imports(source, "tests.browser")}
+    assert {"tests.browser.test_dashboard_browser", "tests.browser.conftest", "tests.browser.test_charts"} <= found

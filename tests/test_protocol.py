@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge_agent import protocol as p
+from tests.support.payloads import nested
 
 FACTS = p.NodeFacts(
     arch="arm64", cpu_count=4, cpu_load_1m=0.3, mem_total_bytes=4 << 30, mem_available_bytes=2 << 30,
@@ -137,15 +138,6 @@ EVENTS = p.Topics.node("box-1", "pi-1", "events")
 EVENT = {"v": 1, "shop": "box-1", "node": "pi-1", "epoch": "e1", "seq": 1, "kind": "event", "type": "x"}
 
 
-def _nested(levels: int) -> dict:
-    top: dict = {}
-    cur = top
-    for _ in range(levels - 1):
-        cur["a"] = {}
-        cur = cur["a"]
-    return top
-
-
 def _reason(topic: str, payload: bytes | str) -> str:
     with pytest.raises(p.ProtocolError) as info:
         p.parse_message(topic, payload.encode() if isinstance(payload, str) else payload)
@@ -155,7 +147,7 @@ def _reason(topic: str, payload: bytes | str) -> str:
 @pytest.mark.parametrize(
     ("fields", "expected"),
     [
-        pytest.param({"data": _nested(9)}, "schema: event.data: Value error, data.a.a.a.a.a.a.a.a nests deeper than 8 levels", id="deep-data"),
+        pytest.param({"data": nested(9)}, "schema: event.data: Value error, data.a.a.a.a.a.a.a.a nests deeper than 8 levels", id="deep-data"),
         pytest.param({"data": {f"k{i}": i for i in range(257)}}, "has 257 keys, more than 256", id="many-keys"),
         pytest.param({"data": {"k" * 129: 1}}, "key longer than 128 characters", id="long-key"),
         pytest.param({"data": {"s": "x" * 8193}}, "data.s is a string of 8193 characters, more than 8192", id="long-string"),
@@ -172,7 +164,7 @@ def test_event_bounds_are_refused_naming_field_and_limit(fields, expected):
 
 
 def test_data_within_every_limit_is_accepted():
-    data = {**_nested(8), "s": "x" * 8192, "l": list(range(1000)), "n": -(2**63), "f": 1.5}
+    data = {**nested(8), "s": "x" * 8192, "l": list(range(1000)), "n": -(2**63), "f": 1.5}
     msg = p.parse_message(EVENTS, json.dumps({**EVENT, "data": data}).encode())
     assert msg.data["s"] == "x" * 8192
 
@@ -227,8 +219,8 @@ def test_heartbeat_maps_and_interval_are_bounded():
 
 
 def test_desired_state_objects_have_their_own_looser_limits():
-    deep_but_fine = _nested(20)
+    deep_but_fine = nested(20)
     ds = p.DesiredState(shop="box-1", release="r", revision=1, objects=(deep_but_fine,))
     assert p.parse_downlink(p.Topics.desired("box-1"), p.encode(ds)) == ds
     with pytest.raises(ValueError, match="object.a.* nests deeper than 24 levels"):
-        p.DesiredState(shop="box-1", release="r", revision=1, objects=(_nested(25),))
+        p.DesiredState(shop="box-1", release="r", revision=1, objects=(nested(25),))

@@ -13,10 +13,11 @@ import shutil
 from collections.abc import Iterator
 
 import pytest
+from playwright.sync_api import Browser
 
 from edge_agent.protocol import PipelineHealth, Reading, Telemetry
 from edge_agent.protocol import Topics as Topic
-from tests.support.browser import CHROMIUM, SHOPS, Controller, facts
+from tests.support.browser import CHROMIUM, SHOPS, Controller, Session, chromium, facts
 from tests.support.controller import (
     Node,
     controller_settings,
@@ -75,3 +76,26 @@ def fleet(shared_broker, tmp_path_factory) -> Iterator[tuple[Controller, dict[st
             n.close()
     ctl.stop()
 
+
+@pytest.fixture(scope="module")
+def browser(fleet) -> Iterator[Browser]:
+    """One Chromium per module (after ``fleet``, which skips without Chromium)."""
+    with chromium() as b:
+        yield b
+
+
+@pytest.fixture
+def login(browser, fleet):
+    """``login(user, **context)``: a :class:`Session` of that role's test user; each must end with no console errors."""
+    ctl, _ = fleet
+    opened: list[Session] = []
+
+    def _login(user: str, **ctx) -> Session:
+        s = Session(browser, ctl.url, user, ctl.creds[user], **ctx)
+        opened.append(s)
+        return s
+
+    yield _login
+    for s in opened:
+        assert s.errors == [], f"console errors: {s.errors}"
+        s.close()

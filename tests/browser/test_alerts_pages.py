@@ -8,13 +8,11 @@ exactly as ``build_service`` wires them.
 
 from __future__ import annotations
 
-import asyncio
 import shutil
-import threading
 from collections.abc import Iterator
 
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 
 from fleet_controller.alerts import install as install_alerts
 from fleet_controller.alerts import store
@@ -23,8 +21,9 @@ from fleet_controller.alerts.rules import parse_rules
 from fleet_controller.service import ControllerService
 from fleet_controller.web import alerts_pages
 from fleet_controller.web.dashboard.setup import attach
-from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
+from tests.support.browser import CHROMIUM, chromium, watched_page
 from tests.support.controller import controller_settings, role_users
+from tests.support.loop import LoopThread
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -34,24 +33,18 @@ RULES = "interval_s: 1\nresolve_after_s: 86400\n" + "".join(
     f"{r}: {{enabled: false}}\n" for r in ("node_offline", "camera_fps_low", "fridge_warm", "disk_low", "clock_skew", "node_alerts"))
 
 
-class Controller:
+class Controller(LoopThread[ControllerService]):
+    """The service with the dashboard and the alert pages, on a loop thread."""
+
     def __init__(self, settings) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.service = ControllerService(settings)
+        service = ControllerService(settings)
         rules = parse_rules(RULES)
-        dash = attach(self.service, rules)
-        worker = install_alerts(self.service, rules)
-        alerts_pages.attach(self.service, worker.metrics)
-        asyncio.run_coroutine_threadsafe(self.service.start(), self.loop).result(60)
+        dash = attach(service, rules)
+        worker = install_alerts(service, rules)
+        alerts_pages.attach(service, worker.metrics)
+        super().__init__(service)
         self.creds = role_users(dash.store)
         self.url = self.service.api_url
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.service.stop(), self.loop).result(60)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
 
 
 @pytest.fixture(scope="module")
@@ -78,17 +71,12 @@ def ctl(shared_broker, tmp_path_factory) -> Iterator[Controller]:
 
 @pytest.fixture(scope="module")
 def browser(ctl) -> Iterator[Browser]:
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+    with chromium() as b:
         yield b
-        b.close()
 
 
 def login(browser: Browser, ctl: Controller, user: str) -> tuple[Page, list[str]]:
-    page = browser.new_context(base_url=ctl.url).new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page, errors = watched_page(browser, ctl.url)
     page.goto("/alerts/silences")
     page.fill("input[name=username]", user)
     page.fill("input[name=password]", ctl.creds[user])

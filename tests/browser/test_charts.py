@@ -2,41 +2,30 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Page, expect
 
-from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
+from tests.support.browser import SCREENSHOTS, chromium, watched_page
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
-SHOTS = (Path(__file__).resolve().parents[2] / "docs" / "img" if os.environ.get("SHOPFLEET_UPDATE_SCREENSHOTS") == "1"
-         else Path(tempfile.gettempdir()) / "shopfleet-screenshots")
 
 
 @pytest.fixture(scope="module")
 def page(fleet) -> Iterator[tuple[Page, list[str], list[str]]]:
     """A viewer's page on shop-a, recording every request URL and every console error."""
     ctl, _ = fleet
-    with sync_playwright() as p:
-        browser: Browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        context = browser.new_context(base_url=ctl.url, viewport={"width": 1280, "height": 900})
-        pg = context.new_page()
+    with chromium() as browser:
+        pg, errors = watched_page(browser, ctl.url, viewport={"width": 1280, "height": 900})
         requests: list[str] = []
-        errors: list[str] = []
         pg.on("request", lambda r: requests.append(r.url))
-        pg.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        pg.on("pageerror", lambda e: errors.append(str(e)))
         pg.goto("/login?next=/shops/shop-a")
         pg.fill("input[name=username]", "viewer")
         pg.fill("input[name=password]", ctl.creds["viewer"])
         pg.click("button[type=submit]")
         expect(pg).to_have_url(f"{ctl.url}/shops/shop-a")
         yield pg, requests, errors
-        browser.close()
 
 
 def hover_legend(pg: Page, figure: str) -> str:
@@ -64,8 +53,8 @@ def test_fridge_chart_has_axes_and_hover_values_from_vendored_uplot(page, fleet)
     ctl, _ = fleet
     assert any(u.endswith("/static/vendor/uplot/uPlot.iife.min.js") for u in requests)
     assert all(u.startswith(ctl.url) or u.startswith("data:") for u in requests), [u for u in requests if not u.startswith(ctl.url)]
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    pg.locator("#charts").screenshot(path=str(SHOTS / "charts.png"))
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    pg.locator("#charts").screenshot(path=str(SCREENSHOTS / "charts.png"))
     assert errors == []
 
 

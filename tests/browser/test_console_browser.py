@@ -25,14 +25,9 @@ from fleet_controller.rollout.store import (
     record_failure,
     request_action,
 )
-from tests.support.browser import Controller, facts
+from tests.support.browser import Controller, Session, facts
 from tests.support.controller import controller_settings, heartbeat
 from tests.support.wait import wait_for
-
-from . import test_dashboard_browser as base
-
-browser = base.browser  # the fixtures of the dashboard tests: one Chromium per module, logged-in sessions
-login = base.login
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -65,7 +60,7 @@ def test_losing_the_controller_shows_disconnected_within_5_s_then_reconnects_and
     """Before: the green "live updates on" dot stayed green for 90 s with the controller stopped,
     the page never said its values were stale, and Acknowledge said "Failed: Failed to fetch"."""
     ctl = own_controller["ctl"]
-    s = base.Session(browser, ctl.url, "operator", ctl.creds["operator"])
+    s = Session(browser, ctl.url, "operator", ctl.creds["operator"])
     try:
         live = s.page.locator("#live")
         expect(live).to_have_class("live on")

@@ -2,78 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import expect
 
-from tests.support.browser import CHROMIUM, CHROMIUM_ARGS, SHOPS
+from tests.support.browser import SCREENSHOTS, SHOPS
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
-# Screenshots go to a temporary directory; SHOPFLEET_UPDATE_SCREENSHOTS=1 writes them to docs/img
-# instead (the README shows the ones `make screenshots` takes of the demo).
-DOCS_IMG = (Path(__file__).resolve().parents[2] / "docs" / "img" if os.environ.get("SHOPFLEET_UPDATE_SCREENSHOTS") == "1"
-            else Path(tempfile.gettempdir()) / "shopfleet-screenshots")
-
-
-@pytest.fixture(scope="module")
-def browser(fleet) -> Iterator[Browser]:
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
-
-
-class Session:
-    """A logged-in page that records console errors and uncaught exceptions."""
-
-    def __init__(self, browser: Browser, base: str, user: str, password: str, **ctx) -> None:
-        self.context = browser.new_context(base_url=base, **ctx)
-        self.page: Page = self.context.new_page()
-        self.errors: list[str] = []
-        self.expected_failures: set[str] = set()
-        self.page.on("console", self._console)
-        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
-        self.page.on("response", lambda r: self.errors.append(f"{r.status} {r.url}") if r.status >= 400 and not self.expected(r) else None)
-        self.expected_failures: set[str] = set()
-        self.page.goto("/fleet")
-        expect(self.page).to_have_url(f"{base}/login?next=%2Ffleet")
-        self.page.fill("input[name=username]", user)
-        self.page.fill("input[name=password]", password)
-        self.page.click("button[type=submit]")
-        expect(self.page).to_have_url(f"{base}/fleet")
-
-    def _console(self, m) -> None:
-        if m.type == "error" and not ("Failed to load resource" in m.text and self._expected_url(m.location.get("url", ""))):
-            self.errors.append(m.text)
-
-    def _expected_url(self, url: str) -> bool:
-        return any(url.endswith(p) for p in self.expected_failures)
-
-    def expected(self, response) -> bool:
-        return self._expected_url(response.url)
-
-    def close(self) -> None:
-        self.context.close()
-
-
-@pytest.fixture
-def login(browser, fleet):
-    ctl, _ = fleet
-    opened: list[Session] = []
-
-    def _login(user: str, **ctx) -> Session:
-        s = Session(browser, ctl.url, user, ctl.creds[user], **ctx)
-        opened.append(s)
-        return s
-
-    yield _login
-    for s in opened:
-        assert s.errors == [], f"console errors: {s.errors}"
-        s.close()
 
 
 def test_login_lists_the_shops_and_screenshots(login, fleet):
@@ -85,12 +19,12 @@ def test_login_lists_the_shops_and_screenshots(login, fleet):
         expect(s.page.locator("#fleet-table")).to_contain_text(name)
     expect(s.page.locator('tr[data-shop="shop-a"] [data-field=state]')).to_have_text("online")
     expect(s.page.locator("#live")).to_have_class("live on")
-    DOCS_IMG.mkdir(parents=True, exist_ok=True)
-    s.page.screenshot(path=str(DOCS_IMG / "fleet.png"), full_page=True)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    s.page.screenshot(path=str(SCREENSHOTS / "fleet.png"), full_page=True)
     s.page.click("text=Harbour Street")
     expect(s.page.locator('[data-node-badge="shop-a/pi-1"]')).to_have_text("online")
     expect(s.page.locator("body")).to_contain_text("fridge-1")
-    s.page.screenshot(path=str(DOCS_IMG / "shop.png"), full_page=True)
+    s.page.screenshot(path=str(SCREENSHOTS / "shop.png"), full_page=True)
 
 
 def test_offline_node_changes_its_badge_without_a_reload(login, fleet):
@@ -188,4 +122,4 @@ def test_phone_width(login):
         assert width <= 390, f"{path} is {width}px wide at phone width: {widest}"
     s.page.goto("/fleet")
     expect(s.page.locator('tr[data-shop="shop-a"] td[data-label=Shop]')).to_be_visible()
-    s.page.screenshot(path=str(DOCS_IMG / "fleet-phone.png"), full_page=True)
+    s.page.screenshot(path=str(SCREENSHOTS / "fleet-phone.png"), full_page=True)

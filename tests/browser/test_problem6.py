@@ -13,11 +13,6 @@ from playwright.sync_api import expect
 from edge_agent.protocol import Event, Reading, Telemetry
 from tests.support.wait import wait_for
 
-from . import test_dashboard_browser as base
-
-browser = base.browser
-login = base.login
-
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 

@@ -6,13 +6,11 @@ through the broker and the intake), made by the real fusion engine on a generate
 
 from __future__ import annotations
 
-import asyncio
 import shutil
-import threading
 from collections.abc import Iterator
 
 import pytest
-from playwright.sync_api import Page, expect, sync_playwright
+from playwright.sync_api import expect
 
 from edge_agent.protocol import Event
 from fleet_controller.alerts.rules import parse_rules
@@ -20,35 +18,25 @@ from fleet_controller.registry.carts import CartStore
 from fleet_controller.service import ControllerService
 from fleet_controller.web import reviews
 from fleet_controller.web.dashboard.setup import attach
-from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
+from tests.support.browser import CHROMIUM, chromium, watched_page
 from tests.support.controller import Node, controller_settings
+from tests.support.loop import LoopThread
 from tests.support.wait import wait_for
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 SHOP = "shop-r"
 
 
-class Controller:
+class Controller(LoopThread[ControllerService]):
     """The service with the dashboard and the review pages, on a loop thread."""
 
     def __init__(self, settings) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.service = ControllerService(settings)
-        self.dashboard = attach(self.service, parse_rules(""))
-        self.carts: CartStore = reviews.install(self.service)
-        self.call(self.service.start())
+        service = ControllerService(settings)
+        self.dashboard = attach(service, parse_rules(""))
+        self.carts: CartStore = reviews.install(service)
+        super().__init__(service)
         self.dashboard.store.put_user("rita", "rita-reviews-123", "reviewer")
         self.url = self.service.api_url
-
-    def call(self, coro, timeout: float = 60):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def stop(self) -> None:
-        self.call(self.service.stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
 
 
 @pytest.fixture(scope="module")
@@ -74,12 +62,8 @@ def test_reviewer_fixes_a_line_and_accepts(controller):
     ctl, events = controller
     review = next(e for e in events if e["lines"] and "reasons" in e)
     line = review["lines"][0]
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        page: Page = browser.new_context(base_url=ctl.url).new_page()
-        errors: list[str] = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    with chromium() as browser:
+        page, errors = watched_page(browser, ctl.url)
         page.goto("/reviews")
         page.fill("input[name=username]", "rita")
         page.fill("input[name=password]", "rita-reviews-123")
@@ -105,7 +89,6 @@ def test_reviewer_fixes_a_line_and_accepts(controller):
         expect(audit.nth(1)).to_contain_text("fix_line")
         expect(audit.nth(1)).to_contain_text("rita")
         expect(audit.nth(2)).to_contain_text("accept")
-        browser.close()
     assert errors == [], errors
     stored = ctl.carts.get(review["cart_id"])
     assert stored.status == "reviewed" and stored.corrected and stored.reviewed_by == "rita"

@@ -32,15 +32,20 @@ def _ctx(tmp_path: Path, objs: list[dict[str, Any]], **kw: Any) -> PodContext:
                       images={"sensor-driver": "localhost/shopfleet/sensor-driver:t-amd64"}, **kw)
 
 
+def _pod(tmp_path: Path, name: str, password: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Render the shop; return its objects and DaemonSet ``name``, with the node's ``password`` file in place."""
+    objs = _render()
+    (tmp_path / "node/etc/shopfleet/node").mkdir(parents=True)
+    (tmp_path / f"node/etc/shopfleet/node/{password}.password").write_text("pw")
+    return objs, _obj(objs, "DaemonSet", name)
+
+
 def _after_image(argv: list[str], image: str) -> list[str]:
     return argv[argv.index(image) + 1:]
 
 
 def test_sensor_driver_keeps_every_pod_field(tmp_path: Path):
-    objs = _render()
-    ds = _obj(objs, "DaemonSet", "sensor-driver")
-    (tmp_path / "node/etc/shopfleet/node").mkdir(parents=True)
-    (tmp_path / "node/etc/shopfleet/node/sensors.password").write_text("pw")
+    objs, ds = _pod(tmp_path, "sensor-driver", "sensors")
     ctx = _ctx(tmp_path, objs, devices={"shopfleet.io/shelf-board": ("/dev/pts/7", "/dev/serial/by-id/shelf-board")})
     argv = container_argv(ds, "sensor-driver", ctx)
     joined = " ".join(argv)
@@ -64,10 +69,7 @@ def test_sensor_driver_keeps_every_pod_field(tmp_path: Path):
 
 
 def test_agent_pod_host_network_subpath_and_init(tmp_path: Path):
-    objs = _render()
-    ds = _obj(objs, "DaemonSet", "shopfleet-agent")
-    (tmp_path / "node/etc/shopfleet/node").mkdir(parents=True)
-    (tmp_path / "node/etc/shopfleet/node/agent.password").write_text("pw")
+    objs, ds = _pod(tmp_path, "shopfleet-agent", "agent")
     ctx = _ctx(tmp_path, objs, init_image="localhost/shopfleet/base:bookworm-amd64",
                add_hosts={"shop-broker.shopfleet.svc.cluster.local": "127.0.0.1"})
     steps = pod_argvs(ds, ctx)
@@ -90,18 +92,12 @@ def test_a_missing_node_file_is_named(tmp_path: Path):
 
 
 def test_a_real_device_goes_through_device(tmp_path: Path):
-    objs = _render()
-    ds = _obj(objs, "DaemonSet", "sensor-driver")
-    (tmp_path / "node/etc/shopfleet/node").mkdir(parents=True)
-    (tmp_path / "node/etc/shopfleet/node/sensors.password").write_text("pw")
+    objs, ds = _pod(tmp_path, "sensor-driver", "sensors")
     ctx = _ctx(tmp_path, objs, devices={"shopfleet.io/shelf-board": ("/dev/ttyACM0", "/dev/serial/by-id/shelf-board")})
     assert "--device /dev/ttyACM0:/dev/serial/by-id/shelf-board" in " ".join(container_argv(ds, "sensor-driver", ctx))
 
 
 def test_a_device_resource_without_a_device_is_refused(tmp_path: Path):
-    objs = _render()
-    ds = _obj(objs, "DaemonSet", "sensor-driver")
-    (tmp_path / "node/etc/shopfleet/node").mkdir(parents=True)
-    (tmp_path / "node/etc/shopfleet/node/sensors.password").write_text("pw")
+    objs, ds = _pod(tmp_path, "sensor-driver", "sensors")
     with pytest.raises(TranslateError, match="shopfleet.io/shelf-board needs a device"):
         container_argv(ds, "sensor-driver", _ctx(tmp_path, objs))

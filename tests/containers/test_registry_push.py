@@ -10,11 +10,9 @@ a few megabytes of upload, as a registry dying mid-push would.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import shutil
 import socket
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,21 +21,13 @@ import httpx
 import pytest
 
 from shopfleet.broker import free_port
+from tests.support.images import build_images_module
 from tests.support.wait import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = "localhost/shopfleet/base:bookworm-amd64"
 
 pytestmark = [pytest.mark.containers]
-
-
-def _build_images_module():
-    spec = importlib.util.spec_from_file_location("build_images", ROOT / "scripts/build_images.py")
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["build_images"] = mod  # its dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
 
 
 class CuttingRelay:
@@ -110,7 +100,7 @@ def registry(tmp_path: Path) -> Iterator[int]:
 def test_a_registry_down_mid_push_fails_clearly_and_leaves_no_tag(registry):
     if subprocess.run(["podman", "image", "exists", BASE], capture_output=True).returncode != 0:
         pytest.skip(f"{BASE} missing: run 'make images' (it builds the base first)")
-    mod = _build_images_module()
+    mod = build_images_module()
     index = "localhost/shopfleet/test-push:cut"
     subprocess.run(["buildah", "manifest", "rm", index], capture_output=True)
     subprocess.run(["buildah", "manifest", "create", index], check=True, capture_output=True)

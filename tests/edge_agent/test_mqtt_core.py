@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -29,7 +28,7 @@ from edge_agent.mqtt_core import (
     TlsSettings,
     classify_refusal,
 )
-from shopfleet.broker import BrokerProcess, free_port
+from shopfleet.broker import BrokerProcess, free_port, wait_for_port
 from shopfleet.errors import PermanentError, TemporaryError
 from tests.support.certs import TestCA
 from tests.support.wait import wait_for
@@ -39,14 +38,6 @@ USER, PASSWORD = "node-1", "right-password"
 
 def settings(port: int, **kw: object) -> MqttSettings:
     return MqttSettings(host="127.0.0.1", port=port, client_id=f"core-test-{time.monotonic_ns()}", connect_timeout_s=5, **kw)  # type: ignore[arg-type]
-
-
-def _listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 @pytest.fixture
@@ -78,7 +69,7 @@ def mtls_broker(tmp_path: Path) -> Iterator[tuple[int, TestCA]]:
     ])
     b = BrokerProcess(workdir=tmp_path / "broker", engine="mosquitto", extra_config=extra)
     b.start()
-    wait_for(lambda: _listening(port), 10, "the TLS listener")
+    wait_for_port("127.0.0.1", port, 10)
     yield port, ca
     b.cleanup()
 

@@ -20,7 +20,7 @@ from cryptography.x509.oid import NameOID
 from edge_agent.agent import Agent
 from edge_agent.config import validate_config
 from edge_agent.facts import SystemFacts
-from shopfleet.broker import BrokerProcess, free_port
+from shopfleet.broker import BrokerProcess, free_port, wait_for_port
 from tests.support.recorder import wait_for
 
 
@@ -124,19 +124,9 @@ def tls_broker(tmp_path: Path) -> Iterator[tuple[BrokerProcess, int, str, str]]:
     extra = "\n".join(filter(None, [f"listener {tls_port} 127.0.0.1", f"cafile {ca}", f"certfile {cert}", f"keyfile {key}"]))
     b = BrokerProcess(workdir=tmp_path / "broker", extra_config=extra)
     b.start()
-    wait_for(lambda: _listening(tls_port), 10, "the TLS listener")
+    wait_for_port("127.0.0.1", tls_port, 10)
     yield b, tls_port, ca, other_ca
     b.cleanup()
-
-
-def _listening(port: int) -> bool:
-    import socket
-
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 def test_tls_with_the_right_ca_connects(tmp_path: Path, tls_broker) -> None:

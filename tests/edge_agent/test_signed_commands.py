@@ -4,11 +4,9 @@ with the reason (or ignored, for expired), and their handler never runs."""
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -16,30 +14,14 @@ from edge_agent.agent import Agent
 from edge_agent.config import ConfigError, validate_config
 from edge_agent.facts import SystemFacts
 from edge_agent.protocol import Channel, Command, CommandResult, Topics, encode, parse_message
-from edge_agent.supervisor import EventSink, PipelineConfigBase
+from edge_agent.supervisor import PipelineConfigBase
 from fleet_controller.rollout.signing import generate_keypair
 from fleet_controller.web.remote_actions import CommandSigner, RemoteActions
 from shopfleet.broker import BrokerProcess
+from tests.support.pipelines import Counting
 from tests.support.recorder import Recorder, publish, wait_for
 
 SHOP, NODE = "shop-a", "pi-1"
-
-
-class Counting:
-    """A pipeline that counts how often it was started."""
-
-    name = "cam-1"
-    kind = "vision"
-
-    def __init__(self) -> None:
-        self.starts = 0
-
-    def run(self, stop: threading.Event, sink: EventSink) -> None:
-        self.starts += 1
-        stop.wait()
-
-    def health(self) -> dict[str, Any]:
-        return {"fps": 10.0}
 
 
 class BrokerPublisher:

@@ -25,16 +25,8 @@ from tests.support.controller import (
     presence,
     role_users,
 )
+from tests.support.payloads import nested
 from tests.support.wait import wait_for
-
-
-def _nested(levels: int) -> dict:
-    top: dict = {}
-    cur = top
-    for _ in range(levels - 1):
-        cur["a"] = {}
-        cur = cur["a"]
-    return top
 
 
 def _raw_event(seq: int, epoch: str = "ep1", **extra) -> bytes:
@@ -76,10 +68,10 @@ def test_hostile_messages_of_one_node_never_stall_the_fleet(broker, tmp_path):
 
         hostile = [
             # finding 1: 900 levels of data (5.6 KB), 20 times, with a second epoch in the same stream
-            *[_raw_event(4, data=_nested(900)) for _ in range(10)],
+            *[_raw_event(4, data=nested(900)) for _ in range(10)],
             _raw_event(1, epoch="ep2"),
-            *[_raw_event(4, data=_nested(900)) for _ in range(10)],
-            _raw_event(5, data=_nested(300)),  # the depth that made the event API answer 500
+            *[_raw_event(4, data=nested(900)) for _ in range(10)],
+            _raw_event(5, data=nested(300)),  # the depth that made the event API answer 500
             # finding 6: NaN and Infinity
             _raw_event(6).replace(b'"n": 6', b'"n": NaN'),
             _raw_event(6).replace(b'"n": 6', b'"n": Infinity'),
@@ -196,7 +188,7 @@ def test_quarantine_api_pages_filters_and_is_for_operators_and_admins(role_clien
 
 def test_the_event_api_renders_a_page_holding_a_deep_event_stored_before_the_bounds(api_client, registry):
     deep = Event.model_construct(shop="shop-a", node="pi-1", epoch="ep1", seq=2, ts=time.time(), v=1, kind="event",
-                                 type="door_opened", source="door-1", at=None, data=_nested(300))
+                                 type="door_opened", source="door-1", at=None, data=nested(300))
     wb = WriteBatch()
     for msg in (event(seq=1), deep, event(seq=3)):
         wb.uplinks.append((msg, time.time()))

@@ -4,49 +4,29 @@ page uses, and sees the agent's answer; the audit log has the request."""
 
 from __future__ import annotations
 
-import asyncio
-import re
-import threading
 from pathlib import Path
-from typing import Any
 
 import httpx
 
 from edge_agent.agent import Agent
 from edge_agent.config import validate_config
 from edge_agent.facts import SystemFacts
-from edge_agent.supervisor import EventSink, PipelineConfigBase
+from edge_agent.supervisor import PipelineConfigBase
 from fleet_controller.registry.audit import AuditLog, AuditQuery
 from fleet_controller.rollout.signing import generate_keypair
 from fleet_controller.service import build_service
 from fleet_controller.web.accounts.store import AccountStore
-from tests.support.controller import FAST, controller_settings
+from tests.support.controller import FAST, controller_settings, csrf_of, login
+from tests.support.loop import LoopThread
+from tests.support.pipelines import Counting
 from tests.support.wait import wait_for
-
-
-class Counting:
-    name = "cam-1"
-    kind = "vision"
-
-    def __init__(self) -> None:
-        self.starts = 0
-
-    def run(self, stop: threading.Event, sink: EventSink) -> None:
-        self.starts += 1
-        stop.wait()
-
-    def health(self) -> dict[str, Any]:
-        return {"fps": 12.0}
 
 
 def test_operator_restarts_a_pipeline_and_sees_the_agents_answer(broker, tmp_path: Path):
     generate_keypair(tmp_path / "signing.key")
     settings = controller_settings(broker, tmp_path, rollout={"signing_key": str(tmp_path / "signing.key"), "tick_interval_s": 0.5})
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    service = build_service(settings)
-    asyncio.run_coroutine_threadsafe(service.start(), loop).result(60)
+    ctl = LoopThread(build_service(settings))
+    service = ctl.service
     pipeline = Counting()
     agent = Agent(validate_config({
         "shop": "shop-a", "node": "pi-1", "heartbeat_interval_s": 0.5, "shutdown_timeout_s": 2,
@@ -58,9 +38,8 @@ def test_operator_restarts_a_pipeline_and_sees_the_agents_answer(broker, tmp_pat
     try:
         AccountStore(service.engine, FAST).put_user("olga", "olga-test-password", "operator")
         client = httpx.Client(base_url=service.api_url, timeout=10)
-        token = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/login").text).group(1)
-        assert client.post("/login", data={"username": "olga", "password": "olga-test-password", "csrf_token": token}).status_code in (200, 303)
-        csrf = re.search(r'name="csrf-token" content="([^"]+)"', client.get("/fleet").text).group(1)
+        assert login(client, "olga", "olga-test-password").status_code == 303
+        csrf = csrf_of(client)
         wait_for(lambda: client.get("/api/v1/shops/shop-a").status_code == 200, 20, "the node registered")
         page = client.get("/shops/shop-a").text
         assert "Restart pipeline" in page and 'value="pi-1/cam-1"' in page  # the button offers the pipeline from heartbeats
@@ -80,6 +59,4 @@ def test_operator_restarts_a_pipeline_and_sees_the_agents_answer(broker, tmp_pat
         client.close()
     finally:
         agent.stop(timeout=2)
-        asyncio.run_coroutine_threadsafe(service.stop(), loop).result(30)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
+        ctl.stop(timeout=30)

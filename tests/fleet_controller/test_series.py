@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -31,6 +29,12 @@ from fleet_controller.settings import (
     load_settings,
 )
 from tests.support.controller import heartbeat
+from tests.support.metric_names import (
+    defined_metrics,
+    exposed_metrics,
+    promtool_check_rules,
+    used_metrics,
+)
 
 T0 = 1_800_000_000.0  # a multiple of 3600, so bucket boundaries are easy to reason about
 FACTS = NodeFacts(arch="arm64", node_class="pi", cpu_count=4, cpu_load_1m=0.5, cpu_percent=25.0, mem_total_bytes=1000,
@@ -211,24 +215,6 @@ def test_vendored_uplot_is_served_without_login(api_client):
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "docs" / "prometheus" / "recording-rules.yaml"
 GRAFANA = ROOT / "docs" / "grafana" / "shopfleet.json"
-METRIC_RE = re.compile(r"\bshopfleet_[a-z0-9_]+\b")
-SUFFIXES = ("_total", "_bucket", "_sum", "_count", "_created")
-
-
-def exported_names() -> set[str]:
-    """Every metric name the code declares (the first argument of a Counter, Gauge, Histogram or collector family)."""
-    names: set[str] = set()
-    for pkg in ("fleet_controller", "edge_agent", "vision", "hardware", "shopfleet"):
-        for path in (ROOT / pkg).rglob("*.py"):
-            names.update(re.findall(r"[\"'](shopfleet_[a-z0-9_]+)[\"']", path.read_text()))
-    return names
-
-
-def unknown(used: set[str], exported: set[str]) -> set[str]:
-    """Return the names in ``used`` that no metric exports (a counter ``x`` is scraped as ``x_total``, a histogram as ``x_bucket``...)."""
-    def known(name: str) -> bool:
-        return name in exported or any(name.endswith(s) and name[: -len(s)] in exported for s in SUFFIXES)
-    return {n for n in used if not known(n)}
 
 
 def rule_exprs() -> tuple[set[str], list[str]]:
@@ -243,13 +229,13 @@ def grafana_targets() -> list[dict]:
 
 
 def test_every_metric_the_rules_and_dashboard_use_is_exported():
-    exported = exported_names()
-    assert {"shopfleet_controller_ingested", "shopfleet_vision_fps", "shopfleet_controller_nodes"} <= exported
-    assert unknown({"shopfleet_vision_fps", "shopfleet_controller_ingested_total", "shopfleet_nope_total"}, exported) == {"shopfleet_nope_total"}
+    assert {"shopfleet_controller_ingested", "shopfleet_vision_fps", "shopfleet_controller_nodes"} <= defined_metrics()
+    exposed = exposed_metrics()
+    assert {"shopfleet_vision_fps", "shopfleet_controller_ingested_total", "shopfleet_nope_total"} - exposed == {"shopfleet_nope_total"}
     recorded, exprs = rule_exprs()
     prom = [t["expr"] for t in grafana_targets() if "expr" in t]
-    used = {m for e in exprs + prom for m in METRIC_RE.findall(e)}
-    assert len(used) >= 15 and unknown(used, exported) == set()
+    used = used_metrics(exprs + prom)
+    assert len(used) >= 15 and used - exposed == set()
     # The dashboard's recording-rule series (level:metric:operation) are all recorded by the rules file.
     used_rules = {m for e in prom for m in re.findall(r"\b[a-z_]+:[a-z0-9_]+:[a-z0-9_]+\b", e)}
     assert used_rules and used_rules <= recorded, used_rules - recorded
@@ -269,9 +255,4 @@ def test_dashboard_sql_panels_read_existing_series_columns():
 
 
 def test_recording_rules_pass_promtool():
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool is not installed (Debian package 'prometheus')")
-    out = subprocess.run([promtool, "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "SUCCESS" in out.stdout
+    promtool_check_rules(RULES)

@@ -7,7 +7,6 @@ PyPI package, or the machine's) against a real controller with logins, through a
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import os
@@ -15,7 +14,6 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,9 +22,10 @@ import yaml
 
 from edge_agent.protocol import PipelineHealth, Topics
 from fleet_controller.registry.read import NotFound
-from fleet_controller.service import build_service
+from fleet_controller.service import ControllerService, build_service
 from fleet_controller.web.accounts.store import AccountStore
 from tests.support.controller import Node, controller_settings, heartbeat, presence
+from tests.support.loop import LoopThread
 from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.slow
@@ -61,23 +60,14 @@ def plugin_bin(tmp_path_factory) -> Path:
     return bindir
 
 
-class Controller:
+class Controller(LoopThread[ControllerService]):
     """The whole controller (logins included) on a loop thread, with one shop reporting."""
 
     def __init__(self, broker, tmp: Path) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.service = build_service(controller_settings(broker, tmp, broker={"client_id": f"kubectl-{tmp.name}"}))
-        asyncio.run_coroutine_threadsafe(self.service.start(), self.loop).result(60)
+        super().__init__(build_service(controller_settings(broker, tmp, broker={"client_id": f"kubectl-{tmp.name}"})))
         store = AccountStore(self.service.engine)
         store.add_user("platform", "platform-password-1", "ml-engineer")
         self.token = store.create_token("platform", "kubectl")
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.service.stop(), self.loop).result(60)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
 
 
 @pytest.fixture(scope="module")

@@ -6,15 +6,13 @@ these from here, never from another test module or conftest.
 
 from __future__ import annotations
 
-import asyncio
 import re
-import threading
 import uuid
 from typing import Any
 
+import httpx
 import paho.mqtt.client as paho
 from argon2 import PasswordHasher
-from fastapi.testclient import TestClient
 
 from edge_agent.protocol import (
     Alert,
@@ -32,6 +30,7 @@ from fleet_controller.intake.mqtt import InboundMessage
 from fleet_controller.registry.store import NodeUpdate, SeqCursor, WriteBatch
 from fleet_controller.service import ControllerService
 from fleet_controller.settings import ControllerSettings, load_settings
+from tests.support.loop import LoopThread
 
 FACTS = NodeFacts(arch="arm64", node_class="pi", cpu_count=4, cpu_load_1m=0.2, mem_total_bytes=4 << 30,
                   mem_available_bytes=3 << 30, disk_total_bytes=32 << 30, disk_free_bytes=20 << 30, agent_version="0.1.0")
@@ -75,33 +74,16 @@ def role_users(store: Any) -> dict[str, str]:
     return creds
 
 
-class RunningController:
+class RunningController(LoopThread[ControllerService]):
     """A :class:`ControllerService` on its own event loop thread; ``stop()`` shuts it down."""
 
     def __init__(self, settings: ControllerSettings) -> None:
         self.settings = settings
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.service = ControllerService(settings)
-        self.call(self.service.start())
-
-    def call(self, coro, timeout: float = 60):
-        """Run ``coro`` on the controller's loop and return its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+        super().__init__(ControllerService(settings))
 
     def metric(self, name: str, **labels) -> float:
         """Return the current value of a controller metric sample (0 when absent)."""
         return self.service.metrics_registry.get_sample_value(name, labels) or 0.0
-
-    def stop(self) -> None:
-        """Stop the service and its loop thread (again is a no-op)."""
-        if self.loop.is_closed():
-            return
-        self.call(self.service.stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
 
 
 def controller_settings(mqtt_broker, tmp_path, **over) -> ControllerSettings:
@@ -166,15 +148,15 @@ FAST = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
 """Password hashing cheap enough for tests (the production cost is the library's default)."""
 
 
-def login(client: TestClient, username: str, password: str, next_url: str = "/fleet") -> Any:
-    """Log ``client`` in through the real form (with its CSRF token); return the response."""
+def login(client: httpx.Client, username: str, password: str, next_url: str = "/fleet") -> Any:
+    """Log ``client`` (a TestClient, or httpx on a live API) in through the real form with its CSRF token; return the response."""
     page = client.get("/login")
     token = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
     return client.post("/login", data={"username": username, "password": password, "csrf_token": token, "next": next_url},
                        follow_redirects=False)
 
 
-def csrf_of(client: TestClient) -> str:
+def csrf_of(client: httpx.Client) -> str:
     """Return the CSRF token the dashboard put in its page for this session."""
     return re.search(r'name="csrf-token" content="([^"]+)"', client.get("/fleet").text).group(1)
 
