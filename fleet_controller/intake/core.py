@@ -100,6 +100,12 @@ def raw_messages(batch: Sequence[InboundMessage]) -> list[RawMessage]:
     return [(m.topic, m.payload, m.received_at) for m in batch]
 
 
+ACK_PERIOD_S = 1.0
+"""Stored-acks (``intake.ack_nodes``) are coalesced: each node gets at most one per this period, the newest
+(cumulative, so it speaks for every batch of the period). Before, every batch published one per node it
+touched: one MQTT publish per message received in a drain of many nodes. Longer publishes fewer; the agents
+then keep their messages that much longer."""
+
 PIPELINE_DEPTH = 2
 """Batches handed to the writer before the oldest is acknowledged (at least 2). 2 keeps the writer busy while
 this process acknowledges; more only holds more messages unacknowledged."""
@@ -735,6 +741,7 @@ class Intake:
         self._failing_logged = False
         self.limits = SeqLimits(settings.max_seq_jump, settings.seq_resync_after, settings.max_session_jump,
                                 acks=settings.ack_nodes and publish is not None)
+        self._acks_due: dict[tuple[str, str], AckInfo] = {}  # the newest stored-ack of each node, until the next flush
     # ----- producer side (MQTT thread) -------------------------------------------------------
 
     def submit(self, message: InboundMessage) -> None:
@@ -783,6 +790,7 @@ class Intake:
         self._wake = asyncio.Event()
         submitted: asyncio.Queue[_Submitted] = asyncio.Queue(PIPELINE_DEPTH - 1)
         completer = asyncio.create_task(self._complete_in_order(submitted), name="intake-completer")
+        flusher = asyncio.create_task(self._flush_acks_every(ACK_PERIOD_S), name="intake-acks") if self.limits.acks else None
         try:
             while True:
                 batch = await self._collect()
@@ -790,8 +798,22 @@ class Intake:
                     await submitted.put((batch, asyncio.create_task(self._call_batch(raw_messages(batch))), time.perf_counter()))
         finally:
             completer.cancel()
+            if flusher is not None:
+                flusher.cancel()
+            self._flush_acks()  # what was committed gets its ack on the way out too
             while not submitted.empty():
                 submitted.get_nowait()[1].cancel()
+
+    async def _flush_acks_every(self, period: float) -> None:
+        while True:
+            await asyncio.sleep(period)
+            self._flush_acks()
+
+    def _flush_acks(self) -> None:
+        """Publish the coalesced stored-acks: one per node that had a batch committed since the last flush."""
+        if self._acks_due:
+            acks, self._acks_due = list(self._acks_due.values()), {}
+            self._publish_acks(acks)
 
     async def _complete_in_order(self, submitted: asyncio.Queue[_Submitted]) -> None:
         while True:
@@ -885,8 +907,8 @@ class Intake:
         self.metrics.batch_seconds.observe(time.perf_counter() - t0)
         self.metrics.batch_size.observe(len(batch))
         record(self.metrics, outcome)
-        if outcome.acks:
-            self._publish_acks(outcome.acks)
+        if outcome.acks:  # committed: published by the next flush (ACK_PERIOD_S), the newest per node
+            self._acks_due.update(((a[0], a[1]), a) for a in outcome.acks)
         for m in batch:
             self.metrics.ingest_latency.observe(max(done - m.received_at, 0.0))
             self._ack(m)

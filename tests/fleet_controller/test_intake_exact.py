@@ -169,3 +169,29 @@ def test_stored_acks_are_published_after_commit(registry, metrics, reader, db_ur
     assert acks["pi-1"].covers(4) and not acks["pi-1"].covers(3)
     assert (acks["pi-2"].epoch, acks["pi-2"].seq, acks["pi-2"].missing) == ("ep1", 1, ())
     assert value(metrics, "shopfleet_controller_stored_acks_total") == len(published)
+
+
+def test_stored_acks_are_coalesced_per_node_and_period(registry, metrics, reader, db_url):
+    """Many batches of the same nodes: each node gets at most one ack per ACK_PERIOD_S, and its last one covers everything stored."""
+    import math
+    import time
+
+    from edge_agent.protocol import parse_downlink
+    from fleet_controller.intake.core import ACK_PERIOD_S
+
+    n = 300
+    msgs = [inbound(heartbeat(node=f"pi-{s % 2}", seq=s // 2 + 1)) for s in range(n)]
+    t0 = time.monotonic()
+    intake, published = _run_intake(db_url, metrics, msgs, ack_nodes=True, batch_max_messages=5)
+    elapsed = time.monotonic() - t0
+    acks: dict[str, list] = {}
+    for topic, payload in published:
+        ack = parse_downlink(topic, payload)
+        acks.setdefault(ack.node, []).append(ack)
+    assert intake.stored_total == n and set(acks) == {"pi-0", "pi-1"}
+    batches = value(metrics, "shopfleet_controller_batch_messages_count")
+    assert batches >= n / 5
+    for node, seen in acks.items():
+        assert len(seen) <= math.ceil(elapsed / ACK_PERIOD_S) + 1 < batches  # not one per batch
+        assert [a.seq for a in seen] == sorted(a.seq for a in seen)  # cumulative, never backwards
+        assert (seen[-1].seq, seen[-1].missing) == (n // 2, ())  # the last covers the whole stream
