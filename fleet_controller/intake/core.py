@@ -106,6 +106,15 @@ ACK_PERIOD_S = 1.0
 touched: one MQTT publish per message received in a drain of many nodes. Longer publishes fewer; the agents
 then keep their messages that much longer."""
 
+PAUSE_MAX_S = 2.0
+"""Longest the MQTT network thread is held at a time by flow control. While it is held paho sends
+nothing: no PUBACK of a committed batch, no keepalive ping. Held longer than 1.5 x keepalive (45 s at
+the default 30 s), the broker drops the connection, and the acks of every message received on it are
+lost with it (a manual ack names a packet id of the old connection): the broker's in-flight window
+never frees and the stream stalls until the next reconnect. Measured: bench/scale.py stored almost
+nothing for minutes with the controller and its writer idle. After this long, one message is let in
+(the queue may pass ``intake.max_queue`` by one a pause) so the thread can send its acks and pings."""
+
 PIPELINE_DEPTH = 2
 """Batches handed to the writer before the oldest is acknowledged (at least 2). 2 keeps the writer busy while
 this process acknowledges; more only holds more messages unacknowledged."""
@@ -731,6 +740,7 @@ class Intake:
         self.max_queue = settings.max_queue
         self.queue_high_water = 0  # the longest the queue has been (tests and the flow-control docs)
         self.pauses = 0
+        self.pause_timeouts = 0  # pauses that ended after PAUSE_MAX_S with the queue still full
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._waiting = threading.Event()
@@ -748,9 +758,11 @@ class Intake:
         """Queue one received message; safe to call from the MQTT network thread.
 
         Flow control: when the queue holds ``intake.max_queue`` messages, the calling (network)
-        thread waits until batches have taken it below half of that. paho reads nothing from the
-        socket meanwhile, so the broker keeps the backlog (TCP back-pressure, then its own queue)
-        instead of this process's memory. Nothing is lost: every held message is still unacknowledged.
+        thread waits until batches have taken it below half of that, ``PAUSE_MAX_S`` at most at a
+        time (then one message is let in and the thread sends its acks and keepalive pings before
+        it reads the next). paho reads nothing from the socket meanwhile, so the broker keeps the
+        backlog (TCP back-pressure, then its own queue) instead of this process's memory. Nothing is
+        lost: every held message is still unacknowledged.
         """
         if len(self._pending) >= self.max_queue:
             self._pause()
@@ -772,9 +784,14 @@ class Intake:
         if loop is not None and self._waiting.is_set():  # the collector may be asleep: wake it to drain
             self._waiting.clear()
             loop.call_soon_threadsafe(self._wake.set)  # type: ignore[union-attr]
+        deadline = time.monotonic() + PAUSE_MAX_S
         with self._room:
             while len(self._pending) > self.max_queue // 2:
-                self._room.wait(0.5)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.pause_timeouts += 1
+                    break  # let the network thread send its acks and pings (PAUSE_MAX_S)
+                self._room.wait(min(left, 0.5))
         self.metrics.intake_paused.set(0)
 
     # ----- consumer side (asyncio) -------------------------------------------------------------
