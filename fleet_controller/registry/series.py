@@ -55,8 +55,10 @@ from fleet_controller.settings import SeriesSettings
 
 try:
     import orjson
+
+    _HAVE_ORJSON = True
 except ImportError:  # pragma: no cover - orjson comes with the controller extra
-    orjson = None  # type: ignore[assignment]
+    _HAVE_ORJSON = False
 
 MINUTE = 60
 HOUR = 3600
@@ -161,7 +163,7 @@ def _dumps(value: Any) -> str:
     Only for samples of validated messages (the protocol refuses non-finite numbers, telemetry
     samples are filtered), where both libraries write JSON that reads back the same.
     """
-    if orjson is not None:
+    if _HAVE_ORJSON:
         text: str = orjson.dumps(value).decode()
         return text
     return json.dumps(value, separators=(",", ":"))
