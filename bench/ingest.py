@@ -200,8 +200,8 @@ def main() -> int:
     p.add_argument("--nodes", type=int, default=10_000, help="simulated nodes (default: %(default)s)")
     p.add_argument("--per-node", type=int, default=4, help="heartbeats per node in the stream (default: %(default)s)")
     p.add_argument("--writer", choices=["process", "thread"], default="process", help="intake.writer of the controller (default: %(default)s)")
-    p.add_argument("--ack-nodes", choices=["on", "off"], default="on",
-                   help="intake.ack_nodes: publish a stored-ack per node after each commit (default: %(default)s)")
+    p.add_argument("--ack-nodes", choices=["on", "off"], default="off",
+                   help="intake.ack_nodes: publish stored-acks after each commit (default: %(default)s, as the controller's)")
     p.add_argument("--timeout", type=float, default=180, help="give up a drain after this many seconds")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)

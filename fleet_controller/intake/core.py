@@ -100,6 +100,21 @@ def raw_messages(batch: Sequence[InboundMessage]) -> list[RawMessage]:
     return [(m.topic, m.payload, m.received_at) for m in batch]
 
 
+ACK_PERIOD_S = 1.0
+"""Stored-acks (``intake.ack_nodes``) are coalesced: each node gets at most one per this period, the newest
+(cumulative, so it speaks for every batch of the period). Before, every batch published one per node it
+touched: one MQTT publish per message received in a drain of many nodes. Longer publishes fewer; the agents
+then keep their messages that much longer."""
+
+PAUSE_MAX_S = 2.0
+"""Longest the MQTT network thread is held at a time by flow control. While it is held paho sends
+nothing: no PUBACK of a committed batch, no keepalive ping. Held longer than 1.5 x keepalive (45 s at
+the default 30 s), the broker drops the connection, and the acks of every message received on it are
+lost with it (a manual ack names a packet id of the old connection): the broker's in-flight window
+never frees and the stream stalls until the next reconnect. Measured: bench/scale.py stored almost
+nothing for minutes with the controller and its writer idle. After this long, one message is let in
+(the queue may pass ``intake.max_queue`` by one a pause) so the thread can send its acks and pings."""
+
 PIPELINE_DEPTH = 2
 """Batches handed to the writer before the oldest is acknowledged (at least 2). 2 keeps the writer busy while
 this process acknowledges; more only holds more messages unacknowledged."""
@@ -175,6 +190,11 @@ def drop_evicted(cursor: SeqCursor, runs: Sequence[EvictedRun]) -> tuple[SeqCurs
     if not removed:
         return cursor, removed
     return replace(cursor, gaps=tuple(gaps)), removed
+
+
+def _at_rev(c: SeqCursor, rev: int) -> SeqCursor:
+    """Return ``c`` at revision ``rev``: ``dataclasses.replace`` without its field introspection (twice per node of every batch)."""
+    return SeqCursor(c.epoch, c.watermark, c.gaps, c.retired, c.pending, rev)
 
 
 def advance(
@@ -479,7 +499,7 @@ class IntakeCore:
             c[2] += missing
             wb.uplinks.append((msg, received))
             kinds[msg.kind] += 1
-        wb.nodes = {key: NodeUpdate(replace(cursors[key], rev=revs[key]), c[0], c[1], c[2], c[3], check_rev=True) for key, c in counts.items()}
+        wb.nodes = {key: NodeUpdate(_at_rev(cursors[key], revs[key]), c[0], c[1], c[2], c[3], check_rev=True) for key, c in counts.items()}
         # Carts first, in their own transaction: idempotent on cart_id, so a batch retried after
         # a failed write_batch (or a cursor conflict) stores each cart once (fleet_controller.registry.carts).
         cart_events = [(m.shop, m.node, m.type, m.data) for m, _ in wb.uplinks if isinstance(m, Event) and m.type in CART_EVENT_TYPES]
@@ -491,7 +511,7 @@ class IntakeCore:
                 self._rlog.warning("bad_cart", "a cart event is not a valid cart (kept as a plain event): %s", err[:500])
         events = self.registry.write_batch(wb, now) + cart_bus
         # Committed: only now does the in-memory cursor move on (at the revision the row now holds).
-        committed = {key: replace(cursors[key], rev=revs[key] + 1) for key in counts}
+        committed = {key: _at_rev(cursors[key], revs[key] + 1) for key in counts}
         self._cursors.update(cursors)
         self._cursors.update(committed)
         acks: tuple[AckInfo, ...] = ()
@@ -720,6 +740,7 @@ class Intake:
         self.max_queue = settings.max_queue
         self.queue_high_water = 0  # the longest the queue has been (tests and the flow-control docs)
         self.pauses = 0
+        self.pause_timeouts = 0  # pauses that ended after PAUSE_MAX_S with the queue still full
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._waiting = threading.Event()
@@ -730,15 +751,18 @@ class Intake:
         self._failing_logged = False
         self.limits = SeqLimits(settings.max_seq_jump, settings.seq_resync_after, settings.max_session_jump,
                                 acks=settings.ack_nodes and publish is not None)
+        self._acks_due: dict[tuple[str, str], AckInfo] = {}  # the newest stored-ack of each node, until the next flush
     # ----- producer side (MQTT thread) -------------------------------------------------------
 
     def submit(self, message: InboundMessage) -> None:
         """Queue one received message; safe to call from the MQTT network thread.
 
         Flow control: when the queue holds ``intake.max_queue`` messages, the calling (network)
-        thread waits until batches have taken it below half of that. paho reads nothing from the
-        socket meanwhile, so the broker keeps the backlog (TCP back-pressure, then its own queue)
-        instead of this process's memory. Nothing is lost: every held message is still unacknowledged.
+        thread waits until batches have taken it below half of that, ``PAUSE_MAX_S`` at most at a
+        time (then one message is let in and the thread sends its acks and keepalive pings before
+        it reads the next). paho reads nothing from the socket meanwhile, so the broker keeps the
+        backlog (TCP back-pressure, then its own queue) instead of this process's memory. Nothing is
+        lost: every held message is still unacknowledged.
         """
         if len(self._pending) >= self.max_queue:
             self._pause()
@@ -760,9 +784,14 @@ class Intake:
         if loop is not None and self._waiting.is_set():  # the collector may be asleep: wake it to drain
             self._waiting.clear()
             loop.call_soon_threadsafe(self._wake.set)  # type: ignore[union-attr]
+        deadline = time.monotonic() + PAUSE_MAX_S
         with self._room:
             while len(self._pending) > self.max_queue // 2:
-                self._room.wait(0.5)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.pause_timeouts += 1
+                    break  # let the network thread send its acks and pings (PAUSE_MAX_S)
+                self._room.wait(min(left, 0.5))
         self.metrics.intake_paused.set(0)
 
     # ----- consumer side (asyncio) -------------------------------------------------------------
@@ -778,6 +807,7 @@ class Intake:
         self._wake = asyncio.Event()
         submitted: asyncio.Queue[_Submitted] = asyncio.Queue(PIPELINE_DEPTH - 1)
         completer = asyncio.create_task(self._complete_in_order(submitted), name="intake-completer")
+        flusher = asyncio.create_task(self._flush_acks_every(ACK_PERIOD_S), name="intake-acks") if self.limits.acks else None
         try:
             while True:
                 batch = await self._collect()
@@ -785,8 +815,22 @@ class Intake:
                     await submitted.put((batch, asyncio.create_task(self._call_batch(raw_messages(batch))), time.perf_counter()))
         finally:
             completer.cancel()
+            if flusher is not None:
+                flusher.cancel()
+            self._flush_acks()  # what was committed gets its ack on the way out too
             while not submitted.empty():
                 submitted.get_nowait()[1].cancel()
+
+    async def _flush_acks_every(self, period: float) -> None:
+        while True:
+            await asyncio.sleep(period)
+            self._flush_acks()
+
+    def _flush_acks(self) -> None:
+        """Publish the coalesced stored-acks: one per node that had a batch committed since the last flush."""
+        if self._acks_due:
+            acks, self._acks_due = list(self._acks_due.values()), {}
+            self._publish_acks(acks)
 
     async def _complete_in_order(self, submitted: asyncio.Queue[_Submitted]) -> None:
         while True:
@@ -880,8 +924,8 @@ class Intake:
         self.metrics.batch_seconds.observe(time.perf_counter() - t0)
         self.metrics.batch_size.observe(len(batch))
         record(self.metrics, outcome)
-        if outcome.acks:
-            self._publish_acks(outcome.acks)
+        if outcome.acks:  # committed: published by the next flush (ACK_PERIOD_S), the newest per node
+            self._acks_due.update(((a[0], a[1]), a) for a in outcome.acks)
         for m in batch:
             self.metrics.ingest_latency.observe(max(done - m.received_at, 0.0))
             self._ack(m)

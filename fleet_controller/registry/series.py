@@ -53,6 +53,13 @@ from edge_agent.protocol import Alert, CommandResult, Event, Heartbeat, Reported
 from fleet_controller.registry.db import Base, table_of
 from fleet_controller.settings import SeriesSettings
 
+try:
+    import orjson
+
+    _HAVE_ORJSON = True
+except ImportError:  # pragma: no cover - orjson comes with the controller extra
+    _HAVE_ORJSON = False
+
 MINUTE = 60
 HOUR = 3600
 ROLLUP_STEPS = (MINUTE, HOUR)
@@ -150,16 +157,40 @@ def points_from(msg: Uplink) -> list[tuple[str, str, float]]:
     return []
 
 
+def _dumps(value: Any) -> str:
+    """Return ``value`` as compact JSON text: orjson (~10x the stdlib) on the writer's hot path.
+
+    Only for samples of validated messages (the protocol refuses non-finite numbers, telemetry
+    samples are filtered), where both libraries write JSON that reads back the same.
+    """
+    if _HAVE_ORJSON:
+        text: str = orjson.dumps(value).decode()
+        return text
+    return json.dumps(value, separators=(",", ":"))
+
+
+_PG_INSERT_RAW = (
+    "INSERT INTO series_raw (shop_id, node_id, ts, samples) "
+    "SELECT e->>0, e->>1, (e->>2)::double precision, e->>3 FROM jsonb_array_elements(%s::jsonb) AS e"
+)
+"""PostgreSQL: every row of a batch in one JSON parameter, unpacked by the server (as the registry's heartbeat insert
+does): psycopg's executemany costs a round trip of Python work per row, the largest statement of a batch once the
+heartbeat and node statements went this way."""
+
+
 def store_points(conn: Connection, uplinks: Iterable[tuple[Uplink, float]]) -> int:
     """Insert the samples of a batch's uplinks (in the batch's transaction), a row per message; return how many rows."""
     rows = []
     for msg, _received in uplinks:
         points = points_from(msg)
         if points:
-            rows.append((msg.shop, msg.node, msg.ts, json.dumps(points, separators=(",", ":"))))
-    if rows:
-        marks = ", ".join("?" if conn.dialect.name == "sqlite" else "%s" for _ in _RAW_COLUMNS)
-        conn.exec_driver_sql(f"INSERT INTO series_raw ({', '.join(_RAW_COLUMNS)}) VALUES ({marks})", rows)
+            rows.append((msg.shop, msg.node, msg.ts, _dumps(points)))
+    if not rows:
+        return 0
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(_PG_INSERT_RAW, (_dumps(rows),))
+    else:
+        conn.exec_driver_sql(f"INSERT INTO series_raw ({', '.join(_RAW_COLUMNS)}) VALUES (?, ?, ?, ?)", rows)
     return len(rows)
 
 

@@ -302,6 +302,9 @@ class RegistryStore:
         # changes of a transaction are staged in _pending_presence until it commits.
         self._presence: dict[NodeKey, PresenceView] = {}
         self._pending_presence: dict[NodeKey, PresenceView] = {}
+        # How far the stream is stored (see stream_horizon): the newest message time committed, and when.
+        self._stream_pos: float | None = None
+        self._stream_at = 0.0
         self.reports_refused = 0
         """Reported states dropped because their node is not in the registry (never created from a report)."""
 
@@ -397,7 +400,37 @@ class RegistryStore:
         self._known_nodes.update(known)
         self._known_shops.update(s for s, _ in known)
         self._presence.update(self._pending_presence)
+        self._advance_stream(batch, now)
         return events
+
+    def _advance_stream(self, batch: WriteBatch, now: float) -> None:
+        """Move the stream position to the newest message time of a committed batch (see :meth:`stream_horizon`).
+
+        A message's time is its ``ts`` (when the node sent it), but never later than its receipt: a
+        node whose clock runs ahead cannot move the position past what has arrived. The position
+        only moves forward, so a batch of replayed old messages (an outbox draining after an
+        outage) leaves it where the live stream put it.
+        """
+        newest = max((min(m.ts, r) for m, r in batch.uplinks), default=None)
+        if batch.presences:
+            p = max(min(m.ts, r) for m, r in batch.presences)
+            newest = p if newest is None else max(newest, p)
+        if newest is not None and (self._stream_pos is None or newest > self._stream_pos):
+            self._stream_pos, self._stream_at = newest, now
+
+    def stream_horizon(self, now: float) -> float:
+        """Return the time up to which the message stream is stored: ``now`` when the writer keeps up, earlier when it lags.
+
+        The stream position (the newest message time committed) plus the time since it was
+        committed, at most ``now``. When messages wait (in the broker, or in the intake's queue) the
+        position trails the clock by that wait, and so does the horizon: the presence sweep judges
+        silence up to the horizon, not up to ``now``, so a node whose heartbeat is merely waiting
+        in a backlog is not marked stale (and revived when its message is stored, again and again
+        while the controller lags). Before the first batch the horizon is ``now``.
+        """
+        if self._stream_pos is None:
+            return now
+        return min(now, self._stream_pos + (now - self._stream_at))
 
     def _unknown(self, conn: Connection, keys: set[NodeKey]) -> set[NodeKey]:
         """Return the keys among ``keys`` that are not in the registry."""
@@ -688,22 +721,36 @@ class RegistryStore:
         return self._set_presences(conn, changes, now)
 
     def sweep_presence(self, settings: PresenceSettings, now: float | None = None) -> list[BusEvent]:
-        """Mark silent nodes stale, then offline (reason ``timeout``); return the changes."""
+        """Mark silent nodes stale, then offline (reason ``timeout``); return the changes.
+
+        A node is silent for the lesser of two spans: since its last message was *received*
+        (``now - last_seen``), and since its last message was *sent*, counted up to the stream's
+        horizon (:meth:`stream_horizon` minus the node's latest heartbeat ``ts``, ``facts_at``, or its
+        ``last_seen`` if earlier or absent). While the writer keeps up both agree. While it lags,
+        the second is what stays true: a node whose next heartbeat waits in a backlog has not been
+        silent, however old the commit of its previous one. The lesser of the two also keeps a
+        node whose clock runs behind from looking silent while its messages arrive on time.
+        """
         now = time.time() if now is None else now
+        horizon = self.stream_horizon(now)
         interval = func.coalesce(NODES.c.heartbeat_interval_s, settings.default_interval_s)
+        stale_after = interval * settings.stale_after_intervals
         self._pending_presence = {}
         with self.engine.begin() as conn:
             rows = conn.execute(
                 select(NODES.c.shop_id, NODES.c.node_id, NODES.c.session, NODES.c.presence, NODES.c.last_seen,
-                       NODES.c.heartbeat_interval_s).where(
+                       NODES.c.facts_at, NODES.c.heartbeat_interval_s).where(
                     NODES.c.presence.in_(("online", "stale")),
-                    NODES.c.last_seen < now - interval * settings.stale_after_intervals,
+                    NODES.c.last_seen < now - stale_after,
+                    # min(facts_at, last_seen) < horizon - stale_after, with a NULL facts_at ignored:
+                    (NODES.c.last_seen < horizon - stale_after) | (NODES.c.facts_at < horizon - stale_after),
                 )
             ).all()
             changes: list[PresenceChange] = []
             for r in rows:
                 iv = r.heartbeat_interval_s or settings.default_interval_s
-                new = silence_presence(r.presence, now - r.last_seen, iv, settings)
+                sent = r.last_seen if r.facts_at is None else min(r.facts_at, r.last_seen)
+                new = silence_presence(r.presence, min(now - r.last_seen, horizon - sent), iv, settings)
                 if new != r.presence:
                     reason = "timeout" if new == "offline" else "silent"
                     changes.append(((r.shop_id, r.node_id), r.presence, PresenceView(r.session, new, reason), None))

@@ -150,7 +150,7 @@ def test_flow_control_bounds_the_intake_queue(registry, metrics, reader, db_url)
     msgs = [inbound(heartbeat(node=f"pi-{s % 7}", seq=s // 7 + 1)) for s in range(n)]
     intake, _ = _run_intake(db_url, metrics, msgs, max_queue=100, batch_max_messages=50)
     assert intake.pauses > 0  # the producer was really held back
-    assert intake.queue_high_water <= 100
+    assert intake.queue_high_water <= 100 + intake.pause_timeouts  # one message let in per capped pause
     assert intake.stored_total == n
     assert value(metrics, "shopfleet_controller_intake_paused") == 0
 
@@ -169,3 +169,50 @@ def test_stored_acks_are_published_after_commit(registry, metrics, reader, db_ur
     assert acks["pi-1"].covers(4) and not acks["pi-1"].covers(3)
     assert (acks["pi-2"].epoch, acks["pi-2"].seq, acks["pi-2"].missing) == ("ep1", 1, ())
     assert value(metrics, "shopfleet_controller_stored_acks_total") == len(published)
+
+
+def test_stored_acks_are_coalesced_per_node_and_period(registry, metrics, reader, db_url):
+    """Many batches of the same nodes: each node gets at most one ack per ACK_PERIOD_S, and its last one covers everything stored."""
+    import math
+    import time
+
+    from edge_agent.protocol import parse_downlink
+    from fleet_controller.intake.core import ACK_PERIOD_S
+
+    n = 300
+    msgs = [inbound(heartbeat(node=f"pi-{s % 2}", seq=s // 2 + 1)) for s in range(n)]
+    t0 = time.monotonic()
+    intake, published = _run_intake(db_url, metrics, msgs, ack_nodes=True, batch_max_messages=5)
+    elapsed = time.monotonic() - t0
+    acks: dict[str, list] = {}
+    for topic, payload in published:
+        ack = parse_downlink(topic, payload)
+        acks.setdefault(ack.node, []).append(ack)
+    assert intake.stored_total == n and set(acks) == {"pi-0", "pi-1"}
+    batches = value(metrics, "shopfleet_controller_batch_messages_count")
+    assert batches >= n / 5
+    for seen in acks.values():
+        assert len(seen) <= math.ceil(elapsed / ACK_PERIOD_S) + 1 < batches  # not one per batch
+        assert [a.seq for a in seen] == sorted(a.seq for a in seen)  # cumulative, never backwards
+        assert (seen[-1].seq, seen[-1].missing) == (n // 2, ())  # the last covers the whole stream
+
+
+def test_flow_control_never_holds_the_network_thread_past_its_keepalive(metrics, db_url):
+    """A queue that nobody drains (a stalled writer): each submit past the bound returns after PAUSE_MAX_S, so paho's
+    thread can still send acks and keepalive pings (held longer, the broker drops the connection and its acks)."""
+    import threading
+    import time
+
+    from fleet_controller.intake.core import PAUSE_MAX_S, Intake, RegistryWriter
+    from fleet_controller.settings import IntakeSettings
+
+    intake = Intake(RegistryWriter(db_url, mode="thread"), metrics, IntakeSettings(max_queue=10))  # never run(): nothing drains
+    msgs = [inbound(heartbeat(seq=s)) for s in range(1, 13)]
+    t0 = time.monotonic()
+    producer = threading.Thread(target=lambda: [intake.submit(m) for m in msgs], daemon=True)
+    producer.start()
+    producer.join(30)
+    assert not producer.is_alive()
+    assert intake.pauses == intake.pause_timeouts == 2 and intake.queue_high_water == 12
+    assert 2 * PAUSE_MAX_S <= time.monotonic() - t0 < 30
+    assert value(metrics, "shopfleet_controller_intake_paused") == 0

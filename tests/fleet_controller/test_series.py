@@ -141,6 +141,21 @@ def test_batches_store_samples_and_reads_align_lines(registry):
     assert total.lines[-1].source == "total" and total.lines[-1].mean == [4.0, 9.0]
 
 
+def test_raw_rows_keep_every_value_exactly(registry):
+    """The batch's raw rows (one statement of a JSON array on PostgreSQL, executemany on SQLite) keep ids, the
+    timestamp to the last bit and every sample value: awkward floats, tiny, huge, negative zero, odd ids."""
+    values = [0.1 + 0.2, 1e-7, 1.7976931348623157e308, -0.0, 123456789.123456789, 5e-324]
+    msgs = [Telemetry(shop="shop-x", node=f"n-{i}", seq=1, epoch="ep1", ts=T0 + 0.123456789 * (i + 1),
+                      readings=(Reading(name="w.g:1", value=v, source=f"slot-{i}"),)) for i, v in enumerate(values)]
+    write(registry, *msgs, heartbeat(shop="shop-x", node="pi-9", seq=1, ts=T0 + 1 / 3, facts=FACTS, pipelines=CAM), at=T0 + 2)
+    with registry.engine.connect() as conn:
+        rows = conn.execute(select(RAW.c.shop_id, RAW.c.node_id, RAW.c.ts, RAW.c.samples).order_by(RAW.c.id)).all()
+    assert [(r.shop_id, r.node_id, r.ts) for r in rows] == [("shop-x", m.node, m.ts) for m in msgs] + [("shop-x", "pi-9", T0 + 1 / 3)]
+    assert [json.loads(r.samples) for r in rows[:-1]] == [[["w.g:1", f"slot-{i}", v]] for i, v in enumerate(values)]
+    assert [tuple(p) for p in json.loads(rows[-1].samples)] == points_from(
+        heartbeat(shop="shop-x", node="pi-9", seq=1, ts=T0 + 1 / 3, facts=FACTS, pipelines=CAM))
+
+
 def test_rollup_then_retention_keeps_every_sample_in_the_coarser_tiers(registry):
     """Samples are folded into minute and hour buckets before raw ones age out; a late sample lands in its old bucket."""
     write(registry, *[fridge(i + 1, T0 + i * 20, float(i)) for i in range(6)], at=T0 + 120)  # 0..100 s: minutes 0 and 1
