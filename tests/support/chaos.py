@@ -70,7 +70,8 @@ def _python() -> list[str]:
 
 def _env() -> dict[str, str]:
     root = str(Path(__file__).resolve().parents[2])
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    # PYTHONFAULTHANDLER: a process the tier has to abort (SIGABRT) prints every thread's stack first
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1", "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
 # -- the broker, as ``shopfleet broker-config`` writes it ------------------------------------------
@@ -190,9 +191,14 @@ class Controller:
         try:
             code = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-            raise AssertionError(f"controller {self.name} did not stop within {timeout}s: {self.tail()}") from None
+            self.proc.send_signal(signal.SIGABRT)  # the fault handler writes every thread's stack to the log
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+            self.proc = None
+            raise AssertionError(f"controller {self.name} did not stop within {timeout}s: {self.tail(12000)}") from None
         self.proc = None
         return code
 
@@ -310,10 +316,11 @@ class Agent:
         self.proc.wait(10)
         self.proc = None
 
-    def terminate(self, timeout: float = 90) -> int:
+    def terminate(self, timeout: float = 90, *, signalled: bool = False) -> int:
         """SIGTERM (the outbox drains for up to shutdown_timeout_s) and wait; return the exit code."""
         assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
+        if not signalled:
+            self.proc.send_signal(signal.SIGTERM)
         code = self.proc.wait(timeout)
         self.proc = None
         return code
@@ -490,7 +497,7 @@ class Fleet:
             assert a.proc is not None and a.proc.poll() is None, f"agent {a.node} died: {a.tail()}"
             a.proc.send_signal(signal.SIGTERM)
         for a in self.agents:
-            code = a.terminate() if a.proc else 0
+            code = a.terminate(signalled=True) if a.proc else 0
             assert code == 0, f"agent {a.node} exited {code}: {a.tail()}"
         truths = [NodeTruth(a.shop, a.node, a.epoch(), a.last_seq()) for a in self.agents]
         unsent = {a.node: a.pending() for a in self.agents if a.pending()}
