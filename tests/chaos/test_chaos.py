@@ -166,7 +166,7 @@ def test_controller_down_longer_than_the_default_queue(run, engine, request, cha
     truths = fleet.stop()
     v = settle(r.registry, truths)
     report(v.summary("controller_down", engine=engine, agents=len(fleet.agents), queued_for_controller=queued,
-                     broker_queue_limit=limit, drain_s=drain_s, seconds=r.elapsed()))
+                     broker_queue_limit=limit, restart_to_drained_s=drain_s, seconds=r.elapsed()))
     assert r.dep.dropped_lines() == [], "the broker dropped messages for a client"
     assert_exact(v)
 
@@ -211,7 +211,7 @@ def test_agents_killed_and_restarted(run, engine, request, chaos_root):
     assert_exact(v)
 
 
-@pytest.mark.parametrize("engine", BOTH)
+@pytest.mark.parametrize("engine", BOTH if FULL else [pytest.param("postgresql", marks=pytest.mark.postgres)])
 def test_controller_killed_and_restarted(run, engine, request, chaos_root):
     """5. The controller is SIGKILLed mid-stream and restarted: nothing lost, its writer and connections die with it."""
     db_url, app = _db(engine, request, chaos_root)
@@ -268,4 +268,6 @@ def test_two_replicas_one_killed_mid_stream(run, request, chaos_root):
     report(v.summary("replica_kill", engine="postgresql", agents=len(fleet.agents), replicas=2,
                      share_a_before_kill=share_a, share_b_before_kill=share_b, takeover_s=takeover_s, seconds=r.elapsed()))
     assert_exact(v)
-    assert takeover_s < 60, f"the dead replica's share took {takeover_s}s to be taken over"
+    # A dead replica's session expires SHARED_SESSION_EXPIRY_S (30 s) after its connection died; until then Mosquitto
+    # parks part of the stream (and of the agents' re-sends) there: the takeover is bounded by that expiry.
+    assert takeover_s < 45, f"the dead replica's share took {takeover_s}s to be taken over"

@@ -61,7 +61,7 @@ class Sizes:
 
 
 SIZES = Sizes(agents=8, rate=25.0, outage_s=30.0, queued=6000, stream_s=4.0, kills=3) if FULL else \
-    Sizes(agents=3, rate=15.0, outage_s=6.0, queued=1500, stream_s=1.5, kills=2)
+    Sizes(agents=3, rate=15.0, outage_s=5.0, queued=1200, stream_s=1.5, kills=1)
 
 
 def _python() -> list[str]:
@@ -406,7 +406,10 @@ class Registry:
     """Reads the controllers' database directly (no API in between)."""
 
     def __init__(self, db_url: str) -> None:
-        self.engine = sa.create_engine(db_url)
+        url = sa.engine.make_url(db_url)
+        if url.get_backend_name() == "postgresql":  # not counted as the controllers' connections
+            url = url.update_query_dict({"application_name": "shopfleet-chaos-reader"})
+        self.engine = sa.create_engine(url)
 
     def close(self) -> None:
         self.engine.dispose()
