@@ -30,8 +30,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import contextlib
 
 import paho.mqtt.client as paho
 import psutil
@@ -39,6 +40,7 @@ import psutil
 from edge_agent.protocol import Heartbeat, NodeFacts, Topics, encode
 from shopfleet.broker import BrokerProcess
 
+ROOT = Path(__file__).resolve().parents[1]
 MIB = 1024 * 1024
 FACTS = NodeFacts(hostname="pi", arch="arm64", os="Debian 12", kernel="6.6", node_class="pi", cpu_count=4, cpu_load_1m=0.4,
                   mem_total_bytes=4 << 30, mem_available_bytes=3 << 30, disk_total_bytes=32 << 30, disk_free_bytes=20 << 30,
@@ -87,10 +89,8 @@ class Controller:
         own = p.memory_info().rss
         kids = 0
         for c in p.children(recursive=True):
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 kids += c.memory_info().rss
-            except psutil.NoSuchProcess:
-                pass
         return own, own + kids
 
     def stop(self) -> None:
@@ -153,16 +153,14 @@ def main() -> None:
 
         def sample() -> None:
             while not stop.is_set():
-                try:
+                with contextlib.suppress(psutil.NoSuchProcess, AssertionError):
                     samples.append(ctl.rss())
-                except (psutil.NoSuchProcess, AssertionError):
-                    pass
                 time.sleep(0.1)
 
         cpu0 = time.monotonic()
         ctl.start()
         threading.Thread(target=sample, daemon=True).start()
-        start_own, start_total = ctl.rss()
+        start_own, _start_total = ctl.rss()
         queue_peak = paused = 0.0
         drained_at = None
         deadline = time.monotonic() + 900

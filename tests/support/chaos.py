@@ -13,6 +13,7 @@ Sizes come from ``SHOPFLEET_CHAOS``: ``short`` (the default, what ``make test`` 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -233,10 +234,8 @@ class Controller:
 
 
 def _kill(p: psutil.Process) -> None:
-    try:
+    with contextlib.suppress(psutil.NoSuchProcess):
         p.kill()
-    except psutil.NoSuchProcess:
-        pass
 
 
 def alive(p: psutil.Process) -> bool:
@@ -279,7 +278,7 @@ class Agent:
     """``shopfleet agent --config FILE`` for one node, streaming events at ``rate`` per second."""
 
     def __init__(self, root: Path, shop: str, node: str, dep: Deployment, *, port: int | None = None,
-                 rate: float = SIZES.rate, ack: str = "broker") -> None:
+                 rate: float = SIZES.rate, ack: str = "broker", outbox_max: int | None = None) -> None:
         self.shop, self.node = shop, node
         d = root / f"agent-{shop}-{node}"
         d.mkdir(parents=True, exist_ok=True)
@@ -290,7 +289,7 @@ class Agent:
             "broker": {"host": "127.0.0.1", "port": port or dep.port, "username": user, "password": password,
                        "keepalive_s": 5, "reconnect_min_s": 0.1, "reconnect_max_s": 1.0},
             "heartbeat_interval_s": 0.5,
-            "outbox": {"path": str(self.outbox)},
+            "outbox": {"path": str(self.outbox), **({"max_messages": outbox_max} if outbox_max else {})},
             "uplink": {"ack": ack, "ack_timeout_s": 3.0},
             "shutdown_timeout_s": 60,
             "pipelines": [{"type": "process", "name": "ticker", "command": [sys.executable, "-c", TICKER, str(rate)]}],
@@ -480,8 +479,8 @@ class Fleet:
     """Agents of one deployment; the truth is read from their outboxes once they stopped."""
 
     def __init__(self, root: Path, dep: Deployment, *, port: int | None = None, ack: str = "broker",
-                 rate: float = SIZES.rate) -> None:
-        self.agents = [Agent(root, s, n, dep, port=port, ack=ack, rate=rate) for s, n in dep.nodes]
+                 rate: float = SIZES.rate, outbox_max: int | None = None) -> None:
+        self.agents = [Agent(root, s, n, dep, port=port, ack=ack, rate=rate, outbox_max=outbox_max) for s, n in dep.nodes]
 
     def start(self) -> Fleet:
         for a in self.agents:
