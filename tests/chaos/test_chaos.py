@@ -27,6 +27,7 @@ from tests.support.chaos import (
     Registry,
     alive,
     assert_exact,
+    caught_up,
     orphans_holding,
     pg_connections,
     report,
@@ -68,9 +69,10 @@ class Run:
         return f.start()
 
     def streaming(self, fleet: Fleet, seconds: float = SIZES.stream_s, what: str = "the agents to stream") -> None:
-        """Wait until the registry stored about ``seconds`` worth of the fleet's messages more than now."""
-        target = self.registry.stored_count() + int(seconds * len(fleet.agents) * (SIZES.rate + 2) * 0.5)
-        wait_for(lambda: self.registry.stored_count() >= target, 120, what, interval=0.2)
+        """Wait until every agent sent about ``seconds`` more of its stream (at least two heartbeats) and the registry has it."""
+        more = max(int(seconds * (SIZES.rate + 2)), 3 * int(SIZES.rate * 0.5 + 1))
+        targets = {k: v + more for k, v in fleet.last_seqs().items()}
+        wait_for(lambda: caught_up(self.registry, targets), 120, what, interval=0.2)
 
     def elapsed(self) -> float:
         return round(time.monotonic() - self.t0, 1)
@@ -146,6 +148,32 @@ def test_uplink_cut_then_restored_catches_up(run, engine, evicting, request, cha
     assert_exact(v)
     if evicting:
         assert v.evicted > 0, f"the outboxes were meant to overflow during the cut: {v}"
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "edge_agent (outbox/uplink): evictions are reported only inside later heartbeats; an agent stopped (SIGTERM) "
+    "before a heartbeat got out after an outage drains its outbox but sends no heartbeat with the pending ranges "
+    "(they stay in the outbox's 'evicted' table, reported_in NULL), so the registry counts them as missing_total "
+    "and open gaps until that node's next start"))
+def test_evictions_reported_when_the_agent_stops_right_after_an_outage(run, request, chaos_root):
+    """1b. As 1 with overflowing outboxes, but the agents are stopped while the link is still cut, then it returns."""
+    db_url, _ = _db("sqlite", request, chaos_root)
+    r = run(db_url)
+    proxy = ChaosProxy(r.dep.port).start()
+    r.proxies.append(proxy)
+    r.controller()
+    backlog = int(SIZES.outage_s * (SIZES.rate + 2))
+    fleet = r.fleet(port=proxy.port, outbox_max=backlog // 2)
+    r.streaming(fleet)
+    proxy.cut("blackhole")
+    at_cut = fleet.last_seqs()
+    wait_for(lambda: all(a.last_seq() - at_cut[(a.shop, a.node)] >= backlog for a in fleet.agents), SIZES.outage_s * 4 + 30,
+             f"{backlog} messages produced by every agent during the cut", interval=0.2)
+    truths = fleet.stop(then=proxy.restore)
+    v = settle(r.registry, truths, timeout=30)
+    report(v.summary("uplink_cut_stop_evicting", engine="sqlite", agents=len(fleet.agents), seconds=r.elapsed()))
+    assert_exact(v)
+    assert v.evicted > 0, f"the outboxes were meant to overflow during the cut: {v}"
 
 
 @pytest.mark.parametrize("engine", ENGINES)

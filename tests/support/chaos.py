@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -493,11 +493,13 @@ class Fleet:
     def last_seqs(self) -> dict[tuple[str, str], int]:
         return {(a.shop, a.node): a.last_seq() for a in self.agents}
 
-    def stop(self) -> list[NodeTruth]:
-        """SIGTERM every agent (each drains its outbox); return the truth; fail if anything stayed unsent."""
+    def stop(self, then: Callable[[], None] | None = None) -> list[NodeTruth]:
+        """SIGTERM every agent (each drains its outbox), call ``then()``; return the truth; fail if anything stayed unsent."""
         for a in self.agents:
             assert a.proc is not None and a.proc.poll() is None, f"agent {a.node} died: {a.tail()}"
             a.proc.send_signal(signal.SIGTERM)
+        if then is not None:
+            then()
         for a in self.agents:
             code = a.terminate(signalled=True) if a.proc else 0
             assert code == 0, f"agent {a.node} exited {code}: {a.tail()}"
