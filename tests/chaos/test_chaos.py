@@ -112,7 +112,7 @@ def _db(engine: str, request, root: Path) -> tuple[str, str | None]:
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-@pytest.mark.parametrize("evicting", [False, True], ids=["outbox-holds", "outbox-evicts"])
+@pytest.mark.parametrize("evicting", [False, True] if FULL else [False], ids=["outbox-holds", "outbox-evicts"][: 2 if FULL else 1])
 def test_uplink_cut_then_restored_catches_up(run, engine, evicting, request, chaos_root):
     """1. The agents' uplink is cut (a TCP proxy that goes silent) while they keep producing; restored, all catch up.
 
@@ -150,6 +150,7 @@ def test_uplink_cut_then_restored_catches_up(run, engine, evicting, request, cha
         assert v.evicted > 0, f"the outboxes were meant to overflow during the cut: {v}"
 
 
+@pytest.mark.skipif(not FULL, reason="full tier only (make chaos): keeps make test within its time budget")
 @pytest.mark.xfail(strict=True, reason=(
     "edge_agent (outbox/uplink): evictions are reported only inside later heartbeats; an agent stopped (SIGTERM) "
     "before a heartbeat got out after an outage drains its outbox but sends no heartbeat with the pending ranges "
@@ -187,7 +188,9 @@ def test_controller_down_longer_than_the_default_queue(run, engine, request, cha
     ctl = r.controller()
     fleet = r.fleet(rate=SIZES.rate * 3)
     r.streaming(fleet)
-    assert ctl.stop() == 0
+    stopping = time.monotonic()
+    assert ctl.stop(timeout=120) == 0
+    stop_s = round(time.monotonic() - stopping, 1)
     at_stop = fleet.sent_now()
     wait_for(lambda: fleet.sent_now() - at_stop >= SIZES.queued, 240,
              f"{SIZES.queued} messages queued for the stopped controller", interval=0.2)
@@ -202,7 +205,7 @@ def test_controller_down_longer_than_the_default_queue(run, engine, request, cha
     truths = fleet.stop()
     v = settle(r.registry, truths)
     report(v.summary("controller_down", engine=engine, agents=len(fleet.agents), queued_for_controller=queued,
-                     broker_queue_limit=limit, restart_to_drained_s=drain_s, seconds=r.elapsed()))
+                     broker_queue_limit=limit, controller_stop_s=stop_s, restart_to_drained_s=drain_s, seconds=r.elapsed()))
     assert r.dep.dropped_lines() == [], "the broker dropped messages for a client"
     assert_exact(v)
 
