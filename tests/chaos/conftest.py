@@ -12,8 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.chaos import PG_ADMIN_URL
-
 
 @pytest.fixture
 def chaos_root() -> Iterator[Path]:
@@ -29,8 +27,3 @@ def pg_url(postgres_url: str) -> tuple[str, str]:
     """``(url, application_name)``: this test's own PostgreSQL schema, its connections named."""
     app = f"chaos_{uuid.uuid4().hex[:10]}"
     return f"{postgres_url}&application_name={app}", app
-
-
-@pytest.fixture
-def admin_pg_url() -> str:
-    return PG_ADMIN_URL
