@@ -21,7 +21,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -217,11 +216,6 @@ class Controller:
             if line.startswith(name) and line[len(name):len(name) + 1] in (" ", "{"):
                 total += float(line.rsplit(" ", 1)[1])
         return total
-
-    def rss(self) -> int:
-        """Resident memory of the controller process (bytes)."""
-        assert self.proc is not None
-        return psutil.Process(self.proc.pid).memory_info().rss
 
     def cleanup(self) -> None:
         for p in self.descendants():
@@ -550,10 +544,3 @@ def report(summary: dict[str, Any]) -> None:
     if out:
         with open(out, "a") as f:
             f.write(json.dumps(summary) + "\n")
-
-
-def timed(fn: Any, *args: Any, **kw: Any) -> float:
-    """Run ``fn`` and return the seconds it took (a measurement, never an assertion)."""
-    t = time.monotonic()
-    fn(*args, **kw)
-    return round(time.monotonic() - t, 2)
