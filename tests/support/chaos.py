@@ -150,7 +150,7 @@ class Controller:
         self.proc: subprocess.Popen[bytes] | None = None
         self.children: list[psutil.Process] = []
 
-    def start(self, timeout: float = 90) -> Controller:
+    def start(self, timeout: float = 180) -> Controller:
         start_at = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([*_python(), "controller", "--config", str(self.config)], stdout=log,
@@ -161,7 +161,16 @@ class Controller:
             assert proc.poll() is None, f"controller {self.name} exited {proc.returncode}: {self.tail()}"
             return ": API http" in self.log.read_text(errors="replace")[start_at:]
 
-        wait_for(ready, timeout, f"controller {self.name} to start")
+        try:
+            wait_for(ready, timeout, f"controller {self.name} to start")
+        except AssertionError as exc:
+            proc.send_signal(signal.SIGABRT)  # the fault handler writes every thread's stack to the log
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            self.proc = None
+            raise AssertionError(f"{exc}: {self.tail(12000)}") from None
         self.children = self.descendants()
         return self
 
@@ -285,7 +294,7 @@ class Agent:
             "heartbeat_interval_s": 0.5,
             "outbox": {"path": str(self.outbox), **({"max_messages": outbox_max} if outbox_max else {})},
             "uplink": {"ack": ack, "ack_timeout_s": 3.0},
-            "shutdown_timeout_s": 60,
+            "shutdown_timeout_s": 120,
             "pipelines": [{"type": "process", "name": "ticker", "command": [sys.executable, "-c", TICKER, str(rate)]}],
         }
         self.config = d / "agent.yaml"
@@ -309,7 +318,7 @@ class Agent:
         self.proc.wait(10)
         self.proc = None
 
-    def terminate(self, timeout: float = 90, *, signalled: bool = False) -> int:
+    def terminate(self, timeout: float = 180, *, signalled: bool = False) -> int:
         """SIGTERM (the outbox drains for up to shutdown_timeout_s) and wait; return the exit code."""
         assert self.proc is not None
         if not signalled:
