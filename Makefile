@@ -10,7 +10,7 @@ DEVSTAMP := $(VENV)/.installed-dev
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv dev system-deps fixtures lint bench screenshots clean constraints packaging role-sizes images shop-in-a-box
+.PHONY: demo test venv dev system-deps fixtures lint bench screenshots clean constraints packaging role-sizes images shop-in-a-box chaos
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -67,6 +67,15 @@ images:
 # The last line is a JSON summary: shop_online, events, model_verified, arm64_agent_online, image_mb.
 shop-in-a-box: $(DEVSTAMP)
 	$(PY) -m shopfleet.sim.shop_in_a_box
+
+# The chaos tier at full size (docs/chaos.md): real Mosquitto from 'broker-config', agents, controllers,
+# SQLite and PostgreSQL, under uplink cuts and kill -9s. 'make test' runs a short version of it.
+# Prints one JSON summary per scenario (the lines starting CHAOS), gathered again at the end.
+CHAOS_OUT ?= $(or $(TMPDIR),/tmp)/shopfleet-chaos-summary.jsonl
+chaos: $(DEVSTAMP)
+	rm -f $(CHAOS_OUT)
+	SHOPFLEET_CHAOS=full SHOPFLEET_CHAOS_OUT=$(CHAOS_OUT) $(PY) -m pytest tests/chaos -m chaos -s -p no:cacheprovider $(PYTEST_ARGS); \
+	  rc=$$?; echo "== chaos summaries ($(CHAOS_OUT))"; cat $(CHAOS_OUT) 2>/dev/null; exit $$rc
 
 bench: $(DEVSTAMP)
 	for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
