@@ -176,7 +176,8 @@ def test_holes_the_stored_acks_name_are_resent_while_newer_messages_are_confirme
         acks_while_open = acker.acks
         for s in skip:
             first, again = acker.arrivals[s][:2]
-            assert 1.0 <= again - first < 1.0 + 5.0, f"seq {s} re-sent {again - first:.2f}s after its first send (ack_timeout_s 1.0)"
+            # timed from the PUBACK, which may precede the first arrival by a few ms
+            assert 0.9 <= again - first < 1.0 + 5.0, f"seq {s} re-sent {again - first:.2f}s after its first send (ack_timeout_s 1.0)"
         assert acks_while_open > 10, "newer messages were confirmed while the holes were open"
         wait_for(lambda: agent.outbox.depth() == 0, timeout=15, what="the re-sent holes to be confirmed and the outbox to drain")
         assert skip <= acker.stored and set(sent) <= acker.stored
