@@ -283,6 +283,7 @@ class Agent:
             ack=config.uplink.ack,
             ack_timeout_s=config.uplink.ack_timeout_s,
         )
+        self.uplink.on_drained = self._last_report
         self.commands: dict[str, CommandHandler] = {
             "ping": self._ping,
             "restart_pipeline": lambda cmd: restart_pipeline(self.supervisor, cmd),
@@ -437,6 +438,20 @@ class Agent:
         self.metrics.heartbeats.inc()
         self.heartbeats_sent += 1
         return seq
+
+    def _last_report(self) -> bool:
+        """On a graceful stop, once the outbox drained: enqueue a final heartbeat if eviction reports are pending.
+
+        Evicted runs travel only inside heartbeats; without this, an agent stopped right after an outage
+        (its last heartbeat evicted, or none since the evictions) would keep them until its next start and
+        the controller would count those seqs as missing meanwhile. Returns whether it enqueued one.
+        """
+        pending = self.outbox.unreported_evictions()
+        if not pending:
+            return False
+        log.info("node %s/%s: sending a final heartbeat with %d pending eviction reports before stopping", self.shop, self.node, pending)
+        self.heartbeat()
+        return True
 
     def _tick(self) -> None:
         interval = self.config.heartbeat_interval_s

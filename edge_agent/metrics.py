@@ -44,6 +44,11 @@ class AgentMetrics:
         self.sent = Counter(
             "shopfleet_agent_messages_sent_total", "Uplink messages the broker acknowledged (QoS 1 PUBACK).", ["kind"], registry=r
         )
+        self.resent = Counter(
+            "shopfleet_agent_messages_resent_total",
+            "Messages sent again because the controller had not confirmed them uplink.ack_timeout_s after sending (uplink.ack: controller).",
+            registry=r,
+        )
         self.evicted = Counter(
             "shopfleet_agent_outbox_evicted_total", "Messages dropped from a full outbox, by priority.", ["priority"], registry=r
         )

@@ -283,6 +283,25 @@ class Outbox:
             ).fetchall()
         return [OutboxMessage(s, Priority(p), k, t, bytes(b), bool(r)) for s, p, k, t, b, r in rows]
 
+    def get(self, seqs: Iterable[int]) -> list[OutboxMessage]:
+        """Return the stored messages among ``seqs`` (those not deleted yet), in seq order."""
+        wanted = sorted(set(seqs))
+        out: list[OutboxMessage] = []
+        with self._lock:
+            for i in range(0, len(wanted), 500):
+                chunk = wanted[i : i + 500]
+                rows = self._db.execute(
+                    f"SELECT seq, priority, kind, topic, payload, retain FROM outbox WHERE seq IN ({','.join('?' * len(chunk))}) ORDER BY seq",
+                    chunk,
+                ).fetchall()
+                out += [OutboxMessage(s, Priority(p), k, t, bytes(b), bool(r)) for s, p, k, t, b, r in rows]
+        return out
+
+    def unreported_evictions(self) -> int:
+        """Return how many evicted runs no stored heartbeat carries (they wait for the next heartbeat)."""
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM evicted WHERE reported_in IS NULL").fetchone()[0])
+
     def ack(self, seqs: Iterable[int]) -> list[str]:
         """Delete acknowledged messages; return the kinds of those that were still stored."""
         seqs = list(seqs)

@@ -89,8 +89,14 @@ class UplinkLoop:
         self.ack_mode = ack
         self.ack_timeout_s = ack_timeout_s
         self._stored_acks: list[tuple[str, int, tuple[tuple[int, int], ...]]] = []  # from the network thread
-        self._awaiting_since: float | None = None  # controller mode: when the oldest unconfirmed send went out
-        self.resends = 0
+        # Controller mode: seq -> when the broker acknowledged its latest send, oldest first (re-inserted on every
+        # send), so the messages to send again are a prefix. Confirmed seqs leave it lazily (checked against the outbox).
+        self._awaiting: dict[int, float] = {}
+        self._resend_tokens = float(inflight)  # re-sends allowed now; refilled at `inflight` per second
+        self._resend_refilled = time.monotonic()
+        self.resends = 0  # messages sent again because the controller had not confirmed them in ack_timeout_s
+        self.on_drained: Callable[[], bool] | None = None
+        """Called by a drain that emptied the outbox; returns True if it enqueued a last message (sent before the goodbye)."""
         self._presence_topic = Topics.node(shop, node, Channel.PRESENCE)
         self._link = MqttLink(settings, on_message=on_downlink, on_ack=self._on_ack, on_refused=self._on_refused, max_inflight=inflight)
         self._inflight: dict[int, int] = {}  # paho mid -> outbox seq
@@ -186,6 +192,7 @@ class UplinkLoop:
                     # Whatever the controller has not confirmed goes again on the new connection.
                     self._inflight.clear()
                     self._inflight_topics.clear()
+                    self._awaiting.clear()  # the cursor sends them all again; the PUBACKs time them afresh
                     self._cursor = 0
                 if self.ever_connected:
                     self.metrics.reconnects.inc()
@@ -223,12 +230,24 @@ class UplinkLoop:
 
     def _serve(self) -> None:
         """Pump and poll until the link drops (raises TemporaryError) or a drain finished."""
+        last_words = 0
         while True:
             self._pump()
             self._link.poll(self.poll_interval_s)
             self._commit_acks()
-            self._check_ack_timeout()
+            self._resend_unconfirmed()
             if self._draining_done():
+                # Drained before the deadline: a last message (the agent's final heartbeat with the eviction
+                # reports still pending) goes up too, then the drain waits for it. A few rounds at most.
+                if (self.on_drained is not None and last_words < 4 and self.outbox.depth() == 0
+                        and self._drain_deadline is not None and time.monotonic() < self._drain_deadline):
+                    last_words += 1
+                    try:
+                        if self.on_drained():
+                            self._dirty.set()
+                            continue
+                    except Exception:
+                        log.exception("node %s/%s: the last report before stopping failed", self.shop, self.node)
                 return
 
     def _pump(self) -> None:
@@ -250,21 +269,49 @@ class UplinkLoop:
         self._stored_acks.append((epoch, seq, missing))
         self._link.interrupt()
 
-    def _check_ack_timeout(self) -> None:
-        """Controller mode: send again what the controller has not confirmed for ``ack_timeout_s``."""
-        if self.ack_mode != "controller" or self._awaiting_since is None:
+    def _resend_unconfirmed(self) -> None:
+        """Controller mode: send again each message the controller has not confirmed ``ack_timeout_s`` after its send.
+
+        Per message, so a hole a stored-ack keeps naming (what a killed controller replica held) goes again
+        while newer messages are being confirmed. Bounded: only free in-flight room is used, at most
+        ``inflight`` re-sends per second, and a message waits ``ack_timeout_s`` again after each re-send.
+        """
+        if self.ack_mode != "controller" or not self._awaiting:
             return
-        if time.monotonic() - self._awaiting_since < self.ack_timeout_s or self._inflight:
+        now = time.monotonic()
+        expired: list[int] = []
+        for seq, at in self._awaiting.items():
+            if now - at < self.ack_timeout_s or len(expired) >= 500:
+                break
+            expired.append(seq)
+        if not expired:
             return
-        if self.outbox.depth() == 0:
-            self._awaiting_since = None
+        self._resend_tokens = min(float(self.inflight_limit), self._resend_tokens + (now - self._resend_refilled) * self.inflight_limit)
+        self._resend_refilled = now
+        room = min(self.inflight_limit - len(self._inflight), int(self._resend_tokens))
+        if room <= 0:
             return
-        log.info("node %s/%s: no stored-ack for %.0fs; sending the %d unconfirmed messages again",
-                 self.shop, self.node, self.ack_timeout_s, self.outbox.depth())
-        self.resends += 1
-        self._cursor = 0
-        self._awaiting_since = time.monotonic()
-        self._dirty.set()
+        stored = {m.seq: m for m in self.outbox.get(expired)}
+        on_the_way = set(self._inflight.values())
+        resent = 0
+        for seq in expired:
+            m = stored.get(seq)
+            if m is None or seq in on_the_way:  # confirmed (deleted), or being sent right now
+                del self._awaiting[seq]
+                continue
+            if resent >= room:
+                break
+            del self._awaiting[seq]  # timed afresh by its PUBACK
+            mid = self._link.publish(OutMessage(m.topic, m.payload, qos=1, retain=m.retain))
+            self._inflight[mid] = m.seq
+            self._inflight_topics[mid] = m.topic
+            resent += 1
+        if resent:
+            self._resend_tokens -= resent
+            self.resends += resent
+            self.metrics.resent.inc(resent)
+            log.info("node %s/%s: %d messages not confirmed by the controller %.0fs after sending (oldest seq %d); sent again",
+                     self.shop, self.node, resent, self.ack_timeout_s, expired[0])
 
     def refusal_report(self) -> dict[str, float]:
         """Return what to add to the heartbeat's ``metrics``: the refusal counts since start, only once there are any."""
@@ -306,8 +353,9 @@ class UplinkLoop:
         if seq is not None:
             if self.ack_mode == "broker":
                 self._acked.append(seq)
-            elif self._awaiting_since is None:
-                self._awaiting_since = time.monotonic()  # sent, awaiting the controller's stored-ack
+            else:  # sent, awaiting the controller's stored-ack; newest send time last
+                self._awaiting.pop(seq, None)
+                self._awaiting[seq] = time.monotonic()
             self._dirty.set()
         self._presence_mids.discard(mid)
         self.last_ack = time.monotonic()
@@ -322,9 +370,8 @@ class UplinkLoop:
                 kinds = self.outbox.ack_stored(epoch, seq, missing)
                 for kind in kinds:
                     self.metrics.sent.labels(kind).inc()
-                if kinds:
-                    # Progress: the timeout counts from now; nothing awaiting once the outbox is empty.
-                    self._awaiting_since = time.monotonic() if self.outbox.depth() else None
+            if self._awaiting and self.outbox.depth() == 0:
+                self._awaiting.clear()
         if not self._acked:
             return
         acked, self._acked = self._acked, []

@@ -151,11 +151,6 @@ def test_uplink_cut_then_restored_catches_up(run, engine, evicting, request, cha
 
 
 @pytest.mark.skipif(not FULL, reason="full tier only (make chaos): keeps make test within its time budget")
-@pytest.mark.xfail(strict=True, reason=(
-    "edge_agent (outbox/uplink): evictions are reported only inside later heartbeats; an agent stopped (SIGTERM) "
-    "before a heartbeat got out after an outage drains its outbox but sends no heartbeat with the pending ranges "
-    "(they stay in the outbox's 'evicted' table, reported_in NULL), so the registry counts them as missing_total "
-    "and open gaps until that node's next start"))
 def test_evictions_reported_when_the_agent_stops_right_after_an_outage(run, request, chaos_root):
     """1b. As 1 with overflowing outboxes, but the agents are stopped while the link is still cut, then it returns."""
     db_url, _ = _db("sqlite", request, chaos_root)
@@ -285,13 +280,6 @@ def test_controller_killed_and_restarted(run, engine, request, chaos_root):
 
 @pytest.mark.postgres
 @pytest.mark.skipif(not FULL, reason="full tier only (make chaos): the 30 s session expiry alone exceeds make test's budget")
-@pytest.mark.xfail(strict=False, reason=(
-    "edge_agent/uplink.py, uplink.ack: controller: what the killed replica held unacknowledged (and what Mosquitto "
-    "routed to its session until it expired) is re-sent only after ack_timeout_s WITHOUT stored-ack progress "
-    "(_commit_acks resets _awaiting_since on every progress), so while the live replica keeps acknowledging new "
-    "messages the holes its stored-acks list as missing are never re-sent: the dead replica's share is not taken "
-    "over until the stream pauses. Not strict: a stall of the live replica (machine load) triggers the re-send "
-    "by chance, then the scenario passes (takeover ~30 s)"))
 def test_two_replicas_one_killed_mid_stream(run, request, chaos_root):
     """6. Two replicas on PostgreSQL share the stream; one is SIGKILLed: its share is taken over, nothing lost or doubled."""
     db_url, _app = _db("postgresql", request, chaos_root)

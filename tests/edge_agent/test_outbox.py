@@ -243,6 +243,32 @@ def test_a_heartbeat_evicted_with_its_ranges_hands_them_to_the_next(tmp_path: Pa
     assert carried[second] == [(3, 3), (4, 5)]  # offered again, with the runs evicted since
 
 
+def test_unreported_evictions_counts_the_runs_no_stored_heartbeat_carries(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db", max_messages=2, keep_heartbeat_every_s=1e9)
+    assert box.unreported_evictions() == 0
+    for _ in range(3):
+        put(box, T, kind="telemetry")  # the third evicts seq 1
+    put(box, I)  # evicts 2: still one run, 1..2
+    assert box.unreported_evictions() == 1
+    box.ack([m.seq for m in box.peek()])  # drained: the run stays until a heartbeat carries it
+    assert box.unreported_evictions() == 1
+    seq = box.enqueue("heartbeat", T, "t", lambda epoch, seq, ranges: b"h", report_evictions=50)
+    assert box.unreported_evictions() == 0  # carried, though not yet acknowledged
+    box.ack([seq])
+    assert box.unreported_evictions() == 0 and box.evicted_ranges() == []
+
+
+def test_get_returns_only_the_stored_ones_of_the_asked_seqs(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db")
+    seqs = [put(box, I, size=s) for s in range(1, 8)]
+    box.ack([seqs[1], seqs[4]])
+    got = box.get([seqs[6], seqs[1], seqs[0], seqs[4], 99, seqs[0]])
+    assert [m.seq for m in got] == [seqs[0], seqs[6]] and [len(m.payload) for m in got] == [1, 7]
+    assert box.get([]) == []
+    many = [put(box, T, kind="telemetry") for _ in range(1200)]  # more than one SQL chunk
+    assert [m.seq for m in box.get(many)] == many
+
+
 def test_a_drained_outbox_gives_its_space_back(tmp_path: Path) -> None:
     box = Outbox(tmp_path / "o.db", reclaim_above_bytes=256 * 1024, synchronous="normal")
     seqs = [put(box, T, size=4096, kind="telemetry") for _ in range(500)]  # ~2 MB of payload
