@@ -63,6 +63,8 @@ class PodContext:
     init_image: str | None = None
     add_hosts: Mapping[str, str] = field(default_factory=dict)
     """Service DNS names -> address (cluster DNS has no podman equivalent; --add-host does)."""
+    host_ip: str = "127.0.0.1"
+    """The node's address, for a fieldRef status.hostIP: every pod here runs on this machine."""
     name_prefix: str = "sf"
     host_network: bool = False
     """Put every pod on the host network: there is no cluster network here, so a pod that would
@@ -89,13 +91,13 @@ def _env(c: Mapping[str, Any], pod_name: str, ctx: PodContext, annotations: Mapp
         src = e.get("valueFrom") or {}
         if "fieldRef" in src:
             path = src["fieldRef"]["fieldPath"]
-            values = {"spec.nodeName": ctx.node, "metadata.name": pod_name}
+            values = {"spec.nodeName": ctx.node, "status.hostIP": ctx.host_ip, "metadata.name": pod_name}
             ann = re.fullmatch(r"metadata\.annotations\['([^']+)'\]", path)
             if ann:
                 values[path] = str(annotations.get(ann[1], ""))
             if path not in values:
-                raise TranslateError(f"env {name}: fieldRef {path} is not supported (spec.nodeName, metadata.name, "
-                                     "metadata.annotations['...'] are)")
+                raise TranslateError(f"env {name}: fieldRef {path} is not supported (spec.nodeName, status.hostIP, "
+                                     "metadata.name, metadata.annotations['...'] are)")
             out[name] = values[path]
         elif "configMapKeyRef" in src or "secretKeyRef" in src:
             kind, ref = ("configMap", src["configMapKeyRef"]) if "configMapKeyRef" in src else ("secret", src["secretKeyRef"])

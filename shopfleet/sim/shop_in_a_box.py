@@ -115,7 +115,7 @@ class Box:
         self.tag = tag
         self.images = images
         self.names: list[str] = []
-        self.ports = {k: free_port() for k in ("central_pw", "central_tls", "shop", "api")}
+        self.ports = {k: free_port() for k in ("central_pw", "central_tls", "shop", "shop_tls", "api")}
 
     def ref(self, name: str, arch: str = "amd64") -> str:
         ref = f"localhost/shopfleet/{name}:{self.tag}-{arch}"
@@ -166,7 +166,8 @@ def central(box: Box, base: str) -> tuple[str, dict[str, Any]]:
            "--pki", "/etc/shopfleet/pki", "--server-name", "127.0.0.1", "--port", str(p["central_pw"]),
            "--tls-port", str(p["central_tls"]), "--persistence-dir", "/var/lib/mosquitto",
            "--controller-user", "shopfleet-controller-0", "--shop-broker", SHOP, "--central", f"127.0.0.1:{p['central_tls']}",
-           "--shop-port", str(p["shop"]), "--shop-install-dir", "/etc/shopfleet/shop-broker",
+           "--shop-port", str(p["shop"]), "--shop-tls-port", str(p["shop_tls"]),
+           "--shop-denial-log", "/var/log/mosquitto/mosquitto.log", "--shop-install-dir", "/etc/shopfleet/shop-broker",
            "--shop-persistence-dir", "/var/lib/shopfleet/mosquitto", "--outage", "600")
     podman(*tool, "release", "keygen", "--out", "/etc/shopfleet/keys/signing.pem")
     creds = json.loads((etc / "broker/credentials.json").read_text())
@@ -267,6 +268,18 @@ def serve_model(box: Box) -> tuple[str, Any]:
     return sha, ShopModelServer(archives, 9481, host="127.0.0.1").start()
 
 
+def _node_identity(box: Box, into: Path, node: str) -> None:
+    """Put the agent's TLS identity on the node, as the node join does: the fleet CA, and the
+    certificate and key broker-config issued for ``<shop>.<node>``, readable by the agent's uid."""
+    pki = box.work / "central-etc/pki"
+    for src, dst in ((pki / "ca.crt", "ca.crt"), (pki / f"certs/{SHOP}.{node}.crt", "agent.crt"),
+                     (pki / f"certs/{SHOP}.{node}.key", "agent.key")):
+        f = into / dst
+        f.write_bytes(src.read_bytes())
+        os.chown(f, 10001, 10001)
+        os.chmod(f, 0o400)
+
+
 def shop(box: Box, creds: dict[str, Any], base: str, by_id: Path, model_sha: str) -> None:
     """Render shop-x and run its broker, agent, sensor driver, vision and the arm64 agent."""
     from fleet_controller.rollout import manifests
@@ -279,7 +292,10 @@ def shop(box: Box, creds: dict[str, Any], base: str, by_id: Path, model_sha: str
     def broker_port(d: dict[str, Any]) -> None:
         d["broker"]["port"] = port
 
-    cms["shopfleet-agent"]["agent.yaml"] = _patch_yaml(cms["shopfleet-agent"]["agent.yaml"], broker_port)
+    def broker_tls_port(d: dict[str, Any]) -> None:
+        d["broker"]["port"] = box.ports["shop_tls"]
+
+    cms["shopfleet-agent"]["agent.yaml"] = _patch_yaml(cms["shopfleet-agent"]["agent.yaml"], broker_tls_port)
     cms["sensor-driver"]["sensors.yaml"] = _patch_yaml(cms["sensor-driver"]["sensors.yaml"], broker_port)
 
     def vision_cfg(d: dict[str, Any]) -> None:
@@ -287,10 +303,13 @@ def shop(box: Box, creds: dict[str, Any], base: str, by_id: Path, model_sha: str
         d["pipelines"][0].update(source="/media/vtest.avi", threads=1)
 
     cms["vision"]["vision.yaml"] = _patch_yaml(cms["vision"]["vision.yaml"], vision_cfg)
-    secrets = {"shop-broker": _files(box.work / "central-etc/broker/shops" / SHOP)}
+    # The denials sidecar's API token; no controller is reachable at the manifests' address here,
+    # so its forwarding fails (and is counted) while it still counts refusals from the log.
+    secrets = {"shop-broker": _files(box.work / "central-etc/broker/shops" / SHOP), "broker-denials": {"token": "unused"}}
     node_root = box.work / "node-pi-1"
     pw = node_root / "etc/shopfleet/node"
     pw.mkdir(parents=True)
+    _node_identity(box, pw, NODE)
     for suffix, fname in (("", "agent"), ("-sensors", "sensors"), ("-vision", "vision")):
         f = pw / f"{fname}.password"
         f.write_text(creds["nodes"][f"{SHOP}/{NODE}{suffix}"]["password"])
@@ -300,7 +319,8 @@ def shop(box: Box, creds: dict[str, Any], base: str, by_id: Path, model_sha: str
         os.chmod(f, 0o400)
     ctx = PodContext(
         node=NODE, workdir=box.work / "pods", host_root=node_root, configmaps=cms, secrets=secrets,
-        images={"mosquitto": ensure_mosquitto_image(), "agent": box.ref("agent"), "sensor-driver": box.ref("sensor-driver"),
+        images={"mosquitto": ensure_mosquitto_image(), "denials": box.ref("agent"), "agent": box.ref("agent"),
+                "sensor-driver": box.ref("sensor-driver"),
                 "vision": box.ref("vision"), "model-stage": box.ref("vision")},
         devices={"shopfleet.io/shelf-board": None, "shopfleet.io/camera": None},
         extra_mounts={"sensor-driver": [f"type=bind,source={by_id},destination=/dev/serial/by-id,ro",
@@ -322,10 +342,7 @@ def shop(box: Box, creds: dict[str, Any], base: str, by_id: Path, model_sha: str
     # (both share this host's network).
     arm_root = box.work / "node-arm-1"
     (arm_root / "etc/shopfleet/node").mkdir(parents=True)
-    f = arm_root / "etc/shopfleet/node/agent.password"
-    f.write_text(creds["nodes"][f"{SHOP}/{ARM_NODE}"]["password"])
-    os.chown(f, 10001, 10001)
-    os.chmod(f, 0o400)
+    _node_identity(box, arm_root / "etc/shopfleet/node", ARM_NODE)
     arm_cms = {**cms, "shopfleet-agent": dict(cms["shopfleet-agent"])}
     arm_cms["shopfleet-agent"]["agent.yaml"] = _patch_yaml(arm_cms["shopfleet-agent"]["agent.yaml"],
                                                           lambda d: d["metrics"].update(port=free_port()))

@@ -32,11 +32,15 @@ def _ctx(tmp_path: Path, objs: list[dict[str, Any]], **kw: Any) -> PodContext:
                       images={"sensor-driver": "localhost/shopfleet/sensor-driver:t-amd64"}, **kw)
 
 
-def _pod(tmp_path: Path, name: str, password: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Render the shop; return its objects and DaemonSet ``name``, with the node's ``password`` file in place."""
+def _pod(tmp_path: Path, name: str, identity: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Render the shop; return its objects and DaemonSet ``name``, with the node's identity files in place:
+    ``agent`` a TLS certificate, key and CA (the agent reaches its shop broker by mutual TLS), else a password."""
     objs = _render()
-    (tmp_path / "node/etc/shopfleet/node").mkdir(parents=True)
-    (tmp_path / f"node/etc/shopfleet/node/{password}.password").write_text("pw")
+    node = tmp_path / "node/etc/shopfleet/node"
+    node.mkdir(parents=True)
+    files = ["ca.crt", "agent.crt", "agent.key"] if identity == "agent" else [f"{identity}.password"]
+    for f in files:
+        (node / f).write_text("x")
     return objs, _obj(objs, "DaemonSet", name)
 
 
@@ -87,7 +91,7 @@ def test_agent_pod_host_network_subpath_and_init(tmp_path: Path):
 def test_a_missing_node_file_is_named(tmp_path: Path):
     objs = _render()
     ds = _obj(objs, "DaemonSet", "shopfleet-agent")
-    with pytest.raises(TranslateError, match=r"hostPath /etc/shopfleet/node/agent.password \(File\) does not exist"):
+    with pytest.raises(TranslateError, match=r"hostPath /etc/shopfleet/node/ca.crt \(File\) does not exist"):
         container_argv(ds, "agent", _ctx(tmp_path, objs))
 
 
