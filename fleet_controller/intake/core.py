@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import gc
 import logging
 import multiprocessing
 import os
 import pickle
+import signal
 import threading
 import time
 import uuid
@@ -668,16 +670,36 @@ class RegistryWriter:
         """Create a shop or update its name, region, labels, time zone and applier node, on the writer (in order with the intake)."""
         await self.call("register_shop", shop, name, region, labels, timezone, applier)
 
-    def close(self) -> None:
-        """Stop the writer after the work already submitted."""
+    def close(self, timeout: float = 30.0) -> bool:
+        """Stop the writer after the work already submitted; return False if it had to be killed.
+
+        Bounded: a writer that has not finished its queue and closed within ``timeout`` seconds
+        (a batch stuck on a database lock, say) is killed (:meth:`kill`) instead of waited for.
+        """
         if self._executor is None:
-            return
+            return True
         try:
-            self._executor.submit(_run_on_writer, self._key, "close").result(30)
+            self._executor.submit(_run_on_writer, self._key, "close").result(timeout)
         except Exception as exc:
-            log.warning("registry writer did not close cleanly: %s", exc)
+            log.error("registry writer did not close within %.0fs (%s); killing it: what it had not committed is "
+                      "rolled back, and those messages were not acknowledged, so the broker keeps them", timeout,
+                      type(exc).__name__ if isinstance(exc, TimeoutError) else exc)
+            self.kill()
+            return False
         self._executor.shutdown(wait=True)
         self._executor = None
+        return True
+
+    def kill(self) -> None:
+        """Abandon the writer now: cancel what is queued and terminate a writer process (its transaction rolls back)."""
+        executor, self._executor = self._executor, None
+        if executor is None:
+            return
+        processes = list(getattr(executor, "_processes", None) or {})  # ProcessPoolExecutor's children, by pid
+        executor.shutdown(wait=False, cancel_futures=True)
+        for pid in processes:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 WRITER_DEATHS_BEFORE_ISOLATING = 2
