@@ -43,6 +43,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import BrokenExecutor, Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from enum import StrEnum
+from multiprocessing import connection as mp_connection
 from typing import Any
 
 from edge_agent.protocol import (
@@ -678,6 +679,7 @@ class RegistryWriter:
         """
         if self._executor is None:
             return True
+        deadline = time.monotonic() + timeout
         try:
             self._executor.submit(_run_on_writer, self._key, "close").result(timeout)
         except Exception as exc:
@@ -686,8 +688,26 @@ class RegistryWriter:
                       type(exc).__name__ if isinstance(exc, TimeoutError) else exc)
             self.kill()
             return False
-        self._executor.shutdown(wait=True)
+        processes = list((getattr(self._executor, "_processes", None) or {}).values())
+        if not processes:  # a thread writer: its queue is done
+            self._executor.shutdown(wait=True)
+            self._executor = None
+            return True
+        # Not shutdown(wait=True): that joins the writer process without a deadline.
+        # Waiting on the sentinels, not join(): the pool's own thread reaps the process meanwhile.
+        self._executor.shutdown(wait=False)
+        pending = {p.sentinel: p.pid for p in processes}
+        while pending and (left := deadline - time.monotonic()) > 0:
+            for ready in mp_connection.wait(list(pending), left):
+                pending.pop(ready, None)
+        alive = list(pending.values())
         self._executor = None
+        if alive:
+            log.error("registry writer process %s did not exit within %.0fs of closing; killing it", alive, timeout)
+            for pid in alive:
+                with contextlib.suppress(ProcessLookupError, TypeError):
+                    os.kill(pid, signal.SIGKILL)
+            return False
         return True
 
     def kill(self) -> None:
