@@ -496,7 +496,8 @@ def _exit_now(service: ControllerService, why: str, *, dump: bool = True) -> Non
     """End the process now with exit code 1 (messages not acknowledged stay queued on the broker)."""
     log.error("controller %s exits now: %s; messages not acknowledged stay queued on the broker", service.settings.instance, why)
     if dump:
-        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        with contextlib.suppress(Exception):  # stderr may be no real file
+            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
     with contextlib.suppress(Exception):
         service.writer.kill()
     for h in logging.getLogger().handlers:
