@@ -266,14 +266,18 @@ class ControllerService:
         abandoned: list[str] = []
 
         async def step(what: str, aw: Awaitable[Any], timeout: float, consequence: str) -> bool:
+            # Not asyncio.wait_for: on its timeout it cancels the step and then waits for the step to
+            # end, for ever if the step ignores its cancellation (a task that swallows CancelledError).
             t0 = time.monotonic()
-            try:
-                await asyncio.wait_for(aw, timeout)
-            except TimeoutError:
+            fut = asyncio.ensure_future(aw)
+            done, _ = await asyncio.wait({fut}, timeout=timeout)
+            if not done:
+                fut.cancel()  # and move on without waiting for it
                 abandoned.append(what)
                 log.error("stop: %s did not finish within %.0fs; abandoned (%s)", what, timeout, consequence)
                 return False
-            except Exception as exc:
+            exc = None if fut.cancelled() else fut.exception()
+            if exc is not None:
                 log.warning("stop: %s failed: %s", what, exc)
             log.debug("stop: %s took %.2fs", what, time.monotonic() - t0)
             return True
@@ -298,10 +302,8 @@ class ControllerService:
             self._server.should_exit = True
             if self._server_task is not None:
                 server_task = self._server_task
-                if not await step("API server", asyncio.shield(server_task), STOP_API_S,
-                                  "open requests are cut off"):
+                if not await step("API server", server_task, STOP_API_S, "open requests are cut off"):
                     self._server.force_exit = True
-                    server_task.cancel()
                     await asyncio.wait([server_task], timeout=1)
         if self._sock is not None:
             self._sock.close()

@@ -118,3 +118,33 @@ def test_sigterm_with_a_stuck_writer_stops_within_bound_and_loses_nothing(broker
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+async def test_a_task_that_ignores_cancellation_is_abandoned_within_its_deadline(broker, tmp_path, monkeypatch):
+    """In process: a worker that swallows its cancellation no longer holds ``stop()`` forever."""
+    import asyncio
+
+    from fleet_controller import service as service_mod
+    from fleet_controller.service import ControllerService
+    from tests.support.controller import controller_settings
+
+    monkeypatch.setattr(service_mod, "STOP_TASKS_S", 0.5)
+    service = ControllerService(controller_settings(broker, tmp_path, intake={"writer": "thread"}))
+    release = asyncio.Event()
+
+    async def stubborn() -> None:
+        while not release.is_set():
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                continue  # the bug this guards against: a task that will not end
+
+    service.add_worker("stubborn", stubborn)
+    await service.start()
+    t0 = time.monotonic()
+    abandoned = await service.stop()
+    took = time.monotonic() - t0
+    release.set()
+    assert abandoned == ["background tasks"], abandoned
+    assert took < 0.5 + 5 + 5, took  # the tasks' deadline, plus the other steps done promptly
+    assert not service.mqtt.connected
