@@ -863,7 +863,10 @@ class Intake:
                 self._waiting.clear()
                 continue
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=min(remaining, PAUSE_S))
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a cancellation that arrives
+                # as the wake-up does (while agents stream), and the intake then never ended on stop.
+                async with asyncio.timeout(min(remaining, PAUSE_S)):
+                    await self._wake.wait()
             except TimeoutError:
                 self._waiting.clear()
                 break
