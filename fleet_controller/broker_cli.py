@@ -79,6 +79,9 @@ def register_broker_config(sub: argparse._SubParsersAction[argparse.ArgumentPars
                    help="longest controller (or shop uplink) outage to survive without loss (default: %(default)s)")
     g.add_argument("--message-bytes", type=int, default=1024, metavar="N", help="average message size, for max_queued_bytes (default: %(default)s)")
     g.add_argument("--max-packet-size", type=int, default=None, metavar="BYTES", help="largest MQTT packet accepted (default: the protocol's payload limit + 4096)")
+    g.add_argument("--max-inflight", type=int, default=None, metavar="N",
+                   help="max_inflight_messages: QoS 1 messages the broker sends one client before its acks; bounds each "
+                   "controller batch (0: no limit; default: 1000, two controller batches of 500)")
     g.add_argument("--persistence-dir", type=Path, default=Path("/var/lib/mosquitto"), metavar="DIR", help="persistence_location (default: %(default)s)")
     g.add_argument("--autosave-interval", type=int, default=1, metavar="SECONDS", help="how often the queue is written to disk (default: %(default)s)")
     g.add_argument("--owner", metavar="USER", help="chown the files the broker reads (and the persistence dir) to USER, e.g. mosquitto; needs root")
@@ -121,6 +124,7 @@ class _NodeAction(argparse.Action):
 
 def _run_broker_config(args: argparse.Namespace) -> int:
     from fleet_controller.broker_config import (
+        DEFAULT_MAX_INFLIGHT,
         DEFAULT_MAX_PACKET_SIZE,
         DEFAULT_SHOP_SERVER_NAMES,
         BrokerConfigError,
@@ -149,6 +153,7 @@ def _run_broker_config(args: argparse.Namespace) -> int:
             max_packet_size=args.max_packet_size or DEFAULT_MAX_PACKET_SIZE,
             persistence_dir=args.persistence_dir,
             autosave_interval=args.autosave_interval,
+            max_inflight=DEFAULT_MAX_INFLIGHT if args.max_inflight is None else args.max_inflight,
             owner=args.owner,
             shop_brokers=tuple(args.shop_broker),
             central=args.central,

@@ -62,6 +62,13 @@ PACKET_OVERHEAD = 4096
 properties, so that ``max_packet_size`` refuses only what the protocol would refuse anyway."""
 DEFAULT_MAX_PACKET_SIZE = MAX_PAYLOAD_BYTES + PACKET_OVERHEAD
 MOSQUITTO_DEFAULT_QUEUE = 1000
+DEFAULT_MAX_INFLIGHT = 1000
+"""``max_inflight_messages``: QoS 1 messages the broker sends one client before that client's
+PUBACKs. Mosquitto's default, 20, caps each controller batch at 20 messages (the controller
+acknowledges after the batch commits), which makes catching up after an outage slow. The
+controller batches 500 (``intake.batch_max_messages``) and keeps 2 batches with the writer, so
+1,000 lets it fill both; past its own ``intake.max_queue`` it stops reading (flow control), so a
+larger window costs the broker no memory it does not already spend on the queue."""
 BRIDGE_SUFFIX = "._bridge"
 CONNECTION_NAME = "shopfleet-central"
 DEFAULT_SHOP_SERVER_NAMES = ("shop-broker.{shop}.shopfleet", "shop-broker.shopfleet.svc.cluster.local", "shop-broker", "localhost", "127.0.0.1")
@@ -131,6 +138,8 @@ class BrokerOptions:
     outage_s: float = 3600.0
     message_bytes: int = 1024
     max_packet_size: int = DEFAULT_MAX_PACKET_SIZE
+    max_inflight: int = DEFAULT_MAX_INFLIGHT
+    """``max_inflight_messages``: unacknowledged QoS 1 messages in flight to one client (0: no limit)."""
     persistence_dir: Path = Path("/var/lib/mosquitto")
     autosave_interval: int = 1
     owner: str | None = None
@@ -317,6 +326,9 @@ def _persistence_lines(sizing: QueueSizing, options: BrokerOptions, location: Pa
         f"max_queued_messages {sizing.messages}",
         f"max_queued_bytes {sizing.bytes}",
         "queue_qos0_messages false",
+        "# QoS 1 messages sent to one client before its PUBACKs (Mosquitto's default 20 caps each",
+        "# controller batch, which slows catching up after an outage); 0 means no limit.",
+        f"max_inflight_messages {options.max_inflight}",
         "# The protocol refuses payloads above its own limit; the broker drops a client that sends more.",
         f"max_packet_size {options.max_packet_size}",
     ]
@@ -587,6 +599,11 @@ def write_broker_config(
         raise BrokerConfigError(
             f"--max-packet-size {options.max_packet_size} is below what the protocol allows ({MAX_PAYLOAD_BYTES} bytes of payload "
             f"+ {PACKET_OVERHEAD}); the broker would drop valid messages. Use at least {DEFAULT_MAX_PACKET_SIZE}"
+        )
+    if options.max_inflight < 0 or options.max_inflight > 65535:
+        raise BrokerConfigError(
+            f"--max-inflight {options.max_inflight}: use 1..65535 (MQTT's packet-id space), or 0 for no limit; "
+            f"the default {DEFAULT_MAX_INFLIGHT} fills two controller batches"
         )
     if options.autosave_interval < 1:
         raise BrokerConfigError(f"--autosave-interval {options.autosave_interval}: use 1 second or more")

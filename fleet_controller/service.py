@@ -33,10 +33,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import logging
+import os
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -65,6 +68,19 @@ WORKER_RESTART_BUDGET = 5
 """Crashes a worker may have within WORKER_RESTART_WINDOW_S before it is given up (health turns
 degraded). Higher keeps a flaky worker alive longer; lower surfaces a broken one sooner."""
 WORKER_RESTART_WINDOW_S = 300.0
+
+STOP_PUBLISH_S = 5.0
+"""Graceful stop: longest wait for the broker to acknowledge the retained offline presence."""
+STOP_MQTT_S = 10.0
+"""Graceful stop: longest wait for the MQTT disconnect and the network thread's end."""
+STOP_TASKS_S = 10.0
+"""Graceful stop: longest wait for the cancelled background tasks (intake, sweeper, workers) to end."""
+STOP_API_S = 5.0
+"""Graceful stop: longest wait for open API requests to finish (longer ones, such as a dashboard stream, are cut)."""
+STOP_WRITER_S = 20.0
+"""Graceful stop: longest wait for the registry writer to finish its queue and close; past it the writer is killed."""
+STOP_EXIT_GRACE_S = 10.0
+"""After a stop, longest wait for the process itself to end (threads, the writer); past it ``run_controller`` exits hard."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,34 +251,89 @@ class ControllerService:
         log.info("controller %s: API on %s, broker %s:%s, database %s", self.settings.instance, self.api_url,
                  self.settings.broker.host, self.settings.broker.port, self.engine.url.render_as_string())
 
-    async def stop(self) -> None:
-        """Say goodbye on MQTT (retained offline presence), stop every task and the API, close the database."""
+    async def stop(self) -> list[str]:
+        """Say goodbye on MQTT (retained offline presence), stop every task and the API, close the database.
+
+        Bounded: every step has a deadline (the ``STOP_*`` constants, :func:`stop_budget_s` in all);
+        a step past it is abandoned, logged as such, and the next one runs. Nothing is lost by that:
+        a message is acknowledged only after its batch committed, so what an abandoned step held
+        stays queued on the broker (and in the agents' outboxes) for the next start. Returns the
+        abandoned steps (empty after a clean stop).
+        """
         if not self._started:
-            return
+            return []
         self._started = False
+        abandoned: list[str] = []
+
+        async def step(what: str, aw: Awaitable[Any], timeout: float, consequence: str) -> bool:
+            # Not asyncio.wait_for: on its timeout it cancels the step and then waits for the step to
+            # end, for ever if the step ignores its cancellation (a task that swallows CancelledError).
+            t0 = time.monotonic()
+            fut = asyncio.ensure_future(aw)
+            done, _ = await asyncio.wait({fut}, timeout=timeout)
+            if not done:
+                fut.cancel()  # and move on without waiting for it
+                abandoned.append(what)
+                log.error("stop: %s did not finish within %.0fs; abandoned (%s)", what, timeout, consequence)
+                return False
+            exc = None if fut.cancelled() else fut.exception()
+            if exc is not None:
+                log.warning("stop: %s failed: %s", what, exc)
+            log.debug("stop: %s took %.2fs", what, time.monotonic() - t0)
+            return True
+
         if self.partitions is not None:
-            await self.partitions.stop()
+            await step("partition hand-over", self.partitions.stop(), self._handover_budget_s(),
+                       "other replicas take the partitions over when the leases expire")
         if self.mqtt.connected:
-            try:
-                await self.mqtt.publish(
-                    Topics.controller_presence, encode(ControllerPresence(state="offline", instance=self.settings.instance)),
-                    retain=True, timeout=5,
-                )
-            except Exception as exc:
-                log.warning("could not publish offline presence: %s", exc)
-        await asyncio.to_thread(self.mqtt.stop)
+            await step("offline presence", self.mqtt.publish(
+                Topics.controller_presence, encode(ControllerPresence(state="offline", instance=self.settings.instance)),
+                retain=True, timeout=STOP_PUBLISH_S,
+            ), STOP_PUBLISH_S + 1, "the broker publishes the Will instead once the connection is gone")
+        await step("MQTT disconnect", asyncio.to_thread(self.mqtt.stop), STOP_MQTT_S,
+                   "the network thread is left behind; unacknowledged messages stay queued on the broker")
         for t in self._tasks:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if not await step("background tasks", asyncio.gather(*self._tasks, return_exceptions=True), STOP_TASKS_S,
+                          "a task did not end on cancellation"):
+            log.error("stop: still running: %s", [t.get_name() for t in self._tasks if not t.done()])
         self._tasks.clear()
         if self._server is not None:
             self._server.should_exit = True
             if self._server_task is not None:
-                await asyncio.gather(self._server_task, return_exceptions=True)
+                server_task = self._server_task
+                if not await step("API server", server_task, STOP_API_S, "open requests are cut off"):
+                    self._server.force_exit = True
+                    await asyncio.wait([server_task], timeout=1)
         if self._sock is not None:
             self._sock.close()
-        await asyncio.to_thread(self.writer.close)
+        closed: list[bool] = []
+
+        async def close_writer() -> None:
+            closed.append(await asyncio.to_thread(self.writer.close, STOP_WRITER_S))
+
+        if not await step("registry writer", close_writer(), STOP_WRITER_S + 5,
+                          "the writer is killed; its uncommitted batch rolls back and was never acknowledged"):
+            self.writer.kill()
+        elif closed == [False]:  # RegistryWriter.close killed it after STOP_WRITER_S (and logged why)
+            abandoned.append("registry writer")
         self.engine.dispose()
+        if abandoned:
+            log.error("controller %s stopped with abandoned steps: %s (unacknowledged messages stay queued on the broker)",
+                      self.settings.instance, ", ".join(abandoned))
+        else:
+            log.info("controller %s stopped", self.settings.instance)
+        return abandoned
+
+    def _handover_budget_s(self) -> float:
+        # PartitionRouter.stop: the hand-over (2 TTL + 2 s) then the drain (as long again, at least 10 s).
+        handover = 2 * self.settings.intake.lease_ttl_s + 2
+        return handover + max(10.0, handover) + 5
+
+    def stop_budget_s(self) -> float:
+        """Return the longest :meth:`stop` can take (the sum of its steps' deadlines)."""
+        total = STOP_PUBLISH_S + 1 + STOP_MQTT_S + STOP_TASKS_S + STOP_API_S + 1 + STOP_WRITER_S + 5
+        return total + (self._handover_budget_s() if self.partitions is not None else 0.0)
 
     def health(self) -> dict[str, Any]:
         """Return the health report of /healthz: ``ok`` when connected, storing, and no worker has failed."""
@@ -407,8 +478,34 @@ def run_controller(settings: ControllerSettings, *, migrate: bool = True) -> int
             return 1
         print(f"controller {settings.instance}: API {service.api_url} (docs at {service.api_url}/docs)", flush=True)
         await stop.wait()
-        log.info("stopping")
-        await service.stop()
+        budget = service.stop_budget_s()
+        log.info("stopping (at most %.0fs)", budget)
+        # The last resort: whatever hangs after the bounded stop (a thread of an abandoned step that
+        # the interpreter would join at exit, say), the process ends this long after SIGTERM.
+        watchdog = threading.Timer(budget + STOP_EXIT_GRACE_S, _exit_now, args=(service, f"the process did not exit within "
+                                   f"{budget + STOP_EXIT_GRACE_S:.0f}s of the stop request"))
+        watchdog.daemon = True
+        watchdog.start()
+        abandoned = await service.stop()
+        if abandoned:  # their threads would keep the interpreter from exiting: do not wait for them
+            _exit_now(service, f"abandoned on stop: {', '.join(abandoned)}", dump=False)
         return 0
 
     return asyncio.run(main())
+
+
+def _exit_now(service: ControllerService, why: str, *, dump: bool = True) -> None:
+    """End the process now with exit code 1 (messages not acknowledged stay queued on the broker)."""
+    log.error("controller %s exits now: %s; messages not acknowledged stay queued on the broker", service.settings.instance, why)
+    if dump:
+        with contextlib.suppress(Exception):  # stderr may be no real file
+            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+    with contextlib.suppress(Exception):
+        service.writer.kill()
+    for h in logging.getLogger().handlers:
+        with contextlib.suppress(Exception):
+            h.flush()
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(1)

@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import gc
 import logging
 import multiprocessing
 import os
 import pickle
+import signal
 import threading
 import time
 import uuid
@@ -41,6 +43,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import BrokenExecutor, Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from enum import StrEnum
+from multiprocessing import connection as mp_connection
 from typing import Any
 
 from edge_agent.protocol import (
@@ -688,16 +691,55 @@ class RegistryWriter:
         """Create a shop or update its name, region, labels, time zone and applier node, on the writer (in order with the intake)."""
         await self.call("register_shop", shop, name, region, labels, timezone, applier)
 
-    def close(self) -> None:
-        """Stop the writer after the work already submitted."""
+    def close(self, timeout: float = 30.0) -> bool:
+        """Stop the writer after the work already submitted; return False if it had to be killed.
+
+        Bounded: a writer that has not finished its queue and closed within ``timeout`` seconds
+        (a batch stuck on a database lock, say) is killed (:meth:`kill`) instead of waited for.
+        """
         if self._executor is None:
-            return
+            return True
+        deadline = time.monotonic() + timeout
         try:
-            self._executor.submit(_run_on_writer, self._key, "close").result(30)
+            self._executor.submit(_run_on_writer, self._key, "close").result(timeout)
         except Exception as exc:
-            log.warning("registry writer did not close cleanly: %s", exc)
-        self._executor.shutdown(wait=True)
+            log.error("registry writer did not close within %.0fs (%s); killing it: what it had not committed is "
+                      "rolled back, and those messages were not acknowledged, so the broker keeps them", timeout,
+                      type(exc).__name__ if isinstance(exc, TimeoutError) else exc)
+            self.kill()
+            return False
+        processes = list((getattr(self._executor, "_processes", None) or {}).values())
+        if not processes:  # a thread writer: its queue is done
+            self._executor.shutdown(wait=True)
+            self._executor = None
+            return True
+        # Not shutdown(wait=True): that joins the writer process without a deadline.
+        # Waiting on the sentinels, not join(): the pool's own thread reaps the process meanwhile.
+        self._executor.shutdown(wait=False)
+        pending = {p.sentinel: p.pid for p in processes}
+        while pending and (left := deadline - time.monotonic()) > 0:
+            for ready in mp_connection.wait(list(pending), left):
+                pending.pop(ready, None)
+        alive = list(pending.values())
         self._executor = None
+        if alive:
+            log.error("registry writer process %s did not exit within %.0fs of closing; killing it", alive, timeout)
+            for pid in alive:
+                with contextlib.suppress(ProcessLookupError, TypeError):
+                    os.kill(pid, signal.SIGKILL)
+            return False
+        return True
+
+    def kill(self) -> None:
+        """Abandon the writer now: cancel what is queued and terminate a writer process (its transaction rolls back)."""
+        executor, self._executor = self._executor, None
+        if executor is None:
+            return
+        processes = list(getattr(executor, "_processes", None) or {})  # ProcessPoolExecutor's children, by pid
+        executor.shutdown(wait=False, cancel_futures=True)
+        for pid in processes:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 WRITER_DEATHS_BEFORE_ISOLATING = 2
@@ -865,7 +907,10 @@ class Intake:
                 self._waiting.clear()
                 continue
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=min(remaining, PAUSE_S))
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a cancellation that arrives
+                # as the wake-up does (while agents stream), and the intake then never ended on stop.
+                async with asyncio.timeout(min(remaining, PAUSE_S)):
+                    await self._wake.wait()
             except TimeoutError:
                 self._waiting.clear()
                 break

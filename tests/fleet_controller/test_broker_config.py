@@ -6,9 +6,13 @@ import argparse
 import json
 import os
 import queue
+import shutil
 import stat
 import subprocess
+import tempfile
+import threading
 import uuid
+from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
@@ -401,3 +405,94 @@ def test_cli_shop_and_denial_options(tmp_path, capsys):
     assert (tmp_path / "pki" / "certs" / "broker.shop-a.lan.crt").exists()
     assert f"log_dest file {tmp_path / 'b.log'}" in (tmp_path / "out" / "mosquitto.conf").read_text()
     assert (tmp_path / "b.log").exists()
+
+
+def test_inflight_window_is_written_and_refused_out_of_range(tmp_path):
+    from fleet_controller.broker_config import DEFAULT_MAX_INFLIGHT, BrokerOptions
+
+    lines = _conf_lines(write_broker_config(PAIRS, tmp_path / "out", options=BrokerOptions(persistence_dir=tmp_path / "d")).conf_file)
+    assert DEFAULT_MAX_INFLIGHT == 1000 and "max_inflight_messages 1000" in lines
+    lines = _conf_lines(write_broker_config(PAIRS, tmp_path / "o0", options=BrokerOptions(max_inflight=0, persistence_dir=tmp_path / "d")).conf_file)
+    assert "max_inflight_messages 0" in lines
+    for bad in (-1, 65536):
+        with pytest.raises(BrokerConfigError, match=r"--max-inflight .*use 1\.\.65535"):
+            write_broker_config(PAIRS, tmp_path / "bad", options=BrokerOptions(max_inflight=bad, persistence_dir=tmp_path / "d"))
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers())
+    args = parser.parse_args(["broker-config", "--shop", "shop-a", "--node", "pi-1", "--out", str(tmp_path / "cli"),
+                              "--persistence-dir", str(tmp_path / "d"), "--max-inflight", "250"])
+    assert args.func(args) == 0
+    assert "max_inflight_messages 250" in _conf_lines(tmp_path / "cli" / "mosquitto.conf")
+
+
+@pytest.mark.skipif(not shutil.which("mosquitto"), reason="needs mosquitto")
+def test_mosquitto_started_with_the_generated_config_holds_the_inflight_window():
+    """A backlog reaches the controller ``--max-inflight`` unacknowledged messages at a time, not Mosquitto's 20.
+
+    Exactly the window arrives before the controller's first acknowledgement. (Mosquitto 2.0.11 was
+    seen sending the rest of a 100-message backlog at once after the first window's acks: more in
+    flight, never fewer, so only the first window is asserted.)
+    """
+    from fleet_controller.broker_config import BrokerOptions
+    from shopfleet.broker import free_port
+    from tests.support.security import GeneratedBroker, broker_owner
+
+    window, total = 37, 100
+    deploy = Path(tempfile.mkdtemp(prefix="shopfleet-inflight-", dir="/tmp"))
+    deploy.chmod(0o755)  # the mosquitto user must traverse it
+    port = free_port()
+    files = write_broker_config(PAIRS, deploy / "broker", options=BrokerOptions(
+        port=port, bind="127.0.0.1", max_inflight=window, persistence_dir=deploy / "data", owner=broker_owner()))
+    broker = GeneratedBroker(files.conf_file, [port], deploy).start()
+    creds = json.loads(files.credentials_file.read_text())
+    ctl_user = creds["controller"]
+    got: list[tuple[paho.MQTTMessage, int]] = []  # each message with the acks sent before it arrived
+    acks = [0]
+    lock = threading.Lock()
+
+    def on_message(c, u, m):
+        with lock:
+            got.append((m, acks[0]))
+
+    def controller() -> paho.Client:
+        c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=ctl_user["username"], clean_session=False, manual_ack=True)
+        c.username_pw_set(ctl_user["username"], ctl_user["password"])
+        c.on_message = on_message
+        c.connect("127.0.0.1", port)
+        c.loop_start()
+        return c
+
+    try:
+        c = controller()
+        wait_for(lambda: c.is_connected(), what="controller connected")
+        subacks: list = []
+        c.on_subscribe = lambda *a: subacks.append(a)
+        c.subscribe("fleet/v1/+/+/events", qos=1)
+        wait_for(lambda: subacks, what="SUBACK")
+        a = creds["nodes"]["shop-a/pi-1"]
+        node = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=a["username"])
+        node.username_pw_set(a["username"], a["password"])
+        node.connect("127.0.0.1", port)
+        node.loop_start()
+        for i in range(total):  # a node's backlog (its outbox after an outage) while the controller does not ack yet
+            node.publish(Topics.node("shop-a", "pi-1", "events"), f"{i}".encode(), qos=1).wait_for_publish(5)
+        node.disconnect()
+        node.loop_stop()
+        wait_for(lambda: len(got) >= window, 15, f"the first {window} messages (the window) delivered")
+        while True:  # acknowledge everything as it comes, until the whole backlog arrived
+            with lock:
+                todo = [m for m, _ in got[acks[0]:]]
+                acks[0] += len(todo)
+            for m in todo:
+                c.ack(m.mid, m.qos)
+            if acks[0] >= total:
+                break
+            wait_for(lambda: len(got) > acks[0], 15, f"more than {acks[0]} of {total} messages delivered")
+        assert [m.payload for m, _ in got] == [f"{i}".encode() for i in range(total)]
+        before_any_ack = [i for i, (_, n) in enumerate(got) if n == 0]
+        assert before_any_ack == list(range(window)), f"{len(before_any_ack)} delivered before the first ack, the window is {window}"
+        c.disconnect()
+        c.loop_stop()
+    finally:
+        broker.stop()
+        shutil.rmtree(deploy, ignore_errors=True)
