@@ -159,8 +159,11 @@ class AlertWorker:
         async with httpx.AsyncClient() as client:
             while not stop.is_set():
                 await self.tick(client)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+                # arrives as the awaited event completes, and stop would wait for this loop for ever.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), self.rules.interval_s)
+                    async with asyncio.timeout(self.rules.interval_s):
+                        await stop.wait()
             await self.flush(self.rules.webhook.timeout_s * (self.rules.webhook.retries + 1))
 
     async def flush(self, timeout: float | None = None) -> None:

@@ -89,7 +89,8 @@ class LiveHub:
             yield f"event: ping\ndata: {{\"at\":{clock():.3f}}}\n\n"
             while True:
                 try:
-                    topic, data = await asyncio.wait_for(q.get(), ping_s)
+                    async with asyncio.timeout(ping_s):  # not wait_for, which can swallow a cancellation on 3.11
+                        topic, data = await q.get()
                 except TimeoutError:
                     yield f"event: ping\ndata: {{\"at\":{clock():.3f}}}\n\n"
                     continue
