@@ -65,7 +65,9 @@ def test_zero_loss_through_broker_restarts_and_sigkill(agent_proc: AgentProcess,
         assert rec.seqs() == expected, "nothing but this epoch's seqs"
         for topic, payload, _ in rec.messages:
             parse_message(topic, payload)  # all of it follows the protocol
-        assert last > 300
+        # The recorder's waits above add up to at least 230 distinct seqs (50, +100, +50, +30): the
+        # scenario ran at full length (a hard count would measure the machine's speed instead).
+        assert last >= 230
     finally:
         rec.close()
 

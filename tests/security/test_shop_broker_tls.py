@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
+
 from edge_agent.protocol import Topics
-from fleet_controller.broker_config import write_broker_config
+from fleet_controller.broker_config import BrokerConfigError, write_broker_config
 from fleet_controller.broker_denials import DenialMetrics, DenialWatcher
 from fleet_controller.pki import Pki
 from tests.support.certs import TestCA
@@ -71,12 +73,14 @@ def test_shop_tls_listener_refuses_no_certificate_a_foreign_ca_and_a_revoked_cer
     # The same node with its own certificate is accepted...
     assert Client(dep.options.shop_tls_port, tls=tls_of(dep, "shop-a.pi-1")).accepted
     # ...until it is revoked: re-running broker-config copies the new CRL, the broker restarts.
-    # (broker-config then issues the node a new certificate; the stolen old one is what must fail.)
     old = [deploy_dir / "old.crt", deploy_dir / "old.key"]
     for src, dst in zip(tls_of(dep, "shop-a.pi-1")[1:], old, strict=True):
         shutil.copyfile(src, dst)
     Pki(dep.options.pki_dir).revoke("shop-a.pi-1")
-    write_broker_config([("shop-a", "pi-1"), ("shop-a", "pi-2"), ("shop-b", "pi-1")], dep.files.conf_file.parent, options=dep.options)
+    # A routine re-run that still lists the node must not undo the revocation: it is refused.
+    with pytest.raises(BrokerConfigError, match=r"shop-a.pi-1\) was revoked"):
+        write_broker_config([("shop-a", "pi-1"), ("shop-a", "pi-2"), ("shop-b", "pi-1")], dep.files.conf_file.parent, options=dep.options)
+    write_broker_config([("shop-a", "pi-2"), ("shop-b", "pi-1")], dep.files.conf_file.parent, options=dep.options)
     shop.restart()
     _refused(Client(dep.options.shop_tls_port, tls=(ca, *old), connect=False))
     assert Client(dep.options.shop_tls_port, tls=tls_of(dep, "shop-a.pi-2")).accepted
