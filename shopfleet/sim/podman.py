@@ -11,7 +11,8 @@ such place says so:
   passed in.
 * configMap/secret volumes: their keys are written to files under ``workdir`` and bind-mounted
   (with ``subPath`` or ``subPathExpr``, the one entry); hostPath volumes map under ``host_root`` (a scratch "node
-  disk", so nothing touches the real /var/lib or /etc); emptyDir becomes a tmpfs.
+  disk", so nothing touches the real /var/lib or /etc); emptyDir becomes a 1777 directory on disk
+  (a tmpfs for medium Memory).
 * extended resources (``shopfleet.io/shelf-board``, ``shopfleet.io/camera``): a device plugin
   hands the pod a device; here ``devices`` maps the resource to ``(host path, container path)``
   for ``--device`` (a pseudo-terminal is bind-mounted instead: it belongs to the host's devpts).
@@ -151,7 +152,10 @@ def _volume_sources(obj: Mapping[str, Any], spec: Mapping[str, Any], pod_name: s
                     # The kubelet gives volume files to fsGroup: a 0440 Secret is readable by the pod.
                     os.chown(f, -1, int(fs_group))
             out[name] = ("bind", d)
-        elif "emptyDir" in v and ctx.emptydir_on_disk:
+        elif "emptyDir" in v and (ctx.emptydir_on_disk or (v["emptyDir"] or {}).get("medium") != "Memory"):
+            # Kubernetes keeps an emptyDir on the node's disk unless medium is Memory, and makes it
+            # 0777. (podman's --tmpfs also ignores its mode= over a directory the image has, e.g.
+            # Debian mosquitto's /var/log/mosquitto: the broker could not open its log there.)
             d = ctx.workdir / pod_name / "volumes" / name
             d.mkdir(parents=True, exist_ok=True)
             os.chmod(d, 0o1777)

@@ -222,12 +222,26 @@ class ByIdLink:
         self._thread.start()
 
     def update(self) -> None:
+        if not self.board_link.is_symlink():
+            # Unplugged: the board's link is gone, so udev removes the by-id link too. Forget the
+            # pty: the kernel may hand the same number to the board's next one, which then needs
+            # its owner and mode set again.
+            if self.current:
+                (self.by_id / "shelf-board").unlink(missing_ok=True)
+                self.current = ""
+            return
         try:
             pty = os.path.realpath(self.board_link)
         except OSError:
             return
-        if pty == self.current or not pty.startswith("/dev/pts/") or not os.path.exists(pty):
+        if not pty.startswith("/dev/pts/"):
             return
+        try:
+            st = os.stat(pty)
+        except OSError:
+            return
+        if pty == self.current and st.st_gid == 20 and st.st_mode & 0o777 == 0o660:
+            return  # the same pty, already the pod's (a new pty of a reused number would not be)
         os.chown(pty, 0, 20)
         os.chmod(pty, 0o660)
         tmp = self.by_id / "shelf-board.new"
