@@ -20,7 +20,6 @@ import json
 import os
 import ssl
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from shopfleet.errors import PermanentError, TemporaryError
+from shopfleet.files import write_atomic
 
 ENROLL_PATH = "/api/v1/enroll"
 TIMEOUT_S = 30.0
@@ -68,20 +68,6 @@ class EnrollResult:
             lines += [f"  host: {self.broker_host}", f"  port: {self.broker_port}"]
         lines += ["  tls:", f"    ca_file: {self.ca_file}", f"    cert_file: {self.cert_file}", f"    key_file: {self.key_file}"]
         return "\n".join(lines) + "\n"
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def make_key_and_csr() -> tuple[bytes, bytes]:
@@ -175,9 +161,9 @@ def enroll(controller: str, token: str, ca_file: Path | None, out: Path, *, allo
     out.mkdir(parents=True, exist_ok=True)
     os.chmod(out, 0o700)
     key_file, cert_file, ca_out = out / KEY_FILE, out / CERT_FILE, out / CA_FILE
-    _write_atomic(key_file, key_pem, 0o600)
-    _write_atomic(cert_file, str(answer["certificate"]).encode(), 0o644)
-    _write_atomic(ca_out, str(answer["ca_certificate"]).encode(), 0o644)
+    write_atomic(key_file, key_pem, 0o600)
+    write_atomic(cert_file, str(answer["certificate"]).encode(), 0o644)
+    write_atomic(ca_out, str(answer["ca_certificate"]).encode(), 0o644)
     broker = answer.get("broker") or {}
     return EnrollResult(str(answer["shop"]), str(answer["node"]), str(answer["cn"]), str(answer["serial"]),
                         str(answer["not_after"]), key_file.resolve(), cert_file.resolve(), ca_out.resolve(),

@@ -56,7 +56,6 @@ import ipaddress
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -68,6 +67,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from edge_agent.protocol import validate_id
 from shopfleet.errors import PermanentError
+from shopfleet.files import write_atomic
 
 KINDS = ("node", "controller", "bridge", "server")
 BRIDGE_SUFFIX = "._bridge"
@@ -142,21 +142,6 @@ def cn_for(kind: str, name: str) -> str:
     raise PkiError(f"unknown certificate kind {kind!r}: use one of {', '.join(KINDS)}")
 
 
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write ``data`` to ``path`` via a temporary file and rename, so a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
 
@@ -216,8 +201,8 @@ class Pki:
             .add_extension(ski, critical=False)
             .sign(key, hashes.SHA256())
         )
-        _write_atomic(pki.ca_key_path, _key_pem(key), 0o600)
-        _write_atomic(pki.ca_cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        write_atomic(pki.ca_key_path, _key_pem(key), 0o600)
+        write_atomic(pki.ca_cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
         pki._save_index([])
         pki.write_crl(crl_days)
         return pki
@@ -260,7 +245,7 @@ class Pki:
 
     def _save_index(self, records: Sequence[CertRecord]) -> None:
         data = {"certificates": [asdict(r) for r in records]}
-        _write_atomic(self.index_path, (json.dumps(data, indent=2) + "\n").encode(), 0o600)
+        write_atomic(self.index_path, (json.dumps(data, indent=2) + "\n").encode(), 0o600)
 
     def current(self, cn: str) -> CertRecord | None:
         """Return the newest unrevoked, unexpired certificate of ``cn``, if any."""
@@ -331,8 +316,8 @@ class Pki:
         cert = builder.sign(ca_key, hashes.SHA256())
         record = CertRecord(serial=f"{cert.serial_number:x}", kind=kind, cn=cn, not_after=not_after.isoformat(), issued_at=now.isoformat())
         # Key first, then certificate: a reader that sees the new certificate also finds its key.
-        _write_atomic(self.key_path(cn), _key_pem(key), 0o600)
-        _write_atomic(self.cert_path(cn), cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        write_atomic(self.key_path(cn), _key_pem(key), 0o600)
+        write_atomic(self.cert_path(cn), cert.public_bytes(serialization.Encoding.PEM), 0o644)
         records.append(record)
         return record
 
@@ -443,7 +428,7 @@ class Pki:
                     stamped.append(r)
                 records = stamped
             records.append(record)
-            _write_atomic(self.cert_path(cn), pem, 0o644)
+            write_atomic(self.cert_path(cn), pem, 0o644)
             self.key_path(cn).unlink(missing_ok=True)  # an older key of this CN made here: no longer its key
             self._save_index(records)
             if revoked_any:
@@ -495,7 +480,7 @@ class Pki:
                     x509.RevokedCertificateBuilder().serial_number(int(r.serial, 16)).revocation_date(revoked_at).build()
                 )
         crl = builder.sign(ca_key, hashes.SHA256())
-        _write_atomic(self.crl_path, crl.public_bytes(serialization.Encoding.PEM), 0o644)
+        write_atomic(self.crl_path, crl.public_bytes(serialization.Encoding.PEM), 0o644)
         return next_update
 
     def crl_next_update(self) -> dt.datetime:

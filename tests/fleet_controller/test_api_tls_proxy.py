@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import socket
 import ssl
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request
 
 from fleet_controller.pki import Pki
 from fleet_controller.settings import ApiSettings
-from tests.support.wait import wait_for
+from tests.support.enrollment import serve
 
 app = FastAPI()
 
@@ -25,32 +20,14 @@ def whoami(request: Request) -> dict[str, str]:
     return {"client": request.client.host if request.client else "?", "scheme": request.url.scheme}
 
 
-@contextmanager
-def serve(api: ApiSettings) -> Iterator[int]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", **api.uvicorn_options()))
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-    t = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    t.start()
-    try:
-        wait_for(lambda: server.started, 10, "uvicorn started")
-        yield port
-    finally:
-        server.should_exit = True
-        t.join(10)
-        sock.close()
-
-
 def test_x_forwarded_for_is_ignored_without_trusted_proxies():
-    with serve(ApiSettings()) as port:
+    with serve(app, ApiSettings()) as port:
         r = httpx.get(f"http://127.0.0.1:{port}/whoami", headers={"X-Forwarded-For": "198.51.100.9"})
     assert r.json()["client"] == "127.0.0.1"  # loopback no longer picks its own address
 
 
 def test_x_forwarded_for_is_believed_from_a_trusted_proxy():
-    with serve(ApiSettings(trusted_proxies=("127.0.0.0/8",))) as port:
+    with serve(app, ApiSettings(trusted_proxies=("127.0.0.0/8",))) as port:
         r = httpx.get(f"http://127.0.0.1:{port}/whoami", headers={"X-Forwarded-For": "198.51.100.9"})
     assert r.json()["client"] == "198.51.100.9"
 
@@ -66,7 +43,7 @@ def test_api_serves_https_with_a_fleet_ca_certificate(tmp_path):
     pki = Pki.init(tmp_path / "pki")
     pki.issue("server", "localhost", sans=["127.0.0.1"])
     api = ApiSettings(tls_cert_file=pki.cert_path("localhost"), tls_key_file=pki.key_path("localhost"))
-    with serve(api) as port:
+    with serve(app, api) as port:
         ctx = ssl.create_default_context(cafile=str(pki.ca_cert_path))
         r = httpx.get(f"https://127.0.0.1:{port}/whoami", verify=ctx)
         assert r.json() == {"client": "127.0.0.1", "scheme": "https"}
