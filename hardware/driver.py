@@ -353,14 +353,14 @@ class FrameReceiver:
             if shape is not None and type(item) is bytes and len(item) == shape[1]:
                 # The fast path, all of it C calls but the few comparisons: a READINGS of the
                 # announced shape. Whatever it does not accept goes on to the reference path below.
-                sk = skeletons.get(item[0])  # type: ignore[index]
+                sk = skeletons.get(item[0])
                 if sk is None or sk[0](item) != sk[1]:
-                    found = cobs_skeleton(item)  # type: ignore[arg-type]
+                    found = cobs_skeleton(item)
                     sk = None if found is None else (found.codes_of, found.codes, found.mask, found.length - 1)
                     if sk is not None:
-                        skeletons[item[0]] = sk  # type: ignore[index]
+                        skeletons[item[0]] = sk
                 if sk is not None:
-                    decoded = (from_bytes(item, "big") & sk[2]).to_bytes(sk[3], "big")  # type: ignore[arg-type]
+                    decoded = (from_bytes(item, "big") & sk[2]).to_bytes(sk[3], "big")
                     if not crc_hqx(decoded, 0xFFFF):
                         row = shape[2].unpack_from(decoded)
                         if row[0] == version and row[1] == readings and row[4] == shape[3] and max(row[6::2]) <= max_status:
@@ -368,8 +368,8 @@ class FrameReceiver:
                             seq, uptime = row[2], row[3]
                             if last_uptime is not None and uptime < last_uptime:
                                 self._seq_restarted(shape[0].board_id, seq)
-                            elif (seq - last_seq - 1) & 0xFFFF:  # type: ignore[operator]  # _fast_shape checked it
-                                self._seq_gap(shape[0].board_id, seq, (seq - last_seq - 1) & 0xFFFF)  # type: ignore[operator]
+                            elif (seq - last_seq - 1) & 0xFFFF:  # _fast_shape checked it
+                                self._seq_gap(shape[0].board_id, seq, (seq - last_seq - 1) & 0xFFFF)
                             last_seq, last_uptime = seq, uptime
                             rows.append(row)
                             counted += 1
