@@ -38,6 +38,11 @@ def _refused(port: int, tls) -> bool:
     return refused
 
 
+def _reloads(broker: GeneratedBroker) -> int:
+    """How many reloads (SIGHUP) the broker has logged."""
+    return broker.log().count("Reloading config.")
+
+
 def _password_refused(port: int, user: str, password: str) -> bool:
     c = Client(port, username=user, password=password)
     refused = not c.accepted
@@ -103,6 +108,7 @@ def test_an_enrolled_node_connects_and_an_api_revocation_locks_it_out(setup, tmp
     password = dep.creds["nodes"]["shop-a/pi-1"]["password"]
     assert not _password_refused(port, "shop-a.pi-1", password)
 
+    reloads = _reloads(broker)
     res = enroll(url, ctl.token(http, "shop-a", "pi-1"), dep.pki.ca_cert_path, tmp_path / "node")
     assert (res.broker_host, res.broker_port) == ("127.0.0.1", tls_port)
     node = Client(tls_port, tls=(res.ca_file, res.cert_file, res.key_file))
@@ -110,16 +116,21 @@ def test_an_enrolled_node_connects_and_an_api_revocation_locks_it_out(setup, tmp
     own = Topics.node("shop-a", "pi-1", "telemetry")
     node.publish(own, b"enrolled")
     assert watcher.received_until(own) == [(own, b"enrolled")]  # the ACL knows the enrolled CN
-    # the broker-config certificate of the same node was superseded and the broker reloaded
+    # the broker-config certificate of the same node was superseded and the broker reloaded.
+    # Probe only once the reload is done: a probe with the node's CN accepted before it would take
+    # the node's session over (the client id is the username).
+    wait_for(lambda: _reloads(broker) > reloads, 15, "the broker's reload")
     wait_for(lambda: _refused(tls_port, old), 15, "the superseded certificate refused")
     assert metric(ctl.ea.registry, "shopfleet_controller_broker_reloads_total", result="ok") == 1
 
     before = len(node.disconnects)
+    reloads = _reloads(broker)
     r = http.post("/api/v1/nodes/shop-a/pi-1/credentials/revoke", headers=ctl.admin)
     assert r.status_code == 200, r.text
     done = r.json()
     assert done["broker_reload"] == "ok" and done["password_removed"] and len(done["revoked_serials"]) == 1
     enrolled = (res.ca_file, res.cert_file, res.key_file)
+    wait_for(lambda: _reloads(broker) > reloads, 15, "the broker's reload")
     wait_for(lambda: _refused(tls_port, enrolled), 15, "the revoked certificate refused")
     assert _password_refused(port, "shop-a.pi-1", password)
     assert "shop-a.pi-1:" not in dep.files.password_file.read_text()
