@@ -25,7 +25,6 @@ import logging
 import os
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from fleet_controller.registry.enrollment import (
     parse_ttl,
 )
 from fleet_controller.settings import EnrollmentSettings
+from shopfleet.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -104,19 +104,8 @@ def remove_password_entry(path: Path, username: str) -> bool:
     kept = [line for line in lines if line.split(":", 1)[0] != username]
     if len(kept) == len(lines):
         return False
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, st.st_mode & 0o7777)
-        if os.geteuid() == 0:
-            os.fchown(fd, st.st_uid, st.st_gid)
-        with os.fdopen(fd, "w") as f:
-            f.writelines(kept)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    owner = (st.st_uid, st.st_gid) if os.geteuid() == 0 else None
+    write_atomic(path, "".join(kept).encode(), st.st_mode & 0o7777, owner)
     return True
 
 

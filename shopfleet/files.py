@@ -11,8 +11,9 @@ import tempfile
 from pathlib import Path
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write ``data`` to ``path`` with ``mode``: a temporary file beside it, fsync'd, then renamed.
+def write_atomic(path: Path, data: bytes, mode: int = 0o600, owner: tuple[int, int] | None = None) -> None:
+    """Write ``data`` to ``path`` with ``mode`` (and ``owner``, uid and gid, if given): a temporary
+    file beside it, fsync'd, then renamed.
 
     A crash leaves either the old file or the new one, never a torn one; the temporary file is
     removed if anything fails. The mode is set before the first byte is written, so a key is never
@@ -21,6 +22,8 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         os.fchmod(fd, mode)
+        if owner is not None:
+            os.fchown(fd, *owner)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
