@@ -33,6 +33,21 @@ def _alive(p: psutil.Process) -> bool:
         return False
 
 
+def _cmdline(p: psutil.Process) -> str:
+    try:
+        return " ".join(p.cmdline())
+    except psutil.NoSuchProcess:
+        return ""
+
+
+def _writer_and_tracker(pid: int) -> list[psutil.Process] | None:
+    children = _descendants(pid)
+    cmdlines = [_cmdline(c) for c in children]
+    tracker = any("resource_tracker" in c for c in cmdlines)
+    writer = any("spawn_main" in c and "resource_tracker" not in c for c in cmdlines)
+    return children if tracker and writer else None
+
+
 def test_sigkilled_controller_takes_its_writer_and_resource_tracker_with_it(broker, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     cmd = [sys.executable, "-m", "shopfleet", "controller", "--data-dir", str(tmp_path / "ctl"),
@@ -40,11 +55,10 @@ def test_sigkilled_controller_takes_its_writer_and_resource_tracker_with_it(brok
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
         # The writer (a spawned child) and the resource tracker are both started by the service.
-        children = wait_for(lambda: (c := _descendants(proc.pid)) and len(c) >= 2 and c, timeout=60,
+        # Until a child has exec'd it still shows its parent's command line, so wait for both to
+        # show their own rather than for two children.
+        children = wait_for(lambda: _writer_and_tracker(proc.pid), timeout=60,
                             what="the controller's writer and resource tracker to start")
-        cmdlines = [" ".join(c.cmdline()) for c in children]
-        assert any("resource_tracker" in c for c in cmdlines), cmdlines
-        assert any("spawn_main" in c and "resource_tracker" not in c for c in cmdlines), cmdlines
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         wait_for(lambda: not any(_alive(c) for c in children), timeout=10,
