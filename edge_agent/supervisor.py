@@ -194,6 +194,10 @@ class PipelineRunner:
         self.last_error = ""
         self._failures: deque[float] = deque(maxlen=max(policy.restart_budget + 1, 1))
         self._thread: threading.Thread | None = None
+        # start() and stop() may race (a restart command's thread against the agent's shutdown):
+        # the lock keeps the thread handle consistent, and once shut down a runner starts no more.
+        self._lock = threading.Lock()
+        self._shut_down = False
 
     @property
     def state(self) -> PipelineState:
@@ -205,18 +209,31 @@ class PipelineRunner:
         self._on_state(self.pipeline.name, state)
 
     def start(self) -> None:
-        """Start the supervising thread."""
-        self._stop.clear()
-        self._set_state("starting")
-        self._thread = threading.Thread(target=self._loop, name=f"pipeline-{self.pipeline.name}", daemon=True)
-        self._thread.start()
+        """Start the supervising thread; refused once the runner was shut down."""
+        with self._lock:
+            if self._shut_down:
+                raise RuntimeError(f"pipeline {self.pipeline.name} is shut down with its agent; not started")
+            self._stop.clear()
+            self._set_state("starting")
+            thread = threading.Thread(target=self._loop, name=f"pipeline-{self.pipeline.name}", daemon=True)
+            thread.start()
+            self._thread = thread
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def request_stop(self, *, shut_down: bool = False) -> None:
+        """Ask the pipeline to stop without waiting; ``shut_down`` also refuses later starts."""
+        with self._lock:
+            self._shut_down = self._shut_down or shut_down
+            self._stop.set()
+
+    def stop(self, timeout: float = 10.0, *, shut_down: bool = False) -> None:
         """Ask the pipeline to stop and wait up to ``timeout`` seconds for it."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive():
+        with self._lock:
+            self._shut_down = self._shut_down or shut_down
+            self._stop.set()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+            if thread.is_alive():
                 log.warning("pipeline %s did not stop within %.1fs", self.pipeline.name, timeout)
 
     def _loop(self) -> None:
@@ -289,10 +306,10 @@ class Supervisor:
     def stop(self, timeout: float = 10.0) -> None:
         """Stop every pipeline, giving each up to ``timeout`` seconds in total."""
         for r in self.runners.values():
-            r._stop.set()
+            r.request_stop(shut_down=True)
         deadline = time.monotonic() + timeout
         for r in self.runners.values():
-            r.stop(max(deadline - time.monotonic(), 0.1))
+            r.stop(max(deadline - time.monotonic(), 0.1), shut_down=True)
 
     def health(self) -> dict[str, PipelineHealth]:
         """Return the health of every pipeline, by name."""

@@ -104,6 +104,41 @@ def test_steady_pipeline_runs_and_stops_and_survives_broken_health() -> None:
     assert sink.events == [("tick", "steady", {})]
 
 
+def test_a_restart_racing_the_agents_shutdown_leaves_no_pipeline_running() -> None:
+    # A signed restart command (stop, then start, on the command thread) may run while the agent
+    # shuts down: the shutdown must neither trip over a thread not yet started nor leave the
+    # restarted pipeline running after it.
+    p = Steady()
+    runner = PipelineRunner(p, PipelineConfigBase(name="steady"), RecordingSink())
+    sup = Supervisor()
+    sup.add(runner)
+    sup.start()
+    wait_for(p.started.is_set, 5, "the pipeline to start")
+    restarts = 0
+    refused: list[BaseException] = []
+
+    def restarter() -> None:
+        nonlocal restarts
+        while True:
+            runner.stop(5)
+            try:
+                runner.start()
+            except RuntimeError as exc:
+                refused.append(exc)
+                return
+            restarts += 1
+
+    t = threading.Thread(target=restarter, daemon=True)
+    t.start()
+    wait_for(lambda: restarts >= 20, 10, "the restarter to get going")
+    sup.stop(timeout=5)
+    t.join(10)
+    assert not t.is_alive(), "the restarter kept starting the pipeline after the shutdown"
+    assert refused and "shut down" in str(refused[0])
+    assert runner._thread is not None and not runner._thread.is_alive()
+    assert sup.health()["steady"].state == "stopped"
+
+
 def test_returning_early_is_a_failure() -> None:
     class Quitter(Steady):
         def run(self, stop, sink) -> None:
