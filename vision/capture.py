@@ -178,7 +178,13 @@ class Capture:
                 log.warning("camera %s: dropped frame %s: %s", self.camera, index, exc)
                 continue
             if self.pace:
-                self._stop.wait(max(0.0, t0 + n / self.fps - time.monotonic()))
+                due = t0 + n / self.fps
+                now = time.monotonic()
+                if now - due > 1 / self.fps:
+                    # Behind by more than a frame (a stalled process): a camera would not deliver
+                    # the frames it missed in a burst, so restart the schedule from now.
+                    t0 = now - n / self.fps
+                self._stop.wait(max(0.0, due - now))
             with self._cond:
                 if not self.live:
                     while self._slot is not None and not self._stop.is_set():

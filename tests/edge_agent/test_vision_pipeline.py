@@ -6,6 +6,7 @@ clip of vtest.avi, the real supervisor and, for the end-to-end test, a real agen
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -84,13 +85,19 @@ def test_clip_gives_events_occupancy_and_health(assets) -> None:
     assert h.kind == "vision" and h.state == "failed" and f"ended after {CLIP} frames" in h.detail
 
 
+def _frames(health: dict) -> int:
+    m = re.search(r"; (\d+) frames,", health.get("detail", ""))
+    return int(m.group(1)) if m else 0
+
+
 def test_running_health_reports_fps_and_frame_age(assets) -> None:
     cfg = _config(assets, live=True, restart_budget=5)  # a file played like a camera, at 10 fps
     pipe = build_pipeline(cfg)
     runner = PipelineRunner(pipe, cfg, RecordingSink())
     runner.start()
     try:
-        h = wait_for(lambda: (x := pipe.health()).get("fps", 0) > 0 and x, 60, "fps in health")
+        # fps over a handful of frames, not two: two frames a scheduler hiccup apart say nothing.
+        h = wait_for(lambda: (x := pipe.health()).get("fps", 0) > 0 and _frames(x) >= 8 and x, 60, "fps over 8 frames in health")
         assert 0 < h["fps"] <= 20 and h["last_frame_age_s"] is not None and h["last_frame_age_s"] < 5
         assert "yolov4-tiny fp32" in h["detail"] and h["dropped_frames"] >= 0
         model = runner.health()
