@@ -27,18 +27,28 @@ def _walker(x0: float, dx: float, t: int, y: float = 100.0) -> list[float]:
     return [x, y, x + 40, y + 100]
 
 
-def test_ids_survive_a_short_occlusion() -> None:
-    tr = ByteTracker()
-    ids, predicted = [], []
+def _hidden_walker(tr: ByteTracker) -> tuple[list[int], list[bool]]:
+    ids: list[int] = []
+    predicted: list[bool] = []
     for t in range(40):
         boxes = [] if 15 <= t < 22 else [_walker(0, 5, t)]  # hidden for 7 frames behind a shelf
         out = tr.update(_dets(boxes), ts=t / 10)
         ids.extend(out.ids.tolist())
         predicted.extend(out.predicted.tolist())
+    return ids, predicted
+
+
+def test_ids_survive_a_short_occlusion() -> None:
+    ids, predicted = _hidden_walker(ByteTracker())
     assert set(ids) == {ids[0]}
-    # Reported from its second hit on; while hidden, for report_lost_frames (3) frames at its prediction.
-    assert len(ids) == 40 - 7 - 1 + 3
-    assert predicted == [False] * 14 + [True] * 3 + [False] * 18
+    assert len(ids) == 40 - 7 - 1  # reported from its second hit on, except while hidden
+    assert not any(predicted)
+
+
+def test_report_lost_frames_reports_a_hidden_track_at_its_prediction() -> None:
+    ids, predicted = _hidden_walker(ByteTracker(TrackerConfig(report_lost_frames=3)))
+    assert set(ids) == {ids[0]}
+    assert predicted == [False] * 14 + [True] * 3 + [False] * 18  # the first 3 hidden frames, marked
 
 
 def test_predicted_boxes_follow_the_motion_and_stop_after_report_lost_frames() -> None:
@@ -50,14 +60,6 @@ def test_predicted_boxes_follow_the_motion_and_stop_after_report_lost_frames() -
     assert all(o.predicted.tolist() == [True] for o in shown[:2])
     for t, o in zip((10, 11), shown[:2], strict=True):  # where a walker at 5 px a frame would be
         assert abs(float(o.xyxy[0, 0]) - _walker(0, 5, t)[0]) < 3.0
-
-
-def test_report_lost_frames_zero_reports_only_matched_tracks() -> None:
-    tr = ByteTracker(TrackerConfig(report_lost_frames=0))
-    for t in range(5):
-        tr.update(_dets([_walker(0, 5, t)]), ts=float(t))
-    out = tr.update(_dets([]), ts=5.0)
-    assert len(out) == 0 and out.predicted.shape == (0,)
 
 
 def _shelf_pair(t: int, hidden: bool, rng: np.random.Generator) -> tuple[list[list[float]], list[float]]:
@@ -89,12 +91,12 @@ def test_a_shopper_half_hidden_by_a_neighbour_keeps_their_id() -> None:
 
 def test_recovery_ignores_a_box_of_another_size() -> None:
     # A lost track must not be taken by a spurious weak box of a different size where it was last seen.
-    tr = ByteTracker()
+    tr = ByteTracker(TrackerConfig(report_lost_frames=5))
     for t in range(5):
         tr.update(_dets([[100, 100, 140, 200]]), ts=float(t))
     tr.update(_dets([]), ts=5.0)
     out = tr.update(_dets([[105, 150, 135, 190]], [0.3]), ts=6.0)  # 40 px high against 100
-    assert len(out) == 1 and out.predicted.tolist() == [True]
+    assert len(out) == 1 and out.predicted.tolist() == [True]  # still lost: the box did not take it
     out = tr.update(_dets([[100, 110, 140, 200]], [0.3]), ts=7.0)  # 90 px: that person, half hidden
     assert out.ids.tolist() == [1] and out.predicted.tolist() == [False]
 
@@ -139,12 +141,14 @@ def test_lost_tracks_end_and_ids_are_never_reused() -> None:
 @pytest.mark.parametrize(
     "noise,config,min_mota,min_idf1,max_switches",
     [
-        # Predicted boxes of people who walked out of view count as false positives here (the
-        # ground truth has nobody there), hence a lower MOTA with perfect detections than below.
-        pytest.param({}, {}, 0.93, 0.95, 0, id="perfect-detections"),
-        pytest.param({}, {"report_lost_frames": 0}, 0.95, 0.95, 0, id="perfect-detections-no-predicted"),
-        pytest.param({"drop": 0.1, "jitter": 0.05, "false_positives": 1.0}, {}, 0.9, 0.93, 2, id="typical-detector"),
-        pytest.param({"drop": 0.3, "jitter": 0.1, "false_positives": 2.0}, {}, 0.75, 0.72, 6, id="bad-detector"),
+        pytest.param({}, {}, 0.95, 0.95, 0, id="perfect-detections"),
+        pytest.param({"drop": 0.1, "jitter": 0.05, "false_positives": 1.0}, {}, 0.8, 0.85, 2, id="typical-detector"),
+        pytest.param({"drop": 0.3, "jitter": 0.1, "false_positives": 2.0}, {}, 0.5, 0.55, 8, id="bad-detector"),
+        # Predicted boxes fill the frames a person's detection was dropped (MOTA and IDF1 up), and
+        # count as false positives after a person walked out of view (MOTA down with perfect detections).
+        pytest.param({}, {"report_lost_frames": 3}, 0.93, 0.95, 0, id="perfect-detections-predicted"),
+        pytest.param({"drop": 0.1, "jitter": 0.05, "false_positives": 1.0}, {"report_lost_frames": 3}, 0.9, 0.93, 2, id="typical-detector-predicted"),
+        pytest.param({"drop": 0.3, "jitter": 0.1, "false_positives": 2.0}, {"report_lost_frames": 3}, 0.75, 0.72, 6, id="bad-detector-predicted"),
     ],
 )
 def test_quality_on_tud_campus(media, noise, config, min_mota, min_idf1, max_switches) -> None:
