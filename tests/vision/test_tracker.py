@@ -209,3 +209,11 @@ def test_parse_mot_round_trips_rows(rows) -> None:
 def test_parse_mot_raises_only_format_errors(text: str) -> None:
     with contextlib.suppress(MotFormatError):
         parse_mot(text)
+
+
+def test_every_tracker_setting_is_documented() -> None:
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "vision.md").read_text()
+    missing = [k for k in TrackerConfig.model_fields if f"| `{k}` |" not in doc]
+    assert not missing, f"docs/vision.md's tracker table lacks {missing}"
