@@ -120,7 +120,7 @@ def _update(mean: np.ndarray, cov: np.ndarray, z: np.ndarray) -> tuple[np.ndarra
 def _assign(iou: np.ndarray, min_iou: float) -> tuple[list[tuple[int, int]], list[int], list[int]]:
     """Return (row, column) matches of an IoU matrix at or above ``min_iou`` and the unmatched indices of each side."""
     n_t, n_b = iou.shape
-    if n_t == 0 or n_b == 0:
+    if n_t == 0 or n_b == 0 or iou.max() < min_iou:  # nothing close enough: skip the solver
         return [], list(range(n_t)), list(range(n_b))
     # Imported here: scipy.optimize costs ~0.7 s to import, and agent configs import this module
     # (for TrackerConfig) on nodes that may run no camera at all.
