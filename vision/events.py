@@ -3,6 +3,8 @@
 ``ZoneEvents.update(tracks)`` is a small state machine per track id with no I/O: it remembers
 each track's last anchor point and door side, the shelf zones it is in and since when, and the
 shop's occupancy count, and returns the ``ShopEvent`` values the frame caused.
+Tracks marked ``predicted`` (hidden for a moment, reported at the tracker's prediction) change
+no state and cause no event: their zones stay as they were until the track is seen again or ends.
 
 - ``person_entered`` / ``person_exited``: the track's anchor moved across the door segment
   (the movement segment intersects it and the side flipped); direction comes from ``enter_from``.
@@ -73,7 +75,12 @@ class ZoneEvents:
         door = self.zones.door
         sides = side_of_line(pts, door.a, door.b) if door else np.zeros(len(pts), np.int64)
         inside = {name: points_in_polygon(pts, poly) for name, poly, _ in self._polys}
+        predicted = tracks.predicted if tracks.predicted is not None else np.zeros(len(tracks), bool)
         for i, tid in enumerate(tracks.ids.tolist()):
+            if predicted[i]:
+                # A hidden shopper's predicted box: it keeps the track alive but is no evidence of a
+                # crossing or a zone change (a coasting prediction can drift over the door line).
+                continue
             pt = (float(pts[i, 0]), float(pts[i, 1]))
             side = int(sides[i])
             st = self._state.get(tid)

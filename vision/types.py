@@ -85,7 +85,12 @@ class Detections:
 
 @dataclass(frozen=True)
 class Tracks:
-    """Confirmed tracks in one frame: ``ids`` (N,) int, ``xyxy`` (N, 4), ``scores`` (N,)."""
+    """Confirmed tracks in one frame: ``ids`` (N,) int, ``xyxy`` (N, 4), ``scores`` (N,).
+
+    ``predicted`` (N,) bool marks tracks not matched in this frame (a shopper hidden for a moment):
+    their box is the tracker's prediction, not an observation, and ``scores`` holds the score of
+    their last detection. Left out, it is all False.
+    """
 
     ids: np.ndarray
     xyxy: np.ndarray
@@ -93,12 +98,17 @@ class Tracks:
     frame_index: int = 0
     ts: float = 0.0
     ended: tuple[int, ...] = field(default=())  # ids the tracker gave up on at this frame
+    predicted: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.ids)
         _check_boxes("Tracks", self.xyxy, n)
         if self.scores.shape != (n,):
             raise ValueError(f"Tracks: scores must have shape ({n},), got {self.scores.shape}")
+        if self.predicted is None:
+            object.__setattr__(self, "predicted", np.zeros((n,), bool))  # frozen: set once, here
+        elif self.predicted.shape != (n,) or self.predicted.dtype != np.bool_:
+            raise ValueError(f"Tracks: predicted must be a bool array of shape ({n},), got {self.predicted.dtype} {self.predicted.shape}")
         if len(set(self.ids.tolist())) != n:
             raise ValueError("Tracks: ids must be unique within a frame")
 

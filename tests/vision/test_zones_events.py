@@ -161,6 +161,19 @@ def test_zone_enter_dwell_exit() -> None:
     assert exit_.value == pytest.approx(exit_.ts - next(e for e in evs if e.kind == "zone_enter").ts)
 
 
+def test_predicted_positions_cause_no_events_and_keep_zone_state() -> None:
+    # A hidden shopper's predicted box drifts over the door line and out of the shelf zone: no
+    # crossing, no exit; seen again inside the zone, still no event (they never left it).
+    def frame(i: int, x: float, predicted: bool) -> Tracks:
+        t = _tracks(i, {4: (x, 100)})
+        return Tracks(t.ids, t.xyxy, t.scores, t.frame_index, t.ts, predicted=np.array([predicted]))
+
+    seen = [frame(0, 250, False), frame(1, 250, False)]
+    drifting = [frame(2 + i, 250 - 60 * (i + 1), True) for i in range(3)]  # x 190, 130, 70: across the door at 100
+    evs = _run(GOOD, [*seen, *drifting, frame(5, 250, False)])
+    assert [(e.kind, e.zone) for e in evs] == [("zone_enter", "shelf-3")]
+
+
 def test_a_track_that_ends_inside_a_zone_exits_it() -> None:
     evs = _run(GOOD, [_tracks(0, {3: (250, 100)}), _tracks(1, {3: (250, 100)}), _tracks(2, {}, ended=(3,))])
     assert [(e.kind, e.detail) for e in evs] == [("zone_enter", {}), ("zone_exit", {"reason": "track-lost"})]
