@@ -358,10 +358,15 @@ class Fusion:
                 best = (score, s)
         if best is not None:
             s = best[1]
+            lost_at = s.last_ts
             t.session = s.id
             s.tracks.append(t.id)
             s.last_ts, s.x, s.y = t.last_ts, t.x, t.y
             self.stats["rejoined"] += 1
+            # Changes attributed while the shopper was lost were judged without where they turned up
+            # again: seen at the slot before and after, they stood there all along (bridge_s).
+            if t.first_ts - lost_at <= cfg.bridge_s:
+                self._reattribute(lost_at - cfg.window_s)
 
     def _entry_by_continuity(self, t: _Track) -> None:
         """Open a session for a new track just inside the open door that is nobody lost.
@@ -653,11 +658,14 @@ class Fusion:
             if wsum <= 1e-9 or near > cfg.reach_m + 1.0:
                 continue  # never within a step of the slot's zone: not a candidate at all
             coverage = min(1.0, wdt / full)
-            # Time not seen (an occlusion at the shelf) counts at half the weight of where it was last seen.
-            s = self._sessions[sid]
+            # Time not seen (an occlusion at the shelf) counts at half the weight of where it was last
+            # seen by the time the change was reported (not later: a change judged again after a
+            # re-join must be judged on the same past).
             unseen = 0.0
             if coverage < 1.0:
-                unseen = 0.5 * self._place_weight(slot, s.x, s.y, extra_m=0.2)[0]
+                last = self._seen_before(sid, t_act + cfg.settle_delay_s)
+                if last is not None:
+                    unseen = 0.5 * self._place_weight(slot, last[1], last[2], extra_m=0.2)[0]
                 # Seen at the slot just before the moment and again just after (a lost track re-joined):
                 # a person does not jump, so the time unseen in between was spent there too.
                 bridged = self._bridge(sid, slot, t_act)
@@ -677,18 +685,41 @@ class Fusion:
         # shopper lost elsewhere: the slot's place is taken (the lost one could only reach past them).
         standing = max((v[0] for v in out.values() if v[2]), default=0.0)
         for s in self._sessions.values():
-            if s.id in out or not self._open_at(s, t_act) or s.last_ts >= lo:
+            if s.id in out or not self._open_at(s, t_act):
                 continue
-            # Lost during the window: judge by where it was last seen, blurred by how long ago.
-            gap = t_act - s.last_ts
+            # Lost before the window: judge by where it was last seen, blurred by how long ago. (Its
+            # own positions, not the session's latest: it may have been found again since.)
+            last = self._seen_before(s.id, lo)
+            if last is None:
+                continue
+            gap = t_act - last[0]
             if gap > 10.0:
                 continue
-            w, d = self._place_weight(slot, s.x, s.y, extra_m=min(1.0, 0.3 * gap))
+            w, d = self._place_weight(slot, last[1], last[2], extra_m=min(1.0, 0.3 * gap))
             # Lost right at the slot keeps its full weight (it may be the one standing there, under another id).
-            at_slot = self._place_weight(slot, s.x, s.y)[0]
+            at_slot = self._place_weight(slot, last[1], last[2])[0]
             room = at_slot + (1.0 - at_slot) * (1.0 - cfg.lost_exclusion * standing)
-            out[s.id] = (0.5 * w * math.exp(-gap / 3.0) * room, d, False)
+            score = 0.5 * w * math.exp(-gap / 3.0)
+            bridged = self._bridge(s.id, slot, t_act)
+            if bridged is not None:  # found again at the slot: it stood there all along
+                score = max(score, bridged)
+            out[s.id] = (score * room, d, False)
         return out
+
+    def _seen_before(self, sid: str, until: float) -> tuple[float, float, float] | None:
+        """Return the last position (ts, x, y) of a session seen at or before ``until``, on any of its tracks."""
+        best: tuple[float, float, float] | None = None
+        for t in self._tracks.values():
+            if not t.hist or t.hist[0][0] > until or (t.session != sid and not any(o == sid for _, o in t.segments)):
+                continue
+            if best is not None and t.last_ts <= best[0]:
+                continue
+            for h in reversed(t.hist):
+                if h[0] <= until and t.owner(h[0]) == sid:
+                    if best is None or h[0] > best[0]:
+                        best = h
+                    break
+        return best
 
     def _bridge(self, sid: str, slot: str, t_act: float) -> float | None:
         """Return the place weight of a session's unseen stretch around t_act, when it was seen at the slot on both sides.
