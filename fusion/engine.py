@@ -91,8 +91,12 @@ class FusionConfig(BaseModel):
     swap_margin: float = Field(0.35, gt=0, le=2, description="a track looking this much more like another session than its own is a suspected id swap")
     swap_checks: int = Field(3, ge=1, description="consecutive suspicious checks before a track is moved to the other session")
     lost_exclusion: float = Field(0.8, ge=0, le=1, description="how much a shopper seen standing at the slot lowers the score of a shopper lost away from it; 0 treats a lost shopper as if nobody stood there")
-    calibration_slope: float = Field(2.05, gt=0, description="calibration of the attribution probability: sigmoid(slope * margin + offset), margin = log(best cart's score / (other carts' + nobody_score)); fitted on held-out scenarios by fusion.calibrate (1 and 0 would be the plain normalised score)")
-    calibration_offset: float = Field(0.01, description="see calibration_slope; the defaults are the fit on held-out seeds (docs/fusion.md, 'Calibration')")
+    calibration_slope: float = Field(1.728, gt=0, description="calibration of the attribution probability, sigmoid(calibration_slope * margin_others + calibration_nobody * margin_nobody + calibration_sparse * sparse + calibration_offset): the weight of the evidence against the other shoppers, margin_others = log(best cart's score / (other carts' scores + others_floor)); fitted on held-out scenarios by fusion.calibrate")
+    calibration_nobody: float = Field(0.0, ge=0, description="see calibration_slope: the weight of the evidence against nobody, margin_nobody = log(best cart's score / nobody_score) (how well the shopper was seen at the slot at all)")
+    calibration_sparse: float = Field(-1.365, le=0, description="see calibration_slope: the weight of a sparse camera, sparse = frames missed per nominal frame (frame interval / nominal_frame_s - 1, at least 0); a slow camera swaps and loses tracks, so the same evidence is worth less")
+    calibration_offset: float = Field(0.733, description="see calibration_slope; the defaults are the fit on held-out seeds (docs/fusion.md, 'Calibration')")
+    others_floor: float = Field(0.01, gt=0, lt=1, description="least score of 'another shopper' in margin_others: with nobody else near, a shopper's own weak evidence still bounds the probability")
+    nominal_frame_s: float = Field(0.1, gt=0, description="the camera's nominal frame interval (seconds between track updates); a longer measured interval makes the attribution less sure (calibration_sparse)")
     appearance_alpha: float = Field(0.3, gt=0, le=1, description="weight of a new appearance vector in a track's running average")
 
 
@@ -146,7 +150,7 @@ class _Change:
     probability: float
     candidates: tuple[tuple[str, float, float], ...]
     reasons: tuple[Reason, ...]  # from the attribution itself (contested, planogram-mismatch)
-    margin: float = 0.0
+    margin: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)  # (margin, margin_others, margin_nobody, sparse) of Attribution
 
 
 @dataclass
@@ -207,6 +211,8 @@ class Fusion:
         self._pending: list[tuple[ShelfChange, SlotSpec]] = []  # orphans that an id swap may still explain
         self._n_sessions = 0
         self._n_carts = 0
+        self._frame_gaps: deque[float] = deque(maxlen=50)  # recent times between camera frames (track updates)
+        self._last_frame_ts = -math.inf
         self._shelves = set(layout.shelves())
         self._geom = {s.slot: self._slot_geometry(s) for s in layout.slots}
 
@@ -286,6 +292,7 @@ class Fusion:
         if o.ts < self.now - cfg.out_of_order_s:
             self.errors["out-of-order"] += 1
             return
+        self._frame(o.ts)
         t = self._tracks.get(o.track_id)
         if t is None:
             t = _Track(o.track_id, deque(), o.ts, o.ts, o.x, o.y)
@@ -323,6 +330,34 @@ class Fusion:
             if t.app is not None and t.obs % 5 == 0:
                 self._check_swap(t, s)
         self._tracks_gc(o.ts)
+
+    def _frame(self, ts: float) -> None:
+        """Follow the camera's frame interval: every observation of one frame carries the frame's time."""
+        gap = ts - self._last_frame_ts
+        if gap <= 0:
+            return
+        self._last_frame_ts = ts
+        if gap > 2.0:  # nobody in view for a while (an empty shop), not a slow camera
+            return
+        self._frame_gaps.append(gap)
+
+    def frame_interval(self) -> float | None:
+        """Return the camera's frame interval: a low quantile of the recent gaps between frames.
+
+        Fusion only sees frames with somebody in them, so a shopper occluded for a while leaves
+        longer gaps; the low quantile follows the camera, not the occlusions (which come in bursts).
+        """
+        if len(self._frame_gaps) < 5:
+            return None
+        gaps = sorted(self._frame_gaps)
+        return gaps[len(gaps) // 5]
+
+    def sparse(self) -> float:
+        """Return the frames the camera misses per nominal frame now (0 at its nominal rate or faster)."""
+        frame = self.frame_interval()
+        if frame is None:
+            return 0.0
+        return max(0.0, frame / self.config.nominal_frame_s - 1.0)
 
     def _tracks_gc(self, now: float) -> None:
         if len(self._tracks) < 64:
@@ -796,7 +831,12 @@ class Fusion:
         (top, s1), *rest = sorted(by_cart.items(), key=lambda kv: -kv[1])
         others = sum(v for _, v in rest) + cfg.nobody_score
         margin = math.log(s1) - math.log(others)
-        p = self.calibrated(margin)
+        # Two kinds of doubt, weighed apart: another shopper who may have done it, and nobody seen
+        # doing it (a weak score with nobody else near: the picker seen only part of the time).
+        margin_others = math.log(s1) - math.log(others - cfg.nobody_score + cfg.others_floor)
+        margin_nobody = math.log(s1) - math.log(cfg.nobody_score)
+        sparse = self.sparse()
+        p = self.calibrated(margin_others, margin_nobody, sparse)
         # Each session's share: the chosen cart's members split p, the others split the rest.
         candidates = tuple(
             sorted(
@@ -828,14 +868,15 @@ class Fusion:
                 reasons.append(Reason("low-confidence", f"{spec.slot} at {t_act:.1f}s: {best_sid} p={p:.3f} < {cfg.attribution_bar}, nobody else near enough to contest it"))
         if spec.slot != ch.slot or spec.product != ch.product:
             reasons.append(Reason("planogram-mismatch", f"board {ch.board}/{ch.channel} reports {ch.slot}:{ch.product}, layout has {spec.slot}:{spec.product}"))
-        cart.changes.append(_Change(ch, spec, p, candidates, tuple(reasons), margin))
+        cart.changes.append(_Change(ch, spec, p, candidates, tuple(reasons), (margin, margin_others, margin_nobody, sparse)))
         if not reattributing:
             self.stats["attributed"] += 1
         return cart
 
-    def calibrated(self, margin: float) -> float:
-        """Return the calibrated probability that a change is the chosen cart's, given its evidence margin."""
-        z = self.config.calibration_slope * margin + self.config.calibration_offset
+    def calibrated(self, margin_others: float, margin_nobody: float, sparse: float = 0.0) -> float:
+        """Return the calibrated probability that a change is the chosen cart's, given its evidence."""
+        cfg = self.config
+        z = cfg.calibration_slope * margin_others + cfg.calibration_nobody * margin_nobody + cfg.calibration_sparse * sparse + cfg.calibration_offset
         return 1.0 / (1.0 + math.exp(-z)) if z > -50 else 0.0
 
     def _watched(self, sid: str, lo: float, hi: float, max_gap_s: float = 1.0) -> bool:
@@ -856,7 +897,7 @@ class Fusion:
                 if r not in cart.derived:
                     cart.derived.append(r)
             ch = c.ch
-            cart.attributions.append(Attribution(ch.id, c.spec.slot, c.spec.product, ch.quantity, ch.ts, cart.id, c.probability, c.candidates, tuple(reasons), c.margin))
+            cart.attributions.append(Attribution(ch.id, c.spec.slot, c.spec.product, ch.quantity, ch.ts, cart.id, c.probability, c.candidates, tuple(reasons), *c.margin))
 
     def _reattribute(self, since: float) -> None:
         """Attribute again every change since ``since`` (an id swap changed who was where).
