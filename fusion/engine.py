@@ -943,9 +943,10 @@ class Fusion:
         cfg = self.config
         reasons = []
         q = ch.quantity
-        conf = p * ch.confidence
+        qconf = self._quantity_confidence(spec, ch)
+        conf = p * qconf
         product = spec.product
-        uncertain = q == 0 or ch.confidence < cfg.quantity_bar
+        uncertain = q == 0 or qconf < cfg.quantity_bar
         if q > 0 and cart.holdings[product] < q:
             other = self._match_put_back(cart, ch.delta_g, exclude=product)
             if other is None:
@@ -957,7 +958,7 @@ class Fusion:
             reasons.append(Reason("wrong-slot", f"{q} x {product} put back on {spec.slot} ({spec.product}), matched by {ch.delta_g:+.0f} g"))
             conf = p  # the weight matched another product of the cart; the slot's own estimate does not apply
         elif uncertain:
-            reasons.append(Reason("quantity-uncertain", f"{spec.slot}: {ch.delta_g:+.0f} g is {ch.delta_g / spec.unit_weight_g:+.2f} units of {spec.product} (confidence {ch.confidence:.2f})"))
+            reasons.append(Reason("quantity-uncertain", f"{spec.slot}: {ch.delta_g:+.0f} g is {ch.delta_g / spec.unit_weight_g:+.2f} units of {spec.product} (confidence {qconf:.2f})"))
             if q == 0:
                 cart.confidence = min(cart.confidence, conf)
                 return reasons  # no whole unit to put on the cart; the reviewer sees the grams
@@ -968,6 +969,36 @@ class Fusion:
         cart.line_conf[product] = min(cart.line_conf.get(product, 1.0), conf)
         cart.confidence = min(cart.confidence, conf)
         return reasons
+
+    def _quantity_confidence(self, spec: SlotSpec, ch: ShelfChange) -> float:
+        """Return how sure the change's quantity is: the board's confidence, or the layout's weights' if surer.
+
+        The board's confidence is a heuristic (1 at an exact multiple of the unit weight, falling
+        to 0 half a unit away beyond the expected spread), so a product whose units vary a lot
+        (fruit: 182 g +- 25 g) gets 0.8 for a weight that cannot be any other count. With the
+        layout's unit weight and spread, fusion weighs the board's count against the counts next to
+        it (Gaussian spread sqrt(n) x unit sd plus ``weight_noise_g``, counts equally likely): the
+        probability of the board's count. Only when the board and the layout agree on the slot's
+        product, and only for a weight within 3 spreads of the board's count (beyond, no count of
+        this product explains it: another product put back on the slot); never below the board's
+        own figure.
+        """
+        q = ch.quantity
+        if q == 0 or spec.product != ch.product or spec.slot != ch.slot:
+            return ch.confidence
+        like = {}
+        for n in range(q - 2, q + 3):
+            if n == 0 or (n > 0) != (q > 0):
+                continue  # no whole unit, or the other direction: the weight's sign says which way it went
+            sd = math.sqrt(abs(n) * spec.unit_weight_sd_g**2 + self.config.weight_noise_g**2)
+            z = (ch.delta_g - n * spec.unit_weight_g) / sd
+            like[n] = math.exp(-0.5 * z * z) / sd
+        sd_q = math.sqrt(abs(q) * spec.unit_weight_sd_g**2 + self.config.weight_noise_g**2)
+        if abs(ch.delta_g - q * spec.unit_weight_g) > 3.0 * sd_q:
+            return ch.confidence  # no count of this product explains the weight (another product put back here?)
+        total = sum(like.values())
+        posterior = like[q] / total if total > 0 else 0.0
+        return max(ch.confidence, posterior)
 
     def _match_put_back(self, cart: _Cart, delta_g: float, exclude: str) -> tuple[str, int] | None:
         """Return (product, units) of a product in the cart whose weight explains a put-back."""

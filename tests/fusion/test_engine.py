@@ -339,7 +339,7 @@ def test_a_cart_below_the_confidence_bar_goes_to_review() -> None:
     s.door(True)
     s.enter(1)
     s.stand(2.0, (1, *AT_A1))
-    s.change(A1, -1, -345.0, 0.95)
+    s.change(A1, -1, -370.0, 0.95)  # 5 spreads from one cola: the board's 0.95 stands
     s.stand(1.0, (1, *AT_A1))
     s.leave(1)
     (cart,) = s.close()
@@ -599,3 +599,47 @@ def test_a_shopper_seen_at_the_slot_before_and_after_an_unseen_pick_was_there_al
     bridged = _pick_while_unseen(FusionConfig())
     unbridged = _pick_while_unseen(FusionConfig(bridge_s=0.0))
     assert bridged > unbridged + 0.2
+
+
+def _pick_of_cola(delta_g: float, board_confidence: float):
+    s = shop_with(1)
+    s.stand(2.0, (1, *AT_A1))
+    s.change(A1, -1, delta_g, confidence=board_confidence)
+    s.stand(1.0, (1, *AT_A1))
+    s.leave(1)
+    (cart,) = s.close()
+    return cart
+
+
+def test_a_weight_only_one_count_can_explain_is_sure_whatever_the_board_heuristic_says() -> None:
+    # 357 g is 2.4 spreads (unit sd 3 g, noise 4 g) from one cola and 67 spreads from two: one cola.
+    cart = _pick_of_cola(-357.0, board_confidence=0.8)
+    assert cart.status == "accepted" and cart.items() == {"cola": 1} and cart.confidence > 0.99
+    # 400 g is no count of cola (11 spreads from one): the board's own 0.8 stands, and the cart goes to review.
+    cart = _pick_of_cola(-400.0, board_confidence=0.8)
+    assert cart.status == "review" and cart.confidence == pytest.approx(0.8, abs=0.01)
+    assert "low-confidence" in {r.code for r in cart.reasons}
+    # A weight between two counts is still unsure: 517 g is 1.5 colas.
+    cart = _pick_of_cola(-517.0, board_confidence=0.0)
+    assert cart.status == "review"
+
+
+def test_a_change_is_judged_again_when_its_lost_shopper_is_found_at_the_slot() -> None:
+    """Lost at A1 just before the pick, found there again (new id) after the change came: the bridge applies then."""
+    s = shop_with(1)
+    s.stand(2.0, (1, *AT_A1))
+    s.feed(TrackLost(1, s.t))
+    s.tick(1.6)  # unseen: someone in front
+    s.change(A1, -1, -345.0)
+    (cart,) = s.f._carts.values()
+    before = cart.changes[-1].probability
+    s.tick(0.3)
+    s.see(2, AT_A1[0], AT_A1[1] - 0.05, person=1)  # a new id where the shopper stood
+    s.tick()
+    s.stand(1.0, (2, *AT_A1))
+    assert s.f.session_of(2) == "s1"
+    after = cart.changes[-1].probability
+    assert after > before and after >= s.f.config.attribution_bar
+    s.leave(2, person=1)
+    (closed,) = s.close()
+    assert closed.status == "accepted" and closed.items() == {"cola": 1}
