@@ -2,23 +2,25 @@
 
 Every attributed shelf change of the named scenarios, over seeds that the benchmark does not use
 (bench/fusion.py plays seeds 0-39; calibration uses 1000 and up by default), gives its evidence
-margin (``log(best cart's score / (other carts' scores + nobody_score))``, see
-``Fusion._attribute``) and whether the cart it went to is the true cart of the hand that made it.
-A logistic fit of right/wrong on the margin gives ``calibration_slope`` and
-``calibration_offset`` (the defaults of ``FusionConfig`` are the last fit, docs/fusion.md), so a
-stated probability of 0.99 is right about 99 times in 100 on scenarios fusion was not tuned on.
+(see ``Fusion._attribute``): ``margin_others`` (``log(best cart's score / (other carts' scores +
+others_floor))``, the evidence against another shopper), ``margin_nobody`` (``log(best cart's
+score / nobody_score)``, the evidence against a hand nobody saw) and ``sparse`` (frames the camera
+missed per nominal frame), and whether the cart it went to is the true cart of the hand that made
+it. A logistic fit of right/wrong on those gives ``calibration_slope``, ``calibration_nobody``,
+``calibration_sparse`` and ``calibration_offset`` (the defaults of ``FusionConfig`` are the last
+fit, docs/fusion.md), so a stated probability of 0.99 is right about 99 times in 100 on scenarios
+fusion was not tuned on.
 
-The run prints the reliability table (margin bins: count, share right, calibrated probability)
-and, last, one JSON line with the fit.
+The run prints the reliability table (bins of the calibrated probability: count, share right,
+mean calibrated probability) and, last, one JSON line with the fit.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from itertools import pairwise
 
 import numpy as np
@@ -41,9 +43,13 @@ FIRST_SEED = 1000
 """Calibration seeds start here; the benchmark's are 0-39, so the two never overlap."""
 
 
-def collect(mix: dict[str, tuple[int, int]], first_seed: int = FIRST_SEED, config: FusionConfig | None = None) -> list[tuple[float, bool, str]]:
-    """Return (margin, right, scenario) for every attributed change whose truth is known."""
-    out: list[tuple[float, bool, str]] = []
+Features = tuple[float, ...]
+"""(margin_others, margin_nobody, sparse) of one attributed change."""
+
+
+def collect(mix: dict[str, tuple[int, int]], first_seed: int = FIRST_SEED, config: FusionConfig | None = None) -> list[tuple[Features, bool, str]]:
+    """Return (features, right, scenario) for every attributed change whose truth is known."""
+    out: list[tuple[Features, bool, str]] = []
     for name, (n, shoppers) in mix.items():
         for seed in range(first_seed, first_seed + n):
             r = run(generate(name, seed, shoppers), seed=seed, config=config)
@@ -52,40 +58,76 @@ def collect(mix: dict[str, tuple[int, int]], first_seed: int = FIRST_SEED, confi
                 for a in c.attributions:
                     true = r.change_truth.get(a.change_id)
                     if true is not None:
-                        out.append((a.margin, true == truth, name))
+                        out.append(((a.margin_others, a.margin_nobody, a.sparse), true == truth, name))
     return out
 
 
-def fit(margins: Iterable[float], right: Iterable[bool], prior: float = 1.0) -> tuple[float, float]:
-    """Return (slope, offset) of P(right) = sigmoid(slope * margin + offset), by Newton's method.
+SIGNS = (1, 1, -1)
+"""More evidence against others or against nobody never makes a line less sure; a sparser camera never more."""
 
-    A weak Gaussian prior (``prior``) on both keeps the fit finite when the data separate perfectly.
+
+def _matrix(features: Iterable[float | Sequence[float]]) -> np.ndarray:
+    """Return the design matrix: one row per change, its features and a 1 for the offset."""
+    rows = [[float(f)] if isinstance(f, (int, float)) else [float(v) for v in f] for f in features]
+    x = np.asarray(rows, dtype=np.float64)
+    return np.concatenate([x, np.ones((len(x), 1))], axis=1)
+
+
+def fit(features: Iterable[float | Sequence[float]], right: Iterable[bool], prior: float = 3.0, signs: Sequence[int] | None = None) -> tuple[float, ...]:
+    """Return the coefficients of P(right) = sigmoid(w . features + offset), offset last, by Newton's method.
+
+    ``features`` are numbers (one feature: returns (slope, offset)) or tuples. A weak Gaussian
+    prior (standard deviation ``prior``, centred on 0) keeps the fit finite when the data
+    separate perfectly, as they nearly do: wrong attributions are rare. ``signs`` (+1, -1 or 0
+    per feature) is the direction a coefficient must have: a feature whose fit goes the other way
+    (more evidence for the shopper making the line less sure) is an artefact of a few wrong
+    changes, so it is left out (coefficient 0) and the rest fitted again.
     """
-    x = np.asarray(list(margins), dtype=np.float64)
+    X = _matrix(features)
     y = np.asarray(list(right), dtype=np.float64)
-    w = np.array([1.0, 0.0])
-    X = np.stack([x, np.ones_like(x)], axis=1)
-    for _ in range(50):
+    keep = list(range(X.shape[1]))
+    while True:
+        w = _newton(X[:, keep], y, prior)
+        bad = [k for k, v in zip(keep, w, strict=True) if signs is not None and k < len(signs) and signs[k] * v < 0]
+        if not bad:
+            break
+        keep = [k for k in keep if k != bad[0]]
+    out = [0.0] * X.shape[1]
+    for k, v in zip(keep, w, strict=True):
+        out[k] = float(v)
+    return tuple(out)
+
+
+def _newton(X: np.ndarray, y: np.ndarray, prior: float) -> np.ndarray:
+    w = np.zeros(X.shape[1])
+    for _ in range(100):
         p = 1.0 / (1.0 + np.exp(-(X @ w)))
-        g = X.T @ (y - p) - (w - np.array([1.0, 0.0])) / prior**2
-        H = (X.T * (p * (1 - p))) @ X + np.eye(2) / prior**2
+        g = X.T @ (y - p) - w / prior**2
+        H = (X.T * (p * (1 - p))) @ X + np.eye(len(w)) / prior**2
         step = np.linalg.solve(H, g)
         w = w + step
         if float(np.abs(step).max()) < 1e-9:
             break
-    return float(w[0]), float(w[1])
+    return w
 
 
-def reliability(rows: list[tuple[float, bool, str]], slope: float, offset: float) -> list[dict[str, float | int]]:
-    """Return per margin bin: changes, share right, mean calibrated probability."""
-    edges = [-math.inf, 0.0, 1.0, 2.0, 2.5, 3.0, 3.5, 4.0, math.inf]
+def probabilities(features: Iterable[float | Sequence[float]], coef: Sequence[float]) -> np.ndarray:
+    """Return the calibrated probability of each change."""
+    return 1.0 / (1.0 + np.exp(-(_matrix(features) @ np.asarray(coef, dtype=np.float64))))
+
+
+def reliability(rows: list[tuple[float | Features, bool, str]], coef: Sequence[float]) -> list[dict[str, float | int]]:
+    """Return per bin of calibrated probability: changes, share right, mean calibrated probability."""
+    if not rows:
+        return []
+    p = probabilities([f for f, _, _ in rows], coef)
+    edges = [0.0, 0.5, 0.9, 0.97, 0.99, 0.995, 0.999, 1.0 + 1e-12]
     out = []
     for lo, hi in pairwise(edges):
-        sel = [(m, r) for m, r, _ in rows if lo <= m < hi]
+        sel = [i for i in range(len(rows)) if lo <= p[i] < hi]
         if not sel:
             continue
-        cal = [1.0 / (1.0 + math.exp(-(slope * m + offset))) for m, _ in sel]
-        out.append({"margin_from": lo, "margin_to": hi, "changes": len(sel), "right": round(sum(r for _, r in sel) / len(sel), 4), "calibrated": round(sum(cal) / len(cal), 4)})
+        out.append({"p_from": lo, "p_to": min(hi, 1.0), "changes": len(sel), "right": round(sum(rows[i][1] for i in sel) / len(sel), 4), "calibrated": round(float(p[sel].mean()), 4)})
     return out
 
 
@@ -100,12 +142,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     mix = {k: (max(1, round(n * args.scale)), s) for k, (n, s) in MIX.items()}
     rows = collect(mix, args.first_seed)
-    slope, offset = fit([m for m, _, _ in rows], [r for _, r, _ in rows])
-    for b in reliability(rows, slope, offset):
-        print(f"margin {b['margin_from']:>5} .. {b['margin_to']:<5} changes {b['changes']:>5}  right {b['right']:.4f}  calibrated {b['calibrated']:.4f}")
-    wrong = [(round(m, 2), n) for m, r, n in rows if not r]
-    print(f"wrong attributions: {len(wrong)} of {len(rows)}: {sorted(wrong)}")
-    print(json.dumps({"changes": len(rows), "wrong": len(wrong), "calibration_slope": round(slope, 4), "calibration_offset": round(offset, 4), "seeds_from": args.first_seed, "mix": mix}))
+    coef = fit([f for f, _, _ in rows], [r for _, r, _ in rows], signs=SIGNS)
+    for b in reliability(rows, coef):
+        print(f"p {b['p_from']:<5} .. {b['p_to']:<5} changes {b['changes']:>5}  right {b['right']:.4f}  calibrated {b['calibrated']:.4f}")
+    p = probabilities([f for f, _, _ in rows], coef)
+    wrong = [(tuple(round(v, 2) for v in f), n, round(float(p[i]), 3)) for i, (f, r, n) in enumerate(rows) if not r]
+    print(f"wrong attributions: {len(wrong)} of {len(rows)} (features, scenario, calibrated p): {sorted(wrong, key=lambda w: -w[2])}")
+    bar = FusionConfig().attribution_bar
+    doubt = {n: int(sum(1 for i, (_, _, m) in enumerate(rows) if m == n and p[i] < bar)) for n in mix}
+    print(f"changes below attribution_bar {bar} per scenario: {doubt}")
+    slope, nobody, sparse, offset = coef
+    print(json.dumps({"changes": len(rows), "wrong": len(wrong), "calibration_slope": round(slope, 4), "calibration_nobody": round(nobody, 4), "calibration_sparse": round(sparse, 4), "calibration_offset": round(offset, 4), "seeds_from": args.first_seed, "mix": mix}))
     return 0
 
 

@@ -91,8 +91,12 @@ class FusionConfig(BaseModel):
     swap_margin: float = Field(0.35, gt=0, le=2, description="a track looking this much more like another session than its own is a suspected id swap")
     swap_checks: int = Field(3, ge=1, description="consecutive suspicious checks before a track is moved to the other session")
     lost_exclusion: float = Field(0.8, ge=0, le=1, description="how much a shopper seen standing at the slot lowers the score of a shopper lost away from it; 0 treats a lost shopper as if nobody stood there")
-    calibration_slope: float = Field(2.05, gt=0, description="calibration of the attribution probability: sigmoid(slope * margin + offset), margin = log(best cart's score / (other carts' + nobody_score)); fitted on held-out scenarios by fusion.calibrate (1 and 0 would be the plain normalised score)")
-    calibration_offset: float = Field(0.01, description="see calibration_slope; the defaults are the fit on held-out seeds (docs/fusion.md, 'Calibration')")
+    calibration_slope: float = Field(1.752, gt=0, description="calibration of the attribution probability, sigmoid(calibration_slope * margin_others + calibration_nobody * margin_nobody + calibration_sparse * sparse + calibration_offset): the weight of the evidence against the other shoppers, margin_others = log(best cart's score / (other carts' scores + others_floor)); fitted on held-out scenarios by fusion.calibrate")
+    calibration_nobody: float = Field(0.0, ge=0, description="see calibration_slope: the weight of the evidence against nobody, margin_nobody = log(best cart's score / nobody_score) (how well the shopper was seen at the slot at all)")
+    calibration_sparse: float = Field(-1.504, le=0, description="see calibration_slope: the weight of a sparse camera, sparse = frames missed per nominal frame (frame interval / nominal_frame_s - 1, at least 0); a slow camera swaps and loses tracks, so the same evidence is worth less")
+    calibration_offset: float = Field(0.851, description="see calibration_slope; the defaults are the fit on held-out seeds (docs/fusion.md, 'Calibration')")
+    others_floor: float = Field(0.01, gt=0, lt=1, description="least score of 'another shopper' in margin_others: with nobody else near, a shopper's own weak evidence still bounds the probability")
+    nominal_frame_s: float = Field(0.1, gt=0, description="the camera's nominal frame interval (seconds between track updates); a longer measured interval makes the attribution less sure (calibration_sparse)")
     appearance_alpha: float = Field(0.3, gt=0, le=1, description="weight of a new appearance vector in a track's running average")
 
 
@@ -146,7 +150,7 @@ class _Change:
     probability: float
     candidates: tuple[tuple[str, float, float], ...]
     reasons: tuple[Reason, ...]  # from the attribution itself (contested, planogram-mismatch)
-    margin: float = 0.0
+    margin: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)  # (margin, margin_others, margin_nobody, sparse) of Attribution
 
 
 @dataclass
@@ -207,6 +211,8 @@ class Fusion:
         self._pending: list[tuple[ShelfChange, SlotSpec]] = []  # orphans that an id swap may still explain
         self._n_sessions = 0
         self._n_carts = 0
+        self._frame_gaps: deque[float] = deque(maxlen=50)  # recent times between camera frames (track updates)
+        self._last_frame_ts = -math.inf
         self._shelves = set(layout.shelves())
         self._geom = {s.slot: self._slot_geometry(s) for s in layout.slots}
 
@@ -286,6 +292,7 @@ class Fusion:
         if o.ts < self.now - cfg.out_of_order_s:
             self.errors["out-of-order"] += 1
             return
+        self._frame(o.ts)
         t = self._tracks.get(o.track_id)
         if t is None:
             t = _Track(o.track_id, deque(), o.ts, o.ts, o.x, o.y)
@@ -324,6 +331,34 @@ class Fusion:
                 self._check_swap(t, s)
         self._tracks_gc(o.ts)
 
+    def _frame(self, ts: float) -> None:
+        """Follow the camera's frame interval: every observation of one frame carries the frame's time."""
+        gap = ts - self._last_frame_ts
+        if gap <= 0:
+            return
+        self._last_frame_ts = ts
+        if gap > 2.0:  # nobody in view for a while (an empty shop), not a slow camera
+            return
+        self._frame_gaps.append(gap)
+
+    def frame_interval(self) -> float | None:
+        """Return the camera's frame interval: a low quantile of the recent gaps between frames.
+
+        Fusion only sees frames with somebody in them, so a shopper occluded for a while leaves
+        longer gaps; the low quantile follows the camera, not the occlusions (which come in bursts).
+        """
+        if len(self._frame_gaps) < 5:
+            return None
+        gaps = sorted(self._frame_gaps)
+        return gaps[len(gaps) // 5]
+
+    def sparse(self) -> float:
+        """Return the frames the camera misses per nominal frame now (0 at its nominal rate or faster)."""
+        frame = self.frame_interval()
+        if frame is None:
+            return 0.0
+        return max(0.0, frame / self.config.nominal_frame_s - 1.0)
+
     def _tracks_gc(self, now: float) -> None:
         if len(self._tracks) < 64:
             return
@@ -358,10 +393,15 @@ class Fusion:
                 best = (score, s)
         if best is not None:
             s = best[1]
+            lost_at = s.last_ts
             t.session = s.id
             s.tracks.append(t.id)
             s.last_ts, s.x, s.y = t.last_ts, t.x, t.y
             self.stats["rejoined"] += 1
+            # Changes attributed while the shopper was lost were judged without where they turned up
+            # again: seen at the slot before and after, they stood there all along (bridge_s).
+            if t.first_ts - lost_at <= cfg.bridge_s:
+                self._reattribute(lost_at - cfg.window_s)
 
     def _entry_by_continuity(self, t: _Track) -> None:
         """Open a session for a new track just inside the open door that is nobody lost.
@@ -653,11 +693,14 @@ class Fusion:
             if wsum <= 1e-9 or near > cfg.reach_m + 1.0:
                 continue  # never within a step of the slot's zone: not a candidate at all
             coverage = min(1.0, wdt / full)
-            # Time not seen (an occlusion at the shelf) counts at half the weight of where it was last seen.
-            s = self._sessions[sid]
+            # Time not seen (an occlusion at the shelf) counts at half the weight of where it was last
+            # seen by the time the change was reported (not later: a change judged again after a
+            # re-join must be judged on the same past).
             unseen = 0.0
             if coverage < 1.0:
-                unseen = 0.5 * self._place_weight(slot, s.x, s.y, extra_m=0.2)[0]
+                last = self._seen_before(sid, t_act + cfg.settle_delay_s)
+                if last is not None:
+                    unseen = 0.5 * self._place_weight(slot, last[1], last[2], extra_m=0.2)[0]
                 # Seen at the slot just before the moment and again just after (a lost track re-joined):
                 # a person does not jump, so the time unseen in between was spent there too.
                 bridged = self._bridge(sid, slot, t_act)
@@ -677,18 +720,41 @@ class Fusion:
         # shopper lost elsewhere: the slot's place is taken (the lost one could only reach past them).
         standing = max((v[0] for v in out.values() if v[2]), default=0.0)
         for s in self._sessions.values():
-            if s.id in out or not self._open_at(s, t_act) or s.last_ts >= lo:
+            if s.id in out or not self._open_at(s, t_act):
                 continue
-            # Lost during the window: judge by where it was last seen, blurred by how long ago.
-            gap = t_act - s.last_ts
+            # Lost before the window: judge by where it was last seen, blurred by how long ago. (Its
+            # own positions, not the session's latest: it may have been found again since.)
+            last = self._seen_before(s.id, lo)
+            if last is None:
+                continue
+            gap = t_act - last[0]
             if gap > 10.0:
                 continue
-            w, d = self._place_weight(slot, s.x, s.y, extra_m=min(1.0, 0.3 * gap))
+            w, d = self._place_weight(slot, last[1], last[2], extra_m=min(1.0, 0.3 * gap))
             # Lost right at the slot keeps its full weight (it may be the one standing there, under another id).
-            at_slot = self._place_weight(slot, s.x, s.y)[0]
+            at_slot = self._place_weight(slot, last[1], last[2])[0]
             room = at_slot + (1.0 - at_slot) * (1.0 - cfg.lost_exclusion * standing)
-            out[s.id] = (0.5 * w * math.exp(-gap / 3.0) * room, d, False)
+            score = 0.5 * w * math.exp(-gap / 3.0)
+            bridged = self._bridge(s.id, slot, t_act)
+            if bridged is not None:  # found again at the slot: it stood there all along
+                score = max(score, bridged)
+            out[s.id] = (score * room, d, False)
         return out
+
+    def _seen_before(self, sid: str, until: float) -> tuple[float, float, float] | None:
+        """Return the last position (ts, x, y) of a session seen at or before ``until``, on any of its tracks."""
+        best: tuple[float, float, float] | None = None
+        for t in self._tracks.values():
+            if not t.hist or t.hist[0][0] > until or (t.session != sid and not any(o == sid for _, o in t.segments)):
+                continue
+            if best is not None and t.last_ts <= best[0]:
+                continue
+            for h in reversed(t.hist):
+                if h[0] <= until and t.owner(h[0]) == sid:
+                    if best is None or h[0] > best[0]:
+                        best = h
+                    break
+        return best
 
     def _bridge(self, sid: str, slot: str, t_act: float) -> float | None:
         """Return the place weight of a session's unseen stretch around t_act, when it was seen at the slot on both sides.
@@ -765,7 +831,12 @@ class Fusion:
         (top, s1), *rest = sorted(by_cart.items(), key=lambda kv: -kv[1])
         others = sum(v for _, v in rest) + cfg.nobody_score
         margin = math.log(s1) - math.log(others)
-        p = self.calibrated(margin)
+        # Two kinds of doubt, weighed apart: another shopper who may have done it, and nobody seen
+        # doing it (a weak score with nobody else near: the picker seen only part of the time).
+        margin_others = math.log(s1) - math.log(others - cfg.nobody_score + cfg.others_floor)
+        margin_nobody = math.log(s1) - math.log(cfg.nobody_score)
+        sparse = self.sparse()
+        p = self.calibrated(margin_others, margin_nobody, sparse)
         # Each session's share: the chosen cart's members split p, the others split the rest.
         candidates = tuple(
             sorted(
@@ -797,14 +868,15 @@ class Fusion:
                 reasons.append(Reason("low-confidence", f"{spec.slot} at {t_act:.1f}s: {best_sid} p={p:.3f} < {cfg.attribution_bar}, nobody else near enough to contest it"))
         if spec.slot != ch.slot or spec.product != ch.product:
             reasons.append(Reason("planogram-mismatch", f"board {ch.board}/{ch.channel} reports {ch.slot}:{ch.product}, layout has {spec.slot}:{spec.product}"))
-        cart.changes.append(_Change(ch, spec, p, candidates, tuple(reasons), margin))
+        cart.changes.append(_Change(ch, spec, p, candidates, tuple(reasons), (margin, margin_others, margin_nobody, sparse)))
         if not reattributing:
             self.stats["attributed"] += 1
         return cart
 
-    def calibrated(self, margin: float) -> float:
-        """Return the calibrated probability that a change is the chosen cart's, given its evidence margin."""
-        z = self.config.calibration_slope * margin + self.config.calibration_offset
+    def calibrated(self, margin_others: float, margin_nobody: float, sparse: float = 0.0) -> float:
+        """Return the calibrated probability that a change is the chosen cart's, given its evidence."""
+        cfg = self.config
+        z = cfg.calibration_slope * margin_others + cfg.calibration_nobody * margin_nobody + cfg.calibration_sparse * sparse + cfg.calibration_offset
         return 1.0 / (1.0 + math.exp(-z)) if z > -50 else 0.0
 
     def _watched(self, sid: str, lo: float, hi: float, max_gap_s: float = 1.0) -> bool:
@@ -825,7 +897,7 @@ class Fusion:
                 if r not in cart.derived:
                     cart.derived.append(r)
             ch = c.ch
-            cart.attributions.append(Attribution(ch.id, c.spec.slot, c.spec.product, ch.quantity, ch.ts, cart.id, c.probability, c.candidates, tuple(reasons), c.margin))
+            cart.attributions.append(Attribution(ch.id, c.spec.slot, c.spec.product, ch.quantity, ch.ts, cart.id, c.probability, c.candidates, tuple(reasons), *c.margin))
 
     def _reattribute(self, since: float) -> None:
         """Attribute again every change since ``since`` (an id swap changed who was where).
@@ -871,9 +943,10 @@ class Fusion:
         cfg = self.config
         reasons = []
         q = ch.quantity
-        conf = p * ch.confidence
+        qconf = self._quantity_confidence(spec, ch)
+        conf = p * qconf
         product = spec.product
-        uncertain = q == 0 or ch.confidence < cfg.quantity_bar
+        uncertain = q == 0 or qconf < cfg.quantity_bar
         if q > 0 and cart.holdings[product] < q:
             other = self._match_put_back(cart, ch.delta_g, exclude=product)
             if other is None:
@@ -885,7 +958,7 @@ class Fusion:
             reasons.append(Reason("wrong-slot", f"{q} x {product} put back on {spec.slot} ({spec.product}), matched by {ch.delta_g:+.0f} g"))
             conf = p  # the weight matched another product of the cart; the slot's own estimate does not apply
         elif uncertain:
-            reasons.append(Reason("quantity-uncertain", f"{spec.slot}: {ch.delta_g:+.0f} g is {ch.delta_g / spec.unit_weight_g:+.2f} units of {spec.product} (confidence {ch.confidence:.2f})"))
+            reasons.append(Reason("quantity-uncertain", f"{spec.slot}: {ch.delta_g:+.0f} g is {ch.delta_g / spec.unit_weight_g:+.2f} units of {spec.product} (confidence {qconf:.2f})"))
             if q == 0:
                 cart.confidence = min(cart.confidence, conf)
                 return reasons  # no whole unit to put on the cart; the reviewer sees the grams
@@ -896,6 +969,36 @@ class Fusion:
         cart.line_conf[product] = min(cart.line_conf.get(product, 1.0), conf)
         cart.confidence = min(cart.confidence, conf)
         return reasons
+
+    def _quantity_confidence(self, spec: SlotSpec, ch: ShelfChange) -> float:
+        """Return how sure the change's quantity is: the board's confidence, or the layout's weights' if surer.
+
+        The board's confidence is a heuristic (1 at an exact multiple of the unit weight, falling
+        to 0 half a unit away beyond the expected spread), so a product whose units vary a lot
+        (fruit: 182 g +- 25 g) gets 0.8 for a weight that cannot be any other count. With the
+        layout's unit weight and spread, fusion weighs the board's count against the counts next to
+        it (Gaussian spread sqrt(n) x unit sd plus ``weight_noise_g``, counts equally likely): the
+        probability of the board's count. Only when the board and the layout agree on the slot's
+        product, and only for a weight within 3 spreads of the board's count (beyond, no count of
+        this product explains it: another product put back on the slot); never below the board's
+        own figure.
+        """
+        q = ch.quantity
+        if q == 0 or spec.product != ch.product or spec.slot != ch.slot:
+            return ch.confidence
+        like = {}
+        for n in range(q - 2, q + 3):
+            if n == 0 or (n > 0) != (q > 0):
+                continue  # no whole unit, or the other direction: the weight's sign says which way it went
+            sd = math.sqrt(abs(n) * spec.unit_weight_sd_g**2 + self.config.weight_noise_g**2)
+            z = (ch.delta_g - n * spec.unit_weight_g) / sd
+            like[n] = math.exp(-0.5 * z * z) / sd
+        sd_q = math.sqrt(abs(q) * spec.unit_weight_sd_g**2 + self.config.weight_noise_g**2)
+        if abs(ch.delta_g - q * spec.unit_weight_g) > 3.0 * sd_q:
+            return ch.confidence  # no count of this product explains the weight (another product put back here?)
+        total = sum(like.values())
+        posterior = like[q] / total if total > 0 else 0.0
+        return max(ch.confidence, posterior)
 
     def _match_put_back(self, cart: _Cart, delta_g: float, exclude: str) -> tuple[str, int] | None:
         """Return (product, units) of a product in the cart whose weight explains a put-back."""

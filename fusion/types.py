@@ -216,6 +216,9 @@ class Attribution:
     candidates: tuple[tuple[str, float, float], ...] = ()  # (session id, probability, nearest distance m)
     reasons: tuple[Reason, ...] = ()
     margin: float = 0.0  # evidence for the chosen cart over every other cart and nobody: log(score / (others + nobody))
+    margin_others: float = 0.0  # evidence against the other shoppers alone: log(score / (others + others_floor))
+    margin_nobody: float = 0.0  # evidence against nobody (a hand nobody saw): log(score / nobody_score)
+    sparse: float = 0.0  # frames the camera missed per nominal frame at the time (0 at its nominal rate)
 
     def to_dict(self) -> dict[str, Any]:
         """Return the attribution as a JSON-ready dict (the evidence a reviewer sees for a line)."""
@@ -230,6 +233,9 @@ class Attribution:
             "candidates": [{"session": s, "probability": round(p, 4), "distance_m": round(d, 3)} for s, p, d in self.candidates],
             "reasons": [r.to_dict() for r in self.reasons],
             "margin": round(self.margin, 3),
+            "margin_others": round(self.margin_others, 3),
+            "margin_nobody": round(self.margin_nobody, 3),
+            "sparse": round(self.sparse, 3),
         }
 
 

@@ -211,8 +211,9 @@ def demo_policy(shops: list[str], bake_s: float) -> Any:
         "bake_time_s": bake_s,
         "apply_timeout_s": 60,
         # cart_review_rate comes from the shops' fusion (shopfleet.sim.carts); its demo mix of visits sends about
-        # 40% of carts to review (docs/benchmarks.md), so the bound sits above that and below a broken fusion.
-        "gates": {"min_fps": 5.0, "metrics": [{"metric": "cart_review_rate", "max": 0.7}]},
+        # 25% of carts to review (22-28% per shop; up to 50% over a shop's first few plays, when a wrong-slot
+        # visit weighs heavily), and a camera at 3 fps about 66% (docs/benchmarks.md), so the bound sits between.
+        "gates": {"min_fps": 5.0, "metrics": [{"metric": "cart_review_rate", "max": 0.55}]},
     }, source="demo policy")
 
 

@@ -32,7 +32,7 @@ def fusion_carts() -> list[dict]:
     from fusion.generate import generate
     from fusion.sim import run
 
-    events = [c.to_event() for c in run(generate("crowd", seed=3)).carts]
+    events = [c.to_event() for c in run(generate("crowd", seed=4)).carts]
     assert {e["type"] for e in events} == {"cart_receipt", "cart_review"}, "the scenario must give both kinds"
     return events
 
