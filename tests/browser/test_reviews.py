@@ -48,7 +48,7 @@ def controller(shared_broker, tmp_path_factory) -> Iterator[tuple[Controller, li
 
     tmp = tmp_path_factory.mktemp("ctl")
     ctl = Controller(controller_settings(shared_broker, tmp, broker={"client_id": f"browser-{tmp.name}"}))
-    events = [c.to_event() for c in run(generate("crowd", seed=4)).carts]
+    events = [c.to_event() for c in run(generate("slow-camera", seed=0)).carts]
     node = Node(shared_broker, SHOP, "gpu-1")
     for seq, ev in enumerate(events, start=1):
         node.send(Event(shop=SHOP, node="gpu-1", epoch="ep1", seq=seq, type=ev.pop("type"), source="fusion", data=ev))

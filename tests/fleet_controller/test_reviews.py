@@ -28,11 +28,11 @@ T0 = 1_800_000_000.0
 
 @pytest.fixture(scope="module")
 def fusion_carts() -> list[dict]:
-    """Cart events made by the real fusion engine from a crowded scenario (some receipts, some reviews)."""
+    """Cart events made by the real fusion engine from a 3 fps camera scenario (some receipts, some reviews, contested lines)."""
     from fusion.generate import generate
     from fusion.sim import run
 
-    events = [c.to_event() for c in run(generate("crowd", seed=4)).carts]
+    events = [c.to_event() for c in run(generate("slow-camera", seed=0)).carts]
     assert {e["type"] for e in events} == {"cart_receipt", "cart_review"}, "the scenario must give both kinds"
     return events
 
