@@ -49,7 +49,16 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Mapped, mapped_column
 from sqlalchemy.sql.elements import ColumnElement
 
-from edge_agent.protocol import Alert, CommandResult, Event, Heartbeat, ReportedState, Telemetry
+from edge_agent.protocol import (
+    HEARTBEAT_TYPES,
+    TELEMETRY_TYPES,
+    Alert,
+    CommandResult,
+    Event,
+    Heartbeat,
+    ReportedState,
+    Telemetry,
+)
 from fleet_controller.registry.db import Base, table_of
 from fleet_controller.settings import SeriesSettings
 
@@ -139,7 +148,7 @@ def _percent_used(available: int, total: int) -> float | None:
 
 def points_from(msg: Uplink) -> list[tuple[str, str, float]]:
     """Return the series samples ``(name, source, value)`` one message carries."""
-    if isinstance(msg, Heartbeat):
+    if isinstance(msg, HEARTBEAT_TYPES):
         f = msg.facts
         node_values: dict[str, float | None] = {
             "cpu_percent": f.cpu_percent,
@@ -151,7 +160,7 @@ def points_from(msg: Uplink) -> list[tuple[str, str, float]]:
         out = [(k, "", float(v)) for k, v in node_values.items() if v is not None]
         out += [("fps", name, float(p.fps)) for name, p in msg.pipelines.items() if p.fps is not None]
         return out
-    if isinstance(msg, Telemetry):
+    if isinstance(msg, TELEMETRY_TYPES):
         # NaN and infinities cannot be charted or averaged; the latest-readings table still shows them.
         return [(r.name, r.source, r.value) for r in msg.readings if math.isfinite(r.value)]
     return []

@@ -35,6 +35,10 @@ from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from edge_agent.protocol import (
+    ALERT_TYPES,
+    EVENT_TYPES,
+    HEARTBEAT_TYPES,
+    TELEMETRY_TYPES,
     Alert,
     CommandResult,
     Event,
@@ -43,6 +47,7 @@ from edge_agent.protocol import (
     ReportedState,
     Telemetry,
     validate_id,
+    wire_fields,
 )
 from fleet_controller.registry import series
 from fleet_controller.registry.bus import BusEvent
@@ -458,11 +463,11 @@ class RegistryStore:
         reported: dict[NodeKey, dict[str, Any]] = {}
         for msg, received in batch.uplinks:
             key = (msg.shop, msg.node)
-            if isinstance(msg, Heartbeat):
+            if isinstance(msg, HEARTBEAT_TYPES):
                 f = msg.facts
                 metrics = _dumps(msg.metrics)
-                # The fields of these flat models are JSON-ready; their __dict__ is far cheaper than model_dump().
-                pipelines = _dumps({k: p.__dict__ for k, p in msg.pipelines.items()})
+                # The fields of these flat parts are JSON-ready; wire_fields (a model's __dict__) is far cheaper than model_dump().
+                pipelines = _dumps({k: wire_fields(p) for k, p in msg.pipelines.items()})
                 heartbeats.append((
                     msg.shop, msg.node, msg.epoch, msg.seq, msg.ts, received, f.cpu_load_1m, f.cpu_temp_c,
                     f.mem_available_bytes, f.disk_free_bytes, msg.outbox_depth, metrics, pipelines,
@@ -470,7 +475,7 @@ class RegistryStore:
                 prev = facts.get(key)
                 if prev is None or prev[0].ts <= msg.ts:
                     facts[key] = (msg, metrics, pipelines)
-            elif isinstance(msg, Telemetry):
+            elif isinstance(msg, TELEMETRY_TYPES):
                 for r in msg.readings:
                     rk = (msg.shop, msg.node, r.source, r.name)
                     prev_r = readings.get(rk)
@@ -479,7 +484,7 @@ class RegistryStore:
                             "shop_id": msg.shop, "node_id": msg.node, "source": r.source, "name": r.name,
                             "value": r.value, "unit": r.unit, "labels": dict(r.labels), "ts": msg.ts, "received_at": received,
                         }
-            elif isinstance(msg, Event):
+            elif isinstance(msg, EVENT_TYPES):
                 event_rows.append(
                     {
                         "shop_id": msg.shop, "node_id": msg.node, "kind": "event", "type": msg.type, "state": "",
@@ -487,7 +492,7 @@ class RegistryStore:
                         "at": msg.at if msg.at is not None else msg.ts, "received_at": received, "epoch": msg.epoch, "seq": msg.seq,
                     }
                 )
-            elif isinstance(msg, Alert):
+            elif isinstance(msg, ALERT_TYPES):
                 event_rows.append(
                     {
                         "shop_id": msg.shop, "node_id": msg.node, "kind": "alert", "type": msg.name, "state": msg.state,
@@ -644,7 +649,7 @@ class RegistryStore:
             if latest is not None:  # in _FACT_COLUMNS order
                 hb, metrics, pipelines = latest
                 f = hb.facts
-                row += (_dumps(f.__dict__), f.arch, f.node_class, f.agent_version, hb.release, pipelines, metrics,
+                row += (_dumps(wire_fields(f)), f.arch, f.node_class, f.agent_version, hb.release, pipelines, metrics,
                         hb.ts, hb.interval_s)
             row += key
             cas = u is not None and u.check_rev
