@@ -187,8 +187,13 @@ does): psycopg's executemany costs a round trip of Python work per row, the larg
 heartbeat and node statements went this way."""
 
 
-def store_points(conn: Connection, uplinks: Iterable[tuple[Uplink, float]]) -> int:
-    """Insert the samples of a batch's uplinks (in the batch's transaction), a row per message; return how many rows."""
+def store_points(conn: Connection, uplinks: Iterable[tuple[Uplink, float]], defer: list[tuple[str, tuple[Any, ...]]] | None = None) -> int:
+    """Insert the samples of a batch's uplinks (in the batch's transaction), a row per message; return how many rows.
+
+    On PostgreSQL with ``defer``, the insert is appended to it as ``(sql, params)`` instead of run:
+    the registry sends it with the batch's node update, one round trip for both (see
+    :meth:`RegistryStore.write_batch`).
+    """
     rows = []
     for msg, _received in uplinks:
         points = points_from(msg)
@@ -197,7 +202,10 @@ def store_points(conn: Connection, uplinks: Iterable[tuple[Uplink, float]]) -> i
     if not rows:
         return 0
     if conn.dialect.name == "postgresql":
-        conn.exec_driver_sql(_PG_INSERT_RAW, (_dumps(rows),))
+        if defer is not None:
+            defer.append((_PG_INSERT_RAW, (_dumps(rows),)))
+        else:
+            conn.exec_driver_sql(_PG_INSERT_RAW, (_dumps(rows),))
     else:
         conn.exec_driver_sql(f"INSERT INTO series_raw ({', '.join(_RAW_COLUMNS)}) VALUES (?, ?, ?, ?)", rows)
     return len(rows)

@@ -310,6 +310,9 @@ class RegistryStore:
         # How far the stream is stored (see stream_horizon): the newest message time committed, and when.
         self._stream_pos: float | None = None
         self._stream_at = 0.0
+        # PostgreSQL: inserts of the batch being written that go to the server with its node update
+        # (see write_batch); empty outside write_batch.
+        self._deferred: list[tuple[str, tuple[Any, ...]]] = []
         self.reports_refused = 0
         """Reported states dropped because their node is not in the registry (never created from a report)."""
 
@@ -391,16 +394,25 @@ class RegistryStore:
         others |= {(p.shop, p.node) for p, _ in batch.presences}
         report_only = {(m.shop, m.node) for m, _ in batch.uplinks if isinstance(m, ReportedState)} - others
         self._pending_presence = {}
-        with self.engine.begin() as conn:
-            unknown = self._unknown(conn, report_only)
-            created, known = self._ensure(conn, sorted(keys - unknown), now)
-            events += created
-            facts = self._store_uplinks(conn, batch, now, events, unknown)
-            series.store_points(conn, batch.uplinks)
-            presence_events, batch.session_jumps = self._store_presences(conn, batch.presences, now, batch.max_session_jump)
-            events += presence_events
-            self._update_nodes(conn, batch, facts)
-            events += self._revive(conn, batch, now)
+        # PostgreSQL: the heartbeat and series inserts are deferred and sent as CTEs of the node
+        # update, one statement instead of three. Each round trip waits for the server process to be
+        # scheduled, which on a busy machine cost more than the statements' own work (bench/ingest.py).
+        self._deferred = []
+        defer = self._deferred if self._dialect == "postgresql" else None
+        try:
+            with self.engine.begin() as conn:
+                unknown = self._unknown(conn, report_only)
+                created, known = self._ensure(conn, sorted(keys - unknown), now)
+                events += created
+                facts = self._store_uplinks(conn, batch, now, events, unknown)
+                series.store_points(conn, batch.uplinks, defer)
+                presence_events, batch.session_jumps = self._store_presences(conn, batch.presences, now, batch.max_session_jump)
+                events += presence_events
+                self._update_nodes(conn, batch, facts)
+                self._flush_deferred(conn)
+                events += self._revive(conn, batch, now)
+        finally:
+            self._deferred = []
         # Only committed rows are known; a rolled-back batch must create them again.
         self._known_nodes.update(known)
         self._known_shops.update(s for s, _ in known)
@@ -518,7 +530,7 @@ class RegistryStore:
                     "ts": msg.ts, "received_at": received,
                 }
         if heartbeats:
-            self._insert_many(conn, HEARTBEATS, _HEARTBEAT_COLUMNS, heartbeats)
+            self._insert_many(conn, HEARTBEATS, _HEARTBEAT_COLUMNS, heartbeats, defer=True)
         self._upsert(conn, READINGS, list(readings.values()), ("shop_id", "node_id", "source", "name"))
         self._upsert(conn, RESULTS, list(results.values()), ("correlation_id",))
         self._upsert(conn, REPORTED, list(reported.values()), ("shop_id", "node_id"))
@@ -687,9 +699,11 @@ class RegistryStore:
                 # One statement for all rows (see _json_rows_from): psycopg's executemany of this update,
                 # one round trip of Python work per row, was a third of the writer's time. The rows are
                 # joined in their (sorted) order: a nested loop over the pk index, the plan PostgreSQL
-                # takes for a set-returning function of unknown size against a large table.
-                result = conn.exec_driver_sql(f"UPDATE nodes SET {', '.join(sets)} FROM {_json_rows_from(NODES, targets, conn.dialect)} "
-                                              f"WHERE {where}", _json_rows(rows))
+                # takes for a set-returning function of unknown size against a large table. The deferred
+                # inserts ride along as CTEs (they touch other tables; the statement's row count is the update's).
+                ctes, params = self._take_deferred()
+                result = conn.exec_driver_sql(f"{ctes}UPDATE nodes SET {', '.join(sets)} FROM {_json_rows_from(NODES, targets, conn.dialect)} "
+                                              f"WHERE {where}", (*params, *_json_rows(rows)))
             else:
                 result = conn.exec_driver_sql(f"UPDATE nodes SET {', '.join(sets)} WHERE {where}", rows)
             # Compare-and-set: a row another writer moved since we read its cursor matches nothing,
@@ -698,20 +712,41 @@ class RegistryStore:
             if cas and result.rowcount != len(rows):
                 raise CursorConflict([r[-3:-1] for r in rows])
 
+    def _take_deferred(self) -> tuple[str, tuple[Any, ...]]:
+        """Return the deferred inserts as a ``WITH`` clause to prefix a statement with, and their parameters (in order); forget them."""
+        deferred, self._deferred = self._deferred, []
+        if not deferred:
+            return "", ()
+        ctes = ", ".join(f"d{i} AS ({sql})" for i, (sql, _) in enumerate(deferred))
+        return f"WITH {ctes} ", tuple(p for _, params in deferred for p in params)
+
+    def _flush_deferred(self, conn: Connection) -> None:
+        """Run deferred inserts no node update took along (a batch without one)."""
+        deferred, self._deferred = self._deferred, []
+        for sql, params in deferred:
+            conn.exec_driver_sql(sql, params)
+
     def _placeholder(self, json_value: bool = False) -> str:
         if self._dialect == "sqlite":
             return "?"
         return "%s::json" if json_value else "%s"
 
-    def _insert_many(self, conn: Connection, table: Table, cols: Sequence[str], rows: list[tuple[Any, ...]]) -> None:
+    def _insert_many(self, conn: Connection, table: Table, cols: Sequence[str], rows: list[tuple[Any, ...]], defer: bool = False) -> None:
         """Insert ``rows`` (tuples in ``cols`` order, JSON columns already encoded) with the driver's executemany:
-        on the hot path SQLAlchemy's per-row parameter processing costs more than the database's own insert."""
+        on the hot path SQLAlchemy's per-row parameter processing costs more than the database's own insert.
+
+        With ``defer`` on PostgreSQL the insert waits for the batch's node update and goes with it (see write_batch).
+        """
         json_cols = {c.name for c in table.columns if isinstance(c.type, JSON)}
         names = ", ".join(f'"{c}"' for c in cols)
         if self._dialect == "postgresql":
             # One statement for all rows (see _json_rows_from), not psycopg's one per row.
             refs = ", ".join(f"v.c{i}::json" if c in json_cols else f"v.c{i}" for i, c in enumerate(cols))
-            conn.exec_driver_sql(f"INSERT INTO {table.name} ({names}) SELECT {refs} FROM {_json_rows_from(table, cols, conn.dialect)}", _json_rows(rows))
+            sql = f"INSERT INTO {table.name} ({names}) SELECT {refs} FROM {_json_rows_from(table, cols, conn.dialect)}"
+            if defer:
+                self._deferred.append((sql, _json_rows(rows)))
+            else:
+                conn.exec_driver_sql(sql, _json_rows(rows))
             return
         values = ", ".join(self._placeholder(c in json_cols) for c in cols)
         conn.exec_driver_sql(f"INSERT INTO {table.name} ({names}) VALUES ({values})", rows)
