@@ -88,19 +88,21 @@ class _Struct(Struct, forbid_unknown_fields=True, gc=False):
     """
 
 
-class _NodeFacts(_Struct):
+class _NodeFacts(_Struct, kw_only=True):
+    # In the model's field order (kw_only allows a required field after a default): wire_json
+    # encodes the Struct as it is, and the registry's facts JSON then reads as the model's.
+    hostname: _s(255) = ""  # type: ignore[valid-type]
     arch: _s(32)  # type: ignore[valid-type]
+    os: _s(200) = ""  # type: ignore[valid-type]
+    kernel: _s(200) = ""  # type: ignore[valid-type]
+    node_class: _s(64) = ""  # type: ignore[valid-type]
     cpu_count: Annotated[int, Meta(ge=1, le=INT32_MAX)]
     cpu_load_1m: NonNegFloat
+    cpu_percent: NonNegFloat | None = None
     mem_total_bytes: Count
     mem_available_bytes: Count
     disk_total_bytes: Count
     disk_free_bytes: Count
-    hostname: _s(255) = ""  # type: ignore[valid-type]
-    os: _s(200) = ""  # type: ignore[valid-type]
-    kernel: _s(200) = ""  # type: ignore[valid-type]
-    node_class: _s(64) = ""  # type: ignore[valid-type]
-    cpu_percent: NonNegFloat | None = None
     cpu_temp_c: float | None = None
     onnx_providers: Annotated[tuple[_s(64), ...], Meta(max_length=32)] = ()  # type: ignore[valid-type]
     gpu: _s(200) | None = None  # type: ignore[valid-type]
@@ -302,6 +304,22 @@ def wire_fields(part: Any) -> dict[str, Any]:
     """
     get = _FIELDS.get(type(part))
     return part.__dict__ if get is None else get(part)  # type: ignore[no-any-return]
+
+
+_ENCODER = msgspec.json.Encoder()
+
+
+def wire_json(part: Any) -> str | None:
+    """Return the JSON text of a wire view of a flat part (facts, a pipeline's health) or of a dict of them; ``None`` for anything else.
+
+    The fields in the model's order (the flat Structs declare them so), the values those of the
+    model: what encoding :func:`wire_fields` gives, in a fifth of the time.
+    """
+    if isinstance(part, _NodeFacts | _PipelineHealth):
+        return _ENCODER.encode(part).decode()
+    if isinstance(part, dict) and part and all(isinstance(v, _PipelineHealth) for v in part.values()):
+        return _ENCODER.encode(part).decode()
+    return None
 
 
 VIEWS: dict[type[BaseModel], type[Any]] = {Heartbeat: _Heartbeat, Telemetry: _Telemetry, Event: _Event, Alert: _Alert, Presence: _Presence}

@@ -736,6 +736,11 @@ def wire_fields(part: Any) -> dict[str, Any]:
     return part.__dict__  # type: ignore[no-any-return]
 
 
+def wire_json(part: Any) -> str | None:
+    """Return the JSON text of a wire view of a flat part or of a dict of them (see :func:`wire_fields`); ``None`` for a model or anything else."""
+    return None if _wire_json is None else _wire_json(part)
+
+
 def parse_message_reference(
     topic: str, payload: bytes,
 ) -> Presence | Heartbeat | Telemetry | Event | Alert | CommandResult | ReportedState:
@@ -800,6 +805,7 @@ def b64(data: bytes) -> str:
 _fast_parse: Callable[[str, bytes], Any] | None
 _fast_decode: Callable[[str, bytes], Any] | None
 _wire_fields: Callable[[Any], dict[str, Any]] | None
+_wire_json: Callable[[Any], str | None] | None
 HEARTBEAT_TYPES: tuple[type, ...] = (Heartbeat,)
 """What ``isinstance`` checks a message of :func:`parse_message_view` against: the model, and its wire view when there is a fast path."""
 TELEMETRY_TYPES: tuple[type, ...] = (Telemetry,)
@@ -811,12 +817,13 @@ try:
     from edge_agent.fastwire import fast_decode as _fast_decode
     from edge_agent.fastwire import fast_parse as _fast_parse
     from edge_agent.fastwire import wire_fields as _wire_fields
+    from edge_agent.fastwire import wire_json as _wire_json
 
     HEARTBEAT_TYPES, TELEMETRY_TYPES, EVENT_TYPES, ALERT_TYPES, PRESENCE_TYPES = (
         (m, _VIEWS[m]) for m in (Heartbeat, Telemetry, Event, Alert, Presence)
     )
 except ImportError:  # pragma: no cover - depends on the install
-    _fast_parse = _fast_decode = _wire_fields = None
+    _fast_parse = _fast_decode = _wire_fields = _wire_json = None
 except TypeError as _exc:  # pragma: no cover - a model gained a field its Struct lacks (tests/test_protocol_fastpath.py fails)
     logging.getLogger(__name__).warning("wire protocol fast path off, every message parsed by pydantic: %s", _exc)
-    _fast_parse = _fast_decode = _wire_fields = None
+    _fast_parse = _fast_decode = _wire_fields = _wire_json = None

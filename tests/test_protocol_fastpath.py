@@ -128,6 +128,10 @@ def typed(x: Any) -> Any:
         model = fastwire.STRUCTS[type(x)]
         if model in (p.NodeFacts, p.PipelineHealth):
             assert list(p.wire_fields(x)) == list(model.model_fields)
+            # What the registry stores of it: the same keys in the same order, the same values and types.
+            text = p.wire_json(x)
+            assert text is not None and list(json.loads(text)) == list(model.model_fields)
+            assert typed(json.loads(text)) == typed(json.loads(json.dumps(p.wire_fields(x))))
         return (model.__name__, {k: typed(getattr(x, k)) for k in model.model_fields})
     if isinstance(x, dict):
         return ("dict", [(k, typed(v)) for k, v in x.items()])

@@ -48,6 +48,7 @@ from edge_agent.protocol import (
     Telemetry,
     validate_id,
     wire_fields,
+    wire_json,
 )
 from fleet_controller.registry import series
 from fleet_controller.registry.bus import BusEvent
@@ -133,6 +134,16 @@ def _dumps(value: Any) -> str:
         text: str = orjson.dumps(value).decode()
         return text
     return json.dumps(value, separators=(",", ":"))
+
+
+def _part_json(part: Any) -> str:
+    """Return the JSON text of a flat message part (facts; a dict of pipelines' health): the wire view's own encoder, or orjson of the model's fields."""
+    text = wire_json(part)
+    if text is not None:
+        return text
+    if isinstance(part, dict):
+        return _dumps({k: wire_fields(p) for k, p in part.items()})
+    return _dumps(wire_fields(part))
 
 
 _FACT_COLUMNS = ("facts", "arch", "node_class", "agent_version", "release", "pipelines", "metrics", "facts_at", "heartbeat_interval_s")
@@ -479,7 +490,7 @@ class RegistryStore:
                 f = msg.facts
                 metrics = _dumps(msg.metrics)
                 # The fields of these flat parts are JSON-ready; wire_fields (a model's __dict__) is far cheaper than model_dump().
-                pipelines = _dumps({k: wire_fields(p) for k, p in msg.pipelines.items()})
+                pipelines = _part_json(msg.pipelines)
                 heartbeats.append((
                     msg.shop, msg.node, msg.epoch, msg.seq, msg.ts, received, f.cpu_load_1m, f.cpu_temp_c,
                     f.mem_available_bytes, f.disk_free_bytes, msg.outbox_depth, metrics, pipelines,
@@ -661,7 +672,7 @@ class RegistryStore:
             if latest is not None:  # in _FACT_COLUMNS order
                 hb, metrics, pipelines = latest
                 f = hb.facts
-                row += (_dumps(wire_fields(f)), f.arch, f.node_class, f.agent_version, hb.release, pipelines, metrics,
+                row += (_part_json(f), f.arch, f.node_class, f.agent_version, hb.release, pipelines, metrics,
                         hb.ts, hb.interval_s)
             row += key
             cas = u is not None and u.check_rev
