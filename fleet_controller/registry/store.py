@@ -138,11 +138,14 @@ def _dumps(value: Any) -> str:
 
 def _part_json(part: Any) -> str:
     """Return the JSON text of a flat message part (facts; a dict of pipelines' health): the wire view's own encoder, or orjson of the model's fields."""
+    if isinstance(part, dict):
+        if not part:  # a node without pipelines (a sensor-only node; the benches)
+            return "{}"
+        text = wire_json(part)
+        return text if text is not None else _dumps({k: wire_fields(p) for k, p in part.items()})
     text = wire_json(part)
     if text is not None:
         return text
-    if isinstance(part, dict):
-        return _dumps({k: wire_fields(p) for k, p in part.items()})
     return _dumps(wire_fields(part))
 
 
