@@ -503,7 +503,7 @@ class IntakeCore:
             c[2] += missing
             wb.uplinks.append((msg, received))
             kinds[msg.kind] += 1
-        wb.nodes = {key: NodeUpdate(_at_rev(cursors[key], revs[key]), c[0], c[1], c[2], c[3], check_rev=True) for key, c in counts.items()}
+        wb.nodes = {key: NodeUpdate(cursors[key], c[0], c[1], c[2], c[3], True, revs[key]) for key, c in counts.items()}
         # Carts first, in their own transaction: idempotent on cart_id, so a batch retried after
         # a failed write_batch (or a cursor conflict) stores each cart once (fleet_controller.registry.carts).
         cart_events = [(m.shop, m.node, m.type, m.data) for m, _ in wb.uplinks if isinstance(m, EVENT_TYPES) and m.type in CART_EVENT_TYPES]

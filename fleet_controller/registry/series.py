@@ -150,15 +150,17 @@ def points_from(msg: Uplink) -> list[tuple[str, str, float]]:
     """Return the series samples ``(name, source, value)`` one message carries."""
     if isinstance(msg, HEARTBEAT_TYPES):
         f = msg.facts
-        node_values: dict[str, float | None] = {
-            "cpu_percent": f.cpu_percent,
-            "cpu_load_1m": f.cpu_load_1m,
-            "mem_used_percent": _percent_used(f.mem_available_bytes, f.mem_total_bytes),
-            "disk_used_percent": _percent_used(f.disk_free_bytes, f.disk_total_bytes),
-            "cpu_temp_c": f.cpu_temp_c,
-        }
-        out = [(k, "", float(v)) for k, v in node_values.items() if v is not None]
-        out += [("fps", name, float(p.fps)) for name, p in msg.pipelines.items() if p.fps is not None]
+        # One tuple per value, no dict in between (every heartbeat of the fleet comes through here).
+        node_values = (
+            ("cpu_percent", f.cpu_percent),
+            ("cpu_load_1m", f.cpu_load_1m),
+            ("mem_used_percent", _percent_used(f.mem_available_bytes, f.mem_total_bytes)),
+            ("disk_used_percent", _percent_used(f.disk_free_bytes, f.disk_total_bytes)),
+            ("cpu_temp_c", f.cpu_temp_c),
+        )
+        out = [(k, "", float(v)) for k, v in node_values if v is not None]
+        if msg.pipelines:
+            out += [("fps", name, float(p.fps)) for name, p in msg.pipelines.items() if p.fps is not None]
         return out
     if isinstance(msg, TELEMETRY_TYPES):
         # NaN and infinities cannot be charted or averaged; the latest-readings table still shows them.

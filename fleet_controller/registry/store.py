@@ -200,8 +200,9 @@ class NodeUpdate:
     ``missing`` is a net change: seqs that became missing less those filled by late arrivals or
     reported evicted, so ``missing_total`` says how many are missing now (open or given up).
     With ``check_rev`` (what the intake sets), the update applies only while the row still holds
-    revision ``cursor.rev``, else :class:`CursorConflict` is raised; without it (tests and tools
-    writing a cursor directly) the row is overwritten. Either way the row's revision is bumped.
+    revision ``rev`` (``cursor.rev`` when None), else :class:`CursorConflict` is raised; without it
+    (tests and tools writing a cursor directly) the row is overwritten. Either way the row's
+    revision is bumped.
     """
 
     cursor: SeqCursor
@@ -210,6 +211,7 @@ class NodeUpdate:
     missing: int = 0
     evicted: int = 0
     check_rev: bool = False
+    rev: int | None = None  # the revision read (the intake's: no copy of the cursor just to carry it)
 
 
 @dataclass(frozen=True)
@@ -680,7 +682,7 @@ class RegistryStore:
             row += key
             cas = u is not None and u.check_rev
             if cas:
-                row += (u.cursor.rev,)  # type: ignore[union-attr]
+                row += (u.cursor.rev if u.rev is None else u.rev,)  # type: ignore[union-attr]
             groups.setdefault((u is not None, cas, latest is not None), []).append(row)
         greatest = "MAX" if self._dialect == "sqlite" else "GREATEST"
         pg = self._dialect == "postgresql"
