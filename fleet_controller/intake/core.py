@@ -3,7 +3,8 @@
 Shaped by three requirements:
 
 * **A loop never dies of bad input.** Every payload goes through
-  :func:`edge_agent.protocol.parse_message`; a bad one is counted in
+  :func:`edge_agent.protocol.parse_message_view` (``parse_message``'s validation and rejections;
+  what the fast path accepts stays its msgspec Struct, never built into a model); a bad one is counted in
   ``shopfleet_controller_rejected_total{reason}``, logged at most once per reason per
   ``log_every_s`` (a flood of garbage cannot flood the log), acknowledged and dropped.
 * **Nothing lost, nothing doubled.** Messages are acknowledged to the broker only after the
