@@ -303,7 +303,7 @@ def wire_fields(part: Any) -> dict[str, Any]:
     JSON the registry stores of either is the same text.
     """
     get = _FIELDS.get(type(part))
-    return part.__dict__ if get is None else get(part)  # type: ignore[no-any-return]
+    return part.__dict__ if get is None else get(part)
 
 
 _ENCODER = msgspec.json.Encoder()

@@ -806,12 +806,14 @@ _fast_parse: Callable[[str, bytes], Any] | None
 _fast_decode: Callable[[str, bytes], Any] | None
 _wire_fields: Callable[[Any], dict[str, Any]] | None
 _wire_json: Callable[[Any], str | None] | None
-HEARTBEAT_TYPES: tuple[type, ...] = (Heartbeat,)
+# Typed as the models' classes: a wire view has the model's attributes, so code narrowed by these
+# reads a view as the model (and the type checker holds it to the model's fields).
+HEARTBEAT_TYPES: tuple[type[Heartbeat], ...] = (Heartbeat,)
 """What ``isinstance`` checks a message of :func:`parse_message_view` against: the model, and its wire view when there is a fast path."""
-TELEMETRY_TYPES: tuple[type, ...] = (Telemetry,)
-EVENT_TYPES: tuple[type, ...] = (Event,)
-ALERT_TYPES: tuple[type, ...] = (Alert,)
-PRESENCE_TYPES: tuple[type, ...] = (Presence,)
+TELEMETRY_TYPES: tuple[type[Telemetry], ...] = (Telemetry,)
+EVENT_TYPES: tuple[type[Event], ...] = (Event,)
+ALERT_TYPES: tuple[type[Alert], ...] = (Alert,)
+PRESENCE_TYPES: tuple[type[Presence], ...] = (Presence,)
 try:
     from edge_agent.fastwire import VIEWS as _VIEWS
     from edge_agent.fastwire import fast_decode as _fast_decode
@@ -819,9 +821,11 @@ try:
     from edge_agent.fastwire import wire_fields as _wire_fields
     from edge_agent.fastwire import wire_json as _wire_json
 
-    HEARTBEAT_TYPES, TELEMETRY_TYPES, EVENT_TYPES, ALERT_TYPES, PRESENCE_TYPES = (
-        (m, _VIEWS[m]) for m in (Heartbeat, Telemetry, Event, Alert, Presence)
-    )
+    HEARTBEAT_TYPES = (Heartbeat, _VIEWS[Heartbeat])
+    TELEMETRY_TYPES = (Telemetry, _VIEWS[Telemetry])
+    EVENT_TYPES = (Event, _VIEWS[Event])
+    ALERT_TYPES = (Alert, _VIEWS[Alert])
+    PRESENCE_TYPES = (Presence, _VIEWS[Presence])
 except ImportError:  # pragma: no cover - depends on the install
     _fast_parse = _fast_decode = _wire_fields = _wire_json = None
 except TypeError as _exc:  # pragma: no cover - a model gained a field its Struct lacks (tests/test_protocol_fastpath.py fails)
