@@ -135,11 +135,12 @@ def cpu_seconds(proc: psutil.Process) -> dict[str, float]:
 
 async def drain_controller(
     port: int, client_id: str, db_url: str, warmup: int, expected: int, timeout: float, writer: str, ack_nodes: bool = True,
+    intake: dict[str, object] | None = None,
 ) -> tuple[float, float, int, dict[str, float]]:
     """Start the controller on its session; return its sustained rate after ``warmup`` stored, its first-sight rate,
     rows stored, and CPU seconds per 1,000 messages of the sustained drain (controller process, writer child)."""
     settings = load_settings(None, {"db_url": db_url, "broker": {"port": port, "client_id": client_id}, "api": {"port": 0},
-                                    "retention": {"interval_s": 3600}, "intake": {"writer": writer, "ack_nodes": ack_nodes}}, environ={})
+                                    "retention": {"interval_s": 3600}, "intake": {"writer": writer, "ack_nodes": ack_nodes, **(intake or {})}}, environ={})
     svc = ControllerService(settings, migrate=False)
     await svc.start()
     me = psutil.Process()
@@ -164,7 +165,8 @@ async def drain_controller(
     m = svc.metrics_registry
     n = m.get_sample_value("shopfleet_controller_batch_messages_count")
     print(f"  {n:.0f} batches, {m.get_sample_value('shopfleet_controller_batch_messages_sum') / n:.0f} messages and "
-          f"{1000 * m.get_sample_value('shopfleet_controller_batch_seconds_sum') / n:.1f} ms each on average", file=sys.stderr)
+          f"{1000 * m.get_sample_value('shopfleet_controller_batch_seconds_sum') / n:.1f} ms each on average; intake queue "
+          f"high water {svc.intake.queue_high_water}", file=sys.stderr)
     await svc.stop()
     with create_engine(db_url).connect() as conn:
         rows = conn.scalar(select(func.count()).select_from(HeartbeatRecord.__table__))
@@ -202,6 +204,7 @@ def main() -> int:
     p.add_argument("--writer", choices=["process", "thread"], default="process", help="intake.writer of the controller (default: %(default)s)")
     p.add_argument("--ack-nodes", choices=["on", "off"], default="off",
                    help="intake.ack_nodes: publish stored-acks after each commit (default: %(default)s, as the controller's)")
+    p.add_argument("--batch", type=int, default=None, help="intake.batch_max_messages (default: the controller's)")
     p.add_argument("--timeout", type=float, default=180, help="give up a drain after this many seconds")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -231,7 +234,7 @@ def main() -> int:
             bare, bare_cpu = drain_bare(broker.port, f"bench-bare-{db}", warmup, total, args.timeout)
             ctl, first_sight, rows, cpu = asyncio.run(
                 drain_controller(broker.port, f"bench-controller-{db}", urls[db], warmup, total, args.timeout, args.writer,
-                                 args.ack_nodes == "on"))
+                                 args.ack_nodes == "on", {} if args.batch is None else {"batch_max_messages": args.batch}))
             if rows != total:
                 print(f"ERROR: {db}: {rows} heartbeat rows stored, expected {total}", file=sys.stderr)
                 failed = True

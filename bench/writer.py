@@ -3,7 +3,8 @@
 What bench/ingest.py and bench/scale.py measure end to end, reduced to the part that bounds them:
 :meth:`IntakeCore.process_batch` (parse, dedupe, store in one transaction) on pre-encoded
 heartbeats of ``--nodes`` nodes in batches of ``--batch`` (the intake's default 500), in this
-process, no MQTT. Figures are CPU seconds of this process (``time.process_time``) per message, the
+process, no MQTT, with the garbage collector set up as in the writer process (start-up heap frozen,
+``WRITER_GC_THRESHOLDS``). Figures are CPU seconds of this process (``time.process_time``) per message, the
 figure the machine's load moves least; on PostgreSQL the server's own CPU is not in it (its wall
 time per batch is printed beside).
 
@@ -31,6 +32,7 @@ multiples (1.0 = the cost does not depend on lag). Last line: a JSON summary.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -46,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import sqlalchemy as sa
 
 from edge_agent.protocol import Heartbeat, NodeFacts, Topics, encode
-from fleet_controller.intake.core import IntakeCore
+from fleet_controller.intake.core import WRITER_GC_THRESHOLDS, IntakeCore
 from fleet_controller.registry.db import create_engine
 from fleet_controller.registry.migrations import upgrade
 from fleet_controller.registry.store import RegistryStore
@@ -134,6 +136,9 @@ def main() -> int:
             upgrade(engines[-1])
             cores[mode] = IntakeCore(RegistryStore(engines[-1]))
             run_round(cores[mode], stream(args.nodes, 1), start, lag[mode], args.batch, presence, 0)  # first sight: not measured
+        # The collector as the writer process sets it up (fleet_controller.intake.core._init_writer).
+        gc.freeze()
+        gc.set_threshold(*WRITER_GC_THRESHOLDS)
         for r in range(args.rounds):
             for mode in modes:
                 res = run_round(cores[mode], stream(args.nodes, r + 2), start + (r + 1) * INTERVAL, lag[mode], args.batch, presence,

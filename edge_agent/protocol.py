@@ -712,6 +712,35 @@ def parse_message(topic: str, payload: bytes) -> Presence | Heartbeat | Telemetr
     return parse_message_reference(topic, payload)
 
 
+def parse_message_view(topic: str, payload: bytes) -> Any:
+    """Parse like :func:`parse_message`, but return the fast path's *wire view* instead of building its model.
+
+    For the controller's registry writer, which only reads a message's attributes: a heartbeat,
+    telemetry, event, alert or presence the fast path accepts comes back as its validated msgspec
+    Struct (same attribute names, values and types as the model, ``kind`` included; nested parts as
+    Structs, read :func:`wire_fields` of a flat one); anything else exactly as :func:`parse_message`
+    returns it, and every rejection is its ``ProtocolError``. Check types with :data:`HEARTBEAT_TYPES`
+    and friends, never with the model class alone.
+    """
+    if _fast_decode is not None:
+        view = _fast_decode(topic, payload)
+        if view is not None:
+            return view
+    return parse_message_reference(topic, payload)
+
+
+def wire_fields(part: Any) -> dict[str, Any]:
+    """Return the fields of a flat message part (:class:`NodeFacts`, :class:`PipelineHealth`, or a wire view of one) in the model's order."""
+    if _wire_fields is not None:
+        return _wire_fields(part)
+    return part.__dict__  # type: ignore[no-any-return]
+
+
+def wire_json(part: Any) -> str | None:
+    """Return the JSON text of a wire view of a flat part or of a dict of them (see :func:`wire_fields`); ``None`` for a model or anything else."""
+    return None if _wire_json is None else _wire_json(part)
+
+
 def parse_message_reference(
     topic: str, payload: bytes,
 ) -> Presence | Heartbeat | Telemetry | Event | Alert | CommandResult | ReportedState:
@@ -774,10 +803,31 @@ def b64(data: bytes) -> str:
 # The fast path needs msgspec (the controller's extra); an agent-only install parses with pydantic alone.
 # Imported last: edge_agent.fastwire builds on the models above.
 _fast_parse: Callable[[str, bytes], Any] | None
+_fast_decode: Callable[[str, bytes], Any] | None
+_wire_fields: Callable[[Any], dict[str, Any]] | None
+_wire_json: Callable[[Any], str | None] | None
+# Typed as the models' classes: a wire view has the model's attributes, so code narrowed by these
+# reads a view as the model (and the type checker holds it to the model's fields).
+HEARTBEAT_TYPES: tuple[type[Heartbeat], ...] = (Heartbeat,)
+"""What ``isinstance`` checks a message of :func:`parse_message_view` against: the model, and its wire view when there is a fast path."""
+TELEMETRY_TYPES: tuple[type[Telemetry], ...] = (Telemetry,)
+EVENT_TYPES: tuple[type[Event], ...] = (Event,)
+ALERT_TYPES: tuple[type[Alert], ...] = (Alert,)
+PRESENCE_TYPES: tuple[type[Presence], ...] = (Presence,)
 try:
+    from edge_agent.fastwire import VIEWS as _VIEWS
+    from edge_agent.fastwire import fast_decode as _fast_decode
     from edge_agent.fastwire import fast_parse as _fast_parse
+    from edge_agent.fastwire import wire_fields as _wire_fields
+    from edge_agent.fastwire import wire_json as _wire_json
+
+    HEARTBEAT_TYPES = (Heartbeat, _VIEWS[Heartbeat])
+    TELEMETRY_TYPES = (Telemetry, _VIEWS[Telemetry])
+    EVENT_TYPES = (Event, _VIEWS[Event])
+    ALERT_TYPES = (Alert, _VIEWS[Alert])
+    PRESENCE_TYPES = (Presence, _VIEWS[Presence])
 except ImportError:  # pragma: no cover - depends on the install
-    _fast_parse = None
+    _fast_parse = _fast_decode = _wire_fields = _wire_json = None
 except TypeError as _exc:  # pragma: no cover - a model gained a field its Struct lacks (tests/test_protocol_fastpath.py fails)
     logging.getLogger(__name__).warning("wire protocol fast path off, every message parsed by pydantic: %s", _exc)
-    _fast_parse = None
+    _fast_parse = _fast_decode = _wire_fields = _wire_json = None

@@ -117,9 +117,22 @@ def topic_of(msg: dict[str, Any]) -> str:
 
 
 def typed(x: Any) -> Any:
-    """A value with the Python type of every part spelled out (10 and 10.0 differ here; -0.0 and 0.0 too)."""
+    """A value with the Python type of every part spelled out (10 and 10.0 differ here; -0.0 and 0.0 too).
+
+    A wire view (a fastwire Struct) reads as the model it stands for, through its attributes;
+    a flat part's :func:`~edge_agent.protocol.wire_fields` must list the model's fields in order.
+    """
     if isinstance(x, p.BaseModel):
         return (type(x).__name__, {k: typed(v) for k, v in x.__dict__.items()})
+    if isinstance(x, msgspec.Struct):
+        model = fastwire.STRUCTS[type(x)]
+        if model in (p.NodeFacts, p.PipelineHealth):
+            assert list(p.wire_fields(x)) == list(model.model_fields)
+            # What the registry stores of it: the same keys in the same order, the same values and types.
+            text = p.wire_json(x)
+            assert text is not None and list(json.loads(text)) == list(model.model_fields)
+            assert typed(json.loads(text)) == typed(json.loads(json.dumps(p.wire_fields(x))))
+        return (model.__name__, {k: typed(getattr(x, k)) for k in model.model_fields})
     if isinstance(x, dict):
         return ("dict", [(k, typed(v)) for k, v in x.items()])
     if isinstance(x, list | tuple):
@@ -144,10 +157,12 @@ def check(topic: str, payload: bytes) -> Any:
         assert ref[0] != "error", f"the fast path accepted what the reference refuses ({ref})"
         assert typed(fast) == ref
         assert type(fast).model_validate(fast.model_dump()) == fast  # a well-formed model, valid as built
+    view = outcome(p.parse_message_view, topic, payload)
     got = outcome(p.parse_message, topic, payload)
     if b'"ts"' not in payload and got[0] != "error":  # pydantic stamps a missing ts with the time of parsing
-        got, ref = ((got[0], {k: v for k, v in o[1].items() if k != "ts"}) for o in (got, ref))
+        got, ref, view = ((o[0], {k: v for k, v in o[1].items() if k != "ts"}) for o in (got, ref, view))
     assert got == ref
+    assert view == ref  # the writer's wire view: the same attributes, values and types as the model (or the same error)
     return fast
 
 

@@ -3,7 +3,8 @@
 Shaped by three requirements:
 
 * **A loop never dies of bad input.** Every payload goes through
-  :func:`edge_agent.protocol.parse_message`; a bad one is counted in
+  :func:`edge_agent.protocol.parse_message_view` (``parse_message``'s validation and rejections;
+  what the fast path accepts stays its msgspec Struct, never built into a model); a bad one is counted in
   ``shopfleet_controller_rejected_total{reason}``, logged at most once per reason per
   ``log_every_s`` (a flood of garbage cannot flood the log), acknowledged and dropped.
 * **Nothing lost, nothing doubled.** Messages are acknowledged to the broker only after the
@@ -47,17 +48,17 @@ from multiprocessing import connection as mp_connection
 from typing import Any
 
 from edge_agent.protocol import (
+    EVENT_TYPES,
+    HEARTBEAT_TYPES,
     MAX_ACK_MISSING,
+    PRESENCE_TYPES,
     Channel,
-    Event,
     EvictedRun,
-    Heartbeat,
-    Presence,
     ProtocolError,
     StoredAck,
     Topics,
     encode,
-    parse_message,
+    parse_message_view,
     parse_topic,
 )
 from fleet_controller.intake.mqtt import InboundMessage
@@ -418,7 +419,8 @@ class IntakeCore:
         parsed = []
         for topic, payload, received in batch:
             try:
-                parsed.append((parse_message(topic, payload), received, topic))
+                # Wire views, not models: the writer only reads attributes (see parse_message_view).
+                parsed.append((parse_message_view(topic, payload), received, topic))
             except ProtocolError as exc:
                 reasons[exc.reason] += 1
                 self._rlog.warning(exc.reason, "rejected a message on %r: %s", topic[:200], exc.detail[:500])
@@ -448,7 +450,7 @@ class IntakeCore:
         cursors: dict[NodeKey, SeqCursor] = {}
         revs: dict[NodeKey, int] = {}  # the revision each moved cursor was read at
         known = self._cursors
-        unknown = {(msg.shop, msg.node) for msg, _, _ in parsed if not isinstance(msg, Presence)}
+        unknown = {(msg.shop, msg.node) for msg, _, _ in parsed if not isinstance(msg, PRESENCE_TYPES)}
         unknown = {k for k in unknown if k not in known}  # not "- known.keys()": that walks every known node
         if unknown:
             cursors.update(self.registry.load_cursors(unknown))
@@ -457,7 +459,7 @@ class IntakeCore:
         duplicates = missing_total = filled = rebased = 0
         for msg, received, topic in parsed:
             key = (msg.shop, msg.node)
-            if isinstance(msg, Presence):
+            if isinstance(msg, PRESENCE_TYPES):
                 seen[key] = max(seen.get(key, 0.0), received)
                 wb.presences.append((msg, received))
                 kinds["presence"] += 1
@@ -483,7 +485,7 @@ class IntakeCore:
                 duplicates += 1
                 c[1] += 1
                 continue
-            if isinstance(msg, Heartbeat) and msg.evicted and msg.epoch == cursors[key].epoch:
+            if isinstance(msg, HEARTBEAT_TYPES) and msg.evicted and msg.epoch == cursors[key].epoch:
                 cursors[key], removed = drop_evicted(cursors[key], msg.evicted)
                 n = sum(removed.values())
                 if n:
@@ -502,10 +504,10 @@ class IntakeCore:
             c[2] += missing
             wb.uplinks.append((msg, received))
             kinds[msg.kind] += 1
-        wb.nodes = {key: NodeUpdate(_at_rev(cursors[key], revs[key]), c[0], c[1], c[2], c[3], check_rev=True) for key, c in counts.items()}
+        wb.nodes = {key: NodeUpdate(cursors[key], c[0], c[1], c[2], c[3], True, revs[key]) for key, c in counts.items()}
         # Carts first, in their own transaction: idempotent on cart_id, so a batch retried after
         # a failed write_batch (or a cursor conflict) stores each cart once (fleet_controller.registry.carts).
-        cart_events = [(m.shop, m.node, m.type, m.data) for m, _ in wb.uplinks if isinstance(m, Event) and m.type in CART_EVENT_TYPES]
+        cart_events = [(m.shop, m.node, m.type, m.data) for m, _ in wb.uplinks if isinstance(m, EVENT_TYPES) and m.type in CART_EVENT_TYPES]
         cart_bus: list[BusEvent] = []
         if cart_events:
             cart_bus, bad = self._carts.ingest(cart_events, now)
@@ -565,6 +567,14 @@ def _die_with_parent() -> None:
     threading.Thread(target=watch, name="writer-parent-watch", daemon=True).start()
 
 
+WRITER_GC_THRESHOLDS = (20_000, 10, 10)
+"""The writer process's collector thresholds (Python's default: 700, 10, 10). A batch allocates
+hundreds of thousands of objects that live until it ends, nearly none in a cycle; at 700 the
+collector ran ~300 times per 10,000 messages, scanning each batch's live objects again and again
+(13 % of the writer's CPU at 10,000 nodes, bench/writer.py). At 20,000 it runs a handful of times;
+a cycle that does form waits at most that many allocations longer to be freed."""
+
+
 def _init_writer(key: str, db_url: str, log_every_s: float, log_level: int | None) -> None:
     """Set up the writer's own engine, registry and intake core (runs on the writer)."""
     if log_level is not None:  # a spawned child starts with no logging set up
@@ -576,6 +586,7 @@ def _init_writer(key: str, db_url: str, log_every_s: float, log_level: int | Non
         # Parsing allocates heavily, and each full collection otherwise rescans the whole heap of
         # imported modules (a quarter of the writer's time in a profile).
         gc.freeze()
+        gc.set_threshold(*WRITER_GC_THRESHOLDS)
 
 
 def _returnable(outcome: BatchOutcome) -> BatchOutcome | bytes:

@@ -16,6 +16,9 @@ What this adapter adds, and why:
   PUBACK once the intake has committed the message. A crash before that makes the broker deliver it
   again, and the intake's dedupe drops what was already stored. An ack for a message of an earlier
   connection is skipped (packet ids are per connection; the broker redelivers those anyway).
+  The acks of a batch (the intake acknowledges a whole batch in one go on the event loop) go out
+  as one write: each PUBACK given to paho alone cost a wake-up of its network thread and a
+  ``send`` per message, in both this process and the broker.
 * **Scale-out.** With ``shared_group`` (MQTT 5) the subscriptions become
   ``$share/<group>/<filter>``, so several controller replicas split one stream; their sessions
   expire ``SHARED_SESSION_EXPIRY_S`` after a replica dies, so the broker stops parking a share of
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import struct
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -137,6 +141,12 @@ def subscription_filters(config: MqttConfig) -> list[str]:
     return list(config.subscriptions)
 
 
+_PUBACK = struct.Struct("!BBH")
+_PUBACK_HEADER = paho.PUBACK  # fixed header of a PUBACK (QoS 1 ack), then remaining length 2 and the packet id
+_BULK_ACKS = hasattr(paho.Client, "_packet_queue")
+"""Whether this paho has the queue its own ack() writes to (2.x); without it every ack goes alone."""
+
+
 class MqttAdapter(ThreadedLink):
     """A persistent-session, manual-ack MQTT client that delivers :class:`InboundMessage` values.
 
@@ -164,6 +174,9 @@ class MqttAdapter(ThreadedLink):
         ``delivered`` when the intake holds nothing unanswered."""
         self._pending: dict[int, tuple[threading.Event, list[bool]]] = {}
         self._pending_lock = threading.Lock()
+        self._acks = bytearray()  # PUBACKs of the current connection waiting for _flush_acks (event loop thread)
+        self._acks_connection = 0
+        self._acks_lock = threading.Lock()
         w = config.will
         super().__init__(
             config.settings(),
@@ -252,9 +265,42 @@ class MqttAdapter(ThreadedLink):
         self._on_message(message)
 
     def ack(self, message: InboundMessage) -> None:
-        """Acknowledge a message (after it is stored); skip one that came on an earlier connection."""
+        """Acknowledge a message (after it is stored); skip one that came on an earlier connection.
+
+        Called on an event loop (the intake's), a QoS 1 ack joins the others of the same loop
+        iteration and all go to paho as one packet buffer when the loop next runs its callbacks
+        (:meth:`_flush_acks`); called elsewhere, it goes at once.
+        """
         self.settled += 1
-        super().ack(message)
+        if message.qos != 1 or not _BULK_ACKS:
+            super().ack(message)
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            super().ack(message)
+            return
+        if message.connection != self._connection or not self.connected:
+            return  # as the core's ack: the broker redelivers it on the new connection
+        with self._acks_lock:
+            if self._acks and self._acks_connection != message.connection:
+                self._acks.clear()  # of a connection that is gone (its packet ids mean nothing now)
+            first = not self._acks
+            self._acks_connection = message.connection
+            self._acks += _PUBACK.pack(_PUBACK_HEADER, 2, message.mid)
+        if first:
+            loop.call_soon(self._flush_acks)
+
+    def _flush_acks(self) -> None:
+        """Hand the waiting PUBACKs to paho as one buffer: one wake-up of the network thread and one ``send``."""
+        with self._acks_lock:
+            acks, connection = bytes(self._acks), self._acks_connection
+            self._acks.clear()
+        # Never on another connection than theirs: a packet id of the old one could name a message of the new one.
+        if not acks or connection != self._connection or not self.connected:
+            return
+        # paho's own queue, as its ack() uses it (PUBACK packets are plain bytes it writes in order).
+        self._client._packet_queue(paho.PUBACK, acks, 0, 0)
 
     async def publish(self, topic: str, payload: bytes, retain: bool = False, qos: int = 1, timeout: float = 10.0) -> None:
         """Publish and wait (without blocking the loop) until the broker acknowledged it."""

@@ -49,7 +49,16 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Mapped, mapped_column
 from sqlalchemy.sql.elements import ColumnElement
 
-from edge_agent.protocol import Alert, CommandResult, Event, Heartbeat, ReportedState, Telemetry
+from edge_agent.protocol import (
+    HEARTBEAT_TYPES,
+    TELEMETRY_TYPES,
+    Alert,
+    CommandResult,
+    Event,
+    Heartbeat,
+    ReportedState,
+    Telemetry,
+)
 from fleet_controller.registry.db import Base, table_of
 from fleet_controller.settings import SeriesSettings
 
@@ -139,19 +148,21 @@ def _percent_used(available: int, total: int) -> float | None:
 
 def points_from(msg: Uplink) -> list[tuple[str, str, float]]:
     """Return the series samples ``(name, source, value)`` one message carries."""
-    if isinstance(msg, Heartbeat):
+    if isinstance(msg, HEARTBEAT_TYPES):
         f = msg.facts
-        node_values: dict[str, float | None] = {
-            "cpu_percent": f.cpu_percent,
-            "cpu_load_1m": f.cpu_load_1m,
-            "mem_used_percent": _percent_used(f.mem_available_bytes, f.mem_total_bytes),
-            "disk_used_percent": _percent_used(f.disk_free_bytes, f.disk_total_bytes),
-            "cpu_temp_c": f.cpu_temp_c,
-        }
-        out = [(k, "", float(v)) for k, v in node_values.items() if v is not None]
-        out += [("fps", name, float(p.fps)) for name, p in msg.pipelines.items() if p.fps is not None]
+        # One tuple per value, no dict in between (every heartbeat of the fleet comes through here).
+        node_values = (
+            ("cpu_percent", f.cpu_percent),
+            ("cpu_load_1m", f.cpu_load_1m),
+            ("mem_used_percent", _percent_used(f.mem_available_bytes, f.mem_total_bytes)),
+            ("disk_used_percent", _percent_used(f.disk_free_bytes, f.disk_total_bytes)),
+            ("cpu_temp_c", f.cpu_temp_c),
+        )
+        out = [(k, "", float(v)) for k, v in node_values if v is not None]
+        if msg.pipelines:
+            out += [("fps", name, float(p.fps)) for name, p in msg.pipelines.items() if p.fps is not None]
         return out
-    if isinstance(msg, Telemetry):
+    if isinstance(msg, TELEMETRY_TYPES):
         # NaN and infinities cannot be charted or averaged; the latest-readings table still shows them.
         return [(r.name, r.source, r.value) for r in msg.readings if math.isfinite(r.value)]
     return []
@@ -178,8 +189,13 @@ does): psycopg's executemany costs a round trip of Python work per row, the larg
 heartbeat and node statements went this way."""
 
 
-def store_points(conn: Connection, uplinks: Iterable[tuple[Uplink, float]]) -> int:
-    """Insert the samples of a batch's uplinks (in the batch's transaction), a row per message; return how many rows."""
+def store_points(conn: Connection, uplinks: Iterable[tuple[Uplink, float]], defer: list[tuple[str, tuple[Any, ...]]] | None = None) -> int:
+    """Insert the samples of a batch's uplinks (in the batch's transaction), a row per message; return how many rows.
+
+    On PostgreSQL with ``defer``, the insert is appended to it as ``(sql, params)`` instead of run:
+    the registry sends it with the batch's node update, one round trip for both (see
+    :meth:`RegistryStore.write_batch`).
+    """
     rows = []
     for msg, _received in uplinks:
         points = points_from(msg)
@@ -188,7 +204,10 @@ def store_points(conn: Connection, uplinks: Iterable[tuple[Uplink, float]]) -> i
     if not rows:
         return 0
     if conn.dialect.name == "postgresql":
-        conn.exec_driver_sql(_PG_INSERT_RAW, (_dumps(rows),))
+        if defer is not None:
+            defer.append((_PG_INSERT_RAW, (_dumps(rows),)))
+        else:
+            conn.exec_driver_sql(_PG_INSERT_RAW, (_dumps(rows),))
     else:
         conn.exec_driver_sql(f"INSERT INTO series_raw ({', '.join(_RAW_COLUMNS)}) VALUES (?, ?, ?, ?)", rows)
     return len(rows)

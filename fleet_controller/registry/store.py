@@ -35,6 +35,10 @@ from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from edge_agent.protocol import (
+    ALERT_TYPES,
+    EVENT_TYPES,
+    HEARTBEAT_TYPES,
+    TELEMETRY_TYPES,
     Alert,
     CommandResult,
     Event,
@@ -43,6 +47,8 @@ from edge_agent.protocol import (
     ReportedState,
     Telemetry,
     validate_id,
+    wire_fields,
+    wire_json,
 )
 from fleet_controller.registry import series
 from fleet_controller.registry.bus import BusEvent
@@ -130,6 +136,19 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
+def _part_json(part: Any) -> str:
+    """Return the JSON text of a flat message part (facts; a dict of pipelines' health): the wire view's own encoder, or orjson of the model's fields."""
+    if isinstance(part, dict):
+        if not part:  # a node without pipelines (a sensor-only node; the benches)
+            return "{}"
+        text = wire_json(part)
+        return text if text is not None else _dumps({k: wire_fields(p) for k, p in part.items()})
+    text = wire_json(part)
+    if text is not None:
+        return text
+    return _dumps(wire_fields(part))
+
+
 _FACT_COLUMNS = ("facts", "arch", "node_class", "agent_version", "release", "pipelines", "metrics", "facts_at", "heartbeat_interval_s")
 _NODE_JSON = frozenset({"facts", "pipelines", "metrics"})
 # Heartbeat columns in the order _store_uplinks builds its rows; metrics and pipelines are JSON.
@@ -181,8 +200,9 @@ class NodeUpdate:
     ``missing`` is a net change: seqs that became missing less those filled by late arrivals or
     reported evicted, so ``missing_total`` says how many are missing now (open or given up).
     With ``check_rev`` (what the intake sets), the update applies only while the row still holds
-    revision ``cursor.rev``, else :class:`CursorConflict` is raised; without it (tests and tools
-    writing a cursor directly) the row is overwritten. Either way the row's revision is bumped.
+    revision ``rev`` (``cursor.rev`` when None), else :class:`CursorConflict` is raised; without it
+    (tests and tools writing a cursor directly) the row is overwritten. Either way the row's
+    revision is bumped.
     """
 
     cursor: SeqCursor
@@ -191,6 +211,7 @@ class NodeUpdate:
     missing: int = 0
     evicted: int = 0
     check_rev: bool = False
+    rev: int | None = None  # the revision read (the intake's: no copy of the cursor just to carry it)
 
 
 @dataclass(frozen=True)
@@ -305,6 +326,9 @@ class RegistryStore:
         # How far the stream is stored (see stream_horizon): the newest message time committed, and when.
         self._stream_pos: float | None = None
         self._stream_at = 0.0
+        # PostgreSQL: inserts of the batch being written that go to the server with its node update
+        # (see write_batch); empty outside write_batch.
+        self._deferred: list[tuple[str, tuple[Any, ...]]] = []
         self.reports_refused = 0
         """Reported states dropped because their node is not in the registry (never created from a report)."""
 
@@ -386,16 +410,25 @@ class RegistryStore:
         others |= {(p.shop, p.node) for p, _ in batch.presences}
         report_only = {(m.shop, m.node) for m, _ in batch.uplinks if isinstance(m, ReportedState)} - others
         self._pending_presence = {}
-        with self.engine.begin() as conn:
-            unknown = self._unknown(conn, report_only)
-            created, known = self._ensure(conn, sorted(keys - unknown), now)
-            events += created
-            facts = self._store_uplinks(conn, batch, now, events, unknown)
-            series.store_points(conn, batch.uplinks)
-            presence_events, batch.session_jumps = self._store_presences(conn, batch.presences, now, batch.max_session_jump)
-            events += presence_events
-            self._update_nodes(conn, batch, facts)
-            events += self._revive(conn, batch, now)
+        # PostgreSQL: the heartbeat and series inserts are deferred and sent as CTEs of the node
+        # update, one statement instead of three. Each round trip waits for the server process to be
+        # scheduled, which on a busy machine cost more than the statements' own work (bench/ingest.py).
+        self._deferred = []
+        defer = self._deferred if self._dialect == "postgresql" else None
+        try:
+            with self.engine.begin() as conn:
+                unknown = self._unknown(conn, report_only)
+                created, known = self._ensure(conn, sorted(keys - unknown), now)
+                events += created
+                facts = self._store_uplinks(conn, batch, now, events, unknown)
+                series.store_points(conn, batch.uplinks, defer)
+                presence_events, batch.session_jumps = self._store_presences(conn, batch.presences, now, batch.max_session_jump)
+                events += presence_events
+                self._update_nodes(conn, batch, facts)
+                self._flush_deferred(conn)
+                events += self._revive(conn, batch, now)
+        finally:
+            self._deferred = []
         # Only committed rows are known; a rolled-back batch must create them again.
         self._known_nodes.update(known)
         self._known_shops.update(s for s, _ in known)
@@ -458,11 +491,11 @@ class RegistryStore:
         reported: dict[NodeKey, dict[str, Any]] = {}
         for msg, received in batch.uplinks:
             key = (msg.shop, msg.node)
-            if isinstance(msg, Heartbeat):
+            if isinstance(msg, HEARTBEAT_TYPES):
                 f = msg.facts
                 metrics = _dumps(msg.metrics)
-                # The fields of these flat models are JSON-ready; their __dict__ is far cheaper than model_dump().
-                pipelines = _dumps({k: p.__dict__ for k, p in msg.pipelines.items()})
+                # The fields of these flat parts are JSON-ready; wire_fields (a model's __dict__) is far cheaper than model_dump().
+                pipelines = _part_json(msg.pipelines)
                 heartbeats.append((
                     msg.shop, msg.node, msg.epoch, msg.seq, msg.ts, received, f.cpu_load_1m, f.cpu_temp_c,
                     f.mem_available_bytes, f.disk_free_bytes, msg.outbox_depth, metrics, pipelines,
@@ -470,7 +503,7 @@ class RegistryStore:
                 prev = facts.get(key)
                 if prev is None or prev[0].ts <= msg.ts:
                     facts[key] = (msg, metrics, pipelines)
-            elif isinstance(msg, Telemetry):
+            elif isinstance(msg, TELEMETRY_TYPES):
                 for r in msg.readings:
                     rk = (msg.shop, msg.node, r.source, r.name)
                     prev_r = readings.get(rk)
@@ -479,7 +512,7 @@ class RegistryStore:
                             "shop_id": msg.shop, "node_id": msg.node, "source": r.source, "name": r.name,
                             "value": r.value, "unit": r.unit, "labels": dict(r.labels), "ts": msg.ts, "received_at": received,
                         }
-            elif isinstance(msg, Event):
+            elif isinstance(msg, EVENT_TYPES):
                 event_rows.append(
                     {
                         "shop_id": msg.shop, "node_id": msg.node, "kind": "event", "type": msg.type, "state": "",
@@ -487,7 +520,7 @@ class RegistryStore:
                         "at": msg.at if msg.at is not None else msg.ts, "received_at": received, "epoch": msg.epoch, "seq": msg.seq,
                     }
                 )
-            elif isinstance(msg, Alert):
+            elif isinstance(msg, ALERT_TYPES):
                 event_rows.append(
                     {
                         "shop_id": msg.shop, "node_id": msg.node, "kind": "alert", "type": msg.name, "state": msg.state,
@@ -513,7 +546,7 @@ class RegistryStore:
                     "ts": msg.ts, "received_at": received,
                 }
         if heartbeats:
-            self._insert_many(conn, HEARTBEATS, _HEARTBEAT_COLUMNS, heartbeats)
+            self._insert_many(conn, HEARTBEATS, _HEARTBEAT_COLUMNS, heartbeats, defer=True)
         self._upsert(conn, READINGS, list(readings.values()), ("shop_id", "node_id", "source", "name"))
         self._upsert(conn, RESULTS, list(results.values()), ("correlation_id",))
         self._upsert(conn, REPORTED, list(reported.values()), ("shop_id", "node_id"))
@@ -644,12 +677,12 @@ class RegistryStore:
             if latest is not None:  # in _FACT_COLUMNS order
                 hb, metrics, pipelines = latest
                 f = hb.facts
-                row += (_dumps(f.__dict__), f.arch, f.node_class, f.agent_version, hb.release, pipelines, metrics,
+                row += (_part_json(f), f.arch, f.node_class, f.agent_version, hb.release, pipelines, metrics,
                         hb.ts, hb.interval_s)
             row += key
             cas = u is not None and u.check_rev
             if cas:
-                row += (u.cursor.rev,)  # type: ignore[union-attr]
+                row += (u.cursor.rev if u.rev is None else u.rev,)  # type: ignore[union-attr]
             groups.setdefault((u is not None, cas, latest is not None), []).append(row)
         greatest = "MAX" if self._dialect == "sqlite" else "GREATEST"
         pg = self._dialect == "postgresql"
@@ -682,9 +715,11 @@ class RegistryStore:
                 # One statement for all rows (see _json_rows_from): psycopg's executemany of this update,
                 # one round trip of Python work per row, was a third of the writer's time. The rows are
                 # joined in their (sorted) order: a nested loop over the pk index, the plan PostgreSQL
-                # takes for a set-returning function of unknown size against a large table.
-                result = conn.exec_driver_sql(f"UPDATE nodes SET {', '.join(sets)} FROM {_json_rows_from(NODES, targets, conn.dialect)} "
-                                              f"WHERE {where}", _json_rows(rows))
+                # takes for a set-returning function of unknown size against a large table. The deferred
+                # inserts ride along as CTEs (they touch other tables; the statement's row count is the update's).
+                ctes, params = self._take_deferred()
+                result = conn.exec_driver_sql(f"{ctes}UPDATE nodes SET {', '.join(sets)} FROM {_json_rows_from(NODES, targets, conn.dialect)} "
+                                              f"WHERE {where}", (*params, *_json_rows(rows)))
             else:
                 result = conn.exec_driver_sql(f"UPDATE nodes SET {', '.join(sets)} WHERE {where}", rows)
             # Compare-and-set: a row another writer moved since we read its cursor matches nothing,
@@ -693,20 +728,41 @@ class RegistryStore:
             if cas and result.rowcount != len(rows):
                 raise CursorConflict([r[-3:-1] for r in rows])
 
+    def _take_deferred(self) -> tuple[str, tuple[Any, ...]]:
+        """Return the deferred inserts as a ``WITH`` clause to prefix a statement with, and their parameters (in order); forget them."""
+        deferred, self._deferred = self._deferred, []
+        if not deferred:
+            return "", ()
+        ctes = ", ".join(f"d{i} AS ({sql})" for i, (sql, _) in enumerate(deferred))
+        return f"WITH {ctes} ", tuple(p for _, params in deferred for p in params)
+
+    def _flush_deferred(self, conn: Connection) -> None:
+        """Run deferred inserts no node update took along (a batch without one)."""
+        deferred, self._deferred = self._deferred, []
+        for sql, params in deferred:
+            conn.exec_driver_sql(sql, params)
+
     def _placeholder(self, json_value: bool = False) -> str:
         if self._dialect == "sqlite":
             return "?"
         return "%s::json" if json_value else "%s"
 
-    def _insert_many(self, conn: Connection, table: Table, cols: Sequence[str], rows: list[tuple[Any, ...]]) -> None:
+    def _insert_many(self, conn: Connection, table: Table, cols: Sequence[str], rows: list[tuple[Any, ...]], defer: bool = False) -> None:
         """Insert ``rows`` (tuples in ``cols`` order, JSON columns already encoded) with the driver's executemany:
-        on the hot path SQLAlchemy's per-row parameter processing costs more than the database's own insert."""
+        on the hot path SQLAlchemy's per-row parameter processing costs more than the database's own insert.
+
+        With ``defer`` on PostgreSQL the insert waits for the batch's node update and goes with it (see write_batch).
+        """
         json_cols = {c.name for c in table.columns if isinstance(c.type, JSON)}
         names = ", ".join(f'"{c}"' for c in cols)
         if self._dialect == "postgresql":
             # One statement for all rows (see _json_rows_from), not psycopg's one per row.
             refs = ", ".join(f"v.c{i}::json" if c in json_cols else f"v.c{i}" for i, c in enumerate(cols))
-            conn.exec_driver_sql(f"INSERT INTO {table.name} ({names}) SELECT {refs} FROM {_json_rows_from(table, cols, conn.dialect)}", _json_rows(rows))
+            sql = f"INSERT INTO {table.name} ({names}) SELECT {refs} FROM {_json_rows_from(table, cols, conn.dialect)}"
+            if defer:
+                self._deferred.append((sql, _json_rows(rows)))
+            else:
+                conn.exec_driver_sql(sql, _json_rows(rows))
             return
         values = ", ".join(self._placeholder(c in json_cols) for c in cols)
         conn.exec_driver_sql(f"INSERT INTO {table.name} ({names}) VALUES ({values})", rows)
