@@ -113,10 +113,12 @@ def _newton(X: np.ndarray, y: np.ndarray, prior: float) -> np.ndarray:
 
 def probabilities(features: Iterable[float | Sequence[float]], coef: Sequence[float]) -> np.ndarray:
     """Return the calibrated probability of each change."""
-    return 1.0 / (1.0 + np.exp(-(_matrix(features) @ np.asarray(coef, dtype=np.float64))))
+    z: np.ndarray = _matrix(features) @ np.asarray(coef, dtype=np.float64)
+    out: np.ndarray = 1.0 / (1.0 + np.exp(-z))
+    return out
 
 
-def reliability(rows: list[tuple[float | Features, bool, str]], coef: Sequence[float]) -> list[dict[str, float | int]]:
+def reliability(rows: Sequence[tuple[float | Features, bool, str]], coef: Sequence[float]) -> list[dict[str, float | int]]:
     """Return per bin of calibrated probability: changes, share right, mean calibrated probability."""
     if not rows:
         return []
@@ -145,11 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     coef = fit([f for f, _, _ in rows], [r for _, r, _ in rows], signs=SIGNS)
     for b in reliability(rows, coef):
         print(f"p {b['p_from']:<5} .. {b['p_to']:<5} changes {b['changes']:>5}  right {b['right']:.4f}  calibrated {b['calibrated']:.4f}")
-    p = probabilities([f for f, _, _ in rows], coef)
-    wrong = [(tuple(round(v, 2) for v in f), n, round(float(p[i]), 3)) for i, (f, r, n) in enumerate(rows) if not r]
+    prob = probabilities([f for f, _, _ in rows], coef)
+    wrong = [(tuple(round(v, 2) for v in f), n, round(float(prob[i]), 3)) for i, (f, r, n) in enumerate(rows) if not r]
     print(f"wrong attributions: {len(wrong)} of {len(rows)} (features, scenario, calibrated p): {sorted(wrong, key=lambda w: -w[2])}")
     bar = FusionConfig().attribution_bar
-    doubt = {n: int(sum(1 for i, (_, _, m) in enumerate(rows) if m == n and p[i] < bar)) for n in mix}
+    doubt = {n: sum(1 for i, (_, _, m) in enumerate(rows) if m == n and prob[i] < bar) for n in mix}
     print(f"changes below attribution_bar {bar} per scenario: {doubt}")
     slope, nobody, sparse, offset = coef
     print(json.dumps({"changes": len(rows), "wrong": len(wrong), "calibration_slope": round(slope, 4), "calibration_nobody": round(nobody, 4), "calibration_sparse": round(sparse, 4), "calibration_offset": round(offset, 4), "seeds_from": args.first_seed, "mix": mix}))
