@@ -72,23 +72,19 @@ SQLITE_CACHE_KIB = 64 * 1024
 SQLite's default is 2 MiB. A fleet's ``nodes`` table is ~600 bytes of page per node plus its
 indexes (100,000 nodes: ~60 MB of rows, ~15,000 pages), and every heartbeat updates its node's row
 at a random place in it: with 2 MiB nearly every update re-read its page from the OS by a system
-call (bench/scale.py at 100,000 nodes: 9.5 read calls and 38 KB read per message; 3.5 and 14 KB
-with this bound). It is a bound, not an allocation: a small fleet's cache stays small."""
-
-SQLITE_WAL_AUTOCHECKPOINT_PAGES = 10_000
-"""WAL pages after which a commit checkpoints (``PRAGMA wal_autocheckpoint``; SQLite's default 1,000).
-
-With ``synchronous=NORMAL`` SQLite syncs the disk only at checkpoints, and the checkpoint runs
-inside the commit that crosses the bound, on the writer's critical path. At 100,000 nodes a batch
-of 500 heartbeats dirties ~1,300 pages at random places (the node rows and the per-node indexes
-of ``heartbeats`` and ``series_raw``), so the default checkpointed (two fsyncs and a random
-write of every page) after *every* batch. At 10,000 pages (~40 MB of WAL) it is about one
-checkpoint in ten batches, and an index page dirtied by several of those batches is copied once."""
+call (bench/scale_writer.py at 100,000 nodes: 9.5 read calls and 38 KB read per message; 4.1-4.8
+and 17-19 KB with this bound, in runs that also raised the checkpoint bound; 3.5 and 14 KB with
+256 MiB alone). It is a bound, not an allocation: a small fleet's cache stays small."""
 
 
 def create_engine(url: str, **kwargs: Any) -> Engine:
-    """Return an engine for ``url``; SQLite gets WAL, a busy timeout, foreign keys, 0600 files, and a page
-    cache and checkpoint interval sized for a large fleet (:data:`SQLITE_CACHE_KIB`, :data:`SQLITE_WAL_AUTOCHECKPOINT_PAGES`)."""
+    """Return an engine for ``url``; SQLite gets WAL, a busy timeout, foreign keys, 0600 files and a page
+    cache sized for a large fleet (:data:`SQLITE_CACHE_KIB`).
+
+    The WAL checkpoint stays at SQLite's default (every 1,000 pages): a 10,000-page bound cut the
+    checkpoints' writes by 11-17 % at 100,000 nodes, but each checkpoint then stalls the commit that
+    runs it ten times longer, and the ramps of docs/benchmarks.md (Scale, 2026-11-30) did not show it
+    helping the p99. Taking checkpoints off the writer's commits (a checkpointer thread) is the next step."""
     u = make_url(url)
     if u.get_backend_name() == "sqlite":
         kwargs.setdefault("connect_args", {"timeout": 30, "check_same_thread": False})
@@ -106,7 +102,6 @@ def create_engine(url: str, **kwargs: Any) -> Engine:
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute(f"PRAGMA cache_size=-{SQLITE_CACHE_KIB}")
-            cur.execute(f"PRAGMA wal_autocheckpoint={SQLITE_WAL_AUTOCHECKPOINT_PAGES}")
             cur.close()
             if db_file:  # the -wal and -shm files exist only now
                 private_sqlite_files(db_file)
