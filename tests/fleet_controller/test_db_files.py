@@ -45,3 +45,18 @@ def test_files_an_older_version_left_readable_are_tightened(tmp_path):
         conn.execute(text("SELECT 1"))
     assert {f.name: _mode(f) for f in tmp_path.iterdir()} == {f.name: 0o600 for f in tmp_path.iterdir()}
     engine.dispose()
+
+
+def test_sqlite_connections_get_a_large_fleets_page_cache(tmp_path):
+    """Every pooled connection (the writer's, the API's) is sized for a large fleet, not SQLite's defaults."""
+    from fleet_controller.registry.db import SQLITE_CACHE_KIB
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'controller.db'}")
+    try:
+        with engine.connect() as a, engine.connect() as b:  # two connections: the pragmas are per connection
+            for conn in (a, b):
+                assert conn.exec_driver_sql("PRAGMA cache_size").scalar() == -SQLITE_CACHE_KIB
+                assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert SQLITE_CACHE_KIB > 2000  # above SQLite's default of 2 MiB
+    finally:
+        engine.dispose()

@@ -1,0 +1,152 @@
+"""The registry writer alone at fleet scale: CPU, garbage collector, syscalls and disk per message.
+
+What bench/scale.py's writer does at 100,000 nodes, without MQTT, in this process: one heartbeat
+period of the whole fleet per round through :meth:`IntakeCore.process_batch` (batches of 500) and
+the presence sweep every ``--sweep-every`` batches (about once a second at 10,000 msg/s), on a
+simulated clock. Unlike bench/writer.py the nodes arrive in bench/scale.py's order (each node in
+its own slot of the period, a prime stride over the fleet), so a batch's 500 nodes are scattered
+over the ``nodes`` table and its indexes as in a real fleet, not neighbours sharing pages.
+
+The first run builds a database of ``--nodes`` nodes seen once (kept in ``--base``, reused); each
+run works on a copy. Round 0 loads every node's cursor and presence into the writer (the
+writer's first minute); rounds 1.. are the steady state. Per round: CPU and wall microseconds per
+message, the share of the garbage collector (``gc.callbacks``, per generation), the sweep's
+milliseconds, and read/write system calls and bytes per message (``/proc/self/io``).
+
+``--pragmas`` runs extra SQLite pragmas on each connection (``cache_size=-2000,wal_autocheckpoint=1000``:
+SQLite's defaults, the registry's before 2026-11-30); ``--gc-threshold 20000,50,50`` sets the
+collector's thresholds after the start-up ``gc.freeze()`` the writer process does.
+
+    .venv/bin/python bench/scale_writer.py [--nodes 100000] [--rounds 3] [--pragmas P,...] [--gc-threshold A,B,C]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import writer as single  # bench/writer.py: the same heartbeats
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+from fleet_controller.intake.core import IntakeCore
+from fleet_controller.registry.db import create_engine
+from fleet_controller.registry.migrations import upgrade
+from fleet_controller.registry.store import RegistryStore
+from fleet_controller.settings import PresenceSettings
+
+SLOTS = 200  # bench/scale.py's slots of a heartbeat period
+
+
+def scattered(nodes: int, seq: int) -> list[tuple[str, bytes, int]]:
+    """Heartbeat ``seq`` of every node in bench/scale.py's sending order (slot by slot)."""
+    msgs = single.stream(nodes, seq)
+    return [msgs[i] for i in sorted(range(nodes), key=lambda i: ((i * 7919) % SLOTS, i))]
+
+
+def engine_for(path: Path, pragmas: list[str]) -> Engine:
+    engine = create_engine(f"sqlite:///{path}")
+
+    @event.listens_for(engine, "connect")
+    def _extra(dbapi_conn: Any, _record: Any) -> None:  # after the registry's own pragmas
+        cur = dbapi_conn.cursor()
+        for p in pragmas:
+            cur.execute(f"PRAGMA {p}")
+        cur.close()
+
+    return engine
+
+
+def io_counters() -> dict[str, int]:
+    text = Path(f"/proc/{os.getpid()}/io").read_text()
+    return {k: int(v) for k, v in (line.split(":") for line in text.splitlines())}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nodes", type=int, default=100_000, help="simulated nodes (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=3, help="heartbeat periods after the first sight (default: %(default)s)")
+    p.add_argument("--base", default="/tmp/shopfleet-scale-writer", help="where the first-sight database is kept")
+    p.add_argument("--pragmas", default="", help="extra SQLite pragmas per connection, comma-separated")
+    p.add_argument("--gc-threshold", default="", help="gc.set_threshold values after the start-up freeze, e.g. 20000,50,50")
+    p.add_argument("--sweep-every", type=int, default=20, help="batches between presence sweeps (default: %(default)s)")
+    args = p.parse_args()
+    pragmas = [x for x in args.pragmas.split(",") if x]
+    start = time.time() - 3600
+    base = Path(args.base) / f"{args.nodes}.db"
+    if not base.exists():
+        base.parent.mkdir(parents=True, exist_ok=True)
+        engine = engine_for(base, [])
+        upgrade(engine)
+        t = time.perf_counter()
+        single.run_round(IntakeCore(RegistryStore(engine)), single.stream(args.nodes, 1), start, 0.0, 500, PresenceSettings(), 0)
+        with engine.begin() as c:
+            c.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+        engine.dispose()
+        print(f"first sight of {args.nodes} nodes: {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    work = base.with_name(f"work-{os.getpid()}.db")
+    shutil.copy(base, work)
+    engine = engine_for(work, pragmas)
+    store = RegistryStore(engine)
+    core = IntakeCore(store)
+    gen_s = [0.0, 0.0, 0.0]
+    began = [0.0]
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            began[0] = time.perf_counter()
+        else:
+            gen_s[info["generation"]] += time.perf_counter() - began[0]
+
+    gc.callbacks.append(on_gc)
+    gc.collect()
+    gc.freeze()  # as the writer process does at start-up
+    if args.gc_threshold:
+        gc.set_threshold(*(int(x) for x in args.gc_threshold.split(",")))
+    presence = PresenceSettings()
+    try:
+        for r in range(args.rounds + 1):
+            t0 = start + (r + 1) * single.INTERVAL
+            msgs = scattered(args.nodes, r + 2)
+            raws = [(t, payload % (t0 + single.INTERVAL * k / args.nodes), t0 + single.INTERVAL * k / args.nodes)
+                    for k, (t, payload, _) in enumerate(msgs)]
+            gen_s[:] = [0.0, 0.0, 0.0]
+            sweep_cpu, sweeps = 0.0, 0
+            io0, cpu0, wall0 = io_counters(), time.process_time(), time.perf_counter()
+            for n, k in enumerate(range(0, len(raws), 500)):
+                raw = raws[k:k + 500]
+                now = raw[-1][2] + 0.05
+                if args.sweep_every and n % args.sweep_every == 0:
+                    s0 = time.process_time()
+                    store.sweep_presence(presence, now)
+                    sweep_cpu, sweeps = sweep_cpu + time.process_time() - s0, sweeps + 1
+                core.process_batch(raw, now)
+            cpu, wall, io1 = time.process_time() - cpu0, time.perf_counter() - wall0, io_counters()
+            m = len(raws)
+            print(json.dumps({
+                "round": r, "nodes": args.nodes, "pragmas": args.pragmas, "gc_threshold": args.gc_threshold,
+                "cpu_us_per_msg": round(1e6 * cpu / m, 1), "wall_us_per_msg": round(1e6 * wall / m, 1),
+                "gc_us_per_msg": round(1e6 * sum(gen_s) / m, 1), "gc_ms_by_generation": [round(1e3 * x) for x in gen_s],
+                "sweep_ms": round(1e3 * sweep_cpu / max(sweeps, 1), 1),
+                "read_calls_per_msg": round((io1["syscr"] - io0["syscr"]) / m, 2), "read_kb_per_msg": round((io1["rchar"] - io0["rchar"]) / m / 1024, 1),
+                "write_calls_per_msg": round((io1["syscw"] - io0["syscw"]) / m, 2), "write_kb_per_msg": round((io1["wchar"] - io0["wchar"]) / m / 1024, 1),
+                "load_avg_1m": round(os.getloadavg()[0], 2)}), flush=True)
+    finally:
+        engine.dispose()
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{work}{suffix}").unlink(missing_ok=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
