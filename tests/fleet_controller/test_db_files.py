@@ -60,3 +60,21 @@ def test_sqlite_connections_get_a_large_fleets_page_cache(tmp_path):
         assert SQLITE_CACHE_KIB > 2000  # above SQLite's default of 2 MiB
     finally:
         engine.dispose()
+
+
+def test_node_rows_leave_room_for_their_updates_on_postgresql(db_url):
+    """Each heartbeat updates its node's row: on PostgreSQL its pages keep room for the new version
+    (a heap-only update that touches no index); SQLite has no such setting and migrates all the same."""
+    engine = create_engine(db_url)
+    try:
+        upgrade(engine)
+        with engine.connect() as conn:
+            if engine.dialect.name != "postgresql":
+                assert conn.execute(text("select count(*) from nodes")).scalar() == 0
+                return
+            options = conn.execute(text(
+                "select c.reloptions from pg_class c join pg_namespace n on n.oid = c.relnamespace "
+                "where c.relname = 'nodes' and n.nspname = current_schema()")).scalar()
+        assert options is not None and "fillfactor=50" in options, options
+    finally:
+        engine.dispose()
