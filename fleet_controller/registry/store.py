@@ -108,6 +108,27 @@ def store_unavailable(exc: BaseException) -> bool:
     return any(t in text for t in _UNAVAILABLE_SQLITE_TEXTS) or not text or "connection" in text
 
 
+RETENTION_CYCLE_RUNS = 10
+"""Retention runs in which the count bound visits every node (and every shop): a chunk is 1/10 of them per run."""
+RETENTION_MIN_CHUNK = 1000
+"""Fewest owners a retention run visits: a small fleet is trimmed whole on every run."""
+
+
+def _delete_aged(conn: Connection, table: Table, cutoff: float) -> int:
+    """Delete the rows of ``table`` received before ``cutoff``, walking its primary key from the oldest; return rows deleted.
+
+    ``received_at`` has no index, but it grows with ``id`` (rows are stored as they arrive), so
+    the oldest rows are at the start of the primary key: find the first row, in id order, that
+    is young enough (a walk over exactly the rows to delete) and delete every row before it.
+    Where the controller's clock stepped back, a row older than the cutoff stored after a
+    younger one waits until that younger one ages out too.
+    """
+    first_young = conn.scalar(select(table.c.id).where(table.c.received_at >= cutoff).order_by(table.c.id).limit(1))
+    if first_young is None:
+        return conn.execute(delete(table).where(table.c.received_at < cutoff)).rowcount
+    return conn.execute(delete(table).where(table.c.id < first_young)).rowcount
+
+
 MAX_RETIRED_EPOCHS = 64
 """Epochs a node has left that the cursor remembers (and refuses); beyond it the oldest are forgotten."""
 
@@ -329,6 +350,8 @@ class RegistryStore:
         # PostgreSQL: inserts of the batch being written that go to the server with its node update
         # (see write_batch); empty outside write_batch.
         self._deferred: list[tuple[str, tuple[Any, ...]]] = []
+        # Retention's place in each history table's owners (see _trim_chunk): the last key visited, or None to start over.
+        self._retention_cursor: dict[str, tuple[Any, ...] | None] = {}
         self.reports_refused = 0
         """Reported states dropped because their node is not in the registry (never created from a report)."""
 
@@ -815,25 +838,57 @@ class RegistryStore:
         return out
 
     def enforce_retention(self, settings: RetentionSettings, now: float | None = None) -> dict[str, int]:
-        """Delete heartbeats and events beyond their count and age bounds; return rows deleted per table."""
+        """Delete heartbeats and events beyond their count and age bounds; return rows deleted per table.
+
+        Incremental, so a run costs what it deletes rather than a scan of the history tables (issue
+        #15: a ``row_number()`` over 36M heartbeats cannot run every minute in the writer). The age
+        bound walks the primary key from the oldest row (:func:`_delete_aged`); the count bound
+        visits a chunk of nodes (shops for events) per run, cycling through the fleet, and finds
+        each one's cut by a seek on its ``(shop_id, node_id, id)`` index (:meth:`_trim_chunk`).
+        Every node is visited at least once per :data:`RETENTION_CYCLE_RUNS` runs, so between
+        visits it may hold the heartbeats it sent in that many intervals beyond its bound.
+        """
         now = time.time() if now is None else now
         deleted: dict[str, int] = {}
         with self.engine.begin() as conn:
-            for table, part, keep, max_age in (
-                (HEARTBEATS, (HEARTBEATS.c.shop_id, HEARTBEATS.c.node_id), settings.heartbeats_per_node, settings.heartbeat_max_age_s),
-                (EVENTS, (EVENTS.c.shop_id,), settings.events_per_shop, settings.event_max_age_s),
+            for table, parent, part, keep, max_age in (
+                (HEARTBEATS, (NODES.c.shop_id, NODES.c.node_id), (HEARTBEATS.c.shop_id, HEARTBEATS.c.node_id),
+                 settings.heartbeats_per_node, settings.heartbeat_max_age_s),
+                (EVENTS, (SHOPS.c.id,), (EVENTS.c.shop_id,), settings.events_per_shop, settings.event_max_age_s),
             ):
-                n = conn.execute(delete(table).where(table.c.received_at < now - max_age)).rowcount
-                ranked = select(
-                    table.c.id, func.row_number().over(partition_by=part, order_by=table.c.id.desc()).label("rn")
-                ).subquery()
-                over = select(ranked.c.id).where(ranked.c.rn > keep)
-                n += conn.execute(delete(table).where(table.c.id.in_(over))).rowcount
+                n = _delete_aged(conn, table, now - max_age)
+                n += self._trim_chunk(conn, table, parent, part, keep)
                 deleted[table.name] = n
             deleted.update(series.maintain(conn, settings.series, now))
             newest_kept = select(QUARANTINE.c.id).order_by(QUARANTINE.c.id.desc()).offset(QUARANTINE_KEEP).limit(1).scalar_subquery()
             deleted["quarantine"] = conn.execute(delete(QUARANTINE).where(QUARANTINE.c.id <= newest_kept)).rowcount
         return deleted
+
+    def _trim_chunk(self, conn: Connection, table: Table, parent: Sequence[Any], part: Sequence[Any], keep: int) -> int:
+        """Delete all but the ``keep`` newest rows of the next chunk of owners (nodes or shops) of ``table``; return rows deleted.
+
+        The owners come from ``parent`` (the nodes or shops table) in key order after the cursor
+        this store keeps per table, and the cursor wraps to the start at the end of the table, so
+        owners added between runs are visited in their turn. One query finds, per owner, the id
+        of its ``keep + 1``-th newest row (an index seek and a walk of ``keep`` entries); one
+        executemany deletes that row and every older one of the owner.
+        """
+        total = conn.scalar(select(func.count()).select_from(parent[0].table)) or 0
+        chunk = max(RETENTION_MIN_CHUNK, -(-total // RETENTION_CYCLE_RUNS))
+        owned = [col == parent_col for col, parent_col in zip(part, parent, strict=True)]
+        cut = select(table.c.id).where(*owned).order_by(table.c.id.desc()).offset(keep).limit(1).correlate(parent[0].table)
+        owners = select(*parent, cut.scalar_subquery().label("cut")).order_by(*parent).limit(chunk)
+        cursor = self._retention_cursor.get(table.name)
+        if cursor is not None:
+            owners = owners.where(tuple_(*parent) > tuple_(*(bindparam(f"c{i}", v) for i, v in enumerate(cursor))))
+        cuts = conn.execute(owners).all()
+        # A short chunk reached the end of the table: the next run starts from the beginning again.
+        self._retention_cursor[table.name] = tuple(cuts[-1][:-1]) if len(cuts) == chunk else None
+        params = [{**{f"k{i}": v for i, v in enumerate(r[:-1])}, "cut": r[-1]} for r in cuts if r[-1] is not None]
+        if not params:
+            return 0
+        stmt = delete(table).where(*(col == bindparam(f"k{i}") for i, col in enumerate(part)), table.c.id <= bindparam("cut"))
+        return conn.execute(stmt, params).rowcount
 
     def register_shop(
         self, shop: str, *, name: str | None = None, region: str | None = None,
