@@ -877,13 +877,17 @@ class RegistryStore:
         chunk = max(RETENTION_MIN_CHUNK, -(-total // RETENTION_CYCLE_RUNS))
         owned = [col == parent_col for col, parent_col in zip(part, parent, strict=True)]
         cut = select(table.c.id).where(*owned).order_by(table.c.id.desc()).offset(keep).limit(1).correlate(parent[0].table)
-        owners = select(*parent, cut.scalar_subquery().label("cut")).order_by(*parent).limit(chunk)
+        owners = select(*parent, cut.scalar_subquery().label("cut")).order_by(*parent)
         cursor = self._retention_cursor.get(table.name)
+        cuts = []
         if cursor is not None:
-            owners = owners.where(tuple_(*parent) > tuple_(*(bindparam(f"c{i}", v) for i, v in enumerate(cursor))))
-        cuts = conn.execute(owners).all()
-        # A short chunk reached the end of the table: the next run starts from the beginning again.
-        self._retention_cursor[table.name] = tuple(cuts[-1][:-1]) if len(cuts) == chunk else None
+            after = tuple_(*parent) > tuple_(*(bindparam(f"c{i}", v) for i, v in enumerate(cursor)))
+            cuts = conn.execute(owners.where(after).limit(chunk)).all()
+        if len(cuts) < chunk:
+            # The end of the table: wrap to its start within this run, so a run always visits a full chunk
+            # and a fleet of N owners is covered in ceil(N / chunk) runs whatever the cursor's position.
+            cuts += conn.execute(owners.limit(chunk - len(cuts))).all()
+        self._retention_cursor[table.name] = tuple(cuts[-1][:-1]) if cuts else None
         params = [{**{f"k{i}": v for i, v in enumerate(r[:-1])}, "cut": r[-1]} for r in cuts if r[-1] is not None]
         if not params:
             return 0
