@@ -17,7 +17,14 @@ milliseconds, and read/write system calls and bytes per message (``/proc/self/io
 SQLite's defaults, the registry's before 2026-11-30); ``--gc-threshold 20000,50,50`` sets the
 collector's thresholds after the start-up ``gc.freeze()`` the writer process does.
 
+``--retention`` measures retention instead (issue #15): the first-sight database grown to
+``--heartbeats`` heartbeats per node (copied in SQL, ids in arrival order), then, interleaved
+``--trials`` times on fresh copies, the full-table ``row_number()`` retention of before
+2026-11-30 (two runs: the first deletes the excess, the second is the steady state) and the
+incremental one (one cycle of ``RETENTION_CYCLE_RUNS`` runs), with ``--keep`` heartbeats per node.
+
     .venv/bin/python bench/scale_writer.py [--nodes 100000] [--rounds 3] [--pragmas P,...] [--gc-threshold A,B,C]
+    .venv/bin/python bench/scale_writer.py --retention [--nodes 100000] [--heartbeats 20] [--keep 18] [--trials 2]
 """
 
 from __future__ import annotations
@@ -36,14 +43,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import writer as single  # bench/writer.py: the same heartbeats
-from sqlalchemy import event
+from sqlalchemy import delete, event, func, select
 from sqlalchemy.engine import Engine
 
 from fleet_controller.intake.core import IntakeCore
+from fleet_controller.registry import series
+from fleet_controller.registry import store as registry_store
 from fleet_controller.registry.db import create_engine
 from fleet_controller.registry.migrations import upgrade
-from fleet_controller.registry.store import RegistryStore
-from fleet_controller.settings import PresenceSettings
+from fleet_controller.registry.store import (
+    EVENTS,
+    HEARTBEATS,
+    QUARANTINE,
+    QUARANTINE_KEEP,
+    RegistryStore,
+)
+from fleet_controller.settings import PresenceSettings, RetentionSettings
 
 SLOTS = 200  # bench/scale.py's slots of a heartbeat period
 
@@ -72,6 +87,77 @@ def io_counters() -> dict[str, int]:
     return {k: int(v) for k, v in (line.split(":") for line in text.splitlines())}
 
 
+def old_retention(store: RegistryStore, settings: RetentionSettings, now: float) -> dict[str, int]:
+    """RegistryStore.enforce_retention as it was before 2026-11-30: row_number() over the whole tables."""
+    deleted: dict[str, int] = {}
+    with store.engine.begin() as conn:
+        for table, part, keep, max_age in (
+            (HEARTBEATS, (HEARTBEATS.c.shop_id, HEARTBEATS.c.node_id), settings.heartbeats_per_node, settings.heartbeat_max_age_s),
+            (EVENTS, (EVENTS.c.shop_id,), settings.events_per_shop, settings.event_max_age_s),
+        ):
+            n = conn.execute(delete(table).where(table.c.received_at < now - max_age)).rowcount
+            ranked = select(table.c.id, func.row_number().over(partition_by=part, order_by=table.c.id.desc()).label("rn")).subquery()
+            n += conn.execute(delete(table).where(table.c.id.in_(select(ranked.c.id).where(ranked.c.rn > keep)))).rowcount
+            deleted[table.name] = n
+        deleted.update(series.maintain(conn, settings.series, now))
+        newest_kept = select(QUARANTINE.c.id).order_by(QUARANTINE.c.id.desc()).offset(QUARANTINE_KEEP).limit(1).scalar_subquery()
+        deleted["quarantine"] = conn.execute(delete(QUARANTINE).where(QUARANTINE.c.id <= newest_kept)).rowcount
+    return deleted
+
+
+def grow_history(base: Path, heartbeats: int) -> Path:
+    """Return a copy of ``base`` where every node has ``heartbeats`` heartbeats, 10 s apart, ids in arrival order (kept, reused)."""
+    grown = base.with_name(f"{base.stem}-hb{heartbeats}.db")
+    if grown.exists():
+        return grown
+    tmp = grown.with_suffix(".tmp")
+    shutil.copy(base, tmp)
+    engine = engine_for(tmp, [])
+    cols = [c.name for c in HEARTBEATS.columns if c.name != "id"]
+    shifted = ", ".join({"seq": "seq + :r", "ts": "ts + :r * 10", "received_at": "received_at + :r * 10"}.get(c, c) for c in cols)
+    with engine.begin() as conn:
+        first = conn.scalar(select(func.max(HEARTBEATS.c.id)))
+        for r in range(1, heartbeats):
+            conn.exec_driver_sql(f"INSERT INTO heartbeats ({', '.join(cols)}) SELECT {shifted} FROM heartbeats WHERE id <= :first "
+                                 "ORDER BY id", {"r": r, "first": first})
+    with engine.begin() as conn:
+        conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+    engine.dispose()
+    tmp.rename(grown)
+    return grown
+
+
+def retention_bench(base: Path, args: argparse.Namespace) -> None:
+    """Old and new retention, interleaved on fresh copies of the grown database: seconds per run, rows deleted."""
+    grown = grow_history(base, args.heartbeats)
+    settings = RetentionSettings(heartbeats_per_node=args.keep)
+    with engine_for(grown, []).connect() as conn:
+        now = (conn.scalar(select(func.max(HEARTBEATS.c.received_at))) or 0.0) + 5
+    runs = {"old": 2, "new": registry_store.RETENTION_CYCLE_RUNS}
+    for trial in range(args.trials):
+        for form in ("old", "new"):
+            work = grown.with_name(f"work-{os.getpid()}.db")
+            shutil.copy(grown, work)
+            store = RegistryStore(engine_for(work, []))
+            try:
+                for run in range(runs[form]):
+                    cpu0, wall0 = time.process_time(), time.perf_counter()
+                    deleted = old_retention(store, settings, now) if form == "old" else store.enforce_retention(settings, now)
+                    print(json.dumps({
+                        "trial": trial, "form": form, "run": run, "nodes": args.nodes, "heartbeats_per_node": args.heartbeats,
+                        "keep": args.keep, "cpu_s": round(time.process_time() - cpu0, 2), "wall_s": round(time.perf_counter() - wall0, 2),
+                        "deleted_heartbeats": deleted["heartbeats"], "deleted_events": deleted["events"],
+                        "load_avg_1m": round(os.getloadavg()[0], 2)}), flush=True)
+                with store.engine.connect() as conn:
+                    most = conn.scalar(select(func.max(select(func.count()).select_from(HEARTBEATS).group_by(HEARTBEATS.c.shop_id, HEARTBEATS.c.node_id)
+                                                      .subquery().c[0])))
+                print(json.dumps({"trial": trial, "form": form, "most_heartbeats_of_a_node_after": most}), flush=True)
+            finally:
+                store.engine.dispose()
+                for suffix in ("", "-wal", "-shm"):
+                    Path(f"{work}{suffix}").unlink(missing_ok=True)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nodes", type=int, default=100_000, help="simulated nodes (default: %(default)s)")
@@ -80,6 +166,10 @@ def main() -> int:
     p.add_argument("--pragmas", default="", help="extra SQLite pragmas per connection, comma-separated")
     p.add_argument("--gc-threshold", default="", help="gc.set_threshold values after the start-up freeze, e.g. 20000,50,50")
     p.add_argument("--sweep-every", type=int, default=20, help="batches between presence sweeps (default: %(default)s)")
+    p.add_argument("--retention", action="store_true", help="measure retention, old and new interleaved, instead of the writer")
+    p.add_argument("--heartbeats", type=int, default=20, help="--retention: heartbeats per node (default: %(default)s)")
+    p.add_argument("--keep", type=int, default=18, help="--retention: retention.heartbeats_per_node (default: %(default)s)")
+    p.add_argument("--trials", type=int, default=2, help="--retention: old/new pairs (default: %(default)s)")
     args = p.parse_args()
     pragmas = [x for x in args.pragmas.split(",") if x]
     start = time.time() - 3600
@@ -94,6 +184,9 @@ def main() -> int:
             c.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
         engine.dispose()
         print(f"first sight of {args.nodes} nodes: {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    if args.retention:
+        retention_bench(base, args)
+        return 0
     work = base.with_name(f"work-{os.getpid()}.db")
     shutil.copy(base, work)
     engine = engine_for(work, pragmas)
