@@ -879,10 +879,10 @@ class RegistryStore:
         cut = select(table.c.id).where(*owned).order_by(table.c.id.desc()).offset(keep).limit(1).correlate(parent[0].table)
         owners = select(*parent, cut.scalar_subquery().label("cut")).order_by(*parent)
         cursor = self._retention_cursor.get(table.name)
-        cuts = []
+        cuts: list[Any] = []
         if cursor is not None:
             after = tuple_(*parent) > tuple_(*(bindparam(f"c{i}", v) for i, v in enumerate(cursor)))
-            cuts = conn.execute(owners.where(after).limit(chunk)).all()
+            cuts = list(conn.execute(owners.where(after).limit(chunk)).all())
         if len(cuts) < chunk:
             # The end of the table: wrap to its start within this run, so a run always visits a full chunk
             # and a fleet of N owners is covered in ceil(N / chunk) runs whatever the cursor's position.
