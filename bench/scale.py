@@ -152,7 +152,7 @@ def warm_up(port: int, nodes: int) -> None:
 
 
 def controller(db_url: str, port: int, client_id: str, group: str | None, conn: multiprocessing.connection.Connection,
-               stop: Any, partitions: int = 0) -> None:
+               stop: Any, partitions: int = 0, retention_interval_s: float = 60.0) -> None:
     """Run one controller replica until ``stop`` (an Event) is set.
 
     Sends ``(t, stored, pending, [latencies], subscribed shops, cursor conflicts)`` once a second.
@@ -164,8 +164,10 @@ def controller(db_url: str, port: int, client_id: str, group: str | None, conn: 
     broker: dict[str, Any] = {"port": port, "client_id": client_id}
     if group:
         broker.update(protocol="5", shared_group=group)
-    over: dict[str, Any] = {"db_url": db_url, "broker": broker, "api": {"port": 0}, "retention": {"interval_s": 3600},
-                            "instance": client_id}
+    # Retention (and the series roll-up) runs in the writer between batches, every
+    # retention.interval_s: the deployed default unless --retention-interval-s says otherwise.
+    over: dict[str, Any] = {"db_url": db_url, "broker": broker, "api": {"port": 0}, "instance": client_id,
+                            "retention": {"interval_s": retention_interval_s}}
     if partitions:
         over["intake"] = {"partitions": partitions}
     settings = load_settings(None, over, environ={})
@@ -281,7 +283,8 @@ def run_ramp(args: argparse.Namespace, replicas: int, db_url: str, partitions: i
     try:
         for r in range(replicas):
             parent_end, child_end = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=controller, args=(db_url, broker.port, f"scale-controller-{r}", group, child_end, stop, partitions))
+            p = ctx.Process(target=controller, args=(db_url, broker.port, f"scale-controller-{r}", group, child_end, stop, partitions,
+                                                             args.retention_interval_s))
             p.start()
             pipes.append(parent_end)
             ctl_procs.append(p)
@@ -402,6 +405,9 @@ def main() -> int:
     p.add_argument("--replicas", default="1",
                    help="controller replica counts to run, comma-separated, e.g. 1,2; suffix rr: round-robin shared subscription "
                    "instead of partitions (2rr), p: partitions for one replica too (1p) (default: %(default)s)")
+    p.add_argument("--retention-interval-s", type=float, default=60.0,
+                   help="retention.interval_s of the controller: retention and the series roll-up run in the writer this often "
+                        "(default: %(default)s, the deployed default; runs before 2026-11-30 03:30 used 3600, leaving them out)")
     p.add_argument("--partitions", type=int, default=16, help="intake.partitions of multi-replica runs (default: %(default)s)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
