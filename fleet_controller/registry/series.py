@@ -269,8 +269,10 @@ def rollup(conn: Connection, upto_id: int) -> int:
     # step is about a million rows a minute at 100,000 nodes, and SQLAlchemy's per-row parameter
     # processing was half of the roll-up's time (docs/benchmarks.md, Scale).
     compiled = stmt.compile(dialect=conn.dialect, column_keys=list(_ROLLUP_COLUMNS))
-    order = list(compiled.positiontup or ()) if compiled.positional else None
-    at = None if order is None or order == list(_ROLLUP_COLUMNS) else [_ROLLUP_COLUMNS.index(c) for c in order]
+    sql = str(compiled)
+    # sqlite3 takes positional parameters, in the column_keys order compiled above; psycopg named ones.
+    positional = compiled.positional
+    assert not positional or list(compiled.positiontup or ()) == list(_ROLLUP_COLUMNS), compiled.positiontup
     written = 0
     done = int(start or 0)
     while done < upto_id:
@@ -280,10 +282,7 @@ def rollup(conn: Connection, upto_id: int) -> int:
                            .where(RAW.c.id > done, RAW.c.id <= stop)), acc)
         if acc:
             rows = [(*k, int(v[0]), v[1], v[2], v[3]) for k, v in acc.items()]
-            if order is None:  # named parameters (psycopg)
-                conn.exec_driver_sql(str(compiled), [dict(zip(_ROLLUP_COLUMNS, r, strict=True)) for r in rows])
-            else:  # positional (sqlite3), in the compiled statement's order
-                conn.exec_driver_sql(str(compiled), rows if at is None else [tuple(r[i] for i in at) for r in rows])
+            conn.exec_driver_sql(sql, rows if positional else [dict(zip(_ROLLUP_COLUMNS, r, strict=True)) for r in rows])
         written += len(acc)
         done = stop
     if start is None:

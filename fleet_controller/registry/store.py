@@ -159,15 +159,12 @@ def _dumps(value: Any) -> str:
 
 def _part_json(part: Any) -> str:
     """Return the JSON text of a flat message part (facts; a dict of pipelines' health): the wire view's own encoder, or orjson of the model's fields."""
-    if isinstance(part, dict):
-        if not part:  # a node without pipelines (a sensor-only node; the benches)
-            return "{}"
-        text = wire_json(part)
-        return text if text is not None else _dumps({k: wire_fields(p) for k, p in part.items()})
+    if isinstance(part, dict) and not part:  # a node without pipelines (a sensor-only node; the benches)
+        return "{}"
     text = wire_json(part)
     if text is not None:
         return text
-    return _dumps(wire_fields(part))
+    return _dumps({k: wire_fields(p) for k, p in part.items()} if isinstance(part, dict) else wire_fields(part))
 
 
 _FACT_COLUMNS = ("facts", "arch", "node_class", "agent_version", "release", "pipelines", "metrics", "facts_at", "heartbeat_interval_s")
