@@ -285,14 +285,15 @@ def _to_model(s: Any) -> Any:
     return _build_presence(s, _NO)
 
 
-def _field_getter(model: type[BaseModel], struct: type[Any]) -> Callable[[Any], dict[str, Any]]:
+def _field_getter(model: type[BaseModel]) -> Callable[[Any], dict[str, Any]]:
+    """Return a function giving a Struct's fields as a dict in ``model``'s field order."""
     names = tuple(model.model_fields)
     get = operator.attrgetter(*names)
     return lambda s: dict(zip(names, get(s), strict=True))
 
 
 _FIELDS: dict[type[Any], Callable[[Any], dict[str, Any]]] = {
-    _NodeFacts: _field_getter(NodeFacts, _NodeFacts), _PipelineHealth: _field_getter(PipelineHealth, _PipelineHealth),
+    _NodeFacts: _field_getter(NodeFacts), _PipelineHealth: _field_getter(PipelineHealth),
 }
 
 
