@@ -986,16 +986,18 @@ class Fusion:
         q = ch.quantity
         if q == 0 or spec.product != ch.product or spec.slot != ch.slot:
             return ch.confidence
+        def spread(n: int) -> float:  # of the weight of n units: their spread and the cell's noise
+            return math.sqrt(abs(n) * spec.unit_weight_sd_g**2 + self.config.weight_noise_g**2)
+
+        if abs(ch.delta_g - q * spec.unit_weight_g) > 3.0 * spread(q):
+            return ch.confidence  # no count of this product explains the weight (another product put back here?)
         like = {}
         for n in range(q - 2, q + 3):
             if n == 0 or (n > 0) != (q > 0):
                 continue  # no whole unit, or the other direction: the weight's sign says which way it went
-            sd = math.sqrt(abs(n) * spec.unit_weight_sd_g**2 + self.config.weight_noise_g**2)
+            sd = spread(n)
             z = (ch.delta_g - n * spec.unit_weight_g) / sd
             like[n] = math.exp(-0.5 * z * z) / sd
-        sd_q = math.sqrt(abs(q) * spec.unit_weight_sd_g**2 + self.config.weight_noise_g**2)
-        if abs(ch.delta_g - q * spec.unit_weight_g) > 3.0 * sd_q:
-            return ch.confidence  # no count of this product explains the weight (another product put back here?)
         total = sum(like.values())
         posterior = like[q] / total if total > 0 else 0.0
         return max(ch.confidence, posterior)
