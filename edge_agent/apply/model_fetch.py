@@ -58,6 +58,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from edge_agent.apply.errors import ClusterUnavailable
 from shopfleet.errors import PermanentError
+from shopfleet.files import UnsafeArchive, extract_files
 
 log = logging.getLogger(__name__)
 
@@ -245,15 +246,9 @@ def _extract(archive: Path, dest: Path, limit_bytes: int) -> None:
             members = tar.getmembers()
             if any(not (m.isfile() or m.isdir()) for m in members) or sum(m.size for m in members) > limit_bytes:
                 raise ModelRejected(f"{archive} holds something other than package files", reason="bad_archive")
-            if hasattr(tarfile, "data_filter"):
-                tar.extractall(dest, filter="data")
-            else:
-                # Python before 3.11.4 (Debian bookworm's 3.11.2, the images' base) has no
-                # extraction filters: refuse absolute and escaping names by hand (links and
-                # devices are refused above), as the "data" filter would.
-                if any(m.name.startswith("/") or ".." in Path(m.name).parts for m in members):
-                    raise ModelRejected(f"{archive} names a path outside the package", reason="bad_archive")
-                tar.extractall(dest)
+            extract_files(tar, dest)
+    except UnsafeArchive as exc:
+        raise ModelRejected(f"{archive} names a path outside the package ({exc})", reason="bad_archive") from None
     except (tarfile.TarError, OSError) as exc:
         raise ModelRejected(f"{archive} is not a readable package archive ({exc})", reason="bad_archive") from None
     for p in dest.rglob("*"):

@@ -46,6 +46,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from fleet_controller.registry.db import Base
+from shopfleet.files import UnsafeArchive, extract_files
 
 CHUNK_BYTES = 1 << 20
 """Size of one stored row of a package archive."""
@@ -133,7 +134,9 @@ def extract_archive(src: IO[bytes], dest: Path, limit_bytes: int = MAX_ARCHIVE_B
                 total += m.size
                 if total > limit_bytes:
                     raise ModelStoreError(f"archive unpacks to more than {limit_bytes} bytes: not a model package")
-            tar.extractall(dest, filter="data")
+            extract_files(tar, dest)
+    except UnsafeArchive as exc:
+        raise ModelStoreError(f"{exc}: a model package holds files with relative names only") from None
     except (tarfile.TarError, OSError) as exc:
         raise ModelStoreError(f"not a readable tar of a model package ({exc}): upload 'tar -cf - -C DIR .' of the package directory") from None
 

@@ -24,6 +24,7 @@ from edge_agent.protocol import PipelineHealth, Topics
 from fleet_controller.registry.read import NotFound
 from fleet_controller.service import ControllerService, build_service
 from fleet_controller.web.accounts.store import AccountStore
+from shopfleet.files import extract_files
 from tests.support.controller import Node, controller_settings, heartbeat, presence
 from tests.support.loop import LoopThread
 from tests.support.wait import wait_for
@@ -55,7 +56,7 @@ def plugin_bin(tmp_path_factory) -> Path:
     assert platform["bin"] == "kubectl-shopfleet"
     bindir = tmp_path_factory.mktemp("bin")
     with tarfile.open(archive) as tar:
-        tar.extractall(bindir, filter="data")
+        extract_files(tar, bindir)
     assert os.access(bindir / "kubectl-shopfleet", os.X_OK)
     return bindir
 
