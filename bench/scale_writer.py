@@ -49,7 +49,7 @@ from sqlalchemy.engine import Engine
 from fleet_controller.intake.core import IntakeCore
 from fleet_controller.registry import series
 from fleet_controller.registry import store as registry_store
-from fleet_controller.registry.db import create_engine
+from fleet_controller.registry.db import create_engine, start_checkpointer
 from fleet_controller.registry.migrations import upgrade
 from fleet_controller.registry.store import (
     EVENTS,
@@ -99,7 +99,7 @@ def old_retention(store: RegistryStore, settings: RetentionSettings, now: float)
             ranked = select(table.c.id, func.row_number().over(partition_by=part, order_by=table.c.id.desc()).label("rn")).subquery()
             n += conn.execute(delete(table).where(table.c.id.in_(select(ranked.c.id).where(ranked.c.rn > keep)))).rowcount
             deleted[table.name] = n
-        deleted.update(series.maintain(conn, settings.series, now))
+        deleted.update(store.rollups.maintain(conn, settings.series, now, registry_store.series_dead_after(settings)))
         newest_kept = select(QUARANTINE.c.id).order_by(QUARANTINE.c.id.desc()).offset(QUARANTINE_KEEP).limit(1).scalar_subquery()
         deleted["quarantine"] = conn.execute(delete(QUARANTINE).where(QUARANTINE.c.id <= newest_kept)).rowcount
     return deleted
@@ -135,7 +135,9 @@ def retention_bench(base: Path, args: argparse.Namespace) -> None:
     with engine.begin() as conn:
         now = (conn.scalar(select(func.max(HEARTBEATS.c.received_at))) or 0.0) + 5
         # The first sight's samples rolled up once here, so neither form's first run pays for it.
-        series.maintain(conn, settings.series, now)
+        rollups = series.Rollups()
+        while rollups.recover(conn, now, 0.0):
+            pass
     engine.dispose()
     runs = {"old": 2, "new": 2 * registry_store.RETENTION_CYCLE_RUNS}  # new: a cycle that deletes, one that finds nothing
     for trial in range(args.trials):
@@ -174,6 +176,12 @@ def main() -> int:
     p.add_argument("--heartbeats", type=int, default=20, help="--retention: heartbeats per node (default: %(default)s)")
     p.add_argument("--keep", type=int, default=18, help="--retention: retention.heartbeats_per_node (default: %(default)s)")
     p.add_argument("--trials", type=int, default=2, help="--retention: old/new pairs (default: %(default)s)")
+    p.add_argument("--checkpointer", action="store_true", help="checkpoint the WAL on a thread of its own, as the writer process does")
+    p.add_argument("--no-checkpointer", dest="checkpointer", action="store_false", help="checkpoint in the writer's commits (before 2026-11-30)")
+    p.set_defaults(checkpointer=True)
+    p.add_argument("--with-retention", action="store_true",
+                   help="also run the writer's periodic retention and series roll-up after each round (one heartbeat per node, "
+                        "as many minute buckets as a deployed 60 s run writes) and print its milliseconds")
     args = p.parse_args()
     pragmas = [x for x in args.pragmas.split(",") if x]
     start = time.time() - 3600
@@ -194,6 +202,7 @@ def main() -> int:
     work = base.with_name(f"work-{os.getpid()}.db")
     shutil.copy(base, work)
     engine = engine_for(work, pragmas)
+    checkpointer = start_checkpointer(engine) if args.checkpointer else None
     store = RegistryStore(engine)
     core = IntakeCore(store)
     gen_s = [0.0, 0.0, 0.0]
@@ -230,15 +239,23 @@ def main() -> int:
                 core.process_batch(raw, now)
             cpu, wall, io1 = time.process_time() - cpu0, time.perf_counter() - wall0, io_counters()
             m = len(raws)
+            retention: dict[str, Any] = {}
+            if args.with_retention:
+                c0, w0 = time.process_time(), time.perf_counter()
+                deleted = store.enforce_retention(RetentionSettings(), raws[-1][2] + 0.1)
+                retention = {"retention_cpu_ms": round(1e3 * (time.process_time() - c0)), "retention_wall_ms": round(1e3 * (time.perf_counter() - w0)),
+                             "retention_deleted": deleted}
             print(json.dumps({
-                "round": r, "nodes": args.nodes, "pragmas": args.pragmas, "gc_threshold": args.gc_threshold,
+                "round": r, "nodes": args.nodes, "pragmas": args.pragmas, "checkpointer": args.checkpointer, "gc_threshold": args.gc_threshold,
                 "cpu_us_per_msg": round(1e6 * cpu / m, 1), "wall_us_per_msg": round(1e6 * wall / m, 1),
                 "gc_us_per_msg": round(1e6 * sum(gen_s) / m, 1), "gc_ms_by_generation": [round(1e3 * x) for x in gen_s],
                 "sweep_ms": round(1e3 * sweep_cpu / max(sweeps, 1), 1),
                 "read_calls_per_msg": round((io1["syscr"] - io0["syscr"]) / m, 2), "read_kb_per_msg": round((io1["rchar"] - io0["rchar"]) / m / 1024, 1),
                 "write_calls_per_msg": round((io1["syscw"] - io0["syscw"]) / m, 2), "write_kb_per_msg": round((io1["wchar"] - io0["wchar"]) / m / 1024, 1),
-                "load_avg_1m": round(os.getloadavg()[0], 2)}), flush=True)
+                **retention, "load_avg_1m": round(os.getloadavg()[0], 2)}), flush=True)
     finally:
+        if checkpointer is not None:
+            checkpointer.stop()
         engine.dispose()
         for suffix in ("", "-wal", "-shm"):
             Path(f"{work}{suffix}").unlink(missing_ok=True)

@@ -65,7 +65,7 @@ from fleet_controller.intake.mqtt import InboundMessage
 from fleet_controller.metrics import ControllerMetrics
 from fleet_controller.registry.bus import BusEvent
 from fleet_controller.registry.carts import CART_EVENT_TYPES, CartStore
-from fleet_controller.registry.db import create_engine
+from fleet_controller.registry.db import Checkpointer, create_engine, start_checkpointer
 from fleet_controller.registry.store import (
     MAX_RETIRED_EPOCHS,
     CursorConflict,
@@ -536,6 +536,8 @@ class IntakeCore:
 
 _CORES: dict[str, IntakeCore] = {}
 """Writer state by writer key, in whichever process hosts the writer."""
+_CHECKPOINTERS: dict[str, Checkpointer | None] = {}
+"""The SQLite checkpointer thread of each writer (see :class:`~fleet_controller.registry.db.Checkpointer`)."""
 
 
 PARENT_WATCH_S = 0.5
@@ -579,7 +581,9 @@ def _init_writer(key: str, db_url: str, log_every_s: float, log_level: int | Non
     """Set up the writer's own engine, registry and intake core (runs on the writer)."""
     if log_level is not None:  # a spawned child starts with no logging set up
         logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s[writer]: %(message)s")
-    _CORES[key] = IntakeCore(RegistryStore(create_engine(db_url)), log_every_s)
+    engine = create_engine(db_url)
+    _CHECKPOINTERS[key] = start_checkpointer(engine)
+    _CORES[key] = IntakeCore(RegistryStore(engine), log_every_s)
     if multiprocessing.parent_process() is not None:
         _die_with_parent()
         # The writer's own process: move everything imported so far out of the collector's sight.
@@ -637,6 +641,13 @@ def _run_on_writer(key: str, op: str, *args: Any) -> Any:
                 conn.exec_driver_sql("SELECT 1")
             return True
         if op == "close":
+            try:
+                core.registry.flush_series()
+            except Exception as exc:  # another writer folds these rows again once this one is taken for dead
+                log.warning("could not flush the series roll-ups on close (%s); another writer recovers them", exc)
+            checkpointer = _CHECKPOINTERS.pop(key, None)
+            if checkpointer is not None:
+                checkpointer.stop()
             core.registry.engine.dispose()
             del _CORES[key]
             return None

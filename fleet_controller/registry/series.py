@@ -14,19 +14,28 @@ few rows:
   ``minute_max_age_s`` (7 days);
 * ``series_rollup`` with ``step`` 3600: the same per hour, kept ``hour_max_age_s`` (90 days).
 
-Samples come from the intake's single writer, inside the batch's transaction
-(:func:`store_points`, called by :meth:`RegistryStore.write_batch`): from every heartbeat the
-node's CPU, memory, disk and temperature (``node`` set, ``source`` empty) and each pipeline's fps
-(``source`` = pipeline, i.e. camera); from every telemetry reading its own name and source
-(``occupancy`` per camera, ``temperature_c`` per fridge, ``shelf_weight_g`` per slot...).
+Samples come from the intake's writer, inside the batch's transaction (:func:`store_points`,
+called by :meth:`RegistryStore.write_batch`): from every heartbeat the node's CPU, memory, disk
+and temperature (``node`` set, ``source`` empty) and each pipeline's fps (``source`` = pipeline,
+i.e. camera); from every telemetry reading its own name and source (``occupancy`` per camera,
+``temperature_c`` per fridge, ``shelf_weight_g`` per slot...).
 
-Rollup (in Python, on the writer) is incremental by row id, not by time: each tier remembers the last raw id it has
-folded in (``series_cursors``), and folds in every newer row whatever its timestamp. A node that
-replays an hour of outbox after an outage therefore still lands in the right (old) buckets,
-which a "roll up the last complete minute" scheme would miss. Buckets are merged with an upsert
-(count and sum add, min and max combine), so a bucket can receive rows in several runs.
-:func:`maintain` runs in the writer's periodic retention, rollup first, then deletion, in one
-transaction; the single writer means no raw row can arrive between the two.
+The roll-up is made by each writer from the samples it has just stored (:class:`Rollups`): once a
+batch commits its samples are folded into minute and hour buckets in memory; the retention run
+(every ``retention.interval_s``) merges the minute buckets into ``series_rollup``, and the hour
+buckets once the oldest hour held is over. Nothing is read back or parsed again, and at 10 s
+heartbeats a minute bucket is written once for six samples, an hour bucket once for 360 (the
+earlier roll-up re-read and re-parsed every raw row and upserted both tiers every minute: about a
+third of the writer's time at 100,000 nodes, docs/benchmarks.md). What a writer holds in memory
+is never lost: each flush records, in ``series_writers``, the highest raw id of that writer the
+tier now holds, and raw rows name their writer (``series_raw.wid``); a writer that stops flushing
+for :func:`~fleet_controller.registry.store.series_dead_after` is taken for dead and any other
+writer's run folds its rows above those cursors again from ``series_raw``. Per-writer cursors also
+make replicas on PostgreSQL exact, where one id cursor could skip a row whose transaction
+committed after a higher id of the other replica's. Buckets are merged with an upsert (count and
+sum add, min and max combine), so a bucket can receive samples from several flushes and writers,
+and a node that replays an hour of outbox still lands in its right (old) buckets. Raw rows are
+deleted past their age only below every writer's cursors.
 
 Reads (:func:`read_series`) choose the tier from the range asked for (:func:`choose_tier`) and
 re-bucket it to at most ``max_points`` points per line, aligned on one time axis (what a chart
@@ -37,13 +46,30 @@ rows (read for short ranges only, a shop's few thousand rows).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
+import zlib
+from array import array
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import BigInteger, Float, Index, Integer, String, Text, cast, delete, func, select
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Float,
+    Index,
+    Integer,
+    String,
+    Text,
+    cast,
+    delete,
+    false,
+    func,
+    select,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Mapped, mapped_column
@@ -61,6 +87,8 @@ from edge_agent.protocol import (
 )
 from fleet_controller.registry.db import Base, table_of
 from fleet_controller.settings import SeriesSettings
+
+log = logging.getLogger(__name__)
 
 try:
     import orjson
@@ -92,7 +120,7 @@ SERIES_NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
 
 
 class SeriesSamples(Base):
-    """The raw samples of one message: ``samples`` is JSON text ``[[name, source, value], ...]``."""
+    """The raw samples of one message: ``samples`` is JSON text ``[[name, source, value], ...]``; ``wid`` the writer that stored it."""
 
     __tablename__ = "series_raw"
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
@@ -100,7 +128,8 @@ class SeriesSamples(Base):
     node_id: Mapped[str] = mapped_column(String(63))
     ts: Mapped[float] = mapped_column(Float)
     samples: Mapped[str] = mapped_column(Text)
-    __table_args__ = (Index("ix_series_raw_shop_ts", "shop_id", "ts"),)
+    wid: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    __table_args__ = (Index("ix_series_raw_shop_ts", "shop_id", "ts"), Index("ix_series_raw_writer", "wid", "id"))
 
 
 class SeriesRollup(Base):
@@ -119,24 +148,44 @@ class SeriesRollup(Base):
     hi: Mapped[float] = mapped_column(Float)
 
 
-class SeriesCursor(Base):
-    """The last raw id folded into the rollups (one row, ``step`` 0: every step is folded together)."""
+class SeriesWriterRecord(Base):
+    """A writer that stores raw samples: up to which of its raw ids each roll-up tier holds its rows.
 
-    __tablename__ = "series_cursors"
-    step: Mapped[int] = mapped_column(Integer, primary_key=True)
-    last_id: Mapped[int] = mapped_column(BigInteger)
+    Added by ``0018_series_writers``. Writer 0 stands for the rows stored before it.
+    """
+
+    __tablename__ = "series_writers"
+    wid: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    instance: Mapped[str] = mapped_column(String(200), default="", server_default="")
+    started_at: Mapped[float] = mapped_column(Float)
+    seen_at: Mapped[float] = mapped_column(Float)
+    minute_upto: Mapped[int] = mapped_column(BigInteger)
+    hour_upto: Mapped[int] = mapped_column(BigInteger)
+    pending_upto: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    pending_hours: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    pending_parts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    pending_done: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 RAW = table_of(SeriesSamples)
 ROLLUP = table_of(SeriesRollup)
-CURSORS = table_of(SeriesCursor)
-_RAW_COLUMNS = ("shop_id", "node_id", "ts", "samples")
+WRITERS = table_of(SeriesWriterRecord)
+_RAW_COLUMNS = ("shop_id", "node_id", "ts", "samples", "wid")
 _ROLLUP_COLUMNS = ("step", "shop_id", "name", "bucket", "node_id", "source", "n", "total", "lo", "hi")
-"""A roll-up row's values in the order _fold's keys and accumulators give them."""
-ROLLUP_CHUNK = 20_000
-"""Raw rows folded per query: bounds the writer's memory when it catches up on a long backlog."""
+"""A roll-up row's values in the order :meth:`Rollups._rows` gives them."""
+RECOVERY_CHUNK = 20_000
+"""Raw rows of a dead writer folded again per transaction: bounds the memory and the stall of catching up."""
+HOUR_FLUSH_SLACK_S = 120.0
+"""The hour tier is flushed this long after the oldest hour it holds ends, so samples a little late still join their hour in memory."""
+HOUR_FLUSH_MIN_INTERVAL_S = 600.0
+"""Least time between two flushes of the hour tier."""
 
 Uplink = Heartbeat | Telemetry | Event | Alert | CommandResult | ReportedState
+Points = list[tuple[str, str, float]]
+StoredRow = tuple[str, str, float, Points]
+"""A message's samples as stored: shop, node, ts, samples."""
+_Key = tuple[str, str, float, str, str]
+"""A roll-up bucket in memory: shop, node, bucket start, name, source."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,7 +197,7 @@ def _percent_used(available: int, total: int) -> float | None:
     return None if total <= 0 else round(100.0 * (1.0 - available / total), 3)
 
 
-def points_from(msg: Uplink) -> list[tuple[str, str, float]]:
+def points_from(msg: Uplink) -> Points:
     """Return the series samples ``(name, source, value)`` one message carries."""
     if isinstance(msg, HEARTBEAT_TYPES):
         f = msg.facts
@@ -182,37 +231,45 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
+def _loads(text: str) -> Any:
+    return orjson.loads(text) if _HAVE_ORJSON else json.loads(text)
+
+
 _PG_INSERT_RAW = (
-    "INSERT INTO series_raw (shop_id, node_id, ts, samples) "
-    "SELECT e->>0, e->>1, (e->>2)::double precision, e->>3 FROM jsonb_array_elements(%s::jsonb) AS e"
+    "INSERT INTO series_raw (shop_id, node_id, ts, samples, wid) "
+    "SELECT e->>0, e->>1, (e->>2)::double precision, e->>3, (e->>4)::bigint FROM jsonb_array_elements(%s::jsonb) AS e"
 )
 """PostgreSQL: every row of a batch in one JSON parameter, unpacked by the server (as the registry's heartbeat insert
 does): psycopg's executemany costs a round trip of Python work per row, the largest statement of a batch once the
 heartbeat and node statements went this way."""
 
 
-def store_points(conn: Connection, uplinks: Iterable[tuple[Uplink, float]], defer: list[tuple[str, tuple[Any, ...]]] | None = None) -> int:
-    """Insert the samples of a batch's uplinks (in the batch's transaction), a row per message; return how many rows.
+def store_points(conn: Connection, uplinks: Iterable[tuple[Uplink, float]], defer: list[tuple[str, tuple[Any, ...]]] | None = None,
+                 wid: int = 0) -> list[StoredRow]:
+    """Insert the samples of a batch's uplinks (in the batch's transaction), a row per message written by writer ``wid``;
+    return the rows' samples, for :meth:`Rollups.add` once the transaction commits.
 
     On PostgreSQL with ``defer``, the insert is appended to it as ``(sql, params)`` instead of run:
     the registry sends it with the batch's node update, one round trip for both (see
     :meth:`RegistryStore.write_batch`).
     """
+    stored: list[StoredRow] = []
     rows = []
     for msg, _received in uplinks:
         points = points_from(msg)
         if points:
-            rows.append((msg.shop, msg.node, msg.ts, _dumps(points)))
+            stored.append((msg.shop, msg.node, msg.ts, points))
+            rows.append((msg.shop, msg.node, msg.ts, _dumps(points), wid))
     if not rows:
-        return 0
+        return stored
     if conn.dialect.name == "postgresql":
         if defer is not None:
             defer.append((_PG_INSERT_RAW, (_dumps(rows),)))
         else:
             conn.exec_driver_sql(_PG_INSERT_RAW, (_dumps(rows),))
     else:
-        conn.exec_driver_sql(f"INSERT INTO series_raw ({', '.join(_RAW_COLUMNS)}) VALUES (?, ?, ?, ?)", rows)
-    return len(rows)
+        conn.exec_driver_sql(f"INSERT INTO series_raw ({', '.join(_RAW_COLUMNS)}) VALUES (?, ?, ?, ?, ?)", rows)
+    return stored
 
 
 def _bucket(dialect: str, ts: Any, step: float) -> ColumnElement[Any]:
@@ -223,94 +280,330 @@ def _bucket(dialect: str, ts: Any, step: float) -> ColumnElement[Any]:
     return func.floor(ts / step) * step
 
 
-def _insert(dialect: str) -> postgresql.Insert | sqlite.Insert:
-    if dialect == "postgresql":
-        return postgresql.insert(ROLLUP)
-    if dialect == "sqlite":
-        return sqlite.insert(ROLLUP)
-    raise NotImplementedError(f"database {dialect!r} is not supported: use SQLite or PostgreSQL")
+def _fold(acc: dict[_Key, array[float]], shop: str, node: str, bucket: float, points: Points) -> None:
+    """Add one message's samples to the buckets ``acc`` holds (count, sum, min, max per series)."""
+    for name, source, value in points:
+        key = (shop, node, bucket, name, source)
+        a = acc.get(key)
+        if a is None:
+            # array, not list: the collector does not track it (hundreds of thousands of buckets at 100,000 nodes).
+            acc[key] = array("d", (1.0, value, value, value))
+        else:
+            a[0] += 1.0
+            a[1] += value
+            if value < a[2]:
+                a[2] = value
+            if value > a[3]:
+                a[3] = value
 
 
-def _fold(rows: Iterable[Any], acc: dict[tuple[int, str, str, float, str, str], list[float]]) -> None:
-    """Add raw rows ``(shop, node, ts, samples)`` to per-bucket ``[n, total, lo, hi]`` of every rollup step."""
-    for shop, node, ts, samples in rows:
-        buckets = [(step, float(math.floor(ts / step) * step)) for step in ROLLUP_STEPS]
-        for name, source, value in json.loads(samples):
-            for step, bucket in buckets:
-                key = (step, shop, name, bucket, node, source)
-                a = acc.get(key)
-                if a is None:
-                    acc[key] = [1, value, value, value]
-                else:
-                    a[0] += 1
-                    a[1] += value
-                    if value < a[2]:
-                        a[2] = value
-                    if value > a[3]:
-                        a[3] = value
-
-
-def rollup(conn: Connection, upto_id: int) -> int:
-    """Fold raw rows past the cursor up to ``upto_id`` into the 1-minute and 1-hour buckets; return buckets written.
-
-    Every step shares one cursor (they are always folded together). Buckets merge with what is
-    there: count and sum add, min and max combine, so a bucket can be fed over several runs.
-    """
+def _upsert_sql(conn: Connection) -> tuple[str, bool]:
+    """Return the bucket upsert as driver SQL (count and sum add, min and max combine) and whether it takes positional parameters."""
     dialect = conn.dialect.name
-    start = conn.execute(select(CURSORS.c.last_id).where(CURSORS.c.step == 0)).scalar()
     least, greatest = (func.min, func.max) if dialect == "sqlite" else (func.least, func.greatest)
-    stmt = _insert(dialect)
+    if dialect == "postgresql":
+        stmt: postgresql.Insert | sqlite.Insert = postgresql.insert(ROLLUP)
+    elif dialect == "sqlite":
+        stmt = sqlite.insert(ROLLUP)
+    else:
+        raise NotImplementedError(f"database {dialect!r} is not supported: use SQLite or PostgreSQL")
     stmt = stmt.on_conflict_do_update(
         index_elements=["step", "shop_id", "name", "bucket", "node_id", "source"],
         set_={"n": ROLLUP.c.n + stmt.excluded.n, "total": ROLLUP.c.total + stmt.excluded.total,
               "lo": least(ROLLUP.c.lo, stmt.excluded.lo), "hi": greatest(ROLLUP.c.hi, stmt.excluded.hi)},
     )
-    # The upsert goes to the driver as compiled SQL with plain tuples: a bucket per node, series and
-    # step is about a million rows a minute at 100,000 nodes, and SQLAlchemy's per-row parameter
-    # processing was half of the roll-up's time (docs/benchmarks.md, Scale).
+    # The upsert goes to the driver as compiled SQL with plain tuples: SQLAlchemy's per-row parameter
+    # processing was half of the roll-up's time at 100,000 nodes (docs/benchmarks.md, Scale).
     compiled = stmt.compile(dialect=conn.dialect, column_keys=list(_ROLLUP_COLUMNS))
-    sql = str(compiled)
+    positional = bool(compiled.positional)
     # sqlite3 takes positional parameters, in the column_keys order compiled above; psycopg named ones.
-    positional = compiled.positional
     assert not positional or list(compiled.positiontup or ()) == list(_ROLLUP_COLUMNS), compiled.positiontup
-    written = 0
-    done = int(start or 0)
-    while done < upto_id:
-        stop = min(done + ROLLUP_CHUNK, upto_id)
-        acc: dict[tuple[int, str, str, float, str, str], list[float]] = {}
-        _fold(conn.execute(select(RAW.c.shop_id, RAW.c.node_id, RAW.c.ts, RAW.c.samples)
-                           .where(RAW.c.id > done, RAW.c.id <= stop)), acc)
-        if acc:
-            rows = [(*k, int(v[0]), v[1], v[2], v[3]) for k, v in acc.items()]
-            conn.exec_driver_sql(sql, rows if positional else [dict(zip(_ROLLUP_COLUMNS, r, strict=True)) for r in rows])
-        written += len(acc)
-        done = stop
-    if start is None:
-        conn.execute(CURSORS.insert().values(step=0, last_id=upto_id))
-    elif upto_id > start:
-        conn.execute(CURSORS.update().where(CURSORS.c.step == 0).values(last_id=upto_id))
-    return written
+    return str(compiled), positional
 
 
-def maintain(conn: Connection, settings: SeriesSettings, now: float | None = None) -> dict[str, int]:
-    """Roll up new raw rows, then delete what is past each tier's age; return rows deleted per table.
+_PG_UPSERT_JSON = (
+    "INSERT INTO series_rollup (step, shop_id, name, bucket, node_id, source, n, total, lo, hi) "
+    "SELECT (e->>0)::int, e->>1, e->>2, (e->>3)::double precision, e->>4, e->>5, (e->>6)::int, (e->>7)::double precision, "
+    "(e->>8)::double precision, (e->>9)::double precision FROM jsonb_array_elements(%s::jsonb) AS e "
+    "ON CONFLICT (step, shop_id, name, bucket, node_id, source) DO UPDATE SET n = series_rollup.n + excluded.n, "
+    "total = series_rollup.total + excluded.total, lo = least(series_rollup.lo, excluded.lo), hi = greatest(series_rollup.hi, excluded.hi)"
+)
+"""PostgreSQL: a part's buckets in one statement of one JSON parameter (psycopg's executemany is a round of Python work per row)."""
 
-    Runs in the writer's periodic retention (one transaction with it). Deleting only raw rows the
-    rollups already hold (``id <= upto``) means a sample is never lost between the tiers.
+
+def _write_buckets(conn: Connection, rows: list[tuple[Any, ...]]) -> int:
+    """Merge bucket rows ``(step, shop, name, bucket, node, source, n, total, lo, hi)`` into the tiers; return how many."""
+    if not rows:
+        return 0
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(_PG_UPSERT_JSON, (_dumps(rows),))
+        return len(rows)
+    sql, positional = _upsert_sql(conn)
+    conn.exec_driver_sql(sql, rows if positional else [dict(zip(_ROLLUP_COLUMNS, r, strict=True)) for r in rows])
+    return len(rows)
+
+
+def _bucket_rows(step: int, acc: dict[_Key, array[float]]) -> list[tuple[Any, ...]]:
+    return [(step, shop, name, bucket, node, source, int(a[0]), a[1], a[2], a[3]) for (shop, node, bucket, name, source), a in acc.items()]
+
+
+def _part_rows(minutes: dict[_Key, array[float]], hours: dict[_Key, array[float]] | None) -> list[tuple[Any, ...]]:
+    return _bucket_rows(MINUTE, minutes) + (_bucket_rows(HOUR, hours) if hours is not None else [])
+
+
+def _part_of(shop: str, node: str, parts: int) -> int:
+    """The part of a flush a node's buckets go in: a hash any writer can compute again (recovery skips the parts written)."""
+    return zlib.crc32(f"{shop}\0{node}".encode()) % parts
+
+
+PARTS = 64
+"""Parts of a flush: a writer holds its buckets in this many maps by node (:func:`_part_of`), and a large flush writes one
+per intake batch (at 100,000 nodes: ~8,000 buckets, some 20 ms, per batch)."""
+PART_BUCKETS = 5_000
+"""A flush of at most this many buckets is written whole by the retention run (a small fleet's: no parts)."""
+
+_Acc = dict[_Key, "array[float]"]
+
+
+@dataclass
+class _Flush:
+    """A flush under way: the buckets of every raw row of this writer up to ``upto``, in ``len(parts)`` parts of
+    (minute buckets, hour buckets or None)."""
+
+    upto: int
+    hours: bool
+    parts: list[tuple[_Acc, _Acc | None]]
+    done: int = 0
+
+
+class Rollups:
+    """A writer's running roll-up of the samples it stores, and the recovery of other writers' leftovers.
+
+    Folding happens as batches commit (:meth:`add`), from the samples the writer already holds:
+    nothing is read back or parsed again. Each retention run takes what is held (the minute
+    buckets; the hour buckets too once the oldest hour held is over) as a *flush* of all this
+    writer's raw rows up to the highest id it stored, cut into parts by a hash of the node
+    (:func:`_part_of`); each intake batch then writes one part in its own transaction
+    (:meth:`step`), so at 100,000 nodes the half a million buckets of a minute go in slices of a
+    few milliseconds instead of one stall of seconds. ``series_writers`` records, per writer, the
+    highest raw id each tier holds whole (``minute_upto``, ``hour_upto``) and the flush under way
+    (``pending_upto``, ``pending_hours``, ``pending_parts``, ``pending_done``), each change in the
+    transaction that writes the buckets. Whatever a writer held when it died is therefore known
+    exactly: its raw rows (``series_raw.wid``) above its cursors, less the parts already written.
+    Any writer's retention run folds those again once the dead writer's ``seen_at`` is older than
+    ``dead_after_s`` (:data:`RECOVERY_CHUNK` rows per run and writer), then forgets it.
+
+    Buckets merge with what is stored (count and sum add, min and max combine), so a bucket can be
+    fed by several flushes and several writers (replicas on PostgreSQL, a restarted controller), and
+    a sample arriving late (a node replaying its outbox) lands in its own, old bucket.
     """
-    now = time.time() if now is None else now
-    upto = conn.execute(select(func.max(RAW.c.id))).scalar()
-    deleted = {"series_raw": 0, "series_rollup": 0}
-    if upto is not None:
-        rollup(conn, int(upto))
-        deleted["series_raw"] = conn.execute(
-            delete(RAW).where(RAW.c.id <= upto, RAW.c.ts < now - settings.raw_max_age_s)
-        ).rowcount
-    for step, max_age in ((MINUTE, settings.minute_max_age_s), (HOUR, settings.hour_max_age_s)):
-        deleted["series_rollup"] += conn.execute(
-            delete(ROLLUP).where(ROLLUP.c.step == step, ROLLUP.c.bucket < now - max_age)
-        ).rowcount
-    return deleted
+
+    def __init__(self, instance: str = "") -> None:
+        self.instance = instance[:200]
+        self.wid: int | None = None
+        self.minutes: list[_Acc] = [{} for _ in range(PARTS)]
+        self.hours: list[_Acc] = [{} for _ in range(PARTS)]
+        self.oldest_hour = math.inf
+        """Start of the oldest hour bucket held in memory (the hour tier is flushed once it is over)."""
+        self.hours_flushed_at = -math.inf
+        self.flush: _Flush | None = None
+        self._stepped = 0
+        self._taken: _Flush | None = None
+        self.lost_flushes = 0
+        """Flushes given up because another writer had taken this one for dead (see :meth:`_update_writer`)."""
+
+    def register(self, engine: Engine, now: float) -> int:
+        """Return this writer's id, registering it (in its own transaction) on first use."""
+        if self.wid is None:
+            with engine.begin() as conn:
+                wid = conn.execute(WRITERS.insert().values(instance=self.instance, started_at=now, seen_at=now, minute_upto=0,
+                                                           hour_upto=0)).inserted_primary_key[0]  # type: ignore[index]
+            self.wid = int(wid)
+        return self.wid
+
+    def add(self, rows: Iterable[StoredRow]) -> None:
+        """Fold committed rows into the minute and hour buckets held in memory."""
+        minutes, hours, parts = self.minutes, self.hours, len(self.minutes)
+        floor = math.floor
+        oldest = self.oldest_hour
+        for shop, node, ts, points in rows:
+            part = _part_of(shop, node, parts)
+            _fold(minutes[part], shop, node, float(floor(ts / MINUTE) * MINUTE), points)
+            hour = float(floor(ts / HOUR) * HOUR)
+            _fold(hours[part], shop, node, hour, points)
+            if hour < oldest:
+                oldest = hour
+        self.oldest_hour = oldest
+
+    def hours_due(self, now: float) -> bool:
+        """Whether the hour tier is to be flushed: the oldest hour held is over (and its slack), and the last flush is
+        :data:`HOUR_FLUSH_MIN_INTERVAL_S` old (a node replaying old samples does not make every run flush every hour bucket)."""
+        return now >= self.oldest_hour + HOUR + HOUR_FLUSH_SLACK_S and now >= self.hours_flushed_at + HOUR_FLUSH_MIN_INTERVAL_S
+
+    # --- flushing, in the writer's transactions: each method's effect on memory waits for committed() ---
+
+    def _update_writer(self, conn: Connection, **values: Any) -> bool:
+        if conn.execute(WRITERS.update().where(WRITERS.c.wid == self.wid).values(**values)).rowcount == 1:
+            return True
+        log.error("series writer %s was taken for dead by another writer (a stall of minutes?), which folded its raw rows: "
+                  "what it held is dropped and it registers again; samples it stored since are missing from the roll-ups",
+                  self.wid)
+        self.lost_flushes += 1
+        self.wid = None
+        self.minutes, self.hours = [{} for _ in range(PARTS)], [{} for _ in range(PARTS)]
+        self.oldest_hour, self.flush = math.inf, None
+        self._stepped, self._taken = 0, None
+        return False
+
+    def step(self, conn: Connection, parts: int = 1) -> int:
+        """Write the next ``parts`` parts of the flush under way (in the caller's transaction); return buckets written."""
+        f = self.flush
+        if f is None or self.wid is None:
+            return 0
+        first = f.done + self._stepped
+        last, filled = first, 0
+        while last < len(f.parts) and filled < parts:  # empty parts (a small fleet's) cost nothing: go past them
+            filled += bool(f.parts[last][0] or f.parts[last][1])
+            last += 1
+        while last < len(f.parts) and not (f.parts[last][0] or f.parts[last][1]):
+            last += 1
+        if last <= first:
+            return 0
+        values: dict[str, Any] = {"pending_done": last}
+        if last == len(f.parts):
+            values = {"minute_upto": f.upto, "pending_parts": 0, "pending_done": 0}
+            if f.hours:
+                values["hour_upto"] = f.upto
+        if not self._update_writer(conn, **values):
+            return 0
+        written = sum(_write_buckets(conn, _part_rows(*f.parts[i])) for i in range(first, last))
+        self._stepped = last - f.done
+        return written
+
+    def _finish(self, conn: Connection) -> bool:
+        """Write every part left of the flush under way; return False if this writer was taken for dead meanwhile."""
+        self.step(conn, len(self.flush.parts) if self.flush else 0)
+        return self.wid is not None
+
+    def take(self, conn: Connection, now: float, *, hours: bool | None = None, whole: bool = False) -> None:
+        """Start a flush of what is held (finishing the one under way first), in the caller's transaction.
+
+        A flush of one part (a small fleet), or with ``whole``, is written right away, in this transaction.
+        """
+        if self.wid is None:
+            return
+        if self.flush is not None and not self._finish(conn):
+            return
+        do_hours = self.hours_due(now) if hours is None else hours
+        upto = conn.scalar(select(func.max(RAW.c.id)).where(RAW.c.wid == self.wid)) or 0
+        parts: list[tuple[_Acc, _Acc | None]] = list(zip(self.minutes, self.hours if do_hours else [None] * len(self.minutes),
+                                                          strict=True))
+        n = len(parts)
+        if whole or sum(len(m) + (len(h) if h else 0) for m, h in parts) <= PART_BUCKETS:
+            values: dict[str, Any] = {"seen_at": now, "minute_upto": upto, "pending_parts": 0, "pending_done": 0}
+            if do_hours:
+                values["hour_upto"] = upto
+            if not self._update_writer(conn, **values):
+                return
+            _write_buckets(conn, [r for p in parts for r in _part_rows(*p)])
+            self._taken = _Flush(upto, do_hours, parts, done=n)
+            return
+        if not self._update_writer(conn, seen_at=now, pending_upto=upto, pending_hours=do_hours, pending_parts=n, pending_done=0):
+            return
+        self._taken = _Flush(upto, do_hours, parts)
+
+    def committed(self, now: float) -> None:
+        """Apply to memory what the transaction that just committed wrote (after a rollback, skip this: it is written again)."""
+        if self.flush is not None and self._stepped:
+            self.flush.done += self._stepped
+            if self.flush.done >= len(self.flush.parts):
+                self.flush = None
+        self._stepped = 0
+        taken, self._taken = self._taken, None
+        if taken is not None:
+            self.flush = taken if taken.done < len(taken.parts) else None
+            self.minutes = [{} for _ in range(PARTS)]
+            if taken.hours:
+                self.hours, self.oldest_hour, self.hours_flushed_at = [{} for _ in range(PARTS)], math.inf, now
+
+    def rolled_back(self) -> None:
+        """Forget what the transaction that rolled back would have changed."""
+        self._stepped, self._taken = 0, None
+
+    def flush_all(self, conn: Connection, now: float) -> None:
+        """Write everything held, both tiers (a clean shutdown), in the caller's transaction."""
+        self.take(conn, now, hours=True, whole=True)
+
+    # --- recovery of dead writers ---
+
+    def recover(self, conn: Connection, now: float, dead_after_s: float) -> int:
+        """Fold one chunk of raw rows of each dead writer that its tiers do not hold yet; return rows folded."""
+        dead = select(WRITERS).where(WRITERS.c.seen_at < now - dead_after_s, WRITERS.c.wid != (-1 if self.wid is None else self.wid))
+        if conn.dialect.name == "postgresql":  # two replicas never fold the same writer's rows
+            dead = dead.with_for_update(skip_locked=True)
+        folded = 0
+        for w in conn.execute(dead.order_by(WRITERS.c.wid)).all():
+            start = min(w.minute_upto, w.hour_upto)
+            rows = conn.execute(select(RAW.c.id, RAW.c.shop_id, RAW.c.node_id, RAW.c.ts, RAW.c.samples)
+                                .where(RAW.c.wid == w.wid, RAW.c.id > start).order_by(RAW.c.id).limit(RECOVERY_CHUNK)).all()
+            minutes: dict[_Key, array[float]] = {}
+            hours: dict[_Key, array[float]] = {}
+            for rid, shop, node, ts, samples in rows:
+                # A row of the flush that was under way, in a part already written, is in its tiers.
+                written = bool(w.pending_parts) and rid <= w.pending_upto and _part_of(shop, node, w.pending_parts) < w.pending_done
+                points = _loads(samples)
+                if rid > w.minute_upto and not written:
+                    _fold(minutes, shop, node, float(math.floor(ts / MINUTE) * MINUTE), points)
+                if rid > w.hour_upto and not (written and w.pending_hours):
+                    _fold(hours, shop, node, float(math.floor(ts / HOUR) * HOUR), points)
+            _write_buckets(conn, _bucket_rows(MINUTE, minutes) + _bucket_rows(HOUR, hours))
+            folded += len(rows)
+            if len(rows) < RECOVERY_CHUNK:
+                conn.execute(WRITERS.delete().where(WRITERS.c.wid == w.wid))
+                log.info("series writer %s: folded its last %d raw rows into the roll-ups and forgot it", w.wid, len(rows))
+            else:
+                last = rows[-1][0]
+                # Rows up to `last` are now in both tiers; the written parts matter only above it.
+                conn.execute(WRITERS.update().where(WRITERS.c.wid == w.wid)
+                             .values(minute_upto=max(w.minute_upto, last), hour_upto=max(w.hour_upto, last)))
+        return folded
+
+    def maintain(self, conn: Connection, settings: SeriesSettings, now: float, dead_after_s: float) -> dict[str, int]:
+        """Start a flush, fold dead writers' leftovers, then delete what is past each tier's age; return rows deleted per table.
+
+        Raw rows are deleted only below every writer's cursors (so a sample is never lost between the
+        tiers), walking the primary key from the oldest (:func:`_delete_old_raw`).
+        """
+        self.take(conn, now)
+        self.recover(conn, now, dead_after_s)
+        deleted = {"series_raw": _delete_old_raw(conn, now - settings.raw_max_age_s, now), "series_rollup": 0}
+        for step, max_age in ((MINUTE, settings.minute_max_age_s), (HOUR, settings.hour_max_age_s)):
+            deleted["series_rollup"] += conn.execute(
+                delete(ROLLUP).where(ROLLUP.c.step == step, ROLLUP.c.bucket < now - max_age)
+            ).rowcount
+        return deleted
+
+
+FUTURE_SLACK_S = 3600.0
+"""A raw row stamped further than this ahead of the controller's clock (a node with a wrong clock) does not hold retention back."""
+
+
+def _delete_old_raw(conn: Connection, cutoff: float, now: float) -> int:
+    """Delete raw rows older than ``cutoff`` that every writer's tiers hold; return how many.
+
+    ``ts`` has no index of its own, but rows are stored as they arrive, so the oldest are at the
+    start of the primary key: find the first row, in id order, that is young enough (a walk over
+    the rows to delete) and delete every row before it, below the lowest cursor of any writer. A
+    row stamped far in the future is not "young": it would hold every later row back forever.
+    """
+    safe = conn.scalar(select(func.min(func.min(WRITERS.c.minute_upto, WRITERS.c.hour_upto) if conn.dialect.name == "sqlite"
+                                       else func.least(WRITERS.c.minute_upto, WRITERS.c.hour_upto))))
+    if not safe:
+        return 0
+    first_young = conn.scalar(select(RAW.c.id).where(RAW.c.id <= safe, RAW.c.ts >= cutoff, RAW.c.ts <= now + FUTURE_SLACK_S)
+                              .order_by(RAW.c.id).limit(1))
+    bound = safe + 1 if first_young is None else first_young
+    return conn.execute(delete(RAW).where(RAW.c.id < bound, (RAW.c.ts < cutoff) | (RAW.c.ts > now + FUTURE_SLACK_S))).rowcount
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,10 +22,13 @@ Every change a writer makes is returned as :class:`BusEvent` values for the serv
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import socket
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,6 +115,14 @@ RETENTION_CYCLE_RUNS = 10
 """Retention runs in which the count bound visits every node (and every shop): a chunk is 1/10 of them per run."""
 RETENTION_MIN_CHUNK = 1000
 """Fewest owners a retention run visits: a small fleet is trimmed whole on every run."""
+
+
+def series_dead_after(settings: RetentionSettings) -> float:
+    """Seconds without a flush after which a series writer is taken for dead and its raw rows are folded by another.
+
+    Every live writer flushes on each retention run; five missed runs (at least ten minutes) is no hiccup.
+    """
+    return max(600.0, 5 * settings.interval_s)
 
 
 def _delete_aged(conn: Connection, table: Table, cutoff: float) -> int:
@@ -332,8 +343,10 @@ def _json_rows(rows: Sequence[tuple[Any, ...]]) -> tuple[str]:
 class RegistryStore:
     """Write the fleet registry on one SQLAlchemy engine (SQLite or PostgreSQL); only the single writer holds one."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, instance: str = "") -> None:
         self.engine = engine
+        # The writer's running series roll-up (see series.Rollups); registered on the first batch with uplinks.
+        self.rollups = series.Rollups(instance or f"{socket.gethostname()}:{os.getpid()}")
         self._dialect = engine.dialect.name
         self._known_nodes: set[NodeKey] = set()
         self._known_shops: set[str] = set()
@@ -435,21 +448,28 @@ class RegistryStore:
         # scheduled, which on a busy machine cost more than the statements' own work (bench/ingest.py).
         self._deferred = []
         defer = self._deferred if self._dialect == "postgresql" else None
+        wid = self.rollups.register(self.engine, now) if batch.uplinks else 0
         try:
             with self.engine.begin() as conn:
                 unknown = self._unknown(conn, report_only)
                 created, known = self._ensure(conn, sorted(keys - unknown), now)
                 events += created
                 facts = self._store_uplinks(conn, batch, now, events, unknown)
-                series.store_points(conn, batch.uplinks, defer)
+                samples = series.store_points(conn, batch.uplinks, defer, wid)
                 presence_events, batch.session_jumps = self._store_presences(conn, batch.presences, now, batch.max_session_jump)
                 events += presence_events
                 self._update_nodes(conn, batch, facts)
                 self._flush_deferred(conn)
                 events += self._revive(conn, batch, now)
+                self.rollups.step(conn)  # a part of the series flush under way, if any
+        except BaseException:
+            self.rollups.rolled_back()
+            raise
         finally:
             self._deferred = []
+        self.rollups.committed(now)
         # Only committed rows are known; a rolled-back batch must create them again.
+        self.rollups.add(samples)
         self._known_nodes.update(known)
         self._known_shops.update(s for s, _ in known)
         self._presence.update(self._pending_presence)
@@ -847,7 +867,7 @@ class RegistryStore:
         """
         now = time.time() if now is None else now
         deleted: dict[str, int] = {}
-        with self.engine.begin() as conn:
+        with self._rollups_applied(now), self.engine.begin() as conn:
             for table, parent, part, keep, max_age in (
                 (HEARTBEATS, (NODES.c.shop_id, NODES.c.node_id), (HEARTBEATS.c.shop_id, HEARTBEATS.c.node_id),
                  settings.heartbeats_per_node, settings.heartbeat_max_age_s),
@@ -856,10 +876,26 @@ class RegistryStore:
                 n = _delete_aged(conn, table, now - max_age)
                 n += self._trim_chunk(conn, table, parent, part, keep)
                 deleted[table.name] = n
-            deleted.update(series.maintain(conn, settings.series, now))
+            deleted.update(self.rollups.maintain(conn, settings.series, now, series_dead_after(settings)))
             newest_kept = select(QUARANTINE.c.id).order_by(QUARANTINE.c.id.desc()).offset(QUARANTINE_KEEP).limit(1).scalar_subquery()
             deleted["quarantine"] = conn.execute(delete(QUARANTINE).where(QUARANTINE.c.id <= newest_kept)).rowcount
         return deleted
+
+    @contextlib.contextmanager
+    def _rollups_applied(self, now: float) -> Iterator[None]:
+        """Around a transaction that flushes series: apply its effect on the writer's memory once it committed, or forget it."""
+        try:
+            yield
+        except BaseException:
+            self.rollups.rolled_back()
+            raise
+        self.rollups.committed(now)
+
+    def flush_series(self, now: float | None = None) -> None:
+        """Write both roll-up tiers of what this writer holds in memory (on a clean shutdown; else another writer recovers it)."""
+        now = time.time() if now is None else now
+        with self._rollups_applied(now), self.engine.begin() as conn:
+            self.rollups.flush_all(conn, now)
 
     def _trim_chunk(self, conn: Connection, table: Table, parent: Sequence[Any], part: Sequence[Any], keep: int) -> int:
         """Delete all but the ``keep`` newest rows of the next chunk of owners (nodes or shops) of ``table``; return rows deleted.

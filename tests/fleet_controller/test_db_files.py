@@ -78,3 +78,38 @@ def test_node_rows_leave_room_for_their_updates_on_postgresql(db_url):
         assert options is not None and "fillfactor=50" in options, options
     finally:
         engine.dispose()
+
+
+def test_the_writers_checkpointer_copies_the_wal_off_the_commits(tmp_path):
+    """With a checkpointer the writer's connections only append to the WAL (their own bound raised), and the thread
+    copies every committed frame into the database file; without it the 1,000-page default applies."""
+    import time
+
+    from fleet_controller.registry.db import WRITER_AUTOCHECKPOINT_PAGES, start_checkpointer
+
+    plain = create_engine(f"sqlite:///{tmp_path / 'plain.db'}")
+    with plain.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 1000
+    plain.dispose()
+    engine = create_engine(f"sqlite:///{tmp_path / 'writer.db'}")
+    checkpointer = start_checkpointer(engine)
+    assert checkpointer is not None
+    try:
+        with engine.begin() as conn:
+            assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == WRITER_AUTOCHECKPOINT_PAGES
+            conn.exec_driver_sql("CREATE TABLE t (x BLOB)")
+        for _ in range(20):  # 2,000 pages: past SQLite's own bound, which no longer checkpoints
+            with engine.begin() as conn:
+                conn.exec_driver_sql("INSERT INTO t VALUES (randomblob(400000))")
+        before = checkpointer.checkpoints
+        deadline = time.monotonic() + 30
+        while checkpointer.checkpoints < before + 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert checkpointer.checkpoints >= before + 2 and checkpointer.failures == 0
+        # The 8 MB the commits wrote are in the database file itself, copied there by the thread alone (nothing
+        # else checkpointed: the writer's bound is 50,000 pages and no connection closed).
+        assert (tmp_path / "writer.db").stat().st_size > 8_000_000
+    finally:
+        checkpointer.stop()
+        engine.dispose()
+    assert start_checkpointer(create_engine("sqlite://")) is None  # in memory: nothing to checkpoint

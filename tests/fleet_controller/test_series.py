@@ -5,23 +5,29 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 import yaml
 from sqlalchemy import func, inspect, select
+from sqlalchemy import text as sa_text
 
 from edge_agent.protocol import NodeFacts, PipelineHealth, Reading, Telemetry
-from fleet_controller.registry.db import Base
+from fleet_controller.registry import series as series_module
+from fleet_controller.registry.db import Base, create_engine
+from fleet_controller.registry.migrations import upgrade
 from fleet_controller.registry.series import (
+    HOUR_FLUSH_SLACK_S,
     NODE_SERIES,
     RAW,
     ROLLUP,
+    WRITERS,
     SeriesRangeError,
     choose_tier,
     points_from,
     read_series,
 )
-from fleet_controller.registry.store import WriteBatch
+from fleet_controller.registry.store import RegistryStore, WriteBatch, series_dead_after
 from fleet_controller.settings import (
     RetentionSettings,
     SeriesSettings,
@@ -121,7 +127,7 @@ def test_settings_refuse_tiers_out_of_order():
 
 def test_migration_matches_models(registry):
     insp = inspect(registry.engine)
-    for table in ("series_raw", "series_rollup", "series_cursors"):
+    for table in ("series_raw", "series_rollup", "series_writers"):
         assert {c["name"] for c in insp.get_columns(table)} == {c.name for c in Base.metadata.tables[table].columns}, table
 
 
@@ -156,35 +162,192 @@ def test_raw_rows_keep_every_value_exactly(registry):
         heartbeat(shop="shop-x", node="pi-9", seq=1, ts=T0 + 1 / 3, facts=FACTS, pipelines=CAM))
 
 
+def rollup_rows(engine, step=None):
+    with engine.connect() as conn:
+        q = select(ROLLUP.c.step, ROLLUP.c.bucket, ROLLUP.c.n, ROLLUP.c.total, ROLLUP.c.lo, ROLLUP.c.hi).order_by(ROLLUP.c.step, ROLLUP.c.bucket)
+        if step is not None:
+            q = q.where(ROLLUP.c.step == step)
+        return [tuple(r) for r in conn.execute(q)]
+
+
+RETENTION = RetentionSettings(series=SeriesSettings(raw_max_age_s=3600, minute_max_age_s=86400, hour_max_age_s=7 * 86400))
+
+
 def test_rollup_then_retention_keeps_every_sample_in_the_coarser_tiers(registry):
-    """Samples are folded into minute and hour buckets before raw ones age out; a late sample lands in its old bucket."""
+    """Samples are folded into minute buckets on every run and hour buckets once the hour is over, before raw ones
+    age out; a late sample lands in its old bucket."""
     write(registry, *[fridge(i + 1, T0 + i * 20, float(i)) for i in range(6)], at=T0 + 120)  # 0..100 s: minutes 0 and 1
-    retention = RetentionSettings(series=SeriesSettings(raw_max_age_s=3600, minute_max_age_s=86400, hour_max_age_s=7 * 86400))
-    deleted = registry.enforce_retention(retention, T0 + 180)
+    deleted = registry.enforce_retention(RETENTION, T0 + 180)
     assert deleted["series_raw"] == 0 and count(registry.engine, RAW) == 6
-    with registry.engine.connect() as conn:
-        rows = conn.execute(select(ROLLUP.c.step, ROLLUP.c.bucket, ROLLUP.c.n, ROLLUP.c.total, ROLLUP.c.lo, ROLLUP.c.hi)
-                            .order_by(ROLLUP.c.step, ROLLUP.c.bucket)).all()
-    assert [tuple(r) for r in rows] == [(60, T0, 3, 3.0, 0.0, 2.0), (60, T0 + 60, 3, 12.0, 3.0, 5.0), (3600, T0, 6, 15.0, 0.0, 5.0)]
-    # A replayed, late sample of minute 0 arrives after the rollup: the next run merges it into that bucket.
+    assert rollup_rows(registry.engine) == [(60, T0, 3, 3.0, 0.0, 2.0), (60, T0 + 60, 3, 12.0, 3.0, 5.0)]  # the hour is not over
+    # A replayed, late sample of minute 0 arrives after the flush: the next run merges it into that bucket.
     write(registry, fridge(7, T0 + 30, -9.0), at=T0 + 200)
-    registry.enforce_retention(retention, T0 + 240)
+    registry.enforce_retention(RETENTION, T0 + 240)
     with registry.engine.connect() as conn:
         m0 = conn.execute(select(ROLLUP.c.n, ROLLUP.c.lo).where(ROLLUP.c.step == 60, ROLLUP.c.bucket == T0)).one()
-    assert tuple(m0) == (4, -9.0)
-    # Two hours on: raw samples are gone, the minute buckets answer a 24 h chart with the same values.
-    deleted = registry.enforce_retention(retention, T0 + 7200)
+    assert tuple(m0) == (4, -9.0) and rollup_rows(registry.engine, 3600) == []
+    # Past the hour's end and its slack, the hour bucket is written once, with all seven samples; the raw rows,
+    # past their age and now held by both tiers, go in the same run.
+    deleted = registry.enforce_retention(RETENTION, T0 + 3600 + HOUR_FLUSH_SLACK_S)
+    assert rollup_rows(registry.engine, 3600) == [(3600, T0, 7, 6.0, -9.0, 5.0)]
     assert deleted["series_raw"] == 7 and count(registry.engine, RAW) == 0
+    # Two hours on, the minute buckets answer a 24 h chart with the same values.
     data = read_series(registry.engine, "shop-a", "temperature_c", start=T0 + 7200 - 86400, end=T0 + 7200,
-                       settings=retention.series, now=T0 + 7200)
+                       settings=RETENTION.series, now=T0 + 7200)
     assert data.resolution == "1m" and len(data.lines) == 1
     assert data.lines[0].min == [-9.0] and data.lines[0].max == [5.0]  # both minutes fall in one 180 s bucket
     assert data.lines[0].mean == [pytest.approx(6.0 / 7, abs=1e-3)]
     # Past the minutes' age, the hour bucket still holds them; past the hours' age, nothing.
-    deleted = registry.enforce_retention(retention, T0 + 86400 + 120)
+    deleted = registry.enforce_retention(RETENTION, T0 + 86400 + 120)
     assert deleted["series_rollup"] == 2 and count(registry.engine, ROLLUP, step=3600) == 1
-    registry.enforce_retention(retention, T0 + 7 * 86400 + 3601)
+    registry.enforce_retention(RETENTION, T0 + 7 * 86400 + 3601)
     assert count(registry.engine, ROLLUP) == 0
+
+
+def truth(msgs, step):
+    """The buckets a fold of every message gives: (step, bucket, n, total, lo, hi), per bucket (one node, one series)."""
+    acc = {}
+    for m in msgs:
+        v = m.readings[0].value
+        b = float(int(m.ts // step) * step)
+        n, t, lo, hi = acc.get(b, (0, 0.0, v, v))
+        acc[b] = (n + 1, t + v, min(lo, v), max(hi, v))
+    return [(step, b, *acc[b]) for b in sorted(acc)]
+
+
+def test_a_dead_writers_unflushed_samples_are_folded_by_another_exactly_once(db_url):
+    """A writer killed with buckets in memory: its raw rows above its cursors are folded again by the next writer's run
+    once it has not flushed for dead_after, in chunks, then it is forgotten; nothing is counted twice."""
+    engine = create_engine(db_url)
+    upgrade(engine)
+    a, b = RegistryStore(engine), RegistryStore(engine)
+    msgs = [fridge(i + 1, T0 + 7 * i, float(i % 13)) for i in range(400)]  # 0..2800 s: 47 minutes of one hour
+    write(a, *msgs[:100], at=T0 + 700)
+    a.enforce_retention(RETENTION, T0 + 700)  # a flushes minutes up to its row 100, not hours
+    write(a, *msgs[100:250], at=T0 + 1750)  # ... and dies with these in memory
+    write(b, *msgs[250:], at=T0 + 2800)  # the other writer (a replica, or the restarted controller's)
+    dead_after = series_dead_after(RETENTION)
+    b.enforce_retention(RETENTION, T0 + 700 + dead_after - 1)  # a is not dead yet: only b's own minutes
+    assert rollup_rows(engine, 60) != truth(msgs, 60)
+    with patch.object(series_module, "RECOVERY_CHUNK", 120):  # a's 250 rows for the hour tier: three runs
+        for k in range(1, 4):
+            b.enforce_retention(RETENTION, T0 + 700 + dead_after + k)
+    assert rollup_rows(engine, 60) == truth(msgs, 60)
+    with engine.connect() as conn:
+        assert [w for (w,) in conn.execute(select(WRITERS.c.wid))] == [b.rollups.wid]  # a is forgotten
+    b.enforce_retention(RETENTION, T0 + 4000 + dead_after)  # b's hour flush: the hour holds all 400, once
+    assert rollup_rows(engine, 3600) == [(3600, T0, 400, *truth(msgs, 3600)[0][3:])]
+    assert rollup_rows(engine, 60) == truth(msgs, 60)
+    engine.dispose()
+
+
+def test_a_writer_taken_for_dead_drops_its_buckets_instead_of_counting_twice(registry):
+    """A writer that stalled past dead_after and was recovered by another must not flush what it held."""
+    write(registry, *[fridge(i + 1, T0 + i, 1.0) for i in range(10)], at=T0 + 10)
+    other = RegistryStore(registry.engine)
+    other.enforce_retention(RETENTION, T0 + 10 + series_dead_after(RETENTION) + 1)  # takes `registry` for dead
+    assert rollup_rows(registry.engine, 60) == [(60, T0, 10, 10.0, 1.0, 1.0)]
+    registry.enforce_retention(RETENTION, T0 + 20 + series_dead_after(RETENTION))
+    assert rollup_rows(registry.engine, 60) == [(60, T0, 10, 10.0, 1.0, 1.0)] and registry.rollups.lost_flushes == 1
+    write(registry, fridge(11, T0 + 11, 2.0), at=T0 + 700)  # it registers again and goes on
+    registry.enforce_retention(RETENTION, T0 + 30 + series_dead_after(RETENTION))
+    assert rollup_rows(registry.engine, 60) == [(60, T0, 11, 12.0, 1.0, 2.0)]
+
+
+def reading(node: str, seq: int, ts: float, value: float) -> Telemetry:
+    return Telemetry(shop="shop-a", node=node, seq=seq, epoch="ep1", ts=ts, readings=(Reading(name="w", value=value, source="s"),))
+
+
+def fold_truth(msgs, step):
+    acc = {}
+    for m in msgs:
+        v, b = m.readings[0].value, float(int(m.ts // step) * step)
+        n, t, lo, hi = acc.get((m.node, b), (0, 0.0, v, v))
+        acc[(m.node, b)] = (n + 1, t + v, min(lo, v), max(hi, v))
+    return sorted((step, node, b, *acc[(node, b)]) for node, b in acc)
+
+
+def node_rollups(engine, step):
+    with engine.connect() as conn:
+        return sorted(tuple(r) for r in conn.execute(select(ROLLUP.c.step, ROLLUP.c.node_id, ROLLUP.c.bucket, ROLLUP.c.n, ROLLUP.c.total,
+                                                            ROLLUP.c.lo, ROLLUP.c.hi).where(ROLLUP.c.step == step)))
+
+
+FLEET = [reading(f"n-{i}", 1, T0 + i % 50, float(i % 7)) for i in range(40)] + \
+        [reading(f"n-{i}", 2, T0 + 61 + i % 50, float(i % 5)) for i in range(40)]
+
+
+def test_a_large_flush_goes_in_parts_with_the_batches_that_follow(registry):
+    """Past PART_BUCKETS the retention run only takes the flush; each following batch writes one part in its own
+    transaction, and a batch that rolls back has its part written again by the next one: exact, nothing twice."""
+    with patch.object(series_module, "PART_BUCKETS", 10):
+        write(registry, *FLEET, at=T0 + 120)
+        registry.enforce_retention(RETENTION, T0 + 180)
+        assert len(registry.rollups.flush.parts) == series_module.PARTS and node_rollups(registry.engine, 60) == []
+        write(registry, reading("late", 1, T0 + 500, 1.0), at=T0 + 190)  # one part per batch
+        first, done = node_rollups(registry.engine, 60), registry.rollups.flush.done
+        assert 0 < len(first) < 80
+        real_step = registry.rollups.step
+
+        def failing_step(conn, parts=1):
+            real_step(conn, parts)
+            raise RuntimeError("the database went away")
+
+        with patch.object(registry.rollups, "step", failing_step), pytest.raises(RuntimeError):
+            write(registry, reading("late", 2, T0 + 501, 1.0), at=T0 + 191)
+        assert node_rollups(registry.engine, 60) == first and registry.rollups.flush.done == done
+        batches = 0
+        while registry.rollups.flush is not None and batches < series_module.PARTS:
+            write(registry, reading("late", 3 + batches, T0 + 502 + batches, 1.0), at=T0 + 192 + batches)
+            batches += 1
+            assert registry.rollups.flush is None or len(node_rollups(registry.engine, 60)) < 80
+        assert registry.rollups.flush is None and batches > 5
+        assert node_rollups(registry.engine, 60) == fold_truth(FLEET, 60)
+
+
+def test_a_writer_dead_in_the_middle_of_a_flush_is_recovered_exactly(registry):
+    """The parts it wrote are skipped, the rest of its rows folded: the tiers hold every sample once."""
+    with patch.object(series_module, "PART_BUCKETS", 10):
+        write(registry, *FLEET[:40], at=T0 + 50)
+        registry.enforce_retention(RETENTION, T0 + 60)  # a flush in parts taken...
+        write(registry, *FLEET[40:], at=T0 + 120)  # ... one written with these, which stay in memory
+        write(registry, reading("n-0", 3, T0 + 130, 3.0), at=T0 + 130)  # a second part; then the writer dies
+    assert 0 < registry.rollups.flush.done < series_module.PARTS
+    other = RegistryStore(registry.engine)
+    other.enforce_retention(RETENTION, T0 + 130 + series_dead_after(RETENTION) + 1)
+    everything = [*FLEET, reading("n-0", 3, T0 + 130, 3.0)]
+    assert node_rollups(registry.engine, 60) == fold_truth(everything, 60)
+    other.enforce_retention(RETENTION, T0 + 3600 + HOUR_FLUSH_SLACK_S + series_dead_after(RETENTION))
+    assert node_rollups(registry.engine, 3600) == fold_truth(everything, 3600)
+
+
+def test_raw_rows_stay_until_every_writer_holds_them_and_a_far_future_row_holds_nothing_back(registry):
+    write(registry, *[fridge(i + 1, T0 + i, 1.0) for i in range(5)], at=T0 + 5)
+    write(registry, fridge(6, T0 + 10 * 86400, 9.0), at=T0 + 6)  # a node whose clock is ten days ahead
+    write(registry, *[fridge(i + 7, T0 + 10 + i, 1.0) for i in range(5)], at=T0 + 16)
+    # Past the raw age but before the hour flush: the hour tier does not hold them yet, so they stay.
+    assert registry.enforce_retention(RETENTION, T0 + 3600 + 60)["series_raw"] == 0
+    # After it they go, the future row with them (its samples are in the tiers; it would block every later row).
+    assert registry.enforce_retention(RETENTION, T0 + 3600 + HOUR_FLUSH_SLACK_S)["series_raw"] == 11
+    assert count(registry.engine, RAW) == 0
+
+
+def test_the_old_single_cursor_becomes_writer_zero(db_url):
+    """Rows stored before 0018: those past the old cursor are folded by the first run, those before it are not folded again."""
+    engine = create_engine(db_url)
+    upgrade(engine, "0007_series")
+    with engine.begin() as conn:
+        for i in range(6):
+            conn.execute(sa_text("INSERT INTO series_raw (shop_id, node_id, ts, samples) VALUES ('shop-a', 'pi-1', :ts, :s)"),
+                         {"ts": T0 + 10 * i, "s": json.dumps([["temperature_c", "fridge-1", float(i)]])})
+        conn.execute(sa_text("INSERT INTO series_cursors (step, last_id) VALUES (0, (SELECT min(id) + 2 FROM series_raw))"))
+    upgrade(engine)
+    registry = RegistryStore(engine)
+    registry.enforce_retention(RETENTION, T0 + 60)
+    assert rollup_rows(engine) == [(60, T0, 3, 12.0, 3.0, 5.0), (3600, T0, 3, 12.0, 3.0, 5.0)]  # rows 4..6 only
+    with engine.connect() as conn:
+        assert conn.scalar(select(func.count()).select_from(WRITERS)) == 0
+    engine.dispose()
 
 
 def test_reads_stay_within_max_points(registry):
