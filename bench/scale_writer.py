@@ -252,7 +252,9 @@ def main() -> int:
                 "sweep_ms": round(1e3 * sweep_cpu / max(sweeps, 1), 1),
                 "read_calls_per_msg": round((io1["syscr"] - io0["syscr"]) / m, 2), "read_kb_per_msg": round((io1["rchar"] - io0["rchar"]) / m / 1024, 1),
                 "write_calls_per_msg": round((io1["syscw"] - io0["syscw"]) / m, 2), "write_kb_per_msg": round((io1["wchar"] - io0["wchar"]) / m / 1024, 1),
-                **retention, "load_avg_1m": round(os.getloadavg()[0], 2)}), flush=True)
+                **retention, "wal_mb": round(Path(f"{work}-wal").stat().st_size / 2**20, 1) if Path(f"{work}-wal").exists() else 0,
+                "checkpoints": checkpointer.checkpoints if checkpointer else None,
+                "load_avg_1m": round(os.getloadavg()[0], 2)}), flush=True)
     finally:
         if checkpointer is not None:
             checkpointer.stop()

@@ -118,9 +118,9 @@ def create_engine(url: str, **kwargs: Any) -> Engine:
 
 CHECKPOINT_PERIOD_S = 0.5
 """How often the writer's checkpointer thread copies the WAL into the database file."""
-WRITER_AUTOCHECKPOINT_PAGES = 50_000
-"""The writer connections' own checkpoint bound once a checkpointer runs (~200 MB of WAL): a safety net, never reached
-while the checkpointer lives."""
+WRITER_AUTOCHECKPOINT_PAGES = 16_384
+"""The writer connections' own checkpoint bound once a checkpointer runs (64 MB of WAL): what bounds the WAL (see
+:class:`Checkpointer`)."""
 
 
 class Checkpointer:
@@ -128,12 +128,15 @@ class Checkpointer:
 
     By default SQLite checkpoints inside the commit that takes the WAL past 1,000 pages: at
     100,000 nodes every batch's commit copied a few thousand scattered pages into the database file
-    and synced it, on the writer's path (docs/benchmarks.md, Scale). With a checkpointer the
-    writer's connections only append to the WAL (their own bound is raised to
-    :data:`WRITER_AUTOCHECKPOINT_PAGES`), and this thread runs a ``PASSIVE`` checkpoint every
-    :data:`CHECKPOINT_PERIOD_S` (it never waits for the writer; SQLite releases the GIL while it
-    copies, so it runs beside the writer on the second core). Litestream and similar tools run
-    SQLite the same way.
+    and synced it, on the writer's path (docs/benchmarks.md, Scale). With a checkpointer this thread
+    runs a ``PASSIVE`` checkpoint every :data:`CHECKPOINT_PERIOD_S` (it never waits for the writer;
+    SQLite releases the GIL while it copies, so it runs beside the writer on the second core), and
+    the writer's connections checkpoint themselves only past :data:`WRITER_AUTOCHECKPOINT_PAGES`.
+    That bound is what keeps the WAL finite: SQLite starts the WAL over only after a checkpoint that
+    copied every frame with no commit in between, which a thread beside a writer that commits all
+    the time rarely sees, and a writer whose WAL grows faster than the thread copies must slow down.
+    Past the bound the writer's commit copies what the thread has not (its own checkpoint sees no
+    concurrent commit, so the WAL starts over), so the WAL stays near that size.
     """
 
     def __init__(self, engine: Engine, period_s: float = CHECKPOINT_PERIOD_S) -> None:

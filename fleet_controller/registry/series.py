@@ -407,6 +407,8 @@ class Rollups:
         """Start of the oldest hour bucket held in memory (the hour tier is flushed once it is over)."""
         self.hours_flushed_at = -math.inf
         self.flush: _Flush | None = None
+        self._part: dict[tuple[str, str], int] = {}
+        """Memo of :func:`_part_of` by node."""
         self._stepped = 0
         self._taken: _Flush | None = None
         self.lost_flushes = 0
@@ -423,11 +425,15 @@ class Rollups:
 
     def add(self, rows: Iterable[StoredRow]) -> None:
         """Fold committed rows into the minute and hour buckets held in memory."""
-        minutes, hours, parts = self.minutes, self.hours, len(self.minutes)
+        minutes, hours, parts, part_of = self.minutes, self.hours, len(self.minutes), self._part
         floor = math.floor
         oldest = self.oldest_hour
+        if len(part_of) > 1_000_000:  # a bound on the memo, whatever the fleet's churn
+            part_of.clear()
         for shop, node, ts, points in rows:
-            part = _part_of(shop, node, parts)
+            part = part_of.get((shop, node))
+            if part is None:
+                part = part_of[(shop, node)] = _part_of(shop, node, parts)
             _fold(minutes[part], shop, node, float(floor(ts / MINUTE) * MINUTE), points)
             hour = float(floor(ts / HOUR) * HOUR)
             _fold(hours[part], shop, node, hour, points)

@@ -113,3 +113,28 @@ def test_the_writers_checkpointer_copies_the_wal_off_the_commits(tmp_path):
         checkpointer.stop()
         engine.dispose()
     assert start_checkpointer(create_engine("sqlite://")) is None  # in memory: nothing to checkpoint
+
+
+def test_the_wal_stays_near_the_writers_bound_under_a_writer_that_never_pauses(tmp_path, monkeypatch):
+    """A passive checkpoint beside a writer that commits all the time rarely lets the WAL start over; the writer's own
+    bound does, so the WAL file stays near it instead of growing with everything written."""
+    from fleet_controller.registry import db as db_module
+
+    monkeypatch.setattr(db_module, "WRITER_AUTOCHECKPOINT_PAGES", 300)  # 1.2 MB
+    engine = create_engine(f"sqlite:///{tmp_path / 'writer.db'}")
+    checkpointer = db_module.Checkpointer(engine, period_s=0.02).start()
+    wal = tmp_path / "writer.db-wal"
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("CREATE TABLE t (x BLOB)")
+        biggest = 0
+        for _ in range(700):  # 40 MB, ~16 pages a commit, back to back
+            with engine.begin() as conn:
+                conn.exec_driver_sql("INSERT INTO t VALUES (randomblob(60000))")
+                conn.exec_driver_sql("DELETE FROM t WHERE rowid < (SELECT max(rowid) - 50 FROM t)")
+            biggest = max(biggest, wal.stat().st_size)
+        assert checkpointer.checkpoints > 0 and checkpointer.failures == 0
+        assert biggest < 6_000_000, biggest
+    finally:
+        checkpointer.stop()
+        engine.dispose()
