@@ -14,7 +14,8 @@ fusion was not tuned on.
 Before that, the reach evidence (``Fusion._reach``: a session's box over the slot around the
 change) gives the likelihood ratios ``reach_lr_*``: how much likelier each kind of evidence is for
 the picker than for another shopper near the slot, at the camera's nominal rate and at a sparse
-camera; the margins are then collected with those ratios in the scores.
+camera. The margins are collected on the defaults' scores (reach left out: the ratios did not pay,
+docs/fusion.md), or with ``--reach`` with the measured ratios in the scores.
 
 The run prints the reliability table (bins of the calibrated probability: count, share right,
 mean calibrated probability) and, last, one JSON line with the fit.
@@ -194,14 +195,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--first-seed", type=int, default=FIRST_SEED, help="first seed of each scenario (the benchmark uses 0-39: stay clear of them)")
     p.add_argument("--scale", type=float, default=1.0, help="multiply the number of seeds per scenario")
+    p.add_argument("--reach", action="store_true", help="fit the calibration with the measured reach ratios in the scores (set them with the printed reach_lr_* values)")
     args = p.parse_args(argv)
     if args.first_seed < 100:
         print("error: --first-seed below 100 overlaps the benchmark's seeds (0-39); calibrate on held-out seeds", file=sys.stderr)
         return 2
     mix = {k: (max(1, round(n * args.scale)), s) for k, (n, s) in MIX.items()}
-    # First the reach likelihood ratios (the reach evidence does not depend on them), then the
-    # logistic calibration of the margins, which do.
-    runs = play(mix, args.first_seed, FusionConfig(reach_lr_reached=1.0, reach_lr_not_reached=1.0, reach_lr_reached_sparse=1.0, reach_lr_not_reached_sparse=1.0))
+    # The reach likelihood ratios (the reach evidence does not depend on them), measured with reach
+    # left out of the scores; then the logistic calibration of the margins, on the defaults' scores
+    # (reach left out) or, with --reach, with the measured ratios in them.
+    off = {f"reach_lr_{k}{suffix}": 1.0 for k in ("reached", "not_reached", "unseen") for suffix in ("", "_sparse")}
+    runs = play(mix, args.first_seed, FusionConfig(**off))  # type: ignore[arg-type]
     lrs: dict[str, float] = {}
     for sparse, suffix in ((False, ""), (True, "_sparse")):
         counts = reach_counts(runs, sparse=sparse)
@@ -209,7 +213,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reach {'sparse camera' if sparse else 'nominal camera'}: picker {dict(counts['picker'])}, other shopper near {dict(counts['other'])}: ratios {ratios}")
         lrs[f"reach_lr_reached{suffix}"] = round(ratios["reached"], 2)
         lrs[f"reach_lr_not_reached{suffix}"] = round(ratios["not-reached"], 2)
-    rows = collect(mix, args.first_seed, FusionConfig(**lrs))  # type: ignore[arg-type]
+        lrs[f"reach_lr_unseen{suffix}"] = round(ratios["unseen"], 2)
+    if args.reach:
+        rows = collect(mix, args.first_seed, FusionConfig(**lrs))  # type: ignore[arg-type]
+    else:
+        rows = collect(mix, args.first_seed, runs=runs)
     rows = [(split(f), r, n) for f, r, n in rows]
     coef = fit([f for f, _, _ in rows], [r for _, r, _ in rows], signs=SPLIT_SIGNS)
     for b in reliability(rows, coef):
@@ -221,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     doubt = {n: sum(1 for i, (_, _, m) in enumerate(rows) if m == n and prob[i] < bar) for n in mix}
     print(f"changes below attribution_bar {bar} per scenario: {doubt}")
     slope, slope_sparse, nobody, sparse, offset = coef
-    print(json.dumps({"changes": len(rows), "wrong": len(wrong), "calibration_slope": round(slope, 4), "calibration_slope_sparse": round(slope_sparse, 4), "calibration_nobody": round(nobody, 4), "calibration_sparse": round(sparse, 4), "calibration_offset": round(offset, 4), **lrs, "seeds_from": args.first_seed, "mix": mix}))
+    print(json.dumps({"changes": len(rows), "wrong": len(wrong), "calibration_slope": round(slope, 4), "calibration_slope_sparse": round(slope_sparse, 4), "calibration_nobody": round(nobody, 4), "calibration_sparse": round(sparse, 4), "calibration_offset": round(offset, 4), "reach_in_scores": args.reach, "measured_reach_ratios": lrs, "seeds_from": args.first_seed, "mix": mix}))
     return 0
 
 

@@ -91,21 +91,23 @@ class FusionConfig(BaseModel):
     swap_margin: float = Field(0.35, gt=0, le=2, description="a track looking this much more like another session than its own is a suspected id swap")
     swap_checks: int = Field(3, ge=1, description="consecutive suspicious checks before a track is moved to the other session")
     lost_exclusion: float = Field(0.8, ge=0, le=1, description="how much a shopper seen standing at the slot lowers the score of a shopper lost away from it; 0 treats a lost shopper as if nobody stood there")
-    calibration_slope: float = Field(2.344, gt=0, description="calibration of the attribution probability, sigmoid(calibration_slope * margin_others + calibration_nobody * margin_nobody + calibration_sparse * sparse + calibration_offset): the weight of the evidence against the other shoppers, margin_others = log(best cart's score / (other carts' scores + others_floor)); fitted on held-out scenarios by fusion.calibrate")
-    calibration_slope_sparse: float = Field(0.956, gt=0, description="calibration_slope at a sparse camera (sparse >= 1: at most half the nominal frames): there a track's positions and boxes go to the wrong shopper more often, so the same margin is worth less")
+    calibration_slope: float = Field(2.25, gt=0, description="calibration of the attribution probability, sigmoid(calibration_slope * margin_others + calibration_nobody * margin_nobody + calibration_sparse * sparse + calibration_offset): the weight of the evidence against the other shoppers, margin_others = log(best cart's score / (other carts' scores + others_floor)); fitted on held-out scenarios by fusion.calibrate")
+    calibration_slope_sparse: float = Field(1.888, gt=0, description="calibration_slope at a sparse camera (sparse >= 1: at most half the nominal frames): there a track's positions and boxes go to the wrong shopper more often, so the same margin is worth less")
     calibration_nobody: float = Field(0.0, ge=0, description="see calibration_slope: the weight of the evidence against nobody, margin_nobody = log(best cart's score / nobody_score) (how well the shopper was seen at the slot at all)")
-    calibration_sparse: float = Field(-0.277, le=0, description="see calibration_slope: the weight of a sparse camera, sparse = frames missed per nominal frame (frame interval / nominal_frame_s - 1, at least 0); a slow camera swaps and loses tracks, so the same evidence is worth less")
-    calibration_offset: float = Field(0.097, description="see calibration_slope; the defaults are the fit on held-out seeds (docs/fusion.md, 'Calibration')")
+    calibration_sparse: float = Field(-1.45, le=0, description="see calibration_slope: the weight of a sparse camera, sparse = frames missed per nominal frame (frame interval / nominal_frame_s - 1, at least 0); a slow camera swaps and loses tracks, so the same evidence is worth less")
+    calibration_offset: float = Field(0.342, description="see calibration_slope; the defaults are the fit on held-out seeds (docs/fusion.md, 'Calibration')")
     others_floor: float = Field(0.01, gt=0, lt=1, description="least score of 'another shopper' in margin_others: with nobody else near, a shopper's own weak evidence still bounds the probability")
     nominal_frame_s: float = Field(0.1, gt=0, description="the camera's nominal frame interval (seconds between track updates); a longer measured interval makes the attribution less sure (calibration_sparse)")
     appearance_alpha: float = Field(0.3, gt=0, le=1, description="weight of a new appearance vector in a track's running average")
     reach_window_s: float = Field(1.0, gt=0, description="look for a shopper's box over the slot this far either side of the estimated moment of the pick")
     reach_overlap_m: float = Field(0.1, ge=0, description="a box reaches into a slot when its part behind the shelf's front edge overlaps the slot's width by at least this much")
     reach_seen_frames: int = Field(2, ge=1, description="boxes of a session in the reach window needed to say it did not reach (fewer: 'unseen', no evidence either way)")
-    reach_lr_reached: float = Field(9.31, gt=0, description="factor on a session's score when its box reached into the slot around the change: P(reach seen | the picker) / P(reach seen | another shopper near), at the camera's nominal rate; fitted on held-out scenarios by fusion.calibrate (docs/fusion.md, 'Calibration'); 1 ignores reach")
-    reach_lr_not_reached: float = Field(0.29, gt=0, description="factor on a session's score when its box was seen around the change but never over the slot: P(no reach | the picker) / P(no reach | another shopper near), at the nominal rate; 1 ignores it")
-    reach_lr_reached_sparse: float = Field(3.4, gt=0, description="reach_lr_reached for a sparse camera (sparse >= 1: at most half the nominal frames), whose boxes go to the wrong track more often")
-    reach_lr_not_reached_sparse: float = Field(0.36, gt=0, description="reach_lr_not_reached for a sparse camera (sparse >= 1)")
+    reach_lr_reached: float = Field(1.0, gt=0, description="factor on a session's score when its box reached into the slot around the change: P(reach seen | the picker) / P(reach seen | another shopper near), at the camera's nominal rate; measured on held-out scenarios by fusion.calibrate (9.31 there); 1 (the default) ignores reach: with the ratios in, the review rate went up, not down (docs/fusion.md, 'Reach')")
+    reach_lr_not_reached: float = Field(1.0, gt=0, description="factor on a session's score when its box was seen around the change but never over the slot: P(no reach | the picker) / P(no reach | another shopper near), at the nominal rate; 1 ignores it")
+    reach_lr_unseen: float = Field(1.0, gt=0, description="factor on a session's score when fewer than reach_seen_frames of its boxes were seen around the change (lost, occluded): P(unseen | the picker) / P(unseen | another shopper near), at the nominal rate")
+    reach_lr_unseen_sparse: float = Field(1.0, gt=0, description="reach_lr_unseen for a sparse camera (sparse >= 1)")
+    reach_lr_reached_sparse: float = Field(1.0, gt=0, description="reach_lr_reached for a sparse camera (sparse >= 1: at most half the nominal frames), whose boxes go to the wrong track more often")
+    reach_lr_not_reached_sparse: float = Field(1.0, gt=0, description="reach_lr_not_reached for a sparse camera (sparse >= 1)")
 
 
 @dataclass
@@ -220,6 +222,7 @@ class Fusion:
         self._door_opening = 0
         self._offline: dict[str, float] = {}
         self._pending: list[tuple[ShelfChange, SlotSpec]] = []  # orphans that an id swap may still explain
+        self._unowned_near: dict[int, str] = {}  # track on no session near a change that went to nobody -> why its cart is in doubt
         self._n_sessions = 0
         self._n_carts = 0
         self._frame_gaps: deque[float] = deque(maxlen=50)  # recent times between camera frames (track updates)
@@ -378,6 +381,8 @@ class Fusion:
         if len(self._tracks) < 64:
             return
         for tid in [tid for tid, t in self._tracks.items() if t.ended and t.last_ts < now - self.config.history_s]:
+            if self._tracks[tid].session is None:
+                self._unowned_near.pop(tid, None)  # never joined a session: no cart to flag
             del self._tracks[tid]
 
     def _sim(self, a: np.ndarray | None, b: np.ndarray | None) -> float | None:
@@ -467,6 +472,7 @@ class Fusion:
             sess.proto, sess.proto_n = t.app.copy(), 1
         self._sessions[sid] = sess
         t.session = sid
+        self._inherit_unowned(t, cart)
         # They came in with one of the groups inside: each of those carts may lack what they take.
         for c in {self._sessions[s.id].cart for s in open_sessions if s.opened_at <= t.first_ts}:
             self._carts[c].flag("entry-unseen", f"track {t.id} found walking inside at {t.first_ts:.1f}s without being seen coming in; joined to {latest.id}'s cart")
@@ -604,6 +610,27 @@ class Fusion:
             self._sessions[sid].proto, self._sessions[sid].proto_n = t.app.copy(), 1
         t.session = sid
         self.stats["sessions"] += 1
+        self._inherit_unowned(t, cart)
+
+    def _inherit_unowned(self, t: _Track, cart: _Cart) -> None:
+        """Flag a new session's cart when it may be a person who was inside on no session near a change that went to nobody.
+
+        That person's track ended (or was last seen) before this one started, and could have walked
+        from where it was last seen to where this one starts (as a re-join would need): a shopper
+        whose entry the camera missed, given a session only later (at worst, on the way out).
+        """
+        cfg = self.config
+        if not self._unowned_near or not self.layout.door.is_inside((t.hist[0][1], t.hist[0][2])):
+            return  # first seen on the street: someone coming in, not a person who was inside
+        for tid, why in list(self._unowned_near.items()):
+            u = self._tracks.get(tid)
+            if u is None or u.session is not None or u is t or not u.hist:
+                continue
+            gap = t.first_ts - u.last_ts
+            if gap < -cfg.rejoin_overlap_s or gap > cfg.history_s:
+                continue
+            if math.dist((u.x, u.y), (t.hist[0][1], t.hist[0][2])) <= cfg.rejoin_speed_mps * max(gap, 0.0) + 1.5:
+                cart.flag("nobody-near", why)
 
     def _exit(self, t: _Track, ts: float) -> None:
         if t.session is None:
@@ -855,14 +882,15 @@ class Fusion:
         cfg = self.config
         t_act = ch.ts - cfg.settle_delay_s
         scores = self._scores(spec.slot, t_act)
-        # Reach: a shopper whose box was over the slot around the change is likelier the picker, one
-        # seen all along without reaching less likely (likelihood ratios fitted on held-out scenarios).
+        # Reach: a shopper whose box was over the slot around the change is likelier the picker than
+        # one seen there without reaching (likelihood ratios fitted on held-out scenarios by
+        # fusion.calibrate; all 1 by default: measured, they did not pay, docs/fusion.md).
         reach = {sid: self._reach(sid, spec.slot, t_act) for sid in scores}
         sparse = self.sparse()
         if sparse >= 1.0:
-            lr = {"reached": cfg.reach_lr_reached_sparse, "not-reached": cfg.reach_lr_not_reached_sparse, "unseen": 1.0}
+            lr = {"reached": cfg.reach_lr_reached_sparse, "not-reached": cfg.reach_lr_not_reached_sparse, "unseen": cfg.reach_lr_unseen_sparse}
         else:
-            lr = {"reached": cfg.reach_lr_reached, "not-reached": cfg.reach_lr_not_reached, "unseen": 1.0}
+            lr = {"reached": cfg.reach_lr_reached, "not-reached": cfg.reach_lr_not_reached, "unseen": cfg.reach_lr_unseen}
         scores = {sid: (v[0] * lr[reach[sid]], v[1], v[2]) for sid, v in scores.items()}
         reach_t = tuple(sorted((sid, r, round(scores[sid][1], 3)) for sid, r in reach.items()))
         by_cart: dict[str, float] = {}
@@ -877,6 +905,13 @@ class Fusion:
             a = Attribution(ch.id, spec.slot, spec.product, ch.quantity, ch.ts, None, 0.0, candidates, (Reason("nobody-near", f"{spec.slot} at {t_act:.1f}s"),), sparse=sparse, reach=reach_t)
             self.orphans.append(a)
             self._pending.append((ch, spec))
+            # A person near the slot whom no session follows (come in unseen, or a lost shopper not yet
+            # re-joined): whichever cart their track ends up on may hold this change (flagged when it closes).
+            for t in self._tracks.values():
+                if t.session is None and not t.segments and not t.ended and t.hist and t.last_ts >= t_act - cfg.window_s and t.hist[0][0] <= t_act + cfg.window_s:
+                    near = min((self._place_weight(spec.slot, x, y)[1] for ts, x, y in t.hist if abs(ts - t_act) <= cfg.window_s), default=math.inf)
+                    if near <= cfg.reach_m + 1.0:
+                        self._unowned_near.setdefault(t.id, f"change {ch.id} on {spec.slot} at {t_act:.1f}s went to nobody while track {t.id}, then on no session, was {near:.1f} m away")
             # Somebody's hand did it: every shopper inside who was not watched the whole time may be that somebody.
             for sess in self._sessions.values():
                 if self._open_at(sess, t_act) and not self._watched(sess.id, t_act - cfg.window_s, t_act + cfg.window_s):
@@ -1139,6 +1174,9 @@ class Fusion:
         spans = self._spans(set(cart.sessions))
         sessions = [self._sessions.pop(sid) for sid in cart.sessions if sid in self._sessions]
         tracks = tuple(tid for s in sessions for tid in s.tracks)
+        for tid in tracks:
+            if tid in self._unowned_near:
+                cart.flag("nobody-near", self._unowned_near.pop(tid))
         for tid in tracks:
             if tid in self._tracks:
                 self._tracks[tid].session = None  # a track still seen outside is nobody's until it enters again
