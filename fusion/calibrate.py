@@ -218,8 +218,12 @@ def main(argv: list[str] | None = None) -> int:
         rows = collect(mix, args.first_seed, FusionConfig(**lrs))  # type: ignore[arg-type]
     else:
         rows = collect(mix, args.first_seed, runs=runs)
-    rows = [(split(f), r, n) for f, r, n in rows]
-    coef = fit([f for f, _, _ in rows], [r for _, r, _ in rows], signs=SPLIT_SIGNS)
+    if args.reach:  # a slope of its own at a sparse camera, whose boxes go to the wrong track more often
+        rows = [(split(f), r, n) for f, r, n in rows]
+        coef = fit([f for f, _, _ in rows], [r for _, r, _ in rows], signs=SPLIT_SIGNS)
+    else:
+        slope, nobody, sparse, offset = fit([f for f, _, _ in rows], [r for _, r, _ in rows], signs=SIGNS)
+        coef = (slope, nobody, sparse, offset)
     for b in reliability(rows, coef):
         print(f"p {b['p_from']:<5} .. {b['p_to']:<5} changes {b['changes']:>5}  right {b['right']:.4f}  calibrated {b['calibrated']:.4f}")
     prob = probabilities([f for f, _, _ in rows], coef)
@@ -228,8 +232,14 @@ def main(argv: list[str] | None = None) -> int:
     bar = FusionConfig().attribution_bar
     doubt = {n: sum(1 for i, (_, _, m) in enumerate(rows) if m == n and prob[i] < bar) for n in mix}
     print(f"changes below attribution_bar {bar} per scenario: {doubt}")
-    slope, slope_sparse, nobody, sparse, offset = coef
-    print(json.dumps({"changes": len(rows), "wrong": len(wrong), "calibration_slope": round(slope, 4), "calibration_slope_sparse": round(slope_sparse, 4), "calibration_nobody": round(nobody, 4), "calibration_sparse": round(sparse, 4), "calibration_offset": round(offset, 4), "reach_in_scores": args.reach, "measured_reach_ratios": lrs, "seeds_from": args.first_seed, "mix": mix}))
+    if args.reach:
+        slope, slope_sparse, nobody, sparse, offset = coef
+    else:
+        slope, nobody, sparse, offset = coef
+        slope_sparse = None
+    out = {"changes": len(rows), "wrong": len(wrong), "calibration_slope": round(slope, 4), "calibration_slope_sparse": None if slope_sparse is None else round(slope_sparse, 4)}
+    out |= {"calibration_nobody": round(nobody, 4), "calibration_sparse": round(sparse, 4), "calibration_offset": round(offset, 4), "reach_in_scores": args.reach, "measured_reach_ratios": lrs}
+    print(json.dumps(out | {"seeds_from": args.first_seed, "mix": mix}))
     return 0
 
 

@@ -91,11 +91,11 @@ class FusionConfig(BaseModel):
     swap_margin: float = Field(0.35, gt=0, le=2, description="a track looking this much more like another session than its own is a suspected id swap")
     swap_checks: int = Field(3, ge=1, description="consecutive suspicious checks before a track is moved to the other session")
     lost_exclusion: float = Field(0.8, ge=0, le=1, description="how much a shopper seen standing at the slot lowers the score of a shopper lost away from it; 0 treats a lost shopper as if nobody stood there")
-    calibration_slope: float = Field(2.25, gt=0, description="calibration of the attribution probability, sigmoid(calibration_slope * margin_others + calibration_nobody * margin_nobody + calibration_sparse * sparse + calibration_offset): the weight of the evidence against the other shoppers, margin_others = log(best cart's score / (other carts' scores + others_floor)); fitted on held-out scenarios by fusion.calibrate")
-    calibration_slope_sparse: float = Field(1.888, gt=0, description="calibration_slope at a sparse camera (sparse >= 1: at most half the nominal frames): there a track's positions and boxes go to the wrong shopper more often, so the same margin is worth less")
+    calibration_slope: float = Field(2.021, gt=0, description="calibration of the attribution probability, sigmoid(calibration_slope * margin_others + calibration_nobody * margin_nobody + calibration_sparse * sparse + calibration_offset): the weight of the evidence against the other shoppers, margin_others = log(best cart's score / (other carts' scores + others_floor)); fitted on held-out scenarios by fusion.calibrate")
+    calibration_slope_sparse: float | None = Field(None, gt=0, description="calibration_slope at a sparse camera (sparse >= 1: at most half the nominal frames), where a track's boxes go to the wrong shopper more often; None: calibration_slope. Fitted apart only with the reach ratios in the scores (python -m fusion.calibrate --reach)")
     calibration_nobody: float = Field(0.0, ge=0, description="see calibration_slope: the weight of the evidence against nobody, margin_nobody = log(best cart's score / nobody_score) (how well the shopper was seen at the slot at all)")
-    calibration_sparse: float = Field(-1.45, le=0, description="see calibration_slope: the weight of a sparse camera, sparse = frames missed per nominal frame (frame interval / nominal_frame_s - 1, at least 0); a slow camera swaps and loses tracks, so the same evidence is worth less")
-    calibration_offset: float = Field(0.342, description="see calibration_slope; the defaults are the fit on held-out seeds (docs/fusion.md, 'Calibration')")
+    calibration_sparse: float = Field(-1.689, le=0, description="see calibration_slope: the weight of a sparse camera, sparse = frames missed per nominal frame (frame interval / nominal_frame_s - 1, at least 0); a slow camera swaps and loses tracks, so the same evidence is worth less")
+    calibration_offset: float = Field(0.544, description="see calibration_slope; the defaults are the fit on held-out seeds (docs/fusion.md, 'Calibration')")
     others_floor: float = Field(0.01, gt=0, lt=1, description="least score of 'another shopper' in margin_others: with nobody else near, a shopper's own weak evidence still bounds the probability")
     nominal_frame_s: float = Field(0.1, gt=0, description="the camera's nominal frame interval (seconds between track updates); a longer measured interval makes the attribution less sure (calibration_sparse)")
     appearance_alpha: float = Field(0.3, gt=0, le=1, description="weight of a new appearance vector in a track's running average")
@@ -972,7 +972,7 @@ class Fusion:
     def calibrated(self, margin_others: float, margin_nobody: float, sparse: float = 0.0) -> float:
         """Return the calibrated probability that a change is the chosen cart's, given its evidence."""
         cfg = self.config
-        slope = cfg.calibration_slope_sparse if sparse >= 1.0 else cfg.calibration_slope
+        slope = cfg.calibration_slope_sparse if sparse >= 1.0 and cfg.calibration_slope_sparse is not None else cfg.calibration_slope
         z = slope * margin_others + cfg.calibration_nobody * margin_nobody + cfg.calibration_sparse * sparse + cfg.calibration_offset
         return 1.0 / (1.0 + math.exp(-z)) if z > -50 else 0.0
 

@@ -103,7 +103,7 @@ class _Reach:
     false_draw: float  # compared with reach_false for each other shopper near the slot
 
 
-def _reaches(visits: list["Visit"], shop_slot: dict[str, SlotSpec], cam: CameraSpec, rng: random.Random) -> list[_Reach]:
+def _reaches(visits: list[Visit], shop_slot: dict[str, SlotSpec], cam: CameraSpec, rng: random.Random) -> list[_Reach]:
     out = []
     for v in visits:
         for at, slot_name, _units, _product in v.actions:
