@@ -955,12 +955,16 @@ class Fusion:
                         self._carts[c].contests[ch.id] = (ch.ts, contested)
             else:
                 reasons.append(Reason("low-confidence", f"{spec.slot} at {t_act:.1f}s: {best_sid} p={p:.3f} < {cfg.attribution_bar}, nobody else near enough to contest it"))
-                # A cart holding less than half of the doubt may still be the picker's (a shopper lost
-                # near the slot): above the bar's share it is flagged too, or it would be accepted short.
+                # A cart holding less than half of the doubt may still be the picker's when its shopper
+                # was lost then (not seen all through the window): above the bar's share it is flagged
+                # too, or it would be accepted short. (One seen all along, elsewhere, was not at the slot;
+                # unless the camera is sparse: there a track seen all along may be another shopper's.)
                 for c, sc in rest:
                     share = (1.0 - p) * sc / others
-                    if share > 1 - cfg.attribution_bar:
-                        sid = max((x for x in scores if self._sessions[x].cart == c), key=lambda x: scores[x][0])
+                    if share <= 1 - cfg.attribution_bar:
+                        continue
+                    sid = max((x for x in scores if self._sessions[x].cart == c), key=lambda x: scores[x][0])
+                    if sparse >= 1.0 or not self._watched(sid, t_act - cfg.window_s, t_act + cfg.window_s):
                         self._carts[c].contests[ch.id] = (ch.ts, Reason("low-confidence", f"{spec.slot} at {t_act:.1f}s went to {best_sid} with p={p:.3f}; {sid} p={share:.3f} may have made it"))
         if spec.slot != ch.slot or spec.product != ch.product:
             reasons.append(Reason("planogram-mismatch", f"board {ch.board}/{ch.channel} reports {ch.slot}:{ch.product}, layout has {spec.slot}:{spec.product}"))
