@@ -11,6 +11,12 @@ it. A logistic fit of right/wrong on those gives ``calibration_slope``, ``calibr
 fit, docs/fusion.md), so a stated probability of 0.99 is right about 99 times in 100 on scenarios
 fusion was not tuned on.
 
+Before that, the reach evidence (``Fusion._reach``: a session's box over the slot around the
+change) gives the likelihood ratios ``reach_lr_*``: how much likelier each kind of evidence is for
+the picker than for another shopper near the slot, at the camera's nominal rate and at a sparse
+camera. The margins are collected on the defaults' scores (reach left out: the ratios did not pay,
+docs/fusion.md), or with ``--reach`` with the measured ratios in the scores.
+
 The run prints the reliability table (bins of the calibrated probability: count, share right,
 mean calibrated probability) and, last, one JSON line with the fit.
 """
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from itertools import pairwise
 
@@ -27,7 +34,7 @@ import numpy as np
 
 from fusion.engine import FusionConfig
 from fusion.generate import generate
-from fusion.sim import run
+from fusion.sim import RunResult, run
 
 # name -> (number of seeds, shoppers): every named scenario, crowds and the slow camera weighted up (they are the hard part).
 MIX: dict[str, tuple[int, int]] = {
@@ -47,23 +54,73 @@ Features = tuple[float, ...]
 """(margin_others, margin_nobody, sparse) of one attributed change."""
 
 
-def collect(mix: dict[str, tuple[int, int]], first_seed: int = FIRST_SEED, config: FusionConfig | None = None) -> list[tuple[Features, bool, str]]:
+def play(mix: dict[str, tuple[int, int]], first_seed: int = FIRST_SEED, config: FusionConfig | None = None) -> list[tuple[str, RunResult]]:
+    """Play every scenario of the mix on its seeds."""
+    return [(name, run(generate(name, seed, shoppers), seed=seed, config=config)) for name, (n, shoppers) in mix.items() for seed in range(first_seed, first_seed + n)]
+
+
+def collect(mix: dict[str, tuple[int, int]], first_seed: int = FIRST_SEED, config: FusionConfig | None = None, runs: list[tuple[str, RunResult]] | None = None) -> list[tuple[Features, bool, str]]:
     """Return (features, right, scenario) for every attributed change whose truth is known."""
     out: list[tuple[Features, bool, str]] = []
-    for name, (n, shoppers) in mix.items():
-        for seed in range(first_seed, first_seed + n):
-            r = run(generate(name, seed, shoppers), seed=seed, config=config)
-            for c in r.carts:
-                truth = r.cart_truth.get(c.cart_id)
-                for a in c.attributions:
-                    true = r.change_truth.get(a.change_id)
-                    if true is not None:
-                        out.append(((a.margin_others, a.margin_nobody, a.sparse), true == truth, name))
+    for name, r in runs if runs is not None else play(mix, first_seed, config):
+        for c in r.carts:
+            truth = r.cart_truth.get(c.cart_id)
+            for a in c.attributions:
+                true = r.change_truth.get(a.change_id)
+                if true is not None:
+                    out.append(((a.margin_others, a.margin_nobody, a.sparse), true == truth, name))
     return out
+
+
+REACH_CLASSES = ("reached", "not-reached", "unseen")
+
+
+def reach_counts(runs: list[tuple[str, RunResult]], near_m: float = 1.2, sparse: bool = False) -> dict[str, Counter[str]]:
+    """Count the reach evidence of the true picker's cart and of the other contenders, per change.
+
+    For every shelf change whose true cart is known (attributed or not), the picker's evidence is
+    the best among the sessions of the produced cart that followed the true cart (a family's
+    members share a cart: one of them reached); the contenders are the other sessions that came
+    within ``near_m`` of the slot's front around the change (another shopper near). Returns
+    {'picker': counts by class, 'other': counts by class}, of the changes at the camera's nominal
+    rate (``sparse`` False) or of those at a sparse camera (its ``sparse`` at least 1).
+    """
+    rank = {c: i for i, c in enumerate(REACH_CLASSES)}
+    out: dict[str, Counter[str]] = {"picker": Counter(), "other": Counter()}
+    for _name, r in runs:
+        session_truth = {s: r.cart_truth.get(c.cart_id) for c in r.carts for s in c.sessions}
+        atts = [a for c in r.carts for a in c.attributions] + list(r.fusion.orphans if r.fusion else [])
+        for a in atts:
+            true = r.change_truth.get(a.change_id)
+            if true is None or (a.sparse >= 1.0) != sparse:
+                continue
+            picker = [cls for sid, cls, _d in a.reach if session_truth.get(sid) == true]
+            if picker:
+                out["picker"][min(picker, key=rank.__getitem__)] += 1
+            for sid, cls, d in a.reach:
+                if session_truth.get(sid) != true and d <= near_m:
+                    out["other"][cls] += 1
+    return out
+
+
+def reach_ratios(counts: dict[str, Counter[str]]) -> dict[str, float]:
+    """Return the likelihood ratio of each reach class, P(class | picker) / P(class | contender), add-one smoothed."""
+    n_p = sum(counts["picker"].values()) + len(REACH_CLASSES)
+    n_o = sum(counts["other"].values()) + len(REACH_CLASSES)
+    return {k: ((counts["picker"][k] + 1) / n_p) / ((counts["other"][k] + 1) / n_o) for k in REACH_CLASSES}
 
 
 SIGNS = (1, 1, -1)
 """More evidence against others or against nobody never makes a line less sure; a sparser camera never more."""
+
+SPLIT_SIGNS = (1, 1, 1, -1)
+"""SIGNS of the fitted design: margin_others at the nominal rate, margin_others at a sparse camera, margin_nobody, sparse."""
+
+
+def split(f: Features) -> Features:
+    """Return the fitted design of one change: its margin_others goes to the nominal or the sparse slope (sparse >= 1)."""
+    mo, mn, sp = f
+    return (mo if sp < 1.0 else 0.0, mo if sp >= 1.0 else 0.0, mn, sp)
 
 
 def _matrix(features: Iterable[float | Sequence[float]]) -> np.ndarray:
@@ -138,13 +195,35 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--first-seed", type=int, default=FIRST_SEED, help="first seed of each scenario (the benchmark uses 0-39: stay clear of them)")
     p.add_argument("--scale", type=float, default=1.0, help="multiply the number of seeds per scenario")
+    p.add_argument("--reach", action="store_true", help="fit the calibration with the measured reach ratios in the scores (set them with the printed reach_lr_* values)")
     args = p.parse_args(argv)
     if args.first_seed < 100:
         print("error: --first-seed below 100 overlaps the benchmark's seeds (0-39); calibrate on held-out seeds", file=sys.stderr)
         return 2
     mix = {k: (max(1, round(n * args.scale)), s) for k, (n, s) in MIX.items()}
-    rows = collect(mix, args.first_seed)
-    coef = fit([f for f, _, _ in rows], [r for _, r, _ in rows], signs=SIGNS)
+    # The reach likelihood ratios (the reach evidence does not depend on them), measured with reach
+    # left out of the scores; then the logistic calibration of the margins, on the defaults' scores
+    # (reach left out) or, with --reach, with the measured ratios in them.
+    off = {f"reach_lr_{k}{suffix}": 1.0 for k in ("reached", "not_reached", "unseen") for suffix in ("", "_sparse")}
+    runs = play(mix, args.first_seed, FusionConfig(**off))  # type: ignore[arg-type]
+    lrs: dict[str, float] = {}
+    for sparse, suffix in ((False, ""), (True, "_sparse")):
+        counts = reach_counts(runs, sparse=sparse)
+        ratios = reach_ratios(counts)
+        print(f"reach {'sparse camera' if sparse else 'nominal camera'}: picker {dict(counts['picker'])}, other shopper near {dict(counts['other'])}: ratios {ratios}")
+        lrs[f"reach_lr_reached{suffix}"] = round(ratios["reached"], 2)
+        lrs[f"reach_lr_not_reached{suffix}"] = round(ratios["not-reached"], 2)
+        lrs[f"reach_lr_unseen{suffix}"] = round(ratios["unseen"], 2)
+    if args.reach:
+        rows = collect(mix, args.first_seed, FusionConfig(**lrs))  # type: ignore[arg-type]
+    else:
+        rows = collect(mix, args.first_seed, runs=runs)
+    if args.reach:  # a slope of its own at a sparse camera, whose boxes go to the wrong track more often
+        rows = [(split(f), r, n) for f, r, n in rows]
+        coef = fit([f for f, _, _ in rows], [r for _, r, _ in rows], signs=SPLIT_SIGNS)
+    else:
+        slope, nobody, sparse, offset = fit([f for f, _, _ in rows], [r for _, r, _ in rows], signs=SIGNS)
+        coef = (slope, nobody, sparse, offset)
     for b in reliability(rows, coef):
         print(f"p {b['p_from']:<5} .. {b['p_to']:<5} changes {b['changes']:>5}  right {b['right']:.4f}  calibrated {b['calibrated']:.4f}")
     prob = probabilities([f for f, _, _ in rows], coef)
@@ -153,8 +232,14 @@ def main(argv: list[str] | None = None) -> int:
     bar = FusionConfig().attribution_bar
     doubt = {n: sum(1 for i, (_, _, m) in enumerate(rows) if m == n and prob[i] < bar) for n in mix}
     print(f"changes below attribution_bar {bar} per scenario: {doubt}")
-    slope, nobody, sparse, offset = coef
-    print(json.dumps({"changes": len(rows), "wrong": len(wrong), "calibration_slope": round(slope, 4), "calibration_nobody": round(nobody, 4), "calibration_sparse": round(sparse, 4), "calibration_offset": round(offset, 4), "seeds_from": args.first_seed, "mix": mix}))
+    if args.reach:
+        slope, slope_sparse, nobody, sparse, offset = coef
+    else:
+        slope, nobody, sparse, offset = coef
+        slope_sparse = None
+    out = {"changes": len(rows), "wrong": len(wrong), "calibration_slope": round(slope, 4), "calibration_slope_sparse": None if slope_sparse is None else round(slope_sparse, 4)}
+    out |= {"calibration_nobody": round(nobody, 4), "calibration_sparse": round(sparse, 4), "calibration_offset": round(offset, 4), "reach_in_scores": args.reach, "measured_reach_ratios": lrs}
+    print(json.dumps(out | {"seeds_from": args.first_seed, "mix": mix}))
     return 0
 
 

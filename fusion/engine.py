@@ -92,12 +92,22 @@ class FusionConfig(BaseModel):
     swap_checks: int = Field(3, ge=1, description="consecutive suspicious checks before a track is moved to the other session")
     lost_exclusion: float = Field(0.8, ge=0, le=1, description="how much a shopper seen standing at the slot lowers the score of a shopper lost away from it; 0 treats a lost shopper as if nobody stood there")
     calibration_slope: float = Field(1.752, gt=0, description="calibration of the attribution probability, sigmoid(calibration_slope * margin_others + calibration_nobody * margin_nobody + calibration_sparse * sparse + calibration_offset): the weight of the evidence against the other shoppers, margin_others = log(best cart's score / (other carts' scores + others_floor)); fitted on held-out scenarios by fusion.calibrate")
+    calibration_slope_sparse: float | None = Field(None, gt=0, description="calibration_slope at a sparse camera (sparse >= 1: at most half the nominal frames), where a track's boxes go to the wrong shopper more often; None: calibration_slope. Fitted apart only with the reach ratios in the scores (python -m fusion.calibrate --reach)")
     calibration_nobody: float = Field(0.0, ge=0, description="see calibration_slope: the weight of the evidence against nobody, margin_nobody = log(best cart's score / nobody_score) (how well the shopper was seen at the slot at all)")
     calibration_sparse: float = Field(-1.504, le=0, description="see calibration_slope: the weight of a sparse camera, sparse = frames missed per nominal frame (frame interval / nominal_frame_s - 1, at least 0); a slow camera swaps and loses tracks, so the same evidence is worth less")
     calibration_offset: float = Field(0.851, description="see calibration_slope; the defaults are the fit on held-out seeds (docs/fusion.md, 'Calibration')")
     others_floor: float = Field(0.01, gt=0, lt=1, description="least score of 'another shopper' in margin_others: with nobody else near, a shopper's own weak evidence still bounds the probability")
     nominal_frame_s: float = Field(0.1, gt=0, description="the camera's nominal frame interval (seconds between track updates); a longer measured interval makes the attribution less sure (calibration_sparse)")
     appearance_alpha: float = Field(0.3, gt=0, le=1, description="weight of a new appearance vector in a track's running average")
+    reach_window_s: float = Field(1.0, gt=0, description="look for a shopper's box over the slot this far either side of the estimated moment of the pick")
+    reach_overlap_m: float = Field(0.1, ge=0, description="a box reaches into a slot when its part behind the shelf's front edge overlaps the slot's width by at least this much")
+    reach_seen_frames: int = Field(2, ge=1, description="boxes of a session in the reach window needed to say it did not reach (fewer: 'unseen', no evidence either way)")
+    reach_lr_reached: float = Field(1.0, gt=0, description="factor on a session's score when its box reached into the slot around the change: P(reach seen | the picker) / P(reach seen | another shopper near), at the camera's nominal rate; measured on held-out scenarios by fusion.calibrate (9.31 there); 1 (the default) ignores reach: with the ratios in, the review rate went up, not down (docs/fusion.md, 'Reach')")
+    reach_lr_not_reached: float = Field(1.0, gt=0, description="factor on a session's score when its box was seen around the change but never over the slot: P(no reach | the picker) / P(no reach | another shopper near), at the nominal rate; 1 ignores it")
+    reach_lr_unseen: float = Field(1.0, gt=0, description="factor on a session's score when fewer than reach_seen_frames of its boxes were seen around the change (lost, occluded): P(unseen | the picker) / P(unseen | another shopper near), at the nominal rate")
+    reach_lr_unseen_sparse: float = Field(1.0, gt=0, description="reach_lr_unseen for a sparse camera (sparse >= 1)")
+    reach_lr_reached_sparse: float = Field(1.0, gt=0, description="reach_lr_reached for a sparse camera (sparse >= 1: at most half the nominal frames), whose boxes go to the wrong track more often")
+    reach_lr_not_reached_sparse: float = Field(1.0, gt=0, description="reach_lr_not_reached for a sparse camera (sparse >= 1)")
 
 
 @dataclass
@@ -118,6 +128,8 @@ class _Track:
     apps: deque[tuple[float, np.ndarray]] = field(default_factory=lambda: deque(maxlen=80))
     # Earlier owners after an id swap: positions before ``until`` (and after the previous entry's) were that session's.
     segments: list[tuple[float, str]] = field(default_factory=list)
+    # Detection boxes on the floor (ts, x_min, y_min, x_max, y_max), when the camera sends them: reach evidence.
+    boxes: deque[tuple[float, float, float, float, float]] = field(default_factory=deque)
 
     def owner(self, ts: float) -> str | None:
         """Return the session whose shopper this track followed at ``ts``."""
@@ -151,6 +163,7 @@ class _Change:
     candidates: tuple[tuple[str, float, float], ...]
     reasons: tuple[Reason, ...]  # from the attribution itself (contested, planogram-mismatch)
     margin: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)  # (margin, margin_others, margin_nobody, sparse) of Attribution
+    reach: tuple[tuple[str, str, float], ...] = ()  # (session, reach evidence, nearest distance m) of Attribution
 
 
 @dataclass
@@ -209,6 +222,7 @@ class Fusion:
         self._door_opening = 0
         self._offline: dict[str, float] = {}
         self._pending: list[tuple[ShelfChange, SlotSpec]] = []  # orphans that an id swap may still explain
+        self._unowned_near: dict[int, str] = {}  # track on no session near a change that went to nobody -> why its cart is in doubt
         self._n_sessions = 0
         self._n_carts = 0
         self._frame_gaps: deque[float] = deque(maxlen=50)  # recent times between camera frames (track updates)
@@ -304,6 +318,10 @@ class Fusion:
         while t.hist and t.hist[0][0] < o.ts - cfg.history_s:
             t.hist.popleft()
         t.last_ts, t.x, t.y = o.ts, o.x, o.y
+        if o.box is not None:
+            t.boxes.append((o.ts, *o.box))
+            while t.boxes[0][0] < o.ts - cfg.history_s:
+                t.boxes.popleft()
         t.obs += 1
         if o.appearance is not None:
             a = _unit(o.appearance)
@@ -363,6 +381,8 @@ class Fusion:
         if len(self._tracks) < 64:
             return
         for tid in [tid for tid, t in self._tracks.items() if t.ended and t.last_ts < now - self.config.history_s]:
+            if self._tracks[tid].session is None:
+                self._unowned_near.pop(tid, None)  # never joined a session: no cart to flag
             del self._tracks[tid]
 
     def _sim(self, a: np.ndarray | None, b: np.ndarray | None) -> float | None:
@@ -452,6 +472,7 @@ class Fusion:
             sess.proto, sess.proto_n = t.app.copy(), 1
         self._sessions[sid] = sess
         t.session = sid
+        self._inherit_unowned(t, cart)
         # They came in with one of the groups inside: each of those carts may lack what they take.
         for c in {self._sessions[s.id].cart for s in open_sessions if s.opened_at <= t.first_ts}:
             self._carts[c].flag("entry-unseen", f"track {t.id} found walking inside at {t.first_ts:.1f}s without being seen coming in; joined to {latest.id}'s cart")
@@ -589,6 +610,27 @@ class Fusion:
             self._sessions[sid].proto, self._sessions[sid].proto_n = t.app.copy(), 1
         t.session = sid
         self.stats["sessions"] += 1
+        self._inherit_unowned(t, cart)
+
+    def _inherit_unowned(self, t: _Track, cart: _Cart) -> None:
+        """Flag a new session's cart when it may be a person who was inside on no session near a change that went to nobody.
+
+        That person's track ended (or was last seen) before this one started, and could have walked
+        from where it was last seen to where this one starts (as a re-join would need): a shopper
+        whose entry the camera missed, given a session only later (at worst, on the way out).
+        """
+        cfg = self.config
+        if not self._unowned_near or not self.layout.door.is_inside((t.hist[0][1], t.hist[0][2])):
+            return  # first seen on the street: someone coming in, not a person who was inside
+        for tid, why in list(self._unowned_near.items()):
+            u = self._tracks.get(tid)
+            if u is None or u.session is not None or u is t or not u.hist:
+                continue
+            gap = t.first_ts - u.last_ts
+            if gap < -cfg.rejoin_overlap_s or gap > cfg.history_s:
+                continue
+            if math.dist((u.x, u.y), (t.hist[0][1], t.hist[0][2])) <= cfg.rejoin_speed_mps * max(gap, 0.0) + 1.5:
+                cart.flag("nobody-near", why)
 
     def _exit(self, t: _Track, ts: float) -> None:
         if t.session is None:
@@ -756,6 +798,36 @@ class Fusion:
                     break
         return best
 
+    def _box_in_slot(self, slot: str, box: tuple[float, float, float, float]) -> bool:
+        """Return True when a box reaches into a slot: its part behind the front edge overlaps the slot's width."""
+        fx, fy, nx, ny, width = self._geom[slot]
+        x1, y1, x2, y2 = box
+        depths, lats = [], []
+        for x, y in ((x1, y1), (x1, y2), (x2, y1), (x2, y2)):
+            dx, dy = x - fx, y - fy
+            depths.append(dx * nx + dy * ny)
+            lats.append(-dx * ny + dy * nx)
+        if min(depths) > 0.0:
+            return False  # all of it in the aisle
+        overlap = min(max(lats), width / 2) - max(min(lats), -width / 2)
+        return overlap >= self.config.reach_overlap_m
+
+    def _reach(self, sid: str, slot: str, t_act: float) -> str:
+        """Return 'reached', 'not-reached' or 'unseen': a session's boxes over the slot around t_act."""
+        cfg = self.config
+        lo, hi = t_act - cfg.reach_window_s, t_act + cfg.reach_window_s
+        seen = 0
+        for t in self._tracks.values():
+            if not t.boxes or t.boxes[0][0] > hi or t.boxes[-1][0] < lo or (t.session != sid and not any(o == sid for _, o in t.segments)):
+                continue
+            for ts, x1, y1, x2, y2 in t.boxes:
+                if ts < lo or ts > hi or t.owner(ts) != sid:
+                    continue
+                if self._box_in_slot(slot, (x1, y1, x2, y2)):
+                    return "reached"
+                seen += 1
+        return "not-reached" if seen >= cfg.reach_seen_frames else "unseen"
+
     def _bridge(self, sid: str, slot: str, t_act: float) -> float | None:
         """Return the place weight of a session's unseen stretch around t_act, when it was seen at the slot on both sides.
 
@@ -810,6 +882,17 @@ class Fusion:
         cfg = self.config
         t_act = ch.ts - cfg.settle_delay_s
         scores = self._scores(spec.slot, t_act)
+        # Reach: a shopper whose box was over the slot around the change is likelier the picker than
+        # one seen there without reaching (likelihood ratios fitted on held-out scenarios by
+        # fusion.calibrate; all 1 by default: measured, they did not pay, docs/fusion.md).
+        reach = {sid: self._reach(sid, spec.slot, t_act) for sid in scores}
+        sparse = self.sparse()
+        if sparse >= 1.0:
+            lr = {"reached": cfg.reach_lr_reached_sparse, "not-reached": cfg.reach_lr_not_reached_sparse, "unseen": cfg.reach_lr_unseen_sparse}
+        else:
+            lr = {"reached": cfg.reach_lr_reached, "not-reached": cfg.reach_lr_not_reached, "unseen": cfg.reach_lr_unseen}
+        scores = {sid: (v[0] * lr[reach[sid]], v[1], v[2]) for sid, v in scores.items()}
+        reach_t = tuple(sorted((sid, r, round(scores[sid][1], 3)) for sid, r in reach.items()))
         by_cart: dict[str, float] = {}
         for sid, v in scores.items():
             c = self._sessions[sid].cart
@@ -819,9 +902,16 @@ class Fusion:
             candidates = tuple((sid, v[0] / total, v[1]) for sid, v in sorted(scores.items(), key=lambda kv: -kv[1][0]) if v[0] / total >= 0.01)
             if not reattributing:
                 self.errors["nobody-near"] += 1
-            a = Attribution(ch.id, spec.slot, spec.product, ch.quantity, ch.ts, None, 0.0, candidates, (Reason("nobody-near", f"{spec.slot} at {t_act:.1f}s"),))
+            a = Attribution(ch.id, spec.slot, spec.product, ch.quantity, ch.ts, None, 0.0, candidates, (Reason("nobody-near", f"{spec.slot} at {t_act:.1f}s"),), sparse=sparse, reach=reach_t)
             self.orphans.append(a)
             self._pending.append((ch, spec))
+            # A person near the slot whom no session follows (come in unseen, or a lost shopper not yet
+            # re-joined): whichever cart their track ends up on may hold this change (flagged when it closes).
+            for t in self._tracks.values():
+                if t.session is None and not t.segments and not t.ended and t.hist and t.last_ts >= t_act - cfg.window_s and t.hist[0][0] <= t_act + cfg.window_s:
+                    near = min((self._place_weight(spec.slot, x, y)[1] for ts, x, y in t.hist if abs(ts - t_act) <= cfg.window_s), default=math.inf)
+                    if near <= cfg.reach_m + 1.0:
+                        self._unowned_near.setdefault(t.id, f"change {ch.id} on {spec.slot} at {t_act:.1f}s went to nobody while track {t.id}, then on no session, was {near:.1f} m away")
             # Somebody's hand did it: every shopper inside who was not watched the whole time may be that somebody.
             for sess in self._sessions.values():
                 if self._open_at(sess, t_act) and not self._watched(sess.id, t_act - cfg.window_s, t_act + cfg.window_s):
@@ -835,7 +925,6 @@ class Fusion:
         # doing it (a weak score with nobody else near: the picker seen only part of the time).
         margin_others = math.log(s1) - math.log(others - cfg.nobody_score + cfg.others_floor)
         margin_nobody = math.log(s1) - math.log(cfg.nobody_score)
-        sparse = self.sparse()
         p = self.calibrated(margin_others, margin_nobody, sparse)
         # Each session's share: the chosen cart's members split p, the others split the rest.
         candidates = tuple(
@@ -866,9 +955,20 @@ class Fusion:
                         self._carts[c].contests[ch.id] = (ch.ts, contested)
             else:
                 reasons.append(Reason("low-confidence", f"{spec.slot} at {t_act:.1f}s: {best_sid} p={p:.3f} < {cfg.attribution_bar}, nobody else near enough to contest it"))
+                # A cart holding less than half of the doubt may still be the picker's when its shopper
+                # was lost then (not seen all through the window): above the bar's share it is flagged
+                # too, or it would be accepted short. (One seen all along, elsewhere, was not at the slot;
+                # unless the camera is sparse: there a track seen all along may be another shopper's.)
+                for c, sc in rest:
+                    share = (1.0 - p) * sc / others
+                    if share <= 1 - cfg.attribution_bar:
+                        continue
+                    sid = max((x for x in scores if self._sessions[x].cart == c), key=lambda x: scores[x][0])
+                    if sparse >= 1.0 or not self._watched(sid, t_act - cfg.window_s, t_act + cfg.window_s):
+                        self._carts[c].contests[ch.id] = (ch.ts, Reason("low-confidence", f"{spec.slot} at {t_act:.1f}s went to {best_sid} with p={p:.3f}; {sid} p={share:.3f} may have made it"))
         if spec.slot != ch.slot or spec.product != ch.product:
             reasons.append(Reason("planogram-mismatch", f"board {ch.board}/{ch.channel} reports {ch.slot}:{ch.product}, layout has {spec.slot}:{spec.product}"))
-        cart.changes.append(_Change(ch, spec, p, candidates, tuple(reasons), (margin, margin_others, margin_nobody, sparse)))
+        cart.changes.append(_Change(ch, spec, p, candidates, tuple(reasons), (margin, margin_others, margin_nobody, sparse), reach_t))
         if not reattributing:
             self.stats["attributed"] += 1
         return cart
@@ -876,7 +976,8 @@ class Fusion:
     def calibrated(self, margin_others: float, margin_nobody: float, sparse: float = 0.0) -> float:
         """Return the calibrated probability that a change is the chosen cart's, given its evidence."""
         cfg = self.config
-        z = cfg.calibration_slope * margin_others + cfg.calibration_nobody * margin_nobody + cfg.calibration_sparse * sparse + cfg.calibration_offset
+        slope = cfg.calibration_slope_sparse if sparse >= 1.0 and cfg.calibration_slope_sparse is not None else cfg.calibration_slope
+        z = slope * margin_others + cfg.calibration_nobody * margin_nobody + cfg.calibration_sparse * sparse + cfg.calibration_offset
         return 1.0 / (1.0 + math.exp(-z)) if z > -50 else 0.0
 
     def _watched(self, sid: str, lo: float, hi: float, max_gap_s: float = 1.0) -> bool:
@@ -897,7 +998,7 @@ class Fusion:
                 if r not in cart.derived:
                     cart.derived.append(r)
             ch = c.ch
-            cart.attributions.append(Attribution(ch.id, c.spec.slot, c.spec.product, ch.quantity, ch.ts, cart.id, c.probability, c.candidates, tuple(reasons), *c.margin))
+            cart.attributions.append(Attribution(ch.id, c.spec.slot, c.spec.product, ch.quantity, ch.ts, cart.id, c.probability, c.candidates, tuple(reasons), *c.margin, reach=c.reach))
 
     def _reattribute(self, since: float) -> None:
         """Attribute again every change since ``since`` (an id swap changed who was where).
@@ -1077,6 +1178,9 @@ class Fusion:
         spans = self._spans(set(cart.sessions))
         sessions = [self._sessions.pop(sid) for sid in cart.sessions if sid in self._sessions]
         tracks = tuple(tid for s in sessions for tid in s.tracks)
+        for tid in tracks:
+            if tid in self._unowned_near:
+                cart.flag("nobody-near", self._unowned_near.pop(tid))
         for tid in tracks:
             if tid in self._tracks:
                 self._tracks[tid].session = None  # a track still seen outside is nobody's until it enters again

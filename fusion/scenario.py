@@ -40,6 +40,9 @@ class CameraSpec(BaseModel):
     occlusion_drop: float = Field(0.5, ge=0, le=1, description="chance the occluded person's box is missed (else its score drops)")
     appearance_dims: int = Field(16, ge=2, le=512, description="length of the appearance vectors")
     appearance_noise: float = Field(0.15, ge=0, description="per-dimension noise of an appearance vector, 1 sigma")
+    reach_visible: float = Field(0.0, ge=0, le=1, description="chance that a hand action's reach shows: the picker's box stretches over the slot while the hand is in it (else the arm is hidden, e.g. under a neighbour or the shelf lip); 0 = boxes never stretch")
+    reach_false: float = Field(0.0, ge=0, le=1, description="chance, per hand action, that the other shoppers within an arm's length of the slot's edge have their box stretched over that edge too (leaning in, an arm over the neighbouring slot)")
+    reach_frame_miss: float = Field(0.15, ge=0, le=1, description="share of frames of a visible reach in which the box is not stretched")
 
 
 class BoardsSpec(BaseModel):

@@ -84,6 +84,44 @@ UNSETTLED_AFTER_S = 6.0
 # A ghost fault: (from, until, x, y, appearance).
 _Ghost = tuple[float, float, float, float, np.ndarray]
 
+REACH_BEFORE_S = 0.5
+"""The hand is in the slot from this long before the weight changes..."""
+REACH_AFTER_S = 0.5
+"""...until this long after."""
+
+
+@dataclass(frozen=True)
+class _Reach:
+    """A hand in a slot, as the ceiling camera may see it: the picker's box stretched over the slot."""
+
+    start: float
+    end: float
+    visit: str  # shopper id of the hand
+    slot: SlotSpec
+    point: tuple[float, float]  # where the hand is (in the shelf, just behind the slot's front edge)
+    visible: bool  # the picker's stretch shows
+    false_draw: float  # compared with reach_false for each other shopper near the slot
+
+
+def _reaches(visits: list[Visit], shop_slot: dict[str, SlotSpec], cam: CameraSpec, rng: random.Random) -> list[_Reach]:
+    out = []
+    for v in visits:
+        for at, slot_name, _units, _product in v.actions:
+            sl = shop_slot[slot_name]
+            fx, fy = sl.unit_facing()
+            lat = rng.uniform(-0.2, 0.2) * sl.width_m
+            into = rng.uniform(0.0, 0.12)  # how far past the front edge the hand goes
+            point = (sl.front[0] - fy * lat - fx * into, sl.front[1] + fx * lat - fy * into)
+            out.append(_Reach(at - REACH_BEFORE_S, at + REACH_AFTER_S, v.shopper.id, sl, point, rng.random() < cam.reach_visible, rng.random()))
+    return out
+
+
+def _stretch(box: tuple[float, float, float, float], hand: tuple[float, float], rng: random.Random) -> tuple[float, float, float, float]:
+    """Return a person's box grown to cover their hand (a box of about 0.15 m around it, with noise)."""
+    h = 0.075
+    hx, hy = hand[0] + rng.gauss(0, 0.03), hand[1] + rng.gauss(0, 0.03)
+    return (min(box[0], hx - h), min(box[1], hy - h), max(box[2], hx + h), max(box[3], hy + h))
+
 
 @dataclass
 class Visit:
@@ -338,6 +376,8 @@ def run(scenario: Scenario, seed: int | None = None, config: FusionConfig | None
     pulls = [(f.at, f.at + f.duration_s, f.board) for f in scenario.faults if f.kind == "board_pull"]
     ghosts = [(f.at, f.at + f.duration_s, f.x, f.y, _unit(nrng.normal(size=cam.appearance_dims))) for f in scenario.faults if f.kind == "ghost"]
     slow = [(f.at, f.at + f.duration_s, f.fps) for f in scenario.faults if f.kind == "camera_fps"]
+    rrng = random.Random(f"reach:{seed}")  # its own stream: the detection noise is the same with or without reaches
+    reaches = _reaches(visits, {s.slot: s for s in scenario.shop.slots}, cam, rrng)
     votes: dict[int, Counter[str]] = defaultdict(Counter)
     seen_by: dict[int, list[tuple[float, str]]] = defaultdict(list)  # track -> (ts, shopper) of its matched detections
     results: list[CartResult] = []
@@ -396,7 +436,7 @@ def run(scenario: Scenario, seed: int | None = None, config: FusionConfig | None
         fps = next((f for a, e, f in slow if a <= now < e), cam.fps)
         t_cam = now + 1.0 / fps
         frames += 1
-        boxes, scores, owners, apps = _detect(visits, ghosts, now, cam, nrng, img_w / S, img_h / S - OY)
+        boxes, scores, owners, apps = _detect(visits, ghosts, now, cam, nrng, img_w / S, img_h / S - OY, reaches, rrng)
         dets = Detections(np.array(boxes, np.float32).reshape(-1, 4) * S + np.array([0, OY * S, 0, OY * S], np.float32), np.array(scores, np.float32), np.zeros(len(scores), np.int64))
         t0 = time.perf_counter()
         tracks = tracker.update(dets, ts=now)
@@ -413,7 +453,13 @@ def run(scenario: Scenario, seed: int | None = None, config: FusionConfig | None
                 seen_by[tid].append((now, owner))
             x1, y1, x2, y2 = (float(v) for v in tracks.xyxy[i])
             app = tuple(float(a) for a in apps[j]) if matched else None
-            items.append(TrackObservation(tid, now, (x1 + x2) / 2 / S, (y1 + y2) / 2 / S - OY, app))
+            # The box of the detection the track matched in this frame (not the tracker's smoothed
+            # one), on the floor: what the vision pipeline sends as the track's box (docs/fusion.md).
+            box = None
+            if matched:
+                bx1, by1, bx2, by2 = (float(v) for v in dets.xyxy[j])
+                box = (bx1 / S, by1 / S - OY, bx2 / S, by2 / S - OY)
+            items.append(TrackObservation(tid, now, (x1 + x2) / 2 / S, (y1 + y2) / 2 / S - OY, app, box=box))
         for e in events:
             if e.kind in ("person_entered", "person_exited") and e.track_id is not None:
                 items.append(DoorCrossing(e.track_id, now, "in" if e.kind == "person_entered" else "out"))
@@ -463,9 +509,26 @@ def _door_edges(crossings: list[float]) -> list[tuple[float, bool]]:
 
 
 def _detect(
-    visits: list[Visit], ghosts: list[_Ghost], now: float, cam: CameraSpec, rng: np.random.Generator, width: float, depth: float
+    visits: list[Visit],
+    ghosts: list[_Ghost],
+    now: float,
+    cam: CameraSpec,
+    rng: np.random.Generator,
+    width: float,
+    depth: float,
+    reaches: list[_Reach] = (),  # type: ignore[assignment]
+    rrng: random.Random | None = None,
 ) -> tuple[list[tuple[float, float, float, float]], list[float], list[str | None], list[np.ndarray]]:
-    """Return this frame's detection boxes (metres, y from the street edge), scores, owners, appearances."""
+    """Return this frame's detection boxes (metres, y from the street edge), scores, owners, appearances.
+
+    A shopper whose hand is in a slot (``reaches``) has a box stretched over the hand when the
+    reach shows (``reach_visible`` per action, ``reach_frame_miss`` per frame); another shopper
+    standing within 1.2 m of that slot may have a box stretched over the slot's near edge too
+    (``reach_false``, drawn once per hand action): a neighbour within an arm's length of the
+    slot's edge leaning in, whose box overlaps the slot.
+    """
+    rrng = rrng or random.Random(0)
+    active = [r for r in reaches if r.start <= now <= r.end]
     people: list[tuple[Visit, tuple[float, float]]] = []
     for v in visits:
         p = v.position(now)
@@ -487,7 +550,19 @@ def _detect(
             score = float(rng.uniform(0.15, 0.45))
         cx, cy = x + rng.normal(0, cam.jitter_m), y + rng.normal(0, cam.jitter_m)
         hs = half * (1 + rng.normal(0, 0.04))
-        boxes.append((cx - hs, cy - hs, cx + hs, cy + hs))
+        box = (cx - hs, cy - hs, cx + hs, cy + hs)
+        for r in active:
+            if r.visit == v.shopper.id:
+                if r.visible and rrng.random() >= cam.reach_frame_miss:
+                    box = _stretch(box, r.point, rrng)
+            elif r.false_draw < cam.reach_false and rrng.random() >= cam.reach_frame_miss:
+                fx, fy = r.slot.unit_facing()
+                side = 1.0 if (x - r.slot.front[0]) * -fy + (y - r.slot.front[1]) * fx > 0 else -1.0
+                lat = side * 0.4 * r.slot.width_m  # the slot's edge on their side
+                edge = (r.slot.front[0] - fy * lat - fx * 0.03, r.slot.front[1] + fx * lat - fy * 0.03)
+                if math.dist((x, y), edge) <= 0.9:  # within an arm's length: a neighbour, not someone waiting behind
+                    box = _stretch(box, edge, rrng)
+        boxes.append(box)
         scores.append(score)
         owners.append(v.shopper.id)
         apps.append(_unit(v.appearance + rng.normal(0, cam.appearance_noise, v.appearance.shape)))

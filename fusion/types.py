@@ -33,7 +33,13 @@ def _finite(name: str, *values: float) -> None:
 
 @dataclass(frozen=True)
 class TrackObservation:
-    """One confirmed track seen in one frame: shop-floor position (m) and optional appearance."""
+    """One confirmed track seen in one frame: shop-floor position (m), optional appearance and box.
+
+    ``box`` is the person detection the track matched in this frame, on the floor in metres
+    ``(x_min, y_min, x_max, y_max)`` (None when the track was not matched, or the camera does not
+    send boxes). Seen from the ceiling, a shopper's box stretches over the slot their hand is in:
+    fusion reads that as reach evidence (docs/fusion.md, "Attribution").
+    """
 
     track_id: int
     ts: float
@@ -41,11 +47,18 @@ class TrackObservation:
     y: float
     appearance: tuple[float, ...] | None = None
     camera: str = "camera"
+    box: tuple[float, float, float, float] | None = None
 
     def __post_init__(self) -> None:
         _finite("TrackObservation ts/x/y", self.ts, self.x, self.y)
         if self.appearance is not None and (not self.appearance or not all(math.isfinite(a) for a in self.appearance)):
             raise ValueError("TrackObservation: appearance must be a non-empty vector of finite numbers or None")
+        if self.box is not None:
+            if len(self.box) != 4:
+                raise ValueError(f"TrackObservation: box must be (x_min, y_min, x_max, y_max), got {len(self.box)} numbers")
+            _finite("TrackObservation box", *self.box)
+            if self.box[0] > self.box[2] or self.box[1] > self.box[3]:
+                raise ValueError(f"TrackObservation: box {self.box} has a minimum above its maximum")
 
 
 @dataclass(frozen=True)
@@ -219,6 +232,7 @@ class Attribution:
     margin_others: float = 0.0  # evidence against the other shoppers alone: log(score / (others + others_floor))
     margin_nobody: float = 0.0  # evidence against nobody (a hand nobody saw): log(score / nobody_score)
     sparse: float = 0.0  # frames the camera missed per nominal frame at the time (0 at its nominal rate)
+    reach: tuple[tuple[str, str, float], ...] = ()  # (session id, 'reached' / 'not-reached' / 'unseen', nearest distance m): its box over the slot around the change
 
     def to_dict(self) -> dict[str, Any]:
         """Return the attribution as a JSON-ready dict (the evidence a reviewer sees for a line)."""
@@ -236,6 +250,7 @@ class Attribution:
             "margin_others": round(self.margin_others, 3),
             "margin_nobody": round(self.margin_nobody, 3),
             "sparse": round(self.sparse, 3),
+            "reach": {sid: r for sid, r, _ in self.reach},
         }
 
 

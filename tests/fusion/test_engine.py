@@ -523,10 +523,11 @@ def test_a_swapped_track_is_split_between_the_two_carts_by_time() -> None:
 
 
 def test_the_calibration_turns_the_evidence_into_a_probability() -> None:
-    f = Fusion(layout(), FusionConfig(calibration_slope=2.0, calibration_nobody=0.5, calibration_sparse=-1.0, calibration_offset=-1.0))
+    f = Fusion(layout(), FusionConfig(calibration_slope=2.0, calibration_slope_sparse=1.0, calibration_nobody=0.5, calibration_sparse=-1.0, calibration_offset=-1.0))
     assert f.calibrated(0.5, 0.0) == pytest.approx(0.5)
     assert f.calibrated(3.0, 2.0) == pytest.approx(1 / (1 + math.exp(-6.0)))
-    assert f.calibrated(3.0, 2.0, sparse=2.0) == pytest.approx(1 / (1 + math.exp(-4.0)))
+    assert f.calibrated(3.0, 2.0, sparse=0.5) == pytest.approx(1 / (1 + math.exp(-5.5)))  # below 1: the nominal slope
+    assert f.calibrated(3.0, 2.0, sparse=2.0) == pytest.approx(1 / (1 + math.exp(-1.0)))  # a sparse camera: its own slope
     assert f.calibrated(-100.0, 0.0) == 0.0
     s = shop_with(1)
     s.stand(2.0, (1, *AT_A1))
