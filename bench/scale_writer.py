@@ -228,6 +228,7 @@ def main() -> int:
                     for k, (t, payload, _) in enumerate(msgs)]
             gen_s[:] = [0.0, 0.0, 0.0]
             sweep_cpu, sweeps = 0.0, 0
+            batch_s: list[float] = []
             io0, cpu0, wall0 = io_counters(), time.process_time(), time.perf_counter()
             for n, k in enumerate(range(0, len(raws), 500)):
                 raw = raws[k:k + 500]
@@ -236,7 +237,9 @@ def main() -> int:
                     s0 = time.process_time()
                     store.sweep_presence(presence, now)
                     sweep_cpu, sweeps = sweep_cpu + time.process_time() - s0, sweeps + 1
+                b0 = time.perf_counter()
                 core.process_batch(raw, now)
+                batch_s.append(time.perf_counter() - b0)
             cpu, wall, io1 = time.process_time() - cpu0, time.perf_counter() - wall0, io_counters()
             m = len(raws)
             retention: dict[str, Any] = {}
@@ -250,6 +253,7 @@ def main() -> int:
                 "cpu_us_per_msg": round(1e6 * cpu / m, 1), "wall_us_per_msg": round(1e6 * wall / m, 1),
                 "gc_us_per_msg": round(1e6 * sum(gen_s) / m, 1), "gc_ms_by_generation": [round(1e3 * x) for x in gen_s],
                 "sweep_ms": round(1e3 * sweep_cpu / max(sweeps, 1), 1),
+                "batch_ms_p50_p99_max": [round(1e3 * sorted(batch_s)[int(q * (len(batch_s) - 1))], 1) for q in (0.5, 0.99, 1.0)],
                 "read_calls_per_msg": round((io1["syscr"] - io0["syscr"]) / m, 2), "read_kb_per_msg": round((io1["rchar"] - io0["rchar"]) / m / 1024, 1),
                 "write_calls_per_msg": round((io1["syscw"] - io0["syscw"]) / m, 2), "write_kb_per_msg": round((io1["wchar"] - io0["wchar"]) / m / 1024, 1),
                 **retention, "wal_mb": round(Path(f"{work}-wal").stat().st_size / 2**20, 1) if Path(f"{work}-wal").exists() else 0,
