@@ -23,6 +23,7 @@ from fleet_controller.registry.series import (
     ROLLUP,
     WRITERS,
     SeriesRangeError,
+    aged_buckets,
     choose_tier,
     points_from,
     read_series,
@@ -330,6 +331,20 @@ def test_raw_rows_stay_until_every_writer_holds_them_and_a_far_future_row_holds_
     # After it they go, the future row with them (its samples are in the tiers; it would block every later row).
     assert registry.enforce_retention(RETENTION, T0 + 3600 + HOUR_FLUSH_SLACK_S)["series_raw"] == 11
     assert count(registry.engine, RAW) == 0
+
+
+def test_aging_buckets_out_reads_a_range_of_the_age_index_not_the_whole_tier(registry):
+    stmt = aged_buckets(60, T0)
+    with registry.engine.connect() as conn:
+        if conn.dialect.name == "sqlite":
+            sql = str(stmt.compile(conn, compile_kwargs={"literal_binds": True}))
+            plan = " ".join(str(r[-1]) for r in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}"))
+            assert "ix_series_rollup_age" in plan and "SCAN" not in plan, plan
+        else:  # an empty table: make the planner consider the index as it would on a large one
+            conn.exec_driver_sql("SET enable_seqscan = off")
+            sql = str(stmt.compile(conn, compile_kwargs={"literal_binds": True}))
+            plan = " ".join(r[0] for r in conn.exec_driver_sql(f"EXPLAIN {sql}"))
+            assert "ix_series_rollup_age" in plan, plan
 
 
 def test_the_old_single_cursor_becomes_writer_zero(db_url):
