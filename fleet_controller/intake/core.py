@@ -619,7 +619,21 @@ def _returnable(outcome: BatchOutcome) -> BatchOutcome | bytes:
         return pickle.dumps(trimmed, pickle.HIGHEST_PROTOCOL)
 
 
+SLOW_WRITER_OP_S = 0.5
+"""A writer operation that takes longer is logged (with its name and time): every message behind it waits that long."""
+
+
 def _run_on_writer(key: str, op: str, *args: Any) -> Any:
+    t0 = time.perf_counter()
+    try:
+        return _dispatch_on_writer(key, op, *args)
+    finally:
+        took = time.perf_counter() - t0
+        if took > SLOW_WRITER_OP_S:
+            log.warning("registry writer: %s took %.2f s (every message behind it waited as long)", op, took)
+
+
+def _dispatch_on_writer(key: str, op: str, *args: Any) -> Any:
     core = _CORES[key]
     try:
         if op == "batch":
