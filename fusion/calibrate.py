@@ -29,6 +29,7 @@ import sys
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from itertools import pairwise
+from typing import Any
 
 import numpy as np
 
@@ -205,17 +206,17 @@ def main(argv: list[str] | None = None) -> int:
     # left out of the scores; then the logistic calibration of the margins, on the defaults' scores
     # (reach left out) or, with --reach, with the measured ratios in them.
     off = {f"reach_lr_{k}{suffix}": 1.0 for k in ("reached", "not_reached", "unseen") for suffix in ("", "_sparse")}
-    runs = play(mix, args.first_seed, FusionConfig(**off))  # type: ignore[arg-type]
+    runs = play(mix, args.first_seed, FusionConfig(**off))
     lrs: dict[str, float] = {}
-    for sparse, suffix in ((False, ""), (True, "_sparse")):
-        counts = reach_counts(runs, sparse=sparse)
+    for sparse_camera, suffix in ((False, ""), (True, "_sparse")):
+        counts = reach_counts(runs, sparse=sparse_camera)
         ratios = reach_ratios(counts)
-        print(f"reach {'sparse camera' if sparse else 'nominal camera'}: picker {dict(counts['picker'])}, other shopper near {dict(counts['other'])}: ratios {ratios}")
+        print(f"reach {'sparse camera' if sparse_camera else 'nominal camera'}: picker {dict(counts['picker'])}, other shopper near {dict(counts['other'])}: ratios {ratios}")
         lrs[f"reach_lr_reached{suffix}"] = round(ratios["reached"], 2)
         lrs[f"reach_lr_not_reached{suffix}"] = round(ratios["not-reached"], 2)
         lrs[f"reach_lr_unseen{suffix}"] = round(ratios["unseen"], 2)
     if args.reach:
-        rows = collect(mix, args.first_seed, FusionConfig(**lrs))  # type: ignore[arg-type]
+        rows = collect(mix, args.first_seed, FusionConfig(**lrs))
     else:
         rows = collect(mix, args.first_seed, runs=runs)
     if args.reach:  # a slope of its own at a sparse camera, whose boxes go to the wrong track more often
@@ -237,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         slope, nobody, sparse, offset = coef
         slope_sparse = None
-    out = {"changes": len(rows), "wrong": len(wrong), "calibration_slope": round(slope, 4), "calibration_slope_sparse": None if slope_sparse is None else round(slope_sparse, 4)}
+    out: dict[str, Any] = {"changes": len(rows), "wrong": len(wrong), "calibration_slope": round(slope, 4), "calibration_slope_sparse": None if slope_sparse is None else round(slope_sparse, 4)}
     out |= {"calibration_nobody": round(nobody, 4), "calibration_sparse": round(sparse, 4), "calibration_offset": round(offset, 4), "reach_in_scores": args.reach, "measured_reach_ratios": lrs}
     print(json.dumps(out | {"seeds_from": args.first_seed, "mix": mix}))
     return 0

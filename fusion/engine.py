@@ -915,8 +915,8 @@ class Fusion:
             # Somebody's hand did it: every shopper inside who was not watched the whole time may be that somebody.
             for sess in self._sessions.values():
                 if self._open_at(sess, t_act) and not self._watched(sess.id, t_act - cfg.window_s, t_act + cfg.window_s):
-                    near = next((f" ({d:.1f} m away)" for sid, _, d in candidates if sid == sess.id), "")
-                    self._carts[sess.cart].flag("nobody-near", f"change {ch.id} on {spec.slot} at {t_act:.1f}s while session {sess.id} was not seen{near}")
+                    away = next((f" ({d:.1f} m away)" for sid, _, d in candidates if sid == sess.id), "")
+                    self._carts[sess.cart].flag("nobody-near", f"change {ch.id} on {spec.slot} at {t_act:.1f}s while session {sess.id} was not seen{away}")
             return None
         (top, s1), *rest = sorted(by_cart.items(), key=lambda kv: -kv[1])
         others = sum(v for _, v in rest) + cfg.nobody_score
