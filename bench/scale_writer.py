@@ -23,7 +23,12 @@ collector's thresholds after the start-up ``gc.freeze()`` the writer process doe
 2026-11-30 (two runs: the first deletes the excess, the second is the steady state) and the
 incremental one (two cycles of ``RETENTION_CYCLE_RUNS`` runs: the first deletes the excess, the second nothing), with ``--keep`` heartbeats per node.
 
-    .venv/bin/python bench/scale_writer.py [--nodes 100000] [--rounds 3] [--pragmas P,...] [--gc-threshold A,B,C]
+``--with-retention`` also runs the writer's retention (and so starts a series flush, written in
+parts by the next batches) after each round and prints its milliseconds; the SQLite checkpointer
+thread runs as in the writer process unless ``--no-checkpointer``. Each round also prints the
+batches' p50/p99/max milliseconds, the WAL's size and the checkpoints the thread made.
+
+    .venv/bin/python bench/scale_writer.py [--nodes 100000] [--rounds 3] [--pragmas P,...] [--gc-threshold A,B,C] [--with-retention] [--no-checkpointer]
     .venv/bin/python bench/scale_writer.py --retention [--nodes 100000] [--heartbeats 20] [--keep 18] [--trials 2]
 """
 

@@ -48,13 +48,26 @@ def test_a_batch_of_acks_is_one_write_and_acknowledges_exactly_those(broker):
     pub.loop_start()
     try:
         mqtt.wait_connected(10)
+        # Connected is not subscribed yet: a message published before the SUBACK would be dropped. A probe, acked
+        # with the batch below, shows the subscription is live.
+        def probe_arrived() -> bool:
+            pub.publish(TOPIC, b"probe", qos=1).wait_for_publish(5)
+            try:
+                return bool(wait_for(lambda: got, timeout=0.5, what="this probe", interval=0.01))
+            except AssertionError:
+                return False
+
+        wait_for(probe_arrived, timeout=20, what="a probe")
         for i in range(50):
             pub.publish(TOPIC, f"m{i}".encode(), qos=1).wait_for_publish(5)
-        wait_for(lambda: len(got) >= 50, timeout=20, what="the 50 messages")
+        wait_for(lambda: len(got) >= 50 and got[-1].payload == b"m49", timeout=20, what="the 50 messages")
+        # Probes published before the subscription were dropped; those after it all came before m0 (one topic, in order).
+        probes, got[:] = [m for m in got if m.payload == b"probe"], [m for m in got if m.payload != b"probe"]
+        assert len(got) == 50
         calls = spy_queue(mqtt)
 
         async def ack_batch() -> None:
-            for m in got[:40]:
+            for m in [*probes, *got[:40]]:
                 mqtt.ack(m)
             mqtt.ack(replace(got[45], connection=got[45].connection - 1))  # of an earlier connection: skipped
             await asyncio.sleep(0)  # the loop runs its callbacks: the flush
@@ -62,8 +75,8 @@ def test_a_batch_of_acks_is_one_write_and_acknowledges_exactly_those(broker):
 
         asyncio.run(ack_batch())
         pubacks = [packet for command, packet in calls if command == paho.PUBACK]
-        assert len(pubacks) == 1 and len(pubacks[0]) == 4 * 40
-        assert mqtt.settled == 41
+        assert len(pubacks) == 1 and len(pubacks[0]) == 4 * (len(probes) + 40)
+        assert mqtt.settled == len(probes) + 41
         wait_for(lambda: not mqtt._client._out_packet, timeout=10, what="paho to write the acks")
     finally:
         mqtt.stop()

@@ -11,7 +11,7 @@ from fusion.engine import FusionConfig
 from fusion.scenario import CameraSpec
 from fusion.sim import _detect, _Reach
 from fusion.types import DoorCrossing, TrackObservation
-from tests.fusion.test_engine import A1, APP, AT_A1, Shop, shop_with
+from tests.support.fusion_shop import A1, APP, AT_A1, Shop, shop_with
 
 # The ratios fusion.calibrate measured on held-out seeds (docs/fusion.md, "Reach").
 REACH_ON = FusionConfig(reach_lr_reached=9.31, reach_lr_not_reached=0.29, reach_lr_unseen=0.35)
