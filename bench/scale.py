@@ -39,6 +39,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import platform
+import shutil
 import signal
 import sys
 import tempfile
@@ -357,6 +358,7 @@ def run_ramp(args: argparse.Namespace, replicas: int, db_url: str, partitions: i
             if p.is_alive():
                 p.kill()
         broker.cleanup()
+        shutil.rmtree(work, ignore_errors=True)
     return {"steps": report_steps(args, steps, schedule, samples, lat, cpu_marks), "replicas": replicas, "partitions": partitions,
             "stored_per_replica": [s - b for s, b in zip(stored, base_each, strict=True)],
             "cursor_conflicts_per_replica": [int(c - b) for c, b in zip(conflicts, conflicts_base, strict=True)]}
@@ -419,8 +421,10 @@ def main() -> int:
         replicas = int(token.rstrip("rp"))
         partitions = 0 if token.endswith("rr") or (replicas == 1 and not token.endswith("p")) else args.partitions
         schema = None
+        db_dir: str | None = None
         if args.db == "sqlite":
-            db_url = f"sqlite:///{tempfile.mkdtemp(prefix='bench-scale-db-')}/controller.db"
+            db_dir = tempfile.mkdtemp(prefix="bench-scale-db-")
+            db_url = f"sqlite:///{db_dir}/controller.db"
         else:
             schema = f"bench_{uuid.uuid4().hex[:10]}"
             eng = sa.create_engine(args.pg_url, isolation_level="AUTOCOMMIT")
@@ -437,6 +441,8 @@ def main() -> int:
                 with eng.connect() as c:
                     c.execute(sa.text(f'drop schema if exists "{schema}" cascade'))
                 eng.dispose()
+            if db_dir:  # a ramp leaves a database of a gigabyte or more
+                shutil.rmtree(db_dir, ignore_errors=True)
         lag_at = next((s["nodes"] for s in run["steps"] if s["lag"]), None)
         run["lag_starts_at_nodes"] = lag_at
         runs.append(run)

@@ -349,8 +349,32 @@ def _bucket_rows(step: int, acc: dict[_Key, array[float]]) -> list[tuple[Any, ..
     return [(step, shop, name, bucket, node, source, int(a[0]), a[1], a[2], a[3]) for (shop, node, bucket, name, source), a in acc.items()]
 
 
+def _merge_hours(hours: dict[_Key, array[float]], minutes: dict[_Key, array[float]]) -> None:
+    """Add minute buckets to the hour buckets they fall in (count and sum add, min and max combine)."""
+    floor = math.floor
+    for (shop, node, bucket, name, source), m in minutes.items():
+        key = (shop, node, float(floor(bucket / HOUR) * HOUR), name, source)
+        h = hours.get(key)
+        if h is None:
+            hours[key] = array("d", m)
+        else:
+            h[0] += m[0]
+            h[1] += m[1]
+            if m[2] < h[2]:
+                h[2] = m[2]
+            if m[3] > h[3]:
+                h[3] = m[3]
+
+
 def _part_rows(minutes: dict[_Key, array[float]], hours: dict[_Key, array[float]] | None) -> list[tuple[Any, ...]]:
-    return _bucket_rows(MINUTE, minutes) + (_bucket_rows(HOUR, hours) if hours is not None else [])
+    """The rows of a part: its minute buckets, and with ``hours`` those hours plus these minutes (a new map: writing
+    the part changes no memory, so a rolled-back write can be written again)."""
+    rows = _bucket_rows(MINUTE, minutes)
+    if hours is not None:
+        merged = {k: array("d", a) for k, a in hours.items()}
+        _merge_hours(merged, minutes)
+        rows += _bucket_rows(HOUR, merged)
+    return rows
 
 
 def _part_of(shop: str, node: str, parts: int) -> int:
@@ -382,7 +406,9 @@ class Rollups:
     """A writer's running roll-up of the samples it stores, and the recovery of other writers' leftovers.
 
     Folding happens as batches commit (:meth:`add`), from the samples the writer already holds:
-    nothing is read back or parsed again. Each retention run takes what is held (the minute
+    nothing is read back or parsed again. Samples go into minute buckets; minute buckets go into
+    the hour maps when the part of the flush holding them commits (:meth:`committed`), or, when
+    the hours are flushed with them, into a copy of the hour maps as the part is written. Each retention run takes what is held (the minute
     buckets; the hour buckets too once the oldest hour held is over) as a *flush* of all this
     writer's raw rows up to the highest id it stored, cut into parts by a hash of the node
     (:func:`_part_of`); each intake batch then writes one part in its own transaction
@@ -426,8 +452,8 @@ class Rollups:
         return self.wid
 
     def add(self, rows: Iterable[StoredRow]) -> None:
-        """Fold committed rows into the minute and hour buckets held in memory."""
-        minutes, hours, parts, part_of = self.minutes, self.hours, len(self.minutes), self._part
+        """Fold committed rows into the minute buckets held in memory (the hour buckets are made from those, see :meth:`committed`)."""
+        minutes, parts, part_of = self.minutes, len(self.minutes), self._part
         floor = math.floor
         oldest = self.oldest_hour
         if len(part_of) > 1_000_000:  # a bound on the memo, whatever the fleet's churn
@@ -438,7 +464,6 @@ class Rollups:
                 part = part_of[(shop, node)] = _part_of(shop, node, parts)
             _fold(minutes[part], shop, node, float(floor(ts / MINUTE) * MINUTE), points)
             hour = float(floor(ts / HOUR) * HOUR)
-            _fold(hours[part], shop, node, hour, points)
             if hour < oldest:
                 oldest = hour
         self.oldest_hour = oldest
@@ -500,9 +525,12 @@ class Rollups:
         """
         if self.wid is None:
             return
-        if self.flush is not None and not self._finish(conn):
+        unfinished = self.flush is not None
+        if unfinished and not self._finish(conn):
             return
-        do_hours = self.hours_due(now) if hours is None else hours
+        # The hour maps get a flush's minute buckets only once its parts commit: after finishing one here, they
+        # lack its last parts until then, so the hours wait for the next run.
+        do_hours = (self.hours_due(now) and not unfinished) if hours is None else hours
         upto = conn.scalar(select(func.max(RAW.c.id)).where(RAW.c.wid == self.wid)) or 0
         parts: list[tuple[_Acc, _Acc | None]] = list(zip(self.minutes, self.hours if do_hours else [None] * len(self.minutes),
                                                           strict=True))
@@ -521,10 +549,18 @@ class Rollups:
         self._taken = _Flush(upto, do_hours, parts)
 
     def committed(self, now: float) -> None:
-        """Apply to memory what the transaction that just committed wrote (after a rollback, skip this: it is written again)."""
-        if self.flush is not None and self._stepped:
-            self.flush.done += self._stepped
-            if self.flush.done >= len(self.flush.parts):
+        """Apply to memory what the transaction that just committed wrote (after a rollback, skip this: it is written again).
+
+        The minute buckets of parts written without their hours are added to the hour maps now, not
+        when they were written: a rolled-back part must not be counted there twice.
+        """
+        f = self.flush
+        if f is not None and self._stepped:
+            if not f.hours:
+                for i in range(f.done, f.done + self._stepped):
+                    _merge_hours(self.hours[i], f.parts[i][0])
+            f.done += self._stepped
+            if f.done >= len(f.parts):
                 self.flush = None
         self._stepped = 0
         taken, self._taken = self._taken, None
@@ -533,13 +569,25 @@ class Rollups:
             self.minutes = [{} for _ in range(PARTS)]
             if taken.hours:
                 self.hours, self.oldest_hour, self.hours_flushed_at = [{} for _ in range(PARTS)], math.inf, now
+            elif taken.done == len(taken.parts):  # written whole, without the hours: they take its minutes now
+                for i, (m, _) in enumerate(taken.parts):
+                    _merge_hours(self.hours[i], m)
 
     def rolled_back(self) -> None:
         """Forget what the transaction that rolled back would have changed."""
         self._stepped, self._taken = 0, None
 
     def flush_all(self, conn: Connection, now: float) -> None:
-        """Write everything held, both tiers (a clean shutdown), in the caller's transaction."""
+        """Write everything held, both tiers (a clean shutdown), in the caller's transaction.
+
+        The flush under way is finished and applied to memory first, so the hours written hold its
+        minutes; should this transaction fail, the writer's row is unchanged and another writer
+        folds its rows again from ``series_raw``.
+        """
+        if self.flush is not None:
+            if not self._finish(conn):
+                return
+            self.committed(now)
         self.take(conn, now, hours=True, whole=True)
 
     # --- recovery of dead writers ---

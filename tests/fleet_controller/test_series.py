@@ -304,6 +304,31 @@ def test_a_large_flush_goes_in_parts_with_the_batches_that_follow(registry):
             assert registry.rollups.flush is None or len(node_rollups(registry.engine, 60)) < 80
         assert registry.rollups.flush is None and batches > 5
         assert node_rollups(registry.engine, 60) == fold_truth(FLEET, 60)
+        stored = [*FLEET, reading("late", 1, T0 + 500, 1.0), *(reading("late", 3 + k, T0 + 502 + k, 1.0) for k in range(batches))]
+        # The hours, once due, come in parts too: the hour maps (the minutes of the parts written before) plus the
+        # minutes taken now, each part's hours written once; a part that rolls back is written again, not twice.
+        again = [reading(f"n-{i}", 3, T0 + 3000 + i, 2.0) for i in range(40)]  # minutes in every part this time
+        write(registry, *again, at=T0 + 3100)
+        stored += again
+        registry.enforce_retention(RETENTION, T0 + 3600 + HOUR_FLUSH_SLACK_S)
+        assert registry.rollups.flush is not None and registry.rollups.flush.hours and node_rollups(registry.engine, 3600) == []
+        with patch.object(registry.rollups, "step", failing_step), pytest.raises(RuntimeError):
+            write(registry, reading("later", 1, T0 + 3700, 5.0), at=T0 + 3730)
+        k = 0
+        while registry.rollups.flush is not None and k < series_module.PARTS:
+            write(registry, reading("later", 2 + k, T0 + 3701 + k, 5.0), at=T0 + 3731 + k)
+            stored.append(reading("later", 2 + k, T0 + 3701 + k, 5.0))
+            k += 1
+        assert registry.rollups.flush is None
+        hours = node_rollups(registry.engine, 3600)
+        assert hours == fold_truth([m for m in stored if m.ts < T0 + 3600], 3600)
+        # The later samples (the next hour) wait in the hour maps for that hour to end.
+        registry.enforce_retention(RETENTION, T0 + 7200 + HOUR_FLUSH_SLACK_S)
+        k = 0
+        while registry.rollups.flush is not None and k < series_module.PARTS:
+            write(registry, reading("last", 1 + k, T0 + 7300 + k, 1.0), at=T0 + 7330 + k)
+            k += 1
+        assert node_rollups(registry.engine, 3600) == fold_truth([m for m in stored if m.ts < T0 + 7200], 3600)
 
 
 def test_a_writer_dead_in_the_middle_of_a_flush_is_recovered_exactly(registry):
