@@ -299,9 +299,17 @@ def _fold(acc: dict[_Key, array[float]], shop: str, node: str, bucket: float, po
                 a[3] = value
 
 
+_UPSERT_SQL: dict[str, tuple[str, bool]] = {}
+"""The compiled bucket upsert per dialect (see :func:`_upsert_sql`)."""
+
+
 def _upsert_sql(conn: Connection) -> tuple[str, bool]:
-    """Return the bucket upsert as driver SQL (count and sum add, min and max combine) and whether it takes positional parameters."""
+    """Return the bucket upsert as driver SQL (count and sum add, min and max combine) and whether it takes positional
+    parameters; compiled once per dialect (a part of a flush is written with every batch)."""
     dialect = conn.dialect.name
+    cached = _UPSERT_SQL.get(dialect)
+    if cached is not None:
+        return cached
     least, greatest = (func.min, func.max) if dialect == "sqlite" else (func.least, func.greatest)
     if dialect == "postgresql":
         stmt: postgresql.Insert | sqlite.Insert = postgresql.insert(ROLLUP)
@@ -320,7 +328,8 @@ def _upsert_sql(conn: Connection) -> tuple[str, bool]:
     positional = bool(compiled.positional)
     # sqlite3 takes positional parameters, in the column_keys order compiled above; psycopg named ones.
     assert not positional or list(compiled.positiontup or ()) == list(_ROLLUP_COLUMNS), compiled.positiontup
-    return str(compiled), positional
+    _UPSERT_SQL[dialect] = (str(compiled), positional)
+    return _UPSERT_SQL[dialect]
 
 
 _PG_UPSERT_JSON = (

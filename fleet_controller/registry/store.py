@@ -450,7 +450,7 @@ class RegistryStore:
         defer = self._deferred if self._dialect == "postgresql" else None
         wid = self.rollups.register(self.engine, now) if batch.uplinks else 0
         try:
-            with self.engine.begin() as conn:
+            with self._rollups_applied(now), self.engine.begin() as conn:
                 unknown = self._unknown(conn, report_only)
                 created, known = self._ensure(conn, sorted(keys - unknown), now)
                 events += created
@@ -462,12 +462,8 @@ class RegistryStore:
                 self._flush_deferred(conn)
                 events += self._revive(conn, batch, now)
                 self.rollups.step(conn)  # a part of the series flush under way, if any
-        except BaseException:
-            self.rollups.rolled_back()
-            raise
         finally:
             self._deferred = []
-        self.rollups.committed(now)
         # Only committed rows are known; a rolled-back batch must create them again.
         self.rollups.add(samples)
         self._known_nodes.update(known)
