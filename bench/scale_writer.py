@@ -1,8 +1,8 @@
 """The registry writer alone at fleet scale: CPU, garbage collector, syscalls and disk per message.
 
 What bench/scale.py's writer does at 100,000 nodes, without MQTT, in this process: one heartbeat
-period of the whole fleet per round through :meth:`IntakeCore.process_batch` (batches of 500) and
-the presence sweep every ``--sweep-every`` batches (about once a second at 10,000 msg/s), on a
+period of the whole fleet per round through :meth:`IntakeCore.process_batch` (batches of ``--batch``, 500) and
+the presence sweep every ``--sweep-every`` batches of 500 (about once a second at 10,000 msg/s), on a
 simulated clock. Unlike bench/writer.py the nodes arrive in bench/scale.py's order (each node in
 its own slot of the period, a prime stride over the fleet), so a batch's 500 nodes are scattered
 over the ``nodes`` table and its indexes as in a real fleet, not neighbours sharing pages.
@@ -29,15 +29,18 @@ thread runs as in the writer process unless ``--no-checkpointer``. Each round al
 batches' p50/p99/max milliseconds, the WAL's size and the checkpoints the thread made.
 
     .venv/bin/python bench/scale_writer.py [--nodes 100000] [--rounds 3] [--pragmas P,...] [--gc-threshold A,B,C] [--with-retention] [--no-checkpointer]
+        [--page-size N] [--profile FILE]
     .venv/bin/python bench/scale_writer.py --retention [--nodes 100000] [--heartbeats 20] [--keep 18] [--trials 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import gc
 import json
 import os
+import pstats
 import shutil
 import sys
 import time
@@ -52,6 +55,7 @@ from sqlalchemy import delete, event, func, select
 from sqlalchemy.engine import Engine
 
 from fleet_controller.intake.core import IntakeCore
+from fleet_controller.registry import db as registry_db
 from fleet_controller.registry import series
 from fleet_controller.registry import store as registry_store
 from fleet_controller.registry.db import create_engine, start_checkpointer
@@ -184,13 +188,20 @@ def main() -> int:
     p.add_argument("--checkpointer", action="store_true", help="checkpoint the WAL on a thread of its own, as the writer process does")
     p.add_argument("--no-checkpointer", dest="checkpointer", action="store_false", help="checkpoint in the writer's commits (before 2026-11-30)")
     p.set_defaults(checkpointer=True)
+    p.add_argument("--batch", type=int, default=500, help="messages per batch (intake.batch_max_messages; default: %(default)s)")
+    p.add_argument("--profile", default="", help="profile rounds 1.. (the steady state) with cProfile: top 30 by own time "
+                   "to stderr, the stats to this file")
+    p.add_argument("--page-size", type=int, default=0,
+                   help="SQLite page size of the databases (a base database of its own per size; default: the registry's)")
     p.add_argument("--with-retention", action="store_true",
                    help="also run the writer's periodic retention and series roll-up after each round (one heartbeat per node, "
                         "as many minute buckets as a deployed 60 s run writes) and print its milliseconds")
     args = p.parse_args()
     pragmas = [x for x in args.pragmas.split(",") if x]
     start = time.time() - 3600
-    base = Path(args.base) / f"{args.nodes}.db"
+    if args.page_size:
+        registry_db.SQLITE_PAGE_SIZE = args.page_size
+    base = Path(args.base) / (f"{args.nodes}.db" if not args.page_size else f"{args.nodes}-p{args.page_size}.db")
     if not base.exists():
         base.parent.mkdir(parents=True, exist_ok=True)
         engine = engine_for(base, [])
@@ -225,8 +236,11 @@ def main() -> int:
     if args.gc_threshold:
         gc.set_threshold(*(int(x) for x in args.gc_threshold.split(",")))
     presence = PresenceSettings()
+    profiler = cProfile.Profile() if args.profile else None
     try:
         for r in range(args.rounds + 1):
+            if profiler is not None and r == 1:  # the steady state: round 0 loads every cursor and presence
+                profiler.enable()
             t0 = start + (r + 1) * single.INTERVAL
             msgs = scattered(args.nodes, r + 2)
             raws = [(t, payload % (t0 + single.INTERVAL * k / args.nodes), t0 + single.INTERVAL * k / args.nodes)
@@ -235,10 +249,10 @@ def main() -> int:
             sweep_cpu, sweeps = 0.0, 0
             batch_s: list[float] = []
             io0, cpu0, wall0 = io_counters(), time.process_time(), time.perf_counter()
-            for n, k in enumerate(range(0, len(raws), 500)):
-                raw = raws[k:k + 500]
+            for n, k in enumerate(range(0, len(raws), args.batch)):
+                raw = raws[k:k + args.batch]
                 now = raw[-1][2] + 0.05
-                if args.sweep_every and n % args.sweep_every == 0:
+                if args.sweep_every and n % max(1, args.sweep_every * 500 // args.batch) == 0:
                     s0 = time.process_time()
                     store.sweep_presence(presence, now)
                     sweep_cpu, sweeps = sweep_cpu + time.process_time() - s0, sweeps + 1
@@ -254,7 +268,7 @@ def main() -> int:
                 retention = {"retention_cpu_ms": round(1e3 * (time.process_time() - c0)), "retention_wall_ms": round(1e3 * (time.perf_counter() - w0)),
                              "retention_deleted": deleted}
             print(json.dumps({
-                "round": r, "nodes": args.nodes, "pragmas": args.pragmas, "checkpointer": args.checkpointer, "gc_threshold": args.gc_threshold,
+                "round": r, "nodes": args.nodes, "batch": args.batch, "page_size": registry_db.SQLITE_PAGE_SIZE, "pragmas": args.pragmas, "checkpointer": args.checkpointer, "gc_threshold": args.gc_threshold,
                 "cpu_us_per_msg": round(1e6 * cpu / m, 1), "wall_us_per_msg": round(1e6 * wall / m, 1),
                 "gc_us_per_msg": round(1e6 * sum(gen_s) / m, 1), "gc_ms_by_generation": [round(1e3 * x) for x in gen_s],
                 "sweep_ms": round(1e3 * sweep_cpu / max(sweeps, 1), 1),
@@ -264,6 +278,10 @@ def main() -> int:
                 **retention, "wal_mb": round(Path(f"{work}-wal").stat().st_size / 2**20, 1) if Path(f"{work}-wal").exists() else 0,
                 "checkpoints": checkpointer.checkpoints if checkpointer else None,
                 "load_avg_1m": round(os.getloadavg()[0], 2)}), flush=True)
+        if profiler is not None:
+            profiler.disable()
+            pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(30)
+            profiler.dump_stats(args.profile)
     finally:
         if checkpointer is not None:
             checkpointer.stop()

@@ -82,6 +82,12 @@ and 17-19 KB with this bound, in runs that also raised the checkpoint bound; 3.5
 256 MiB alone). It is a bound, not an allocation: a small fleet's cache stays small."""
 
 
+SQLITE_PAGE_SIZE = 4096
+"""The page size of a new SQLite database (``PRAGMA page_size``, before anything is written; an existing database keeps
+its own). Every heartbeat dirties a few pages at scattered places (its node's row, its history's index entries), and a
+commit writes each dirty page whole into the WAL, which the checkpointer then copies into the file."""
+
+
 def create_engine(url: str, **kwargs: Any) -> Engine:
     """Return an engine for ``url``; SQLite gets WAL, a busy timeout, foreign keys, 0600 files and a page
     cache sized for a large fleet (:data:`SQLITE_CACHE_KIB`).
@@ -103,6 +109,7 @@ def create_engine(url: str, **kwargs: Any) -> Engine:
             if db_file:
                 private_sqlite_files(db_file)
             cur = dbapi_conn.cursor()
+            cur.execute(f"PRAGMA page_size={int(SQLITE_PAGE_SIZE)}")  # a no-op once the database has pages
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA foreign_keys=ON")

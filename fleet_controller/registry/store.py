@@ -32,7 +32,18 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import JSON, Table, bindparam, delete, func, insert, select, tuple_, update
+from sqlalchemy import (
+    JSON,
+    ColumnElement,
+    Table,
+    bindparam,
+    delete,
+    func,
+    insert,
+    select,
+    tuple_,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.exc import InterfaceError, OperationalError
@@ -364,6 +375,9 @@ class RegistryStore:
         self._retention_cursor: dict[str, tuple[Any, ...] | None] = {}
         self.reports_refused = 0
         """Reported states dropped because their node is not in the registry (never created from a report)."""
+        self.presence_storm_sweeps = 0
+        """Presence sweeps that hit ``presence.sweep_max_changes`` and left silent nodes to the next sweep."""
+        self._storm_logged_at = -1e9
 
     # ----- helpers ---------------------------------------------------------------------------
 
@@ -826,18 +840,32 @@ class RegistryStore:
         now = time.time() if now is None else now
         horizon = self.stream_horizon(now)
         interval = func.coalesce(NODES.c.heartbeat_interval_s, settings.default_interval_s)
-        stale_after = interval * settings.stale_after_intervals
+
+        def silent_beyond(intervals: float) -> ColumnElement[bool]:
+            after = interval * intervals
+            # min(facts_at, last_seen) < horizon - after, with a NULL facts_at ignored:
+            return (NODES.c.last_seen < now - after) & ((NODES.c.last_seen < horizon - after) | (NODES.c.facts_at < horizon - after))
+
         self._pending_presence = {}
+        limit = settings.sweep_max_changes
         with self.engine.begin() as conn:
+            # Only nodes whose presence changes, the longest silent first, at most ``sweep_max_changes``
+            # (a mass outage is marked over several sweeps instead of in one stall of the writer).
             rows = conn.execute(
                 select(NODES.c.shop_id, NODES.c.node_id, NODES.c.session, NODES.c.presence, NODES.c.last_seen,
                        NODES.c.facts_at, NODES.c.heartbeat_interval_s).where(
-                    NODES.c.presence.in_(("online", "stale")),
-                    NODES.c.last_seen < now - stale_after,
-                    # min(facts_at, last_seen) < horizon - stale_after, with a NULL facts_at ignored:
-                    (NODES.c.last_seen < horizon - stale_after) | (NODES.c.facts_at < horizon - stale_after),
-                )
+                    ((NODES.c.presence == "online") & silent_beyond(settings.stale_after_intervals))
+                    | ((NODES.c.presence == "stale") & silent_beyond(settings.offline_after_intervals))
+                ).order_by(NODES.c.last_seen, NODES.c.shop_id, NODES.c.node_id).limit(limit + 1)
             ).all()
+            if len(rows) > limit:
+                rows = rows[:limit]
+                self.presence_storm_sweeps += 1
+                if time.monotonic() - self._storm_logged_at >= 60.0:
+                    self._storm_logged_at = time.monotonic()
+                    log.warning("presence storm: more than %d nodes fell silent at once; this sweep marks the %d longest silent "
+                                "and the rest follow at up to presence.sweep_max_changes per sweep (%d capped sweeps so far)",
+                                limit, limit, self.presence_storm_sweeps)
             changes: list[PresenceChange] = []
             for r in rows:
                 iv = r.heartbeat_interval_s or settings.default_interval_s

@@ -121,6 +121,28 @@ def test_sweep_marks_stale_then_offline_and_a_message_revives(registry, reader):
     assert [(e.data["old"], e.data["new"]) for e in ev if e.topic == "presence"] == [("offline", "online")]
 
 
+def test_a_presence_storm_is_marked_over_several_sweeps_longest_silent_first(registry, reader, caplog):
+    """``presence.sweep_max_changes`` bounds one sweep; nodes already stale (no change due) never take the bound's room."""
+    capped = PS.model_copy(update={"sweep_max_changes": 2})
+    # pi-0 falls silent first and is marked stale alone; then five more go quiet one second apart.
+    registry.write_batch(batch(heartbeat(node="pi-0", seq=1, ts=T0), at=T0), T0)
+    assert [(e.node, e.data["new"]) for e in registry.sweep_presence(capped, T0 + 26)] == [("pi-0", "stale")]
+    for i in range(1, 6):
+        registry.write_batch(batch(heartbeat(node=f"pi-{i}", seq=1, ts=T0 + 5 + i), at=T0 + 5 + i), T0 + 5 + i)
+    now = T0 + 45  # all five silent past 2.5 intervals, pi-0 not yet past 6
+    with caplog.at_level("WARNING", logger="fleet_controller.registry.store"):
+        first = registry.sweep_presence(capped, now)
+    assert [(e.node, e.data["new"]) for e in first] == [("pi-1", "stale"), ("pi-2", "stale")]
+    assert registry.presence_storm_sweeps == 1 and "presence storm" in caplog.text
+    assert [e.node for e in registry.sweep_presence(capped, now + 1)] == ["pi-3", "pi-4"]
+    assert [e.node for e in registry.sweep_presence(capped, now + 2)] == ["pi-5"]
+    assert registry.presence_storm_sweeps == 2  # the last sweep fit under the bound
+    assert registry.sweep_presence(capped, now + 3) == []
+    assert reader.presence_counts()["stale"] == 6
+    # pi-0 passes 6 intervals first, so it is first to go offline.
+    assert [(e.node, e.data["new"]) for e in registry.sweep_presence(capped, T0 + 61)] == [("pi-0", "offline")]
+
+
 def test_heartbeat_does_not_undo_a_will(registry, reader):
     """After a Will only a birth brings the node back (outbox replays may arrive first)."""
     registry.write_batch(batch(presence(session=1)), T0)
