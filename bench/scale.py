@@ -153,7 +153,7 @@ def warm_up(port: int, nodes: int) -> None:
 
 
 def controller(db_url: str, port: int, client_id: str, group: str | None, conn: multiprocessing.connection.Connection,
-               stop: Any, partitions: int = 0, retention_interval_s: float = 60.0) -> None:
+               stop: Any, partitions: int = 0, retention_interval_s: float = 60.0, sweep_max_changes: int | None = None) -> None:
     """Run one controller replica until ``stop`` (an Event) is set.
 
     Sends ``(t, stored, pending, [latencies], subscribed shops, cursor conflicts)`` once a second.
@@ -171,6 +171,8 @@ def controller(db_url: str, port: int, client_id: str, group: str | None, conn: 
                             "retention": {"interval_s": retention_interval_s}}
     if partitions:
         over["intake"] = {"partitions": partitions}
+    if sweep_max_changes:
+        over["presence"] = {"sweep_max_changes": sweep_max_changes}
     settings = load_settings(None, over, environ={})
 
     async def run() -> None:
@@ -285,7 +287,7 @@ def run_ramp(args: argparse.Namespace, replicas: int, db_url: str, partitions: i
         for r in range(replicas):
             parent_end, child_end = ctx.Pipe(duplex=False)
             p = ctx.Process(target=controller, args=(db_url, broker.port, f"scale-controller-{r}", group, child_end, stop, partitions,
-                                                             args.retention_interval_s))
+                                                             args.retention_interval_s, args.sweep_max_changes))
             p.start()
             pipes.append(parent_end)
             ctl_procs.append(p)
@@ -410,6 +412,9 @@ def main() -> int:
     p.add_argument("--retention-interval-s", type=float, default=60.0,
                    help="retention.interval_s of the controller: retention and the series roll-up run in the writer this often "
                         "(default: %(default)s, the deployed default; runs before 2026-11-30 03:30 used 3600, leaving them out)")
+    p.add_argument("--sweep-max-changes", type=int, default=None,
+                   help="presence.sweep_max_changes of the controller (default: the deployed default); the ramp's warm-up "
+                        "sees every node of the largest step, so the nodes a step leaves out go silent together")
     p.add_argument("--partitions", type=int, default=16, help="intake.partitions of multi-replica runs (default: %(default)s)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)

@@ -30,6 +30,7 @@ batches' p50/p99/max milliseconds, the WAL's size and the checkpoints the thread
 
     .venv/bin/python bench/scale_writer.py [--nodes 100000] [--rounds 3] [--pragmas P,...] [--gc-threshold A,B,C] [--with-retention] [--no-checkpointer]
         [--page-size N] [--profile FILE]
+    .venv/bin/python bench/scale_writer.py --storm 0,5000 [--nodes 100000]
     .venv/bin/python bench/scale_writer.py --retention [--nodes 100000] [--heartbeats 20] [--keep 18] [--trials 2]
 """
 
@@ -173,6 +174,42 @@ def retention_bench(base: Path, args: argparse.Namespace) -> None:
                     Path(f"{work}{suffix}").unlink(missing_ok=True)
 
 
+def storm_bench(base: Path, args: argparse.Namespace) -> None:
+    """Every node of the fleet falls silent at once: the presence sweeps that mark them, per ``presence.sweep_max_changes``.
+
+    For each bound of ``--storm`` (0 = no bound, as before 2026-11-30), on a fresh copy of the first-sight database: the
+    sweep at 7 intervals of silence, then one a second until a sweep changes nothing. Prints each sweep's wall
+    milliseconds and changes; the summary has the longest sweep (the writer's stall: every batch behind it waits) and the
+    seconds until the whole fleet is offline.
+    """
+    with create_engine(f"sqlite:///{base}").connect() as conn:
+        last = conn.scalar(select(func.max(registry_store.NODES.c.last_seen))) or 0.0
+    for bound in (int(x) for x in args.storm.split(",")):
+        work = base.with_name(f"work-{os.getpid()}.db")
+        shutil.copy(base, work)
+        engine = engine_for(work, [])
+        store = RegistryStore(engine)
+        settings = PresenceSettings(sweep_max_changes=bound or 1_000_000)
+        sweeps: list[tuple[float, int]] = []
+        try:
+            now = last + 7 * single.INTERVAL
+            while True:
+                t0 = time.perf_counter()
+                changes = len(store.sweep_presence(settings, now))
+                if not changes:
+                    break
+                sweeps.append((time.perf_counter() - t0, changes))
+                now += 1.0
+        finally:
+            engine.dispose()
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{work}{suffix}").unlink(missing_ok=True)
+        print(json.dumps({
+            "nodes": args.nodes, "sweep_max_changes": bound or None, "sweeps": len(sweeps), "changes": sum(c for _, c in sweeps),
+            "longest_sweep_ms": round(1e3 * max(w for w, _ in sweeps)), "total_sweep_ms": round(1e3 * sum(w for w, _ in sweeps)),
+            "all_offline_after_s": len(sweeps) - 1, "load_avg_1m": round(os.getloadavg()[0], 2)}), flush=True)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nodes", type=int, default=100_000, help="simulated nodes (default: %(default)s)")
@@ -188,6 +225,8 @@ def main() -> int:
     p.add_argument("--checkpointer", action="store_true", help="checkpoint the WAL on a thread of its own, as the writer process does")
     p.add_argument("--no-checkpointer", dest="checkpointer", action="store_false", help="checkpoint in the writer's commits (before 2026-11-30)")
     p.set_defaults(checkpointer=True)
+    p.add_argument("--storm", default="", help="measure a presence storm instead: the whole fleet silent at once, swept with "
+                   "each presence.sweep_max_changes of this comma-separated list (0: no bound), e.g. 0,5000")
     p.add_argument("--batch", type=int, default=500, help="messages per batch (intake.batch_max_messages; default: %(default)s)")
     p.add_argument("--profile", default="", help="profile rounds 1.. (the steady state) with cProfile: top 30 by own time "
                    "to stderr, the stats to this file")
@@ -214,6 +253,9 @@ def main() -> int:
         print(f"first sight of {args.nodes} nodes: {time.perf_counter() - t:.0f} s", file=sys.stderr)
     if args.retention:
         retention_bench(base, args)
+        return 0
+    if args.storm:
+        storm_bench(base, args)
         return 0
     work = base.with_name(f"work-{os.getpid()}.db")
     shutil.copy(base, work)

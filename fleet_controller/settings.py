@@ -151,10 +151,10 @@ class PresenceSettings(_Section):
     default_interval_s: float = Field(10.0, gt=0, description="Heartbeat interval assumed before a node's first heartbeat says its own.")
     sweep_interval_s: float = Field(1.0, gt=0, description="How often presence is recomputed; lower is more exact but costs a query each time.")
     sweep_max_changes: int = Field(
-        5000, ge=1, le=1_000_000,
+        2000, ge=1, le=1_000_000,
         description="Most nodes one sweep marks stale or offline, the longest silent first; the rest follow in the next sweeps. "
         "Bounds the writer's stall and the burst of presence events when a whole region goes dark at once "
-        "(100,000 nodes at 5,000 per 1 s sweep take 20 s); higher marks a mass outage sooner, lower stalls the intake less.",
+        "(100,000 nodes at 2,000 per 1 s sweep take 50 s); higher marks a mass outage sooner, lower stalls the intake less.",
     )
 
     @model_validator(mode="after")
