@@ -9,7 +9,10 @@ before each crossing and closes 1.5 s after it.
 **Vision side (real code).** Each camera frame, every visible shopper yields a detection box seen
 from the ceiling with noise: missed detections, centre jitter, spurious boxes, occlusion when two
 shoppers are close (the one behind is missed or gets a low score), blackouts and ghosts from the
-scenario. The boxes go through :class:`vision.tracker.ByteTracker` and
+scenario. With several ceiling cameras (``CameraSpec.views``, :class:`_Views`), each view
+detects the people on its part of the floor with its own noise and line-of-sight occlusion, and
+the views' detections are merged on the floor by :func:`vision.multiview.merge` (the merge's CPU
+is counted apart, ``RunResult.merge_cpu_s``) before the one tracker. The boxes go through :class:`vision.tracker.ByteTracker` and
 :class:`vision.events.ZoneEvents`; tracks become :class:`~fusion.types.TrackObservation` (with the
 appearance vector of the detection the track matched, as a re-id model would give),
 ``person_entered``/``person_exited`` become door crossings, ended ids become ``TrackLost``.
@@ -623,7 +626,7 @@ class _Views:
         """Return each view's floor detections of this frame and the shopper each came from (None: spurious)."""
         cam = self.cam
         nv = len(self.pos)
-        here = [(v, p) for v in visits if (p := v.position(now)) is not None]
+        here = [(v, q) for v in visits if (q := v.position(now)) is not None]
         n = len(here)
         boxes: list[list[np.ndarray]] = [[] for _ in range(nv)]
         scores: list[list[float]] = [[] for _ in range(nv)]
@@ -631,14 +634,14 @@ class _Views:
         apps: list[list[np.ndarray]] = [[] for _ in range(nv)]
         half = cam.box_m / 2
         if n:
-            p = np.array([q for _, q in here], np.float64)
+            pts = np.array([q for _, q in here], np.float64)
             r = self.rect
-            inside = (p[None, :, 0] >= r[:, None, 0]) & (p[None, :, 0] <= r[:, None, 2]) & (p[None, :, 1] >= r[:, None, 1]) & (p[None, :, 1] <= r[:, None, 3])
+            inside = (pts[None, :, 0] >= r[:, None, 0]) & (pts[None, :, 0] <= r[:, None, 2]) & (pts[None, :, 1] >= r[:, None, 1]) & (pts[None, :, 1] <= r[:, None, 3])
             for i, (v, _) in enumerate(here):
-                for a, e, mask in self.hidden[v.shopper.id]:
-                    if a <= now < e:
+                for start, stop, mask in self.hidden[v.shopper.id]:
+                    if start <= now < stop:
                         inside[:, i] &= ~mask
-            a = p[None, :, :] - self.pos[:, None, :]  # (V, n, 2): camera -> person, on the floor
+            a = pts[None, :, :] - self.pos[:, None, :]  # (V, n, 2): camera -> person, on the floor
             dist = np.hypot(a[..., 0], a[..., 1])
             occluded = np.zeros((nv, n), bool)
             if n > 1:
@@ -660,7 +663,7 @@ class _Views:
             vi, pi = np.nonzero(seen)
             noise = rng.normal(0, cam.appearance_noise, (len(vi), cam.appearance_dims))
             for k, (vv, ii) in enumerate(zip(vi.tolist(), pi.tolist(), strict=True)):
-                cx, cy = p[ii] + jit[vv, ii]
+                cx, cy = pts[ii] + jit[vv, ii]
                 h = hs[vv, ii]
                 boxes[vv].append(np.array([cx - h, cy - h, cx + h, cy + h]))
                 scores[vv].append(float(sc[vv, ii]))
@@ -673,9 +676,9 @@ class _Views:
                     scores[vv].append(0.8)
                     owners[vv].append(None)
                     apps[vv].append(_unit(app + rng.normal(0, cam.appearance_noise, app.shape)))
-        for vv, k in enumerate(rng.poisson(cam.false_positives, nv).tolist()):
+        for vv, n_fp in enumerate(rng.poisson(cam.false_positives, nv).tolist()):
             x0, y0, x1, y1 = self.rect[vv]
-            for _ in range(k):
+            for _ in range(n_fp):
                 x, y = rng.uniform(x0, x1), rng.uniform(y0, y1)
                 boxes[vv].append(np.array([x - half, y - half, x + half, y + half]))
                 scores[vv].append(float(rng.uniform(0.3, 0.65)))
@@ -693,7 +696,8 @@ class _Views:
 
 def _owner(per_view: list[FloorDetections], owners: list[list[str | None]], members: tuple[tuple[int, int], ...]) -> str | None:
     """Return the shopper most of a merged detection's members came from (by score), None if spurious."""
-    tally: Counter[str | None] = Counter()
+    tally: dict[str | None, float] = {}
     for v, j in members:
-        tally[owners[v][j]] += float(per_view[v].scores[j])
-    return tally.most_common(1)[0][0]
+        who = owners[v][j]
+        tally[who] = tally.get(who, 0.0) + float(per_view[v].scores[j])
+    return max(tally, key=lambda k: tally[k])
