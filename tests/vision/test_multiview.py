@@ -104,13 +104,22 @@ def test_a_lone_box_where_many_views_look_is_doubted_not_where_one_looks() -> No
 
 def test_appearance_is_the_score_weighted_mean_renormalized() -> None:
     e0, e1 = np.eye(4)[0:1], np.eye(4)[1:2]
-    m = merge([_floor([(1.0, 1.0)], [0.9], app=e0), _floor([(1.0, 1.1)], [0.3], app=e1)])
-    assert m.appearance is not None
+    near = (0.8 * e0 + 0.6 * e1) / 1.0  # unit, cosine 0.8 with e0: the same person from another angle
+    m = merge([_floor([(1.0, 1.0)], [0.9], app=e0), _floor([(1.0, 1.1)], [0.3], app=near)])
+    assert m.appearance is not None and len(m) == 1
     assert np.linalg.norm(m.appearance[0]) == pytest.approx(1.0)
-    assert m.appearance[0, 0] / m.appearance[0, 1] == pytest.approx(3.0)
+    assert m.appearance[0, 0] / m.appearance[0, 1] == pytest.approx((0.9 + 0.3 * 0.8) / (0.3 * 0.6))
     mixed = merge([_floor([(1.0, 1.0)], [0.9], app=e0), _floor([(1.0, 1.1)], [0.3])])  # the second view gives none
     assert mixed.appearance is not None and mixed.appearance[0].tolist() == pytest.approx(e0[0].tolist())
     assert merge([_floor([(1.0, 1.0)], [0.9])]).appearance is None
+
+
+def test_two_people_passing_closer_than_the_gate_stay_two_when_they_do_not_look_alike() -> None:
+    e0, e1 = np.eye(4)[0:1], np.eye(4)[1:2]
+    a = _floor([(1.0, 1.0)], [0.9], app=e0)
+    b = _floor([(1.1, 1.0)], [0.8], app=e1)  # 0.1 m apart, in two views, different looks
+    assert len(merge([a, b])) == 2
+    assert len(merge([a, b], MergeConfig(min_similarity=None))) == 1  # on distance alone: one
 
 
 def _walk(t: int) -> tuple[float, float]:
