@@ -8,16 +8,19 @@ rate, wrong carts accepted (plus missed carts) over all carts. CPU: fusion's own
 reference measured in the same run: the vision tracker plus zone events on the same frames.
 
     .venv/bin/python bench/fusion.py [--quick] [--seeds-from N] [--only NAME ...] [--reviews]
-                                     [--cameras single|grid ...] [--blackout-views F]
+                                     [--cameras single|grid ...] [--calibration layout|default]
+                                     [--blackout-views F]
 
 ``--seeds-from 1000`` plays the same set on held-out seeds (each scenario's seeds start at N and
 are 30 for single, crowd and slow-camera, 15 for the others), the check that no tuning leaked
 into the figures; ``--reviews`` prints every reviewed cart with its reasons. ``--cameras`` plays
-the set under each camera layout given, in the same run (``single``: one camera over the floor,
-the default; ``grid``: a ceiling camera per square metre, their detections merged on the floor
+the set under each camera layout given, in the same run (default: both; ``single``: one camera
+over the floor, the earlier rounds' model; ``grid``: a ceiling camera per square metre, their detections merged on the floor
 by ``vision.multiview`` and tracked once, see fusion.generate.ceiling_grid), and prints the
 figures of each, with the merge's CPU beside the tracker's; ``--blackout-views`` is the share of
-the grid's views that lose a blacked-out shopper (default 1: all of them).
+the grid's views that lose a blacked-out shopper (default 1: all of them). Under the grid, fusion
+uses the calibration fitted for it (fusion.engine.CALIBRATION_GRID) unless ``--calibration
+default`` (FusionConfig's defaults, the one-camera fit).
 
 Last line: JSON summary (with several layouts, one JSON line per layout, the last one last).
 """
@@ -60,7 +63,7 @@ def main() -> int:
     p.add_argument("--seeds-from", type=int, default=0, help="first seed of each scenario (default 0, the benchmark's seeds; 1000 and 2000 are the held-out checks)")
     p.add_argument("--only", nargs="+", choices=sorted(SET), help="play only these scenarios")
     p.add_argument("--reviews", action="store_true", help="print every reviewed cart with its reasons")
-    p.add_argument("--cameras", nargs="+", choices=CAMERA_LAYOUTS, default=["single"], help="camera layouts to play the set under, in this run (default: single)")
+    p.add_argument("--cameras", nargs="+", choices=CAMERA_LAYOUTS, default=["single", "grid"], help="camera layouts to play the set under, in this run (default: both, single first)")
     p.add_argument("--calibration", choices=["layout", "default"], default="layout", help="grid: fusion's calibration fitted for the grid (fusion.engine.CALIBRATION_GRID, the default) or FusionConfig's defaults (the one-camera fit)")
     p.add_argument("--blackout-views", type=float, default=1.0, help="grid: share of the views that lose a blacked-out shopper (default 1)")
     args = p.parse_args()
