@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import yaml
@@ -10,6 +12,7 @@ from fusion.errors import ScenarioInvalid
 from fusion.generate import ceiling_grid, default_layout, generate
 from fusion.scenario import CameraSpec, Scenario, Shopper, ViewSpec, dump_scenario, parse_scenario
 from fusion.sim import Visit, _Views, run
+from shopfleet.cli import main
 
 LAYOUT = default_layout()
 
@@ -103,3 +106,12 @@ def test_a_scenario_file_with_views_plays() -> None:
     r = run(sc, seed=1)
     (cart,) = r.carts
     assert r.cart_truth[cart.cart_id] == "p1" and dict(cart.items()) == {"chips-150": 1}
+
+
+def test_fusion_eval_and_scenario_take_the_camera_layout(capsys, tmp_path) -> None:
+    assert main(["fusion", "eval", "--scenario", "single", "--seed", "2", "--cameras", "grid"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["views"] == 49 and summary["merge_cpu_ms_per_shopper_minute"] > 0 and summary["carts"] == 1
+    out = tmp_path / "s.yaml"
+    assert main(["fusion", "scenario", "crowd", "--cameras", "grid", "--out", str(out)]) == 0
+    assert len(yaml.safe_load(out.read_text())["camera"]["views"]) == 49
