@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from fusion.engine import FusionConfig
-from fusion.generate import generate
+from fusion.generate import CAMERA_LAYOUTS, generate
 from fusion.sim import RunResult, run
 
 # name -> (number of seeds, shoppers): every named scenario, crowds and the slow camera weighted up (they are the hard part).
@@ -55,15 +55,15 @@ Features = tuple[float, ...]
 """(margin_others, margin_nobody, sparse) of one attributed change."""
 
 
-def play(mix: dict[str, tuple[int, int]], first_seed: int = FIRST_SEED, config: FusionConfig | None = None) -> list[tuple[str, RunResult]]:
-    """Play every scenario of the mix on its seeds."""
-    return [(name, run(generate(name, seed, shoppers), seed=seed, config=config)) for name, (n, shoppers) in mix.items() for seed in range(first_seed, first_seed + n)]
+def play(mix: dict[str, tuple[int, int]], first_seed: int = FIRST_SEED, config: FusionConfig | None = None, cameras: str = "single") -> list[tuple[str, RunResult]]:
+    """Play every scenario of the mix on its seeds, under one camera layout (fusion.generate)."""
+    return [(name, run(generate(name, seed, shoppers, cameras=cameras), seed=seed, config=config)) for name, (n, shoppers) in mix.items() for seed in range(first_seed, first_seed + n)]
 
 
-def collect(mix: dict[str, tuple[int, int]], first_seed: int = FIRST_SEED, config: FusionConfig | None = None, runs: list[tuple[str, RunResult]] | None = None) -> list[tuple[Features, bool, str]]:
+def collect(mix: dict[str, tuple[int, int]], first_seed: int = FIRST_SEED, config: FusionConfig | None = None, runs: list[tuple[str, RunResult]] | None = None, cameras: str = "single") -> list[tuple[Features, bool, str]]:
     """Return (features, right, scenario) for every attributed change whose truth is known."""
     out: list[tuple[Features, bool, str]] = []
-    for name, r in runs if runs is not None else play(mix, first_seed, config):
+    for name, r in runs if runs is not None else play(mix, first_seed, config, cameras):
         for c in r.carts:
             truth = r.cart_truth.get(c.cart_id)
             for a in c.attributions:
@@ -197,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--first-seed", type=int, default=FIRST_SEED, help="first seed of each scenario (the benchmark uses 0-39: stay clear of them)")
     p.add_argument("--scale", type=float, default=1.0, help="multiply the number of seeds per scenario")
     p.add_argument("--reach", action="store_true", help="fit the calibration with the measured reach ratios in the scores (set them with the printed reach_lr_* values)")
+    p.add_argument("--split", action="store_true", help="fit a slope of its own at a sparse camera (calibration_slope_sparse), as --reach does")
+    p.add_argument("--cameras", choices=CAMERA_LAYOUTS, default="single", help="camera layout of the scenarios (fusion.generate): single, or grid (a ceiling camera per square metre, merged by vision.multiview)")
     args = p.parse_args(argv)
     if args.first_seed < 100:
         print("error: --first-seed below 100 overlaps the benchmark's seeds (0-39); calibrate on held-out seeds", file=sys.stderr)
@@ -206,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     # left out of the scores; then the logistic calibration of the margins, on the defaults' scores
     # (reach left out) or, with --reach, with the measured ratios in them.
     off = {f"reach_lr_{k}{suffix}": 1.0 for k in ("reached", "not_reached", "unseen") for suffix in ("", "_sparse")}
-    runs = play(mix, args.first_seed, FusionConfig(**off))
+    runs = play(mix, args.first_seed, FusionConfig(**off), args.cameras)
     lrs: dict[str, float] = {}
     for sparse_camera, suffix in ((False, ""), (True, "_sparse")):
         counts = reach_counts(runs, sparse=sparse_camera)
@@ -216,10 +218,10 @@ def main(argv: list[str] | None = None) -> int:
         lrs[f"reach_lr_not_reached{suffix}"] = round(ratios["not-reached"], 2)
         lrs[f"reach_lr_unseen{suffix}"] = round(ratios["unseen"], 2)
     if args.reach:
-        rows = collect(mix, args.first_seed, FusionConfig(**lrs))
+        rows = collect(mix, args.first_seed, FusionConfig(**lrs), cameras=args.cameras)
     else:
         rows = collect(mix, args.first_seed, runs=runs)
-    if args.reach:  # a slope of its own at a sparse camera, whose boxes go to the wrong track more often
+    if args.reach or args.split:  # a slope of its own at a sparse camera, whose boxes go to the wrong track more often
         rows = [(split(f), r, n) for f, r, n in rows]
         coef = fit([f for f, _, _ in rows], [r for _, r, _ in rows], signs=SPLIT_SIGNS)
     else:
@@ -233,14 +235,14 @@ def main(argv: list[str] | None = None) -> int:
     bar = FusionConfig().attribution_bar
     doubt = {n: sum(1 for i, (_, _, m) in enumerate(rows) if m == n and prob[i] < bar) for n in mix}
     print(f"changes below attribution_bar {bar} per scenario: {doubt}")
-    if args.reach:
+    if args.reach or args.split:
         slope, slope_sparse, nobody, sparse, offset = coef
     else:
         slope, nobody, sparse, offset = coef
         slope_sparse = None
     out: dict[str, Any] = {"changes": len(rows), "wrong": len(wrong), "calibration_slope": round(slope, 4), "calibration_slope_sparse": None if slope_sparse is None else round(slope_sparse, 4)}
     out |= {"calibration_nobody": round(nobody, 4), "calibration_sparse": round(sparse, 4), "calibration_offset": round(offset, 4), "reach_in_scores": args.reach, "measured_reach_ratios": lrs}
-    print(json.dumps(out | {"seeds_from": args.first_seed, "mix": mix}))
+    print(json.dumps(out | {"seeds_from": args.first_seed, "cameras": args.cameras, "mix": mix}))
     return 0
 
 

@@ -21,12 +21,12 @@ def _fail(exc: Exception) -> int:
     return 2
 
 
-def _load(name_or_file: str, seed: int, shoppers: int):  # type: ignore[no-untyped-def]
+def _load(name_or_file: str, seed: int, shoppers: int, cameras: str = "single"):  # type: ignore[no-untyped-def]
     from fusion.generate import GENERATORS, generate
     from fusion.scenario import load_scenario
 
     if name_or_file in GENERATORS:
-        return generate(name_or_file, seed, shoppers)
+        return generate(name_or_file, seed, shoppers, cameras=cameras)
     if Path(name_or_file).exists() or name_or_file.endswith((".yaml", ".yml")):
         return load_scenario(name_or_file)
     raise ScenarioInvalid(f"{name_or_file!r} is neither a named scenario ({', '.join(GENERATORS)}) nor a scenario file")
@@ -37,7 +37,7 @@ def _eval(args: argparse.Namespace) -> int:
     from fusion.sim import run
 
     try:
-        scenario = _load(args.scenario, args.seed, args.shoppers)
+        scenario = _load(args.scenario, args.seed, args.shoppers, args.cameras)
     except ScenarioInvalid as exc:
         return _fail(exc)
     result = run(scenario, seed=args.seed)
@@ -57,6 +57,8 @@ def _eval(args: argparse.Namespace) -> int:
             "errors": dict(sorted(result.errors.items())),
             "fusion_cpu_ms_per_shopper_minute": round(cpu * 1000, 2),
             "tracker_cpu_ms_per_shopper_minute": round(result.tracker_cpu_s / result.shopper_minutes * 1000, 2) if result.shopper_minutes else 0.0,
+            "views": len(scenario.camera.views) or 1,
+            "merge_cpu_ms_per_shopper_minute": round(result.merge_cpu_s / result.shopper_minutes * 1000, 2) if result.shopper_minutes else 0.0,
         }
     )
     print(json.dumps(summary))
@@ -68,7 +70,7 @@ def _scenario(args: argparse.Namespace) -> int:
     from fusion.scenario import dump_scenario
 
     try:
-        text = dump_scenario(generate(args.name, args.seed, args.shoppers))
+        text = dump_scenario(generate(args.name, args.seed, args.shoppers, cameras=args.cameras))
     except ScenarioInvalid as exc:
         return _fail(exc)
     if args.out:
@@ -97,7 +99,7 @@ class _Help(argparse.HelpFormatter):
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``fusion`` command and its subcommands."""
-    from fusion.generate import GENERATORS
+    from fusion.generate import CAMERA_LAYOUTS, GENERATORS
 
     names = ", ".join(GENERATORS)
     p = subparsers.add_parser("fusion", help="carts from tracks and shelf weights: evaluate on scenarios", description="Join vision tracks and shelf weight changes into shopper sessions, carts and receipts, and measure them on scenarios with ground truth. See docs/fusion.md.")
@@ -106,10 +108,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     e.add_argument("--scenario", required=True, metavar="FILE|NAME", help=f"a scenario YAML file or a named scenario: {names}")
     e.add_argument("--seed", type=int, default=0, help="seed of the generated scenario and of the sensor noise")
     e.add_argument("--shoppers", type=_shoppers, default=4, help="shoppers in 'crowd' (a hint for the other named scenarios)")
+    e.add_argument("--cameras", choices=CAMERA_LAYOUTS, default="single", help="named scenarios: one camera over the floor (single) or a ceiling camera per square metre merged on the floor (grid); a file's own camera: key governs it")
     e.set_defaults(func=_eval)
     s = sub.add_parser("scenario", help="write a named scenario as YAML", formatter_class=_Help, description="Generate a named scenario and print it as YAML (or write it to --out), to edit and replay with 'fusion eval --scenario FILE'.")
     s.add_argument("name", choices=list(GENERATORS), help="named scenario")
     s.add_argument("--seed", type=int, default=0, help="seed")
     s.add_argument("--shoppers", type=_shoppers, default=4, help="shoppers in 'crowd'")
+    s.add_argument("--cameras", choices=CAMERA_LAYOUTS, default="single", help="camera layout: single or grid (writes the grid's views into the file)")
     s.add_argument("--out", default=None, help="write to this file instead of stdout")
     s.set_defaults(func=_scenario)

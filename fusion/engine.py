@@ -110,6 +110,13 @@ class FusionConfig(BaseModel):
     reach_lr_not_reached_sparse: float = Field(1.0, gt=0, description="reach_lr_not_reached for a sparse camera (sparse >= 1)")
 
 
+CALIBRATION_GRID: dict[str, float] = {"calibration_slope": 2.2919, "calibration_slope_sparse": 1.3062, "calibration_nobody": 0.0, "calibration_sparse": -0.8244, "calibration_offset": 0.6458}
+"""The calibration fitted for a shop with a ceiling camera per square metre, their detections merged
+on the floor (``python -m fusion.calibrate --cameras grid --split``, seeds 1000 and up, a slope of
+its own at a sparse camera; docs/fusion.md, 'Calibration'): the ``FusionConfig`` keys to set in such
+a shop. The defaults are the one-camera fit."""
+
+
 @dataclass
 class _Track:
     id: int
@@ -585,11 +592,20 @@ class Fusion:
     def _enter(self, t: _Track, ts: float) -> None:
         if t.session is not None:
             s = self._sessions[t.session]
-            if s.closed_at is not None and self._carts.get(s.cart) is not None and s.closed_at >= ts - self.config.close_delay_s:
+            sim = self._sim(t.app, s.proto)
+            if s.closed_at is not None and sim is not None and sim < self.config.rejoin_similarity:
+                # Out, and back in looking like someone else: the tracker carried the id from a shopper
+                # leaving to one coming in at the door. Its positions up to the exit stay the leaver's.
+                t.segments.append((s.closed_at, s.id))
+                if t.id in s.tracks:
+                    s.tracks.remove(t.id)
+                t.session = None
+                self.stats["door_handovers"] += 1
+            elif s.closed_at is not None and self._carts.get(s.cart) is not None and s.closed_at >= ts - self.config.close_delay_s:
                 s.closed_at = None  # stepped out and straight back in (jitter on the line): same visit
                 self._carts[s.cart].closing_at = None
                 return
-            if s.closed_at is None:
+            elif s.closed_at is None:
                 return
         if not self._door_allows_entry(ts):
             self.errors["entry-door-closed"] += 1

@@ -5,6 +5,11 @@ All share one shop (:func:`default_layout`): 8 x 6 m, the door in the middle of 
 three shelves (back wall, left wall, a fridge on the right wall) with 18 slots of products whose
 unit weights differ enough to tell one from another by weight. The seed picks who arrives when
 and what they take, so ``generate("crowd", seed=3)`` is always the same scenario.
+
+``cameras="grid"`` plays the same scenario under the camera layout of a real shop of this kind
+(:func:`ceiling_grid`): a ceiling camera per square metre, each seeing 3 x 3 m of floor, so every
+point inside is seen by up to nine views, plus one over the door that also sees the street. The
+default, ``"single"``, is the one camera over the whole floor of the earlier rounds.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from collections.abc import Callable
 
 from fusion.errors import ScenarioInvalid
 from fusion.layout import DoorSpec, ShopLayout, SlotSpec
-from fusion.scenario import Action, Blackout, CameraSpec, Fault, Scenario, Shopper
+from fusion.scenario import Action, Blackout, CameraSpec, Fault, Scenario, Shopper, ViewSpec
 
 # product, unit weight g, its spread g, price cents. Weights differ by well over 3 sigma.
 CATALOGUE: tuple[tuple[str, float, float, int], ...] = (
@@ -45,6 +50,30 @@ def default_layout(name: str = "demo-shop") -> ShopLayout:
         slots.append(SlotSpec(slot=f"C{k + 1}", shelf="shelf-3", board="shelf-3", channel=k, product=p, unit_weight_g=w, unit_weight_sd_g=sd, price_cents=price, front=(7.6, 1.8 + 0.7 * k), facing=(-1.0, 0.0)))
         i += 1
     return ShopLayout(name=name, width_m=8.0, depth_m=6.0, door=DoorSpec(a=(3.4, 0.0), b=(4.6, 0.0), inside=(4.0, 1.0)), slots=tuple(slots))
+
+
+CAMERA_LAYOUTS = ("single", "grid")
+"""``generate``'s camera layouts: one camera over the whole floor, or :func:`ceiling_grid`."""
+
+
+def ceiling_grid(layout: ShopLayout, outside_m: float = 2.5, spacing_m: float = 1.0, sees_m: float = 1.5, height_m: float = 2.5) -> tuple[ViewSpec, ...]:
+    """Return a ceiling camera every ``spacing_m`` over the shop floor, each seeing ``sees_m`` around it, and one over the door.
+
+    The grid cameras hang at ``height_m`` (a shipping container's ceiling) over the middle of each
+    cell and see people within ``sees_m`` either way, inside the shop; the door camera, just
+    inside the door, also sees ``outside_m`` of street in front of it, where shoppers are first
+    seen.
+    """
+    views = []
+    nx, ny = round(layout.width_m / spacing_m), round(layout.depth_m / spacing_m)
+    for i in range(nx):
+        for j in range(ny):
+            x, y = (i + 0.5) * spacing_m, (j + 0.5) * spacing_m
+            rect = (max(0.0, x - sees_m), max(0.0, y - sees_m), min(layout.width_m, x + sees_m), min(layout.depth_m, y + sees_m))
+            views.append(ViewSpec(id=f"c{i}-{j}", x=x, y=y, height_m=height_m, floor=rect))
+    mx, my = layout.door.midpoint()
+    views.append(ViewSpec(id="door", x=mx, y=my + 0.2, height_m=height_m, floor=(max(0.0, mx - 2.5), my - outside_m, min(layout.width_m, mx + 2.5), my + 1.5)))
+    return tuple(views)
 
 
 def _actions(rng: random.Random, layout: ShopLayout, n: int, shelf: str | None = None, put_back_chance: float = 0.15) -> list[Action]:
@@ -134,14 +163,23 @@ GENERATORS: dict[str, Callable[[random.Random, ShopLayout, int], tuple[list[Shop
 """Every named scenario; ``--shoppers`` sets the crowd size (others use it as a hint or ignore it)."""
 
 
-def generate(name: str, seed: int = 0, shoppers: int = 4) -> Scenario:
-    """Return the named scenario for a seed; raise ScenarioInvalid for an unknown name."""
+def generate(name: str, seed: int = 0, shoppers: int = 4, cameras: str = "single", blackout_views: float = 1.0) -> Scenario:
+    """Return the named scenario for a seed; raise ScenarioInvalid for an unknown name.
+
+    ``cameras``: ``"single"`` (one camera over the floor) or ``"grid"`` (:func:`ceiling_grid`,
+    with ``blackout_views`` of the views losing a blacked-out shopper). The shoppers, their
+    actions and the seed's draws do not depend on the cameras.
+    """
     gen = GENERATORS.get(name)
     if gen is None:
         raise ScenarioInvalid(f"unknown scenario {name!r}; named scenarios: {', '.join(GENERATORS)} (or give a YAML file)")
+    if cameras not in CAMERA_LAYOUTS:
+        raise ScenarioInvalid(f"unknown camera layout {cameras!r}; use one of {', '.join(CAMERA_LAYOUTS)}")
     if shoppers < 1:
         raise ScenarioInvalid(f"--shoppers must be at least 1, got {shoppers}")
     rng = random.Random(f"{name}:{seed}:{shoppers}")
     layout = default_layout()
     people, faults, camera = gen(rng, layout, shoppers)
+    if cameras == "grid":
+        camera = CameraSpec.model_validate({**camera.model_dump(), "views": ceiling_grid(layout, camera.outside_m), "blackout_views": blackout_views})
     return Scenario(name=name, seed=seed, shop=layout, camera=camera, shoppers=tuple(people), faults=tuple(faults))

@@ -25,8 +25,36 @@ from fusion.errors import ScenarioInvalid
 from fusion.layout import ShopLayout
 
 
+class ViewSpec(BaseModel):
+    """One of several ceiling cameras: where it hangs and the floor rectangle it sees people in."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    id: str = Field(min_length=1, max_length=32, description="camera name")
+    x: float = Field(description="position of the camera on the floor plan, metres")
+    y: float = Field(description="position of the camera on the floor plan, metres (negative: over the street)")
+    height_m: float = Field(2.5, gt=1.8, le=10, description="height of the camera above the floor")
+    floor: tuple[float, float, float, float] = Field(description="the floor rectangle [x_min, y_min, x_max, y_max] (metres) in which it detects people")
+
+    @model_validator(mode="after")
+    def _rect(self) -> ViewSpec:
+        x0, y0, x1, y1 = self.floor
+        if x1 <= x0 or y1 <= y0:
+            raise ValueError(f"view {self.id}: floor must be [x_min, y_min, x_max, y_max] with x_max > x_min and y_max > y_min")
+        return self
+
+
 class CameraSpec(BaseModel):
-    """The ceiling camera over the shop floor and the noise of its person detector."""
+    """The ceiling camera(s) over the shop floor and the noise of the person detector.
+
+    No ``views``: ONE camera sees the whole floor, and two people closer than ``occlusion_m``
+    occlude each other (the model of the earlier rounds; scenario files without ``views`` play
+    as before). With ``views``: each view detects the people in its floor rectangle with its own
+    independent misses, jitter (growing with how obliquely it sees the person), false positives,
+    appearance noise and occlusion by line of sight (a person hides another when they stand
+    between the camera and the other's head and shoulders, so straight below a camera nobody is
+    hidden and at an oblique angle a neighbour is); the views' detections are merged on the floor
+    by ``vision.multiview`` and tracked once.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     fps: float = Field(10.0, gt=0, le=60, description="frames per second")
@@ -43,6 +71,22 @@ class CameraSpec(BaseModel):
     reach_visible: float = Field(0.0, ge=0, le=1, description="chance that a hand action's reach shows: the picker's box stretches over the slot while the hand is in it (else the arm is hidden, e.g. under a neighbour or the shelf lip); 0 = boxes never stretch")
     reach_false: float = Field(0.0, ge=0, le=1, description="chance, per hand action, that the other shoppers within an arm's length of the slot's edge have their box stretched over that edge too (leaning in, an arm over the neighbouring slot)")
     reach_frame_miss: float = Field(0.15, ge=0, le=1, description="share of frames of a visible reach in which the box is not stretched")
+    views: tuple[ViewSpec, ...] = Field((), description="several ceiling cameras (each with the noise above, drawn independently); empty: one camera over the whole floor")
+    person_height_m: float = Field(1.75, gt=0.5, le=2.2, description="views: height of a person's head; a person hides another in a view when they stand within body_radius_m of its line of sight to the other's shoulders below this height")
+    body_radius_m: float = Field(0.25, gt=0, le=1, description="views: half a person's width seen from above")
+    blackout_views: float = Field(1.0, ge=0, le=1, description="views: share of the views (drawn per blackout) that lose a blacked-out shopper; 1 = every view (a detector failing on that person)")
+
+    @model_validator(mode="after")
+    def _views(self) -> CameraSpec:
+        ids = [v.id for v in self.views]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"views: camera ids must be unique, got {sorted({i for i in ids if ids.count(i) > 1})}")
+        if self.views and (self.reach_visible > 0 or self.reach_false > 0):
+            raise ValueError("reach_visible and reach_false are modelled for one camera only; set them to 0 or remove views")
+        for v in self.views:
+            if v.height_m <= self.person_height_m:
+                raise ValueError(f"views: camera {v.id} hangs at {v.height_m} m, not above a person's head ({self.person_height_m} m)")
+        return self
 
 
 class BoardsSpec(BaseModel):

@@ -9,7 +9,10 @@ before each crossing and closes 1.5 s after it.
 **Vision side (real code).** Each camera frame, every visible shopper yields a detection box seen
 from the ceiling with noise: missed detections, centre jitter, spurious boxes, occlusion when two
 shoppers are close (the one behind is missed or gets a low score), blackouts and ghosts from the
-scenario. The boxes go through :class:`vision.tracker.ByteTracker` and
+scenario. With several ceiling cameras (``CameraSpec.views``, :class:`_Views`), each view
+detects the people on its part of the floor with its own noise and line-of-sight occlusion, and
+the views' detections are merged on the floor by :func:`vision.multiview.merge` (the merge's CPU
+is counted apart, ``RunResult.merge_cpu_s``) before the one tracker. The boxes go through :class:`vision.tracker.ByteTracker` and
 :class:`vision.events.ZoneEvents`; tracks become :class:`~fusion.types.TrackObservation` (with the
 appearance vector of the detection the track matched, as a re-id model would give),
 ``person_entered``/``person_exited`` become door crossings, ended ids become ``TrackLost``.
@@ -73,6 +76,7 @@ from hardware.simulator import SimulatedBoard
 from hardware.stability import StabilityDetector, StabilitySettings
 from vision.boxes import box_iou
 from vision.events import ZoneEvents
+from vision.multiview import CoverageMap, FloorDetections, MergeConfig, merge
 from vision.tracker import ByteTracker, TrackerConfig
 from vision.types import Detections
 from vision.zones import ZonesConfig, side_of_line
@@ -247,6 +251,7 @@ class RunResult:
     track_votes: dict[int, Counter[str]] = field(default_factory=dict)
     fusion: Fusion | None = None
     change_truth: dict[str, str] = field(default_factory=dict)  # shelf change id -> true cart whose hand made it
+    merge_cpu_s: float = 0.0  # several views: merging their detections on the floor (vision.multiview.merge), part of the vision side
 
 
 class _Boards:
@@ -382,7 +387,8 @@ def run(scenario: Scenario, seed: int | None = None, config: FusionConfig | None
     seen_by: dict[int, list[tuple[float, str]]] = defaultdict(list)  # track -> (ts, shopper) of its matched detections
     results: list[CartResult] = []
     inputs: Counter[str] = Counter()
-    fusion_s = tracker_s = 0.0
+    fusion_s = tracker_s = merge_s = 0.0
+    multi = _Views(cam, visits, seed) if cam.views else None
     frames = changes = 0
     pulled: set[str] = set()
     interval = scenario.boards.interval_ms / 1000
@@ -436,8 +442,17 @@ def run(scenario: Scenario, seed: int | None = None, config: FusionConfig | None
         fps = next((f for a, e, f in slow if a <= now < e), cam.fps)
         t_cam = now + 1.0 / fps
         frames += 1
-        boxes, scores, owners, apps = _detect(visits, ghosts, now, cam, nrng, img_w / S, img_h / S - OY, reaches, rrng)
-        dets = Detections(np.array(boxes, np.float32).reshape(-1, 4) * S + np.array([0, OY * S, 0, OY * S], np.float32), np.array(scores, np.float32), np.zeros(len(scores), np.int64))
+        if multi is None:
+            boxes, scores, owners, apps = _detect(visits, ghosts, now, cam, nrng, img_w / S, img_h / S - OY, reaches, rrng)
+            dets = Detections(np.array(boxes, np.float32).reshape(-1, 4) * S + np.array([0, OY * S, 0, OY * S], np.float32), np.array(scores, np.float32), np.zeros(len(scores), np.int64))
+        else:
+            per_view, view_owners = multi.detect(visits, ghosts, now, nrng)
+            t0 = time.perf_counter()
+            merged = merge(per_view, multi.config, multi.coverage)
+            merge_s += time.perf_counter() - t0
+            dets = merged.detections
+            owners = [_owner(per_view, view_owners, m) for m in merged.members]
+            apps = list(merged.appearance) if merged.appearance is not None else [np.zeros(cam.appearance_dims)] * len(merged)
         t0 = time.perf_counter()
         tracks = tracker.update(dets, ts=now)
         events = zone_events.update(tracks)
@@ -494,7 +509,7 @@ def run(scenario: Scenario, seed: int | None = None, config: FusionConfig | None
                 if hand:
                     change_truth[att.change_id] = hand[-1][2]
     minutes = sum((v.crossings[-1] - v.crossings[0]) / 60 for v in visits if len(v.crossings) >= 2)
-    return RunResult(scenario, results, truth, cart_truth, fusion.errors, fusion.stats, fusion_s, tracker_s, minutes, frames, changes, len(visits), inputs, dict(votes), fusion, change_truth)
+    return RunResult(scenario, results, truth, cart_truth, fusion.errors, fusion.stats, fusion_s, tracker_s, minutes, frames, changes, len(visits), inputs, dict(votes), fusion, change_truth, merge_s)
 
 
 def _door_edges(crossings: list[float]) -> list[tuple[float, bool]]:
@@ -579,3 +594,110 @@ def _detect(
         owners.append(None)
         apps.append(_unit(rng.normal(size=cam.appearance_dims)))
     return boxes, scores, owners, apps
+
+
+class _Views:
+    """Several ceiling cameras (``CameraSpec.views``): each view's detections on the floor, with independent noise.
+
+    Per frame and view, every person inside the view's floor rectangle not blacked out in it is
+    detected unless missed (``miss_rate``) or hidden: another person within ``body_radius_m`` of
+    the view's line of sight to their shoulders (three quarters of ``person_height_m``) below
+    head height hides them (dropped with ``occlusion_drop``, else a low score), which happens at
+    an oblique angle and not straight below the camera. Jitter grows with the angle,
+    ``jitter_m * (1 + distance / height)``. False positives are ``false_positives`` per view per
+    frame, uniform over its rectangle; a ghost fault is seen by every view covering it. A
+    blackout hides its shopper from ``blackout_views`` of the views (drawn once per blackout).
+    """
+
+    def __init__(self, cam: CameraSpec, visits: list[Visit], seed: int) -> None:
+        self.cam = cam
+        vs = cam.views
+        self.pos = np.array([(v.x, v.y) for v in vs], np.float64)
+        self.height = np.array([v.height_m for v in vs], np.float64)
+        self.rect = np.array([v.floor for v in vs], np.float64)
+        self.config = MergeConfig(px_per_m=cam.px_per_m, origin_m=(0.0, -cam.outside_m))
+        self.coverage = CoverageMap([np.array([(x0, y0), (x1, y0), (x1, y1), (x0, y1)]) for x0, y0, x1, y1 in self.rect])
+        brng = random.Random(f"blackout-views:{seed}")  # its own stream: the rest of the noise does not depend on it
+        self.hidden: dict[str, list[tuple[float, float, np.ndarray]]] = {}
+        for v in visits:
+            self.hidden[v.shopper.id] = [(a, e, np.array([brng.random() < cam.blackout_views for _ in vs], bool)) for a, e in v.blackouts]
+
+    def detect(self, visits: list[Visit], ghosts: list[_Ghost], now: float, rng: np.random.Generator) -> tuple[list[FloorDetections], list[list[str | None]]]:
+        """Return each view's floor detections of this frame and the shopper each came from (None: spurious)."""
+        cam = self.cam
+        nv = len(self.pos)
+        here = [(v, q) for v in visits if (q := v.position(now)) is not None]
+        n = len(here)
+        boxes: list[list[np.ndarray]] = [[] for _ in range(nv)]
+        scores: list[list[float]] = [[] for _ in range(nv)]
+        owners: list[list[str | None]] = [[] for _ in range(nv)]
+        apps: list[list[np.ndarray]] = [[] for _ in range(nv)]
+        half = cam.box_m / 2
+        if n:
+            pts = np.array([q for _, q in here], np.float64)
+            r = self.rect
+            inside = (pts[None, :, 0] >= r[:, None, 0]) & (pts[None, :, 0] <= r[:, None, 2]) & (pts[None, :, 1] >= r[:, None, 1]) & (pts[None, :, 1] <= r[:, None, 3])
+            for i, (v, _) in enumerate(here):
+                for start, stop, mask in self.hidden[v.shopper.id]:
+                    if start <= now < stop:
+                        inside[:, i] &= ~mask
+            a = pts[None, :, :] - self.pos[:, None, :]  # (V, n, 2): camera -> person, on the floor
+            dist = np.hypot(a[..., 0], a[..., 1])
+            occluded = np.zeros((nv, n), bool)
+            if n > 1:
+                aa = np.maximum((a * a).sum(-1), 1e-9)  # (V, n)
+                t = np.einsum("vid,vjd->vij", a, a) / aa[:, :, None]  # where j stands along the sight line to i
+                perp = np.linalg.norm(a[:, None, :, :] - t[..., None] * a[:, :, None, :], axis=-1)
+                sight = 0.75 * cam.person_height_m
+                z = self.height[:, None, None] - (self.height[:, None, None] - sight) * t  # the sight line's height over j
+                block = (t > 0) & (t < 1) & (perp < cam.body_radius_m) & (z < cam.person_height_m)
+                block[:, np.arange(n), np.arange(n)] = False
+                occluded = block.any(-1)
+            miss = rng.random((nv, n)) < cam.miss_rate
+            drop = rng.random((nv, n)) < cam.occlusion_drop
+            sc = np.where(occluded, rng.uniform(0.15, 0.45, (nv, n)), rng.uniform(0.55, 0.95, (nv, n)))
+            sigma = cam.jitter_m * (1 + dist / self.height[:, None])
+            jit = rng.normal(0, 1, (nv, n, 2)) * sigma[..., None]
+            hs = half * (1 + rng.normal(0, 0.04, (nv, n)))
+            seen = inside & ~miss & ~(occluded & drop)
+            vi, pi = np.nonzero(seen)
+            noise = rng.normal(0, cam.appearance_noise, (len(vi), cam.appearance_dims))
+            for k, (vv, ii) in enumerate(zip(vi.tolist(), pi.tolist(), strict=True)):
+                cx, cy = pts[ii] + jit[vv, ii]
+                h = hs[vv, ii]
+                boxes[vv].append(np.array([cx - h, cy - h, cx + h, cy + h]))
+                scores[vv].append(float(sc[vv, ii]))
+                owners[vv].append(here[ii][0].shopper.id)
+                apps[vv].append(_unit(here[ii][0].appearance + noise[k]))
+        for a0, e0, gx, gy, app in ghosts:
+            if a0 <= now < e0:
+                for vv in np.nonzero((gx >= self.rect[:, 0]) & (gx <= self.rect[:, 2]) & (gy >= self.rect[:, 1]) & (gy <= self.rect[:, 3]))[0].tolist():
+                    boxes[vv].append(np.array([gx - half, gy - half, gx + half, gy + half]))
+                    scores[vv].append(0.8)
+                    owners[vv].append(None)
+                    apps[vv].append(_unit(app + rng.normal(0, cam.appearance_noise, app.shape)))
+        for vv, n_fp in enumerate(rng.poisson(cam.false_positives, nv).tolist()):
+            x0, y0, x1, y1 = self.rect[vv]
+            for _ in range(n_fp):
+                x, y = rng.uniform(x0, x1), rng.uniform(y0, y1)
+                boxes[vv].append(np.array([x - half, y - half, x + half, y + half]))
+                scores[vv].append(float(rng.uniform(0.3, 0.65)))
+                owners[vv].append(None)
+                apps[vv].append(_unit(rng.normal(size=cam.appearance_dims)))
+        out = []
+        for vv in range(nv):
+            if scores[vv]:
+                b = np.stack(boxes[vv])
+                out.append(FloorDetections((b[:, :2] + b[:, 2:]) / 2, b, np.array(scores[vv]), np.stack(apps[vv])))
+            else:
+                out.append(FloorDetections.empty(cam.appearance_dims))
+        return out, owners
+
+
+def _owner(per_view: list[FloorDetections], owners: list[list[str | None]], members: tuple[tuple[int, int], ...]) -> str | None:
+    """Return the shopper most of a merged detection's members came from (by score), None if spurious."""
+    tally: dict[str | None, float] = {}
+    for v, j in members:
+        who = owners[v][j]
+        tally[who] = tally.get(who, 0.0) + float(per_view[v].scores[j])
+    return max(tally, key=lambda k: tally[k])

@@ -557,3 +557,37 @@ def test_a_change_is_judged_again_when_its_lost_shopper_is_found_at_the_slot() -
     s.leave(2, person=1)
     (closed,) = s.close()
     assert closed.status == "accepted" and closed.items() == {"cola": 1}
+
+
+def _out_and_in(person_back: int) -> list:
+    """Track 1 picks a cola, walks out, and within a second the same track id comes back in as ``person_back``, who picks chips."""
+    s = shop_with(1)
+    s.stand(2.0, (1, *AT_A1))
+    s.change(A1, -1, -345.0, 0.99)
+    s.stand(1.5, (1, *AT_A1))
+    s.door(True)
+    s.leave(1)
+    s.tick()
+    for _ in range(3):  # outside: the tracker's id now on whoever it follows
+        s.see(1, 3.0, -0.8, person_back)
+        s.tick()
+    s.enter(1, person_back)
+    s.tick(0.5)
+    s.door(False)
+    s.stand(2.0, (1, *AT_A2))
+    s.change(A2, -1, -160.0, 0.99)
+    s.stand(1.5, (1, *AT_A2))
+    s.door(True)
+    s.leave(1)
+    return s.close()
+
+
+def test_a_track_carried_from_a_leaver_to_a_newcomer_at_the_door_opens_a_new_cart() -> None:
+    carts = _out_and_in(person_back=3)
+    assert sorted(sorted(c.items().items()) for c in carts) == [[("chips", 1)], [("cola", 1)]]  # two carts, one item each
+    assert all(c.status == "accepted" for c in carts)
+
+
+def test_the_same_shopper_stepping_out_and_straight_back_in_keeps_one_cart() -> None:
+    (cart,) = _out_and_in(person_back=1)
+    assert cart.items() == {"cola": 1, "chips": 1}
