@@ -117,6 +117,11 @@ class ControllerMetrics:
         self.presence_changes = Counter(
             "shopfleet_controller_presence_changes", "Presence transitions, by new state.", ["presence"], registry=registry
         )
+        self.presence_sweeps_capped = Counter(
+            "shopfleet_controller_presence_sweeps_capped",
+            "Presence sweeps that marked presence.sweep_max_changes nodes, leaving the rest of a mass outage to the next sweeps.",
+            registry=registry,
+        )
         self.bus_dropped = Counter(
             "shopfleet_controller_bus_dropped", "Event-bus messages dropped because a subscriber's queue was full.", registry=registry
         )

@@ -383,7 +383,10 @@ class ControllerService:
             await asyncio.sleep(period)
 
     async def _sweep(self) -> None:
-        self._publish_events(await self.writer.call("sweep", self.settings.presence))
+        events = await self.writer.call("sweep", self.settings.presence)
+        if sum(e.topic == "presence" for e in events) >= self.settings.presence.sweep_max_changes:
+            self.metrics.presence_sweeps_capped.inc()  # a mass outage: the rest is marked by the next sweeps
+        self._publish_events(events)
 
     async def _retention(self) -> None:
         deleted = await self.writer.call("retention", self.settings.retention)

@@ -126,6 +126,26 @@ def test_silence_makes_a_node_stale_then_offline(broker, tmp_path):
         rc.stop()
 
 
+def test_a_mass_outage_is_marked_over_several_sweeps_and_counted(broker, tmp_path):
+    """Five nodes fall silent together; sweeps of at most two mark them all, and the capped sweeps are counted."""
+    rc = RunningController(controller_settings(broker, tmp_path, presence={
+        "stale_after_intervals": 2, "offline_after_intervals": 4, "sweep_interval_s": 0.1, "sweep_max_changes": 2}))
+    capped = lambda: rc.service.metrics.registry.get_sample_value("shopfleet_controller_presence_sweeps_capped_total")  # noqa: E731
+    try:
+        nodes = [Node(broker, node=f"pi-{i}", will=False) for i in range(5)]
+        assert capped() == 0
+        # A sweep may run between two sends; the nodes' interval is long enough that none of them is stale by then.
+        for i, n in enumerate(nodes):
+            n.send(heartbeat(node=f"pi-{i}", seq=1, interval=1.0))
+        wait_for(lambda: all(node_row(rc, node=f"pi-{i}").get("presence") == "online" for i in range(5)), what="all online")
+        wait_for(lambda: all(node_row(rc, node=f"pi-{i}").get("presence") == "offline" for i in range(5)), what="all offline")
+        assert capped() >= 2  # 5 going stale take three sweeps of two, so do 5 going offline: at least two capped
+        for n in nodes:
+            n.close()
+    finally:
+        rc.stop()
+
+
 HAND_PICKED = [
     pytest.param("telemetry", b"{oops", "bad_json", id="bad-json"),
     pytest.param("telemetry", json.dumps({**json.loads(encode(heartbeat(seq=1))), "seq": "x"}).encode(), "schema", id="wrong-type"),
