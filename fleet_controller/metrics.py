@@ -119,7 +119,7 @@ class ControllerMetrics:
         )
         self.presence_sweeps_capped = Counter(
             "shopfleet_controller_presence_sweeps_capped",
-            "Presence sweeps that marked presence.sweep_max_changes nodes, leaving the rest of a mass outage to the next sweeps.",
+            "Presence sweeps that found more silent nodes than presence.sweep_max_changes and left the rest to the next sweeps.",
             registry=registry,
         )
         self.bus_dropped = Counter(

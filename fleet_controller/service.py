@@ -384,7 +384,7 @@ class ControllerService:
 
     async def _sweep(self) -> None:
         events = await self.writer.call("sweep", self.settings.presence)
-        if sum(e.topic == "presence" for e in events) >= self.settings.presence.sweep_max_changes:
+        if any(e.topic == "presence_storm" for e in events):
             self.metrics.presence_sweeps_capped.inc()  # a mass outage: the rest is marked by the next sweeps
         self._publish_events(events)
 

@@ -858,7 +858,8 @@ class RegistryStore:
                     | ((NODES.c.presence == "stale") & silent_beyond(settings.offline_after_intervals))
                 ).order_by(NODES.c.last_seen, NODES.c.shop_id, NODES.c.node_id).limit(limit + 1)
             ).all()
-            if len(rows) > limit:
+            storm = len(rows) > limit
+            if storm:
                 rows = rows[:limit]
                 self.presence_storm_sweeps += 1
                 if time.monotonic() - self._storm_logged_at >= 60.0:
@@ -876,6 +877,8 @@ class RegistryStore:
                     changes.append(((r.shop_id, r.node_id), r.presence, PresenceView(r.session, new, reason), None))
             out = self._set_presences(conn, changes, now)
         self._presence.update(self._pending_presence)
+        if storm:  # the service counts it (shopfleet_controller_presence_sweeps_capped_total)
+            out.append(BusEvent("presence_storm", "", None, {"marked": limit, "sweep_max_changes": limit}, now))
         return out
 
     def enforce_retention(self, settings: RetentionSettings, now: float | None = None) -> dict[str, int]:

@@ -132,10 +132,13 @@ def test_a_presence_storm_is_marked_over_several_sweeps_longest_silent_first(reg
     now = T0 + 45  # all five silent past 2.5 intervals, pi-0 not yet past 6
     with caplog.at_level("WARNING", logger="fleet_controller.registry.store"):
         first = registry.sweep_presence(capped, now)
-    assert [(e.node, e.data["new"]) for e in first] == [("pi-1", "stale"), ("pi-2", "stale")]
+    storm = ("presence_storm", None, {"marked": 2, "sweep_max_changes": 2})  # for the service's counter
+    assert [(e.topic, e.node, e.data.get("new")) for e in first[:2]] == [("presence", "pi-1", "stale"), ("presence", "pi-2", "stale")]
+    assert [(e.topic, e.node, e.data) for e in first[2:]] == [storm]
     assert registry.presence_storm_sweeps == 1 and "presence storm" in caplog.text
-    assert [e.node for e in registry.sweep_presence(capped, now + 1)] == ["pi-3", "pi-4"]
-    assert [e.node for e in registry.sweep_presence(capped, now + 2)] == ["pi-5"]
+    second = registry.sweep_presence(capped, now + 1)
+    assert [(e.topic, e.node) for e in second] == [("presence", "pi-3"), ("presence", "pi-4"), ("presence_storm", None)]
+    assert [(e.topic, e.node) for e in registry.sweep_presence(capped, now + 2)] == [("presence", "pi-5")]  # not capped
     assert registry.presence_storm_sweeps == 2  # the last sweep fit under the bound
     assert registry.sweep_presence(capped, now + 3) == []
     assert reader.presence_counts()["stale"] == 6
