@@ -92,6 +92,19 @@ def engine_for(path: Path, pragmas: list[str]) -> Engine:
     return engine
 
 
+def work_copy(src: Path) -> Path:
+    """Return a scratch copy of the database ``src`` for one run (remove it with :func:`remove_db`)."""
+    work = src.with_name(f"work-{os.getpid()}.db")
+    shutil.copy(src, work)
+    return work
+
+
+def remove_db(path: Path) -> None:
+    """Remove a SQLite database and its WAL and shared-memory files."""
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
 def io_counters() -> dict[str, int]:
     text = Path(f"/proc/{os.getpid()}/io").read_text()
     return {k: int(v) for k, v in (line.split(":") for line in text.splitlines())}
@@ -152,8 +165,7 @@ def retention_bench(base: Path, args: argparse.Namespace) -> None:
     runs = {"old": 2, "new": 2 * registry_store.RETENTION_CYCLE_RUNS}  # new: a cycle that deletes, one that finds nothing
     for trial in range(args.trials):
         for form in ("old", "new"):
-            work = grown.with_name(f"work-{os.getpid()}.db")
-            shutil.copy(grown, work)
+            work = work_copy(grown)
             store = RegistryStore(engine_for(work, []))
             try:
                 for run in range(runs[form]):
@@ -170,8 +182,7 @@ def retention_bench(base: Path, args: argparse.Namespace) -> None:
                 print(json.dumps({"trial": trial, "form": form, "most_heartbeats_of_a_node_after": most}), flush=True)
             finally:
                 store.engine.dispose()
-                for suffix in ("", "-wal", "-shm"):
-                    Path(f"{work}{suffix}").unlink(missing_ok=True)
+                remove_db(work)
 
 
 def storm_bench(base: Path, args: argparse.Namespace) -> None:
@@ -185,8 +196,7 @@ def storm_bench(base: Path, args: argparse.Namespace) -> None:
     with create_engine(f"sqlite:///{base}").connect() as conn:
         last = conn.scalar(select(func.max(registry_store.NODES.c.last_seen))) or 0.0
     for bound in (int(x) for x in args.storm.split(",")):
-        work = base.with_name(f"work-{os.getpid()}.db")
-        shutil.copy(base, work)
+        work = work_copy(base)
         engine = engine_for(work, [])
         store = RegistryStore(engine)
         settings = PresenceSettings(sweep_max_changes=bound or 1_000_000)
@@ -202,8 +212,7 @@ def storm_bench(base: Path, args: argparse.Namespace) -> None:
                 now += 1.0
         finally:
             engine.dispose()
-            for suffix in ("", "-wal", "-shm"):
-                Path(f"{work}{suffix}").unlink(missing_ok=True)
+            remove_db(work)
         print(json.dumps({
             "nodes": args.nodes, "sweep_max_changes": bound or None, "sweeps": len(sweeps), "changes": sum(c for _, c in sweeps),
             "longest_sweep_ms": round(1e3 * max(w for w, _ in sweeps)), "total_sweep_ms": round(1e3 * sum(w for w, _ in sweeps)),
@@ -257,8 +266,7 @@ def main() -> int:
     if args.storm:
         storm_bench(base, args)
         return 0
-    work = base.with_name(f"work-{os.getpid()}.db")
-    shutil.copy(base, work)
+    work = work_copy(base)
     engine = engine_for(work, pragmas)
     checkpointer = start_checkpointer(engine) if args.checkpointer else None
     store = RegistryStore(engine)
@@ -328,8 +336,7 @@ def main() -> int:
         if checkpointer is not None:
             checkpointer.stop()
         engine.dispose()
-        for suffix in ("", "-wal", "-shm"):
-            Path(f"{work}{suffix}").unlink(missing_ok=True)
+        remove_db(work)
     return 0
 
 
