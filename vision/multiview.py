@@ -49,6 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from vision.tracker import ByteTracker, TrackerConfig
 from vision.types import Detections, Tracks
+from vision.zones import points_in_polygon
 
 Point = tuple[float, float]
 
@@ -164,7 +165,7 @@ class CoverageMap:
         pts = np.c_[gx.ravel(), gy.ravel()]
         counts = np.zeros(len(pts), np.int32)
         for p in polys:
-            counts += _inside(pts, p)
+            counts += points_in_polygon(pts, p)
         self.counts = counts.reshape(nx, ny)
 
     def count(self, xy: np.ndarray) -> np.ndarray:
@@ -177,22 +178,6 @@ class CoverageMap:
         out = np.zeros(len(xy), np.int32)
         out[ok] = self.counts[ij[ok, 0], ij[ok, 1]]
         return out
-
-
-def _inside(pts: np.ndarray, poly: np.ndarray) -> np.ndarray:
-    """Return which points lie inside a polygon (even-odd rule)."""
-    x, y = pts[:, 0], pts[:, 1]
-    res = np.zeros(len(pts), bool)
-    j = len(poly) - 1
-    for i in range(len(poly)):
-        xi, yi = poly[i]
-        xj, yj = poly[j]
-        cross = (yi > y) != (yj > y)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            xint = (xj - xi) * (y - yi) / (yj - yi) + xi
-        res ^= cross & (x < xint)
-        j = i
-    return res
 
 
 class MergeConfig(BaseModel):
