@@ -49,12 +49,14 @@ def test_every_seq_exactly_once_in_the_registry(tmp_path: Path, broker: BrokerPr
         agent.start()
         wait_for(lambda: agent.stored() < 50, 60, "the replay of the backlog")
         agent.kill()  # killed while connected and streaming
-        session = node_row(controller)["session"]
         agent.start()
-        wait_for(lambda: node_row(controller)["session"] > session, 60, "the restarted agent's birth")
+        # The session this run of the agent took, from its own log: the registry's session may still
+        # be catching up with the previous run's birth, which must not pass for this one.
+        session = wait_for(agent.session, 60, "the restarted agent to connect")
+        wait_for(lambda: node_row(controller)["session"] >= session, 60, "the restarted agent's birth")
         before = node_row(controller)["watermark"]
         wait_for(lambda: node_row(controller)["watermark"] >= before + 50, 60, "new messages after the restart")
-        assert agent.terminate() == 0
+        assert agent.terminate() == 0, agent.log.read_text()[-3000:]
         epoch, last = agent.meta()
         wait_for(lambda: node_row(controller).get("watermark") == last, 60, f"seq {last} in the registry")
         row = node_row(controller)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from shopfleet.broker import BrokerProcess
+from tests.support.wait import wait_for
 
 SHOP, NODE = "shop-z", "gpu-1"
 TICKER = (
@@ -41,8 +43,10 @@ class AgentProcess:
         self.config.write_text(yaml.safe_dump(config))
         self.log = workdir / "agent.log"
         self.proc: subprocess.Popen | None = None
+        self._log_offset = 0
 
     def start(self) -> None:
+        self._log_offset = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "shopfleet", "agent", "--config", str(self.config)],
@@ -56,8 +60,23 @@ class AgentProcess:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
 
+    def session(self) -> int | None:
+        """Return the MQTT session this run of the agent logged on connecting, or None before it connected.
+
+        The line comes after the agent installed its SIGTERM handler: a test that waits for it knows
+        the process it signals is the one it started, past start-up.
+        """
+        if not self.log.exists():
+            return None
+        with open(self.log, "rb") as log:
+            log.seek(self._log_offset)
+            found = re.findall(rb" connected to \S+ \(session (\d+)\)", log.read())
+        return int(found[-1]) if found else None
+
     def terminate(self, timeout: float = 40) -> int:
+        """SIGTERM the agent once it is connected (so past start-up); return its exit code."""
         assert self.proc is not None
+        wait_for(lambda: self.session() is not None or self.proc.poll() is not None, 60, "the agent to connect before SIGTERM")
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout)
 
