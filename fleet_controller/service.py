@@ -383,7 +383,9 @@ class ControllerService:
             await asyncio.sleep(period)
 
     async def _sweep(self) -> None:
-        events = await self.writer.call("sweep", self.settings.presence)
+        # A partitioned replica judges only the shops it stores (PartitionRouter.swept_shops).
+        shops = self.partitions.swept_shops() if self.partitions is not None else None
+        events = await self.writer.call("sweep", self.settings.presence, None, shops)
         if any(e.topic == "presence_storm" for e in events):
             self.metrics.presence_sweeps_capped.inc()  # a mass outage: the rest is marked by the next sweeps
         self._publish_events(events)

@@ -250,6 +250,17 @@ class PartitionRouter:
         return RouterStatus(held=sorted(self._held), draining=sorted(self._draining), shops=shops,
                             live=list(self.last.live) if self.last else [])
 
+    def swept_shops(self) -> list[str]:
+        """Return the shops whose presence this replica judges: the known shops of the partitions it holds.
+
+        Each replica sweeps only these (:meth:`RegistryStore.sweep_presence`), so every shop is
+        judged by the one replica whose writer stores its stream, against that writer's horizon. A
+        partition being handed over is judged by its new holder; a dead replica's, once its leases
+        expired and another claimed them (``intake.lease_ttl_s``).
+        """
+        held = set(self._held)
+        return sorted(s for s in self.known if partition_of(s, self.partitions) in held)
+
     def subscribed_shops(self) -> Iterable[str]:
         """Return the shops whose subscriptions the broker confirmed."""
         with self._lock:

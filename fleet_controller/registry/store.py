@@ -90,6 +90,9 @@ RESULTS = table_of(CommandResultRecord)
 REPORTED = table_of(ReportedStateRecord)
 QUARANTINE = table_of(QuarantinedMessage)
 
+SWEEP_SHOPS_CHUNK = 2000
+"""Shops per query of a partitioned presence sweep: under SQLite's limit on bound parameters per statement (32,766 since 3.32)."""
+
 QUARANTINE_PAYLOAD_BYTES = 64 * 1024
 """Bytes of a quarantined payload kept (its full size is recorded): enough to see what it was."""
 QUARANTINE_KEEP = 10_000
@@ -826,8 +829,14 @@ class RegistryStore:
         ]
         return self._set_presences(conn, changes, now)
 
-    def sweep_presence(self, settings: PresenceSettings, now: float | None = None) -> list[BusEvent]:
+    def sweep_presence(self, settings: PresenceSettings, now: float | None = None,
+                       shops: Sequence[str] | None = None) -> list[BusEvent]:
         """Mark silent nodes stale, then offline (reason ``timeout``); return the changes.
+
+        ``shops``, when given, limits the sweep to those shops' nodes: a partitioned replica
+        (:mod:`fleet_controller.intake.partitions`) judges only the shops whose stream it stores,
+        because the horizon below is its own writer's. Another replica's shops may wait in that
+        replica's backlog, which this one cannot see; they are its owner's to judge.
 
         A node is silent for the lesser of two spans: since its last message was *received*
         (``now - last_seen``), and since its last message was *sent*, counted up to the stream's
@@ -848,16 +857,23 @@ class RegistryStore:
 
         self._pending_presence = {}
         limit = settings.sweep_max_changes
-        with self.engine.begin() as conn:
-            # Only nodes whose presence changes, the longest silent first, at most ``sweep_max_changes``
-            # (a mass outage is marked over several sweeps instead of in one stall of the writer).
-            rows = conn.execute(
-                select(NODES.c.shop_id, NODES.c.node_id, NODES.c.session, NODES.c.presence, NODES.c.last_seen,
+        # Only nodes whose presence changes, the longest silent first, at most ``sweep_max_changes``
+        # (a mass outage is marked over several sweeps instead of in one stall of the writer).
+        query = select(NODES.c.shop_id, NODES.c.node_id, NODES.c.session, NODES.c.presence, NODES.c.last_seen,
                        NODES.c.facts_at, NODES.c.heartbeat_interval_s).where(
-                    ((NODES.c.presence == "online") & silent_beyond(settings.stale_after_intervals))
-                    | ((NODES.c.presence == "stale") & silent_beyond(settings.offline_after_intervals))
-                ).order_by(NODES.c.last_seen, NODES.c.shop_id, NODES.c.node_id).limit(limit + 1)
-            ).all()
+            ((NODES.c.presence == "online") & silent_beyond(settings.stale_after_intervals))
+            | ((NODES.c.presence == "stale") & silent_beyond(settings.offline_after_intervals))
+        ).order_by(NODES.c.last_seen, NODES.c.shop_id, NODES.c.node_id).limit(limit + 1)
+        with self.engine.begin() as conn:
+            if shops is None:
+                rows = list(conn.execute(query).all())
+            else:  # in chunks, under every engine's limit on bound parameters; merged in the same order
+                wanted = sorted(set(shops))
+                rows = []
+                for i in range(0, len(wanted), SWEEP_SHOPS_CHUNK):
+                    rows += conn.execute(query.where(NODES.c.shop_id.in_(wanted[i:i + SWEEP_SHOPS_CHUNK]))).all()
+                rows.sort(key=lambda r: (r.last_seen, r.shop_id, r.node_id))
+                rows = rows[:limit + 1]
             storm = len(rows) > limit
             if storm:
                 rows = rows[:limit]

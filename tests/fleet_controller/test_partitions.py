@@ -141,3 +141,40 @@ def test_router_subscribes_its_shops_and_drops_discovery_copies_of_known_ones(en
     finally:
         pub.loop_stop()
         mqtt.stop()
+
+
+def test_each_replica_sweeps_only_the_shops_of_the_partitions_it_holds(engine):
+    """Two routers on one registry: disjoint sweeps that together cover every known shop, also after one leaves."""
+    from sqlalchemy import insert
+
+    from fleet_controller.intake.mqtt import MqttAdapter, MqttConfig
+    from fleet_controller.intake.partitions import PartitionRouter
+    from fleet_controller.registry.store import SHOPS
+
+    shops = [f"shop-{i}" for i in range(40)]
+    with engine.begin() as c:
+        c.execute(insert(SHOPS), [dict(id=s, name=s, region="", labels={}, timezone="UTC", created_at=0.0) for s in shops])
+
+    def router(name: str) -> PartitionRouter:  # never connected: ticks take leases and read shops, no subscriptions
+        mqtt = MqttAdapter(MqttConfig(host="127.0.0.1", port=1, client_id=name, subscriptions=(), protocol="5",
+                                      shared_group="ctl"), lambda m: None, static_subscriptions=False)
+        r = PartitionRouter(engine, mqtt, replica=name, partitions=8, ttl_s=30.0, group="ctl")
+        r.start()
+        return r
+
+    a = router("a")
+    assert a.swept_shops() == []  # nothing held before the first tick: sweeps nothing rather than everything
+    a.tick()
+    assert a.swept_shops() == sorted(shops)
+    b = router("b")
+    b.tick()
+    a.tick()  # a releases its surplus to b's quota
+    b.tick()  # b claims it
+    held_a, held_b = set(a.status().held), set(b.status().held)
+    assert held_a and held_b and not held_a & held_b
+    swept_a, swept_b = set(a.swept_shops()), set(b.swept_shops())
+    assert swept_a | swept_b == set(shops) and not swept_a & swept_b
+    assert all(partition_of(s, 8) in held_b for s in swept_b)
+    b.book.leave()  # b stops: a takes everything back on its next ticks
+    a.tick()
+    assert a.swept_shops() == sorted(shops)

@@ -146,6 +146,25 @@ def test_a_presence_storm_is_marked_over_several_sweeps_longest_silent_first(reg
     assert [(e.node, e.data["new"]) for e in registry.sweep_presence(capped, T0 + 61)] == [("pi-0", "offline")]
 
 
+def test_a_sweep_limited_to_some_shops_judges_only_their_nodes(registry, reader, monkeypatch):
+    """A partitioned replica sweeps the shops it stores; the others' nodes stay as they are, whatever their silence."""
+    import fleet_controller.registry.store as store
+
+    monkeypatch.setattr(store, "SWEEP_SHOPS_CHUNK", 2)  # the chunked query path, merged in order
+    for i, shop in enumerate(["shop-a", "shop-b", "shop-c", "shop-d", "shop-e"]):
+        registry.write_batch(batch(heartbeat(shop=shop, node="pi-1", seq=1, ts=T0 + i), at=T0 + i), T0 + i)
+    mine = ["shop-e", "shop-c", "shop-a", "shop-x"]  # unsorted, and one shop without nodes
+    ev = registry.sweep_presence(PS, T0 + 40, shops=mine)
+    assert [(e.shop, e.data["new"]) for e in ev] == [("shop-a", "stale"), ("shop-c", "stale"), ("shop-e", "stale")]
+    assert [reader.get_node(s, "pi-1").presence for s in ("shop-b", "shop-d")] == ["online", "online"]
+    # the bound applies across chunks, longest silent first
+    capped = PS.model_copy(update={"sweep_max_changes": 1})
+    ev = registry.sweep_presence(capped, T0 + 40, shops=["shop-d", "shop-b"])
+    assert [(e.topic, e.shop) for e in ev] == [("presence", "shop-b"), ("presence_storm", "")]
+    assert registry.sweep_presence(PS, T0 + 40, shops=[]) == []
+    assert reader.get_node("shop-d", "pi-1").presence == "online"
+
+
 def test_heartbeat_does_not_undo_a_will(registry, reader):
     """After a Will only a birth brings the node back (outbox replays may arrive first)."""
     registry.write_batch(batch(presence(session=1)), T0)
