@@ -19,7 +19,7 @@ from prometheus_client.registry import Collector
 from edge_agent.protocol import REJECT_REASONS
 
 PRESENCE_STATES = ("online", "stale", "offline", "unknown")
-INTAKE_REJECT_REASONS = (*REJECT_REASONS, "seq_jump", "stale_epoch", "session_jump")
+INTAKE_REJECT_REASONS = (*REJECT_REASONS, "seq_jump", "stale_epoch", "session_jump", "unknown_node")
 QUARANTINE_REASONS = ("store", "writer", "unexpected", "lost")
 
 

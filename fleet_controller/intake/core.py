@@ -515,6 +515,12 @@ class IntakeCore:
                 reasons["bad_cart"] += 1
                 self._rlog.warning("bad_cart", "a cart event is not a valid cart (kept as a plain event): %s", err[:500])
         events = self.registry.write_batch(wb, now) + cart_bus
+        if wb.refused_nodes:  # reports of nodes the registry does not know: nothing stored, no cursor kept
+            for key in wb.refused_nodes:
+                cursors.pop(key, None)
+                counts.pop(key, None)
+            reasons["unknown_node"] += wb.reports_refused
+            kinds["reported_state"] -= wb.reports_refused
         # Committed: only now does the in-memory cursor move on (at the revision the row now holds).
         committed = {key: _at_rev(cursors[key], revs[key] + 1) for key in counts}
         self._cursors.update(cursors)

@@ -276,6 +276,8 @@ class WriteBatch:
     seen: dict[NodeKey, float] = field(default_factory=dict)
     max_session_jump: int | None = None  # a birth or Will further above the held session is refused
     session_jumps: int = 0  # set by write_batch: presences refused by max_session_jump
+    refused_nodes: frozenset[NodeKey] = frozenset()  # set by write_batch: unknown nodes only reports named (nothing stored of them)
+    reports_refused: int = 0  # set by write_batch: the reports of those nodes, dropped
 
 
 def session_jump(current: PresenceView, msg: Presence, max_jump: int | None) -> bool:
@@ -469,13 +471,15 @@ class RegistryStore:
         try:
             with self._rollups_applied(now), self.engine.begin() as conn:
                 unknown = self._unknown(conn, report_only)
+                batch.refused_nodes = frozenset(unknown)
+                batch.reports_refused = sum(1 for m, _ in batch.uplinks if (m.shop, m.node) in unknown)
                 created, known = self._ensure(conn, sorted(keys - unknown), now)
                 events += created
                 facts = self._store_uplinks(conn, batch, now, events, unknown)
                 samples = series.store_points(conn, batch.uplinks, defer, wid)
                 presence_events, batch.session_jumps = self._store_presences(conn, batch.presences, now, batch.max_session_jump)
                 events += presence_events
-                self._update_nodes(conn, batch, facts)
+                self._update_nodes(conn, batch, facts, unknown)
                 self._flush_deferred(conn)
                 events += self._revive(conn, batch, now)
                 self.rollups.step(conn)  # a part of the series flush under way, if any
@@ -716,10 +720,17 @@ class RegistryStore:
             state[key] = new
         return self._set_presences(conn, changes, now), jumps
 
-    def _update_nodes(self, conn: Connection, batch: WriteBatch, facts: dict[NodeKey, tuple[Heartbeat, str, str]]) -> None:
-        """Update facts, sequence cursor, counters and last_seen of every node in the batch, one statement per row shape."""
+    def _update_nodes(self, conn: Connection, batch: WriteBatch, facts: dict[NodeKey, tuple[Heartbeat, str, str]],
+                      unknown: set[NodeKey] = frozenset()) -> None:  # type: ignore[assignment]
+        """Update facts, sequence cursor, counters and last_seen of every node in the batch, one statement per row shape.
+
+        ``unknown`` nodes (named only by refused reports) have no row: there is nothing to update,
+        and a compare-and-set on the missing row would read as another writer's move, again and again.
+        """
         groups: dict[tuple[bool, bool, bool], list[tuple[Any, ...]]] = {}
         for key, seen in batch.seen.items():
+            if key in unknown:
+                continue
             u = batch.nodes.get(key)
             latest = facts.get(key)
             row: tuple[Any, ...] = (seen,)

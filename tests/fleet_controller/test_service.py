@@ -59,6 +59,36 @@ def test_messages_flow_to_the_api(controller, broker):
     n.close()
 
 
+def test_a_report_from_an_unknown_node_is_refused_without_holding_up_the_others(controller, broker):
+    """A report never creates a node: refused and counted at once, while the rest of its batch is stored as usual.
+
+    (It used to make the node update's compare-and-set miss the absent row, read as another writer's
+    move: the whole batch was decided again 20 times, then stored message by message, and the
+    report quarantined as a store failure.)
+    """
+    from edge_agent.protocol import ReportedState
+
+    known = Node(broker)
+    known.send(presence(), retain=True)
+    known.send(heartbeat(seq=1))
+    wait_for(lambda: node_row(controller).get("watermark") == 1, what="the known node stored")
+    ghost = Node(broker, node="ghost-1", will=False)
+    for seq in (1, 2):
+        ghost.send(ReportedState(shop="shop-a", node="ghost-1", epoch="ep1", seq=seq, revision=7, status="applied", release="r1"),
+                   topic=Topics.reported("shop-a", "ghost-1"))
+        known.send(heartbeat(seq=seq + 1))
+    wait_for(lambda: controller.metric("shopfleet_controller_rejected_total", reason="unknown_node") == 2,
+             what="both refused reports counted")
+    wait_for(lambda: node_row(controller).get("watermark") == 3, what="the known node's heartbeats around them stored")
+    assert controller.metric("shopfleet_controller_quarantined_total", reason="store") in (None, 0)
+    assert controller.metric("shopfleet_controller_cursor_conflicts_total") in (None, 0)
+    with httpx.Client(base_url=controller.service.api_url) as http:
+        assert 'shopfleet_controller_rejected_total{reason="unknown_node"} 2.0' in http.get("/metrics").text
+        assert http.get("/api/v1/shops/shop-a/nodes/ghost-1").status_code == 404  # no node was created
+    known.close()
+    ghost.close()
+
+
 def test_controller_presence_and_clock_beacon(controller, broker):
     got: queue.Queue = queue.Queue()
     c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="watcher")
