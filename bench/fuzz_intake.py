@@ -93,8 +93,8 @@ class Generator:
         case = r.choices(
             ["valid", "replay", "seq_jump", "epoch_flip", "presence", "session_jump", "deep", "nan", "huge_string",
              "huge_list", "wrong_type", "extra_field", "missing_field", "version", "identity", "kind_topic",
-             "random_bytes", "not_object", "nul", "big_int", "truncated"],
-            weights=[20, 4, 3, 2, 4, 2, 8, 6, 4, 4, 6, 5, 5, 3, 4, 4, 5, 3, 3, 3, 3],
+             "random_bytes", "not_object", "nul", "big_int", "truncated", "ghost_report"],
+            weights=[20, 4, 3, 2, 4, 2, 8, 6, 4, 4, 6, 5, 5, 3, 4, 4, 5, 3, 3, 3, 3, 2],
         )[0]
         self.kinds[case] += 1
         if case == "replay":
@@ -163,6 +163,12 @@ class Generator:
         elif case == "big_int":
             msg["seq"] = r.choice([2**63, 2**70, -5, 0])
             self.seq[node] -= 1
+        elif case == "ghost_report":  # a reported state from a node that never announced itself: refused, never a node
+            self.seq[node] -= 1
+            ghost = f"ghost-{r.randint(0, 3)}"
+            msg = {"v": 1, "ts": time.time(), "kind": "reported_state", "shop": FUZZ_SHOP, "node": ghost, "epoch": "g0",
+                   "seq": r.randint(1, 10**6), "revision": r.randint(1, 50), "status": "applied", "release": "r1"}
+            topic = Topics.reported(FUZZ_SHOP, ghost)
         elif case == "truncated":
             full = json.dumps(msg).encode()
             return topic, full[: r.randint(0, len(full) - 1)]
