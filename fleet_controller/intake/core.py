@@ -196,6 +196,29 @@ def drop_evicted(cursor: SeqCursor, runs: Sequence[EvictedRun]) -> tuple[SeqCurs
     return replace(cursor, gaps=tuple(gaps)), removed
 
 
+NUL_ESCAPE = b"\\u0000"
+NUL_ERROR = ("PostgreSQL text and jsonb cannot hold the NUL character (\\u0000): kept here raw, unstored; "
+             "fix the sender to strip NUL from its strings")
+
+
+def has_nul_escape(payload: bytes) -> bool:
+    """Return whether a JSON payload holds the NUL character: an unescaped ``\\u0000`` escape.
+
+    JSON cannot carry a raw NUL byte in a string, only this escape; an escaped backslash before
+    it (``\\\\u0000``, the text ``\\u0000``) is no NUL. A ``bytes.find`` per message: cheap enough for
+    the writer's hot path.
+    """
+    i = payload.find(NUL_ESCAPE)
+    while i != -1:
+        j = i
+        while j > 0 and payload[j - 1] == 0x5C:  # backslashes before this one
+            j -= 1
+        if (i - j) % 2 == 0:
+            return True
+        i = payload.find(NUL_ESCAPE, i + 1)
+    return False
+
+
 def _at_rev(c: SeqCursor, rev: int) -> SeqCursor:
     """Return ``c`` at revision ``rev``: ``dataclasses.replace`` without its field introspection (twice per node of every batch)."""
     return SeqCursor(c.epoch, c.watermark, c.gaps, c.retired, c.pending, rev)
@@ -363,6 +386,9 @@ class IntakeCore:
 
     def __init__(self, registry: RegistryStore, log_every_s: float = 60.0) -> None:
         self.registry = registry
+        # PostgreSQL refuses NUL in text: such a message would fail its whole batch, which would then
+        # be stored message by message (every good message of it waiting); it is quarantined up front.
+        self._screen_nul = registry.engine.dialect.name == "postgresql"
         self._cursors: dict[NodeKey, SeqCursor] = {}
         self._rlog = RateLimitedLog(log, log_every_s)
         self._carts = CartStore(registry.engine)
@@ -417,16 +443,21 @@ class IntakeCore:
         now = time.time() if now is None else now
         reasons: collections.Counter[str] = collections.Counter()
         parsed = []
+        unstorable: dict[int, bytes] = {}  # id of the view -> its payload, for messages PostgreSQL cannot hold
         for topic, payload, received in batch:
             try:
                 # Wire views, not models: the writer only reads attributes (see parse_message_view).
-                parsed.append((parse_message_view(topic, payload), received, topic))
+                view = parse_message_view(topic, payload)
             except ProtocolError as exc:
                 reasons[exc.reason] += 1
                 self._rlog.warning(exc.reason, "rejected a message on %r: %s", topic[:200], exc.detail[:500])
+                continue
+            if self._screen_nul and not isinstance(view, PRESENCE_TYPES) and has_nul_escape(payload):
+                unstorable[id(view)] = payload
+            parsed.append((view, received, topic))
         for attempt in range(CURSOR_CONFLICT_RETRIES + 1):
             try:
-                outcome = self._decide_and_write(parsed, collections.Counter(reasons), now, limits)
+                outcome = self._decide_and_write(parsed, collections.Counter(reasons), now, limits, unstorable)
             except CursorConflict as exc:
                 # Another replica stored messages of these nodes since we read their cursors:
                 # nothing of this batch was stored; decide it again against the stored cursors.
@@ -438,8 +469,15 @@ class IntakeCore:
 
     def _decide_and_write(
         self, parsed: list[tuple[Any, float, str]], reasons: collections.Counter[str], now: float, limits: SeqLimits,
+        unstorable: dict[int, bytes] | None = None,
     ) -> BatchOutcome:
         """Decide every parsed message against the node cursors and store the batch in one transaction.
+
+        ``unstorable`` (by ``id`` of the view: its raw payload) are messages the database cannot
+        hold (a NUL on PostgreSQL). Judged like the others (a duplicate stays a duplicate), one
+        accepted goes to the dead-letter table in the same transaction instead of the history,
+        and its seq counts as received: no gap, so a node waiting for the stored-ack stops sending
+        it again, and the batch around it is not failed and stored again message by message.
 
         Raises :class:`CursorConflict` (nothing stored) when another writer moved a cursor meanwhile.
         """
@@ -500,8 +538,13 @@ class IntakeCore:
                 log.warning("%s/%s: stream continues at epoch %s seq %s beyond the jump window; rebased without counting a gap",
                             msg.shop, msg.node, msg.epoch, msg.seq)
             missing_total += missing
-            c[0] += 1
             c[2] += missing
+            held = unstorable.get(id(msg)) if unstorable else None
+            if held is not None:
+                wb.quarantine.append(Quarantined(topic, held, received, "store", NUL_ERROR, msg.shop, msg.node))
+                self._rlog.warning("quarantine:store", "quarantined a message on %r (store): %s", topic[:200], NUL_ERROR)
+                continue
+            c[0] += 1
             wb.uplinks.append((msg, received))
             kinds[msg.kind] += 1
         wb.nodes = {key: NodeUpdate(cursors[key], c[0], c[1], c[2], c[3], True, revs[key]) for key, c in counts.items()}
@@ -535,6 +578,7 @@ class IntakeCore:
             stored=sum(kinds.values()), rejected=sum(reasons.values()), duplicates=duplicates, events=tuple(events),
             kinds=tuple((k, n) for k, n in kinds.items() if n), reasons=tuple(reasons.items()), missing=missing_total,
             filled=filled, rebased=rebased, evicted=tuple(evicted.items()), acks=acks,
+            quarantined=(("store", len(wb.quarantine)),) if wb.quarantine else (),
         )
 
 

@@ -278,6 +278,7 @@ class WriteBatch:
     session_jumps: int = 0  # set by write_batch: presences refused by max_session_jump
     refused_nodes: frozenset[NodeKey] = frozenset()  # set by write_batch: unknown nodes only reports named (nothing stored of them)
     reports_refused: int = 0  # set by write_batch: the reports of those nodes, dropped
+    quarantine: list[Quarantined] = field(default_factory=list)  # accepted but unstorable here: dead-letter rows of this transaction
 
 
 def session_jump(current: PresenceView, msg: Presence, max_jump: int | None) -> bool:
@@ -481,6 +482,8 @@ class RegistryStore:
                 events += presence_events
                 self._update_nodes(conn, batch, facts, unknown)
                 self._flush_deferred(conn)
+                if batch.quarantine:
+                    conn.execute(insert(QUARANTINE), [quarantine_row(q, now) for q in batch.quarantine])
                 events += self._revive(conn, batch, now)
                 self.rollups.step(conn)  # a part of the series flush under way, if any
         finally:

@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from edge_agent.protocol import Event, Topics, encode
-from fleet_controller.intake.core import IntakeCore, RegistryWriter
+from fleet_controller.intake.core import IntakeCore, RegistryWriter, SeqLimits
 from fleet_controller.registry.read import NotFound
 from fleet_controller.registry.store import NodeUpdate, SeqCursor, WriteBatch
 from fleet_controller.web.app import create_app
@@ -135,6 +135,44 @@ def test_a_message_the_database_refuses_is_quarantined_live_and_listed(broker, t
     finally:
         n.close()
         rc.stop()
+
+
+def test_a_nul_on_postgresql_is_quarantined_up_front_without_splitting_its_batch(postgres_url, monkeypatch):
+    """One unstorable message must not make its batch fail and go again message by message (every good one waiting)."""
+    from fleet_controller.intake.core import NUL_ERROR, has_nul_escape
+    from fleet_controller.registry import migrations
+    from fleet_controller.registry.db import create_engine
+    from fleet_controller.registry.read import RegistryReader
+    from fleet_controller.registry.store import RegistryStore
+
+    assert has_nul_escape(b'{"a": "x\\u0000"}') and has_nul_escape(b'{"a": "\\\\\\u0000"}')
+    assert not has_nul_escape(b'{"a": "\\\\u0000"}')  # an escaped backslash, then the text u0000
+    engine = create_engine(postgres_url)
+    migrations.upgrade(engine)
+    registry = RegistryStore(engine)
+    writes: list[int] = []
+    real = registry.write_batch
+    monkeypatch.setattr(registry, "write_batch", lambda wb, now=None: writes.append(len(wb.uplinks)) or real(wb, now))
+    core = IntakeCore(registry)
+    topic = Topics.node("shop-a", "pi-1", "events")
+    batch = [(topic, encode(event(seq=s)), time.time()) for s in (1, 2)]
+    batch.insert(1, (topic, encode(event(seq=3, type="door\x00opened")), time.time()))
+    batch.append((topic, _raw_event(4, data={"note": "C:\\u0000dir"}), time.time()))  # the text \u0000, no NUL: stored
+    out = core.process_batch(batch, limits=SeqLimits(acks=True))
+    assert writes == [3], "one write of the three storable messages, no message-by-message retry"
+    assert dict(out.quarantined) == {"store": 1} and out.stored == 3
+    reader = RegistryReader(engine)
+    items, total = reader.list_quarantine()
+    assert total == 1 and items[0].error == NUL_ERROR and "\\u0000" in items[0].payload and items[0].node == "pi-1"
+    # Its seq was received: no gap, and the stored-ack covers it (an agent stops sending it again).
+    node = reader.get_node("shop-a", "pi-1")
+    assert (node.watermark, node.gaps, node.missing_total, node.messages_total) == (4, [], 0, 3)
+    assert [a[2:] for a in out.acks] == [("ep1", 4, ())]
+    # Sent again anyway: a duplicate like any other, not quarantined twice.
+    again = core.process_batch([batch[1]])
+    assert (again.duplicates, dict(again.quarantined)) == (1, {})
+    assert reader.list_quarantine()[1] == 1
+    engine.dispose()
 
 
 # ----- the dead-letter API ------------------------------------------------------------------------
