@@ -286,15 +286,19 @@ def render_acl(
 
 
 LOCAL_ROOT = "local/v1"
-"""Shop-local topics (fusion's track stream): outside ``fleet/v1``, so :func:`bridge_topics`, an
-explicit list of ``fleet/v1`` topics, never forwards them to the central broker."""
+"""Shop-local topics (fusion's track stream, the cameras' detection streams): outside ``fleet/v1``,
+so :func:`bridge_topics`, an explicit list of ``fleet/v1`` topics, never forwards them to the central broker."""
 
 
 def shop_local_acl(shop: str) -> list[str]:
     """Return the extra ACL lines a node user has on its shop broker only: the shop-local track
-    stream (write and read) and the shop's events (read), which a fusion pipeline joins."""
+    stream (write and read: vision and floor pipelines publish, fusion reads), the cameras'
+    detection streams (write and read: vision pipelines publish, the floor pipeline reads), and
+    the shop's events (read), which a fusion pipeline joins. Like the tracks, detections are
+    per shop, not per camera: any node user of the shop may publish any of its cameras' streams."""
     return [
         f"topic readwrite {LOCAL_ROOT}/{shop}/tracks/+",
+        f"topic readwrite {LOCAL_ROOT}/{shop}/detections/+",
         f"topic read {Topics.root}/{shop}/+/{Channel.EVENTS.value}",
     ]
 

@@ -33,7 +33,10 @@ not count as having seen nobody), and the :class:`~vision.types.Tracks` it retur
 :class:`vision.events.ZoneEvents` and the track stream exactly as one camera's tracks do, with
 positions already on the floor (docs/fusion.md, "Several ceiling cameras"). Each camera's
 homography comes from four or more floor marks of known position seen in its image
-(:meth:`FloorView.from_points`).
+(:meth:`FloorView.from_points`). As deployed, each camera's ``type: vision`` pipeline projects
+its detections itself and sends them (:func:`encode_frame`) on the shop broker; the GPU node's
+``type: floor`` pipeline decodes them (:func:`decode_frame`), groups them into ticks and feeds
+:meth:`MultiViewTracker.update_floor` of a tracker made with :meth:`MultiViewTracker.on_floor`.
 
 Numpy only (plus the tracker's scipy), like the rest of the tracker side.
 """
@@ -297,31 +300,60 @@ def merge(per_view: Sequence[FloorDetections], config: MergeConfig | None = None
 
 
 class MultiViewTracker:
-    """Project, merge and track the detections of several ceiling cameras: one set of shop-wide track ids."""
+    """Project, merge and track the detections of several ceiling cameras: one set of shop-wide track ids.
+
+    Built from :class:`FloorView` s (homographies: it projects image detections itself, :meth:`update`),
+    or with :meth:`on_floor` from each camera's floor coverage only, for detections that arrive
+    already on the floor (:meth:`update_floor`, what the agent's ``type: floor`` pipeline does
+    with the cameras' detection streams). Both paths merge and track alike.
+    """
 
     def __init__(self, views: Sequence[FloorView], config: MergeConfig | None = None, tracker: TrackerConfig | None = None) -> None:
-        names = [v.camera for v in views]
+        self.views = {v.camera: v for v in views}
+        self._setup([v.camera for v in views], [v.floor_polygon() for v in views], config, tracker)
+
+    @classmethod
+    def on_floor(
+        cls, coverage: Mapping[str, Sequence[Point] | np.ndarray | None], config: MergeConfig | None = None, tracker: TrackerConfig | None = None
+    ) -> MultiViewTracker:
+        """Return a tracker of cameras known by their floor coverage only (polygon in metres, or None), fed with :meth:`update_floor`."""
+        self = cls.__new__(cls)
+        self.views = {}
+        self._setup(list(coverage), [None if p is None else np.asarray(p, np.float64).reshape(-1, 2) for p in coverage.values()], config, tracker)
+        return self
+
+    def _setup(self, names: list[str], polygons: list[np.ndarray | None], config: MergeConfig | None, tracker: TrackerConfig | None) -> None:
         if len(set(names)) != len(names) or not names:
             raise ValueError(f"MultiViewTracker: camera names must be unique and at least one, got {names}")
-        self.views = {v.camera: v for v in views}
-        self.index = {v.camera: i for i, v in enumerate(views)}
+        self.cameras = names
+        self.index = {c: i for i, c in enumerate(names)}
+        self.polygons = dict(zip(names, polygons, strict=True))
         self.config = config or MergeConfig()
-        self.coverage = CoverageMap([v.floor_polygon() for v in views])
+        self.coverage = CoverageMap(polygons)
         self._partial: dict[frozenset[str], CoverageMap] = {}  # coverage of the cameras that delivered, when some did not
         self.tracker = ByteTracker(tracker)
 
     def merge(self, frames: Mapping[str, Detections], appearance: Mapping[str, np.ndarray] | None = None) -> Merged:
         """Return one tick's detections of every camera merged on the floor (an unknown camera is an error)."""
-        per: list[FloorDetections] = [FloorDetections.empty()] * len(self.views)
+        floor: dict[str, FloorDetections] = {}
         for cam, dets in frames.items():
             if cam not in self.views:
-                raise ValueError(f"MultiViewTracker: unknown camera {cam!r}; known: {sorted(self.views)}")
-            per[self.index[cam]] = project(self.views[cam], dets, None if appearance is None else appearance.get(cam))
+                raise ValueError(f"MultiViewTracker: unknown camera {cam!r} (or one without a homography); known: {sorted(self.views)}")
+            floor[cam] = project(self.views[cam], dets, None if appearance is None else appearance.get(cam))
+        return self.merge_floor(floor)
+
+    def merge_floor(self, frames: Mapping[str, FloorDetections]) -> Merged:
+        """Return one tick's floor detections of every camera that delivered, merged (an unknown camera is an error)."""
+        per: list[FloorDetections] = [FloorDetections.empty()] * len(self.cameras)
+        for cam, fd in frames.items():
+            if cam not in self.index:
+                raise ValueError(f"MultiViewTracker: unknown camera {cam!r}; known: {sorted(self.index)}")
+            per[self.index[cam]] = fd
         coverage = self.coverage
-        if len(frames) < len(self.views):  # a camera without a frame this tick saw nothing, nor did it miss anyone
+        if len(frames) < len(self.cameras):  # a camera without a frame this tick saw nothing, nor did it miss anyone
             key = frozenset(frames)
             if key not in self._partial:
-                self._partial[key] = CoverageMap([self.views[c].floor_polygon() for c in self.views if c in key])
+                self._partial[key] = CoverageMap([self.polygons[c] for c in self.cameras if c in key])
             coverage = self._partial[key]
         return merge(per, self.config, coverage)
 
@@ -330,9 +362,99 @@ class MultiViewTracker:
         merged = self.merge(frames, appearance)
         return self.tracker.update(merged.detections, ts=ts), merged
 
+    def update_floor(self, frames: Mapping[str, FloorDetections], ts: float = 0.0) -> tuple[Tracks, Merged]:
+        """Feed one tick of the cameras' detections already on the floor; return the tracks and the merged detections."""
+        merged = self.merge_floor(frames)
+        return self.tracker.update(merged.detections, ts=ts), merged
+
     def to_floor(self, xyxy: np.ndarray) -> np.ndarray:
         """Return the floor points (metres) of top-view boxes (e.g. ``Tracks.xyxy``): their centres."""
         b = np.asarray(xyxy, np.float64).reshape(-1, 4)
         s, (ox, oy) = self.config.px_per_m, self.config.origin_m
         out: np.ndarray = np.c_[(b[:, 0] + b[:, 2]) / 2 / s + ox, (b[:, 1] + b[:, 3]) / 2 / s + oy]
         return out
+
+
+# ----- the detection stream's wire format --------------------------------------------------------
+
+WIRE_VERSION = 1
+MAX_DETECTIONS = 256
+"""Most detections one message may carry (a camera seeing a few people; more is a broken detector)."""
+MAX_APPEARANCE_DIMS = 512
+
+
+class WireError(ValueError):
+    """A detection message that cannot be used; ``reason`` is the counted label (``bad_json``, ``schema``, ...)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class FloorFrame:
+    """One camera frame's detections on the floor, as the detection stream carries them."""
+
+    camera: str
+    ts: float
+    seq: int
+    detections: FloorDetections
+
+
+def encode_frame(camera: str, ts: float, seq: int, fd: FloorDetections) -> bytes:
+    """Return the compact JSON of one frame's floor detections (docs/protocol.md, "Shop-local topics").
+
+    ``{"v": 1, "camera": c, "ts": t, "seq": n, "d": [[x, y, x_min, y_min, x_max, y_max, score], ...], "app": [[...], ...]}``:
+    one row of numbers per detection (metres, the layout's frame), ``app`` (appearance vectors) only when the
+    detector gives them. Numbers keep full precision (JSON's shortest exact form of a float), so the floor
+    pipeline merges and tracks exactly what the camera projected.
+    """
+    import json
+
+    rows: object = np.c_[fd.xy, fd.boxes, fd.scores].tolist() if len(fd) else []
+    body: dict[str, object] = {"v": WIRE_VERSION, "camera": camera, "ts": float(ts), "seq": int(seq), "d": rows}
+    if fd.appearance is not None and len(fd):
+        body["app"] = np.asarray(fd.appearance, np.float64).tolist()
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def decode_frame(payload: bytes) -> FloorFrame:
+    """Parse and check one detection message; raise :class:`WireError` naming the reason and what is wrong."""
+    import json
+    import math
+
+    try:
+        body = json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise WireError("bad_json", f"not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise WireError("bad_json", "not a JSON object")
+    if body.get("v") != WIRE_VERSION:
+        raise WireError("version", f"version {body.get('v')!r}, this reader knows {WIRE_VERSION}")
+    camera, ts, seq, rows = body.get("camera"), body.get("ts"), body.get("seq"), body.get("d")
+    if not isinstance(camera, str) or not camera:
+        raise WireError("schema", "camera must be a non-empty string")
+    if isinstance(ts, bool) or not isinstance(ts, int | float) or not math.isfinite(ts):
+        raise WireError("schema", f"ts must be a finite number, got {ts!r}")
+    if isinstance(seq, bool) or not isinstance(seq, int):
+        raise WireError("schema", f"seq must be an integer, got {seq!r}")
+    if not isinstance(rows, list) or len(rows) > MAX_DETECTIONS:
+        raise WireError("schema", f"d must be a list of at most {MAX_DETECTIONS} detections")
+    try:
+        arr = np.array(rows, np.float64).reshape(-1, 7) if rows else np.zeros((0, 7))
+    except (ValueError, TypeError):
+        raise WireError("schema", "each detection must be [x, y, x_min, y_min, x_max, y_max, score] (numbers)") from None
+    if arr.shape != (len(rows), 7) or not np.isfinite(arr).all():
+        raise WireError("schema", "each detection must be 7 finite numbers [x, y, x_min, y_min, x_max, y_max, score]")
+    if len(arr) and (((arr[:, 4] < arr[:, 2]) | (arr[:, 5] < arr[:, 3])).any() or (arr[:, 6] < 0).any() or (arr[:, 6] > 1).any()):
+        raise WireError("schema", "a box has max < min, or a score is outside [0, 1]")
+    app = None
+    if "app" in body:
+        raw = body["app"]
+        try:
+            app = np.array(raw, np.float64)
+        except (ValueError, TypeError):
+            raise WireError("schema", "app must be one list of numbers per detection") from None
+        if app.ndim != 2 or len(app) != len(arr) or not 0 < app.shape[1] <= MAX_APPEARANCE_DIMS or not np.isfinite(app).all():
+            raise WireError("schema", f"app must hold one vector (1..{MAX_APPEARANCE_DIMS} finite numbers) per detection")
+    return FloorFrame(camera, float(ts), seq, FloorDetections(arr[:, :2].copy(), arr[:, 2:6].copy(), arr[:, 6].copy(), app))

@@ -30,7 +30,7 @@ from vision.detector import StagedDetector
 from vision.events import ZoneEvents
 from vision.metrics import VisionMetrics
 from vision.tracker import ByteTracker, TrackerConfig
-from vision.types import Frame, ShopEvent, Tracks
+from vision.types import Detections, Frame, ShopEvent, Tracks
 from vision.zones import ZonesConfig
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ class CameraState:
     checked: bool = False
     frames: int = 0
     last_tracks: Tracks | None = None
+    last_detections: Detections | None = None
     track_ids: set[int] = field(default_factory=set)
 
 
@@ -142,6 +143,7 @@ class Pipeline:
             event_s += t2 - t1
             st.frames += 1
             st.last_tracks = tracks
+            st.last_detections = d
             st.track_ids.update(tracks.ids.tolist())
             per_cam.append((st, f, tracks, evs))
             out += evs
@@ -186,7 +188,8 @@ class Pipeline:
         """Process frames until ``stop`` is set, ``max_frames`` per camera are done, or every source has ended.
 
         ``on_events`` gets each round's events; ``on_frames`` gets each processed round's frames
-        (after it, ``self.cams[camera].last_tracks`` holds their tracks); ``on_tick`` is called
+        (after it, ``self.cams[camera].last_tracks`` holds their tracks and ``last_detections``
+        the detector's boxes they were tracked from); ``on_tick`` is called
         at least every ``poll`` seconds, frames or not (to notice a dark camera).
         """
         self.started = time.perf_counter()

@@ -28,6 +28,7 @@ PIPELINE_MODULES: dict[str, str] = {
     "process": "edge_agent.pipelines.process",  # supervise an external command
     "vision": "edge_agent.pipelines.vision",  # a camera: detect, track, zone events
     "hardware": "edge_agent.pipelines.hardware",  # a shelf sensor board over USB serial
+    "floor": "edge_agent.pipelines.floor",  # one shop-wide tracker over the ceiling cameras' detection streams
     "fusion": "edge_agent.pipelines.fusion",  # shopper sessions and carts from the shop's tracks and shelf events
 }
 """Pipeline ``type`` value -> module providing it. Only the modules of types a config uses are

@@ -23,7 +23,7 @@ import threading
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from edge_agent.config import BrokerConfig
 from edge_agent.protocol import Reading
@@ -57,6 +57,68 @@ class TrackStream(BaseModel):
     interval_s: float = Field(0.1, ge=0, le=10, description="Publish at most this often (0: every frame). Fusion wants 5-10 per second.")
 
 
+class DetectionStream(BaseModel):
+    """Publish every processed frame's detections, on the floor, for the shop's ``type: floor`` pipeline.
+
+    Each box goes to floor metres through this camera's image-to-floor homography
+    (``vision.multiview.FloorView``): either ``homography`` (3x3, image pixels -> floor metres) or
+    four or more floor marks ``image_px`` <-> ``floor_m`` it is fitted from (least squares). The
+    frames go to the shop-local topic ``local/v1/{shop}/detections/{camera}`` (docs/fusion.md,
+    "Several ceiling cameras"), never bridged to the central broker.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    shop: str = Field(min_length=1, description="This node's shop id (the topic's shop).")
+    broker: BrokerConfig = Field(default_factory=BrokerConfig, description="The shop broker, with a user of this stream's own (docs/fusion.md).")
+    homography: tuple[tuple[float, float, float], tuple[float, float, float], tuple[float, float, float]] | None = Field(
+        None, description="3x3 matrix mapping image pixels (x, y, 1) to floor metres, up to scale; or give image_px and floor_m."
+    )
+    image_px: list[tuple[float, float]] | None = Field(None, description="Image points [x, y] of floor marks (4 or more), paired with floor_m.")
+    floor_m: list[tuple[float, float]] | None = Field(None, description="Floor positions [x, y] in metres (the layout's frame) of the marks in image_px.")
+    anchor: Literal["center", "bottom"] = Field("center", description="A box's floor point: center (camera looking straight down) or bottom (oblique view: the feet).")
+    image_size: tuple[int, int] | None = Field(None, description="Image width and height, to check the homography maps the image's corners in front of the camera.")
+    interval_s: float = Field(0.0, ge=0, le=10, description="Publish at most this often (0: every processed frame, what the floor pipeline's ticks want).")
+
+    @model_validator(mode="after")
+    def _one_homography(self) -> DetectionStream:
+        marks = self.image_px is not None or self.floor_m is not None
+        if (self.homography is None) == (not marks):
+            raise ValueError("give either homography (a 3x3 matrix) or image_px and floor_m (4 or more floor marks), not both or neither")
+        if marks:
+            if self.image_px is None or self.floor_m is None:
+                raise ValueError("image_px and floor_m go together: the image points of floor marks and their floor positions")
+            if len(self.image_px) != len(self.floor_m):
+                raise ValueError(f"image_px has {len(self.image_px)} points and floor_m {len(self.floor_m)}; they pair up one to one")
+            if len(self.image_px) < 4:
+                raise ValueError(f"a homography needs at least 4 floor marks (image_px/floor_m pairs), got {len(self.image_px)}")
+        self.view("camera")  # fit and check it now: a bad calibration is a config error, not a failure at run time
+        return self
+
+    def view(self, camera: str) -> Any:
+        """Return this camera's ``vision.multiview.FloorView`` (numpy and the tracker side are imported here, not at config load)."""
+        from pydantic import ValidationError
+
+        from vision.multiview import FloorView
+
+        try:
+            if self.homography is not None:
+                v = FloorView(camera=camera, homography=self.homography, anchor=self.anchor, image_size=self.image_size)
+            else:
+                assert self.image_px is not None and self.floor_m is not None
+                v = FloorView.from_points(camera, self.image_px, self.floor_m, anchor=self.anchor, image_size=self.image_size)
+        except ValidationError as exc:
+            hint = "" if self.homography is not None else "; the floor marks fit none: use 4 or more marks, no three of them on one line"
+            raise ValueError("; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors()) + hint) from None
+        if self.image_size is not None:
+            import numpy as np
+
+            w, h = self.image_size
+            q = np.c_[np.array([[0, 0], [w, 0], [w, h], [0, h]], np.float64), np.ones(4)] @ np.array(v.homography).T
+            if not (np.sign(q[:, 2]) == np.sign(q[0, 2])).all():
+                raise ValueError("the homography maps part of the image beyond the horizon (its corners land on both sides of the floor's line at infinity); check the floor marks")
+        return v
+
+
 class Config(PipelineConfigBase):
     """A camera processed on this node."""
 
@@ -86,6 +148,9 @@ class Config(PipelineConfigBase):
         2.0, gt=0, le=3600, description="Report gate metrics (vision_fps, ...) this often; the heartbeat sends the newest."
     )
     tracks: TrackStream | None = Field(None, description="Publish track positions for fusion on the shop broker (off when unset).")
+    detections: DetectionStream | None = Field(
+        None, description="Publish each frame's detections on the floor for a type: floor pipeline (several ceiling cameras; off when unset)."
+    )
 
 
 class VisionPipeline:
@@ -171,15 +236,21 @@ class VisionPipeline:
                 sink.alert("camera_dark", state, "warning", camera, message, {"source": cfg.source})
 
         publisher = TrackPublisher(cfg.tracks, camera, zones.anchor, self._count) if cfg.tracks is not None else None
+        detections = DetectionPublisher(cfg.detections, camera, self._count) if cfg.detections is not None else None
 
         def on_frames(frames: list[Any]) -> None:
-            if publisher is not None:
-                for f in frames:
-                    publisher.frame(f.ts if cap.live else time.time(), pipe.cams[f.camera].last_tracks)
+            for f in frames:
+                ts = f.ts if cap.live else time.time()
+                if publisher is not None:
+                    publisher.frame(ts, pipe.cams[f.camera].last_tracks)
+                if detections is not None:
+                    detections.frame(ts, pipe.cams[f.camera].last_detections)
 
         try:
             if publisher is not None:
                 publisher.start()
+            if detections is not None:
+                detections.start()
             pipe.run(stop, on_events=on_events, on_tick=on_tick, on_frames=on_frames)
         except VisionError as exc:
             self._count(exc.reason)
@@ -189,6 +260,8 @@ class VisionPipeline:
             cap.close()
             if publisher is not None:
                 publisher.stop()
+            if detections is not None:
+                detections.stop()
             with self._lock:  # fold this run's counts in, so errors_by_reason never decreases
                 for reason, n in _counts(pipe).items():
                     self._errors[reason] = self._errors.get(reason, 0) + n
@@ -286,6 +359,59 @@ class TrackPublisher:
         except Exception as exc:  # never let the track stream stop the camera
             self._count("tracks_unpublished")
             log.debug("track publish failed: %s", exc)
+
+
+class DetectionPublisher:
+    """Every processed frame's detections of one camera, projected to the floor, to the shop-local detection topic.
+
+    QoS 0, like the track stream: a frame lost is one camera left out of one tick of the floor
+    pipeline, which the merge copes with (the other views still see the floor). ``seq`` counts
+    this camera's frames since the pipeline started, so the floor pipeline can tell a restart.
+    """
+
+    def __init__(self, cfg: DetectionStream, camera: str, count: Any) -> None:
+        from edge_agent.mqtt_core import ThreadedLink
+        from edge_agent.pipelines.floor import detection_topic
+        from edge_agent.pipelines.fusion import broker_settings
+
+        self.cfg = cfg
+        self.camera = camera
+        self.view = cfg.view(camera)
+        self.topic = detection_topic(cfg.shop, camera)
+        self._count = count
+        self._last = -float("inf")
+        self.seq = 0
+        self.link = ThreadedLink(broker_settings(cfg.broker, f"detections-{cfg.shop}-{camera}"), lambda m: None)
+
+    def start(self) -> None:
+        """Connect in the background (publishing waits for nothing)."""
+        self.link.start()
+
+    def stop(self) -> None:
+        """Disconnect."""
+        self.link.stop()
+
+    def payload(self, ts: float, dets: Any) -> bytes:
+        """Return the wire message of one frame's detections (image pixels) at ``ts``."""
+        from vision.multiview import encode_frame, project
+
+        self.seq += 1
+        return encode_frame(self.camera, ts, self.seq, project(self.view, dets))
+
+    def frame(self, ts: float, dets: Any) -> None:
+        """Take one frame's detections; publish if ``interval_s`` has passed."""
+        if dets is None or ts - self._last < self.cfg.interval_s:
+            return
+        self._last = ts
+        body = self.payload(ts, dets)
+        if not self.link.connected:
+            self._count("detections_unpublished")
+            return
+        try:
+            self.link.publish_nowait(self.topic, body, qos=0)
+        except Exception as exc:  # never let the detection stream stop the camera
+            self._count("detections_unpublished")
+            log.debug("detection publish failed: %s", exc)
 
 
 def report_gates(pipe: Any, sink: EventSink) -> None:

@@ -496,3 +496,37 @@ def test_mosquitto_started_with_the_generated_config_holds_the_inflight_window()
     finally:
         broker.stop()
         shutil.rmtree(deploy, ignore_errors=True)
+
+
+def test_shop_broker_acl_lets_cameras_stream_detections_and_the_floor_pipeline_track_within_the_shop_only(tmp_path):
+    """On the shop broker as written: node users publish and read the shop's detection and track streams, nothing of another shop."""
+    from fleet_controller.broker_config import BrokerOptions, bridge_topics, render_shop_acl
+
+    acl = render_shop_acl("shop-a", ["pi-1"])
+    assert "topic readwrite local/v1/shop-a/detections/+" in acl and "topic readwrite local/v1/shop-a/tracks/+" in acl
+    assert not any(ln.split()[1].startswith("local/") for ln in bridge_topics("shop-a", ["pi-1", "pi-2"]))
+    from fleet_controller.pki import Pki
+
+    Pki.init(tmp_path / "pki")
+    opts = BrokerOptions(pki_dir=tmp_path / "pki", persistence_dir=tmp_path / "d", shop_brokers=("shop-a",), central="mqtt.example")
+    files = write_broker_config([*PAIRS, ("shop-a", "gpu-1-floor")], tmp_path / "out", options=opts)
+    creds = json.loads(files.credentials_file.read_text())
+    d = files.shop_dirs["shop-a"]
+    (tmp_path / "broker").mkdir()
+    b = BrokerProcess(workdir=tmp_path / "broker", engine="mosquitto", password_file=d / "passwd", acl_file=d / "acl").start()
+    try:
+        cam = Client(b, creds["nodes"]["shop-a/pi-1"]["username"], creds["nodes"]["shop-a/pi-1"]["password"])
+        floor = Client(b, creds["nodes"]["shop-a/gpu-1-floor"]["username"], creds["nodes"]["shop-a/gpu-1-floor"]["password"])
+        fusion = Client(b, creds["nodes"]["shop-a/pi-2"]["username"], creds["nodes"]["shop-a/pi-2"]["password"])
+        floor.subscribe("local/v1/shop-a/detections/+")
+        floor.subscribe("local/v1/shop-b/detections/+")  # refused by the ACL: nothing of another shop arrives
+        fusion.subscribe("local/v1/shop-a/tracks/+")
+        cam.publish("local/v1/shop-b/detections/c0-0", b"forged")  # another shop's stream
+        cam.publish("local/v1/shop-a/detections/c0-0", b"frame")
+        floor.publish("local/v1/shop-a/tracks/floor", b"tracks")
+        assert floor.received("local/v1/shop-a/detections/c0-0") == [("local/v1/shop-a/detections/c0-0", b"frame")]
+        assert fusion.received("local/v1/shop-a/tracks/floor") == [("local/v1/shop-a/tracks/floor", b"tracks")]
+        for c in (cam, floor, fusion):
+            c.close()
+    finally:
+        b.cleanup()
