@@ -201,6 +201,10 @@ NUL_ERROR = ("PostgreSQL text and jsonb cannot hold the NUL character (\\u0000):
              "fix the sender to strip NUL from its strings")
 
 
+Unstorable = tuple[bytes, str, str]
+"""A parsed message the registry cannot store: its raw payload, the quarantine reason and the error."""
+
+
 def has_nul_escape(payload: bytes) -> bool:
     """Return whether a JSON payload holds the NUL character: an unescaped ``\\u0000`` escape.
 
@@ -411,16 +415,39 @@ class IntakeCore:
             if store_unavailable(exc):
                 raise
             if len(raw) == 1:
-                return self.quarantine(raw, "store", exc, now)
+                return self.quarantine(raw, "store", exc, now, limits)
         return BatchOutcome.combine([self.process_batch([m], now, limits) for m in raw])
 
-    def quarantine(self, raw: Sequence[RawMessage], reason: str, exc: BaseException | str, now: float | None = None) -> BatchOutcome:
+    def quarantine(self, raw: Sequence[RawMessage], reason: str, exc: BaseException | str, now: float | None = None,
+                   limits: SeqLimits = SeqLimits()) -> BatchOutcome:
         """Keep ``raw`` in the dead-letter table with ``reason`` and the error; return the outcome to count.
 
-        Raises only when the database is unavailable. If the dead-letter insert itself fails for any
-        other reason, the messages are logged and counted (reason ``lost``), never retried.
+        One message of a node's stream is judged against its node's cursor first, in the same
+        transaction as its dead-letter row (see :meth:`_decide_and_write`'s ``unstorable``): its
+        seq counts as received, so it opens no gap (``missing_total`` would count it as lost) and
+        the stored-ack covers it (an agent would otherwise send it again, to be quarantined again,
+        for ever); a duplicate stays a duplicate. When even that fails, or for anything else (a
+        message the writer process died on, reason ``writer``, is not parsed again), the rows are
+        inserted alone. Raises only when the database is unavailable. If the dead-letter
+        insert itself fails for any other reason, the messages are logged and counted (reason
+        ``lost``), never retried.
         """
         error = exc if isinstance(exc, str) else f"{type(exc).__name__}: {getattr(exc, 'orig', None) or exc}"
+        if len(raw) == 1 and reason != "writer":  # (a message the writer process died on is not parsed again)
+            topic, payload, received = raw[0]
+            try:
+                view = parse_message_view(topic, payload)
+            except ProtocolError:
+                view = None
+            if view is not None and not isinstance(view, PRESENCE_TYPES):
+                try:
+                    return self._decide([(view, received, topic)], collections.Counter(), time.time() if now is None else now,
+                                        limits, {id(view): (payload, reason, error)})
+                except Exception as qexc:
+                    if store_unavailable(qexc):
+                        raise
+                    log.warning("quarantine of a message on %r with its seq failed (%s); keeping it without: %s",
+                                topic[:200], reason, qexc)
         items = []
         for topic, payload, received in raw:
             try:
@@ -443,7 +470,7 @@ class IntakeCore:
         now = time.time() if now is None else now
         reasons: collections.Counter[str] = collections.Counter()
         parsed = []
-        unstorable: dict[int, bytes] = {}  # id of the view -> its payload, for messages PostgreSQL cannot hold
+        unstorable: dict[int, Unstorable] = {}  # messages PostgreSQL cannot hold, by id of the view
         for topic, payload, received in batch:
             try:
                 # Wire views, not models: the writer only reads attributes (see parse_message_view).
@@ -453,8 +480,13 @@ class IntakeCore:
                 self._rlog.warning(exc.reason, "rejected a message on %r: %s", topic[:200], exc.detail[:500])
                 continue
             if self._screen_nul and not isinstance(view, PRESENCE_TYPES) and has_nul_escape(payload):
-                unstorable[id(view)] = payload
+                unstorable[id(view)] = (payload, "store", NUL_ERROR)
             parsed.append((view, received, topic))
+        return self._decide(parsed, reasons, now, limits, unstorable)
+
+    def _decide(self, parsed: list[tuple[Any, float, str]], reasons: collections.Counter[str], now: float, limits: SeqLimits,
+                unstorable: dict[int, Unstorable] | None = None) -> BatchOutcome:
+        """Decide and write ``parsed`` (:meth:`_decide_and_write`), again while other writers move its nodes' cursors."""
         for attempt in range(CURSOR_CONFLICT_RETRIES + 1):
             try:
                 outcome = self._decide_and_write(parsed, collections.Counter(reasons), now, limits, unstorable)
@@ -469,12 +501,13 @@ class IntakeCore:
 
     def _decide_and_write(
         self, parsed: list[tuple[Any, float, str]], reasons: collections.Counter[str], now: float, limits: SeqLimits,
-        unstorable: dict[int, bytes] | None = None,
+        unstorable: dict[int, Unstorable] | None = None,
     ) -> BatchOutcome:
         """Decide every parsed message against the node cursors and store the batch in one transaction.
 
-        ``unstorable`` (by ``id`` of the view: its raw payload) are messages the database cannot
-        hold (a NUL on PostgreSQL). Judged like the others (a duplicate stays a duplicate), one
+        ``unstorable`` (by ``id`` of the view: its raw payload, quarantine reason and error) are
+        messages the database cannot hold (a NUL on PostgreSQL; one that failed alone, from
+        :meth:`quarantine`). Judged like the others (a duplicate stays a duplicate), one
         accepted goes to the dead-letter table in the same transaction instead of the history,
         and its seq counts as received: no gap, so a node waiting for the stored-ack stops sending
         it again, and the batch around it is not failed and stored again message by message.
@@ -541,8 +574,9 @@ class IntakeCore:
             c[2] += missing
             held = unstorable.get(id(msg)) if unstorable else None
             if held is not None:
-                wb.quarantine.append(Quarantined(topic, held, received, "store", NUL_ERROR, msg.shop, msg.node))
-                self._rlog.warning("quarantine:store", "quarantined a message on %r (store): %s", topic[:200], NUL_ERROR)
+                payload, why, error = held
+                wb.quarantine.append(Quarantined(topic, payload, received, why, error, msg.shop, msg.node))
+                self._rlog.warning(f"quarantine:{why}", "quarantined a message on %r (%s): %s", topic[:200], why, error[:300])
                 continue
             c[0] += 1
             wb.uplinks.append((msg, received))
@@ -578,7 +612,7 @@ class IntakeCore:
             stored=sum(kinds.values()), rejected=sum(reasons.values()), duplicates=duplicates, events=tuple(events),
             kinds=tuple((k, n) for k, n in kinds.items() if n), reasons=tuple(reasons.items()), missing=missing_total,
             filled=filled, rebased=rebased, evicted=tuple(evicted.items()), acks=acks,
-            quarantined=(("store", len(wb.quarantine)),) if wb.quarantine else (),
+            quarantined=tuple(collections.Counter(q.reason for q in wb.quarantine).items()),
         )
 
 

@@ -175,6 +175,33 @@ def test_a_nul_on_postgresql_is_quarantined_up_front_without_splitting_its_batch
     engine.dispose()
 
 
+def test_a_message_that_fails_alone_is_quarantined_with_its_seq_received(registry, reader, monkeypatch):
+    """Quarantined is not missing: no gap, the stored-ack covers it, and sent again it is a duplicate, not a second row."""
+    from sqlalchemy.exc import DataError
+
+    real = registry.write_batch
+
+    def refuse_seq_2(wb, now=None):
+        if any(m.seq == 2 for m, _ in wb.uplinks):
+            raise DataError("INSERT ...", {}, Exception("value out of range for this column"))
+        return real(wb, now)
+
+    monkeypatch.setattr(registry, "write_batch", refuse_seq_2)
+    core = IntakeCore(registry)
+    topic = Topics.node("shop-a", "pi-1", "events")
+    batch = [(topic, encode(event(seq=s)), time.time()) for s in (1, 2, 3)]
+    out = core.process_batch(batch, limits=SeqLimits(acks=True))
+    assert (out.stored, dict(out.quarantined)) == (2, {"store": 1})
+    items, total = reader.list_quarantine()
+    assert total == 1 and items[0].reason == "store" and "value out of range" in items[0].error
+    node = reader.get_node("shop-a", "pi-1")
+    assert (node.watermark, node.gaps, node.missing_total, node.messages_total) == (3, [], 0, 2)
+    again = core.process_batch([batch[1]], limits=SeqLimits(acks=True))
+    assert (again.duplicates, dict(again.quarantined)) == (1, {})
+    assert [a[2:] for a in again.acks] == [("ep1", 3, ())]  # the node may forget seq 2
+    assert reader.list_quarantine()[1] == 1
+
+
 # ----- the dead-letter API ------------------------------------------------------------------------
 
 
