@@ -12,6 +12,9 @@ broker), read here by a user standing in for the bridge.
 
 from __future__ import annotations
 
+import json
+import statistics
+
 import cv2
 import pytest
 import yaml
@@ -21,6 +24,7 @@ from tests.support.shop_e2e import (
     FUSION_DETAIL,
     AgentProc,
     Controller,
+    Listener,
     MjpegServer,
     SecuredShopBroker,
     floor_detail,
@@ -30,6 +34,7 @@ from tests.support.vision import PLAZA_ZONES
 from tests.support.wait import wait_for
 from vision.fixtures import fetch_fixture
 from vision.model import cache_root, fetch_model
+from vision.multiview import decode_frame
 
 pytestmark = pytest.mark.slow
 
@@ -111,12 +116,14 @@ def _sample(samples: dict, name: str, **labels: str) -> float:
 
 @pytest.mark.timeout(150)
 def test_two_cameras_floor_and_fusion_in_one_agent_on_the_secured_shop_broker(media, tmp_path) -> None:
-    users = [NODE, f"{NODE}-floor", f"{NODE}-fusion", "cam-a-detections", "cam-b-detections", "pi-1"]
+    users = [NODE, f"{NODE}-floor", f"{NODE}-fusion", "cam-a-detections", "cam-b-detections", "pi-1", "observer"]
     shop = SecuredShopBroker(tmp_path / "broker", SHOP, users)
     cams = MjpegServer({"cam-a": media["cam-a"], "cam-b": media["cam-b"]}, FPS)
-    controller = agent = None
+    controller = agent = observer = None
     try:
         controller = Controller(shop)
+        # A node user of the shop on the shop-local topics: the floor's tracks and camera a's detections.
+        observer = Listener(shop, "observer", (f"local/v1/{SHOP}/tracks/floor", f"local/v1/{SHOP}/detections/cam-a"))
         agent = AgentProc(tmp_path, _config(tmp_path, shop, cams, media["model"], free_port()))
         agent.start()
 
@@ -170,6 +177,19 @@ def test_two_cameras_floor_and_fusion_in_one_agent_on_the_secured_shop_broker(me
                for r in [dict(lbl)["reason"]] if v and r in ("bad_track_message", "bad_event", "fusion_crossing-unknown-track")}
         assert not bad, f"fusion could not use what the floor pipeline sent: {bad}"
 
+        # Both views of a person merge into one floor track: the floor has about as many tracks as camera a sees
+        # people (were camera b's homography wrong, its people would land elsewhere and every person be two tracks).
+        seen: list[tuple[str, bytes]] = []
+
+        def enough() -> bool:
+            seen.extend(observer.take())
+            return sum(t.endswith("/tracks/floor") for t, _ in seen) >= 30 and sum(t.endswith("/detections/cam-a") for t, _ in seen) >= 30
+
+        wait_for(enough, 30, "30 floor track messages and 30 frames of camera a")
+        tracks = [len(json.loads(p)["tracks"]) for t, p in seen if t.endswith("/tracks/floor")]
+        people = [len(decode_frame(p).detections) for t, p in seen if t.endswith("/detections/cam-a")]
+        assert 1 <= statistics.median(tracks) <= statistics.median(people) + 1, (statistics.median(tracks), statistics.median(people))
+
         # 4) Camera b dies: the floor pipeline reports it not live, and goes on tracking from camera a alone.
         before = floor_detail(last_beat().pipelines["floor"].detail)
         assert before is not None
@@ -198,7 +218,8 @@ def test_two_cameras_floor_and_fusion_in_one_agent_on_the_secured_shop_broker(me
         if agent is not None:
             code = agent.stop()
             assert code == 0, agent.tail()
-        if controller is not None:
-            controller.close()
+        for link in (controller, observer):
+            if link is not None:
+                link.close()
         cams.close()
         shop.cleanup()

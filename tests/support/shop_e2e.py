@@ -160,6 +160,30 @@ class Controller:
         self.link.stop()
 
 
+class Listener:
+    """A node user's subscriber on the shop broker that records ``(topic, payload)``."""
+
+    def __init__(self, shop: SecuredShopBroker, node: str, topics: tuple[str, ...]) -> None:
+        self.lock = threading.Lock()
+        self.got: list[tuple[str, bytes]] = []
+        self.link = ThreadedLink(shop.settings(node_username(shop.shop, node), f"{node}-listener"), self._on, subscriptions=topics)
+        self.link.start()
+        self.link.wait_connected(10)
+
+    def _on(self, msg: Any) -> None:
+        with self.lock:
+            self.got.append((msg.topic, bytes(msg.payload)))
+
+    def take(self) -> list[tuple[str, bytes]]:
+        """Return what arrived so far and start over."""
+        with self.lock:
+            out, self.got = self.got, []
+        return out
+
+    def close(self) -> None:
+        self.link.stop()
+
+
 def publish_event(shop: SecuredShopBroker, node: str, seq: int, type_: str, source: str, data: dict[str, Any]) -> None:
     """Publish one event as ``node``'s agent would (QoS 1, with the node's own user)."""
     from edge_agent.protocol import Topics
