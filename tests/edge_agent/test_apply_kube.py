@@ -164,7 +164,8 @@ def test_fresh_cluster_then_upgrade_dry_runs_everything_first_and_prunes_after(e
     new = [r for r in emu.requests[mark:] if r.method in ("PATCH", "DELETE")]
     kinds = ["dry" if r.query.get("dryRun") == "All" else r.method for r in new]
     assert kinds.index("PATCH") > max(i for i, k in enumerate(kinds) if k == "dry")
-    assert kinds[-1] == "DELETE" and new[-1].path.endswith("/daemonsets/vision-gpu")  # pruned last, once all was ready
+    # The GPU node class's workloads (vision-gpu and fusion) are pruned last, once all was ready.
+    assert kinds[-2:] == ["DELETE", "DELETE"] and {r.path.rsplit("/", 1)[1] for r in new[-2:]} == {"vision-gpu", "fusion"}
     assert emu.find("DaemonSet", "vision-gpu", "shopfleet") is None and emu.find("Namespace", "shopfleet") is not None
     assert _release_of(emu) == {"r2"}
     assert any(o.name == "vision-gpu" and o.status == "pruned" for o in second.objects)

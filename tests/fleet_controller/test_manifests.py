@@ -82,6 +82,7 @@ def test_render_keeps_only_the_shops_node_classes(classes, expect_gpu, expect_ar
     objs = m.render_shop(m.ShopTarget("berlin-01", classes), m.RenderInput("r1"), 7)
     names = {o["metadata"]["name"] for o in objs if o["kind"] == "DaemonSet"}
     assert ("vision-gpu" in names) is expect_gpu
+    assert ("fusion" in names) is expect_gpu  # carts are made on the GPU node: no GPU node, no fusion
     assert ("vision-arm64" in names) is expect_arm
 
 

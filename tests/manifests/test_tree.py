@@ -75,10 +75,12 @@ def test_node_roles_are_labels():
     assert pods["vision-arm64"]["nodeSelector"]["shopfleet.io/vision"] == "true"
     assert pods["vision-gpu"]["nodeSelector"]["shopfleet.io/vision"] == "true"
     assert pods["mosquitto"]["nodeSelector"] == {"shopfleet.io/broker": "true"}
+    # Fusion on the GPU camera node, beside the camera whose track stream it reads.
+    assert pods["fusion"]["nodeSelector"] == pods["vision-gpu"]["nodeSelector"]
 
 
 def test_metrics_ports_have_services_and_scrape_config():
-    for port in (9464, 9465, 9466):
+    for port in (9464, 9465, 9466, 9468):  # agents, vision, sensor driver, fusion
         svcs = [o for o in EDGE if o["kind"] == "Service" and o["metadata"].get("annotations", {}).get("prometheus.io/port") == str(port)]
         assert len(svcs) == 1, port
         svc = svcs[0]
