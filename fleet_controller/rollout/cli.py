@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--name", required=True, help="unique release name: lowercase letters, digits, '.' and '-'")
     p.add_argument("--version", required=True, help="version people read, e.g. 2026.11.2")
     p.add_argument("--image", action="append", default=[], metavar="COMPONENT=REGISTRY/REPO:TAG",
-                   help="image of one component (container name: agent, applier, vision, vision-gpu, sensor-driver, mosquitto, fluent-bit, "
+                   help="image of one component (container name: agent, applier, vision, vision-gpu, fusion, sensor-driver, mosquitto, fluent-bit, "
                         "device-plugin); repeat per component. A tag is resolved to its index digest from the registry, which "
                         "must carry every arch the fleet's nodes running that component have; REPO@sha256:DIGEST is taken as given")
     p.add_argument("--insecure-registry", action="append", default=[], metavar="HOST:PORT",
