@@ -91,6 +91,7 @@ class FusionConfig(BaseModel):
     swap_margin: float = Field(0.35, gt=0, le=2, description="a track looking this much more like another session than its own is a suspected id swap")
     swap_checks: int = Field(3, ge=1, description="consecutive suspicious checks before a track is moved to the other session")
     lost_exclusion: float = Field(0.8, ge=0, le=1, description="how much a shopper seen standing at the slot lowers the score of a shopper lost away from it; 0 treats a lost shopper as if nobody stood there")
+    refound_weight: float = Field(0.5, ge=0, le=1, description="score of a shopper unseen at the moment of a change, found again right after it where the slot is within reach, walkable from where they were lost within bridge_s: this times the place weight of where they were found (blurred 0.3 m per second after the moment), fading over 3 s, as a shopper lost just before the window scores by where they were last seen; 0 turns it off (only a shopper at the slot on both sides of the gap is bridged)")
     calibration_slope: float = Field(1.752, gt=0, description="calibration of the attribution probability, sigmoid(calibration_slope * margin_others + calibration_nobody * margin_nobody + calibration_sparse * sparse + calibration_offset): the weight of the evidence against the other shoppers, margin_others = log(best cart's score / (other carts' scores + others_floor)); fitted on held-out scenarios by fusion.calibrate")
     calibration_slope_sparse: float | None = Field(None, gt=0, description="calibration_slope at a sparse camera (sparse >= 1: at most half the nominal frames), where a track's boxes go to the wrong shopper more often; None: calibration_slope. Fitted apart only with the reach ratios in the scores (python -m fusion.calibrate --reach)")
     calibration_nobody: float = Field(0.0, ge=0, description="see calibration_slope: the weight of the evidence against nobody, margin_nobody = log(best cart's score / nobody_score) (how well the shopper was seen at the slot at all)")
@@ -764,6 +765,13 @@ class Fusion:
                 bridged = self._bridge(sid, slot, t_act)
                 if bridged is not None:
                     unseen = max(unseen, bridged)
+            if pre < 0.0:
+                # Not seen in the window before the moment: where they were last seen before it (however
+                # long ago) says whether they were at the slot, so that someone standing there all along
+                # still takes the place (below) from a shopper lost elsewhere and found after the change.
+                before = self._seen_before(sid, t_act)
+                if before is not None:
+                    pre = self._place_weight(slot, before[1], before[2])[0]
             # Squared: one moment in front of the slot while walking past must not look like standing there.
             seen = math.exp(2.0 * wlog / wsum)
             parts[sid] = (seen, coverage, unseen, near, pre)
@@ -776,7 +784,8 @@ class Fusion:
             out[sid] = (seen * coverage + unseen * (1.0 - coverage), near, coverage > 0.5)
         # Someone seen standing at the slot all through the window leaves little room for a
         # shopper lost elsewhere: the slot's place is taken (the lost one could only reach past them).
-        standing = max((v[0] for v in out.values() if v[2]), default=0.0)
+        standing_sid = max((sid for sid, v in out.items() if v[2]), key=lambda sid: out[sid][0], default=None)
+        standing = out[standing_sid][0] if standing_sid is not None else 0.0
         for s in self._sessions.values():
             if s.id in out or not self._open_at(s, t_act):
                 continue
@@ -791,6 +800,8 @@ class Fusion:
             w, d = self._place_weight(slot, last[1], last[2], extra_m=min(1.0, 0.3 * gap))
             # Lost right at the slot keeps its full weight (it may be the one standing there, under another id).
             at_slot = self._place_weight(slot, last[1], last[2])[0]
+            if standing_sid is not None and self._other_person(standing_sid, last, hi):
+                at_slot = 0.0  # not under another id: the one standing there was someone else, seen all the while
             room = at_slot + (1.0 - at_slot) * (1.0 - cfg.lost_exclusion * standing)
             score = 0.5 * w * math.exp(-gap / 3.0)
             bridged = self._bridge(s.id, slot, t_act)
@@ -798,6 +809,19 @@ class Fusion:
                 score = max(score, bridged)
             out[s.id] = (score * room, d, False)
         return out
+
+    def _other_person(self, sid: str, lost: tuple[float, float, float], until: float) -> bool:
+        """Return True when session ``sid`` cannot be a shopper lost at ``lost`` (ts, x, y) under another id.
+
+        It was seen elsewhere (at least 0.5 m away) when the lost one was last seen, and all the time
+        since then, up to ``until`` (or now): two people, whatever ids the tracker gave them later.
+        """
+        ts, x, y = lost
+        near = [h for t in self._tracks.values() for h in t.hist if abs(h[0] - ts) <= 0.3 and t.owner(h[0]) == sid]
+        if not near:
+            return False
+        _, ox, oy = min(near, key=lambda h: abs(h[0] - ts))
+        return math.dist((ox, oy), (x, y)) >= 0.5 and self._watched(sid, ts, until)
 
     def _seen_before(self, sid: str, until: float) -> tuple[float, float, float] | None:
         """Return the last position (ts, x, y) of a session seen at or before ``until``, on any of its tracks."""
@@ -866,7 +890,15 @@ class Fusion:
                     after = h
         if before is None or after is None or after[0] - before[0] > cfg.bridge_s:
             return None
-        return min(self._place_weight(slot, before[1], before[2])[0], self._place_weight(slot, after[1], after[2])[0])
+        both = min(self._place_weight(slot, before[1], before[2])[0], self._place_weight(slot, after[1], after[2])[0])
+        # Found again right after the moment, where the slot is within reach, having had time to walk
+        # there from where they were lost: evidence for them, mirroring a shopper lost just before the
+        # window, who scores by where they were last seen (blurred with the time, fading over 3 s).
+        late = after[0] - t_act
+        if cfg.refound_weight <= 0.0 or after[0] - before[0] <= cfg.visible_gap_s or math.dist(before[1:], after[1:]) > cfg.rejoin_speed_mps * (after[0] - before[0]) + 1.5:
+            return both
+        found = cfg.refound_weight * self._place_weight(slot, after[1], after[2], extra_m=min(1.0, 0.3 * late))[0] * math.exp(-late / 3.0)
+        return max(both, found)
 
     def _shelf_change(self, ch: ShelfChange) -> None:
         cfg = self.config
@@ -932,7 +964,9 @@ class Fusion:
             for sess in self._sessions.values():
                 if self._open_at(sess, t_act) and not self._watched(sess.id, t_act - cfg.window_s, t_act + cfg.window_s):
                     away = next((f" ({d:.1f} m away)" for sid, _, d in candidates if sid == sess.id), "")
-                    self._carts[sess.cart].flag("nobody-near", f"change {ch.id} on {spec.slot} at {t_act:.1f}s while session {sess.id} was not seen{away}")
+                    # Tied to the change, as a contest is: if the change is attributed again (the shopper
+                    # found), the flag goes with it.
+                    self._carts[sess.cart].contests[ch.id] = (ch.ts, Reason("nobody-near", f"change {ch.id} on {spec.slot} at {t_act:.1f}s while session {sess.id} was not seen{away}"))
             return None
         (top, s1), *rest = sorted(by_cart.items(), key=lambda kv: -kv[1])
         others = sum(v for _, v in rest) + cfg.nobody_score
