@@ -6,16 +6,32 @@ What runs (every container from its pod template, through shopfleet/sim/podman.p
   (``pki init``, ``broker-config``, ``release keygen``, at the paths the manifests mount), the
   central broker (StatefulSet central-broker) and the controller (StatefulSet
   shopfleet-controller, SQLite on its /tmp volume);
-* the shop ``shop-x`` as rendered for node class ``pi``: its broker (Deployment mosquitto, the
-  files ``broker-config --shop-broker`` wrote), the agent (DaemonSet shopfleet-agent, node pi-1),
-  the sensor driver (DaemonSet sensor-driver) reading a simulated shelf board through a
-  pseudo-terminal (its by-id link kept current as udev would: :class:`ByIdLink`), and vision (DaemonSet vision-arm64's template with
-  the amd64 vision image: the arch pin is the scheduler's business) on vtest.avi;
+* the shop ``shop-x`` as rendered for node classes ``pi`` and ``gpu`` (fusion comes only to shops
+  with a GPU node): its broker (Deployment mosquitto, the files ``broker-config --shop-broker``
+  wrote), the agent (DaemonSet shopfleet-agent, node pi-1), the sensor driver (DaemonSet
+  sensor-driver) reading a simulated shelf board through a pseudo-terminal (its by-id link kept
+  current as udev would: :class:`ByIdLink`), vision (DaemonSet vision-arm64's template with the
+  amd64 vision image: the arch pin is the scheduler's business) on vtest.avi, publishing its
+  camera's track stream, and fusion (DaemonSet fusion, node pi-1-fusion, the vision image as a
+  release pins it) joining that stream with the shop's events into carts;
 * a second agent pod of the same DaemonSet for node arm-1 from the arm64 agent image, under qemu.
+
+vision-gpu is rendered but not run: it needs the NVIDIA runtime (runtimeClassName nvidia,
+``nvidia.com/gpu``), which this machine has not. It is the camera that publishes the track stream
+in the manifests, so vision-arm64 stands in for it: its ConfigMap's ``vision.yaml`` gets the
+``tracks:`` block of the rendered ``vision-gpu.yaml`` (user ``shop-x.track-stream``, its password
+file, ``px_per_m``, ``origin_px``), and its pod the volume and read-only mount of the node's
+``track-stream.password`` that vision-gpu's template has (:func:`_with_track_stream`). Fusion's
+``camera:`` is set to the zones file's camera (``door``, which it already names). Fusion's node
+selector asks for the gpu class; it runs on pi-1, next to the camera it reads (the scheduler's
+business, as for the arch pin). Fusion's three broker users (``shop-x.pi-1-fusion``,
+``shop-x.fusion-inputs``, ``shop-x.track-stream``) are in ``nodes.txt`` and their passwords on the
+node as the node join writes them (docs/manifests.md, "Node-local paths").
 
 Only what a cluster would supply is substituted, and where: Service DNS names become --add-host
 entries; pods without hostNetwork share the host's network (none other here), so the harness
-patches the ports in the rendered ConfigMaps (the host's own Mosquitto holds 1883); the camera is
+patches the ports in the rendered ConfigMaps (the host's own Mosquitto holds 1883; fusion's metrics
+port is a free one, which the harness scrapes as the kubelet's probe would); the camera is
 vtest.avi mounted in and the ConfigMap's source pointed at it; the applier's model server (the
 applier needs a Kubernetes API) is the same server class run here on the host's cached
 yolov4-tiny (:func:`serve_model`), and the vision pod's own model-stage init container stages and
@@ -23,8 +39,15 @@ verifies it; busybox init containers run with the base image's chown; eclipse-mo
 mosquitto (images/mosquitto). The applier (needs a Kubernetes API) and fluent-bit are not run.
 
 The last stdout line is a JSON summary: shop_online, events (count by type), model_verified,
-arm64_agent_online, image_mb, seconds. Exit code 0 when the shop came online with shelf and
-camera events and the arm64 agent reported in.
+arm64_agent_online, fusion (:class:`FusionWatch`: node online, pipeline state, /healthz, whether
+it consumed the track stream, shopper sessions and carts), image_mb, seconds. Exit code 0 when
+the shop came online with shelf and camera events, the arm64 agent reported in, and fusion runs,
+consumed the track stream and opened a shopper session. A session needs a door crossing of a
+streamed track while the door contact is open: the board's scenario opens the door 2-12 s into
+every 25 s loop (entries count for fusion's door_grace_s after it closes), and vtest.avi's walkers
+cross the zones file's door line a dozen times a minute, so within the observation window some
+crossings fall in an opening (others are refused as entry-door-closed, which shows the tracks
+consumed as well).
 
 Usage: python -m shopfleet.sim.shop_in_a_box [--tag TAG] [--timeout 420] [--keep]
 """
@@ -34,6 +57,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -155,7 +179,10 @@ def central(box: Box, base: str) -> tuple[str, dict[str, Any]]:
     (etc / "broker").mkdir(parents=True)
     (etc / "keys").mkdir()
     var.mkdir()
-    nodes = [f"{SHOP}/{NODE}", f"{SHOP}/{NODE}-sensors", f"{SHOP}/{NODE}-vision", f"{SHOP}/{ARM_NODE}"]
+    # Fusion's users as docs/manifests.md lists them for the GPU camera node (here pi-1): its agent's
+    # node user, its pipeline's and the camera's track stream's (one per shop each).
+    nodes = [f"{SHOP}/{NODE}", f"{SHOP}/{NODE}-sensors", f"{SHOP}/{NODE}-vision", f"{SHOP}/{ARM_NODE}",
+             f"{SHOP}/{NODE}-fusion", f"{SHOP}/fusion-inputs", f"{SHOP}/track-stream"]
     (etc / "nodes.txt").write_text("\n".join(nodes) + "\n")
     tool = ["run", "--rm", "--runtime", "runc", "--network", "none", "--user", "0", "--ulimit", "nofile=4096:4096",
             "--ulimit", "nproc=4096:4096", "-v", f"{etc}:/etc/shopfleet", "-v", f"{var}:/var/lib/mosquitto", ctrl]
@@ -294,11 +321,30 @@ def _node_identity(box: Box, into: Path, node: str) -> None:
         os.chmod(f, 0o400)
 
 
-def shop(box: Box, creds: dict[str, Any], base: str, by_id: Path, model_sha: str) -> None:
-    """Render shop-x and run its broker, agent, sensor driver, vision and the arm64 agent."""
+def _with_track_stream(vision: dict[str, Any], gpu: dict[str, Any]) -> dict[str, Any]:
+    """vision-arm64's object with what vision-gpu's template adds for its track stream: the volume
+    and read-only mount of the node's track-stream.password (vision-gpu mounts it; vision-arm64,
+    which publishes no track stream in the manifests, does not)."""
+    import copy
+
+    out = copy.deepcopy(vision)
+    gspec, spec = gpu["spec"]["template"]["spec"], out["spec"]["template"]["spec"]
+    have = {v["name"] for v in spec["volumes"]}
+    for v in gspec["volumes"]:
+        if v["name"] not in have and "track-stream" in str(v.get("hostPath", {}).get("path", "")):
+            spec["volumes"].append(copy.deepcopy(v))
+            mount = next(m for m in gspec["containers"][0]["volumeMounts"] if m["name"] == v["name"])
+            spec["containers"][0]["volumeMounts"].append(copy.deepcopy(mount))
+    return out
+
+
+def shop(box: Box, creds: dict[str, Any], base: str, by_id: Path, model_sha: str) -> int:
+    """Render shop-x and run its broker, agent, sensor driver, vision (publishing its track stream),
+    fusion and the arm64 agent; return fusion's metrics port."""
     from fleet_controller.rollout import manifests
 
-    objs = manifests.render_shop(manifests.ShopTarget(SHOP, frozenset({"pi"}), "production"),
+    # Node classes pi and gpu: fusion (and vision-gpu, not run) come only to shops with a GPU node.
+    objs = manifests.render_shop(manifests.ShopTarget(SHOP, frozenset({"pi", "gpu"}), "production"),
                                  manifests.RenderInput("box", model_sha256=model_sha), 1)
     cms = configmaps_of(objs)
     port = box.ports["shop"]
@@ -312,11 +358,27 @@ def shop(box: Box, creds: dict[str, Any], base: str, by_id: Path, model_sha: str
     cms["shopfleet-agent"]["agent.yaml"] = _patch_yaml(cms["shopfleet-agent"]["agent.yaml"], broker_tls_port)
     cms["sensor-driver"]["sensors.yaml"] = _patch_yaml(cms["sensor-driver"]["sensors.yaml"], broker_port)
 
+    # The track stream as vision-gpu.yaml configures it (user <shop>.track-stream, its password
+    # file, px_per_m, origin_px), on the shop broker's port here.
+    tracks = yaml.safe_load(cms["vision"]["vision-gpu.yaml"])["pipelines"][0]["tracks"]
+    tracks["broker"]["port"] = port
+    camera = yaml.safe_load(cms["vision"]["zones.yaml"])["camera"]
+
     def vision_cfg(d: dict[str, Any]) -> None:
         broker_port(d)
-        d["pipelines"][0].update(source="/media/vtest.avi", threads=1)
+        d["pipelines"][0].update(source="/media/vtest.avi", threads=1, tracks=tracks)
 
     cms["vision"]["vision.yaml"] = _patch_yaml(cms["vision"]["vision.yaml"], vision_cfg)
+    fusion_metrics = free_port()
+
+    def fusion_cfg(d: dict[str, Any]) -> None:
+        broker_port(d)
+        d["metrics"]["port"] = fusion_metrics
+        d["pipelines"][0]["broker"]["port"] = port
+        # The camera whose track stream and door crossings fusion joins: the zones file's.
+        d["pipelines"][0]["camera"] = camera
+
+    cms["fusion"]["fusion.yaml"] = _patch_yaml(cms["fusion"]["fusion.yaml"], fusion_cfg)
     # The denials sidecar's API token; no controller is reachable at the manifests' address here,
     # so its forwarding fails (and is counted) while it still counts refusals from the log.
     secrets = {"shop-broker": _files(box.work / "central-etc/broker/shops" / SHOP), "broker-denials": {"token": "unused"}}
@@ -324,18 +386,20 @@ def shop(box: Box, creds: dict[str, Any], base: str, by_id: Path, model_sha: str
     pw = node_root / "etc/shopfleet/node"
     pw.mkdir(parents=True)
     _node_identity(box, pw, NODE)
-    for suffix, fname in (("", "agent"), ("-sensors", "sensors"), ("-vision", "vision")):
+    # The node's own password files, each readable by its pod's uid only (as the node join writes
+    # them, docs/manifests.md "Node-local paths"); the last three are the GPU camera node's.
+    for user, fname, uid in ((NODE, "agent", 10001), (f"{NODE}-sensors", "sensors", 10003), (f"{NODE}-vision", "vision", 10002),
+                             ("track-stream", "track-stream", 10002), (f"{NODE}-fusion", "fusion", 10005),
+                             ("fusion-inputs", "fusion-inputs", 10005)):
         f = pw / f"{fname}.password"
-        f.write_text(creds["nodes"][f"{SHOP}/{NODE}{suffix}"]["password"])
-        # The node's own password file, readable by the pod's uid only (as the node join writes it).
-        uid = {"agent": 10001, "sensors": 10003, "vision": 10002}[fname]
+        f.write_text(creds["nodes"][f"{SHOP}/{user}"]["password"])
         os.chown(f, uid, uid)
         os.chmod(f, 0o400)
     ctx = PodContext(
         node=NODE, workdir=box.work / "pods", host_root=node_root, configmaps=cms, secrets=secrets,
         images={"mosquitto": ensure_mosquitto_image(), "denials": box.ref("agent"), "agent": box.ref("agent"),
                 "sensor-driver": box.ref("sensor-driver"),
-                "vision": box.ref("vision"), "model-stage": box.ref("vision")},
+                "vision": box.ref("vision"), "model-stage": box.ref("vision"), "fusion": box.ref("vision")},
         devices={"shopfleet.io/shelf-board": None, "shopfleet.io/camera": None},
         extra_mounts={"sensor-driver": [f"type=bind,source={by_id},destination=/dev/serial/by-id,ro",
                                         "type=bind,source=/dev/pts,destination=/dev/host-pts"],
@@ -351,7 +415,8 @@ def shop(box: Box, creds: dict[str, Any], base: str, by_id: Path, model_sha: str
     box.run_pod(get("Deployment", "mosquitto"), ctx)
     box.run_pod(get("DaemonSet", "shopfleet-agent"), ctx)
     box.run_pod(get("DaemonSet", "sensor-driver"), ctx)
-    box.run_pod(get("DaemonSet", "vision-arm64"), ctx)
+    box.run_pod(_with_track_stream(get("DaemonSet", "vision-arm64"), get("DaemonSet", "vision-gpu")), ctx)
+    box.run_pod(get("DaemonSet", "fusion"), ctx)
     # The arm64 node: same DaemonSet, its own node root; its metrics port moved off pi-1's
     # (both share this host's network).
     arm_root = box.work / "node-arm-1"
@@ -363,6 +428,7 @@ def shop(box: Box, creds: dict[str, Any], base: str, by_id: Path, model_sha: str
     arm_ctx = PodContext(**{**ctx.__dict__, "node": ARM_NODE, "host_root": arm_root, "configmaps": arm_cms,
                             "images": {"agent": box.ref("agent", "arm64")}, "init_image": base})
     box.run_pod(get("DaemonSet", "shopfleet-agent"), arm_ctx)
+    return fusion_metrics
 
 
 def observe(box: Box) -> dict[str, Any]:
@@ -386,18 +452,111 @@ def observe(box: Box) -> dict[str, Any]:
             "events": counts}
 
 
-def model_verified(box: Box, nodes: dict[str, Any], sha: str) -> bool:
-    """Whether the vision node verified the release's model and runs on it.
+def vision_running(nodes: dict[str, Any]) -> bool:
+    """Whether the vision node's heartbeat shows its camera pipeline running."""
+    vision = nodes.get(f"{NODE}-vision", {})
+    return any(isinstance(p, dict) and p.get("state") == "running" for p in (vision.get("pipelines") or {}).values())
+
+
+def model_verified(box: Box, ran: bool, sha: str) -> bool:
+    """Whether the vision node verified the release's model and ran on it.
 
     From what the node itself did and reports: its model-stage init container staged the package
     (it checks the sha256 before the directory appears: the package is on the node's disk under
-    that sha), and the vision node reports its pipeline running - which it is only after
-    load_package re-hashed the mounted package against its manifest.
+    that sha), and the vision node reported its pipeline running (``ran``, from any heartbeat seen:
+    at the end of vtest.avi the pipeline is in backoff until it plays the file again) - which it
+    is only after load_package re-hashed the mounted package against its manifest.
     """
     staged = box.work / "node-pi-1/var/lib/shopfleet/models" / sha
-    vision = nodes.get(f"{NODE}-vision", {})
-    running = any(isinstance(p, dict) and p.get("state") == "running" for p in (vision.get("pipelines") or {}).values())
-    return staged.is_dir() and (staged / "model.json").exists() and running
+    return staged.is_dir() and (staged / "model.json").exists() and ran
+
+
+class FusionWatch:
+    """What the fusion pod shows of itself, polled while the shop runs.
+
+    From the heartbeat (the controller's registry): node ``<node>-fusion`` online, its ``fusion``
+    pipeline's state and detail (``N shoppers inside, R receipts, V to review``). From the pod's
+    metrics port, as the kubelet's probe and Prometheus read it: ``/healthz`` and
+    ``shopfleet_agent_pipeline_errors_total{pipeline="fusion"}`` by reason.
+
+    The track stream is consumed when fusion resolved one of the camera's door crossings against a
+    track it had from the stream: fusion looks the crossing's track id up among the tracks the
+    stream gave it, and only a known track opens a session (``shoppers inside``), is refused as
+    ``entry-door-closed`` or leaves as ``exit-unknown-track`` (no session); a crossing of a track
+    the stream never carried counts ``crossing-unknown-track`` and nothing else.
+    """
+
+    DETAIL = re.compile(r"(\d+) shoppers inside, (\d+) receipts, (\d+) to review")
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.max_inside = 0
+        self.carts = 0
+        self.state = ""
+        self.detail = ""
+        self.healthz: int | None = None
+        self.errors: dict[str, float] = {}
+
+    def update(self, nodes: dict[str, Any]) -> None:
+        import urllib.error
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        pipe = ((nodes.get(f"{NODE}-fusion") or {}).get("pipelines") or {}).get("fusion") or {}
+        if isinstance(pipe, dict):
+            self.state = str(pipe.get("state", ""))
+            self.detail = str(pipe.get("detail", ""))
+            m = self.DETAIL.search(self.detail)
+            if m:
+                self.max_inside = max(self.max_inside, int(m[1]))
+                self.carts = max(self.carts, int(m[2]) + int(m[3]))
+        base = f"http://127.0.0.1:{self.port}"
+        try:
+            with urllib.request.urlopen(f"{base}/healthz", timeout=2) as r:
+                self.healthz = r.status
+        except urllib.error.HTTPError as exc:
+            self.healthz = exc.code
+        except OSError:
+            self.healthz = None
+        try:
+            with urllib.request.urlopen(f"{base}/metrics", timeout=2) as r:
+                text = r.read().decode()
+        except OSError:
+            return
+        errors: dict[str, float] = {}
+        for fam in text_string_to_metric_families(text):
+            if fam.name == "shopfleet_agent_pipeline_errors":
+                for sample in fam.samples:
+                    if sample.name.endswith("_total") and sample.labels.get("pipeline") == "fusion":
+                        errors[sample.labels["reason"]] = sample.value
+        self.errors = errors
+
+    def known_track_crossings(self) -> int:
+        """Door crossings fusion matched to a streamed track without opening a session."""
+        return int(self.errors.get("fusion_entry-door-closed", 0) + self.errors.get("fusion_exit-unknown-track", 0))
+
+    def tracks_consumed(self) -> bool:
+        return self.known_track_crossings() + self.max_inside + self.carts > 0
+
+    def shopper_session(self) -> bool:
+        return self.max_inside + self.carts > 0
+
+    def summary(self, nodes: dict[str, Any], events: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "online": (nodes.get(f"{NODE}-fusion") or {}).get("presence") == "online",
+            "pipeline_state": self.state,
+            "healthz": self.healthz,
+            "tracks_consumed": self.tracks_consumed(),
+            "known_track_crossings": self.known_track_crossings(),
+            "unknown_track_crossings": int(self.errors.get("fusion_crossing-unknown-track", 0)),
+            "max_shoppers_inside": self.max_inside,
+            "carts": self.carts,
+            "cart_events": {k: v for k, v in events.items() if k.startswith("cart_")},
+            "shopper_session": self.shopper_session(),
+            "errors_by_reason": self.errors,
+            "detail": self.detail,
+        }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -432,11 +591,12 @@ def main(argv: list[str] | None = None) -> int:
         link = ByIdLink(board.link, work / "by-id")
         model_sha, server = serve_model(box)
         _, creds = central(box, base)
-        shop(box, creds, base, link.by_id, model_sha)
-        wanted = {NODE, f"{NODE}-sensors", f"{NODE}-vision"}
+        fusion = FusionWatch(shop(box, creds, base, link.by_id, model_sha))
+        wanted = {NODE, f"{NODE}-sensors", f"{NODE}-vision", f"{NODE}-fusion"}
         started = time.monotonic()
         deadline = started + args.timeout
         seen: dict[str, Any] = {}
+        vision_ran = False
         while time.monotonic() < deadline:
             seen = observe(box)
             nodes = seen.get("nodes", {})
@@ -444,7 +604,10 @@ def main(argv: list[str] | None = None) -> int:
             types = set(seen.get("events", {}))
             shelf = "shelf_change" in types
             camera = bool(types & {"person_entered", "person_exited"})
-            if wanted <= online and ARM_NODE in online and shelf and camera and time.monotonic() - started >= args.observe:
+            vision_ran = vision_ran or vision_running(nodes)
+            fusion.update(nodes)
+            fused = fusion.state == "running" and fusion.tracks_consumed() and fusion.shopper_session()
+            if wanted <= online and ARM_NODE in online and shelf and camera and fused and time.monotonic() - started >= args.observe:
                 break
             time.sleep(3)
         nodes = seen.get("nodes", {})
@@ -454,21 +617,24 @@ def main(argv: list[str] | None = None) -> int:
             "shop_online": wanted <= online,
             "nodes": {k: v["presence"] for k, v in nodes.items()},
             "events": seen.get("events", {}),
-            "model_verified": model_verified(box, nodes, model_sha),
+            "model_verified": model_verified(box, vision_ran or vision_running(nodes), model_sha),
             "arm64_agent_online": arm.get("presence") == "online" and arm.get("arch") == "arm64",
+            "fusion": fusion.summary(nodes, seen.get("events", {})),
             "image_mb": {n: e.get("image_mb") for n, e in images.items()},
             "seconds": round(time.monotonic() - t0),
         }
         types = set(summary["events"])
+        f = summary["fusion"]
         ok = bool(summary["shop_online"] and summary["arm64_agent_online"] and "shelf_change" in types
-                  and types & {"person_entered", "person_exited"})
+                  and types & {"person_entered", "person_exited"}
+                  and f["online"] and f["pipeline_state"] == "running" and f["tracks_consumed"] and f["shopper_session"])
         if not ok:
             say("the shop did not fully report in; container logs follow")
             print(box.logs(), file=sys.stderr)
     except (RuntimeError, TranslateError, subprocess.SubprocessError) as exc:
         say(f"FAILED: {exc}")
         print(box.logs(), file=sys.stderr)
-        summary = {"shop_online": False, "events": {}, "model_verified": False, "arm64_agent_online": False,
+        summary = {"shop_online": False, "events": {}, "model_verified": False, "arm64_agent_online": False, "fusion": {},
                    "image_mb": {n: e.get("image_mb") for n, e in images.items()}, "error": str(exc),
                    "seconds": round(time.monotonic() - t0)}
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -105,3 +106,49 @@ def test_a_device_resource_without_a_device_is_refused(tmp_path: Path):
     objs, ds = _pod(tmp_path, "sensor-driver", "sensors")
     with pytest.raises(TranslateError, match="shopfleet.io/shelf-board needs a device"):
         container_argv(ds, "sensor-driver", _ctx(tmp_path, objs))
+
+
+def test_fusion_pod_translates_with_its_two_password_files(tmp_path: Path):
+    """The fusion DaemonSet of a shop with a GPU node, as shop_in_a_box runs it: uid 10005, its
+    agent's and its pipeline's node-local password files mounted read-only, the vision image."""
+    objs = manifests.render_shop(manifests.ShopTarget("shop-x", frozenset({"pi", "gpu"}), "production"),
+                                 manifests.RenderInput("r1", {}), 1)
+    ds = _obj(objs, "DaemonSet", "fusion")
+    node = tmp_path / "node/etc/shopfleet/node"
+    node.mkdir(parents=True)
+    with pytest.raises(TranslateError, match=r"hostPath /etc/shopfleet/node/fusion.password \(File\) does not exist"):
+        container_argv(ds, "fusion", _ctx(tmp_path, objs))
+    for f in ("fusion.password", "fusion-inputs.password"):
+        (node / f).write_text("x")
+    ctx = replace(_ctx(tmp_path, objs, init_image="localhost/shopfleet/base:bookworm-amd64"), images={"fusion": "localhost/shopfleet/vision:t-amd64"})
+    steps = pod_argvs(ds, ctx)
+    assert [(n, init) for n, init, _ in steps] == [("state-owner", True), ("fusion", False)]
+    argv = steps[1][2]
+    joined = " ".join(argv)
+    assert "--user 10005:10005" in joined and "--read-only --read-only-tmpfs=false" in joined
+    for f in ("fusion.password", "fusion-inputs.password"):
+        assert f"source={node / f},destination=/etc/shopfleet/node/{f},ro" in joined
+    args = _after_image(argv, "localhost/shopfleet/vision:t-amd64")
+    parsed = build_parser(args[0]).parse_args(args)
+    assert parsed.config == "/etc/shopfleet/fusion/fusion.yaml" and parsed.node == "pi-1-fusion"
+    assert args[-2:] == ["--username", "shop-x.pi-1-fusion"]
+
+
+def test_the_box_camera_gets_vision_gpus_track_stream_mount(tmp_path: Path):
+    """shop_in_a_box's vision pod stands in for vision-gpu as the track stream's publisher: it gets
+    vision-gpu's track-stream.password volume and mount, at the path vision-gpu.yaml's tracks: reads."""
+    import yaml
+
+    from shopfleet.sim.shop_in_a_box import _with_track_stream
+
+    objs = manifests.render_shop(manifests.ShopTarget("shop-x", frozenset({"pi", "gpu"}), "production"),
+                                 manifests.RenderInput("r1", {}), 1)
+    arm = _obj(objs, "DaemonSet", "vision-arm64")
+    out = _with_track_stream(arm, _obj(objs, "DaemonSet", "vision-gpu"))
+    tracks = yaml.safe_load(configmaps_of(objs)["vision"]["vision-gpu.yaml"])["pipelines"][0]["tracks"]
+    assert tracks["broker"]["username"] == "shop-x.track-stream"
+    mounts = {m["mountPath"]: m for m in out["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]}
+    assert mounts[tracks["broker"]["password_file"]].get("readOnly") is True
+    added = len(out["spec"]["template"]["spec"]["volumes"]) - len(arm["spec"]["template"]["spec"]["volumes"])
+    assert added == 1  # only the track stream's password, nothing else of vision-gpu (no GPU, no runtime class)
+    assert "runtimeClassName" not in out["spec"]["template"]["spec"]

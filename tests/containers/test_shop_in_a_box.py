@@ -1,7 +1,8 @@
 """A shop on real containers (make shop-in-a-box): the built images run from shop-x's rendered
 manifests with podman, and the controller container's registry shows the shop online with shelf
-and camera events, the model staged and verified by the vision pod, and the arm64 agent (under
-qemu) reported in with arm64 facts.
+and camera events, the model staged and verified by the vision pod, the arm64 agent (under
+qemu) reported in with arm64 facts, and the fusion pod (DaemonSet fusion, the vision image)
+online, running its fusion pipeline on the camera's track stream and opening shopper sessions.
 
 Needs the images of ``make images`` (build/images/images.json names the tag), root, podman,
 buildah, qemu-user-static and opencv-doc's vtest.avi; takes a few minutes (docs/images.md).
@@ -56,3 +57,18 @@ def test_a_shop_on_real_containers_reports_in():
     # The vision pod's model-stage fetched and verified the release's package, and vision runs on it.
     assert summary["model_verified"] is True
     assert summary["image_mb"]["agent"]["amd64"] < 150
+    # Fusion, from its rendered DaemonSet: its own fleet node came online at the controller and its
+    # heartbeat shows the fusion pipeline running; its /healthz (the pod's probe) answers 200.
+    fusion = summary["fusion"]
+    assert summary["nodes"].get("pi-1-fusion") == "online"
+    assert fusion["online"] is True and fusion["pipeline_state"] == "running"
+    assert fusion["healthz"] == 200
+    # It consumed the camera's track stream (user shop-x.track-stream -> shop-x.fusion-inputs on the
+    # shop broker): door crossings were resolved against tracks only the stream gives it (a session
+    # opened, or a known track refused at a closed door / leaving without a session), never all
+    # counted as crossing-unknown-track.
+    assert fusion["tracks_consumed"] is True
+    assert fusion["known_track_crossings"] + fusion["max_shoppers_inside"] + fusion["carts"] > 0
+    # A shopper session: a crossing of a streamed track while the board's door contact was open.
+    assert fusion["shopper_session"] is True
+    assert fusion["max_shoppers_inside"] + fusion["carts"] > 0
