@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import pairwise
 from typing import Literal
 
@@ -909,7 +909,9 @@ class Fusion:
             self.errors["unknown-slot"] += 1
             self._flag_open(t_act, "unknown-slot", f"change {ch.id} on {ch.board}/{ch.channel} ({ch.slot or 'no slot'}) is not in the layout")
             return
-        if spec.slot != ch.slot or spec.product != ch.product:
+        if not ch.slot and not ch.product:
+            ch = self._counted_by_layout(spec, ch)  # a board without a planogram reports grams only
+        elif spec.slot != ch.slot or spec.product != ch.product:
             self.errors["planogram-mismatch"] += 1
         if t_act < self.now - cfg.history_s:
             self.errors["stale-change"] += 1
@@ -1121,6 +1123,40 @@ class Fusion:
         cart.confidence = min(cart.confidence, conf)
         return reasons
 
+    def _counted_by_layout(self, spec: SlotSpec, ch: ShelfChange) -> ShelfChange:
+        """Return a change the board reported in grams only (no planogram: quantity 0, no slot or product) counted in units.
+
+        The layout is what names the slot's product and its unit weight: the count is the delta
+        over the unit weight, rounded, and its confidence the probability of that count against
+        the counts next to it (:meth:`_count_probability`), as for a board's own count. A delta
+        under half a unit stays 0 (``quantity-uncertain``: the reviewer sees the grams).
+        """
+        q = round(ch.delta_g / spec.unit_weight_g)
+        conf = self._count_probability(spec, ch.delta_g, q) if q else 0.0
+        self.stats["counted_by_layout"] += 1
+        return replace(ch, slot=spec.slot, product=spec.product, quantity=q, confidence=conf or 0.0)
+
+    def _count_probability(self, spec: SlotSpec, delta_g: float, q: int) -> float | None:
+        """Return the probability that ``delta_g`` is ``q`` units of the slot's product, against the counts next to it.
+
+        Gaussian spread sqrt(n) x unit sd plus ``weight_noise_g``, counts equally likely; None for a
+        weight more than 3 spreads from ``q`` units (no count of this product explains it).
+        """
+        def spread(n: int) -> float:  # of the weight of n units: their spread and the cell's noise
+            return math.sqrt(abs(n) * spec.unit_weight_sd_g**2 + self.config.weight_noise_g**2)
+
+        if abs(delta_g - q * spec.unit_weight_g) > 3.0 * spread(q):
+            return None
+        like = {}
+        for n in range(q - 2, q + 3):
+            if n == 0 or (n > 0) != (q > 0):
+                continue  # no whole unit, or the other direction: the weight's sign says which way it went
+            sd = spread(n)
+            z = (delta_g - n * spec.unit_weight_g) / sd
+            like[n] = math.exp(-0.5 * z * z) / sd
+        total = sum(like.values())
+        return like[q] / total if total > 0 else 0.0
+
     def _quantity_confidence(self, spec: SlotSpec, ch: ShelfChange) -> float:
         """Return how sure the change's quantity is: the board's confidence, or the layout's weights' if surer.
 
@@ -1137,20 +1173,9 @@ class Fusion:
         q = ch.quantity
         if q == 0 or spec.product != ch.product or spec.slot != ch.slot:
             return ch.confidence
-        def spread(n: int) -> float:  # of the weight of n units: their spread and the cell's noise
-            return math.sqrt(abs(n) * spec.unit_weight_sd_g**2 + self.config.weight_noise_g**2)
-
-        if abs(ch.delta_g - q * spec.unit_weight_g) > 3.0 * spread(q):
+        posterior = self._count_probability(spec, ch.delta_g, q)
+        if posterior is None:
             return ch.confidence  # no count of this product explains the weight (another product put back here?)
-        like = {}
-        for n in range(q - 2, q + 3):
-            if n == 0 or (n > 0) != (q > 0):
-                continue  # no whole unit, or the other direction: the weight's sign says which way it went
-            sd = spread(n)
-            z = (ch.delta_g - n * spec.unit_weight_g) / sd
-            like[n] = math.exp(-0.5 * z * z) / sd
-        total = sum(like.values())
-        posterior = like[q] / total if total > 0 else 0.0
         return max(ch.confidence, posterior)
 
     def _match_put_back(self, cart: _Cart, delta_g: float, exclude: str) -> tuple[str, int] | None:

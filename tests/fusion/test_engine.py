@@ -48,6 +48,33 @@ def test_a_shopper_who_takes_two_colas_leaves_with_a_priced_receipt() -> None:
     assert json.loads(json.dumps(event)) == event  # plain JSON for the outbox
 
 
+def test_a_board_without_a_planogram_is_counted_by_the_layout() -> None:
+    """A deployed sensor driver without a planogram reports grams only (quantity 0, no slot or product): the layout counts them."""
+    s = shop_with(1)
+    s.stand(2.0, (1, *AT_A1))
+    s.change(("b1", 0, "", ""), 0, -688.0, 0.0, cid="ev-1")  # 2 colas of 345 g (sd 3 g)
+    s.stand(2.0, (1, *AT_A2))
+    s.change(("b1", 1, "", ""), 0, -50.0, 0.0, cid="ev-2")  # a third of a bag of chips: no whole unit
+    s.stand(1.0, (1, *AT_A2))
+    s.door(True)
+    s.leave(1)
+    (cart,) = s.close()
+    assert cart.items() == {"cola": 2}
+    assert cart.status == "review" and "quantity-uncertain" in [r.code for r in cart.reasons], "no whole unit: review sees the grams"
+    assert s.f.errors["planogram-mismatch"] == 0 and s.f.stats["counted_by_layout"] == 2
+
+
+def test_a_board_counting_by_the_layout_alone_makes_a_clean_receipt() -> None:
+    s = shop_with(1)
+    s.stand(2.0, (1, *AT_A1))
+    s.change(("b1", 0, "", ""), 0, -345.5, 0.0)
+    s.stand(1.0, (1, *AT_A1))
+    s.door(True)
+    s.leave(1)
+    (cart,) = s.close()
+    assert (cart.status, cart.items(), cart.reasons) == ("accepted", {"cola": 1}, ())
+
+
 def test_an_entry_while_the_door_contact_is_closed_opens_no_session() -> None:
     s = Shop()
     s.door(False)
