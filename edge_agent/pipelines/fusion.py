@@ -101,6 +101,10 @@ class Config(PipelineConfigBase):
         10, ge=1, description="Report cart_review_rate only once this many carts closed in the window: a rate over two carts would fail a rollout gate by chance."
     )
     fusion: dict[str, Any] = Field(default_factory=dict, description="FusionConfig keys (docs/fusion.md 'Configuration'), e.g. confidence_bar.")
+    inbox_max: int = Field(
+        20000, ge=100, le=10_000_000,
+        description="Track messages waiting to be fused beyond this are dropped (tracks_inbox_full); events only past five times it (inbox_full). Bounds memory against a flooding publisher.",
+    )
 
 
 class FusionPipeline:
@@ -121,10 +125,26 @@ class FusionPipeline:
         self._closed: deque[tuple[float, bool]] = deque()  # (when, sent to review)
         self._stats: Counter[str] = Counter()
         self._fusion: Any = None
+        self._logged_full: set[str] = set()
+        self._read: Counter[str] = Counter()  # track messages and events read (health detail)
 
     # ----- intake of MQTT messages (network thread: hand off only) ---------------------------
 
     def _on_message(self, msg: Any) -> None:
+        # Bounded, so a publisher flooding the shop broker cannot exhaust the node's memory. Tracks go
+        # first (a lost position is replaced a tenth of a second later); events, which carts are made
+        # of, only past five times the bound.
+        waiting, bound = len(self._inbox), self.config.inbox_max
+        if waiting >= bound:
+            local = msg.topic.startswith(LOCAL_ROOT + "/")
+            if local or waiting >= 5 * bound:
+                reason = "tracks_inbox_full" if local else "inbox_full"
+                self._count(reason)
+                if reason not in self._logged_full:
+                    self._logged_full.add(reason)
+                    log.warning("fusion %s: %d messages waiting (inbox_max %d): dropping %s until it drains", self.name, waiting, bound,
+                                "track messages" if local else "events: carts will go to review")
+                return
         self._inbox.append((msg.topic, msg.payload))
         self._wake.set()
 
@@ -154,7 +174,10 @@ class FusionPipeline:
                     return []
                 ts = float(body["ts"])
                 out: list[Any] = [TrackObservation(int(t[0]), ts, float(t[1]), float(t[2]), camera=camera) for t in body.get("tracks", [])]
-                return out + [TrackLost(int(t), ts, camera=camera) for t in body.get("ended", [])]
+                out += [TrackLost(int(t), ts, camera=camera) for t in body.get("ended", [])]
+                with self._lock:
+                    self._read["track_messages"] += 1
+                return out
             msg = parse_message(topic, payload)
         except (ProtocolError, ValueError, KeyError, TypeError, IndexError) as exc:
             self._count("bad_track_message" if topic.startswith(LOCAL_ROOT) else "bad_event")
@@ -162,6 +185,8 @@ class FusionPipeline:
             return []
         if not isinstance(msg, Event | Alert):
             return []
+        with self._lock:
+            self._read["events"] += 1
         key = (msg.node, msg.epoch, msg.seq)
         if key in self._seen:
             self._count("duplicate")
@@ -293,12 +318,14 @@ class FusionPipeline:
         with self._lock:
             errors = dict(self._errors)
             stats = dict(self._stats)
+            read = dict(self._read)
         fusion = self._fusion
         if fusion is not None:
             for reason, count in fusion.errors.items():
                 errors[f"fusion_{reason}"] = errors.get(f"fusion_{reason}", 0) + count
         sessions = len(fusion.open_sessions()) if fusion is not None else 0
-        detail = f"{self._detail}; {sessions} shoppers inside, {stats.get('carts_receipt', 0)} receipts, {stats.get('carts_review', 0)} to review"
+        detail = (f"{self._detail}; {sessions} shoppers inside, {stats.get('carts_receipt', 0)} receipts, {stats.get('carts_review', 0)} to review; "
+                  f"read {read.get('track_messages', 0)} track messages, {read.get('events', 0)} events")
         return {"detail": detail, "errors": sum(errors.values()), "errors_by_reason": errors}
 
 

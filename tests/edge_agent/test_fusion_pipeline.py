@@ -192,3 +192,22 @@ def test_bad_input_is_counted_not_fatal():
     bad_change = Event(shop=SHOP, node="pi-1", epoch="e", seq=1, type="shelf_change", data={"board": "b"})
     assert p._decode(Topics.node(SHOP, "pi-1", "events"), encode(bad_change)) == []
     assert p.health()["errors_by_reason"] == {"bad_track_message": 1, "bad_event": 1, "bad_shelf_change": 1}
+
+
+def test_a_flooding_publisher_fills_a_bounded_inbox_tracks_first():
+    """Track messages past inbox_max are dropped and counted; events, which carts are made of, only past five times it."""
+    p = FusionPipeline(Config(type="fusion", name="f", shop=SHOP, layout="x.yaml", inbox_max=100))
+    track = dataclasses.make_dataclass("Msg", ["topic", "payload"])
+    for i in range(150):
+        p._on_message(track(track_topic(SHOP, "ceiling"), json.dumps({"camera": "ceiling", "ts": i, "tracks": []}).encode()))
+    assert len(p._inbox) == 100 and p.health()["errors_by_reason"] == {"tracks_inbox_full": 50}
+    event = encode(Event(shop=SHOP, node="pi-1", epoch="e", seq=1, type="door_opened", data={}))
+    for _ in range(450):
+        p._on_message(track(Topics.node(SHOP, "pi-1", "events"), event))
+    assert len(p._inbox) == 500 and p.health()["errors_by_reason"] == {"tracks_inbox_full": 50, "inbox_full": 50}
+    p._on_message(track(track_topic(SHOP, "ceiling"), b"{}"))
+    assert p.health()["errors_by_reason"]["tracks_inbox_full"] == 51
+    p._inbox.clear()
+    p._on_message(track(track_topic(SHOP, "ceiling"), b"{}"))  # drained: taken again
+    assert len(p._inbox) == 1
+    assert "read 0 track messages, 0 events" in p.health()["detail"]
