@@ -132,15 +132,15 @@ def test_a_slow_camera_predicts_by_time_and_keeps_the_id() -> None:
     # 0.4 s between frames: the walker moved 40 px (a box width); predicted one frame_s step, the
     # box is 30 px behind (IoU 0.14, below match_iou): the walker is lost, and their boxes, 40 px
     # apart, cannot even confirm a new track.
-    assert _ids_of_a_slow_walk(TrackerConfig(slow_gate=0), turn=False) == [1] * 19  # every frame from the second hit
-    assert len(_ids_of_a_slow_walk(TrackerConfig(slow_gate=0, frame_s=0), turn=False)) < 19  # counting frames, as before
+    assert _ids_of_a_slow_walk(TrackerConfig(), turn=False) == [1] * 19  # every frame from the second hit
+    assert len(_ids_of_a_slow_walk(TrackerConfig(frame_s=0), turn=False)) < 19  # counting frames, as before
 
 
 def test_a_slow_camera_matches_a_near_box_whose_iou_fell_below_the_gate() -> None:
     # At 3 fps a turn moves the box 20 px off the prediction on each axis (IoU about 0.1): IoU
     # matching loses the walker at the corner; the centre distance (0.8 box heights) finds them.
-    assert _ids_of_a_slow_walk(TrackerConfig(), turn=True) == [1] * 15
-    assert _ids_of_a_slow_walk(TrackerConfig(slow_gate=0), turn=True) != [1] * 15
+    assert _ids_of_a_slow_walk(TrackerConfig(slow_gate=0.25), turn=True) == [1] * 15
+    assert _ids_of_a_slow_walk(TrackerConfig(), turn=True) != [1] * 15  # off by default
 
 
 def test_frames_at_the_nominal_rate_or_a_second_apart_are_one_step() -> None:
