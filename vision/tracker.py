@@ -7,8 +7,12 @@ constant-velocity Kalman filter per track (state cx, cy, w, h and their velociti
 ``scipy.optimize.linear_sum_assignment`` for matching.
 
 Per frame (``update``):
-1. predict every live track (a lost track keeps coasting on its Kalman prediction);
-2. match high-score detections to tracked + lost tracks (predicted boxes);
+1. predict every live track (a lost track keeps coasting on its Kalman prediction), by as many
+   ``frame_s`` steps as the timestamps say passed since the previous frame (at least one, so a
+   camera at 10 fps or faster steps once per frame; a 3 fps camera 3.3 steps);
+2. match high-score detections to tracked + lost tracks (predicted boxes); with ``slow_gate`` on
+   (off by default), frames further apart than ``frame_s`` then match the tracks seen in the
+   previous frame to leftover high-score boxes by centre distance;
 3. match low-score detections to the tracks seen in the previous frame (ByteTrack's occlusion
    rescue, tight gate);
 4. recovery, in the spirit of OC-SORT's observation-centric recovery: every track still
