@@ -7,8 +7,12 @@ constant-velocity Kalman filter per track (state cx, cy, w, h and their velociti
 ``scipy.optimize.linear_sum_assignment`` for matching.
 
 Per frame (``update``):
-1. predict every live track (a lost track keeps coasting on its Kalman prediction);
-2. match high-score detections to tracked + lost tracks (predicted boxes);
+1. predict every live track (a lost track keeps coasting on its Kalman prediction), by as many
+   ``frame_s`` steps as the timestamps say passed since the previous frame (at least one, so a
+   camera at 10 fps or faster steps once per frame; a 3 fps camera 3.3 steps);
+2. match high-score detections to tracked + lost tracks (predicted boxes); with ``slow_gate`` on
+   (off by default), frames further apart than ``frame_s`` then match the tracks seen in the
+   previous frame to leftover high-score boxes by centre distance;
 3. match low-score detections to the tracks seen in the previous frame (ByteTrack's occlusion
    rescue, tight gate);
 4. recovery, in the spirit of OC-SORT's observation-centric recovery: every track still
@@ -53,6 +57,8 @@ class TrackerConfig(BaseModel):
     max_lost_frames: int = Field(30, ge=0, description="frames a track survives without a match; raising it bridges longer occlusions but keeps ghosts longer")
     report_lost_frames: int = Field(0, ge=0, description="frames a lost track is still reported, at its predicted box and marked Tracks.predicted (a shopper hidden for a moment by a neighbour); 0 reports only tracks matched in the frame. Raise it only for consumers that read Tracks.predicted: one that takes a predicted box for a sighting is misled (fusion's re-joining is, at 3 fps)")
     min_hits: int = Field(2, ge=1, description="matches needed before a track is reported; 1 reports every new box at once")
+    slow_gate: float = Field(0.0, ge=0, description="frames further apart than frame_s: a track seen in the previous frame and matched by no box in the first round takes a free high-score box of about its size whose centre is within this many box heights of its predicted centre per frame_s step (IoU fails when people move far between frames); 0 (the default) turns it off. Never used at or above 1 / frame_s fps. Off because, measured at 3 fps (docs/benchmarks.md, tracker round slow-camera), 0.25 halved the remaining track fragments but changed no cart and tripled the id swaps fusion found under the camera grid")
+    frame_s: float = Field(0.1, ge=0, description="frame interval, in seconds, the motion model's per-frame steps and noise are stated for; frames further apart than this (by the timestamps given to update) are predicted as that many steps, so a slow camera's tracks keep up with people who moved far between frames; frames closer together are predicted as one step, as before. 0: count frames, ignore timestamps")
 
 
 @dataclass
@@ -81,6 +87,7 @@ _VEL_STD = 1 / 160
 _Q_UNIT = np.array([_POS_STD] * 4 + [_VEL_STD] * 4)  # process noise std per box height
 _DIAG = np.diag_indices(8)
 _DIAG4 = np.diag_indices(4)
+_MAX_STEPS = 10.0  # frames further apart than this many frame_s steps are predicted as one step (ByteTracker._steps)
 _RECOVER_SIZE = 0.2  # recovery round: a box's height may differ from the track's last by this share (0.8x to 1.25x)
 
 
@@ -94,16 +101,18 @@ def _initiate(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, np.diag(s**2)
 
 
-def _predict(mean: np.ndarray, cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    # F @ x and F P F^T + Q, written out: F adds each velocity to its position. Cheaper than the
-    # matrix products and np.r_/np.diag, which ran once per track per frame and dominated the cost.
+def _predict(mean: np.ndarray, cov: np.ndarray, steps: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    # F @ x and F P F^T + Q, written out: F adds each velocity (per step) times ``steps`` to its
+    # position, and the process noise of ``steps`` steps is added (a random walk: its variance
+    # grows linearly). Cheaper than the matrix products and np.r_/np.diag, which ran once per
+    # track per frame and dominated the cost. steps 1 is the plain per-frame step.
     new = mean.copy()
-    new[:4] += mean[4:]
+    new[:4] += steps * mean[4:]
     fc = cov.copy()
-    fc[:4] += cov[4:]
+    fc[:4] += steps * cov[4:]
     fcf = fc.copy()
-    fcf[:, :4] += fc[:, 4:]
-    fcf[_DIAG] += (_Q_UNIT * mean[3]) ** 2
+    fcf[:, :4] += steps * fc[:, 4:]
+    fcf[_DIAG] += steps * (_Q_UNIT * mean[3]) ** 2
     return new, fcf
 
 
@@ -139,6 +148,19 @@ def _match(tracks: list[_Track], boxes: np.ndarray, min_iou: float) -> tuple[lis
     return _assign(box_iou(np.stack([t.xyxy() for t in tracks]), boxes), min_iou)
 
 
+def _near(tracks: list[_Track], boxes: np.ndarray, gate: float) -> list[tuple[int, int]]:
+    """Return (track index, box index) matches by centre distance to the predicted box, within ``gate`` box heights."""
+    if not tracks or len(boxes) == 0:
+        return []
+    pred = np.stack([t.mean[:4] for t in tracks])
+    centres = np.c_[(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2]
+    h = np.maximum(pred[:, 3], 1.0)[:, None]
+    d = np.linalg.norm(pred[:, None, :2] - centres[None, :, :], axis=2) / h
+    ratio = (boxes[:, 3] - boxes[:, 1])[None, :] / h
+    close = (d <= gate) & (ratio >= 1 - _RECOVER_SIZE) & (ratio <= 1 / (1 - _RECOVER_SIZE))
+    return _assign(np.where(close, 1.0 - d / (gate + 1.0), 0.0), 1e-9)[0]
+
+
 def _recover(tracks: list[_Track], boxes: np.ndarray, min_iou: float) -> list[tuple[int, int]]:
     """Return (track index, box index) matches by the better IoU with the predicted or the last observed box.
 
@@ -165,6 +187,18 @@ class ByteTracker:
         self._tentative: list[_Track] = []
         self._next_id = 1
         self.frame_index = 0
+        self._last_ts: float | None = None
+
+    def _steps(self, ts: float) -> float:
+        """Return how many ``frame_s`` steps the motion model takes to this frame: at least 1."""
+        last, self._last_ts = self._last_ts, ts
+        if last is None or self.config.frame_s <= 0:
+            return 1.0
+        steps = (ts - last) / self.config.frame_s
+        # Up to a hair over one step (a 10 fps camera's timestamps, rounded) is one step. So is a
+        # gap of _MAX_STEPS or more: a stall, not a frame rate (a constant velocity held that long
+        # is a guess), or timestamps that count frames (vision.eval's MOTChallenge runs).
+        return steps if 1.001 < steps < _MAX_STEPS else 1.0
 
     def _new(self, z: np.ndarray, score: float) -> _Track:
         mean, cov = _initiate(z)
@@ -178,13 +212,22 @@ class ByteTracker:
         t.last_z = z
         t.score, t.hits, t.lost, t.matched_at = float(score), t.hits + 1, 0, self.frame_index
 
-    def _associate(self, hb: np.ndarray, hs: np.ndarray, lb: np.ndarray, ls: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _associate(self, hb: np.ndarray, hs: np.ndarray, lb: np.ndarray, ls: np.ndarray, steps: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
         """Match detections to confirmed tracks (rounds 2-4); return the high-score boxes left over, with their scores."""
         cfg = self.config
         pool = self._tracks
         pairs, un_t, un_h = _match(pool, hb, cfg.match_iou)
         for ti, bi in pairs:
             self._hit(pool[ti], hb[bi], hs[bi])
+        if steps > 1.0 and cfg.slow_gate > 0 and un_t and un_h:
+            # A slow camera: people moved far between frames, and the IoU with the prediction
+            # falls below the gate while the box is near; match by centre distance instead.
+            cand = [i for i in un_t if pool[i].lost == 0]
+            near = _near([pool[i] for i in cand], hb[un_h], cfg.slow_gate * steps)
+            for ti, bi in near:
+                self._hit(pool[cand[ti]], hb[un_h[bi]], hs[un_h[bi]])
+            taken_t, taken_b = {cand[ti] for ti, _ in near}, {un_h[bi] for _, bi in near}
+            un_t, un_h = [i for i in un_t if i not in taken_t], [j for j in un_h if j not in taken_b]
         rest = [pool[i] for i in un_t if pool[i].lost == 0]  # tracks seen last frame get the low round first
         pairs2, _, un_l = _match(rest, lb, cfg.low_match_iou)
         for ti, bi in pairs2:
@@ -204,11 +247,12 @@ class ByteTracker:
         """Feed one frame's detections and return the confirmed tracks visible in it (or lost for at most ``report_lost_frames``)."""
         cfg = self.config
         self.frame_index += 1
+        steps = self._steps(ts)
         for t in self._tracks + self._tentative:
-            t.mean, t.cov = _predict(t.mean, t.cov)
+            t.mean, t.cov = _predict(t.mean, t.cov, steps)
         high = dets.scores >= cfg.high_score
         low = (dets.scores >= cfg.low_score) & ~high
-        left, left_s = self._associate(dets.xyxy[high], dets.scores[high], dets.xyxy[low], dets.scores[low])
+        left, left_s = self._associate(dets.xyxy[high], dets.scores[high], dets.xyxy[low], dets.scores[low], steps)
 
         pairs3, _un_tent, un_left = _match(self._tentative, left, cfg.match_iou)
         promoted = []

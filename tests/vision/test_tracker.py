@@ -114,6 +114,46 @@ def test_two_people_crossing_keep_their_ids() -> None:
         assert (d > 0).all() or (d < 0).all()
 
 
+def _ids_of_a_slow_walk(config: TrackerConfig, turn: bool) -> list[int]:
+    """Return the ids reported, frame by frame, for a walker seen at 10 fps for a second, then at 2.5 fps (the camera slowed), moving 10 px per 0.1 s; with ``turn``, at 3 fps, turning a corner."""
+    tr = ByteTracker(config)
+    ids: list[int] = []
+    if not turn:
+        for ts in [t / 10 for t in range(10)] + [1.0 + 0.4 * k for k in range(10)]:
+            ids += tr.update(_dets([_walker(0, 100, ts)]), ts=ts).ids.tolist()
+        return ids
+    for k in range(16):  # square top-view boxes, 20 px a frame at 3 fps: right, then down
+        x, y = 20.0 * min(k, 8), 100.0 + 20.0 * max(k - 8, 0)
+        ids += tr.update(_dets([[x, y, x + 36, y + 36]]), ts=k / 3).ids.tolist()
+    return ids
+
+
+def test_a_slow_camera_predicts_by_time_and_keeps_the_id() -> None:
+    # 0.4 s between frames: the walker moved 40 px (a box width); predicted one frame_s step, the
+    # box is 30 px behind (IoU 0.14, below match_iou): the walker is lost, and their boxes, 40 px
+    # apart, cannot even confirm a new track.
+    assert _ids_of_a_slow_walk(TrackerConfig(), turn=False) == [1] * 19  # every frame from the second hit
+    assert len(_ids_of_a_slow_walk(TrackerConfig(frame_s=0), turn=False)) < 19  # counting frames, as before
+
+
+def test_a_slow_camera_matches_a_near_box_whose_iou_fell_below_the_gate() -> None:
+    # At 3 fps a turn moves the box 20 px off the prediction on each axis (IoU about 0.1): IoU
+    # matching loses the walker at the corner; the centre distance (0.8 box heights) finds them.
+    assert _ids_of_a_slow_walk(TrackerConfig(slow_gate=0.25), turn=True) == [1] * 15
+    assert _ids_of_a_slow_walk(TrackerConfig(), turn=True) != [1] * 15  # off by default
+
+
+def test_frames_at_the_nominal_rate_or_a_second_apart_are_one_step() -> None:
+    # A 10 fps camera, and timestamps that count frames (vision.eval): the same tracks as counting frames.
+    for step in (0.1, 1.0):
+        a, b = ByteTracker(), ByteTracker(TrackerConfig(frame_s=0))
+        for t in range(30):
+            boxes = [_walker(0, 9, t), _walker(200, -9, t, 110)] if t % 7 else []
+            oa, ob = a.update(_dets(boxes), ts=t * step), b.update(_dets(boxes), ts=t * step)
+            assert oa.ids.tolist() == ob.ids.tolist()
+            np.testing.assert_array_equal(oa.xyxy, ob.xyxy)
+
+
 def test_low_score_detections_extend_but_do_not_start_tracks() -> None:
     tr = ByteTracker()
     for t in range(5):
