@@ -40,6 +40,9 @@ def test_every_manifest_image_is_built_and_every_built_image_runs_somewhere():
 OTHER_UID = {
     # 'shopfleet broker-denials' reads and truncates the log Mosquitto writes as its own user.
     "mosquitto/denials": 1883,
+    # fusion runs the vision image (it needs numpy, no GPU) as a fleet node of its own, with its own
+    # state directory and password files on the GPU node: a uid apart from the camera's (docs/manifests.md).
+    "fusion/fusion": 10005,
 }
 
 
