@@ -913,7 +913,7 @@ class Fusion:
             self.errors["unknown-slot"] += 1
             self._flag_open(t_act, "unknown-slot", f"change {ch.id} on {ch.board}/{ch.channel} ({ch.slot or 'no slot'}) is not in the layout")
             return
-        if not ch.slot and not ch.product:
+        if not ch.product and ch.quantity == 0:
             ch = self._counted_by_layout(spec, ch)  # a board without a planogram reports grams only
         elif spec.slot != ch.slot or spec.product != ch.product:
             self.errors["planogram-mismatch"] += 1
@@ -1128,7 +1128,7 @@ class Fusion:
         return reasons
 
     def _counted_by_layout(self, spec: SlotSpec, ch: ShelfChange) -> ShelfChange:
-        """Return a change the board reported in grams only (no planogram: quantity 0, no slot or product) counted in units.
+        """Return a change the board reported in grams only (no planogram: quantity 0, no product, slot ``board/channel``) counted in units.
 
         The layout is what names the slot's product and its unit weight: the count is the delta
         over the unit weight, rounded, and its confidence the probability of that count against

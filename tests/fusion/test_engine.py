@@ -49,10 +49,10 @@ def test_a_shopper_who_takes_two_colas_leaves_with_a_priced_receipt() -> None:
 
 
 def test_a_board_without_a_planogram_is_counted_by_the_layout() -> None:
-    """A deployed sensor driver without a planogram reports grams only (quantity 0, no slot or product): the layout counts them."""
+    """A deployed sensor driver without a planogram reports grams only (quantity 0, no product, slot 'board/channel'): the layout counts them."""
     s = shop_with(1)
     s.stand(2.0, (1, *AT_A1))
-    s.change(("b1", 0, "", ""), 0, -688.0, 0.0, cid="ev-1")  # 2 colas of 345 g (sd 3 g)
+    s.change(("b1", 0, "b1/0", ""), 0, -688.0, 0.0, cid="ev-1")  # 2 colas of 345 g (sd 3 g), as hardware.events names it
     s.stand(2.0, (1, *AT_A2))
     s.change(("b1", 1, "", ""), 0, -50.0, 0.0, cid="ev-2")  # a third of a bag of chips: no whole unit
     s.stand(1.0, (1, *AT_A2))
