@@ -596,8 +596,9 @@ class IntakeCore:
             for key in wb.refused_nodes:
                 cursors.pop(key, None)
                 counts.pop(key, None)
-            reasons["unknown_node"] += wb.reports_refused
-            kinds["reported_state"] -= wb.reports_refused
+            refused = sum(1 for m, _ in wb.uplinks if (m.shop, m.node) in wb.refused_nodes)
+            reasons["unknown_node"] += refused
+            kinds["reported_state"] -= refused
         # Committed: only now does the in-memory cursor move on (at the revision the row now holds).
         committed = {key: _at_rev(cursors[key], revs[key] + 1) for key in counts}
         self._cursors.update(cursors)

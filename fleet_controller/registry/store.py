@@ -29,6 +29,7 @@ import os
 import socket
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -277,7 +278,6 @@ class WriteBatch:
     max_session_jump: int | None = None  # a birth or Will further above the held session is refused
     session_jumps: int = 0  # set by write_batch: presences refused by max_session_jump
     refused_nodes: frozenset[NodeKey] = frozenset()  # set by write_batch: unknown nodes only reports named (nothing stored of them)
-    reports_refused: int = 0  # set by write_batch: the reports of those nodes, dropped
     quarantine: list[Quarantined] = field(default_factory=list)  # accepted but unstorable here: dead-letter rows of this transaction
 
 
@@ -473,7 +473,6 @@ class RegistryStore:
             with self._rollups_applied(now), self.engine.begin() as conn:
                 unknown = self._unknown(conn, report_only)
                 batch.refused_nodes = frozenset(unknown)
-                batch.reports_refused = sum(1 for m, _ in batch.uplinks if (m.shop, m.node) in unknown)
                 created, known = self._ensure(conn, sorted(keys - unknown), now)
                 events += created
                 facts = self._store_uplinks(conn, batch, now, events, unknown)
@@ -724,7 +723,7 @@ class RegistryStore:
         return self._set_presences(conn, changes, now), jumps
 
     def _update_nodes(self, conn: Connection, batch: WriteBatch, facts: dict[NodeKey, tuple[Heartbeat, str, str]],
-                      unknown: set[NodeKey] = frozenset()) -> None:  # type: ignore[assignment]
+                      unknown: AbstractSet[NodeKey] = frozenset()) -> None:
         """Update facts, sequence cursor, counters and last_seen of every node in the batch, one statement per row shape.
 
         ``unknown`` nodes (named only by refused reports) have no row: there is nothing to update,
