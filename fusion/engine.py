@@ -1136,9 +1136,9 @@ class Fusion:
         under half a unit stays 0 (``quantity-uncertain``: the reviewer sees the grams).
         """
         q = round(ch.delta_g / spec.unit_weight_g)
-        conf = self._count_probability(spec, ch.delta_g, q) if q else 0.0
+        conf = (self._count_probability(spec, ch.delta_g, q) or 0.0) if q else 0.0
         self.stats["counted_by_layout"] += 1
-        return replace(ch, slot=spec.slot, product=spec.product, quantity=q, confidence=conf or 0.0)
+        return replace(ch, slot=spec.slot, product=spec.product, quantity=q, confidence=conf)
 
     def _count_probability(self, spec: SlotSpec, delta_g: float, q: int) -> float | None:
         """Return the probability that ``delta_g`` is ``q`` units of the slot's product, against the counts next to it.
