@@ -29,7 +29,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, get_args, runtime_checkable
 
@@ -104,6 +104,27 @@ class Pipeline(Protocol):
 
     def health(self) -> dict[str, Any]:
         """Return current health figures (keys of HEALTH_KEYS); cheap and thread-safe."""
+
+
+class OwnMetrics:
+    """A pipeline that keeps metrics of its own in ``self._registry`` (a ``CollectorRegistry``, made when it first runs).
+
+    It is then a Prometheus collector of them: the agent re-exports them on /metrics with a
+    ``pipeline`` label (:class:`edge_agent.metrics.PipelineCollectors`), and
+    ``registry.register(pipeline)`` works too.
+    """
+
+    _registry: Any = None
+
+    def collect(self) -> Iterator[Any]:
+        """Yield the pipeline's own metric families (none before it ran)."""
+        registry = self._registry
+        if registry is not None:
+            yield from registry.collect()
+
+    def describe(self) -> list[Any]:
+        """Return nothing, so registering does not collect early."""
+        return []
 
 
 class PipelineConfigBase(BaseModel):

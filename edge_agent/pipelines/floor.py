@@ -53,7 +53,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from edge_agent.config import BrokerConfig
 from edge_agent.pipelines.fusion import LOCAL_ROOT, broker_settings, track_topic
 from edge_agent.protocol import Reading, validate_id
-from edge_agent.supervisor import EventSink, PipelineConfigBase
+from edge_agent.supervisor import EventSink, OwnMetrics, PipelineConfigBase
 from vision.multiview import FloorDetections, FloorFrame, MergeConfig
 from vision.tracker import TrackerConfig
 
@@ -197,8 +197,8 @@ class TickAssembler:
         return out
 
 
-class FloorPipeline:
-    """Run the shop-wide multi-camera tracker under the agent's supervisor."""
+class FloorPipeline(OwnMetrics):
+    """Run the shop-wide multi-camera tracker under the agent's supervisor (its own metrics: ``shopfleet_floor_*``)."""
 
     kind = "floor"
 
@@ -429,15 +429,6 @@ class FloorPipeline:
             received, late = self.stats["frames_received"], self.stats["late"]
         if received:
             sink.gate_metric("floor_late_ratio", late / received, "higher")
-
-    def collect(self) -> Any:
-        """Yield the pipeline's own metrics (``shopfleet_floor_*``); the agent re-exports them on /metrics."""
-        if self._registry is not None:
-            yield from self._registry.collect()
-
-    def describe(self) -> list[Any]:
-        """Return nothing, so registering does not collect early."""
-        return []
 
     def health(self) -> dict[str, Any]:
         """Return tick rate (as fps), latency, dropped frames, age of the newest frame and errors by reason."""

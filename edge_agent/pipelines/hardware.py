@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
@@ -35,7 +34,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from edge_agent.protocol import Reading
-from edge_agent.supervisor import EventSink, PipelineConfigBase
+from edge_agent.supervisor import EventSink, OwnMetrics, PipelineConfigBase
 from hardware.driver import DriverSettings
 
 log = logging.getLogger(__name__)
@@ -77,7 +76,7 @@ class Config(PipelineConfigBase):
     )
 
 
-class HardwarePipeline:
+class HardwarePipeline(OwnMetrics):
     """Run one sensor board under the agent's supervisor."""
 
     kind = "hardware"
@@ -232,16 +231,6 @@ class HardwarePipeline:
         return out
 
 
-    def collect(self) -> Iterator[Any]:
-        """Yield the driver's own metrics (shopfleet_hardware_*), so an agent can register this pipeline as a collector."""
-        with self._lock:
-            registry = self._registry
-        if registry is not None:
-            yield from registry.collect()
-
-    def describe(self) -> list[Any]:
-        """Return nothing, so registering does not collect early."""
-        return []
 
 
 def build(config: Config) -> HardwarePipeline:

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from edge_agent.config import BrokerConfig
 from edge_agent.protocol import Reading
-from edge_agent.supervisor import EventSink, PipelineConfigBase
+from edge_agent.supervisor import EventSink, OwnMetrics, PipelineConfigBase
 from vision.tracker import TrackerConfig
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ class Config(PipelineConfigBase):
     )
 
 
-class VisionPipeline:
+class VisionPipeline(OwnMetrics):
     """Run one camera under the agent's supervisor."""
 
     kind = "vision"
@@ -269,15 +269,6 @@ class VisionPipeline:
         if not stop.is_set():
             self._detail = f"source {cfg.source} ended after {pipe.frames} frames"
             raise RuntimeError(self._detail)
-
-    def collect(self) -> Any:
-        """Yield the pipeline's own metrics (``shopfleet_vision_*``); the agent re-exports them on /metrics."""
-        if self._registry is not None:
-            yield from self._registry.collect()
-
-    def describe(self) -> list[Any]:
-        """Return nothing, so registering does not collect early."""
-        return []
 
     def health(self) -> dict[str, Any]:
         """Return fps, latency, dropped frames, age of the last frame and errors by reason."""
