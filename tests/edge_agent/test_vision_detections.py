@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import threading
 
-import cv2
 import numpy as np
 import pytest
-import yaml
 
 from edge_agent.mqtt_core import MqttSettings, ThreadedLink
 from edge_agent.pipelines import build_pipeline
@@ -16,10 +14,8 @@ from edge_agent.pipelines.floor import detection_subscription, detection_topic
 from edge_agent.pipelines.vision import Config
 from edge_agent.supervisor import PipelineRunner
 from tests.support.sink import RecordingSink
-from tests.support.vision import PLAZA_ZONES
+from tests.support.vision import PLAZA_ZONES, clip_assets
 from tests.support.wait import wait_for
-from vision.fixtures import fetch_fixture
-from vision.model import cache_root, fetch_model
 from vision.multiview import decode_frame
 
 SHOP = "shop-v"
@@ -29,17 +25,7 @@ FRAMES = 12
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> dict[str, str]:
     """The model package, the plaza zones and a short full-size clip of vtest.avi."""
-    cache = cache_root()
-    pkg = fetch_model("yolov4-tiny", cache)
-    d = tmp_path_factory.mktemp("vision-detections")
-    src = cv2.VideoCapture(str(fetch_fixture("vtest.avi", cache / "fixtures", cache)))
-    w = cv2.VideoWriter(str(d / "clip.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (768, 576))
-    for _ in range(FRAMES):
-        w.write(src.read()[1])
-    w.release()
-    src.release()
-    (d / "zones.yaml").write_text(yaml.safe_dump(PLAZA_ZONES))
-    return {"model": str(pkg.path), "zones": str(d / "zones.yaml"), "clip": str(d / "clip.avi")}
+    return clip_assets(tmp_path_factory.mktemp("vision-detections"), FRAMES, PLAZA_ZONES)
 
 
 @pytest.mark.timeout(180)

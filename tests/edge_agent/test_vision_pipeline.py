@@ -10,9 +10,7 @@ import re
 import shutil
 from pathlib import Path
 
-import cv2
 import pytest
-import yaml
 from pydantic import ValidationError
 
 from edge_agent.config import validate_config
@@ -23,8 +21,7 @@ from edge_agent.supervisor import PipelineRunner
 from tests.support.inproc import uplinks
 from tests.support.recorder import wait_for
 from tests.support.sink import RecordingSink
-from vision.fixtures import fetch_fixture
-from vision.model import cache_root, fetch_model
+from tests.support.vision import clip_assets
 
 ZONES = {
     "camera": "plaza",
@@ -37,17 +34,7 @@ CLIP = 60  # frames: two people walk in through the door line within the first s
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> dict[str, str]:
     """The model package, a zones file and a 60-frame full-size clip of vtest.avi."""
-    cache = cache_root()
-    pkg = fetch_model("yolov4-tiny", cache)
-    d = tmp_path_factory.mktemp("vision-assets")
-    src = cv2.VideoCapture(str(fetch_fixture("vtest.avi", cache / "fixtures", cache)))
-    w = cv2.VideoWriter(str(d / "clip.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (768, 576))
-    for _ in range(CLIP):
-        w.write(src.read()[1])
-    w.release()
-    src.release()
-    (d / "zones.yaml").write_text(yaml.safe_dump(ZONES))
-    return {"model": str(pkg.path), "zones": str(d / "zones.yaml"), "clip": str(d / "clip.avi")}
+    return clip_assets(tmp_path_factory.mktemp("vision-assets"), CLIP, ZONES)
 
 
 def _config(assets: dict[str, str], **kw) -> Config:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 CLIP_FRAMES = 80  # 8 s of vtest.avi: four people walk in from the right, one lingers mid-plaza
 
 # Hand-drawn for vtest.avi (768x576): a vertical door line at x=650 walked across right-to-left
@@ -11,3 +13,26 @@ PLAZA_ZONES = {
     "door": {"a": [650, 250], "b": [650, 520], "enter_from": "left"},
     "shelves": [{"name": "shelf-1", "polygon": [[350, 200], [560, 200], [560, 330], [350, 330]], "dwell_seconds": 2.0}],
 }
+
+
+def clip_assets(d: Path, frames: int, zones: dict) -> dict[str, str]:
+    """Write a zones file and a full-size clip of vtest.avi's first ``frames`` frames under ``d``; return them with the model package.
+
+    The model and the clip come from the local cache (``vision.model.cache_root``), never a download.
+    """
+    import cv2
+    import yaml
+
+    from vision.fixtures import fetch_fixture
+    from vision.model import cache_root, fetch_model
+
+    cache = cache_root()
+    pkg = fetch_model("yolov4-tiny", cache)
+    src = cv2.VideoCapture(str(fetch_fixture("vtest.avi", cache / "fixtures", cache)))
+    w = cv2.VideoWriter(str(d / "clip.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (768, 576))
+    for _ in range(frames):
+        w.write(src.read()[1])
+    w.release()
+    src.release()
+    (d / "zones.yaml").write_text(yaml.safe_dump(zones))
+    return {"model": str(pkg.path), "zones": str(d / "zones.yaml"), "clip": str(d / "clip.avi")}
