@@ -357,13 +357,7 @@ def test_a_pick_nobody_was_near_flags_every_shopper_not_watched_then_however_far
 
 
 def _pick_while_another_is_lost_behind(config: FusionConfig | None) -> dict:
-    s = Shop(config)
-    for t in (1, 2):
-        s.door(True)
-        s.enter(t)
-        s.tick(0.5)
-        s.door(False)
-        s.tick(3.0)
+    s = shop_with(1, 2, config=config)
     s.stand(1.0, (1, *AT_A1), (2, 2.7, 3.95))  # 2 waits behind the next slot, 0.7 m along the shelf from A1
     s.feed(TrackLost(2, s.t))
     s.stand(3.5, (1, *AT_A1))
@@ -629,13 +623,7 @@ AT_B1 = (0.85, 2.0)
 
 def _pick_while_lost_found_at_the_slot_after(config: FusionConfig | None = None) -> dict:
     """Shopper 1, last seen at B1, unseen 4 s (a blackout) during which they pick at A1, found standing at A1 1.35 s after the moment; shopper 2 far away, seen all along."""
-    s = Shop(config)
-    for t in (1, 2):
-        s.door(True)
-        s.enter(t)
-        s.tick(0.5)
-        s.door(False)
-        s.tick(3.0)
+    s = shop_with(1, 2, config=config)
     s.stand(1.0, (1, *AT_B1), (2, 5.0, 2.5))
     s.feed(TrackLost(1, s.t))
     s.stand(2.6, (2, 5.0, 2.5))

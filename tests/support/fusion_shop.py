@@ -92,8 +92,8 @@ AT_A1 = (2.0, 4.15)
 AT_A2 = (2.6, 4.15)
 
 
-def shop_with(*tracks: int) -> Shop:
-    s = Shop()
+def shop_with(*tracks: int, config: FusionConfig | None = None) -> Shop:
+    s = Shop(config)
     for t in tracks:
         s.door(True)
         s.enter(t)
