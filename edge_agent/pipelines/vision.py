@@ -294,26 +294,22 @@ class VisionPipeline(OwnMetrics):
         return out
 
 
-class TrackPublisher:
-    """Throttled track positions of one camera, in floor metres, to the shop-local track topic.
+class _LocalStream:
+    """One camera's QoS 0 stream to a shop-local topic, on a connection of its own to the shop broker.
 
-    QoS 0: a lost position is replaced by the next one a tenth of a second later, and nothing of
-    it is worth queueing while the shop broker is away. Ended track ids are kept until the next
-    publish, so fusion learns of every lost track even when frames are skipped.
+    Nothing is queued while the broker is away, and a failed publish never stops the camera: it
+    is counted under ``unpublished`` (an ``errors_by_reason`` key of the vision pipeline).
     """
 
-    def __init__(self, cfg: TrackStream, camera: str, anchor: str, count: Any) -> None:
-        from edge_agent.mqtt_core import ThreadedLink
-        from edge_agent.pipelines.fusion import broker_settings, track_topic
+    unpublished = ""
 
-        self.cfg = cfg
-        self.camera = camera
-        self.anchor = anchor
-        self.topic = track_topic(cfg.shop, camera)
+    def __init__(self, broker: BrokerConfig, client_id: str, topic: str, count: Any) -> None:
+        from edge_agent.mqtt_core import ThreadedLink
+        from edge_agent.pipelines.fusion import broker_settings
+
+        self.topic = topic
         self._count = count
-        self._last = 0.0
-        self._ended: list[int] = []
-        self.link = ThreadedLink(broker_settings(cfg.broker, f"tracks-{cfg.shop}-{camera}"), lambda m: None)
+        self.link = ThreadedLink(broker_settings(broker, client_id), lambda m: None)
 
     def start(self) -> None:
         """Connect in the background (publishing waits for nothing)."""
@@ -322,6 +318,37 @@ class TrackPublisher:
     def stop(self) -> None:
         """Disconnect."""
         self.link.stop()
+
+    def _send(self, body: bytes) -> None:
+        if not self.link.connected:
+            self._count(self.unpublished)
+            return
+        try:
+            self.link.publish_nowait(self.topic, body, qos=0)
+        except Exception as exc:  # never let the stream stop the camera
+            self._count(self.unpublished)
+            log.debug("%s on %s: publish failed: %s", self.unpublished, self.topic, exc)
+
+
+class TrackPublisher(_LocalStream):
+    """Throttled track positions of one camera, in floor metres, to the shop-local track topic.
+
+    QoS 0: a lost position is replaced by the next one a tenth of a second later, and nothing of
+    it is worth queueing while the shop broker is away. Ended track ids are kept until the next
+    publish, so fusion learns of every lost track even when frames are skipped.
+    """
+
+    unpublished = "tracks_unpublished"
+
+    def __init__(self, cfg: TrackStream, camera: str, anchor: str, count: Any) -> None:
+        from edge_agent.pipelines.fusion import track_topic
+
+        super().__init__(cfg.broker, f"tracks-{cfg.shop}-{camera}", track_topic(cfg.shop, camera), count)
+        self.cfg = cfg
+        self.camera = camera
+        self.anchor = anchor
+        self._last = 0.0
+        self._ended: list[int] = []
 
     def frame(self, ts: float, tracks: Any) -> None:
         """Take one frame's tracks; publish if ``interval_s`` has passed."""
@@ -342,17 +369,10 @@ class TrackPublisher:
                 "tracks": [[int(i), round((float(p[0]) - ox) / s, 3), round((float(p[1]) - oy) / s, 3)] for i, p in zip(tracks.ids.tolist(), pts, strict=True)],
                 "ended": self._ended}
         self._ended = []
-        if not self.link.connected:
-            self._count("tracks_unpublished")
-            return
-        try:
-            self.link.publish_nowait(self.topic, json.dumps(body).encode(), qos=0)
-        except Exception as exc:  # never let the track stream stop the camera
-            self._count("tracks_unpublished")
-            log.debug("track publish failed: %s", exc)
+        self._send(json.dumps(body).encode())
 
 
-class DetectionPublisher:
+class DetectionPublisher(_LocalStream):
     """Every processed frame's detections of one camera, projected to the floor, to the shop-local detection topic.
 
     QoS 0, like the track stream: a frame lost is one camera left out of one tick of the floor
@@ -360,27 +380,17 @@ class DetectionPublisher:
     this camera's frames since the pipeline started, so the floor pipeline can tell a restart.
     """
 
-    def __init__(self, cfg: DetectionStream, camera: str, count: Any) -> None:
-        from edge_agent.mqtt_core import ThreadedLink
-        from edge_agent.pipelines.floor import detection_topic
-        from edge_agent.pipelines.fusion import broker_settings
+    unpublished = "detections_unpublished"
 
+    def __init__(self, cfg: DetectionStream, camera: str, count: Any) -> None:
+        from edge_agent.pipelines.floor import detection_topic
+
+        super().__init__(cfg.broker, f"detections-{cfg.shop}-{camera}", detection_topic(cfg.shop, camera), count)
         self.cfg = cfg
         self.camera = camera
         self.view = cfg.view(camera)
-        self.topic = detection_topic(cfg.shop, camera)
-        self._count = count
         self._last = -float("inf")
         self.seq = 0
-        self.link = ThreadedLink(broker_settings(cfg.broker, f"detections-{cfg.shop}-{camera}"), lambda m: None)
-
-    def start(self) -> None:
-        """Connect in the background (publishing waits for nothing)."""
-        self.link.start()
-
-    def stop(self) -> None:
-        """Disconnect."""
-        self.link.stop()
 
     def payload(self, ts: float, dets: Any) -> bytes:
         """Return the wire message of one frame's detections (image pixels) at ``ts``."""
@@ -394,15 +404,7 @@ class DetectionPublisher:
         if dets is None or ts - self._last < self.cfg.interval_s:
             return
         self._last = ts
-        body = self.payload(ts, dets)
-        if not self.link.connected:
-            self._count("detections_unpublished")
-            return
-        try:
-            self.link.publish_nowait(self.topic, body, qos=0)
-        except Exception as exc:  # never let the detection stream stop the camera
-            self._count("detections_unpublished")
-            log.debug("detection publish failed: %s", exc)
+        self._send(self.payload(ts, dets))
 
 
 def report_gates(pipe: Any, sink: EventSink) -> None:
