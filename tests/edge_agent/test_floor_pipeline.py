@@ -188,7 +188,10 @@ def test_over_the_broker_it_tracks_as_the_in_process_tracker_does(single, broker
     # Had the silent cameras counted as seeing nobody, the lone views' boxes would have been doubted and the tracks differ.
     nobody = [(k, {c: (d if not skip(k, c) else Detections.empty()) for c, d in per.items()}) for k, per in g.frames]
     assert reference(g, nobody) != want
-    shop = _shop(g, broker, tmp_path)
+    # The frames are replayed far faster than real time; with nothing arriving for latency_s the
+    # pipeline closes ticks at the wall clock's pace, so a publisher stalled that long (a loaded CI
+    # machine) would make the next frames late. A latency above any such stall keeps the replay exact.
+    shop = _shop(g, broker, tmp_path, latency_s=3.0)
     try:
         shop.play(g.frames, skip)
         wait_for(lambda: len(shop.tracks) >= len(want), 60, f"{len(want)} track messages")
