@@ -13,10 +13,13 @@ its CRL and password file. :class:`NodeCredentials` puts them together for the A
   enrolls with the new token (that is the grace period), or is revoked at once with
   ``revoke_previous``.
 * **Revoke**: every certificate of the node goes on the CRL, its password-file entry is removed,
-  and the broker reloads (``reload_command``, or SIGHUP to the pid in ``reload_pid_file``).
-  Mosquitto re-reads ``crlfile`` and ``password_file`` on SIGHUP; a reload refuses new
-  connections of the revoked node but does **not** end one it already has open (measured on
-  Mosquitto 2.0.11, see docs/security.md): restart the broker for that.
+  its ``user`` block leaves the broker's ACL file (``acl_file``), and the broker reloads
+  (``reload_command``, or SIGHUP to the pid in ``reload_pid_file``). Mosquitto re-reads
+  ``crlfile``, ``password_file`` and ``acl_file`` on SIGHUP; a reload refuses new connections of
+  the revoked node but does **not** end one it already has open (measured on Mosquitto 2.0.11,
+  see docs/security.md). Without its ACL block that open connection may no longer publish, and
+  nothing more is delivered to it (the broker applies the reloaded ACL to open sessions); a
+  restart ends it.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import Any
 
 from sqlalchemy.engine import Connection, Engine
 
+from edge_agent.protocol import Channel, Topics
 from fleet_controller.pki import CertRecord, Pki, PkiError, node_cn
 from fleet_controller.registry.enrollment import (
     EnrollmentError,
@@ -83,11 +87,13 @@ class Revoked:
     password_removed: bool
     broker_reload: str
     details: dict[str, Any] = field(default_factory=dict)
+    acl_removed: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dict."""
         return {"shop": self.shop, "node": self.node, "cn": self.cn, "revoked_serials": list(self.serials),
-                "password_removed": self.password_removed, "broker_reload": self.broker_reload}
+                "password_removed": self.password_removed, "acl_removed": self.acl_removed,
+                "broker_reload": self.broker_reload}
 
 
 def remove_password_entry(path: Path, username: str) -> bool:
@@ -102,6 +108,40 @@ def remove_password_entry(path: Path, username: str) -> bool:
     except FileNotFoundError:
         return False
     kept = [line for line in lines if line.split(":", 1)[0] != username]
+    if len(kept) == len(lines):
+        return False
+    owner = (st.st_uid, st.st_gid) if os.geteuid() == 0 else None
+    write_atomic(path, "".join(kept).encode(), st.st_mode & 0o7777, owner)
+    return True
+
+
+def remove_acl_user(path: Path, username: str, topics: frozenset[str] = frozenset()) -> bool:
+    """Remove ``username``'s rights from a Mosquitto ACL file, keeping its mode and owner; return whether it had any.
+
+    Mosquitto gives the ``topic`` lines after a ``user NAME`` line to that user, up to the next
+    ``user`` or ``pattern`` line. The ``user`` line and those ``topic`` lines are removed; comments and
+    blank lines stay (a ``topic`` line left behind would fall to the user above it). Every ``topic``
+    line naming exactly one of ``topics`` (the node's own ``fleet/v1/{shop}/{node}/...``) goes too,
+    whoever it belongs to: the shop bridge's user carries each of its nodes' topics, and would
+    otherwise keep carrying the revoked node's. Written like :func:`remove_password_entry`.
+    """
+    try:
+        st = path.stat()
+        lines = path.read_text().splitlines(keepends=True)
+    except FileNotFoundError:
+        return False
+    kept: list[str] = []
+    inside = False
+    for line in lines:
+        words = line.split()
+        head = words[0] if words else ""
+        if head in ("user", "pattern"):
+            inside = head == "user" and " ".join(words[1:]) == username
+            if inside:
+                continue
+        elif head == "topic" and (inside or words[-1] in topics):
+            continue
+        kept.append(line)
     if len(kept) == len(lines):
         return False
     owner = (st.st_uid, st.st_gid) if os.geteuid() == 0 else None
@@ -210,14 +250,17 @@ class NodeCredentials:
         serials: tuple[str, ...] = ()
         if live:
             serials = tuple(r.serial for r in self.pki.revoke(cn))
-        pw = self.settings.password_file
+        pw, acl = self.settings.password_file, self.settings.acl_file
         removed = pw is not None and remove_password_entry(pw, cn)
-        if not serials and not removed:
-            raise EnrollmentError(f"node {shop}/{node} has no live certificate (CN {cn}) and no password entry: nothing to revoke")
+        acl_removed = acl is not None and remove_acl_user(acl, cn, frozenset(Topics.node(shop, node, ch) for ch in Channel))
+        if not serials and not removed and not acl_removed:
+            raise EnrollmentError(f"node {shop}/{node} has no live certificate (CN {cn}), no password entry and no ACL "
+                                  "block: nothing to revoke")
         reload = self.reload_broker()
-        log.warning("credentials of %s revoked: certificates %s, password entry %s, broker reload %s",
-                    cn, ", ".join(serials) or "none", "removed" if removed else "none", reload)
-        return Revoked(shop, node, cn, serials, removed, reload)
+        log.warning("credentials of %s revoked: certificates %s, password entry %s, ACL block %s, broker reload %s",
+                    cn, ", ".join(serials) or "none", "removed" if removed else "none",
+                    "removed" if acl_removed else ("none" if acl is not None else "not configured"), reload)
+        return Revoked(shop, node, cn, serials, removed, reload, acl_removed=acl_removed)
 
     def rotate(self, shop: str, node: str, ttl: str | float | None, created_by: str, *,
                revoke_previous: bool) -> tuple[str, EnrollmentToken, Revoked | None]:

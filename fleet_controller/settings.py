@@ -287,7 +287,7 @@ class EnrollmentSettings(_Section):
 
     The controller signs enrolling nodes' certificates with the fleet CA in ``pki_dir``, so it
     holds the CA key: run it where the CA may live. Revocations rewrite ``pki_dir/crl.pem`` (and
-    remove the node from ``password_file``) and then make the broker reload, by
+    remove the node from ``password_file`` and ``acl_file``) and then make the broker reload, by
     ``reload_command`` or a SIGHUP to the process in ``reload_pid_file``.
     """
 
@@ -305,6 +305,11 @@ class EnrollmentSettings(_Section):
     password_file: Path | None = Field(
         None, description="The broker's password file (broker-config's OUT/passwd): a revoked node's entry is removed "
         "from it, so its password stops working too. Unset: passwords are left alone.",
+    )
+    acl_file: Path | None = Field(
+        None, description="The broker's ACL file (broker-config's OUT/acl): a revoked node's 'user' block is removed from "
+        "it, so after the reload the connection it already has open may neither publish nor receive anything. Unset: the "
+        "ACL is left alone and that connection keeps its rights until the broker restarts.",
     )
     reload_command: tuple[str, ...] = Field(
         (), description="Command (argv list) run after a revocation changed the CRL or password file, to make the broker "

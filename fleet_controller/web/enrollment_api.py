@@ -261,7 +261,7 @@ def enrollment_router(creds: NodeCredentials | None, audit: AuditLog, metrics: E
         return JSONResponse(out, status_code=201, headers={"Cache-Control": "no-store"})
 
     @r.post("/api/v1/nodes/{shop}/{node}/credentials/revoke", tags=["enrollment"],
-            summary="Revoke a node's certificates (CRL) and password, and reload the broker", dependencies=[admin])
+            summary="Revoke a node's certificates (CRL), password and ACL rights, and reload the broker", dependencies=[admin])
     def revoke(shop: str, node: str) -> dict[str, Any]:
         c = need()
         try:

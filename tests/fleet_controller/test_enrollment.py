@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import ssl
 import stat
 import threading
@@ -16,7 +17,7 @@ from sqlalchemy import select
 
 from edge_agent.enroll import EnrollError, enroll, make_key_and_csr
 from edge_agent.enroll import EnrollUnreachable as Unreachable
-from fleet_controller.enrollment import BrokerReloader, remove_password_entry
+from fleet_controller.enrollment import BrokerReloader, remove_acl_user, remove_password_entry
 from fleet_controller.pki import Pki, PkiError
 from fleet_controller.registry.audit import AuditQuery
 from fleet_controller.registry.enrollment import (
@@ -316,6 +317,34 @@ def test_remove_password_entry_keeps_the_other_users_and_the_mode(tmp_path):
     assert stat.S_IMODE(f.stat().st_mode) == 0o640
     assert not remove_password_entry(f, "shop-a.pi-1")
     assert not remove_password_entry(tmp_path / "missing", "x")
+
+
+def test_remove_acl_user_takes_the_nodes_block_and_its_topics_from_the_bridge_and_nothing_else(tmp_path):
+    from edge_agent.protocol import Channel, Topics
+    from fleet_controller.broker_config import bridge_acl, node_acl, render_acl
+
+    f = tmp_path / "acl"
+    f.write_text(render_acl([("shop-a", "pi-1"), ("shop-a", "pi-10"), ("shop-b", "pi-1")], bridges=["shop-a"]))
+    f.chmod(0o640)
+    before = f.read_text()
+    own = frozenset(Topics.node("shop-a", "pi-1", ch) for ch in Channel)
+    assert remove_acl_user(f, "shop-a.pi-1", own)
+    after = f.read_text()
+    assert stat.S_IMODE(f.stat().st_mode) == 0o640
+    assert "user shop-a.pi-1\n" not in after and not any(t in after.split() for t in own)
+    # only deletions, in order: the node's block, and its seven topics from the bridge's block
+    ops = difflib.SequenceMatcher(a=before.splitlines(), b=after.splitlines(), autojunk=False).get_opcodes()
+    assert {op for op, *_ in ops} == {"equal", "delete"}
+    removed = [line for op, i1, i2, _, _ in ops if op == "delete" for line in before.splitlines()[i1:i2]]
+    assert removed == node_acl("shop-a", "pi-1") + [line for line in bridge_acl("shop-a", ["pi-1"]) if "/pi-1/" in line]
+    for other in ("user shop-a.pi-10", "user shop-b.pi-1", "user controller", "user shop-a._bridge"):
+        assert other in after.splitlines(), other
+    assert "topic write fleet/v1/shop-a/pi-10/telemetry" in after and "topic write fleet/v1/shop-b/pi-1/telemetry" in after
+    # what stays under the bridge's user line is the bridge's, not anybody's left-over
+    bridge = after.split("user shop-a._bridge")[1].split("\n\n")[0]
+    assert "pi-10" in bridge and "/pi-1/" not in bridge
+    assert not remove_acl_user(f, "shop-a.pi-1", own)  # nothing left: the file is not rewritten
+    assert not remove_acl_user(tmp_path / "missing", "x")
 
 
 def test_broker_reloader_reports_what_happened(tmp_path):

@@ -67,7 +67,8 @@ class Controller:
         self.broker = broker
         self.write_pid()
         settings = EnrollmentSettings(pki_dir=dep.pki.root, broker_address=f"127.0.0.1:{dep.options.tls_port}",
-                                      password_file=dep.files.password_file, reload_pid_file=self.pid_file)
+                                      password_file=dep.files.password_file, acl_file=dep.files.acl_file,
+                                      reload_pid_file=self.pid_file)
         self.ea = enrollment_app(tmp_path, settings)
         self.dep = dep
 
@@ -123,24 +124,45 @@ def test_an_enrolled_node_connects_and_an_api_revocation_locks_it_out(setup, tmp
     wait_for(lambda: _refused(tls_port, old), 15, "the superseded certificate refused")
     assert metric(ctl.ea.registry, "shopfleet_controller_broker_reloads_total", result="ok") == 1
 
+    node.subscribe(Topics.node("shop-a", "pi-1", "commands"))
+    cmd = Topics.node("shop-a", "pi-1", "commands")
+    watcher.publish(cmd, b"before")
+    assert node.received_until(cmd) == [(cmd, b"before")]
+    assert watcher.received_until(cmd) == [(cmd, b"before")]  # the watcher reads fleet/v1/# itself
     before = len(node.disconnects)
     reloads = _reloads(broker)
     r = http.post("/api/v1/nodes/shop-a/pi-1/credentials/revoke", headers=ctl.admin)
     assert r.status_code == 200, r.text
     done = r.json()
     assert done["broker_reload"] == "ok" and done["password_removed"] and len(done["revoked_serials"]) == 1
+    assert done["acl_removed"]
     enrolled = (res.ca_file, res.cert_file, res.key_file)
     wait_for(lambda: _reloads(broker) > reloads, 15, "the broker's reload")
     wait_for(lambda: _refused(tls_port, enrolled), 15, "the revoked certificate refused")
     assert _password_refused(port, "shop-a.pi-1", password)
     assert "shop-a.pi-1:" not in dep.files.password_file.read_text()
-    assert not _refused(tls_port, tls_of(dep, "shop-a.pi-2"))  # other nodes keep working
+    assert "user shop-a.pi-1\n" not in dep.files.acl_file.read_text()
+    # other nodes keep working (the password probe first: it would take pi-2's session over)
     assert not _password_refused(port, "shop-a.pi-2", dep.creds["nodes"]["shop-a/pi-2"]["password"])
+    pi2 = Client(tls_port, tls=tls_of(dep, "shop-a.pi-2"))
+    assert pi2.accepted
 
-    # Measured on Mosquitto 2.0.11: a reload does not end the session the revoked node already had.
+    # Measured on Mosquitto 2.0.11: a reload does not end the session the revoked node already
+    # had, but without its ACL block that session is inert. Its publish is acknowledged and
+    # dropped: pi-2's marker, sent after pi-1's PUBACK, is the first thing the watcher gets.
     node.publish(own, b"still here after the reload")
-    assert watcher.received_until(own) == [(own, b"still here after the reload")]
+    marker = Topics.node("shop-a", "pi-2", "telemetry")
+    pi2.publish(marker, b"marker")
+    assert watcher.received_until(marker) == [(marker, b"marker")]
+    # and nothing is delivered to it any more, on the subscription it made before
+    watcher.publish(cmd, b"after")
+    pi2_cmd = Topics.node("shop-a", "pi-2", "commands")
+    pi2.subscribe(pi2_cmd)
+    watcher.publish(pi2_cmd, b"marker")
+    assert pi2.received_until(pi2_cmd) == [(pi2_cmd, b"marker")]
+    assert node.got.empty()
     assert len(node.disconnects) == before and len(node.connacks) == 1  # never dropped, never reconnected
+    pi2.close()
     # A restart does: the node is dropped and cannot come back.
     broker.restart()
     wait_for(lambda: node.disconnects, 15, "the revoked node's session ended by the restart")
