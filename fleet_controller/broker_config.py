@@ -21,7 +21,9 @@ session, and each controller replica's persistent session lives under its own us
 ``state`` (its reported state: never another node's, never the shop's) topics; read its own ``commands`` and ``ack``
 (the controller's stored-acks, which only controllers write), its shop's
 ``state/desired`` and the controller's presence and clock. Controllers read and write all of
-``fleet/v1/#``. A bridge may do, for its shop, what that shop's nodes may together.
+``fleet/v1/#``. A bridge may do, for its shop, what that shop's nodes may together. On its shop
+broker a node also writes shop-local track and detection streams under its own node only, and
+reads the shop's streams and events (:func:`shop_local_acl`).
 
 **Zero loss while the controller is away.** The broker queues the controller's messages while it
 is disconnected; Mosquitto's default queue (1,000 messages per client) drops the rest silently,
