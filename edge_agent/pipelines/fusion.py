@@ -16,7 +16,8 @@
 **Bound publisher.** ``{node}`` is the node part of the publisher's broker user
 ``<shop>.<node>``, and the shop broker lets each node user write only under its own node, so a
 topic names who published it. Fusion takes tracks only from ``track_node`` (its config); a
-track message under any other node is counted (``track_wrong_node``) and dropped, as is one whose
+track message of its ``camera`` (of any camera when that is unset) under any other node is counted
+(``track_wrong_node``) and dropped (another camera's stream is simply not read), as is one whose
 body names another camera than its topic (``track_camera_mismatch``): one node's stolen
 credentials cannot feed fusion positions, so cannot move a pick to another shopper's cart.
 
@@ -136,8 +137,8 @@ class Config(PipelineConfigBase):
     track_node: str = Field(
         min_length=1,
         description="Node part of the broker user ('<shop>.<node>') that publishes the track stream fusion reads (vision-gpu's "
-        "track-stream, a floor pipeline's user): tracks are taken from local/v1/{shop}/tracks/{track_node}/... only; any other "
-        "node's are counted (track_wrong_node) and dropped.",
+        "track-stream, a floor pipeline's user): tracks are taken from local/v1/{shop}/tracks/{track_node}/... only; camera's "
+        "tracks under any other node are counted (track_wrong_node) and dropped.",
     )
     camera: str | None = Field(
         None, description="Use only this camera's tracks (the stream track_node publishes, e.g. floor) and door crossings; default: all of track_node's streams."
@@ -241,12 +242,12 @@ class FusionPipeline:
                 if where is None:
                     raise ValueError(f"not a track stream topic: {topic}")
                 node, camera = where
-                if node != self.config.track_node:
-                    # Published under another node's prefix: only that node's user could have (the shop
-                    # broker's ACL), and it is not the publisher this pipeline is bound to. Never fused.
-                    self._refuse("track_wrong_node", node, f"tracks of {camera!r} from node {node!r}, but track_node is {self.config.track_node!r}")
-                    return []
                 if cam is not None and camera != cam:
+                    return []  # another camera's stream: not fusion's input, from whoever
+                if node != self.config.track_node:
+                    # Fusion's camera published under another node's prefix: only that node's user could have (the
+                    # shop broker's ACL), and it is not the publisher this pipeline is bound to. Never fused.
+                    self._refuse("track_wrong_node", node, f"tracks of {camera!r} from node {node!r}, but track_node is {self.config.track_node!r}")
                     return []
                 body = json.loads(payload)
                 if str(body.get("camera", "")) != camera:

@@ -206,7 +206,9 @@ def test_tracks_are_taken_only_from_the_bound_node():
     assert p._decode(track_topic(SHOP, "pi-1", "ceiling"), frame) == []  # a Pi's credentials, its own prefix
     assert p._decode(track_topic(SHOP, "pi-1", "ceiling"), frame) == []
     assert p._decode(track_topic(SHOP, TRACK_NODE, "ceiling"), frame.replace(b'"ceiling"', b'"floor"')) == []  # the body names another camera than its topic
-    assert p._decode(track_topic(SHOP, TRACK_NODE, "other"), json.dumps({"camera": "other", "ts": 5.0, "tracks": [[1, 0, 0]]}).encode()) == []  # not fusion's camera
+    other = json.dumps({"camera": "other", "ts": 5.0, "tracks": [[1, 0, 0]]}).encode()
+    assert p._decode(track_topic(SHOP, TRACK_NODE, "other"), other) == []  # not fusion's camera: ignored, whoever sends it
+    assert p._decode(track_topic(SHOP, "pi-1", "other"), other) == []
     assert p.health()["errors_by_reason"] == {"track_wrong_node": 2, "track_camera_mismatch": 1}
     assert "read 1 track messages" in p.health()["detail"]
 
