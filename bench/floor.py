@@ -37,9 +37,9 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from edge_agent.mqtt_core import MqttSettings, ThreadedLink  # noqa: E402
 from edge_agent.pipelines.floor import Config, FloorPipeline, detection_topic  # noqa: E402
-from edge_agent.pipelines.vision import DetectionPublisher, DetectionStream  # noqa: E402
+from edge_agent.pipelines.vision import DetectionPublisher  # noqa: E402
 from shopfleet.broker import BrokerProcess  # noqa: E402
-from tests.support.floor import floor_config, grid, write_zones  # noqa: E402
+from tests.support.floor import CAMERAS_NODE, detection_stream, floor_config, grid, write_zones  # noqa: E402
 from tests.support.sink import RecordingSink  # noqa: E402
 from vision.events import ZoneEvents  # noqa: E402
 from vision.multiview import MultiViewTracker  # noqa: E402
@@ -97,8 +97,8 @@ def main() -> int:
         ref_tracks += len(mvt.to_floor(tracks.xyxy))
     ref_s = time.process_time() - c0
 
-    pubs = {v.camera: DetectionPublisher(DetectionStream(shop=SHOP, homography=v.homography), v.camera, lambda r: None) for v in g.views}
-    ticks = [[(detection_topic(SHOP, c), pubs[c].payload(k / 10, d)) for c, d in per.items()] for k, per in frames]
+    pubs = {v.camera: DetectionPublisher(detection_stream(SHOP, v.homography), v.camera, lambda r: None) for v in g.views}
+    ticks = [[(detection_topic(SHOP, CAMERAS_NODE, c), pubs[c].payload(k / 10, d)) for c, d in per.items()] for k, per in frames]
     msg_bytes = sum(len(p) for t in ticks for _, p in t)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -119,7 +119,7 @@ def main() -> int:
             while not pipe.health()["errors_by_reason"].get("unknown_camera"):
                 if time.monotonic() > deadline:
                     raise SystemExit("the floor pipeline did not subscribe within 10 s")
-                probe.publish_nowait(detection_topic(SHOP, "probe"), b"{}", qos=0)
+                probe.publish_nowait(detection_topic(SHOP, CAMERAS_NODE, "probe"), b"{}", qos=0)
                 time.sleep(0.05)
             probe.stop()
             ctx = multiprocessing.get_context("fork")

@@ -21,7 +21,9 @@ session, and each controller replica's persistent session lives under its own us
 ``state`` (its reported state: never another node's, never the shop's) topics; read its own ``commands`` and ``ack``
 (the controller's stored-acks, which only controllers write), its shop's
 ``state/desired`` and the controller's presence and clock. Controllers read and write all of
-``fleet/v1/#``. A bridge may do, for its shop, what that shop's nodes may together.
+``fleet/v1/#``. A bridge may do, for its shop, what that shop's nodes may together. On its shop
+broker a node also writes shop-local track and detection streams under its own node only, and
+reads the shop's streams and events (:func:`shop_local_acl`).
 
 **Zero loss while the controller is away.** The broker queues the controller's messages while it
 is disconnected; Mosquitto's default queue (1,000 messages per client) drops the rest silently,
@@ -286,19 +288,29 @@ def render_acl(
 
 
 LOCAL_ROOT = "local/v1"
-"""Shop-local topics (fusion's track stream, the cameras' detection streams): outside ``fleet/v1``,
-so :func:`bridge_topics`, an explicit list of ``fleet/v1`` topics, never forwards them to the central broker."""
+"""Shop-local topics (the track streams, the cameras' detection streams, each under its publisher's
+node): outside ``fleet/v1``, so :func:`bridge_topics`, an explicit list of ``fleet/v1`` topics,
+never forwards them to the central broker."""
 
 
-def shop_local_acl(shop: str) -> list[str]:
-    """Return the extra ACL lines a node user has on its shop broker only: the shop-local track
-    stream (write and read: vision and floor pipelines publish, fusion reads), the cameras'
-    detection streams (write and read: vision pipelines publish, the floor pipeline reads), and
-    the shop's events (read), which a fusion pipeline joins. Like the tracks, detections are
-    per shop, not per camera: any node user of the shop may publish any of its cameras' streams."""
+def shop_local_acl(shop: str, node: str) -> list[str]:
+    """Return the extra ACL lines node user ``<shop>.<node>`` has on its shop broker only.
+
+    The shop-local streams are bound to the identity that publishes them: a stream's topic
+    carries the publisher's node (``local/v1/{shop}/tracks/{node}/{stream}``,
+    ``local/v1/{shop}/detections/{node}/{camera}``), and each node user may write only under its
+    own node, so one node's credentials cannot publish another node's camera or ``tracks/floor``
+    (the broker drops it). Every node user of the shop may read the shop's streams (the floor and
+    fusion pipelines, each a user of its own, read them; they accept a camera only from the node
+    their config binds it to) and the shop's events, which a fusion pipeline joins. Nothing of
+    another shop.
+    """
+    node = validate_id(node, "node id")
     return [
-        f"topic readwrite {LOCAL_ROOT}/{shop}/tracks/+",
-        f"topic readwrite {LOCAL_ROOT}/{shop}/detections/+",
+        f"topic write {LOCAL_ROOT}/{shop}/tracks/{node}/+",
+        f"topic write {LOCAL_ROOT}/{shop}/detections/{node}/+",
+        f"topic read {LOCAL_ROOT}/{shop}/tracks/+/+",
+        f"topic read {LOCAL_ROOT}/{shop}/detections/+/+",
         f"topic read {Topics.root}/{shop}/+/{Channel.EVENTS.value}",
     ]
 
@@ -310,7 +322,7 @@ def render_shop_acl(shop: str, nodes: Sequence[str]) -> str:
         "# central broker, enforced at the edge, because the bridge carries the shop's traffic as one user.",
     ]
     for node in nodes:
-        out += [*node_acl(shop, node), *shop_local_acl(shop), ""]
+        out += [*node_acl(shop, node), *shop_local_acl(shop, node), ""]
     return "\n".join(out)
 
 

@@ -2,10 +2,13 @@
 
 **Inputs.** Each ceiling camera runs a ``type: vision`` pipeline with ``detections:`` set: every
 processed frame's boxes, projected to the floor through that camera's homography, go to the
-shop-local topic ``local/v1/{shop}/detections/{camera}`` (:func:`detection_topic`;
-``vision.multiview.encode_frame``). This pipeline subscribes to all of them on the shop broker
-with a connection (and broker user) of its own, and checks every message
-(``vision.multiview.decode_frame``) before it touches the tracker.
+shop-local topic ``local/v1/{shop}/detections/{node}/{camera}`` (:func:`detection_topic`;
+``vision.multiview.encode_frame``), where ``{node}`` is the node part of the publishing stream's
+broker user ``<shop>.<node>``: the shop broker lets each node user write only under its own node,
+so the topic says who published. This pipeline subscribes to all of them on the shop broker with
+a connection (and broker user) of its own, takes each camera's frames only from the node its
+``cameras:`` entry names (``node``), and checks every message (``vision.multiview.decode_frame``)
+before it touches the tracker.
 
 **Ticks.** Frames are grouped into ticks at ``tick_hz``: tick ``k`` is at ``k / tick_hz`` (data
 time, the nodes' clocks, which the agents' clock beacon keeps in step). Each camera contributes
@@ -21,7 +24,9 @@ already closed is *late*, counted and dropped, never fed into history.
 **Bad input** is counted by reason (``errors_by_reason`` and
 ``shopfleet_floor_frames_dropped_total{camera,reason}``), logged once per camera and reason at
 warning level (then at debug), and never reaches the tracker: ``bad_json``, ``version``,
-``schema`` (a malformed message), ``unknown_camera`` (not in ``cameras:``), ``camera_mismatch``
+``schema`` (a malformed message), ``unknown_camera`` (not in ``cameras:``), ``wrong_node`` (a
+configured camera's frame published under another node than its ``cameras[].node``: another
+node's credentials, never tracked), ``camera_mismatch``
 (the body names another camera than its topic), ``future`` (more than ``max_future_s`` ahead of
 this node's clock: a wrong clock must not close everyone else's ticks), ``out_of_order`` (not
 newer than the camera's previous frame), ``late``, ``flood`` (more than ``max_frames_per_tick``
@@ -29,9 +34,10 @@ frames of one camera for one tick) and ``inbox_full`` (more than ``inbox_max`` m
 Each check is per camera: a flooding or broken camera loses its own frames, the others go on.
 
 **Output.** The merged tracks (``MultiViewTracker.update_floor``, ONE ``ByteTracker``: shop-wide
-ids) go (a) to the track topic ``local/v1/{shop}/tracks/{camera}`` under ``camera`` (default
-``floor``) in the format ``type: fusion`` reads (``{"camera", "ts", "tracks": [[id, x_m, y_m]],
-"ended"}``), so fusion runs unchanged with ``camera: floor``; and (b) through
+ids) go (a) to the track topic ``local/v1/{shop}/tracks/{node}/{camera}`` (``{node}``: the node
+part of this pipeline's own broker user; ``camera`` defaults to ``floor``) in the format ``type:
+fusion`` reads (``{"camera", "ts", "tracks": [[id, x_m, y_m]], "ended"}``), so fusion runs
+unchanged with ``camera: floor`` and ``track_node`` that node; and (b) through
 ``vision.events.ZoneEvents`` on the zones drawn in the top view, to the agent's sink as a vision
 pipeline's do: ``person_entered`` / ``person_exited`` / ``zone_enter`` / ``zone_exit`` /
 ``dwell`` events (source and ``data.camera`` = ``camera``), the ``occupancy`` reading, and the
@@ -48,10 +54,16 @@ import time
 from collections import Counter, deque
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from edge_agent.config import BrokerConfig
-from edge_agent.pipelines.fusion import LOCAL_ROOT, broker_settings, track_topic
+from edge_agent.pipelines.fusion import (
+    LOCAL_ROOT,
+    broker_settings,
+    local_stream,
+    stream_node,
+    track_topic,
+)
 from edge_agent.protocol import Reading, validate_id
 from edge_agent.supervisor import EventSink, OwnMetrics, PipelineConfigBase
 from vision.multiview import FloorDetections, FloorFrame, MergeConfig
@@ -66,18 +78,21 @@ GATE_METRICS = {
 }
 """Gate metrics this pipeline reports (name -> meaning); docs/agent.md lists them for policies."""
 
-DROP_REASONS = ("bad_json", "version", "schema", "unknown_camera", "camera_mismatch", "future", "out_of_order", "late", "flood", "inbox_full")
+DROP_REASONS = ("bad_json", "version", "schema", "unknown_camera", "wrong_node", "camera_mismatch", "future", "out_of_order", "late", "flood", "inbox_full")
 """Why a detection message is dropped (``errors_by_reason`` keys and the metric's ``reason`` label)."""
 
 
-def detection_topic(shop: str, camera: str) -> str:
-    """Return the shop-local topic a camera's detection stream goes to."""
-    return f"{LOCAL_ROOT}/{validate_id(shop, 'shop id')}/detections/{validate_id(camera, 'camera name')}"
+def detection_topic(shop: str, node: str, camera: str) -> str:
+    """Return the shop-local topic of a camera's detection stream: ``local/v1/{shop}/detections/{node}/{camera}``.
+
+    ``node`` is the node part of the publisher's broker user (``fusion.stream_node``).
+    """
+    return f"{LOCAL_ROOT}/{validate_id(shop, 'shop id')}/detections/{validate_id(node, 'node id')}/{validate_id(camera, 'camera name')}"
 
 
 def detection_subscription(shop: str) -> str:
-    """Return the subscription to every camera's detection stream of a shop."""
-    return f"{LOCAL_ROOT}/{validate_id(shop, 'shop id')}/detections/+"
+    """Return the subscription to every detection stream of a shop (every publisher's, every camera's)."""
+    return f"{LOCAL_ROOT}/{validate_id(shop, 'shop id')}/detections/+/+"
 
 
 class FloorCamera(BaseModel):
@@ -85,6 +100,11 @@ class FloorCamera(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     camera: str = Field(min_length=1, description="Camera name, as its vision pipeline publishes it (the topic's last level).")
+    node: str = Field(
+        min_length=1,
+        description="Node part of the broker user ('<shop>.<node>') of the vision pipeline's detections: stream that publishes this "
+        "camera: its frames are taken from local/v1/{shop}/detections/{node}/{camera} only; under any other node they are dropped (wrong_node).",
+    )
     coverage: list[tuple[float, float]] | None = Field(
         None, description="Floor polygon (metres) the camera sees people in, for the merge's lone-view doubt; unset: the camera counts nowhere."
     )
@@ -93,6 +113,11 @@ class FloorCamera(BaseModel):
     @classmethod
     def _id(cls, v: str) -> str:
         return validate_id(v, "camera name")
+
+    @field_validator("node")
+    @classmethod
+    def _node(cls, v: str) -> str:
+        return validate_id(v, "node (the node part of the camera's publishing user)")
 
     @field_validator("coverage")
     @classmethod
@@ -123,7 +148,9 @@ class Config(PipelineConfigBase):
     dark_after_s: float = Field(5.0, gt=0, le=3600, description="A camera with no frame for this long is not live (floor_cameras_live_ratio, health).")
     occupancy_interval_s: float = Field(5.0, gt=0, le=3600, description="Send the occupancy reading at least this often.")
     gate_interval_s: float = Field(2.0, gt=0, le=3600, description="Report the gate metrics (floor_tick_rate, ...) this often.")
-    publish_tracks: bool = Field(True, description="Publish the merged tracks on the track topic for type: fusion.")
+    publish_tracks: bool = Field(
+        True, description="Publish the merged tracks on local/v1/{shop}/tracks/{node}/{camera} for type: fusion ({node}: the node part of broker.username, which must be set)."
+    )
 
     @field_validator("shop", "camera")
     @classmethod
@@ -138,6 +165,16 @@ class Config(PipelineConfigBase):
         if dup:
             raise ValueError(f"camera names must be unique; repeated: {dup}")
         return v
+
+    @model_validator(mode="after")
+    def _publisher(self) -> Config:
+        if self.publish_tracks:
+            self.track_node()
+        return self
+
+    def track_node(self) -> str:
+        """Return the node its track topic carries: the node part of ``broker.username`` (``ValueError`` if unset or another shop's)."""
+        return stream_node(self.broker.username, self.shop, "broker.username (the track stream's publisher)")
 
 
 class TickAssembler:
@@ -215,6 +252,7 @@ class FloorPipeline(OwnMetrics):
         self._ticks: deque[float] = deque(maxlen=50)  # monotonic time of recent ticks, for the tick rate
         self._latency_ms: deque[float] = deque(maxlen=200)
         self._seen_at: dict[str, float] = {}  # camera -> monotonic time of its last accepted frame
+        self._nodes = {c.camera: c.node for c in config.cameras}  # camera -> the node whose user publishes it
         self._started = time.monotonic()
         self.stats: Counter[str] = Counter()  # frames_received, frames_accepted, late, ticks, ticks_cameras, events
         self.tracker: Any = None
@@ -248,11 +286,18 @@ class FloorPipeline(OwnMetrics):
         """Decode one message and hand it to the assembler, counting what is dropped and why."""
         from vision.multiview import WireError, decode_frame
 
-        camera = topic.rsplit("/", 1)[-1]
+        where = local_stream(topic)
+        node, camera = where if where is not None else ("", topic.rsplit("/", 1)[-1])
         with self._lock:
             self.stats["frames_received"] += 1
         if camera not in assembler.cameras:
             self._drop(camera, "unknown_camera", f"not among cameras: {sorted(assembler.cameras)}")
+            return
+        bound = self._nodes.get(camera)
+        if node != bound:
+            # Only node `node`'s broker user can publish under it (the shop broker's ACL), and it is not the
+            # publisher this camera is bound to: forged or misconfigured, its frames never reach the tracker.
+            self._drop(camera, "wrong_node", f"came from node {node!r} ({topic}), but cameras[].node is {bound!r}")
             return
         try:
             frame = decode_frame(payload)
@@ -330,7 +375,7 @@ class FloorPipeline(OwnMetrics):
         self._inbox.clear()
         link = ThreadedLink(broker_settings(cfg.broker, f"floor-{cfg.shop}-{cfg.name}"), self._on_message, subscriptions=(detection_subscription(cfg.shop),),
                             reconnect_min_s=max(1, int(cfg.broker.reconnect_min_s)), reconnect_max_s=max(1, int(cfg.broker.reconnect_max_s)))
-        topic = track_topic(cfg.shop, cfg.camera)
+        topic = track_topic(cfg.shop, cfg.track_node(), cfg.camera) if cfg.publish_tracks else ""
         link.start()
         self._detail = f"{cfg.camera}: merging {len(cfg.cameras)} cameras of shop {cfg.shop} from {cfg.broker.host}:{cfg.broker.port}"
         arrived = time.monotonic()

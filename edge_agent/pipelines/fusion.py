@@ -6,12 +6,20 @@
   (``fleet/v1/{shop}/+/events``): ``person_entered`` / ``person_exited`` (door crossings),
   ``zone_enter`` / ``zone_exit`` / ``dwell``, ``shelf_change``, ``door_opened`` /
   ``door_closed``, and the ``sensor_board_disconnected`` alert (a board away: its slots are blind);
-* track positions, on the shop-local topic ``local/v1/{shop}/tracks/{camera}`` (see
-  :func:`track_topic`), published by a ``type: vision`` pipeline that has ``tracks:`` set: a
-  throttled stream of each confirmed track's floor position. Tracks are high-rate and only
-  fusion needs them, so they stay in the shop: the topic is outside ``fleet/v1/`` and the shop
-  broker's bridge forwards an explicit list of ``fleet/v1`` topics only
+* track positions, on the shop-local topic ``local/v1/{shop}/tracks/{node}/{camera}`` (see
+  :func:`track_topic`), published by a ``type: vision`` pipeline that has ``tracks:`` set (or a
+  ``type: floor`` pipeline): a throttled stream of each confirmed track's floor position. Tracks
+  are high-rate and only fusion needs them, so they stay in the shop: the topic is outside
+  ``fleet/v1/`` and the shop broker's bridge forwards an explicit list of ``fleet/v1`` topics only
   (``fleet_controller.broker_config.bridge_topics``), so no bridge line can ever match it.
+
+**Bound publisher.** ``{node}`` is the node part of the publisher's broker user
+``<shop>.<node>``, and the shop broker lets each node user write only under its own node, so a
+topic names who published it. Fusion takes tracks only from ``track_node`` (its config); a
+track message of its ``camera`` (of any camera when that is unset) under any other node is counted
+(``track_wrong_node``) and dropped (another camera's stream is simply not read), as is one whose
+body names another camera than its topic (``track_camera_mismatch``): one node's stolen
+credentials cannot feed fusion positions, so cannot move a pick to another shopper's cart.
 
 This pipeline opens its own MQTT connection to the shop broker (``broker:``). Mosquitto binds
 the client id to the user name there, so it needs a user of its own (see docs/fusion.md); a
@@ -44,7 +52,7 @@ from collections import Counter, OrderedDict, deque
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from edge_agent.config import BrokerConfig
 from edge_agent.protocol import validate_id
@@ -63,14 +71,49 @@ GATE_METRICS = {
 SHOP_EVENTS = frozenset({"person_entered", "person_exited", "zone_enter", "zone_exit", "dwell", "shelf_change", "door_opened", "door_closed"})
 
 
-def track_topic(shop: str, camera: str) -> str:
-    """Return the shop-local topic a camera's track stream goes to."""
-    return f"{LOCAL_ROOT}/{validate_id(shop, 'shop id')}/tracks/{validate_id(camera, 'camera name')}"
+def stream_node(username: str | None, shop: str, what: str) -> str:
+    """Return the node part of a shop-local stream publisher's broker user ``<shop>.<node>``.
+
+    A stream's topic carries the node of the user that publishes it
+    (``local/v1/{shop}/{tracks|detections}/{node}/{stream}``), and the shop broker lets each node
+    user write only under its own node (``fleet_controller.broker_config.shop_local_acl``), so the
+    topic is the publisher's identity. ``what`` names the config key in the error (e.g.
+    ``tracks.broker.username``). Raise ``ValueError`` saying what to set.
+    """
+    if not username:
+        raise ValueError(
+            f"{what} is required: the stream goes to local/v1/{shop}/.../<node>/..., where <node> is the node part of this "
+            f"broker user '{shop}.<node>' (broker-config's node list), the only node the shop broker lets it publish under"
+        )
+    user_shop, dot, node = username.partition(".")
+    if not dot or user_shop != shop:
+        raise ValueError(
+            f"{what} {username!r} is not a user of shop {shop!r}: set '{shop}.<node>' as broker-config writes it (the topic's "
+            f"node is the part after the dot, the only node the shop broker lets this user publish under)"
+        )
+    return validate_id(node, f"node part of {what} {username!r}")
+
+
+def track_topic(shop: str, node: str, stream: str) -> str:
+    """Return the shop-local topic of a track stream: ``local/v1/{shop}/tracks/{node}/{stream}``.
+
+    ``node`` is the node part of the publisher's broker user (:func:`stream_node`), ``stream`` the
+    camera (or merged view, e.g. ``floor``) the tracks are of.
+    """
+    return f"{LOCAL_ROOT}/{validate_id(shop, 'shop id')}/tracks/{validate_id(node, 'node id')}/{validate_id(stream, 'camera name')}"
 
 
 def track_subscription(shop: str) -> str:
-    """Return the subscription to every camera's track stream of a shop."""
-    return f"{LOCAL_ROOT}/{validate_id(shop, 'shop id')}/tracks/+"
+    """Return the subscription to every track stream of a shop (every publisher's, every camera's)."""
+    return f"{LOCAL_ROOT}/{validate_id(shop, 'shop id')}/tracks/+/+"
+
+
+def local_stream(topic: str) -> tuple[str, str] | None:
+    """Return (node, stream) of a shop-local stream topic ``local/v1/{shop}/{kind}/{node}/{stream}``, or None for another shape."""
+    parts = topic.split("/")
+    if len(parts) != 6 or f"{parts[0]}/{parts[1]}" != LOCAL_ROOT:
+        return None
+    return parts[4], parts[5]
 
 
 def broker_settings(b: BrokerConfig, client_id: str) -> Any:
@@ -91,7 +134,15 @@ class Config(PipelineConfigBase):
     shop: str = Field(min_length=1, description="Shop id whose events and tracks to fuse (this node's shop).")
     layout: str = Field(min_length=1, description="Shop layout YAML: door line, slots with board/channel, product and price (docs/fusion.md).")
     broker: BrokerConfig = Field(default_factory=BrokerConfig, description="The shop broker, with a user of this pipeline's own (docs/fusion.md).")
-    camera: str | None = Field(None, description="Use only this camera's tracks and door crossings (the overhead camera); default: all.")
+    track_node: str = Field(
+        min_length=1,
+        description="Node part of the broker user ('<shop>.<node>') that publishes the track stream fusion reads (vision-gpu's "
+        "track-stream, a floor pipeline's user): tracks are taken from local/v1/{shop}/tracks/{track_node}/... only; camera's "
+        "tracks under any other node are counted (track_wrong_node) and dropped.",
+    )
+    camera: str | None = Field(
+        None, description="Use only this camera's tracks (the stream track_node publishes, e.g. floor) and door crossings; default: all of track_node's streams."
+    )
     reorder_delay_s: float = Field(
         1.0, ge=0, le=30, description="Hold inputs this long to sort them by time. Longer tolerates slower links between nodes; carts close that much later."
     )
@@ -105,6 +156,16 @@ class Config(PipelineConfigBase):
         20000, ge=100, le=10_000_000,
         description="Track messages waiting to be fused beyond this are dropped (tracks_inbox_full); events only past five times it (inbox_full). Bounds memory against a flooding publisher.",
     )
+
+    @field_validator("track_node")
+    @classmethod
+    def _node(cls, v: str) -> str:
+        return validate_id(v, "track_node (a node id)")
+
+    @field_validator("camera")
+    @classmethod
+    def _camera(cls, v: str | None) -> str | None:
+        return None if v is None else validate_id(v, "camera name")
 
 
 class FusionPipeline:
@@ -125,7 +186,7 @@ class FusionPipeline:
         self._closed: deque[tuple[float, bool]] = deque()  # (when, sent to review)
         self._stats: Counter[str] = Counter()
         self._fusion: Any = None
-        self._logged_full: set[str] = set()
+        self._logged: set[str] = set()
         self._read: Counter[str] = Counter()  # track messages and events read (health detail)
 
     # ----- intake of MQTT messages (network thread: hand off only) ---------------------------
@@ -140,8 +201,8 @@ class FusionPipeline:
             if local or waiting >= 5 * bound:
                 reason = "tracks_inbox_full" if local else "inbox_full"
                 self._count(reason)
-                if reason not in self._logged_full:
-                    self._logged_full.add(reason)
+                if reason not in self._logged:
+                    self._logged.add(reason)
                     log.warning("fusion %s: %d messages waiting (inbox_max %d): dropping %s until it drains", self.name, waiting, bound,
                                 "track messages" if local else "events: carts will go to review")
                 return
@@ -151,6 +212,15 @@ class FusionPipeline:
     def _count(self, reason: str) -> None:
         with self._lock:
             self._errors[reason] += 1
+
+    def _refuse(self, reason: str, node: str, detail: str) -> None:
+        """Count a track message refused for where it came from; warn once per reason and node (then debug)."""
+        self._count(reason)
+        key = f"{reason}/{node}"
+        level = logging.DEBUG if key in self._logged else logging.WARNING
+        self._logged.add(key)
+        log.log(level, "fusion %s: dropped %s (%s)%s", self.name, detail, reason,
+                "" if level == logging.DEBUG else "; further ones of this node and reason are logged at debug level")
 
     def _decode(self, topic: str, payload: bytes) -> list[Any]:
         """Turn one message into fusion inputs; count and drop what is not usable."""
@@ -168,9 +238,20 @@ class FusionPipeline:
         cam = self.config.camera
         try:
             if topic.startswith(LOCAL_ROOT + "/"):
-                body = json.loads(payload)
-                camera = str(body.get("camera", ""))
+                where = local_stream(topic)
+                if where is None:
+                    raise ValueError(f"not a track stream topic: {topic}")
+                node, camera = where
                 if cam is not None and camera != cam:
+                    return []  # another camera's stream: not fusion's input, from whoever
+                if node != self.config.track_node:
+                    # Fusion's camera published under another node's prefix: only that node's user could have (the
+                    # shop broker's ACL), and it is not the publisher this pipeline is bound to. Never fused.
+                    self._refuse("track_wrong_node", node, f"tracks of {camera!r} from node {node!r}, but track_node is {self.config.track_node!r}")
+                    return []
+                body = json.loads(payload)
+                if str(body.get("camera", "")) != camera:
+                    self._refuse("track_camera_mismatch", node, f"the message names camera {body.get('camera')!r} but came on {topic}")
                     return []
                 ts = float(body["ts"])
                 out: list[Any] = [TrackObservation(int(t[0]), ts, float(t[1]), float(t[2]), camera=camera) for t in body.get("tracks", [])]

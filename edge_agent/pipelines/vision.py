@@ -45,8 +45,10 @@ class TrackStream(BaseModel):
 
     Positions are image points (the zones' anchor) mapped to the shop floor by one scale and an
     origin: right for an overhead camera looking straight down, wrong for an oblique view (no
-    homography is applied). They go to the shop-local topic ``local/v1/{shop}/tracks/{camera}``,
-    which the bridge to the central broker never carries (docs/fusion.md).
+    homography is applied). They go to the shop-local topic ``local/v1/{shop}/tracks/{node}/{camera}``,
+    which the bridge to the central broker never carries (docs/fusion.md); ``{node}`` is the node
+    part of ``broker.username`` (``<shop>.<node>``), the only node the shop broker lets that user
+    publish under, so ``broker.username`` is required.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -56,6 +58,17 @@ class TrackStream(BaseModel):
     origin_px: tuple[float, float] = Field((0.0, 0.0), description="Image point of the floor's (0, 0): the layout's origin.")
     interval_s: float = Field(0.1, ge=0, le=10, description="Publish at most this often (0: every frame). Fusion wants 5-10 per second.")
 
+    @model_validator(mode="after")
+    def _publisher(self) -> TrackStream:
+        self.node()
+        return self
+
+    def node(self) -> str:
+        """Return the topic's node: the node part of ``broker.username`` (``ValueError`` if unset or another shop's)."""
+        from edge_agent.pipelines.fusion import stream_node
+
+        return stream_node(self.broker.username, self.shop, "tracks.broker.username")
+
 
 class DetectionStream(BaseModel):
     """Publish every processed frame's detections, on the floor, for the shop's ``type: floor`` pipeline.
@@ -63,8 +76,10 @@ class DetectionStream(BaseModel):
     Each box goes to floor metres through this camera's image-to-floor homography
     (``vision.multiview.FloorView``): either ``homography`` (3x3, image pixels -> floor metres) or
     four or more floor marks ``image_px`` <-> ``floor_m`` it is fitted from (least squares). The
-    frames go to the shop-local topic ``local/v1/{shop}/detections/{camera}`` (docs/fusion.md,
-    "Several ceiling cameras"), never bridged to the central broker.
+    frames go to the shop-local topic ``local/v1/{shop}/detections/{node}/{camera}`` (docs/fusion.md,
+    "Several ceiling cameras"), never bridged to the central broker; ``{node}`` is the node part
+    of ``broker.username`` (``<shop>.<node>``), which the floor pipeline's ``cameras[].node``
+    names, so ``broker.username`` is required.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -92,7 +107,14 @@ class DetectionStream(BaseModel):
             if len(self.image_px) < 4:
                 raise ValueError(f"a homography needs at least 4 floor marks (image_px/floor_m pairs), got {len(self.image_px)}")
         self.view("camera")  # fit and check it now: a bad calibration is a config error, not a failure at run time
+        self.node()
         return self
+
+    def node(self) -> str:
+        """Return the topic's node: the node part of ``broker.username`` (``ValueError`` if unset or another shop's)."""
+        from edge_agent.pipelines.fusion import stream_node
+
+        return stream_node(self.broker.username, self.shop, "detections.broker.username")
 
     def view(self, camera: str) -> Any:
         """Return this camera's ``vision.multiview.FloorView`` (numpy and the tracker side are imported here, not at config load)."""
@@ -343,7 +365,7 @@ class TrackPublisher(_LocalStream):
     def __init__(self, cfg: TrackStream, camera: str, anchor: str, count: Any) -> None:
         from edge_agent.pipelines.fusion import track_topic
 
-        super().__init__(cfg.broker, f"tracks-{cfg.shop}-{camera}", track_topic(cfg.shop, camera), count)
+        super().__init__(cfg.broker, f"tracks-{cfg.shop}-{camera}", track_topic(cfg.shop, cfg.node(), camera), count)
         self.cfg = cfg
         self.camera = camera
         self.anchor = anchor
@@ -385,7 +407,7 @@ class DetectionPublisher(_LocalStream):
     def __init__(self, cfg: DetectionStream, camera: str, count: Any) -> None:
         from edge_agent.pipelines.floor import detection_topic
 
-        super().__init__(cfg.broker, f"detections-{cfg.shop}-{camera}", detection_topic(cfg.shop, camera), count)
+        super().__init__(cfg.broker, f"detections-{cfg.shop}-{camera}", detection_topic(cfg.shop, cfg.node(), camera), count)
         self.cfg = cfg
         self.camera = camera
         self.view = cfg.view(camera)

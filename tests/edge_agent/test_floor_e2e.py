@@ -4,7 +4,8 @@ One agent config runs two ``type: vision`` pipelines with ``detections:`` (two c
 HTTP MJPEG streams of the fixture clip vtest.avi on one clock; the second camera is mounted the
 other way round, its image mirrored, so its homography differs but maps every person to the same
 floor point), a ``type: floor`` pipeline merging them, and a ``type: fusion`` pipeline reading
-``tracks/floor``. The shop broker is Mosquitto with the password file and ACL that
+the floor's tracks (``tracks/gpu-1-floor/floor``: each stream under its publisher's node, and each
+consumer bound to that node). The shop broker is Mosquitto with the password file and ACL that
 ``shopfleet broker-config --shop-broker`` writes, each pipeline connection a user of its own; the
 agent's uplink is that same broker (as in a shop: its bridge forwards ``fleet/v1`` to the central
 broker), read here by a user standing in for the bridge.
@@ -19,6 +20,8 @@ import cv2
 import pytest
 import yaml
 
+from edge_agent.pipelines.floor import detection_topic
+from edge_agent.pipelines.fusion import track_topic
 from shopfleet.broker import free_port
 from tests.support.shop_e2e import (
     FUSION_DETAIL,
@@ -43,6 +46,8 @@ FPS = 5.0  # the cameras' frame rate: the detector (~130 ms a frame on one core)
 FRAMES = 60  # 12 s of the streams (6 s of vtest.avi, shown at half speed): people walk in from the right and cross the door
 W, H = 768, 576
 PIPELINES = {"cam-a", "cam-b", "floor", "fusion"}
+FLOOR_TRACKS = track_topic(SHOP, f"{NODE}-floor", "floor")  # under the floor pipeline's own user, the node fusion's track_node names
+CAM_A = detection_topic(SHOP, "cam-a-detections", "cam-a")  # under camera a's detections: user, the node the floor's cameras[].node names
 
 
 @pytest.fixture(scope="module")
@@ -102,10 +107,10 @@ def _config(tmp_path, shop: SecuredShopBroker, cams: MjpegServer, model: str, me
         "pipelines": [
             *vision,
             {"type": "floor", "name": "floor", "shop": SHOP, "broker": shop.creds(f"{NODE}-floor"), "zones": str(top),
-             "cameras": [{"camera": c, "coverage": floor} for c in streams], "merge": {"px_per_m": 100, "origin_m": [0, 0], "gate_m": 0.5},
+             "cameras": [{"camera": c, "node": f"{c}-detections", "coverage": floor} for c in streams], "merge": {"px_per_m": 100, "origin_m": [0, 0], "gate_m": 0.5},
              "tick_hz": FPS, "dark_after_s": 2.0, "gate_interval_s": 0.5},
             {"type": "fusion", "name": "fusion", "shop": SHOP, "broker": shop.creds(f"{NODE}-fusion"), "layout": str(layout), "camera": "floor",
-             "reorder_delay_s": 0.5, "gate_interval_s": 1.0},
+             "track_node": f"{NODE}-floor", "reorder_delay_s": 0.5, "gate_interval_s": 1.0},
         ],
     }
 
@@ -123,7 +128,7 @@ def test_two_cameras_floor_and_fusion_in_one_agent_on_the_secured_shop_broker(me
     try:
         controller = Controller(shop)
         # A node user of the shop on the shop-local topics: the floor's tracks and camera a's detections.
-        observer = Listener(shop, "observer", (f"local/v1/{SHOP}/tracks/floor", f"local/v1/{SHOP}/detections/cam-a"))
+        observer = Listener(shop, "observer", (FLOOR_TRACKS, CAM_A))
         agent = AgentProc(tmp_path, _config(tmp_path, shop, cams, media["model"], free_port()))
         agent.start()
 
@@ -183,11 +188,11 @@ def test_two_cameras_floor_and_fusion_in_one_agent_on_the_secured_shop_broker(me
 
         def enough() -> bool:
             seen.extend(observer.take())
-            return sum(t.endswith("/tracks/floor") for t, _ in seen) >= 30 and sum(t.endswith("/detections/cam-a") for t, _ in seen) >= 30
+            return sum(t == FLOOR_TRACKS for t, _ in seen) >= 30 and sum(t == CAM_A for t, _ in seen) >= 30
 
         wait_for(enough, 30, "30 floor track messages and 30 frames of camera a")
-        tracks = [len(json.loads(p)["tracks"]) for t, p in seen if t.endswith("/tracks/floor")]
-        people = [len(decode_frame(p).detections) for t, p in seen if t.endswith("/detections/cam-a")]
+        tracks = [len(json.loads(p)["tracks"]) for t, p in seen if t == FLOOR_TRACKS]
+        people = [len(decode_frame(p).detections) for t, p in seen if t == CAM_A]
         assert 1 <= statistics.median(tracks) <= statistics.median(people) + 1, (statistics.median(tracks), statistics.median(people))
 
         # 4) Camera b dies: the floor pipeline reports it not live, and goes on tracking from camera a alone.

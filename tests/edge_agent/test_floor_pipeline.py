@@ -20,9 +20,18 @@ from edge_agent.mqtt_core import MqttSettings, ThreadedLink
 from edge_agent.pipelines import build_pipeline, pipeline_types
 from edge_agent.pipelines.floor import Config, FloorPipeline, TickAssembler, detection_topic
 from edge_agent.pipelines.fusion import track_subscription, track_topic
-from edge_agent.pipelines.vision import DetectionPublisher, DetectionStream
+from edge_agent.pipelines.vision import DetectionPublisher
 from edge_agent.supervisor import PipelineRunner
-from tests.support.floor import Grid, floor_config, grid, reference, write_zones
+from tests.support.floor import (
+    CAMERAS_NODE,
+    FLOOR_NODE,
+    Grid,
+    detection_stream,
+    floor_config,
+    grid,
+    reference,
+    write_zones,
+)
 from tests.support.sink import RecordingSink
 from tests.support.wait import wait_for
 from vision.events import ZoneEvents
@@ -53,7 +62,7 @@ class Shop:
         settings = MqttSettings(host="127.0.0.1", port=port, client_id="cameras")
         self.cams = ThreadedLink(settings, lambda m: None)
         self.listener = ThreadedLink(MqttSettings(host="127.0.0.1", port=port, client_id="fusion"), self._track, subscriptions=(track_subscription(SHOP),))
-        self.publishers = {v.camera: DetectionPublisher(DetectionStream(shop=SHOP, homography=v.homography), v.camera, lambda r: None) for v in g.views}
+        self.publishers = {v.camera: DetectionPublisher(detection_stream(SHOP, v.homography), v.camera, lambda r: None) for v in g.views}
         self.sent = 0
         self.probed = False
 
@@ -71,9 +80,9 @@ class Shop:
         self.cams.wait_connected(10)
         self.listener.wait_connected(10)
         # Both subscriptions are in place once a probe reaches each: an unknown camera, counted as such.
-        wait_for(lambda: self.cams.publish_nowait(detection_topic(SHOP, "probe"), b"{}", qos=0)
+        wait_for(lambda: self.cams.publish_nowait(detection_topic(SHOP, CAMERAS_NODE, "probe"), b"{}", qos=0)
                  and self.pipe.health()["errors_by_reason"].get("unknown_camera"), 10, "the pipeline's subscription")
-        wait_for(lambda: self.cams.publish_nowait(track_topic(SHOP, "probe"), b'{"camera": "probe"}', qos=0) and self.probed, 10, "the listener's subscription")
+        wait_for(lambda: self.cams.publish_nowait(track_topic(SHOP, FLOOR_NODE, "probe"), b'{"camera": "probe"}', qos=0) and self.probed, 10, "the listener's subscription")
 
     def send(self, topic: str, payload: bytes) -> None:
         self.cams.publish_nowait(topic, payload, qos=0)
@@ -85,7 +94,7 @@ class Shop:
         for k, per in frames:
             for cam, dets in per.items():
                 if not skip(k, cam):
-                    self.send(detection_topic(SHOP, cam), self.publishers[cam].payload(k / 10, dets))
+                    self.send(detection_topic(SHOP, CAMERAS_NODE, cam), self.publishers[cam].payload(k / 10, dets))
 
     def stop(self) -> None:
         self.runner.stop()
@@ -120,7 +129,8 @@ def _events(g: Grid, frames) -> list[tuple[str, int | None, str | None]]:
 def test_floor_is_a_pipeline_type_and_config_errors_are_precise() -> None:
     assert pipeline_types()["floor"].__name__ == "edge_agent.pipelines.floor"
     vision = {"type": "vision", "name": "c", "source": "x", "model": "m", "zones": "z"}
-    floor = {"type": "floor", "name": "f", "shop": SHOP, "zones": "z", "cameras": [{"camera": "c0"}]}
+    floor = {"type": "floor", "name": "f", "shop": SHOP, "zones": "z", "cameras": [{"camera": "c0", "node": "c0-cam"}], "broker": {"username": f"{SHOP}.floor"}}
+    user = {"broker": {"username": f"{SHOP}.c0-cam"}}
 
     def error(entry: dict) -> str:
         with pytest.raises(ConfigError) as exc:
@@ -138,13 +148,29 @@ def test_floor_is_a_pipeline_type_and_config_errors_are_precise() -> None:
     line = [[0, 0], [1, 0], [2, 0], [3, 0]]
     assert "no three of them on one line" in error({**vision, "detections": {"shop": SHOP, "image_px": line, "floor_m": line}})
     assert "beyond the horizon" in error({**vision, "detections": {"shop": SHOP, "homography": [[1, 0, 0], [0, 1, 0], [0, -0.01, 1]], "image_size": [640, 480]}})
-    assert "key 'pipelines.0.cameras.0.coverage': coverage is a floor polygon: give at least 3 corners" in error({**floor, "cameras": [{"camera": "c0", "coverage": [[0, 0], [1, 0]]}]})
-    assert "key 'pipelines.0.cameras': camera names must be unique; repeated: ['c0']" in error({**floor, "cameras": [{"camera": "c0"}, {"camera": "c0"}]})
-    assert "key 'pipelines.0.cameras.0.camera': invalid camera name 'c/0'" in error({**floor, "cameras": [{"camera": "c/0"}]})
+    assert "key 'pipelines.0.cameras.0.coverage': coverage is a floor polygon: give at least 3 corners" in error({**floor, "cameras": [{"camera": "c0", "node": "n", "coverage": [[0, 0], [1, 0]]}]})
+    assert "key 'pipelines.0.cameras': camera names must be unique; repeated: ['c0']" in error({**floor, "cameras": [{"camera": "c0", "node": "n"}, {"camera": "c0", "node": "m"}]})
+    assert "key 'pipelines.0.cameras.0.camera': invalid camera name 'c/0'" in error({**floor, "cameras": [{"camera": "c/0", "node": "n"}]})
+    # Streams are bound to the identity that publishes them: each camera names its publisher's node, each publisher has a user of the shop.
+    assert "key 'pipelines.0.cameras.0.node': Field required" in error({**floor, "cameras": [{"camera": "c0"}]})
+    assert "key 'pipelines.0.cameras.0.node': invalid node (the node part of the camera's publishing user) 'a.b'" in error({**floor, "cameras": [{"camera": "c0", "node": "a.b"}]})
+    assert f"broker.username (the track stream's publisher) is required: the stream goes to local/v1/{SHOP}/" in error({**floor, "broker": {}})
+    assert "broker.username (the track stream's publisher) 'shop-x.floor' is not a user of shop 'shop-g'" in error({**floor, "broker": {"username": "shop-x.floor"}})
+    quiet = validate_config({"shop": SHOP, "node": "n", "pipelines": [{**floor, "broker": {}, "publish_tracks": False}]})  # publishes nothing: no user needed
+    assert quiet.pipelines[0].publish_tracks is False
+    homography = {"homography": [[1, 0, 0], [0, 1, 0], [0, 0, 1]]}
+    assert "key 'pipelines.0.detections': detections.broker.username is required" in error({**vision, "detections": {"shop": SHOP, **homography}})
+    assert "detections.broker.username 'pi-1' is not a user of shop 'shop-g'" in error({**vision, "detections": {"shop": SHOP, **homography, "broker": {"username": "pi-1"}}})
+    assert "key 'pipelines.0.tracks': tracks.broker.username is required" in error({**vision, "tracks": {"shop": SHOP, "px_per_m": 60}})
+    fusion = {"type": "fusion", "name": "fu", "shop": SHOP, "layout": "l"}
+    assert "key 'pipelines.0.track_node': Field required" in error(fusion)
+    assert "key 'pipelines.0.track_node': invalid track_node (a node id) 'Track'" in error({**fusion, "track_node": "Track"})
     assert "key 'pipelines.0.tick_hz': Input should be greater than 0" in error({**floor, "tick_hz": 0})
     assert "key 'pipelines.0.merge.gate_m'" in error({**floor, "merge": {"gate_m": 0}})
-    ok = validate_config({"shop": SHOP, "node": "n", "pipelines": [{**vision, "detections": {"shop": SHOP, "image_px": [*line[:2], [3, 3], [0, 3]], "floor_m": [[0, 0], [0.01, 0], [0.03, 0.03], [0, 0.03]]}}, floor]})
+    ok = validate_config({"shop": SHOP, "node": "n", "pipelines": [
+        {**vision, "detections": {"shop": SHOP, "image_px": [*line[:2], [3, 3], [0, 3]], "floor_m": [[0, 0], [0.01, 0], [0.03, 0.03], [0, 0.03]], **user}}, floor]})
     assert [p.type for p in ok.pipelines] == ["vision", "floor"]
+    assert ok.pipelines[0].detections.node() == ok.pipelines[1].cameras[0].node == "c0-cam" and ok.pipelines[1].track_node() == "floor"
 
 
 def test_ticks_take_each_cameras_nearest_frame_and_leave_a_silent_camera_out() -> None:
@@ -217,6 +243,8 @@ def test_late_malformed_and_flooding_input_is_counted_and_the_rest_tracked(singl
     want = reference(g, frames)
     shop = _shop(g, broker, tmp_path, latency_s=0.5)
     flood, late_cam = g.views[3].camera, g.views[7].camera
+    xy = np.array([[1.0, 1.0]])
+    person = FloorDetections(xy, np.c_[xy - 0.2, xy + 0.2], np.array([0.95]))
     try:
         k0 = frames[0][0]
         for k, per in frames:
@@ -225,18 +253,23 @@ def test_late_malformed_and_flooding_input_is_counted_and_the_rest_tracked(singl
                 if cam == late_cam and 40 <= k - k0 <= 55:
                     if k - k0 == 40:  # the camera stalls: its frame of tick 40 comes a second and a half late, the next ones never
                         held = payload
+                    if k - k0 == 45:
+                        # Another node's credentials forging the stalled camera's frame (a person it never saw) under its own
+                        # prefix, the only one the shop broker lets it write: bound to CAMERAS_NODE, the camera takes it from no
+                        # one else. Accepted, it would add a person to tick 45 and make the held frame below out of order.
+                        shop.send(detection_topic(SHOP, "pi-9", late_cam), encode_frame(late_cam, k / 10, 1, person))
                     continue
-                shop.send(detection_topic(SHOP, cam), payload)
+                shop.send(detection_topic(SHOP, CAMERAS_NODE, cam), payload)
                 if cam == flood and k - k0 == 50:
                     for i in range(5):  # a camera flooding its tick with near-copies (0.1-0.5 ms apart)
-                        shop.send(detection_topic(SHOP, cam), encode_frame(cam, k / 10 + 1e-4 * (i + 1), 99, FloorDetections.empty()))
+                        shop.send(detection_topic(SHOP, CAMERAS_NODE, cam), encode_frame(cam, k / 10 + 1e-4 * (i + 1), 99, FloorDetections.empty()))
             if k - k0 == 55:
-                shop.send(detection_topic(SHOP, late_cam), held)
-                shop.send(detection_topic(SHOP, late_cam), b"not json")
-                shop.send(detection_topic(SHOP, late_cam), json.dumps({"v": 1, "camera": late_cam, "ts": k / 10, "seq": 1, "d": [[1, 2, 3]]}).encode())
-                shop.send(detection_topic(SHOP, late_cam), encode_frame(flood, k / 10 + 0.01, 1, FloorDetections.empty()))  # another camera's name
-                shop.send(detection_topic(SHOP, late_cam), encode_frame(late_cam, time.time() + 60, 1, FloorDetections.empty()))  # a clock a minute fast
-                shop.send(detection_topic(SHOP, "c99-99"), encode_frame("c99-99", k / 10, 1, FloorDetections.empty()))
+                shop.send(detection_topic(SHOP, CAMERAS_NODE, late_cam), held)
+                shop.send(detection_topic(SHOP, CAMERAS_NODE, late_cam), b"not json")
+                shop.send(detection_topic(SHOP, CAMERAS_NODE, late_cam), json.dumps({"v": 1, "camera": late_cam, "ts": k / 10, "seq": 1, "d": [[1, 2, 3]]}).encode())
+                shop.send(detection_topic(SHOP, CAMERAS_NODE, late_cam), encode_frame(flood, k / 10 + 0.01, 1, FloorDetections.empty()))  # another camera's name
+                shop.send(detection_topic(SHOP, CAMERAS_NODE, late_cam), encode_frame(late_cam, time.time() + 60, 1, FloorDetections.empty()))  # a clock a minute fast
+                shop.send(detection_topic(SHOP, CAMERAS_NODE, "c99-99"), encode_frame("c99-99", k / 10, 1, FloorDetections.empty()))
         wait_for(lambda: len(shop.tracks) >= len(want) - 1, 60, "the track messages")
         health = shop.pipe.health()
         errors = health["errors_by_reason"]
@@ -244,6 +277,7 @@ def test_late_malformed_and_flooding_input_is_counted_and_the_rest_tracked(singl
         shop.stop()
     assert errors["late"] == 1 and errors["bad_json"] == 1 and errors["schema"] == 1 and errors["camera_mismatch"] == 1 and errors["future"] == 1
     assert errors["flood"] == 3  # max_frames_per_tick is 3: the frame and two copies kept, three dropped
+    assert errors["wrong_node"] == 1
     assert errors["unknown_camera"] >= 2 and health["dropped_frames"] == sum(errors.values())
     # The stalled camera is simply missing from its ticks, the flood's extra copies are farther from the tick than
     # its own frame (so it stays the one used): everything else is tracked as in process.
@@ -252,5 +286,6 @@ def test_late_malformed_and_flooding_input_is_counted_and_the_rest_tracked(singl
     assert [(t["ts"], t["tracks"]) for t in shop.tracks] == [(t["ts"], t["tracks"]) for t in reference(g, without)]
     reg = shop.pipe._registry
     assert reg.get_sample_value("shopfleet_floor_frames_dropped_total", {"camera": late_cam, "reason": "late"}) == 1
+    assert reg.get_sample_value("shopfleet_floor_frames_dropped_total", {"camera": late_cam, "reason": "wrong_node"}) == 1
     assert reg.get_sample_value("shopfleet_floor_frames_dropped_total", {"camera": "_unknown", "reason": "unknown_camera"}) >= 2
     assert reg.get_sample_value("shopfleet_floor_ticks_total", {}) == len(shop.tracks)

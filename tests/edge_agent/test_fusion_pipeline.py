@@ -37,6 +37,8 @@ from shopfleet.broker import BrokerProcess
 from tests.support.wait import wait_for
 
 SHOP = "shop-f"
+TRACK_NODE = "track-stream"
+"""The node part of the track stream's broker user ``shop-f.track-stream``: the only node fusion takes tracks from."""
 
 
 def record_scenario(monkeypatch, name: str, seed: int):
@@ -68,7 +70,7 @@ def to_messages(inputs: list, base: float) -> list[tuple[str, bytes]]:
         if isinstance(it, TrackObservation | TrackLost):
             if frame is None or frame["ts"] != round(it.ts + base, 3):
                 if frame is not None:
-                    out.append((track_topic(SHOP, "ceiling"), json.dumps(frame).encode()))
+                    out.append((track_topic(SHOP, TRACK_NODE, "ceiling"), json.dumps(frame).encode()))
                 frame = {"camera": "ceiling", "ts": round(it.ts + base, 3), "tracks": [], "ended": []}
             if isinstance(it, TrackObservation):
                 frame["tracks"].append([it.track_id, it.x, it.y])
@@ -76,7 +78,7 @@ def to_messages(inputs: list, base: float) -> list[tuple[str, bytes]]:
                 frame["ended"].append(it.track_id)
             continue
         if frame is not None:
-            out.append((track_topic(SHOP, "ceiling"), json.dumps(frame).encode()))
+            out.append((track_topic(SHOP, TRACK_NODE, "ceiling"), json.dumps(frame).encode()))
             frame = None
         at = it.ts + base
         if isinstance(it, DoorCrossing):
@@ -94,7 +96,7 @@ def to_messages(inputs: list, base: float) -> list[tuple[str, bytes]]:
                           state="resolved" if it.connected else "firing", source=it.board)
             out.append((Topics.node(SHOP, "pi-1", "events"), encode(alert)))
     if frame is not None:
-        out.append((track_topic(SHOP, "ceiling"), json.dumps(frame).encode()))
+        out.append((track_topic(SHOP, TRACK_NODE, "ceiling"), json.dumps(frame).encode()))
     return out
 
 
@@ -104,10 +106,11 @@ def test_the_track_topic_is_never_bridged():
 
     assert broker_config.LOCAL_ROOT == pipeline_module.LOCAL_ROOT
     acl = broker_config.render_shop_acl(SHOP, ["gpu-1"])
-    assert f"topic readwrite local/v1/{SHOP}/tracks/+" in acl and f"topic read fleet/v1/{SHOP}/+/events" in acl
+    assert f"topic write local/v1/{SHOP}/tracks/gpu-1/+" in acl and f"topic read local/v1/{SHOP}/tracks/+/+" in acl
+    assert f"topic read fleet/v1/{SHOP}/+/events" in acl and "readwrite" not in acl
     lines = bridge_topics(SHOP, ["gpu-1", "pi-1"])
     assert all(line.split()[1].startswith("fleet/v1/") for line in lines)
-    assert not any(track_topic(SHOP, "ceiling").startswith(line.split()[1].rstrip("#")) for line in lines)
+    assert not any(track_topic(SHOP, TRACK_NODE, "ceiling").startswith(line.split()[1].rstrip("#")) for line in lines)
 
 
 @pytest.mark.timeout(120)
@@ -141,7 +144,7 @@ def test_carts_go_up_through_the_outbox_once_while_the_uplink_comes_and_goes(mon
         config = validate_config({
             "shop": SHOP, "node": "gpu-1", "broker": {"port": uplink.port, "reconnect_min_s": 0.2, "reconnect_max_s": 1.0},
             "heartbeat_interval_s": 60, "outbox": {"path": str(tmp_path / "outbox.db")},
-            "pipelines": [{"type": "fusion", "name": "fusion", "shop": SHOP, "layout": str(layout), "camera": "ceiling",
+            "pipelines": [{"type": "fusion", "name": "fusion", "shop": SHOP, "layout": str(layout), "camera": "ceiling", "track_node": TRACK_NODE,
                            "broker": {"port": shop_broker.port}, "reorder_delay_s": 0.5, "gate_interval_s": 0.5}],
         }, source="test")
         agent = Agent(config)
@@ -186,28 +189,44 @@ def test_carts_go_up_through_the_outbox_once_while_the_uplink_comes_and_goes(mon
 
 
 def test_bad_input_is_counted_not_fatal():
-    p = FusionPipeline(Config(type="fusion", name="f", shop=SHOP, layout="x.yaml"))
-    assert p._decode(track_topic(SHOP, "ceiling"), b"not json") == []
+    p = FusionPipeline(Config(type="fusion", name="f", shop=SHOP, layout="x.yaml", track_node=TRACK_NODE))
+    assert p._decode(track_topic(SHOP, TRACK_NODE, "ceiling"), b"not json") == []
     assert p._decode(Topics.node(SHOP, "pi-1", "events"), b"{}") == []
     bad_change = Event(shop=SHOP, node="pi-1", epoch="e", seq=1, type="shelf_change", data={"board": "b"})
     assert p._decode(Topics.node(SHOP, "pi-1", "events"), encode(bad_change)) == []
     assert p.health()["errors_by_reason"] == {"bad_track_message": 1, "bad_event": 1, "bad_shelf_change": 1}
 
 
+def test_tracks_are_taken_only_from_the_bound_node():
+    """A track message under another node than track_node (another user's, the shop broker's ACL says) is counted and never fused."""
+    p = FusionPipeline(Config(type="fusion", name="f", shop=SHOP, layout="x.yaml", camera="ceiling", track_node=TRACK_NODE))
+    frame = json.dumps({"camera": "ceiling", "ts": 5.0, "tracks": [[7, 1.0, 2.0]], "ended": [3]}).encode()
+    got = p._decode(track_topic(SHOP, TRACK_NODE, "ceiling"), frame)
+    assert [(type(i).__name__, i.track_id, i.camera) for i in got] == [("TrackObservation", 7, "ceiling"), ("TrackLost", 3, "ceiling")]
+    assert p._decode(track_topic(SHOP, "pi-1", "ceiling"), frame) == []  # a Pi's credentials, its own prefix
+    assert p._decode(track_topic(SHOP, "pi-1", "ceiling"), frame) == []
+    assert p._decode(track_topic(SHOP, TRACK_NODE, "ceiling"), frame.replace(b'"ceiling"', b'"floor"')) == []  # the body names another camera than its topic
+    other = json.dumps({"camera": "other", "ts": 5.0, "tracks": [[1, 0, 0]]}).encode()
+    assert p._decode(track_topic(SHOP, TRACK_NODE, "other"), other) == []  # not fusion's camera: ignored, whoever sends it
+    assert p._decode(track_topic(SHOP, "pi-1", "other"), other) == []
+    assert p.health()["errors_by_reason"] == {"track_wrong_node": 2, "track_camera_mismatch": 1}
+    assert "read 1 track messages" in p.health()["detail"]
+
+
 def test_a_flooding_publisher_fills_a_bounded_inbox_tracks_first():
     """Track messages past inbox_max are dropped and counted; events, which carts are made of, only past five times it."""
-    p = FusionPipeline(Config(type="fusion", name="f", shop=SHOP, layout="x.yaml", inbox_max=100))
+    p = FusionPipeline(Config(type="fusion", name="f", shop=SHOP, layout="x.yaml", track_node=TRACK_NODE, inbox_max=100))
     track = dataclasses.make_dataclass("Msg", ["topic", "payload"])
     for i in range(150):
-        p._on_message(track(track_topic(SHOP, "ceiling"), json.dumps({"camera": "ceiling", "ts": i, "tracks": []}).encode()))
+        p._on_message(track(track_topic(SHOP, TRACK_NODE, "ceiling"), json.dumps({"camera": "ceiling", "ts": i, "tracks": []}).encode()))
     assert len(p._inbox) == 100 and p.health()["errors_by_reason"] == {"tracks_inbox_full": 50}
     event = encode(Event(shop=SHOP, node="pi-1", epoch="e", seq=1, type="door_opened", data={}))
     for _ in range(450):
         p._on_message(track(Topics.node(SHOP, "pi-1", "events"), event))
     assert len(p._inbox) == 500 and p.health()["errors_by_reason"] == {"tracks_inbox_full": 50, "inbox_full": 50}
-    p._on_message(track(track_topic(SHOP, "ceiling"), b"{}"))
+    p._on_message(track(track_topic(SHOP, TRACK_NODE, "ceiling"), b"{}"))
     assert p.health()["errors_by_reason"]["tracks_inbox_full"] == 51
     p._inbox.clear()
-    p._on_message(track(track_topic(SHOP, "ceiling"), b"{}"))  # drained: taken again
+    p._on_message(track(track_topic(SHOP, TRACK_NODE, "ceiling"), b"{}"))  # drained: taken again
     assert len(p._inbox) == 1
     assert "read 0 track messages, 0 events" in p.health()["detail"]

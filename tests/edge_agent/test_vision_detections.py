@@ -49,7 +49,7 @@ def test_each_frames_detections_go_out_on_the_floor_through_the_homography(asset
     marks = {"image_px": [[0, 0], [768, 0], [768, 576], [0, 576]], "floor_m": [[1, 2], [8.68, 2], [8.68, 7.76], [1, 7.76]]}
     cfg = Config.model_validate({
         "type": "vision", "name": "cam-1", "source": assets["clip"], "model": assets["model"], "zones": assets["zones"], "threads": 2,
-        "restart_budget": 0, "detections": {"shop": SHOP, "broker": {"port": broker.port}, "anchor": "bottom", "image_size": [768, 576], **marks}})
+        "restart_budget": 0, "detections": {"shop": SHOP, "broker": {"port": broker.port, "username": f"{SHOP}.plaza-detections"}, "anchor": "bottom", "image_size": [768, 576], **marks}})
     runner = PipelineRunner(build_pipeline(cfg), cfg, RecordingSink())
     # Frames processed before the stream's connection is up are counted (detections_unpublished), not sent.
     try:
@@ -60,7 +60,7 @@ def test_each_frames_detections_go_out_on_the_floor_through_the_homography(asset
         listener.stop()
     errors = runner.pipeline.health()["errors_by_reason"]
     assert len(seen) == FRAMES and len(got) == FRAMES - errors.get("detections_unpublished", 0) >= FRAMES // 2
-    assert all(topic == detection_topic(SHOP, "plaza") for topic, _ in got)
+    assert all(topic == detection_topic(SHOP, "plaza-detections", "plaza") for topic, _ in got)  # under its user's node
     frames = [decode_frame(p) for _, p in got]
     by_ts = {ts: (boxes, scores) for ts, boxes, scores in seen}
     assert [f.seq for f in frames] == sorted(f.seq for f in frames) and sum(len(f.detections) for f in frames) >= 2 * len(frames)

@@ -498,12 +498,15 @@ def test_mosquitto_started_with_the_generated_config_holds_the_inflight_window()
         shutil.rmtree(deploy, ignore_errors=True)
 
 
-def test_shop_broker_acl_lets_cameras_stream_detections_and_the_floor_pipeline_track_within_the_shop_only(tmp_path):
-    """On the shop broker as written: node users publish and read the shop's detection and track streams, nothing of another shop."""
+def test_shop_broker_acl_binds_each_stream_to_the_node_user_that_publishes_it(tmp_path):
+    """On the shop broker as written: each node user writes detection and track streams under its own node only, reads the
+    shop's streams, and nothing of another shop."""
     from fleet_controller.broker_config import BrokerOptions, bridge_topics, render_shop_acl
 
     acl = render_shop_acl("shop-a", ["pi-1"])
-    assert "topic readwrite local/v1/shop-a/detections/+" in acl and "topic readwrite local/v1/shop-a/tracks/+" in acl
+    assert "topic write local/v1/shop-a/detections/pi-1/+" in acl and "topic write local/v1/shop-a/tracks/pi-1/+" in acl
+    assert "topic read local/v1/shop-a/detections/+/+" in acl and "topic read local/v1/shop-a/tracks/+/+" in acl
+    assert not any(ln.startswith("topic readwrite local/") or ln.startswith("topic write local/v1/shop-a/tracks/+") for ln in acl.splitlines())
     assert not any(ln.split()[1].startswith("local/") for ln in bridge_topics("shop-a", ["pi-1", "pi-2"]))
     from fleet_controller.pki import Pki
 
@@ -518,14 +521,17 @@ def test_shop_broker_acl_lets_cameras_stream_detections_and_the_floor_pipeline_t
         cam = Client(b, creds["nodes"]["shop-a/pi-1"]["username"], creds["nodes"]["shop-a/pi-1"]["password"])
         floor = Client(b, creds["nodes"]["shop-a/gpu-1-floor"]["username"], creds["nodes"]["shop-a/gpu-1-floor"]["password"])
         fusion = Client(b, creds["nodes"]["shop-a/pi-2"]["username"], creds["nodes"]["shop-a/pi-2"]["password"])
-        floor.subscribe("local/v1/shop-a/detections/+")
-        floor.subscribe("local/v1/shop-b/detections/+")  # refused by the ACL: nothing of another shop arrives
-        fusion.subscribe("local/v1/shop-a/tracks/+")
-        cam.publish("local/v1/shop-b/detections/c0-0", b"forged")  # another shop's stream
-        cam.publish("local/v1/shop-a/detections/c0-0", b"frame")
-        floor.publish("local/v1/shop-a/tracks/floor", b"tracks")
-        assert floor.received("local/v1/shop-a/detections/c0-0") == [("local/v1/shop-a/detections/c0-0", b"frame")]
-        assert fusion.received("local/v1/shop-a/tracks/floor") == [("local/v1/shop-a/tracks/floor", b"tracks")]
+        floor.subscribe("local/v1/shop-a/detections/+/+")
+        floor.subscribe("local/v1/shop-b/detections/+/+")  # refused by the ACL: nothing of another shop arrives
+        fusion.subscribe("local/v1/shop-a/tracks/+/+")
+        cam.publish("local/v1/shop-b/detections/pi-1/c0-0", b"forged")  # another shop's stream
+        cam.publish("local/v1/shop-a/detections/pi-2/c0-0", b"forged")  # another node's prefix
+        cam.publish("local/v1/shop-a/detections/c0-0", b"forged")  # the unbound shape of old
+        cam.publish("local/v1/shop-a/detections/pi-1/c0-0", b"frame")
+        cam.publish("local/v1/shop-a/tracks/gpu-1-floor/floor", b"forged")  # the floor's merged tracks, from a camera node
+        floor.publish("local/v1/shop-a/tracks/gpu-1-floor/floor", b"tracks")
+        assert floor.received("local/v1/shop-a/detections/pi-1/c0-0") == [("local/v1/shop-a/detections/pi-1/c0-0", b"frame")]
+        assert fusion.received("local/v1/shop-a/tracks/gpu-1-floor/floor") == [("local/v1/shop-a/tracks/gpu-1-floor/floor", b"tracks")]
         for c in (cam, floor, fusion):
             c.close()
     finally:

@@ -101,6 +101,8 @@ def test_fusion_reads_the_track_stream_of_the_gpu_camera_on_its_node(shop, tmp_p
     (p,) = fusion.pipelines
     assert p.camera == _camera(shop, vspec, vc, cam)  # fusion's camera is the one that publishes tracks
     assert cam.tracks.broker.username == f"{s.SHOP}.track-stream" not in (vision.broker.username, p.broker.username)
+    # ...and fusion is bound to that publisher: the track stream's user's node is the node fusion takes tracks from.
+    assert p.track_node == cam.tracks.node() == "track-stream"
     _assert_node_password(vspec, vc, cam.tracks.broker, shop)
     # Same node: fusion runs where vision-gpu runs.
     fspec, _ = _container(shop, "fusion")
@@ -143,13 +145,17 @@ def test_the_shop_brokers_acl_lets_each_fusion_user_do_what_it_does(shop, tmp_pa
     camera = _camera(shop, vspec, vc, cam)
     # The fusion agent sends carts as events of its own node.
     assert _may(acl, users[0], "write", Topics.node(s.SHOP, fusion.node, Channel.EVENTS))
-    # The pipeline subscribes to every node's events and every camera's tracks of its shop (the
+    # The pipeline subscribes to every node's events and every track stream of its shop (the
     # subscriptions FusionPipeline.run makes), and nothing of another shop.
     for sub in (f"{Topics.root}/{s.SHOP}/+/{Channel.EVENTS.value}", track_subscription(s.SHOP)):
         assert _may(acl, users[1], "read", sub), sub
-    assert not _may(acl, users[1], "read", track_topic("other-shop", camera))
-    # The camera's track stream publishes on its camera's topic.
-    assert _may(acl, users[2], "write", track_topic(s.SHOP, camera))
+    assert not _may(acl, users[1], "read", track_topic("other-shop", nodes[2], camera))
+    # The camera's track stream publishes on its camera's topic under its own node, the one fusion's track_node names;
+    # no other user of the shop may write there, and it may write under no other node.
+    topic = track_topic(s.SHOP, p.track_node, camera)
+    assert topic == track_topic(s.SHOP, cam.tracks.node(), camera) and _may(acl, users[2], "write", topic)
+    assert not any(_may(acl, u, "write", topic) for u in users[:2])
+    assert not _may(acl, users[2], "write", track_topic(s.SHOP, nodes[0], camera))
 
 
 def test_a_model_rollout_does_not_restart_fusion():

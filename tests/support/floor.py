@@ -18,6 +18,7 @@ import numpy as np
 import yaml
 
 import fusion.sim as sim
+from edge_agent.pipelines.vision import DetectionStream
 from fusion.generate import generate
 from fusion.scenario import Scenario
 from vision.multiview import FloorView, MergeConfig, MultiViewTracker
@@ -93,11 +94,24 @@ def reference(g: Grid, frames: list[tuple[int, dict[str, Detections]]] | None = 
     return out
 
 
-def floor_config(g: Grid, zones_path: str, shop: str, port: int, **kw: object) -> dict:
-    """Return a ``type: floor`` pipeline entry for the grid's cameras (coverage: each view's image corners on the floor)."""
-    cameras = [{"camera": v.camera, "coverage": v.floor_polygon().tolist()} for v in g.views]  # type: ignore[union-attr]
+CAMERAS_NODE = "cams"
+"""The node part of the broker user ``<shop>.cams`` that stands in for the grid's cameras' detection streams."""
+FLOOR_NODE = "floor"
+"""The node part of the floor pipeline's broker user ``<shop>.floor``: its tracks go to ``tracks/floor/floor``."""
+
+
+def detection_stream(shop: str, homography: object, node: str = CAMERAS_NODE) -> DetectionStream:
+    """Return a camera's ``detections:`` config publishing as ``<shop>.<node>`` (the topic's node)."""
+    return DetectionStream.model_validate({"shop": shop, "homography": homography, "broker": {"username": f"{shop}.{node}"}})
+
+
+def floor_config(g: Grid, zones_path: str, shop: str, port: int, node: str = CAMERAS_NODE, **kw: object) -> dict:
+    """Return a ``type: floor`` pipeline entry for the grid's cameras (coverage: each view's image corners on the floor),
+    each bound to the publisher ``node``, the pipeline's own user ``<shop>.floor``."""
+    cameras = [{"camera": v.camera, "node": node, "coverage": v.floor_polygon().tolist()} for v in g.views]  # type: ignore[union-attr]
+    broker = {"port": port, "username": f"{shop}.{FLOOR_NODE}", "reconnect_min_s": 0.2, "reconnect_max_s": 1.0}
     return {"type": "floor", "name": "floor", "shop": shop, "zones": zones_path, "cameras": cameras,
-            "merge": g.merge.model_dump(mode="json"), "broker": {"port": port, "reconnect_min_s": 0.2, "reconnect_max_s": 1.0}, **kw}
+            "merge": g.merge.model_dump(mode="json"), "broker": broker, **kw}
 
 
 def write_zones(g: Grid, path) -> str:
