@@ -321,41 +321,45 @@ class FusionPipeline:
             return []
         with self._lock:
             self._read["events"] += 1
-        key = (msg.node, msg.epoch, msg.seq)
-        if key in self._seen:
-            self._count("duplicate")
-            return []
-        self._seen[key] = None
-        if len(self._seen) > 100_000:
-            self._seen.popitem(last=False)
         try:
+            # What it is and whether its publisher is the node bound to it, before anything is remembered of it: another
+            # node's messages, however many, never push the genuine ones out of the duplicate memory.
+            board: str | None = None
             if isinstance(msg, Alert):
-                if msg.name == "sensor_board_disconnected" and self._from_bound(msg.name, msg.node, msg.source):
-                    return [BoardLink(msg.source, msg.state == "resolved", msg.ts)]
-                return []
-            if msg.type not in SHOP_EVENTS:
-                return []
-            d, at = msg.data, (msg.at if msg.at is not None else msg.ts)
-            if msg.type in VISION_EVENTS:
-                if cam is not None and d.get("camera", msg.source) != cam:
-                    return []  # another camera's events: not fusion's input, from whoever
-                if not self._from_bound(msg.type, msg.node):
+                if msg.name != "sensor_board_disconnected":
                     return []
+                kind, board, d, at = msg.name, msg.source, {}, msg.ts
+            else:
+                if msg.type not in SHOP_EVENTS:
+                    return []
+                kind, d, at = msg.type, msg.data, (msg.at if msg.at is not None else msg.ts)
+                if kind in VISION_EVENTS and cam is not None and d.get("camera", msg.source) != cam:
+                    return []  # another camera's events: not fusion's input, from whoever
+                if kind == "shelf_change":
+                    board = str(d["board"])
+            if not self._from_bound(kind, msg.node, board):
+                return []
+            key = (msg.node, msg.epoch, msg.seq)
+            if key in self._seen:
+                self._count("duplicate")
+                return []
+            self._seen[key] = None
+            if len(self._seen) > 100_000:
+                self._seen.popitem(last=False)
+            if isinstance(msg, Alert):
+                return [BoardLink(msg.source, msg.state == "resolved", msg.ts)]
+            if kind in VISION_EVENTS:
                 if d.get("track_id") is None:
                     return []
-                if msg.type == "person_entered":
+                if kind == "person_entered":
                     return [DoorCrossing(int(d["track_id"]), at, "in")]
-                if msg.type == "person_exited":
+                if kind == "person_exited":
                     return [DoorCrossing(int(d["track_id"]), at, "out")]
-                return [ZoneVisit(int(d["track_id"]), at, str(d.get("zone") or ""), msg.type)]  # type: ignore[arg-type]
-            if msg.type == "shelf_change":
-                if not self._from_bound(msg.type, msg.node, str(d["board"])):
-                    return []
+                return [ZoneVisit(int(d["track_id"]), at, str(d.get("zone") or ""), kind)]  # type: ignore[arg-type]
+            if kind == "shelf_change":
                 return [ShelfChange(f"{msg.node}/{msg.epoch}/{msg.seq}", str(d["board"]), int(d["channel"]), str(d.get("slot") or ""),
                                     str(d.get("product") or ""), int(d["quantity"]), float(d["delta_g"]), float(d["confidence"]), at)]
-            if not self._from_bound(msg.type, msg.node):
-                return []
-            return [DoorContact(at, msg.type == "door_opened", str(d.get("board", msg.source)))]
+            return [DoorContact(at, kind == "door_opened", str(d.get("board", msg.source)))]
         except (KeyError, TypeError, ValueError) as exc:
             self._count(f"bad_{msg.type}" if isinstance(msg, Event) else "bad_alert")
             log.warning("fusion %s: a %s from %s lacks what fusion needs (%s); dropped", self.name, getattr(msg, "type", "message"), msg.node, exc)

@@ -197,6 +197,8 @@ def test_events_are_taken_only_from_the_node_the_layout_binds_each_kind_to(caplo
     assert decode(VISION_NODE, "shelf_change", change, slot.board) == []
     assert decode(SENSOR_NODE, "person_entered", entered, "ceiling") == []
     assert p.health()["errors_by_reason"] == {"event_wrong_node": 11}
+    # Nothing of them is remembered: a flood of refused events cannot push the genuine ones out of the duplicate memory.
+    assert not p._seen
     warned = [r.getMessage() for r in caplog.records if "event_wrong_node" in r.getMessage()]
     # Once per (node, kind) at warning level: cam-9 x 5 kinds, and the two bound nodes' one wrong kind each.
     assert len(warned) == 7, warned
@@ -205,6 +207,8 @@ def test_events_are_taken_only_from_the_node_the_layout_binds_each_kind_to(caplo
     # The bound nodes' events still fuse, and the genuine ones are not mistaken for duplicates of the refused.
     got = decode(SENSOR_NODE, "shelf_change", change, slot.board)
     assert [(type(i).__name__, i.board, i.quantity) for i in got] == [("ShelfChange", slot.board, -1)]
+    replay = Event(shop=SHOP, node=SENSOR_NODE, epoch=f"ep-{SENSOR_NODE}", seq=seq[SENSOR_NODE], type="shelf_change", source=slot.board, data=change)
+    assert p._decode(Topics.node(SHOP, SENSOR_NODE, "events"), encode(replay)) == []  # its outbox replay: fed once
     assert [type(i).__name__ for i in decode(VISION_NODE, "person_entered", entered, "ceiling")] == ["DoorCrossing"]
     assert [type(i).__name__ for i in decode(VISION_NODE, "zone_enter", entered, "ceiling")] == ["ZoneVisit"]
     assert [(type(i).__name__, i.open) for i in decode(SENSOR_NODE, "door_opened", door, "door-1")] == [("DoorContact", True)]
@@ -213,7 +217,7 @@ def test_events_are_taken_only_from_the_node_the_layout_binds_each_kind_to(caplo
     assert [type(i).__name__ for i in p._decode(Topics.node(SHOP, SENSOR_NODE, "events"), encode(ok))] == ["BoardLink"]
     # Another camera's vision events are not fusion's input, from whoever: ignored, not counted.
     assert decode("cam-9", "person_entered", {**entered, "camera": "other"}, "other") == []
-    assert p.health()["errors_by_reason"] == {"event_wrong_node": 11}
+    assert p.health()["errors_by_reason"] == {"event_wrong_node": 11, "duplicate": 1}
 
 
 def test_the_event_binding_is_required_and_checked_against_the_layout(tmp_path):
