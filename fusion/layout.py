@@ -6,6 +6,11 @@ Each slot is a place on a shelf edge (``front``), the direction the shelf faces 
 entry (board, channel, product, unit weight and its spread, price in cents), so fusion can price
 a receipt and check that what the boards report matches what the shop believes is on the shelf.
 
+The optional ``publishers`` block says which node may publish each kind of event fusion takes
+(the ``{node}`` of ``fleet/v1/{shop}/{node}/events``, which the shop broker's ACL binds to the
+publisher): the ``type: fusion`` pipeline requires it and drops every event from another node
+(docs/fusion.md, "Events bound to their publisher"); offline runs (scenarios, evaluation) ignore it.
+
 Validation is strict (``extra="forbid"``); errors name the key and the fix.
 """
 
@@ -18,6 +23,9 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from fusion.errors import LayoutInvalid
 
 Point = tuple[float, float]
+
+NODE_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
+"""A node id as the agents and the broker users use it (``edge_agent.protocol.ID_PATTERN``)."""
 
 
 class SlotSpec(BaseModel):
@@ -84,6 +92,36 @@ class DoorSpec(BaseModel):
         return ((self.a[0] + self.b[0]) / 2, (self.a[1] + self.b[1]) / 2)
 
 
+class PublishersSpec(BaseModel):
+    """Which node publishes each kind of event fusion takes: the node part of its broker user ``<shop>.<node>``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    vision: str = Field(
+        pattern=NODE_PATTERN,
+        description="node whose events person_entered, person_exited, zone_enter, zone_exit and dwell (of fusion's camera) are taken: "
+        "the agent running the camera whose tracks fusion follows (as deployed <gpu node>-vision; with camera: floor, the agent running the floor pipeline)",
+    )
+    door: str = Field(pattern=NODE_PATTERN, description="node whose door_opened / door_closed are taken: the sensor agent reading the door contact (as deployed <node>-sensors)")
+    boards: dict[str, str] = Field(
+        min_length=1,
+        description="board id -> node whose shelf_change and sensor_board_disconnected of that board are taken: the sensor agent reading it "
+        "(as deployed <node>-sensors); every board a slot names, and only those",
+    )
+
+    @model_validator(mode="after")
+    def _nodes(self) -> PublishersSpec:
+        import re
+
+        bad = {b: n for b, n in sorted(self.boards.items()) if not re.match(NODE_PATTERN, n)}
+        if bad:
+            raise ValueError(f"boards: the nodes of {bad} (board: node) are not node ids: lower-case letters, digits and '-', the <node> of <shop>.<node>")
+        return self
+
+    def board_nodes(self) -> frozenset[str]:
+        """Return the nodes some board is bound to."""
+        return frozenset(self.boards.values())
+
+
 class ShopLayout(BaseModel):
     """A shop: its name, floor size, door and slots."""
 
@@ -93,6 +131,9 @@ class ShopLayout(BaseModel):
     depth_m: float = Field(gt=0, le=200, description="floor depth (y) in metres, the door on y=0 by convention")
     door: DoorSpec = Field(description="the door line")
     slots: tuple[SlotSpec, ...] = Field(min_length=1, description="every stocked slot")
+    publishers: PublishersSpec | None = Field(
+        None, description="which node publishes each kind of event (required by the type: fusion pipeline, ignored offline)"
+    )
     _names: dict[str, SlotSpec] = PrivateAttr(default_factory=dict)
     _channels: dict[tuple[str, int], SlotSpec] = PrivateAttr(default_factory=dict)
 
@@ -106,6 +147,17 @@ class ShopLayout(BaseModel):
         dupc = sorted({c for c in chans if chans.count(c) > 1})
         if dupc:
             raise ValueError(f"each (board, channel) holds one slot; repeated: {dupc}")
+        if self.publishers is not None:
+            slot_boards = dict.fromkeys(s.board for s in self.slots)
+            unknown = sorted(set(self.publishers.boards) - set(slot_boards))
+            if unknown:
+                raise ValueError(f"publishers.boards names boards no slot is on: {unknown} (the slots' boards: {list(slot_boards)}); "
+                                 "correct the board id or remove it (a door contact's board is bound by publishers.door)")
+            unbound = [b for b in slot_boards if b not in self.publishers.boards]
+            if unbound:
+                slots = {b: [s.slot for s in self.slots if s.board == b] for b in unbound}
+                raise ValueError(f"publishers.boards has no node for boards {slots} (board: its slots): add '<board>: <node>', the node "
+                                 "whose hardware pipeline reads it; fusion would drop all its shelf changes")
         return self
 
     def slot(self, name: str) -> SlotSpec | None:

@@ -21,6 +21,16 @@ track message of its ``camera`` (of any camera when that is unset) under any oth
 body names another camera than its topic (``track_camera_mismatch``): one node's stolen
 credentials cannot feed fusion positions, so cannot move a pick to another shopper's cart.
 
+Events are bound the same way: the topic's ``{node}`` of ``fleet/v1/{shop}/{node}/events`` is
+its publisher (the shop broker's ACL), and the layout's ``publishers`` block (required) names
+the node each kind comes from: vision events (``person_entered``, ``person_exited``,
+``zone_enter``, ``zone_exit``, ``dwell``) from ``publishers.vision``, ``door_opened`` /
+``door_closed`` from ``publishers.door``, a board's ``shelf_change`` and
+``sensor_board_disconnected`` from ``publishers.boards[board]`` (a board the layout does not
+name: from any node some board is bound to, so fusion still flags it ``unknown-slot``). Any
+other node's is counted (``event_wrong_node``, warned once per node and kind) and never fused:
+one node's stolen credentials cannot open a session or charge a pick.
+
 This pipeline opens its own MQTT connection to the shop broker (``broker:``). Mosquitto binds
 the client id to the user name there, so it needs a user of its own (see docs/fusion.md); a
 second connection as the node's user would take over the agent's session.
@@ -68,7 +78,9 @@ GATE_METRICS = {
 }
 """Gate metrics this pipeline reports (name -> meaning); docs/agent.md lists them for policies."""
 
-SHOP_EVENTS = frozenset({"person_entered", "person_exited", "zone_enter", "zone_exit", "dwell", "shelf_change", "door_opened", "door_closed"})
+VISION_EVENTS = frozenset({"person_entered", "person_exited", "zone_enter", "zone_exit", "dwell"})
+DOOR_EVENTS = frozenset({"door_opened", "door_closed"})
+SHOP_EVENTS = VISION_EVENTS | DOOR_EVENTS | {"shelf_change"}
 
 
 def stream_node(username: str | None, shop: str, what: str) -> str:
@@ -132,7 +144,11 @@ class Config(PipelineConfigBase):
 
     type: Literal["fusion"] = Field(description="Pipeline type: shopper sessions and carts from the shop's tracks and shelf events.")
     shop: str = Field(min_length=1, description="Shop id whose events and tracks to fuse (this node's shop).")
-    layout: str = Field(min_length=1, description="Shop layout YAML: door line, slots with board/channel, product and price (docs/fusion.md).")
+    layout: str = Field(
+        min_length=1,
+        description="Shop layout YAML: door line, slots with board/channel, product and price, and publishers: the node each kind of "
+        "event is taken from (required here; docs/fusion.md).",
+    )
     broker: BrokerConfig = Field(default_factory=BrokerConfig, description="The shop broker, with a user of this pipeline's own (docs/fusion.md).")
     track_node: str = Field(
         min_length=1,
@@ -188,6 +204,43 @@ class FusionPipeline:
         self._fusion: Any = None
         self._logged: set[str] = set()
         self._read: Counter[str] = Counter()  # track messages and events read (health detail)
+        self._publishers: Any = None  # fusion.layout.PublishersSpec once bound (bind): no event is taken before
+
+    def bind(self, layout: Any) -> None:
+        """Take events only from the nodes ``layout.publishers`` names; raise ``ValueError`` saying what to add when it has none."""
+        pub = layout.publishers
+        if pub is None:
+            raise ValueError(
+                f"layout {self.config.layout} has no publishers: fusion takes each kind of event only from the node that publishes it "
+                "(the <node> of fleet/v1/<shop>/<node>/events); add publishers: {vision: <node of the camera's agent>, door: <node reading "
+                "the door contact>, boards: {<board>: <node reading it>, ...}} (docs/fusion.md, 'Events bound to their publisher')"
+            )
+        self._publishers = pub
+        log.info("fusion %s: events taken from: vision events from %s, door events from %s, shelf events by board %s; any other node's are dropped "
+                 "(event_wrong_node)", self.name, pub.vision, pub.door, ", ".join(f"{b}: {n}" for b, n in sorted(pub.boards.items())))
+
+    def _bound(self, kind: str, board: str | None) -> tuple[frozenset[str], str]:
+        """Return the nodes an event of ``kind`` (of ``board``) is taken from, and the config that says so."""
+        pub = self._publishers
+        if pub is None:
+            return frozenset(), "no layout bound yet"
+        if kind in VISION_EVENTS:
+            return frozenset({pub.vision}), f"publishers.vision is {pub.vision!r}"
+        if kind in DOOR_EVENTS:
+            return frozenset({pub.door}), f"publishers.door is {pub.door!r}"
+        node = pub.boards.get(board)
+        if node is not None:
+            return frozenset({node}), f"publishers.boards[{board}] is {node!r}"
+        return pub.board_nodes(), f"board {board!r} is not in the layout, so only a board node ({', '.join(sorted(pub.board_nodes()))}) is taken"
+
+    def _from_bound(self, kind: str, node: str, board: str | None = None) -> bool:
+        """Return True when ``node`` publishes ``kind`` (of ``board``) for fusion; else count and log it (event_wrong_node)."""
+        nodes, why = self._bound(kind, board)
+        if node in nodes:
+            return True
+        what = f"{kind} of board {board!r}" if board is not None else kind
+        self._refuse("event_wrong_node", node, f"a {what} from node {node!r}, but {why}", kind)
+        return False
 
     # ----- intake of MQTT messages (network thread: hand off only) ---------------------------
 
@@ -213,14 +266,14 @@ class FusionPipeline:
         with self._lock:
             self._errors[reason] += 1
 
-    def _refuse(self, reason: str, node: str, detail: str) -> None:
-        """Count a track message refused for where it came from; warn once per reason and node (then debug)."""
+    def _refuse(self, reason: str, node: str, detail: str, kind: str = "") -> None:
+        """Count a message refused for where it came from; warn once per reason, node and event kind (then debug)."""
         self._count(reason)
-        key = f"{reason}/{node}"
+        key = f"{reason}/{node}/{kind}"
         level = logging.DEBUG if key in self._logged else logging.WARNING
         self._logged.add(key)
         log.log(level, "fusion %s: dropped %s (%s)%s", self.name, detail, reason,
-                "" if level == logging.DEBUG else "; further ones of this node and reason are logged at debug level")
+                "" if level == logging.DEBUG else f"; further ones of this node{' and kind' if kind else ''} and reason are logged at debug level")
 
     def _decode(self, topic: str, payload: bytes) -> list[Any]:
         """Turn one message into fusion inputs; count and drop what is not usable."""
@@ -268,35 +321,45 @@ class FusionPipeline:
             return []
         with self._lock:
             self._read["events"] += 1
-        key = (msg.node, msg.epoch, msg.seq)
-        if key in self._seen:
-            self._count("duplicate")
-            return []
-        self._seen[key] = None
-        if len(self._seen) > 100_000:
-            self._seen.popitem(last=False)
         try:
+            # What it is and whether its publisher is the node bound to it, before anything is remembered of it: another
+            # node's messages, however many, never push the genuine ones out of the duplicate memory.
+            board: str | None = None
             if isinstance(msg, Alert):
-                if msg.name == "sensor_board_disconnected":
-                    return [BoardLink(msg.source, msg.state == "resolved", msg.ts)]
-                return []
-            if msg.type not in SHOP_EVENTS:
-                return []
-            d, at = msg.data, (msg.at if msg.at is not None else msg.ts)
-            if msg.type in ("person_entered", "person_exited", "zone_enter", "zone_exit", "dwell"):
-                if cam is not None and d.get("camera", msg.source) != cam:
+                if msg.name != "sensor_board_disconnected":
                     return []
+                kind, board, d, at = msg.name, msg.source, {}, msg.ts
+            else:
+                if msg.type not in SHOP_EVENTS:
+                    return []
+                kind, d, at = msg.type, msg.data, (msg.at if msg.at is not None else msg.ts)
+                if kind in VISION_EVENTS and cam is not None and d.get("camera", msg.source) != cam:
+                    return []  # another camera's events: not fusion's input, from whoever
+                if kind == "shelf_change":
+                    board = str(d["board"])
+            if not self._from_bound(kind, msg.node, board):
+                return []
+            key = (msg.node, msg.epoch, msg.seq)
+            if key in self._seen:
+                self._count("duplicate")
+                return []
+            self._seen[key] = None
+            if len(self._seen) > 100_000:
+                self._seen.popitem(last=False)
+            if isinstance(msg, Alert):
+                return [BoardLink(msg.source, msg.state == "resolved", msg.ts)]
+            if kind in VISION_EVENTS:
                 if d.get("track_id") is None:
                     return []
-                if msg.type == "person_entered":
+                if kind == "person_entered":
                     return [DoorCrossing(int(d["track_id"]), at, "in")]
-                if msg.type == "person_exited":
+                if kind == "person_exited":
                     return [DoorCrossing(int(d["track_id"]), at, "out")]
-                return [ZoneVisit(int(d["track_id"]), at, str(d.get("zone") or ""), msg.type)]  # type: ignore[arg-type]
-            if msg.type == "shelf_change":
+                return [ZoneVisit(int(d["track_id"]), at, str(d.get("zone") or ""), kind)]  # type: ignore[arg-type]
+            if kind == "shelf_change":
                 return [ShelfChange(f"{msg.node}/{msg.epoch}/{msg.seq}", str(d["board"]), int(d["channel"]), str(d.get("slot") or ""),
                                     str(d.get("product") or ""), int(d["quantity"]), float(d["delta_g"]), float(d["confidence"]), at)]
-            return [DoorContact(at, msg.type == "door_opened", str(d.get("board", msg.source)))]
+            return [DoorContact(at, kind == "door_opened", str(d.get("board", msg.source)))]
         except (KeyError, TypeError, ValueError) as exc:
             self._count(f"bad_{msg.type}" if isinstance(msg, Event) else "bad_alert")
             log.warning("fusion %s: a %s from %s lacks what fusion needs (%s); dropped", self.name, getattr(msg, "type", "message"), msg.node, exc)
@@ -316,6 +379,7 @@ class FusionPipeline:
         cfg = self.config
         try:
             layout = parse_layout(yaml.safe_load(Path(cfg.layout).read_text()), source=cfg.layout)
+            self.bind(layout)
             fcfg = FusionConfig.model_validate(cfg.fusion)
         except OSError as exc:
             raise RuntimeError(f"pipelines[{cfg.name}]: cannot read layout {cfg.layout}: {exc}") from None

@@ -22,7 +22,9 @@ in the manifests, so vision-arm64 stands in for it: its ConfigMap's ``vision.yam
 ``tracks:`` block of the rendered ``vision-gpu.yaml`` (user ``shop-x.track-stream``, its password
 file, ``px_per_m``, ``origin_px``), and its pod the volume and read-only mount of the node's
 ``track-stream.password`` that vision-gpu's template has (:func:`_with_track_stream`). Fusion's
-``camera:`` is set to the zones file's camera (``door``, which it already names). Fusion's node
+``camera:`` is set to the zones file's camera (``door``, which it already names), and its layout's
+``publishers`` to this node's agents (``pi-1-vision``, ``pi-1-sensors``: a shop's overlay names its
+nodes there, the renderer cannot). Fusion's node
 selector asks for the gpu class; it runs on pi-1, next to the camera it reads (the scheduler's
 business, as for the arch pin). Fusion's three broker users (``shop-x.pi-1-fusion``,
 ``shop-x.fusion-inputs``, ``shop-x.track-stream``) are in ``nodes.txt`` and their passwords on the
@@ -40,9 +42,10 @@ mosquitto (images/mosquitto). The applier (needs a Kubernetes API) and fluent-bi
 
 The last stdout line is a JSON summary: shop_online, events (count by type), model_verified,
 arm64_agent_online, fusion (:class:`FusionWatch`: node online, pipeline state, /healthz, whether
-it consumed the track stream, shopper sessions and carts), image_mb, seconds. Exit code 0 when
-the shop came online with shelf and camera events, the arm64 agent reported in, and fusion runs,
-consumed the track stream and opened a shopper session. A session needs a door crossing of a
+it consumed the track stream, shopper sessions and carts, events dropped as from the wrong node),
+image_mb, seconds. Exit code 0 when the shop came online with shelf and camera events, the arm64
+agent reported in, and fusion runs, consumed the track stream, opened a shopper session and
+dropped no event as from the wrong node (``event_wrong_node``). A session needs a door crossing of a
 streamed track while the door contact is open: the board's scenario opens the door 2-12 s into
 every 25 s loop (entries count for fusion's door_grace_s after it closes), and vtest.avi's walkers
 cross the zones file's door line a dozen times a minute, so within the observation window some
@@ -379,6 +382,15 @@ def shop(box: Box, creds: dict[str, Any], base: str, by_id: Path, model_sha: str
         d["pipelines"][0]["camera"] = camera
 
     cms["fusion"]["fusion.yaml"] = _patch_yaml(cms["fusion"]["fusion.yaml"], fusion_cfg)
+
+    def layout_cfg(d: dict[str, Any]) -> None:
+        # Who publishes fusion's events, as a shop's overlay names them (fleet nodes on Kubernetes node names, which the
+        # renderer does not know): the camera's agent on pi-1, and pi-1's sensor driver reading the board (its shelves
+        # and the door contact). Events of any other node are dropped (event_wrong_node).
+        d["publishers"] = {"vision": f"{NODE}-vision", "door": f"{NODE}-sensors",
+                           "boards": {b: f"{NODE}-sensors" for b in dict.fromkeys(slot["board"] for slot in d["slots"])}}
+
+    cms["fusion"]["layout.yaml"] = _patch_yaml(cms["fusion"]["layout.yaml"], layout_cfg)
     # The denials sidecar's API token; no controller is reachable at the manifests' address here,
     # so its forwarding fails (and is counted) while it still counts refusals from the log.
     secrets = {"shop-broker": _files(box.work / "central-etc/broker/shops" / SHOP), "broker-denials": {"token": "unused"}}
@@ -550,6 +562,7 @@ class FusionWatch:
             "tracks_consumed": self.tracks_consumed(),
             "known_track_crossings": self.known_track_crossings(),
             "unknown_track_crossings": int(self.errors.get("fusion_crossing-unknown-track", 0)),
+            "events_wrong_node": int(self.errors.get("event_wrong_node", 0)),
             "max_shoppers_inside": self.max_inside,
             "carts": self.carts,
             "cart_events": {k: v for k, v in events.items() if k.startswith("cart_")},
@@ -627,7 +640,8 @@ def main(argv: list[str] | None = None) -> int:
         f = summary["fusion"]
         ok = bool(summary["shop_online"] and summary["arm64_agent_online"] and "shelf_change" in types
                   and types & {"person_entered", "person_exited"}
-                  and f["online"] and f["pipeline_state"] == "running" and f["tracks_consumed"] and f["shopper_session"])
+                  and f["online"] and f["pipeline_state"] == "running" and f["tracks_consumed"] and f["shopper_session"]
+                  and f["events_wrong_node"] == 0)
         if not ok:
             say("the shop did not fully report in; container logs follow")
             print(box.logs(), file=sys.stderr)

@@ -98,6 +98,8 @@ def _config(tmp_path, shop: SecuredShopBroker, cams: MjpegServer, model: str, me
         "name": "plaza", "width_m": 8, "depth_m": 6, "door": {"a": [6.5, 2.5], "b": [6.5, 5.2], "inside": [5.0, 3.5]},
         "slots": [{"slot": "A1", "shelf": "shelf-1", "board": "b1", "channel": 0, "product": "cola", "unit_weight_g": 345, "price_cents": 150,
                    "front": [4.5, 2.0], "facing": [0, 1]}],
+        # Fusion's events: the floor's door crossings from this agent, the door contact and the board from the sensor node pi-1.
+        "publishers": {"vision": NODE, "door": "pi-1", "boards": {"b1": "pi-1"}},
     }))
     return {
         "shop": SHOP, "node": NODE, "node_class": "gpu",

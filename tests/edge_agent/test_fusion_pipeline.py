@@ -9,95 +9,35 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 import time
 from collections import Counter
 
 import pytest
 import yaml
 
-import fusion.sim
 from edge_agent.agent import Agent
 from edge_agent.config import validate_config
 from edge_agent.mqtt_core import MqttSettings, ThreadedLink
 from edge_agent.pipelines.fusion import Config, FusionPipeline, track_topic
 from edge_agent.protocol import Alert, Event, Topics, encode, parse_message
 from fleet_controller.broker_config import bridge_topics
-from fusion.engine import Fusion
+from fusion.errors import LayoutInvalid
 from fusion.generate import generate
-from fusion.types import (
-    BoardLink,
-    DoorContact,
-    DoorCrossing,
-    ShelfChange,
-    TrackLost,
-    TrackObservation,
-    ZoneVisit,
-)
+from fusion.layout import parse_layout
 from shopfleet.broker import BrokerProcess
+from tests.support.fusion_replay import (
+    SENSOR_NODE,
+    SHOP,
+    TRACK_NODE,
+    VISION_NODE,
+    bound,
+    offline_carts,
+    record_scenario,
+    to_messages,
+    with_publishers,
+)
 from tests.support.wait import wait_for
-
-SHOP = "shop-f"
-TRACK_NODE = "track-stream"
-"""The node part of the track stream's broker user ``shop-f.track-stream``: the only node fusion takes tracks from."""
-
-
-def record_scenario(monkeypatch, name: str, seed: int):
-    """Run a scenario through the real tracker and board code; return its fusion inputs (in feed order) and carts."""
-    inputs: list = []
-
-    class Recording(Fusion):
-        def feed(self, item):
-            inputs.append(item)
-            return super().feed(item)
-
-    monkeypatch.setattr(fusion.sim, "Fusion", Recording)
-    result = fusion.sim.run(generate(name, seed=seed))
-    return result, inputs
-
-
-def to_messages(inputs: list, base: float) -> list[tuple[str, bytes]]:
-    """Turn fusion inputs into what the shop broker carries: track frames and agents' events (scenario time + base)."""
-    out: list[tuple[str, bytes]] = []
-    seq = Counter()
-
-    def event(node: str, type_: str, source: str, data: dict, at: float) -> None:
-        seq[node] += 1
-        msg = Event(shop=SHOP, node=node, epoch=f"ep-{node}", seq=seq[node], type=type_, source=source, data=data, at=at)
-        out.append((Topics.node(SHOP, node, "events"), encode(msg)))
-
-    frame: dict | None = None
-    for it in inputs:
-        if isinstance(it, TrackObservation | TrackLost):
-            if frame is None or frame["ts"] != round(it.ts + base, 3):
-                if frame is not None:
-                    out.append((track_topic(SHOP, TRACK_NODE, "ceiling"), json.dumps(frame).encode()))
-                frame = {"camera": "ceiling", "ts": round(it.ts + base, 3), "tracks": [], "ended": []}
-            if isinstance(it, TrackObservation):
-                frame["tracks"].append([it.track_id, it.x, it.y])
-            else:
-                frame["ended"].append(it.track_id)
-            continue
-        if frame is not None:
-            out.append((track_topic(SHOP, TRACK_NODE, "ceiling"), json.dumps(frame).encode()))
-            frame = None
-        at = it.ts + base
-        if isinstance(it, DoorCrossing):
-            event("gpu-1", "person_entered" if it.direction == "in" else "person_exited", "ceiling", {"camera": "ceiling", "track_id": it.track_id, "zone": "door"}, at)
-        elif isinstance(it, ZoneVisit):
-            event("gpu-1", it.kind, "ceiling", {"camera": "ceiling", "track_id": it.track_id, "zone": it.zone}, at)
-        elif isinstance(it, ShelfChange):
-            event("pi-1", "shelf_change", it.board, {"board": it.board, "channel": it.channel, "slot": it.slot, "product": it.product,
-                                                      "quantity": it.quantity, "delta_g": it.delta_g, "confidence": it.confidence}, at)
-        elif isinstance(it, DoorContact):
-            event("pi-1", "door_opened" if it.open else "door_closed", it.board, {"board": it.board, "channel": 0}, at)
-        elif isinstance(it, BoardLink):
-            seq["pi-1"] += 1
-            alert = Alert(shop=SHOP, node="pi-1", epoch="ep-pi-1", seq=seq["pi-1"], ts=at, name="sensor_board_disconnected",
-                          state="resolved" if it.connected else "firing", source=it.board)
-            out.append((Topics.node(SHOP, "pi-1", "events"), encode(alert)))
-    if frame is not None:
-        out.append((track_topic(SHOP, TRACK_NODE, "ceiling"), json.dumps(frame).encode()))
-    return out
 
 
 def test_the_track_topic_is_never_bridged():
@@ -116,14 +56,10 @@ def test_the_track_topic_is_never_bridged():
 @pytest.mark.timeout(120)
 def test_carts_go_up_through_the_outbox_once_while_the_uplink_comes_and_goes(monkeypatch, tmp_path):
     result, inputs = record_scenario(monkeypatch, "crowd", seed=3)
-    # What fusion makes of these inputs in time order, its carts closed by time passing (not by the end of a run),
-    # without appearance vectors: the vision pipeline has no re-id model, so its track stream carries positions only.
-    plain = [dataclasses.replace(i, appearance=None) if isinstance(i, TrackObservation) else i for i in inputs]
-    offline = Fusion(result.scenario.shop)
-    made = [c for i in sorted(plain, key=lambda i: i.ts) for c in offline.feed(i)] + offline.advance(max(i.ts for i in inputs) + 60)
-    expected = Counter((c.status, tuple(sorted(c.items().items()))) for c in made)
+    # What fusion makes of these inputs in time order, its carts closed by time passing (not by the end of a run).
+    made, expected = offline_carts(result, inputs)
     layout = tmp_path / "layout.yaml"
-    layout.write_text(yaml.safe_dump(result.scenario.shop.model_dump(mode="json")))
+    layout.write_text(yaml.safe_dump(with_publishers(result.scenario.shop).model_dump(mode="json")))
     (tmp_path / "shop-broker").mkdir()
     shop_broker = BrokerProcess(workdir=tmp_path / "shop-broker").start()
     # The uplink broker keeps the controller's persistent session across its own restart.
@@ -189,7 +125,7 @@ def test_carts_go_up_through_the_outbox_once_while_the_uplink_comes_and_goes(mon
 
 
 def test_bad_input_is_counted_not_fatal():
-    p = FusionPipeline(Config(type="fusion", name="f", shop=SHOP, layout="x.yaml", track_node=TRACK_NODE))
+    p = bound(Config(type="fusion", name="f", shop=SHOP, layout="x.yaml", track_node=TRACK_NODE))
     assert p._decode(track_topic(SHOP, TRACK_NODE, "ceiling"), b"not json") == []
     assert p._decode(Topics.node(SHOP, "pi-1", "events"), b"{}") == []
     bad_change = Event(shop=SHOP, node="pi-1", epoch="e", seq=1, type="shelf_change", data={"board": "b"})
@@ -230,3 +166,81 @@ def test_a_flooding_publisher_fills_a_bounded_inbox_tracks_first():
     p._on_message(track(track_topic(SHOP, TRACK_NODE, "ceiling"), b"{}"))  # drained: taken again
     assert len(p._inbox) == 1
     assert "read 0 track messages, 0 events" in p.health()["detail"]
+
+
+def test_events_are_taken_only_from_the_node_the_layout_binds_each_kind_to(caplog):
+    """A shelf change, a door crossing or a door contact from another node (the topic's node: the shop ACL's publisher) is counted, never fused."""
+    layout = generate("single", seed=1).shop
+    slot = layout.slots[0]
+    p = bound(Config(type="fusion", name="f", shop=SHOP, layout="x.yaml", camera="ceiling", track_node=TRACK_NODE), layout)
+    seq = Counter()
+
+    def decode(node: str, type_: str, data: dict, source: str = "x") -> list:
+        seq[node] += 1
+        msg = Event(shop=SHOP, node=node, epoch=f"ep-{node}", seq=seq[node], type=type_, source=source, data=data, at=100.0 + seq[node])
+        return p._decode(Topics.node(SHOP, node, "events"), encode(msg))
+
+    change = {"board": slot.board, "channel": slot.channel, "slot": slot.slot, "product": slot.product, "quantity": -1, "delta_g": -345.0, "confidence": 0.9}
+    entered = {"camera": "ceiling", "track_id": 7, "zone": "door"}
+    door = {"board": "door-1", "channel": 0}
+    caplog.set_level("WARNING", logger="edge_agent.pipelines.fusion")
+    # The attacker: a ceiling Pi's credentials, publishing on its own events topic (the only one the ACL lets it write).
+    for _ in range(2):
+        assert decode("cam-9", "shelf_change", change, slot.board) == []
+        assert decode("cam-9", "person_entered", entered, "ceiling") == []
+        assert decode("cam-9", "door_opened", door, "door-1") == []
+    assert decode("cam-9", "zone_enter", entered, "ceiling") == []
+    assert decode("cam-9", "shelf_change", {**change, "board": "no-such-board"}, "no-such-board") == []  # a board the layout lacks: board nodes only
+    alert = Alert(shop=SHOP, node="cam-9", epoch="ep-a", seq=1, ts=1.0, name="sensor_board_disconnected", state="firing", source=slot.board)
+    assert p._decode(Topics.node(SHOP, "cam-9", "events"), encode(alert)) == []  # blinding a board's slots
+    # Right kind, wrong bound node: the camera's node may not send shelf changes, the sensor node no door crossings.
+    assert decode(VISION_NODE, "shelf_change", change, slot.board) == []
+    assert decode(SENSOR_NODE, "person_entered", entered, "ceiling") == []
+    assert p.health()["errors_by_reason"] == {"event_wrong_node": 11}
+    # Nothing of them is remembered: a flood of refused events cannot push the genuine ones out of the duplicate memory.
+    assert not p._seen
+    warned = [r.getMessage() for r in caplog.records if "event_wrong_node" in r.getMessage()]
+    # Once per (node, kind) at warning level: cam-9 x 5 kinds, and the two bound nodes' one wrong kind each.
+    assert len(warned) == 7, warned
+    assert any(f"shelf_change of board '{slot.board}' from node 'cam-9', but publishers.boards[{slot.board}] is '{SENSOR_NODE}'" in w for w in warned), warned
+    assert any(f"person_entered from node 'cam-9', but publishers.vision is '{VISION_NODE}'" in w for w in warned), warned
+    # The bound nodes' events still fuse, and the genuine ones are not mistaken for duplicates of the refused.
+    got = decode(SENSOR_NODE, "shelf_change", change, slot.board)
+    assert [(type(i).__name__, i.board, i.quantity) for i in got] == [("ShelfChange", slot.board, -1)]
+    replay = Event(shop=SHOP, node=SENSOR_NODE, epoch=f"ep-{SENSOR_NODE}", seq=seq[SENSOR_NODE], type="shelf_change", source=slot.board, data=change)
+    assert p._decode(Topics.node(SHOP, SENSOR_NODE, "events"), encode(replay)) == []  # its outbox replay: fed once
+    assert [type(i).__name__ for i in decode(VISION_NODE, "person_entered", entered, "ceiling")] == ["DoorCrossing"]
+    assert [type(i).__name__ for i in decode(VISION_NODE, "zone_enter", entered, "ceiling")] == ["ZoneVisit"]
+    assert [(type(i).__name__, i.open) for i in decode(SENSOR_NODE, "door_opened", door, "door-1")] == [("DoorContact", True)]
+    assert [type(i).__name__ for i in decode(SENSOR_NODE, "shelf_change", {**change, "board": "no-such-board"})] == ["ShelfChange"]
+    ok = Alert(shop=SHOP, node=SENSOR_NODE, epoch="ep-a", seq=1, ts=1.0, name="sensor_board_disconnected", state="firing", source=slot.board)
+    assert [type(i).__name__ for i in p._decode(Topics.node(SHOP, SENSOR_NODE, "events"), encode(ok))] == ["BoardLink"]
+    # Another camera's vision events are not fusion's input, from whoever: ignored, not counted.
+    assert decode("cam-9", "person_entered", {**entered, "camera": "other"}, "other") == []
+    assert p.health()["errors_by_reason"] == {"event_wrong_node": 11, "duplicate": 1}
+
+
+def test_the_event_binding_is_required_and_checked_against_the_layout(tmp_path):
+    """No publishers: the pipeline does not start (never 'every node'); an unknown or unbound board, or an empty binding, is named at load."""
+    layout = generate("single", seed=1).shop
+    data = layout.model_dump(mode="json", exclude={"publishers"})
+    boards = sorted({s.board for s in layout.slots})
+    path = tmp_path / "layout.yaml"
+    path.write_text(yaml.safe_dump(data))
+    p = FusionPipeline(Config(type="fusion", name="f", shop=SHOP, layout=str(path), track_node=TRACK_NODE, restart_budget=0))
+    with pytest.raises(RuntimeError, match=r"pipelines\[f\]: layout .*layout.yaml has no publishers: fusion takes each kind of event only from"):
+        p.run(threading.Event(), None)  # type: ignore[arg-type]
+
+    def error(publishers: object) -> str:
+        with pytest.raises(LayoutInvalid) as exc:
+            parse_layout({**data, "publishers": publishers}, source="shop.yaml")
+        return str(exc.value)
+
+    full = {"vision": "gpu-1-vision", "door": "pi-1-sensors", "boards": dict.fromkeys(boards, "pi-1-sensors")}
+    assert parse_layout({**data, "publishers": full}).publishers.boards == full["boards"]
+    assert f"publishers.boards names boards no slot is on: ['door-9'] (the slots' boards: {boards})" in error({**full, "boards": {**full["boards"], "door-9": "pi-1"}})
+    assert f"publishers.boards has no node for boards {{'{boards[0]}': " in error({**full, "boards": {b: "pi-1" for b in boards[1:]} or {"x": "y"}})
+    assert "publishers.boards: Dictionary should have at least 1 item" in error({**full, "boards": {}})
+    assert "publishers.vision: Field required" in error({"door": "pi-1", "boards": full["boards"]})
+    assert "publishers.door: String should match pattern" in error({**full, "door": "Pi 1"})
+    assert f"boards: the nodes of {{'{boards[0]}': 'Pi 1'}} (board: node) are not node ids" in error({**full, "boards": {**full["boards"], boards[0]: "Pi 1"}})

@@ -14,14 +14,23 @@ fusion`` pipelines:
   ``cam-1`` only from the node its ``cameras[].node`` names and fusion takes tracks only from its
   ``track_node``: pi-1's messages are counted (``wrong_node``, ``track_wrong_node``) and never
   tracked or fused.
+
+Events too (the second test): a node writes only its own ``fleet/v1/{shop}/{node}/events``, and
+fusion takes each kind of event only from the node its layout's ``publishers`` names, so pi-1's
+false ``shelf_change`` (a second unit of what a shopper took, which would be charged),
+``person_entered`` and ``door_opened`` on its own topic are counted (``event_wrong_node``) and the
+carts are those of the genuine events alone.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import queue
 import time
 import uuid
+from collections import Counter
+from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
@@ -33,10 +42,13 @@ from edge_agent.pipelines.floor import Config as FloorConfig
 from edge_agent.pipelines.floor import detection_subscription, detection_topic
 from edge_agent.pipelines.fusion import Config as FusionConfig
 from edge_agent.pipelines.fusion import track_subscription, track_topic
+from edge_agent.protocol import Event, Topics, encode
 from edge_agent.supervisor import PipelineRunner
 from fleet_controller.broker_config import BrokerOptions, write_broker_config
 from fleet_controller.pki import Pki
+from fusion.types import DoorContact, DoorCrossing, ShelfChange
 from shopfleet.broker import BrokerProcess
+from tests.support.fusion_replay import offline_carts, record_scenario, to_messages, with_publishers
 from tests.support.sink import RecordingSink
 from tests.support.vision import PLAZA_ZONES
 from tests.support.wait import wait_for
@@ -52,10 +64,10 @@ NOT_AUTHORIZED = 135  # MQTT 5 reason code of a PUBACK for a publish the broker'
 class Shop:
     """The shop broker as written by broker-config, and a client per node user."""
 
-    def __init__(self, tmp_path) -> None:
+    def __init__(self, tmp_path, nodes: tuple[str, ...] = (ATTACKER, CAM_NODE, FLOOR_NODE, FUSION_NODE, OBSERVER)) -> None:
         Pki.init(tmp_path / "pki")
         opts = BrokerOptions(pki_dir=tmp_path / "pki", persistence_dir=tmp_path / "persist", shop_brokers=(SHOP,), central="mqtt.example")
-        files = write_broker_config([(SHOP, n) for n in (ATTACKER, CAM_NODE, FLOOR_NODE, FUSION_NODE, OBSERVER)], tmp_path / "out", options=opts)
+        files = write_broker_config([(SHOP, n) for n in nodes], tmp_path / "out", options=opts)
         self.creds = json.loads(files.credentials_file.read_text())["nodes"]
         d = files.shop_dirs[SHOP]
         (tmp_path / "broker").mkdir()
@@ -122,6 +134,7 @@ def test_one_nodes_credentials_can_neither_publish_another_nodes_stream_nor_feed
         "name": "plaza", "width_m": 8, "depth_m": 6, "door": {"a": [6.5, 2.5], "b": [6.5, 5.2], "inside": [5.0, 3.5]},
         "slots": [{"slot": "A1", "shelf": "shelf-1", "board": "b1", "channel": 0, "product": "cola", "unit_weight_g": 345, "price_cents": 150,
                    "front": [4.5, 2.0], "facing": [0, 1]}],
+        "publishers": {"vision": "gpu-1-fusion", "door": "pi-2-sensors", "boards": {"b1": "pi-2-sensors"}},
     }))
     floor_cfg = FloorConfig.model_validate({
         "type": "floor", "name": "floor", "shop": SHOP, "broker": shop.broker_keys(FLOOR_NODE), "zones": str(top), "restart_budget": 0,
@@ -190,3 +203,76 @@ def test_one_nodes_credentials_can_neither_publish_another_nodes_stream_nor_feed
     floor_tracks = [json.loads(p) for t, p in seen if t == track_topic(SHOP, FLOOR_NODE, "floor")]
     positions = [(x, y) for body in floor_tracks for _, x, y in body["tracks"]]
     assert positions and all(abs(x - 4.5) < 0.5 and abs(y - 2.6) < 0.5 for x, y in positions), positions[:5]
+
+
+TRACK_STREAM, VISION_NODE, SENSOR_NODE = "track-stream", "gpu-1-vision", "pi-2-sensors"  # the bound publishers, as deployed
+
+
+def _forged(inputs: list) -> list:
+    """What pi-1 forges at the scenario's own moments: a second unit of the first pick, a door opening and an entry."""
+    change = next(i for i in inputs if isinstance(i, ShelfChange))
+    return [dataclasses.replace(change, id="forged", ts=change.ts + 0.05), DoorContact(change.ts + 2.5, True, "door"),
+            DoorCrossing(FORGED, change.ts + 3.0, "in")]
+
+
+@pytest.mark.timeout(120)
+def test_one_nodes_credentials_cannot_feed_fusion_events_of_another_kind_or_board(monkeypatch, tmp_path) -> None:
+    result, inputs = record_scenario(monkeypatch, "single", seed=1)
+    forged = _forged(inputs)
+    _, expected = offline_carts(result, inputs)
+    _, if_fused = offline_carts(result, inputs + forged)
+    assert expected - if_fused, "fused, pi-1's events would change a cart (a unit more charged): the test could fail"
+    shop = Shop(tmp_path, (TRACK_STREAM, VISION_NODE, SENSOR_NODE, FUSION_NODE, ATTACKER))
+    layout = tmp_path / "layout.yaml"
+    layout.write_text(yaml.safe_dump(with_publishers(result.scenario.shop, VISION_NODE, SENSOR_NODE).model_dump(mode="json")))
+    cfg = FusionConfig.model_validate({
+        "type": "fusion", "name": "fusion", "shop": SHOP, "broker": shop.broker_keys(FUSION_NODE), "layout": str(layout), "restart_budget": 0,
+        "camera": "ceiling", "track_node": TRACK_STREAM, "reorder_delay_s": 1.0})
+    sink = RecordingSink()
+    runner = attacker = None
+    links: dict[str, ThreadedLink] = {}
+    try:
+        runner = PipelineRunner(build_pipeline(cfg), cfg, sink)
+        runner.start()
+        fu = runner.pipeline
+        links = {n: shop.link(n) for n in (TRACK_STREAM, VISION_NODE, SENSOR_NODE)}
+        probe = iter(range(1, 1000))
+        wait_for(lambda: links[SENSOR_NODE].publish_nowait(Topics.node(SHOP, SENSOR_NODE, "events"), encode(Event(
+            shop=SHOP, node=SENSOR_NODE, epoch="probe", seq=next(probe), type="probe"))) and "read 0 track messages, 0 events" not in fu.health()["detail"],
+            20, "fusion's subscription to the shop's events")
+        attacker = Attacker(shop)
+        base = time.time() - max(i.ts for i in inputs) - 5  # the scenario just happened
+        fakes = to_messages(forged, base, SHOP, TRACK_STREAM, ATTACKER, ATTACKER)
+        assert [t for t, _ in fakes] == [Topics.node(SHOP, ATTACKER, "events")] * 3
+        # Under the sensor node's topic, the board's own: the broker refuses it (and every node's but one's own).
+        posing = [(Topics.node(SHOP, SENSOR_NODE, "events"), p.replace(f'"{ATTACKER}"'.encode(), f'"{SENSOR_NODE}"'.encode())) for _, p in fakes]
+        assert all(attacker.publish(t, p) == NOT_AUTHORIZED for t, p in posing)
+        assert attacker.publish(Topics.node(SHOP, VISION_NODE, "events"), posing[2][1]) == NOT_AUTHORIZED
+        # The shop as it happened, each message from its own publisher, in order (one publisher's message is at the
+        # broker before the next publisher's is sent); pi-1's forgeries on its own topic, amid them.
+        last: tuple[str, Any] | None = None
+        for topic, payload in to_messages(inputs, base, SHOP, TRACK_STREAM, VISION_NODE, SENSOR_NODE):
+            node = topic.split("/")[4 if topic.startswith("local/") else 3]
+            if last is not None and last[0] != node:
+                last[1].wait_for_publish(10)
+            last = (node, links[node].publish_nowait(topic, payload, qos=1))
+            if fakes and json.loads(fakes[0][1])["at"] <= json.loads(payload).get("at", json.loads(payload).get("ts")):
+                assert attacker.publish(*fakes.pop(0)) == 0, "its own events topic: the broker lets it write there"
+        assert not fakes
+        n = sum(expected.values())
+        wait_for(lambda: len([e for e in sink.events if e[0].startswith("cart_")]) >= n, 60, f"{n} carts")
+        got = Counter(("accepted" if t == "cart_receipt" else "review", tuple(sorted((ln["product"], ln["quantity"]) for ln in d["lines"])))
+                      for t, _, d in sink.events if t.startswith("cart_"))
+        assert not expected - got, f"the genuine carts, as fusion makes them offline: missing {expected - got}, got {got}"
+        assert not (if_fused - expected) & got, "no cart charged pi-1's forged pick"
+        wait_for(lambda: fu.health()["errors_by_reason"].get("event_wrong_node") == 3, 10, "fusion to count pi-1's three events")
+        errors = fu.health()["errors_by_reason"]
+    finally:
+        if attacker is not None:
+            attacker.close()
+        for link in links.values():
+            link.stop()
+        if runner is not None:
+            runner.stop()
+        shop.broker.cleanup()
+    assert {r: c for r, c in errors.items() if not r.startswith("fusion_")} == {"event_wrong_node": 3}, errors

@@ -17,7 +17,7 @@ from paho.mqtt.client import topic_matches_sub
 
 from edge_agent.cli import overrides_from_args
 from edge_agent.config import AgentConfig, BrokerConfig, load_config
-from edge_agent.pipelines.fusion import track_subscription, track_topic
+from edge_agent.pipelines.fusion import FusionPipeline, track_subscription, track_topic
 from edge_agent.protocol import Channel, Topics
 from fleet_controller.broker_config import render_shop_acl
 from fleet_controller.rollout import manifests as m
@@ -107,6 +107,28 @@ def test_fusion_reads_the_track_stream_of_the_gpu_camera_on_its_node(shop, tmp_p
     # Same node: fusion runs where vision-gpu runs.
     fspec, _ = _container(shop, "fusion")
     assert fspec["nodeSelector"] == vspec["nodeSelector"]
+
+
+def test_the_layout_binds_each_kind_of_event_to_the_agents_the_manifests_run(shop, tmp_path, monkeypatch):
+    """Fusion does not start without the layout's publishers; the example names them as the manifests name those agents."""
+    spec, c, fusion = _load(shop, "fusion", tmp_path, monkeypatch)
+    (p,) = fusion.pipelines
+    layout = parse_layout(yaml.safe_load(s.mounted_file_text(shop, spec, c, p.layout, NS)), source=p.layout)
+    pipeline = FusionPipeline(p)
+    pipeline.bind(layout)  # raises without publishers
+    pub = layout.publishers
+    assert pub is not None and set(pub.boards) == {slot.board for slot in layout.slots}
+    # Each publisher is the fleet node of an agent the manifests run: <Kubernetes node><suffix of its --node>.
+    monkeypatch.undo()
+    suffix = {}
+    for workload in ("vision-gpu", "sensor-driver"):
+        _, _, agent = _load(shop, workload, tmp_path, monkeypatch)
+        monkeypatch.undo()
+        assert agent.node.startswith(f"{s.NODE}-")  # --node $(SHOPFLEET_NODE)-<role>
+        suffix[workload] = agent.node.removeprefix(s.NODE)
+    assert pub.vision.endswith(suffix["vision-gpu"]) and pub.vision != suffix["vision-gpu"]
+    assert all(n.endswith(suffix["sensor-driver"]) and n != suffix["sensor-driver"] for n in (pub.door, *pub.boards.values()))
+    # Nothing else about them is the manifests' to know (Kubernetes node names): the shop's overlay sets them.
 
 
 def _acl(text: str) -> dict[str, list[tuple[str, str]]]:
