@@ -194,11 +194,13 @@ def test_dry_run_rejection_writes_nothing_then_the_fixed_release_applies(emu, tm
         pytest.param({"status": 429, "retry_after": 0.05}, "throttled", id="429-retry-after"),
         pytest.param({"status": 500}, "server_error", id="500"),
         pytest.param({"status": 409}, "conflict", id="409-conflict"),
-        pytest.param({"status": None, "delay_s": 0.6}, "connection", id="timeout"),
+        pytest.param({"status": None, "delay_s": 3.0}, "connection", id="timeout"),
     ],
 )
 def test_temporary_failures_are_retried_and_reported_retrying(emu, tmp_path, signer, failure, reason):
-    rig = Rig(tmp_path, emu, request_timeout_s=0.3)
+    # The request timeout is well above what a healthy request takes on a loaded machine (an
+    # ordinary request timing out would be one more retry) and well below the injected delay.
+    rig = Rig(tmp_path, emu, request_timeout_s=1.5)
     rule = emu.fail(**failure, times=2, method="PATCH", dry_run=False)
     saved: list[str] = []
     rig.handler._report = lambda r: (rig.reports.append(r), saved.append(rig.store.load().status))

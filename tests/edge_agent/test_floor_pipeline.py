@@ -241,7 +241,11 @@ def test_late_malformed_and_flooding_input_is_counted_and_the_rest_tracked(singl
     g = _recent(single)
     frames = g.frames[:120]
     want = reference(g, frames)
-    shop = _shop(g, broker, tmp_path, latency_s=0.5)
+    # The stalled camera's frame comes `stall` ticks (3 s of data time) late, past latency_s 2 s: late by the data
+    # alone. The replay runs faster than real time, so a latency_s shorter than a publisher stall on a loaded
+    # machine would let the wall clock close ticks and make other frames late too.
+    stall = 30
+    shop = _shop(g, broker, tmp_path, latency_s=2.0)
     flood, late_cam = g.views[3].camera, g.views[7].camera
     xy = np.array([[1.0, 1.0]])
     person = FloorDetections(xy, np.c_[xy - 0.2, xy + 0.2], np.array([0.95]))
@@ -250,8 +254,8 @@ def test_late_malformed_and_flooding_input_is_counted_and_the_rest_tracked(singl
         for k, per in frames:
             for cam, dets in per.items():
                 payload = shop.publishers[cam].payload(k / 10, dets)
-                if cam == late_cam and 40 <= k - k0 <= 55:
-                    if k - k0 == 40:  # the camera stalls: its frame of tick 40 comes a second and a half late, the next ones never
+                if cam == late_cam and 40 <= k - k0 <= 40 + stall:
+                    if k - k0 == 40:  # the camera stalls: its frame of tick 40 comes three seconds late, the next ones never
                         held = payload
                     if k - k0 == 45:
                         # Another node's credentials forging the stalled camera's frame (a person it never saw) under its own
@@ -263,7 +267,7 @@ def test_late_malformed_and_flooding_input_is_counted_and_the_rest_tracked(singl
                 if cam == flood and k - k0 == 50:
                     for i in range(5):  # a camera flooding its tick with near-copies (0.1-0.5 ms apart)
                         shop.send(detection_topic(SHOP, CAMERAS_NODE, cam), encode_frame(cam, k / 10 + 1e-4 * (i + 1), 99, FloorDetections.empty()))
-            if k - k0 == 55:
+            if k - k0 == 40 + stall:
                 shop.send(detection_topic(SHOP, CAMERAS_NODE, late_cam), held)
                 shop.send(detection_topic(SHOP, CAMERAS_NODE, late_cam), b"not json")
                 shop.send(detection_topic(SHOP, CAMERAS_NODE, late_cam), json.dumps({"v": 1, "camera": late_cam, "ts": k / 10, "seq": 1, "d": [[1, 2, 3]]}).encode())
@@ -282,7 +286,7 @@ def test_late_malformed_and_flooding_input_is_counted_and_the_rest_tracked(singl
     # The stalled camera is simply missing from its ticks, the flood's extra copies are farther from the tick than
     # its own frame (so it stays the one used): everything else is tracked as in process.
     k0 = frames[0][0]
-    without = [(k, {c: d for c, d in per.items() if not (c == late_cam and 40 <= k - k0 <= 55)}) for k, per in frames]
+    without = [(k, {c: d for c, d in per.items() if not (c == late_cam and 40 <= k - k0 <= 40 + stall)}) for k, per in frames]
     assert [(t["ts"], t["tracks"]) for t in shop.tracks] == [(t["ts"], t["tracks"]) for t in reference(g, without)]
     reg = shop.pipe._registry
     assert reg.get_sample_value("shopfleet_floor_frames_dropped_total", {"camera": late_cam, "reason": "late"}) == 1
