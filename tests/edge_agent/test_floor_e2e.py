@@ -33,7 +33,7 @@ from tests.support.shop_e2e import (
     floor_detail,
     publish_event,
 )
-from tests.support.vision import PLAZA_ZONES
+from tests.support.vision import PLAZA_ZONES, plaza_floor_files
 from tests.support.wait import wait_for
 from vision.fixtures import fetch_fixture
 from vision.model import cache_root, fetch_model
@@ -89,18 +89,8 @@ def _config(tmp_path, shop: SecuredShopBroker, cams: MjpegServer, model: str, me
         vision.append({"type": "vision", "name": cam, "camera": cam, "source": cams.url(cam), "model": model, "zones": str(zones), "threads": 1,
                        "reconnect_initial_s": 0.2, "reconnect_max_s": 1.0, "gate_interval_s": 1.0,
                        "detections": {"shop": SHOP, "broker": shop.creds(f"{cam}-detections"), "anchor": "center", "image_size": [W, H], **calib}})
-    # Zones of the top view: merge px_per_m 100 and origin (0, 0) make its pixels camera a's, so the plaza's door line
-    # (x = 6.5 m, walked across right to left) and shelf (3.5-5.6 m x 2.0-3.3 m) are drawn with the same numbers.
-    top = tmp_path / "zones-floor.yaml"
-    top.write_text(yaml.safe_dump({**PLAZA_ZONES, "camera": "floor", "anchor": "center"}))
-    layout = tmp_path / "layout.yaml"
-    layout.write_text(yaml.safe_dump({
-        "name": "plaza", "width_m": 8, "depth_m": 6, "door": {"a": [6.5, 2.5], "b": [6.5, 5.2], "inside": [5.0, 3.5]},
-        "slots": [{"slot": "A1", "shelf": "shelf-1", "board": "b1", "channel": 0, "product": "cola", "unit_weight_g": 345, "price_cents": 150,
-                   "front": [4.5, 2.0], "facing": [0, 1]}],
-        # Fusion's events: the floor's door crossings from this agent, the door contact and the board from the sensor node pi-1.
-        "publishers": {"vision": NODE, "door": "pi-1", "boards": {"b1": "pi-1"}},
-    }))
+    # Fusion's events: the floor's door crossings from this agent, the door contact and the board from the sensor node pi-1.
+    top, layout = plaza_floor_files(tmp_path, {"vision": NODE, "door": "pi-1", "boards": {"b1": "pi-1"}})
     return {
         "shop": SHOP, "node": NODE, "node_class": "gpu",
         "broker": shop.creds(NODE, reconnect_min_s=0.2, reconnect_max_s=1.0),

@@ -50,7 +50,7 @@ from fusion.types import DoorContact, DoorCrossing, ShelfChange
 from shopfleet.broker import BrokerProcess
 from tests.support.fusion_replay import offline_carts, record_scenario, to_messages, with_publishers
 from tests.support.sink import RecordingSink
-from tests.support.vision import PLAZA_ZONES
+from tests.support.vision import plaza_floor_files
 from tests.support.wait import wait_for
 from vision.multiview import FloorDetections, encode_frame
 
@@ -127,15 +127,7 @@ def _person(x: float, y: float) -> FloorDetections:
 @pytest.mark.timeout(90)
 def test_one_nodes_credentials_can_neither_publish_another_nodes_stream_nor_feed_the_floor_or_fusion(tmp_path) -> None:
     shop = Shop(tmp_path)
-    top = tmp_path / "zones-floor.yaml"
-    top.write_text(yaml.safe_dump({**PLAZA_ZONES, "camera": "floor", "anchor": "center"}))
-    layout = tmp_path / "layout.yaml"
-    layout.write_text(yaml.safe_dump({
-        "name": "plaza", "width_m": 8, "depth_m": 6, "door": {"a": [6.5, 2.5], "b": [6.5, 5.2], "inside": [5.0, 3.5]},
-        "slots": [{"slot": "A1", "shelf": "shelf-1", "board": "b1", "channel": 0, "product": "cola", "unit_weight_g": 345, "price_cents": 150,
-                   "front": [4.5, 2.0], "facing": [0, 1]}],
-        "publishers": {"vision": "gpu-1-fusion", "door": "pi-2-sensors", "boards": {"b1": "pi-2-sensors"}},
-    }))
+    top, layout = plaza_floor_files(tmp_path, {"vision": "gpu-1-fusion", "door": "pi-2-sensors", "boards": {"b1": "pi-2-sensors"}})
     floor_cfg = FloorConfig.model_validate({
         "type": "floor", "name": "floor", "shop": SHOP, "broker": shop.broker_keys(FLOOR_NODE), "zones": str(top), "restart_budget": 0,
         "cameras": [{"camera": CAM, "node": CAM_NODE, "coverage": [[0, 0], [8, 0], [8, 6], [0, 6]]}],
