@@ -91,7 +91,7 @@ class FusionConfig(BaseModel):
     swap_margin: float = Field(0.35, gt=0, le=2, description="a track looking this much more like another session than its own is a suspected id swap")
     swap_checks: int = Field(3, ge=1, description="consecutive suspicious checks before a track is moved to the other session")
     lost_exclusion: float = Field(0.8, ge=0, le=1, description="how much a shopper seen standing at the slot lowers the score of a shopper lost away from it; 0 treats a lost shopper as if nobody stood there")
-    refound_weight: float = Field(0.5, ge=0, le=1, description="score of a shopper unseen at the moment of a change, found again right after it where the slot is within reach, walkable from where they were lost within bridge_s: this times the place weight of where they were found (blurred 0.3 m per second after the moment), fading over 3 s, as a shopper lost just before the window scores by where they were last seen; 0 turns it off (only a shopper at the slot on both sides of the gap is bridged)")
+    refound_weight: float = Field(0.5, ge=0, le=1, description="score of a shopper unseen at the moment of a change, found again right after it where the slot is within reach, walkable from where they were lost within bridge_s: this times the place weight of where they were found (blurred 0.3 m per second after the moment), fading over 3 s, as a shopper lost just before the window scores by where they were last seen; when they were lost near the slot too, this times the lower of the two places' weights (each blurred 0.3 m per second from the moment), without fading; 0 turns it off (only a shopper at the slot on both sides of the gap is bridged)")
     calibration_slope: float = Field(1.752, gt=0, description="calibration of the attribution probability, sigmoid(calibration_slope * margin_others + calibration_nobody * margin_nobody + calibration_sparse * sparse + calibration_offset): the weight of the evidence against the other shoppers, margin_others = log(best cart's score / (other carts' scores + others_floor)); fitted on held-out scenarios by fusion.calibrate")
     calibration_slope_sparse: float | None = Field(None, gt=0, description="calibration_slope at a sparse camera (sparse >= 1: at most half the nominal frames), where a track's boxes go to the wrong shopper more often; None: calibration_slope. Fitted apart only with the reach ratios in the scores (python -m fusion.calibrate --reach)")
     calibration_nobody: float = Field(0.0, ge=0, description="see calibration_slope: the weight of the evidence against nobody, margin_nobody = log(best cart's score / nobody_score) (how well the shopper was seen at the slot at all)")
@@ -876,7 +876,10 @@ class Fusion:
         """Return the place weight of a session's unseen stretch around t_act, when it was seen at the slot on both sides.
 
         The last position before t_act and the first after it (on any of the session's tracks)
-        must be within ``bridge_s`` of each other in time; the weight is the lower of the two.
+        must be within ``bridge_s`` of each other in time; the weight is the lower of the two. A
+        shopper lost and found again (``refound_weight``): at least that times the found place's
+        weight, blurred and fading with the time after the moment, or times the lower of the lost
+        and the found places' weights, each blurred with its time from the moment, not fading.
         """
         cfg = self.config
         before: tuple[float, float, float] | None = None
@@ -901,8 +904,12 @@ class Fusion:
         late = after[0] - t_act
         if cfg.refound_weight <= 0.0 or after[0] - before[0] <= cfg.visible_gap_s or math.dist(before[1:], after[1:]) > cfg.rejoin_speed_mps * (after[0] - before[0]) + 1.5:
             return both
-        found = cfg.refound_weight * self._place_weight(slot, after[1], after[2], extra_m=min(1.0, 0.3 * late))[0] * math.exp(-late / 3.0)
-        return max(both, found)
+        found_at = self._place_weight(slot, after[1], after[2], extra_m=min(1.0, 0.3 * late))[0]
+        found = cfg.refound_weight * found_at * math.exp(-late / 3.0)
+        # Lost near the slot before the moment too: pinned on both sides, the found place does not fade.
+        lost_at = self._place_weight(slot, before[1], before[2], extra_m=min(1.0, 0.3 * (t_act - before[0])))[0]
+        pinned = cfg.refound_weight * min(found_at, lost_at)
+        return max(both, found, pinned)
 
     def _shelf_change(self, ch: ShelfChange) -> None:
         cfg = self.config

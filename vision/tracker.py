@@ -20,7 +20,12 @@ Per frame (``update``):
    scored by the better of the IoU with its predicted box and with its last *observed* box (the
    prediction drifts while a track is lost; where the person was last seen does not), among
    boxes of about its size. A shopper hidden by a neighbour at a shelf is mostly detected weakly
-   and off-centre, or missed for a frame, which the tight round alone turned into a new id;
+   and off-centre, or missed for a frame, which the tight round alone turned into a new id. A
+   track lost for more than ``_RECOVER_CONFIRM`` (5) frames and found this way is reported only
+   from its next match: after a long loss one weak box where the person was lost is as likely
+   spurious (under a camera grid, a box only one view saw, which the merge scores down), and
+   reported it put a blacked-out shopper back at the place they were lost, where fusion then
+   refused the real shopper found elsewhere;
 5. match leftover high detections to tentative tracks (seen once); drop unmatched tentatives;
 6. tracks unmatched for more than ``max_lost_frames`` end; leftover high detections start tracks.
 
@@ -71,6 +76,7 @@ class _Track:
     hits: int = 1
     lost: int = 0  # frames missed in a row, up to the previous frame until this frame's matching is done
     matched_at: int = 0  # frame index of the last match
+    unconfirmed: bool = False  # found again after a long loss by one weak box (_RECOVER_CONFIRM): not reported until its next match
 
     def xyxy(self) -> np.ndarray:
         cx, cy, w, h = self.mean[:4]
@@ -89,6 +95,7 @@ _DIAG = np.diag_indices(8)
 _DIAG4 = np.diag_indices(4)
 _MAX_STEPS = 10.0  # frames further apart than this many frame_s steps are predicted as one step (ByteTracker._steps)
 _RECOVER_SIZE = 0.2  # recovery round: a box's height may differ from the track's last by this share (0.8x to 1.25x)
+_RECOVER_CONFIRM = 5  # recovery round: a track lost for more than this many frames is reported only from its next match (ByteTracker._associate)
 
 
 def _to_cxcywh(b: np.ndarray) -> np.ndarray:
@@ -211,6 +218,7 @@ class ByteTracker:
         t.mean, t.cov = _update(t.mean, t.cov, z)
         t.last_z = z
         t.score, t.hits, t.lost, t.matched_at = float(score), t.hits + 1, 0, self.frame_index
+        t.unconfirmed = False
 
     def _associate(self, hb: np.ndarray, hs: np.ndarray, lb: np.ndarray, ls: np.ndarray, steps: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
         """Match detections to confirmed tracks (rounds 2-4); return the high-score boxes left over, with their scores."""
@@ -240,7 +248,12 @@ class ByteTracker:
         if missing and un_l:
             free_b, free_s = lb[un_l], ls[un_l]
             for ti, bi in _recover(missing, free_b, cfg.recover_iou):
-                self._hit(missing[ti], free_b[bi], free_s[bi])
+                t = missing[ti]
+                long_lost = t.lost > _RECOVER_CONFIRM
+                self._hit(t, free_b[bi], free_s[bi])
+                # Lost for long: one weak box near where the person was lost is as likely a spurious one
+                # (under several views, a box only one camera saw). Reported from its next match.
+                t.unconfirmed = long_lost
         return hb[un_h], hs[un_h]
 
     def update(self, dets: Detections, ts: float = 0.0) -> Tracks:
@@ -277,7 +290,7 @@ class ByteTracker:
 
     def _report(self, ts: float, ended: tuple[int, ...]) -> Tracks:
         """Return the tracks matched in this frame and those lost for at most ``report_lost_frames``."""
-        shown = [t for t in self._tracks if t.lost <= self.config.report_lost_frames]
+        shown = [t for t in self._tracks if t.lost <= self.config.report_lost_frames and not t.unconfirmed]
         if not shown:
             return Tracks(np.zeros((0,), np.int64), np.zeros((0, 4), np.float32), np.zeros((0,), np.float32), self.frame_index, ts, ended, np.zeros((0,), bool))
         return Tracks(
