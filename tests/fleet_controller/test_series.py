@@ -428,6 +428,19 @@ def test_a_writer_dead_in_the_middle_of_a_flush_of_heartbeats_is_recovered_exact
     assert cpu_rollups(registry.engine, 3600) == cpu_truth(everything, 3600)
 
 
+def test_a_writer_taken_for_dead_drops_its_heartbeat_buckets_instead_of_counting_twice(registry):
+    hbs = [cpu_hb("pi-1", i + 1, T0 + i, 1.0) for i in range(10)]
+    write(registry, *hbs, at=T0 + 10)
+    other = RegistryStore(registry.engine)
+    other.enforce_retention(RETENTION, T0 + 10 + series_dead_after(RETENTION) + 1)  # takes `registry` for dead
+    assert cpu_rollups(registry.engine, 60) == [(60, "pi-1", T0, 10, 10.0, 1.0, 1.0)]
+    registry.enforce_retention(RETENTION, T0 + 20 + series_dead_after(RETENTION))
+    assert cpu_rollups(registry.engine, 60) == [(60, "pi-1", T0, 10, 10.0, 1.0, 1.0)] and registry.rollups.lost_flushes == 1
+    write(registry, cpu_hb("pi-1", 11, T0 + 11, 2.0), at=T0 + 700)  # it registers again and goes on
+    registry.enforce_retention(RETENTION, T0 + 30 + series_dead_after(RETENTION))
+    assert cpu_rollups(registry.engine, 60) == [(60, "pi-1", T0, 11, 12.0, 1.0, 2.0)]
+
+
 def test_the_heartbeat_bounds_flush_the_hours_first_so_a_writer_dying_after_a_trim_loses_nothing(registry):
     """The count bound reaches heartbeats whose samples the hour tier does not hold yet: the run flushes the hours
     first (the bound stays exact), so the rows it deletes are in both tiers and recovery needs none of them."""
