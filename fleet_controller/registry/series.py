@@ -503,8 +503,12 @@ class Rollups:
         """Return this writer's id, registering it (in its own transaction) on first use."""
         if self.wid is None:
             with engine.begin() as conn:
-                wid = conn.execute(WRITERS.insert().values(instance=self.instance, started_at=now, seen_at=now, minute_upto=0,
-                                                           hour_upto=0)).inserted_primary_key[0]  # type: ignore[index]
+                # A new writer holds nothing: its cursors start at each table's highest id, so rows stored before it are
+                # never taken for its own (SQLite gives a forgotten writer's wid to the next one: its rows, already
+                # folded, are neither folded again nor held back should the new writer die).
+                upto = tuple(int(conn.scalar(select(func.max(src.table.c.id))) or 0) for src in SOURCES)
+                wid = conn.execute(WRITERS.insert().values(instance=self.instance, started_at=now, seen_at=now,
+                                                           **_cursors(upto, True))).inserted_primary_key[0]  # type: ignore[index]
             self.wid = int(wid)
         return self.wid
 

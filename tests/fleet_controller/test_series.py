@@ -441,6 +441,19 @@ def test_a_writer_taken_for_dead_drops_its_heartbeat_buckets_instead_of_counting
     assert cpu_rollups(registry.engine, 60) == [(60, "pi-1", T0, 11, 12.0, 1.0, 2.0)]
 
 
+def test_a_writer_given_a_forgotten_writers_id_never_folds_its_rows_again(registry):
+    """SQLite gives the id of a forgotten (recovered) writer to the next one: its rows, already in the tiers, are below
+    the new writer's cursors, so they are neither folded again should it die nor held back from the bounds."""
+    hbs = [cpu_hb("pi-1", i + 1, T0 + i, 1.0) for i in range(5)]
+    write(registry, *hbs, at=T0 + 5)
+    dead_after = series_dead_after(RETENTION)
+    RegistryStore(registry.engine).enforce_retention(RETENTION, T0 + 5 + dead_after + 1)  # folded, forgotten
+    again = RegistryStore(registry.engine)
+    write(again, cpu_hb("pi-1", 6, T0 + 6, 2.0), at=T0 + 6 + dead_after)  # registers (the same id on SQLite), then dies
+    RegistryStore(registry.engine).enforce_retention(RETENTION, T0 + 7 + 2 * dead_after + 1)
+    assert cpu_rollups(registry.engine, 60) == [(60, "pi-1", T0, 6, 7.0, 1.0, 2.0)]
+
+
 def test_the_heartbeat_bounds_flush_the_hours_first_so_a_writer_dying_after_a_trim_loses_nothing(registry):
     """The count bound reaches heartbeats whose samples the hour tier does not hold yet: the run flushes the hours
     first (the bound stays exact), so the rows it deletes are in both tiers and recovery needs none of them."""
