@@ -25,11 +25,13 @@ incremental one (two cycles of ``RETENTION_CYCLE_RUNS`` runs: the first deletes 
 
 ``--with-retention`` also runs the writer's retention (and so starts a series flush, written in
 parts by the next batches) after each round and prints its milliseconds; the SQLite checkpointer
-thread runs as in the writer process unless ``--no-checkpointer``. Each round also prints the
+thread runs as in the writer process unless ``--no-checkpointer``. With ``--history N`` every node starts
+with N heartbeats and retention keeps N, so its count bound deletes what the rounds add (a deployed
+fleet's steady state; without it every node holds one heartbeat and nothing is trimmed). Each round also prints the
 batches' p50/p99/max milliseconds, the WAL's size and the checkpoints the thread made.
 
-    .venv/bin/python bench/scale_writer.py [--nodes 100000] [--rounds 3] [--pragmas P,...] [--gc-threshold A,B,C] [--with-retention] [--no-checkpointer]
-        [--page-size N] [--profile FILE]
+    .venv/bin/python bench/scale_writer.py [--nodes 100000] [--rounds 3] [--pragmas P,...] [--gc-threshold A,B,C] [--with-retention [--history N]]
+        [--no-checkpointer] [--page-size N] [--profile FILE]
     .venv/bin/python bench/scale_writer.py --storm 0,5000 [--nodes 100000]
     .venv/bin/python bench/scale_writer.py --retention [--nodes 100000] [--heartbeats 20] [--keep 18] [--trials 2]
 """
@@ -244,6 +246,10 @@ def main() -> int:
     p.add_argument("--with-retention", action="store_true",
                    help="also run the writer's periodic retention and series roll-up after each round (one heartbeat per node, "
                         "as many minute buckets as a deployed 60 s run writes) and print its milliseconds")
+    p.add_argument("--history", type=int, default=0,
+                   help="with --with-retention: every node starts with this many heartbeats (the first sight's, copied; the "
+                        "first sight's samples folded into the roll-ups first) and retention.heartbeats_per_node is this, so "
+                        "the count bound deletes what the rounds add, as in a deployed fleet's steady state")
     args = p.parse_args()
     pragmas = [x for x in args.pragmas.split(",") if x]
     start = time.time() - 3600
@@ -266,6 +272,14 @@ def main() -> int:
     if args.storm:
         storm_bench(base, args)
         return 0
+    if args.history:
+        base = grow_history(base, args.history)
+        engine = engine_for(base, [])
+        with engine.begin() as conn:  # the first sight's writer is long dead: fold its rows once, so the bounds may delete them
+            while series.Rollups().recover(conn, time.time() + 1e6, 0.0):
+                pass
+        engine.dispose()
+    retention_settings = RetentionSettings(heartbeats_per_node=args.history) if args.history else RetentionSettings()
     work = work_copy(base)
     engine = engine_for(work, pragmas)
     checkpointer = start_checkpointer(engine) if args.checkpointer else None
@@ -314,7 +328,7 @@ def main() -> int:
             retention: dict[str, Any] = {}
             if args.with_retention:
                 c0, w0 = time.process_time(), time.perf_counter()
-                deleted = store.enforce_retention(RetentionSettings(), raws[-1][2] + 0.1)
+                deleted = store.enforce_retention(retention_settings, raws[-1][2] + 0.1)
                 retention = {"retention_cpu_ms": round(1e3 * (time.process_time() - c0)), "retention_wall_ms": round(1e3 * (time.perf_counter() - w0)),
                              "retention_deleted": deleted}
             print(json.dumps({

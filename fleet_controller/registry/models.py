@@ -98,7 +98,11 @@ class HeartbeatRecord(Base):
     outbox_depth: Mapped[int] = mapped_column(Integer, default=0)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     pipelines: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    __table_args__ = (Index("ix_heartbeats_node", "shop_id", "node_id", "id"),)
+    # 0019_heartbeat_samples: the heartbeat's series samples (JSON text ``[[name, source, value], ...]``, the raw tier of
+    # node series; NULL before that revision, whose samples are in ``series_raw``) and the writer that stored it.
+    samples: Mapped[str | None] = mapped_column(Text, nullable=True)
+    wid: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    __table_args__ = (Index("ix_heartbeats_node", "shop_id", "node_id", "id"), Index("ix_heartbeats_writer", "wid", "id"))
 
 
 class EventRecord(Base):

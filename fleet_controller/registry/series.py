@@ -3,9 +3,13 @@
 Three tiers, so a fleet that runs for years keeps a bounded table and a 90-day chart still reads
 few rows:
 
-* ``series_raw``: the samples of one message in one row (a heartbeat's five node values and
-  its cameras' fps; a telemetry message's readings), as ``[[name, source, value], ...]`` JSON
-  text, kept ``retention.series.raw_max_age_s`` (24 h by default). One row per message rather
+* raw samples: the samples of one message in one row, as ``[[name, source, value], ...]`` JSON
+  text: a telemetry message's readings in ``series_raw``, kept ``retention.series.raw_max_age_s``
+  (24 h by default); a heartbeat's five node values and its cameras' fps in its own heartbeat
+  row (``heartbeats.samples``, revision ``0019_heartbeat_samples``), kept as long as the
+  heartbeat (``retention.heartbeats_per_node``, ``heartbeat_max_age_s``): one structure written
+  per heartbeat besides its node's row, where a ``series_raw`` row of its own, with its per-shop
+  index, cost another page at a scattered place (docs/benchmarks.md, Scale). One row per message rather
   than per sample keeps the intake's hot path cheap: storing 10,000 heartbeats through
   ``write_batch`` on SQLite (2 shared cores), a row per sample cut the rate from 20,000-36,000/s
   to ~10,000/s, one packed row per message measured 13,000-19,500/s; folding 10,500 such rows
@@ -28,19 +32,23 @@ heartbeats a minute bucket is written once for six samples, an hour bucket once 
 earlier roll-up re-read and re-parsed every raw row and upserted both tiers every minute: about a
 third of the writer's time at 100,000 nodes, docs/benchmarks.md). What a writer holds in memory
 is never lost: each flush records, in ``series_writers``, the highest raw id of that writer the
-tier now holds, and raw rows name their writer (``series_raw.wid``); a writer that stops flushing
+tier now holds, per table (``series_raw``, ``heartbeats``: :data:`SOURCES`), and raw rows name their writer
+(``series_raw.wid``, ``heartbeats.wid``); a writer that stops flushing
 for :func:`~fleet_controller.registry.store.series_dead_after` is taken for dead and any other
 writer's run folds its rows above those cursors again from ``series_raw``. Per-writer cursors also
 make replicas on PostgreSQL exact, where one id cursor could skip a row whose transaction
 committed after a higher id of the other replica's. Buckets are merged with an upsert (count and
 sum add, min and max combine), so a bucket can receive samples from several flushes and writers,
 and a node that replays an hour of outbox still lands in its right (old) buckets. Raw rows are
-deleted past their age only below every writer's cursors.
+deleted past their age only below every writer's cursors, and heartbeats by their count and age bounds only below
+their own writer's (:func:`deletable_heartbeats`).
 
 Reads (:func:`read_series`) choose the tier from the range asked for (:func:`choose_tier`) and
 re-bucket it to at most ``max_points`` points per line, aligned on one time axis (what a chart
 library wants), with the bucket's mean, min and max: in SQL for the rollups, in Python for raw
-rows (read for short ranges only, a shop's few thousand rows).
+rows (read for short ranges only, a shop's few thousand rows). A node series' raw tier is its
+heartbeat rows, so it holds only what their bounds keep (:func:`_heartbeats_hold`); a range
+starting earlier reads the minute tier.
 """
 
 from __future__ import annotations
@@ -63,6 +71,7 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    Table,
     Text,
     cast,
     delete,
@@ -87,6 +96,7 @@ from edge_agent.protocol import (
     Telemetry,
 )
 from fleet_controller.registry.db import Base, table_of
+from fleet_controller.registry.models import HeartbeatRecord, LatestReading, Node
 from fleet_controller.settings import SeriesSettings
 
 log = logging.getLogger(__name__)
@@ -167,11 +177,32 @@ class SeriesWriterRecord(Base):
     pending_hours: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     pending_parts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     pending_done: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # 0019_heartbeat_samples: the same cursors in the ids of ``heartbeats`` (whose rows carry the heartbeats' samples).
+    minute_upto_hb: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    hour_upto_hb: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    pending_upto_hb: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 RAW = table_of(SeriesSamples)
 ROLLUP = table_of(SeriesRollup)
 WRITERS = table_of(SeriesWriterRecord)
+HEARTBEATS = table_of(HeartbeatRecord)
+NODES = table_of(Node)
+
+
+@dataclass(frozen=True)
+class _Source:
+    """A table of raw samples and the names of a writer's cursors in its ids (``series_writers`` columns)."""
+
+    table: Table
+    minute: str
+    hour: str
+    pending: str
+
+
+SOURCES = (_Source(RAW, "minute_upto", "hour_upto", "pending_upto"),
+           _Source(HEARTBEATS, "minute_upto_hb", "hour_upto_hb", "pending_upto_hb"))
+"""Where raw samples are stored: ``series_raw`` (telemetry; heartbeats of before 0019) and ``heartbeats.samples``."""
 _RAW_COLUMNS = ("shop_id", "node_id", "ts", "samples", "wid")
 _ROLLUP_COLUMNS = ("step", "shop_id", "name", "bucket", "node_id", "source", "n", "total", "lo", "hi")
 """A roll-up row's values in the order :meth:`Rollups._rows` gives them."""
@@ -247,9 +278,13 @@ heartbeat and node statements went this way."""
 
 
 def store_points(conn: Connection, uplinks: Iterable[tuple[Uplink, float]], defer: list[tuple[str, tuple[Any, ...]]] | None = None,
-                 wid: int = 0) -> list[StoredRow]:
+                 wid: int = 0, heartbeat_samples: dict[int, str | None] | None = None) -> list[StoredRow]:
     """Insert the samples of a batch's uplinks (in the batch's transaction), a row per message written by writer ``wid``;
     return the rows' samples, for :meth:`Rollups.add` once the transaction commits.
+
+    With ``heartbeat_samples``, a heartbeat's samples are not inserted here: their JSON text (or None, no sample) is put
+    in it by ``id()`` of the message, for the heartbeat's own row (``heartbeats.samples``, see
+    :meth:`RegistryStore.write_batch`), and only telemetry goes to ``series_raw``.
 
     On PostgreSQL with ``defer``, the insert is appended to it as ``(sql, params)`` instead of run:
     the registry sends it with the batch's node update, one round trip for both (see
@@ -259,6 +294,11 @@ def store_points(conn: Connection, uplinks: Iterable[tuple[Uplink, float]], defe
     rows = []
     for msg, _received in uplinks:
         points = points_from(msg)
+        if heartbeat_samples is not None and isinstance(msg, HEARTBEAT_TYPES):
+            heartbeat_samples[id(msg)] = _dumps(points) if points else None
+            if points:
+                stored.append((msg.shop, msg.node, msg.ts, points))
+            continue
         if points:
             stored.append((msg.shop, msg.node, msg.ts, points))
             rows.append((msg.shop, msg.node, msg.ts, _dumps(points), wid))
@@ -386,6 +426,14 @@ def _part_rows(minutes: dict[_Key, array[float]], hours: dict[_Key, array[float]
     return rows
 
 
+def _cursors(upto: tuple[int, ...], hours: bool) -> dict[str, int]:
+    """The ``series_writers`` values saying the minute tier (and with ``hours`` the hour tier) holds this writer's rows up to ``upto``."""
+    values = {src.minute: u for src, u in zip(SOURCES, upto, strict=True)}
+    if hours:
+        values.update({src.hour: u for src, u in zip(SOURCES, upto, strict=True)})
+    return values
+
+
 def _part_of(shop: str, node: str, parts: int) -> int:
     """The part of a flush a node's buckets go in: a hash any writer can compute again (recovery skips the parts written)."""
     return zlib.crc32(f"{shop}\0{node}".encode()) % parts
@@ -402,10 +450,10 @@ _Acc = dict[_Key, "array[float]"]
 
 @dataclass
 class _Flush:
-    """A flush under way: the buckets of every raw row of this writer up to ``upto``, in ``len(parts)`` parts of
-    (minute buckets, hour buckets or None)."""
+    """A flush under way: the buckets of every raw row of this writer up to ``upto`` (an id per table of :data:`SOURCES`),
+    in ``len(parts)`` parts of (minute buckets, hour buckets or None)."""
 
-    upto: int
+    upto: tuple[int, ...]
     hours: bool
     parts: list[tuple[_Acc, _Acc | None]]
     done: int = 0
@@ -455,8 +503,12 @@ class Rollups:
         """Return this writer's id, registering it (in its own transaction) on first use."""
         if self.wid is None:
             with engine.begin() as conn:
-                wid = conn.execute(WRITERS.insert().values(instance=self.instance, started_at=now, seen_at=now, minute_upto=0,
-                                                           hour_upto=0)).inserted_primary_key[0]  # type: ignore[index]
+                # A new writer holds nothing: its cursors start at each table's highest id, so rows stored before it are
+                # never taken for its own (SQLite gives a forgotten writer's wid to the next one: its rows, already
+                # folded, are neither folded again nor held back should the new writer die).
+                upto = tuple(int(conn.scalar(select(func.max(src.table.c.id))) or 0) for src in SOURCES)
+                wid = conn.execute(WRITERS.insert().values(instance=self.instance, started_at=now, seen_at=now,
+                                                           **_cursors(upto, True))).inserted_primary_key[0]  # type: ignore[index]
             self.wid = int(wid)
         return self.wid
 
@@ -513,9 +565,7 @@ class Rollups:
             return 0
         values: dict[str, Any] = {"pending_done": last}
         if last == len(f.parts):
-            values = {"minute_upto": f.upto, "pending_parts": 0, "pending_done": 0}
-            if f.hours:
-                values["hour_upto"] = f.upto
+            values = {"pending_parts": 0, "pending_done": 0, **_cursors(f.upto, f.hours)}
         if not self._update_writer(conn, **values):
             return 0
         written = sum(_write_buckets(conn, _part_rows(*f.parts[i])) for i in range(first, last))
@@ -527,10 +577,12 @@ class Rollups:
         self.step(conn, len(self.flush.parts) if self.flush else 0)
         return self.wid is not None
 
-    def take(self, conn: Connection, now: float, *, hours: bool | None = None, whole: bool = False) -> None:
+    def take(self, conn: Connection, now: float, *, hours: bool | None = None, whole: bool = False, force_hours: bool = False) -> None:
         """Start a flush of what is held (finishing the one under way first), in the caller's transaction.
 
         A flush of one part (a small fleet), or with ``whole``, is written right away, in this transaction.
+        ``force_hours`` flushes the hours before they are due (not after finishing a flush: they wait for the next run):
+        the heartbeat bounds are about to delete rows of this writer the hour tier does not hold yet.
         """
         if self.wid is None:
             return
@@ -539,21 +591,22 @@ class Rollups:
             return
         # The hour maps get a flush's minute buckets only once its parts commit: after finishing one here, they
         # lack its last parts until then, so the hours wait for the next run.
-        do_hours = (self.hours_due(now) and not unfinished) if hours is None else hours
-        upto = conn.scalar(select(func.max(RAW.c.id)).where(RAW.c.wid == self.wid)) or 0
+        do_hours = ((force_hours or self.hours_due(now)) and not unfinished) if hours is None else hours
+        # Every row this writer stored has committed (a writer's batches and runs come one after the other), so its rows
+        # up to each table's highest id are what it holds; a row it stores later gets a higher id.
+        upto = tuple(int(conn.scalar(select(func.max(src.table.c.id))) or 0) for src in SOURCES)
         parts: list[tuple[_Acc, _Acc | None]] = list(zip(self.minutes, self.hours if do_hours else [None] * len(self.minutes),
                                                           strict=True))
         n = len(parts)
         if whole or sum(len(m) + (len(h) if h else 0) for m, h in parts) <= PART_BUCKETS:
-            values: dict[str, Any] = {"seen_at": now, "minute_upto": upto, "pending_parts": 0, "pending_done": 0}
-            if do_hours:
-                values["hour_upto"] = upto
+            values: dict[str, Any] = {"seen_at": now, "pending_parts": 0, "pending_done": 0, **_cursors(upto, do_hours)}
             if not self._update_writer(conn, **values):
                 return
             _write_buckets(conn, [r for p in parts for r in _part_rows(*p)])
             self._taken = _Flush(upto, do_hours, parts, done=n)
             return
-        if not self._update_writer(conn, seen_at=now, pending_upto=upto, pending_hours=do_hours, pending_parts=n, pending_done=0):
+        if not self._update_writer(conn, seen_at=now, pending_hours=do_hours, pending_parts=n, pending_done=0,
+                                   **{src.pending: u for src, u in zip(SOURCES, upto, strict=True)}):
             return
         self._taken = _Flush(upto, do_hours, parts)
 
@@ -602,44 +655,62 @@ class Rollups:
     # --- recovery of dead writers ---
 
     def recover(self, conn: Connection, now: float, dead_after_s: float) -> int:
-        """Fold one chunk of raw rows of each dead writer that its tiers do not hold yet; return rows folded."""
+        """Fold one chunk of raw rows (per table of :data:`SOURCES`) of each dead writer that its tiers do not hold yet;
+        return rows folded."""
         dead = select(WRITERS).where(WRITERS.c.seen_at < now - dead_after_s, WRITERS.c.wid != (-1 if self.wid is None else self.wid))
         if conn.dialect.name == "postgresql":  # two replicas never fold the same writer's rows
             dead = dead.with_for_update(skip_locked=True)
         folded = 0
         for w in conn.execute(dead.order_by(WRITERS.c.wid)).all():
-            start = min(w.minute_upto, w.hour_upto)
-            rows = conn.execute(select(RAW.c.id, RAW.c.shop_id, RAW.c.node_id, RAW.c.ts, RAW.c.samples)
-                                .where(RAW.c.wid == w.wid, RAW.c.id > start).order_by(RAW.c.id).limit(RECOVERY_CHUNK)).all()
             minutes: dict[_Key, array[float]] = {}
             hours: dict[_Key, array[float]] = {}
-            for rid, shop, node, ts, samples in rows:
-                # A row of the flush that was under way, in a part already written, is in its tiers.
-                written = bool(w.pending_parts) and rid <= w.pending_upto and _part_of(shop, node, w.pending_parts) < w.pending_done
-                points = _loads(samples)
-                if rid > w.minute_upto and not written:
-                    _fold(minutes, shop, node, float(math.floor(ts / MINUTE) * MINUTE), points)
-                if rid > w.hour_upto and not (written and w.pending_hours):
-                    _fold(hours, shop, node, float(math.floor(ts / HOUR) * HOUR), points)
+            moved: dict[str, int] = {}
+            last_chunk = True
+            for src in SOURCES:
+                t = src.table
+                minute_upto, hour_upto, pending_upto = getattr(w, src.minute), getattr(w, src.hour), getattr(w, src.pending)
+                query = (select(t.c.id, t.c.shop_id, t.c.node_id, t.c.ts, t.c.samples)
+                         .where(t.c.wid == w.wid, t.c.id > min(minute_upto, hour_upto)).order_by(t.c.id).limit(RECOVERY_CHUNK))
+                if t is HEARTBEATS:
+                    query = query.where(t.c.samples.is_not(None))
+                rows = conn.execute(query).all()
+                for rid, shop, node, ts, samples in rows:
+                    # A row of the flush that was under way, in a part already written, is in its tiers.
+                    written = bool(w.pending_parts) and rid <= pending_upto and _part_of(shop, node, w.pending_parts) < w.pending_done
+                    points = _loads(samples)
+                    if rid > minute_upto and not written:
+                        _fold(minutes, shop, node, float(math.floor(ts / MINUTE) * MINUTE), points)
+                    if rid > hour_upto and not (written and w.pending_hours):
+                        _fold(hours, shop, node, float(math.floor(ts / HOUR) * HOUR), points)
+                folded += len(rows)
+                if len(rows) == RECOVERY_CHUNK:
+                    last_chunk = False
+                    last = rows[-1][0]
+                    # Rows up to `last` are now in both tiers; the written parts matter only above it.
+                    moved[src.minute], moved[src.hour] = max(minute_upto, last), max(hour_upto, last)
             _write_buckets(conn, _bucket_rows(MINUTE, minutes) + _bucket_rows(HOUR, hours))
-            folded += len(rows)
-            if len(rows) < RECOVERY_CHUNK:
+            if last_chunk:
                 conn.execute(WRITERS.delete().where(WRITERS.c.wid == w.wid))
-                log.info("series writer %s: folded its last %d raw rows into the roll-ups and forgot it", w.wid, len(rows))
-            else:
-                last = rows[-1][0]
-                # Rows up to `last` are now in both tiers; the written parts matter only above it.
-                conn.execute(WRITERS.update().where(WRITERS.c.wid == w.wid)
-                             .values(minute_upto=max(w.minute_upto, last), hour_upto=max(w.hour_upto, last)))
+                log.info("series writer %s: folded its last raw rows into the roll-ups and forgot it", w.wid)
+            elif moved:
+                conn.execute(WRITERS.update().where(WRITERS.c.wid == w.wid).values(**moved))
         return folded
 
-    def maintain(self, conn: Connection, settings: SeriesSettings, now: float, dead_after_s: float) -> dict[str, int]:
+    def hour_cursor(self, conn: Connection) -> int | None:
+        """The heartbeat id up to which this writer's hour tier holds its rows (None: no writer row, nothing held back)."""
+        if self.wid is None:
+            return None
+        value = conn.scalar(select(WRITERS.c.hour_upto_hb).where(WRITERS.c.wid == self.wid))
+        return None if value is None else int(value)
+
+    def maintain(self, conn: Connection, settings: SeriesSettings, now: float, dead_after_s: float,
+                 force_hours: bool = False) -> dict[str, int]:
         """Start a flush, fold dead writers' leftovers, then delete what is past each tier's age; return rows deleted per table.
 
         Raw rows are deleted only below every writer's cursors (so a sample is never lost between the
         tiers), walking the primary key from the oldest (:func:`_delete_old_raw`).
         """
-        self.take(conn, now)
+        self.take(conn, now, force_hours=force_hours)
         self.recover(conn, now, dead_after_s)
         deleted = {"series_raw": _delete_old_raw(conn, now - settings.raw_max_age_s, now), "series_rollup": 0}
         for step, max_age in ((MINUTE, settings.minute_max_age_s), (HOUR, settings.hour_max_age_s)):
@@ -650,6 +721,19 @@ class Rollups:
 def aged_buckets(step: int, cutoff: float) -> Delete:
     """The delete of a tier's buckets older than ``cutoff``: a range of ``ix_series_rollup_age``, not a scan of the tier."""
     return delete(ROLLUP).where(ROLLUP.c.step == step, ROLLUP.c.bucket < cutoff)
+
+
+def deletable_heartbeats(dialect: str) -> ColumnElement[bool]:
+    """Heartbeat rows the count and age bounds may delete: without samples, or whose samples every tier of their writer
+    holds (``heartbeats.id`` up to its cursors); a writer no longer registered (recovered, forgotten) holds nothing back.
+
+    A writer's own rows above its hour cursor are not held back for long: its retention run flushes its hours when the
+    bounds reach them (:meth:`RegistryStore.enforce_retention`); a dead writer's until another writer folded them.
+    """
+    least = func.min if dialect == "sqlite" else func.least
+    cursor = (select(least(WRITERS.c.minute_upto_hb, WRITERS.c.hour_upto_hb)).where(WRITERS.c.wid == HEARTBEATS.c.wid)
+              .scalar_subquery())
+    return HEARTBEATS.c.samples.is_(None) | (HEARTBEATS.c.id <= func.coalesce(cursor, 2**62))
 
 
 FUTURE_SLACK_S = 3600.0
@@ -711,18 +795,23 @@ class SeriesRangeError(ValueError):
     """A range that cannot be read (end before start, or no step possible); the message says the fix."""
 
 
-def choose_tier(start: float, end: float, now: float, settings: SeriesSettings, step: float | None = None) -> tuple[str, int, float]:
+def choose_tier(start: float, end: float, now: float, settings: SeriesSettings, step: float | None = None,
+                raw: bool = True) -> tuple[str, int, float]:
     """Return ``(resolution, tier step, answer step)`` for a range.
 
     The tier is the coarsest one whose step is at most the wanted bucket width and that still
     holds ``start`` (fewest rows to read); when none does, the finest tier that holds ``start``;
     when none holds it, the hourly one. A tier holds ``start`` up to ``EDGE_SLACK_S`` past its age. The answer's bucket width is a multiple of the tier's
-    step giving at most ``settings.max_points`` buckets, and at least ``step`` when asked.
+    step giving at most ``settings.max_points`` buckets, and at least ``step`` when asked. Without ``raw``, the raw tier
+    is not a choice (a node series whose heartbeat history no longer holds ``start``, see :func:`read_series`).
     """
     if end <= start:
         raise SeriesRangeError(f"the range ends ({end}) before it starts ({start}): pass from < to")
     wanted = max(step or 0.0, (end - start) / settings.max_points, 1.0)
-    tiers = (("raw", 0, settings.raw_max_age_s), ("1m", MINUTE, settings.minute_max_age_s), ("1h", HOUR, settings.hour_max_age_s))
+    tiers: tuple[tuple[str, int, float], ...] = (("raw", 0, settings.raw_max_age_s), ("1m", MINUTE, settings.minute_max_age_s),
+                                                  ("1h", HOUR, settings.hour_max_age_s))
+    if not raw:
+        tiers = tiers[1:]
     holding = [t for t in tiers if start >= now - t[2] - EDGE_SLACK_S]
     fitting = [t for t in holding if t[1] <= wanted]
     name, tier_step, _ = fitting[-1] if fitting else holding[0] if holding else tiers[-1]
@@ -733,8 +822,6 @@ def choose_tier(start: float, end: float, now: float, settings: SeriesSettings, 
 def _unit(conn: Connection, shop: str, name: str) -> str:
     if name in NODE_SERIES:
         return NODE_SERIES[name][1]
-    from fleet_controller.registry.models import LatestReading
-
     readings = table_of(LatestReading)
     unit = conn.execute(
         select(readings.c.unit).where(readings.c.shop_id == shop, readings.c.name == name, readings.c.unit != "").limit(1)
@@ -757,6 +844,8 @@ def read_series(
     resolution, tier_step, answer = choose_tier(start, end, now, settings, step)
     rows: Sequence[Any]
     with engine.connect() as conn:
+        if tier_step == 0 and name in NODE_SERIES and not _heartbeats_hold(conn, shop, node, start):
+            resolution, tier_step, answer = choose_tier(start, end, now, settings, step, raw=False)
         if tier_step == 0:
             rows = _raw_buckets(conn, shop, name, start, end, answer, node, source)
         else:
@@ -765,14 +854,59 @@ def read_series(
     return _shape(shop, name, unit, start, end, answer, resolution, rows, total)
 
 
+HISTORY_EDGE_INTERVALS = 2.0
+"""A node's heartbeat history holds a range whose start is up to this many heartbeat intervals before its oldest
+heartbeat: the count bound keeps exactly an hour at the defaults (360 at 10 s), so a 1-hour chart's start falls up to an
+interval before it (and the sample there is the one the bound just deleted)."""
+
+
+def _heartbeats_hold(conn: Connection, shop: str, node: str | None, start: float) -> bool:
+    """Whether the heartbeat history of every node of ``shop`` (or of ``node``) still holds what it sent since ``start``.
+
+    The raw tier of node series is the heartbeats' own rows, which the count and age bounds trim
+    (``retention.heartbeats_per_node``: one hour at the defaults), not ``raw_max_age_s``. One seek
+    per node: its oldest row held. That row is from before 0019 (no samples: what came earlier is
+    in ``series_raw``), or sent before ``start``, or about when the node was first seen (nothing
+    older was ever stored).
+    """
+    nodes = select(NODES.c.node_id, NODES.c.first_seen, NODES.c.facts_at, NODES.c.heartbeat_interval_s).where(NODES.c.shop_id == shop)
+    if node is not None:
+        nodes = nodes.where(NODES.c.node_id == node)
+    for node_id, first_seen, facts_at, interval in conn.execute(nodes).all():
+        oldest = conn.execute(select(HEARTBEATS.c.ts, HEARTBEATS.c.samples.is_(None))
+                              .where(HEARTBEATS.c.shop_id == shop, HEARTBEATS.c.node_id == node_id)
+                              .order_by(HEARTBEATS.c.id).limit(1)).first()
+        if oldest is None:  # never sent a heartbeat, or every one aged out (then none since start, or it is lost)
+            if facts_at is not None and facts_at >= start:
+                return False
+            continue
+        ts, before_0019 = oldest
+        if not before_0019 and ts > max(start, first_seen) + HISTORY_EDGE_INTERVALS * (interval or 10.0):
+            return False
+    return True
+
+
 def _raw_buckets(conn: Connection, shop: str, name: str, start: float, end: float, step: float,
                  node: str | None, source: str | None) -> list[tuple[str, str, float, float, float, float]]:
-    """Return ``(node, source, bucket, mean, min, max)`` of raw samples, bucketed from ``start`` in Python."""
-    where = [RAW.c.shop_id == shop, RAW.c.ts >= start, RAW.c.ts <= end]
-    if node is not None:
-        where.append(RAW.c.node_id == node)
+    """Return ``(node, source, bucket, mean, min, max)`` of raw samples, bucketed from ``start`` in Python.
+
+    Telemetry's samples are in ``series_raw`` (and those of heartbeats stored before 0019); a node
+    series' in ``heartbeats.samples`` too, read by the ``(shop_id, node_id, id)`` index (a shop has few nodes).
+    """
     acc: dict[tuple[str, str, float], list[float]] = {}
-    for node_id, ts, samples in conn.execute(select(RAW.c.node_id, RAW.c.ts, RAW.c.samples).where(*where)):
+    for t in (RAW, HEARTBEATS) if name in NODE_SERIES else (RAW,):
+        where = [t.c.shop_id == shop, t.c.ts >= start, t.c.ts <= end]
+        if t is HEARTBEATS:
+            where.append(t.c.samples.is_not(None))
+        if node is not None:
+            where.append(t.c.node_id == node)
+        _fold_raw(acc, conn.execute(select(t.c.node_id, t.c.ts, t.c.samples).where(*where)), name, start, step, source)
+    return [(k[0], k[1], k[2], v[1] / v[0], v[2], v[3]) for k, v in acc.items()]
+
+
+def _fold_raw(acc: dict[tuple[str, str, float], list[float]], rows: Iterable[Any], name: str, start: float, step: float,
+              source: str | None) -> None:
+    for node_id, ts, samples in rows:
         if f'"{name}"' not in samples:  # cheap test before parsing: most messages carry other series
             continue
         bucket = start + math.floor((ts - start) / step) * step
@@ -787,7 +921,6 @@ def _raw_buckets(conn: Connection, shop: str, name: str, start: float, end: floa
                 a[1] += value
                 a[2] = min(a[2], value)
                 a[3] = max(a[3], value)
-    return [(k[0], k[1], k[2], v[1] / v[0], v[2], v[3]) for k, v in acc.items()]
 
 
 def _rollup_buckets(conn: Connection, shop: str, name: str, start: float, end: float, step: float, tier_step: int,

@@ -140,19 +140,28 @@ def series_dead_after(settings: RetentionSettings) -> float:
     return max(600.0, 5 * settings.interval_s)
 
 
-def _delete_aged(conn: Connection, table: Table, cutoff: float) -> int:
+def _aged(conn: Connection, table: Table, cutoff: float) -> tuple[ColumnElement[bool], int | None]:
+    """Return the rows of ``table`` received before ``cutoff`` (see :func:`_delete_aged`) and the highest id among them (None: none)."""
+    first_young = conn.scalar(select(table.c.id).where(table.c.received_at >= cutoff).order_by(table.c.id).limit(1))
+    if first_young is None:
+        return table.c.received_at < cutoff, conn.scalar(select(func.max(table.c.id)))
+    return table.c.id < first_young, conn.scalar(select(func.max(table.c.id)).where(table.c.id < first_young))
+
+
+def _delete_aged(conn: Connection, table: Table, cutoff: float, aged: ColumnElement[bool] | None = None,
+                 *also: ColumnElement[bool]) -> int:
     """Delete the rows of ``table`` received before ``cutoff``, walking its primary key from the oldest; return rows deleted.
 
     ``received_at`` has no index, but it grows with ``id`` (rows are stored as they arrive), so
     the oldest rows are at the start of the primary key: find the first row, in id order, that
     is young enough (a walk over exactly the rows to delete) and delete every row before it.
     Where the controller's clock stepped back, a row older than the cutoff stored after a
-    younger one waits until that younger one ages out too.
+    younger one waits until that younger one ages out too. ``aged`` is :func:`_aged`'s answer when already asked;
+    ``also`` narrows the delete.
     """
-    first_young = conn.scalar(select(table.c.id).where(table.c.received_at >= cutoff).order_by(table.c.id).limit(1))
-    if first_young is None:
-        return conn.execute(delete(table).where(table.c.received_at < cutoff)).rowcount
-    return conn.execute(delete(table).where(table.c.id < first_young)).rowcount
+    if aged is None:
+        aged = _aged(conn, table, cutoff)[0]
+    return conn.execute(delete(table).where(aged, *also)).rowcount
 
 
 MAX_RETIRED_EPOCHS = 64
@@ -195,9 +204,10 @@ def _part_json(part: Any) -> str:
 
 _FACT_COLUMNS = ("facts", "arch", "node_class", "agent_version", "release", "pipelines", "metrics", "facts_at", "heartbeat_interval_s")
 _NODE_JSON = frozenset({"facts", "pipelines", "metrics"})
-# Heartbeat columns in the order _store_uplinks builds its rows; metrics and pipelines are JSON.
+# Heartbeat columns in the order _store_uplinks builds its rows; metrics and pipelines are JSON; samples the heartbeat's
+# series samples (JSON text, series.store_points) and wid the writer (0019_heartbeat_samples).
 _HEARTBEAT_COLUMNS = ("shop_id", "node_id", "epoch", "seq", "ts", "received_at", "cpu_load_1m", "cpu_temp_c",
-                      "mem_available_bytes", "disk_free_bytes", "outbox_depth", "metrics", "pipelines")
+                      "mem_available_bytes", "disk_free_bytes", "outbox_depth", "metrics", "pipelines", "samples", "wid")
 
 
 # --------------------------------------------------------------------------------------------
@@ -475,8 +485,10 @@ class RegistryStore:
                 batch.refused_nodes = frozenset(unknown)
                 created, known = self._ensure(conn, sorted(keys - unknown), now)
                 events += created
-                facts = self._store_uplinks(conn, batch, now, events, unknown)
-                samples = series.store_points(conn, batch.uplinks, defer, wid)
+                # A heartbeat's samples go in its own row (one structure per message besides the node row); telemetry's in series_raw.
+                hb_samples: dict[int, str | None] = {}
+                samples = series.store_points(conn, batch.uplinks, defer, wid, hb_samples)
+                facts = self._store_uplinks(conn, batch, now, events, unknown, hb_samples, wid)
                 presence_events, batch.session_jumps = self._store_presences(conn, batch.presences, now, batch.max_session_jump)
                 events += presence_events
                 self._update_nodes(conn, batch, facts, unknown)
@@ -536,12 +548,15 @@ class RegistryStore:
 
     def _store_uplinks(
         self, conn: Connection, batch: WriteBatch, now: float, out: list[BusEvent], unknown: set[NodeKey] = frozenset(),  # type: ignore[assignment]
+        hb_samples: dict[int, str | None] | None = None, wid: int = 0,
     ) -> dict[NodeKey, tuple[Heartbeat, str, str]]:
         """Insert history, upsert latest values; append bus events to ``out``.
 
         Return the latest heartbeat of each node with the JSON text of its metrics and pipelines
-        (encoded once, for its history row and for the node's row).
+        (encoded once, for its history row and for the node's row). ``hb_samples`` holds each heartbeat's series samples
+        by ``id()`` (:func:`series.store_points`), stored in its row with the writer's ``wid``.
         """
+        hb_samples = {} if hb_samples is None else hb_samples
         heartbeats: list[tuple[Any, ...]] = []
         facts: dict[NodeKey, tuple[Heartbeat, str, str]] = {}
         readings: dict[tuple[str, str, str, str], dict[str, Any]] = {}
@@ -557,7 +572,7 @@ class RegistryStore:
                 pipelines = _part_json(msg.pipelines)
                 heartbeats.append((
                     msg.shop, msg.node, msg.epoch, msg.seq, msg.ts, received, f.cpu_load_1m, f.cpu_temp_c,
-                    f.mem_available_bytes, f.disk_free_bytes, msg.outbox_depth, metrics, pipelines,
+                    f.mem_available_bytes, f.disk_free_bytes, msg.outbox_depth, metrics, pipelines, hb_samples.get(id(msg)), wid,
                 ))
                 prev = facts.get(key)
                 if prev is None or prev[0].ts <= msg.ts:
@@ -924,15 +939,21 @@ class RegistryStore:
         now = time.time() if now is None else now
         deleted: dict[str, int] = {}
         with self._rollups_applied(now), self.engine.begin() as conn:
-            for table, parent, part, keep, max_age in (
-                (HEARTBEATS, (NODES.c.shop_id, NODES.c.node_id), (HEARTBEATS.c.shop_id, HEARTBEATS.c.node_id),
-                 settings.heartbeats_per_node, settings.heartbeat_max_age_s),
-                (EVENTS, (SHOPS.c.id,), (EVENTS.c.shop_id,), settings.events_per_shop, settings.event_max_age_s),
-            ):
-                n = _delete_aged(conn, table, now - max_age)
-                n += self._trim_chunk(conn, table, parent, part, keep)
-                deleted[table.name] = n
-            deleted.update(self.rollups.maintain(conn, settings.series, now, series_dead_after(settings)))
+            # Heartbeat rows carry the raw samples of node series (0019_heartbeat_samples): the bounds delete only rows
+            # whose samples are in every tier of their writer (series.deletable_heartbeats). When they reach rows of this
+            # writer its hour tier does not hold yet, this run flushes its hours first, so the bounds stay as they were.
+            aged, aged_top = _aged(conn, HEARTBEATS, now - settings.heartbeat_max_age_s)
+            cuts = self._trim_plan(conn, HEARTBEATS, (NODES.c.shop_id, NODES.c.node_id), (HEARTBEATS.c.shop_id, HEARTBEATS.c.node_id),
+                                   settings.heartbeats_per_node)
+            top = max([c["cut"] for c in cuts] + ([aged_top] if aged_top is not None else []), default=None)
+            hour = self.rollups.hour_cursor(conn)
+            force_hours = top is not None and hour is not None and top > hour
+            deleted.update(self.rollups.maintain(conn, settings.series, now, series_dead_after(settings), force_hours))
+            deletable = series.deletable_heartbeats(self._dialect)
+            deleted["heartbeats"] = (_delete_aged(conn, HEARTBEATS, 0.0, aged, deletable)
+                                     + self._trim_delete(conn, HEARTBEATS, (HEARTBEATS.c.shop_id, HEARTBEATS.c.node_id), cuts, deletable))
+            deleted["events"] = (_delete_aged(conn, EVENTS, now - settings.event_max_age_s)
+                                 + self._trim_chunk(conn, EVENTS, (SHOPS.c.id,), (EVENTS.c.shop_id,), settings.events_per_shop))
             newest_kept = select(QUARANTINE.c.id).order_by(QUARANTINE.c.id.desc()).offset(QUARANTINE_KEEP).limit(1).scalar_subquery()
             deleted["quarantine"] = conn.execute(delete(QUARANTINE).where(QUARANTINE.c.id <= newest_kept)).rowcount
         return deleted
@@ -954,13 +975,26 @@ class RegistryStore:
             self.rollups.flush_all(conn, now)
 
     def _trim_chunk(self, conn: Connection, table: Table, parent: Sequence[Any], part: Sequence[Any], keep: int) -> int:
+        """Delete all but the ``keep`` newest rows of the next chunk of owners of ``table`` (:meth:`_trim_plan`); return rows deleted."""
+        return self._trim_delete(conn, table, part, self._trim_plan(conn, table, parent, part, keep))
+
+    def _trim_delete(self, conn: Connection, table: Table, part: Sequence[Any], cuts: list[dict[str, Any]],
+                     *also: ColumnElement[bool]) -> int:
+        """Delete the rows of each owner up to its cut (:meth:`_trim_plan`), narrowed by ``also``; return rows deleted."""
+        if not cuts:
+            return 0
+        stmt = delete(table).where(*(col == bindparam(f"k{i}") for i, col in enumerate(part)), table.c.id <= bindparam("cut"), *also)
+        return conn.execute(stmt, cuts).rowcount
+
+    def _trim_plan(self, conn: Connection, table: Table, parent: Sequence[Any], part: Sequence[Any], keep: int) -> list[dict[str, Any]]:
         """Delete all but the ``keep`` newest rows of the next chunk of owners (nodes or shops) of ``table``; return rows deleted.
 
         The owners come from ``parent`` (the nodes or shops table) in key order after the cursor
         this store keeps per table, and the cursor wraps to the start at the end of the table, so
         owners added between runs are visited in their turn. One query finds, per owner, the id
         of its ``keep + 1``-th newest row (an index seek and a walk of ``keep`` entries); one
-        executemany deletes that row and every older one of the owner.
+        executemany deletes that row and every older one of the owner (:meth:`_trim_delete`); this returns its
+        parameters, one per owner with rows to delete.
         """
         total = conn.scalar(select(func.count()).select_from(parent[0].table)) or 0
         chunk = max(RETENTION_MIN_CHUNK, -(-total // RETENTION_CYCLE_RUNS))
@@ -977,11 +1011,7 @@ class RegistryStore:
             # and a fleet of N owners is covered in ceil(N / chunk) runs whatever the cursor's position.
             cuts += conn.execute(owners.limit(chunk - len(cuts))).all()
         self._retention_cursor[table.name] = tuple(cuts[-1][:-1]) if cuts else None
-        params = [{**{f"k{i}": v for i, v in enumerate(r[:-1])}, "cut": r[-1]} for r in cuts if r[-1] is not None]
-        if not params:
-            return 0
-        stmt = delete(table).where(*(col == bindparam(f"k{i}") for i, col in enumerate(part)), table.c.id <= bindparam("cut"))
-        return conn.execute(stmt, params).rowcount
+        return [{**{f"k{i}": v for i, v in enumerate(r[:-1])}, "cut": r[-1]} for r in cuts if r[-1] is not None]
 
     def register_shop(
         self, shop: str, *, name: str | None = None, region: str | None = None,

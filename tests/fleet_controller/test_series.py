@@ -9,13 +9,14 @@ from unittest.mock import patch
 
 import pytest
 import yaml
+from alembic import command
 from sqlalchemy import func, inspect, select
 from sqlalchemy import text as sa_text
 
 from edge_agent.protocol import NodeFacts, PipelineHealth, Reading, Telemetry
 from fleet_controller.registry import series as series_module
 from fleet_controller.registry.db import Base, create_engine
-from fleet_controller.registry.migrations import upgrade
+from fleet_controller.registry.migrations import alembic_config, upgrade
 from fleet_controller.registry.series import (
     HOUR_FLUSH_SLACK_S,
     NODE_SERIES,
@@ -28,7 +29,7 @@ from fleet_controller.registry.series import (
     points_from,
     read_series,
 )
-from fleet_controller.registry.store import RegistryStore, WriteBatch, series_dead_after
+from fleet_controller.registry.store import HEARTBEATS, RegistryStore, WriteBatch, series_dead_after
 from fleet_controller.settings import (
     RetentionSettings,
     SeriesSettings,
@@ -135,7 +136,10 @@ def test_migration_matches_models(registry):
 def test_batches_store_samples_and_reads_align_lines(registry):
     write(registry, heartbeat(seq=1, ts=T0 + 10, facts=FACTS, pipelines=CAM), fridge(2, T0 + 10, 4.0), at=T0 + 10)
     write(registry, fridge(3, T0 + 20, 6.0), fridge(4, T0 + 20, 3.0, source="fridge-2"), at=T0 + 20)
-    assert count(registry.engine, RAW) == 4  # one row per message
+    # One row per telemetry message; a heartbeat's samples are in its own heartbeat row (0019_heartbeat_samples).
+    assert count(registry.engine, RAW) == 3
+    with registry.engine.connect() as conn:
+        assert conn.scalar(select(func.count()).select_from(HEARTBEATS).where(HEARTBEATS.c.samples.is_not(None))) == 1
     data = read_series(registry.engine, "shop-a", "temperature_c", start=T0, end=T0 + 3600, now=T0 + 3600)
     assert data.resolution == "raw" and data.unit == "C" and data.step == 6.0
     assert data.times == [T0 + 6, T0 + 18]
@@ -149,7 +153,8 @@ def test_batches_store_samples_and_reads_align_lines(registry):
 
 
 def test_raw_rows_keep_every_value_exactly(registry):
-    """The batch's raw rows (one statement of a JSON array on PostgreSQL, executemany on SQLite) keep ids, the
+    """The batch's raw rows (one statement of a JSON array on PostgreSQL, executemany on SQLite; a heartbeat's in its own
+    row) keep ids, the
     timestamp to the last bit and every sample value: awkward floats, tiny, huge, negative zero, odd ids."""
     values = [0.1 + 0.2, 1e-7, 1.7976931348623157e308, -0.0, 123456789.123456789, 5e-324]
     msgs = [Telemetry(shop="shop-x", node=f"n-{i}", seq=1, epoch="ep1", ts=T0 + 0.123456789 * (i + 1),
@@ -157,6 +162,7 @@ def test_raw_rows_keep_every_value_exactly(registry):
     write(registry, *msgs, heartbeat(shop="shop-x", node="pi-9", seq=1, ts=T0 + 1 / 3, facts=FACTS, pipelines=CAM), at=T0 + 2)
     with registry.engine.connect() as conn:
         rows = conn.execute(select(RAW.c.shop_id, RAW.c.node_id, RAW.c.ts, RAW.c.samples).order_by(RAW.c.id)).all()
+        rows += conn.execute(select(HEARTBEATS.c.shop_id, HEARTBEATS.c.node_id, HEARTBEATS.c.ts, HEARTBEATS.c.samples)).all()
     assert [(r.shop_id, r.node_id, r.ts) for r in rows] == [("shop-x", m.node, m.ts) for m in msgs] + [("shop-x", "pi-9", T0 + 1 / 3)]
     assert [json.loads(r.samples) for r in rows[:-1]] == [[["w.g:1", f"slot-{i}", v]] for i, v in enumerate(values)]
     assert [tuple(p) for p in json.loads(rows[-1].samples)] == points_from(
@@ -345,6 +351,189 @@ def test_a_writer_dead_in_the_middle_of_a_flush_is_recovered_exactly(registry):
     assert node_rollups(registry.engine, 60) == fold_truth(everything, 60)
     other.enforce_retention(RETENTION, T0 + 3600 + HOUR_FLUSH_SLACK_S + series_dead_after(RETENTION))
     assert node_rollups(registry.engine, 3600) == fold_truth(everything, 3600)
+
+
+# ----- heartbeat samples in the heartbeat rows (0019_heartbeat_samples) ------------------------------
+
+
+def cpu_hb(node: str, seq: int, ts: float, value: float):
+    return heartbeat(node=node, seq=seq, ts=ts, facts=FACTS.model_copy(update={"cpu_percent": value}), pipelines=CAM)
+
+
+def cpu_truth(msgs, step):
+    """The cpu_percent buckets a fold of every heartbeat gives: (step, node, bucket, n, total, lo, hi)."""
+    acc = {}
+    for m in msgs:
+        v, b = m.facts.cpu_percent, float(int(m.ts // step) * step)
+        n, t, lo, hi = acc.get((m.node, b), (0, 0.0, v, v))
+        acc[(m.node, b)] = (n + 1, t + v, min(lo, v), max(hi, v))
+    return sorted((step, node, b, *acc[(node, b)]) for node, b in acc)
+
+
+def cpu_rollups(engine, step):
+    with engine.connect() as conn:
+        return sorted(tuple(r) for r in conn.execute(select(ROLLUP.c.step, ROLLUP.c.node_id, ROLLUP.c.bucket, ROLLUP.c.n, ROLLUP.c.total,
+                                                            ROLLUP.c.lo, ROLLUP.c.hi)
+                                                     .where(ROLLUP.c.step == step, ROLLUP.c.name == "cpu_percent")))
+
+
+def hb_count(engine) -> int:
+    return count(engine, HEARTBEATS)
+
+
+def test_a_dead_writers_heartbeat_samples_are_folded_by_another_exactly_once(db_url):
+    """Heartbeat samples live in the heartbeat rows: a dead writer's rows above its cursors in that table are folded again,
+    in chunks, with its telemetry rows in series_raw; nothing is counted twice."""
+    engine = create_engine(db_url)
+    upgrade(engine)
+    a, b = RegistryStore(engine), RegistryStore(engine)
+    hbs = [cpu_hb(f"pi-{i % 3}", i // 3 + 1, T0 + 7 * i, float(i % 11)) for i in range(300)]
+    tel = [fridge(1000 + i, T0 + 7 * i + 1, float(i % 13)) for i in range(300)]
+    write(a, *hbs[:100], *tel[:100], at=T0 + 700)
+    a.enforce_retention(RETENTION, T0 + 700)  # a flushes its minutes, not its hours
+    write(a, *hbs[100:200], *tel[100:200], at=T0 + 1400)  # ... and dies with these in memory
+    write(b, *hbs[200:], *tel[200:], at=T0 + 2100)
+    dead_after = series_dead_after(RETENTION)
+    with patch.object(series_module, "RECOVERY_CHUNK", 60):  # a's 200 rows of each table for the hour tier: four runs
+        for k in range(1, 5):
+            b.enforce_retention(RETENTION, T0 + 700 + dead_after + k)
+            with engine.connect() as conn:
+                left = [w for (w,) in conn.execute(select(WRITERS.c.wid))]
+            assert (a.rollups.wid in left) == (k < 4), k
+    assert cpu_rollups(engine, 60) == cpu_truth(hbs, 60)
+    assert rollup_rows(engine, 60) != [] and node_rollups(engine, 60)  # telemetry too
+    with engine.connect() as conn:
+        temps = sorted(tuple(r) for r in conn.execute(select(ROLLUP.c.step, ROLLUP.c.bucket, ROLLUP.c.n, ROLLUP.c.total, ROLLUP.c.lo,
+                                                             ROLLUP.c.hi).where(ROLLUP.c.step == 60, ROLLUP.c.name == "temperature_c")))
+    assert temps == truth(tel, 60)
+    b.enforce_retention(RETENTION, T0 + 4000 + dead_after)  # b's hour flush: the hour holds all 300 heartbeats, once
+    assert cpu_rollups(engine, 3600) == cpu_truth(hbs, 3600)
+    engine.dispose()
+
+
+def test_a_writer_dead_in_the_middle_of_a_flush_of_heartbeats_is_recovered_exactly(registry):
+    fleet = [cpu_hb(f"n-{i}", 1, T0 + i % 50, float(i % 7)) for i in range(40)] + \
+            [cpu_hb(f"n-{i}", 2, T0 + 61 + i % 50, float(i % 5)) for i in range(40)]
+    with patch.object(series_module, "PART_BUCKETS", 10):
+        write(registry, *fleet[:40], at=T0 + 50)
+        registry.enforce_retention(RETENTION, T0 + 60)  # a flush in parts taken...
+        write(registry, *fleet[40:], at=T0 + 120)  # ... one written with these, which stay in memory
+        write(registry, cpu_hb("n-0", 3, T0 + 130, 3.0), at=T0 + 130)  # a second part; then the writer dies
+    assert 0 < registry.rollups.flush.done < series_module.PARTS
+    other = RegistryStore(registry.engine)
+    other.enforce_retention(RETENTION, T0 + 130 + series_dead_after(RETENTION) + 1)
+    everything = [*fleet, cpu_hb("n-0", 3, T0 + 130, 3.0)]
+    assert cpu_rollups(registry.engine, 60) == cpu_truth(everything, 60)
+    other.enforce_retention(RETENTION, T0 + 3600 + HOUR_FLUSH_SLACK_S + series_dead_after(RETENTION))
+    assert cpu_rollups(registry.engine, 3600) == cpu_truth(everything, 3600)
+
+
+def test_a_writer_taken_for_dead_drops_its_heartbeat_buckets_instead_of_counting_twice(registry):
+    hbs = [cpu_hb("pi-1", i + 1, T0 + i, 1.0) for i in range(10)]
+    write(registry, *hbs, at=T0 + 10)
+    other = RegistryStore(registry.engine)
+    other.enforce_retention(RETENTION, T0 + 10 + series_dead_after(RETENTION) + 1)  # takes `registry` for dead
+    assert cpu_rollups(registry.engine, 60) == [(60, "pi-1", T0, 10, 10.0, 1.0, 1.0)]
+    registry.enforce_retention(RETENTION, T0 + 20 + series_dead_after(RETENTION))
+    assert cpu_rollups(registry.engine, 60) == [(60, "pi-1", T0, 10, 10.0, 1.0, 1.0)] and registry.rollups.lost_flushes == 1
+    write(registry, cpu_hb("pi-1", 11, T0 + 11, 2.0), at=T0 + 700)  # it registers again and goes on
+    registry.enforce_retention(RETENTION, T0 + 30 + series_dead_after(RETENTION))
+    assert cpu_rollups(registry.engine, 60) == [(60, "pi-1", T0, 11, 12.0, 1.0, 2.0)]
+
+
+def test_a_writer_given_a_forgotten_writers_id_never_folds_its_rows_again(registry):
+    """SQLite gives the id of a forgotten (recovered) writer to the next one: its rows, already in the tiers, are below
+    the new writer's cursors, so they are neither folded again should it die nor held back from the bounds."""
+    hbs = [cpu_hb("pi-1", i + 1, T0 + i, 1.0) for i in range(5)]
+    write(registry, *hbs, at=T0 + 5)
+    dead_after = series_dead_after(RETENTION)
+    RegistryStore(registry.engine).enforce_retention(RETENTION, T0 + 5 + dead_after + 1)  # folded, forgotten
+    again = RegistryStore(registry.engine)
+    write(again, cpu_hb("pi-1", 6, T0 + 6, 2.0), at=T0 + 6 + dead_after)  # registers (the same id on SQLite), then dies
+    RegistryStore(registry.engine).enforce_retention(RETENTION, T0 + 7 + 2 * dead_after + 1)
+    assert cpu_rollups(registry.engine, 60) == [(60, "pi-1", T0, 6, 7.0, 1.0, 2.0)]
+
+
+def test_the_heartbeat_bounds_flush_the_hours_first_so_a_writer_dying_after_a_trim_loses_nothing(registry):
+    """The count bound reaches heartbeats whose samples the hour tier does not hold yet: the run flushes the hours
+    first (the bound stays exact), so the rows it deletes are in both tiers and recovery needs none of them."""
+    rs = RetentionSettings(heartbeats_per_node=3, series=RETENTION.series)
+    hbs = [cpu_hb("pi-1", i + 1, T0 + 10 * i, float(i)) for i in range(10)]
+    write(registry, *hbs[:5], at=T0 + 50)
+    assert registry.enforce_retention(rs, T0 + 60)["heartbeats"] == 2 and hb_count(registry.engine) == 3
+    assert cpu_rollups(registry.engine, 3600) == cpu_truth(hbs[:5], 3600)  # before the hour is over
+    write(registry, *hbs[5:], at=T0 + 100)  # then the writer dies with these in memory
+    other = RegistryStore(registry.engine)
+    assert other.enforce_retention(rs, T0 + 100 + series_dead_after(RETENTION) + 1)["heartbeats"] == 5
+    assert hb_count(registry.engine) == 3
+    assert cpu_rollups(registry.engine, 60) == cpu_truth(hbs, 60)
+    assert cpu_rollups(registry.engine, 3600) == cpu_truth(hbs, 3600)
+
+
+def test_a_dead_writers_heartbeats_wait_for_its_recovery_before_the_bounds_delete_them(registry):
+    rs = RetentionSettings(heartbeats_per_node=2, series=RETENTION.series)
+    hbs = [cpu_hb("pi-1", i + 1, T0 + 10 * i, float(i)) for i in range(6)]
+    write(registry, *hbs, at=T0 + 60)  # the writer dies before any run
+    other = RegistryStore(registry.engine)
+    write(other, cpu_hb("pi-2", 1, T0 + 61, 1.0), at=T0 + 61)
+    assert other.enforce_retention(rs, T0 + 70)["heartbeats"] == 0 and hb_count(registry.engine) == 7  # not dead yet: held
+    assert other.enforce_retention(rs, T0 + 60 + series_dead_after(RETENTION) + 1)["heartbeats"] == 4  # folded, then trimmed
+    assert hb_count(registry.engine) == 3
+    assert cpu_rollups(registry.engine, 60) == cpu_truth([*hbs, cpu_hb("pi-2", 1, T0 + 61, 1.0)], 60)
+
+
+def test_node_series_read_the_heartbeat_rows_then_the_minute_tier_past_the_history(registry):
+    """The raw tier of a node series is its heartbeats: a range the trimmed history still holds reads them, one that
+    starts before it reads the minute tier (the same samples, per minute), on both engines."""
+    hbs = [cpu_hb("pi-1", i + 1, T0 + 10 * i, float(i % 5)) for i in range(60)]  # ten minutes
+    for k in range(0, 60, 6):
+        write(registry, *hbs[k:k + 6], at=T0 + 10 * k + 55)
+    data = read_series(registry.engine, "shop-a", "cpu_percent", start=T0, end=T0 + 600, now=T0 + 600, settings=RETENTION.series)
+    assert data.resolution == "raw" and data.times == [T0 + 10 * i for i in range(60)]
+    assert data.lines[0].mean == [float(i % 5) for i in range(60)]
+    registry.enforce_retention(RetentionSettings(heartbeats_per_node=30, series=RETENTION.series), T0 + 600)
+    assert hb_count(registry.engine) == 30  # T0+300 .. T0+590 left
+    data = read_series(registry.engine, "shop-a", "cpu_percent", start=T0, end=T0 + 600, now=T0 + 600, settings=RETENTION.series)
+    assert data.resolution == "1m" and data.times == [T0 + 60 * i for i in range(10)]
+    minutes = [[float((6 * k + j) % 5) for j in range(6)] for k in range(10)]
+    assert data.lines[0].mean == [round(sum(m) / 6, 4) for m in minutes] and data.lines[0].max == [max(m) for m in minutes]
+    late = read_series(registry.engine, "shop-a", "cpu_percent", start=T0 + 300, end=T0 + 600, now=T0 + 600, settings=RETENTION.series)
+    assert late.resolution == "raw" and late.lines[0].mean == [float(i % 5) for i in range(30, 60)]
+    # Another shop's, another node's series: nothing to hold, raw (empty); telemetry keeps its raw tier of raw_max_age_s.
+    assert read_series(registry.engine, "shop-a", "cpu_percent", start=T0, end=T0 + 600, now=T0 + 600, node="pi-9",
+                       settings=RETENTION.series).resolution == "raw"
+
+
+def test_upgrade_to_0019_keeps_the_heartbeat_samples_stored_before(db_url):
+    """A database with data crosses 0019 both ways: downgraded, the heartbeats' samples go back to series_raw; upgraded
+    again, reads give the same answers (from series_raw and the new heartbeat rows), and nothing is folded twice."""
+    engine = create_engine(db_url)
+    upgrade(engine)
+    registry = RegistryStore(engine)
+    hbs = [cpu_hb("pi-1", i + 1, T0 + 10 * i, float(i % 7)) for i in range(30)]
+    write(registry, *hbs[:20], fridge(100, T0 + 5, 4.0), at=T0 + 200)
+    registry.enforce_retention(RETENTION, T0 + 200)
+
+    def read(name):
+        d = read_series(engine, "shop-a", name, start=T0, end=T0 + 3600, now=T0 + 3600, settings=RETENTION.series)
+        return d.resolution, d.times, [(ln.node, ln.source, ln.mean) for ln in d.lines]
+
+    before = read("cpu_percent"), read("temperature_c"), cpu_rollups(engine, 60)
+    assert before[0][0] == "raw" and len(before[0][1]) == 20
+    engine.dispose()
+    command.downgrade(alembic_config(engine), "0018_series_writers")
+    with engine.connect() as conn:
+        assert "samples" not in {c["name"] for c in inspect(conn).get_columns("heartbeats")}
+        assert conn.scalar(select(func.count()).select_from(RAW)) == 21  # the heartbeats' samples and the fridge's
+    upgrade(engine)
+    assert (read("cpu_percent"), read("temperature_c"), cpu_rollups(engine, 60)) == before
+    again = RegistryStore(engine)
+    write(again, *hbs[20:], at=T0 + 300)
+    again.enforce_retention(RETENTION, T0 + 300)
+    resolution, times, lines = read("cpu_percent")
+    assert resolution == "raw" and len(times) == 30 and lines[0][2] == [float(i % 7) for i in range(30)]
+    assert cpu_rollups(engine, 60) == cpu_truth(hbs, 60)
+    engine.dispose()
 
 
 def test_raw_rows_stay_until_every_writer_holds_them_and_a_far_future_row_holds_nothing_back(registry):
