@@ -337,20 +337,28 @@ def test_a_large_flush_goes_in_parts_with_the_batches_that_follow(registry):
         assert node_rollups(registry.engine, 3600) == fold_truth([m for m in stored if m.ts < T0 + 7200], 3600)
 
 
-def test_a_writer_dead_in_the_middle_of_a_flush_is_recovered_exactly(registry):
-    """The parts it wrote are skipped, the rest of its rows folded: the tiers hold every sample once."""
+@pytest.mark.parametrize("kind", ["telemetry", "heartbeats"])
+def test_a_writer_dead_in_the_middle_of_a_flush_is_recovered_exactly(registry, kind):
+    """The parts it wrote are skipped, the rest of its rows folded: the tiers hold every sample once.
+
+    For telemetry (rows of ``series_raw``) and for heartbeats (samples in the heartbeat rows), each
+    with its own cursors.
+    """
+    make, rollups, truth = (reading, node_rollups, fold_truth) if kind == "telemetry" else (cpu_hb, cpu_rollups, cpu_truth)
+    fleet = [make(f"n-{i}", 1, T0 + i % 50, float(i % 7)) for i in range(40)] + \
+            [make(f"n-{i}", 2, T0 + 61 + i % 50, float(i % 5)) for i in range(40)]
     with patch.object(series_module, "PART_BUCKETS", 10):
-        write(registry, *FLEET[:40], at=T0 + 50)
+        write(registry, *fleet[:40], at=T0 + 50)
         registry.enforce_retention(RETENTION, T0 + 60)  # a flush in parts taken...
-        write(registry, *FLEET[40:], at=T0 + 120)  # ... one written with these, which stay in memory
-        write(registry, reading("n-0", 3, T0 + 130, 3.0), at=T0 + 130)  # a second part; then the writer dies
+        write(registry, *fleet[40:], at=T0 + 120)  # ... one written with these, which stay in memory
+        write(registry, make("n-0", 3, T0 + 130, 3.0), at=T0 + 130)  # a second part; then the writer dies
     assert 0 < registry.rollups.flush.done < series_module.PARTS
     other = RegistryStore(registry.engine)
     other.enforce_retention(RETENTION, T0 + 130 + series_dead_after(RETENTION) + 1)
-    everything = [*FLEET, reading("n-0", 3, T0 + 130, 3.0)]
-    assert node_rollups(registry.engine, 60) == fold_truth(everything, 60)
+    everything = [*fleet, make("n-0", 3, T0 + 130, 3.0)]
+    assert rollups(registry.engine, 60) == truth(everything, 60)
     other.enforce_retention(RETENTION, T0 + 3600 + HOUR_FLUSH_SLACK_S + series_dead_after(RETENTION))
-    assert node_rollups(registry.engine, 3600) == fold_truth(everything, 3600)
+    assert rollups(registry.engine, 3600) == truth(everything, 3600)
 
 
 # ----- heartbeat samples in the heartbeat rows (0019_heartbeat_samples) ------------------------------
@@ -409,23 +417,6 @@ def test_a_dead_writers_heartbeat_samples_are_folded_by_another_exactly_once(db_
     b.enforce_retention(RETENTION, T0 + 4000 + dead_after)  # b's hour flush: the hour holds all 300 heartbeats, once
     assert cpu_rollups(engine, 3600) == cpu_truth(hbs, 3600)
     engine.dispose()
-
-
-def test_a_writer_dead_in_the_middle_of_a_flush_of_heartbeats_is_recovered_exactly(registry):
-    fleet = [cpu_hb(f"n-{i}", 1, T0 + i % 50, float(i % 7)) for i in range(40)] + \
-            [cpu_hb(f"n-{i}", 2, T0 + 61 + i % 50, float(i % 5)) for i in range(40)]
-    with patch.object(series_module, "PART_BUCKETS", 10):
-        write(registry, *fleet[:40], at=T0 + 50)
-        registry.enforce_retention(RETENTION, T0 + 60)  # a flush in parts taken...
-        write(registry, *fleet[40:], at=T0 + 120)  # ... one written with these, which stay in memory
-        write(registry, cpu_hb("n-0", 3, T0 + 130, 3.0), at=T0 + 130)  # a second part; then the writer dies
-    assert 0 < registry.rollups.flush.done < series_module.PARTS
-    other = RegistryStore(registry.engine)
-    other.enforce_retention(RETENTION, T0 + 130 + series_dead_after(RETENTION) + 1)
-    everything = [*fleet, cpu_hb("n-0", 3, T0 + 130, 3.0)]
-    assert cpu_rollups(registry.engine, 60) == cpu_truth(everything, 60)
-    other.enforce_retention(RETENTION, T0 + 3600 + HOUR_FLUSH_SLACK_S + series_dead_after(RETENTION))
-    assert cpu_rollups(registry.engine, 3600) == cpu_truth(everything, 3600)
 
 
 def test_a_writer_taken_for_dead_drops_its_heartbeat_buckets_instead_of_counting_twice(registry):
