@@ -96,23 +96,28 @@ class Revoked:
                 "broker_reload": self.broker_reload}
 
 
-def remove_password_entry(path: Path, username: str) -> bool:
-    """Remove ``username``'s line from a Mosquitto password file, keeping its mode and owner; return whether it had one.
+def _drop_lines(path: Path, keep: Callable[[list[str]], list[str]]) -> bool:
+    """Rewrite a broker file with the lines ``keep`` returns, keeping its mode and owner; return whether any went.
 
     Written to a temporary file in the same directory and renamed over the original, so the broker
-    never reads half a file.
+    never reads half a file. A missing file has nothing to drop.
     """
     try:
         st = path.stat()
         lines = path.read_text().splitlines(keepends=True)
     except FileNotFoundError:
         return False
-    kept = [line for line in lines if line.split(":", 1)[0] != username]
+    kept = keep(lines)
     if len(kept) == len(lines):
         return False
     owner = (st.st_uid, st.st_gid) if os.geteuid() == 0 else None
     write_atomic(path, "".join(kept).encode(), st.st_mode & 0o7777, owner)
     return True
+
+
+def remove_password_entry(path: Path, username: str) -> bool:
+    """Remove ``username``'s line from a Mosquitto password file, keeping its mode and owner; return whether it had one."""
+    return _drop_lines(path, lambda lines: [line for line in lines if line.split(":", 1)[0] != username])
 
 
 def remove_acl_user(path: Path, username: str, topics: frozenset[str] = frozenset()) -> bool:
@@ -123,30 +128,25 @@ def remove_acl_user(path: Path, username: str, topics: frozenset[str] = frozense
     blank lines stay (a ``topic`` line left behind would fall to the user above it). Every ``topic``
     line naming exactly one of ``topics`` (the node's own ``fleet/v1/{shop}/{node}/...``) goes too,
     whoever it belongs to: the shop bridge's user carries each of its nodes' topics, and would
-    otherwise keep carrying the revoked node's. Written like :func:`remove_password_entry`.
+    otherwise keep carrying the revoked node's.
     """
-    try:
-        st = path.stat()
-        lines = path.read_text().splitlines(keepends=True)
-    except FileNotFoundError:
-        return False
-    kept: list[str] = []
-    inside = False
-    for line in lines:
-        words = line.split()
-        head = words[0] if words else ""
-        if head in ("user", "pattern"):
-            inside = head == "user" and " ".join(words[1:]) == username
-            if inside:
+
+    def keep(lines: list[str]) -> list[str]:
+        kept: list[str] = []
+        inside = False
+        for line in lines:
+            words = line.split()
+            head = words[0] if words else ""
+            if head in ("user", "pattern"):
+                inside = head == "user" and " ".join(words[1:]) == username
+                if inside:
+                    continue
+            elif head == "topic" and (inside or words[-1] in topics):
                 continue
-        elif head == "topic" and (inside or words[-1] in topics):
-            continue
-        kept.append(line)
-    if len(kept) == len(lines):
-        return False
-    owner = (st.st_uid, st.st_gid) if os.geteuid() == 0 else None
-    write_atomic(path, "".join(kept).encode(), st.st_mode & 0o7777, owner)
-    return True
+            kept.append(line)
+        return kept
+
+    return _drop_lines(path, keep)
 
 
 class BrokerReloader:
