@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -40,7 +40,35 @@ GATE_METRICS = {
 """Gate metrics this pipeline reports (name -> meaning); docs/agent.md lists them for policies."""
 
 
-class TrackStream(BaseModel):
+class _StreamConfig(BaseModel):
+    """A shop-local stream's connection: its shop and the broker user that publishes it.
+
+    The stream's topic carries ``{node}``, the node part of ``broker.username`` (``<shop>.<node>``),
+    the only node the shop broker lets that user publish under, so ``broker.username`` is required.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    key: ClassVar[str]  # the pipeline config key of this stream, for errors
+    shop: str = Field(min_length=1, description="This node's shop id (the topic's shop).")
+    broker: BrokerConfig = Field(default_factory=BrokerConfig, description="The shop broker, with a user of this stream's own (docs/fusion.md).")
+
+    @model_validator(mode="after")
+    def _publisher(self) -> _StreamConfig:
+        self._check()  # the stream's own checks name their error first
+        self.node()
+        return self
+
+    def _check(self) -> None:
+        """Raise ``ValueError`` for what is wrong in the stream's own keys (none here)."""
+
+    def node(self) -> str:
+        """Return the topic's node: the node part of ``broker.username`` (``ValueError`` if unset or another shop's)."""
+        from edge_agent.pipelines.fusion import stream_node
+
+        return stream_node(self.broker.username, self.shop, f"{self.key}.broker.username")
+
+
+class TrackStream(_StreamConfig):
     """Publish confirmed tracks' floor positions on the shop broker, for a ``type: fusion`` pipeline.
 
     Positions are image points (the zones' anchor) mapped to the shop floor by one scale and an
@@ -51,26 +79,13 @@ class TrackStream(BaseModel):
     publish under, so ``broker.username`` is required.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    shop: str = Field(min_length=1, description="This node's shop id (the topic's shop).")
-    broker: BrokerConfig = Field(default_factory=BrokerConfig, description="The shop broker, with a user of this pipeline's own (docs/fusion.md).")
+    key = "tracks"
     px_per_m: float = Field(gt=0, description="Image pixels per metre on the floor (overhead camera).")
     origin_px: tuple[float, float] = Field((0.0, 0.0), description="Image point of the floor's (0, 0): the layout's origin.")
     interval_s: float = Field(0.1, ge=0, le=10, description="Publish at most this often (0: every frame). Fusion wants 5-10 per second.")
 
-    @model_validator(mode="after")
-    def _publisher(self) -> TrackStream:
-        self.node()
-        return self
 
-    def node(self) -> str:
-        """Return the topic's node: the node part of ``broker.username`` (``ValueError`` if unset or another shop's)."""
-        from edge_agent.pipelines.fusion import stream_node
-
-        return stream_node(self.broker.username, self.shop, "tracks.broker.username")
-
-
-class DetectionStream(BaseModel):
+class DetectionStream(_StreamConfig):
     """Publish every processed frame's detections, on the floor, for the shop's ``type: floor`` pipeline.
 
     Each box goes to floor metres through this camera's image-to-floor homography
@@ -82,9 +97,7 @@ class DetectionStream(BaseModel):
     names, so ``broker.username`` is required.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    shop: str = Field(min_length=1, description="This node's shop id (the topic's shop).")
-    broker: BrokerConfig = Field(default_factory=BrokerConfig, description="The shop broker, with a user of this stream's own (docs/fusion.md).")
+    key = "detections"
     homography: tuple[tuple[float, float, float], tuple[float, float, float], tuple[float, float, float]] | None = Field(
         None, description="3x3 matrix mapping image pixels (x, y, 1) to floor metres, up to scale; or give image_px and floor_m."
     )
@@ -94,8 +107,8 @@ class DetectionStream(BaseModel):
     image_size: tuple[int, int] | None = Field(None, description="Image width and height, to check the homography maps the image's corners in front of the camera.")
     interval_s: float = Field(0.0, ge=0, le=10, description="Publish at most this often (0: every processed frame, what the floor pipeline's ticks want).")
 
-    @model_validator(mode="after")
-    def _one_homography(self) -> DetectionStream:
+    def _check(self) -> None:
+        """One homography, given or fitted from floor marks, that maps the image in front of the camera."""
         marks = self.image_px is not None or self.floor_m is not None
         if (self.homography is None) == (not marks):
             raise ValueError("give either homography (a 3x3 matrix) or image_px and floor_m (4 or more floor marks), not both or neither")
@@ -107,14 +120,6 @@ class DetectionStream(BaseModel):
             if len(self.image_px) < 4:
                 raise ValueError(f"a homography needs at least 4 floor marks (image_px/floor_m pairs), got {len(self.image_px)}")
         self.view("camera")  # fit and check it now: a bad calibration is a config error, not a failure at run time
-        self.node()
-        return self
-
-    def node(self) -> str:
-        """Return the topic's node: the node part of ``broker.username`` (``ValueError`` if unset or another shop's)."""
-        from edge_agent.pipelines.fusion import stream_node
-
-        return stream_node(self.broker.username, self.shop, "detections.broker.username")
 
     def view(self, camera: str) -> Any:
         """Return this camera's ``vision.multiview.FloorView`` (numpy and the tracker side are imported here, not at config load)."""
