@@ -265,19 +265,23 @@ def reading(node: str, seq: int, ts: float, value: float) -> Telemetry:
     return Telemetry(shop="shop-a", node=node, seq=seq, epoch="ep1", ts=ts, readings=(Reading(name="w", value=value, source="s"),))
 
 
-def fold_truth(msgs, step):
+def fold_truth(msgs, step, value=lambda m: m.readings[0].value):
+    """The buckets a fold of every message's sample gives: (step, node, bucket, n, total, lo, hi)."""
     acc = {}
     for m in msgs:
-        v, b = m.readings[0].value, float(int(m.ts // step) * step)
+        v, b = value(m), float(int(m.ts // step) * step)
         n, t, lo, hi = acc.get((m.node, b), (0, 0.0, v, v))
         acc[(m.node, b)] = (n + 1, t + v, min(lo, v), max(hi, v))
     return sorted((step, node, b, *acc[(node, b)]) for node, b in acc)
 
 
-def node_rollups(engine, step):
+def node_rollups(engine, step, name=None):
+    """The stored buckets of one tier (of one series ``name``, or all)."""
+    q = select(ROLLUP.c.step, ROLLUP.c.node_id, ROLLUP.c.bucket, ROLLUP.c.n, ROLLUP.c.total, ROLLUP.c.lo, ROLLUP.c.hi).where(ROLLUP.c.step == step)
+    if name is not None:
+        q = q.where(ROLLUP.c.name == name)
     with engine.connect() as conn:
-        return sorted(tuple(r) for r in conn.execute(select(ROLLUP.c.step, ROLLUP.c.node_id, ROLLUP.c.bucket, ROLLUP.c.n, ROLLUP.c.total,
-                                                            ROLLUP.c.lo, ROLLUP.c.hi).where(ROLLUP.c.step == step)))
+        return sorted(tuple(r) for r in conn.execute(q))
 
 
 FLEET = [reading(f"n-{i}", 1, T0 + i % 50, float(i % 7)) for i in range(40)] + \
@@ -369,20 +373,12 @@ def cpu_hb(node: str, seq: int, ts: float, value: float):
 
 
 def cpu_truth(msgs, step):
-    """The cpu_percent buckets a fold of every heartbeat gives: (step, node, bucket, n, total, lo, hi)."""
-    acc = {}
-    for m in msgs:
-        v, b = m.facts.cpu_percent, float(int(m.ts // step) * step)
-        n, t, lo, hi = acc.get((m.node, b), (0, 0.0, v, v))
-        acc[(m.node, b)] = (n + 1, t + v, min(lo, v), max(hi, v))
-    return sorted((step, node, b, *acc[(node, b)]) for node, b in acc)
+    """The cpu_percent buckets a fold of every heartbeat gives."""
+    return fold_truth(msgs, step, lambda m: m.facts.cpu_percent)
 
 
 def cpu_rollups(engine, step):
-    with engine.connect() as conn:
-        return sorted(tuple(r) for r in conn.execute(select(ROLLUP.c.step, ROLLUP.c.node_id, ROLLUP.c.bucket, ROLLUP.c.n, ROLLUP.c.total,
-                                                            ROLLUP.c.lo, ROLLUP.c.hi)
-                                                     .where(ROLLUP.c.step == step, ROLLUP.c.name == "cpu_percent")))
+    return node_rollups(engine, step, "cpu_percent")
 
 
 def hb_count(engine) -> int:
