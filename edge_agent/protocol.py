@@ -48,6 +48,9 @@ SCHEMA_VERSION: Final = 1
 
 TOPIC_ROOT = "fleet/v1"
 CONTROLLER_SEGMENT = "_controller"
+LOCAL_ROOT = "local/v1"
+"""Root of the shop-local streams: outside ``fleet/v1``, so a shop bridge (an explicit list of
+``fleet/v1`` topics) never forwards them to the central broker."""
 """Reserved second segment for the controller's own topics (shop ids cannot start with ``_``)."""
 
 MAX_PAYLOAD_BYTES = 256 * 1024
@@ -222,6 +225,13 @@ class Channel(StrEnum):
     ACK = "ack"  # controller -> node: what the controller has stored of the node's stream (StoredAck)
 
 
+class LocalStream(StrEnum):
+    """Kinds of shop-local stream, ``local/v1/{shop}/{kind}/{node}/{stream}``."""
+
+    TRACKS = "tracks"  # a camera's or a merged view's tracks, for fusion
+    DETECTIONS = "detections"  # a camera's detections, for the floor pipeline
+
+
 class Topics:
     """Build and parse every topic of the protocol. All functions validate the ids they get."""
 
@@ -247,6 +257,27 @@ class Topics:
         versions is refused.)
         """
         return Topics.node(shop, node, Channel.STATE)
+
+    @staticmethod
+    def local(shop: str, kind: LocalStream | str, node: str = "+", stream: str = "+") -> str:
+        """Return the shop-local stream topic ``local/v1/{shop}/{kind}/{node}/{stream}``.
+
+        ``node`` is the node part of the publisher's broker user ``<shop>.<node>``: the shop
+        broker's ACL lets each node user write only under its own node, so the topic names its
+        publisher. ``stream`` is the camera (or merged view, e.g. ``floor``). ``+`` for ``node`` or
+        ``stream`` gives the wildcard (a subscription, an ACL pattern).
+        """
+        node = node if node == "+" else validate_id(node, "node id")
+        stream = stream if stream == "+" else validate_id(stream, "camera name")
+        return f"{LOCAL_ROOT}/{validate_id(shop, 'shop id')}/{LocalStream(kind).value}/{node}/{stream}"
+
+    @staticmethod
+    def parse_local(topic: str) -> tuple[str, str] | None:
+        """Return (node, stream) of a shop-local stream topic, or None for another shape."""
+        parts = topic.split("/")
+        if len(parts) != 6 or f"{parts[0]}/{parts[1]}" != LOCAL_ROOT:
+            return None
+        return parts[4], parts[5]
 
     controller_presence = f"{TOPIC_ROOT}/{CONTROLLER_SEGMENT}/presence"
     """Retained presence of the controller (online/offline with its instance id)."""

@@ -52,7 +52,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_agent.protocol import MAX_PAYLOAD_BYTES, TOPIC_ROOT, Channel, Topics, validate_id
+from edge_agent.protocol import (
+    MAX_PAYLOAD_BYTES,
+    TOPIC_ROOT,
+    Channel,
+    LocalStream,
+    Topics,
+    validate_id,
+)
 from shopfleet.errors import PermanentError
 
 PBKDF2_ITERATIONS = 101
@@ -287,12 +294,6 @@ def render_acl(
     return "\n".join(out)
 
 
-LOCAL_ROOT = "local/v1"
-"""Shop-local topics (the track streams, the cameras' detection streams, each under its publisher's
-node): outside ``fleet/v1``, so :func:`bridge_topics`, an explicit list of ``fleet/v1`` topics,
-never forwards them to the central broker."""
-
-
 def shop_local_acl(shop: str, node: str) -> list[str]:
     """Return the extra ACL lines node user ``<shop>.<node>`` has on its shop broker only.
 
@@ -307,10 +308,8 @@ def shop_local_acl(shop: str, node: str) -> list[str]:
     """
     node = validate_id(node, "node id")
     return [
-        f"topic write {LOCAL_ROOT}/{shop}/tracks/{node}/+",
-        f"topic write {LOCAL_ROOT}/{shop}/detections/{node}/+",
-        f"topic read {LOCAL_ROOT}/{shop}/tracks/+/+",
-        f"topic read {LOCAL_ROOT}/{shop}/detections/+/+",
+        *(f"topic write {Topics.local(shop, kind, node)}" for kind in LocalStream),
+        *(f"topic read {Topics.local(shop, kind)}" for kind in LocalStream),
         f"topic read {Topics.root}/{shop}/+/{Channel.EVENTS.value}",
     ]
 

@@ -58,13 +58,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from edge_agent.config import BrokerConfig
 from edge_agent.pipelines.fusion import (
-    LOCAL_ROOT,
     broker_settings,
-    local_stream,
     stream_node,
     track_topic,
 )
-from edge_agent.protocol import Reading, validate_id
+from edge_agent.protocol import LocalStream, Reading, Topics, validate_id
 from edge_agent.supervisor import EventSink, OwnMetrics, PipelineConfigBase
 from vision.multiview import FloorDetections, FloorFrame, MergeConfig
 from vision.tracker import TrackerConfig
@@ -87,12 +85,12 @@ def detection_topic(shop: str, node: str, camera: str) -> str:
 
     ``node`` is the node part of the publisher's broker user (``fusion.stream_node``).
     """
-    return f"{LOCAL_ROOT}/{validate_id(shop, 'shop id')}/detections/{validate_id(node, 'node id')}/{validate_id(camera, 'camera name')}"
+    return Topics.local(shop, LocalStream.DETECTIONS, validate_id(node, "node id"), validate_id(camera, "camera name"))
 
 
 def detection_subscription(shop: str) -> str:
     """Return the subscription to every detection stream of a shop (every publisher's, every camera's)."""
-    return f"{LOCAL_ROOT}/{validate_id(shop, 'shop id')}/detections/+/+"
+    return Topics.local(shop, LocalStream.DETECTIONS)
 
 
 class FloorCamera(BaseModel):
@@ -286,7 +284,7 @@ class FloorPipeline(OwnMetrics):
         """Decode one message and hand it to the assembler, counting what is dropped and why."""
         from vision.multiview import WireError, decode_frame
 
-        where = local_stream(topic)
+        where = Topics.parse_local(topic)
         node, camera = where if where is not None else ("", topic.rsplit("/", 1)[-1])
         with self._lock:
             self.stats["frames_received"] += 1

@@ -65,13 +65,10 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from edge_agent.config import BrokerConfig
-from edge_agent.protocol import validate_id
+from edge_agent.protocol import LOCAL_ROOT, LocalStream, Topics, validate_id
 from edge_agent.supervisor import EventSink, PipelineConfigBase
 
 log = logging.getLogger(__name__)
-
-LOCAL_ROOT = "local/v1"
-"""Root of the shop-local topics: never under ``fleet/v1``, so never bridged to the central broker."""
 
 GATE_METRICS = {
     "cart_review_rate": "carts sent to review / carts closed, over review_window_s (reported once min_carts closed in it)",
@@ -112,20 +109,12 @@ def track_topic(shop: str, node: str, stream: str) -> str:
     ``node`` is the node part of the publisher's broker user (:func:`stream_node`), ``stream`` the
     camera (or merged view, e.g. ``floor``) the tracks are of.
     """
-    return f"{LOCAL_ROOT}/{validate_id(shop, 'shop id')}/tracks/{validate_id(node, 'node id')}/{validate_id(stream, 'camera name')}"
+    return Topics.local(shop, LocalStream.TRACKS, validate_id(node, "node id"), validate_id(stream, "camera name"))
 
 
 def track_subscription(shop: str) -> str:
     """Return the subscription to every track stream of a shop (every publisher's, every camera's)."""
-    return f"{LOCAL_ROOT}/{validate_id(shop, 'shop id')}/tracks/+/+"
-
-
-def local_stream(topic: str) -> tuple[str, str] | None:
-    """Return (node, stream) of a shop-local stream topic ``local/v1/{shop}/{kind}/{node}/{stream}``, or None for another shape."""
-    parts = topic.split("/")
-    if len(parts) != 6 or f"{parts[0]}/{parts[1]}" != LOCAL_ROOT:
-        return None
-    return parts[4], parts[5]
+    return Topics.local(shop, LocalStream.TRACKS)
 
 
 def broker_settings(b: BrokerConfig, client_id: str) -> Any:
@@ -291,7 +280,7 @@ class FusionPipeline:
         cam = self.config.camera
         try:
             if topic.startswith(LOCAL_ROOT + "/"):
-                where = local_stream(topic)
+                where = Topics.parse_local(topic)
                 if where is None:
                     raise ValueError(f"not a track stream topic: {topic}")
                 node, camera = where

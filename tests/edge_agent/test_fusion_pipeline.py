@@ -41,11 +41,20 @@ from tests.support.wait import wait_for
 
 
 def test_the_track_topic_is_never_bridged():
+    from paho.mqtt.client import topic_matches_sub
+
     from edge_agent.pipelines import fusion as pipeline_module
+    from edge_agent.pipelines.floor import detection_topic
     from fleet_controller import broker_config
 
-    assert broker_config.LOCAL_ROOT == pipeline_module.LOCAL_ROOT
     acl = broker_config.render_shop_acl(SHOP, ["gpu-1"])
+    # The ACL and the pipelines build their topics from one shape (protocol.Topics.local): the
+    # topics a node publishes match its own write patterns and no other node's.
+    writes = [line.split()[-1] for line in acl.splitlines() if line.startswith("topic write local/")]
+    for topic in (pipeline_module.track_topic(SHOP, "gpu-1", "floor"), detection_topic(SHOP, "gpu-1", "cam-1")):
+        assert [w for w in writes if topic_matches_sub(w, topic)], (topic, writes)
+        assert not topic_matches_sub(f"local/v1/{SHOP}/tracks/gpu-2/+", topic)
+        assert not any(topic_matches_sub(line.split()[1], topic) for line in broker_config.bridge_topics(SHOP, ["gpu-1"]))
     assert f"topic write local/v1/{SHOP}/tracks/gpu-1/+" in acl and f"topic read local/v1/{SHOP}/tracks/+/+" in acl
     assert f"topic read fleet/v1/{SHOP}/+/events" in acl and "readwrite" not in acl
     lines = bridge_topics(SHOP, ["gpu-1", "pi-1"])
