@@ -48,10 +48,10 @@ SCHEMA_VERSION: Final = 1
 
 TOPIC_ROOT = "fleet/v1"
 CONTROLLER_SEGMENT = "_controller"
+"""Reserved second segment for the controller's own topics (shop ids cannot start with ``_``)."""
 LOCAL_ROOT = "local/v1"
 """Root of the shop-local streams: outside ``fleet/v1``, so a shop bridge (an explicit list of
 ``fleet/v1`` topics) never forwards them to the central broker."""
-"""Reserved second segment for the controller's own topics (shop ids cannot start with ``_``)."""
 
 MAX_PAYLOAD_BYTES = 256 * 1024
 """Largest payload either side accepts. Big enough for a rendered desired state of a shop
@@ -259,17 +259,27 @@ class Topics:
         return Topics.node(shop, node, Channel.STATE)
 
     @staticmethod
-    def local(shop: str, kind: LocalStream | str, node: str = "+", stream: str = "+") -> str:
-        """Return the shop-local stream topic ``local/v1/{shop}/{kind}/{node}/{stream}``.
+    def local(shop: str, kind: LocalStream | str, node: str, stream: str) -> str:
+        """Return the shop-local stream topic ``local/v1/{shop}/{kind}/{node}/{stream}`` a publisher writes.
 
         ``node`` is the node part of the publisher's broker user ``<shop>.<node>``: the shop
         broker's ACL lets each node user write only under its own node, so the topic names its
-        publisher. ``stream`` is the camera (or merged view, e.g. ``floor``). ``+`` for ``node`` or
-        ``stream`` gives the wildcard (a subscription, an ACL pattern).
+        publisher. ``stream`` is the camera (or merged view, e.g. ``floor``).
         """
-        node = node if node == "+" else validate_id(node, "node id")
-        stream = stream if stream == "+" else validate_id(stream, "camera name")
-        return f"{LOCAL_ROOT}/{validate_id(shop, 'shop id')}/{LocalStream(kind).value}/{node}/{stream}"
+        return Topics._local(validate_id(shop, "shop id"), kind, validate_id(node, "node id"), validate_id(stream, "camera name"))
+
+    @staticmethod
+    def local_filter(shop: str, kind: LocalStream | str, node: str | None = None) -> str:
+        """Return the filter ``local/v1/{shop}/{kind}/{node}/+`` of one node's streams, or of every node's (``node`` None: ``+``).
+
+        For a subscription and for the shop broker's ACL patterns.
+        """
+        return Topics._local(validate_id(shop, "shop id"), kind, "+" if node is None else validate_id(node, "node id"), "+")
+
+    @staticmethod
+    def _local(shop: str, kind: LocalStream | str, node: str, stream: str) -> str:
+        """The one shape of the shop-local topics; ``shop``, ``node`` and ``stream`` come checked (or ``+``)."""
+        return f"{LOCAL_ROOT}/{shop}/{LocalStream(kind).value}/{node}/{stream}"
 
     @staticmethod
     def parse_local(topic: str) -> tuple[str, str] | None:

@@ -308,8 +308,8 @@ def shop_local_acl(shop: str, node: str) -> list[str]:
     """
     node = validate_id(node, "node id")
     return [
-        *(f"topic write {Topics.local(shop, kind, node)}" for kind in LocalStream),
-        *(f"topic read {Topics.local(shop, kind)}" for kind in LocalStream),
+        *(f"topic write {Topics.local_filter(shop, kind, node)}" for kind in LocalStream),
+        *(f"topic read {Topics.local_filter(shop, kind)}" for kind in LocalStream),
         f"topic read {Topics.root}/{shop}/+/{Channel.EVENTS.value}",
     ]
 

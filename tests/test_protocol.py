@@ -104,16 +104,20 @@ def test_topic_builders_validate_ids():
     assert p.parse_topic(p.Topics.controller_presence).leaf == "controller/presence"
 
 
-def test_local_stream_topics_name_their_publisher_and_only_plus_is_a_wildcard():
+def test_local_stream_topics_name_their_publisher_and_only_filters_have_wildcards():
     topic = p.Topics.local("s-1", p.LocalStream.TRACKS, "gpu-1", "floor")
     assert topic == "local/v1/s-1/tracks/gpu-1/floor" and p.Topics.parse_local(topic) == ("gpu-1", "floor")
-    assert p.Topics.local("s-1", "detections", "pi-2") == "local/v1/s-1/detections/pi-2/+"
-    assert p.Topics.local("s-1", "tracks") == "local/v1/s-1/tracks/+/+"
-    for bad in ("#", "a/b", "Bad"):
+    assert p.Topics.local_filter("s-1", "detections", "pi-2") == "local/v1/s-1/detections/pi-2/+"
+    assert p.Topics.local_filter("s-1", "tracks") == "local/v1/s-1/tracks/+/+"
+    for bad in ("+", "#", "a/b", "Bad"):
         with pytest.raises(ValueError, match="invalid node id"):
-            p.Topics.local("s-1", "tracks", bad)
+            p.Topics.local("s-1", "tracks", bad, "floor")
+        with pytest.raises(ValueError, match="invalid node id"):
+            p.Topics.local_filter("s-1", "tracks", bad)
+        with pytest.raises(ValueError, match="invalid camera name"):
+            p.Topics.local("s-1", "tracks", "gpu-1", bad)
     with pytest.raises(ValueError):
-        p.Topics.local("s-1", "heartbeats", "pi-1")
+        p.Topics.local_filter("s-1", "heartbeats", "pi-1")
     assert p.Topics.parse_local(p.Topics.node("s-1", "pi-1", "events")) is None
     assert p.Topics.parse_local("local/v1/s-1/tracks/gpu-1") is None
 

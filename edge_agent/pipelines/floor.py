@@ -85,12 +85,12 @@ def detection_topic(shop: str, node: str, camera: str) -> str:
 
     ``node`` is the node part of the publisher's broker user (``fusion.stream_node``).
     """
-    return Topics.local(shop, LocalStream.DETECTIONS, validate_id(node, "node id"), validate_id(camera, "camera name"))
+    return Topics.local(shop, LocalStream.DETECTIONS, node, camera)
 
 
 def detection_subscription(shop: str) -> str:
     """Return the subscription to every detection stream of a shop (every publisher's, every camera's)."""
-    return Topics.local(shop, LocalStream.DETECTIONS)
+    return Topics.local_filter(shop, LocalStream.DETECTIONS)
 
 
 class FloorCamera(BaseModel):

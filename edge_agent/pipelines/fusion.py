@@ -109,12 +109,12 @@ def track_topic(shop: str, node: str, stream: str) -> str:
     ``node`` is the node part of the publisher's broker user (:func:`stream_node`), ``stream`` the
     camera (or merged view, e.g. ``floor``) the tracks are of.
     """
-    return Topics.local(shop, LocalStream.TRACKS, validate_id(node, "node id"), validate_id(stream, "camera name"))
+    return Topics.local(shop, LocalStream.TRACKS, node, stream)
 
 
 def track_subscription(shop: str) -> str:
     """Return the subscription to every track stream of a shop (every publisher's, every camera's)."""
-    return Topics.local(shop, LocalStream.TRACKS)
+    return Topics.local_filter(shop, LocalStream.TRACKS)
 
 
 def broker_settings(b: BrokerConfig, client_id: str) -> Any:
