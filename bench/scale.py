@@ -59,6 +59,8 @@ import psutil
 INTERVAL_S = 10.0
 SLOTS = 200  # a heartbeat period cut into slots; each node publishes in its own slot
 EPOCH = "scale"
+PING_S = 30.0  # the load generator's keepalive (its CONNECT asks for 600 s)
+PINGREQ = b"\xc0\x00"
 
 
 # ----- publishers (child processes) ----------------------------------------------------------------
@@ -98,15 +100,14 @@ def publisher(index: int, count: int, port: int, schedule: list[tuple[float, int
     client_id = f"scale-pub-{index}-{uuid.uuid4().hex[:6]}"
     if load == "raw":
         raw = RawPublisher(port, client_id)
-        topics = {i: len(t.encode()).to_bytes(2, "big") + t.encode() for i, (t, _) in templates.items()}
+        topics = {i: RawPublisher.topic(t) for i, (t, _) in templates.items()}
 
         def send(now: float, due: list[int]) -> int:
             packets = []
             for i in due:
                 seqs[i] += 1
                 packets.append(raw.packet(topics[i], templates[i][1] % (now, seqs[i])))
-            if packets:
-                raw.send(packets)
+            raw.send(packets)
             return raw.acked
 
         def close() -> None:
@@ -137,7 +138,6 @@ def publisher(index: int, count: int, port: int, schedule: list[tuple[float, int
     slot_s = interval / SLOTS
     tick = time.time()
     slot = int(tick / slot_s) % SLOTS
-    next_ping = tick + 30
     while time.time() < stop_at:
         now = time.time()
         active = 0
@@ -145,9 +145,6 @@ def publisher(index: int, count: int, port: int, schedule: list[tuple[float, int
             if now >= start:
                 active = nodes
         published.value = send(now, [i for i in slots[slot] if i < active])
-        if load == "raw" and now >= next_ping:  # a keepalive for a publisher whose slots are all still inactive
-            raw.ping()
-            next_ping = now + 30
         slot = (slot + 1) % SLOTS
         tick += slot_s
         delay = tick - time.time()
@@ -177,19 +174,32 @@ class RawPublisher:
             raise RuntimeError(f"broker refused the load generator's CONNECT: {connack!r}")
         self.acked = 0
         self._pid = 0
+        self._next_ping = time.monotonic() + PING_S
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
+    @staticmethod
+    def topic(name: str) -> bytes:
+        """A topic as a PUBLISH carries it (length-prefixed), for :meth:`packet`."""
+        raw = name.encode()
+        return len(raw).to_bytes(2, "big") + raw
+
     def packet(self, topic: bytes, payload: bytes) -> bytes:
-        """One PUBLISH, QoS 1 (``topic`` already length-prefixed)."""
+        """One PUBLISH, QoS 1 (``topic`` from :meth:`topic`)."""
         self._pid = self._pid % 0xFFFF + 1
         return b"\x32" + _varint(len(topic) + 2 + len(payload)) + topic + self._pid.to_bytes(2, "big") + payload
 
     def send(self, packets: list[bytes]) -> None:
-        self.sock.sendall(b"".join(packets))
+        """Send ``packets`` in one write, with a PINGREQ when one is due (a publisher whose nodes are not active yet sends nothing else)."""
+        now = time.monotonic()
+        if now >= self._next_ping:
+            packets = [*packets, PINGREQ]
+            self._next_ping = now + PING_S
+        if packets:
+            self.sock.sendall(b"".join(packets))
 
     def ping(self) -> None:
-        self.sock.sendall(b"\xc0\x00")
+        self.sock.sendall(PINGREQ)
 
     def close(self) -> None:
         try:

@@ -6,28 +6,17 @@ count must be exact and the packets must be what a subscriber receives byte for 
 
 from __future__ import annotations
 
-import importlib.util
 import threading
 import uuid
-from pathlib import Path
 
 import paho.mqtt.client as paho
 
+from tests.support.scripts import load_script
 from tests.support.wait import wait_for
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _scale_module():
-    spec = importlib.util.spec_from_file_location("bench_scale", ROOT / "bench/scale.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_raw_publishes_arrive_once_each_and_every_puback_is_counted(shared_broker):
-    scale = _scale_module()
+    scale = load_script("bench/scale.py", "bench_scale")
     got: list[tuple[str, bytes, int]] = []
     lock = threading.Lock()
     root = f"bench-load-{uuid.uuid4().hex[:6]}"
@@ -48,7 +37,7 @@ def test_raw_publishes_arrive_once_each_and_every_puback_is_counted(shared_broke
         pub = scale.RawPublisher(shared_broker.port, f"{root}-pub")
         # Payload sizes around the one-byte/two-byte remaining-length boundary, and packet ids past 65535 (they wrap, never 0).
         sent = [(f"{root}/n{i % 7}", bytes([i % 251]) * (i % 300)) for i in range(70_000)]
-        topics = {t: len(t.encode()).to_bytes(2, "big") + t.encode() for t, _ in sent}
+        topics = {t: scale.RawPublisher.topic(t) for t, _ in sent}
         for k in range(0, len(sent), 500):
             pub.send([pub.packet(topics[t], payload) for t, payload in sent[k:k + 500]])
         pub.ping()  # a PINGRESP among the PUBACKs is not counted as one
@@ -61,4 +50,3 @@ def test_raw_publishes_arrive_once_each_and_every_puback_is_counted(shared_broke
     finally:
         sub.disconnect()
         sub.loop_stop()
-

@@ -1,24 +1,17 @@
-"""What the image tests share: scripts/build_images.py loaded as a module, and images/Containerfile's ARGs."""
+"""What the image tests share: scripts/build_images.py loaded as a module (tests.support.scripts), and images/Containerfile's ARGs."""
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 from pathlib import Path
 from types import ModuleType
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support.scripts import load_script
 
 
 def build_images_module() -> ModuleType:
     """Import scripts/build_images.py (a script, not a package) as the module ``build_images``."""
-    spec = importlib.util.spec_from_file_location("build_images", ROOT / "scripts/build_images.py")
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["build_images"] = mod  # its dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("scripts/build_images.py", "build_images")
 
 
 def containerfile_args(path: Path) -> dict[str, str | None]:
