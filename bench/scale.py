@@ -1,6 +1,7 @@
 """Scale benchmark: how many simulated nodes at one heartbeat per 10 s one controller holds, and where lag starts.
 
-A real Mosquitto, the real controller (its own process, with its registry writer child, exactly as
+A real Mosquitto (persistence, queue and in-flight window as ``shopfleet broker-config`` writes them for the fleet:
+``--broker deployed``; its password and ACL lines are left out, because a publisher here speaks for many nodes), the real controller (its own process, with its registry writer child, exactly as
 `shopfleet controller` runs it) and a few fast publisher processes that play the nodes: each node
 sends a QoS 1 heartbeat every ``--interval`` seconds at its own phase, from a payload encoded once
 per node (only ``ts`` and ``seq`` are filled in per message), written as MQTT packets straight to a
@@ -383,6 +384,20 @@ def register_shops(db_url: str, nodes: int) -> int:
     return len(shops)
 
 
+def broker_delivery(args: argparse.Namespace, nodes: int, location: Path) -> list[str] | None:
+    """The broker's persistence, queue and in-flight lines: those ``shopfleet broker-config`` writes for this fleet
+    (``--broker deployed``: ``--rate-per-node`` 1/interval, the default outage and window), or the test harness's (None).
+
+    The window matters: the controller acknowledges a batch after it commits, and the harness's 100 messages in flight cap
+    its batches (the intake's ``batch_max_messages`` is 500) where the deployed 1,000 do not.
+    """
+    if args.broker == "harness":
+        return None
+    from fleet_controller.broker_config import BrokerOptions, QueueSizing, persistence_lines
+
+    return persistence_lines(QueueSizing(nodes=nodes, rate_per_node=1.0 / args.interval), BrokerOptions(), location, "the controller")
+
+
 def run_ramp(args: argparse.Namespace, replicas: int, db_url: str, partitions: int = 0) -> dict[str, Any]:
     from fleet_controller.registry.db import create_engine
     from fleet_controller.registry.migrations import upgrade
@@ -393,7 +408,7 @@ def run_ramp(args: argparse.Namespace, replicas: int, db_url: str, partitions: i
     n_shops = register_shops(db_url, max(steps)) if partitions else 0
     work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     (work / "broker").mkdir()
-    broker = BrokerProcess(workdir=work / "broker").start()
+    broker = BrokerProcess(workdir=work / "broker", delivery=broker_delivery(args, max(steps), work / "broker")).start()
     ctx = multiprocessing.get_context("spawn")
     group = "scale" if replicas > 1 or partitions else None
     stop = ctx.Event()
@@ -538,6 +553,10 @@ def main() -> int:
                    help="load generator: raw, QoS 1 PUBLISH packets pipelined on a bare socket, a few µs a message; paho, a "
                         "paho client per publisher, tens of µs a message (the generator of runs before 2026-11-30 19:00, "
                         "which took 1.3 of 2 cores at 100,000 nodes) (default: %(default)s)")
+    p.add_argument("--broker", choices=["deployed", "harness"], default="deployed",
+                   help="the broker's persistence, queue and in-flight lines: deployed, as 'shopfleet broker-config' writes them for "
+                        "this fleet (1,000 messages in flight); harness, the test harness's (100 in flight; every run before "
+                        "2026-11-30 22:00) (default: %(default)s)")
     p.add_argument("--warmup-timeout", type=float, default=300, help="longest wait for the fleet's first sight (default: %(default)s)")
     p.add_argument("--replicas", default="1",
                    help="controller replica counts to run, comma-separated, e.g. 1,2; suffix rr: round-robin shared subscription "
@@ -596,7 +615,7 @@ def main() -> int:
             print(f"  {s['nodes']:>7} {s['offered_msgs_per_s']:>9.0f} {s['stored_msgs_per_s']:>9.0f} {s['p50_s']:>7.3f} {s['p99_s']:>7.3f} "
                   f"{s['backlog_start']:>7}->{s['backlog_end']:<7}  {' / '.join(f'{v:.2f}' for v in c.values())}{'  LAG' if s['lag'] else ''}")
         print(f"  lag starts at: {lag_at if lag_at else 'no step lagged'}" + (" nodes" if lag_at else ""))
-    print(json.dumps({"db": args.db, "interval_s": args.interval, "step_s": args.step_s, "machine": f"{os.cpu_count()} cores {platform.machine()}",
+    print(json.dumps({"db": args.db, "broker": args.broker, "interval_s": args.interval, "step_s": args.step_s, "machine": f"{os.cpu_count()} cores {platform.machine()}",
                       "load_avg_1m": round(os.getloadavg()[0], 2), "runs": runs}))
     return 0
 

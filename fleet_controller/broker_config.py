@@ -330,7 +330,13 @@ def render_password_file(passwords: dict[str, str]) -> str:
     return "".join(f"{user}:{hash_password(pw)}\n" for user, pw in sorted(passwords.items()))
 
 
-def _persistence_lines(sizing: QueueSizing, options: BrokerOptions, location: Path, who: str) -> list[str]:
+def persistence_lines(sizing: QueueSizing, options: BrokerOptions, location: Path, who: str) -> list[str]:
+    """Return the lines of a written broker config that decide what it keeps and delivers: persistence in ``location``,
+    the queue sized by ``sizing``, ``max_inflight_messages`` and ``max_packet_size`` (``who`` names the queue's client in a comment).
+
+    Shared by the central and shop configs, and by ``bench/scale.py``, which runs its Mosquitto with these lines so that its
+    broker delivers as a deployed one does.
+    """
     return [
         f"# Nothing lost while {who} is away: queued messages are persisted (a restart keeps them) and",
         f"# the queue holds {sizing.nodes} nodes x {sizing.rate_per_node:g} msg/s x {sizing.outage_s:g} s of outage",
@@ -393,7 +399,7 @@ def render_central_conf(
         "allow_anonymous false",
         f"password_file {password_file}",
         f"acl_file {acl_file}",
-        *_persistence_lines(sizing, options, options.persistence_dir, "the controller"),
+        *persistence_lines(sizing, options, options.persistence_dir, "the controller"),
         *logging_lines(options.denial_log),
         "",
     ]
@@ -458,7 +464,7 @@ def render_shop_conf(
         "allow_anonymous false",
         f"password_file {install_dir / 'passwd'}",
         f"acl_file {install_dir / 'acl'}",
-        *_persistence_lines(sizing, options, location, "the uplink"),
+        *persistence_lines(sizing, options, location, "the uplink"),
         *logging_lines(options.shop_denial_log.replace("{shop}", shop) if options.shop_denial_log else None),
         "",
     ]

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,11 @@ class BrokerProcess:
 
     ``password_file`` and ``acl_file`` (as written by ``shopfleet broker-config``) switch
     Mosquitto to authenticated mode; amqtt ignores them (it cannot enforce our ACL).
+
+    ``delivery`` replaces the test harness's persistence, queue and in-flight lines (the harness
+    keeps 100 QoS 1 messages in flight per client) with others, such as those a written config
+    holds (:func:`fleet_controller.broker_config.persistence_lines`); they must name a
+    ``persistence_location`` of their own.
     """
 
     def __init__(
@@ -61,6 +67,7 @@ class BrokerProcess:
         acl_file: str | os.PathLike | None = None,
         extra_config: str = "",
         workdir: str | os.PathLike | None = None,
+        delivery: Sequence[str] | None = None,
     ) -> None:
         if engine not in ("auto", "mosquitto", "amqtt"):
             raise ValueError(f"unknown broker engine {engine!r}: use auto, mosquitto or amqtt")
@@ -76,6 +83,7 @@ class BrokerProcess:
         self.password_file = password_file
         self.acl_file = acl_file
         self.extra_config = extra_config
+        self.delivery = list(delivery) if delivery is not None else None
         self._own_dir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="shopfleet-broker-"))
         self.proc: subprocess.Popen | None = None
@@ -88,13 +96,16 @@ class BrokerProcess:
     def _write_config(self) -> list[str]:
         log_path = self.workdir / "broker.log"
         if self.engine == "mosquitto":
-            lines = [
-                f"listener {self.port} {self.host}",
+            delivery = self.delivery if self.delivery is not None else [
                 "persistence true",
                 f"persistence_location {self.workdir}/",
                 "autosave_interval 1",
                 "max_queued_messages 100000",
                 "max_inflight_messages 100",
+            ]
+            lines = [
+                f"listener {self.port} {self.host}",
+                *delivery,
                 "log_dest stderr",
                 "log_type error",
                 "log_type warning",

@@ -50,3 +50,45 @@ def test_raw_publishes_arrive_once_each_and_every_puback_is_counted(shared_broke
     finally:
         sub.disconnect()
         sub.loop_stop()
+
+
+def test_the_scale_broker_delivers_as_broker_config_writes_it(tmp_path):
+    """``--broker deployed`` runs Mosquitto with the persistence, queue and window lines a written config holds: a
+    subscriber that acknowledges nothing gets 300 messages, past the test harness's window of 100."""
+    import argparse
+
+    from fleet_controller.broker_config import DEFAULT_MAX_INFLIGHT
+    from shopfleet.broker import BrokerProcess
+
+    scale = load_script("bench/scale.py", "bench_scale")
+    lines = scale.broker_delivery(argparse.Namespace(broker="deployed", interval=10.0), 100_000, tmp_path)
+    assert f"max_inflight_messages {DEFAULT_MAX_INFLIGHT}" in lines and f"persistence_location {tmp_path}/" in lines
+    assert "max_queued_messages 36000000" in lines  # 100,000 nodes x 0.1 msg/s x the default outage of an hour
+    assert scale.broker_delivery(argparse.Namespace(broker="harness", interval=10.0), 100_000, tmp_path) is None
+    broker = BrokerProcess(workdir=tmp_path, delivery=lines).start()
+    got: list[int] = []
+    lock = threading.Lock()
+
+    def on_message(client, userdata, msg):
+        with lock:
+            got.append(msg.mid)
+
+    sub = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="scale-window-sub", clean_session=True, manual_ack=True)
+    sub.on_message = on_message
+    subscribed = threading.Event()
+    sub.on_subscribe = lambda *a: subscribed.set()
+    try:
+        sub.connect("127.0.0.1", broker.port)
+        sub.loop_start()
+        sub.subscribe("window/#", qos=1)
+        assert subscribed.wait(10)
+        pub = scale.RawPublisher(broker.port, "scale-window-pub")
+        topic = scale.RawPublisher.topic("window/t")
+        pub.send([pub.packet(topic, b"x") for _ in range(300)])
+        wait_for(lambda: pub.acked == 300, timeout=30, what="the broker took all 300")
+        wait_for(lambda: len(got) == 300, timeout=30, what="300 messages in flight to a subscriber that acknowledged none")
+        pub.close()
+    finally:
+        sub.disconnect()
+        sub.loop_stop()
+        broker.stop()
