@@ -196,7 +196,7 @@ class RetentionSettings(_Section):
     heartbeat_max_age_s: float = Field(86400.0, gt=0, description="Heartbeats older than this are deleted.")
     events_per_shop: int = Field(5000, ge=1, description="Events and alerts kept per shop.")
     event_max_age_s: float = Field(30 * 86400.0, gt=0, description="Events older than this are deleted.")
-    interval_s: float = Field(60.0, gt=0, description="How often retention runs (and series are rolled up).")
+    interval_s: float = Field(60.0, gt=0, description="How often retention runs and series are rolled up (a large roll-up is written in parts over half of it).")
     series: SeriesSettings = Field(default_factory=SeriesSettings, description="Time series tiers and their ages.")
 
 

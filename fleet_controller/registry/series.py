@@ -444,6 +444,11 @@ PARTS = 64
 per intake batch (at 100,000 nodes: ~8,000 buckets, some 20 ms, per batch)."""
 PART_BUCKETS = 5_000
 """A flush of at most this many buckets is written whole by the retention run (a small fleet's: no parts)."""
+FLUSH_SPREAD = 0.5
+"""The parts of a flush are written over this share of the retention interval (``retention.interval_s``), at most one
+per batch and one per ``spread / parts`` seconds, instead of one per batch: at 80,000 nodes the 64 parts written
+back to back doubled the cost of every batch for four seconds each minute, and that burst alone took
+receive-to-commit p99 from 0.5 s to 4 s (docs/benchmarks.md, round of 2026-11-30 22:00)."""
 
 _Acc = dict[_Key, "array[float]"]
 
@@ -457,6 +462,10 @@ class _Flush:
     hours: bool
     parts: list[tuple[_Acc, _Acc | None]]
     done: int = 0
+    pace_s: float = 0.0
+    """Least time between two parts written by batches (:meth:`Rollups.step` with ``now``); 0: one per batch."""
+    next_at: float = -math.inf
+    """When a batch may write the next part."""
 
 
 class Rollups:
@@ -549,11 +558,20 @@ class Rollups:
         self._stepped, self._taken = 0, None
         return False
 
-    def step(self, conn: Connection, parts: int = 1) -> int:
-        """Write the next ``parts`` parts of the flush under way (in the caller's transaction); return buckets written."""
+    def step(self, conn: Connection, parts: int = 1, now: float | None = None) -> int:
+        """Write the next ``parts`` parts of the flush under way (in the caller's transaction); return buckets written.
+
+        With ``now`` (an intake batch's call) nothing is written before the flush's pace allows
+        (:data:`FLUSH_SPREAD`), so a flush costs each batch in a steady trickle instead of a burst.
+        """
         f = self.flush
         if f is None or self.wid is None:
             return 0
+        if now is not None:
+            if now < f.next_at:
+                return 0
+            # Set before the write: should the transaction roll back, the part waits one pace more, and is written then.
+            f.next_at = now + f.pace_s
         first = f.done + self._stepped
         last, filled = first, 0
         while last < len(f.parts) and filled < parts:  # empty parts (a small fleet's) cost nothing: go past them
@@ -577,10 +595,12 @@ class Rollups:
         self.step(conn, len(self.flush.parts) if self.flush else 0)
         return self.wid is not None
 
-    def take(self, conn: Connection, now: float, *, hours: bool | None = None, whole: bool = False, force_hours: bool = False) -> None:
+    def take(self, conn: Connection, now: float, *, hours: bool | None = None, whole: bool = False, force_hours: bool = False,
+             spread_s: float = 0.0) -> None:
         """Start a flush of what is held (finishing the one under way first), in the caller's transaction.
 
         A flush of one part (a small fleet), or with ``whole``, is written right away, in this transaction.
+        Otherwise the batches that follow write its parts, spread over ``spread_s`` seconds (0: one per batch).
         ``force_hours`` flushes the hours before they are due (not after finishing a flush: they wait for the next run):
         the heartbeat bounds are about to delete rows of this writer the hour tier does not hold yet.
         """
@@ -608,7 +628,8 @@ class Rollups:
         if not self._update_writer(conn, seen_at=now, pending_hours=do_hours, pending_parts=n, pending_done=0,
                                    **{src.pending: u for src, u in zip(SOURCES, upto, strict=True)}):
             return
-        self._taken = _Flush(upto, do_hours, parts)
+        filled = sum(1 for m, h in parts if m or h)
+        self._taken = _Flush(upto, do_hours, parts, pace_s=spread_s / max(filled, 1))
 
     def committed(self, now: float) -> None:
         """Apply to memory what the transaction that just committed wrote (after a rollback, skip this: it is written again).
@@ -704,13 +725,14 @@ class Rollups:
         return None if value is None else int(value)
 
     def maintain(self, conn: Connection, settings: SeriesSettings, now: float, dead_after_s: float,
-                 force_hours: bool = False) -> dict[str, int]:
-        """Start a flush, fold dead writers' leftovers, then delete what is past each tier's age; return rows deleted per table.
+                 force_hours: bool = False, spread_s: float = 0.0) -> dict[str, int]:
+        """Start a flush (its parts spread over ``spread_s``), fold dead writers' leftovers, then delete what is past each
+        tier's age; return rows deleted per table.
 
         Raw rows are deleted only below every writer's cursors (so a sample is never lost between the
         tiers), walking the primary key from the oldest (:func:`_delete_old_raw`).
         """
-        self.take(conn, now, force_hours=force_hours)
+        self.take(conn, now, force_hours=force_hours, spread_s=spread_s)
         self.recover(conn, now, dead_after_s)
         deleted = {"series_raw": _delete_old_raw(conn, now - settings.raw_max_age_s, now), "series_rollup": 0}
         for step, max_age in ((MINUTE, settings.minute_max_age_s), (HOUR, settings.hour_max_age_s)):

@@ -496,7 +496,7 @@ class RegistryStore:
                 if batch.quarantine:
                     conn.execute(insert(QUARANTINE), [quarantine_row(q, now) for q in batch.quarantine])
                 events += self._revive(conn, batch, now)
-                self.rollups.step(conn)  # a part of the series flush under way, if any
+                self.rollups.step(conn, now=now)  # a part of the series flush under way, if any and if its pace allows
         finally:
             self._deferred = []
         # Only committed rows are known; a rolled-back batch must create them again.
@@ -948,7 +948,8 @@ class RegistryStore:
             top = max([c["cut"] for c in cuts] + ([aged_top] if aged_top is not None else []), default=None)
             hour = self.rollups.hour_cursor(conn)
             force_hours = top is not None and hour is not None and top > hour
-            deleted.update(self.rollups.maintain(conn, settings.series, now, series_dead_after(settings), force_hours))
+            deleted.update(self.rollups.maintain(conn, settings.series, now, series_dead_after(settings), force_hours,
+                                                 spread_s=settings.interval_s * series.FLUSH_SPREAD))
             deletable = series.deletable_heartbeats(self._dialect)
             deleted["heartbeats"] = (_delete_aged(conn, HEARTBEATS, 0.0, aged, deletable)
                                      + self._trim_delete(conn, HEARTBEATS, (HEARTBEATS.c.shop_id, HEARTBEATS.c.node_id), cuts, deletable))

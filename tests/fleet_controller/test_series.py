@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from pathlib import Path
@@ -178,6 +179,8 @@ def rollup_rows(engine, step=None):
 
 
 RETENTION = RetentionSettings(series=SeriesSettings(raw_max_age_s=3600, minute_max_age_s=86400, hour_max_age_s=7 * 86400))
+EVERY_BATCH = RETENTION.model_copy(update={"interval_s": 1.0})
+"""Retention whose flush parts are paced well under a second apart: the tests below that write a batch a second see one part per batch."""
 
 
 def test_rollup_then_retention_keeps_every_sample_in_the_coarser_tiers(registry):
@@ -293,15 +296,15 @@ def test_a_large_flush_goes_in_parts_with_the_batches_that_follow(registry):
     transaction, and a batch that rolls back has its part written again by the next one: exact, nothing twice."""
     with patch.object(series_module, "PART_BUCKETS", 10):
         write(registry, *FLEET, at=T0 + 120)
-        registry.enforce_retention(RETENTION, T0 + 180)
+        registry.enforce_retention(EVERY_BATCH, T0 + 180)
         assert len(registry.rollups.flush.parts) == series_module.PARTS and node_rollups(registry.engine, 60) == []
         write(registry, reading("late", 1, T0 + 500, 1.0), at=T0 + 190)  # one part per batch
         first, done = node_rollups(registry.engine, 60), registry.rollups.flush.done
         assert 0 < len(first) < 80
         real_step = registry.rollups.step
 
-        def failing_step(conn, parts=1):
-            real_step(conn, parts)
+        def failing_step(conn, parts=1, now=None):
+            real_step(conn, parts, now)
             raise RuntimeError("the database went away")
 
         with patch.object(registry.rollups, "step", failing_step), pytest.raises(RuntimeError):
@@ -320,7 +323,7 @@ def test_a_large_flush_goes_in_parts_with_the_batches_that_follow(registry):
         again = [reading(f"n-{i}", 3, T0 + 3000 + i, 2.0) for i in range(40)]  # minutes in every part this time
         write(registry, *again, at=T0 + 3100)
         stored += again
-        registry.enforce_retention(RETENTION, T0 + 3600 + HOUR_FLUSH_SLACK_S)
+        registry.enforce_retention(EVERY_BATCH, T0 + 3600 + HOUR_FLUSH_SLACK_S)
         assert registry.rollups.flush is not None and registry.rollups.flush.hours and node_rollups(registry.engine, 3600) == []
         with patch.object(registry.rollups, "step", failing_step), pytest.raises(RuntimeError):
             write(registry, reading("later", 1, T0 + 3700, 5.0), at=T0 + 3730)
@@ -333,12 +336,47 @@ def test_a_large_flush_goes_in_parts_with_the_batches_that_follow(registry):
         hours = node_rollups(registry.engine, 3600)
         assert hours == fold_truth([m for m in stored if m.ts < T0 + 3600], 3600)
         # The later samples (the next hour) wait in the hour maps for that hour to end.
-        registry.enforce_retention(RETENTION, T0 + 7200 + HOUR_FLUSH_SLACK_S)
+        registry.enforce_retention(EVERY_BATCH, T0 + 7200 + HOUR_FLUSH_SLACK_S)
         k = 0
         while registry.rollups.flush is not None and k < series_module.PARTS:
             write(registry, reading("last", 1 + k, T0 + 7300 + k, 1.0), at=T0 + 7330 + k)
             k += 1
         assert node_rollups(registry.engine, 3600) == fold_truth([m for m in stored if m.ts < T0 + 7200], 3600)
+
+
+def test_a_flush_in_parts_is_spread_over_half_the_retention_interval(registry):
+    """The batches that follow a retention run write its parts at most one per ``interval_s x FLUSH_SPREAD / parts``
+    seconds, not one per batch: a stream of batches ten times a second writes the flush over 30 s of a 60-s interval."""
+    assert RETENTION.interval_s == 60.0
+    with patch.object(series_module, "PART_BUCKETS", 10):
+        write(registry, *FLEET, at=T0 + 120)
+        registry.enforce_retention(RETENTION, T0 + 180)
+        flush = registry.rollups.flush
+        filled = sum(1 for m, h in flush.parts if m or h)
+        assert filled > 10 and flush.pace_s == pytest.approx(60.0 * series_module.FLUSH_SPREAD / filled)
+        written_at: list[float] = []  # when each batch that wrote a part ran
+        k = 0
+        while registry.rollups.flush is not None and k < 1000:
+            at = T0 + 180 + 0.1 * k
+            before = registry.rollups.flush.done
+            write(registry, reading("late", 1 + k, T0 + 200, 1.0), at=at)
+            if registry.rollups.flush is None or registry.rollups.flush.done > before:
+                written_at.append(at)
+            k += 1
+        assert registry.rollups.flush is None, "the flush never finished"
+        assert len(written_at) == filled  # one part per writing batch; the other batches wrote none
+        gaps = [b - a for a, b in itertools.pairwise(written_at)]
+        assert min(gaps) >= flush.pace_s - 1e-6
+        assert written_at[-1] - written_at[0] == pytest.approx(flush.pace_s * (filled - 1), abs=0.1 * filled)
+        assert written_at[-1] - T0 - 180 <= 60.0 * series_module.FLUSH_SPREAD + 0.1 * filled  # each gap rounded up to a batch
+        # Paced or not, the minute tier holds every sample once.
+        stored = [*FLEET, *(reading("late", 1 + i, T0 + 200, 1.0) for i in range(k))]
+        registry.enforce_retention(EVERY_BATCH, T0 + 400)
+        while registry.rollups.flush is not None:
+            k += 1
+            write(registry, reading("late", 1 + k, T0 + 200, 1.0), at=T0 + 400 + k)
+            stored.append(reading("late", 1 + k, T0 + 200, 1.0))
+        assert node_rollups(registry.engine, 60) == fold_truth(stored, 60)
 
 
 @pytest.mark.parametrize("kind", ["telemetry", "heartbeats"])
@@ -353,7 +391,7 @@ def test_a_writer_dead_in_the_middle_of_a_flush_is_recovered_exactly(registry, k
             [make(f"n-{i}", 2, T0 + 61 + i % 50, float(i % 5)) for i in range(40)]
     with patch.object(series_module, "PART_BUCKETS", 10):
         write(registry, *fleet[:40], at=T0 + 50)
-        registry.enforce_retention(RETENTION, T0 + 60)  # a flush in parts taken...
+        registry.enforce_retention(EVERY_BATCH, T0 + 60)  # a flush in parts taken...
         write(registry, *fleet[40:], at=T0 + 120)  # ... one written with these, which stay in memory
         write(registry, make("n-0", 3, T0 + 130, 3.0), at=T0 + 130)  # a second part; then the writer dies
     assert 0 < registry.rollups.flush.done < series_module.PARTS
