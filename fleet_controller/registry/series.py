@@ -446,9 +446,9 @@ PART_BUCKETS = 5_000
 """A flush of at most this many buckets is written whole by the retention run (a small fleet's: no parts)."""
 FLUSH_SPREAD = 0.5
 """The parts of a flush are written over this share of the retention interval (``retention.interval_s``), at most one
-per batch and one per ``spread / parts`` seconds, instead of one per batch: at 80,000 nodes the 64 parts written
-back to back doubled the cost of every batch for four seconds each minute, and that burst alone took
-receive-to-commit p99 from 0.5 s to 4 s (docs/benchmarks.md, round of 2026-11-30 22:00)."""
+per batch and one per ``spread / parts`` seconds, instead of one per batch: the 64 parts written back to back about
+doubled the cost of every batch for seconds each minute, and at 60,000 nodes that burst alone took receive-to-commit
+p99 from 0.4-0.6 s to 3.6-3.8 s (docs/benchmarks.md, Scale, round of 2026-11-30 21:59-22:54)."""
 
 _Acc = dict[_Key, "array[float]"]
 
