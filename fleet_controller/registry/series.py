@@ -725,14 +725,14 @@ class Rollups:
         return None if value is None else int(value)
 
     def maintain(self, conn: Connection, settings: SeriesSettings, now: float, dead_after_s: float,
-                 force_hours: bool = False, spread_s: float = 0.0) -> dict[str, int]:
-        """Start a flush (its parts spread over ``spread_s``), fold dead writers' leftovers, then delete what is past each
-        tier's age; return rows deleted per table.
+                 force_hours: bool = False, interval_s: float = 0.0) -> dict[str, int]:
+        """Start a flush (its parts spread over :data:`FLUSH_SPREAD` of the retention interval ``interval_s``), fold dead
+        writers' leftovers, then delete what is past each tier's age; return rows deleted per table.
 
         Raw rows are deleted only below every writer's cursors (so a sample is never lost between the
         tiers), walking the primary key from the oldest (:func:`_delete_old_raw`).
         """
-        self.take(conn, now, force_hours=force_hours, spread_s=spread_s)
+        self.take(conn, now, force_hours=force_hours, spread_s=interval_s * FLUSH_SPREAD)
         self.recover(conn, now, dead_after_s)
         deleted = {"series_raw": _delete_old_raw(conn, now - settings.raw_max_age_s, now), "series_rollup": 0}
         for step, max_age in ((MINUTE, settings.minute_max_age_s), (HOUR, settings.hour_max_age_s)):

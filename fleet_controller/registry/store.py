@@ -949,7 +949,7 @@ class RegistryStore:
             hour = self.rollups.hour_cursor(conn)
             force_hours = top is not None and hour is not None and top > hour
             deleted.update(self.rollups.maintain(conn, settings.series, now, series_dead_after(settings), force_hours,
-                                                 spread_s=settings.interval_s * series.FLUSH_SPREAD))
+                                                 interval_s=settings.interval_s))
             deletable = series.deletable_heartbeats(self._dialect)
             deleted["heartbeats"] = (_delete_aged(conn, HEARTBEATS, 0.0, aged, deletable)
                                      + self._trim_delete(conn, HEARTBEATS, (HEARTBEATS.c.shop_id, HEARTBEATS.c.node_id), cuts, deletable))
