@@ -15,7 +15,8 @@ milliseconds, and read/write system calls and bytes per message (``/proc/self/io
 
 ``--pragmas`` runs extra SQLite pragmas on each connection (``cache_size=-2000,wal_autocheckpoint=1000``:
 SQLite's defaults, the registry's before 2026-11-30); ``--gc-threshold 20000,50,50`` sets the
-collector's thresholds after the start-up ``gc.freeze()`` the writer process does.
+collector's thresholds after the start-up ``gc.freeze()`` the writer process does (by default the writer process's
+own, ``WRITER_GC_THRESHOLDS``; before 2026-12-01 this benchmark left Python's 700,10,10).
 
 ``--retention`` measures retention instead (issue #15): the first-sight database grown to
 ``--heartbeats`` heartbeats per node (copied in SQL, ids in arrival order), then, interleaved
@@ -57,7 +58,7 @@ import writer as single  # bench/writer.py: the same heartbeats
 from sqlalchemy import delete, event, func, select
 from sqlalchemy.engine import Engine
 
-from fleet_controller.intake.core import IntakeCore
+from fleet_controller.intake.core import WRITER_GC_THRESHOLDS, IntakeCore
 from fleet_controller.registry import db as registry_db
 from fleet_controller.registry import series
 from fleet_controller.registry import store as registry_store
@@ -227,7 +228,9 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3, help="heartbeat periods after the first sight (default: %(default)s)")
     p.add_argument("--base", default="/tmp/shopfleet-scale-writer", help="where the first-sight database is kept")
     p.add_argument("--pragmas", default="", help="extra SQLite pragmas per connection, comma-separated")
-    p.add_argument("--gc-threshold", default="", help="gc.set_threshold values after the start-up freeze, e.g. 20000,50,50")
+    p.add_argument("--gc-threshold", default=",".join(map(str, WRITER_GC_THRESHOLDS)),
+                   help="gc.set_threshold values after the start-up freeze (default: the writer process's, %(default)s; "
+                        "Python's own: 700,10,10)")
     p.add_argument("--sweep-every", type=int, default=20, help="batches between presence sweeps (default: %(default)s)")
     p.add_argument("--retention", action="store_true", help="measure retention, old and new interleaved, instead of the writer")
     p.add_argument("--heartbeats", type=int, default=20, help="--retention: heartbeats per node (default: %(default)s)")
@@ -297,8 +300,7 @@ def main() -> int:
     gc.callbacks.append(on_gc)
     gc.collect()
     gc.freeze()  # as the writer process does at start-up
-    if args.gc_threshold:
-        gc.set_threshold(*(int(x) for x in args.gc_threshold.split(",")))
+    gc.set_threshold(*(int(x) for x in args.gc_threshold.split(",")))
     presence = PresenceSettings()
     profiler = cProfile.Profile() if args.profile else None
     try:

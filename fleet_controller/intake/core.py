@@ -47,6 +47,8 @@ from enum import StrEnum
 from multiprocessing import connection as mp_connection
 from typing import Any
 
+import msgspec
+
 from edge_agent.protocol import (
     EVENT_TYPES,
     HEARTBEAT_TYPES,
@@ -193,7 +195,7 @@ def drop_evicted(cursor: SeqCursor, runs: Sequence[EvictedRun]) -> tuple[SeqCurs
         gaps = out
     if not removed:
         return cursor, removed
-    return replace(cursor, gaps=tuple(gaps)), removed
+    return msgspec.structs.replace(cursor, gaps=tuple(gaps)), removed
 
 
 NUL_ESCAPE = b"\\u0000"
@@ -256,7 +258,7 @@ def advance(
         p = cursor.pending
         run = p[2] + 1 if p is not None and p[0] == epoch and p[1] + 1 == seq else 1
         if run < resync_after:
-            return Verdict.JUMP, replace(cursor, pending=(epoch, seq, run)), 0
+            return Verdict.JUMP, msgspec.structs.replace(cursor, pending=(epoch, seq, run)), 0
         return Verdict.REBASED, SeqCursor(epoch, seq, base.gaps, base.retired), 0
     if seq > base.watermark:
         missing = seq - base.watermark - 1

@@ -322,21 +322,69 @@ def _bucket(dialect: str, ts: Any, step: float) -> ColumnElement[Any]:
     return func.floor(ts / step) * step
 
 
-def _fold(acc: dict[_Key, array[float]], shop: str, node: str, bucket: float, points: Points) -> None:
+class Buckets:
+    """Count, sum, min and max per bucket key, the values of every bucket in one flat array of doubles.
+
+    One object the garbage collector tracks, however many buckets: ``array`` objects are
+    containers it tracks, and an array per bucket (what the writer held before, 2026-12-01) made
+    800,000 of them at 100,000 nodes, so each full collection of the writer's heap was a pause of
+    about half a second (docs/benchmarks.md, Scale). The keys are tuples of strings and floats,
+    which the collector stops tracking once it has seen them.
+    """
+
+    __slots__ = ("index", "values")
+
+    def __init__(self) -> None:
+        self.index: dict[_Key, int] = {}
+        """Key -> offset of its four values (count, sum, min, max) in :attr:`values`."""
+        self.values = array("d")
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def copy(self) -> Buckets:
+        other = Buckets()
+        other.index, other.values = dict(self.index), array("d", self.values)
+        return other
+
+    def merge(self, key: _Key, n: float, total: float, lo: float, hi: float) -> None:
+        """Add a bucket's values to ``key``'s (count and sum add, min and max combine)."""
+        v = self.values
+        i = self.index.get(key)
+        if i is None:
+            self.index[key] = len(v)
+            v.extend((n, total, lo, hi))
+            return
+        v[i] += n
+        v[i + 1] += total
+        if lo < v[i + 2]:
+            v[i + 2] = lo
+        if hi > v[i + 3]:
+            v[i + 3] = hi
+
+    def rows(self, step: int) -> list[tuple[Any, ...]]:
+        """The buckets as rows ``(step, shop, name, bucket, node, source, n, total, lo, hi)``."""
+        v = self.values
+        return [(step, shop, name, bucket, node, source, int(v[i]), v[i + 1], v[i + 2], v[i + 3])
+                for (shop, node, bucket, name, source), i in self.index.items()]
+
+
+def _fold(acc: Buckets, shop: str, node: str, bucket: float, points: Points) -> None:
     """Add one message's samples to the buckets ``acc`` holds (count, sum, min, max per series)."""
+    index, v = acc.index, acc.values
     for name, source, value in points:
         key = (shop, node, bucket, name, source)
-        a = acc.get(key)
-        if a is None:
-            # array, not list: the collector does not track it (hundreds of thousands of buckets at 100,000 nodes).
-            acc[key] = array("d", (1.0, value, value, value))
+        i = index.get(key)
+        if i is None:
+            index[key] = len(v)
+            v.extend((1.0, value, value, value))
         else:
-            a[0] += 1.0
-            a[1] += value
-            if value < a[2]:
-                a[2] = value
-            if value > a[3]:
-                a[3] = value
+            v[i] += 1.0
+            v[i + 1] += value
+            if value < v[i + 2]:
+                v[i + 2] = value
+            if value > v[i + 3]:
+                v[i + 3] = value
 
 
 _UPSERT_SQL: dict[str, tuple[str, bool]] = {}
@@ -394,35 +442,21 @@ def _write_buckets(conn: Connection, rows: list[tuple[Any, ...]]) -> int:
     return len(rows)
 
 
-def _bucket_rows(step: int, acc: dict[_Key, array[float]]) -> list[tuple[Any, ...]]:
-    return [(step, shop, name, bucket, node, source, int(a[0]), a[1], a[2], a[3]) for (shop, node, bucket, name, source), a in acc.items()]
-
-
-def _merge_hours(hours: dict[_Key, array[float]], minutes: dict[_Key, array[float]]) -> None:
+def _merge_hours(hours: Buckets, minutes: Buckets) -> None:
     """Add minute buckets to the hour buckets they fall in (count and sum add, min and max combine)."""
-    floor = math.floor
-    for (shop, node, bucket, name, source), m in minutes.items():
-        key = (shop, node, float(floor(bucket / HOUR) * HOUR), name, source)
-        h = hours.get(key)
-        if h is None:
-            hours[key] = array("d", m)
-        else:
-            h[0] += m[0]
-            h[1] += m[1]
-            if m[2] < h[2]:
-                h[2] = m[2]
-            if m[3] > h[3]:
-                h[3] = m[3]
+    floor, merge, v = math.floor, hours.merge, minutes.values
+    for (shop, node, bucket, name, source), i in minutes.index.items():
+        merge((shop, node, float(floor(bucket / HOUR) * HOUR), name, source), v[i], v[i + 1], v[i + 2], v[i + 3])
 
 
-def _part_rows(minutes: dict[_Key, array[float]], hours: dict[_Key, array[float]] | None) -> list[tuple[Any, ...]]:
-    """The rows of a part: its minute buckets, and with ``hours`` those hours plus these minutes (a new map: writing
+def _part_rows(minutes: Buckets, hours: Buckets | None) -> list[tuple[Any, ...]]:
+    """The rows of a part: its minute buckets, and with ``hours`` those hours plus these minutes (a copy: writing
     the part changes no memory, so a rolled-back write can be written again)."""
-    rows = _bucket_rows(MINUTE, minutes)
+    rows = minutes.rows(MINUTE)
     if hours is not None:
-        merged = {k: array("d", a) for k, a in hours.items()}
+        merged = hours.copy()
         _merge_hours(merged, minutes)
-        rows += _bucket_rows(HOUR, merged)
+        rows += merged.rows(HOUR)
     return rows
 
 
@@ -450,7 +484,7 @@ per batch and one per ``spread / parts`` seconds, instead of one per batch: the 
 doubled the cost of every batch for seconds each minute, and at 60,000 nodes that burst alone took receive-to-commit
 p99 from 0.4-0.6 s to 3.6-3.8 s (docs/benchmarks.md, Scale, round of 2026-11-30 21:59-22:54)."""
 
-_Acc = dict[_Key, "array[float]"]
+_Acc = Buckets
 
 
 @dataclass
@@ -495,8 +529,8 @@ class Rollups:
     def __init__(self, instance: str = "") -> None:
         self.instance = instance[:200]
         self.wid: int | None = None
-        self.minutes: list[_Acc] = [{} for _ in range(PARTS)]
-        self.hours: list[_Acc] = [{} for _ in range(PARTS)]
+        self.minutes: list[_Acc] = [Buckets() for _ in range(PARTS)]
+        self.hours: list[_Acc] = [Buckets() for _ in range(PARTS)]
         self.oldest_hour = math.inf
         """Start of the oldest hour bucket held in memory (the hour tier is flushed once it is over)."""
         self.hours_flushed_at = -math.inf
@@ -553,7 +587,7 @@ class Rollups:
                   self.wid)
         self.lost_flushes += 1
         self.wid = None
-        self.minutes, self.hours = [{} for _ in range(PARTS)], [{} for _ in range(PARTS)]
+        self.minutes, self.hours = [Buckets() for _ in range(PARTS)], [Buckets() for _ in range(PARTS)]
         self.oldest_hour, self.flush = math.inf, None
         self._stepped, self._taken = 0, None
         return False
@@ -649,9 +683,9 @@ class Rollups:
         taken, self._taken = self._taken, None
         if taken is not None:
             self.flush = taken if taken.done < len(taken.parts) else None
-            self.minutes = [{} for _ in range(PARTS)]
+            self.minutes = [Buckets() for _ in range(PARTS)]
             if taken.hours:
-                self.hours, self.oldest_hour, self.hours_flushed_at = [{} for _ in range(PARTS)], math.inf, now
+                self.hours, self.oldest_hour, self.hours_flushed_at = [Buckets() for _ in range(PARTS)], math.inf, now
             elif taken.done == len(taken.parts):  # written whole, without the hours: they take its minutes now
                 for i, (m, _) in enumerate(taken.parts):
                     _merge_hours(self.hours[i], m)
@@ -683,8 +717,7 @@ class Rollups:
             dead = dead.with_for_update(skip_locked=True)
         folded = 0
         for w in conn.execute(dead.order_by(WRITERS.c.wid)).all():
-            minutes: dict[_Key, array[float]] = {}
-            hours: dict[_Key, array[float]] = {}
+            minutes, hours = Buckets(), Buckets()
             moved: dict[str, int] = {}
             last_chunk = True
             for src in SOURCES:
@@ -709,7 +742,7 @@ class Rollups:
                     last = rows[-1][0]
                     # Rows up to `last` are now in both tiers; the written parts matter only above it.
                     moved[src.minute], moved[src.hour] = max(minute_upto, last), max(hour_upto, last)
-            _write_buckets(conn, _bucket_rows(MINUTE, minutes) + _bucket_rows(HOUR, hours))
+            _write_buckets(conn, minutes.rows(MINUTE) + hours.rows(HOUR))
             if last_chunk:
                 conn.execute(WRITERS.delete().where(WRITERS.c.wid == w.wid))
                 log.info("series writer %s: folded its last raw rows into the roll-ups and forgot it", w.wid)

@@ -33,6 +33,7 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 from sqlalchemy import (
     JSON,
     ColumnElement,
@@ -215,8 +216,7 @@ _HEARTBEAT_COLUMNS = ("shop_id", "node_id", "epoch", "seq", "ts", "received_at",
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class SeqCursor:
+class SeqCursor(msgspec.Struct, frozen=True, gc=False):
     """Where a node's message stream stands: epoch, highest seq seen, and missing ranges below it.
 
     ``gaps`` are sorted, disjoint, inclusive ``(first, last)`` ranges of seqs not yet received.
@@ -225,6 +225,10 @@ class SeqCursor:
     and how many consecutive seqs followed it (in memory only; see the intake's ``advance``).
     ``rev`` is the revision of the stored cursor row this value was read from (or written as):
     the writer updates the row only while it still holds that revision (see :class:`CursorConflict`).
+
+    The writer holds one per node (100,000 at 100,000 nodes): a struct the garbage collector does
+    not track (``gc=False``: it holds only strings, ints and tuples of them, never a cycle), so a
+    full collection of the writer's heap does not walk them (docs/benchmarks.md, Scale).
     """
 
     epoch: str = ""
@@ -268,9 +272,9 @@ class NodeUpdate:
     rev: int | None = None  # the revision read (the intake's: no copy of the cursor just to carry it)
 
 
-@dataclass(frozen=True)
-class PresenceView:
-    """The presence fields of a node that :func:`decide_presence` looks at."""
+class PresenceView(msgspec.Struct, frozen=True, gc=False):
+    """The presence fields of a node that :func:`decide_presence` looks at (one per node in the writer's memory:
+    untracked by the collector, as :class:`SeqCursor`)."""
 
     session: int
     presence: str
