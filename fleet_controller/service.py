@@ -83,6 +83,21 @@ STOP_EXIT_GRACE_S = 10.0
 """After a stop, longest wait for the process itself to end (threads, the writer); past it ``run_controller`` exits hard."""
 
 
+def handover_budget_s(settings: ControllerSettings) -> float:
+    """The longest a partitioned replica's hand-over takes on stop (``PartitionRouter.stop``): the hand-over (2 TTL +
+    2 s), then the drain (as long again, at least 10 s)."""
+    handover = 2 * settings.intake.lease_ttl_s + 2
+    return handover + max(10.0, handover) + 5
+
+
+def stop_budget_s(settings: ControllerSettings) -> float:
+    """The longest a graceful stop of a controller with ``settings`` takes (the sum of its steps' deadlines); the
+    process ends at most :data:`STOP_EXIT_GRACE_S` later. A pod's ``terminationGracePeriodSeconds`` must exceed both
+    (manifests/central/base/controller.yaml), or the kubelet kills it in the middle of a stop."""
+    total = STOP_PUBLISH_S + 1 + STOP_MQTT_S + STOP_TASKS_S + STOP_API_S + 1 + STOP_WRITER_S + 5
+    return total + (handover_budget_s(settings) if settings.intake.partitions else 0.0)
+
+
 # --------------------------------------------------------------------------------------------
 # Workers
 # --------------------------------------------------------------------------------------------
@@ -326,14 +341,11 @@ class ControllerService:
         return abandoned
 
     def _handover_budget_s(self) -> float:
-        # PartitionRouter.stop: the hand-over (2 TTL + 2 s) then the drain (as long again, at least 10 s).
-        handover = 2 * self.settings.intake.lease_ttl_s + 2
-        return handover + max(10.0, handover) + 5
+        return handover_budget_s(self.settings)
 
     def stop_budget_s(self) -> float:
         """Return the longest :meth:`stop` can take (the sum of its steps' deadlines)."""
-        total = STOP_PUBLISH_S + 1 + STOP_MQTT_S + STOP_TASKS_S + STOP_API_S + 1 + STOP_WRITER_S + 5
-        return total + (self._handover_budget_s() if self.partitions is not None else 0.0)
+        return stop_budget_s(self.settings)
 
     def health(self) -> dict[str, Any]:
         """Return the health report of /healthz: ``ok`` when connected, storing, and no worker has failed."""

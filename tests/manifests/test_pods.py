@@ -20,6 +20,7 @@ import pytest
 
 from edge_agent.cli import overrides_from_args
 from edge_agent.config import validate_config
+from fleet_controller.service import STOP_EXIT_GRACE_S, stop_budget_s
 from fleet_controller.settings import ENV_PREFIX, load_settings
 from shopfleet.cli import build_parser
 from tests.manifests import support as s
@@ -219,6 +220,8 @@ def test_controller_settings_are_the_ones_the_code_reads(tmp_path):
     assert vol["secret"]["defaultMode"] & 0o040 and spec["securityContext"]["fsGroup"] == spec["securityContext"]["runAsUser"]
     assert settings.api.host == "0.0.0.0" and settings.api.port == c["ports"][0]["containerPort"]
     assert c["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    # A graceful stop (the partition hand-over, the writer's last flush) ends before the kubelet's SIGKILL.
+    assert spec["terminationGracePeriodSeconds"] > stop_budget_s(settings) + STOP_EXIT_GRACE_S, stop_budget_s(settings)
 
 
 def test_controller_env_var_names_map_to_settings_keys():
