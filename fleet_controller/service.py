@@ -298,7 +298,7 @@ class ControllerService:
             return True
 
         if self.partitions is not None:
-            await step("partition hand-over", self.partitions.stop(), self._handover_budget_s(),
+            await step("partition hand-over", self.partitions.stop(), handover_budget_s(self.settings),
                        "other replicas take the partitions over when the leases expire")
         if self.mqtt.connected:
             await step("offline presence", self.mqtt.publish(
@@ -339,9 +339,6 @@ class ControllerService:
         else:
             log.info("controller %s stopped", self.settings.instance)
         return abandoned
-
-    def _handover_budget_s(self) -> float:
-        return handover_budget_s(self.settings)
 
     def stop_budget_s(self) -> float:
         """Return the longest :meth:`stop` can take (the sum of its steps' deadlines)."""

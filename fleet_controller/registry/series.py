@@ -370,7 +370,10 @@ class Buckets:
 
 
 def _fold(acc: Buckets, shop: str, node: str, bucket: float, points: Points) -> None:
-    """Add one message's samples to the buckets ``acc`` holds (count, sum, min, max per series)."""
+    """Add one message's samples to the buckets ``acc`` holds (count, sum, min, max per series).
+
+    :meth:`Buckets.merge` of one sample each, inlined: this runs for every sample of every stored message.
+    """
     index, v = acc.index, acc.values
     for name, source, value in points:
         key = (shop, node, bucket, name, source)
@@ -484,9 +487,6 @@ per batch and one per ``spread / parts`` seconds, instead of one per batch: the 
 doubled the cost of every batch for seconds each minute, and at 60,000 nodes that burst alone took receive-to-commit
 p99 from 0.4-0.6 s to 3.6-3.8 s (docs/benchmarks.md, Scale, round of 2026-11-30 21:59-22:54)."""
 
-_Acc = Buckets
-
-
 @dataclass
 class _Flush:
     """A flush under way: the buckets of every raw row of this writer up to ``upto`` (an id per table of :data:`SOURCES`),
@@ -494,7 +494,7 @@ class _Flush:
 
     upto: tuple[int, ...]
     hours: bool
-    parts: list[tuple[_Acc, _Acc | None]]
+    parts: list[tuple[Buckets, Buckets | None]]
     done: int = 0
     pace_s: float = 0.0
     """Least time between two parts written by batches (:meth:`Rollups.step` with ``now``); 0: one per batch."""
@@ -529,8 +529,8 @@ class Rollups:
     def __init__(self, instance: str = "") -> None:
         self.instance = instance[:200]
         self.wid: int | None = None
-        self.minutes: list[_Acc] = [Buckets() for _ in range(PARTS)]
-        self.hours: list[_Acc] = [Buckets() for _ in range(PARTS)]
+        self.minutes: list[Buckets] = [Buckets() for _ in range(PARTS)]
+        self.hours: list[Buckets] = [Buckets() for _ in range(PARTS)]
         self.oldest_hour = math.inf
         """Start of the oldest hour bucket held in memory (the hour tier is flushed once it is over)."""
         self.hours_flushed_at = -math.inf
@@ -649,7 +649,7 @@ class Rollups:
         # Every row this writer stored has committed (a writer's batches and runs come one after the other), so its rows
         # up to each table's highest id are what it holds; a row it stores later gets a higher id.
         upto = tuple(int(conn.scalar(select(func.max(src.table.c.id))) or 0) for src in SOURCES)
-        parts: list[tuple[_Acc, _Acc | None]] = list(zip(self.minutes, self.hours if do_hours else [None] * len(self.minutes),
+        parts: list[tuple[Buckets, Buckets | None]] = list(zip(self.minutes, self.hours if do_hours else [None] * len(self.minutes),
                                                           strict=True))
         n = len(parts)
         if whole or sum(len(m) + (len(h) if h else 0) for m, h in parts) <= PART_BUCKETS:
