@@ -70,6 +70,12 @@ DENIED_PUBLISH = re.compile(_TS + r"Denied PUBLISH from (?P<client>\S+) \(d\d, q
 CONNECTED = re.compile(_TS + r"New client connected from (?P<address>\S+) as (?P<client>\S+) \((?P<flags>[^)]*)\)\.")
 NOT_AUTHORISED = re.compile(_TS + r"Client (?P<client>\S+) disconnected, not authorised\.")
 TLS_ERROR = re.compile(_TS + r"OpenSSL Error\[0\]: (?P<detail>.*)")
+"""A handshake that failed after the broker accepted the socket (the address is on the line before)."""
+TLS_ACCEPT_FAILED = re.compile(_TS + r"Client connection from (?P<address>\S+) failed: (?P<detail>.*?)\.?$")
+"""A handshake that failed within the accept itself (the client's hello and certificate had already
+arrived): Mosquitto then logs this line instead of ``New connection from`` and ``OpenSSL Error``."""
+HANDSHAKE_ABORTED = "unexpected eof"
+"""OpenSSL's word for a client that hung up mid-handshake (a TCP probe, a port scan): not a refusal."""
 NEW_CONNECTION = re.compile(_TS + r"New connection from (?P<address>\S+) on port (?P<port>\d+)\.")
 _USER = re.compile(r"u'(?P<user>[^']*)'")
 PACKET_TRACE = re.compile(_TS + r"(?:(?:Received|Sending) [A-Z]+ |\t|\S+ [012] \S+$|No will message specified\.)")
@@ -202,9 +208,16 @@ class DenialWatcher:
             self.metrics.refused.labels("not_authorised").inc()
             return Refusal("not_authorised", self._last_address)
         if "OpenSSL Error" in line and (m := TLS_ERROR.match(line)):
-            self.metrics.refused.labels("tls").inc()
-            return Refusal("tls", self._last_address, m["detail"])
+            return self._tls_refusal(self._last_address, m["detail"])
+        if "Client connection from" in line and (m := TLS_ACCEPT_FAILED.match(line)):
+            return self._tls_refusal(m["address"], m["detail"])
         return None
+
+    def _tls_refusal(self, address: str, detail: str) -> Refusal | None:
+        if HANDSHAKE_ABORTED in detail:
+            return None
+        self.metrics.refused.labels("tls").inc()
+        return Refusal("tls", address, detail)
 
     def _count(self, d: Denial) -> None:
         key = (d.username, d.client_id)

@@ -18,7 +18,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from edge_agent.protocol import Topics
-from fleet_controller.broker_denials import DenialMetrics, DenialWatcher, follow
+from fleet_controller.broker_denials import DenialMetrics, DenialWatcher, Refusal, follow
 from fleet_controller.web.security_events import FalcoEvent, resolve_shop, rule_slug, to_firing
 from shopfleet.broker import free_port
 from tests.support.security import Client, tls_of
@@ -216,3 +216,28 @@ def test_echo_without_packets_keeps_the_brokers_own_lines():
         "1795989757: mosquitto version 2.0.11 running",
     ]
     assert [line for line in trace + kept if not is_packet_trace(line)] == kept
+
+
+def test_tls_refusals_are_counted_in_both_forms_mosquitto_logs_them_and_a_hang_up_is_not_one():
+    # Lines from Mosquitto 2.0.11 refusing a certificate-less client, a foreign CA's certificate and a
+    # revoked one. Whether a refusal is logged as 'OpenSSL Error' (after the socket was accepted) or as
+    # 'Client connection from ... failed' (within the accept) depends on how fast the client's hello
+    # arrived; the readiness probe's bare TCP connect ends in 'unexpected eof' and is no refusal.
+    log = [
+        "1796135796: New connection from 127.0.0.1:47744 on port 48213.",
+        "1796135796: Client connection from 127.0.0.1 failed: error:0A000126:SSL routines::unexpected eof while reading.",
+        "1796135796: Client connection from 127.0.0.1 failed: error:0A0000C7:SSL routines::peer did not return a certificate.",
+        "1796135797: New connection from 127.0.0.1:60723 on port 38455.",
+        "1796135797: OpenSSL Error[0]: error:0A000086:SSL routines::certificate verify failed",
+        "1796135797: Client <unknown> disconnected: Protocol error.",
+        "1796135799: Client connection from 10.0.0.7 failed: error:0A000086:SSL routines::certificate verify failed.",
+        "1796135799: Client connection from 10.0.0.8 denied: max_connections exceeded.",
+    ]
+    watcher = DenialWatcher(DenialMetrics())
+    refusals = [r for r in map(watcher.feed, log) if r is not None]
+    assert refusals == [
+        Refusal("tls", "127.0.0.1", "error:0A0000C7:SSL routines::peer did not return a certificate"),
+        Refusal("tls", "127.0.0.1:60723", "error:0A000086:SSL routines::certificate verify failed"),
+        Refusal("tls", "10.0.0.7", "error:0A000086:SSL routines::certificate verify failed"),
+    ]
+    assert watcher.metrics.registry.get_sample_value("shopfleet_broker_refused_connections_total", {"reason": "tls"}) == 3

@@ -92,7 +92,10 @@ def test_shop_tls_listener_refuses_no_certificate_a_foreign_ca_and_a_revoked_cer
             watcher.feed(line)
         return watcher.metrics.registry.get_sample_value("shopfleet_broker_refused_connections_total", {"reason": "tls"}) or 0.0
 
-    wait_for(lambda: tls_refusals() >= 3, what="the three TLS refusals in the broker's log")
+    try:
+        wait_for(lambda: tls_refusals() >= 3, what="the three TLS refusals in the broker's log")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; the broker's log:\n{shop.log()}") from None
     text = shop.log()
     assert "peer did not return a certificate" in text and "certificate verify failed" in text
 
