@@ -7,7 +7,6 @@ run once on SQLite and once on the PostgreSQL server at 127.0.0.1:5432.
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 
@@ -15,13 +14,13 @@ import pytest
 from hypothesis import settings
 
 from shopfleet.broker import BrokerProcess
+from tests.support.postgres import PG_ADMIN_URL
 
 # Property tests check what a parser or a model does, never how fast: hypothesis's default 200 ms
 # deadline per example is a timing assertion that fails on a loaded CI machine, so it is off.
 settings.register_profile("shopfleet", deadline=None)
 settings.load_profile("shopfleet")
 
-PG_ADMIN_URL = os.environ.get("SHOPFLEET_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
 @pytest.fixture

@@ -39,6 +39,7 @@ import asyncio
 import functools
 import struct
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -198,42 +199,48 @@ class MqttAdapter(ThreadedLink):
                          timeout: float = 10.0, wait: bool = True, chunk: int = 200) -> None:
         """Subscribe QoS 1 to ``topics`` (MQTT 5 ``sub_id``, ``retain_handling`` 0/1/2) in chunks.
 
-        With ``wait`` block until every SUBACK arrived (never call that on the network thread) and
-        raise :class:`MqttError` on a refusal, a timeout or a lost connection.
+        Every chunk is sent before any SUBACK is awaited, so a thousand chunks cost one round trip,
+        not a thousand. With ``wait`` block until every SUBACK arrived, ``timeout`` after the last
+        chunk went out (never call that on the network thread), and raise :class:`MqttError` on a
+        refusal, a timeout or a lost connection.
         """
         opts = SubscribeOptions(qos=1, retainHandling=retain_handling)
-        for i in range(0, len(topics), chunk):
-            part = list(topics[i:i + chunk])
-            props = None
-            if sub_id is not None and self.settings.protocol == "5":
-                props = Properties(PacketTypes.SUBSCRIBE)  # type: ignore[no-untyped-call]  # paho leaves it unannotated
-                props.SubscriptionIdentifier = sub_id
-            send = functools.partial(self._client.subscribe, [(t, opts) for t in part], properties=props)
-            self._request(send, f"subscribe to {len(part)} topics ({part[0]!r}, ...)", timeout, wait)
+        props = None
+        if sub_id is not None and self.settings.protocol == "5":
+            props = Properties(PacketTypes.SUBSCRIBE)  # type: ignore[no-untyped-call]  # paho leaves it unannotated
+            props.SubscriptionIdentifier = sub_id
+        parts = [list(topics[i:i + chunk]) for i in range(0, len(topics), chunk)]
+        self._requests([(functools.partial(self._client.subscribe, [(t, opts) for t in part], properties=props),
+                         f"subscribe to {len(part)} topics ({part[0]!r}, ...)") for part in parts], timeout, wait)
 
     def unsubscribe_topics(self, topics: Sequence[str], *, timeout: float = 10.0, wait: bool = True, chunk: int = 200) -> None:
-        """Unsubscribe from ``topics`` in chunks; with ``wait`` block until the UNSUBACKs arrived."""
-        for i in range(0, len(topics), chunk):
-            part = list(topics[i:i + chunk])
-            self._request(functools.partial(self._client.unsubscribe, part), f"unsubscribe from {len(part)} topics", timeout, wait)
+        """Unsubscribe from ``topics`` in chunks, all sent first; with ``wait`` block until the UNSUBACKs arrived."""
+        parts = [list(topics[i:i + chunk]) for i in range(0, len(topics), chunk)]
+        self._requests([(functools.partial(self._client.unsubscribe, part), f"unsubscribe from {len(part)} topics") for part in parts],
+                       timeout, wait)
 
-    def _request(self, send: Callable[[], tuple[Any, int | None]], what: str, timeout: float, wait: bool) -> None:
-        with self._pending_lock:  # the ack may arrive before send() returns: register under the lock
-            rc, mid = send()
-            if rc != paho.MQTT_ERR_SUCCESS or mid is None:
-                raise MqttError(f"cannot {what}: {paho.error_string(rc)} (not connected?)")
-            done = threading.Event()
-            result: list[bool] = []
-            if wait:
-                self._pending[mid] = (done, result)
-        if not wait:
-            return
-        if not done.wait(timeout):
+    def _requests(self, sends: Sequence[tuple[Callable[[], tuple[Any, int | None]], str]], timeout: float, wait: bool) -> None:
+        waiting: list[tuple[int, threading.Event, list[bool], str]] = []
+        try:
+            for send, what in sends:
+                with self._pending_lock:  # the ack may arrive before send() returns: register under the lock
+                    rc, mid = send()
+                    if rc != paho.MQTT_ERR_SUCCESS or mid is None:
+                        raise MqttError(f"cannot {what}: {paho.error_string(rc)} (not connected?)")
+                    if wait:
+                        done, result = threading.Event(), list[bool]()
+                        self._pending[mid] = (done, result)
+                        waiting.append((mid, done, result, what))
+            deadline = time.monotonic() + timeout
+            for _mid, done, result, what in waiting:
+                if not done.wait(max(0.0, deadline - time.monotonic())):
+                    raise MqttError(f"cannot {what}: no answer from the broker within {timeout:.0f}s")
+                if not result or not result[0]:
+                    raise MqttError(f"cannot {what}: the broker refused (check the controller user's ACL)")
+        finally:
             with self._pending_lock:
-                self._pending.pop(mid, None)
-            raise MqttError(f"cannot {what}: no answer from the broker within {timeout:.0f}s")
-        if not result or not result[0]:
-            raise MqttError(f"cannot {what}: the broker refused (check the controller user's ACL)")
+                for mid, *_ in waiting:
+                    self._pending.pop(mid, None)
 
     def _settle(self, mid: int, reason_codes: Sequence[ReasonCode]) -> bool:
         with self._pending_lock:

@@ -44,7 +44,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -131,6 +131,8 @@ class PartitionRouter:
         self.m_claims = Counter("shopfleet_controller_intake_partition_claims_total", "intake partitions claimed (after a join, release or expiry)", registry=registry)
         self.m_releases = Counter("shopfleet_controller_intake_partition_releases_total", "intake partitions released to rebalance", registry=registry)
         self.m_dropped = Counter("shopfleet_controller_intake_discovery_dropped_total", "discovery copies of known shops' presence dropped (their owner's subscription delivers them)", registry=registry)
+        self.m_late_renewals = Counter("shopfleet_controller_intake_lease_late_renewals_total",
+                                       "lease renewals made while a partition tick was still busy (waiting on the broker)", registry=registry)
         mqtt.gate = self.gate
         mqtt.add_connect_hook(self._on_connect)
 
@@ -167,15 +169,43 @@ class PartitionRouter:
         self.book.ensure_partitions(time.time())
 
     async def run(self) -> None:
-        """Tick until cancelled; a failing tick is logged and retried (leases expire if it keeps failing)."""
+        """Tick until cancelled; a failing tick is logged and retried (leases expire if it keeps failing).
+
+        A keeper renews the leases meanwhile whenever the tick is late: a tick waits for the
+        broker's answers to its (un)subscriptions, and under load (a flood of 16,000 shops to
+        subscribe, or a paused intake that reads nothing from the broker) that wait can outlast
+        ``intake.lease_ttl_s``. Before the keeper, the leases lapsed, the other replica claimed
+        them, and both stored the same shops until the ticks caught up (bench/scale.py saw it).
+        """
+        # The keeper starts a tick later: before the first tick there is nothing to renew.
+        keeper = asyncio.create_task(self._repeat(self.renew_if_late, "renewing the leases", first_after=self.tick_s),
+                                     name="partition-lease-keeper")
+        try:
+            await self._repeat(self.tick, "tick")
+        finally:
+            keeper.cancel()
+
+    async def _repeat(self, job: Callable[[], object], what: str, *, first_after: float = 0.0) -> None:
+        """Run ``job`` in a worker thread every ``tick_s`` until cancelled; a failure is logged and retried."""
+        await asyncio.sleep(first_after)
         while True:
             try:
-                await asyncio.to_thread(self.tick)
+                await asyncio.to_thread(job)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("partitions: tick failed (%s); retrying in %.1fs", exc, self.tick_s)
+                log.warning("partitions: %s failed (%s); retrying in %.1fs", what, exc, self.tick_s)
             await asyncio.sleep(self.tick_s)
+
+    def renew_if_late(self, now: float | None = None) -> bool:
+        """Renew the held leases if the last tick's renewal is older than a tick; return whether it renewed."""
+        now = time.time() if now is None else now
+        if self._stopping or now - self._last_ok < self.tick_s:
+            return False
+        self.book.renew(now)
+        self._last_ok = now
+        self.m_late_renewals.inc()
+        return True
 
     def tick(self) -> RouterStatus:
         """One round: leases, shops, subscriptions, activation and the end of drained hand-overs."""

@@ -138,10 +138,10 @@ class LeaseBook:
         """Run one round: renew, rebalance to the quota, claim or release; return what is held now."""
         out = TickResult()
         with self.engine.begin() as c:
-            self._renew_member(c, now)
+            self._renew_member(c, now, join=True)
             out.live = list(c.scalars(select(MEMBERS.c.replica).where(MEMBERS.c.expires_at > now).order_by(MEMBERS.c.replica)))
             out.quota = quota(self.replica, out.live, self.partitions)
-            c.execute(update(LEASES).where(LEASES.c.owner == self.replica).values(expires_at=now + self.ttl_s))
+            self._extend_leases(c, now)
             held = {int(p): int(g) for p, g in c.execute(select(LEASES.c.partition, LEASES.c.generation).where(LEASES.c.owner == self.replica))}
             out.lost = sorted(set(self._held) - set(held))
             extra = sorted(held)[out.quota:] if len(held) > out.quota else []
@@ -175,10 +175,27 @@ class LeaseBook:
         out.held = dict(held)
         return out
 
-    def _renew_member(self, c: Connection, now: float) -> None:
+    def renew(self, now: float) -> int:
+        """Extend our membership and the leases we hold, nothing else; return how many leases were renewed.
+
+        What :meth:`tick` does first, alone: the router calls it when a tick is late (a tick that
+        waits on the broker's answers to thousands of subscriptions can outlast the TTL), so slow
+        subscription work never lets the leases lapse. It claims and releases nothing, and it never
+        creates the membership row: after :meth:`leave` it renews nothing.
+        """
+        with self.engine.begin() as c:
+            self._renew_member(c, now, join=False)
+            return self._extend_leases(c, now)
+
+    def _renew_member(self, c: Connection, now: float, *, join: bool) -> None:
+        """Extend our membership row; with ``join``, create it if it is missing (a tick joins, a renewal never does)."""
         res = c.execute(update(MEMBERS).where(MEMBERS.c.replica == self.replica).values(expires_at=now + self.ttl_s))
-        if res.rowcount == 0:
+        if res.rowcount == 0 and join:
             c.execute(insert(MEMBERS).values(replica=self.replica, expires_at=now + self.ttl_s, started_at=now))
+
+    def _extend_leases(self, c: Connection, now: float) -> int:
+        res = c.execute(update(LEASES).where(LEASES.c.owner == self.replica).values(expires_at=now + self.ttl_s))
+        return int(res.rowcount or 0)
 
     def activate(self, partition: int, generation: int) -> bool:
         """Mark ``partition`` active (its subscriptions are confirmed) if we still hold that generation."""

@@ -19,7 +19,6 @@ import pytest
 
 from tests.support.chaos import (
     FULL,
-    PG_ADMIN_URL,
     SIZES,
     Controller,
     Deployment,
@@ -34,6 +33,7 @@ from tests.support.chaos import (
     settle,
 )
 from tests.support.chaos_proxy import ChaosProxy
+from tests.support.postgres import PG_ADMIN_URL
 from tests.support.wait import wait_for
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow, pytest.mark.timeout(900 if FULL else 300)]

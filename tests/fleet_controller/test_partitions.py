@@ -69,6 +69,19 @@ def test_leave_frees_everything_at_once(engine):
     assert sorted(b.tick(3.0).held) == [0, 1, 2, 3]
 
 
+def test_renew_extends_only_what_is_held_and_never_rejoins(engine):
+    a, b = LeaseBook(engine, "a", 4, 5.0), LeaseBook(engine, "b", 4, 5.0)
+    a.ensure_partitions(100.0)
+    assert sorted(a.tick(100.0).held) == [0, 1, 2, 3]
+    assert a.renew(104.0) == 4  # a's tick is late; its leases now run to 109
+    r = b.tick(107.0)  # without the renewal they expired at 105 and b would claim its quota
+    assert (r.quota, r.held, r.claimed) == (2, {}, [])
+    assert b.renew(107.0) == 0  # renewing claims nothing
+    assert {o for o, _ in a.owners(range(4), 108.0).values()} == {"a"}
+    a.leave()
+    assert a.renew(108.0) == 0 and b.tick_live(108.5) == ["b"]  # no member row recreated after a clean stop
+
+
 def test_another_partition_count_is_refused_while_replicas_use_the_old_one(engine):
     a = LeaseBook(engine, "a", 8, 30.0)
     a.ensure_partitions(0.0)
@@ -178,3 +191,100 @@ def test_each_replica_sweeps_only_the_shops_of_the_partitions_it_holds(engine):
     b.book.leave()  # b stops: a takes everything back on its next ticks
     a.tick()
     assert a.swept_shops() == sorted(shops)
+
+
+def test_a_tick_stuck_on_the_broker_keeps_its_leases(engine, broker):
+    """A tick waiting on SUBACKs longer than the lease TTL: the keeper renews meanwhile, so no lease lapses."""
+    import asyncio
+    import threading
+    import time
+
+    from sqlalchemy import insert
+
+    from fleet_controller.intake.mqtt import MqttAdapter, MqttConfig
+    from fleet_controller.intake.partitions import PartitionRouter
+    from fleet_controller.registry.store import SHOPS
+    from tests.support.wait import wait_for
+
+    with engine.begin() as c:
+        c.execute(insert(SHOPS), [dict(id=f"shop-{i}", name="", region="", labels={}, timezone="UTC", created_at=0.0) for i in range(8)])
+    mqtt = MqttAdapter(MqttConfig(host="127.0.0.1", port=broker.port, client_id="router-stuck", subscriptions=(), protocol="5",
+                                  shared_group="ctl"), lambda m: None, static_subscriptions=False)
+    router = PartitionRouter(engine, mqtt, replica="r1", partitions=4, ttl_s=1.5, group="ctl")
+    router.start()
+    real = mqtt.subscribe_topics
+    stuck, release = threading.Event(), threading.Event()
+
+    def slow_subscribe(topics, **kw):  # the broker's answers held up (a paused intake reads none of them)
+        stuck.set()
+        release.wait(30)
+        return real(topics, **kw)
+
+    mqtt.subscribe_topics = slow_subscribe  # type: ignore[method-assign]
+    mqtt.start()
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(router.run())
+
+    def run() -> None:
+        try:
+            loop.run_until_complete(task)
+        except asyncio.CancelledError:
+            pass  # the test's own cancel at the end
+        finally:
+            loop.close()
+
+    runner = threading.Thread(target=run, daemon=True)
+    try:
+        mqtt.wait_connected(10)
+        runner.start()
+        wait_for(stuck.is_set, 10, "the first tick to wait on the broker")
+        t0 = time.time()
+        wait_for(lambda: time.time() - t0 > 3 * router.ttl_s, 10, "three TTLs of a stuck tick")
+        owners = router.book.owners(range(4), time.time())
+        assert {o for o, _ in owners.values()} == {"r1"}  # without the keeper every lease had expired
+        assert router.m_late_renewals._value.get() >= 3
+        release.set()
+        wait_for(lambda: router.status().shops == 8, 10, "the subscriptions once the broker answers")
+    finally:
+        release.set()
+        loop.call_soon_threadsafe(task.cancel)
+        runner.join(10)
+        mqtt.stop()
+
+
+def test_subscriptions_in_many_chunks_are_all_confirmed_and_delivered(broker):
+    """subscribe_topics sends every chunk before awaiting the SUBACKs: all of them still confirmed, each topic live."""
+    import paho.mqtt.client as paho
+
+    from fleet_controller.intake.mqtt import MqttAdapter, MqttConfig, MqttError
+    from tests.support.wait import wait_for
+
+    got: list[str] = []
+    mqtt = MqttAdapter(MqttConfig(host="127.0.0.1", port=broker.port, client_id="chunks", subscriptions=(), protocol="5",
+                                  shared_group="ctl"), lambda m: got.append(m.topic), static_subscriptions=False)
+    mqtt.start()
+    pub = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="chunks-pub")
+    try:
+        mqtt.wait_connected(10)
+        topics = [f"fleet/v1/shop-{i}/+/telemetry" for i in range(2000)]
+        mqtt.subscribe_topics(topics, sub_id=2, chunk=10)  # 200 SUBSCRIBE packets in flight at once
+        assert not mqtt._pending  # every SUBACK matched and settled
+        pub.connect("127.0.0.1", broker.port)
+        pub.loop_start()
+        for shop in ("shop-0", "shop-1017", "shop-1999", "shop-2000"):
+            pub.publish(f"fleet/v1/{shop}/pi-1/telemetry", b"x", qos=1).wait_for_publish(5)
+        wait_for(lambda: len(got) >= 3, 10, "the subscribed topics' messages")
+        assert sorted(got) == ["fleet/v1/shop-0/pi-1/telemetry", "fleet/v1/shop-1017/pi-1/telemetry", "fleet/v1/shop-1999/pi-1/telemetry"]
+        mqtt.unsubscribe_topics(topics, chunk=10)
+        assert not mqtt._pending
+        pub.publish("fleet/v1/shop-5/pi-1/telemetry", b"y", qos=1).wait_for_publish(5)
+        pub.publish("fleet/v1/shop-0/pi-1/telemetry", b"z", qos=1).wait_for_publish(5)
+        mqtt.subscribe_topics(["fleet/v1/shop-0/+/telemetry"], sub_id=2)  # a marker: once it is live, y and z went nowhere
+        pub.publish("fleet/v1/shop-0/pi-1/telemetry", b"m", qos=1).wait_for_publish(5)
+        wait_for(lambda: len(got) >= 4, 10, "the marker")
+        assert got[3:] == ["fleet/v1/shop-0/pi-1/telemetry"]
+    finally:
+        pub.loop_stop()
+        mqtt.stop()
+    with pytest.raises(MqttError, match="not connected"):
+        mqtt.subscribe_topics(["fleet/v1/x/+/telemetry"])

@@ -36,7 +36,6 @@ from tests.support.security import GeneratedBroker, broker_owner
 from tests.support.wait import wait_for
 
 FULL = os.environ.get("SHOPFLEET_CHAOS", "short") == "full"
-PG_ADMIN_URL = os.environ.get("SHOPFLEET_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 TICKER = (
     "import itertools, json, sys, time\n"
