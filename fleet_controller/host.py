@@ -16,7 +16,7 @@ from fastapi.params import Depends
 from prometheus_client import CollectorRegistry
 from sqlalchemy.engine import Engine
 
-from fleet_controller.registry.bus import EventBus
+from fleet_controller.registry.bus import BusEvent, EventBus
 from fleet_controller.registry.read import RegistryReader
 from fleet_controller.settings import ControllerSettings
 
@@ -30,13 +30,17 @@ class Publisher(Protocol):
 
 
 class ShopWriter(Protocol):
-    """The part of the single registry writer that operators' requests reach: shop registration."""
+    """The part of the single registry writer that operators' requests reach: shop registration, node removal."""
 
     async def register_shop(
         self, shop: str, *, name: str | None = None, region: str | None = None,
         labels: dict[str, str] | None = None, timezone: str | None = None, applier: str | None = None,
     ) -> None:
         """Create a shop or update its name, region, labels, time zone and applier node, on the writer."""
+        ...
+
+    async def remove_node(self, shop: str, node: str) -> BusEvent:
+        """Remove a node from the registry, on the writer; raise ``NodeNotRemovable`` (not found, or its shop's applier)."""
         ...
 
 

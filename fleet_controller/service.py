@@ -11,7 +11,7 @@ Extension points (other parts of the controller plug in here, before ``start()``
    arguments (use ``functools.partial`` to bind the service) and must run until cancelled.
 2. ``service.bus``: an in-process :class:`~fleet_controller.registry.bus.EventBus` of registry changes
    (:class:`fleet_controller.registry.bus.BusEvent`: ``presence``, ``event``, ``alert``,
-   ``node_added``, ``shop_added``, ``reported_state``, plus whatever workers publish, e.g.
+   ``node_added``, ``node_removed``, ``shop_added``, ``reported_state``, plus whatever workers publish, e.g.
    ``alert_changed``). ``async with service.bus.subscribe({"presence"}) as sub: async for ev in
    sub: ...`` is what the dashboard's server-sent events do.
 3. ``service.mqtt.publish(topic, payload, retain=..., qos=...)``: awaitable publish that returns

@@ -11,8 +11,8 @@ import re
 from collections.abc import Mapping
 
 RUNBOOKS: dict[str, str] = {
-    "node_offline": "Check the node's power and network (switch port, uplink); if the shop is closed or the node "
-                    "was retired on purpose, acknowledge or silence it.",
+    "node_offline": "Check the node's power and network (switch port, uplink); if the shop is closed, silence it; if "
+                    "the node was retired on purpose, remove it (Remove node on the shop page, admins).",
     "camera_fps_low": "Open the shop page: if the node's CPU is saturated, a release may be too heavy (roll back); "
                       "otherwise check the camera's cable, focus and lighting.",
     "fridge_warm": "Check the fridge door is closed and the compressor runs; move chilled stock to another fridge "

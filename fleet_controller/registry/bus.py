@@ -20,7 +20,8 @@ class BusEvent:
     """A change in the registry, as published on the service's event bus.
 
     ``topic`` is one of ``presence`` (data: old, new, reason, session), ``event`` and ``alert``
-    (data: the stored event row), ``node_added``, ``shop_added``, ``reported_state``,
+    (data: the stored event row), ``node_added``, ``node_removed`` (an admin removed it: DELETE
+    /api/v1/shops/{shop}/nodes/{node}), ``shop_added``, ``reported_state``,
     ``presence_storm`` (shop ``""``, node None; data: marked, sweep_max_changes: a sweep that marked
     its bound of nodes and left the rest of a mass outage to the next sweeps).
     """

@@ -37,7 +37,9 @@ import msgspec
 from sqlalchemy import (
     JSON,
     ColumnElement,
+    String,
     Table,
+    any_,
     bindparam,
     delete,
     func,
@@ -92,8 +94,15 @@ RESULTS = table_of(CommandResultRecord)
 REPORTED = table_of(ReportedStateRecord)
 QUARANTINE = table_of(QuarantinedMessage)
 
-SWEEP_SHOPS_CHUNK = 2000
-"""Shops per query of a partitioned presence sweep: under SQLite's limit on bound parameters per statement (32,766 since 3.32)."""
+SWEEP_SHOPS_CHUNK = 30_000
+"""Shops per query of a partitioned presence sweep: under SQLite's limit on bound parameters per statement (32,766
+since 3.32) and PostgreSQL's (65,535). Each query walks every online node once, so fewer is cheaper: a replica of two
+in a fleet of 100,000 nodes sweeps its 16,700 shops in one query, where chunks of 2,000 took nine and 14 times the
+whole fleet's sweep (bench/sweep.py)."""
+
+SWEEP_SHOPS_ARRAY = True
+"""PostgreSQL: pass a partitioned sweep's shops as one array parameter (``shop_id = ANY(:shops)``), which the server
+looks rows up in by hash, instead of ``IN`` lists of ``SWEEP_SHOPS_CHUNK`` parameters (bench/sweep.py measures both)."""
 
 QUARANTINE_PAYLOAD_BYTES = 64 * 1024
 """Bytes of a quarantined payload kept (its full size is recorded): enough to see what it was."""
@@ -899,7 +908,11 @@ class RegistryStore:
         with self.engine.begin() as conn:
             if shops is None:
                 rows = list(conn.execute(query).all())
-            else:  # in chunks, under every engine's limit on bound parameters; merged in the same order
+            elif self._dialect == "postgresql" and SWEEP_SHOPS_ARRAY:  # one array parameter: the server looks each row up in a hash
+                # of it, so neither order nor a repeated shop matters; the query's own ORDER BY and LIMIT apply as for the fleet
+                rows = list(conn.execute(query.where(NODES.c.shop_id == any_(bindparam("swept_shops", list(shops),
+                                                                                        type_=postgresql.ARRAY(String))))).all())
+            else:  # in chunks, under SQLite's limit on bound parameters; merged in the same order
                 wanted = sorted(set(shops))
                 rows = []
                 for i in range(0, len(wanted), SWEEP_SHOPS_CHUNK):
@@ -1045,6 +1058,49 @@ class RegistryStore:
                 stmt = stmt.on_conflict_do_nothing()
             conn.execute(stmt)
         self._known_shops.add(shop)
+
+    def remove_node(self, shop: str, node: str, now: float | None = None) -> BusEvent:
+        """Remove a node from the registry (a node retired on purpose); return the change for the event bus.
+
+        Its row goes, and with it its presence, sequence cursor and counters, and its latest
+        readings and reported state; its history (heartbeats, events, series) stays until retention
+        ages it out, like any other. Raise :class:`NodeNotRemovable` if the registry does not know
+        the node, or if it is its shop's applier (its reports decide the shop's rollouts: declare
+        another applier first). A node that sends again afterwards comes back as a new node, from
+        its next message: revoke its credentials first (the API does) so it cannot.
+        """
+        now = time.time() if now is None else now
+        key = (shop, node)
+        with self.engine.begin() as conn:
+            if conn.execute(select(NODES.c.node_id).where(NODES.c.shop_id == shop, NODES.c.node_id == node)).first() is None:
+                raise NodeNotRemovable("not_found", f"node {shop}/{node} is not in the registry")
+            if conn.scalar(select(SHOPS.c.applier).where(SHOPS.c.id == shop)) == node:
+                raise NodeNotRemovable("applier", f"node {shop}/{node} is the applier of shop {shop} (its reports decide the "
+                                                  f"shop's rollouts): declare another applier first (PUT /api/v1/shops/{shop} "
+                                                  '{"applier": "<node>"})')
+            for table in (READINGS, REPORTED, NODES):
+                conn.execute(delete(table).where(table.c.shop_id == shop, table.c.node_id == node))
+        self.forget([key])
+        return BusEvent("node_removed", shop, node, {"shop": shop, "node": node}, now)
+
+    def forget(self, keys: Iterable[NodeKey]) -> None:
+        """Drop what this writer remembers of ``keys`` (known, presence): read from the database again on their next message.
+
+        After :meth:`remove_node`, and after a compare-and-set found a node's row changed or gone
+        under this writer (another replica removed or moved it), so that its next message
+        re-creates a removed node instead of updating a row that no longer exists, again and again.
+        """
+        for key in keys:
+            self._known_nodes.discard(key)
+            self._presence.pop(key, None)
+
+
+class NodeNotRemovable(Exception):
+    """A node the registry cannot remove: ``reason`` is ``not_found`` or ``applier``; the message says what to do."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)

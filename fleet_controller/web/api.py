@@ -11,12 +11,13 @@ registration goes through the single registry writer like every other write.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from edge_agent.protocol import ID_PATTERN
+from edge_agent.protocol import ID_PATTERN, Channel, Topics
 from fleet_controller.host import ShopWriter
 from fleet_controller.registry.audit import AuditLog
 from fleet_controller.registry.read import (
@@ -28,8 +29,10 @@ from fleet_controller.registry.read import (
     ShopDetail,
     ShopSummary,
 )
+from fleet_controller.registry.store import NodeNotRemovable
 from fleet_controller.web.accounts.roles import Permission
 from fleet_controller.web.accounts.web import require
+from shopfleet.errors import TemporaryError
 
 PRESENCE_PATTERN = "^(online|stale|offline|unknown)$"
 
@@ -52,6 +55,17 @@ class ShopRegistration(BaseModel):
     labels: dict[str, str] | None = Field(None, description="Free labels, e.g. {'tier': 'pilot'}.")
     timezone: str | None = Field(None, max_length=64, description="IANA time zone, e.g. Europe/Berlin (maintenance windows).")
     applier: str | None = Field(None, pattern=ID_PATTERN, description="Node whose reported state decides the shop's rollouts (the node with apply.enabled).")
+
+
+class NodeRemoval(BaseModel):
+    """What ``DELETE /api/v1/shops/{shop}/nodes/{node}`` did."""
+
+    shop: str
+    node: str
+    removed: bool = Field(description="The registry no longer holds the node.")
+    revoked: dict[str, Any] | None = Field(
+        description="Its credentials' revocation (as POST .../credentials/revoke answers), or null when this controller has no "
+                    "enrollment configured: then remove its lines from the broker's password and ACL files yourself.")
 
 
 class QuarantinePage(BaseModel):
@@ -130,6 +144,68 @@ def build_router() -> APIRouter:
             return _reader(request).get_node(shop, node, history=history)
         except NotFound as exc:
             raise HTTPException(404, str(exc)) from None
+
+    @r.delete("/shops/{shop}/nodes/{node}", response_model=NodeRemoval, tags=["registry"],
+              summary="Remove a node retired on purpose: its credentials revoked, then its row (history stays)",
+              responses={404: {"description": "The registry does not know the node."},
+                         409: {"description": "The node is its shop's applier: declare another applier first."},
+                         503: {"description": "No registry writer; revoking the node's credentials, clearing its retained "
+                                               "presence or the registry failed (try again)."}})
+    async def remove_node(request: Request, shop: str, node: str) -> NodeRemoval:
+        """Remove a node that left the fleet for good (a Pi replaced, a shop closed).
+
+        First its credentials are revoked, when this controller has enrollment configured
+        (``POST /api/v1/nodes/{shop}/{node}/credentials/revoke``: certificates on the CRL, password
+        and ACL lines removed, broker reloaded), so it cannot come back; then the registry forgets
+        it: its row with presence, cursor and counters, latest readings and reported state, and its
+        retained presence on the broker. Its history (heartbeats, events, series) stays until
+        retention ages it out. Its alerts resolve as any cleared condition does (it is no longer
+        there to be offline). Audited as ``node.remove``. A node whose credentials
+        still work comes back, as a new node, with its next message.
+        """
+        writer = _writer(request)
+        reader = _reader(request)
+        # Checked before revoking, so a mistyped node or an applier is refused with nothing done.
+        try:
+            await run_in_threadpool(lambda: reader.get_node(shop, node, history=0))
+            applier = (await run_in_threadpool(reader.shop, shop)).applier
+        except NotFound as exc:
+            raise HTTPException(404, str(exc)) from None
+        if applier == node:
+            raise HTTPException(409, f"node {shop}/{node} is the applier of shop {shop} (its reports decide the shop's rollouts): "
+                                     f"declare another applier first (PUT /api/v1/shops/{shop} {{\"applier\": \"<node>\"}})")
+        revoke = getattr(request.app.state, "revoke_node", None)
+        revoked = None
+        audit = AuditLog(reader.engine)
+        if revoke is not None:
+            try:
+                revoked = await run_in_threadpool(revoke, shop, node)
+            except Exception as exc:
+                await run_in_threadpool(audit.record_here, "node.remove", f"{shop}/{node}", {}, shop=shop,
+                                        outcome=f"revocation failed: {exc}"[:500])
+                raise HTTPException(503, f"revoking the credentials of {shop}/{node} failed, so the node was kept (it could "
+                                         f"come back): {exc}") from None
+        # Its retained presence (birth or Will) goes too: the broker would deliver it again on the controller's next
+        # subscription (a restart, a replica taking the shop over) and bring the node back.
+        service = getattr(request.app.state, "service", None)
+        if service is not None:
+            try:
+                await service.mqtt.publish(Topics.node(shop, node, Channel.PRESENCE), b"", retain=True, qos=1)
+            except Exception as exc:
+                raise HTTPException(503, f"could not clear the retained presence of {shop}/{node} on the broker, so the node "
+                                         f"was kept (it would come back): {exc}; try again once the broker answers") from None
+        try:
+            event = await writer.remove_node(shop, node)
+        except NodeNotRemovable as exc:
+            raise HTTPException(404 if exc.reason == "not_found" else 409, str(exc)) from None
+        except TemporaryError as exc:  # the database is down or locked, or the writer is being replaced
+            raise HTTPException(503, f"the registry could not remove {shop}/{node} now ({exc}); its credentials are "
+                                     f"{'revoked' if revoked else 'unchanged'}: try again") from None
+        bus = getattr(request.app.state, "bus", None)
+        if bus is not None:
+            bus.publish(event)
+        await run_in_threadpool(audit.record_here, "node.remove", f"{shop}/{node}", {"revoked": revoked}, shop=shop)
+        return NodeRemoval(shop=shop, node=node, removed=True, revoked=revoked)
 
     @r.get("/shops/{shop}/events", response_model=list[EventView], summary="Events, alerts and presence changes of a shop")
     def shop_events(

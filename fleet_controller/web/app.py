@@ -141,8 +141,8 @@ def create_app(
     """Return the API app: registry routes, /healthz, /metrics, plus ``routers``; ``dependencies`` guard every route.
 
     ``state`` entries become attributes of ``app.state`` (e.g. the service, the event bus) for
-    routers that need them. ``writer`` (the single registry writer) serves ``PUT /api/v1/shops/{shop}``;
-    without it that route answers 503.
+    routers that need them. ``writer`` (the single registry writer) serves ``PUT /api/v1/shops/{shop}`` and
+    ``DELETE /api/v1/shops/{shop}/nodes/{node}``; without it those routes answer 503.
     """
     app = FastAPI(
         title=API_TITLE,

@@ -276,6 +276,30 @@ def enrollment_router(creds: NodeCredentials | None, audit: AuditLog, metrics: E
     return r
 
 
+def node_revoker(creds: NodeCredentials | None, metrics: EnrollmentMetrics) -> Callable[[str, str], dict[str, Any] | None]:
+    """Return what removing a node calls to revoke its credentials first (``DELETE /api/v1/shops/{shop}/nodes/{node}``).
+
+    It answers None when enrollment is not configured (nothing here to revoke: the operator removes
+    the node's password and ACL lines from the broker's files), the revocation (as
+    ``POST .../credentials/revoke`` answers it, and counted alike) otherwise, with
+    ``"revoked_serials": []`` and nothing removed when the node had no live credentials left.
+    """
+    def revoke(shop: str, node: str) -> dict[str, Any] | None:
+        if creds is None:
+            return None
+        try:
+            done = creds.revoke(shop, node)
+        except EnrollmentError as exc:
+            if "nothing to revoke" not in str(exc):
+                raise
+            return {"shop": shop, "node": node, "revoked_serials": [], "password_removed": False, "acl_removed": False,
+                    "broker_reload": "not needed"}
+        metrics.revocations.inc()
+        return done.as_dict()
+
+    return revoke
+
+
 def install(host: ControllerHost) -> NodeCredentials | None:
     """Add the enrollment routes to a controller (before ``start()``); return the credentials service, if configured."""
     settings = host.settings.enrollment
@@ -288,6 +312,7 @@ def install(host: ControllerHost) -> NodeCredentials | None:
             creds.check()
         except PkiError as exc:
             raise ValueError(f"enrollment.pki_dir: {exc}") from None
+    host.app_state["revoke_node"] = node_revoker(creds, metrics)
     host.add_router(enrollment_router(creds, AuditLog(host.engine), metrics,
                                       max_failures=settings.max_failures_per_address if settings else 10,
                                       allow_plain_http=settings.allow_plain_http if settings else False))

@@ -123,3 +123,50 @@ def test_phone_width(login):
     s.page.goto("/fleet")
     expect(s.page.locator('tr[data-shop="shop-a"] td[data-label=Shop]')).to_be_visible()
     s.page.screenshot(path=str(SCREENSHOTS / "fleet-phone.png"), full_page=True)
+
+
+def test_admin_removes_a_retired_node_and_its_retained_presence(login, fleet, shared_broker):
+    """Remove node on the shop page: confirmed, DELETE with the session's CSRF token, gone from the page, the registry and the
+    broker's retained presence (which would bring it back at the controller's next subscription); an operator has no button."""
+    import paho.mqtt.client as paho
+
+    from edge_agent.protocol import Topics
+    from fleet_controller.registry.read import NotFound
+    from tests.support.controller import Node, heartbeat, presence
+    from tests.support.wait import wait_for
+
+    ctl, _ = fleet
+    old = Node(shared_broker, "shop-a", "pi-9")
+    old.send(presence("shop-a", "pi-9"), retain=True)
+    old.send(heartbeat("shop-a", "pi-9", seq=1, interval=30))
+    wait_for(lambda: any(n.node == "pi-9" for n in ctl.service.reader.get_shop("shop-a").nodes), what="pi-9 in the registry")
+    old.close()  # retired (a clean disconnect): its retained birth stays on the broker
+
+    op = login("operator")
+    op.page.goto("/shops/shop-a")
+    expect(op.page.locator("[data-node-badge='shop-a/pi-9']")).to_be_visible()
+    expect(op.page.locator("form[data-remove-node]")).to_have_count(0)
+
+    s = login("admin")
+    s.page.goto("/shops/shop-a")
+    form = s.page.locator("form[data-remove-node]")
+    form.locator("select[name=node]").select_option("pi-9")
+    dialogs: list[str] = []
+    s.page.once("dialog", lambda d: (dialogs.append(d.message), d.accept()))
+    form.locator("button[type=submit]").click()
+    expect(s.page.locator("[data-node-badge='shop-a/pi-9']")).to_have_count(0, timeout=20_000)
+    assert "Remove node pi-9 of shop shop-a for good?" in dialogs[0]
+    expect(s.page.locator("[data-node-badge='shop-a/pi-1']")).to_be_visible()
+    with pytest.raises(NotFound):
+        ctl.service.reader.get_node("shop-a", "pi-9")
+
+    got: list[bytes] = []
+    c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="retained-probe")
+    c.on_message = lambda _c, _u, m: got.append(m.payload)
+    c.connect("127.0.0.1", shared_broker.port)
+    c.subscribe([(Topics.node("shop-a", "pi-9", "presence"), 1), (Topics.node("shop-a", "pi-1", "presence"), 1)])
+    c.loop_start()
+    wait_for(lambda: got, 10, "pi-1's retained presence")  # the probe works ...
+    c.loop_stop()
+    c.disconnect()
+    assert len(got) == 1  # ... and pi-9 has none left

@@ -411,3 +411,24 @@ def test_demo_board_of_the_first_shop_warms_its_fridge_past_the_limit_for_longer
         wait_for(lambda: first.board._ch[first.fridge_channel].value == first.FRIDGE_WARM_C, what="the fridge warmed")
     finally:
         first.stop()
+
+
+def test_a_removed_nodes_offline_alert_resolves_and_no_other_opens(registry):
+    """A node retired on purpose: its node_offline alert resolves once it is removed (resolve_after_s later), not for ever."""
+    registry.write_batch(batch(presence(shop="s1", node="n1"), heartbeat(shop="s1", node="n1", seq=1), at=NOW), NOW)
+    registry.write_batch(batch(presence(shop="s1", node="n2"), heartbeat(shop="s1", node="n2", seq=1), at=NOW), NOW)
+    clock = [NOW + 3600]  # both silent for an hour
+    from fleet_controller.settings import PresenceSettings
+
+    registry.sweep_presence(PresenceSettings(), clock[0])
+    rules = AlertRules()
+    w = worker(registry, rules, clock)
+    opened = w.evaluate_once().opened
+    assert sorted(a.node for a in opened if a.rule == "node_offline") == ["n1", "n2"]
+    registry.remove_node("s1", "n1")
+    clock[0] += 1
+    assert w.evaluate_once().resolved == ()  # clear from now on, and held for resolve_after_s against flaps
+    clock[0] += rules.resolve_after("node_offline") + 1
+    changes = w.evaluate_once()
+    assert [a.node for a in changes.resolved] == ["n1"] and changes.opened == ()
+    assert {(a.node, a.state) for a in store.list_alerts(registry.engine, 0) if a.rule == "node_offline"} == {("n2", "firing")}

@@ -101,3 +101,43 @@ def test_healthz_metrics_and_docs(api_client, fleet):
     spec = api_client.get("/openapi.json").json()
     assert {"/api/v1/shops", "/api/v1/shops/{shop}", "/api/v1/shops/{shop}/nodes/{node}", "/api/v1/shops/{shop}/events", "/healthz"} <= set(spec["paths"])
     assert api_client.get("/docs").status_code == 200
+
+
+def test_remove_a_retired_node_over_http(api_client, fleet, reader):
+    """DELETE takes the node out of the registry (its history stays), is audited, and refuses an applier and an unknown node."""
+    from fleet_controller.registry.audit import AuditLog, AuditQuery
+    from fleet_controller.web.accounts.roles import Permission, has_permission, required_permission
+
+    r = api_client.delete("/api/v1/shops/shop-a/nodes/gpu-1")
+    assert r.status_code == 200, r.text
+    assert r.json() == {"shop": "shop-a", "node": "gpu-1", "removed": True, "revoked": None}  # no enrollment configured here
+    assert api_client.get("/api/v1/shops/shop-a/nodes/gpu-1").status_code == 404
+    assert [n.node for n in reader.get_shop("shop-a").nodes] == ["pi-1"]
+    assert api_client.get("/api/v1/shops?presence=offline").json()["total"] == 3  # shop-a keeps its other node
+    assert {e["node"] for e in api_client.get("/api/v1/shops/shop-a/events?kind=event").json()} == {"pi-1", "gpu-1"}  # history stays
+    (row,) = AuditLog(reader.engine).query(AuditQuery(action="node.remove"))
+    assert (row.actor, row.target, row.shop, row.outcome) == ("test-admin", "shop-a/gpu-1", "shop-a", "ok")
+    r = api_client.delete("/api/v1/shops/shop-a/nodes/gpu-1")
+    assert r.status_code == 404 and "not in the registry" in r.json()["detail"]
+
+    assert api_client.put("/api/v1/shops/shop-a", json={"applier": "pi-1"}).status_code == 200
+    r = api_client.delete("/api/v1/shops/shop-a/nodes/pi-1")
+    assert r.status_code == 409 and "declare another applier first" in r.json()["detail"], r.text
+    assert reader.get_node("shop-a", "pi-1").messages_total == 5
+    assert len(AuditLog(reader.engine).query(AuditQuery(action="node.remove"))) == 1  # refusals changed nothing
+
+    # Removing nodes is a fleet admin's: an operator (who restarts pipelines) may not.
+    needed = required_permission("DELETE", "/api/v1/shops/shop-a/nodes/pi-1")
+    assert needed is Permission.FLEET_ADMIN and not has_permission("operator", needed) and has_permission("admin", needed)
+
+
+def test_removing_a_node_while_the_database_is_unavailable_answers_503_and_keeps_it(api_client, fleet, reader, monkeypatch):
+    from fleet_controller.intake.core import TemporaryStoreError
+
+    async def locked(shop, node):
+        raise TemporaryStoreError("OperationalError: database is locked")
+
+    monkeypatch.setattr(api_client.app.state.writer, "remove_node", locked)
+    r = api_client.delete("/api/v1/shops/shop-b/nodes/pi-1")
+    assert r.status_code == 503 and "database is locked" in r.json()["detail"] and "try again" in r.json()["detail"]
+    assert reader.get_node("shop-b", "pi-1").messages_total == 5

@@ -165,6 +165,33 @@ def test_a_sweep_limited_to_some_shops_judges_only_their_nodes(registry, reader,
     assert reader.get_node("shop-d", "pi-1").presence == "online"
 
 
+def test_a_partitioned_sweep_walks_the_nodes_once_on_postgresql(registry, monkeypatch):
+    """Each query of a sweep walks every online node: PostgreSQL gets the shops as one array, SQLite in chunks."""
+    import sqlalchemy as sa
+
+    import fleet_controller.registry.store as store
+
+    monkeypatch.setattr(store, "SWEEP_SHOPS_CHUNK", 2)
+    for i, shop in enumerate(["shop-a", "shop-b", "shop-c", "shop-d", "shop-e"]):
+        registry.write_batch(batch(heartbeat(shop=shop, node="pi-1", seq=1, ts=T0 + i), at=T0 + i), T0 + i)
+    queries: list[str] = []
+
+    def count(conn, cursor, statement, *args):
+        if statement.lstrip().upper().startswith("SELECT") and "FROM nodes" in statement and "presence" in statement:
+            queries.append(statement)
+
+    sa.event.listen(registry.engine, "before_cursor_execute", count)
+    try:
+        ev = registry.sweep_presence(PS, T0 + 40, shops=["shop-e", "shop-c", "shop-a"])
+    finally:
+        sa.event.remove(registry.engine, "before_cursor_execute", count)
+    assert [(e.shop, e.data["new"]) for e in ev] == [("shop-a", "stale"), ("shop-c", "stale"), ("shop-e", "stale")]
+    if registry.engine.dialect.name == "postgresql":
+        assert len(queries) == 1 and "ANY" in queries[0].upper()
+    else:
+        assert len(queries) == 2  # three shops in chunks of two
+
+
 def test_heartbeat_does_not_undo_a_will(registry, reader):
     """After a Will only a birth brings the node back (outbox replays may arrive first)."""
     registry.write_batch(batch(presence(session=1)), T0)

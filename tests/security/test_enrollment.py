@@ -195,3 +195,40 @@ def test_rotation_keeps_the_old_certificate_until_the_node_re_enrolls_or_revokes
     third = enroll(url, r.json()["token"], dep.pki.ca_cert_path, tmp_path / "second")  # same directory: files replaced
     assert not _refused(tls_port, (third.ca_file, third.cert_file, third.key_file))
     assert metric(ctl.ea.registry, "shopfleet_controller_credential_revocations_total") == 1
+
+
+def test_removing_a_retired_node_revokes_it_on_the_broker_first(setup, tmp_path):
+    """``DELETE /api/v1/shops/{shop}/nodes/{node}``: the node's certificate and password stop working on the real broker,
+    then the registry forgets it; a viewer may not, and the audit log has both steps."""
+    from fleet_controller.intake.core import IntakeCore
+    from fleet_controller.registry.store import RegistryStore
+    from tests.support.controller import heartbeat, inbound
+
+    dep, broker, ctl, http, url = setup
+    port, tls_port = dep.options.port, dep.options.tls_port
+    # The node is in the registry (it sent a heartbeat) and holds an enrolled certificate and its broker-config password.
+    IntakeCore(RegistryStore(ctl.ea.engine)).process_batch([inbound(heartbeat(node="pi-1", seq=1)), inbound(heartbeat(node="pi-2", seq=1))])
+    password = dep.creds["nodes"]["shop-a/pi-1"]["password"]
+    res = enroll(url, ctl.token(http, "shop-a", "pi-1"), dep.pki.ca_cert_path, tmp_path / "node")
+    enrolled = (res.ca_file, res.cert_file, res.key_file)
+    wait_for(lambda: not _refused(tls_port, enrolled), 15, "the enrolled certificate accepted")
+
+    viewer = {"Authorization": f"Bearer {ctl.ea.viewer_token}"}
+    assert http.delete("/api/v1/shops/shop-a/nodes/pi-1", headers=viewer).status_code == 403
+    assert http.get("/api/v1/shops/shop-a/nodes/pi-1", headers=viewer).status_code == 200
+
+    reloads = _reloads(broker)
+    r = http.delete("/api/v1/shops/shop-a/nodes/pi-1", headers=ctl.admin)
+    assert r.status_code == 200, r.text
+    done = r.json()
+    assert done["removed"] and done["revoked"]["password_removed"] and done["revoked"]["acl_removed"]
+    assert len(done["revoked"]["revoked_serials"]) >= 1 and done["revoked"]["broker_reload"] == "ok"
+    wait_for(lambda: _reloads(broker) > reloads, 15, "the broker's reload")
+    wait_for(lambda: _refused(tls_port, enrolled), 15, "the removed node's certificate refused")
+    assert _password_refused(port, "shop-a.pi-1", password)
+    assert http.get("/api/v1/shops/shop-a/nodes/pi-1", headers=viewer).status_code == 404
+    assert http.get("/api/v1/shops/shop-a/nodes/pi-2", headers=viewer).status_code == 200
+    assert not _password_refused(port, "shop-a.pi-2", dep.creds["nodes"]["shop-a/pi-2"]["password"])
+    assert metric(ctl.ea.registry, "shopfleet_controller_credential_revocations_total") == 1
+    (row,) = ctl.ea.audit.query(AuditQuery(action="node.remove"))
+    assert row.actor == "admin" and row.target == "shop-a/pi-1" and row.details["revoked"]["password_removed"]

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy.engine import Engine
 
 from fleet_controller.enrollment import NodeCredentials
+from fleet_controller.intake.core import RegistryWriter
 from fleet_controller.pki import Pki
 from fleet_controller.registry import migrations
 from fleet_controller.registry.audit import AuditLog
@@ -24,7 +25,7 @@ from fleet_controller.settings import ApiSettings, EnrollmentSettings
 from fleet_controller.web.accounts.store import AccountStore
 from fleet_controller.web.accounts.web import build_auth
 from fleet_controller.web.app import create_app
-from fleet_controller.web.enrollment_api import EnrollmentMetrics, enrollment_router
+from fleet_controller.web.enrollment_api import EnrollmentMetrics, enrollment_router, node_revoker
 from tests.support.wait import wait_for
 
 ADMIN_PASSWORD = "admin-test-password"
@@ -70,7 +71,10 @@ def enrollment_app(tmp_path: Path, settings: EnrollmentSettings | None) -> Enrol
     router = enrollment_router(creds, AuditLog(engine), metrics,
                                max_failures=settings.max_failures_per_address if settings else 10,
                                allow_plain_http=settings.allow_plain_http if settings else False)
-    app = create_app(RegistryReader(engine), registry, routers=[auth.router, router], dependencies=[auth.dependency])
+    # The registry writer and the revoker serve DELETE /api/v1/shops/{shop}/nodes/{node} (revoke, then remove), as in the controller.
+    writer = RegistryWriter(engine.url.render_as_string(hide_password=False), mode="thread")
+    app = create_app(RegistryReader(engine), registry, writer=writer, routers=[auth.router, router], dependencies=[auth.dependency],
+                     state={"revoke_node": node_revoker(creds, metrics)})
     return EnrollmentApp(app, engine, store, creds, registry, store.create_token("admin", "t"), store.create_token("viewer", "t"))
 
 

@@ -46,7 +46,6 @@ ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
     Role.SECURITY_INGEST: frozenset({Permission.SECURITY_INGEST}),
     Role.VIEWER: frozenset({Permission.VIEW}),
     Role.REVIEWER: frozenset({Permission.VIEW, Permission.CARTS_READ, Permission.CARTS_REVIEW}),
-    Role.OPERATOR: frozenset({Permission.VIEW, Permission.ALERTS_ACK, Permission.ALERTS_SILENCE}),
     Role.AUDITOR: frozenset({Permission.VIEW, Permission.AUDIT, Permission.CARTS_READ}),
     Role.OPERATOR: frozenset({Permission.VIEW, Permission.ALERTS_ACK, Permission.ALERTS_SILENCE, Permission.ACTIONS}),
     Role.ML_ENGINEER: frozenset({Permission.VIEW, Permission.ROLLOUTS}),

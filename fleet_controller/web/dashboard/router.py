@@ -107,7 +107,7 @@ def route_paths(app: Any) -> list[str]:
     return paths
 
 
-CHANGES_STATE = frozenset({"presence", "node_added", "shop_added", "reported_state", "alert_changed", "alert"})
+CHANGES_STATE = frozenset({"presence", "node_added", "node_removed", "shop_added", "reported_state", "alert_changed", "alert"})
 """Live topics after which the fleet table's cached shop summaries are re-read."""
 
 

@@ -1,6 +1,7 @@
 // Remote actions on the shop page (templates/_shop_actions.html): confirm with the scope named,
 // POST /api/v1/actions, then poll GET /api/v1/actions?shop=... while any action is pending, so
-// each one shows pending -> ok / failed / expired with the agent's message. No inline script.
+// each one shows pending -> ok / failed / expired with the agent's message. Admins also remove a
+// retired node from here (DELETE /api/v1/shops/{shop}/nodes/{node}). No inline script.
 "use strict";
 (function () {
   var root = document.querySelector("[data-shop-actions]");
@@ -49,6 +50,26 @@
       .then(render)
       .catch(function (e) { showError("Cannot load actions: " + e.message); });
   }
+
+  // Remove a node retired on purpose (admins): DELETE, then reload the page without it.
+  root.addEventListener("submit", function (ev) {
+    var form = ev.target.closest("[data-remove-node]");
+    if (!form) return;
+    ev.preventDefault();
+    var node = new FormData(form).get("node");
+    var btn = form.querySelector("[data-confirm-template]");
+    if (!window.confirm(btn.getAttribute("data-confirm-template").replace("{node}", node))) return;
+    showError("");
+    fetch("/api/v1/shops/" + encodeURIComponent(shop) + "/nodes/" + encodeURIComponent(node), {
+      method: "DELETE",
+      headers: { "X-CSRF-Token": csrf, Accept: "application/json" }
+    }).then(function (r) {
+      return r.json().catch(function () { return {}; }).then(function (j) {
+        if (!r.ok) throw new Error(typeof j.detail === "string" ? j.detail : "HTTP " + r.status);
+      });
+    }).then(function () { window.location.reload(); })
+      .catch(function (e) { showError("Failed: " + e.message); });
+  });
 
   root.addEventListener("submit", function (ev) {
     var form = ev.target.closest("[data-remote-action]");
