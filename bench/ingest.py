@@ -11,12 +11,17 @@ bare subscriber only counts messages (paho's own ceiling); the controller valida
 wire protocol, dedupes it, stores it in its registry and acknowledges it after the commit.
 PostgreSQL runs in a fresh schema of its own (dropped afterwards) of ``--pg-url``'s database.
 
+The broker runs with the persistence, queue and in-flight lines ``shopfleet broker-config`` writes for
+a fleet of ``--nodes`` nodes at one heartbeat per 10 s (``--broker deployed``, the default: a window of
+1,000 messages in flight per client), or with the test harness's lines (``--broker harness``: 100 in
+flight, no persistence; every round before 2026-12-01 ran those).
+
 Goals (issue 15): ratio >= 0.8 on SQLite and >= 0.6 on PostgreSQL. Where the time goes: the CPU
 seconds per 1,000 messages of the controller process and of its registry writer child during the
 sustained drain, against the bare subscriber's (``cpu_ratio``: bare CPU / controller + writer CPU,
 a figure the machine's load moves far less than the rates). Last line: a JSON summary.
 
-    .venv/bin/python bench/ingest.py [--db sqlite|postgresql|both] [--nodes 10000] [--per-node 4]
+    .venv/bin/python bench/ingest.py [--db sqlite|postgresql|both] [--nodes 10000] [--per-node 4] [--broker deployed|harness]
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import psutil
 import sqlalchemy as sa
 from sqlalchemy import func, select
 
+from bench.scale import broker_delivery
 from edge_agent.protocol import Heartbeat, NodeFacts, Topics, encode
 from fleet_controller.registry.db import create_engine
 from fleet_controller.registry.migrations import upgrade
@@ -205,13 +211,16 @@ def main() -> int:
     p.add_argument("--ack-nodes", choices=["on", "off"], default="off",
                    help="intake.ack_nodes: publish stored-acks after each commit (default: %(default)s, as the controller's)")
     p.add_argument("--batch", type=int, default=None, help="intake.batch_max_messages (default: the controller's)")
+    p.add_argument("--broker", choices=["deployed", "harness"], default="deployed",
+                   help="the broker's persistence, queue and in-flight lines: deployed, as 'shopfleet broker-config' writes them for "
+                        "--nodes nodes at a heartbeat per 10 s, or the test harness's (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=180, help="give up a drain after this many seconds")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     dbs = ["sqlite", "postgresql"] if args.db == "both" else [args.db]
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     (work / "broker").mkdir()
-    broker = BrokerProcess(workdir=work / "broker").start()
+    broker = BrokerProcess(workdir=work / "broker", delivery=broker_delivery(args.broker, args.nodes, 10.0, work / "broker")).start()
     schemas: list[str] = []
     results = []
     failed = False
@@ -255,7 +264,7 @@ def main() -> int:
         for schema in schemas:
             drop_pg_schema(args.pg_url, schema)
     print(json.dumps({
-        "nodes": args.nodes, "messages": args.nodes * args.per_node, "writer": args.writer, "ack_nodes": args.ack_nodes,
+        "nodes": args.nodes, "messages": args.nodes * args.per_node, "broker": args.broker, "writer": args.writer, "ack_nodes": args.ack_nodes,
         "machine": f"{os.cpu_count()} cores {platform.machine()}", "results": results,
     }))
     return 1 if failed else 0

@@ -234,6 +234,17 @@ class IntakeSettings(_Section):
         "MQTT thread waits until the queue is below half of it, so memory stays bounded while a backlog drains; "
         "lower bounds memory tighter, higher rides out slow batches without pausing.",
     )
+    node_burst: int = Field(
+        120_000, ge=1, le=100_000_000,
+        description="Messages one node may send at once before intake.node_rate_per_s limits it: a full agent outbox "
+        "(outbox.max_messages, 100,000) drains whole. Beyond the budget a node's messages are acknowledged and dropped "
+        "(rejected_total{reason=rate_limited}), so one flooding node cannot stall the others.",
+    )
+    node_rate_per_s: float = Field(
+        100.0, ge=0, le=1_000_000,
+        description="Messages per second that refill a node's budget (intake.node_burst); 0 turns the limit off. A node "
+        "sends a heartbeat every 10 s and its events: 100/s is far above any honest node's steady rate.",
+    )
     ack_nodes: bool = Field(
         False,
         description="After each commit, publish a stored-ack to every node of the batch on fleet/v1/{shop}/{node}/ack, so "

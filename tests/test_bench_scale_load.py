@@ -55,16 +55,14 @@ def test_raw_publishes_arrive_once_each_and_every_puback_is_counted(shared_broke
 def test_the_scale_broker_delivers_as_broker_config_writes_it(tmp_path):
     """``--broker deployed`` runs Mosquitto with the persistence, queue and window lines a written config holds: a
     subscriber that acknowledges nothing gets 300 messages, past the test harness's window of 100."""
-    import argparse
-
     from fleet_controller.broker_config import DEFAULT_MAX_INFLIGHT
     from shopfleet.broker import BrokerProcess
 
     scale = load_script("bench/scale.py", "bench_scale")
-    lines = scale.broker_delivery(argparse.Namespace(broker="deployed", interval=10.0), 100_000, tmp_path)
+    lines = scale.broker_delivery("deployed", 100_000, 10.0, tmp_path)
     assert f"max_inflight_messages {DEFAULT_MAX_INFLIGHT}" in lines and f"persistence_location {tmp_path}/" in lines
     assert "max_queued_messages 36000000" in lines  # 100,000 nodes x 0.1 msg/s x the default outage of an hour
-    assert scale.broker_delivery(argparse.Namespace(broker="harness", interval=10.0), 100_000, tmp_path) is None
+    assert scale.broker_delivery("harness", 100_000, 10.0, tmp_path) is None
     broker = BrokerProcess(workdir=tmp_path, delivery=lines).start()
     got: list[int] = []
     lock = threading.Lock()

@@ -72,6 +72,7 @@ from fleet_controller.registry.store import (
     MAX_RETIRED_EPOCHS,
     CursorConflict,
     NodeKey,
+    NodeNotRemovable,
     NodeUpdate,
     Quarantined,
     RegistryStore,
@@ -124,6 +125,9 @@ nothing for minutes with the controller and its writer idle. After this long, on
 PIPELINE_DEPTH = 2
 """Batches handed to the writer before the oldest is acknowledged (at least 2). 2 keeps the writer busy while
 this process acknowledges; more only holds more messages unacknowledged."""
+
+
+PRESENCE_SUFFIX = f"/{Channel.PRESENCE.value}"
 
 
 class Verdict(StrEnum):
@@ -468,12 +472,23 @@ class IntakeCore:
             return BatchOutcome(quarantined=(("lost", len(items)),))
         return BatchOutcome(quarantined=((reason, len(items)),))
 
+    def remove_node(self, shop: str, node: str, now: float | None = None) -> BusEvent:
+        """Remove a node from the registry and from this writer's cursors (:meth:`RegistryStore.remove_node`)."""
+        event = self.registry.remove_node(shop, node, now)
+        self._cursors.pop((shop, node), None)
+        return event
+
     def _process(self, batch: list[RawMessage], now: float | None, limits: SeqLimits) -> BatchOutcome:
         now = time.time() if now is None else now
         reasons: collections.Counter[str] = collections.Counter()
         parsed = []
         unstorable: dict[int, Unstorable] = {}  # messages PostgreSQL cannot hold, by id of the view
         for topic, payload, received in batch:
+            if not payload and topic.endswith(PRESENCE_SUFFIX):
+                # A retained presence cleared (an admin removed the node, or a node's retained birth was
+                # wiped by hand): the broker passes the clearing to subscribers. Nothing to store; counted apart.
+                reasons["retained_clear"] += 1
+                continue
             try:
                 # Wire views, not models: the writer only reads attributes (see parse_message_view).
                 view = parse_message_view(topic, payload)
@@ -497,6 +512,7 @@ class IntakeCore:
                 # nothing of this batch was stored; decide it again against the stored cursors.
                 for key in exc.keys:
                     self._cursors.pop(key, None)
+                self.registry.forget(exc.keys)  # a row removed under us is created again, not updated in vain
                 continue
             return replace(outcome, cursor_conflicts=attempt) if attempt else outcome
         raise TemporaryStoreError(f"node cursors kept moving under this batch ({CURSOR_CONFLICT_RETRIES} retries); holding it")
@@ -735,6 +751,11 @@ def _dispatch_on_writer(key: str, op: str, *args: Any) -> Any:
         if op == "register_shop":
             shop, name, region, labels, timezone, applier = args
             return core.registry.register_shop(shop, name=name, region=region, labels=labels, timezone=timezone, applier=applier)
+        if op == "remove_node":
+            try:
+                return ("removed", core.remove_node(*args))
+            except NodeNotRemovable as exc:  # an answer, not a failure (and it crosses the process boundary as a value)
+                return (exc.reason, str(exc))
         if op == "ping":
             return os.getpid()
         if op == "db_ping":
@@ -814,6 +835,14 @@ class RegistryWriter:
         """Create a shop or update its name, region, labels, time zone and applier node, on the writer (in order with the intake)."""
         await self.call("register_shop", shop, name, region, labels, timezone, applier)
 
+    async def remove_node(self, shop: str, node: str) -> BusEvent:
+        """Remove a node from the registry, on the writer (in order with the intake); raise :class:`NodeNotRemovable`."""
+        outcome, value = await self.call("remove_node", shop, node)
+        if outcome != "removed":
+            raise NodeNotRemovable(outcome, value)
+        event: BusEvent = value
+        return event
+
     def close(self, timeout: float = 30.0) -> bool:
         """Stop the writer after the work already submitted; return False if it had to be killed.
 
@@ -875,8 +904,61 @@ STORE_FAILING_ALERT_S = 60.0
 """An unavailable database is logged as an error (once per outage) after this long."""
 
 
-_Submitted = tuple[list[InboundMessage], "asyncio.Task[Any]", float]
-"""A batch handed to the writer: its messages, the writer call's task, when it was handed over."""
+def _with_limited(outcome: BatchOutcome, limited: int) -> BatchOutcome:
+    """Return ``outcome`` with ``limited`` messages dropped over their node's budget counted as rejected (``rate_limited``)."""
+    if not limited:
+        return outcome
+    return BatchOutcome.combine([outcome, BatchOutcome(rejected=limited, reasons=(("rate_limited", limited),))])
+
+
+_Submitted = tuple[list[InboundMessage], list[InboundMessage], "asyncio.Task[Any]", float]
+"""A batch handed to the writer: its messages (all acknowledged), those the writer stores (within their nodes' budget),
+the writer call's task, when it was handed over."""
+
+
+class NodeBudget:
+    """Per-node token buckets: ``burst`` messages at once, then ``rate_per_s`` (see ``intake.node_burst``).
+
+    Keyed by the topic's shop and node (``fleet/v1/<shop>/<node>/<channel>``; any other topic has
+    one bucket of its own kind, the writer rejects it anyway). Only buckets still refilling are kept:
+    every ``PRUNE_EVERY_S`` the full ones are forgotten, so memory follows the nodes that sent
+    recently, not the fleet.
+    """
+
+    PRUNE_EVERY_S = 60.0
+
+    def __init__(self, rate_per_s: float, burst: int) -> None:
+        self.rate = rate_per_s
+        self.burst = float(burst)
+        self._buckets: dict[str, list[float]] = {}  # node prefix of the topic -> [tokens, last refill]
+        self._pruned = float("-inf")
+
+    def take(self, topic: str, now: float) -> bool:
+        """Charge one message of ``topic``'s node at ``now`` (monotonic seconds); return whether its budget allowed it."""
+        key = topic.rpartition("/")[0]
+        b = self._buckets.get(key)
+        if b is None:
+            self._buckets[key] = [self.burst - 1.0, now]
+            return True
+        tokens = min(self.burst, b[0] + (now - b[1]) * self.rate)
+        b[1] = now
+        if tokens >= 1.0:
+            b[0] = tokens - 1.0
+            return True
+        b[0] = tokens
+        return False
+
+    def prune(self, now: float) -> None:
+        """Forget the buckets that have refilled (every ``PRUNE_EVERY_S`` at most)."""
+        if now - self._pruned < self.PRUNE_EVERY_S:
+            return
+        self._pruned = now
+        full = [k for k, (tokens, at) in self._buckets.items() if tokens + (now - at) * self.rate >= self.burst]
+        for k in full:
+            del self._buckets[k]
+
+    def __len__(self) -> int:
+        return len(self._buckets)
 
 
 class Intake:
@@ -917,6 +999,7 @@ class Intake:
         self.limits = SeqLimits(settings.max_seq_jump, settings.seq_resync_after, settings.max_session_jump,
                                 acks=settings.ack_nodes and publish is not None)
         self._acks_due: dict[tuple[str, str], AckInfo] = {}  # the newest stored-ack of each node, until the next flush
+        self.budget = NodeBudget(settings.node_rate_per_s, settings.node_burst) if settings.node_rate_per_s > 0 else None
     # ----- producer side (MQTT thread) -------------------------------------------------------
 
     def submit(self, message: InboundMessage) -> None:
@@ -977,14 +1060,16 @@ class Intake:
             while True:
                 batch = await self._collect()
                 if batch:
-                    await submitted.put((batch, asyncio.create_task(self._call_batch(raw_messages(batch))), time.perf_counter()))
+                    kept = self._within_budget(batch)
+                    task = asyncio.create_task(self._call_batch(raw_messages(kept)))
+                    await submitted.put((batch, kept, task, time.perf_counter()))
         finally:
             completer.cancel()
             if flusher is not None:
                 flusher.cancel()
             self._flush_acks()  # what was committed gets its ack on the way out too
             while not submitted.empty():
-                submitted.get_nowait()[1].cancel()
+                submitted.get_nowait()[2].cancel()
 
     async def _flush_acks_every(self, period: float) -> None:
         while True:
@@ -999,8 +1084,35 @@ class Intake:
 
     async def _complete_in_order(self, submitted: asyncio.Queue[_Submitted]) -> None:
         while True:
-            batch, task, t0 = await submitted.get()
-            await self._finish(batch, task, t0)
+            batch, kept, task, t0 = await submitted.get()
+            await self._finish(batch, kept, task, t0)
+
+    def _within_budget(self, batch: list[InboundMessage]) -> list[InboundMessage]:
+        """Return the messages of ``batch`` to store: those within their node's budget (the rest are counted by ``_finish``).
+
+        Every message is charged to its node (:class:`NodeBudget`); one over budget is acknowledged
+        with its batch, in order, never reaches the writer, and is logged per node. The budget is
+        charged whether or not the controller is busy: behind Mosquitto's in-flight window the
+        intake cannot tell a backlog waiting in the broker from a quiet stream, so a flood is cut
+        wherever it comes from. The defaults leave honest nodes far inside it (docs/controller.md).
+        """
+        budget = self.budget
+        if budget is None:
+            return batch
+        now = time.monotonic()
+        budget.prune(now)
+        kept: list[InboundMessage] = []
+        dropped: collections.Counter[str] = collections.Counter()
+        for m in batch:
+            if budget.take(m.topic, now):
+                kept.append(m)
+            else:
+                dropped[m.topic.rpartition("/")[0]] += 1
+        for node, n in dropped.items():
+            self._rlog.warning(f"rate_limited:{node}", "%s sent more than intake.node_burst=%s messages at once and more than "
+                               "intake.node_rate_per_s=%s a second since: %s of its messages "
+                               "dropped (acknowledged, not stored)", node, self.settings.node_burst, self.settings.node_rate_per_s, n)
+        return kept
 
     async def _collect(self) -> list[InboundMessage]:
         assert self._wake is not None
@@ -1045,10 +1157,12 @@ class Intake:
 
     async def _call_batch(self, raw: list[RawMessage]) -> BatchOutcome:
         """Store ``raw`` on the writer; return its outcome (unpickled when it came from the writer process)."""
+        if not raw:  # every message of the batch was over its node's budget
+            return BatchOutcome()
         result = await self.writer.call("batch", raw, None, self.limits)
         return pickle.loads(result) if isinstance(result, bytes) else result  # type: ignore[no-any-return]
 
-    async def _finish(self, batch: list[InboundMessage], task: asyncio.Task[Any], t0: float) -> None:
+    async def _finish(self, batch: list[InboundMessage], kept: list[InboundMessage], task: asyncio.Task[Any], t0: float) -> None:
         """Wait for a submitted batch, then record and acknowledge it.
 
         Only an unavailable database holds the stream (retried with capped backoff; ``/healthz``
@@ -1066,7 +1180,7 @@ class Intake:
                 self.metrics.store_errors.labels(kind="writer").inc()
                 if deaths >= WRITER_DEATHS_BEFORE_ISOLATING:
                     log.error("the registry writer died %s times on a batch of %s messages (%s); storing them one by one", deaths, len(batch), exc)
-                    outcome = await self._isolate(batch, "writer", str(exc))
+                    outcome = await self._isolate(kept, "writer", str(exc))
                     break
             except TemporaryStoreError as exc:
                 attempt += 1
@@ -1076,16 +1190,17 @@ class Intake:
                     # The database answers, yet this batch keeps failing as if it did not: blame the batch.
                     log.error("a batch of %s messages failed %s times while the database answers (%s); storing them one by one",
                               len(batch), attempt, exc)
-                    outcome = await self._isolate(batch, "store", str(exc))
+                    outcome = await self._isolate(kept, "store", str(exc))
                     break
                 await self._back_off(attempt, len(batch), exc)
             except Exception as exc:
                 # A bug, or a result that could not come back from the writer: never retried as is.
                 self.metrics.store_errors.labels(kind="unexpected").inc()
                 log.exception("storing a batch of %s messages failed unexpectedly; storing them one by one, quarantining what fails", len(batch))
-                outcome = await self._isolate(batch, "unexpected", f"{type(exc).__name__}: {exc}")
+                outcome = await self._isolate(kept, "unexpected", f"{type(exc).__name__}: {exc}")
                 break
-            task = asyncio.create_task(self._call_batch(raw_messages(batch)))
+            task = asyncio.create_task(self._call_batch(raw_messages(kept)))
+        outcome = _with_limited(outcome, len(batch) - len(kept))
         self.failing_since = None
         self._failing_logged = False
         done = time.time()

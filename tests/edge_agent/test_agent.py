@@ -142,8 +142,9 @@ def test_desired_state_handler_gets_each_new_state_and_survives_errors(make_agen
     for rev in (1, 2):
         publish(broker.port, Topics.desired(SHOP), encode(DesiredState(shop=SHOP, release=f"r{rev}", revision=rev, objects=())), retain=True)
         wait_for(lambda rev=rev: rev in seen, 10, f"revision {rev} handled")
+    # The handler returns before the outcome is counted: wait on the counters, not on `seen`.
+    wait_for(lambda: sample(agent, "shopfleet_agent_desired_states_total", outcome="handled") == 1, 10, "revision 2 counted")
     assert sample(agent, "shopfleet_agent_desired_states_total", outcome="error") == 1
-    assert sample(agent, "shopfleet_agent_desired_states_total", outcome="handled") == 1
     # a reconnect redelivers the retained state; the handler is not called again for it
     broker.restart()
     wait_for(lambda: sample(agent, "shopfleet_agent_reconnects_total") == 1 and agent.uplink.connected.is_set(), 20, "reconnect")

@@ -437,8 +437,13 @@ def test_reconciler_thread_corrects_drift_periodically(emu, tmp_path, signer):
     t.start()
     try:
         rig.client.delete(ObjectRef("v1", "ConfigMap", "shopfleet", "vision"))
+        # The object reappears before the counter moves (apply, then log and count): wait on both.
         wait_for(lambda: emu.find("ConfigMap", "vision", "shopfleet"), 10, "the reconciler to recreate the ConfigMap")
-        assert rig.metric("shopfleet_agent_apply_drift_corrected_total", kind="ConfigMap") >= 1
+        wait_for(
+            lambda: rig.metric("shopfleet_agent_apply_drift_corrected_total", kind="ConfigMap") >= 1,
+            10,
+            "the reconciler to count the corrected drift",
+        )
     finally:
         stop.set()
         t.join(5)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import random
 
+import pytest
 from sqlalchemy import func, select
 
 from edge_agent.protocol import EvictedRun
 from fleet_controller.intake.core import IntakeCore, SeqLimits, drop_evicted, record, stored_ack
+from fleet_controller.intake.mqtt import InboundMessage
 from fleet_controller.registry.store import EVENTS, HEARTBEATS, SeqCursor
 from tests.support.controller import event, heartbeat, inbound, value
 
@@ -216,3 +218,150 @@ def test_flow_control_never_holds_the_network_thread_past_its_keepalive(metrics,
     assert intake.pauses == intake.pause_timeouts == 2 and intake.queue_high_water == 12
     assert 2 * PAUSE_MAX_S <= time.monotonic() - t0 < 30
     assert value(metrics, "shopfleet_controller_intake_paused") == 0
+
+
+def test_a_removed_node_comes_back_as_a_new_node_on_either_replica(registry, reader):
+    """A node removed on one replica's writer, while the other still remembers it, is created afresh by its next message.
+
+    The other writer holds the node as known with its cursor: its compare-and-set on the removed row
+    matches nothing. Before it forgot what it knew on a conflict, it retried against the same
+    memory 20 times, failed the batch, stored it again message by message, and quarantined every
+    message of the node as unstorable: a node back in the fleet lost its messages on that replica.
+    """
+    from fleet_controller.registry.read import NotFound
+    from fleet_controller.registry.store import READINGS, NodeNotRemovable, RegistryStore
+    from tests.support.controller import telemetry
+
+    a, b = IntakeCore(registry), IntakeCore(RegistryStore(registry.engine))  # two writers, each with its own memory
+    b.process_batch([inbound(heartbeat(seq=1)), inbound(telemetry(seq=2)), inbound(heartbeat(node="pi-2", seq=1))])
+    a.process_batch([inbound(heartbeat(seq=3))])
+    event = a.remove_node("shop-a", "pi-1")
+    assert (event.topic, event.shop, event.node) == ("node_removed", "shop-a", "pi-1")
+    with pytest.raises(NotFound):
+        reader.get_node("shop-a", "pi-1")
+    with registry.engine.connect() as conn:
+        assert conn.scalar(select(func.count()).select_from(READINGS).where(READINGS.c.node_id == "pi-1")) == 0
+    assert len(_stored(registry)) == 3  # the history stays (heartbeats of pi-1 and pi-2)
+    with pytest.raises(NodeNotRemovable) as info:
+        a.remove_node("shop-a", "pi-1")
+    assert info.value.reason == "not_found"
+
+    out = b.process_batch([inbound(heartbeat(seq=4)), inbound(heartbeat(node="pi-2", seq=2))])  # b still knew pi-1
+    assert (out.stored, out.duplicates) == (2, 0) and out.cursor_conflicts == 1
+    node = reader.get_node("shop-a", "pi-1")
+    # A new node, counted from here: like any node first seen mid-stream, its earlier seqs are open gaps.
+    assert (node.messages_total, node.watermark, node.missing_total, out.missing) == (1, 4, 3, 3)
+    assert reader.get_node("shop-a", "pi-2").messages_total == 2  # its neighbour untouched
+    out = a.process_batch([inbound(heartbeat(seq=5))])  # and the writer that removed it goes on with it
+    assert (out.stored, out.cursor_conflicts) == (1, 0)  # it forgot the node when removing it
+    assert reader.get_node("shop-a", "pi-1").messages_total == 2
+
+
+def test_a_shops_applier_is_not_removed(registry, reader):
+    core = IntakeCore(registry)
+    core.process_batch([inbound(heartbeat(seq=1))])
+    registry.register_shop("shop-a", applier="pi-1")
+    from fleet_controller.registry.store import NodeNotRemovable
+
+    with pytest.raises(NodeNotRemovable, match="declare another applier first") as info:
+        core.remove_node("shop-a", "pi-1")
+    assert info.value.reason == "applier"
+    assert reader.get_node("shop-a", "pi-1").messages_total == 1
+
+
+def test_a_cleared_retained_presence_is_counted_apart_and_stores_nothing(registry, reader):
+    """Removing a node clears its retained presence; the broker passes the empty message on to the controller."""
+    from edge_agent.protocol import Topics
+
+    core = IntakeCore(registry)
+    core.process_batch([inbound(heartbeat(seq=1))])
+    out = core.process_batch([InboundMessage(Topics.node("shop-a", "pi-1", "presence"), b""),
+                              InboundMessage(Topics.node("shop-a", "pi-1", "telemetry"), b"")])
+    assert dict(out.reasons) == {"retained_clear": 1, "bad_json": 1}  # only on a presence topic
+    assert out.stored == 0 and reader.get_node("shop-a", "pi-1").presence == "online"  # unchanged by the clearing
+
+
+def test_a_node_budget_allows_its_burst_then_its_rate_and_forgets_full_buckets():
+    from fleet_controller.intake.core import NodeBudget
+
+    b = NodeBudget(rate_per_s=10, burst=5)
+    t = "fleet/v1/shop-a/pi-1/telemetry"
+    assert [b.take(t, 100.0) for _ in range(7)] == [True] * 5 + [False] * 2
+    assert b.take("fleet/v1/shop-a/pi-1/events", 100.0) is False  # one budget per node, whatever the channel
+    assert b.take("fleet/v1/shop-a/pi-2/telemetry", 100.0) is True  # each node its own
+    assert [b.take(t, 100.35) for _ in range(4)] == [True] * 3 + [False]  # 0.35 s at 10/s: 3.5 tokens back
+    assert b.take(t, 1000.0) is True
+    b.prune(1000.0 + NodeBudget.PRUNE_EVERY_S)  # both refilled long ago: forgotten
+    assert len(b) == 0
+
+
+def test_one_flooding_node_is_dropped_over_its_budget_and_the_others_lose_nothing(registry, metrics, reader, db_url):
+    """A node that sends far past ``intake.node_burst``: its excess is acknowledged and dropped,
+    counted ``rate_limited``; every message of every other node is stored."""
+    flood = [inbound(heartbeat(node="rogue", seq=s)) for s in range(1, 4001)]
+    honest = [inbound(heartbeat(node=f"pi-{i}", seq=s)) for s in range(1, 21) for i in range(10)]
+    msgs = []
+    for i, m in enumerate(flood):  # the honest nodes' messages interleaved with the flood
+        msgs.append(m)
+        if i % 20 == 0 and honest:
+            msgs.append(honest.pop())
+    msgs += honest
+    intake, _ = _run_intake(db_url, metrics, msgs, batch_max_messages=50, node_burst=300, node_rate_per_s=5)
+    for i in range(10):
+        node = reader.get_node("shop-a", f"pi-{i}")
+        assert (node.messages_total, node.missing_total) == (20, 0)
+    rogue = reader.get_node("shop-a", "rogue").messages_total
+    limited = value(metrics, "shopfleet_controller_rejected_total", reason="rate_limited")
+    assert 300 <= rogue < 1000 and rogue + limited == 4000  # its burst and a little rate; the rest dropped, each counted
+    assert intake.stored_total == 200 + rogue
+
+
+def test_a_flooding_node_is_limited_through_a_real_broker_and_its_neighbour_loses_nothing(broker, tmp_path):
+    """The deployed path: Mosquitto, the controller's MQTT thread, its intake and its writer process. One client floods
+    10,000 valid heartbeats of its node as fast as paho sends them; a neighbour's 30 heartbeats sent meanwhile are all
+    stored, and the flood beyond the budget is acknowledged, dropped and counted."""
+    import threading
+    import time
+
+    import paho.mqtt.client as paho
+
+    from edge_agent.protocol import Topics, encode
+    from tests.support.controller import Node, RunningController, controller_settings
+    from tests.support.wait import wait_for
+
+    n, burst, rate = 10_000, 500, 20
+    rc = RunningController(controller_settings(broker, tmp_path, intake={"node_burst": burst, "node_rate_per_s": rate}))
+    flooder = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="rogue-flood")
+    flooder.max_inflight_messages_set(1000)
+    flooder.max_queued_messages_set(0)
+    neighbour = Node(broker, "shop-a", "pi-1", will=False)
+    try:
+        payloads = [encode(heartbeat(node="rogue", seq=s)) for s in range(1, n + 1)]
+        topic = Topics.node("shop-a", "rogue", "telemetry")
+        flooder.connect("127.0.0.1", broker.port)
+        flooder.loop_start()
+        t0 = time.monotonic()
+        sent = [flooder.publish(topic, p, qos=1) for p in payloads[:1]]
+        sender = threading.Thread(target=lambda: sent.extend(flooder.publish(topic, p, qos=1) for p in payloads[1:]))
+        sender.start()
+        for s in range(1, 31):
+            neighbour.send(heartbeat(node="pi-1", seq=s))
+            time.sleep(0.02)
+        reader = rc.service.reader
+        wait_for(lambda: reader.get_node("shop-a", "pi-1").messages_total == 30, 60, "the neighbour's 30 heartbeats stored")
+        sender.join(120)
+        wait_for(lambda: all(i.is_published() for i in sent), 120, "every flood message acknowledged by the broker")
+        limited = lambda: rc.metric("shopfleet_controller_rejected_total", reason="rate_limited")  # noqa: E731
+        wait_for(lambda: reader.get_node("shop-a", "rogue").messages_total + limited() == n, 120,
+                 "every flood message stored or dropped")
+        elapsed = time.monotonic() - t0
+        rogue = reader.get_node("shop-a", "rogue").messages_total
+        assert burst <= rogue <= burst + rate * elapsed + 1000, (rogue, elapsed)  # (a batch in flight as the intake fell behind)
+        assert limited() >= n - burst - rate * elapsed - 1000
+        node = reader.get_node("shop-a", "pi-1")
+        assert (node.messages_total, node.missing_total) == (30, 0)
+    finally:
+        flooder.loop_stop()
+        flooder.disconnect()
+        neighbour.close()
+        rc.stop()
